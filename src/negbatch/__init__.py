@@ -1,0 +1,21 @@
+"""negbatch: how should batches and negatives be formed in contrastive learning?
+
+The library (this package minus ``negbatch.lab`` and ``negbatch.cli``) needs
+only torch, numpy and scipy.
+"""
+
+from .losses import InfoNCE, ReLIC, info_nce_per_anchor
+from .negatives import NegativeSelection, same_id_mask, select_negatives, selection_logits
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InfoNCE",
+    "ReLIC",
+    "info_nce_per_anchor",
+    "NegativeSelection",
+    "select_negatives",
+    "selection_logits",
+    "same_id_mask",
+    "__version__",
+]

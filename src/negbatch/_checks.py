@@ -1,0 +1,58 @@
+"""Argument validation shared by the losses: fail early, name the argument."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def check_temperature(temperature: float, name: str = "temperature") -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"{name} must be a positive float, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"{name} must be a finite float > 0, got {temperature}")
+    return float(temperature)
+
+
+def check_embeddings(x: Tensor, name: str, *, dim: int = 2, check_finite: bool = True) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-d, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if check_finite and not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            f"{name} contains NaN or inf; check the encoder's output (learning rate too high, "
+            f"fp16 overflow) before the loss"
+        )
+    return x
+
+
+def check_same(a: Tensor, b: Tensor, name_a: str, name_b: str, *, dims: tuple[int, ...]) -> None:
+    for d in dims:
+        if a.shape[d] != b.shape[d]:
+            raise ValueError(
+                f"{name_a} and {name_b} must agree in dimension {d}, got shapes "
+                f"{tuple(a.shape)} and {tuple(b.shape)}"
+            )
+    if a.device != b.device:
+        raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}; move both to one device")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_a} has dtype {a.dtype} but {name_b} has {b.dtype}; cast one of them")
+
+
+def check_mask(mask: Tensor | None, shape: tuple[int, int], device: torch.device, name: str = "mask") -> Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a bool tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must have dtype torch.bool (True = known false negative), got {mask.dtype}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but the embeddings are on {device}")
+    return mask

@@ -1,0 +1,96 @@
+"""Gathering across processes, with gradients, for losses that contrast each
+rank's anchors with the candidates of every rank.
+
+The trap this module exists to avoid: ``torch.distributed.all_gather`` carries
+no gradient, and the usual patch (put the local tensor back into the gathered
+list) drops every other rank's contribution to the local embeddings. After
+DDP's averaging this gives a gradient that is neither the global one nor a
+multiple of it. :func:`gather_with_grad` instead sums, in the backward, the
+gradient that every rank's loss sends to this rank's rows. With each rank
+returning the *mean over its local anchors*, DDP's average over ranks then
+yields exactly the gradient of the mean over all anchors of the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["is_distributed", "world_size", "rank", "gather_with_grad", "gather_nograd", "broadcast_object"]
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def _gather_sizes(n: int, device: torch.device) -> list[int]:
+    size = torch.tensor([n], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size())]
+    dist.all_gather(sizes, size)
+    return [int(s) for s in sizes]
+
+
+def _all_gather_padded(x: Tensor, sizes: list[int]) -> Tensor:
+    """all_gather along dim 0 for ranks holding different numbers of rows."""
+    longest = max(sizes)
+    if x.shape[0] < longest:
+        pad = x.new_zeros((longest - x.shape[0],) + tuple(x.shape[1:]))
+        x = torch.cat([x, pad])
+    parts = [torch.empty_like(x) for _ in sizes]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, sizes: list[int], offset: int) -> Tensor:  # type: ignore[override]
+        ctx.sizes, ctx.offset, ctx.n = sizes, offset, x.shape[0]
+        return _all_gather_padded(x, sizes)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        # Every rank's loss may depend on our rows: sum their gradients.
+        # (gloo has no reduce_scatter, so all_reduce and keep our slice.)
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.offset : ctx.offset + ctx.n], None, None
+
+
+def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
+    """Concatenate ``x`` (dim 0) from every rank, keeping gradients.
+
+    Returns ``(gathered, offset)``: the rows of all ranks in rank order and the
+    index of this rank's first row in them. Ranks may hold different numbers of
+    rows. Without an initialised process group it returns ``(x, 0)``.
+    """
+    if not is_distributed() or world_size() == 1:
+        return x, 0
+    sizes = _gather_sizes(x.shape[0], x.device)
+    offset = sum(sizes[: rank()])
+    return _GatherWithGrad.apply(x, sizes, offset), offset
+
+
+def gather_nograd(x: Tensor) -> Tensor:
+    """Concatenate ``x`` (dim 0) from every rank, without gradients."""
+    if not is_distributed() or world_size() == 1:
+        return x
+    sizes = _gather_sizes(x.shape[0], x.device)
+    return _all_gather_padded(x.detach(), sizes)
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Send a picklable object from rank ``src`` to every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

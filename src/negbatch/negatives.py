@@ -1,0 +1,375 @@
+"""Which candidates each anchor is contrasted with: all of them, or K sampled.
+
+Every loss in negbatch reduces to the same picture: ``n`` anchors, a bank of
+``m`` candidate embeddings, for each anchor the column of its positive, and a
+set of columns that must never be negatives (the anchor itself, masked false
+negatives). A :class:`NegativeSelection` records which columns each anchor
+sees; :func:`selection_logits` turns a selection into a matrix of logits whose
+invalid entries are ``-inf``.
+
+Two layouts come out of :func:`select_negatives`:
+
+* dense (``negatives="all"``): logits are the full ``n x m`` matrix with the
+  excluded columns set to ``-inf``; the positive sits at its own column;
+* sampled (``negatives=K``): logits are ``n x (1 + K)``: column 0 is the
+  positive, columns ``1..K`` are K candidates drawn uniformly without
+  replacement from the anchor's own valid candidates, independently per anchor.
+
+The sampled logits are computed by a gather-free sparse product
+(:class:`_SampledDot`) whose cost is ``O(n K d)`` instead of ``O(n m d)``, which
+is what makes a small K actually cheaper than the full loss.
+
+Sampling is world-size invariant: random numbers are drawn for every *global*
+anchor row and each process keeps the rows it owns (``row_index``). With the
+same seed, a 2-process run therefore samples exactly the negatives a single
+process would sample for the concatenated batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch
+from torch import Tensor
+
+Negatives = Union[Literal["all"], int]
+OnShortage = Literal["raise", "use_all"]
+
+__all__ = [
+    "Negatives",
+    "NegativeSelection",
+    "select_negatives",
+    "selection_logits",
+    "sample_uniform_ranks",
+    "same_id_mask",
+    "validate_negatives",
+]
+
+# Above this many draws per candidate, sampling by random keys (O(n m)) beats
+# Floyd's algorithm (O(n K^2)); both draw uniform K-subsets.
+_FLOYD_MAX_K_SQUARED_PER_CANDIDATE = 4.0
+
+
+def validate_negatives(negatives: object, name: str = "negatives") -> Negatives:
+    """Return ``negatives`` if it is ``"all"`` or a positive int, else raise."""
+    if isinstance(negatives, str):
+        if negatives != "all":
+            raise ValueError(f"{name} must be 'all' or a positive int, got {negatives!r}")
+        return "all"
+    if isinstance(negatives, bool) or not isinstance(negatives, int):
+        raise TypeError(f"{name} must be 'all' or a positive int, got {type(negatives).__name__}")
+    if negatives < 1:
+        raise ValueError(f"{name} must be >= 1 (or 'all'), got {negatives}")
+    return negatives
+
+
+def same_id_mask(row_ids: Tensor, column_ids: Tensor) -> Tensor:
+    """Boolean mask, True where a row and a column share an id.
+
+    Use it to mark known false negatives: pass sample ids (two crops of one
+    image) or class labels (supervised contrastive setting) and give the result
+    as ``mask`` to a loss.
+
+    Examples
+    --------
+    >>> import torch
+    >>> same_id_mask(torch.tensor([0, 1, 0]), torch.tensor([0, 1, 2, 0]))
+    tensor([[ True, False, False,  True],
+            [False,  True, False, False],
+            [ True, False, False,  True]])
+    """
+    if row_ids.dim() != 1 or column_ids.dim() != 1:
+        raise ValueError(
+            f"row_ids and column_ids must be 1-d, got shapes {tuple(row_ids.shape)} "
+            f"and {tuple(column_ids.shape)}"
+        )
+    return row_ids[:, None] == column_ids[None, :]
+
+
+@dataclass
+class NegativeSelection:
+    """The candidates each anchor is contrasted with.
+
+    Attributes
+    ----------
+    positive_index : Tensor (n,)
+        Column of each anchor's positive in the candidate bank.
+    allowed : Tensor (n, m) bool or None
+        Dense layout only: True where the column takes part in the anchor's
+        softmax (the positive and every valid negative).
+    index : Tensor (n, 1 + K) long or None
+        Sampled layout only: bank column of the positive (column 0) and of the
+        K sampled negatives.
+    valid : Tensor (n, 1 + K) bool or None
+        Sampled layout only: False for slots left empty when an anchor has
+        fewer than K valid candidates and ``on_shortage="use_all"``.
+    """
+
+    positive_index: Tensor
+    allowed: Tensor | None = None
+    index: Tensor | None = None
+    valid: Tensor | None = None
+
+    @property
+    def is_dense(self) -> bool:
+        return self.allowed is not None
+
+    @property
+    def positive_column(self) -> Tensor:
+        """Column of the positive in the logits of :func:`selection_logits`."""
+        if self.is_dense:
+            return self.positive_index
+        return torch.zeros_like(self.positive_index)
+
+    def negative_mask(self) -> Tensor:
+        """Boolean mask over the logits' columns, True on the negatives."""
+        if self.is_dense:
+            neg = self.allowed.clone()
+            neg.scatter_(1, self.positive_index[:, None], False)
+            return neg
+        neg = self.valid.clone()
+        neg[:, 0] = False
+        return neg
+
+
+def _excluded_columns(
+    n: int,
+    m: int,
+    positive_index: Tensor,
+    self_index: Tensor | None,
+    mask: Tensor | None,
+) -> Tensor | None:
+    """Dense (n, m) bool of columns that are never negatives, or None if only
+    the positive and the anchor itself are excluded (the fast path)."""
+    if mask is None:
+        return None
+    excluded = mask.clone()
+    rows = torch.arange(n, device=mask.device)
+    excluded[rows, positive_index] = True
+    if self_index is not None:
+        has_self = self_index >= 0
+        excluded[rows[has_self], self_index[has_self]] = True
+    return excluded
+
+
+def sample_uniform_ranks(
+    population: Tensor,
+    k: int,
+    raw: Tensor,
+) -> Tensor:
+    """Uniform K-subsets of ``range(population[i])`` for every row, by Floyd's
+    algorithm, vectorised over rows.
+
+    Parameters
+    ----------
+    population : Tensor (n,) long
+        Size of each row's population; must be >= k.
+    k : int
+        Subset size.
+    raw : Tensor (n, k) long
+        Independent uniform integers in ``[0, 2**62)``, one per draw.
+
+    Returns
+    -------
+    Tensor (n, k) long: distinct ranks per row, each subset uniform over all
+    ``C(population, k)`` subsets (the order within a row is not uniform,
+    which the losses do not depend on).
+    """
+    n = population.shape[0]
+    out = torch.empty(n, k, dtype=torch.long, device=population.device)
+    for t in range(k):
+        j = population - k + t  # Floyd: draw from [0, j], take j on collision
+        r = raw[:, t] % (j + 1)
+        if t:
+            collided = (out[:, :t] == r[:, None]).any(dim=1)
+            r = torch.where(collided, j, r)
+        out[:, t] = r
+    return out
+
+
+def _draw_ranks(
+    population: Tensor,
+    k: int,
+    m: int,
+    row_index: Tensor,
+    n_rows_global: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """K uniform distinct ranks in ``range(population[i])`` per local row.
+
+    Random numbers are drawn for all ``n_rows_global`` rows and sliced with
+    ``row_index``, so the result does not depend on how rows are split across
+    processes.
+    """
+    device = population.device
+    gen_device = generator.device if generator is not None else device
+    if k * k <= _FLOYD_MAX_K_SQUARED_PER_CANDIDATE * m:
+        raw = torch.randint(0, 2**62, (n_rows_global, k), generator=generator, device=gen_device)
+        raw = raw.to(device)[row_index]
+        return sample_uniform_ranks(population, k, raw)
+    # Large K: random keys, keep the K smallest among each row's population.
+    keys = torch.rand(n_rows_global, m, generator=generator, device=gen_device).to(device)[row_index]
+    cols = torch.arange(m, device=device)
+    keys = keys.masked_fill(cols[None, :] >= population[:, None], 2.0)
+    return keys.topk(k, dim=1, largest=False).indices
+
+
+def select_negatives(
+    positive_index: Tensor,
+    num_candidates: int,
+    negatives: Negatives = "all",
+    *,
+    self_index: Tensor | None = None,
+    mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    on_shortage: OnShortage = "raise",
+    row_index: Tensor | None = None,
+    n_rows_global: int | None = None,
+) -> NegativeSelection:
+    """Choose the negatives of every anchor.
+
+    Parameters
+    ----------
+    positive_index : Tensor (n,) long
+        Bank column of each anchor's positive.
+    num_candidates : int
+        Number of columns ``m`` of the candidate bank.
+    negatives : "all" or int
+        ``"all"``: every valid candidate. ``K``: K valid candidates drawn
+        uniformly without replacement, independently per anchor.
+    self_index : Tensor (n,) long, optional
+        Bank column holding the anchor itself (two-view form), or -1 where the
+        anchor is not in the bank. Never a negative.
+    mask : Tensor (n, m) bool, optional
+        True marks known false negatives; never a negative. The positive is
+        kept even where the mask is True.
+    generator : torch.Generator, optional
+        Source of randomness for sampled negatives (reproducible draws).
+    on_shortage : {"raise", "use_all"}
+        What to do when an anchor has fewer than K valid candidates:
+        ``"raise"`` (default) raises a ValueError; ``"use_all"`` contrasts
+        such an anchor with all its valid candidates (fewer than K).
+    row_index, n_rows_global : optional
+        Global row id of each local anchor and the global number of rows;
+        used by the distributed losses so that sampling does not depend on
+        the world size. Default: local rows are the global rows.
+    """
+    negatives = validate_negatives(negatives)
+    n = positive_index.shape[0]
+    m = num_candidates
+    device = positive_index.device
+    excluded = _excluded_columns(n, m, positive_index, self_index, mask)
+    if negatives == "all":
+        if excluded is None:
+            allowed = torch.ones(n, m, dtype=torch.bool, device=device)
+            if self_index is not None:
+                has_self = self_index >= 0
+                rows = torch.arange(n, device=device)
+                allowed[rows[has_self], self_index[has_self]] = False
+        else:
+            allowed = ~excluded
+        allowed[torch.arange(n, device=device), positive_index] = True
+        return NegativeSelection(positive_index=positive_index, allowed=allowed)
+
+    k = negatives
+    if excluded is None:
+        n_self = (self_index >= 0).long() if self_index is not None else torch.zeros_like(positive_index)
+        population = m - 1 - n_self
+    else:
+        population = m - excluded.sum(dim=1)
+    short = population < k
+    if bool(short.any()):
+        if on_shortage == "raise":
+            worst = int(population.min())
+            raise ValueError(
+                f"negatives={k} but {int(short.sum())} anchor(s) have fewer valid candidates "
+                f"(the fewest is {worst} of {m} columns after excluding the anchor, its positive "
+                f"and masked candidates). Lower negatives, enlarge the batch, or pass "
+                f"on_shortage='use_all' to contrast such anchors with all their candidates."
+            )
+        if on_shortage != "use_all":
+            raise ValueError(f"on_shortage must be 'raise' or 'use_all', got {on_shortage!r}")
+    if excluded is None and not bool(short.any()) and bool((population == k).all()):
+        # K equals the candidate count: the standard loss, computed densely.
+        return select_negatives(
+            positive_index, m, "all", self_index=self_index, mask=None, on_shortage=on_shortage
+        )
+
+    if row_index is None:
+        row_index = torch.arange(n, device=device)
+        n_rows_global = n
+    elif n_rows_global is None:
+        raise ValueError("n_rows_global is required when row_index is given")
+    ranks = _draw_ranks(population.clamp(min=k), k, m, row_index, n_rows_global, generator)
+    valid = torch.ones(n, 1 + k, dtype=torch.bool, device=device)
+    if bool(short.any()):
+        # Anchors short of candidates take ranks 0..population-1, i.e. all of them.
+        seq = torch.arange(k, device=device).expand(n, k)
+        ranks = torch.where(short[:, None], seq, ranks)
+        valid[:, 1:] = ranks < population[:, None]
+        ranks = torch.where(valid[:, 1:], ranks, torch.zeros_like(ranks))
+
+    if excluded is None:
+        # The rank-th candidate skipping the (at most two) excluded columns.
+        low = positive_index
+        high = torch.full_like(positive_index, m)  # a column that is never reached
+        if self_index is not None:
+            has_self = self_index >= 0
+            low = torch.where(has_self, torch.minimum(positive_index, self_index), positive_index)
+            high = torch.where(has_self, torch.maximum(positive_index, self_index), high)
+        cols = ranks + (ranks >= low[:, None]).long()
+        cols = cols + (cols >= high[:, None]).long()
+    else:
+        # The rank-th allowed column: search the running count of allowed columns.
+        counts = (~excluded).to(torch.int32).cumsum(dim=1)
+        cols = torch.searchsorted(counts, (ranks + 1).to(torch.int32))
+    cols = torch.where(valid[:, 1:], cols, torch.zeros_like(cols))
+    index = torch.cat([positive_index[:, None], cols], dim=1)
+    return NegativeSelection(positive_index=positive_index, index=index, valid=valid)
+
+
+class _SampledDot(torch.autograd.Function):
+    """``out[i, k] = <anchors[i], bank[index[i, k]]>`` without autograd's gather.
+
+    The backward accumulates the bank gradient with ``index_add_`` over the
+    n*K products instead of materialising a scattered dense matrix.
+    """
+
+    @staticmethod
+    def forward(ctx, anchors: Tensor, bank: Tensor, index: Tensor) -> Tensor:  # type: ignore[override]
+        n, k = index.shape
+        picked = bank.index_select(0, index.reshape(-1)).view(n, k, -1)
+        ctx.save_for_backward(anchors, index, picked)
+        ctx.bank_rows = bank.shape[0]
+        return torch.bmm(picked, anchors.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        anchors, index, picked = ctx.saved_tensors
+        grad_anchors = grad_bank = None
+        if ctx.needs_input_grad[0]:
+            grad_anchors = torch.bmm(grad.unsqueeze(1), picked).squeeze(1)
+        if ctx.needs_input_grad[1]:
+            contrib = (grad.unsqueeze(-1) * anchors.unsqueeze(1)).reshape(-1, anchors.shape[1])
+            grad_bank = anchors.new_zeros(ctx.bank_rows, anchors.shape[1])
+            grad_bank.index_add_(0, index.reshape(-1), contrib)
+        return grad_anchors, grad_bank, None
+
+
+def selection_logits(
+    anchors: Tensor, bank: Tensor, selection: NegativeSelection, temperature: float
+) -> Tensor:
+    """Logits of every anchor against its selected candidates.
+
+    Returns a dense ``(n, m)`` matrix or a sampled ``(n, 1 + K)`` matrix (see
+    :class:`NegativeSelection`); entries that are not candidates are ``-inf``.
+    The positive's column is ``selection.positive_column``.
+    """
+    if selection.is_dense:
+        logits = anchors @ bank.t() / temperature
+        return logits.masked_fill(~selection.allowed, float("-inf"))
+    logits = _SampledDot.apply(anchors, bank, selection.index) / temperature
+    if bool(selection.valid.all()):
+        return logits
+    return logits.masked_fill(~selection.valid, float("-inf"))
