@@ -1,0 +1,44 @@
+"""Run a test body in real torch.distributed processes (gloo backend, CPU).
+
+``run_distributed(fn, world_size=2, *args)`` spawns ``world_size`` processes,
+initialises a gloo process group in each, calls ``fn(rank, world_size, *args)``
+and re-raises the first failure in the test process. ``fn`` must be a
+module-level function (it is pickled). Results can be returned through files
+in a temporary directory passed in ``args``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, world_size: int, init_file: str, error_dir: str, fn, args) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    except BaseException:
+        with open(os.path.join(error_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int = 2, *args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        try:
+            mp.spawn(_worker, args=(world_size, init_file, tmp, fn, args), nprocs=world_size, join=True)
+        except Exception as exc:
+            details = "".join(
+                open(os.path.join(tmp, name)).read() for name in sorted(os.listdir(tmp)) if name.startswith("rank")
+            )
+            raise AssertionError(f"a distributed worker failed:\n{details}") from exc
