@@ -10,6 +10,7 @@ in a temporary directory passed in ``args``.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 import traceback
 
@@ -18,25 +19,32 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(rank: int, world_size: int, init_file: str, error_dir: str, fn, args) -> None:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, error_dir: str, fn, args) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
     try:
         fn(rank, world_size, *args)
+        dist.barrier()  # nobody tears the group down while a peer still uses it
     except BaseException:
         with open(os.path.join(error_dir, f"rank{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
         raise
-    finally:
-        dist.destroy_process_group()
+    dist.destroy_process_group()
 
 
 def run_distributed(fn, world_size: int = 2, *args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
         try:
-            mp.spawn(_worker, args=(world_size, init_file, tmp, fn, args), nprocs=world_size, join=True)
+            mp.spawn(_worker, args=(world_size, _free_port(), tmp, fn, args), nprocs=world_size, join=True)
         except Exception as exc:
             details = "".join(
                 open(os.path.join(tmp, name)).read() for name in sorted(os.listdir(tmp)) if name.startswith("rank")

@@ -27,6 +27,7 @@ process would sample for the concatenated batch.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal, Union
 
@@ -45,11 +46,6 @@ __all__ = [
     "same_id_mask",
     "validate_negatives",
 ]
-
-# Above this many draws per candidate, sampling by random keys (O(n m)) beats
-# Floyd's algorithm (O(n K^2)); both draw uniform K-subsets.
-_FLOYD_MAX_K_SQUARED_PER_CANDIDATE = 4.0
-
 
 def validate_negatives(negatives: object, name: str = "negatives") -> Negatives:
     """Return ``negatives`` if it is ``"all"`` or a positive int, else raise."""
@@ -177,15 +173,26 @@ def sample_uniform_ranks(
     which the losses do not depend on).
     """
     n = population.shape[0]
-    out = torch.empty(n, k, dtype=torch.long, device=population.device)
+    device = population.device
+    out = torch.empty(n, k, dtype=torch.long, device=device)
+    if n == 0 or k == 0:
+        return out
+    width = int(population.max())
+    # taken[i, r]: rank r already drawn in row i; a flat view makes the
+    # membership test and the update O(n) per draw.
+    taken = torch.zeros(n * width, dtype=torch.bool, device=device)
+    base = torch.arange(n, device=device)[:, None] * width
+    # Floyd: step t draws from [0, j_t] with j_t = population - k + t, and
+    # takes j_t itself when the draw collides with an earlier one.
+    top = population[:, None] - k + torch.arange(k, device=device)
+    draws = raw % (top + 1) + base
+    top = top + base
     for t in range(k):
-        j = population - k + t  # Floyd: draw from [0, j], take j on collision
-        r = raw[:, t] % (j + 1)
-        if t:
-            collided = (out[:, :t] == r[:, None]).any(dim=1)
-            r = torch.where(collided, j, r)
+        r = draws[:, t]
+        r = torch.where(taken[r], top[:, t], r)
+        taken[r] = True
         out[:, t] = r
-    return out
+    return out - base
 
 
 def _draw_ranks(
@@ -204,11 +211,12 @@ def _draw_ranks(
     """
     device = population.device
     gen_device = generator.device if generator is not None else device
-    if k * k <= _FLOYD_MAX_K_SQUARED_PER_CANDIDATE * m:
+    if 2 * k <= m:
         raw = torch.randint(0, 2**62, (n_rows_global, k), generator=generator, device=gen_device)
         raw = raw.to(device)[row_index]
         return sample_uniform_ranks(population, k, raw)
-    # Large K: random keys, keep the K smallest among each row's population.
+    # K above half the candidates: Floyd's K sequential draws cost more than
+    # random keys, of which each row keeps its K smallest.
     keys = torch.rand(n_rows_global, m, generator=generator, device=gen_device).to(device)[row_index]
     cols = torch.arange(m, device=device)
     keys = keys.masked_fill(cols[None, :] >= population[:, None], 2.0)
@@ -301,11 +309,14 @@ def select_negatives(
         n_rows_global = n
     elif n_rows_global is None:
         raise ValueError("n_rows_global is required when row_index is given")
-    ranks = _draw_ranks(population.clamp(min=k), k, m, row_index, n_rows_global, generator)
     valid = torch.ones(n, 1 + k, dtype=torch.bool, device=device)
+    seq = torch.arange(k, device=device).expand(n, k)
+    if k > m:  # every anchor is short (globally too): nothing to draw
+        ranks = seq
+    else:
+        ranks = _draw_ranks(population.clamp(min=k), k, m, row_index, n_rows_global, generator)
     if bool(short.any()):
         # Anchors short of candidates take ranks 0..population-1, i.e. all of them.
-        seq = torch.arange(k, device=device).expand(n, k)
         ranks = torch.where(short[:, None], seq, ranks)
         valid[:, 1:] = ranks < population[:, None]
         ranks = torch.where(valid[:, 1:], ranks, torch.zeros_like(ranks))
@@ -329,31 +340,73 @@ def select_negatives(
     return NegativeSelection(positive_index=positive_index, index=index, valid=valid)
 
 
-class _SampledDot(torch.autograd.Function):
-    """``out[i, k] = <anchors[i], bank[index[i, k]]>`` without autograd's gather.
+def _csr(index: Tensor, values: Tensor, num_columns: int) -> Tensor:
+    """Row-major sparse (n, num_columns) matrix with K entries per row."""
+    n, k = index.shape
+    crow = torch.arange(0, n * k + 1, k, device=index.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(
+            crow, index.reshape(-1), values.reshape(-1), (n, num_columns), check_invariants=False
+        )
 
-    The backward accumulates the bank gradient with ``index_add_`` over the
-    n*K products instead of materialising a scattered dense matrix.
+
+def _csr_transposed(index: Tensor, values: Tensor, num_columns: int) -> Tensor:
+    """The transpose of :func:`_csr` as a row-major (num_columns, n) matrix."""
+    n, k = index.shape
+    flat = index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    crow = torch.zeros(num_columns + 1, dtype=torch.long, device=index.device)
+    crow[1:] = torch.bincount(flat, minlength=num_columns).cumsum(0)
+    rows = torch.arange(n, device=index.device).repeat_interleave(k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(
+            crow, rows[order], values.reshape(-1)[order], (num_columns, n), check_invariants=False
+        )
+
+
+class _SampledDot(torch.autograd.Function):
+    """``out[i, k] = <anchors[i], bank[index[i, k]]>`` as sparse products.
+
+    The forward is a sampled dense-dense product (SDDMM) at the n*K selected
+    entries; the backward multiplies the sparse (n, m) gradient with the bank
+    and its transpose with the anchors. Each costs O(n K d), and nothing of
+    size n*K*d is materialised (gathering K embeddings per anchor is 5-20x
+    slower than the full loss on a CPU). Half-precision tensors, which the
+    sparse kernels do not support, fall back to an explicit gather.
     """
 
     @staticmethod
     def forward(ctx, anchors: Tensor, bank: Tensor, index: Tensor) -> Tensor:  # type: ignore[override]
         n, k = index.shape
+        ctx.save_for_backward(anchors, bank, index)
+        if anchors.dtype in (torch.float32, torch.float64):
+            pattern = _csr(index, anchors.new_zeros(n * k), bank.shape[0])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                product = torch.sparse.sampled_addmm(pattern, anchors, bank.t(), beta=0.0)
+            return product.values().view(n, k)
         picked = bank.index_select(0, index.reshape(-1)).view(n, k, -1)
-        ctx.save_for_backward(anchors, index, picked)
-        ctx.bank_rows = bank.shape[0]
         return torch.bmm(picked, anchors.unsqueeze(-1)).squeeze(-1)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        anchors, index, picked = ctx.saved_tensors
+        anchors, bank, index = ctx.saved_tensors
+        grad = grad.contiguous()
         grad_anchors = grad_bank = None
+        if anchors.dtype not in (torch.float32, torch.float64):
+            picked = bank.index_select(0, index.reshape(-1)).view(*index.shape, -1)
+            if ctx.needs_input_grad[0]:
+                grad_anchors = torch.bmm(grad.unsqueeze(1), picked).squeeze(1)
+            if ctx.needs_input_grad[1]:
+                contrib = (grad.unsqueeze(-1) * anchors.unsqueeze(1)).reshape(-1, anchors.shape[1])
+                grad_bank = torch.zeros_like(bank).index_add_(0, index.reshape(-1), contrib)
+            return grad_anchors, grad_bank, None
         if ctx.needs_input_grad[0]:
-            grad_anchors = torch.bmm(grad.unsqueeze(1), picked).squeeze(1)
+            grad_anchors = _csr(index, grad, bank.shape[0]) @ bank
         if ctx.needs_input_grad[1]:
-            contrib = (grad.unsqueeze(-1) * anchors.unsqueeze(1)).reshape(-1, anchors.shape[1])
-            grad_bank = anchors.new_zeros(ctx.bank_rows, anchors.shape[1])
-            grad_bank.index_add_(0, index.reshape(-1), contrib)
+            grad_bank = _csr_transposed(index, grad, bank.shape[0]) @ anchors
         return grad_anchors, grad_bank, None
 
 

@@ -64,8 +64,46 @@ def info_nce_per_anchor(
         row_index=row_index,
         n_rows_global=n_rows_global,
     )
+    if selection.is_dense and anchors.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled():
+        return _DenseInfoNCE.apply(anchors, bank, selection.allowed, selection.positive_index, temperature)
     logits = selection_logits(anchors, bank, selection, temperature)
     return F.cross_entropy(logits, selection.positive_column, reduction="none")
+
+
+class _DenseInfoNCE(torch.autograd.Function):
+    """Per-anchor InfoNCE over all candidates holding one (n, m) buffer.
+
+    Autograd's version keeps the logits, their masked copy and the
+    log-softmax (about 3.4 copies of n x m at peak); here the backward turns
+    the saved logits into the softmax in place. The price: the backward can
+    run only once (``retain_graph=True`` and a second backward raise).
+    """
+
+    @staticmethod
+    def forward(ctx, anchors, bank, allowed, positive_index, temperature):  # type: ignore[override]
+        logits = anchors @ bank.t()
+        logits.mul_(1.0 / temperature).masked_fill_(~allowed, float("-inf"))
+        lse = torch.logsumexp(logits, dim=1)
+        loss = lse - logits.gather(1, positive_index[:, None]).squeeze(1)
+        ctx.save_for_backward(anchors, bank, positive_index, logits, lse)
+        ctx.temperature = temperature
+        ctx.consumed = False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        if ctx.consumed:
+            raise RuntimeError("InfoNCE's dense backward runs once; do not backward twice through it")
+        ctx.consumed = True
+        anchors, bank, positive_index, logits, lse = ctx.saved_tensors
+        # d loss_i / d logit_ij = softmax_ij - [j = positive_i], times 1/tau for the scores.
+        prob = logits.sub_(lse[:, None]).exp_()
+        prob.mul_((grad / ctx.temperature)[:, None])
+        rows = torch.arange(prob.shape[0], device=prob.device)
+        prob[rows, positive_index] -= grad / ctx.temperature
+        grad_anchors = prob @ bank if ctx.needs_input_grad[0] else None
+        grad_bank = prob.t() @ anchors if ctx.needs_input_grad[1] else None
+        return grad_anchors, grad_bank, None, None, None
 
 
 def _reduce(per_anchor: Tensor, reduction: Reduction) -> Tensor:

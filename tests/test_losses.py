@@ -1,0 +1,224 @@
+"""InfoNCE and ReLIC against the per-anchor float64 loops of tests/_reference.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import _reference as ref
+from negbatch import InfoNCE, ReLIC, same_id_mask, select_negatives
+
+TAU = 0.3
+
+
+def _data(n=7, d=5, seed=0, hard=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    if hard:
+        xs.append(torch.randn(n, hard, d, generator=g, dtype=torch.float64, requires_grad=True))
+    return xs
+
+
+def _label_mask(n, seed=1):
+    labels = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(seed))
+    return same_id_mask(labels, labels)
+
+
+def _two_view_sets(n, k, seed, mask=None, on_shortage="use_all"):
+    """The sets InfoNCE(two_view) draws: rows [view1; view2], bank [view1; view2]."""
+    local = torch.arange(n)
+    rows = torch.cat([local, local + n])
+    sel = select_negatives(
+        torch.cat([local + n, local]), 2 * n, k, self_index=rows,
+        mask=None if mask is None else mask.repeat(2, 2),
+        generator=torch.Generator().manual_seed(seed), row_index=rows, n_rows_global=2 * n,
+        on_shortage=on_shortage,
+    )
+    return [r[v].tolist() for r, v in zip(sel.index[:, 1:], sel.valid[:, 1:])]
+
+
+def _assert_match(loss, reference, inputs):
+    assert torch.allclose(loss, reference, rtol=1e-6, atol=0), (loss.item(), reference.item())
+    got = torch.autograd.grad(loss, inputs, retain_graph=True)
+    want = torch.autograd.grad(reference, inputs)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_two_view_all(use_mask):
+    z1, z2 = _data()
+    mask = _label_mask(7) if use_mask else None
+    loss = InfoNCE(TAU)(z1, z2, mask=mask)
+    _assert_match(loss, ref.infonce_two_view(z1, z2, TAU, mask=mask), [z1, z2])
+
+
+@pytest.mark.parametrize("k,use_mask", [(1, False), (3, False), (9, False), (2, True)])
+def test_two_view_sampled(k, use_mask):
+    z1, z2 = _data()
+    mask = _label_mask(7) if use_mask else None
+    loss = InfoNCE(TAU, negatives=k)(z1, z2, mask=mask, generator=torch.Generator().manual_seed(5))
+    sets = _two_view_sets(7, k, 5, mask)
+    assert all(len(s) == k for s in sets)
+    _assert_match(loss, ref.infonce_two_view(z1, z2, TAU, neg_sets=sets, mask=mask), [z1, z2])
+
+
+def test_two_view_k_equal_to_candidates_is_standard():
+    z1, z2 = _data(n=6)
+    full = InfoNCE(TAU)(z1, z2)
+    by_count = InfoNCE(TAU, negatives=10)(z1, z2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(full, by_count)
+
+
+def test_sampled_all_candidates_with_mask_equals_standard():
+    z1, z2 = _data(n=6)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])  # pairs share a label: 12 - 2 - 2 = 8 candidates each
+    mask = same_id_mask(labels, labels)
+    full = InfoNCE(TAU)(z1, z2, mask=mask)
+    sampled = InfoNCE(TAU, negatives=8)(z1, z2, mask=mask, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(full, sampled, rtol=1e-12)
+
+
+def test_shortage_raises_by_default_and_use_all_takes_every_candidate():
+    z1, z2 = _data(n=5)
+    labels = torch.tensor([0, 0, 0, 1, 2])
+    mask = same_id_mask(labels, labels)
+    with pytest.raises(ValueError, match="on_shortage='use_all'"):
+        InfoNCE(TAU, negatives=6)(z1, z2, mask=mask)
+    loss = InfoNCE(TAU, negatives=6, on_shortage="use_all")(z1, z2, mask=mask, generator=torch.Generator().manual_seed(1))
+    sets = _two_view_sets(5, 6, 1, mask)
+    # samples 0-2 have 4 candidates (< 6): all of them; samples 3-4 have 8: 6 sampled.
+    assert [len(s) for s in sets] == [4, 4, 4, 6, 6] * 2
+    _assert_match(loss, ref.infonce_two_view(z1, z2, TAU, neg_sets=sets, mask=mask), [z1, z2])
+
+
+@pytest.mark.parametrize("hard,symmetric,use_mask", [(0, False, False), (2, False, True), (2, True, False), (0, True, True)])
+def test_query_document_all(hard, symmetric, use_mask):
+    xs = _data(hard=hard)
+    q, d = xs[0], xs[1]
+    h = xs[2] if hard else None
+    n_cols = 7 * (1 + hard)
+    mask = None
+    if use_mask:
+        mask = torch.rand(7, n_cols, generator=torch.Generator().manual_seed(3)) < 0.2
+    loss = InfoNCE(TAU, form="query_document", symmetric=symmetric)(q, d, h, mask=mask)
+    want = ref.infonce_query_document(q, d, TAU, hard=h, mask=mask, symmetric=symmetric)
+    _assert_match(loss, want, xs)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_query_document_sampled(symmetric):
+    q, d, h = _data(hard=3)
+    k, seed = 4, 11
+    loss = InfoNCE(TAU, negatives=k, form="query_document", symmetric=symmetric)(
+        q, d, h, generator=torch.Generator().manual_seed(seed)
+    )
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.arange(7)
+    fwd = select_negatives(rows, 28, k, generator=gen, row_index=rows, n_rows_global=7)
+    sets = fwd.index[:, 1:].tolist()
+    rev_sets = None
+    if symmetric:
+        rev = select_negatives(rows, 7, k, generator=gen, row_index=rows, n_rows_global=7)
+        rev_sets = rev.index[:, 1:].tolist()
+    want = ref.infonce_query_document(q, d, TAU, hard=h, neg_sets=sets, symmetric=symmetric, neg_sets_rev=rev_sets)
+    _assert_match(loss, want, [q, d, h])
+
+
+@pytest.mark.parametrize("k,use_mask,detach", [("all", False, False), ("all", True, True), (3, False, False), (2, True, False)])
+def test_relic(k, use_mask, detach):
+    z1, z2 = _data()
+    mask = _label_mask(7) if use_mask else None
+    seed = 4
+    loss = ReLIC(TAU, alpha=0.7, negatives=k, detach_target=detach)(
+        z1, z2, mask=mask, generator=torch.Generator().manual_seed(seed)
+    )
+    sets = None
+    if k != "all":
+        gen = torch.Generator().manual_seed(seed)
+        rows = torch.arange(7)
+        sets = []
+        for direction in range(2):
+            sel = select_negatives(rows, 7, k, mask=mask, generator=gen, row_index=rows + 7 * direction, n_rows_global=14)
+            sets.append(sel.index[:, 1:].tolist())
+    want = ref.relic(z1, z2, TAU, 0.7, neg_sets=sets, mask=mask, detach_target=detach)
+    _assert_match(loss, want, [z1, z2])
+
+
+def test_reductions():
+    z1, z2 = _data()
+    per = InfoNCE(TAU, reduction="none")(z1, z2)
+    assert per.shape == (14,)
+    assert torch.allclose(per.mean(), InfoNCE(TAU)(z1, z2))
+    assert torch.allclose(per.sum(), InfoNCE(TAU, reduction="sum")(z1, z2))
+    assert ReLIC(TAU, reduction="none")(z1, z2).shape == (14,)
+
+
+def test_float32_matches_float64():
+    z1, z2 = _data(n=16, d=8)
+    for loss in (InfoNCE(0.1, negatives=5), ReLIC(0.1, negatives=5)):
+        a = loss(z1, z2, generator=torch.Generator().manual_seed(0))
+        b = loss(z1.float(), z2.float(), generator=torch.Generator().manual_seed(0))
+        assert abs(a.item() - b.item()) < 1e-5
+
+
+def test_seeded_generator_reproduces_loss_and_different_seeds_differ():
+    z1, z2 = _data(n=32, d=8)
+    loss = InfoNCE(TAU, negatives=3)
+    a = loss(z1, z2, generator=torch.Generator().manual_seed(7))
+    b = loss(z1, z2, generator=torch.Generator().manual_seed(7))
+    c = loss(z1, z2, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sampled_loss_is_unbiased_for_the_mean_over_subsets_of_exp_terms():
+    """E over uniform K-subsets of the sampled denominator's negative part is
+    K/|C| times the full one: checks the draws are uniform through the loss."""
+    z1, z2 = _data(n=5, d=4)
+    z = torch.cat([z1, z2]).detach()
+    z = z / z.norm(dim=1, keepdim=True)
+    n, k = 5, 3
+    acc = torch.zeros(2 * n, dtype=torch.float64)
+    draws = 4000
+    sets = _two_view_sets_many(n, k, draws)
+    for a in range(2 * n):
+        cols = torch.tensor(sets[a])
+        acc[a] = torch.exp(z[cols] @ z[a] / TAU).sum(dim=1).mean()
+    full = torch.tensor([
+        torch.exp(z[ref.two_view_candidates(a, n)] @ z[a] / TAU).sum() for a in range(2 * n)
+    ], dtype=torch.float64)
+    rel = (acc / (full * k / (2 * n - 2)) - 1).abs().max()
+    assert rel < 0.03
+
+
+def _two_view_sets_many(n, k, draws):
+    local = torch.arange(n)
+    rows = torch.cat([local, local + n])
+    pos = torch.cat([local + n, local]).repeat(draws)
+    self_idx = rows.repeat(draws)
+    sel = select_negatives(pos, 2 * n, k, self_index=self_idx, generator=torch.Generator().manual_seed(0))
+    idx = sel.index[:, 1:].view(draws, 2 * n, k)
+    return [idx[:, a, :].tolist() for a in range(2 * n)]
+
+
+def test_dense_backward_twice_raises_clearly():
+    z1, z2 = _data()
+    loss = InfoNCE(TAU)(z1, z2)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        loss.backward()
+
+
+def test_dense_fused_path_matches_autograd_of_the_plain_formula_float32():
+    z1, z2 = (t.float().detach().requires_grad_() for t in _data(n=33, d=9))
+    got = InfoNCE(0.07)(z1, z2)
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    sim = (z @ z.t() / 0.07).masked_fill(torch.eye(66, dtype=torch.bool), float("-inf"))
+    want = torch.nn.functional.cross_entropy(sim, torch.arange(66).roll(33))
+    _assert_match_f32(got, want, [z1, z2])
+
+
+def _assert_match_f32(loss, reference, inputs):
+    assert torch.allclose(loss, reference, rtol=1e-5)
+    for g, w in zip(torch.autograd.grad(loss, inputs, retain_graph=True), torch.autograd.grad(reference, inputs)):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6)

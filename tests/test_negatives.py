@@ -1,0 +1,219 @@
+"""Properties of the negative selection: validity, uniformity, reproducibility, errors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import chisquare
+
+from negbatch import InfoNCE, ReLIC, select_negatives
+from negbatch.negatives import sample_uniform_ranks
+
+
+@st.composite
+def problems(draw):
+    n = draw(st.integers(1, 12))
+    m = draw(st.integers(3, 40))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    positive = torch.randint(0, m, (n,), generator=g)
+    with_self = draw(st.booleans())
+    self_index = None
+    if with_self:
+        shift = torch.randint(1, m, (n,), generator=g)
+        self_index = (positive + shift) % m  # never the positive
+    mask = None
+    if draw(st.booleans()):
+        mask = torch.rand(n, m, generator=g) < draw(st.floats(0.0, 0.6))
+    return n, m, positive, self_index, mask, seed
+
+
+def _forbidden(n, m, positive, self_index, mask):
+    forbidden = torch.zeros(n, m, dtype=torch.bool) if mask is None else mask.clone()
+    rows = torch.arange(n)
+    forbidden[rows, positive] = True
+    if self_index is not None:
+        forbidden[rows, self_index] = True
+    return forbidden
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems(), st.integers(1, 40))
+def test_sampled_sets_are_valid_distinct_and_reproducible(problem, k):
+    n, m, positive, self_index, mask, seed = problem
+    forbidden = _forbidden(n, m, positive, self_index, mask)
+    population = (~forbidden).sum(1)
+
+    def draw():
+        return select_negatives(positive, m, k, self_index=self_index, mask=mask,
+                                generator=torch.Generator().manual_seed(seed), on_shortage="use_all")
+
+    sel = draw()
+    if sel.is_dense:  # K equals every anchor's candidate count and no mask: the standard loss
+        assert mask is None and bool((population == k).all())
+        assert torch.equal(sel.allowed, ~forbidden | torch.nn.functional.one_hot(positive, m).bool())
+        return
+    assert torch.equal(sel.index[:, 0], positive)
+    again = draw()
+    assert torch.equal(sel.index, again.index) and torch.equal(sel.valid, again.valid)
+    for i in range(n):
+        cols = sel.index[i, 1:][sel.valid[i, 1:]].tolist()
+        assert len(cols) == min(k, int(population[i]))
+        assert len(set(cols)) == len(cols)
+        assert not any(bool(forbidden[i, c]) for c in cols)
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_all_mode_allows_exactly_the_valid_candidates_and_the_positive(problem):
+    n, m, positive, self_index, mask, _ = problem
+    sel = select_negatives(positive, m, "all", self_index=self_index, mask=mask)
+    forbidden = _forbidden(n, m, positive, self_index, mask)
+    expected = ~forbidden
+    expected[torch.arange(n), positive] = True
+    assert torch.equal(sel.allowed, expected)
+
+
+def _subset_counts(index_rows, k):
+    return [tuple(sorted(r)) for r in index_rows]
+
+
+@pytest.mark.parametrize(
+    "path,m,k,masked",
+    [
+        ("floyd", 8, 2, False),  # population 6, C(6,2) = 15 subsets
+        ("keys", 9, 6, False),  # K^2 > 4m: random-key path; population 7, C(7,6) = 7
+        ("floyd+mask", 9, 2, True),  # masked columns: rank lookup path
+    ],
+)
+def test_k_subsets_are_uniform_chi_square(path, m, k, masked):
+    draws = 30_000
+    positive = torch.zeros(draws, dtype=torch.long)
+    self_index = torch.ones(draws, dtype=torch.long)
+    mask = None
+    if masked:
+        mask = torch.zeros(draws, m, dtype=torch.bool)
+        mask[:, 4] = True  # population 6 after removing 0, 1 and 4
+    sel = select_negatives(positive, m, k, self_index=self_index, mask=mask, generator=torch.Generator().manual_seed(123))
+    subsets = _subset_counts(sel.index[:, 1:].tolist(), k)
+    population = [c for c in range(m) if c not in (0, 1) and not (masked and c == 4)]
+    universe = list(itertools.combinations(population, k))
+    counts = {s: 0 for s in universe}
+    for s in subsets:
+        counts[s] += 1  # KeyError here would mean a forbidden or duplicate column
+    observed = list(counts.values())
+    assert sum(observed) == draws
+    p = chisquare(observed).pvalue
+    assert p > 1e-3, f"{path}: subsets not uniform (p={p:.2e}, {len(universe)} subsets)"
+
+
+def test_floyd_ranks_match_exact_subset_probabilities():
+    population = torch.full((60_000,), 5)
+    raw = torch.randint(0, 2**62, (60_000, 3), generator=torch.Generator().manual_seed(9))
+    ranks = sample_uniform_ranks(population, 3, raw)
+    counts: dict[tuple, int] = {}
+    for row in ranks.tolist():
+        key = tuple(sorted(row))
+        assert len(set(row)) == 3 and all(0 <= r < 5 for r in row)
+        counts[key] = counts.get(key, 0) + 1
+    assert len(counts) == math.comb(5, 3)
+    assert chisquare(list(counts.values())).pvalue > 1e-3
+
+
+def test_sampling_does_not_depend_on_how_rows_are_split():
+    """Rows 4..7 sampled alone with row_index equal those rows sampled together."""
+    m, k = 30, 4
+    positive = torch.arange(8)
+    whole = select_negatives(positive, m, k, generator=torch.Generator().manual_seed(3))
+    part = select_negatives(positive[4:], m, k, generator=torch.Generator().manual_seed(3),
+                            row_index=torch.arange(4, 8), n_rows_global=8)
+    assert torch.equal(whole.index[4:], part.index)
+
+
+# ---- bad input -------------------------------------------------------------
+
+def _z(n=6, d=4, **kw):
+    return torch.randn(n, d, **kw), torch.randn(n, d, **kw)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,word",
+    [
+        (dict(negatives=0), ValueError, "negatives"),
+        (dict(negatives=-3), ValueError, "negatives"),
+        (dict(negatives="some"), ValueError, "negatives"),
+        (dict(negatives=2.5), TypeError, "negatives"),
+        (dict(negatives=True), TypeError, "negatives"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(temperature=-1.0), ValueError, "temperature"),
+        (dict(temperature=float("nan")), ValueError, "temperature"),
+        (dict(form="triplet"), ValueError, "form"),
+        (dict(symmetric=True), ValueError, "symmetric"),
+        (dict(reduction="avg"), ValueError, "reduction"),
+        (dict(on_shortage="skip"), ValueError, "on_shortage"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, exc, word):
+    with pytest.raises(exc, match=word):
+        InfoNCE(**kwargs)
+
+
+def test_relic_bad_alpha():
+    with pytest.raises(ValueError, match="alpha"):
+        ReLIC(alpha=-1.0)
+
+
+def test_k_larger_than_candidates():
+    z1, z2 = _z(n=4)
+    with pytest.raises(ValueError, match="negatives=7"):
+        InfoNCE(negatives=7)(z1, z2)  # 2B - 2 = 6 candidates
+    with pytest.raises(ValueError, match="negatives=4"):
+        ReLIC(negatives=4)(z1, z2)  # B - 1 = 3 candidates
+
+
+def test_mismatched_shapes_devices_dtypes():
+    z1, z2 = _z()
+    with pytest.raises(ValueError, match="view1 and view2"):
+        InfoNCE()(z1, z2[:5])
+    with pytest.raises(ValueError, match="view1 and view2"):
+        InfoNCE()(z1, torch.randn(6, 5))
+    with pytest.raises(TypeError, match="dtype"):
+        InfoNCE()(z1, z2.double())
+    with pytest.raises(ValueError, match="2-d"):
+        InfoNCE()(z1[0], z2[0])
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        InfoNCE()(z1.numpy(), z2)
+    with pytest.raises(ValueError, match="hard_negatives"):
+        InfoNCE(form="query_document")(z1, z2, torch.randn(5, 2, 4))
+    with pytest.raises(ValueError, match="hard_negatives"):
+        InfoNCE()(z1, z2, torch.randn(6, 2, 4))
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device"):
+            InfoNCE()(z1, z2.cuda())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_embeddings(bad):
+    z1, z2 = _z()
+    z2[3, 1] = bad
+    with pytest.raises(ValueError, match="view2 contains NaN or inf"):
+        InfoNCE()(z1, z2)
+    with pytest.raises(ValueError, match="documents contains NaN or inf"):
+        InfoNCE(form="query_document")(z1, z2)
+    with pytest.raises(ValueError, match="view2 contains NaN or inf"):
+        ReLIC()(z1, z2)
+
+
+def test_bad_masks():
+    z1, z2 = _z()
+    with pytest.raises(ValueError, match=r"mask must have shape \(6, 6\)"):
+        InfoNCE()(z1, z2, mask=torch.zeros(6, 12, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask must have dtype torch.bool"):
+        InfoNCE()(z1, z2, mask=torch.zeros(6, 6))
+    with pytest.raises(ValueError, match=r"mask must have shape \(6, 18\)"):
+        InfoNCE(form="query_document")(z1, z2, torch.randn(6, 2, 4), mask=torch.zeros(6, 6, dtype=torch.bool))
