@@ -269,3 +269,45 @@ def test_ddp_ranks_agree_and_cover_each_sample_once(tmp_path, n, batch, drop_las
         flat = sorted(i for m in merged for i in m)
         expected = list(range(n)) if not drop_last else sorted(i for m in list(single) for i in m)
         assert flat == expected and len(set(flat)) == len(flat)
+
+
+def _baselines_ddp_body(rank, world, out_dir):
+    from negbatch.sampling import HardNegativeBatchSampler, NoDuplicateBatchSampler
+
+    x, _, _ = planted(per=12)
+    keys = [i % 30 for i in range(96)]
+    samplers = {
+        "random": RandomBatchSampler(96, 16, seed=2),
+        "hard": HardNegativeBatchSampler(lambda i: x[i].float(), 96, 16, seed=2),
+        "nodup": NoDuplicateBatchSampler(keys, 16, seed=2),
+    }
+    out = {}
+    for name, s in samplers.items():
+        it = iter(s)
+        head = [next(it) for _ in range(2)]
+        state = s.state_dict()
+        s.load_state_dict(state)  # resume on every rank from the saved position
+        out[name] = head + list(s)
+    with open(os.path.join(out_dir, f"b{rank}.pkl"), "wb") as f:
+        pickle.dump(out, f)
+
+
+@pytest.mark.distributed
+def test_ddp_baselines_ranks_agree_and_resume(tmp_path):
+    run_distributed(_baselines_ddp_body, 2, str(tmp_path))
+    r0, r1 = (pickle.load(open(tmp_path / f"b{r}.pkl", "rb")) for r in (0, 1))
+    keys = [i % 30 for i in range(96)]
+    for name in r0:
+        merged = [a + b for a, b in zip(r0[name], r1[name])]
+        assert len(merged) == 6 and all(len(a) == len(b) == 8 for a, b in zip(r0[name], r1[name]))
+        assert sorted(i for m in merged for i in m) == list(range(96)), name
+        if name == "nodup":
+            assert all(len({keys[i] for i in m}) == 16 for m in merged)
+
+
+@pytest.mark.cuda
+def test_cuda_blockwise_graph_equals_cpu():
+    x, y, _ = planted()
+    cpu = similarity_graph(x, y, 0.97, block_size=64)
+    gpu = similarity_graph(x.cuda(), y.cuda(), 0.97, block_size=64)
+    assert np.array_equal(cpu.toarray(), gpu.toarray())

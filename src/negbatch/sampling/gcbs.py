@@ -207,6 +207,7 @@ def similarity_graph(
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     if method not in ("exact", "faiss"):
         raise ValueError(f"method must be 'exact' or 'faiss', got {method!r}")
+    x, y = x.detach(), y.detach()
     if normalize:
         x = torch.nn.functional.normalize(x, dim=1)
         y = torch.nn.functional.normalize(y, dim=1)
