@@ -142,7 +142,9 @@ def test_set_epoch_reshuffles_batches_and_is_deterministic():
     assert sorted(map(tuple, map(sorted, e5))) == sorted(map(tuple, map(sorted, e0)))  # same batches
     assert e5 != e0  # in another order
     # without set_epoch, the next iteration is the next epoch
-    assert list(a) == (lambda s: (s.set_epoch(1), list(s))[1])(mk())
+    c = mk()
+    c.set_epoch(1)
+    assert list(a) == list(c)
 
 
 def test_resume_mid_epoch_continues_with_the_saved_plan(tmp_path):
