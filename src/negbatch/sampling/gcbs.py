@@ -65,20 +65,20 @@ def num_kept_entries(n_entries: int, q: float) -> int:
 def _sampled_floor(x: Tensor, y: Tensor, k: int, generator: torch.Generator, samples: int) -> float:
     """A value below the k-th largest entry of XYᵀ with high probability.
 
-    The entries of ``R`` random rows (``R·N >= samples``, one matrix product)
+    The entries of ``R`` random rows (``R >= 256``, ``R·N >= samples``, one product)
     are a sample in which the entries above the true threshold number about
     ``mean = R·N·k/N²``. Rows are not independent entries (clustered data
     have rows of very different degree), so the estimate takes the sample's
-    ``2·mean + 10·sqrt(mean) + 50``-th largest value, well below the
+    ``1.5·mean + 10·sqrt(mean) + 50``-th largest value, well below the
     threshold; a floor that is nonetheless too high is detected by the caller,
     which then repeats the pass without it.
     """
     n = x.shape[0]
-    rows = min(n, max(32, -(-samples // n)))
+    rows = min(n, max(256, -(-samples // n)))
     pick = torch.randperm(n, generator=generator)[:rows].to(x.device)
     vals = (x[pick] @ y.T).reshape(-1)
     mean = vals.numel() * k / (n * n)
-    rank = int(2 * mean + 10 * math.sqrt(mean) + 50)
+    rank = int(1.5 * mean + 10 * math.sqrt(mean) + 50)
     if rank >= vals.numel():
         return -math.inf
     return float(torch.topk(vals, rank).values[-1])
