@@ -313,3 +313,15 @@ def test_cuda_blockwise_graph_equals_cpu():
     cpu = similarity_graph(x, y, 0.97, block_size=64)
     gpu = similarity_graph(x.cuda(), y.cuda(), 0.97, block_size=64)
     assert np.array_equal(cpu.toarray(), gpu.toarray())
+
+
+def test_load_state_dict_rejects_foreign_state():
+    s = RandomBatchSampler(50, 10)
+    next(iter(s))
+    state = s.state_dict()
+    with pytest.raises(ValueError, match="batch_size"):
+        RandomBatchSampler(50, 5).load_state_dict(state)
+    with pytest.raises(ValueError, match="position"):
+        RandomBatchSampler(50, 10).load_state_dict(state | {"position": 9})
+    with pytest.raises(ValueError, match="missing"):
+        RandomBatchSampler(50, 10).load_state_dict({"epoch": 0})
