@@ -6,6 +6,14 @@ only torch, numpy and scipy.
 
 from .losses import InfoNCE, ReLIC, info_nce_per_anchor
 from .negatives import NegativeSelection, same_id_mask, select_negatives, selection_logits
+from .diagnostics.gap import GapResult, global_train_gap
+from .sampling import (
+    GCBSampler,
+    HardNegativeBatchSampler,
+    NoDuplicateBatchSampler,
+    RandomBatchSampler,
+    gcbs_order,
+)
 
 __version__ = "0.1.0"
 
@@ -17,5 +25,12 @@ __all__ = [
     "select_negatives",
     "selection_logits",
     "same_id_mask",
+    "GCBSampler",
+    "RandomBatchSampler",
+    "HardNegativeBatchSampler",
+    "NoDuplicateBatchSampler",
+    "gcbs_order",
+    "global_train_gap",
+    "GapResult",
     "__version__",
 ]

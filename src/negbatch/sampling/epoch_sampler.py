@@ -1,0 +1,224 @@
+"""The machinery every batch sampler of negbatch shares: a plan of global
+batches per epoch, computed once (on rank 0) and broadcast, each rank's share
+of every global batch, ``set_epoch``, optional re-planning every n batches,
+and a position that checkpoints save so that a resumed epoch continues.
+
+A subclass says only how an epoch's batches are composed, in
+:meth:`EpochBatchSampler.plan_batches` (and, if it needs the model, in
+:meth:`EpochBatchSampler.prepare`, which runs on every rank).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from .. import distributed as nbdist
+
+__all__ = ["EpochBatchSampler", "cut_into_batches"]
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def cut_into_batches(order: np.ndarray, batch_size: int, drop_last: bool) -> list[np.ndarray]:
+    """Consecutive chunks of ``order``; the short tail is dropped or kept."""
+    n_full = len(order) // batch_size
+    batches = [order[i * batch_size : (i + 1) * batch_size] for i in range(n_full)]
+    if not drop_last and len(order) > n_full * batch_size:
+        batches.append(order[n_full * batch_size :])
+    return batches
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Base class: yields this rank's share of each planned global batch.
+
+    Parameters
+    ----------
+    num_samples : int
+        Size of the data set (indices ``0 .. num_samples-1``).
+    batch_size : int
+        The *global* batch size: the samples that are contrasted together
+        (after gathering across ranks). Each of the ``num_replicas`` ranks gets
+        ``batch_size / num_replicas`` of them; it must divide evenly.
+    drop_last : bool
+        Drop the short tail batch (as DataLoader's ``drop_last``).
+    shuffle_batches : bool
+        Shuffle the order of the batches (seeded by ``seed`` and the epoch).
+    seed : int
+        Seed of every random choice; the same on every rank.
+    refresh_every : int, optional
+        Re-plan the batches not yet yielded after every ``refresh_every``
+        batches (each sample is still seen exactly once per epoch).
+    num_replicas, rank : int, optional
+        Default to torch.distributed's world size and rank.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        drop_last: bool = False,
+        shuffle_batches: bool = True,
+        seed: int = 0,
+        refresh_every: int | None = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        self.num_samples = _positive_int(num_samples, "num_samples")
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        if self.batch_size > self.num_samples:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) is larger than the data set ({self.num_samples} samples); "
+                f"use a smaller batch_size"
+            )
+        self.num_replicas = _positive_int(num_replicas, "num_replicas") if num_replicas is not None else nbdist.world_size()
+        self.rank = int(rank) if rank is not None else nbdist.rank()
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank must be in [0, {self.num_replicas}), got {self.rank}")
+        if self.batch_size % self.num_replicas:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) is the global batch and must be divisible by the number of "
+                f"ranks ({self.num_replicas}); choose a multiple"
+            )
+        self.drop_last = bool(drop_last)
+        self.shuffle_batches = bool(shuffle_batches)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.seed = int(seed)
+        self.refresh_every = _positive_int(refresh_every, "refresh_every") if refresh_every is not None else None
+        self.epoch = 0
+        self._plan: list[np.ndarray] | None = None
+        self._position = 0
+
+    # -- what a subclass provides -------------------------------------------------
+    def prepare(self, indices: np.ndarray) -> Any:
+        """Work that every rank must take part in (embedding); default none."""
+        return None
+
+    def plan_batches(self, indices: np.ndarray, prepared: Any, rng: np.random.Generator) -> list[np.ndarray]:
+        """The global batches covering ``indices`` (rank 0 only)."""
+        raise NotImplementedError
+
+    # -- the epoch ------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (as with DistributedSampler); a new plan follows."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        if int(epoch) != self.epoch:
+            self.epoch = int(epoch)
+            self._plan, self._position = None, 0
+
+    def _rng(self, salt: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, salt])
+
+    def _make_plan(self, indices: np.ndarray, salt: int) -> list[np.ndarray]:
+        prepared = self.prepare(indices)
+        plan = None
+        if self.rank == 0 or not nbdist.is_distributed():
+            rng = self._rng(salt)
+            plan = [np.asarray(b, dtype=np.int64) for b in self.plan_batches(indices, prepared, rng)]
+            if self.shuffle_batches:
+                plan = [plan[i] for i in rng.permutation(len(plan))]
+        plan = nbdist.broadcast_object(plan) if self.num_replicas > 1 else plan
+        return plan
+
+    def _ensure_plan(self) -> list[np.ndarray]:
+        if self._plan is None:
+            self._plan = self._make_plan(np.arange(self.num_samples, dtype=np.int64), salt=0)
+            self._position = 0
+        return self._plan
+
+    def _refresh(self) -> None:
+        """Re-plan the batches not yet yielded, keeping their number."""
+        assert self._plan is not None
+        rest = self._plan[self._position :]
+        if not rest:
+            return
+        remaining = np.concatenate(rest)
+        new = self._make_plan(remaining, salt=self._position)
+        self._plan = self._plan[: self._position] + new
+
+    def _share(self, batch: np.ndarray) -> list[int]:
+        if self.num_replicas == 1:
+            return batch.tolist()
+        if len(batch) < self.num_replicas:
+            # Only a kept tail can be this short: pad it from the epoch's first
+            # samples (as DistributedSampler does) so that every rank gets a batch.
+            first = np.concatenate(self._plan)  # type: ignore[arg-type]
+            batch = np.concatenate([batch, first[: self.num_replicas - len(batch)]])
+        return np.array_split(batch, self.num_replicas)[self.rank].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        plan = self._ensure_plan()
+        while self._position < len(plan):
+            if self.refresh_every and self._position > 0 and self._position % self.refresh_every == 0 \
+                    and self._refreshed_at != self._position:
+                self._refreshed_at = self._position
+                self._refresh()
+                plan = self._plan
+            batch = plan[self._position]
+            self._position += 1
+            yield self._share(batch)
+        # The epoch is complete: the next iteration plans the next epoch.
+        self.epoch += 1
+        self._plan, self._position = None, 0
+
+    _refreshed_at = -1
+
+    def __len__(self) -> int:
+        n = self.num_samples
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    # -- checkpoints ----------------------------------------------------------------
+    def state_dict(self, position: int | None = None) -> dict[str, Any]:
+        """The epoch, the position in it and the epoch's plan.
+
+        The plan is saved because it depends on the model at the start of the
+        epoch, which a resumed run no longer has. ``position`` overrides the
+        count of batches handed out: a DataLoader with workers prefetches
+        batches, so a trainer should pass the number of steps it completed in
+        this epoch.
+        """
+        pos = self._position if position is None else int(position)
+        plan = self._plan
+        return {
+            "epoch": self.epoch,
+            "position": pos if plan is not None else 0,
+            "plan": None if plan is None else torch.from_numpy(np.concatenate(plan)),
+            "plan_sizes": None if plan is None else torch.tensor([len(b) for b in plan], dtype=torch.long),
+            "refreshed_at": self._refreshed_at,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the next iteration resumes the epoch."""
+        missing = {"epoch", "position", "plan", "plan_sizes"} - set(state)
+        if missing:
+            raise ValueError(f"state is missing {sorted(missing)}; pass a dict made by state_dict()")
+        for key in ("num_samples", "batch_size"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"state was saved with {key}={state[key]} but this sampler has {key}={getattr(self, key)}"
+                )
+        self.epoch = int(state["epoch"])
+        self._refreshed_at = int(state.get("refreshed_at", -1))
+        if state["plan"] is None:
+            self._plan, self._position = None, 0
+            return
+        flat = torch.as_tensor(state["plan"]).numpy().astype(np.int64)
+        sizes = torch.as_tensor(state["plan_sizes"]).tolist()
+        self._plan = list(np.split(flat, np.cumsum(sizes)[:-1]))
+        position = int(state["position"])
+        if not 0 <= position <= len(self._plan):
+            raise ValueError(f"state position {position} is outside the plan of {len(self._plan)} batches")
+        self._position = position

@@ -1,0 +1,70 @@
+"""global_train_gap against a per-anchor float64 loop over the dense matrix."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from negbatch.diagnostics import global_train_gap
+
+
+def reference(x, y, batches, tau):
+    x = torch.nn.functional.normalize(x.double(), dim=1).tolist()
+    y = torch.nn.functional.normalize(y.double(), dim=1).tolist()
+    dot = lambda a, b: sum(p * q for p, q in zip(a, b))
+    glob, train = [], []
+    for batch in batches:
+        for i in batch:
+            pos = dot(x[i], y[i]) / tau
+            glob.append(-pos + math.log(sum(math.exp(dot(x[i], y[j]) / tau) for j in range(len(y)))))
+            train.append(-pos + math.log(sum(math.exp(dot(x[i], y[j]) / tau) for j in batch)))
+    return sum(glob) / len(glob), sum(train) / len(train)
+
+
+@pytest.mark.parametrize("block", [1, 7, 4096])
+def test_matches_dense_float64_loop(block):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 5, generator=g, dtype=torch.float64)
+    y = x + 0.3 * torch.randn(37, 5, generator=g, dtype=torch.float64)
+    perm = torch.randperm(37, generator=g).tolist()
+    batches = [perm[i : i + 8] for i in range(0, 37, 8)]  # a short tail batch too
+    r = global_train_gap((x, y), batches, 0.2, block_size=block)
+    gl, tr = reference(x, y, batches, 0.2)
+    assert r.global_loss == pytest.approx(gl, rel=1e-10)
+    assert r.train_loss == pytest.approx(tr, rel=1e-10)
+    assert r.gap == pytest.approx(gl - tr, rel=1e-9, abs=1e-12)
+    assert r.gap > 0 and r.num_anchors == 37
+
+
+def test_subset_of_anchors_and_single_tensor_form():
+    x = torch.randn(20, 4, dtype=torch.float64)
+    batches = [[0, 5, 9], [3, 4]]
+    r = global_train_gap(x, batches, 0.5)
+    gl, tr = reference(x, x, batches, 0.5)
+    assert (r.global_loss, r.train_loss) == (pytest.approx(gl), pytest.approx(tr))
+    assert r.num_anchors == 5
+
+
+def test_one_batch_of_everything_has_zero_gap():
+    x = torch.randn(30, 4, dtype=torch.float64)
+    assert global_train_gap((x, x.flip(0)), [list(range(30))], 0.1).gap == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "emb,batches,tau,exc,match",
+    [
+        ((torch.randn(5, 3), torch.randn(4, 3)), [[0]], 0.1, ValueError, "dimension 0"),
+        (torch.full((5, 3), float("nan")), [[0]], 0.1, ValueError, "NaN"),
+        (torch.randn(5, 3), [[0, 5]], 0.1, ValueError, "outside"),
+        (torch.randn(5, 3), [[0, 1], [1]], 0.1, ValueError, "repeat"),
+        (torch.randn(5, 3), [], 0.1, ValueError, "empty"),
+        (torch.randn(5, 3), [[0]], 0.0, ValueError, "temperature"),
+        ("x", [[0]], 0.1, TypeError, "embeddings"),
+    ],
+)
+def test_bad_input(emb, batches, tau, exc, match):
+    with pytest.raises(exc, match=match):
+        global_train_gap(emb, batches, tau)

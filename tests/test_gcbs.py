@@ -1,0 +1,327 @@
+"""GCBS: exactness against the paper's dense pseudocode, cluster purity, the
+gap, the sampler's epoch/resume/mode behaviour, bad input and DDP."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from scipy.sparse.csgraph import reverse_cuthill_mckee
+from torch.utils.data import DataLoader, TensorDataset
+
+from negbatch.diagnostics import global_train_gap
+from negbatch.sampling import GCBSampler, RandomBatchSampler, gcbs_order, num_kept_entries, similarity_graph
+from negbatch.sampling import gcbs as gcbs_module
+
+from _dist import run_distributed
+
+
+def dense_reference_order(x: torch.Tensor, y: torch.Tensor, q: float) -> np.ndarray:
+    """The paper's pseudocode, literally: dense S = XYᵀ, its q-quantile, RCM."""
+    xn = torch.nn.functional.normalize(x.double(), dim=1).numpy()
+    yn = torch.nn.functional.normalize(y.double(), dim=1).numpy()
+    s = xn @ yn.T
+    a = sp.csr_matrix(s > np.quantile(s, q))
+    return reverse_cuthill_mckee((a + a.T).tocsr(), symmetric_mode=True)
+
+
+def dense_reference_graph(x, y, q):
+    xn = torch.nn.functional.normalize(x.double(), dim=1).numpy()
+    yn = torch.nn.functional.normalize(y.double(), dim=1).numpy()
+    s = xn @ yn.T
+    return s > np.quantile(s, q)
+
+
+def planted(n_clusters=8, per=50, d=16, noise=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_clusters, d, generator=g, dtype=torch.float64) * 2
+    labels = torch.arange(n_clusters).repeat_interleave(per)
+    perm = torch.randperm(len(labels), generator=g)
+    labels = labels[perm]
+    x = centres[labels] + noise * torch.randn(len(labels), d, generator=g, dtype=torch.float64)
+    y = x + 0.1 * noise * torch.randn(len(labels), d, generator=g, dtype=torch.float64)
+    return x, y, labels
+
+
+def purity(batches, labels):
+    return float(np.mean([np.bincount(labels[np.asarray(b)].numpy()).max() / len(b) for b in batches]))
+
+
+@pytest.mark.parametrize("n,q,block", [(300, 0.99, 64), (257, 0.95, 50), (120, 0.999, 7), (200, 0.9, 1000)])
+def test_graph_and_order_equal_dense_pseudocode(n, q, block):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 8, generator=g, dtype=torch.float64)
+    y = x + 0.5 * torch.randn(n, 8, generator=g, dtype=torch.float64)
+    graph = similarity_graph(x, y, q, block_size=block)
+    dense = dense_reference_graph(x, y, q)
+    assert graph.nnz == dense.sum() == num_kept_entries(n * n, q)
+    assert np.array_equal(graph.toarray(), dense)
+    assert np.array_equal(gcbs_order(x, y, q, block_size=block), dense_reference_order(x, y, q))
+
+
+def test_pruning_and_fallback_paths_stay_exact(monkeypatch):
+    x, y, _ = planted(per=40, seed=3)
+    q = 0.97
+    dense = dense_reference_graph(x, y, q)
+    # no sampled floor (too few samples): the running threshold alone, with many prunes
+    small = similarity_graph(x, y, q, block_size=16, estimate_samples=10)
+    assert np.array_equal(small.toarray(), dense)
+    # a floor above the true threshold must be detected and the pass redone
+    monkeypatch.setattr(gcbs_module, "_sampled_floor", lambda *a, **k: 0.99999)
+    assert np.array_equal(similarity_graph(x, y, q, block_size=32).toarray(), dense)
+
+
+def test_num_kept_entries_matches_numpy_quantile():
+    v = np.random.default_rng(0).standard_normal(12345)
+    for q in (0.5, 0.9, 0.999, 0.12345):
+        assert (v > np.quantile(v, q)).sum() == num_kept_entries(v.size, q)
+
+
+def test_planted_clusters_batches_far_purer_than_random():
+    x, y, labels = planted()
+    order = gcbs_order(x, y, q=0.95)
+    gcbs_batches = [order[i : i + 50] for i in range(0, len(order), 50)]
+    rand = list(RandomBatchSampler(len(labels), 50, seed=0))
+    assert purity(gcbs_batches, labels) > 0.9
+    assert purity(rand, labels) < 0.4
+
+
+def test_gcbs_shrinks_the_gap_against_random_batches():
+    x, y, labels = planted(noise=0.6)
+    sampler = GCBSampler(lambda i: (x[i], y[i]), len(x), 40, q=0.95)
+    g_gcbs = global_train_gap((x, y), list(sampler), 0.1)
+    gaps_random = [global_train_gap((x, y), list(RandomBatchSampler(len(x), 40, seed=s)), 0.1).gap for s in range(3)]
+    assert g_gcbs.gap < 0.5 * min(gaps_random)
+
+
+class _Probe(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.frozen = torch.nn.BatchNorm1d(4)
+
+
+def test_sampler_in_dataloader_eval_mode_no_grad_and_mode_restored():
+    data = torch.randn(103, 4)
+    model = _Probe()
+    model.train()
+    model.frozen.eval()  # a submodule the user froze must stay frozen
+    seen = []
+
+    def embed(i):
+        assert not model.training and not model.lin.training
+        assert not torch.is_grad_enabled()
+        seen.append(len(i))
+        z = model.lin(data[i])
+        return z, z + 0.01
+
+    sampler = GCBSampler(embed, 103, 10, model=model, q=0.9, chunk_size=25, progress=True)
+    loader = DataLoader(TensorDataset(data), batch_sampler=sampler)
+    sizes = [len(b[0]) for b in loader]
+    assert sorted(sizes) == [3] + [10] * 10 and len(loader) == 11
+    assert seen == [25, 25, 25, 25, 3]
+    assert model.training and model.lin.training and not model.frozen.training
+    flat = sorted(i for b in GCBSampler(embed, 103, 10, model=model, q=0.9, drop_last=True) for i in b)
+    assert len(flat) == 100 and len(set(flat)) == 100
+
+
+def test_set_epoch_reshuffles_batches_and_is_deterministic():
+    x, y, _ = planted()
+    mk = lambda: GCBSampler(lambda i: (x[i], y[i]), len(x), 40, q=0.95, seed=7)
+    a, b = mk(), mk()
+    e0 = list(a)
+    assert list(b) == e0  # same seed, same epoch
+    b.set_epoch(0)
+    assert list(b) == e0
+    b.set_epoch(5)
+    e5 = list(b)
+    assert sorted(map(tuple, map(sorted, e5))) == sorted(map(tuple, map(sorted, e0)))  # same batches
+    assert e5 != e0  # in another order
+    # without set_epoch, the next iteration is the next epoch
+    c = mk()
+    c.set_epoch(1)
+    assert list(a) == list(c)
+
+
+def test_resume_mid_epoch_continues_with_the_saved_plan(tmp_path):
+    x, y, _ = planted()
+    sampler = GCBSampler(lambda i: (x[i], y[i]), len(x), 40, q=0.95, seed=1)
+    it = iter(sampler)
+    first = [next(it) for _ in range(3)]
+    state = sampler.state_dict()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"sampler": state}, path)
+    rest = list(it)
+    # the resumed run has a different model: the saved plan, not a new one, must be used
+    resumed = GCBSampler(lambda i: (torch.randn(len(i), 16), torch.randn(len(i), 16)), len(x), 40, q=0.95, seed=1)
+    resumed.load_state_dict(torch.load(path, weights_only=True)["sampler"])
+    assert list(resumed) == rest
+    assert sorted(i for b in first + rest for i in b) == list(range(len(x)))
+    # the trainer may override the position (prefetching DataLoaders run ahead)
+    again = GCBSampler(lambda i: (x[i], y[i]), len(x), 40, q=0.95, seed=1)
+    again.load_state_dict(state | {"position": 1})
+    assert list(again) == first[1:] + rest
+
+
+def test_refresh_every_replans_the_rest_and_covers_once():
+    x, y, _ = planted()
+    calls = []
+
+    def embed(i):
+        calls.append(len(i))
+        return x[i], y[i]
+
+    sampler = GCBSampler(embed, len(x), 40, q=0.95, refresh_every=3, chunk_size=1000)
+    batches = list(sampler)
+    assert len(batches) == 10
+    assert sorted(i for b in batches for i in b) == list(range(len(x)))
+    assert calls == [400, 280, 160, 40]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"batch_size": 500}, "batch_size"),
+        ({"q": 0.0}, "q must be"),
+        ({"q": 1.0}, "q must be"),
+        ({"q": 1.5}, "q must be"),
+        ({"method": "dense"}, "method"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    args = {"embed_fn": lambda i: (torch.randn(len(i), 3),) * 2, "num_samples": 100, "batch_size": 10} | kwargs
+    with pytest.raises(ValueError, match=match):
+        GCBSampler(**args)
+
+
+@pytest.mark.parametrize(
+    "embed,exc,match",
+    [
+        (lambda i: (torch.randn(len(i) - 1, 3), torch.randn(len(i) - 1, 3)), ValueError, "expected"),
+        (lambda i: (torch.randn(len(i), 3), torch.randn(len(i), 4)), ValueError, "widths"),
+        (lambda i: torch.randn(len(i), 3), TypeError, "pair"),
+        (lambda i: (torch.full((len(i), 3), float("nan")), torch.randn(len(i), 3)), ValueError, "NaN"),
+        (lambda i: (torch.randn(len(i)), torch.randn(len(i))), ValueError, "shape"),
+    ],
+)
+def test_bad_embeddings_get_clear_errors(embed, exc, match):
+    with pytest.raises(exc, match=match):
+        list(GCBSampler(embed, 50, 10, q=0.9))
+
+
+def test_similarity_graph_rejects_nan_and_mismatch():
+    x = torch.randn(10, 3)
+    with pytest.raises(ValueError, match="NaN"):
+        similarity_graph(x.clone().fill_(float("nan")), x)
+    with pytest.raises(ValueError, match="same shape"):
+        similarity_graph(x, x[:5])
+
+
+def test_faiss_path_approximates_the_exact_graph():
+    pytest.importorskip("faiss")
+    x, y, labels = planted()
+    exact = similarity_graph(x, y, 0.95)
+    approx = similarity_graph(x, y, 0.95, method="faiss")
+    overlap = exact.multiply(approx).nnz / exact.nnz
+    assert overlap > 0.95
+    order = gcbs_order(x, y, 0.95, method="faiss")
+    assert purity([order[i : i + 50] for i in range(0, 400, 50)], labels) > 0.9
+
+
+# -- DDP ---------------------------------------------------------------------------
+
+def _ddp_body(rank, world, out_dir, n, batch, drop_last):
+    x, y, _ = planted(per=n // 8 + 1)
+    x, y = x[:n].float(), y[:n].float()
+    calls = []
+
+    def embed(i):
+        calls.append(i.tolist())
+        return x[i], y[i]
+
+    sampler = GCBSampler(embed, n, batch, q=0.95, seed=3, drop_last=drop_last)
+    epochs = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        epochs.append(list(sampler))
+    with open(os.path.join(out_dir, f"r{rank}.pkl"), "wb") as f:
+        pickle.dump({"epochs": epochs, "calls": calls}, f)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("n,batch,drop_last", [(102, 20, False), (100, 20, True)])
+def test_ddp_ranks_agree_and_cover_each_sample_once(tmp_path, n, batch, drop_last):
+    run_distributed(_ddp_body, 2, str(tmp_path), n, batch, drop_last)
+    r0, r1 = (pickle.load(open(tmp_path / f"r{r}.pkl", "rb")) for r in (0, 1))
+    # each rank embedded only its half of the data, every epoch
+    assert sorted(sum(r0["calls"] + r1["calls"], [])) == sorted(list(range(n)) * 2)
+    x, y, _ = planted(per=n // 8 + 1)
+    single = GCBSampler(lambda i: (x[:n].float()[i], y[:n].float()[i]), n, batch, q=0.95, seed=3,
+                        drop_last=drop_last, num_replicas=1, rank=0)
+    for epoch in range(2):
+        a, b = r0["epochs"][epoch], r1["epochs"][epoch]
+        assert len(a) == len(b) == len(single)
+        merged = [p + q for p, q in zip(a, b)]
+        single.set_epoch(epoch)
+        assert merged == list(single)  # the identical global plan on both ranks
+        flat = sorted(i for m in merged for i in m)
+        expected = list(range(n)) if not drop_last else sorted(i for m in list(single) for i in m)
+        assert flat == expected and len(set(flat)) == len(flat)
+
+
+def _baselines_ddp_body(rank, world, out_dir):
+    from negbatch.sampling import HardNegativeBatchSampler, NoDuplicateBatchSampler
+
+    x, _, _ = planted(per=12)
+    keys = [i % 30 for i in range(96)]
+    samplers = {
+        "random": RandomBatchSampler(96, 16, seed=2),
+        "hard": HardNegativeBatchSampler(lambda i: x[i].float(), 96, 16, seed=2),
+        "nodup": NoDuplicateBatchSampler(keys, 16, seed=2),
+    }
+    out = {}
+    for name, s in samplers.items():
+        it = iter(s)
+        head = [next(it) for _ in range(2)]
+        state = s.state_dict()
+        s.load_state_dict(state)  # resume on every rank from the saved position
+        out[name] = head + list(s)
+    with open(os.path.join(out_dir, f"b{rank}.pkl"), "wb") as f:
+        pickle.dump(out, f)
+
+
+@pytest.mark.distributed
+def test_ddp_baselines_ranks_agree_and_resume(tmp_path):
+    run_distributed(_baselines_ddp_body, 2, str(tmp_path))
+    r0, r1 = (pickle.load(open(tmp_path / f"b{r}.pkl", "rb")) for r in (0, 1))
+    keys = [i % 30 for i in range(96)]
+    for name in r0:
+        merged = [a + b for a, b in zip(r0[name], r1[name])]
+        assert len(merged) == 6 and all(len(a) == len(b) == 8 for a, b in zip(r0[name], r1[name]))
+        assert sorted(i for m in merged for i in m) == list(range(96)), name
+        if name == "nodup":
+            assert all(len({keys[i] for i in m}) == 16 for m in merged)
+
+
+@pytest.mark.cuda
+def test_cuda_blockwise_graph_equals_cpu():
+    x, y, _ = planted()
+    cpu = similarity_graph(x, y, 0.97, block_size=64)
+    gpu = similarity_graph(x.cuda(), y.cuda(), 0.97, block_size=64)
+    assert np.array_equal(cpu.toarray(), gpu.toarray())
+
+
+def test_load_state_dict_rejects_foreign_state():
+    s = RandomBatchSampler(50, 10)
+    next(iter(s))
+    state = s.state_dict()
+    with pytest.raises(ValueError, match="batch_size"):
+        RandomBatchSampler(50, 5).load_state_dict(state)
+    with pytest.raises(ValueError, match="position"):
+        RandomBatchSampler(50, 10).load_state_dict(state | {"position": 9})
+    with pytest.raises(ValueError, match="missing"):
+        RandomBatchSampler(50, 10).load_state_dict({"epoch": 0})
