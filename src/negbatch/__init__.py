@@ -5,6 +5,7 @@ only torch, numpy and scipy.
 """
 
 from .losses import InfoNCE, ReLIC, info_nce_per_anchor
+from .gradcache import GradCache
 from .negatives import NegativeSelection, same_id_mask, select_negatives, selection_logits
 
 __version__ = "0.1.0"
@@ -18,4 +19,5 @@ __all__ = [
     "selection_logits",
     "same_id_mask",
     "__version__",
+    "GradCache",
 ]
