@@ -453,6 +453,29 @@ def _ddp_worker(rank, world_size, out_dir):
         losses = [torch.zeros(()) for _ in range(world_size)]
         torch.distributed.all_gather(losses, loss.float())
         results[case] = (got, want, torch.stack(losses).mean(), ref.detach())
+    # Gradient accumulation under DDP: two cached steps, only the second synchronised.
+    torch.manual_seed(0)
+    enc = MLP().to(dtype)
+    cache = GradCache(DDP(enc), InfoNCE(0.3, gather=True), 3)
+    halves = [(global_q[:, :3].repeat(1, 2), global_d[:, :3].repeat(1, 2)), (global_q, global_d)]
+    torch.manual_seed(200 + rank)
+    cache.step(halves[0][0][rows], halves[0][1][rows], sync=False)
+    unsynced = [p.grad.clone() for p in enc.parameters()]
+    cache.step(halves[1][0][rows], halves[1][1][rows])
+    got = [p.grad.clone() for p in enc.parameters()]
+    enc.zero_grad(set_to_none=True)
+    reps = {0: [[], []], 1: [[], []]}
+    for r in range(world_size):  # each rank's two steps under its own random stream
+        torch.manual_seed(200 + r)
+        sl = slice(r * b_local, (r + 1) * b_local)
+        for step, (q, d) in enumerate(halves):
+            for k, x in enumerate((q[sl], d[sl])):
+                reps[step][k].append(torch.cat([enc(c) for c in x.split(3)]))
+    for step in (0, 1):
+        InfoNCE(0.3)(torch.cat(reps[step][0]), torch.cat(reps[step][1])).backward()
+    want = [p.grad.clone() for p in enc.parameters()]
+    results["accumulate"] = (dict(enumerate(got)), dict(enumerate(want)), torch.zeros(()), torch.zeros((), dtype=dtype))
+    results["unsynced_first_step"] = unsynced
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -460,12 +483,16 @@ def _ddp_worker(rank, world_size, out_dir):
 def test_ddp_two_processes_match_single_process_global_batch():
     with tempfile.TemporaryDirectory() as out:
         run_distributed(_ddp_worker, 2, out)
+        unsynced = []
         for rank in range(2):
             results = torch.load(os.path.join(out, f"rank{rank}.pt"))
+            unsynced.append(results.pop("unsynced_first_step"))
             for case, (got, want, loss, ref) in results.items():
                 for name in want:
                     torch.testing.assert_close(got[name], want[name], atol=1e-10, rtol=0, msg=f"{case} {name}")
                 torch.testing.assert_close(loss.double(), ref, atol=1e-6, rtol=0)
+        # sync=False really left each rank with its own local gradient.
+        assert any((a - b).abs().max() > 1e-6 for a, b in zip(*unsynced))
 
 
 # ---------------------------------------------------------------- CUDA
