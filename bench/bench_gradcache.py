@@ -18,6 +18,7 @@
 
 Usage: python bench/bench_gradcache.py [--quick] [--only time|memory] [--batch N] [--chunk N] [--repeats N]
        [--mem-batch N] [--mem-chunk N] [--device cpu|cuda]
+       [--models mlp transformer] [--mem-model mlp|transformer]
 """
 
 from __future__ import annotations
@@ -199,6 +200,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--mem-batch", type=int, default=4096)
     p.add_argument("--mem-chunk", type=int, default=64)
     p.add_argument("--mem-model", choices=tuple(MODELS), default="mlp", help="encoder of the memory part")
+    p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS), help="encoders timed")
     p.add_argument("--only", choices=("time", "memory"), help="run one of the two parts")
     p.add_argument("--memory-child", nargs=5, metavar=("VARIANT", "B", "CHUNK", "DEVICE", "MODEL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -220,7 +222,7 @@ def run_time(args, device) -> None:
     print(f"# time per step, device={device}, median of {args.repeats} (interleaved), InfoNCE two_view")
     print(f"{'model':<12} {'B':>6} {'chunk':>6} {'plain s':>9} {'accum s':>9} {'cached s':>9} "
           f"{'cached/plain':>13} {'cached/accum':>13}  goal cached/plain <= 1.35")
-    for model in MODELS:
+    for model in args.models:
         b = args.batch
         if device.type == "cuda":
             b = args.chunk
