@@ -73,7 +73,8 @@ def grads_of(encoders):
     out = {}
     for enc in {id(e): e for e in encoders}.values():
         for name, p in enc.named_parameters():
-            out[(id(enc), name)] = p.grad.detach().clone()
+            if p.requires_grad:
+                out[(id(enc), name)] = p.grad.detach().clone()
         enc.zero_grad(set_to_none=True)
     return out
 
@@ -335,6 +336,21 @@ def test_step_by_step_api():
     assert all(p.grad is None for p in enc.parameters())
     cache.backward_chunks(cached)
     assert_grads_close(grads_of([enc]), want, 1e-10)
+
+
+def test_frozen_tower_gets_no_second_forward():
+    torch.manual_seed(0)
+    q_enc, d_enc = MLP().double(), MLP().double()
+    d_enc.requires_grad_(False)
+    calls = []
+    d_enc.register_forward_hook(lambda *a: calls.append(1))
+    q, d, _ = make_qd(8, 1, torch.float64, False)
+    loss_fn = InfoNCE(0.2, form="query_document")
+    _, _, want = reference([q_enc, d_enc], loss_fn, (q, d), [3, 3], 1)
+    calls.clear()
+    _, _, got = cached_grads([q_enc, d_enc], loss_fn, (q, d), [3, 3], 1, keep_last_graph=True)
+    assert len(calls) == 3  # first pass only
+    assert_grads_close(got, want, 1e-10)
 
 
 # ---------------------------------------------------------------- bad input

@@ -85,7 +85,7 @@ def _split(x: EncoderInput, size: int) -> list[EncoderInput]:
         n = len(next(iter(parts.values())))
         return [{k: v[i] for k, v in parts.items()} for i in range(n)]
     parts = [v.split(size) for v in x]
-    return [type(x)(p[i] for p in parts) if isinstance(x, tuple) else [p[i] for p in parts] for i in range(len(parts[0]))]
+    return [[p[i] for p in parts] for i in range(len(parts[0]))]
 
 
 def _tensors(x: EncoderInput) -> list[Tensor]:
@@ -395,11 +395,14 @@ class GradCache:
             # The kept graph goes first: with DDP its module must not see it
             # between another chunk's synchronised forward and backward.
             i, j = len(cached.chunks) - 1, len(cached.chunks[-1]) - 1
-            with self._ddp_context(encoders[i], (i, j) in sync_items):
-                torch.autograd.backward(cached.kept, self._chunk_grad(cached, i, j))
+            if cached.kept.requires_grad:
+                with self._ddp_context(encoders[i], (i, j) in sync_items):
+                    torch.autograd.backward(cached.kept, self._chunk_grad(cached, i, j))
             cached.kept = None
         with self._batchnorm_mode(encoders):
             for i, (encoder, parts) in enumerate(zip(encoders, cached.chunks)):
+                if not any(p.requires_grad for p in encoder.parameters()):
+                    continue  # a frozen encoder: nothing to back-propagate into
                 for j, chunk in enumerate(parts):
                     state = cached.rng[i][j]
                     if state is None:  # the kept chunk, done above
