@@ -5,6 +5,7 @@ only torch, numpy and scipy.
 """
 
 from .losses import InfoNCE, ReLIC, info_nce_per_anchor
+from .gradcache import GradCache
 from .negatives import NegativeSelection, same_id_mask, select_negatives, selection_logits
 from .diagnostics.gap import GapResult, global_train_gap
 from .sampling import (
@@ -33,4 +34,5 @@ __all__ = [
     "global_train_gap",
     "GapResult",
     "__version__",
+    "GradCache",
 ]

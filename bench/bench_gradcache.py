@@ -1,0 +1,269 @@
+"""Gradient caching: step time and peak memory against a plain step.
+
+(1) Time, side by side in this process: a cached step (GradCache), a plain
+    step (whole batch, one graph) and gradient accumulation (the same chunks,
+    the loss per chunk: fewer negatives), at one batch size, for an MLP and a
+    small transformer encoder. On CUDA the batch is the largest power of two
+    the plain step fits (up to --max-batch); on CPU it is --batch.
+    Goal: cached / plain <= 1.35.
+(2) Memory, each variant in its own process: peak RSS (CPU, ru_maxrss) or
+    torch.cuda.max_memory_allocated (GPU) of one step of the MLP at
+    B = --mem-batch with chunk --mem-chunk, of a plain step at B = --mem-chunk
+    and at B = --mem-batch, and of the loss alone at B = --mem-batch.
+    Goal: cached <= 1.25 x (plain at B=chunk + representation cache + logits).
+    On CPU the RSS includes the interpreter, torch, the model and the inputs
+    (reported as "baseline": the RSS just before the step; the peak is reset
+    there through /proc/self/clear_refs where Linux allows it, otherwise
+    ru_maxrss), so the ratios are also printed on the step's own increase.
+
+Usage: python bench/bench_gradcache.py [--quick] [--only time|memory] [--batch N] [--chunk N] [--repeats N]
+       [--mem-batch N] [--mem-chunk N] [--device cpu|cuda]
+       [--models mlp transformer] [--mem-model mlp|transformer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+from negbatch import GradCache, InfoNCE
+
+DIM_OUT = 128
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(256, 1024), nn.ReLU(), nn.Dropout(0.1), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, DIM_OUT)
+    )
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, vocab=1000, d=128, layers=2, length=32):
+        super().__init__()
+        self.length = length
+        self.embed = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, DIM_OUT)
+
+    def forward(self, tokens):
+        return self.head(self.encoder(self.embed(tokens)).mean(1))
+
+
+MODELS = {"mlp": mlp, "transformer": TinyTransformer}
+
+
+def make_views(model: str, b: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if model == "transformer":
+        return tuple(torch.randint(0, 1000, (b, 32), device=device) for _ in range(2))
+    return tuple(torch.randn(b, 256, device=device) for _ in range(2))
+
+
+def plain_step(enc, loss_fn, v1, v2):
+    loss = loss_fn(enc(v1), enc(v2))
+    loss.backward()
+
+
+def accumulation_step(enc, loss_fn, v1, v2, chunk):
+    n = (v1.shape[0] + chunk - 1) // chunk
+    for a, b in zip(v1.split(chunk), v2.split(chunk)):
+        (loss_fn(enc(a), enc(b)) / n).backward()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def plain_fits(model, b, device) -> bool:
+    enc = MODELS[model]().to(device)
+    try:
+        plain_step(enc, InfoNCE(0.1), *make_views(model, b, device))
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        del enc
+        torch.cuda.empty_cache()
+
+
+def time_model(model: str, b: int, chunk: int, repeats: int, device) -> dict:
+    torch.manual_seed(0)
+    enc = MODELS[model]().to(device)
+    loss_fn = InfoNCE(0.1)
+    cache = GradCache(enc, loss_fn, chunk)
+    v1, v2 = make_views(model, b, device)
+    variants = {
+        "plain": lambda: plain_step(enc, loss_fn, v1, v2),
+        "accumulation": lambda: accumulation_step(enc, loss_fn, v1, v2, chunk),
+        "cached": lambda: cache.step(v1, v2),
+    }
+    times = {k: [] for k in variants}
+    for _ in range(repeats + 1):  # the first round warms up, interleaved against drift
+        for name, fn in variants.items():
+            enc.zero_grad(set_to_none=True)
+            times[name].append(timed(fn, device))
+    return {k: statistics.median(v[1:]) for k, v in times.items()}
+
+
+# ------------------------------------------------------------------ memory
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> int:
+    """Current RSS in bytes, after resetting the peak where Linux allows it
+    (importing torch peaks higher than a small step, hiding it otherwise)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    rss = _status_kib("VmRSS")
+    return rss * 1024 if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_rss() -> int:
+    hwm = _status_kib("VmHWM")
+    return hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_child(variant: str, b: int, chunk: int, device_name: str, model: str) -> None:
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    enc = MODELS[model]().to(device)
+    loss_fn = InfoNCE(0.1)
+    v1, v2 = make_views(model, b, device)
+    if variant == "loss_only":
+        z1, z2 = (torch.randn(b, DIM_OUT, device=device, requires_grad=True) for _ in range(2))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _reset_peak_rss()
+    if variant == "plain":
+        plain_step(enc, loss_fn, v1, v2)
+    elif variant == "cached":
+        GradCache(enc, loss_fn, chunk).step(v1, v2)
+    elif variant == "loss_only":
+        loss_fn(z1, z2).backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _peak_rss()
+    print(json.dumps({"peak": peak, "base": base}))
+
+
+def measure_memory(variant: str, b: int, chunk: int, device: str, model: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", variant, str(b), str(chunk), device, model],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=1024, help="CPU: batch of the time comparison")
+    p.add_argument("--max-batch", type=int, default=65536, help="CUDA: largest batch tried")
+    p.add_argument("--chunk", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--mem-batch", type=int, default=4096)
+    p.add_argument("--mem-chunk", type=int, default=64)
+    p.add_argument("--mem-model", choices=tuple(MODELS), default="mlp", help="encoder of the memory part")
+    p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS), help="encoders timed")
+    p.add_argument("--only", choices=("time", "memory"), help="run one of the two parts")
+    p.add_argument("--memory-child", nargs=5, metavar=("VARIANT", "B", "CHUNK", "DEVICE", "MODEL"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_child:
+        variant, b, chunk, device, model = args.memory_child
+        memory_child(variant, int(b), int(chunk), device, model)
+        return
+    if args.quick:
+        args.batch, args.chunk, args.repeats, args.mem_batch, args.mem_chunk = 256, 64, 2, 1024, 64
+    device = torch.device(args.device)
+
+    if args.only != "memory":
+        run_time(args, device)
+    if args.only != "time":
+        run_memory(args, device)
+
+
+def run_time(args, device) -> None:
+    print(f"# time per step, device={device}, median of {args.repeats} (interleaved), InfoNCE two_view")
+    print(f"{'model':<12} {'B':>6} {'chunk':>6} {'plain s':>9} {'accum s':>9} {'cached s':>9} "
+          f"{'cached/plain':>13} {'cached/accum':>13}  goal cached/plain <= 1.35")
+    for model in args.models:
+        b = args.batch
+        if device.type == "cuda":
+            b = args.chunk
+            while 2 * b <= args.max_batch and plain_fits(model, 2 * b, device):
+                b *= 2
+        t = time_model(model, b, args.chunk, args.repeats, device)
+        ratio = t["cached"] / t["plain"]
+        print(f"{model:<12} {b:>6} {args.chunk:>6} {t['plain']:>9.4f} {t['accumulation']:>9.4f} {t['cached']:>9.4f} "
+              f"{ratio:>13.2f} {t['cached'] / t['accumulation']:>13.2f}  {'met' if ratio <= 1.35 else 'NOT met'}")
+
+
+def run_memory(args, device) -> None:
+    B, c = args.mem_batch, args.mem_chunk
+    print(f"\n# peak memory of one {args.mem_model} step, each in its own process, device={device} "
+          f"({'torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'peak RSS'})")
+    runs = {
+        f"plain B={c}": measure_memory("plain", c, c, args.device, args.mem_model),
+        f"plain B={B}": measure_memory("plain", B, B, args.device, args.mem_model),
+        f"cached B={B} chunk={c}": measure_memory("cached", B, c, args.device, args.mem_model),
+        f"loss only B={B}": measure_memory("loss_only", B, c, args.device, args.mem_model),
+    }
+    mib = 2.0**20
+    print(f"{'variant':<24} {'peak MiB':>10} {'baseline MiB':>13} {'step MiB':>10}")
+    for name, r in runs.items():
+        print(f"{name:<24} {r['peak'] / mib:>10.1f} {r['base'] / mib:>13.1f} {(r['peak'] - r['base']) / mib:>10.1f}")
+    # Representation cache: 2B embeddings and their gradients; logits: one (2B x 2B) float32 matrix.
+    cache_bytes = 2 * (2 * B * DIM_OUT * 4)
+    logits_bytes = (2 * B) ** 2 * 4
+    small, big, cached = runs[f"plain B={c}"], runs[f"plain B={B}"], runs[f"cached B={B} chunk={c}"]
+    loss_only = runs[f"loss only B={B}"]
+    budget = small["peak"] + cache_bytes + logits_bytes
+    print(f"representation cache {cache_bytes / mib:.1f} MiB, logits {logits_bytes / mib:.1f} MiB (one copy)")
+    print(f"cached / (plain B={c} + cache + logits)          = {cached['peak'] / budget:.2f}  "
+          f"goal <= 1.25: {'met' if cached['peak'] <= 1.25 * budget else 'NOT met'}")
+    step = lambda r: r["peak"] - r["base"]  # noqa: E731
+    print(f"on the step's own increase: cached / (plain B={c} + cache + logits) = "
+          f"{step(cached) / (step(small) + cache_bytes + logits_bytes):.2f}; "
+          f"cached / (plain B={c} + loss alone at B={B}) = {step(cached) / max(1, step(small) + step(loss_only)):.2f}")
+    print(f"cached B={B} / plain B={B} (peak) = {cached['peak'] / big['peak']:.2f}; "
+          f"on the step's increase = {step(cached) / max(1, step(big)):.2f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

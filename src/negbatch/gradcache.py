@@ -1,0 +1,564 @@
+"""Gradient caching: contrastive batches larger than memory, with exact gradients.
+
+Gao, Zhang, Han, Callan, "Scaling Deep Contrastive Learning Batch Size under
+Memory Limited Setup" (2021). A contrastive loss couples every sample of the
+batch, but the encoder's backward does not: by the chain rule,
+
+    dL/dtheta = sum_i (dL/dz_i)^T dz_i/dtheta,
+
+so once the gradients ``dL/dz_i`` of the loss with respect to the
+representations are known, each chunk of the batch can be re-encoded and
+back-propagated on its own (a vector-Jacobian product with the cached
+gradients). Peak memory is one chunk's activation graph plus the
+representations and the loss, whatever the batch size.
+
+:class:`GradCache` runs the four steps of the algorithm:
+
+1. :meth:`GradCache.forward_no_grad` encodes every chunk without a graph and
+   records the random-number state of every device the chunk touches;
+2. :meth:`GradCache.representation_gradients` computes the loss on all the
+   representations and back-propagates it to the representations only;
+3. :meth:`GradCache.backward_chunks` re-encodes each chunk with a graph under
+   the replayed random state and back-propagates the cached gradients;
+4. the caller's optimizer step (``optimizer.step()``, or ``scaler.step``).
+
+:meth:`GradCache.step` chains steps 1-3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+__all__ = ["GradCache", "CachedBatch"]
+
+#: One encoder input: a tensor, a dict of tensors (a tokenizer's output, passed
+#: as keyword arguments) or a list/tuple of tensors (passed as positional
+#: arguments). Every tensor is split along dimension 0.
+EncoderInput = Union[Tensor, Mapping[str, Tensor], Sequence[Tensor]]
+BatchNormPolicy = Literal["warn", "eval", "error"]
+
+
+# ----------------------------------------------------------------------------
+# Splitting inputs into chunks
+
+
+def _batch_length(x: EncoderInput, name: str) -> int:
+    if isinstance(x, Tensor):
+        if x.dim() == 0:
+            raise ValueError(f"{name} is a 0-d tensor; it needs a batch dimension (dimension 0)")
+        return x.shape[0]
+    if isinstance(x, Mapping):
+        items = list(x.items())
+    elif isinstance(x, (list, tuple)):
+        items = [(str(i), v) for i, v in enumerate(x)]
+    else:
+        raise TypeError(
+            f"{name} must be a tensor, a dict of tensors or a list/tuple of tensors, got {type(x).__name__}"
+        )
+    if not items:
+        raise ValueError(f"{name} is empty; give at least one tensor")
+    lengths = {}
+    for key, value in items:
+        if not isinstance(value, Tensor) or value.dim() == 0:
+            raise TypeError(
+                f"{name}[{key!r}] must be a tensor with a batch dimension, got {type(value).__name__}"
+            )
+        lengths[key] = value.shape[0]
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"the tensors of {name} must share their batch length (dimension 0), got {lengths}")
+    return next(iter(lengths.values()))
+
+
+def _split(x: EncoderInput, size: int) -> list[EncoderInput]:
+    if isinstance(x, Tensor):
+        return list(x.split(size))
+    if isinstance(x, Mapping):
+        parts = {k: v.split(size) for k, v in x.items()}
+        n = len(next(iter(parts.values())))
+        return [{k: v[i] for k, v in parts.items()} for i in range(n)]
+    parts = [v.split(size) for v in x]
+    return [[p[i] for p in parts] for i in range(len(parts[0]))]
+
+
+def _tensors(x: EncoderInput) -> list[Tensor]:
+    if isinstance(x, Tensor):
+        return [x]
+    return list(x.values()) if isinstance(x, Mapping) else list(x)
+
+
+def _call(encoder: nn.Module, chunk: EncoderInput) -> Any:
+    if isinstance(chunk, Tensor):
+        return encoder(chunk)
+    if isinstance(chunk, Mapping):
+        return encoder(**chunk)
+    return encoder(*chunk)
+
+
+# ----------------------------------------------------------------------------
+# Random state of every device a chunk touches
+
+
+@dataclass
+class _RngState:
+    cpu: Tensor
+    cuda: dict[int, Tensor]
+
+    @classmethod
+    def capture(cls, cuda_devices: list[int]) -> "_RngState":
+        return cls(torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in cuda_devices})
+
+    @contextlib.contextmanager
+    def replay(self):
+        # fork_rng restores the states on exit: the replay leaves the random
+        # streams where the first pass left them, as a plain step would.
+        with torch.random.fork_rng(devices=list(self.cuda), device_type="cuda"):
+            torch.set_rng_state(self.cpu)
+            for device, state in self.cuda.items():
+                torch.cuda.set_rng_state(state, device)
+            yield
+
+
+def _cuda_devices(encoder: nn.Module, chunk: EncoderInput) -> list[int]:
+    """CUDA devices whose generators the forward of ``chunk`` may draw from:
+    those of the inputs, of the encoder's parameters and buffers, and the
+    current device (where a module creates its own random tensors even when
+    the inputs are on the CPU or are not tensors at all)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return []
+    devices = {torch.cuda.current_device()}
+    for t in [*_tensors(chunk), *encoder.parameters(), *encoder.buffers()]:
+        if t.is_cuda:
+            devices.add(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return sorted(devices)
+
+
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class CachedBatch:
+    """What the first pass leaves for the next steps (see :class:`GradCache`).
+
+    ``representations[i]`` is the detached (B_i, d_i) output for input i,
+    ``chunks[i]`` its chunks, ``rng[i]`` the random state before each chunk's
+    forward, ``kept`` the output with graph of the last chunk (keep-last
+    option) and ``gradients[i]`` the cached dL/dz (after step 2).
+    """
+
+    chunks: list[list[EncoderInput]]
+    representations: list[Tensor]
+    rng: list[list[_RngState | None]]
+    kept: Tensor | None = None
+    gradients: list[Tensor] = field(default_factory=list)
+    bn_snapshot: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+
+class GradCache:
+    """Gradient caching for one or several encoders and any loss over their
+    embeddings (Gao et al. 2021): the parameter gradient of the full batch,
+    with the memory of one chunk.
+
+    Parameters
+    ----------
+    encoders : nn.Module or sequence of nn.Module
+        One module shared by every input (e.g. both views of SimCLR), or one
+        module per input (e.g. a query and a document tower; the same module
+        may appear twice). Modules may be wrapped in
+        ``DistributedDataParallel``.
+    loss_fn : callable
+        ``loss_fn(z_1, ..., z_n, **loss_kwargs) -> scalar tensor``: any loss
+        over the embeddings, e.g. :class:`negbatch.InfoNCE` or
+        :class:`negbatch.ReLIC` in any negatives mode, or a user's function.
+        For an ``InfoNCE(form="query_document")`` given a third input (hard
+        negative documents, H per query, query-major: B*H rows), the third
+        embedding is reshaped to (B, H, d) before the call.
+    chunk_size : int or sequence of int
+        Rows per chunk, one value for all inputs or one per input. The chunks
+        need not divide the batch (the last chunk is smaller).
+    output_fn : callable, optional
+        Maps the encoder's output to the (chunk, d) embedding tensor (e.g.
+        ``lambda out: out.pooler_output``). Default: the output itself.
+    keep_last_graph : bool, default False
+        Keep the graph of the last chunk of the last input from the first pass
+        instead of re-encoding it (saves one chunk's forward, holds one
+        chunk's graph through the loss; the gradient is unchanged).
+    paired : bool, default True
+        The loss pairs inputs 0 and 1 row by row: their batch lengths must be
+        equal (checked before any forward).
+    scaler : torch.amp.GradScaler, optional
+        Mixed precision: the loss is scaled once, in step 2; the cached
+        gradients carry the scale into the parameters. Call
+        ``scaler.step(optimizer)`` and ``scaler.update()`` afterwards (and
+        ``scaler.unscale_(optimizer)`` before clipping).
+    autocast : dict, optional
+        Keyword arguments of ``torch.autocast`` (e.g. ``{"device_type": "cpu",
+        "dtype": torch.bfloat16}``) applied to both encoder passes and to the
+        loss. An autocast region around :meth:`step` works as well.
+    batchnorm : {"warn", "eval", "error"}, default "warn"
+        BatchNorm in training mode normalises each chunk by its own statistics,
+        so the gradient is not the full-batch one. ``"warn"`` warns once and
+        goes on (running statistics are updated once per chunk, not twice);
+        ``"eval"`` runs BatchNorm layers on their running statistics during
+        the cached step (exact; the statistics are not updated; convert to
+        ``nn.GroupNorm``/``nn.LayerNorm`` for a per-sample normalisation that
+        trains); ``"error"`` raises.
+
+    Notes
+    -----
+    Random layers (dropout) are exact: the second forward of each chunk
+    replays the CPU generator and the CUDA generator of every device that the
+    chunk's tensors, the encoder's parameters and buffers, and the current
+    CUDA device live on. Under DDP, the representations of all ranks meet in
+    the loss (``gather=True``), gradients are accumulated under ``no_sync`` and
+    synchronised on the last backward of each DDP module; the result equals
+    the single-process gradient of the global batch.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from negbatch import GradCache, InfoNCE
+    >>> encoder = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.1), nn.Linear(16, 4))
+    >>> cache = GradCache(encoder, InfoNCE(temperature=0.5), chunk_size=16)
+    >>> optimizer = torch.optim.SGD(encoder.parameters(), lr=0.1)
+    >>> view1, view2 = torch.randn(100, 8), torch.randn(100, 8)
+    >>> loss = cache.step(view1, view2)   # steps 1-3: .grad is the full-batch gradient
+    >>> optimizer.step(); optimizer.zero_grad()   # step 4
+    >>> loss.shape
+    torch.Size([])
+    """
+
+    def __init__(
+        self,
+        encoders: nn.Module | Sequence[nn.Module],
+        loss_fn: Callable[..., Tensor],
+        chunk_size: int | Sequence[int],
+        *,
+        output_fn: Callable[[Any], Tensor] | None = None,
+        keep_last_graph: bool = False,
+        paired: bool = True,
+        scaler: Any = None,
+        autocast: Mapping[str, Any] | None = None,
+        batchnorm: BatchNormPolicy = "warn",
+    ) -> None:
+        if isinstance(encoders, nn.Module):
+            self.encoders: list[nn.Module] | None = None
+            self.shared = encoders
+        elif isinstance(encoders, Sequence) and encoders and all(isinstance(e, nn.Module) for e in encoders):
+            self.encoders, self.shared = list(encoders), None
+        else:
+            raise TypeError("encoders must be an nn.Module or a non-empty sequence of nn.Module (one per input)")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        sizes = [chunk_size] if not isinstance(chunk_size, Sequence) else list(chunk_size)
+        if not sizes:
+            raise ValueError("chunk_size must be an int or a non-empty sequence of ints")
+        for size in sizes:
+            if isinstance(size, bool) or not isinstance(size, int):
+                raise TypeError(f"chunk_size must be an int >= 1 (or one per input), got {size!r}")
+            if size < 1:
+                raise ValueError(f"chunk_size must be >= 1, got {size}")
+        if self.encoders is not None and len(sizes) > 1 and len(sizes) != len(self.encoders):
+            raise ValueError(
+                f"give one chunk_size per encoder ({len(self.encoders)}), or a single int; got {len(sizes)}"
+            )
+        if batchnorm not in ("warn", "eval", "error"):
+            raise ValueError(f"batchnorm must be 'warn', 'eval' or 'error', got {batchnorm!r}")
+        if autocast is not None and not isinstance(autocast, Mapping):
+            raise TypeError("autocast must be a dict of torch.autocast arguments, e.g. {'device_type': 'cuda'}")
+        if scaler is not None and not hasattr(scaler, "scale"):
+            raise TypeError("scaler must be a torch.amp.GradScaler (an object with .scale(loss))")
+        self.loss_fn = loss_fn
+        self.chunk_sizes = sizes
+        self.output_fn = output_fn
+        self.keep_last_graph = bool(keep_last_graph)
+        self.paired = bool(paired)
+        self.scaler = scaler
+        self.autocast = dict(autocast) if autocast is not None else None
+        self.batchnorm = batchnorm
+        self._warned_batchnorm = False
+
+    # ------------------------------------------------------------------ public
+
+    def step(
+        self, *inputs: EncoderInput, return_embeddings: bool = False, sync: bool = True, **loss_kwargs: Any
+    ) -> Tensor | tuple[Tensor, tuple[Tensor, ...]]:
+        """Steps 1-3: leave every encoder parameter's ``.grad`` incremented by
+        the gradient of the full-batch loss, and return the loss.
+
+        Parameters
+        ----------
+        *inputs : tensor, dict of tensors, or list/tuple of tensors
+            One per loss argument, in the loss's order; input i goes through
+            encoder i (or the shared encoder).
+        return_embeddings : bool, default False
+            Also return the detached embeddings, one tensor per input.
+        sync : bool, default True
+            Under DDP, synchronise gradients at the end of this step. Pass
+            False on all but the last step of a gradient accumulation.
+        **loss_kwargs
+            Passed to ``loss_fn`` unchanged (``mask=``, ``generator=``,
+            ``hard_negatives=``, ...).
+
+        Returns
+        -------
+        loss : Tensor
+            The detached, unscaled value of the loss on the whole batch.
+        embeddings : tuple of Tensor
+            Only with ``return_embeddings=True``.
+        """
+        cached = self.forward_no_grad(*inputs, sync=sync)
+        loss = self.representation_gradients(cached, **loss_kwargs)
+        self.backward_chunks(cached, sync=sync)
+        if return_embeddings:
+            return loss, tuple(cached.representations)
+        return loss
+
+    def forward_no_grad(self, *inputs: EncoderInput, sync: bool = True) -> CachedBatch:
+        """Step 1: encode every chunk without a graph, recording the random
+        state before each chunk (only the kept last chunk gets a graph)."""
+        encoders = self._encoders_for(len(inputs))
+        sizes = self._check_inputs(inputs)
+        self._check_batchnorm(encoders)
+        chunks = [_split(x, self._chunk_size(i)) for i, x in enumerate(inputs)]
+        reps: list[Tensor] = []
+        rng: list[list[_RngState | None]] = []
+        kept = None
+        last = (len(inputs) - 1, len(chunks[-1]) - 1)
+        sync_items = self._sync_items(encoders, chunks, sync)
+        with self._batchnorm_mode(encoders):
+            for i, (encoder, parts) in enumerate(zip(encoders, chunks)):
+                outs, states = [], []
+                for j, chunk in enumerate(parts):
+                    if self.keep_last_graph and (i, j) == last:
+                        with self._ddp_context(encoder, (i, j) in sync_items):
+                            kept = self._encode(encoder, chunk, f"input {i}")
+                        outs.append(kept.detach())
+                        states.append(None)
+                        continue
+                    states.append(_RngState.capture(_cuda_devices(encoder, chunk)))
+                    with torch.no_grad():
+                        outs.append(self._encode(encoder, chunk, f"input {i}"))
+                rep = torch.cat(outs) if len(outs) > 1 else outs[0]
+                if rep.shape[0] != sizes[i]:
+                    raise ValueError(
+                        f"encoder output for input {i} has {rep.shape[0]} rows for a batch of {sizes[i]}; "
+                        f"the encoder must return one embedding per row"
+                    )
+                reps.append(rep)
+                rng.append(states)
+        snapshot = self._batchnorm_snapshot(encoders)
+        return CachedBatch(chunks=chunks, representations=reps, rng=rng, kept=kept, bn_snapshot=snapshot)
+
+    def representation_gradients(self, cached: CachedBatch, **loss_kwargs: Any) -> Tensor:
+        """Step 2: the loss on all representations, back-propagated to the
+        representations only; their gradients are cached in ``cached``."""
+        leaves = [r.detach().requires_grad_(True) for r in cached.representations]
+        with self._autocast():
+            loss = self.loss_fn(*self._loss_args(leaves), **loss_kwargs)
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
+        if loss.dim() != 0:
+            raise ValueError(
+                f"loss_fn must return a scalar (0-d) tensor, got shape {tuple(loss.shape)}; "
+                f"reduce it (e.g. reduction='mean')"
+            )
+        if not loss.requires_grad:
+            raise ValueError(
+                "the loss does not depend on the embeddings (no gradient): loss_fn must compute it "
+                "from its arguments with differentiable operations"
+            )
+        scaled = self.scaler.scale(loss) if self.scaler is not None else loss
+        grads = torch.autograd.grad(scaled, leaves, allow_unused=True)
+        for i, g in enumerate(grads):
+            if g is None:
+                raise ValueError(f"the loss does not depend on input {i}'s embeddings (no gradient reaches them)")
+        cached.gradients = list(grads)
+        return loss.detach()
+
+    def backward_chunks(self, cached: CachedBatch, sync: bool = True) -> None:
+        """Step 3: re-encode each chunk with a graph under its replayed random
+        state and back-propagate the cached representation gradients."""
+        if not cached.gradients:
+            raise RuntimeError("call representation_gradients(cached) before backward_chunks(cached)")
+        encoders = self._encoders_for(len(cached.chunks))
+        sync_items = self._sync_items(encoders, cached.chunks, sync)
+        if cached.kept is not None:
+            # The kept graph goes first: with DDP its module must not see it
+            # between another chunk's synchronised forward and backward.
+            i, j = len(cached.chunks) - 1, len(cached.chunks[-1]) - 1
+            if cached.kept.requires_grad:
+                with self._ddp_context(encoders[i], (i, j) in sync_items):
+                    torch.autograd.backward(cached.kept, self._chunk_grad(cached, i, j))
+            cached.kept = None
+        with self._batchnorm_mode(encoders):
+            for i, (encoder, parts) in enumerate(zip(encoders, cached.chunks)):
+                if not any(p.requires_grad for p in encoder.parameters()):
+                    continue  # a frozen encoder: nothing to back-propagate into
+                for j, chunk in enumerate(parts):
+                    state = cached.rng[i][j]
+                    if state is None:  # the kept chunk, done above
+                        continue
+                    grad = self._chunk_grad(cached, i, j)
+                    with self._ddp_context(encoder, (i, j) in sync_items):
+                        with state.replay():
+                            out = self._encode(encoder, chunk, f"input {i}")
+                        if out.shape != grad.shape:
+                            raise RuntimeError(
+                                f"input {i}, chunk {j}: the second forward gave shape {tuple(out.shape)}, "
+                                f"the first {tuple(grad.shape)}; the encoder must be deterministic given its RNG"
+                            )
+                        torch.autograd.backward(out, grad)
+        self._batchnorm_restore(cached.bn_snapshot)
+
+    # ----------------------------------------------------------------- helpers
+
+    def _encoders_for(self, n_inputs: int) -> list[nn.Module]:
+        if n_inputs == 0:
+            raise ValueError("give at least one input to encode")
+        if self.encoders is None:
+            return [self.shared] * n_inputs
+        if len(self.encoders) != n_inputs:
+            raise ValueError(f"got {n_inputs} inputs for {len(self.encoders)} encoders; give one input per encoder")
+        return self.encoders
+
+    def _chunk_size(self, i: int) -> int:
+        return self.chunk_sizes[0] if len(self.chunk_sizes) == 1 else self.chunk_sizes[i]
+
+    def _check_inputs(self, inputs: Sequence[EncoderInput]) -> list[int]:
+        if self.encoders is None and len(self.chunk_sizes) > 1 and len(self.chunk_sizes) != len(inputs):
+            raise ValueError(f"give one chunk_size per input ({len(inputs)}), or a single int")
+        sizes = [_batch_length(x, f"input {i}") for i, x in enumerate(inputs)]
+        if any(s == 0 for s in sizes):
+            raise ValueError(f"every input needs at least one row, got batch lengths {sizes}")
+        if self.paired and len(sizes) >= 2 and sizes[0] != sizes[1]:
+            raise ValueError(
+                f"inputs 0 and 1 have batch lengths {sizes[0]} and {sizes[1]}, but the loss pairs them row by "
+                f"row; give equal batches (or paired=False for a loss that does not pair them)"
+            )
+        if self._reshapes_hard_negatives(len(inputs)) and sizes[2] % sizes[0]:
+            raise ValueError(
+                f"input 2 (hard negatives) has {sizes[2]} rows, not a multiple of the {sizes[0]} queries; "
+                f"give H hard negatives per query, query-major"
+            )
+        return sizes
+
+    def _reshapes_hard_negatives(self, n_inputs: int) -> bool:
+        from .losses.infonce import InfoNCE
+
+        return n_inputs == 3 and isinstance(self.loss_fn, InfoNCE) and self.loss_fn.form == "query_document"
+
+    def _loss_args(self, reps: list[Tensor]) -> list[Tensor]:
+        if self._reshapes_hard_negatives(len(reps)):
+            q, docs, hard = reps
+            return [q, docs, hard.reshape(q.shape[0], -1, hard.shape[-1])]
+        return reps
+
+    def _encode(self, encoder: nn.Module, chunk: EncoderInput, name: str) -> Tensor:
+        with self._autocast():
+            out = _call(encoder, chunk)
+            if self.output_fn is not None:
+                out = self.output_fn(out)
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"the encoder of {name} returned {type(out).__name__}, not a tensor; pass output_fn= to pick "
+                f"the embedding out of it"
+            )
+        return out
+
+    def _autocast(self):
+        return torch.autocast(**self.autocast) if self.autocast is not None else contextlib.nullcontext()
+
+    def _chunk_grad(self, cached: CachedBatch, i: int, j: int) -> Tensor:
+        start = j * self._chunk_size(i)
+        return cached.gradients[i][start : start + self._chunk_size(i)]
+
+    # DDP: accumulate under no_sync, synchronise on the last backward of each module.
+
+    def _sync_items(
+        self, encoders: list[nn.Module], chunks: list[list[EncoderInput]], sync: bool
+    ) -> set[tuple[int, int]]:
+        """The chunk whose backward synchronises each DDP module: its last
+        backward in step 3's order (the kept chunk first, then input by input,
+        chunk by chunk)."""
+        if not sync:
+            return set()
+        kept = (len(chunks) - 1, len(chunks[-1]) - 1) if self.keep_last_graph else None
+        last: dict[int, tuple[int, int]] = {}
+        if kept is not None and isinstance(encoders[kept[0]], DistributedDataParallel):
+            last[id(encoders[kept[0]])] = kept
+        for i, encoder in enumerate(encoders):
+            if not isinstance(encoder, DistributedDataParallel):
+                continue
+            for j in range(len(chunks[i])):
+                if (i, j) != kept:
+                    last[id(encoder)] = (i, j)
+        return set(last.values())
+
+    @staticmethod
+    def _ddp_context(encoder: nn.Module, synchronise: bool):
+        if isinstance(encoder, DistributedDataParallel) and not synchronise:
+            return encoder.no_sync()
+        return contextlib.nullcontext()
+
+    # BatchNorm: per-chunk statistics are not the batch's.
+
+    @staticmethod
+    def _batchnorms(encoders: list[nn.Module]) -> list[nn.modules.batchnorm._BatchNorm]:
+        seen, found = set(), []
+        for encoder in encoders:
+            for m in encoder.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and id(m) not in seen:
+                    seen.add(id(m))
+                    found.append(m)
+        return found
+
+    def _check_batchnorm(self, encoders: list[nn.Module]) -> None:
+        if not self._batchnorms(encoders) or self.batchnorm == "eval":
+            return
+        message = (
+            "GradCache: an encoder has BatchNorm in training mode; each chunk is normalised by its own "
+            "statistics, so the gradient is not the full-batch gradient. Use batchnorm='eval' (running "
+            "statistics, exact) or replace BatchNorm by GroupNorm/LayerNorm; see docs/gradcache.md"
+        )
+        if self.batchnorm == "error":
+            raise ValueError(message)
+        if not self._warned_batchnorm:
+            warnings.warn(message, UserWarning, stacklevel=3)
+            self._warned_batchnorm = True
+
+    @contextlib.contextmanager
+    def _batchnorm_mode(self, encoders: list[nn.Module]):
+        layers = self._batchnorms(encoders) if self.batchnorm == "eval" else []
+        for m in layers:
+            m.train(False)
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.train(True)
+
+    def _batchnorm_snapshot(self, encoders: list[nn.Module]) -> list[tuple[Tensor, Tensor]]:
+        # The second forward would update the running statistics a second time.
+        if self.batchnorm == "eval":
+            return []
+        return [
+            (buf, buf.detach().clone())
+            for m in self._batchnorms(encoders)
+            for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
+            if buf is not None
+        ]
+
+    @staticmethod
+    def _batchnorm_restore(snapshot: list[tuple[Tensor, Tensor]]) -> None:
+        with torch.no_grad():
+            for buf, saved in snapshot:
+                buf.copy_(saved)
