@@ -4,7 +4,7 @@ The library (this package minus ``negbatch.lab`` and ``negbatch.cli``) needs
 only torch, numpy and scipy.
 """
 
-from .losses import InfoNCE, ReLIC, info_nce_per_anchor
+from .losses import GlobalInfoNCE, InfoNCE, ReLIC, info_nce_per_anchor
 from .negatives import NegativeSelection, same_id_mask, select_negatives, selection_logits
 
 __version__ = "0.1.0"
@@ -18,4 +18,5 @@ __all__ = [
     "selection_logits",
     "same_id_mask",
     "__version__",
+    "GlobalInfoNCE",
 ]
