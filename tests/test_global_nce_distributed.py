@@ -1,0 +1,89 @@
+"""GlobalInfoNCE under torch.distributed: 2 real gloo processes against one
+process on the global batch (state and parameter gradients)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from _dist import run_distributed
+from negbatch import GlobalInfoNCE
+
+N, B_GLOBAL, D_IN, D_OUT, STEPS = 24, 8, 6, 4, 3
+
+
+def _setup():
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(N, D_IN, generator=g, dtype=torch.float64)
+    x2 = x1 + 0.3 * torch.randn(N, D_IN, generator=g, dtype=torch.float64)
+    # Overlapping batches, so that steps 2 and 3 mix old and new estimates.
+    perm = torch.randperm(N, generator=g)
+    batches = [perm[:8], torch.cat([perm[:3], perm[8:13]]), perm[5:13].flip(0)]
+    return x1, x2, batches
+
+
+def _make(form, negatives):
+    torch.manual_seed(1)
+    model = torch.nn.Linear(D_IN, D_OUT).double()
+    kw = dict(temperature=0.3, gamma=0.5, negatives=negatives, form=form, symmetric=form == "query_document")
+    return model, kw
+
+
+def _step(model, loss_fn, x1, x2, idx, step):
+    gen = torch.Generator().manual_seed(100 + step)
+    out = loss_fn(model(x1[idx]), model(x2[idx]), idx, generator=gen)
+    grads = torch.autograd.grad(out, list(model.parameters()))
+    return out, grads
+
+
+def _worker(rank, world, form, negatives, tmp):
+    x1, x2, batches = _setup()
+    model, kw = _make(form, negatives)
+    dist_loss = GlobalInfoNCE(N, gather=True, **kw).double()
+    ref_loss = GlobalInfoNCE(N, sync_state=False, **kw).double()  # one process, global batch
+    half = B_GLOBAL // world
+    for step, idx in enumerate(batches):
+        local = idx[rank * half : (rank + 1) * half]
+        _, grads = _step(model, dist_loss, x1, x2, local, step)
+        grads = [g.clone() for g in grads]
+        for g in grads:  # what DDP does: average over ranks
+            dist.all_reduce(g)
+            g /= world
+        _, ref_grads = _step(model, ref_loss, x1, x2, idx, step)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r)
+        torch.testing.assert_close(dist_loss.log_nu, ref_loss.log_nu)
+        assert torch.equal(dist_loss.visited, ref_loss.visited)
+        assert int(dist_loss.num_updates) == step + 1
+        with torch.no_grad():  # a small SGD step so that later steps see moved embeddings
+            for p, g in zip(model.parameters(), grads):
+                p -= 0.5 * g
+    # Identical state on every rank, bit for bit.
+    torch.save(dist_loss.state_dict(), os.path.join(tmp, f"state{rank}.pt"))
+    dist.barrier()
+    other = torch.load(os.path.join(tmp, f"state{1 - rank}.pt"))
+    for k, v in dist_loss.state_dict().items():
+        assert torch.equal(v, other[k]), k
+
+
+def _duplicate_worker(rank, world, tmp):
+    loss_fn = GlobalInfoNCE(10, gather=True)
+    z1, z2 = torch.randn(3, 4), torch.randn(3, 4)
+    idx = torch.tensor([0, 1, 2]) + 2 * rank  # sample 2 on both ranks
+    with pytest.raises(ValueError, match="duplicates"):
+        loss_fn(z1, z2, idx)
+    assert not loss_fn.visited.any()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("form,negatives", [("two_view", "all"), ("two_view", 5), ("query_document", "all")])
+def test_two_ranks_match_one_process(tmp_path, form, negatives):
+    run_distributed(_worker, 2, form, negatives, str(tmp_path))
+
+
+@pytest.mark.distributed
+def test_duplicates_across_ranks_raise_on_every_rank(tmp_path):
+    run_distributed(_duplicate_worker, 2, str(tmp_path))
