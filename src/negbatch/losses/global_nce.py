@@ -55,10 +55,43 @@ class _Direction:
     """One family of anchors contrasted with one candidate bank (the inputs of
     :func:`select_negatives`), plus the state column its anchors use."""
 
-    __slots__ = ("anchors", "bank", "positive_index", "kwargs")
+    __slots__ = ("anchors", "bank", "positive_index", "num_excluded", "kwargs")
 
-    def __init__(self, anchors: Tensor, bank: Tensor, positive_index: Tensor, **kwargs) -> None:
+    def __init__(self, anchors: Tensor, bank: Tensor, positive_index: Tensor, num_excluded: int | None, **kwargs) -> None:
         self.anchors, self.bank, self.positive_index, self.kwargs = anchors, bank, positive_index, kwargs
+        # Columns that are never negatives when there is no mask (the positive,
+        # the anchor itself), so that the dense count needs no pass over the mask.
+        self.num_excluded = num_excluded if kwargs.get("mask") is None else None
+
+
+class _PositiveAndNegativeSum(torch.autograd.Function):
+    """Per row of ``logits`` (non-candidates at -inf): the positive's logit,
+    ``S = sum_negatives exp(l - shift)`` and ``shift`` = the largest negative
+    logit, so that ``log Zhat = log S + shift - log count`` never overflows.
+
+    One fused pass instead of autograd's chain of masked copies: the backward
+    is ``dL/dl = g_S * exp(l - shift)`` on the negatives plus ``g_pos`` on the
+    positive (``shift`` is a constant: it cancels in every quantity used).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, positive_column: Tensor):  # type: ignore[override]
+        col = positive_column[:, None]
+        positive = logits.gather(1, col).squeeze(1)
+        work = logits.detach().scatter(1, col, float("-inf"))
+        shift = work.amax(dim=1)
+        work.sub_(shift[:, None]).exp_()
+        summed = work.sum(dim=1)
+        ctx.save_for_backward(work, col)
+        ctx.mark_non_differentiable(shift)
+        return positive, summed, shift
+
+    @staticmethod
+    def backward(ctx, grad_positive: Tensor, grad_summed: Tensor, _grad_shift: Tensor):  # type: ignore[override]
+        work, col = ctx.saved_tensors
+        grad = work * grad_summed[:, None]
+        grad.scatter_add_(1, col, grad_positive[:, None])
+        return grad, None
 
 
 class GlobalInfoNCE(nn.Module):
@@ -339,6 +372,7 @@ class GlobalInfoNCE(nn.Module):
                     torch.cat([z1, z2]),
                     torch.cat([both[:, :d], both[:, d:]]),
                     torch.cat([local + total, local]),
+                    2,
                     self_index=row_index,
                     mask=mask.repeat(2, 2) if mask is not None else None,
                     row_index=row_index,
@@ -366,13 +400,13 @@ class GlobalInfoNCE(nn.Module):
         rows = torch.arange(n, device=a.device) + offset
         check_mask(mask, (n, bank.shape[0]), a.device)
         common.update(row_index=rows, n_rows_global=total)
-        out = [_Direction(q, bank, rows, mask=mask, **common)]
+        out = [_Direction(q, bank, rows, 1, mask=mask, **common)]
         if self.symmetric:
             doc_mask = None
             if mask is not None:
                 all_rows = mask if not self.gather else gather_nograd(mask.to(torch.uint8)).bool()
                 doc_mask = all_rows[:, :total].t()[offset : offset + n]
-            out.append(_Direction(docs, gathered[:, :d], rows, mask=doc_mask, **common))
+            out.append(_Direction(docs, gathered[:, :d], rows, 1, mask=doc_mask, **common))
         return out
 
     def _terms(self, direction: _Direction) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -380,19 +414,19 @@ class GlobalInfoNCE(nn.Module):
         shift and the log of the number of negatives, per anchor."""
         selection = select_negatives(direction.positive_index, direction.bank.shape[0], **direction.kwargs)
         logits = selection_logits(direction.anchors, direction.bank, selection, self.temperature)
-        negative = selection.negative_mask()
-        count = negative.sum(dim=1)
+        n = direction.anchors.shape[0]
+        if not selection.is_dense:
+            count = selection.valid.sum(dim=1) - 1
+        elif direction.num_excluded is not None:
+            count = torch.full((n,), direction.bank.shape[0] - direction.num_excluded, device=logits.device)
+        else:  # the positive and the negatives are the allowed columns
+            count = selection.allowed.sum(dim=1, dtype=torch.int32) - 1
         if bool((count == 0).any()):
             raise ValueError(
                 "an anchor has no negatives (batch of one sample, or everything masked); the normaliser "
                 "Z is a mean over negatives and needs at least one"
             )
-        positive = logits.gather(1, selection.positive_column[:, None]).squeeze(1)
-        neg_logits = logits.masked_fill(~negative, float("-inf"))
-        # One pass over the logits serves the E-step, the surrogate and the
-        # reported InfoNCE: sum exp(l - shift) with the row maximum as shift.
-        shift = neg_logits.detach().amax(dim=1)
-        summed = torch.exp(neg_logits - shift[:, None]).sum(dim=1)
+        positive, summed, shift = _PositiveAndNegativeSum.apply(logits, selection.positive_column)
         return positive, summed, shift, count.to(summed.dtype).log()
 
     def _check_inputs(self, a: Tensor, b: Tensor, indices: Tensor) -> Tensor:
