@@ -307,3 +307,15 @@ def test_cuda_state_follows_module():
     assert loss_fn.log_nu.is_cuda and loss_fn.visited[:4].all()
     with pytest.raises(ValueError, match="loss.to"):
         loss_fn(z1.cpu(), z2.cpu(), torch.arange(4))
+
+
+def test_bfloat16_embeddings_keep_a_float32_state():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    loss32 = GlobalInfoNCE(8, temperature=0.05)
+    loss16 = GlobalInfoNCE(8, temperature=0.05)
+    out32 = loss32(z1, z2, torch.arange(8))
+    out16 = loss16(z1.bfloat16(), z2.bfloat16(), torch.arange(8))
+    assert out16.dtype == torch.bfloat16 and loss16.log_nu.dtype == torch.float32
+    torch.testing.assert_close(loss16.log_nu, loss32.log_nu, rtol=0.02, atol=0.5)
+    torch.testing.assert_close(out16.float(), out32, rtol=0.05, atol=0.5)

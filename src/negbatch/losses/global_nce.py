@@ -469,24 +469,28 @@ class GlobalInfoNCE(nn.Module):
         summed = torch.cat([t[1] for t in terms])
         shift = torch.cat([t[2] for t in terms])
         log_count = torch.cat([t[3] for t in terms])
-        log_zhat = (summed.detach().log() + shift - log_count).detach()  # (R*n,), role-major
+        # Per-anchor scalars in at least the state's precision (fp16 logits:
+        # log nu ~ 1/tau would lose its digits in half precision).
+        acc = torch.promote_types(summed.dtype, self.log_nu.dtype)
+        shift, log_count = shift.to(acc), log_count.to(acc)
+        log_zhat = summed.detach().to(acc).log() + shift - log_count  # (R*n,), role-major
         if update:
             local = log_zhat.view(self.num_roles, n).t()
             all_log_zhat = gather_nograd(local) if (self.sync_state and is_distributed()) else local
             self.e_step(all_indices, all_log_zhat)
-            log_nu = self.log_nu[indices].t().reshape(-1).to(log_zhat.dtype)
+            log_nu = self.log_nu[indices].t().reshape(-1).to(acc)
         else:
-            state = self.log_nu[indices].t().reshape(-1).to(log_zhat.dtype)
+            state = self.log_nu[indices].t().reshape(-1).to(acc)
             seen = self.visited[indices].repeat(self.num_roles)
             log_nu = torch.where(seen, state, log_zhat)
         # Zhat/nu = summed * exp(shift - log_count - log_nu): the surrogate's
         # gradient is grad(Zhat)/nu, and no exp(s/tau) is ever formed unshifted.
-        weight = torch.exp(shift - log_count - log_nu)
-        per_anchor = -positive + summed * weight + (log_nu - 1.0)
+        weight = torch.exp(shift - log_count - log_nu).to(summed.dtype)
+        per_anchor = -positive + summed * weight + (log_nu - 1.0).to(summed.dtype)
         with torch.no_grad():
-            pos = positive.detach()
+            pos = positive.detach().to(acc)
             self.last_minibatch_loss = (-pos + log_zhat).mean()
-            self.last_infonce = (-pos + torch.logaddexp(pos, summed.detach().log() + shift)).mean()
+            self.last_infonce = (-pos + torch.logaddexp(pos, summed.detach().to(acc).log() + shift)).mean()
         if self.reduction == "mean":
             return per_anchor.mean()
         if self.reduction == "sum":
