@@ -53,8 +53,14 @@ def test_whole_data_set_batch_gives_the_exact_gradient():
     torch.testing.assert_close(minibatch_gradient(model, loss, views, everything), exact.gradient)
     corrected = GlobalInfoNCE(12, temperature=TAU).double()
     corrected.set_log_normalizers(exact.log_normalizers)
-    torch.testing.assert_close(minibatch_gradient(model, corrected, views, everything, estimator="corrected"),
+    torch.testing.assert_close(
+        minibatch_gradient(model, corrected, views, everything, estimator="corrected_fixed"), exact.gradient)
+    # A training step's gradient from an empty state (first visit: nu = Zhat = Z);
+    # the state is restored afterwards.
+    fresh = GlobalInfoNCE(12, temperature=TAU, gamma=0.3).double()
+    torch.testing.assert_close(minibatch_gradient(model, fresh, views, everything, estimator="corrected"),
                                exact.gradient)
+    assert not fresh.visited.any() and int(fresh.num_updates) == 0
 
 
 @pytest.mark.parametrize("negatives", ["all", 3])
@@ -88,8 +94,11 @@ def test_running_estimate_after_e_steps_reduces_the_bias():
             idx = torch.randperm(40, generator=g)[:4]
             loss(model(views[0][idx]), model(views[1][idx]), idx)
     plain = gradient_bias(model, loss, views, 4, 300, estimator="plain", seed=4)
-    running = gradient_bias(model, loss, views, 4, 300, estimator="corrected", seed=4)
-    assert running.relative_bias_debiased < 0.5 * plain.relative_bias_debiased, (plain, running)
+    state = loss.log_nu.clone()
+    for estimator in ("corrected", "corrected_fixed"):
+        running = gradient_bias(model, loss, views, 4, 300, estimator=estimator, seed=4)
+        assert running.relative_bias_debiased < 0.5 * plain.relative_bias_debiased, (plain, running)
+    assert torch.equal(loss.log_nu, state)
 
 
 def test_bad_arguments():

@@ -14,10 +14,16 @@ thousands fits in CPU memory. :func:`gradient_bias` draws many random batches
 * a bias corrected for that noise, ``sqrt(max(0, ||mean - g||^2 - tr Cov / M)) / ||g||``,
 * the relative variance ``tr Cov(g_B) / ||g||^2``,
 
-for three estimators: ``"plain"`` (the minibatch loss ``-s/tau + log Zhat``),
-``"corrected"`` (the :class:`~negbatch.GlobalInfoNCE` surrogate with the
-loss's current running ``nu``; samples it never visited use ``nu = Zhat``)
-and ``"corrected_exact"`` (the surrogate with ``nu`` at the exact ``Z``).
+for four estimators:
+
+* ``"plain"``: the minibatch loss ``-s/tau + log Zhat``;
+* ``"corrected"``: the gradient a :class:`~negbatch.GlobalInfoNCE` training
+  step uses: the E-step on the batch from the loss's current running state,
+  then the surrogate (the state is restored after each batch, so that every
+  batch starts from the same state);
+* ``"corrected_fixed"``: the surrogate with the running state as it is, no
+  E-step (samples never visited use ``nu = Zhat``);
+* ``"corrected_exact"``: the surrogate with ``nu`` at the exact ``Z``.
 
 The model is used as it is: put it in ``eval()`` mode when it has batch
 normalisation or dropout, or the minibatch gradient also depends on the batch
@@ -39,7 +45,8 @@ from torch import Tensor, nn
 from ..losses.global_nce import GlobalInfoNCE
 
 Encoders = Union[nn.Module, Sequence[nn.Module]]
-Estimator = Literal["plain", "corrected", "corrected_exact"]
+Estimator = Literal["plain", "corrected", "corrected_fixed", "corrected_exact"]
+_ESTIMATORS = ("plain", "corrected", "corrected_fixed", "corrected_exact")
 
 __all__ = ["ExactGlobalGradient", "BiasEstimate", "exact_global_gradient", "minibatch_gradient", "gradient_bias",
            "bias_curve"]
@@ -247,15 +254,16 @@ def minibatch_gradient(
     inputs: Sequence[Tensor],
     batch: Tensor,
     *,
-    estimator: Literal["plain", "corrected"] = "plain",
+    estimator: Literal["plain", "corrected", "corrected_fixed"] = "plain",
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Flat parameter gradient of one minibatch estimator on the samples ``batch``.
 
-    ``"plain"``: ``GlobalInfoNCE.minibatch_loss``; ``"corrected"``: the
-    surrogate with the loss's current state, without an E-step
-    (``update=False``). ``generator`` drives sampled negatives. Parameter
-    ``.grad`` fields are left untouched.
+    ``"plain"``: ``GlobalInfoNCE.minibatch_loss``; ``"corrected"``: a training
+    step's gradient (E-step on the batch, then the surrogate), after which
+    the loss's state is restored; ``"corrected_fixed"``: the surrogate with
+    the state as it is (``update=False``). ``generator`` drives sampled
+    negatives. Parameter ``.grad`` fields are left untouched.
 
     Examples
     --------
@@ -268,15 +276,23 @@ def minibatch_gradient(
     torch.Size([28])
     """
     enc_a, enc_b, xa, xb = _check(model, loss, inputs)
-    if estimator not in ("plain", "corrected"):
-        raise ValueError(f"estimator must be 'plain' or 'corrected', got {estimator!r}")
+    if estimator not in ("plain", "corrected", "corrected_fixed"):
+        raise ValueError(f"estimator must be 'plain', 'corrected' or 'corrected_fixed', got {estimator!r}")
     batch = loss.check_indices(batch, name="batch").to(xa.device)
     params = _parameters((enc_a, enc_b))
     a, b = enc_a(xa[batch]), enc_b(xb[batch])
     if estimator == "plain":
         value = loss.minibatch_loss(a, b, batch, generator=generator)
-    else:
+    elif estimator == "corrected_fixed":
         value = loss(a, b, batch, generator=generator, update=False)
+    else:
+        saved = [t.clone() for t in (loss.log_nu, loss.visited, loss.num_updates)]
+        try:
+            value = loss(a, b, batch, generator=generator, update=True)
+        finally:
+            with torch.no_grad():
+                for buffer, old in zip((loss.log_nu, loss.visited, loss.num_updates), saved):
+                    buffer.copy_(old)
     grads = torch.autograd.grad(value, params, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
 
@@ -309,10 +325,11 @@ def gradient_bias(
         In ``[2, N]``.
     num_batches : int
         At least 2; the noise floor shrinks as ``1/sqrt(num_batches)``.
-    estimator : {"plain", "corrected", "corrected_exact"}
-        ``"corrected"`` uses the loss's running state as it is (train first);
-        ``"corrected_exact"`` uses a copy of the loss with ``nu = Z`` exactly.
-        The loss itself is never modified.
+    estimator : {"plain", "corrected", "corrected_fixed", "corrected_exact"}
+        See the module docstring. ``"corrected"`` and ``"corrected_fixed"``
+        use the loss's running state (train first); ``"corrected_exact"`` a
+        copy of the loss with ``nu = Z`` exactly. The loss's state is never
+        changed.
 
     Examples
     --------
@@ -336,15 +353,15 @@ def gradient_bias(
         raise ValueError(f"batch_size must be an int in [2, N={n}], got {batch_size!r}")
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 2:
         raise ValueError(f"num_batches must be an int >= 2, got {num_batches!r}")
-    if estimator not in ("plain", "corrected", "corrected_exact"):
-        raise ValueError(f"estimator must be 'plain', 'corrected' or 'corrected_exact', got {estimator!r}")
+    if estimator not in _ESTIMATORS:
+        raise ValueError(f"estimator must be one of {_ESTIMATORS}, got {estimator!r}")
     if exact is None:
         exact = exact_global_gradient(model, loss, inputs, chunk_size=chunk_size)
     used = loss
     if estimator == "corrected_exact":
         used = copy.deepcopy(loss)
         used.set_log_normalizers(exact.log_normalizers.to(used.log_nu))
-    kind = "plain" if estimator == "plain" else "corrected"
+    kind = "corrected_fixed" if estimator == "corrected_exact" else estimator
     batches = torch.Generator().manual_seed(seed)
     negatives = torch.Generator(device=xa.device).manual_seed(seed + 1)
     target = exact.gradient.double()
