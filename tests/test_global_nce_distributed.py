@@ -87,3 +87,17 @@ def test_two_ranks_match_one_process(tmp_path, form, negatives):
 @pytest.mark.distributed
 def test_duplicates_across_ranks_raise_on_every_rank(tmp_path):
     run_distributed(_duplicate_worker, 2, str(tmp_path))
+
+
+def _out_of_range_worker(rank, world, tmp):
+    loss_fn = GlobalInfoNCE(10, gather=True)
+    z1, z2 = torch.randn(3, 4), torch.randn(3, 4)
+    idx = torch.tensor([0, 1, 2]) + 8 * rank  # rank 1 holds 8, 9, 10
+    with pytest.raises(ValueError, match="num_samples=10"):
+        loss_fn(z1, z2, idx)  # both ranks raise; neither waits in a collective
+    assert not loss_fn.visited.any()
+
+
+@pytest.mark.distributed
+def test_out_of_range_on_one_rank_raises_on_every_rank(tmp_path):
+    run_distributed(_out_of_range_worker, 2, str(tmp_path))

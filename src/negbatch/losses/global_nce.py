@@ -258,8 +258,11 @@ class GlobalInfoNCE(nn.Module):
             return _check_gamma_value(self.gamma(int(self.num_updates)), "gamma(step)")
         return _check_gamma_value(self.gamma)
 
-    def check_indices(self, indices: object, batch_size: int | None = None, name: str = "indices") -> Tensor:
-        """Validate data-set indices: 1-d integer tensor, values in [0, N)."""
+    def check_indices(
+        self, indices: object, batch_size: int | None = None, name: str = "indices", *, check_range: bool = True
+    ) -> Tensor:
+        """Validate data-set indices (1-d integer tensor, values in [0, N)) and
+        return them as int64 on the state's device."""
         if not isinstance(indices, Tensor):
             raise TypeError(f"{name} must be a 1-d torch.long tensor of data-set indices, got {type(indices).__name__}")
         if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
@@ -269,7 +272,7 @@ class GlobalInfoNCE(nn.Module):
         if batch_size is not None and indices.shape[0] != batch_size:
             raise ValueError(f"{name} has {indices.shape[0]} entries but the batch has {batch_size} samples")
         indices = indices.to(device=self.log_nu.device, dtype=torch.long)
-        if indices.numel():
+        if check_range and indices.numel():
             low, high = int(indices.min()), int(indices.max())
             if low < 0 or high >= self.num_samples:
                 raise ValueError(
@@ -439,7 +442,9 @@ class GlobalInfoNCE(nn.Module):
                 f"the embeddings are on {a.device} but the loss's state is on {self.log_nu.device}; "
                 f"move the loss with loss.to(device)"
             )
-        return self.check_indices(indices, a.shape[0])
+        # The range is checked after gathering (see forward), so that under DDP
+        # every rank raises together instead of leaving the others in a collective.
+        return self.check_indices(indices, a.shape[0], check_range=False)
 
     def _global_indices(self, indices: Tensor) -> Tensor:
         """All ranks' indices (when the state is synchronised), checked once for
@@ -461,6 +466,7 @@ class GlobalInfoNCE(nn.Module):
     ) -> Tensor:
         indices = self._check_inputs(a, b, indices)
         all_indices = self._global_indices(indices) if update else indices
+        self.check_indices(all_indices)
         if update and self.on_duplicate == "raise":
             self._check_duplicates(all_indices)
         terms = [self._terms(direction) for direction in self._directions(a, b, hard_negatives, mask, generator)]
