@@ -118,3 +118,18 @@ def test_bad_arguments():
     bn = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4)).double()
     with pytest.warns(UserWarning, match="eval"):
         exact_global_gradient(bn, loss, views)
+
+
+def test_two_encoders_for_queries_and_documents():
+    _, (xq, xd) = _clustered(n=6)
+    torch.manual_seed(5)
+    q_enc, d_enc = torch.nn.Linear(6, 3).double(), torch.nn.Linear(6, 3).double()
+    loss = GlobalInfoNCE(6, temperature=TAU, form="query_document").double()
+    exact = exact_global_gradient((q_enc, d_enc), loss, (xq, xd), chunk_size=4)
+    pos, zhat, _ = reference_terms(query_document_anchors(q_enc(xq), d_enc(xd)), TAU)
+    params = list(q_enc.parameters()) + list(d_enc.parameters())
+    torch.testing.assert_close(exact.gradient, _flat_grad((-pos + torch.log(zhat)).mean(), params))
+    g = minibatch_gradient((q_enc, d_enc), loss, (xq, xd), torch.arange(6))
+    torch.testing.assert_close(g, exact.gradient)
+    with pytest.raises(ValueError, match="single"):
+        exact_global_gradient((q_enc, d_enc), GlobalInfoNCE(6).double(), (xq, xd))

@@ -134,6 +134,10 @@ def test_query_document_matches_loop(symmetric, with_hard):
     assert loss_fn.log_nu.shape == (9, roles)
     torch.testing.assert_close(loss_fn.log_nu[idx], torch.log(nu).view(roles, 5).t())
     torch.testing.assert_close(loss_fn.last_infonce, nce.mean())
+    # reduction="none": one term per anchor, queries first (the state's column order).
+    per_anchor = GlobalInfoNCE(9, temperature=TAU, gamma=0.5, form="query_document", symmetric=symmetric,
+                               reduction="none").double()(q, d, idx, hard, mask=mask)
+    torch.testing.assert_close(per_anchor, ref)
 
 
 def test_sampled_negatives_use_the_selected_ones():
