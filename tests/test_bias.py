@@ -36,7 +36,10 @@ def test_exact_gradient_matches_loop_reference(form):
     exact = exact_global_gradient(model, loss, (xa, xb), chunk_size=3)  # chunks smaller than N
     params = list(model.parameters())
     za, zb = model(xa), model(xb)
-    anchors = two_view_anchors(za, zb) if form == "two_view" else query_document_anchors(za, zb, symmetric=form == "symmetric")
+    if form == "two_view":
+        anchors = two_view_anchors(za, zb)
+    else:
+        anchors = query_document_anchors(za, zb, symmetric=form == "symmetric")
     pos, zhat, _ = reference_terms(anchors, TAU)
     global_loss = (-pos + torch.log(zhat)).mean()
     torch.testing.assert_close(exact.gradient, _flat_grad(global_loss, params))

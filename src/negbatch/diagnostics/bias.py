@@ -116,7 +116,9 @@ def _parameters(encoders: tuple[nn.Module, nn.Module]) -> list[nn.Parameter]:
     return params
 
 
-def _check(model: Encoders, loss: GlobalInfoNCE, inputs: Sequence[Tensor]) -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
+def _check(
+    model: Encoders, loss: GlobalInfoNCE, inputs: Sequence[Tensor]
+) -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
     if not isinstance(loss, GlobalInfoNCE):
         raise TypeError(f"loss must be a negbatch.GlobalInfoNCE, got {type(loss).__name__}")
     if loss.reduction != "mean":
@@ -147,7 +149,9 @@ def _embed(enc: nn.Module, x: Tensor, normalize: bool) -> Tensor:
     return F.normalize(out, dim=-1) if normalize else out
 
 
-def _global_directions(loss: GlobalInfoNCE, ua: Tensor, ub: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor | None]]:
+def _global_directions(
+    loss: GlobalInfoNCE, ua: Tensor, ub: Tensor
+) -> list[tuple[Tensor, Tensor, Tensor, Tensor | None]]:
     """(anchors, bank, positive column, self column or None) for the whole data set."""
     n = ua.shape[0]
     rows = torch.arange(n, device=ua.device)

@@ -57,7 +57,9 @@ class _Direction:
 
     __slots__ = ("anchors", "bank", "positive_index", "num_excluded", "kwargs")
 
-    def __init__(self, anchors: Tensor, bank: Tensor, positive_index: Tensor, num_excluded: int | None, **kwargs) -> None:
+    def __init__(
+        self, anchors: Tensor, bank: Tensor, positive_index: Tensor, num_excluded: int | None, **kwargs
+    ) -> None:
         self.anchors, self.bank, self.positive_index, self.kwargs = anchors, bank, positive_index, kwargs
         # Columns that are never negatives when there is no mask (the positive,
         # the anchor itself), so that the dense count needs no pass over the mask.
@@ -266,7 +268,9 @@ class GlobalInfoNCE(nn.Module):
         if not isinstance(indices, Tensor):
             raise TypeError(f"{name} must be a 1-d torch.long tensor of data-set indices, got {type(indices).__name__}")
         if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-            raise TypeError(f"{name} must be an integer tensor (torch.long) of data-set indices, got dtype {indices.dtype}")
+            raise TypeError(
+                f"{name} must be an integer tensor (torch.long) of data-set indices, got dtype {indices.dtype}"
+            )
         if indices.dim() != 1:
             raise ValueError(f"{name} must be 1-d (one data-set index per sample), got shape {tuple(indices.shape)}")
         if batch_size is not None and indices.shape[0] != batch_size:
@@ -317,7 +321,7 @@ class GlobalInfoNCE(nn.Module):
             if self.on_duplicate == "raise":
                 self._check_duplicates(indices)
             # log of the mean of Zhat over the copies of each sample.
-            top = torch.full((unique.shape[0], self.num_roles), float("-inf"), dtype=log_zhat.dtype, device=log_zhat.device)
+            top = log_zhat.new_full((unique.shape[0], self.num_roles), float("-inf"))
             top = top.scatter_reduce(0, inverse[:, None].expand_as(log_zhat), log_zhat, reduce="amax")
             summed = torch.zeros_like(top).index_add_(0, inverse, torch.exp(log_zhat - top[inverse]))
             log_zhat = summed.log() + top - counts.to(log_zhat.dtype).log()[:, None]
@@ -357,7 +361,9 @@ class GlobalInfoNCE(nn.Module):
     def _prepare(self, *xs: Tensor) -> tuple[Tensor, ...]:
         return tuple(F.normalize(x, dim=-1) for x in xs) if self.normalize else xs
 
-    def _directions(self, a: Tensor, b: Tensor, hard: Tensor | None, mask: Tensor | None, generator) -> list[_Direction]:
+    def _directions(
+        self, a: Tensor, b: Tensor, hard: Tensor | None, mask: Tensor | None, generator
+    ) -> list[_Direction]:
         """The anchors and banks of this rank, in the order of the state's columns."""
         common = dict(negatives=self.negatives, generator=generator, on_shortage=self.on_shortage)
         n, d = a.shape
