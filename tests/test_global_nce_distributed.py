@@ -32,22 +32,23 @@ def _make(form, negatives):
     return model, kw
 
 
-def _step(model, loss_fn, x1, x2, idx, step):
+def _step(model, loss_fn, x1, x2, idx, step, mask=None):
     gen = torch.Generator().manual_seed(100 + step)
-    out = loss_fn(model(x1[idx]), model(x2[idx]), idx, generator=gen)
+    out = loss_fn(model(x1[idx]), model(x2[idx]), idx, mask=mask, generator=gen)
     grads = torch.autograd.grad(out, list(model.parameters()))
     return out, grads
 
 
-CONFIGS = [("two_view", "all"), ("two_view", 5), ("query_document", "all")]
+CONFIGS = [("two_view", "all", False), ("two_view", 5, False), ("query_document", "all", False),
+           ("two_view", "all", True)]
 
 
 def _worker(rank, world, tmp):
-    for form, negatives in CONFIGS:  # one process group for all: spawning dominates the cost
-        _compare(rank, world, form, negatives, os.path.join(tmp, f"{form}-{negatives}"))
+    for form, negatives, use_mask in CONFIGS:  # one process group for all: spawning dominates the cost
+        _compare(rank, world, form, negatives, use_mask, os.path.join(tmp, f"{form}-{negatives}-{use_mask}"))
 
 
-def _compare(rank, world, form, negatives, tmp):
+def _compare(rank, world, form, negatives, use_mask, tmp):
     os.makedirs(tmp, exist_ok=True)
     x1, x2, batches = _setup()
     model, kw = _make(form, negatives)
@@ -56,12 +57,15 @@ def _compare(rank, world, form, negatives, tmp):
     half = B_GLOBAL // world
     for step, idx in enumerate(batches):
         local = idx[rank * half : (rank + 1) * half]
-        _, grads = _step(model, dist_loss, x1, x2, local, step)
+        # Sample-level false negatives ("same class" = same index mod 3), global columns.
+        mask = (idx[:, None] % 3 == idx[None, :] % 3) if use_mask else None
+        local_mask = mask[rank * half : (rank + 1) * half] if use_mask else None
+        _, grads = _step(model, dist_loss, x1, x2, local, step, local_mask)
         grads = [g.clone() for g in grads]
         for g in grads:  # what DDP does: average over ranks
             dist.all_reduce(g)
             g /= world
-        _, ref_grads = _step(model, ref_loss, x1, x2, idx, step)
+        _, ref_grads = _step(model, ref_loss, x1, x2, idx, step, mask)
         for g, r in zip(grads, ref_grads):
             torch.testing.assert_close(g, r)
         torch.testing.assert_close(dist_loss.log_nu, ref_loss.log_nu)
@@ -94,7 +98,7 @@ def _duplicate(rank):
 
 @pytest.mark.distributed
 def test_two_ranks_match_one_process(tmp_path):
-    """Both forms (query_document symmetric), all and K=5 sampled negatives."""
+    """Both forms (query_document symmetric), all and K=5 sampled negatives, a mask."""
     run_distributed(_worker, 2, str(tmp_path))
 
 
