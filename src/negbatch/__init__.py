@@ -4,8 +4,8 @@ The library (this package minus ``negbatch.lab`` and ``negbatch.cli``) needs
 only torch, numpy and scipy.
 """
 
-from .losses import InfoNCE, ReLIC, info_nce_per_anchor
 from .gradcache import GradCache
+from .losses import GlobalInfoNCE, InfoNCE, ReLIC, info_nce_per_anchor
 from .negatives import NegativeSelection, same_id_mask, select_negatives, selection_logits
 from .diagnostics.gap import GapResult, global_train_gap
 from .sampling import (
@@ -35,4 +35,5 @@ __all__ = [
     "GapResult",
     "__version__",
     "GradCache",
+    "GlobalInfoNCE",
 ]

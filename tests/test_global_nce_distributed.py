@@ -1,0 +1,118 @@
+"""GlobalInfoNCE under torch.distributed: 2 real gloo processes against one
+process on the global batch (state and parameter gradients)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from _dist import run_distributed
+from negbatch import GlobalInfoNCE
+
+N, B_GLOBAL, D_IN, D_OUT, STEPS = 24, 8, 6, 4, 3
+
+
+def _setup():
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(N, D_IN, generator=g, dtype=torch.float64)
+    x2 = x1 + 0.3 * torch.randn(N, D_IN, generator=g, dtype=torch.float64)
+    # Overlapping batches, so that steps 2 and 3 mix old and new estimates.
+    perm = torch.randperm(N, generator=g)
+    batches = [perm[:8], torch.cat([perm[:3], perm[8:13]]), perm[5:13].flip(0)]
+    return x1, x2, batches
+
+
+def _make(form, negatives):
+    torch.manual_seed(1)
+    model = torch.nn.Linear(D_IN, D_OUT).double()
+    kw = dict(temperature=0.3, gamma=0.5, negatives=negatives, form=form, symmetric=form == "query_document")
+    return model, kw
+
+
+def _step(model, loss_fn, x1, x2, idx, step, mask=None):
+    gen = torch.Generator().manual_seed(100 + step)
+    out = loss_fn(model(x1[idx]), model(x2[idx]), idx, mask=mask, generator=gen)
+    grads = torch.autograd.grad(out, list(model.parameters()))
+    return out, grads
+
+
+CONFIGS = [("two_view", "all", False), ("two_view", 5, False), ("query_document", "all", False),
+           ("two_view", "all", True)]
+
+
+def _worker(rank, world, tmp):
+    for form, negatives, use_mask in CONFIGS:  # one process group for all: spawning dominates the cost
+        _compare(rank, world, form, negatives, use_mask, os.path.join(tmp, f"{form}-{negatives}-{use_mask}"))
+
+
+def _compare(rank, world, form, negatives, use_mask, tmp):
+    os.makedirs(tmp, exist_ok=True)
+    x1, x2, batches = _setup()
+    model, kw = _make(form, negatives)
+    dist_loss = GlobalInfoNCE(N, gather=True, **kw).double()
+    ref_loss = GlobalInfoNCE(N, sync_state=False, **kw).double()  # one process, global batch
+    half = B_GLOBAL // world
+    for step, idx in enumerate(batches):
+        local = idx[rank * half : (rank + 1) * half]
+        # Sample-level false negatives ("same class" = same index mod 3), global columns.
+        mask = (idx[:, None] % 3 == idx[None, :] % 3) if use_mask else None
+        local_mask = mask[rank * half : (rank + 1) * half] if use_mask else None
+        _, grads = _step(model, dist_loss, x1, x2, local, step, local_mask)
+        grads = [g.clone() for g in grads]
+        for g in grads:  # what DDP does: average over ranks
+            dist.all_reduce(g)
+            g /= world
+        _, ref_grads = _step(model, ref_loss, x1, x2, idx, step, mask)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r)
+        torch.testing.assert_close(dist_loss.log_nu, ref_loss.log_nu)
+        assert torch.equal(dist_loss.visited, ref_loss.visited)
+        assert int(dist_loss.num_updates) == step + 1
+        with torch.no_grad():  # a small SGD step so that later steps see moved embeddings
+            for p, g in zip(model.parameters(), grads):
+                p -= 0.5 * g
+    # Identical state on every rank, bit for bit.
+    torch.save(dist_loss.state_dict(), os.path.join(tmp, f"state{rank}.pt"))
+    dist.barrier()
+    other = torch.load(os.path.join(tmp, f"state{1 - rank}.pt"))
+    for k, v in dist_loss.state_dict().items():
+        assert torch.equal(v, other[k]), k
+
+
+def _bad_input_worker(rank, world, tmp):
+    _duplicate(rank)
+    _out_of_range(rank)
+
+
+def _duplicate(rank):
+    loss_fn = GlobalInfoNCE(10, gather=True)
+    z1, z2 = torch.randn(3, 4), torch.randn(3, 4)
+    idx = torch.tensor([0, 1, 2]) + 2 * rank  # sample 2 on both ranks
+    with pytest.raises(ValueError, match="duplicates"):
+        loss_fn(z1, z2, idx)
+    assert not loss_fn.visited.any()
+
+
+@pytest.mark.distributed
+def test_two_ranks_match_one_process(tmp_path):
+    """Both forms (query_document symmetric), all and K=5 sampled negatives, a mask."""
+    run_distributed(_worker, 2, str(tmp_path))
+
+
+def _out_of_range(rank):
+    loss_fn = GlobalInfoNCE(10, gather=True)
+    z1, z2 = torch.randn(3, 4), torch.randn(3, 4)
+    idx = torch.tensor([0, 1, 2]) + 8 * rank  # rank 1 holds 8, 9, 10
+    with pytest.raises(ValueError, match="num_samples=10"):
+        loss_fn(z1, z2, idx)  # both ranks raise; neither waits in a collective
+    assert not loss_fn.visited.any()
+
+
+@pytest.mark.distributed
+def test_bad_indices_on_one_rank_raise_on_every_rank(tmp_path):
+    """Duplicates across ranks, and an out-of-range index on rank 1 only:
+    both ranks raise (no rank is left waiting in a collective)."""
+    run_distributed(_bad_input_worker, 2, str(tmp_path))
