@@ -70,6 +70,9 @@ def info_nce_per_anchor(
     return F.cross_entropy(logits, selection.positive_column, reduction="none")
 
 
+_BLOCK_ELEMENTS = 1 << 22
+
+
 class _DenseInfoNCE(torch.autograd.Function):
     """Per-anchor InfoNCE over all candidates holding one (n, m) buffer.
 
@@ -82,8 +85,14 @@ class _DenseInfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchors, bank, allowed, positive_index, temperature):  # type: ignore[override]
         logits = anchors @ bank.t()
-        logits.mul_(1.0 / temperature).masked_fill_(~allowed, float("-inf"))
-        lse = torch.logsumexp(logits, dim=1)
+        logits.mul_(1.0 / temperature)
+        lse = logits.new_empty(logits.shape[0])
+        # Row blocks keep logsumexp's temporaries (and ~allowed) small.
+        step = max(1, _BLOCK_ELEMENTS // max(1, logits.shape[1]))
+        for start in range(0, logits.shape[0], step):
+            block = logits[start : start + step]
+            block.masked_fill_(~allowed[start : start + step], float("-inf"))
+            lse[start : start + step] = torch.logsumexp(block, dim=1)
         loss = lse - logits.gather(1, positive_index[:, None]).squeeze(1)
         ctx.save_for_backward(anchors, bank, positive_index, logits, lse)
         ctx.temperature = temperature
