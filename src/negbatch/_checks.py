@@ -56,3 +56,10 @@ def check_mask(mask: Tensor | None, shape: tuple[int, int], device: torch.device
     if mask.device != device:
         raise ValueError(f"{name} is on {mask.device} but the embeddings are on {device}")
     return mask
+
+
+def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
+        raise ValueError(f"{name} must be {options}, got {value!r}")
+    return value  # type: ignore[return-value]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_embeddings, check_mask, check_same, check_temperature
+from .._checks import check_choice, check_embeddings, check_mask, check_same, check_temperature
 from ..distributed import gather_nograd, gather_with_grad
 from ..negatives import Negatives, OnShortage, select_negatives, selection_logits, validate_negatives
 
@@ -201,14 +201,11 @@ class InfoNCE(nn.Module):
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.negatives = validate_negatives(negatives)
-        if form not in ("two_view", "query_document"):
-            raise ValueError(f"form must be 'two_view' or 'query_document', got {form!r}")
+        check_choice(form, "form", ("two_view", "query_document"))
         if symmetric and form != "query_document":
             raise ValueError("symmetric=True applies to form='query_document' only (two_view is already symmetric)")
-        if on_shortage not in ("raise", "use_all"):
-            raise ValueError(f"on_shortage must be 'raise' or 'use_all', got {on_shortage!r}")
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        check_choice(on_shortage, "on_shortage", ("raise", "use_all"))
+        check_choice(reduction, "reduction", ("mean", "sum", "none"))
         self.form = form
         self.symmetric = symmetric
         self.gather = gather

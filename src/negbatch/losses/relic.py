@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_embeddings, check_mask, check_same, check_temperature
+from .._checks import check_choice, check_embeddings, check_mask, check_same, check_temperature
 from ..distributed import gather_with_grad
 from ..negatives import Negatives, OnShortage, select_negatives, selection_logits, validate_negatives
 
@@ -78,10 +78,8 @@ class ReLIC(nn.Module):
         self.temperature = check_temperature(temperature)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
             raise ValueError(f"alpha must be a float >= 0, got {alpha!r}")
-        if on_shortage not in ("raise", "use_all"):
-            raise ValueError(f"on_shortage must be 'raise' or 'use_all', got {on_shortage!r}")
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        check_choice(on_shortage, "on_shortage", ("raise", "use_all"))
+        check_choice(reduction, "reduction", ("mean", "sum", "none"))
         self.alpha = float(alpha)
         self.negatives = validate_negatives(negatives)
         self.detach_target = detach_target
