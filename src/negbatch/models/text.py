@@ -1,7 +1,8 @@
 """Text encoders for dual-encoder retrieval.
 
-* :class:`TextTokenizer`: a WordPiece tokenizer trained on the training side
-  (the maintained HF ``tokenizers`` library, optional extra ``text``); its call
+* :class:`TextTokenizer`: a WordPiece tokenizer whose vocabulary is built from
+  the training side (run by the maintained HF ``tokenizers`` library, optional
+  extra ``text``); its call
   returns ``{"input_ids", "attention_mask"}`` like any HF tokenizer.
 * :class:`TransformerTextEncoder`: a small transformer trained from scratch
   (token and position embeddings, pre-norm encoder layers with dropout, mean
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -68,7 +70,7 @@ class TextTokenizer:
 
     Examples
     --------
-    >>> tok = TextTokenizer.train(["the cat sat on the mat", "a dog ran in the park"], vocab_size=60, min_frequency=1)
+    >>> tok = TextTokenizer.train(["the cat sat on the mat", "a dog ran in the park"], vocab_size=100, min_frequency=1)
     >>> batch = tok(["the cat ran", "a dog"])
     >>> batch["input_ids"].shape == batch["attention_mask"].shape
     True
@@ -92,24 +94,39 @@ class TextTokenizer:
     def train(
         cls, texts: Sequence[str], *, vocab_size: int = 8000, min_frequency: int = 2, max_length: int = 128
     ) -> TextTokenizer:
-        """Learn a WordPiece vocabulary of at most ``vocab_size`` tokens from ``texts``."""
+        """Build a WordPiece vocabulary of at most ``vocab_size`` tokens from ``texts``.
+
+        The vocabulary is: the special tokens, every character seen (as a word
+        start and as a ``##`` continuation), then the most frequent words
+        (lower-cased, accents stripped, BERT pre-tokenisation), ties broken
+        alphabetically, that occur at least ``min_frequency`` times. Words
+        outside it are spelled in known pieces, so nothing seen in training
+        becomes ``[UNK]``. Why not the library's WordPiece trainer: it breaks
+        frequency ties in hash order, so two runs on the same texts give
+        different vocabularies, and seeded runs would not reproduce.
+        """
         tk = _require("tokenizers", "text", "tokenizers")
         if isinstance(texts, str) or not texts:
             raise ValueError("texts must be a non-empty list of strings (the training side)")
-        if not isinstance(vocab_size, int) or vocab_size < len(cls.SPECIAL) + 1:
-            raise ValueError(f"vocab_size must be an int > {len(cls.SPECIAL)}, got {vocab_size!r}")
-        tokenizer = tk.Tokenizer(tk.models.WordPiece(unk_token="[UNK]"))
-        tokenizer.normalizer = tk.normalizers.BertNormalizer(lowercase=True, strip_accents=True)
-        tokenizer.pre_tokenizer = tk.pre_tokenizers.BertPreTokenizer()
+        normalizer = tk.normalizers.BertNormalizer(lowercase=True, strip_accents=True)
+        pre_tokenizer = tk.pre_tokenizers.BertPreTokenizer()
+        counts: Counter[str] = Counter()
+        for text in texts:
+            counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+        chars = sorted({c for word in counts for c in word})
+        base = list(cls.SPECIAL) + chars + ["##" + c for c in chars]
+        if not isinstance(vocab_size, int) or vocab_size < len(base):
+            raise ValueError(
+                f"vocab_size must be an int >= {len(base)} (special tokens and the {len(chars)} characters "
+                f"of these texts, twice), got {vocab_size!r}"
+            )
+        words = [w for w, c in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0])) if c >= min_frequency and len(w) > 1]
+        tokens = base + words[: vocab_size - len(base)]
+        tokenizer = tk.Tokenizer(tk.models.WordPiece({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+        tokenizer.normalizer = normalizer
+        tokenizer.pre_tokenizer = pre_tokenizer
         tokenizer.decoder = tk.decoders.WordPiece()
-        trainer = tk.trainers.WordPieceTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            special_tokens=list(cls.SPECIAL),
-            show_progress=False,
-        )
-        tokenizer.train_from_iterator(list(texts), trainer)
-        cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+        cls_id, sep_id = tokens.index("[CLS]"), tokens.index("[SEP]")
         tokenizer.post_processor = tk.processors.TemplateProcessing(
             single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
         )
