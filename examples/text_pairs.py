@@ -4,7 +4,7 @@
     python examples/text_pairs.py --steps 50 --max-pairs 3000   # a quick smoke run
     python examples/text_pairs.py --minilm              # also: all-MiniLM-L6-v2, zero-shot and fine-tuned
 
-Queries: ASV verses; documents: the same verses in WEB; test = held-out chapters.
+Queries: ASV verses; documents: the same verses in BBE (Basic English); test = held-out chapters.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from negbatch.text_training import train_text_pairs
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-pairs", type=int, default=None)
+    parser.add_argument("--documents", default="bbe", choices=["bbe", "web"])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--negatives", default="all", help="'all' or K sampled negatives per query")
@@ -38,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     negatives = args.negatives if args.negatives == "all" else int(args.negatives)
 
-    split = bible_pairs("asv", "web", seed=args.seed, max_pairs=args.max_pairs)
+    split = bible_pairs("asv", args.documents, seed=args.seed, max_pairs=args.max_pairs)
     train, test = split.train, split.test
     tok = TextTokenizer.train(train.queries + train.documents, vocab_size=16000, max_length=96)
     torch.manual_seed(args.seed)
