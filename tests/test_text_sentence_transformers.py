@@ -89,7 +89,7 @@ def test_adapter_trains_in_a_real_trainer_step(tiny_model_dir, tmp_path):
 
         def forward(self, q, d, hard):
             value = self.inner(q, d, hard)
-            losses.append(float(value))
+            losses.append(float(value.detach()))
             return value
 
     args = SentenceTransformerTrainingArguments(
