@@ -15,7 +15,7 @@ the pairs' positions in the data set, for stateful per-sample losses.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch

@@ -20,6 +20,7 @@ import hashlib
 import html
 import importlib
 import json
+import random
 import re
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -303,8 +304,6 @@ def bible_pairs(
     if max_pairs is not None:
         if not isinstance(max_pairs, int) or max_pairs < 2:
             raise ValueError(f"max_pairs must be an int >= 2, got {max_pairs!r}")
-        import random
-
         order = list(range(len(pairs)))
         random.Random(seed).shuffle(order)
         pairs = pairs.subset(sorted(order[:max_pairs]))

@@ -19,7 +19,6 @@ The rank needs no top-k list: the scores are computed block by block
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
