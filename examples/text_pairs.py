@@ -63,10 +63,10 @@ def main() -> None:
         st_enc = SentenceTransformerEncoder(load_minilm(args.device))
         report["minilm_zero_shot"] = evaluate_retrieval(st_enc, st_enc.tokenize, test, device=args.device)
         print(json.dumps({"minilm_zero_shot": report["minilm_zero_shot"]}, indent=1), flush=True)
-        train_text_pairs(st_enc, st_enc.tokenize, train, InfoNCE(args.temperature, negatives, form="query_document",
-                                                                 symmetric=True),
-                         batch_size=min(args.batch_size, 64), steps=args.minilm_steps if args.minilm_steps is not None else max(args.steps // 4, 1), lr=2e-5,
-                         seed=args.seed, device=args.device)
+        fine_tune_steps = args.minilm_steps if args.minilm_steps is not None else max(args.steps // 4, 1)
+        fine_tune_loss = InfoNCE(args.temperature, negatives, form="query_document", symmetric=True)
+        train_text_pairs(st_enc, st_enc.tokenize, train, fine_tune_loss, batch_size=min(args.batch_size, 64),
+                         steps=fine_tune_steps, lr=2e-5, seed=args.seed, device=args.device)
         report["minilm_fine_tuned"] = evaluate_retrieval(st_enc, st_enc.tokenize, test, device=args.device)
         print(json.dumps({"minilm_fine_tuned": report["minilm_fine_tuned"]}, indent=1), flush=True)
 
