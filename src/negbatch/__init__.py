@@ -15,6 +15,10 @@ from .sampling import (
     RandomBatchSampler,
     gcbs_order,
 )
+from .data.text import TextPairs, bible_pairs, builtin_pairs, load_pairs
+from .evaluation.retrieval import retrieval_metrics
+from .models.text import TextTokenizer, TransformerTextEncoder
+from .text_training import train_text_pairs
 
 __version__ = "0.1.0"
 
@@ -36,4 +40,12 @@ __all__ = [
     "__version__",
     "GradCache",
     "GlobalInfoNCE",
+    "TextPairs",
+    "bible_pairs",
+    "builtin_pairs",
+    "load_pairs",
+    "retrieval_metrics",
+    "TextTokenizer",
+    "TransformerTextEncoder",
+    "train_text_pairs",
 ]

@@ -1,0 +1,1 @@
+"""Evaluation: see the modules of this package."""

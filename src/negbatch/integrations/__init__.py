@@ -1,0 +1,1 @@
+"""Integrations: see the modules of this package."""

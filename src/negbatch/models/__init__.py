@@ -1,0 +1,1 @@
+"""Models: see the modules of this package."""
