@@ -1,0 +1,6 @@
+"""Encoders for small images and projection heads."""
+
+from .encoders import ConvEncoder, MLPEncoder, build_encoder
+from .heads import ContrastiveModel, ProjectionHead
+
+__all__ = ["ConvEncoder", "MLPEncoder", "build_encoder", "ContrastiveModel", "ProjectionHead"]
