@@ -55,7 +55,7 @@ def linear_probe(
     test_labels: Tensor,
     *,
     l2: float = 1e-4,
-    max_iter: int = 200,
+    max_iter: int = 100,
 ) -> float:
     """Top-1 test accuracy of a multinomial logistic regression on frozen features.
 
@@ -69,7 +69,7 @@ def linear_probe(
     train_labels, test_labels : int Tensor (n,)
     l2 : float, default 1e-4
         L2 penalty on the weights (mean loss + l2/2 ||W||^2).
-    max_iter : int, default 200
+    max_iter : int, default 100
         L-BFGS iterations.
 
     Examples
