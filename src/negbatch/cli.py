@@ -20,7 +20,7 @@ DEMO = {
     "encoder_widths": "256,128",
     "head_widths": "256,64",
     "batch_size": 128,
-    "epochs": 20,
+    "epochs": 15,
     "lr": 2e-3,
     "aug_strength": 0.5,
     "losses": "simclr,relic",

@@ -250,7 +250,7 @@ def _finding(loss: str, ks: list, best: dict, bs: int) -> str:
     if "all" in acc and top != "all":
         m_all, s_all, _ = mean_std(acc["all"])
         p = _welch(acc[top], acc["all"])
-        verdict = ("a difference beyond the seed-to-seed noise (Welch p < 0.05)" if p is not None and p < 0.05
+        verdict = ("a difference beyond the seed-to-seed noise (Welch p < 0.05, optimistic: the best K was picked after the fact)" if p is not None and p < 0.05
                    else "not distinguishable from seed noise" + (f" (Welch p = {p:.2f})" if p is not None else " (too few seeds for a test)"))
         parts.append(f"Against all negatives ({m_all:.3f} ± {s_all:.3f}) the gain is {m_top - m_all:+.3f}: {verdict}. "
                      + ("So at this scale fewer negatives did help." if p is not None and p < 0.05
@@ -265,4 +265,18 @@ def _finding(loss: str, ks: list, best: dict, bs: int) -> str:
                      f"{_k_label(runner_up, loss, bs)}, {noise}: no evidence at this scale that fewer negatives help.")
     spread = means[top] - means[worst]
     parts.append(f"The spread between best and worst K is {spread:.3f}.")
+    runs = [(math.log(_k_position(k, loss, bs)), r) for k in ks for r in best[(loss, k)]]
+    if len(ks) > 2 and len(runs) > 3:
+        from scipy import stats
+
+        for key, what in (("intra_class_distance", "intra-class distance"), ("silhouette", "silhouette"), ("snr_mean", "final gradient SNR")):
+            pairs = [(x, r[key]) for x, r in runs if r.get(key) is not None]
+            if len(pairs) < 4:
+                continue
+            rho, p = stats.spearmanr([a for a, _ in pairs], [b for _, b in pairs])
+            if math.isnan(rho):
+                continue
+            trend = "rises" if rho > 0 else "falls"
+            sure = "significant" if p < 0.05 else "not significant"
+            parts.append(f"Across runs, {what} {trend} with K (Spearman rho = {rho:+.2f}, p = {p:.2g}, {sure}).")
     return " ".join(parts)
