@@ -172,7 +172,7 @@ def report(folder: Path) -> Path:
     fig_acc = save_figure(fig, folder / "accuracy_vs_k.png")
 
     # Figure 2: gradient SNR over training per K (mean over parameters, std across parameters).
-    fig, axes = pyplot.subplots(len(losses), 2, figsize=(10, 3.2 * len(losses)), squeeze=False)
+    fig, axes = pyplot.subplots(len(losses), 2, figsize=(10, 3.6 * len(losses)), squeeze=False, layout="constrained")
     for i, loss in enumerate(losses):
         for k in order[loss]:
             curves = [read_metrics(folder / "runs" / r["run"]) for r in best[(loss, k)]]
@@ -180,11 +180,15 @@ def report(folder: Path) -> Path:
             if not curves:
                 continue
             n = min(len(c) for c in curves)
-            steps = [curves[0][j]["step"] for j in range(n)]
+            # The first ~1/(1 - beta) steps estimate the variance from too few
+            # gradients (one gradient has zero variance): not shown.
+            burn_in = 1.0 / (1.0 - spec["base"]["snr_beta"])
+            keep = [j for j in range(n) if curves[0][j]["step"] > burn_in]
+            steps = [curves[0][j]["step"] for j in keep]
             for col, key in enumerate(("snr_mean", "snr_std")):
-                axes[i][col].plot(steps, [sum(c[j][key] for c in curves) / len(curves) for j in range(n)], label=f"K={_k_label(k, loss, bs)}")
+                axes[i][col].plot(steps, [sum(c[j][key] for c in curves) / len(curves) for j in keep], label=f"K={_k_label(k, loss, bs)}")
         for col, what in enumerate(("mean over parameters", "std across parameters")):
-            axes[i][col].set(xlabel="step", ylabel="gradient SNR", title=f"{loss}: SNR {what}")
+            axes[i][col].set(xlabel="step", ylabel="gradient SNR", yscale="log", title=f"{loss}: SNR {what} (mean of seeds)")
             axes[i][col].legend(fontsize=7)
     fig_snr = save_figure(fig, folder / "snr_over_training.png")
 
