@@ -424,6 +424,7 @@ def train(
                     save_checkpoint(*position)
                     return None
             epoch, start_batch = epoch + 1, 0
+        loop_seconds = time.perf_counter() - started
     finally:
         log.close()
         if progress is not None:
@@ -440,6 +441,6 @@ def train(
     summary["final_loss"] = last.get("loss")
     if snr is not None:
         summary.update({"snr_mean": last.get("snr_mean"), "snr_std": last.get("snr_std")})
-    summary["train_seconds"] = time.perf_counter() - started
+    summary["train_seconds"] = loop_seconds  # the loop only (this session's part, if resumed)
     _atomic_write(run_dir / SUMMARY, json.dumps(summary, indent=2))
     return summary
