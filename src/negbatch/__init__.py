@@ -6,6 +6,10 @@ only torch, numpy and scipy.
 
 from .losses import InfoNCE, ReLIC, info_nce_per_anchor
 from .negatives import NegativeSelection, same_id_mask, select_negatives, selection_logits
+from .data import Augment, ImageDataset, from_arrays, load_dataset
+from .diagnostics import GradientSNR, alignment, intra_class_distance, silhouette_score, uniformity
+from .evaluation import knn_accuracy, linear_probe
+from .models import ContrastiveModel, ConvEncoder, MLPEncoder, ProjectionHead
 
 __version__ = "0.1.0"
 
@@ -17,5 +21,20 @@ __all__ = [
     "select_negatives",
     "selection_logits",
     "same_id_mask",
+    "Augment",
+    "ImageDataset",
+    "from_arrays",
+    "load_dataset",
+    "GradientSNR",
+    "alignment",
+    "intra_class_distance",
+    "silhouette_score",
+    "uniformity",
+    "knn_accuracy",
+    "linear_probe",
+    "ContrastiveModel",
+    "ConvEncoder",
+    "MLPEncoder",
+    "ProjectionHead",
     "__version__",
 ]

@@ -210,7 +210,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file {path} does not exist")
     text = path.read_text()
     if path.suffix == ".toml":
-        import tomllib
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
 
         try:
             data = tomllib.loads(text)
