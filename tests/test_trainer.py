@@ -120,3 +120,11 @@ def test_lars_step_by_hand():
     ratio = 0.01 * 5 / float(d.norm())
     assert torch.allclose(w.detach(), torch.tensor([[3.0, 4.0]]) - 0.1 * ratio * d)
     assert torch.allclose(b.detach(), torch.tensor([1.0 - 0.2]))  # biases: plain momentum SGD
+
+
+@pytest.mark.cuda
+def test_training_on_cuda(tmp_path, digits):
+    s = train(tiny(device="cuda", negatives=4), tmp_path, data=digits)
+    assert math.isfinite(s["final_loss"]) and 0 <= s["linear_acc"] <= 1
+    ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=True, map_location="cpu")
+    assert ckpt["step"] == s["steps"]
