@@ -156,7 +156,7 @@ class TrainConfig:
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON/TOML-friendly dict (tuples become lists; None values dropped for TOML)."""
+        """A JSON-friendly dict (tuples become lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def replace(self, **changes: Any) -> "TrainConfig":
