@@ -54,23 +54,33 @@ def test_study_negatives_resumes_and_reports(tmp_path):
     for name in ("report.md", "accuracy_vs_k.png", "snr_over_training.png", "geometry_vs_k.png"):
         assert (out / name).exists(), name
     assert "## What the data show" in (out / "report.md").read_text()
-    # A rerun trains nothing again (the summaries are reused verbatim).
+    # A rerun trains nothing again (the summaries are reused verbatim); in-process to save start-ups.
+    from negbatch.cli import main
+
     before = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
-    r = negbatch(*args)
-    assert r.returncode == 0 and {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == before
+    assert main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == before
     (out / "report.md").unlink()
-    assert negbatch("report", str(out)).returncode == 0 and (out / "report.md").exists()
+    assert main(["report", str(out)]) == 0 and (out / "report.md").exists()
 
 
-def test_clear_errors(tmp_path):
+def test_clear_errors(tmp_path, capsys):
     (tmp_path / "bad.toml").write_text('loss = "simclr"\nbatch_sise = 8\n')
     r = negbatch("train", "--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "unknown key 'batch_sise'" in r.stderr and "batch_size" in r.stderr
-    r = negbatch("train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "y"))
-    assert r.returncode == 2 and "apt-get install dataset-fashion-mnist" in r.stderr
-    r = negbatch("train", "--lr", "fast", "--out", str(tmp_path / "z"))
-    assert r.returncode == 2 and "lr: expected a float" in r.stderr
-    r = negbatch("report", str(tmp_path))
-    assert r.returncode == 2 and "neither a study folder" in r.stderr
-    r = negbatch("study", "nosuch")
-    assert r.returncode == 2 and "invalid choice" in r.stderr
+    # The other errors in-process (same code path as the console script).
+    from negbatch.cli import main
+
+    cases = [
+        (["train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "y")],
+         "apt-get install dataset-fashion-mnist"),
+        (["train", "--lr", "fast", "--out", str(tmp_path / "z")], "lr: expected a float"),
+        (["report", str(tmp_path)], "neither a study folder"),
+        (["study", "negatives", "--ks", "0,all", "--out", str(tmp_path / "s")], "negatives must be 'all' or a positive int"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit):
+        main(["study", "nosuch"])
+    assert "invalid choice" in capsys.readouterr().err

@@ -137,9 +137,15 @@ def _select_best(rows: list[dict[str, Any]]) -> dict[tuple[str, Any], list[dict[
 def _welch(a: list[float], b: list[float]) -> float | None:
     if len(a) < 2 or len(b) < 2:
         return None
+    if len(set(a)) == 1 and len(set(b)) == 1:
+        return None  # no spread in either group: the test is undefined
+    import warnings
+
     from scipy import stats
 
-    p = stats.ttest_ind(a, b, equal_var=False).pvalue
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # near-identical values: p is still usable
+        p = stats.ttest_ind(a, b, equal_var=False).pvalue
     return None if math.isnan(p) else float(p)
 
 
@@ -276,6 +282,8 @@ def _finding(loss: str, ks: list, best: dict, bs: int) -> str:
         for key, what in (("intra_class_distance", "intra-class distance"), ("silhouette", "silhouette"), ("snr_mean", "final gradient SNR")):
             pairs = [(x, r[key]) for x, r in runs if r.get(key) is not None]
             if len(pairs) < 4:
+                continue
+            if len({b for _, b in pairs}) == 1:
                 continue
             rho, p = stats.spearmanr([a for a, _ in pairs], [b for _, b in pairs])
             if math.isnan(rho):
