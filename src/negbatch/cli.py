@@ -93,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             from .lab.config import config_from_args
             from .lab.report import make_report
 
-            cfg = config_from_args(args, load_config_file(args.config) if args.config else {})
+            base = load_config_file(args.config) if args.config else {}
+            if not hasattr(args, "progress") and "progress" not in base and sys.stderr.isatty():
+                base["progress"] = True  # a progress bar when someone is watching
+            cfg = config_from_args(args, base)
             summary = train(cfg, args.out)
             assert summary is not None
             report = make_report(args.out)
