@@ -19,6 +19,9 @@ from typing import Any
 __all__ = ["TrainConfig", "load_config_file", "add_config_arguments", "config_from_args", "parse_negatives"]
 
 
+RUNTIME_ONLY = ("progress", "checkpoint_every")
+
+
 def parse_negatives(value: Any) -> str | int:
     """``"all"`` or a positive int (strings of digits accepted)."""
     if isinstance(value, str) and value.strip().isdigit():
@@ -158,6 +161,11 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict (tuples become lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide a run's results (all but ``progress`` and
+        ``checkpoint_every``): what resuming and skipping finished runs compare."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_ONLY}
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return self.from_dict({**self.to_dict(), **changes})

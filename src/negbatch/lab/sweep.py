@@ -41,7 +41,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def run_key(cfg: TrainConfig, fields: tuple[str, ...] = ("loss", "negatives", "temperature", "lr", "seed")) -> str:
     """Folder name of a run: the named fields, then 10 hex digits of the config's hash."""
-    digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha1(json.dumps(cfg.identity(), sort_keys=True).encode()).hexdigest()[:10]
     prefix = "-".join(f"{f}={getattr(cfg, f)}" for f in fields)
     return f"{prefix}-{digest}".replace("/", "_")
 

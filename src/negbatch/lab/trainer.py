@@ -320,8 +320,12 @@ def train(
     if (run_dir / SUMMARY).exists():
         return json.loads((run_dir / SUMMARY).read_text())
     config_path = run_dir / "config.json"
-    if config_path.exists() and json.loads(config_path.read_text()) != cfg.to_dict():
-        raise ValueError(f"{run_dir} holds a run of a different configuration; use another folder")
+    if config_path.exists():
+        previous = TrainConfig.from_dict(json.loads(config_path.read_text())).identity()
+        if previous != cfg.identity():
+            changed = sorted(k for k in previous if previous[k] != cfg.identity()[k])
+            raise ValueError(f"{run_dir} holds a run of a different configuration (differs in {', '.join(changed)}); "
+                             "use another folder")
     _atomic_write(config_path, json.dumps(cfg.to_dict(), indent=2))
     device = _device(cfg.device)
 
