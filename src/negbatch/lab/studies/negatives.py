@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ks", default=DEFAULT_KS, help=f"negatives per anchor to sweep; 'all' and K above the batch's candidates mean all (default: {DEFAULT_KS})")
     g.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default: 0,1,2)")
     g.add_argument("--temperatures", default="0.2", help="comma list; with several, the best per K is reported (default: 0.2)")
-    g.add_argument("--lrs", default=None, help="comma list of learning rates; with several, the best per K is reported (default: --lr of the training options)")
+    g.add_argument("--lrs", default=None, help="comma list of learning rates; with several, the best per K is reported (default: lr of --config, else 0.001)")
     g.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
     g.add_argument("--config", default=None, help="TOML/YAML file of training options (the swept ones are overridden)")
     add_config_arguments(parser, exclude=SWEPT)
