@@ -95,6 +95,9 @@ def test_from_arrays_validates():
         from_arrays(x[:8], y[:8], x[8:], y[:3])
     with pytest.raises(ValueError, match="n_train"):
         ds.subset(n_train=0)
+    with pytest.raises(ValueError, match="n_test=5 exceeds the 2 images"):
+        ds.subset(n_test=5)
+    assert len(ds.subset(n_train=3).x_train) == 3
 
 
 def test_augment_is_seeded_batched_and_bounded():

@@ -77,6 +77,9 @@ class ImageDataset:
         for name, n in (("n_train", n_train), ("n_test", n_test)):
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {n!r}")
+        for name, n, have in (("n_train", n_train, len(self.x_train)), ("n_test", n_test, len(self.x_test))):
+            if n is not None and n > have:
+                raise ValueError(f"{name}={n} exceeds the {have} images of {self.name}'s split; use at most {have}")
         return ImageDataset(
             self.name,
             self.x_train[:n_train],
