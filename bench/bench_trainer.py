@@ -81,7 +81,7 @@ def main() -> None:
         times["minimal+snr"].append(minimal_loop(cfg, data, True))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"digits, batch {batch}, MLP width {width}, {epochs} epochs x {len(data.x_train) // batch} steps, "
-          f"median of {repeats}, torch threads {torch.get_num_threads()}")
+          f"median of {repeats}, torch threads {torch.get_num_threads()}; SNR off except in minimal+snr (summary every step)")
     print(f"{'variant':<14}{'ms/step':>10}")
     for k, v in med.items():
         print(f"{k:<14}{1000 * v:>10.2f}")
