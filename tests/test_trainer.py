@@ -54,6 +54,8 @@ def test_resumed_run_gives_identical_metrics(tmp_path, digits, kw, stop):
     if cfg.checkpoint_every:
         # Simulate a crash after the checkpoint at step 4: rows 5.. were written but not checkpointed.
         assert len(read_metrics(tmp_path / "cut")) == 5
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "lo')  # a row cut short by the interruption
     resumed = train(cfg, tmp_path / "cut", data=digits)
     assert read_metrics(tmp_path / "full") == read_metrics(tmp_path / "cut")
     for key in ("linear_acc", "knn_acc", "silhouette", "intra_class_distance", "alignment", "uniformity", "final_loss"):

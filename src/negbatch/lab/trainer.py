@@ -243,7 +243,16 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # a line cut short by an interruption; resuming rewrites it
+            raise ValueError(f"{path} line {i + 1} is not valid JSON") from None
+    return rows
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
