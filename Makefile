@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) examples/losses_tour.py
+	$(PY) -m negbatch.cli demo
 
 test: venv
 	$(PY) -m pytest -q -m "not slow"

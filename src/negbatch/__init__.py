@@ -19,6 +19,10 @@ from .data.text import TextPairs, bible_pairs, builtin_pairs, load_pairs
 from .evaluation.retrieval import retrieval_metrics
 from .models.text import TextTokenizer, TransformerTextEncoder
 from .text_training import train_text_pairs
+from .data import Augment, ImageDataset, from_arrays, load_dataset
+from .diagnostics import GradientSNR, alignment, intra_class_distance, silhouette_score, uniformity
+from .evaluation import knn_accuracy, linear_probe
+from .models import ContrastiveModel, ConvEncoder, MLPEncoder, ProjectionHead
 
 __version__ = "0.1.0"
 
@@ -37,6 +41,21 @@ __all__ = [
     "gcbs_order",
     "global_train_gap",
     "GapResult",
+    "Augment",
+    "ImageDataset",
+    "from_arrays",
+    "load_dataset",
+    "GradientSNR",
+    "alignment",
+    "intra_class_distance",
+    "silhouette_score",
+    "uniformity",
+    "knn_accuracy",
+    "linear_probe",
+    "ContrastiveModel",
+    "ConvEncoder",
+    "MLPEncoder",
+    "ProjectionHead",
     "__version__",
     "GradCache",
     "GlobalInfoNCE",

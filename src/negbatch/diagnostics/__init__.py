@@ -1,5 +1,5 @@
-"""Diagnostics that watch what batches and gradients do: gradient bias, the
-global-minus-training loss gap."""
+"""Diagnostics that watch training: gradient signal-to-noise, gradient bias,
+the global-minus-training loss gap, and representation geometry."""
 
 from .bias import (
     BiasEstimate,
@@ -10,6 +10,8 @@ from .bias import (
     minibatch_gradient,
 )
 from .gap import GapResult, global_train_gap
+from .geometry import alignment, intra_class_distance, silhouette_score, uniformity
+from .snr import GradientSNR
 
 __all__ = [
     "BiasEstimate",
@@ -20,4 +22,9 @@ __all__ = [
     "minibatch_gradient",
     "GapResult",
     "global_train_gap",
+    "GradientSNR",
+    "alignment",
+    "intra_class_distance",
+    "silhouette_score",
+    "uniformity",
 ]

@@ -1,0 +1,106 @@
+"""Reports: Markdown plus matplotlib (Agg) figures, written into a run or study folder.
+
+:func:`make_report` dispatches on the folder: a study folder (``study.json``)
+gets its study module's ``report`` (or a generic results table when the study
+has none); a single training run (``summary.json``) gets its curves and final
+metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from .sweep import atomic_write_text, read_results
+from .trainer import SUMMARY, read_metrics
+
+__all__ = ["make_report", "mean_std", "fmt_mean_std", "plt", "save_figure", "markdown_table"]
+
+
+def plt():
+    """matplotlib.pyplot with the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
+def save_figure(fig, path: Path) -> str:
+    """Save atomically; returns the file name (for Markdown links)."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    plt().close(fig)
+    return path.name
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for one value) and count, ignoring None/NaN."""
+    v = [float(x) for x in values if x is not None and not math.isnan(float(x))]
+    if not v:
+        return float("nan"), float("nan"), 0
+    m = sum(v) / len(v)
+    s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return m, s, len(v)
+
+
+def fmt_mean_std(values: Iterable[float], digits: int = 3) -> str:
+    m, s, n = mean_std(values)
+    return "n/a" if n == 0 else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def run_report(run_dir: Path) -> Path:
+    """Report of one training run: loss / SNR curves and the final metrics."""
+    summary = json.loads((run_dir / SUMMARY).read_text())
+    rows = read_metrics(run_dir)
+    pyplot = plt()
+    fig, axes = pyplot.subplots(1, 2, figsize=(10, 3.5))
+    steps = [r["step"] for r in rows]
+    axes[0].plot(steps, [r["loss"] for r in rows])
+    axes[0].set(xlabel="step", ylabel="loss", title="training loss")
+    if rows and "snr_mean" in rows[0]:
+        axes[1].plot(steps, [r["snr_mean"] for r in rows], label="mean over parameters")
+        axes[1].plot(steps, [r["snr_std"] for r in rows], label="std across parameters")
+        axes[1].legend()
+    axes[1].set(xlabel="step", ylabel="gradient SNR", title="gradient signal-to-noise")
+    name = save_figure(fig, run_dir / "curves.png")
+    metrics = {k: v for k, v in summary.items() if k != "config"}
+    text = (
+        f"# Training run `{run_dir.name}`\n\n"
+        + markdown_table(["metric", "value"], [[k, f"{v:.4g}" if isinstance(v, float) else v] for k, v in metrics.items()])
+        + f"\n![curves]({name})\n\n## Configuration\n\n```json\n{json.dumps(summary['config'], indent=1)}\n```\n"
+    )
+    out = run_dir / "report.md"
+    atomic_write_text(out, text)
+    return out
+
+
+def make_report(folder: str | os.PathLike) -> Path:
+    """Write ``report.md`` (and figures) in a study or run folder; returns its path."""
+    folder = Path(folder)
+    if (folder / "study.json").exists():
+        from .studies import STUDIES
+
+        spec = json.loads((folder / "study.json").read_text())
+        module = STUDIES.get(spec.get("study"))
+        if module is not None and hasattr(module, "report"):
+            return module.report(folder)
+        rows = read_results(folder)
+        keys = list(rows[0]) if rows else []
+        out = folder / "report.md"
+        atomic_write_text(out, f"# Study `{spec.get('study')}`\n\n" + markdown_table(keys, [[r.get(k) for k in keys] for r in rows]))
+        return out
+    if (folder / SUMMARY).exists():
+        return run_report(folder)
+    raise ValueError(f"{folder} is neither a study folder (study.json) nor a finished run (summary.json)")

@@ -1,0 +1,129 @@
+"""Shared study plumbing: run many configurations into one study folder.
+
+* each configuration trains in ``<study>/runs/<key>/`` where ``key`` is a
+  readable prefix plus a hash of the full configuration, so a rerun finds the
+  runs it already finished (``summary.json`` present) and skips them, and an
+  interrupted run resumes from its checkpoint;
+* runs may execute in several worker processes (``workers > 1``), each with
+  one torch thread;
+* the results table (``results.json`` and ``results.csv``, one row per run:
+  its configuration and its metrics) is rewritten atomically after every run,
+  so an interruption loses nothing already written.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import csv
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .config import TrainConfig
+from .trainer import train
+
+__all__ = ["run_key", "run_configs", "write_results", "read_results", "atomic_write_text"]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_key(cfg: TrainConfig, fields: tuple[str, ...] = ("loss", "negatives", "temperature", "lr", "seed")) -> str:
+    """Folder name of a run: the named fields, then 10 hex digits of the config's hash."""
+    digest = hashlib.sha1(json.dumps(cfg.identity(), sort_keys=True).encode()).hexdigest()[:10]
+    prefix = "-".join(f"{f}={getattr(cfg, f)}" for f in fields)
+    return f"{prefix}-{digest}".replace("/", "_")
+
+
+def _train_one(cfg_dict: dict[str, Any], run_dir: str, threads: int | None) -> dict[str, Any]:
+    if threads:
+        torch.set_num_threads(threads)
+    summary = train(TrainConfig.from_dict(cfg_dict), run_dir)
+    assert summary is not None
+    return {**summary, "run": Path(run_dir).name}
+
+
+def _flatten(summary: dict[str, Any]) -> dict[str, Any]:
+    row = {k: v for k, v in summary.items() if k != "config"}
+    for k, v in summary["config"].items():
+        row[k] = ",".join(map(str, v)) if isinstance(v, list) else v
+    return row
+
+
+def write_results(study_dir: Path, summaries: list[dict[str, Any]]) -> None:
+    """``results.json`` and ``results.csv``: one flat row per run (config + metrics)."""
+    rows = sorted((_flatten(s) for s in summaries), key=lambda r: r["run"])
+    atomic_write_text(Path(study_dir) / "results.json", json.dumps(rows, indent=1))
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(Path(study_dir) / "results.csv", buf.getvalue())
+
+
+def read_results(study_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(study_dir) / "results.json"
+    if not path.exists():
+        raise ValueError(f"{study_dir} has no results.json: is it a study folder?")
+    return json.loads(path.read_text())
+
+
+def run_configs(
+    configs: list[TrainConfig],
+    study_dir: str | os.PathLike,
+    *,
+    workers: int = 1,
+    on_done: Callable[[dict[str, Any], int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train every configuration (skipping finished ones) and keep the results table current.
+
+    Parameters
+    ----------
+    configs : list of TrainConfig
+    study_dir : path
+    workers : int, default 1
+        Worker processes (spawned; each uses one torch thread). 1 runs in this process.
+    on_done : callable(summary, done, total), optional
+        Called after each run (progress reporting).
+
+    Returns
+    -------
+    list of dict: one summary per configuration, with its folder name under ``"run"``.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    study_dir = Path(study_dir)
+    (study_dir / "runs").mkdir(parents=True, exist_ok=True)
+    jobs = [(c.to_dict(), str(study_dir / "runs" / run_key(c))) for c in configs]
+    if len({d for _, d in jobs}) != len(jobs):
+        raise ValueError("two configurations of the study are identical; remove the duplicates")
+    summaries: list[dict[str, Any]] = []
+
+    def done(summary: dict[str, Any]) -> None:
+        summaries.append(summary)
+        write_results(study_dir, summaries)
+        if on_done is not None:
+            on_done(summary, len(summaries), len(jobs))
+
+    if workers == 1:
+        for cfg_dict, run_dir in jobs:
+            done(_train_one(cfg_dict, run_dir, None))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = [pool.submit(_train_one, c, d, 1) for c, d in jobs]
+            for fut in cf.as_completed(futures):
+                done(fut.result())
+    return summaries

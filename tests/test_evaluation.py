@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+import torch
+
+from negbatch.evaluation import fit_logistic_regression, knn_accuracy, linear_probe
+
+
+def blobs(n=300, d=5, classes=3, sep=4.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    centers = torch.randn(classes, d, generator=g) * sep
+    return centers[y] + torch.randn(n, d, generator=g), y
+
+
+def test_linear_probe_separable_data():
+    x, y = blobs()
+    assert linear_probe(x[:200], y[:200], x[200:], y[200:]) == 1.0
+
+
+def test_linear_probe_chance_on_random_labels():
+    x, _ = blobs(n=600, sep=0.0)
+    y = torch.randint(0, 3, (600,), generator=torch.Generator().manual_seed(1))
+    assert linear_probe(x[:300], y[:300], x[300:], y[300:]) < 0.5
+
+
+def test_logistic_regression_matches_scikit_learn():
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    x, y = blobs(n=200, sep=1.0, seed=2)
+    l2 = 0.01
+    w, b = fit_logistic_regression(x, y, 3, l2=l2, max_iter=500)
+    # scikit-learn minimises C * sum(loss) + ||W||^2 / 2, i.e. our mean loss with l2 = 1 / (C n).
+    ref = sklearn.LogisticRegression(C=1 / (l2 * len(x)), tol=1e-10, max_iter=10000).fit(x.numpy(), y.numpy())
+    ours = torch.softmax(x.double() @ w + b, 1).numpy()
+    np.testing.assert_allclose(ours, ref.predict_proba(x.numpy()), atol=2e-4)
+
+
+def test_knn_matches_brute_force():
+    x, y = blobs(n=120, sep=1.0, seed=3)
+    xtr, ytr, xte, yte = x[:80], y[:80], x[80:], y[80:]
+    k = 7
+    correct = 0
+    for i in range(len(xte)):
+        sims = [float(torch.nn.functional.cosine_similarity(xte[i], xtr[j], dim=0)) for j in range(len(xtr))]
+        nearest = sorted(range(len(xtr)), key=lambda j: -sims[j])[:k]
+        votes = [sum(int(ytr[j]) == c for j in nearest) for c in range(3)]
+        correct += votes.index(max(votes)) == int(yte[i])
+    assert knn_accuracy(xtr, ytr, xte, yte, k=k, chunk_size=13) == pytest.approx(correct / len(xte))
+
+
+def test_probe_input_errors():
+    x, y = blobs(n=20)
+    with pytest.raises(ValueError, match="train_labels"):
+        linear_probe(x, y[:5], x, y)
+    with pytest.raises(ValueError, match="widths"):
+        linear_probe(x, y, x[:, :2], y)
+    with pytest.raises(ValueError, match="NaN"):
+        linear_probe(x * float("nan"), y, x, y)
+    with pytest.raises(ValueError, match="k must be"):
+        knn_accuracy(x, y, x, y, k=100)

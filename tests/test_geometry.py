@@ -1,0 +1,68 @@
+import math
+
+import pytest
+import torch
+
+from negbatch.diagnostics import alignment, intra_class_distance, silhouette_score, uniformity
+
+
+def data(seed=0, n=40, d=4):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def dist(a, b):
+    return math.sqrt(sum((float(x) - float(y)) ** 2 for x, y in zip(a, b)))
+
+
+def test_intra_class_distance_brute_force():
+    z, y = data()
+    per_class = []
+    for c in set(y.tolist()):
+        idx = [i for i in range(len(y)) if y[i] == c]
+        pairs = [dist(z[i], z[j]) for i in idx for j in idx if i != j]
+        per_class.append(sum(pairs) / len(pairs))
+    assert intra_class_distance(z, y) == pytest.approx(sum(per_class) / len(per_class))
+
+
+def test_silhouette_brute_force_and_singletons():
+    z, y = data(1)
+    y[0] = 7  # a singleton class scores 0
+    n = len(y)
+    scores = []
+    for i in range(n):
+        same = [dist(z[i], z[j]) for j in range(n) if j != i and y[j] == y[i]]
+        if not same:
+            scores.append(0.0)
+            continue
+        a = sum(same) / len(same)
+        b = min(
+            sum(dist(z[i], z[j]) for j in range(n) if y[j] == c) / sum(1 for j in range(n) if y[j] == c)
+            for c in set(y.tolist()) if c != y[i]
+        )
+        scores.append((b - a) / max(a, b))
+    assert silhouette_score(z, y, chunk_size=7) == pytest.approx(sum(scores) / n)
+
+
+def test_silhouette_matches_scikit_learn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    z, y = data(2)
+    assert silhouette_score(z, y) == pytest.approx(metrics.silhouette_score(z.numpy(), y.numpy()))
+
+
+def test_alignment_uniformity_brute_force():
+    z1, _ = data(3, n=10)
+    z2, _ = data(4, n=10)
+    assert alignment(z1, z2) == pytest.approx(sum(dist(a, b) ** 2 for a, b in zip(z1, z2)) / 10)
+    terms = [math.exp(-2 * dist(z1[i], z1[j]) ** 2) for i in range(10) for j in range(10) if i != j]
+    assert uniformity(z1) == pytest.approx(math.log(sum(terms) / len(terms)))
+
+
+def test_geometry_errors():
+    z, y = data()
+    with pytest.raises(ValueError, match="labels"):
+        silhouette_score(z, y[:3])
+    with pytest.raises(ValueError, match="2 distinct labels"):
+        silhouette_score(z, torch.zeros(len(z), dtype=torch.long))
+    with pytest.raises(ValueError, match="same shape"):
+        alignment(z, z[:3])

@@ -1,0 +1,81 @@
+import math
+
+import pytest
+import torch
+
+from negbatch.diagnostics import GradientSNR
+
+
+def hand_snr(grads, beta, eps):
+    """Per-coordinate EMA with bias correction, in plain Python floats."""
+    m = [0.0] * len(grads[0])
+    v = [0.0] * len(grads[0])
+    for g in grads:
+        m = [beta * a + (1 - beta) * x for a, x in zip(m, g)]
+        v = [beta * a + (1 - beta) * x * x for a, x in zip(v, g)]
+    c = 1 - beta ** len(grads)
+    out = []
+    for a, b in zip(m, v):
+        a, b = a / c, b / c
+        out.append(abs(a) / math.sqrt(max(b - a * a, 0.0) + eps))
+    return out
+
+
+def test_snr_matches_hand_computation_on_a_toy_model():
+    # Toy model: loss = 0.5 * (w . x - t)^2 on a fixed weight, so grad = (w . x - t) x by hand.
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+    tracker = GradientSNR([w], beta=0.8, eps=1e-12)
+    grads = []
+    for step in range(6):
+        x = torch.randn(3)
+        t = float(torch.randn(()))
+        w.grad = None
+        (0.5 * (w @ x - t) ** 2).backward()
+        r = sum(float(a) * float(b) for a, b in zip(w.detach(), x)) - t
+        grads.append([r * float(xi) for xi in x])
+        tracker.update()
+    expected = hand_snr(grads, 0.8, 1e-12)
+    assert tracker.snr().tolist() == pytest.approx(expected, rel=1e-4)
+    s = tracker.summary()
+    mean = sum(expected) / 3
+    assert s["snr_mean"] == pytest.approx(mean, rel=1e-4)
+    assert s["snr_std"] == pytest.approx(math.sqrt(sum((e - mean) ** 2 for e in expected) / 3), rel=1e-4)
+
+
+def test_attach_hook_and_state_roundtrip():
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    tracker = GradientSNR(model, beta=0.9)
+    manual = GradientSNR(model, beta=0.9)
+    handle = tracker.attach(opt)
+    for _ in range(4):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        manual.update()
+        opt.step()
+    handle.remove()
+    assert tracker.steps == 4 and torch.allclose(tracker.snr(), manual.snr())
+    clone = GradientSNR(model, beta=0.9)
+    clone.load_state_dict(tracker.state_dict())
+    assert torch.equal(clone.snr(), tracker.snr())
+
+
+def test_constant_gradient_has_large_snr_and_noise_small():
+    p = torch.nn.Parameter(torch.zeros(2))
+    tracker = GradientSNR([p], beta=0.9, eps=1e-12)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        p.grad = torch.stack([torch.tensor(1.0), torch.randn((), generator=g)])
+        tracker.update()
+    snr = tracker.snr()
+    assert snr[0] > 1e4 and snr[1] < 2
+
+
+def test_snr_errors():
+    with pytest.raises(ValueError, match="beta"):
+        GradientSNR(torch.nn.Linear(2, 2), beta=1.0)
+    with pytest.raises(ValueError, match="requires_grad"):
+        GradientSNR([torch.zeros(2)])
+    with pytest.raises(RuntimeError, match="update"):
+        GradientSNR(torch.nn.Linear(2, 2)).snr()

@@ -1,0 +1,134 @@
+import json
+import math
+
+import pytest
+import torch
+
+from negbatch.data import load_digits
+from negbatch.lab import TrainConfig, load_config_file, read_metrics, train
+from negbatch.lab.lars import LARS
+from negbatch.lab.trainer import CHECKPOINT, WarmupCosine, build_loss
+
+TINY = dict(n_train=96, n_test=64, batch_size=16, epochs=2, encoder_widths=(16,), head_widths=(16, 8), knn_k=5)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def tiny(**kw):
+    return TrainConfig(**{**TINY, **kw})
+
+
+def test_end_to_end_writes_everything(tmp_path, digits):
+    s = train(tiny(), tmp_path, data=digits)
+    assert s["steps"] == 2 * (96 // 16)
+    for name in ("config.json", "metrics.jsonl", "metrics.csv", "summary.json", CHECKPOINT):
+        assert (tmp_path / name).exists(), name
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert all(math.isfinite(r["loss"]) and r["snr_mean"] >= 0 for r in rows)
+    assert 0 <= s["linear_acc"] <= 1 and -1 <= s["silhouette"] <= 1
+    # A finished run is not trained again.
+    assert train(tiny(), tmp_path, data=digits) == s
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path, digits):
+    train(tiny(epochs=1), tmp_path, data=digits)
+    ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert {"model", "optimizer", "schedule", "loss", "sampler", "rng", "snr", "step"} <= set(ckpt)
+
+
+@pytest.mark.parametrize(
+    "kw, stop",
+    [
+        (dict(loss="simclr", negatives=3, optimizer="adam", checkpoint_every=4), 5),  # mid-epoch, rows past the checkpoint dropped
+        (dict(loss="relic", negatives=5, optimizer="lars", lr=0.5, warmup_steps=3), 6),  # epoch boundary
+    ],
+)
+def test_resumed_run_gives_identical_metrics(tmp_path, digits, kw, stop):
+    cfg = tiny(**kw)
+    full = train(cfg, tmp_path / "full", data=digits)
+    assert train(cfg, tmp_path / "cut", data=digits, stop_after=stop) is None
+    if cfg.checkpoint_every:
+        # Simulate a crash after the checkpoint at step 4: rows 5.. were written but not checkpointed.
+        assert len(read_metrics(tmp_path / "cut")) == 5
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "lo')  # a row cut short by the interruption
+    resumed = train(cfg, tmp_path / "cut", data=digits)
+    assert read_metrics(tmp_path / "full") == read_metrics(tmp_path / "cut")
+    for key in ("linear_acc", "knn_acc", "silhouette", "intra_class_distance", "alignment", "uniformity", "final_loss"):
+        assert full[key] == resumed[key], key
+
+
+def test_every_optimizer_and_loss_runs(tmp_path, digits):
+    for opt in ("sgd", "adamw"):
+        s = train(tiny(optimizer=opt, loss="relic", epochs=1, lr=0.05, snr=False), tmp_path / opt, data=digits)
+        assert math.isfinite(s["final_loss"]) and "snr_mean" not in s
+
+
+def test_conv_encoder_run(tmp_path, digits):
+    s = train(tiny(encoder="conv", encoder_widths=(4, 8), epochs=1), tmp_path, data=digits)
+    assert math.isfinite(s["final_loss"])
+
+
+def test_negatives_above_candidates_rejected():
+    with pytest.raises(ValueError, match="negatives=16 exceeds the 15 candidates"):
+        build_loss(tiny(loss="relic", negatives=16))
+    build_loss(tiny(loss="simclr", negatives=30))  # 2B - 2 = 30 is fine
+
+
+def test_other_config_in_same_folder_rejected(tmp_path, digits):
+    train(tiny(epochs=1), tmp_path, data=digits, stop_after=1)
+    with pytest.raises(ValueError, match="different configuration .differs in seed"):
+        train(tiny(epochs=1, seed=1), tmp_path, data=digits)
+    # Runtime-only options may change between sessions.
+    assert train(tiny(epochs=1, progress=True, checkpoint_every=2), tmp_path, data=digits) is not None
+
+
+def test_config_files_and_errors(tmp_path):
+    (tmp_path / "a.toml").write_text('loss = "relic"\nnegatives = 5\nhead-widths = [32, 8]\n')
+    (tmp_path / "a.yaml").write_text("train:\n  loss: relic\n  negatives: 5\n  head_widths: [32, 8]\n")
+    a = TrainConfig.from_dict(load_config_file(tmp_path / "a.toml"))
+    b = TrainConfig.from_dict(load_config_file(tmp_path / "a.yaml"))
+    assert a == b and a.head_widths == (32, 8) and a.negatives == 5
+    with pytest.raises(ValueError, match="unknown key 'temprature'.*did you mean 'temperature'"):
+        TrainConfig.from_dict({"temprature": 0.1})
+    with pytest.raises(ValueError, match="batch_size: expected a positive int"):
+        TrainConfig.from_dict({"batch_size": -4})
+    with pytest.raises(ValueError, match="negatives"):
+        TrainConfig.from_dict({"negatives": "some"})
+    with pytest.raises(ValueError, match="optimizer: expected one of"):
+        TrainConfig(optimizer="rmsprop")
+    (tmp_path / "bad.toml").write_text("loss = = 1")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_config_file(tmp_path / "bad.toml")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config_file(tmp_path / "none.toml")
+
+
+def test_warmup_cosine_schedule():
+    f = WarmupCosine(warmup=4, total=12)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(8) == pytest.approx(0.5) and f(12) == pytest.approx(0.0)
+
+
+def test_lars_step_by_hand():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = LARS([w, b], lr=0.1, momentum=0.9, weight_decay=0.1, eta=0.01)
+    w.grad, b.grad = torch.tensor([[1.0, 0.0]]), torch.tensor([2.0])
+    opt.step()
+    d = torch.tensor([[1.3, 0.4]])  # g + wd * w
+    ratio = 0.01 * 5 / float(d.norm())
+    assert torch.allclose(w.detach(), torch.tensor([[3.0, 4.0]]) - 0.1 * ratio * d)
+    assert torch.allclose(b.detach(), torch.tensor([1.0 - 0.2]))  # biases: plain momentum SGD
+
+
+@pytest.mark.cuda
+def test_training_on_cuda(tmp_path, digits):
+    s = train(tiny(device="cuda", negatives=4), tmp_path, data=digits)
+    assert math.isfinite(s["final_loss"]) and 0 <= s["linear_acc"] <= 1
+    ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=True, map_location="cpu")
+    assert ckpt["step"] == s["steps"]
