@@ -217,3 +217,40 @@ def test_bad_masks():
         InfoNCE()(z1, z2, mask=torch.zeros(6, 6))
     with pytest.raises(ValueError, match=r"mask must have shape \(6, 18\)"):
         InfoNCE(form="query_document")(z1, z2, torch.randn(6, 2, 4), mask=torch.zeros(6, 6, dtype=torch.bool))
+
+
+def _inclusion_tests(index, population_cols, k):
+    """First and second order inclusion frequencies of uniform k-subsets."""
+    rows = index.shape[0]
+    member = torch.zeros(rows, max(population_cols) + 1)
+    member.scatter_(1, index, 1.0)
+    member = member[:, population_cols]
+    p = len(population_cols)
+    singles = member.sum(0)
+    assert torch.allclose(singles.sum(), torch.tensor(float(rows * k)))
+    assert chisquare(singles.numpy()).pvalue > 1e-3
+    pairs = (member.t() @ member)[torch.triu_indices(p, p, 1).unbind()]
+    assert chisquare(pairs.numpy()).pvalue > 1e-3
+
+
+def test_large_k_path_inclusion_frequencies_are_uniform():
+    m, k, rows = 100, 40, 6000  # 2K <= m: Floyd's algorithm with a bitmap
+    positive = torch.zeros(rows, dtype=torch.long)
+    self_index = torch.ones(rows, dtype=torch.long)
+    sel = select_negatives(positive, m, k, self_index=self_index, generator=torch.Generator().manual_seed(8))
+    assert sel.index.shape == (rows, k + 1)
+    _inclusion_tests(sel.index[:, 1:], list(range(2, m)), k)
+
+
+def test_heavily_masked_rows_stay_valid_and_uniform():
+    m, k, rows = 200, 40, 3000
+    mask = torch.zeros(rows, m, dtype=torch.bool)
+    mask[:, 43:] = True  # 41 candidates left: K is almost all of them
+    positive = torch.zeros(rows, dtype=torch.long)
+    self_index = torch.ones(rows, dtype=torch.long)
+    sel = select_negatives(positive, m, k, self_index=self_index, mask=mask, generator=torch.Generator().manual_seed(2))
+    cols = sel.index[:, 1:]
+    assert bool(((cols >= 2) & (cols < 43)).all())
+    assert all(len(set(r)) == k for r in cols.tolist())
+    singles = torch.zeros(m).index_add_(0, cols.reshape(-1), torch.ones(cols.numel()))[2:43]
+    assert chisquare(singles.numpy()).pvalue > 1e-3

@@ -174,25 +174,25 @@ def sample_uniform_ranks(
     """
     n = population.shape[0]
     device = population.device
-    out = torch.empty(n, k, dtype=torch.long, device=device)
     if n == 0 or k == 0:
-        return out
+        return torch.empty(n, k, dtype=torch.long, device=device)
     width = int(population.max())
     # taken[i, r]: rank r already drawn in row i; a flat view makes the
     # membership test and the update O(n) per draw.
     taken = torch.zeros(n * width, dtype=torch.bool, device=device)
-    base = torch.arange(n, device=device)[:, None] * width
+    base = torch.arange(n, device=device) * width
     # Floyd: step t draws from [0, j_t] with j_t = population - k + t, and
-    # takes j_t itself when the draw collides with an earlier one.
-    top = population[:, None] - k + torch.arange(k, device=device)
-    draws = raw % (top + 1) + base
-    top = top + base
+    # takes j_t itself when the draw collides with an earlier one. Steps are
+    # rows of these (k, n) tables, so each step touches contiguous memory.
+    steps = torch.arange(k, device=device)[:, None]
+    top = (population - k)[None, :] + steps
+    draws = raw.t() % (top + 1) + base
+    top += base
     for t in range(k):
-        r = draws[:, t]
-        r = torch.where(taken[r], top[:, t], r)
+        r = torch.where(taken[draws[t]], top[t], draws[t])
+        draws[t] = r
         taken[r] = True
-        out[:, t] = r
-    return out - base
+    return (draws - base).t()
 
 
 def _draw_ranks(
