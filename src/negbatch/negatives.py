@@ -192,7 +192,7 @@ def sample_uniform_ranks(
         r = torch.where(taken[draws[t]], top[t], draws[t])
         draws[t] = r
         taken[r] = True
-    return (draws - base).t()
+    return (draws - base).t().contiguous()
 
 
 def _draw_ranks(
