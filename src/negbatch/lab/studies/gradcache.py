@@ -15,7 +15,9 @@ optionally, short trainings at a few batch sizes compare the downstream linear
 accuracy of plain steps, accumulation and caching (mean ± std over seeds).
 
 Defaults (digits, the lab's MLP, B = 64..4096, 3 repeats, accuracy at
-B = 64, 256, 1024 with 2 seeds) take about 5-8 minutes on a 2-core CPU.
+B = 64, 256, 1024 with 2 seeds) took 14 minutes on a shared 2-core CPU at
+load average 9 (about two thirds of it the measurements); --repeats 1 and
+--accuracy-batch-sizes none give a quick look.
 """
 
 from __future__ import annotations
@@ -148,11 +150,24 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
+def _trim_heap() -> None:
+    """Give freed heap back to the OS (glibc), so that a step whose memory
+    fits in what building the batches freed still shows as RSS growth."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _baseline_rss() -> tuple[int, str]:
     """RSS before the step. Linux lets a process reset its peak (clear_refs 5),
     so an earlier transient peak (importing torch) cannot hide the step's;
     elsewhere the baseline is ru_maxrss itself."""
     import resource
+
+    _trim_heap()
 
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -482,7 +497,7 @@ def report(folder: Path) -> Path:
         f"representations with their cached gradients (d = {d}). Machine load: the 1-minute load average during the "
         "measurements (timings on a shared machine are noisy; the ratios, measured side by side, are the robust part).\n",
     ]
-    text.append("\n## What the data show\n\n" + "\n".join(f"- {f}" for f in _findings(by, batches, chunk)) + "\n")
+    text.append("\n## What the data show\n\n" + "\n".join(f"- {f}" for f in _findings(by, batches, chunk, d)) + "\n")
     text.append(f"\n![memory vs batch]({names['step_mib']})\n\n![time vs batch]({names['time_s']})\n")
 
     acc_rows = _accuracy_rows(folder)
@@ -521,7 +536,7 @@ def _memory_source(folder: Path) -> str:
     return ", ".join(sorted(s for s in sources if s)) or "n/a"
 
 
-def _findings(by: dict, batches: list[int], chunk: int) -> list[str]:
+def _findings(by: dict, batches: list[int], chunk: int, d: int) -> list[str]:
     out = []
     full = [b for b in batches if by.get((b, "cache"), {}).get("time_s") and by.get((b, "plain"), {}).get("time_s")]
     if full:
@@ -556,8 +571,11 @@ def _findings(by: dict, batches: list[int], chunk: int) -> list[str]:
                 f"the plain step at B = {small} ({s['step_mib']:.1f} MiB)")
         if p and p.get("step_mib"):
             line += f" and {c['step_mib'] / p['step_mib']:.2f}× the plain step at B = {big} ({p['step_mib']:.1f} MiB)"
+        budget = s["step_mib"] + logits + 2 * 2 * big * d * 4 / MIB
         line += (f". One copy of the B = {big} logits is {logits:.0f} MiB and the loss holds several (logits, softmax, "
-                 "their gradient): ")
+                 f"their gradient); against the plain step at B = {small} plus one copy of the logits and the cached "
+                 f"representations and gradients ({budget:.0f} MiB) the cached step is {c['step_mib'] / budget:.2f}× "
+                 f"(issue 4's goal ≤ 1.25: {'met' if c['step_mib'] <= 1.25 * budget else 'not met'}). ")
         if p and p.get("step_mib") and c["step_mib"] > 0.7 * p["step_mib"]:
             line += ("for this encoder the loss, not the encoder's activations, dominates a large step, so caching saves "
                      "little here; it pays off when the encoder's activations per sample are large (a conv net, a "
