@@ -6,10 +6,10 @@ For each batch size B and each of three ways to take one training step --
 a plain step (both views in one pass), gradient accumulation (chunks of
 --chunk-size pairs, a loss per chunk: each anchor sees only its chunk's
 negatives, 2c-2 instead of 2B-2) and gradient caching (the same chunks, the
-loss of the whole batch) -- one fresh process measures, after a tiny warm-up step, the peak memory of one
-step (CPU: peak RSS over a baseline taken just before the step; CUDA:
-torch.cuda.max_memory_allocated over the allocation before it) and the time of
-the next --steps steps. Every measurement is repeated --repeats times (a new
+loss of the whole batch) -- one fresh process measures, after a tiny warm-up
+step, the peak memory of one step (CPU: peak RSS over a baseline taken just
+before the step; CUDA: torch.cuda.max_memory_allocated over the allocation
+before it) and the time of the next --steps steps. Every measurement is repeated --repeats times (a new
 process each); the report gives the median and the spread (min-max). Then,
 optionally, short trainings at a few batch sizes compare the downstream linear
 accuracy of plain steps, accumulation and caching (mean ± std over seeds).
