@@ -72,6 +72,8 @@ class TrainConfig:
     momentum: float = field(default=0.9, metadata={"help": "momentum (sgd, lars)"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps before the cosine decay"})
     sampler: str = field(default="random", metadata={"help": "batch sampler", "choices": ("random",)})
+    chunk_size: int | None = field(default=None, metadata={"help": "encode each view in chunks of N rows (None or 0: one pass); see chunk_method"})
+    chunk_method: str = field(default="cache", metadata={"help": "with chunk_size: cache (GradCache, the full-batch loss) or accumulate (a loss per chunk: fewer negatives)", "choices": ("cache", "accumulate")})
     # bookkeeping
     seed: int = field(default=0, metadata={"help": "seed of every random draw"})
     snr: bool = field(default=True, metadata={"help": "track the gradient signal-to-noise ratio"})
@@ -101,6 +103,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 bad(name, "expected a positive int or None")
+        if self.chunk_size is not None and (isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 0):
+            bad("chunk_size", "expected an int >= 0 or None (0 and None: no chunking)")
         for name in ("warmup_steps", "checkpoint_every", "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -126,6 +130,8 @@ class TrainConfig:
             bad("device", "expected cpu, cuda, cuda:N or auto")
         if errors:
             raise ValueError("invalid training configuration:\n  " + "\n  ".join(errors))
+        if self.chunk_size == 0:  # one spelling of "no chunking", so that resuming and skipping agree
+            object.__setattr__(self, "chunk_size", None)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainConfig":
@@ -188,7 +194,7 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ValueError(f"expected true or false, got {value!r}")
-    if isinstance(default, int) or f.name in ("n_train", "n_test"):
+    if isinstance(default, int) or f.name in ("n_train", "n_test", "chunk_size"):
         if isinstance(value, bool):
             raise ValueError(f"expected an int, got {value!r}")
         if isinstance(value, int):

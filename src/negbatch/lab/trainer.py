@@ -148,9 +148,27 @@ def build_batch_sampler(cfg: TrainConfig, train_x: Tensor, model: nn.Module) -> 
 # ----------------------------------------------------------------------- one step
 
 
-def forward_backward(model: nn.Module, loss_fn: nn.Module, batch: Batch, generator: torch.Generator) -> Tensor:
-    """Forward both views in one pass (BatchNorm sees the whole 2B batch), the
-    loss, and its backward; returns the detached loss."""
+def forward_backward(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    batch: Batch,
+    generator: torch.Generator,
+    chunk_size: int | None = None,
+    chunk_method: str = "cache",
+) -> Tensor:
+    """Forward, loss and backward of one batch; returns the detached loss.
+
+    Without ``chunk_size``: both views in one pass (BatchNorm sees the whole 2B
+    batch). With it, each view is encoded in chunks of ``chunk_size`` rows:
+    ``"cache"`` runs :class:`negbatch.GradCache` (the full-batch loss and, for
+    encoders without BatchNorm, its exact gradient); ``"accumulate"`` is
+    gradient accumulation, a loss per chunk (negatives only from the chunk).
+    """
+    if chunk_size:
+        from .chunked import accumulated_forward_backward, cached_forward_backward
+
+        step = cached_forward_backward if chunk_method == "cache" else accumulated_forward_backward
+        return step(model, loss_fn, batch, generator, chunk_size)
     z1, z2 = model(torch.cat([batch.view1, batch.view2])).chunk(2)
     loss = loss_fn(z1, z2, batch, generator)
     loss.backward()
@@ -409,7 +427,7 @@ def train(
                 x = train_x[index.to(device)]
                 batch = Batch(index, augment(x, aug_gen), augment(x, aug_gen))
                 optimizer.zero_grad(set_to_none=True)
-                loss = forward_backward(model, loss_fn, batch, loss_gen)
+                loss = forward_backward(model, loss_fn, batch, loss_gen, cfg.chunk_size, cfg.chunk_method)
                 if snr is not None:
                     snr.update()
                 lr = optimizer.param_groups[0]["lr"]

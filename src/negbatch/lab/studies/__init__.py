@@ -15,10 +15,11 @@ A new study is one module here and one line in :data:`STUDIES`.
 
 from __future__ import annotations
 
-from . import negatives
+from . import gradcache, negatives
 
 __all__ = ["STUDIES"]
 
 STUDIES = {
     "negatives": negatives,
+    "gradcache": gradcache,
 }

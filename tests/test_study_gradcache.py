@@ -1,0 +1,111 @@
+"""``negbatch study gradcache``: end to end in a real subprocess at tiny sizes,
+the memory instrument against a known allocation, the aggregation by hand."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from negbatch.lab.studies import STUDIES
+from negbatch.lab.studies import gradcache as study
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+TINY = ["--batch-sizes", "8,16", "--chunk-size", "4", "--repeats", "1", "--steps", "1",
+        "--encoder-widths", "16", "--head-widths", "16,8",
+        "--accuracy-batch-sizes", "16", "--accuracy-chunk-size", "4", "--seeds", "0", "--epochs", "1",
+        "--n-train", "64", "--n-test", "48"]
+
+
+def negbatch(*args):
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "negbatch.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_registered():
+    assert STUDIES["gradcache"] is study
+
+
+def test_quick_study_in_a_subprocess(tmp_path):
+    out = tmp_path / "gc"
+    r = negbatch("study", "gradcache", "--batch-sizes", "8", "--methods", "cache", "--repeats", "1", "--steps", "1",
+                 "--encoder-widths", "16", "--head-widths", "16,8", "--accuracy-batch-sizes", "none", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads((out / "results.json").read_text())
+    assert row["method"] == "cache" and row["batch_size"] == 8 and row["time_s"] > 0
+    assert "cache MiB" in (out / "report.md").read_text() and not (out / "accuracy").exists()
+
+
+@pytest.mark.slow
+def test_study_end_to_end_resumes_and_reports(tmp_path):
+    out = tmp_path / "gc"
+    args = ["study", "gradcache", *TINY, "--out", str(out)]
+    r = negbatch(*args)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((out / "results.json").read_text())
+    assert sorted((x["batch_size"], x["method"]) for x in rows) == sorted(
+        (b, m) for b in (8, 16) for m in ("plain", "accumulate", "cache"))
+    for x in rows:
+        assert x["repeats"] == 1 and x["time_s"] > 0 and x["step_mib"] >= 0 and x["peak_mib"] > 0
+    assert len(list((out / "measurements").glob("*.json"))) == 6
+    acc = json.loads((out / "accuracy" / "results.json").read_text())
+    assert sorted((str(a["chunk_size"]), a["chunk_method"]) for a in acc) == [("4", "accumulate"), ("4", "cache"), ("None", "cache")]
+    text = (out / "report.md").read_text()
+    for piece in ("| B |", "cache/plain time", "## What the data show", "## Downstream linear accuracy", "2·4−2 negatives"):
+        assert piece in text, piece
+    for name in ("memory_vs_batch.png", "time_vs_batch.png", "accuracy_vs_batch.png", "results.csv"):
+        assert (out / name).exists(), name
+
+    # A rerun measures and trains nothing again; a lost measurement is redone alone.
+    from negbatch.cli import main
+
+    files = sorted(out.glob("measurements/*.json")) + sorted(out.glob("accuracy/runs/*/summary.json"))
+    before = {p: p.stat().st_mtime_ns for p in files}
+    assert main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in files} == before
+    lost = out / "measurements" / "cache-B16-r0.json"
+    lost.unlink()
+    assert main(args) == 0 and lost.exists()
+    assert {p: p.stat().st_mtime_ns for p in files if p != lost} == {p: t for p, t in before.items() if p != lost}
+    # Another setup in the same folder is refused; the report is rebuilt from the folder alone.
+    assert main([*args, "--temperature", "0.5"]) == 2
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0 and (out / "report.md").exists()
+
+
+def test_bad_options(tmp_path, capsys):
+    from negbatch.cli import main
+
+    cases = [(["--methods", "plain,fast"], "--methods"), (["--batch-sizes", "1,8"], "--batch-sizes"),
+             (["--chunk-size", "0"], "--chunk-size"), (["--repeats", "0"], "--repeats")]
+    for extra, message in cases:
+        assert main(["study", "gradcache", "--out", str(tmp_path / "x"), *extra]) == 2
+        assert message in capsys.readouterr().err, extra
+
+
+def test_memory_instrument_sees_a_known_allocation():
+    base, source = study._baseline_rss()
+    x = torch.ones(16 * 2**20)  # 64 MiB, touched
+    grown = study._peak_rss(source) - base
+    del x
+    assert 60 * 2**20 <= grown <= 80 * 2**20, (grown / 2**20, source)
+
+
+def test_aggregate_median_spread_and_oom(tmp_path):
+    (tmp_path / "measurements").mkdir()
+    values = [(0, 10.0, 0.3), (1, 30.0, 0.1), (2, 20.0, 0.2)]
+    for r, mib, t in values:
+        m = {"batch_size": 8, "method": "cache", "chunk_size": 4, "repeat": r, "step_bytes": mib * 2**20,
+             "peak_bytes": (100 + mib) * 2**20, "time_s": t, "load": 1.0}
+        (tmp_path / "measurements" / f"cache-B8-r{r}.json").write_text(json.dumps(m))
+    (tmp_path / "measurements" / "plain-B8-r0.json").write_text(
+        json.dumps({"batch_size": 8, "method": "plain", "chunk_size": 4, "repeat": 0, "oom": True}))
+    rows = {r["method"]: r for r in study._aggregate(tmp_path)}
+    c = rows["cache"]
+    assert (c["step_mib"], c["step_mib_min"], c["step_mib_max"]) == (20.0, 10.0, 30.0)
+    assert (c["time_s"], c["time_s_min"], c["time_s_max"]) == (0.2, 0.1, 0.3)
+    assert c["peak_mib"] == 120.0 and c["repeats"] == 3 and c["oom"] == 0
+    assert rows["plain"]["oom"] == 1 and rows["plain"]["time_s"] is None and rows["plain"]["chunk_size"] is None
