@@ -71,7 +71,10 @@ class TrainConfig:
     weight_decay: float = field(default=1e-6, metadata={"help": "weight decay"})
     momentum: float = field(default=0.9, metadata={"help": "momentum (sgd, lars)"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps before the cosine decay"})
-    sampler: str = field(default="random", metadata={"help": "batch sampler", "choices": ("random",)})
+    sampler: str = field(default="random", metadata={"help": "batch sampler: random, gcbs (global contrastive batch sampling) or hard (k-means hard-negative batches)", "choices": ("random", "gcbs", "hard")})
+    gcbs_q: float = field(default=0.999, metadata={"help": "gcbs: quantile of the similarity matrix above which pairs become graph edges"})
+    refresh_every: int = field(default=0, metadata={"help": "gcbs/hard: re-plan the remaining batches every N steps (0: once per epoch)"})
+    log_gap: bool = field(default=False, metadata={"help": "log each epoch's global-train loss gap (one extra pass over the training set per epoch)"})
     # bookkeeping
     seed: int = field(default=0, metadata={"help": "seed of every random draw"})
     snr: bool = field(default=True, metadata={"help": "track the gradient signal-to-noise ratio"})
@@ -101,7 +104,7 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 bad(name, "expected a positive int or None")
-        for name in ("warmup_steps", "checkpoint_every", "seed"):
+        for name in ("warmup_steps", "checkpoint_every", "seed", "refresh_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 bad(name, "expected an int >= 0")
@@ -112,6 +115,8 @@ class TrainConfig:
         for name in ("weight_decay", "alpha"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
                 bad(name, "expected a float >= 0")
+        if not (isinstance(self.gcbs_q, (int, float)) and 0 < self.gcbs_q < 1):
+            bad("gcbs_q", "expected a float strictly between 0 and 1 (the paper uses 0.999)")
         if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
             bad("momentum", "expected a float in [0, 1)")
         if not (isinstance(self.snr_beta, (int, float)) and 0 < self.snr_beta < 1):
