@@ -15,10 +15,11 @@ A new study is one module here and one line in :data:`STUDIES`.
 
 from __future__ import annotations
 
-from . import negatives
+from . import batches, negatives
 
 __all__ = ["STUDIES"]
 
 STUDIES = {
     "negatives": negatives,
+    "batches": batches,
 }
