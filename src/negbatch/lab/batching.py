@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..diagnostics import global_train_gap
 from ..sampling import EpochBatchSampler, GCBSampler, HardNegativeBatchSampler, embed_dataset
+from .config import TrainConfig
 
 __all__ = ["PlannedBatchSampler", "build_planned_sampler", "epoch_diagnostics", "image_embed_fn"]
 
@@ -123,6 +124,7 @@ class PlannedBatchSampler:
             raise TypeError(f"sampler must be a negbatch.sampling.EpochBatchSampler, got {type(sampler).__name__}")
         self.sampler = sampler
         self._served = 0
+        self._timing_reported = {"embed_seconds": 0.0, "order_seconds": 0.0}
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -149,6 +151,13 @@ class PlannedBatchSampler:
         return {"embed_seconds": getattr(self.sampler, "embed_seconds", 0.0),
                 "order_seconds": getattr(self.sampler, "order_seconds", 0.0)}
 
+    def timing_since_last_call(self) -> dict[str, float]:
+        """Seconds spent embedding and ordering since the previous call."""
+        now = self.timing()
+        delta = {k: now[k] - self._timing_reported[k] for k in now}
+        self._timing_reported = now
+        return delta
+
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict(position=self._served)
 
@@ -168,7 +177,7 @@ def image_embed_fn(model: nn.Module, train_x: Tensor, *, two_sided: bool = True)
     return embed_fn
 
 
-def build_planned_sampler(cfg, train_x: Tensor, model: nn.Module) -> PlannedBatchSampler:
+def build_planned_sampler(cfg: TrainConfig, train_x: Tensor, model: nn.Module) -> PlannedBatchSampler:
     """The ``gcbs`` or ``hard`` sampler of a :class:`~negbatch.lab.TrainConfig`.
 
     Like the trainer's random sampler, it drops the short tail batch, so every
@@ -191,7 +200,7 @@ def build_planned_sampler(cfg, train_x: Tensor, model: nn.Module) -> PlannedBatc
     return PlannedBatchSampler(sampler)
 
 
-def epoch_diagnostics(cfg, sampler: Any, batches: Sequence[Tensor], model: nn.Module, train_x: Tensor) -> dict[str, float]:
+def epoch_diagnostics(cfg: TrainConfig, sampler: Any, batches: Sequence[Tensor], model: nn.Module, train_x: Tensor) -> dict[str, float]:
     """What the trainer logs at the start of an epoch, once its batches are planned.
 
     ``embed_seconds`` / ``order_seconds``: time the sampler spent embedding the
@@ -204,10 +213,7 @@ def epoch_diagnostics(cfg, sampler: Any, batches: Sequence[Tensor], model: nn.Mo
     """
     row: dict[str, float] = {}
     if isinstance(sampler, PlannedBatchSampler):
-        now = sampler.timing()
-        before = getattr(sampler, "_timing_seen", {"embed_seconds": 0.0, "order_seconds": 0.0})
-        row.update({k: now[k] - before[k] for k in now})
-        sampler._timing_seen = now
+        row.update(sampler.timing_since_last_call())
     if cfg.log_gap:
         t0 = time.perf_counter()
         plan = sampler.epoch_plan() if isinstance(sampler, PlannedBatchSampler) else list(batches)
