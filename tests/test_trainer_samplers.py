@@ -97,6 +97,30 @@ def test_gcbs_batches_equal_the_dense_pseudocode(digits):
     assert len(got) == 96 // 16
 
 
+def test_hard_batches_are_the_library_plan_on_eval_embeddings(digits):
+    # The library's k-means batching is tested in test_baselines.py; here the trainer's wiring:
+    # which embeddings (projections of the un-augmented images, eval mode), seed, tail dropped.
+    from negbatch.sampling import HardNegativeBatchSampler
+
+    cfg = tiny(sampler="hard", seed=3)
+    data = digits.subset(100, 64)
+    model = build_model(cfg, data.image_shape)
+    model.train()
+    sampler = build_batch_sampler(cfg, data.x_train, model)
+    sampler.set_epoch(0)
+    got = [b.tolist() for b in sampler.batches()]
+    model.eval()
+    with torch.no_grad():
+        z = model(data.x_train)
+    reference = HardNegativeBatchSampler(lambda i: z[i], 100, 16, drop_last=True, seed=3, num_replicas=1, rank=0)
+    assert got == list(reference)
+    # and the batches are tighter than random ones: mean in-batch cosine distance
+    # (an untrained model's embeddings are nearly collinear, hence a ratio)
+    zn = torch.nn.functional.normalize(z, dim=1)
+    spread = lambda bs: float(sum(1 - (zn[b] @ zn[b].T).mean() for b in bs) / len(bs))  # noqa: E731
+    assert spread(got) < 0.8 * spread(RandomBatchSampler(100, 16, 3).batches())
+
+
 def test_gcbs_and_hard_cover_each_sample_at_most_once_per_epoch(digits):
     data = digits.subset(100, 64)  # 100 = 6 * 16 + 4: the short tail is dropped like the random sampler's
     for name in ("gcbs", "hard"):
