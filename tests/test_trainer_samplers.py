@@ -180,6 +180,9 @@ def test_logged_gap_equals_a_loop_on_the_epoch_start_model(tmp_path, digits, sam
         assert {frozenset(b.tolist()) for b in batches} == reference_gcbs_batches(z, cfg.gcbs_q, 16)
     assert logged["gap"] == pytest.approx(reference_gap(z, batches, cfg.temperature), rel=1e-5, abs=1e-6)
     assert logged["gap_global_loss"] - logged["gap_train_loss"] == pytest.approx(logged["gap"], abs=1e-5)
+    y = data.y_train.tolist()
+    pairs = [(i, j) for b in batches for i in b.tolist() for j in b.tolist() if i != j]
+    assert logged["same_class_pairs"] == pytest.approx(sum(y[i] == y[j] for i, j in pairs) / len(pairs))
     if sampler == "gcbs":
         assert logged["order_seconds"] >= 0 and logged["embed_seconds"] >= 0
 

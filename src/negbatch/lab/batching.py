@@ -34,7 +34,7 @@ from ..diagnostics import global_train_gap
 from ..sampling import EpochBatchSampler, GCBSampler, HardNegativeBatchSampler, embed_dataset
 from .config import TrainConfig
 
-__all__ = ["PlannedBatchSampler", "build_planned_sampler", "epoch_diagnostics", "image_embed_fn"]
+__all__ = ["PlannedBatchSampler", "build_planned_sampler", "epoch_diagnostics", "image_embed_fn", "same_class_pairs"]
 
 
 class _Timed:
@@ -200,7 +200,26 @@ def build_planned_sampler(cfg: TrainConfig, train_x: Tensor, model: nn.Module) -
     return PlannedBatchSampler(sampler)
 
 
-def epoch_diagnostics(cfg: TrainConfig, sampler: Any, batches: Sequence[Tensor], model: nn.Module, train_x: Tensor) -> dict[str, float]:
+def same_class_pairs(batches: Sequence[Tensor], labels: Tensor) -> float:
+    """Fraction of the in-batch pairs (i != j) whose labels agree: with labels
+    as classes, the share of in-batch negatives that are false negatives.
+
+    Examples
+    --------
+    >>> import torch
+    >>> same_class_pairs([torch.tensor([0, 1]), torch.tensor([2, 3])], torch.tensor([5, 5, 5, 6]))
+    0.5
+    """
+    same = pairs = 0
+    for b in batches:
+        counts = torch.bincount(labels[torch.as_tensor(b).to(labels.device)].long())
+        same += int((counts * (counts - 1)).sum())
+        pairs += len(b) * (len(b) - 1)
+    return same / pairs if pairs else float("nan")
+
+
+def epoch_diagnostics(cfg: TrainConfig, sampler: Any, batches: Sequence[Tensor], model: nn.Module, train_x: Tensor,
+                      labels: Tensor | None = None) -> dict[str, float]:
     """What the trainer logs at the start of an epoch, once its batches are planned.
 
     ``embed_seconds`` / ``order_seconds``: time the sampler spent embedding the
@@ -208,8 +227,9 @@ def epoch_diagnostics(cfg: TrainConfig, sampler: Any, batches: Sequence[Tensor],
     With ``cfg.log_gap``: ``gap``, ``gap_global_loss``, ``gap_train_loss`` of
     :func:`~negbatch.diagnostics.global_train_gap` on this epoch's batches and
     the current model's embeddings of the un-augmented images (the sampler's
-    own embeddings when it has them), and ``gap_seconds``, its cost, which is
-    not part of training.
+    own embeddings when it has them), ``same_class_pairs`` (given ``labels``:
+    :func:`same_class_pairs` of the batches) and ``gap_seconds``, their cost,
+    which is not part of training.
     """
     row: dict[str, float] = {}
     if isinstance(sampler, PlannedBatchSampler):
@@ -222,6 +242,8 @@ def epoch_diagnostics(cfg: TrainConfig, sampler: Any, batches: Sequence[Tensor],
             z, _ = embed_dataset(image_embed_fn(model, train_x, two_sided=False), np.arange(train_x.shape[0]),
                                  model=model, two_sided=False, shard=False)
         result = global_train_gap(z, plan, cfg.temperature)
-        row.update({"gap": result.gap, "gap_global_loss": result.global_loss, "gap_train_loss": result.train_loss,
-                    "gap_seconds": time.perf_counter() - t0})
+        row.update({"gap": result.gap, "gap_global_loss": result.global_loss, "gap_train_loss": result.train_loss})
+        if labels is not None:
+            row["same_class_pairs"] = same_class_pairs(plan, labels)
+        row["gap_seconds"] = time.perf_counter() - t0
     return row

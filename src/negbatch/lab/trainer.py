@@ -287,8 +287,14 @@ def _device(name: str) -> torch.device:
 
 
 def _last_gap(rows: list[dict[str, Any]]) -> dict[str, float]:
-    gaps = [r["gap"] for r in rows if "gap" in r]
-    return {"final_gap": gaps[-1], "mean_gap": sum(gaps) / len(gaps)} if gaps else {}
+    gaps = [r for r in rows if "gap" in r]
+    if not gaps:
+        return {}
+    out = {"final_gap": gaps[-1]["gap"], "mean_gap": sum(r["gap"] for r in gaps) / len(gaps),
+           "final_global_loss": gaps[-1]["gap_global_loss"]}
+    if "same_class_pairs" in gaps[-1]:
+        out["final_same_class_pairs"] = gaps[-1]["same_class_pairs"]
+    return out
 
 
 # -------------------------------------------------------------------------- train
@@ -417,7 +423,7 @@ def train(
             batches = sampler.batches()
             epoch_row = {}
             if start_batch == 0 and (cfg.log_gap or cfg.sampler != "random"):
-                epoch_row = epoch_diagnostics(cfg, sampler, batches, model, train_x)
+                epoch_row = epoch_diagnostics(cfg, sampler, batches, model, train_x, data.y_train)
                 diagnostic_seconds += epoch_row.get("gap_seconds", 0.0)
             for b in range(start_batch, len(batches)):
                 index = batches[b]

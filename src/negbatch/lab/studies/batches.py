@@ -223,6 +223,12 @@ def _compare(name: str, rows: dict[str, list[dict]], kind: StudyData, folder: Pa
         r.setdefault("final_global_loss", _last(_per_epoch(folder, r["run"], "gap_global_loss")))
     d_gap, p_gap = versus("final_gap", "final gap", False)
     d_glob, p_glob = versus("final_global_loss", "final L^Global", False)
+    for r in ours + rand:
+        r.setdefault("final_same_class_pairs", _last(_per_epoch(folder, r["run"], "same_class_pairs")))
+    if all(r["final_same_class_pairs"] is not None for r in ours + rand):
+        m_ours = mean_std(r["final_same_class_pairs"] for r in ours)[0]
+        m_rand = mean_std(r["final_same_class_pairs"] for r in rand)[0]
+        parts.append(f"same-class (false-negative) pairs in a batch {m_ours:.0%} vs {m_rand:.0%}")
     d_acc, p_acc = versus(kind.metrics[0][0], kind.metrics[0][1], True)
     for key, label in kind.metrics[1:]:
         versus(key, label, True)
@@ -309,14 +315,16 @@ def report(folder: Path) -> Path:
         table.append([s, len(rs)] + [fmt_mean_std(r[k] for r in rs) for k, _ in kind.metrics] + [
             fmt_mean_std(r["final_gap"] for r in rs), fmt_mean_std(r["mean_gap"] for r in rs),
             fmt_mean_std(_last(_per_epoch(folder, r["run"], "gap_global_loss")) for r in rs),
+            fmt_mean_std(_last(_per_epoch(folder, r["run"], "same_class_pairs")) for r in rs),
             fmt_mean_std((_times(r)[0] for r in rs), 3), fmt_mean_std((_times(r)[1] for r in rs), 3),
             fmt_mean_std(((r.get("sampler_seconds") or 0.0) / r["epochs"] / _times(r)[0] * 100 for r in rs), 1),
         ])
     header = ["sampler", "seeds"] + [label for _, label in kind.metrics] + [
-        "final gap", "mean gap", "final L^Global", "s/epoch", "s/epoch w/o ordering", "ordering share %"]
+        "final gap", "mean gap", "final L^Global", "final same-class pairs", "s/epoch", "s/epoch w/o ordering", "ordering share %"]
     text = ["# Study: random vs GCBS vs hard-negative batches\n\n", kind.describe(spec), "\n\n",
             "Mean ± sample std over seeds. The gap and the global loss are measured at the start of each epoch on the "
-            "epoch's own batches (final: the last epoch's start); times are per epoch of the training loop without "
+            "epoch's own batches (final: the last epoch's start), as is the fraction of in-batch pairs of the same "
+            "class (false negatives; random batches: about 1/classes); times are per epoch of the training loop without "
             "the gap diagnostic, split into the part spent embedding + ordering and the rest.\n"]
     if spec.get("raw_pixel_linear_acc") is not None:
         text.append(f"\nBaseline: the same linear probe on the raw pixels scores {spec['raw_pixel_linear_acc']:.3f}.\n")
