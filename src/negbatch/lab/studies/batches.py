@@ -16,7 +16,7 @@ lr 0.002, gcbs_q 0.99 (the paper's 0.999 keeps about 1.3 edges per sample on
 the 1,258 digits, most of them self-loops), log_gap on. On scikit-learn's
 digits with 3 samplers x 3 seeds that is about 40 s of CPU time (measured: under
 3 minutes wall on a busy 2-core machine); `--dataset fashion-mnist --n-train 5000
---n-test 2000` about 5 CPU minutes (14 wall on that machine).
+--n-test 2000` about 4 CPU minutes (7-14 wall on that machine).
 
 `--data` names the kind of data (`images` now; see DATA for how to add text
 pairs).
