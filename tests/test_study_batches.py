@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = ["--n-train", "80", "--n-test", "48", "--batch-size", "16", "--epochs", "2",
