@@ -271,10 +271,11 @@ def report(folder: Path) -> Path:
     samplers = [s for s in spec["samplers"] if s in rows]
     pyplot = plt()
 
-    # Figure 1: the gap and the global loss over training, mean ± std band over seeds.
-    fig, axes = pyplot.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
+    # Figure 1: the gap, the global loss and the batches' same-class share over training, mean ± std band.
+    fig, axes = pyplot.subplots(1, 3, figsize=(15, 3.8), layout="constrained")
     for col, (key, title) in enumerate((("gap", "global-train gap L^Global - L^Train (own batches)"),
-                                        ("gap_global_loss", "global loss L^Global"))):
+                                        ("gap_global_loss", "global loss L^Global"),
+                                        ("same_class_pairs", "same-class pairs in a batch (false negatives)"))):
         for s in samplers:
             curves = [_per_epoch(folder, r["run"], key) for r in rows[s]]
             epochs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
