@@ -71,9 +71,12 @@ class TrainConfig:
     weight_decay: float = field(default=1e-6, metadata={"help": "weight decay"})
     momentum: float = field(default=0.9, metadata={"help": "momentum (sgd, lars)"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps before the cosine decay"})
-    sampler: str = field(default="random", metadata={"help": "batch sampler", "choices": ("random",)})
     chunk_size: int | None = field(default=None, metadata={"help": "encode each view in chunks of N rows (None or 0: one pass); see chunk_method"})
     chunk_method: str = field(default="cache", metadata={"help": "with chunk_size: cache (GradCache, the full-batch loss) or accumulate (a loss per chunk: fewer negatives)", "choices": ("cache", "accumulate")})
+    sampler: str = field(default="random", metadata={"help": "batch sampler: random, gcbs (global contrastive batch sampling) or hard (k-means hard-negative batches)", "choices": ("random", "gcbs", "hard")})
+    gcbs_q: float = field(default=0.999, metadata={"help": "gcbs: quantile of the similarity matrix above which pairs become graph edges"})
+    refresh_every: int = field(default=0, metadata={"help": "gcbs/hard: re-plan the remaining batches every N steps (0: once per epoch)"})
+    log_gap: bool = field(default=False, metadata={"help": "log each epoch's global-train loss gap (one extra pass over the training set per epoch)"})
     # bookkeeping
     seed: int = field(default=0, metadata={"help": "seed of every random draw"})
     snr: bool = field(default=True, metadata={"help": "track the gradient signal-to-noise ratio"})
@@ -105,7 +108,7 @@ class TrainConfig:
                 bad(name, "expected a positive int or None")
         if self.chunk_size is not None and (isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 0):
             bad("chunk_size", "expected an int >= 0 or None (0 and None: no chunking)")
-        for name in ("warmup_steps", "checkpoint_every", "seed"):
+        for name in ("warmup_steps", "checkpoint_every", "seed", "refresh_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 bad(name, "expected an int >= 0")
@@ -116,6 +119,8 @@ class TrainConfig:
         for name in ("weight_decay", "alpha"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
                 bad(name, "expected a float >= 0")
+        if not (isinstance(self.gcbs_q, (int, float)) and 0 < self.gcbs_q < 1):
+            bad("gcbs_q", "expected a float strictly between 0 and 1 (the paper uses 0.999)")
         if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
             bad("momentum", "expected a float in [0, 1)")
         if not (isinstance(self.snr_beta, (int, float)) and 0 < self.snr_beta < 1):

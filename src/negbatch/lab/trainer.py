@@ -36,6 +36,7 @@ from ..diagnostics import GradientSNR, alignment, intra_class_distance, silhouet
 from ..evaluation import knn_accuracy, linear_probe
 from ..losses import InfoNCE, ReLIC
 from ..models import ContrastiveModel, ProjectionHead, build_encoder
+from .batching import build_planned_sampler, epoch_diagnostics
 from .config import TrainConfig, parse_negatives
 from .lars import LARS
 
@@ -138,10 +139,14 @@ class RandomBatchSampler:
         self.epoch = int(state["epoch"])
 
 
-def build_batch_sampler(cfg: TrainConfig, train_x: Tensor, model: nn.Module) -> RandomBatchSampler:
-    """The batch sampler named by ``cfg.sampler``."""
+def build_batch_sampler(cfg: TrainConfig, train_x: Tensor, model: nn.Module):
+    """The batch sampler named by ``cfg.sampler``: ``random``, or ``gcbs`` /
+    ``hard``, which embed ``train_x`` with ``model`` before each epoch
+    (:mod:`negbatch.lab.batching`)."""
     if cfg.sampler == "random":
         return RandomBatchSampler(train_x.shape[0], cfg.batch_size, cfg.seed)
+    if cfg.sampler in ("gcbs", "hard"):
+        return build_planned_sampler(cfg, train_x, model)
     raise ValueError(f"unknown sampler {cfg.sampler!r}")
 
 
@@ -299,6 +304,17 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _last_gap(rows: list[dict[str, Any]]) -> dict[str, float]:
+    gaps = [r for r in rows if "gap" in r]
+    if not gaps:
+        return {}
+    out = {"final_gap": gaps[-1]["gap"], "mean_gap": sum(r["gap"] for r in gaps) / len(gaps),
+           "final_global_loss": gaps[-1]["gap_global_loss"]}
+    if "same_class_pairs" in gaps[-1]:
+        out["final_same_class_pairs"] = gaps[-1]["same_class_pairs"]
+    return out
+
+
 # -------------------------------------------------------------------------- train
 
 
@@ -416,12 +432,17 @@ def train(
         progress = tqdm(total=total_steps, initial=step, desc=run_dir.name, leave=False)
     log = open(run_dir / METRICS, "a")
     started = time.perf_counter()
+    diagnostic_seconds = 0.0
     model.train()
     try:
         while epoch < cfg.epochs:
             if start_batch == 0:
                 sampler.set_epoch(epoch)
             batches = sampler.batches()
+            epoch_row = {}
+            if start_batch == 0 and (cfg.log_gap or cfg.sampler != "random"):
+                epoch_row = epoch_diagnostics(cfg, sampler, batches, model, train_x, data.y_train)
+                diagnostic_seconds += epoch_row.get("gap_seconds", 0.0)
             for b in range(start_batch, len(batches)):
                 index = batches[b]
                 x = train_x[index.to(device)]
@@ -434,10 +455,12 @@ def train(
                 optimizer.step()
                 schedule.step()
                 step += 1
-                if step % cfg.log_every == 0 or step == total_steps:
+                if step % cfg.log_every == 0 or step == total_steps or epoch_row:
                     row = {"step": step, "epoch": epoch, "loss": float(loss), "lr": lr}
                     if snr is not None:
                         row.update(snr.summary())
+                    row.update(epoch_row)  # the epoch's diagnostics go with its first step
+                    epoch_row = {}
                     log.write(json.dumps(row) + "\n")
                     log.flush()
                     if writer is not None:
@@ -473,5 +496,10 @@ def train(
     if snr is not None:
         summary.update({"snr_mean": last.get("snr_mean"), "snr_std": last.get("snr_std")})
     summary["train_seconds"] = loop_seconds  # the loop only (this session's part, if resumed)
+    if cfg.log_gap or cfg.sampler != "random":
+        # Of train_seconds: embedding + ordering (part of training), and the gap diagnostic (not).
+        timing = sampler.timing() if hasattr(sampler, "timing") else {}
+        summary.update({"sampler_seconds": sum(timing.values()), "gap_seconds": diagnostic_seconds})
+        summary.update(_last_gap(rows))
     _atomic_write(run_dir / SUMMARY, json.dumps(summary, indent=2))
     return summary

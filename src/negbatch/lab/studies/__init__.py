@@ -15,11 +15,12 @@ A new study is one module here and one line in :data:`STUDIES`.
 
 from __future__ import annotations
 
-from . import gradcache, negatives
+from . import batches, gradcache, negatives
 
 __all__ = ["STUDIES"]
 
 STUDIES = {
     "negatives": negatives,
     "gradcache": gradcache,
+    "batches": batches,
 }
