@@ -15,10 +15,11 @@ A new study is one module here and one line in :data:`STUDIES`.
 
 from __future__ import annotations
 
-from . import negatives
+from . import bias, negatives
 
 __all__ = ["STUDIES"]
 
 STUDIES = {
     "negatives": negatives,
+    "bias": bias,
 }
