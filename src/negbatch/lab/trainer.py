@@ -86,8 +86,8 @@ class PairLoss(nn.Module):
 
 
 def negative_candidates(loss: str, batch_size: int) -> int:
-    """Negatives available per anchor: SimCLR has the other 2B - 2 views, ReLIC
-    the other B - 1 samples of the opposite view."""
+    """Negatives available per anchor: SimCLR (and the global loss) have the
+    other 2B - 2 views, ReLIC the other B - 1 samples of the opposite view."""
     return 2 * batch_size - 2 if loss in ("simclr", "global") else batch_size - 1
 
 
