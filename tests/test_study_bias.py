@@ -83,3 +83,11 @@ def test_bad_options_named(tmp_path):
 
     assert main(["study", "bias", "--seeds", "a", "--out", str(tmp_path)]) == 2
     assert main(["study", "bias", "--num-batches", "1", "--out", str(tmp_path)]) == 2
+
+
+def test_bias_batch_sizes_outside_the_set_rejected(tmp_path):
+    from negbatch.lab.studies.bias import measure_bias
+
+    cfg = TrainConfig(n_train=16, n_test=16, batch_size=8, loss="global", encoder_widths=(8,), head_widths=(8, 4))
+    with pytest.raises(ValueError, match="--bias-batch-sizes"):
+        measure_bias(cfg, tmp_path / "run", tmp_path / "cache", [64, 1], 4, 100)

@@ -159,6 +159,8 @@ def measure_bias(
     augment = Augment(strength=cfg.aug_strength, hflip=cfg.hflip)
     views = (augment(x, g), augment(x, g))  # fixed views: row i is sample i
     sizes = [b for b in batch_sizes if 2 <= b <= n]
+    if not sizes:
+        raise ValueError(f"--bias-batch-sizes {batch_sizes}: none lies in [2, {n}] (the bias set's size); give smaller ones")
     trained_gamma = build_loss(cfg, num_samples=n_train).loss.gamma
     rows = []
     for phase in ("init", "trained"):
@@ -318,8 +320,8 @@ def report(folder: Path) -> Path:
 
     # (a) bias.
     bias_path = folder / "bias_results.json"
-    if bias_path.exists():
-        rows = json.loads(bias_path.read_text())
+    rows = json.loads(bias_path.read_text()) if bias_path.exists() else []
+    if rows:
         summary = _bias_summary(rows)
         phases = [p for p in ("init", "trained") if any(k[0] == p for k in summary)]
         for metric, name, ylabel in (("relative_bias_debiased", "bias_vs_batch", "relative bias ||E g_B - g|| / ||g|| (noise removed)"),
