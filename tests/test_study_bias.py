@@ -32,8 +32,8 @@ def test_study_bias_end_to_end_resumes_and_reports(tmp_path):
     assert got == [("global", 8, 0), ("global", 8, 1), ("simclr", 8, 0), ("simclr", 8, 1), ("simclr", 16, 0), ("simclr", 16, 1)]
     assert all(x["temperature"] == 0.1 and x["epochs"] == 1 for x in rows)  # study default, command line
     bias_rows = json.loads((out / "bias_results.json").read_text())
-    # 2 seeds x (init: 2 estimators + trained: 4 estimators) x batch sizes 4, 8 (1000 > N = 64 dropped).
-    assert len(bias_rows) == 2 * (2 + 4) * 2
+    # 2 seeds x (init: 2 estimators, trained: 4) x batch sizes 4, 8 (1000 > N = 64 dropped).
+    assert len(bias_rows) == 2 * ((2 + 1) + (4 + 1)) * 2  # + the paired plain-vs-exact row per size
     assert {b["batch_size"] for b in bias_rows} == {4, 8} and {b["n"] for b in bias_rows} == {64}
     assert all(b["noise_floor"] >= 0 and b["relative_variance"] > 0 for b in bias_rows)
     text = (out / "report.md").read_text()
