@@ -16,9 +16,9 @@ its files are installed):
     epochs, several seeds; linear and kNN accuracy on the test split.
 
 Default size (digits, batch 64 vs 32, 20 epochs, 3 seeds, 9 runs, 100
-batches per bias point): about 4 CPU-minutes, so 3-4 minutes on 2 free cores
-with --workers 2 (8 minutes measured on a shared machine at load 9). Rerunning
-skips finished runs and cached bias measurements.
+batches per bias point): about 5 CPU-minutes, so about 4 minutes on 2 free
+cores with --workers 2 (14 minutes measured on a shared machine at load 9).
+Rerunning skips finished runs and cached bias measurements.
 """
 
 from __future__ import annotations
