@@ -17,7 +17,7 @@ its files are installed):
 
 Default size (digits, batch 64 vs 32, 20 epochs, 3 seeds, 9 runs, 100
 batches per bias point): about 5 CPU-minutes, so about 4 minutes on 2 free
-cores with --workers 2 (14 minutes measured on a shared machine at load 9).
+cores with --workers 2 (9 minutes measured on a shared machine at load 9).
 Rerunning skips finished runs and cached bias measurements.
 """
 
