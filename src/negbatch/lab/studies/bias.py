@@ -374,7 +374,8 @@ def report(folder: Path) -> Path:
                     st = [summary[k][metric] for k in keys]
                     # Error bars clipped at 0: both quantities are non-negative.
                     yerr = [[min(s[1], s[0]) for s in st], [s[1] for s in st]]
-                    line = ax.errorbar(xs, [s[0] for s in st], yerr=yerr, marker="o", capsize=3, label=ESTIMATOR_LABELS[est])
+                    line = ax.errorbar(xs, [s[0] for s in st], yerr=yerr, marker="o", capsize=3, label=ESTIMATOR_LABELS[est],
+                                       color=f"C{SHOWN.index(est)}")  # one colour per estimator in every panel
                     if metric == "relative_bias_debiased":
                         ax.plot(xs, [summary[k]["noise_floor"][0] for k in keys], ls=":", color=line[0].get_color(), alpha=0.7)
                 ax.set_xscale("log", base=2)
