@@ -59,10 +59,12 @@ class TrainConfig:
     encoder_widths: tuple[int, ...] = field(default=(256, 128), metadata={"help": "MLP hidden widths or conv stage channels, e.g. 256,128"})
     head_widths: tuple[int, ...] = field(default=(256, 64), metadata={"help": "projection head widths, e.g. 2048,128"})
     # objective
-    loss: str = field(default="simclr", metadata={"help": "simclr (InfoNCE) or relic", "choices": ("simclr", "relic")})
+    loss: str = field(default="simclr", metadata={"help": "simclr (InfoNCE), relic or global (GlobalInfoNCE, bias-corrected)", "choices": ("simclr", "relic", "global")})
     negatives: str | int = field(default="all", metadata={"help": "negatives per anchor: all or K"})
     temperature: float = field(default=0.2, metadata={"help": "softmax temperature"})
     alpha: float = field(default=1.0, metadata={"help": "ReLIC invariance weight"})
+    gamma: float = field(default=0.9, metadata={"help": "global loss: E-step rate of the running normalisers (final rate of a schedule)"})
+    gamma_schedule: str = field(default="constant", metadata={"help": "global loss: gamma constant, or decaying from 1 to gamma over training (linear, cosine)", "choices": ("constant", "linear", "cosine")})
     # optimisation
     batch_size: int = field(default=128, metadata={"help": "samples per batch (2x views)"})
     epochs: int = field(default=10, metadata={"help": "passes over the training set"})
@@ -121,6 +123,8 @@ class TrainConfig:
                 bad(name, "expected a float >= 0")
         if not (isinstance(self.gcbs_q, (int, float)) and 0 < self.gcbs_q < 1):
             bad("gcbs_q", "expected a float strictly between 0 and 1 (the paper uses 0.999)")
+        if not (isinstance(self.gamma, (int, float)) and 0 < self.gamma <= 1):
+            bad("gamma", "expected a float in (0, 1]")
         if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
             bad("momentum", "expected a float in [0, 1)")
         if not (isinstance(self.snr_beta, (int, float)) and 0 < self.snr_beta < 1):

@@ -38,6 +38,7 @@ from ..losses import InfoNCE, ReLIC
 from ..models import ContrastiveModel, ProjectionHead, build_encoder
 from .batching import build_planned_sampler, epoch_diagnostics
 from .config import TrainConfig, parse_negatives
+from .global_loss import GammaSchedule, GlobalPairLoss
 from .lars import LARS
 
 __all__ = [
@@ -86,13 +87,16 @@ class PairLoss(nn.Module):
 
 
 def negative_candidates(loss: str, batch_size: int) -> int:
-    """Negatives available per anchor: SimCLR has the other 2B - 2 views, ReLIC
-    the other B - 1 samples of the opposite view."""
-    return 2 * batch_size - 2 if loss == "simclr" else batch_size - 1
+    """Negatives available per anchor: SimCLR (and the global loss) have the
+    other 2B - 2 views, ReLIC the other B - 1 samples of the opposite view."""
+    return 2 * batch_size - 2 if loss in ("simclr", "global") else batch_size - 1
 
 
-def build_loss(cfg: TrainConfig) -> nn.Module:
-    """The objective named by ``cfg.loss`` with ``cfg.negatives`` negatives per anchor."""
+def build_loss(cfg: TrainConfig, num_samples: int | None = None) -> nn.Module:
+    """The objective named by ``cfg.loss`` with ``cfg.negatives`` negatives per anchor.
+
+    ``num_samples`` (the training set's size) is needed by ``loss="global"``,
+    which keeps one running normaliser per training sample."""
     negatives = parse_negatives(cfg.negatives)
     available = negative_candidates(cfg.loss, cfg.batch_size)
     if negatives != "all" and negatives > available:
@@ -102,6 +106,12 @@ def build_loss(cfg: TrainConfig) -> nn.Module:
         )
     if cfg.loss == "simclr":
         return PairLoss(InfoNCE(temperature=cfg.temperature, negatives=negatives))
+    if cfg.loss == "global":
+        if num_samples is None:
+            raise ValueError("loss='global' needs num_samples, the training set's size (one nu per sample)")
+        steps = cfg.epochs * max(num_samples // cfg.batch_size, 1)
+        gamma = GammaSchedule(cfg.gamma, cfg.gamma_schedule, steps)
+        return GlobalPairLoss(num_samples, cfg.temperature, gamma, negatives)
     return PairLoss(ReLIC(temperature=cfg.temperature, alpha=cfg.alpha, negatives=negatives))
 
 
@@ -378,7 +388,7 @@ def train(
     train_x = data.x_train.to(device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.image_shape).to(device)
-    loss_fn = build_loss(cfg).to(device)
+    loss_fn = build_loss(cfg, num_samples=train_x.shape[0]).to(device)
     sampler = build_batch_sampler(cfg, train_x, model)
     optimizer = build_optimizer(cfg, model)
     total_steps = cfg.epochs * len(sampler)
@@ -457,6 +467,8 @@ def train(
                 step += 1
                 if step % cfg.log_every == 0 or step == total_steps or epoch_row:
                     row = {"step": step, "epoch": epoch, "loss": float(loss), "lr": lr}
+                    if hasattr(loss_fn, "log_values"):  # e.g. the true InfoNCE next to a surrogate
+                        row.update(loss_fn.log_values())
                     if snr is not None:
                         row.update(snr.summary())
                     row.update(epoch_row)  # the epoch's diagnostics go with its first step

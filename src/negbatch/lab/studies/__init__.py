@@ -15,7 +15,7 @@ A new study is one module here and one line in :data:`STUDIES`.
 
 from __future__ import annotations
 
-from . import batches, gradcache, negatives
+from . import batches, bias, gradcache, negatives
 
 __all__ = ["STUDIES"]
 
@@ -23,4 +23,5 @@ STUDIES = {
     "negatives": negatives,
     "gradcache": gradcache,
     "batches": batches,
+    "bias": bias,
 }
