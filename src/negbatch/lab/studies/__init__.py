@@ -15,10 +15,13 @@ A new study is one module here and one line in :data:`STUDIES`.
 
 from __future__ import annotations
 
-from . import negatives
+from . import negatives, text_batches, text_gradcache
 
 __all__ = ["STUDIES"]
 
 STUDIES = {
     "negatives": negatives,
+    # Text-pair studies; the gradcache / batches studies may dispatch their --data runs to these.
+    "text-gradcache": text_gradcache,
+    "text-batches": text_batches,
 }
