@@ -172,3 +172,63 @@ def test_study_on_the_users_pairs_file_and_errors(tmp_path):
     assert bad.returncode == 2 and "pairs:PATH" in bad.stderr
     missing = negbatch("study", "negatives", "--data", f"pairs:{tmp_path / 'nope.jsonl'}", "--out", str(tmp_path / "bad2"))
     assert missing.returncode == 2 and "nope.jsonl" in missing.stderr
+
+
+def test_study_text_gradcache_through_the_cli(tmp_path):
+    out = tmp_path / "gc"
+    r = negbatch("study", "text-gradcache", *TINY_CLI[:2], *TINY_CLI[4:], "--batch-sizes", "4,16", "--chunk-size", "4",
+                 "--seeds", "0,1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((out / "results.json").read_text())
+    spec = json.loads((out / "study.json").read_text())
+    n_train = rows[0]["num_train_pairs"]
+    assert sorted((r["batch_size"], r["chunk_size"], r["steps"]) for r in rows) == sorted(
+        [(4, 0, n_train // 4)] * 2 + [(16, 4, n_train // 16)] * 2)  # same pairs seen; cache only when B > chunk
+    mem = spec["saved_activation_bytes"]
+    assert mem["16"]["with_cache"] < mem["16"]["without_cache"] / 2
+    assert "Activation memory" in (out / "report.md").read_text() and (out / "retrieval_vs_batch_size.png").exists()
+
+
+def test_saved_activation_bytes_grow_with_the_batch_not_with_the_cache():
+    from negbatch.lab.studies.text_gradcache import saved_activation_bytes
+
+    cfg = TextRunConfig(**TINY)
+    plain = [saved_activation_bytes(cfg.replace(batch_size=b), 0) for b in (4, 16, 32)]
+    cached = [saved_activation_bytes(cfg.replace(batch_size=b), 4) for b in (4, 16, 32)]
+    assert plain[0] < plain[1] < plain[2]
+    # B = chunk: the cache re-encodes queries and documents one after the other, so it holds
+    # one input's graph at a time, about half of a plain step's (both inputs' graphs).
+    assert cached[0] == pytest.approx(plain[0] / 2, rel=0.2)
+    assert max(cached) < plain[1] / 2  # bounded by one chunk's graph (plus the small loss graph)
+
+
+@pytest.mark.parametrize("sampler", ["gcbs", "hard", "no-duplicates"])
+def test_sampler_batches_are_full_disjoint_and_seeded(sampler):
+    from negbatch.lab.text_samplers import epoch_batches
+    from negbatch.models.text import TransformerTextEncoder
+
+    cfg = TextRunConfig(**{**TINY, "sampler": sampler})
+    train, _ = load_text_split(cfg.data, cfg.max_pairs, cfg.test_fraction, cfg.data_seed)
+    tok = _tokenizer(cfg.data, cfg.max_pairs, cfg.test_fraction, cfg.data_seed, cfg.vocab_size, cfg.max_length)
+    torch.manual_seed(0)
+    enc = TransformerTextEncoder(tok.vocab_size, dim=cfg.dim, depth=1, heads=cfg.heads)
+    enc.train()
+    first = [b.tolist() for b in epoch_batches(cfg, enc, tok, train, epoch=0)]
+    again = [b.tolist() for b in epoch_batches(cfg, enc, tok, train, epoch=0)]
+    assert first == again and enc.training  # seeded; the encoder's mode is restored
+    flat = [i for b in first for i in b]
+    assert all(len(b) == cfg.batch_size for b in first) and len(first) == len(train) // cfg.batch_size
+    assert len(set(flat)) == len(flat) and all(0 <= i < len(train) for i in flat)
+
+
+def test_study_text_batches_through_the_cli(tmp_path):
+    out = tmp_path / "tb"
+    r = negbatch("study", "text-batches", *TINY_CLI[:2], *TINY_CLI[6:], "--batch-size", "8", "--samplers", "random,gcbs",
+                 "--seeds", "0", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((out / "results.json").read_text())
+    assert sorted(r["sampler"] for r in rows) == ["gcbs", "random"]
+    assert all(r["steps"] == r["num_train_pairs"] // 8 for r in rows)  # one epoch by default
+    assert "gcbs** vs random" in (out / "report.md").read_text()
+    bad = negbatch("study", "text-batches", "--data", "builtin", "--samplers", "best", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "unknown sampler" in bad.stderr
