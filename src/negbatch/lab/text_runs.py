@@ -250,9 +250,11 @@ def train_text_run(cfg: TextRunConfig, run_dir: str | os.PathLike) -> dict[str, 
     """Train one text configuration in ``run_dir`` and evaluate retrieval on the test side.
 
     Writes ``config.json``, ``metrics.jsonl`` (step, loss, seconds) and
-    ``summary.json`` (the test metrics of the untrained and the trained
-    encoder, data sizes, wall time), each atomically. A finished run is
-    returned without training.
+    ``summary.json`` (the test metrics of the trained encoder and, prefixed
+    ``untrained_``, of the same encoder before training; data sizes; the
+    first loss and ``final_loss``, the mean of the last 10 steps; wall time
+    and, on CUDA, peak GPU memory), each atomically. A finished run is
+    returned without training; an unfinished one starts again from step 0.
 
     Examples
     --------
