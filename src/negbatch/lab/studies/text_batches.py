@@ -126,7 +126,9 @@ def report(folder: Path) -> Path:
         "the encoder as it is at the epoch's start (the untrained encoder for the first epoch).\n\n",
         markdown_table(["sampler", "seeds", *TEXT_METRICS, "final loss", "train s"], table),
         "\nThe final loss is not comparable across samplers: harder batches have a higher loss by construction.\n",
-        "\n## What the data show\n\n" + "\n".join(f"- {f}" for f in findings) + "\n",
+        "\n## What the data show\n\n" + "\n".join(f"- {f}" for f in findings) + "\n"
+        + (f"\n{len(findings)} comparisons with random, each at the 0.05 level and not corrected for their number: "
+           "one p just below 0.05 is weak evidence.\n" if len(findings) > 1 else ""),
         f"\n![retrieval by sampler]({fig_name})\n\nResults per run: `results.csv` / `results.json`.\n",
     ]
     out = folder / "report.md"
