@@ -197,7 +197,9 @@ def _finding(sizes: list[int], by_b: dict, spec: dict) -> str:
         parts.append(f"Across runs, Spearman rho(log B, nDCG@10) = {rho:+.2f} (p = {pr:.2g}).")
     better = means[large] > means[small] and p is not None and p < 0.05
     if better:
-        parts.append("Larger batches retrieved better: the claim of Gao et al. reproduces at this scale.")
+        parts.append("Larger batches retrieved better: the claim of Gao et al. reproduces at this scale"
+                     + (" (but at a fixed number of steps a larger batch also sees B times more pairs; "
+                        "--budget pairs compares at equal data)." if spec["budget"] == "steps" else "."))
     elif means[large] < means[small] and p is not None and p < 0.05:
         parts.append("Larger batches retrieved worse here: the claim of Gao et al. does not reproduce at this scale "
                      + ("(with the same pairs seen, a larger batch means fewer optimizer steps at the same learning rate)."
