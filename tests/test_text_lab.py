@@ -172,6 +172,9 @@ def test_study_on_the_users_pairs_file_and_errors(tmp_path):
     assert bad.returncode == 2 and "pairs:PATH" in bad.stderr
     missing = negbatch("study", "negatives", "--data", f"pairs:{tmp_path / 'nope.jsonl'}", "--out", str(tmp_path / "bad2"))
     assert missing.returncode == 2 and "nope.jsonl" in missing.stderr
+    big = negbatch("study", "negatives", "--data", "builtin", "--out", str(tmp_path / "bad3"))  # default batch 64 > 34 pairs
+    assert big.returncode == 2 and "--batch-size 64 exceeds the 34 training pairs" in big.stderr
+    assert not (tmp_path / "bad3").exists()
 
 
 def test_study_text_gradcache_through_the_cli(tmp_path):

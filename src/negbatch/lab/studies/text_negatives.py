@@ -20,7 +20,7 @@ from typing import Any
 
 from ..config import parse_negatives
 from ..sweep import atomic_write_text, read_results
-from ..text_runs import TEXT_METRICS, TextRunConfig, run_text_configs
+from ..text_runs import TEXT_METRICS, TextRunConfig, load_text_split, run_text_configs
 
 __all__ = ["add_text_arguments", "base_text_config", "run", "report", "TEXT_DEFAULTS", "DEFAULT_TEXT_KS"]
 
@@ -109,6 +109,9 @@ def run(args: argparse.Namespace) -> Path:
     temperatures = _list(args.temperatures, float, "temperatures") if args.temperatures else [base.temperature]
     lrs = _list(args.lrs, float, "lrs") if args.lrs else [base.lr]
     configs, effective = build_text_configs(base, ks, seeds, temperatures, lrs)
+    train, _ = load_text_split(base.data, base.max_pairs, base.test_fraction, base.data_seed)  # data errors first
+    if base.batch_size > len(train):
+        raise ValueError(f"--batch-size {base.batch_size} exceeds the {len(train)} training pairs of {base.data!r}; lower it")
     name = base.data if not base.data.startswith("pairs:") else "pairs"
     out = Path(args.out or f"negbatch-runs/negatives-text-{name}")
     out.mkdir(parents=True, exist_ok=True)
