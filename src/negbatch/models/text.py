@@ -221,7 +221,11 @@ class TransformerTextEncoder(nn.Module):
         self.layers = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, features: Mapping[str, Tensor]) -> Tensor:
+    def forward(self, features: Mapping[str, Tensor] | None = None, *, input_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> Tensor:
+        # Keywords too: GradCache calls an encoder on a dict chunk as encoder(**chunk).
+        if features is None and input_ids is not None:
+            features = {"input_ids": input_ids, "attention_mask": attention_mask}
         if not isinstance(features, Mapping) or "input_ids" not in features or "attention_mask" not in features:
             raise TypeError("features must be a dict with 'input_ids' and 'attention_mask' (a tokenizer's output)")
         ids, mask = features["input_ids"], features["attention_mask"]

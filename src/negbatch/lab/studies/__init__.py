@@ -15,7 +15,7 @@ A new study is one module here and one line in :data:`STUDIES`.
 
 from __future__ import annotations
 
-from . import batches, bias, gradcache, negatives
+from . import batches, bias, gradcache, negatives, text_batches, text_gradcache
 
 __all__ = ["STUDIES"]
 
@@ -24,4 +24,7 @@ STUDIES = {
     "gradcache": gradcache,
     "batches": batches,
     "bias": bias,
+    # Text pairs: `study gradcache|batches --data bible|builtin|pairs:PATH` run these (see cli.py).
+    "text-gradcache": text_gradcache,
+    "text-batches": text_batches,
 }

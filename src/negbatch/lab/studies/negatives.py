@@ -22,6 +22,7 @@ from typing import Any
 from ..config import TrainConfig, add_config_arguments, config_from_args, load_config_file, parse_negatives
 from ..sweep import atomic_write_text, read_results, run_configs
 from ..trainer import negative_candidates, read_metrics
+from . import text_negatives
 
 __all__ = ["add_arguments", "run", "report", "build_configs", "DEFAULT_KS"]
 
@@ -43,13 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("study options")
     g.add_argument("--out", default=None, help="study folder (default: negbatch-runs/negatives-DATASET)")
     g.add_argument("--losses", default="simclr,relic", help="comma list of simclr, relic (default: simclr,relic)")
-    g.add_argument("--ks", default=DEFAULT_KS, help=f"negatives per anchor to sweep; 'all' and K above the batch's candidates mean all (default: {DEFAULT_KS})")
+    g.add_argument("--ks", default=None, help=f"negatives per anchor to sweep; 'all' and K above the batch's candidates mean all (default: {DEFAULT_KS}; text: {text_negatives.DEFAULT_TEXT_KS})")
     g.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default: 0,1,2)")
-    g.add_argument("--temperatures", default="0.2", help="comma list; with several, the best per K is reported (default: 0.2)")
+    g.add_argument("--temperatures", default=None, help="comma list; with several, the best per K is reported (default: 0.2; text: 0.05)")
     g.add_argument("--lrs", default=None, help="comma list of learning rates; with several, the best per K is reported (default: lr of --config, else 0.001)")
     g.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
     g.add_argument("--config", default=None, help="TOML/YAML file of training options (the swept ones are overridden)")
     add_config_arguments(parser, exclude=SWEPT)
+    text_negatives.add_text_arguments(parser)  # --data: the study on text pairs
 
 
 def build_configs(base: TrainConfig, losses: list[str], ks: list, seeds: list[int], temperatures: list[float], lrs: list[float]) -> tuple[list[TrainConfig], dict[str, list]]:
@@ -74,12 +76,14 @@ def build_configs(base: TrainConfig, losses: list[str], ks: list, seeds: list[in
 
 
 def run(args: argparse.Namespace) -> Path:
+    if getattr(args, "data", None):
+        return text_negatives.run(args)
     base_values = load_config_file(args.config) if args.config else {}
     base = config_from_args(args, base_values)
     losses = _list(args.losses, str, "losses")
-    ks = _list(args.ks, parse_negatives, "ks")
+    ks = _list(args.ks or DEFAULT_KS, parse_negatives, "ks")
     seeds = _list(args.seeds, int, "seeds")
-    temperatures = _list(args.temperatures, float, "temperatures")
+    temperatures = _list(args.temperatures or "0.2", float, "temperatures")
     lrs = _list(args.lrs, float, "lrs") if args.lrs else [base.lr]
     configs, effective = build_configs(base, losses, ks, seeds, temperatures, lrs)
     out = Path(args.out or f"negbatch-runs/negatives-{base.dataset}")
@@ -155,6 +159,8 @@ def report(folder: Path) -> Path:
 
     folder = Path(folder)
     spec = json.loads((folder / "study.json").read_text())
+    if spec.get("data"):
+        return text_negatives.report(folder)
     rows = [r for r in read_results(folder) if r["loss"] in spec["losses"]]
     for r in rows:
         r["negatives"] = parse_negatives(r["negatives"])
