@@ -84,3 +84,15 @@ def test_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["study", "nosuch"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_text_data_routes_gradcache_and_batches_to_their_text_studies():
+    from negbatch.cli import route_text_studies
+
+    assert route_text_studies(["study", "gradcache", "--data", "bible", "--seeds", "0"]) == [
+        "study", "text-gradcache", "--data", "bible", "--seeds", "0"]
+    assert route_text_studies(["study", "batches", "--data=pairs:my.jsonl"])[1] == "text-batches"
+    assert route_text_studies(["study", "batches", "--data", "images"])[1] == "batches"
+    assert route_text_studies(["study", "gradcache", "--data", "digits"])[1] == "gradcache"
+    assert route_text_studies(["study", "negatives", "--data", "bible"])[1] == "negatives"
+    assert route_text_studies(["train", "--data", "bible"]) == ["train", "--data", "bible"]

@@ -78,7 +78,28 @@ def _demo(args: argparse.Namespace) -> Path:
     return negatives.run(parser.parse_args(argv))
 
 
+# Studies whose text-pair version lives in a module of its own: `study NAME --data
+# bible|builtin|pairs:PATH` runs `text-NAME` (the negatives study dispatches itself).
+_TEXT_STUDIES = {"gradcache": "text-gradcache", "batches": "text-batches"}
+
+
+def _is_text_data(value: str) -> bool:
+    return value in ("bible", "builtin") or value.startswith("pairs:")
+
+
+def route_text_studies(argv: list[str]) -> list[str]:
+    """``study gradcache --data bible ...`` -> ``study text-gradcache --data bible ...``."""
+    if len(argv) < 2 or argv[0] != "study" or argv[1] not in _TEXT_STUDIES:
+        return argv
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--data=") else (argv[i + 1] if arg == "--data" and i + 1 < len(argv) else None)
+        if value is not None and _is_text_data(value):
+            return [argv[0], _TEXT_STUDIES[argv[1]], *argv[2:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = route_text_studies(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":
