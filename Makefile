@@ -10,32 +10,36 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
-EXTRAS ?= lab,test
+DEMO_EXTRAS ?= lab
+TEST_EXTRAS ?= lab,test,text
 
 .PHONY: venv demo test test-all bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(PY):
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
 	  echo "keeping the installed torch $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
 	  $(PYTHON) -m venv --system-site-packages $(VENV); \
 	else \
 	  $(PYTHON) -m venv $(VENV) && $(PY) -m pip install -q "$(TORCH_SPEC)"; \
 	fi
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+
+# One stamp per set of extras: `make demo` does not install the test tools.
+$(VENV)/.installed-%: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[$*]"
 	@touch $@
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed-$(TEST_EXTRAS)
 
-demo: venv
+demo: $(VENV)/.installed-$(DEMO_EXTRAS)
 	$(PY) -m negbatch.cli demo
 
-test: venv
+test: $(VENV)/.installed-$(TEST_EXTRAS)
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: venv
+test-all: $(VENV)/.installed-$(TEST_EXTRAS)
 	$(PY) -m pytest -q
 
-bench: venv
+bench: $(VENV)/.installed-$(TEST_EXTRAS)
 	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]  # 5: no test is marked slow
 	$(PY) bench/run.py
 
