@@ -323,3 +323,13 @@ def test_bfloat16_embeddings_keep_a_float32_state():
     assert out16.dtype == torch.bfloat16 and loss16.log_nu.dtype == torch.float32
     torch.testing.assert_close(loss16.log_nu, loss32.log_nu, rtol=0.02, atol=0.5)
     torch.testing.assert_close(out16.float(), out32, rtol=0.05, atol=0.5)
+
+
+def test_dense_fused_backward_runs_once():
+    loss_fn = GlobalInfoNCE(num_samples=10, temperature=0.5)
+    z1 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    loss = loss_fn(z1, z2, torch.arange(4))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        loss.backward()

@@ -96,6 +96,56 @@ class _PositiveAndNegativeSum(torch.autograd.Function):
         return grad, None
 
 
+_BLOCK_ELEMENTS = 1 << 22
+
+
+class _DenseTerms(torch.autograd.Function):
+    """:class:`_PositiveAndNegativeSum` over *all* candidates, straight from the
+    embeddings, holding one (n, m) buffer.
+
+    The logits are computed once; the buffer then holds ``exp(l - shift)`` on
+    the negatives (zero elsewhere) and the backward turns it, in place, into
+    ``dL/dscores`` before the two products with the embeddings. It runs once
+    (a second backward raises).
+    """
+
+    @staticmethod
+    def forward(ctx, anchors, bank, allowed, positive_index, temperature):  # type: ignore[override]
+        work = anchors @ bank.t()
+        work.mul_(1.0 / temperature)
+        col = positive_index[:, None]
+        positive = work.gather(1, col).squeeze(1)
+        shift = work.new_empty(work.shape[0])
+        summed = work.new_empty(work.shape[0])
+        step = max(1, _BLOCK_ELEMENTS // max(1, work.shape[1]))
+        for start in range(0, work.shape[0], step):
+            stop = start + step
+            block = work[start:stop]
+            block.masked_fill_(~allowed[start:stop], float("-inf"))
+            block.scatter_(1, col[start:stop], float("-inf"))  # the positive is not a negative
+            shift[start:stop] = block.amax(dim=1)
+            block.sub_(shift[start:stop, None]).exp_()
+            summed[start:stop] = block.sum(dim=1)
+        ctx.save_for_backward(anchors, bank, col, work)
+        ctx.temperature = temperature
+        ctx.consumed = False
+        ctx.mark_non_differentiable(shift)
+        return positive, summed, shift
+
+    @staticmethod
+    def backward(ctx, grad_positive, grad_summed, _grad_shift):  # type: ignore[override]
+        if ctx.consumed:
+            raise RuntimeError("GlobalInfoNCE's dense backward runs once; do not backward twice through it")
+        ctx.consumed = True
+        anchors, bank, col, work = ctx.saved_tensors
+        work.mul_(grad_summed[:, None])
+        work.scatter_(1, col, grad_positive[:, None])  # the positive's entry was zero
+        work.mul_(1.0 / ctx.temperature)
+        grad_anchors = work @ bank if ctx.needs_input_grad[0] else None
+        grad_bank = work.t() @ anchors if ctx.needs_input_grad[1] else None
+        return grad_anchors, grad_bank, None, None, None
+
+
 class GlobalInfoNCE(nn.Module):
     """Global contrastive loss with one running normaliser per sample (stochastic EM).
 
@@ -418,12 +468,12 @@ class GlobalInfoNCE(nn.Module):
         """Positive logit, sum of shifted negative exponentials (with grad), the
         shift and the log of the number of negatives, per anchor."""
         selection = select_negatives(direction.positive_index, direction.bank.shape[0], **direction.kwargs)
-        logits = selection_logits(direction.anchors, direction.bank, selection, self.temperature)
-        n = direction.anchors.shape[0]
+        anchors, bank = direction.anchors, direction.bank
+        n = anchors.shape[0]
         if not selection.is_dense:
             count = selection.valid.sum(dim=1) - 1
         elif direction.num_excluded is not None:
-            count = torch.full((n,), direction.bank.shape[0] - direction.num_excluded, device=logits.device)
+            count = torch.full((n,), bank.shape[0] - direction.num_excluded, device=anchors.device)
         else:  # the positive and the negatives are the allowed columns
             count = selection.allowed.sum(dim=1, dtype=torch.int32) - 1
         if bool((count == 0).any()):
@@ -431,7 +481,14 @@ class GlobalInfoNCE(nn.Module):
                 "an anchor has no negatives (batch of one sample, or everything masked); the normaliser "
                 "Z is a mean over negatives and needs at least one"
             )
-        positive, summed, shift = _PositiveAndNegativeSum.apply(logits, selection.positive_column)
+        fused = selection.is_dense and anchors.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled()
+        if fused:
+            positive, summed, shift = _DenseTerms.apply(
+                anchors, bank, selection.allowed, selection.positive_index, self.temperature
+            )
+        else:
+            logits = selection_logits(anchors, bank, selection, self.temperature)
+            positive, summed, shift = _PositiveAndNegativeSum.apply(logits, selection.positive_column)
         return positive, summed, shift, count.to(summed.dtype).log()
 
     def _check_inputs(self, a: Tensor, b: Tensor, indices: Tensor) -> Tensor:
