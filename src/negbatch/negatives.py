@@ -31,6 +31,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Literal, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -188,10 +189,19 @@ def sample_uniform_ranks(
     top = (population - k)[None, :] + steps
     draws = raw.t() % (top + 1) + base
     top += base
-    for t in range(k):
-        r = torch.where(taken[draws[t]], top[t], draws[t])
-        draws[t] = r
-        taken[r] = True
+    if device.type == "cpu":
+        # The K steps are tiny vector ops: numpy's per-call cost is a fraction
+        # of torch's dispatch. The arrays are views of the same memory.
+        taken_np, draws_np, top_np = taken.numpy(), draws.numpy(), top.numpy()
+        for t in range(k):
+            r = np.where(taken_np[draws_np[t]], top_np[t], draws_np[t])
+            draws_np[t] = r
+            taken_np[r] = True
+    else:
+        for t in range(k):
+            r = torch.where(taken[draws[t]], top[t], draws[t])
+            draws[t] = r
+            taken[r] = True
     return (draws - base).t().contiguous()
 
 
