@@ -365,7 +365,8 @@ def _csr_transposed(index: Tensor, values: Tensor, num_columns: int) -> Tensor:
     """The transpose of :func:`_csr` as a row-major (num_columns, n) matrix."""
     n, k = index.shape
     flat = index.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    # int32 keys sort about twice as fast, and a bank never has 2**31 rows.
+    order = torch.argsort(flat.to(torch.int32), stable=True)
     crow = torch.zeros(num_columns + 1, dtype=torch.long, device=index.device)
     crow[1:] = torch.bincount(flat, minlength=num_columns).cumsum(0)
     rows = torch.arange(n, device=index.device).repeat_interleave(k)
