@@ -42,3 +42,18 @@ def test_run_configs_skips_finished_runs_and_writes_one_row_each(tmp_path, monke
         run_configs([TINY, TINY], tmp_path)
     with pytest.raises(ValueError, match="workers"):
         run_configs(configs, tmp_path, workers=0)
+
+
+def test_parse_list_names_the_option():
+    import pytest
+
+    from negbatch.lab.sweep import parse_list
+
+    assert parse_list("1, 2,all", str, "ks") == ["1", "2", "all"]
+    assert parse_list("0,1", int, "seeds") == [0, 1]
+    with pytest.raises(ValueError, match="--seeds"):
+        parse_list("0,x", int, "seeds")
+    with pytest.raises(ValueError, match="--ks must list at least one value"):
+        parse_list(",", str, "ks")
+    with pytest.raises(ValueError, match="--samplers lists a value twice"):
+        parse_list("gcbs,gcbs", str, "samplers", unique=True)

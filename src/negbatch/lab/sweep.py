@@ -127,3 +127,20 @@ def run_configs(
             for fut in cf.as_completed(futures):
                 done(fut.result())
     return summaries
+
+
+def parse_list(text: str, convert: Callable[[str], Any], name: str, *, unique: bool = False) -> list:
+    """A study option's comma list (``"1,2,all"``), converted item by item.
+
+    Errors name the option (``--name``): a value ``convert`` rejects, an empty
+    list, or (with ``unique``) a value given twice.
+    """
+    try:
+        out = [convert(t) for t in str(text).replace(" ", "").split(",") if t]
+    except ValueError as err:
+        raise ValueError(f"--{name}: {err}") from None
+    if not out:
+        raise ValueError(f"--{name} must list at least one value")
+    if unique and len(set(out)) != len(out):
+        raise ValueError(f"--{name} lists a value twice: {text}")
+    return out

@@ -25,6 +25,7 @@ pairs).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -33,8 +34,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import TrainConfig, add_config_arguments, config_from_args, load_config_file
-from ..sweep import atomic_write_text, read_results, run_configs
+from ..sweep import atomic_write_text, parse_list, read_results, run_configs
 from ..trainer import read_metrics
+
+_list = functools.partial(parse_list, unique=True)
 
 __all__ = ["add_arguments", "run", "report", "StudyData", "DATA", "SAMPLERS", "STUDY_DEFAULTS"]
 
@@ -116,17 +119,6 @@ DATA: dict[str, StudyData] = {
 
 # -------------------------------------------------------------------------- running
 
-
-def _list(text: str, convert, name: str) -> list:
-    try:
-        out = [convert(t) for t in str(text).replace(" ", "").split(",") if t]
-    except ValueError as err:
-        raise ValueError(f"--{name}: {err}") from None
-    if not out:
-        raise ValueError(f"--{name} must list at least one value")
-    if len(set(out)) != len(out):
-        raise ValueError(f"--{name} lists a value twice: {text}")
-    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -34,7 +34,9 @@ from typing import Any
 import torch
 
 from ..config import TrainConfig, add_config_arguments, config_from_args, load_config_file
-from ..sweep import atomic_write_text, read_results, run_configs, run_key
+from ..sweep import atomic_write_text, parse_list, read_results, run_configs, run_key
+
+_list = parse_list
 
 __all__ = ["add_arguments", "run", "report", "build_configs", "measure_bias", "CONDITIONS"]
 
@@ -49,15 +51,6 @@ SHOWN = ("plain", "plain_paired", "corrected", "corrected_fixed", "corrected_exa
 ESTIMATOR_LABELS = {"plain": "plain minibatch", "plain_paired": "plain, paired with nu = Z (low noise)", "corrected": "corrected, running nu (E-step)",
                     "corrected_fixed": "corrected, running nu (no E-step)", "corrected_exact": "corrected, nu = Z exact"}
 
-
-def _list(text: str, convert, name: str) -> list:
-    try:
-        out = [convert(t) for t in str(text).replace(" ", "").split(",") if t]
-    except ValueError as err:
-        raise ValueError(f"--{name}: {err}") from None
-    if not out:
-        raise ValueError(f"--{name} must list at least one value")
-    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -33,6 +33,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+from ..sweep import parse_list
+
+_list = parse_list
 
 __all__ = ["add_arguments", "run", "report", "DATA_KINDS", "Workload", "measure"]
 
@@ -40,15 +43,6 @@ METHODS = ("plain", "accumulate", "cache")
 DEFAULT_BATCHES = "64,128,256,512,1024,2048,4096"
 MIB = 2.0**20
 
-
-def _list(text: str, convert, name: str) -> list:
-    try:
-        out = [convert(t) for t in str(text).replace(" ", "").split(",") if t]
-    except ValueError as err:
-        raise ValueError(f"--{name}: {err}") from None
-    if not out:
-        raise ValueError(f"--{name} must list at least one value")
-    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

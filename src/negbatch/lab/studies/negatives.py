@@ -20,24 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig, add_config_arguments, config_from_args, load_config_file, parse_negatives
-from ..sweep import atomic_write_text, read_results, run_configs
+from ..sweep import atomic_write_text, parse_list, read_results, run_configs
 from ..trainer import negative_candidates, read_metrics
 from . import text_negatives
+
+_list = parse_list
 
 __all__ = ["add_arguments", "run", "report", "build_configs", "DEFAULT_KS"]
 
 DEFAULT_KS = "1,2,5,10,50,100,all"
 SWEPT = ("loss", "negatives", "seed", "temperature", "lr")
 
-
-def _list(text: str, convert, name: str) -> list:
-    try:
-        out = [convert(t) for t in str(text).replace(" ", "").split(",") if t]
-    except ValueError as err:
-        raise ValueError(f"--{name}: {err}") from None
-    if not out:
-        raise ValueError(f"--{name} must list at least one value")
-    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import parse_negatives
-from ..sweep import atomic_write_text, read_results
+from ..sweep import atomic_write_text, parse_list, read_results
 from ..text_runs import TEXT_METRICS, TextRunConfig, load_text_split, run_text_configs
+
+_list = parse_list
 
 __all__ = ["add_text_arguments", "base_text_config", "run", "report", "TEXT_DEFAULTS", "DEFAULT_TEXT_KS"]
 
@@ -79,15 +81,6 @@ def base_text_config(args: argparse.Namespace) -> TextRunConfig:
         values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     return TextRunConfig(**values)
 
-
-def _list(text: str, convert, name: str) -> list:
-    try:
-        out = [convert(t) for t in str(text).replace(" ", "").split(",") if t]
-    except ValueError as err:
-        raise ValueError(f"--{name}: {err}") from None
-    if not out:
-        raise ValueError(f"--{name} must list at least one value")
-    return out
 
 
 def build_text_configs(base: TextRunConfig, ks: list, seeds: list[int], temperatures: list[float], lrs: list[float]) -> tuple[list[TextRunConfig], list]:
