@@ -102,11 +102,30 @@ def run_configs(
     -------
     list of dict: one summary per configuration, with its folder name under ``"run"``.
     """
+    study_dir = Path(study_dir)
+    jobs = [(c.to_dict(), str(study_dir / "runs" / run_key(c))) for c in configs]
+    return run_jobs(jobs, study_dir, _train_one, workers=workers, on_done=on_done)
+
+
+def run_jobs(
+    jobs: list[tuple[dict[str, Any], str]],
+    study_dir: str | os.PathLike,
+    train_one: Callable[[dict[str, Any], str, int | None], dict[str, Any]],
+    *,
+    workers: int = 1,
+    on_done: Callable[[dict[str, Any], int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``train_one(config_dict, run_dir, threads)`` for every job, in this
+    process or in ``workers`` spawned processes (one torch thread each), and
+    rewrite the study's results table atomically after each run.
+
+    ``train_one`` must be a module-level function (it is pickled for the
+    workers) that skips a finished run folder and returns the run's summary.
+    """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     study_dir = Path(study_dir)
     (study_dir / "runs").mkdir(parents=True, exist_ok=True)
-    jobs = [(c.to_dict(), str(study_dir / "runs" / run_key(c))) for c in configs]
     if len({d for _, d in jobs}) != len(jobs):
         raise ValueError("two configurations of the study are identical; remove the duplicates")
     summaries: list[dict[str, Any]] = []
@@ -119,11 +138,11 @@ def run_configs(
 
     if workers == 1:
         for cfg_dict, run_dir in jobs:
-            done(_train_one(cfg_dict, run_dir, None))
+            done(train_one(cfg_dict, run_dir, None))
     else:
         ctx = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = [pool.submit(_train_one, c, d, 1) for c, d in jobs]
+            futures = [pool.submit(train_one, c, d, 1) for c, d in jobs]
             for fut in cf.as_completed(futures):
                 done(fut.result())
     return summaries

@@ -27,11 +27,9 @@ checkpoint). A folder holding a run of another configuration is refused.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
 import hashlib
 import json
-import multiprocessing
 import os
 import time
 from dataclasses import dataclass, field, fields
@@ -43,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import parse_negatives
-from .sweep import atomic_write_text, write_results
+from .sweep import atomic_write_text, run_jobs
 
 __all__ = [
     "TextRunConfig",
@@ -373,28 +371,6 @@ def run_text_configs(
     >>> len(rows)
     2
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive int, got {workers!r}")
     study_dir = Path(study_dir)
-    (study_dir / "runs").mkdir(parents=True, exist_ok=True)
     jobs = [(c.to_dict(), str(study_dir / "runs" / text_run_key(c, key_fields))) for c in configs]
-    if len({d for _, d in jobs}) != len(jobs):
-        raise ValueError("two configurations of the study are identical; remove the duplicates")
-    summaries: list[dict[str, Any]] = []
-
-    def done(summary: dict[str, Any]) -> None:
-        summaries.append(summary)
-        write_results(study_dir, summaries)
-        if on_done is not None:
-            on_done(summary, len(summaries), len(jobs))
-
-    if workers == 1:
-        for cfg_dict, run_dir in jobs:
-            done(_train_one(cfg_dict, run_dir, None))
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = [pool.submit(_train_one, c, d, 1) for c, d in jobs]
-            for fut in cf.as_completed(futures):
-                done(fut.result())
-    return summaries
+    return run_jobs(jobs, study_dir, _train_one, workers=workers, on_done=on_done)
