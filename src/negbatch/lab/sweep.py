@@ -26,17 +26,10 @@ from typing import Any, Callable
 import torch
 
 from .config import TrainConfig
+from .runs import atomic_write_text
 from .trainer import train
 
 __all__ = ["run_key", "run_configs", "write_results", "read_results", "atomic_write_text"]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def run_key(cfg: TrainConfig, fields: tuple[str, ...] = ("loss", "negatives", "temperature", "lr", "seed")) -> str:

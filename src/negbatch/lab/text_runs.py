@@ -41,7 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import parse_negatives
-from .sweep import atomic_write_text, run_jobs
+from .runs import SUMMARY, atomic_write_text, claim_run_dir
+from .sweep import run_jobs
 
 __all__ = [
     "TextRunConfig",
@@ -54,7 +55,6 @@ __all__ = [
 ]
 
 TEXT_METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
-SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 
 
@@ -269,16 +269,9 @@ def train_text_run(cfg: TextRunConfig, run_dir: str | os.PathLike) -> dict[str, 
     from ..models.text import TransformerTextEncoder
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / SUMMARY).exists():
-        return json.loads((run_dir / SUMMARY).read_text())
-    config_path = run_dir / "config.json"
-    if config_path.exists():
-        previous = json.loads(config_path.read_text())
-        if previous != cfg.to_dict():
-            changed = sorted(k for k in cfg.to_dict() if previous.get(k) != cfg.to_dict()[k])
-            raise ValueError(f"{run_dir} holds a run of a different configuration (differs in {', '.join(changed)}); use another folder")
-    atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=2))
+    finished = claim_run_dir(run_dir, cfg.to_dict(), cfg.to_dict(), lambda saved: saved)
+    if finished is not None:
+        return finished
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={cfg.device!r} but CUDA is not available; use device='cpu'")

@@ -40,6 +40,7 @@ from .batching import build_planned_sampler, epoch_diagnostics
 from .config import TrainConfig, parse_negatives
 from .global_loss import GammaSchedule, GlobalPairLoss
 from .lars import LARS
+from .runs import SUMMARY, atomic_write_text, claim_run_dir
 
 __all__ = [
     "Batch",
@@ -58,7 +59,6 @@ __all__ = [
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
 
 
 @dataclass
@@ -265,12 +265,6 @@ def evaluate(model: ContrastiveModel, data: ImageDataset, cfg: TrainConfig, devi
 # ------------------------------------------------------------------------ logging
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The per-step metric rows of a run folder."""
     path = Path(run_dir) / METRICS
@@ -369,17 +363,11 @@ def train(
     True
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / SUMMARY).exists():
-        return json.loads((run_dir / SUMMARY).read_text())
-    config_path = run_dir / "config.json"
-    if config_path.exists():
-        previous = TrainConfig.from_dict(json.loads(config_path.read_text())).identity()
-        if previous != cfg.identity():
-            changed = sorted(k for k in previous if previous[k] != cfg.identity()[k])
-            raise ValueError(f"{run_dir} holds a run of a different configuration (differs in {', '.join(changed)}); "
-                             "use another folder")
-    _atomic_write(config_path, json.dumps(cfg.to_dict(), indent=2))
+    finished = claim_run_dir(
+        run_dir, cfg.to_dict(), cfg.identity(), lambda saved: TrainConfig.from_dict(saved).identity()
+    )
+    if finished is not None:
+        return finished
     device = _device(cfg.device)
 
     # Data, model, objective, batches, optimisation.
@@ -414,7 +402,7 @@ def train(
         loss_gen.set_state(ckpt["rng"]["loss"])
         step, epoch, start_batch = ckpt["step"], ckpt["epoch"], ckpt["batch"]
     rows = [r for r in read_metrics(run_dir) if r["step"] <= step]
-    _atomic_write(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
 
     def save_checkpoint(epoch: int, next_batch: int) -> None:
         state = {
@@ -513,5 +501,5 @@ def train(
         timing = sampler.timing() if hasattr(sampler, "timing") else {}
         summary.update({"sampler_seconds": sum(timing.values()), "gap_seconds": diagnostic_seconds})
         summary.update(_last_gap(rows))
-    _atomic_write(run_dir / SUMMARY, json.dumps(summary, indent=2))
+    atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=2))
     return summary
