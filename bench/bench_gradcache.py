@@ -16,7 +16,12 @@
     there through /proc/self/clear_refs where Linux allows it, otherwise
     ru_maxrss), so the ratios are also printed on the step's own increase.
 
-Usage: python bench/bench_gradcache.py [--quick] [--only time|memory] [--batch N] [--chunk N] [--repeats N]
+(3) Decomposition (MLP, same process, side by side): the loss alone, the
+    no-grad forward and the encoder's forward+backward unchunked and at
+    chunk sizes chunk..B, and the cached step at each: what the chunk size
+    costs on this machine beyond the extra forward.
+
+Usage: python bench/bench_gradcache.py [--quick] [--only time|decompose|memory] [--batch N] [--chunk N] [--repeats N]
        [--mem-batch N] [--mem-chunk N] [--device cpu|cuda]
        [--models mlp transformer] [--mem-model mlp|transformer]
 """
@@ -122,6 +127,64 @@ def time_model(model: str, b: int, chunk: int, repeats: int, device) -> dict:
     return {k: statistics.median(v[1:]) for k, v in times.items()}
 
 
+def decompose(model: str, b: int, chunks: list[int], repeats: int, device) -> dict:
+    """Where a cached step's time goes, side by side: the plain step, the loss
+    alone, the no-grad forward and the forward+backward of the encoder (with
+    a fixed upstream gradient) unchunked and at each chunk size, and the
+    cached step at each chunk size. ``ideal`` = (plain + unchunked no-grad
+    forward) / plain: the ratio if chunked products ran as fast as whole-batch ones."""
+    torch.manual_seed(0)
+    enc = MODELS[model]().to(device)
+    loss_fn = InfoNCE(0.1)
+    v1, v2 = make_views(model, b, device)
+    z = [torch.randn(b, DIM_OUT, device=device, requires_grad=True) for _ in range(2)]
+
+    def forward(size):
+        with torch.no_grad():
+            for v in (v1, v2):
+                for part in v.split(size):
+                    enc(part)
+
+    def forward_backward(size):
+        for v in (v1, v2):
+            for part in v.split(size):
+                out = enc(part)
+                out.backward(torch.ones_like(out))
+
+    variants = {
+        "plain": lambda: plain_step(enc, loss_fn, v1, v2),
+        "loss": lambda: torch.autograd.grad(loss_fn(*z), z),
+        f"forward {b}": lambda: forward(b),
+        f"forward+backward {b}": lambda: forward_backward(b),
+    }
+    for c in chunks:
+        variants[f"forward {c}"] = lambda c=c: forward(c)
+        variants[f"forward+backward {c}"] = lambda c=c: forward_backward(c)
+        variants[f"cached {c}"] = lambda c=c, cache=GradCache(enc, loss_fn, c): cache.step(v1, v2)
+    times = {k: [] for k in variants}
+    for _ in range(repeats + 1):
+        for name, fn in variants.items():
+            enc.zero_grad(set_to_none=True)
+            times[name].append(timed(fn, device))
+    return {k: statistics.median(v[1:]) for k, v in times.items()}
+
+
+def run_decomposition(args, device) -> None:
+    b = args.batch
+    chunks = sorted({args.chunk, *[c for c in (2 * args.chunk, 4 * args.chunk, b) if c <= b]})
+    t = decompose("mlp", b, chunks, args.repeats, device)
+    plain = t["plain"]
+    print(f"\n# where the MLP's cached step goes, B={b}, device={device}, median of {args.repeats}, "
+          f"times / plain step ({plain:.4f} s)")
+    print(f"loss alone {t['loss'] / plain:.2f}; unchunked: no-grad forward {t[f'forward {b}'] / plain:.2f}, "
+          f"forward+backward {t[f'forward+backward {b}'] / plain:.2f}; "
+          f"ideal cached/plain {(plain + t[f'forward {b}']) / plain:.2f}")
+    print(f"{'chunk':>6} {'no-grad fwd':>12} {'fwd+bwd':>9} {'fwd+bwd / unchunked':>20} {'cached/plain':>13}")
+    for c in chunks:
+        print(f"{c:>6} {t[f'forward {c}'] / plain:>12.2f} {t[f'forward+backward {c}'] / plain:>9.2f} "
+              f"{t[f'forward+backward {c}'] / t[f'forward+backward {b}']:>20.2f} {t[f'cached {c}'] / plain:>13.2f}")
+
+
 # ------------------------------------------------------------------ memory
 
 
@@ -201,7 +264,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--mem-chunk", type=int, default=64)
     p.add_argument("--mem-model", choices=tuple(MODELS), default="mlp", help="encoder of the memory part")
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS), help="encoders timed")
-    p.add_argument("--only", choices=("time", "memory"), help="run one of the two parts")
+    p.add_argument("--only", choices=("time", "decompose", "memory"), help="run one of the three parts")
     p.add_argument("--memory-child", nargs=5, metavar=("VARIANT", "B", "CHUNK", "DEVICE", "MODEL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_child:
@@ -212,9 +275,11 @@ def main(argv: list[str]) -> None:
         args.batch, args.chunk, args.repeats, args.mem_batch, args.mem_chunk = 256, 64, 2, 1024, 64
     device = torch.device(args.device)
 
-    if args.only != "memory":
+    if args.only in (None, "time"):
         run_time(args, device)
-    if args.only != "time":
+    if args.only in (None, "decompose"):
+        run_decomposition(args, device)
+    if args.only in (None, "memory"):
         run_memory(args, device)
 
 
