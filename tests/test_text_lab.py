@@ -111,6 +111,46 @@ def test_finished_run_is_skipped_and_other_config_refused(tmp_path):
         train_text_run(cfg.replace(lr=0.5), tmp_path / "run")
 
 
+@pytest.mark.parametrize("sampler, chunk_size", [("random", 0), ("gcbs", 3)])
+def test_interrupted_run_resumes_exactly(tmp_path, sampler, chunk_size):
+    # 7 steps over 22 training pairs in batches of 8: epochs of 2 batches, so the
+    # interruptions fall mid-epoch and on an epoch boundary; dropout and K sampled
+    # negatives draw from the restored random streams.
+    cfg = TextRunConfig(**{**TINY, "steps": 7, "negatives": 3, "sampler": sampler, "chunk_size": chunk_size})
+    whole = train_text_run(cfg, tmp_path / "whole", checkpoint_every=0)
+    assert train_text_run(cfg, tmp_path / "cut", checkpoint_every=2, stop_after=3) is None
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    logged = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in logged] == [1, 2, 3]
+    assert train_text_run(cfg, tmp_path / "cut", checkpoint_every=2, stop_after=4) is None
+    resumed = train_text_run(cfg, tmp_path / "cut", checkpoint_every=2)
+    losses = lambda name: [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses("cut") == losses("whole") and len(losses("whole")) == 7
+    for key in ("recall@1", "mrr@10", "ndcg@10", "untrained_mrr@10", "final_loss", "first_loss"):
+        assert resumed[key] == whole[key], key
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_control_other_random_state_changes_the_run(tmp_path):
+    # The comparison above can fail: a checkpoint whose dropout stream is replaced gives another run.
+    cfg = TextRunConfig(**{**TINY, "steps": 5, "negatives": 3})
+    whole = train_text_run(cfg, tmp_path / "whole")
+    train_text_run(cfg, tmp_path / "cut", stop_after=2)
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    state["rng"]["torch"] = torch.Generator().manual_seed(123).get_state()
+    torch.save(state, tmp_path / "cut" / "checkpoint.pt")
+    assert train_text_run(cfg, tmp_path / "cut")["final_loss"] != whole["final_loss"]
+
+
+def test_checkpoint_arguments_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="checkpoint_every must be an int >= 0"):
+        train_text_run(TextRunConfig(**TINY), tmp_path / "a", checkpoint_every=-1)
+    with pytest.raises(ValueError, match="stop_after must be a positive int"):
+        train_text_run(TextRunConfig(**TINY), tmp_path / "a", stop_after=0)
+
+
 def test_bad_configurations_name_the_field():
     with pytest.raises(ValueError, match="'bible', 'builtin' or 'pairs:PATH'"):
         TextRunConfig(data="wiki")

@@ -21,8 +21,11 @@ The split uses ``data_seed`` (not the run's ``seed``), so every seed of a study
 sees the same test corpus.
 
 Resuming: a finished run (``summary.json`` present) is skipped; an unfinished
-one is retrained from the start (text runs are short; there is no mid-run
-checkpoint). A folder holding a run of another configuration is refused.
+one continues from its last ``checkpoint.pt`` (written every
+``checkpoint_every`` steps: encoder, optimizer, the epoch's batch plan and
+position, and every random stream), so an interrupted run ends exactly as an
+uninterrupted one would. A folder holding a run of another configuration is
+refused.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ __all__ = [
 
 TEXT_METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
 METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint.pt"
 
 
 def parse_data(value: str) -> tuple[str, str | None]:
@@ -214,27 +218,49 @@ def _tokenizer(data: str, max_pairs: int | None, test_fraction: float, data_seed
 # ------------------------------------------------------------------------ batches
 
 
-def _random_batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
-    """Batches without replacement, reshuffled each epoch (the order of
-    :func:`negbatch.text_training.train_text_pairs` for the same seed)."""
-    from ..text_training import _batches
+class _EpochPlans:
+    """The run's batches, an epoch's plan at a time, planned when the first
+    batch of the epoch is needed.
 
-    return _batches(n, batch_size, steps, generator)
+    ``random``: a permutation from the run's batch generator, cut into full
+    batches (the order of :func:`negbatch.text_training.train_text_pairs` for
+    the same seed). Other samplers (:mod:`negbatch.lab.text_samplers`) plan
+    from embeddings of the encoder as it is at the start of the epoch, so a
+    resumed run restores the saved plan instead of planning it again.
+    """
 
+    def __init__(self, cfg: TextRunConfig, encoder: nn.Module, tokenize, train, generator: torch.Generator) -> None:
+        self.cfg, self.encoder, self.tokenize, self.train = cfg, encoder, tokenize, train
+        self.generator = generator
+        self.epoch, self.plan, self.position = -1, [], 0
 
-def _sampler_batches(cfg: TextRunConfig, encoder: nn.Module, tokenize, train, steps: int, generator):
-    """Batches from a sampler of :mod:`negbatch.sampling` (GCBS, hard, no-duplicates):
-    it plans an epoch at a time from embeddings of the current encoder."""
-    from .text_samplers import epoch_batches
+    def next(self) -> Tensor:
+        if self.position == len(self.plan):
+            self.epoch, self.position = self.epoch + 1, 0
+            self.plan = self._plan(self.epoch)
+            if not self.plan:
+                raise ValueError(f"sampler {self.cfg.sampler!r} planned no batch of {self.cfg.batch_size} pairs "
+                                 f"out of {len(self.train)}; lower batch_size")
+        batch = self.plan[self.position]
+        self.position += 1
+        return batch
 
-    done, epoch = 0, 0
-    while done < steps:
-        for batch in epoch_batches(cfg, encoder, tokenize, train, epoch):
-            if done == steps:
-                return
-            yield batch
-            done += 1
-        epoch += 1
+    def _plan(self, epoch: int) -> list[Tensor]:
+        if self.cfg.sampler == "random":
+            n, size = len(self.train), self.cfg.batch_size
+            order = torch.randperm(n, generator=self.generator)
+            return list(order[: n - n % size].split(size))  # the short remainder is dropped
+        from .text_samplers import epoch_batches
+
+        return list(epoch_batches(self.cfg, self.encoder, self.tokenize, self.train, epoch))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "plan": list(self.plan), "position": self.position,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.plan, self.position = state["epoch"], list(state["plan"]), state["position"]
+        self.generator.set_state(state["generator"])
 
 
 # ------------------------------------------------------------------------- train
@@ -244,15 +270,34 @@ def _to(features, device) -> dict:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in features.items()}
 
 
-def train_text_run(cfg: TextRunConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
+def train_text_run(
+    cfg: TextRunConfig,
+    run_dir: str | os.PathLike,
+    *,
+    checkpoint_every: int = 50,
+    stop_after: int | None = None,
+) -> dict[str, Any] | None:
     """Train one text configuration in ``run_dir`` and evaluate retrieval on the test side.
 
-    Writes ``config.json``, ``metrics.jsonl`` (step, loss, seconds) and
+    Writes ``config.json``, ``metrics.jsonl`` (step, loss, seconds),
+    ``checkpoint.pt`` (every ``checkpoint_every`` steps and at the end) and
     ``summary.json`` (the test metrics of the trained encoder and, prefixed
     ``untrained_``, of the same encoder before training; data sizes; the
     first loss and ``final_loss``, the mean of the last 10 steps; wall time
     and, on CUDA, peak GPU memory), each atomically. A finished run is
-    returned without training; an unfinished one starts again from step 0.
+    returned without training; an unfinished one resumes from its checkpoint
+    and ends as an uninterrupted run would (same batches, dropout masks,
+    sampled negatives and optimizer state).
+
+    Parameters
+    ----------
+    cfg : TextRunConfig
+    run_dir : path
+    checkpoint_every : int, default 50
+        Steps between checkpoints (0: only at the end).
+    stop_after : int, optional
+        Stop (with a checkpoint) once this many steps are done, as an
+        interruption would; returns None. For tests and time-sliced runs.
 
     Examples
     --------
@@ -268,6 +313,10 @@ def train_text_run(cfg: TextRunConfig, run_dir: str | os.PathLike) -> dict[str, 
     from ..losses import InfoNCE
     from ..models.text import TransformerTextEncoder
 
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be an int >= 0 (0: only at the end), got {checkpoint_every!r}")
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
+        raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
     run_dir = Path(run_dir)
     finished = claim_run_dir(run_dir, cfg.to_dict(), cfg.to_dict(), lambda saved: saved)
     if finished is not None:
@@ -284,26 +333,50 @@ def train_text_run(cfg: TextRunConfig, run_dir: str | os.PathLike) -> dict[str, 
     encoder = TransformerTextEncoder(tok.vocab_size, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
                                      dropout=cfg.dropout, max_length=cfg.max_length).to(device)
     loss_fn = InfoNCE(temperature=cfg.temperature, negatives=cfg.negatives, form="query_document", symmetric=cfg.symmetric)
-    untrained = evaluate_retrieval(encoder, tok, test, device=device)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     cache = GradCache(encoder, loss_fn, chunk_size=cfg.chunk_size) if cfg.chunk_size else None
-    batch_gen = torch.Generator().manual_seed(cfg.seed)
+    batches = _EpochPlans(cfg, encoder, tok, train, torch.Generator().manual_seed(cfg.seed))
     loss_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    if cfg.sampler == "random":
-        batches = _random_batches(len(train), cfg.batch_size, cfg.steps, batch_gen)
-    else:
-        batches = _sampler_batches(cfg, encoder, tok, train, cfg.steps, batch_gen)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    rows: list[dict[str, Any]] = []
-    # Reseed after the untrained evaluation: dropout then draws exactly as in
-    # train_text_pairs with this seed (the tests compare the two loops).
-    torch.manual_seed(cfg.seed)
+    checkpoint = run_dir / CHECKPOINT
+    if checkpoint.exists():  # resume: every piece of state the next step depends on
+        state = torch.load(checkpoint, weights_only=True, map_location=device)
+        if state["config"] != cfg.to_dict():
+            raise ValueError(f"{checkpoint} was written by another configuration; remove it or use another folder")
+        encoder.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        batches.load_state_dict(state["batches"])
+        loss_gen.set_state(state["rng"]["loss"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        rows, untrained, earlier = list(state["rows"]), dict(state["untrained"]), state["seconds"]
+    else:
+        before = evaluate_retrieval(encoder, tok, test, device=device)
+        untrained = {k: float(before[k]) for k in TEXT_METRICS}
+        # Reseed after the untrained evaluation: dropout then draws exactly as in
+        # train_text_pairs with this seed (the tests compare the two loops).
+        torch.manual_seed(cfg.seed)
+        rows, earlier = [], 0.0
+
+    def save_checkpoint() -> None:
+        rng = {"torch": torch.get_rng_state(), "loss": loss_gen.get_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        state = {"model": encoder.state_dict(), "optimizer": optimizer.state_dict(), "batches": batches.state_dict(),
+                 "rng": rng, "rows": rows, "untrained": untrained, "seconds": earlier + time.perf_counter() - started,
+                 "config": cfg.to_dict()}
+        tmp = run_dir / f".{CHECKPOINT}.{os.getpid()}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, checkpoint)
+        atomic_write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+
     encoder.train()
     started = time.perf_counter()
-    for step, batch in enumerate(batches, start=1):
-        idx = batch.tolist()
+    for step in range(len(rows) + 1, cfg.steps + 1):
+        idx = batches.next().tolist()
         queries = _to(tok([train.queries[i] for i in idx]), device)
         documents = _to(tok([train.documents[i] for i in idx]), device)
         optimizer.zero_grad(set_to_none=True)
@@ -315,9 +388,14 @@ def train_text_run(cfg: TextRunConfig, run_dir: str | os.PathLike) -> dict[str, 
             value = loss_fn(encoder(queries), encoder(documents), generator=generator)
             value.backward()
         optimizer.step()
-        rows.append({"step": step, "loss": float(value.detach()), "seconds": time.perf_counter() - started})
-    seconds = time.perf_counter() - started
-    atomic_write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+        rows.append({"step": step, "loss": float(value.detach()), "seconds": earlier + time.perf_counter() - started})
+        if stop_after is not None and step >= stop_after and step < cfg.steps:
+            save_checkpoint()
+            return None
+        if checkpoint_every and step % checkpoint_every == 0 and step < cfg.steps:
+            save_checkpoint()
+    save_checkpoint()
+    seconds = earlier + time.perf_counter() - started
 
     metrics = evaluate_retrieval(encoder, tok, test, device=device)
     summary: dict[str, Any] = {"config": cfg.to_dict(), "steps": len(rows)}

@@ -106,11 +106,16 @@ def _streamed_top(x: Tensor, y: Tensor, k: int, block: int, floor: float):
     held = 0
 
     def prune(thr: float):
-        nonlocal vals, rows, cols, held
-        v, r, c = torch.cat(vals), torch.cat(rows), torch.cat(cols)
+        # Piece by piece: concatenating the rows and columns too would double
+        # the held entries' memory at the peak.
+        nonlocal held
+        v = torch.cat(vals)
         kth = float(torch.kthvalue(v, v.numel() - k + 1).values)  # k-th largest
-        keep = v >= kth
-        vals, rows, cols, held = [v[keep]], [r[keep]], [c[keep]], int(keep.sum())
+        del v
+        for p in range(len(vals)):
+            keep = vals[p] >= kth
+            vals[p], rows[p], cols[p] = vals[p][keep], rows[p][keep], cols[p][keep]
+        held = sum(v.numel() for v in vals)
         return max(thr, kth)
 
     for i in range(0, n, block):
