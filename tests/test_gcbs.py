@@ -221,6 +221,39 @@ def test_similarity_graph_rejects_nan_and_mismatch():
         similarity_graph(x, x[:5])
 
 
+def _entries_at_least_kth(dense: torch.Tensor, k: int) -> set[tuple[int, int]]:
+    """Brute force: every entry >= the k-th largest of a dense matrix."""
+    kth = torch.sort(dense.reshape(-1), descending=True).values[k - 1]
+    return {(int(r), int(c)) for r, c in (dense >= kth).nonzero().tolist()}
+
+
+@pytest.mark.parametrize("k, slack", [(1, 0), (37, 0), (37, 50), (400, 10)])
+def test_largest_entries_streamed_in_pieces_equal_a_full_sort(k, slack):
+    from negbatch.sampling.gcbs import _LargestEntries
+
+    g = torch.Generator().manual_seed(k + slack)
+    dense = torch.randint(-4, 5, (30, 20), generator=g).float()  # integers: many exact ties
+    top = _LargestEntries(k, slack=slack)
+    for i in range(0, 30, 7):  # uneven pieces, pruned along the way
+        r, c = torch.meshgrid(torch.arange(i, min(i + 7, 30)), torch.arange(20), indexing="ij")
+        top.add(dense[i : i + 7].reshape(-1), r.reshape(-1), c.reshape(-1))
+    v, r, c = top.result()
+    assert set(zip(r.tolist(), c.tolist())) == _entries_at_least_kth(dense, k)
+    assert torch.equal(v, dense[r.long(), c.long()])
+
+
+def test_faiss_search_in_blocks_with_every_neighbour_is_exact():
+    pytest.importorskip("faiss")
+    from negbatch.sampling.gcbs import _faiss_top
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-3, 4, (300, 8), generator=g).float()  # integer products: faiss and torch agree exactly
+    y = torch.randint(-3, 4, (300, 8), generator=g).float()
+    for k, block in ((50, 16), (2000, 64), (2000, 300)):
+        v, r, c = _faiss_top(x, y, k, neighbours=300, nprobe=10_000, seed=0, block=block)
+        assert set(zip(r.tolist(), c.tolist())) == _entries_at_least_kth(x @ y.T, k)
+
+
 def test_faiss_path_approximates_the_exact_graph():
     pytest.importorskip("faiss")
     x, y, labels = planted()

@@ -93,53 +93,71 @@ def _hits(s: Tensor, thr: float) -> tuple[Tensor, Tensor]:
     return hit[:, 0], hit[:, 1]
 
 
+class _LargestEntries:
+    """The k largest of streamed (value, row, column) entries, held in pieces
+    and pruned to the running k-th largest whenever more than ``2k + slack``
+    are held, so memory stays O(k + slack)."""
+
+    def __init__(self, k: int, floor: float = -math.inf, slack: int = 0) -> None:
+        self.k, self.threshold, self.slack = k, floor, slack
+        self.vals: list[Tensor] = []
+        self.rows: list[Tensor] = []
+        self.cols: list[Tensor] = []
+        self.held = 0
+
+    def add(self, vals: Tensor, rows: Tensor, cols: Tensor) -> None:
+        if vals.numel():
+            self.vals.append(vals.cpu())
+            self.rows.append(rows.to(torch.int32).cpu())
+            self.cols.append(cols.to(torch.int32).cpu())
+            self.held += vals.numel()
+        if self.held > 2 * self.k + self.slack:
+            self.prune()
+
+    def prune(self) -> None:
+        # Piece by piece: concatenating the rows and columns too would double
+        # the held entries' memory at the peak.
+        v = torch.cat(self.vals)
+        kth = float(torch.kthvalue(v, v.numel() - self.k + 1).values)  # k-th largest
+        del v
+        for p in range(len(self.vals)):
+            keep = self.vals[p] >= kth
+            self.vals[p], self.rows[p], self.cols[p] = self.vals[p][keep], self.rows[p][keep], self.cols[p][keep]
+        self.held = sum(v.numel() for v in self.vals)
+        self.threshold = max(self.threshold, kth)
+
+    def result(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(values, rows, cols) of the entries >= the k-th largest (all of them if fewer than k)."""
+        if self.held > self.k:
+            self.prune()
+        if not self.vals:
+            empty = torch.empty(0, dtype=torch.int32)
+            return torch.empty(0), empty, empty
+        return torch.cat(self.vals), torch.cat(self.rows), torch.cat(self.cols)
+
+
 def _streamed_top(x: Tensor, y: Tensor, k: int, block: int, floor: float):
     """All entries of XYᵀ that are >= the k-th largest, given a floor below it.
 
     Returns (values, rows, cols) or None if fewer than k entries exceed ``floor``.
     """
     n = x.shape[0]
-    thr = floor
-    vals: list[Tensor] = []
-    rows: list[Tensor] = []
-    cols: list[Tensor] = []
-    held = 0
-
-    def prune(thr: float):
-        # Piece by piece: concatenating the rows and columns too would double
-        # the held entries' memory at the peak.
-        nonlocal held
-        v = torch.cat(vals)
-        kth = float(torch.kthvalue(v, v.numel() - k + 1).values)  # k-th largest
-        del v
-        for p in range(len(vals)):
-            keep = vals[p] >= kth
-            vals[p], rows[p], cols[p] = vals[p][keep], rows[p][keep], cols[p][keep]
-        held = sum(v.numel() for v in vals)
-        return max(thr, kth)
-
+    top = _LargestEntries(k, floor, slack=block * block)
     for i in range(0, n, block):
         xi = x[i : i + block]
         for j in range(0, n, block):
             s = xi @ y[j : j + block].T
-            r, c = _hits(s, thr)
-            if r.numel():
-                vals.append(s[r, c].cpu())
-                rows.append((r + i).to(torch.int32).cpu())
-                cols.append((c + j).to(torch.int32).cpu())
-                held += r.numel()
-            if held > 2 * k + block * block:
-                thr = prune(thr)
-    if held < k:
+            r, c = _hits(s, top.threshold)
+            top.add(s[r, c], r + i, c + j)
+    if top.held < k:
         return None
-    prune(thr)
-    return torch.cat(vals), torch.cat(rows), torch.cat(cols)
+    return top.result()
 
 
-def _faiss_top(x: Tensor, y: Tensor, k: int, neighbours: int, nprobe: int, seed: int):
+def _faiss_top(x: Tensor, y: Tensor, k: int, neighbours: int, nprobe: int, seed: int, block: int = 8192):
     """Approximate: each anchor's ``neighbours`` best positives from a faiss
     inverted-file index (``4·sqrt(N)`` lists, ``nprobe`` searched), then the k
-    largest of those candidates."""
+    largest of those candidates (anchors searched ``block`` at a time)."""
     import faiss  # optional dependency
 
     xn = np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)
@@ -152,16 +170,13 @@ def _faiss_top(x: Tensor, y: Tensor, k: int, neighbours: int, nprobe: int, seed:
     index.train(yn[np.sort(train)])
     index.add(yn)
     index.nprobe = min(nlist, nprobe)
-    sims, cols = index.search(xn, neighbours)
-    v = torch.from_numpy(sims.reshape(-1))
-    c = torch.from_numpy(cols.reshape(-1))
-    r = torch.arange(n, dtype=torch.int32).repeat_interleave(neighbours)
-    ok = c >= 0
-    v, r, c = v[ok], r[ok], c[ok].to(torch.int32)
-    k = min(k, v.numel())
-    kth = float(torch.kthvalue(v, v.numel() - k + 1).values)
-    keep = v >= kth
-    return v[keep], r[keep], c[keep]
+    top = _LargestEntries(k, slack=block * neighbours)
+    for i in range(0, n, block):
+        sims, cols = index.search(xn[i : i + block], neighbours)
+        found = (cols >= 0) & (sims >= top.threshold)  # -1: fewer than ``neighbours`` in the probed lists
+        rows = np.broadcast_to(np.arange(i, i + sims.shape[0], dtype=np.int32)[:, None], sims.shape)
+        top.add(torch.from_numpy(sims[found]), torch.from_numpy(rows[found]), torch.from_numpy(cols[found]))
+    return top.result()
 
 
 def similarity_graph(
