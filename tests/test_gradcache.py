@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from negbatch import InfoNCE, ReLIC
+from negbatch import GlobalInfoNCE, InfoNCE, ReLIC
 from negbatch.gradcache import GradCache
 
 from _dist import run_distributed
@@ -116,7 +116,20 @@ TWO_VIEW_LOSSES = [
      lambda b: {"generator": torch.Generator().manual_seed(3), "mask": sample_mask(b)}),
     ("user_callable", lambda: (lambda a, b: (a - b).pow(2).sum(1).mean() + torch.logsumexp(a @ b.t(), 1).mean()),
      lambda b: {}),
+    ("global_all", lambda: primed_global(), lambda b: {"indices": torch.arange(3, 3 + b)}),
+    ("global_K", lambda: primed_global(negatives=4),
+     lambda b: {"indices": torch.arange(3, 3 + b), "generator": torch.Generator().manual_seed(5)}),
 ]
+
+
+def primed_global(**kwargs):
+    """A GlobalInfoNCE whose per-sample state was set by an earlier step (the
+    step under test then mixes it with the batch's estimates)."""
+    loss = GlobalInfoNCE(num_samples=20, temperature=0.3, gamma=0.5, **kwargs)
+    g = torch.Generator().manual_seed(11)
+    a, b = torch.randn(20, 6, generator=g), torch.randn(20, 6, generator=g)
+    loss(a, b, torch.arange(20), generator=torch.Generator().manual_seed(2))
+    return loss
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
