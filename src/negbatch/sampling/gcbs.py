@@ -143,10 +143,14 @@ def _streamed_top(x: Tensor, y: Tensor, k: int, block: int, floor: float):
     """
     n = x.shape[0]
     top = _LargestEntries(k, floor, slack=block * block)
+    # One product buffer for every block: a fresh block² allocation per block
+    # fragments the heap around the small held pieces and inflates the peak.
+    buffer = torch.empty(min(block, n) ** 2, dtype=torch.promote_types(x.dtype, y.dtype), device=x.device)
     for i in range(0, n, block):
         xi = x[i : i + block]
         for j in range(0, n, block):
-            s = xi @ y[j : j + block].T
+            yj = y[j : j + block]
+            s = torch.mm(xi, yj.T, out=buffer[: xi.shape[0] * yj.shape[0]].view(xi.shape[0], yj.shape[0]))
             r, c = _hits(s, top.threshold)
             top.add(s[r, c], r + i, c + j)
     if top.held < k:
