@@ -117,8 +117,9 @@ class _LargestEntries:
     def prune(self) -> None:
         # Piece by piece: concatenating the rows and columns too would double
         # the held entries' memory at the peak.
-        v = torch.cat(self.vals)
-        kth = float(torch.kthvalue(v, v.numel() - self.k + 1).values)  # k-th largest
+        v = torch.cat(self.vals).numpy()
+        v.partition(v.size - self.k)  # in place on our own copy: kthvalue would copy it again
+        kth = float(v[v.size - self.k])  # the k-th largest
         del v
         for p in range(len(self.vals)):
             keep = self.vals[p] >= kth
