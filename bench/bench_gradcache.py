@@ -109,6 +109,17 @@ def plain_fits(model, b, device) -> bool:
         torch.cuda.empty_cache()
 
 
+def interleaved_medians(variants: dict, enc: nn.Module, repeats: int, device) -> dict:
+    """Median time of each variant over ``repeats`` rounds, the variants
+    interleaved against drift; a first round warms up and is dropped."""
+    times = {k: [] for k in variants}
+    for _ in range(repeats + 1):
+        for name, fn in variants.items():
+            enc.zero_grad(set_to_none=True)
+            times[name].append(timed(fn, device))
+    return {k: statistics.median(v[1:]) for k, v in times.items()}
+
+
 def time_model(model: str, b: int, chunk: int, repeats: int, device) -> dict:
     torch.manual_seed(0)
     enc = MODELS[model]().to(device)
@@ -120,12 +131,7 @@ def time_model(model: str, b: int, chunk: int, repeats: int, device) -> dict:
         "accumulation": lambda: accumulation_step(enc, loss_fn, v1, v2, chunk),
         "cached": lambda: cache.step(v1, v2),
     }
-    times = {k: [] for k in variants}
-    for _ in range(repeats + 1):  # the first round warms up, interleaved against drift
-        for name, fn in variants.items():
-            enc.zero_grad(set_to_none=True)
-            times[name].append(timed(fn, device))
-    return {k: statistics.median(v[1:]) for k, v in times.items()}
+    return interleaved_medians(variants, enc, repeats, device)
 
 
 def decompose(model: str, b: int, chunks: list[int], repeats: int, device) -> dict:
@@ -162,12 +168,7 @@ def decompose(model: str, b: int, chunks: list[int], repeats: int, device) -> di
         variants[f"forward {c}"] = lambda c=c: forward(c)
         variants[f"forward+backward {c}"] = lambda c=c: forward_backward(c)
         variants[f"cached {c}"] = lambda c=c, cache=GradCache(enc, loss_fn, c): cache.step(v1, v2)
-    times = {k: [] for k in variants}
-    for _ in range(repeats + 1):
-        for name, fn in variants.items():
-            enc.zero_grad(set_to_none=True)
-            times[name].append(timed(fn, device))
-    return {k: statistics.median(v[1:]) for k, v in times.items()}
+    return interleaved_medians(variants, enc, repeats, device)
 
 
 def run_decomposition(args, device) -> None:

@@ -52,14 +52,18 @@ class TextTrainResult:
     pairs_seen: int
 
 
-def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
+def epoch_batches_without_replacement(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
+    """One epoch: a permutation of ``range(n)`` cut into full batches (the short remainder is dropped)."""
     order = torch.randperm(n, generator=generator)
-    position = 0
-    for _ in range(steps):
-        if position + batch_size > n:  # a new epoch: reshuffle, drop the short remainder
-            order, position = torch.randperm(n, generator=generator), 0
-        yield order[position : position + batch_size]
-        position += batch_size
+    return list(order[: n - n % batch_size].split(batch_size))
+
+
+def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
+    done = 0
+    while done < steps:  # each epoch reshuffles when its first batch is needed
+        for batch in epoch_batches_without_replacement(n, batch_size, generator)[: steps - done]:
+            yield batch
+            done += 1
 
 
 def _to(features: Mapping[str, Tensor], device) -> dict:

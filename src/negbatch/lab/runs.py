@@ -14,7 +14,7 @@ from typing import Any, Callable
 SUMMARY = "summary.json"
 CONFIG = "config.json"
 
-__all__ = ["atomic_write_text", "claim_run_dir", "SUMMARY", "CONFIG"]
+__all__ = ["atomic_write_text", "atomic_torch_save", "claim_run_dir", "SUMMARY", "CONFIG"]
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -22,6 +22,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
+    """``torch.save`` through a temporary file and ``os.replace``: an interrupted
+    save leaves the previous checkpoint whole."""
+    import torch
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
     os.replace(tmp, path)
 
 

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import parse_negatives
-from .runs import SUMMARY, atomic_write_text, claim_run_dir
+from .runs import SUMMARY, atomic_torch_save, atomic_write_text, claim_run_dir
 from .sweep import run_jobs
 
 __all__ = [
@@ -247,9 +247,9 @@ class _EpochPlans:
 
     def _plan(self, epoch: int) -> list[Tensor]:
         if self.cfg.sampler == "random":
-            n, size = len(self.train), self.cfg.batch_size
-            order = torch.randperm(n, generator=self.generator)
-            return list(order[: n - n % size].split(size))  # the short remainder is dropped
+            from ..text_training import epoch_batches_without_replacement
+
+            return epoch_batches_without_replacement(len(self.train), self.cfg.batch_size, self.generator)
         from .text_samplers import epoch_batches
 
         return list(epoch_batches(self.cfg, self.encoder, self.tokenize, self.train, epoch))
@@ -343,8 +343,6 @@ def train_text_run(
     checkpoint = run_dir / CHECKPOINT
     if checkpoint.exists():  # resume: every piece of state the next step depends on
         state = torch.load(checkpoint, weights_only=True, map_location=device)
-        if state["config"] != cfg.to_dict():
-            raise ValueError(f"{checkpoint} was written by another configuration; remove it or use another folder")
         encoder.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         batches.load_state_dict(state["batches"])
@@ -368,9 +366,7 @@ def train_text_run(
         state = {"model": encoder.state_dict(), "optimizer": optimizer.state_dict(), "batches": batches.state_dict(),
                  "rng": rng, "rows": rows, "untrained": untrained, "seconds": earlier + time.perf_counter() - started,
                  "config": cfg.to_dict()}
-        tmp = run_dir / f".{CHECKPOINT}.{os.getpid()}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, checkpoint)
+        atomic_torch_save(checkpoint, state)
         atomic_write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
 
     encoder.train()

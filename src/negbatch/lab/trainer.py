@@ -40,7 +40,7 @@ from .batching import build_planned_sampler, epoch_diagnostics
 from .config import TrainConfig, parse_negatives
 from .global_loss import GammaSchedule, GlobalPairLoss
 from .lars import LARS
-from .runs import SUMMARY, atomic_write_text, claim_run_dir
+from .runs import SUMMARY, atomic_torch_save, atomic_write_text, claim_run_dir
 
 __all__ = [
     "Batch",
@@ -418,9 +418,7 @@ def train(
             "batch": next_batch,
             "config": cfg.to_dict(),
         }
-        tmp = run_dir / f".{CHECKPOINT}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, run_dir / CHECKPOINT)
+        atomic_torch_save(run_dir / CHECKPOINT, state)
 
     writer = _tensorboard(run_dir)
     progress = None
