@@ -2,11 +2,15 @@
 
 (1) Time, side by side in this process: a cached step (GradCache), a plain
     step (whole batch, one graph) and gradient accumulation (the same chunks,
-    the loss per chunk: fewer negatives), at one batch size, for an MLP and a
-    small transformer encoder. On CUDA the batch is the largest power of two
-    the plain step fits (up to --max-batch); on CPU it is --batch. The chunk
-    is B/8 unless --chunk is given.
-    Goal: cached / plain <= 1.35.
+    the loss per chunk: fewer negatives), for an MLP and a small transformer
+    encoder, at each power of two from --min-batch up to the largest batch
+    the plain step handles (up to --max-batch): on CUDA, the largest that
+    does not run out of GPU memory; on CPU, the largest that runs with its
+    data segment limited to --memory-budget GiB (default: half the machine's
+    memory), probed in child processes, which stands in for a device's
+    memory. --batch N times one batch size instead. The chunk is B/8 unless
+    --chunk is given.
+    Goal: cached / plain <= 1.35 at the largest batch.
 (2) Memory, each variant in its own process: peak RSS (CPU, ru_maxrss) or
     torch.cuda.max_memory_allocated (GPU) of one step of the MLP at
     B = --mem-batch with chunk --mem-chunk, of a plain step at B = --mem-chunk
@@ -17,12 +21,14 @@
     there through /proc/self/clear_refs where Linux allows it, otherwise
     ru_maxrss), so the ratios are also printed on the step's own increase.
 
-(3) Decomposition (MLP, same process, side by side): the loss alone, the
-    no-grad forward and the encoder's forward+backward unchunked and at
-    chunk sizes chunk..B, and the cached step at each: what the chunk size
-    costs on this machine beyond the extra forward.
+(3) Decomposition (MLP at B = --decompose-batch, same process, side by
+    side): the loss alone, the no-grad forward and the encoder's
+    forward+backward unchunked and at chunk sizes B/8..B, and the cached step
+    at each: what the chunk size costs on this machine beyond the extra
+    forward.
 
 Usage: python bench/bench_gradcache.py [--quick] [--only time|decompose|memory] [--batch N] [--chunk N] [--repeats N]
+       [--min-batch N] [--max-batch N] [--memory-budget GIB] [--decompose-batch N]
        [--mem-batch N] [--mem-chunk N] [--device cpu|cuda]
        [--models mlp transformer] [--mem-model mlp|transformer]
 """
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -97,7 +104,17 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t
 
 
-def plain_fits(model, b, device) -> bool:
+def plain_fits(model: str, b: int, device, budget_bytes: int) -> bool:
+    """Whether one plain step at batch ``b`` runs: on CUDA, without running out
+    of GPU memory; on CPU, in a child process whose data segment is limited to
+    ``budget_bytes`` (RLIMIT_DATA), so that an allocation past the budget fails
+    the way a GPU allocation past the card's memory does."""
+    if device.type == "cpu":
+        out = subprocess.run(
+            [sys.executable, __file__, "--fits-child", model, str(b), str(budget_bytes)],
+            capture_output=True, text=True,
+        )
+        return out.returncode == 0
     enc = MODELS[model]().to(device)
     try:
         plain_step(enc, InfoNCE(0.1), *make_views(model, b, device))
@@ -107,6 +124,23 @@ def plain_fits(model, b, device) -> bool:
     finally:
         del enc
         torch.cuda.empty_cache()
+
+
+def fits_child(model: str, b: int, budget_bytes: int) -> None:
+    resource.setrlimit(resource.RLIMIT_DATA, (budget_bytes, budget_bytes))
+    try:
+        plain_step(MODELS[model](), InfoNCE(0.1), *make_views(model, b, torch.device("cpu")))
+    except (RuntimeError, MemoryError) as e:  # torch's CPU allocator raises RuntimeError
+        print(e, file=sys.stderr)
+        sys.exit(3)
+
+
+def largest_plain_batch(model: str, args, device) -> int:
+    """The largest power of two from --min-batch up to --max-batch whose plain step runs."""
+    b = args.min_batch
+    while 2 * b <= args.max_batch and plain_fits(model, 2 * b, device, args.budget_bytes):
+        b *= 2
+    return b
 
 
 def interleaved_medians(variants: dict, enc: nn.Module, repeats: int, device) -> dict:
@@ -172,7 +206,7 @@ def decompose(model: str, b: int, chunks: list[int], repeats: int, device) -> di
 
 
 def run_decomposition(args, device) -> None:
-    b = args.batch
+    b = args.decompose_batch
     chunk = args.chunk or max(1, b // 8)
     chunks = sorted({chunk, *[c for c in (2 * chunk, 4 * chunk, b) if c <= b]})
     t = decompose("mlp", b, chunks, args.repeats, device)
@@ -259,10 +293,16 @@ def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=1024, help="CPU: batch of the time comparison")
-    p.add_argument("--max-batch", type=int, default=65536, help="CUDA: largest batch tried")
-    p.add_argument("--chunk", type=int, default=None,
-                   help="rows per chunk of the time comparison (default: B/8, i.e. 128 at the CPU's B=1024)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="time this one batch size (default: every power of two from --min-batch up to the "
+                        "largest batch the plain step handles)")
+    p.add_argument("--min-batch", type=int, default=1024, help="smallest batch of the time sweep")
+    p.add_argument("--max-batch", type=int, default=65536, help="largest batch tried")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+                   help="CPU: the memory a plain step may use, standing in for a device's memory "
+                        "(default: half the machine's memory)")
+    p.add_argument("--decompose-batch", type=int, default=1024, help="batch of the decomposition")
+    p.add_argument("--chunk", type=int, default=None, help="rows per chunk of the time comparison (default: B/8)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--mem-batch", type=int, default=4096)
     p.add_argument("--mem-chunk", type=int, default=64)
@@ -270,13 +310,28 @@ def main(argv: list[str]) -> None:
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS), help="encoders timed")
     p.add_argument("--only", choices=("time", "decompose", "memory"), help="run one of the three parts")
     p.add_argument("--memory-child", nargs=5, metavar=("VARIANT", "B", "CHUNK", "DEVICE", "MODEL"), help=argparse.SUPPRESS)
+    p.add_argument("--fits-child", nargs=3, metavar=("MODEL", "B", "BYTES"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_child:
         variant, b, chunk, device, model = args.memory_child
         memory_child(variant, int(b), int(chunk), device, model)
         return
+    if args.fits_child:
+        model, b, budget = args.fits_child
+        fits_child(model, int(b), int(budget))
+        return
     if args.quick:
         args.batch, args.chunk, args.repeats, args.mem_batch, args.mem_chunk = 256, args.chunk or 64, 2, 1024, 64
+        args.decompose_batch = 256
+    for name in ("batch", "min_batch", "max_batch", "decompose_batch", "chunk", "repeats", "mem_batch", "mem_chunk"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.memory_budget is None:
+        args.memory_budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 / 2**30
+    if args.memory_budget <= 0:
+        p.error(f"--memory-budget must be > 0 GiB, got {args.memory_budget}")
+    args.budget_bytes = int(args.memory_budget * 2**30)
     device = torch.device(args.device)
 
     if args.only in (None, "time"):
@@ -288,20 +343,27 @@ def main(argv: list[str]) -> None:
 
 
 def run_time(args, device) -> None:
-    print(f"# time per step, device={device}, median of {args.repeats} (interleaved), InfoNCE two_view")
+    limit = ("GPU memory" if device.type == "cuda"
+             else f"a data segment of {args.memory_budget:.1f} GiB (--memory-budget)")
+    print(f"# time per step, device={device}, median of {args.repeats} (interleaved), InfoNCE two_view; "
+          f"largest batch: the largest power of two <= {args.max_batch} whose plain step runs in {limit}")
     print(f"{'model':<12} {'B':>6} {'chunk':>6} {'plain s':>9} {'accum s':>9} {'cached s':>9} "
-          f"{'cached/plain':>13} {'cached/accum':>13}  goal cached/plain <= 1.35")
+          f"{'cached/plain':>13} {'cached/accum':>13}  goal cached/plain <= 1.35 at the largest batch")
     for model in args.models:
-        b = args.batch
-        if device.type == "cuda":
-            b = 1024
-            while 2 * b <= args.max_batch and plain_fits(model, 2 * b, device):
-                b *= 2
-        chunk = args.chunk or max(1, b // 8)
-        t = time_model(model, b, chunk, args.repeats, device)
-        ratio = t["cached"] / t["plain"]
-        print(f"{model:<12} {b:>6} {chunk:>6} {t['plain']:>9.4f} {t['accumulation']:>9.4f} {t['cached']:>9.4f} "
-              f"{ratio:>13.2f} {t['cached'] / t['accumulation']:>13.2f}  {'met' if ratio <= 1.35 else 'NOT met'}")
+        if args.batch is not None:
+            batches = [args.batch]
+        else:
+            largest = largest_plain_batch(model, args, device)
+            batches = [args.min_batch]
+            while batches[-1] < largest:
+                batches.append(2 * batches[-1])
+        for b in batches:
+            chunk = args.chunk or max(1, b // 8)
+            t = time_model(model, b, chunk, args.repeats, device)
+            ratio = t["cached"] / t["plain"]
+            verdict = ("met" if ratio <= 1.35 else "NOT met") if b == batches[-1] else ""
+            print(f"{model:<12} {b:>6} {chunk:>6} {t['plain']:>9.4f} {t['accumulation']:>9.4f} {t['cached']:>9.4f} "
+                  f"{ratio:>13.2f} {t['cached'] / t['accumulation']:>13.2f}  {verdict}", flush=True)
 
 
 def run_memory(args, device) -> None:

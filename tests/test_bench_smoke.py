@@ -24,3 +24,36 @@ def test_bench_gradcache_quick_prints_every_part():
     assert "cached/plain" in out and "goal cached/plain <= 1.35" in out
     assert "where the MLP's cached step goes" in out and "ideal cached/plain" in out
     assert "cached / (plain B=64 + cache + logits)" in out
+
+
+def _bench_module(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_bench_gradcache_cpu_probe_respects_the_memory_budget():
+    # The CPU stand-in for "the largest batch the plain step handles": a step whose
+    # logits alone (2B x 2B float32 = 1 GiB at B = 8192) exceed the budget must fail.
+    import torch
+
+    bench = _bench_module("bench_gradcache")
+    cpu = torch.device("cpu")
+    assert bench.plain_fits("mlp", 64, cpu, 2**30)
+    assert not bench.plain_fits("mlp", 8192, cpu, 2**30)
+
+
+@pytest.mark.slow
+def test_bench_gradcache_sweeps_up_to_the_largest_batch_and_judges_only_it():
+    out = run_bench("bench_gradcache.py", "--only", "time", "--models", "mlp", "--min-batch", "256",
+                    "--max-batch", "16384", "--memory-budget", "1", "--repeats", "1")
+    rows = [line.split() for line in out.splitlines() if line.startswith("mlp ")]
+    batches = [int(r[1]) for r in rows]
+    assert batches[0] == 256 and batches == [256 * 2**i for i in range(len(batches))]
+    assert batches[-1] < 8192  # 8192's logits alone fill the 1 GiB budget
+    assert all(r[-1] not in ("met", "NOT") for r in rows[:-1])
+    assert rows[-1][-1] == "met" or rows[-1][-2:] == ["NOT", "met"]
