@@ -245,6 +245,27 @@ def test_cpu_autocast_bfloat16():
     torch.testing.assert_close(got_loss.float(), want_loss.float(), atol=1e-2, rtol=1e-2)
 
 
+def test_grad_scaler_scale_applied_exactly_once_on_cpu():
+    # The CUDA test below checks fp16; this one runs everywhere. Powers of two scale
+    # exactly, so the scaled gradients equal the plain step's times the scale.
+    scale = 2.0**10
+    torch.manual_seed(0)
+    enc = MLP().double()
+    views = make_views(12, torch.float64)
+    want_loss, _, want = reference([enc, enc], InfoNCE(0.3), views, [5, 5], 3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    got_loss, _, got = cached_grads([enc, enc], InfoNCE(0.3), views, [5, 5], 3, scaler=scaler)
+    assert_grads_close(got, {k: v * scale for k, v in want.items()}, 1e-10 * scale)
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-12, rtol=0)  # the true loss, not the scaled one
+    # The usual recipe then unscales once: scaler.step(optimizer) sees the plain gradients.
+    opt = torch.optim.SGD(enc.parameters(), lr=1.0)
+    torch.manual_seed(3)
+    GradCache(enc, InfoNCE(0.3), 5, scaler=scaler).step(*views)
+    scaler.unscale_(opt)
+    unscaled = {(id(enc), n): p.grad for n, p in enc.named_parameters()}
+    assert_grads_close(unscaled, want, 1e-10)
+
+
 def test_ambient_autocast_region_is_honoured():
     torch.manual_seed(0)
     enc = MLP()
