@@ -333,3 +333,27 @@ def test_dense_fused_backward_runs_once():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward runs once"):
         loss.backward()
+
+
+def test_use_all_with_k_at_least_the_bank_size_equals_all_negatives():
+    # A short tail batch (B = 8: 16 columns) with K = 16 or more: every candidate, densely.
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = (torch.randn(8, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    idx = torch.arange(8)
+    full = GlobalInfoNCE(num_samples=8, temperature=0.2)
+    want = full(z1, z2, idx)
+    for k in (16, 40):
+        loss = GlobalInfoNCE(num_samples=8, temperature=0.2, negatives=k, on_shortage="use_all")
+        torch.testing.assert_close(loss(z1, z2, idx), want, rtol=1e-12, atol=0)
+        torch.testing.assert_close(loss.state_dict(), full.state_dict(), rtol=1e-12, atol=0)
+
+
+def test_cpu_autocast_takes_the_autograd_path():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = (torch.randn(8, 4, generator=g, requires_grad=True) for _ in range(2))
+    want = GlobalInfoNCE(num_samples=8, temperature=0.2)(z1.double(), z2.double(), torch.arange(8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = GlobalInfoNCE(num_samples=8, temperature=0.2)(z1, z2, torch.arange(8))
+    loss.backward()
+    assert torch.allclose(loss.double(), want, rtol=5e-2)
+    assert torch.isfinite(z1.grad).all()

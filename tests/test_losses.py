@@ -92,6 +92,31 @@ def test_shortage_raises_by_default_and_use_all_takes_every_candidate():
     _assert_match(loss, ref.infonce_two_view(z1, z2, TAU, neg_sets=sets, mask=mask), [z1, z2])
 
 
+@pytest.mark.parametrize("k", [10, 11, 12, 40])
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_use_all_with_k_at_least_the_bank_size_takes_every_candidate(k, use_mask):
+    # A short tail batch: B = 6 gives a 12-column bank; K >= 12 cannot fit a sampled row.
+    z1, z2 = _data(n=6)
+    mask = _label_mask(6) if use_mask else None
+    gen = torch.Generator().manual_seed(0)
+    loss = InfoNCE(TAU, negatives=k, on_shortage="use_all")(z1, z2, mask=mask, generator=gen)
+    _assert_match(loss, ref.infonce_two_view(z1, z2, TAU, mask=mask), [z1, z2])
+    relic = ReLIC(TAU, 1.0, negatives=k, on_shortage="use_all")(z1, z2, mask=mask)
+    torch.testing.assert_close(relic, ReLIC(TAU, 1.0)(z1, z2, mask=mask), rtol=1e-12, atol=0)
+
+
+def test_fused_dense_path_steps_aside_under_cpu_autocast():
+    # float32 embeddings inside a CPU autocast region: the matmul runs in bfloat16,
+    # which the fused float32 kernel cannot take; the autograd path must run instead.
+    z1, z2 = (t.detach().float().requires_grad_() for t in _data(n=6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = InfoNCE(TAU)(z1, z2)
+    loss.backward()
+    want = ref.infonce_two_view(z1.double(), z2.double(), TAU)
+    assert torch.allclose(loss.double(), want, rtol=5e-2)
+    assert z1.grad is not None and torch.isfinite(z1.grad).all()
+
+
 @pytest.mark.parametrize("hard,symmetric,use_mask", [(0, False, False), (2, False, True), (2, True, False), (0, True, True)])
 def test_query_document_all(hard, symmetric, use_mask):
     xs = _data(hard=hard)

@@ -54,8 +54,10 @@ def test_sampled_sets_are_valid_distinct_and_reproducible(problem, k):
                                 generator=torch.Generator().manual_seed(seed), on_shortage="use_all")
 
     sel = draw()
-    if sel.is_dense:  # K equals every anchor's candidate count and no mask: the standard loss
-        assert mask is None and bool((population == k).all())
+    if sel.is_dense:
+        # K equals every anchor's candidate count and no mask: the standard loss; or
+        # K >= m, so that every anchor is short: all its candidates ("use_all").
+        assert (mask is None and bool((population == k).all())) or k >= m
         assert torch.equal(sel.allowed, ~forbidden | torch.nn.functional.one_hot(positive, m).bool())
         return
     assert torch.equal(sel.index[:, 0], positive)

@@ -308,6 +308,11 @@ def select_negatives(
             )
         if on_shortage != "use_all":
             raise ValueError(f"on_shortage must be 'raise' or 'use_all', got {on_shortage!r}")
+    if k >= m:
+        # Every anchor is short (it has at most m - 1 candidates), on every rank: the
+        # loss over all valid candidates, computed densely (a sampled row cannot hold
+        # more entries than the bank has columns).
+        return select_negatives(positive_index, m, "all", self_index=self_index, mask=mask)
     if excluded is None and not bool(short.any()) and bool((population == k).all()):
         # K equals the candidate count: the standard loss, computed densely.
         return select_negatives(
@@ -321,10 +326,7 @@ def select_negatives(
         raise ValueError("n_rows_global is required when row_index is given")
     valid = torch.ones(n, 1 + k, dtype=torch.bool, device=device)
     seq = torch.arange(k, device=device).expand(n, k)
-    if k > m:  # every anchor is short (globally too): nothing to draw
-        ranks = seq
-    else:
-        ranks = _draw_ranks(population.clamp(min=k), k, m, row_index, n_rows_global, generator)
+    ranks = _draw_ranks(population.clamp(min=k), k, m, row_index, n_rows_global, generator)
     if bool(short.any()):
         # Anchors short of candidates take ranks 0..population-1, i.e. all of them.
         ranks = torch.where(short[:, None], seq, ranks)
@@ -419,6 +421,15 @@ class _SampledDot(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_bank = _csr_transposed(index, grad, bank.shape[0]) @ anchors
         return grad_anchors, grad_bank, None
+
+
+def autocast_active(device: torch.device) -> bool:
+    """Whether an autocast region is active for ``device``'s type (the
+    argument-free ``torch.is_autocast_enabled()`` answers for CUDA only)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() if device.type == "cpu" else torch.is_autocast_enabled()
 
 
 def selection_logits(

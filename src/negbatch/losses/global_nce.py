@@ -33,7 +33,14 @@ from torch import Tensor, nn
 
 from .._checks import check_choice, check_embeddings, check_mask, check_same, check_temperature
 from ..distributed import gather_nograd, gather_with_grad, is_distributed
-from ..negatives import Negatives, OnShortage, select_negatives, selection_logits, validate_negatives
+from ..negatives import (
+    Negatives,
+    OnShortage,
+    autocast_active,
+    select_negatives,
+    selection_logits,
+    validate_negatives,
+)
 
 Form = Literal["two_view", "query_document"]
 Reduction = Literal["mean", "sum", "none"]
@@ -481,7 +488,7 @@ class GlobalInfoNCE(nn.Module):
                 "an anchor has no negatives (batch of one sample, or everything masked); the normaliser "
                 "Z is a mean over negatives and needs at least one"
             )
-        fused = selection.is_dense and anchors.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled()
+        fused = selection.is_dense and anchors.dtype in (torch.float32, torch.float64) and not autocast_active(anchors.device)
         if fused:
             positive, summed, shift = _DenseTerms.apply(
                 anchors, bank, selection.allowed, selection.positive_index, self.temperature

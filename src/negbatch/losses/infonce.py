@@ -25,7 +25,14 @@ from torch import Tensor, nn
 
 from .._checks import check_choice, check_embeddings, check_mask, check_same, check_temperature
 from ..distributed import gather_nograd, gather_with_grad
-from ..negatives import Negatives, OnShortage, select_negatives, selection_logits, validate_negatives
+from ..negatives import (
+    Negatives,
+    OnShortage,
+    autocast_active,
+    select_negatives,
+    selection_logits,
+    validate_negatives,
+)
 
 Form = Literal["two_view", "query_document"]
 Reduction = Literal["mean", "sum", "none"]
@@ -64,7 +71,7 @@ def info_nce_per_anchor(
         row_index=row_index,
         n_rows_global=n_rows_global,
     )
-    if selection.is_dense and anchors.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled():
+    if selection.is_dense and anchors.dtype in (torch.float32, torch.float64) and not autocast_active(anchors.device):
         return _DenseInfoNCE.apply(anchors, bank, selection.allowed, selection.positive_index, temperature)
     logits = selection_logits(anchors, bank, selection, temperature)
     return F.cross_entropy(logits, selection.positive_column, reduction="none")
