@@ -13,6 +13,7 @@ import os
 import tempfile
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -320,12 +321,13 @@ def test_batchnorm_warns_once_and_updates_running_stats_once_per_chunk():
     enc, twin = BNEncoder().double(), BNEncoder().double()
     twin.load_state_dict(enc.state_dict())
     views = make_views(10, torch.float64)
-    cache = GradCache(enc, InfoNCE(0.3), 4)
-    with pytest.warns(UserWarning, match="BatchNorm"):
-        cache.step(*views)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        cache.step(*views)  # no second warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # only our own bookkeeping can keep it to one
+        GradCache(enc, InfoNCE(0.3), 4).step(*views)
+        GradCache(enc, InfoNCE(0.3), 4).step(*views)  # the lab builds a new cache every step
+    assert [str(w.message)[:40] for w in caught] == [str(caught[0].message)[:40]]
+    assert "BatchNorm" in str(caught[0].message)
+    assert caught[0].filename == __file__  # points at the caller's line, not into the library
     with torch.no_grad():  # the plain chunked forward, twice
         for _ in range(2):
             for x in views:
@@ -386,6 +388,112 @@ def test_frozen_tower_gets_no_second_forward():
     assert_grads_close(got, want, 1e-10)
 
 
+class LearnedTemperature(nn.Module):
+    """A loss with its own trainable tensor (CLIP's logit scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
+
+    def forward(self, a, b):
+        logits = a @ b.t() * self.log_scale.exp()
+        return torch.nn.functional.cross_entropy(logits, torch.arange(a.shape[0]))
+
+
+def test_a_loss_with_trainable_parameters_gets_its_gradient_once():
+    torch.manual_seed(0)
+    enc, loss_fn = MLP().double(), LearnedTemperature()
+    views = make_views(10, torch.float64)
+    _, _, want = reference([enc, enc], loss_fn, views, [4, 4], 2)
+    want_scale = loss_fn.log_scale.grad.clone()
+    loss_fn.zero_grad(set_to_none=True)
+    _, _, got = cached_grads([enc, enc], loss_fn, views, [4, 4], 2)
+    assert_grads_close(got, want, 1e-10)
+    torch.testing.assert_close(loss_fn.log_scale.grad, want_scale, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("encoder", ["frozen", "identity"])
+def test_inputs_that_require_grad_get_it_through_a_frozen_encoder(encoder):
+    torch.manual_seed(0)
+    enc = MLP().double().requires_grad_(False) if encoder == "frozen" else nn.Identity()
+    views = [v.requires_grad_() for v in make_views(10, torch.float64)]
+    reference([enc, enc], InfoNCE(0.3), views, [4, 4], 2)
+    want = [v.grad.clone() for v in views]
+    for v in views:
+        v.grad = None
+    cached_grads([enc, enc], InfoNCE(0.3), views, [4, 4], 2)
+    for v, w in zip(views, want):
+        torch.testing.assert_close(v.grad, w, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("keep_last", [False, True])
+def test_inputs_on_an_upstream_graph_back_propagate_through_it(keep_last):
+    # The inputs are outputs of a trainable module: every chunk's backward passes
+    # through the same upstream graph, which must survive until the last one.
+    torch.manual_seed(0)
+    enc, upstream = MLP().double(), nn.Linear(6, 6).double()
+    raw = make_views(10, torch.float64)
+    reference([enc, enc], InfoNCE(0.3), [upstream(x) for x in raw], [4, 4], 2)
+    want = {**grads_of([upstream])}
+    enc.zero_grad(set_to_none=True)
+    cached_grads([enc, enc], InfoNCE(0.3), [upstream(x) for x in raw], [4, 4], 2, keep_last_graph=keep_last)
+    assert_grads_close(grads_of([upstream]), want, 1e-10)
+
+
+@pytest.mark.parametrize("head_kind", ["module", "function"])
+def test_a_trainable_output_fn_on_a_frozen_backbone_is_trained(head_kind):
+    torch.manual_seed(0)
+    backbone = MLP(d_out=8).double().requires_grad_(False)
+    head = nn.Linear(8, 4).double()
+    output_fn = head if head_kind == "module" else (lambda out: head(out))
+    views = make_views(10, torch.float64)
+    torch.manual_seed(2)
+    reps = [torch.cat([head(backbone(c)) for c in x.split(4)]) for x in views]
+    InfoNCE(0.3)(*reps).backward()
+    want = grads_of([head])
+    cache = GradCache(backbone, InfoNCE(0.3), 4, output_fn=output_fn)
+    torch.manual_seed(2)
+    cache.step(*views)
+    assert_grads_close(grads_of([head]), want, 1e-10)
+
+
+def test_a_frozen_target_whose_embeddings_the_loss_detaches_is_accepted():
+    # BYOL/distillation: the teacher is frozen and its embeddings are constants.
+    torch.manual_seed(0)
+    student, teacher = MLP().double(), MLP().double().requires_grad_(False)
+    x = make_views(10, torch.float64)[0]
+
+    def loss_fn(s, t):
+        return (torch.nn.functional.normalize(s, dim=1) - torch.nn.functional.normalize(t.detach(), dim=1)).pow(2).mean()
+
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    _, _, want = reference([student, teacher], loss_fn, [x, x], [4, 4], 3)
+    calls.clear()
+    _, _, got = cached_grads([student, teacher], loss_fn, [x, x], [4, 4], 3)
+    assert_grads_close(got, want, 1e-10)
+    assert len(calls) == 3  # the teacher is encoded once
+
+
+def test_global_infonce_query_document_with_hard_negatives():
+    torch.manual_seed(0)
+    q_enc, d_enc = MLP().double(), MLP().double()
+    q, d, h = make_qd(6, 2, torch.float64, False)
+    idx = torch.arange(6)
+
+    def plain(loss_fn):
+        torch.manual_seed(5)
+        reps = [torch.cat([e(c) for c in x.split(4)]) for e, x in ((q_enc, q), (d_enc, d), (d_enc, h))]
+        loss_fn(reps[0], reps[1], idx, reps[2].reshape(6, 2, -1)).backward()
+        return grads_of([q_enc, d_enc])
+
+    want = plain(GlobalInfoNCE(num_samples=6, temperature=0.3, form="query_document"))
+    cache = GradCache([q_enc, d_enc, d_enc], GlobalInfoNCE(num_samples=6, temperature=0.3, form="query_document"), 4)
+    torch.manual_seed(5)
+    cache.step(q, d, h, indices=idx)
+    assert_grads_close(grads_of([q_enc, d_enc]), want, 1e-10)
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -397,6 +505,7 @@ def test_bad_chunk_sizes():
     for bad in (2.5, True, "4"):
         with pytest.raises(TypeError, match="chunk_size"):
             GradCache(enc, InfoNCE(), bad)
+    assert GradCache(enc, InfoNCE(), np.int64(4)).chunk_sizes == [4]
     with pytest.raises(ValueError, match="one chunk_size per encoder"):
         GradCache([enc, enc], InfoNCE(), [2, 3, 4])
     with pytest.raises(ValueError, match="chunk_size"):
@@ -433,6 +542,31 @@ def test_bad_losses():
         GradCache(enc, lambda a, b: 1.0, 4).step(*views)
 
 
+def test_no_grad_region_is_refused_before_any_forward():
+    enc = MLP()
+    calls = []
+    enc.register_forward_hook(lambda *a: calls.append(1))
+    for region in (torch.no_grad, torch.inference_mode):
+        with region(), pytest.raises(RuntimeError, match="autograd"):
+            GradCache(enc, InfoNCE(), 4).step(*make_views(8, torch.float32))
+    assert not calls
+
+
+def test_batchnorm_chunk_of_one_row_and_untracked_statistics():
+    enc = BNEncoder().double()
+    views = make_views(10, torch.float64)
+    with pytest.raises(ValueError, match="chunk_size"):
+        GradCache(enc, InfoNCE(0.3), 3).step(*views)  # 10 = 3 + 3 + 3 + 1
+    GradCache(enc, InfoNCE(0.3), 3, batchnorm="eval").step(*views)  # running statistics: fine
+    untracked = BNEncoder().double()
+    untracked.net[1] = nn.BatchNorm1d(8, track_running_stats=False).double()
+    untracked.eval()  # without running statistics it still normalises by each chunk
+    with pytest.raises(ValueError, match="track_running_stats"):
+        GradCache(untracked, InfoNCE(0.3), 4, batchnorm="eval").step(*views)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        GradCache(untracked, InfoNCE(0.3), 4, batchnorm="error").step(*views)
+
+
 def test_bad_encoders_and_inputs():
     with pytest.raises(TypeError, match="encoders"):
         GradCache([], InfoNCE(), 4)
@@ -456,6 +590,7 @@ def test_bad_encoders_and_inputs():
 
 
 def _ddp_worker(rank, world_size, out_dir):
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     dtype = torch.float64
@@ -481,6 +616,17 @@ def _ddp_worker(rank, world_size, out_dir):
             wrapped = DDP(q_enc)
             encoders, plain = wrapped, [q_enc, q_enc]
         kwargs = lambda: {"generator": torch.Generator().manual_seed(3)} if "K" in case else {}  # noqa: E731
+        # Count the gradient all-reduces of each DDP module (one bucket each: these
+        # MLPs are far below DDP's bucket size): no_sync must leave exactly one.
+        all_reduces = {}
+        for name, module in zip("qd", wrapped if towers else [wrapped]):
+            all_reduces[name] = 0
+
+            def counting(state, bucket, name=name):
+                all_reduces[name] += 1
+                return allreduce_hook(state, bucket)
+
+            module.register_comm_hook(None, counting)
         cache = GradCache(encoders, loss_fn, 2, keep_last_graph=case.endswith("keep"))
         torch.manual_seed(100 + rank)  # each rank its own dropout masks
         loss = cache.step(global_q[rows], global_d[rows], **kwargs())
@@ -502,6 +648,7 @@ def _ddp_worker(rank, world_size, out_dir):
         losses = [torch.zeros(()) for _ in range(world_size)]
         torch.distributed.all_gather(losses, loss.float())
         results[case] = (got, want, torch.stack(losses).mean(), ref.detach())
+        results[f"all_reduces {case}"] = all_reduces
     # Gradient accumulation under DDP: two cached steps, only the second synchronised.
     torch.manual_seed(0)
     enc = MLP().to(dtype)
@@ -536,6 +683,9 @@ def test_ddp_two_processes_match_single_process_global_batch():
         for rank in range(2):
             results = torch.load(os.path.join(out, f"rank{rank}.pt"))
             unsynced.append(results.pop("unsynced_first_step"))
+            for key in [k for k in results if k.startswith("all_reduces")]:
+                counts = results.pop(key)
+                assert set(counts.values()) == {1}, (key, counts)  # one synchronised backward per module
             for case, (got, want, loss, ref) in results.items():
                 for name in want:
                     torch.testing.assert_close(got[name], want[name], atol=1e-10, rtol=0, msg=f"{case} {name}")

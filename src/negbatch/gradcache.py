@@ -28,7 +28,10 @@ representations and the loss, whatever the batch size.
 from __future__ import annotations
 
 import contextlib
+import numbers
+import sys
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
@@ -94,12 +97,35 @@ def _tensors(x: EncoderInput) -> list[Tensor]:
     return list(x.values()) if isinstance(x, Mapping) else list(x)
 
 
+def _carries_graph(x: EncoderInput) -> bool:
+    """Whether an input hangs on an upstream graph (an output of a trainable
+    module, not a leaf): every chunk's backward then passes through it."""
+    return any(t.grad_fn is not None for t in _tensors(x))
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
 def _call(encoder: nn.Module, chunk: EncoderInput) -> Any:
     if isinstance(chunk, Tensor):
         return encoder(chunk)
     if isinstance(chunk, Mapping):
         return encoder(**chunk)
     return encoder(*chunk)
+
+
+def _stacklevel_outside_this_module() -> int:
+    """``stacklevel`` for ``warnings.warn`` that names the caller's line, not ours."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename == __file__:
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+#: BatchNorm layers already warned about (one warning per layer, whichever
+#: GradCache meets it: the lab builds a new one every step).
+_WARNED_BATCHNORM: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 # ----------------------------------------------------------------------------
@@ -150,15 +176,19 @@ class CachedBatch:
     ``representations[i]`` is the detached (B_i, d_i) output for input i,
     ``chunks[i]`` its chunks, ``rng[i]`` the random state before each chunk's
     forward, ``kept`` the output with graph of the last chunk (keep-last
-    option) and ``gradients[i]`` the cached dL/dz (after step 2).
+    option) and ``gradients[i]`` the cached dL/dz (after step 2; None for an
+    input that needs no backward: a frozen encoder whose embeddings the loss
+    does not differentiate). ``carries_graph``: some input hangs on an upstream
+    graph, which every chunk's backward passes through (so it is retained).
     """
 
     chunks: list[list[EncoderInput]]
     representations: list[Tensor]
     rng: list[list[_RngState | None]]
     kept: Tensor | None = None
-    gradients: list[Tensor] = field(default_factory=list)
+    gradients: list[Tensor | None] = field(default_factory=list)
     bn_snapshot: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    carries_graph: bool = False
 
 
 class GradCache:
@@ -177,9 +207,11 @@ class GradCache:
         ``loss_fn(z_1, ..., z_n, **loss_kwargs) -> scalar tensor``: any loss
         over the embeddings, e.g. :class:`negbatch.InfoNCE` or
         :class:`negbatch.ReLIC` in any negatives mode, or a user's function.
-        For an ``InfoNCE(form="query_document")`` given a third input (hard
-        negative documents, H per query, query-major: B*H rows), the third
-        embedding is reshaped to (B, H, d) before the call.
+        For an ``InfoNCE`` or ``GlobalInfoNCE`` with ``form="query_document"``
+        given a third input (hard negative documents, H per query,
+        query-major: B*H rows), the third embedding is passed as
+        ``hard_negatives=``, reshaped to (B, H, d). Trainable tensors of the
+        loss itself get their gradient in step 2.
     chunk_size : int or sequence of int
         Rows per chunk, one value for all inputs or one per input. The chunks
         need not divide the batch (the last chunk is smaller).
@@ -203,13 +235,15 @@ class GradCache:
         "dtype": torch.bfloat16}``) applied to both encoder passes and to the
         loss. An autocast region around :meth:`step` works as well.
     batchnorm : {"warn", "eval", "error"}, default "warn"
-        BatchNorm in training mode normalises each chunk by its own statistics,
-        so the gradient is not the full-batch one. ``"warn"`` warns once and
+        BatchNorm in training mode (or without running statistics) normalises
+        each chunk by its own statistics, so the gradient is not the full-batch
+        one. ``"warn"`` warns once per layer and
         goes on (running statistics are updated once per chunk, not twice);
         ``"eval"`` runs BatchNorm layers on their running statistics during
         the cached step (exact; the statistics are not updated; convert to
         ``nn.GroupNorm``/``nn.LayerNorm`` for a per-sample normalisation that
-        trains); ``"error"`` raises.
+        trains; layers built with ``track_running_stats=False`` are refused);
+        ``"error"`` raises.
 
     Notes
     -----
@@ -262,10 +296,11 @@ class GradCache:
         if not sizes:
             raise ValueError("chunk_size must be an int or a non-empty sequence of ints")
         for size in sizes:
-            if isinstance(size, bool) or not isinstance(size, int):
+            if isinstance(size, bool) or not isinstance(size, numbers.Integral):
                 raise TypeError(f"chunk_size must be an int >= 1 (or one per input), got {size!r}")
             if size < 1:
                 raise ValueError(f"chunk_size must be >= 1, got {size}")
+        sizes = [int(size) for size in sizes]
         if self.encoders is not None and len(sizes) > 1 and len(sizes) != len(self.encoders):
             raise ValueError(
                 f"give one chunk_size per encoder ({len(self.encoders)}), or a single int; got {len(sizes)}"
@@ -284,7 +319,6 @@ class GradCache:
         self.scaler = scaler
         self.autocast = dict(autocast) if autocast is not None else None
         self.batchnorm = batchnorm
-        self._warned_batchnorm = False
 
     # ------------------------------------------------------------------ public
 
@@ -325,10 +359,15 @@ class GradCache:
     def forward_no_grad(self, *inputs: EncoderInput, sync: bool = True) -> CachedBatch:
         """Step 1: encode every chunk without a graph, recording the random
         state before each chunk (only the kept last chunk gets a graph)."""
+        if not torch.is_grad_enabled():
+            raise RuntimeError(
+                "GradCache needs autograd, but it is disabled here (torch.no_grad() or torch.inference_mode()); "
+                "call step() outside such a region"
+            )
         encoders = self._encoders_for(len(inputs))
         sizes = self._check_inputs(inputs)
-        self._check_batchnorm(encoders)
         chunks = [_split(x, self._chunk_size(i)) for i, x in enumerate(inputs)]
+        self._check_batchnorm(encoders, chunks)
         reps: list[Tensor] = []
         rng: list[list[_RngState | None]] = []
         kept = None
@@ -356,14 +395,16 @@ class GradCache:
                 reps.append(rep)
                 rng.append(states)
         snapshot = self._batchnorm_snapshot(encoders)
-        return CachedBatch(chunks=chunks, representations=reps, rng=rng, kept=kept, bn_snapshot=snapshot)
+        return CachedBatch(chunks=chunks, representations=reps, rng=rng, kept=kept, bn_snapshot=snapshot,
+                           carries_graph=any(_carries_graph(x) for x in inputs))
 
     def representation_gradients(self, cached: CachedBatch, **loss_kwargs: Any) -> Tensor:
         """Step 2: the loss on all representations, back-propagated to the
         representations only; their gradients are cached in ``cached``."""
         leaves = [r.detach().requires_grad_(True) for r in cached.representations]
+        args, hard = self._loss_args(leaves)
         with self._autocast():
-            loss = self.loss_fn(*self._loss_args(leaves), **loss_kwargs)
+            loss = self.loss_fn(*args, **hard, **loss_kwargs)
         if not isinstance(loss, Tensor):
             raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
         if loss.dim() != 0:
@@ -377,11 +418,14 @@ class GradCache:
                 "from its arguments with differentiable operations"
             )
         scaled = self.scaler.scale(loss) if self.scaler is not None else loss
-        grads = torch.autograd.grad(scaled, leaves, allow_unused=True)
-        for i, g in enumerate(grads):
-            if g is None:
+        # A full backward, not autograd.grad(loss, leaves): a loss's own trainable
+        # tensors (a learnable temperature) get their gradient here, once.
+        scaled.backward()
+        encoders = self._encoders_for(len(leaves))
+        for i, leaf in enumerate(leaves):
+            if leaf.grad is None and _trainable(encoders[i]):
                 raise ValueError(f"the loss does not depend on input {i}'s embeddings (no gradient reaches them)")
-        cached.gradients = list(grads)
+        cached.gradients = [leaf.grad for leaf in leaves]
         return loss.detach()
 
     def backward_chunks(self, cached: CachedBatch, sync: bool = True) -> None:
@@ -395,14 +439,16 @@ class GradCache:
             # The kept graph goes first: with DDP its module must not see it
             # between another chunk's synchronised forward and backward.
             i, j = len(cached.chunks) - 1, len(cached.chunks[-1]) - 1
-            if cached.kept.requires_grad:
+            if cached.kept.requires_grad and cached.gradients[i] is not None:
                 with self._ddp_context(encoders[i], (i, j) in sync_items):
-                    torch.autograd.backward(cached.kept, self._chunk_grad(cached, i, j))
+                    torch.autograd.backward(
+                        cached.kept, self._chunk_grad(cached, i, j), retain_graph=cached.carries_graph
+                    )
             cached.kept = None
         with self._batchnorm_mode(encoders):
             for i, (encoder, parts) in enumerate(zip(encoders, cached.chunks)):
-                if not any(p.requires_grad for p in encoder.parameters()):
-                    continue  # a frozen encoder: nothing to back-propagate into
+                if cached.gradients[i] is None or not self._may_need_backward(encoder, parts):
+                    continue  # e.g. a frozen encoder on plain inputs: nothing to back-propagate into
                 for j, chunk in enumerate(parts):
                     state = cached.rng[i][j]
                     if state is None:  # the kept chunk, done above
@@ -416,7 +462,9 @@ class GradCache:
                                 f"input {i}, chunk {j}: the second forward gave shape {tuple(out.shape)}, "
                                 f"the first {tuple(grad.shape)}; the encoder must be deterministic given its RNG"
                             )
-                        torch.autograd.backward(out, grad)
+                        if not out.requires_grad:
+                            break  # no trainable tensor behind this input (the same for all its chunks)
+                        torch.autograd.backward(out, grad, retain_graph=cached.carries_graph)
         self._batchnorm_restore(cached.bn_snapshot)
 
     # ----------------------------------------------------------------- helpers
@@ -452,15 +500,34 @@ class GradCache:
         return sizes
 
     def _reshapes_hard_negatives(self, n_inputs: int) -> bool:
+        from .losses.global_nce import GlobalInfoNCE
         from .losses.infonce import InfoNCE
 
-        return n_inputs == 3 and isinstance(self.loss_fn, InfoNCE) and self.loss_fn.form == "query_document"
+        return (
+            n_inputs == 3
+            and isinstance(self.loss_fn, (InfoNCE, GlobalInfoNCE))
+            and self.loss_fn.form == "query_document"
+        )
 
-    def _loss_args(self, reps: list[Tensor]) -> list[Tensor]:
+    def _loss_args(self, reps: list[Tensor]) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """Positional embeddings and, for a query-document loss of this package
+        given a third input, ``hard_negatives=`` shaped (B, H, d) (a keyword:
+        GlobalInfoNCE takes ``indices`` third)."""
         if self._reshapes_hard_negatives(len(reps)):
             q, docs, hard = reps
-            return [q, docs, hard.reshape(q.shape[0], -1, hard.shape[-1])]
-        return reps
+            return [q, docs], {"hard_negatives": hard.reshape(q.shape[0], -1, hard.shape[-1])}
+        return reps, {}
+
+    def _may_need_backward(self, encoder: nn.Module, parts: list[EncoderInput]) -> bool:
+        """False when no gradient can flow from this input's embeddings: a
+        frozen encoder, inputs that do not require grad, no trainable output_fn."""
+        if _trainable(encoder) or any(t.requires_grad for chunk in parts for t in _tensors(chunk)):
+            return True
+        if self.output_fn is None:
+            return False
+        if isinstance(self.output_fn, nn.Module):
+            return _trainable(self.output_fn)
+        return True  # a plain function may hold trainable tensors: the second pass finds out
 
     def _encode(self, encoder: nn.Module, chunk: EncoderInput, name: str) -> Tensor:
         with self._autocast():
@@ -471,6 +538,11 @@ class GradCache:
             raise TypeError(
                 f"the encoder of {name} returned {type(out).__name__}, not a tensor; pass output_fn= to pick "
                 f"the embedding out of it"
+            )
+        if out.dim() == 0:
+            raise ValueError(
+                f"the encoder of {name} returned a 0-d tensor; it must return one embedding per row "
+                f"(a (chunk, d) tensor), not a reduced value"
             )
         return out
 
@@ -512,28 +584,54 @@ class GradCache:
     # BatchNorm: per-chunk statistics are not the batch's.
 
     @staticmethod
-    def _batchnorms(encoders: list[nn.Module]) -> list[nn.modules.batchnorm._BatchNorm]:
+    def _batchnorms(encoders: list[nn.Module], training_only: bool = True) -> list[nn.modules.batchnorm._BatchNorm]:
         seen, found = set(), []
         for encoder in encoders:
             for m in encoder.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and id(m) not in seen:
+                if (
+                    isinstance(m, nn.modules.batchnorm._BatchNorm)
+                    and (m.training or not training_only)
+                    and id(m) not in seen
+                ):
                     seen.add(id(m))
                     found.append(m)
         return found
 
-    def _check_batchnorm(self, encoders: list[nn.Module]) -> None:
-        if not self._batchnorms(encoders) or self.batchnorm == "eval":
+    def _check_batchnorm(self, encoders: list[nn.Module], chunks: list[list[EncoderInput]]) -> None:
+        """Warn (or raise) about BatchNorm layers that will normalise each chunk by
+        its own statistics: layers in training mode (unless batchnorm='eval'),
+        and layers without running statistics, which do so in eval mode too."""
+        untracked = [m for m in self._batchnorms(encoders, training_only=False) if m.running_mean is None]
+        if self.batchnorm == "eval":
+            if untracked:
+                raise ValueError(
+                    f"batchnorm='eval' cannot make {type(untracked[0]).__name__} layers without running statistics "
+                    f"(track_running_stats=False) exact: they normalise each chunk by its own statistics even in "
+                    f"eval mode. Replace them by GroupNorm/LayerNorm, or pass batchnorm='warn' to accept that"
+                )
             return
+        per_chunk = {id(m): m for m in [*self._batchnorms(encoders), *untracked]}
+        if not per_chunk:
+            return
+        if any(m.training for m in per_chunk.values()):
+            lengths = [_batch_length(c, "chunk") for parts in chunks for c in parts]
+            if 1 in lengths:
+                raise ValueError(
+                    f"a chunk of 1 row reaches BatchNorm in training mode, which needs at least 2 rows; pick a "
+                    f"chunk_size that leaves 2 or more rows in the last chunk (chunk sizes {self.chunk_sizes}, "
+                    f"chunk lengths {sorted(set(lengths))}), or pass batchnorm='eval'"
+                )
         message = (
-            "GradCache: an encoder has BatchNorm in training mode; each chunk is normalised by its own "
-            "statistics, so the gradient is not the full-batch gradient. Use batchnorm='eval' (running "
-            "statistics, exact) or replace BatchNorm by GroupNorm/LayerNorm; see docs/gradcache.md"
+            "GradCache: an encoder has BatchNorm that normalises by batch statistics (training mode, or no "
+            "running statistics); each chunk is normalised by its own statistics, so the gradient is not the "
+            "full-batch gradient. Use batchnorm='eval' (running statistics, exact) or replace BatchNorm by "
+            "GroupNorm/LayerNorm; see docs/gradcache.md"
         )
         if self.batchnorm == "error":
             raise ValueError(message)
-        if not self._warned_batchnorm:
-            warnings.warn(message, UserWarning, stacklevel=3)
-            self._warned_batchnorm = True
+        if any(m not in _WARNED_BATCHNORM for m in per_chunk.values()):
+            warnings.warn(message, UserWarning, stacklevel=_stacklevel_outside_this_module())
+            _WARNED_BATCHNORM.update(per_chunk.values())
 
     @contextlib.contextmanager
     def _batchnorm_mode(self, encoders: list[nn.Module]):
