@@ -49,7 +49,7 @@ def _loss(loss_fn, model, x1, x2, hard, mask, opts):
     return loss_fn(model(x1), model(x2), h, mask=mask, generator=gen)
 
 
-def _worker(rank, world, name):
+def _worker(rank, world, name, cut=None):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D_IN, 16), nn.Tanh(), nn.Linear(16, D)).double()
     reference = copy.deepcopy(model)
@@ -70,8 +70,10 @@ def _worker(rank, world, name):
     want_loss = _loss(single, reference, x1, x2, hard, full_mask, opts)
     want_loss.backward()
 
-    # this rank's half, gather=True, DDP
+    # this rank's half (or, with ``cut``, rows [0, cut) and [cut, B)), gather=True, DDP
     lo, hi = rank * B // world, (rank + 1) * B // world
+    if cut is not None:
+        lo, hi = (0, cut) if rank == 0 else (cut, B)
     local_mask = None
     if full_mask is not None:
         # columns: documents of rank 0, of rank 1, then hard negatives in the same order
@@ -83,7 +85,7 @@ def _worker(rank, world, name):
     loss.backward()
 
     mean_loss = loss.detach().clone()
-    dist.all_reduce(mean_loss)
+    dist.all_reduce(mean_loss)  # each rank returns its share of the global mean
     assert torch.allclose(mean_loss / world, want_loss.detach(), rtol=1e-10), (mean_loss / world, want_loss)
     for (pname, p), q in zip(model.named_parameters(), reference.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12), f"{name}: {pname} differs on rank {rank}"
@@ -94,6 +96,13 @@ def _worker(rank, world, name):
 )
 def test_gather_gradient_equals_single_process(name):
     run_distributed(_worker, 2, name)
+
+
+@pytest.mark.parametrize("name", ["two_view_k", "qd_hard_symmetric_mask", "relic_k_mask"])
+def test_uneven_ranks_still_give_the_single_process_gradient(name):
+    # 5 rows on rank 0, 3 on rank 1: DDP's equal-weight average must still give the
+    # gradient of the mean over the 8 rows.
+    run_distributed(_worker, 2, name, 5)
 
 
 def _uneven_worker(rank, world):

@@ -39,27 +39,32 @@ def _step(model, loss_fn, x1, x2, idx, step, mask=None):
     return out, grads
 
 
-CONFIGS = [("two_view", "all", False), ("two_view", 5, False), ("query_document", "all", False),
-           ("two_view", "all", True)]
+# (form, negatives, mask, rows of rank 0: None for an even split). Uneven ranks: DDP's
+# equal-weight average must still give the gradient of the global mean.
+CONFIGS = [("two_view", "all", False, None), ("two_view", 5, False, None), ("query_document", "all", False, None),
+           ("two_view", "all", True, None), ("two_view", 5, False, 5), ("query_document", "all", True, 3)]
 
 
 def _worker(rank, world, tmp):
-    for form, negatives, use_mask in CONFIGS:  # one process group for all: spawning dominates the cost
-        _compare(rank, world, form, negatives, use_mask, os.path.join(tmp, f"{form}-{negatives}-{use_mask}"))
+    for form, negatives, use_mask, cut in CONFIGS:  # one process group for all: spawning dominates the cost
+        _compare(rank, world, form, negatives, use_mask, cut, os.path.join(tmp, f"{form}-{negatives}-{use_mask}-{cut}"))
 
 
-def _compare(rank, world, form, negatives, use_mask, tmp):
+def _compare(rank, world, form, negatives, use_mask, cut, tmp):
     os.makedirs(tmp, exist_ok=True)
     x1, x2, batches = _setup()
     model, kw = _make(form, negatives)
     dist_loss = GlobalInfoNCE(N, gather=True, **kw).double()
     ref_loss = GlobalInfoNCE(N, sync_state=False, **kw).double()  # one process, global batch
     half = B_GLOBAL // world
+    rows = slice(rank * half, (rank + 1) * half)
+    if cut is not None:
+        rows = slice(0, cut) if rank == 0 else slice(cut, B_GLOBAL)
     for step, idx in enumerate(batches):
-        local = idx[rank * half : (rank + 1) * half]
+        local = idx[rows]
         # Sample-level false negatives ("same class" = same index mod 3), global columns.
         mask = (idx[:, None] % 3 == idx[None, :] % 3) if use_mask else None
-        local_mask = mask[rank * half : (rank + 1) * half] if use_mask else None
+        local_mask = mask[rows] if use_mask else None
         _, grads = _step(model, dist_loss, x1, x2, local, step, local_mask)
         grads = [g.clone() for g in grads]
         for g in grads:  # what DDP does: average over ranks

@@ -17,7 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["is_distributed", "world_size", "rank", "gather_with_grad", "gather_nograd", "broadcast_object"]
+__all__ = [
+    "is_distributed", "world_size", "rank", "gather_with_grad", "gather_nograd", "global_batch_mean", "broadcast_object"
+]
 
 
 def is_distributed() -> bool:
@@ -77,6 +79,23 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     sizes = _gather_sizes(x.shape[0], x.device)
     offset = sum(sizes[: rank()])
     return _GatherWithGrad.apply(x, sizes, offset), offset
+
+
+def global_batch_mean(per_anchor: Tensor, local_rows: int, global_rows: int) -> Tensor:
+    """This rank's share of the mean over the global batch, for DDP.
+
+    DDP averages the ranks' gradients with equal weights, so the mean over
+    this rank's anchors gives the gradient of the global mean only when every
+    rank holds the same number of rows. This returns the local mean times
+    ``world_size * local_rows / global_rows``: the local mean itself when the
+    ranks are even, and in every case a value whose average over the ranks
+    is the mean over the global batch.
+    """
+    mean = per_anchor.mean()
+    w = world_size()
+    if w == 1 or global_rows == w * local_rows:
+        return mean
+    return mean * (w * local_rows / global_rows)
 
 
 def gather_nograd(x: Tensor) -> Tensor:

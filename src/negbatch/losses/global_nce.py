@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_embeddings, check_mask, check_same, check_temperature
-from ..distributed import gather_nograd, gather_with_grad, is_distributed
+from ..distributed import gather_nograd, gather_with_grad, global_batch_mean, is_distributed
 from ..negatives import (
     Negatives,
     OnShortage,
@@ -414,6 +414,13 @@ class GlobalInfoNCE(nn.Module):
     def _prepare(self, *xs: Tensor) -> tuple[Tensor, ...]:
         return tuple(F.normalize(x, dim=-1) for x in xs) if self.normalize else xs
 
+    def _mean(self, per_anchor: Tensor, local_rows: int, directions: list[_Direction]) -> Tensor:
+        if not self.gather:
+            return per_anchor.mean()
+        # n_rows_global counts both views' rows in the two-view form.
+        global_rows = directions[0].kwargs["n_rows_global"] // (2 if self.form == "two_view" else 1)
+        return global_batch_mean(per_anchor, local_rows, global_rows)
+
     def _directions(
         self, a: Tensor, b: Tensor, hard: Tensor | None, mask: Tensor | None, generator
     ) -> list[_Direction]:
@@ -535,7 +542,8 @@ class GlobalInfoNCE(nn.Module):
         self.check_indices(all_indices)
         if update and self.on_duplicate == "raise":
             self._check_duplicates(all_indices)
-        terms = [self._terms(direction) for direction in self._directions(a, b, hard_negatives, mask, generator)]
+        directions = self._directions(a, b, hard_negatives, mask, generator)
+        terms = [self._terms(direction) for direction in directions]
         n = a.shape[0]
         positive = torch.cat([t[0] for t in terms])
         summed = torch.cat([t[1] for t in terms])
@@ -564,7 +572,7 @@ class GlobalInfoNCE(nn.Module):
             self.last_minibatch_loss = (-pos + log_zhat).mean()
             self.last_infonce = (-pos + torch.logaddexp(pos, summed.detach().to(acc).log() + shift)).mean()
         if self.reduction == "mean":
-            return per_anchor.mean()
+            return self._mean(per_anchor, a.shape[0], directions)
         if self.reduction == "sum":
             return per_anchor.sum()
         return per_anchor
@@ -601,12 +609,13 @@ class GlobalInfoNCE(nn.Module):
         if indices is not None:
             self.check_indices(indices, a.shape[0])
         parts = []
-        for direction in self._directions(a, b, hard_negatives, mask, generator):
+        directions = self._directions(a, b, hard_negatives, mask, generator)
+        for direction in directions:
             positive, summed, shift, log_count = self._terms(direction)
             parts.append(-positive + summed.log() + shift - log_count)
         per_anchor = torch.cat(parts)
         if self.reduction == "mean":
-            return per_anchor.mean()
+            return self._mean(per_anchor, a.shape[0], directions)
         if self.reduction == "sum":
             return per_anchor.sum()
         return per_anchor

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_embeddings, check_mask, check_same, check_temperature
-from ..distributed import gather_nograd, gather_with_grad
+from ..distributed import gather_nograd, gather_with_grad, global_batch_mean
 from ..negatives import (
     Negatives,
     OnShortage,
@@ -152,7 +152,10 @@ class InfoNCE(nn.Module):
         (``torch.distributed`` all-gather with gradients). With DDP, the
         averaged parameter gradient equals the single-process gradient of the
         same loss on the concatenated global batch, and sampled negatives are
-        the ones a single process would draw with the same generator.
+        the ones a single process would draw with the same generator. Ranks
+        may hold different numbers of rows: with ``reduction="mean"`` each
+        rank then returns its share of the global mean (its mean times
+        world_size * B / B_global), whose average over the ranks is the mean.
     normalize : bool, default True
         L2-normalise the embeddings (cosine similarity).
     on_shortage : {"raise", "use_all"}, default "raise"
@@ -243,15 +246,17 @@ class InfoNCE(nn.Module):
         if self.form == "two_view":
             if hard_negatives is not None:
                 raise ValueError("hard_negatives applies to form='query_document' only")
-            per_anchor = self._two_view(a, b, mask, generator)
+            per_anchor, global_rows = self._two_view(a, b, mask, generator)
         else:
-            per_anchor = self._query_document(a, b, hard_negatives, mask, generator)
+            per_anchor, global_rows = self._query_document(a, b, hard_negatives, mask, generator)
+        if self.reduction == "mean" and self.gather:
+            return global_batch_mean(per_anchor, a.shape[0], global_rows)
         return _reduce(per_anchor, self.reduction)
 
     def _prepare(self, *xs: Tensor) -> tuple[Tensor, ...]:
         return tuple(F.normalize(x, dim=-1) for x in xs) if self.normalize else xs
 
-    def _two_view(self, z1: Tensor, z2: Tensor, mask: Tensor | None, generator) -> Tensor:
+    def _two_view(self, z1: Tensor, z2: Tensor, mask: Tensor | None, generator) -> tuple[Tensor, int]:
         z1, z2 = self._prepare(z1, z2)
         n, d = z1.shape
         both, offset = gather_with_grad(torch.cat([z1, z2], dim=1)) if self.gather else (torch.cat([z1, z2], 1), 0)
@@ -264,7 +269,7 @@ class InfoNCE(nn.Module):
         positive_index = torch.cat([local + total, local])
         check_mask(mask, (n, total), z1.device)
         full_mask = mask.repeat(2, 2) if mask is not None else None
-        return info_nce_per_anchor(
+        per_anchor = info_nce_per_anchor(
             anchors,
             bank,
             positive_index,
@@ -277,10 +282,11 @@ class InfoNCE(nn.Module):
             row_index=row_index,
             n_rows_global=2 * total,
         )
+        return per_anchor, total
 
     def _query_document(
         self, q: Tensor, docs: Tensor, hard: Tensor | None, mask: Tensor | None, generator
-    ) -> Tensor:
+    ) -> tuple[Tensor, int]:
         n, d = q.shape
         n_hard = 0
         if hard is not None:
@@ -316,7 +322,7 @@ class InfoNCE(nn.Module):
         )
         loss_q = info_nce_per_anchor(q, bank, rows, mask=mask, **common)
         if not self.symmetric:
-            return loss_q
+            return loss_q, total
         doc_mask = None
         if mask is not None:
             # Row j of the doc-to-query mask is column j of the query-to-doc mask.
@@ -324,4 +330,4 @@ class InfoNCE(nn.Module):
             doc_mask = all_rows[:, :total].t()[offset : offset + n]
         loss_d = info_nce_per_anchor(docs, all_q, rows, mask=doc_mask, **common)
         # Equal counts, so the mean of the concatenation is the average of the two directions.
-        return torch.cat([loss_q, loss_d])
+        return torch.cat([loss_q, loss_d]), total

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_embeddings, check_mask, check_same, check_temperature
-from ..distributed import gather_with_grad
+from ..distributed import gather_with_grad, global_batch_mean
 from ..negatives import Negatives, OnShortage, select_negatives, selection_logits, validate_negatives
 
 __all__ = ["ReLIC"]
@@ -136,7 +136,7 @@ class ReLIC(nn.Module):
             terms.append(nce + self.alpha * kl)
         per_anchor = torch.cat(terms)
         if self.reduction == "mean":
-            return per_anchor.mean()
+            return global_batch_mean(per_anchor, n, total) if self.gather else per_anchor.mean()
         if self.reduction == "sum":
             return per_anchor.sum()
         return per_anchor
