@@ -63,6 +63,18 @@ def test_graph_and_order_equal_dense_pseudocode(n, q, block):
     assert np.array_equal(gcbs_order(x, y, q, block_size=block), dense_reference_order(x, y, q))
 
 
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                    (torch.float32, torch.float64)])
+def test_half_precision_and_mixed_dtypes_compare_in_float32_or_wider(dtypes):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(60, 8, generator=g).to(dtypes[0])
+    y = (x.float() + 0.5 * torch.randn(60, 8, generator=g)).to(dtypes[1])
+    wide = torch.promote_types(torch.promote_types(*dtypes), torch.float32)
+    graph = similarity_graph(x, y, 0.95)
+    assert np.array_equal(graph.toarray(), similarity_graph(x.to(wide), y.to(wide), 0.95).toarray())
+    assert graph.nnz == num_kept_entries(60 * 60, 0.95)
+
+
 def test_pruning_and_fallback_paths_stay_exact(monkeypatch):
     x, y, _ = planted(per=40, seed=3)
     q = 0.97
@@ -180,6 +192,54 @@ def test_refresh_every_replans_the_rest_and_covers_once():
     assert len(batches) == 10
     assert sorted(i for b in batches for i in b) == list(range(len(x)))
     assert calls == [400, 280, 160, 40]
+
+
+@pytest.mark.parametrize("via_set_epoch", [False, True])
+def test_refresh_every_refreshes_in_every_epoch(via_set_epoch):
+    # 10 batches and refresh_every=6: one refresh per epoch, at batch 6, in every epoch.
+    x, y, _ = planted()
+    calls = []
+
+    def embed(i):
+        calls.append(len(i))
+        return x[i], y[i]
+
+    sampler = GCBSampler(embed, len(x), 40, q=0.95, refresh_every=6, chunk_size=1000)
+    for epoch in range(3):
+        if via_set_epoch:
+            sampler.set_epoch(epoch)
+        assert sorted(i for b in sampler for i in b) == list(range(len(x)))
+    assert calls == [400, 160] * 3
+
+
+def test_drop_last_leaves_out_other_samples_each_epoch():
+    # 400 samples, batches of 64: 16 left out per epoch. With fixed embeddings the GCBS
+    # order is the same every epoch; the left-out run must move with the epoch's stream.
+    x, y, _ = planted()
+    sampler = GCBSampler(lambda i: (x[i], y[i]), len(x), 64, q=0.95, drop_last=True)
+    left_out = []
+    for _ in range(4):
+        batches = list(sampler)
+        assert all(len(b) == 64 for b in batches) and len(batches) == 6
+        seen = [i for b in batches for i in b]
+        assert len(set(seen)) == len(seen)
+        left_out.append(frozenset(range(len(x))) - set(seen))
+    assert all(len(s) == 16 for s in left_out) and len(set(left_out)) == 4
+
+
+def test_cut_into_batches_leaves_out_a_consecutive_run_at_a_random_place():
+    from negbatch.sampling.epoch_sampler import cut_into_batches
+
+    order = np.arange(100)[::-1].copy()
+    starts = set()
+    for seed in range(20):
+        kept = np.concatenate(cut_into_batches(order, 16, True, np.random.default_rng(seed)))
+        out = sorted(set(order) - set(kept.tolist()))
+        assert len(kept) == 96 and len(out) == 4 and out == list(range(out[0], out[0] + 4))
+        assert kept.tolist() == [v for v in order.tolist() if v not in out]  # order otherwise kept
+        starts.add(out[0])
+    assert len(starts) > 5
+    assert np.concatenate(cut_into_batches(order, 16, True)).tolist() == order[:96].tolist()  # no rng: the tail
 
 
 @pytest.mark.parametrize(

@@ -27,8 +27,20 @@ def _positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
-def cut_into_batches(order: np.ndarray, batch_size: int, drop_last: bool) -> list[np.ndarray]:
-    """Consecutive chunks of ``order``; the short tail is dropped or kept."""
+def cut_into_batches(
+    order: np.ndarray, batch_size: int, drop_last: bool, rng: np.random.Generator | None = None
+) -> list[np.ndarray]:
+    """Consecutive chunks of ``order``; the short tail is dropped or kept.
+
+    With ``rng`` and ``drop_last``, the ``len(order) % batch_size`` samples
+    left out are a run of consecutive entries at a random position of
+    ``order`` instead of its end: an order that changes little from epoch to
+    epoch (GCBS) would otherwise leave out the same samples every epoch.
+    """
+    spare = len(order) % batch_size
+    if drop_last and rng is not None and spare:
+        start = int(rng.integers(0, len(order) - spare + 1))
+        order = np.concatenate([order[:start], order[start + spare :]])
     n_full = len(order) // batch_size
     batches = [order[i * batch_size : (i + 1) * batch_size] for i in range(n_full)]
     if not drop_last and len(order) > n_full * batch_size:
@@ -97,6 +109,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         self._plan: list[np.ndarray] | None = None
         self._position = 0
+        self._refreshed_at = -1  # position of the last refresh in the current plan
 
     # -- what a subclass provides -------------------------------------------------
     def prepare(self, indices: np.ndarray) -> Any:
@@ -114,7 +127,11 @@ class EpochBatchSampler(Sampler[list[int]]):
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
         if int(epoch) != self.epoch:
             self.epoch = int(epoch)
-            self._plan, self._position = None, 0
+            self._drop_plan()
+
+    def _drop_plan(self) -> None:
+        # The refresh marker belongs to the plan: a new epoch refreshes at the same positions.
+        self._plan, self._position, self._refreshed_at = None, 0, -1
 
     def _rng(self, salt: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, salt])
@@ -169,9 +186,7 @@ class EpochBatchSampler(Sampler[list[int]]):
             yield self._share(batch)
         # The epoch is complete: the next iteration plans the next epoch.
         self.epoch += 1
-        self._plan, self._position = None, 0
-
-    _refreshed_at = -1
+        self._drop_plan()
 
     def __len__(self) -> int:
         n = self.num_samples
@@ -211,10 +226,10 @@ class EpochBatchSampler(Sampler[list[int]]):
                     f"state was saved with {key}={state[key]} but this sampler has {key}={getattr(self, key)}"
                 )
         self.epoch = int(state["epoch"])
-        self._refreshed_at = int(state.get("refreshed_at", -1))
         if state["plan"] is None:
-            self._plan, self._position = None, 0
+            self._drop_plan()
             return
+        self._refreshed_at = int(state.get("refreshed_at", -1))
         flat = torch.as_tensor(state["plan"]).numpy().astype(np.int64)
         sizes = torch.as_tensor(state["plan_sizes"]).tolist()
         self._plan = list(np.split(flat, np.cumsum(sizes)[:-1]))

@@ -244,7 +244,10 @@ def similarity_graph(
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     if method not in ("exact", "faiss"):
         raise ValueError(f"method must be 'exact' or 'faiss', got {method!r}")
-    x, y = x.detach(), y.detach()
+    # Half-precision embeddings (a model under autocast) are compared in float32:
+    # numpy, which selects the kept entries, has no bfloat16.
+    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+    x, y = x.detach().to(dtype), y.detach().to(dtype)
     if normalize:
         x = torch.nn.functional.normalize(x, dim=1)
         y = torch.nn.functional.normalize(y, dim=1)
@@ -406,4 +409,4 @@ class GCBSampler(EpochBatchSampler):
         x, y = prepared
         if len(indices) < 2:
             return [indices]
-        return cut_into_batches(indices[self.order(x, y)], self.batch_size, self.drop_last)
+        return cut_into_batches(indices[self.order(x, y)], self.batch_size, self.drop_last, rng)
