@@ -90,7 +90,9 @@ class _PositiveAndNegativeSum(torch.autograd.Function):
         work = logits.detach().scatter(1, col, float("-inf"))
         shift = work.amax(dim=1)
         work.sub_(shift[:, None]).exp_()
-        summed = work.sum(dim=1)
+        # Summed in at least float32: in half precision a row of more than 65504
+        # negatives (each term <= 1) would overflow to inf.
+        summed = work.sum(dim=1, dtype=torch.promote_types(work.dtype, torch.float32))
         ctx.save_for_backward(work, col)
         ctx.mark_non_differentiable(shift)
         return positive, summed, shift
@@ -98,8 +100,8 @@ class _PositiveAndNegativeSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_positive: Tensor, grad_summed: Tensor, _grad_shift: Tensor):  # type: ignore[override]
         work, col = ctx.saved_tensors
-        grad = work * grad_summed[:, None]
-        grad.scatter_add_(1, col, grad_positive[:, None])
+        grad = (work * grad_summed[:, None]).to(work.dtype)
+        grad.scatter_add_(1, col, grad_positive[:, None].to(work.dtype))
         return grad, None
 
 
@@ -503,7 +505,7 @@ class GlobalInfoNCE(nn.Module):
         else:
             logits = selection_logits(anchors, bank, selection, self.temperature)
             positive, summed, shift = _PositiveAndNegativeSum.apply(logits, selection.positive_column)
-        return positive, summed, shift, count.to(summed.dtype).log()
+        return positive, summed, shift, count.to(torch.promote_types(summed.dtype, torch.float32)).log()
 
     def _check_inputs(self, a: Tensor, b: Tensor, indices: Tensor) -> Tensor:
         names = ("view1", "view2") if self.form == "two_view" else ("queries", "documents")
@@ -566,7 +568,8 @@ class GlobalInfoNCE(nn.Module):
         # Zhat/nu = summed * exp(shift - log_count - log_nu): the surrogate's
         # gradient is grad(Zhat)/nu, and no exp(s/tau) is ever formed unshifted.
         weight = torch.exp(shift - log_count - log_nu).to(summed.dtype)
-        per_anchor = -positive + summed * weight + (log_nu - 1.0).to(summed.dtype)
+        # In the embeddings' dtype, as the other losses (summed may be wider).
+        per_anchor = (-positive + summed * weight + (log_nu - 1.0).to(summed.dtype)).to(positive.dtype)
         with torch.no_grad():
             pos = positive.detach().to(acc)
             self.last_minibatch_loss = (-pos + log_zhat).mean()
@@ -612,7 +615,7 @@ class GlobalInfoNCE(nn.Module):
         directions = self._directions(a, b, hard_negatives, mask, generator)
         for direction in directions:
             positive, summed, shift, log_count = self._terms(direction)
-            parts.append(-positive + summed.log() + shift - log_count)
+            parts.append((-positive + summed.log() + shift - log_count).to(positive.dtype))
         per_anchor = torch.cat(parts)
         if self.reduction == "mean":
             return self._mean(per_anchor, a.shape[0], directions)
