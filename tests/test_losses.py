@@ -247,3 +247,13 @@ def _assert_match_f32(loss, reference, inputs):
     assert torch.allclose(loss, reference, rtol=1e-5)
     for g, w in zip(torch.autograd.grad(loss, inputs, retain_graph=True), torch.autograd.grad(reference, inputs)):
         assert torch.allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_empty_batches_are_refused():
+    from negbatch import GlobalInfoNCE
+
+    empty = torch.zeros(0, 4)
+    for loss_fn, args in [(InfoNCE(TAU), ()), (InfoNCE(TAU, form="query_document"), ()), (ReLIC(TAU), ()),
+                          (GlobalInfoNCE(5, TAU), (torch.zeros(0, dtype=torch.long),))]:
+        with pytest.raises(ValueError, match="empty batch"):
+            loss_fn(empty, empty, *args)

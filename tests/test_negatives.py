@@ -256,3 +256,11 @@ def test_heavily_masked_rows_stay_valid_and_uniform():
     assert all(len(set(r)) == k for r in cols.tolist())
     singles = torch.zeros(m).index_add_(0, cols.reshape(-1), torch.ones(cols.numel()))[2:43]
     assert chisquare(singles.numpy()).pvalue > 1e-3
+
+
+def test_bad_on_shortage_and_mask_shape_are_refused_up_front():
+    positive = torch.tensor([1, 0])
+    with pytest.raises(ValueError, match="on_shortage"):
+        select_negatives(positive, 5, 2, on_shortage="ignore")  # nobody is short: still refused
+    with pytest.raises(ValueError, match="mask must have shape"):
+        select_negatives(positive, 5, 2, mask=torch.zeros(2, 4, dtype=torch.bool))

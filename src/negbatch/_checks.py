@@ -31,6 +31,14 @@ def check_embeddings(x: Tensor, name: str, *, dim: int = 2, check_finite: bool =
     return x
 
 
+def check_nonempty(x: Tensor, name: str) -> None:
+    if x.shape[0] == 0:
+        raise ValueError(
+            f"{name} is an empty batch (0 rows); a contrastive loss needs at least one anchor "
+            f"(with gather=True, every rank needs at least one row)"
+        )
+
+
 def check_same(a: Tensor, b: Tensor, name_a: str, name_b: str, *, dims: tuple[int, ...]) -> None:
     for d in dims:
         if a.shape[d] != b.shape[d]:

@@ -274,8 +274,12 @@ def select_negatives(
         the world size. Default: local rows are the global rows.
     """
     negatives = validate_negatives(negatives)
+    if on_shortage not in ("raise", "use_all"):
+        raise ValueError(f"on_shortage must be 'raise' or 'use_all', got {on_shortage!r}")
     n = positive_index.shape[0]
     m = num_candidates
+    if mask is not None and tuple(mask.shape) != (n, m):
+        raise ValueError(f"mask must have shape (anchors, candidates) = ({n}, {m}), got {tuple(mask.shape)}")
     device = positive_index.device
     excluded = _excluded_columns(n, m, positive_index, self_index, mask)
     if negatives == "all":
@@ -306,8 +310,6 @@ def select_negatives(
                 f"and masked candidates). Lower negatives, enlarge the batch, or pass "
                 f"on_shortage='use_all' to contrast such anchors with all their candidates."
             )
-        if on_shortage != "use_all":
-            raise ValueError(f"on_shortage must be 'raise' or 'use_all', got {on_shortage!r}")
     if k >= m:
         # Every anchor is short (it has at most m - 1 candidates), on every rank: the
         # loss over all valid candidates, computed densely (a sampled row cannot hold

@@ -31,7 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_embeddings, check_mask, check_same, check_temperature
+from .._checks import (
+    check_choice,
+    check_embeddings,
+    check_mask,
+    check_nonempty,
+    check_same,
+    check_temperature,
+)
 from ..distributed import gather_nograd, gather_with_grad, global_batch_mean, is_distributed
 from ..negatives import (
     Negatives,
@@ -512,6 +519,7 @@ class GlobalInfoNCE(nn.Module):
         check_embeddings(a, names[0], check_finite=self.check_finite)
         check_embeddings(b, names[1], check_finite=self.check_finite)
         check_same(a, b, names[0], names[1], dims=(0, 1))
+        check_nonempty(a, names[0])
         if a.device != self.log_nu.device:
             raise ValueError(
                 f"the embeddings are on {a.device} but the loss's state is on {self.log_nu.device}; "
@@ -609,6 +617,7 @@ class GlobalInfoNCE(nn.Module):
         check_embeddings(a, names[0], check_finite=self.check_finite)
         check_embeddings(b, names[1], check_finite=self.check_finite)
         check_same(a, b, names[0], names[1], dims=(0, 1))
+        check_nonempty(a, names[0])
         if indices is not None:
             self.check_indices(indices, a.shape[0])
         parts = []

@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_embeddings, check_mask, check_same, check_temperature
+from .._checks import (
+    check_choice,
+    check_embeddings,
+    check_mask,
+    check_nonempty,
+    check_same,
+    check_temperature,
+)
 from ..distributed import gather_nograd, gather_with_grad, global_batch_mean
 from ..negatives import (
     Negatives,
@@ -243,6 +250,7 @@ class InfoNCE(nn.Module):
         check_embeddings(a, names[0], check_finite=self.check_finite)
         check_embeddings(b, names[1], check_finite=self.check_finite)
         check_same(a, b, names[0], names[1], dims=(0, 1))
+        check_nonempty(a, names[0])
         if self.form == "two_view":
             if hard_negatives is not None:
                 raise ValueError("hard_negatives applies to form='query_document' only")

@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_embeddings, check_mask, check_same, check_temperature
+from .._checks import (
+    check_choice,
+    check_embeddings,
+    check_mask,
+    check_nonempty,
+    check_same,
+    check_temperature,
+)
 from ..distributed import gather_with_grad, global_batch_mean
 from ..negatives import Negatives, OnShortage, select_negatives, selection_logits, validate_negatives
 
@@ -103,6 +110,7 @@ class ReLIC(nn.Module):
         check_embeddings(view1, "view1", check_finite=self.check_finite)
         check_embeddings(view2, "view2", check_finite=self.check_finite)
         check_same(view1, view2, "view1", "view2", dims=(0, 1))
+        check_nonempty(view1, "view1")
         z1, z2 = (F.normalize(view1, dim=-1), F.normalize(view2, dim=-1)) if self.normalize else (view1, view2)
         n, d = z1.shape
         both, offset = gather_with_grad(torch.cat([z1, z2], 1)) if self.gather else (torch.cat([z1, z2], 1), 0)
