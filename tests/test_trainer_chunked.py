@@ -142,3 +142,11 @@ def test_chunk_config_keys():
     for bad in ({"chunk_size": -1}, {"chunk_size": "x"}, {"chunk_size": True}, {"chunk_method": "cached"}):
         with pytest.raises(ValueError, match="chunk"):
             TrainConfig.from_dict(bad)
+
+
+def test_accumulation_checks_k_against_the_smallest_chunk_before_training():
+    # batch 24 in chunks of 5: the last chunk has 4 rows, 2*4 - 2 = 6 SimCLR candidates.
+    with pytest.raises(ValueError, match="chunk_size=5"):
+        build_loss(tiny(loss="simclr", negatives=7, chunk_size=5, chunk_method="accumulate"))
+    build_loss(tiny(loss="simclr", negatives=6, chunk_size=5, chunk_method="accumulate"))
+    build_loss(tiny(loss="simclr", negatives=20, chunk_size=5, chunk_method="cache"))  # the cache sees the batch

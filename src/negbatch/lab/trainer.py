@@ -98,11 +98,17 @@ def build_loss(cfg: TrainConfig, num_samples: int | None = None) -> nn.Module:
     ``num_samples`` (the training set's size) is needed by ``loss="global"``,
     which keeps one running normaliser per training sample."""
     negatives = parse_negatives(cfg.negatives)
-    available = negative_candidates(cfg.loss, cfg.batch_size)
+    contrasted, where = cfg.batch_size, f"batch_size={cfg.batch_size}"
+    if cfg.chunk_size and cfg.chunk_method == "accumulate" and cfg.chunk_size < cfg.batch_size:
+        # Accumulation contrasts each chunk on its own; the smallest chunk decides.
+        contrasted = cfg.batch_size % cfg.chunk_size or cfg.chunk_size
+        where = (f"chunk_method='accumulate' with chunk_size={cfg.chunk_size} (batch_size={cfg.batch_size}: "
+                 f"the smallest chunk has {contrasted} rows)")
+    available = negative_candidates(cfg.loss, contrasted)
     if negatives != "all" and negatives > available:
         raise ValueError(
             f"negatives={negatives} exceeds the {available} candidates per anchor of {cfg.loss} at "
-            f"batch_size={cfg.batch_size}; use negatives <= {available} or 'all'"
+            f"{where}; use negatives <= {available} or 'all'"
         )
     if cfg.loss == "simclr":
         return PairLoss(InfoNCE(temperature=cfg.temperature, negatives=negatives))
