@@ -267,6 +267,34 @@ def test_grad_scaler_scale_applied_exactly_once_on_cpu():
     assert_grads_close(unscaled, want, 1e-10)
 
 
+@pytest.mark.parametrize("ambient", [False, True])
+def test_cpu_autocast_bfloat16_equals_a_plain_step_with_one_region_per_chunk(ambient):
+    # One autocast region per chunk caches its own bf16 weight copies, as GradCache's
+    # passes do; then the two agree to float32 rounding (the looser test above compares
+    # with a single region, whose cached weight copy sums the gradients in bf16).
+    torch.manual_seed(0)
+    enc = MLP()
+    views = make_views(12, torch.float32)
+    amp = {"device_type": "cpu", "dtype": torch.bfloat16}
+
+    def chunk_forward(c):
+        with torch.autocast(**amp):
+            return enc(c)
+
+    torch.manual_seed(3)
+    reps = [torch.cat([chunk_forward(c) for c in x.split(5)]) for x in views]
+    with torch.autocast(**amp):
+        InfoNCE(0.3)(*reps).backward()
+    want = grads_of([enc])
+    torch.manual_seed(3)
+    if ambient:
+        with torch.autocast(**amp):
+            GradCache(enc, InfoNCE(0.3), 5).step(*views)
+    else:
+        GradCache(enc, InfoNCE(0.3), 5, autocast=amp).step(*views)
+    assert_grads_close(grads_of([enc]), want, atol=1e-6)
+
+
 def test_ambient_autocast_region_is_honoured():
     torch.manual_seed(0)
     enc = MLP()
@@ -600,7 +628,7 @@ def _ddp_worker(rank, world_size, out_dir):
     global_d = torch.randn(world_size * b_local, 6, generator=g, dtype=dtype)
     rows = slice(rank * b_local, (rank + 1) * b_local)
     results = {}
-    for case in ("shared_all", "shared_K_keep", "towers_symmetric", "towers_keep"):
+    for case in ("shared_all", "shared_K_keep", "towers_symmetric", "towers_keep", "shared_relic_K", "shared_global"):
         torch.manual_seed(0)
         towers = case.startswith("towers")
         q_enc, d_enc = MLP().to(dtype), MLP().to(dtype)
@@ -611,11 +639,21 @@ def _ddp_worker(rank, world_size, out_dir):
             encoders, plain = wrapped, [q_enc, d_enc]
         else:
             negatives = 4 if "K" in case else "all"
-            loss_fn = InfoNCE(0.3, negatives, gather=True)
-            ref_loss = InfoNCE(0.3, negatives)
+            if "relic" in case:
+                loss_fn, ref_loss = ReLIC(0.3, 0.5, negatives, gather=True), ReLIC(0.3, 0.5, negatives)
+            elif "global" in case:
+                loss_fn = GlobalInfoNCE(world_size * b_local, 0.3, gather=True).double()
+                ref_loss = GlobalInfoNCE(world_size * b_local, 0.3, sync_state=False).double()
+            else:
+                loss_fn, ref_loss = InfoNCE(0.3, negatives, gather=True), InfoNCE(0.3, negatives)
             wrapped = DDP(q_enc)
             encoders, plain = wrapped, [q_enc, q_enc]
-        kwargs = lambda: {"generator": torch.Generator().manual_seed(3)} if "K" in case else {}  # noqa: E731
+        def kwargs(global_rows=False):
+            out = {"generator": torch.Generator().manual_seed(3)} if "K" in case else {}
+            if "global" in case:
+                out["indices"] = torch.arange(world_size * b_local) if global_rows else torch.arange(b_local) + rank * b_local
+            return out
+
         # Count the gradient all-reduces of each DDP module (one bucket each: these
         # MLPs are far below DDP's bucket size): no_sync must leave exactly one.
         all_reduces = {}
@@ -641,7 +679,7 @@ def _ddp_worker(rank, world_size, out_dir):
             sl = slice(r * b_local, (r + 1) * b_local)
             for k, (enc, x) in enumerate(zip(plain, (global_q[sl], global_d[sl]))):
                 reps[k].append(torch.cat([enc(c) for c in x.split(2)]))
-        ref = ref_loss(torch.cat(reps[0]), torch.cat(reps[1]), **kwargs())
+        ref = ref_loss(torch.cat(reps[0]), torch.cat(reps[1]), **kwargs(global_rows=True))
         ref.backward()
         want = {n: p.grad.clone() for n, p in (q_enc.named_parameters() if not towers else
                 [*(("q." + n, p) for n, p in q_enc.named_parameters()), *(("d." + n, p) for n, p in d_enc.named_parameters())])}
