@@ -345,8 +345,9 @@ def main(argv: list[str]) -> None:
 def run_time(args, device) -> None:
     limit = ("GPU memory" if device.type == "cuda"
              else f"a data segment of {args.memory_budget:.1f} GiB (--memory-budget)")
-    print(f"# time per step, device={device}, median of {args.repeats} (interleaved), InfoNCE two_view; "
-          f"largest batch: the largest power of two <= {args.max_batch} whose plain step runs in {limit}")
+    sizes = (f"B = {args.batch} (--batch)" if args.batch is not None else
+             f"B up to the largest power of two <= {args.max_batch} whose plain step runs in {limit}")
+    print(f"# time per step, device={device}, median of {args.repeats} (interleaved), InfoNCE two_view; {sizes}")
     print(f"{'model':<12} {'B':>6} {'chunk':>6} {'plain s':>9} {'accum s':>9} {'cached s':>9} "
           f"{'cached/plain':>13} {'cached/accum':>13}  goal cached/plain <= 1.35 at the largest batch")
     for model in args.models:
