@@ -179,7 +179,8 @@ def test_resume_mid_epoch_continues_with_the_saved_plan(tmp_path):
     assert list(again) == first[1:] + rest
 
 
-def test_refresh_every_replans_the_rest_and_covers_once():
+def counting_embed():
+    """The planted data's embed_fn, and the list of how many samples each call embedded."""
     x, y, _ = planted()
     calls = []
 
@@ -187,28 +188,27 @@ def test_refresh_every_replans_the_rest_and_covers_once():
         calls.append(len(i))
         return x[i], y[i]
 
-    sampler = GCBSampler(embed, len(x), 40, q=0.95, refresh_every=3, chunk_size=1000)
+    return embed, calls, len(x)
+
+
+def test_refresh_every_replans_the_rest_and_covers_once():
+    embed, calls, n = counting_embed()
+    sampler = GCBSampler(embed, n, 40, q=0.95, refresh_every=3, chunk_size=1000)
     batches = list(sampler)
     assert len(batches) == 10
-    assert sorted(i for b in batches for i in b) == list(range(len(x)))
+    assert sorted(i for b in batches for i in b) == list(range(n))
     assert calls == [400, 280, 160, 40]
 
 
 @pytest.mark.parametrize("via_set_epoch", [False, True])
 def test_refresh_every_refreshes_in_every_epoch(via_set_epoch):
     # 10 batches and refresh_every=6: one refresh per epoch, at batch 6, in every epoch.
-    x, y, _ = planted()
-    calls = []
-
-    def embed(i):
-        calls.append(len(i))
-        return x[i], y[i]
-
-    sampler = GCBSampler(embed, len(x), 40, q=0.95, refresh_every=6, chunk_size=1000)
+    embed, calls, n = counting_embed()
+    sampler = GCBSampler(embed, n, 40, q=0.95, refresh_every=6, chunk_size=1000)
     for epoch in range(3):
         if via_set_epoch:
             sampler.set_epoch(epoch)
-        assert sorted(i for b in sampler for i in b) == list(range(len(x)))
+        assert sorted(i for b in sampler for i in b) == list(range(n))
     assert calls == [400, 160] * 3
 
 
