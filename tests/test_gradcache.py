@@ -234,6 +234,38 @@ def test_list_input_passes_positional_arguments():
     assert_grads_close(grads_of([enc]), want, 1e-10)
 
 
+class FeaturesAndScale(MLP):
+    """``encoder(features, scale)``: a dict of tensors and a tensor, positionally."""
+
+    def forward(self, features, scale):
+        return self.net(features["values"] * features["weights"] * scale)
+
+
+@pytest.mark.parametrize("keep_last", [False, True])
+def test_list_input_holding_a_dict_and_a_tensor(keep_last):
+    torch.manual_seed(0)
+    enc = FeaturesAndScale().double()
+    g = torch.Generator().manual_seed(4)
+
+    def make():
+        features = {"values": torch.randn(10, 6, generator=g, dtype=torch.float64),
+                    "weights": torch.rand(10, 6, generator=g, dtype=torch.float64)}
+        return [features, torch.rand(10, 1, generator=g, dtype=torch.float64)]
+
+    a, b = make(), make()
+    torch.manual_seed(2)
+    reps = [torch.cat([enc({k: v[i:i + 4] for k, v in x[0].items()}, x[1][i:i + 4]) for i in range(0, 10, 4)])
+            for x in (a, b)]
+    InfoNCE(0.3)(*reps).backward()
+    want = grads_of([enc])
+    torch.manual_seed(2)
+    GradCache(enc, InfoNCE(0.3), 4, keep_last_graph=keep_last).step(a, b)
+    assert_grads_close(grads_of([enc]), want, 1e-10)
+    with pytest.raises(ValueError, match=r"input 0\[0\]\['values'\]"):
+        bad = [{"values": a[0]["values"][:9], "weights": a[0]["weights"]}, a[1]]
+        GradCache(enc, InfoNCE(0.3), 4, paired=False).step(bad, b)
+
+
 def test_cpu_autocast_bfloat16():
     torch.manual_seed(0)
     enc = MLP()

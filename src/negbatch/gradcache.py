@@ -43,9 +43,9 @@ from torch.nn.parallel import DistributedDataParallel
 __all__ = ["GradCache", "CachedBatch"]
 
 #: One encoder input: a tensor, a dict of tensors (a tokenizer's output, passed
-#: as keyword arguments) or a list/tuple of tensors (passed as positional
-#: arguments). Every tensor is split along dimension 0.
-EncoderInput = Union[Tensor, Mapping[str, Tensor], Sequence[Tensor]]
+#: as keyword arguments) or a list/tuple (passed as positional arguments) whose
+#: items are tensors or dicts of tensors. Every tensor is split along dimension 0.
+EncoderInput = Union[Tensor, Mapping[str, Any], Sequence[Any]]
 BatchNormPolicy = Literal["warn", "eval", "error"]
 
 
@@ -53,48 +53,51 @@ BatchNormPolicy = Literal["warn", "eval", "error"]
 # Splitting inputs into chunks
 
 
-def _batch_length(x: EncoderInput, name: str) -> int:
+def _leaves(x: Any, name: str) -> list[tuple[str, Tensor]]:
+    """Every tensor of an input with its place (``input 0[1]['ids']``); nested
+    dicts and lists/tuples are walked, anything else is refused."""
     if isinstance(x, Tensor):
         if x.dim() == 0:
             raise ValueError(f"{name} is a 0-d tensor; it needs a batch dimension (dimension 0)")
-        return x.shape[0]
+        return [(name, x)]
     if isinstance(x, Mapping):
-        items = list(x.items())
+        items = [(f"{name}[{k!r}]", v) for k, v in x.items()]
     elif isinstance(x, (list, tuple)):
-        items = [(str(i), v) for i, v in enumerate(x)]
+        items = [(f"{name}[{i}]", v) for i, v in enumerate(x)]
     else:
         raise TypeError(
-            f"{name} must be a tensor, a dict of tensors or a list/tuple of tensors, got {type(x).__name__}"
+            f"{name} must be a tensor, a dict of tensors or a list/tuple of tensors or dicts, "
+            f"got {type(x).__name__}"
         )
     if not items:
         raise ValueError(f"{name} is empty; give at least one tensor")
-    lengths = {}
-    for key, value in items:
-        if not isinstance(value, Tensor) or value.dim() == 0:
-            raise TypeError(
-                f"{name}[{key!r}] must be a tensor with a batch dimension, got {type(value).__name__}"
-            )
-        lengths[key] = value.shape[0]
+    return [leaf for key, value in items for leaf in _leaves(value, key)]
+
+
+def _batch_length(x: EncoderInput, name: str) -> int:
+    lengths = {key: t.shape[0] for key, t in _leaves(x, name)}
     if len(set(lengths.values())) != 1:
         raise ValueError(f"the tensors of {name} must share their batch length (dimension 0), got {lengths}")
     return next(iter(lengths.values()))
 
 
-def _split(x: EncoderInput, size: int) -> list[EncoderInput]:
+def _split(x: Any, size: int) -> list[Any]:
+    """The chunks of an input: the same structure, every tensor cut into rows."""
     if isinstance(x, Tensor):
         return list(x.split(size))
     if isinstance(x, Mapping):
-        parts = {k: v.split(size) for k, v in x.items()}
+        parts = {k: _split(v, size) for k, v in x.items()}
         n = len(next(iter(parts.values())))
         return [{k: v[i] for k, v in parts.items()} for i in range(n)]
-    parts = [v.split(size) for v in x]
+    parts = [_split(v, size) for v in x]
     return [[p[i] for p in parts] for i in range(len(parts[0]))]
 
 
-def _tensors(x: EncoderInput) -> list[Tensor]:
+def _tensors(x: Any) -> list[Tensor]:
     if isinstance(x, Tensor):
         return [x]
-    return list(x.values()) if isinstance(x, Mapping) else list(x)
+    values = x.values() if isinstance(x, Mapping) else x
+    return [t for v in values for t in _tensors(v)]
 
 
 def _carries_graph(x: EncoderInput) -> bool:
@@ -330,7 +333,7 @@ class GradCache:
 
         Parameters
         ----------
-        *inputs : tensor, dict of tensors, or list/tuple of tensors
+        *inputs : tensor, dict of tensors, or list/tuple of tensors or dicts
             One per loss argument, in the loss's order; input i goes through
             encoder i (or the shared encoder).
         return_embeddings : bool, default False
