@@ -98,6 +98,12 @@ def test_sampled_negatives_are_seeded_and_differ_from_all(tmp_path):
     c = train_text_run(TextRunConfig(**TINY), tmp_path / "c")
     assert a["first_loss"] == b["first_loss"] and a["final_loss"] == b["final_loss"]
     assert a["first_loss"] < c["first_loss"]  # 2 negatives instead of 7: an easier softmax
+    # A finished folder refuses another configuration; a refused set-up claims no folder.
+    with pytest.raises(ValueError, match="different configuration .differs in negatives"):
+        train_text_run(TextRunConfig(**TINY, negatives=3), tmp_path / "a")
+    with pytest.raises(ValueError, match="batch_size"):
+        train_text_run(TextRunConfig(**{**TINY, "batch_size": 10**6}), tmp_path / "d")
+    assert not (tmp_path / "d" / "config.json").exists()
 
 
 def test_finished_run_is_skipped_and_other_config_refused(tmp_path):

@@ -85,6 +85,30 @@ def test_other_config_in_same_folder_rejected(tmp_path, digits):
         train(tiny(epochs=1, seed=1), tmp_path, data=digits)
     # Runtime-only options may change between sessions.
     assert train(tiny(epochs=1, progress=True, checkpoint_every=2), tmp_path, data=digits) is not None
+    # A finished folder refuses another configuration too (it used to hand back its old summary).
+    with pytest.raises(ValueError, match="different configuration .differs in negatives"):
+        train(tiny(epochs=1, negatives=5), tmp_path, data=digits)
+
+
+def test_a_run_refused_for_bad_input_does_not_claim_the_folder(tmp_path, digits):
+    with pytest.raises(ValueError, match="negatives=100 exceeds"):
+        train(tiny(epochs=1, negatives=100), tmp_path, data=digits)
+    assert not (tmp_path / "config.json").exists()
+    assert train(tiny(epochs=1, negatives=10), tmp_path, data=digits) is not None  # the fix is accepted
+
+
+def test_damaged_checkpoint_or_config_named_in_the_error(tmp_path, digits):
+    train(tiny(epochs=1), tmp_path, data=digits, stop_after=1)
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    with pytest.raises(ValueError, match="checkpoint.pt cannot be loaded.*delete it"):
+        train(tiny(epochs=1), tmp_path, data=digits)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json cannot be read.*delete it"):
+        train(tiny(epochs=1), tmp_path, data=digits)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        train(tiny(epochs=1), tmp_path / "a_file", data=digits)
 
 
 def test_config_files_and_errors(tmp_path):

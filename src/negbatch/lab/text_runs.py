@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import parse_negatives
-from .runs import SUMMARY, atomic_torch_save, atomic_write_text, claim_run_dir
+from .runs import SUMMARY, atomic_torch_save, atomic_write_text, finished_run, load_checkpoint, record_run
 from .sweep import run_jobs
 
 __all__ = [
@@ -318,7 +318,7 @@ def train_text_run(
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
     run_dir = Path(run_dir)
-    finished = claim_run_dir(run_dir, cfg.to_dict(), cfg.to_dict(), lambda saved: saved)
+    finished = finished_run(run_dir, cfg.to_dict(), lambda saved: saved)
     if finished is not None:
         return finished
     device = torch.device(cfg.device)
@@ -339,10 +339,12 @@ def train_text_run(
     loss_gen = torch.Generator().manual_seed(cfg.seed + 2)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    record_run(run_dir, cfg.to_dict())  # the set-up passed its checks: the folder is this run's
 
     checkpoint = run_dir / CHECKPOINT
     if checkpoint.exists():  # resume: every piece of state the next step depends on
-        state = torch.load(checkpoint, weights_only=True, map_location=device)
+        state = load_checkpoint(checkpoint, device, ("model", "optimizer", "batches", "rng", "rows", "untrained",
+                                                     "seconds"))
         encoder.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         batches.load_state_dict(state["batches"])

@@ -40,7 +40,7 @@ from .batching import build_planned_sampler, epoch_diagnostics
 from .config import TrainConfig, parse_negatives
 from .global_loss import GammaSchedule, GlobalPairLoss
 from .lars import LARS
-from .runs import SUMMARY, atomic_torch_save, atomic_write_text, claim_run_dir
+from .runs import SUMMARY, atomic_torch_save, atomic_write_text, finished_run, load_checkpoint, record_run
 
 __all__ = [
     "Batch",
@@ -369,9 +369,7 @@ def train(
     True
     """
     run_dir = Path(run_dir)
-    finished = claim_run_dir(
-        run_dir, cfg.to_dict(), cfg.identity(), lambda saved: TrainConfig.from_dict(saved).identity()
-    )
+    finished = finished_run(run_dir, cfg.identity(), lambda saved: TrainConfig.from_dict(saved).identity())
     if finished is not None:
         return finished
     device = _device(cfg.device)
@@ -391,11 +389,13 @@ def train(
     aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
     loss_gen = torch.Generator().manual_seed(cfg.seed + 2)
     snr = GradientSNR(model, beta=cfg.snr_beta) if cfg.snr else None
+    record_run(run_dir, cfg.to_dict())  # the set-up passed its checks: the folder is this run's
 
     # Resume: every piece of state, then drop metric rows logged after the checkpoint.
     step, epoch, start_batch = 0, 0, 0
     if (run_dir / CHECKPOINT).exists():
-        ckpt = torch.load(run_dir / CHECKPOINT, weights_only=True, map_location=device)
+        ckpt = load_checkpoint(run_dir / CHECKPOINT, device, ("model", "optimizer", "schedule", "loss", "sampler",
+                                                              "rng", "step", "epoch", "batch"))
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
