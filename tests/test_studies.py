@@ -1,4 +1,8 @@
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -57,3 +61,48 @@ def test_parse_list_names_the_option():
         parse_list(",", str, "ks")
     with pytest.raises(ValueError, match="--samplers lists a value twice"):
         parse_list("gcbs,gcbs", str, "samplers", unique=True)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux only")
+def test_workers_end_when_the_study_process_is_killed(tmp_path):
+    # A study killed with SIGKILL (kill, timeout, a scheduler) must not leave its
+    # workers training on: a rerun would train the same run folders beside them.
+    (tmp_path / "sleeper.py").write_text(
+        "import os, time\n"
+        "def train_one(cfg, run_dir, threads):\n"
+        "    open(os.path.join(cfg['dir'], f'{os.getpid()}.pid'), 'w').close()\n"
+        "    time.sleep(120)\n"
+        "    return {}\n"
+    )
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import sleeper\n"
+        "from negbatch.lab.sweep import run_jobs\n"
+        "jobs = [({'dir': sys.argv[1]}, sys.argv[1] + f'/runs/{i}') for i in range(2)]\n"
+        "run_jobs(jobs, sys.argv[1], sleeper.train_one, workers=2)\n"
+    )
+    study = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)])
+    try:
+        deadline = time.time() + 60
+        while len(list(tmp_path.glob("*.pid"))) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        pids = [int(p.stem) for p in tmp_path.glob("*.pid")]
+        assert len(pids) == 2, "the workers did not start"
+    finally:
+        study.kill()
+        study.wait()
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:  # a zombie awaiting its reaper is gone too
+                return f.read().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 20
+    while any(alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [p for p in pids if alive(p)]
+    for p in left:
+        os.kill(p, 9)
+    assert not left, f"workers {left} outlived the study"

@@ -20,6 +20,7 @@ import io
 import json
 import multiprocessing
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -134,11 +135,35 @@ def run_jobs(
             done(train_one(cfg_dict, run_dir, None))
     else:
         ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        with cf.ProcessPoolExecutor(
+            max_workers=workers, mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(),)
+        ) as pool:
             futures = [pool.submit(train_one, c, d, 1) for c, d in jobs]
             for fut in cf.as_completed(futures):
                 done(fut.result())
     return summaries
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: end this worker when the study's process ends.
+
+    Without it, a study killed with ``kill``, ``timeout`` or a scheduler leaves
+    its workers training on (orphans), and a rerun would train the same run
+    folders beside them. Linux only (``prctl(PR_SET_PDEATHSIG)``); the runs'
+    checkpoints are written atomically, so the rerun resumes them.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent was gone before prctl took effect
+        os._exit(1)
 
 
 def parse_list(text: str, convert: Callable[[str], Any], name: str, *, unique: bool = False) -> list:
