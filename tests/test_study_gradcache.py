@@ -70,6 +70,13 @@ def test_study_end_to_end_resumes_and_reports(tmp_path):
     lost.unlink()
     assert main(args) == 0 and lost.exists()
     assert {p: p.stat().st_mtime_ns for p in files if p != lost} == {p: t for p, t in before.items() if p != lost}
+    # Larger batches in a rerun get a pool that holds them (not one redrawn with replacement).
+    import torch
+
+    assert torch.load(out / "pool.pt", weights_only=True).shape[0] == 16
+    larger = [a if a != "8,16" else "8,16,32" for a in args]
+    assert main(larger) == 0
+    assert torch.load(out / "pool.pt", weights_only=True).shape[0] == 32
     # Another setup in the same folder is refused; the report is rebuilt from the folder alone.
     assert main([*args, "--temperature", "0.5"]) == 2
     (out / "report.md").unlink()

@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in STUDIES.items():
         _study_parser(studies, name, module)
 
-    train = commands.add_parser("train", help="train one configuration", description="Train one configuration; options mirror the keys of a TOML/YAML --config file (command-line options win).")
-    train.add_argument("--config", default=None, help="TOML or YAML file of training options")
+    train = commands.add_parser("train", help="train one configuration", description="Train one configuration; options mirror the keys of a TOML/YAML/JSON --config file (command-line options win).")
+    train.add_argument("--config", default=None, help="TOML, YAML or JSON file of training options (a run's config.json works)")
     train.add_argument("--out", default="negbatch-runs/train", help="run folder (default: negbatch-runs/train); an unfinished run there resumes")
     add_config_arguments(train)
 

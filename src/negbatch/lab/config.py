@@ -224,7 +224,8 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file into a dict.
+    """Read a TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON (``.json``, e.g. a
+    run's ``config.json``) file into a dict.
 
     A ``[train]`` table / ``train:`` mapping is used if present, else the top level.
     """
@@ -252,7 +253,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         except yaml.YAMLError as err:
             raise ValueError(f"config file {path} is not valid YAML: {err}") from None
     elif path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"config file {path} is not valid JSON: {err}") from None
     else:
         raise ValueError(f"config file {path}: expected a .toml, .yaml, .yml or .json file")
     if data is None:

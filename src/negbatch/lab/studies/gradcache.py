@@ -309,10 +309,12 @@ def run(args: argparse.Namespace) -> Path:
             raise ValueError(f"{out} holds a gradcache study of another setup (differs in {', '.join(changed)}); use another --out")
     atomic_write_text(spec_path, json.dumps(study, indent=1))
 
-    pool = out / "pool.pt"
-    if not pool.exists():
-        import torch
+    import torch
 
+    pool = out / "pool.pt"
+    # A rerun may ask for larger batches than the saved pool holds: remake it (the
+    # pool is the first max(B) training images, so the old one is its prefix).
+    if not pool.exists() or torch.load(pool, weights_only=True).shape[0] < max(batches):
         tmp = pool.with_name(f".pool.{os.getpid()}.tmp")
         torch.save(DATA_KINDS[args.data][0](args, max(batches)), tmp)
         os.replace(tmp, pool)
