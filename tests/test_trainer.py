@@ -125,6 +125,8 @@ def test_config_files_and_errors(tmp_path):
         TrainConfig.from_dict({"negatives": "some"})
     with pytest.raises(ValueError, match="optimizer: expected one of"):
         TrainConfig(optimizer="rmsprop")
+    with pytest.raises(ValueError, match="(?s)epochs: expected an int.*dataset: expected one of"):
+        TrainConfig.from_dict({"epochs": "2.5", "dataset": "cifar"})  # a type error hides no value error
     (tmp_path / "bad.toml").write_text("loss = = 1")
     with pytest.raises(ValueError, match="not valid TOML"):
         load_config_file(tmp_path / "bad.toml")

@@ -170,6 +170,11 @@ class TrainConfig:
             except ValueError as err:
                 errors.append(f"{key}: {err}")
         if errors:
+            # Also the value checks of the keys that did parse: every problem at once.
+            try:
+                cls(**kwargs)
+            except ValueError as err:
+                errors += [line.strip() for line in str(err).splitlines()[1:]]
             raise ValueError("invalid training configuration:\n  " + "\n  ".join(errors))
         return cls(**kwargs)
 
