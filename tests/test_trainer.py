@@ -132,6 +132,9 @@ def test_config_files_and_errors(tmp_path):
         load_config_file(tmp_path / "bad.toml")
     with pytest.raises(ValueError, match="does not exist"):
         load_config_file(tmp_path / "none.toml")
+    (tmp_path / "mixed.toml").write_text('seed = 1\n[train]\nloss = "relic"\n')
+    with pytest.raises(ValueError, match=r"mixed.toml has a \[train\] table.*\['seed'\]"):
+        load_config_file(tmp_path / "mixed.toml")
     (tmp_path / "bad.json").write_text("{oops")
     with pytest.raises(ValueError, match="bad.json is not valid JSON"):
         load_config_file(tmp_path / "bad.json")

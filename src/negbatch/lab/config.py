@@ -268,7 +268,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of option names to values")
-    if isinstance(data.get("train"), dict) and len(data) == 1:
+    if isinstance(data.get("train"), dict):
+        others = sorted(k for k in data if k != "train")
+        if others:
+            raise ValueError(
+                f"config file {path} has a [train] table / train: mapping and other top-level keys {others}; "
+                f"put every training option under it, or drop it and give them all at the top level"
+            )
         data = data["train"]
     return data
 
