@@ -604,7 +604,8 @@ class GradCache:
         """Warn (or raise) about BatchNorm layers that will normalise each chunk by
         its own statistics: layers in training mode (unless batchnorm='eval'),
         and layers without running statistics, which do so in eval mode too."""
-        untracked = [m for m in self._batchnorms(encoders, training_only=False) if m.running_mean is None]
+        layers = self._batchnorms(encoders, training_only=False)
+        untracked = [m for m in layers if m.running_mean is None]
         if self.batchnorm == "eval":
             if untracked:
                 raise ValueError(
@@ -613,10 +614,10 @@ class GradCache:
                     f"eval mode. Replace them by GroupNorm/LayerNorm, or pass batchnorm='warn' to accept that"
                 )
             return
-        per_chunk = {id(m): m for m in [*self._batchnorms(encoders), *untracked]}
+        per_chunk = [m for m in layers if m.training or m.running_mean is None]
         if not per_chunk:
             return
-        if any(m.training for m in per_chunk.values()):
+        if any(m.training for m in per_chunk):
             lengths = [_batch_length(c, "chunk") for parts in chunks for c in parts]
             if 1 in lengths:
                 raise ValueError(
@@ -632,9 +633,9 @@ class GradCache:
         )
         if self.batchnorm == "error":
             raise ValueError(message)
-        if any(m not in _WARNED_BATCHNORM for m in per_chunk.values()):
+        if any(m not in _WARNED_BATCHNORM for m in per_chunk):
             warnings.warn(message, UserWarning, stacklevel=_stacklevel_outside_this_module())
-            _WARNED_BATCHNORM.update(per_chunk.values())
+            _WARNED_BATCHNORM.update(per_chunk)
 
     @contextlib.contextmanager
     def _batchnorm_mode(self, encoders: list[nn.Module]):

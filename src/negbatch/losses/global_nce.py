@@ -39,7 +39,7 @@ from .._checks import (
     check_same,
     check_temperature,
 )
-from ..distributed import gather_nograd, gather_with_grad, global_batch_mean, is_distributed
+from ..distributed import gather_nograd, gather_with_grad, is_distributed
 from ..negatives import (
     Negatives,
     OnShortage,
@@ -48,6 +48,7 @@ from ..negatives import (
     selection_logits,
     validate_negatives,
 )
+from .infonce import _reduce
 
 Form = Literal["two_view", "query_document"]
 Reduction = Literal["mean", "sum", "none"]
@@ -423,12 +424,12 @@ class GlobalInfoNCE(nn.Module):
     def _prepare(self, *xs: Tensor) -> tuple[Tensor, ...]:
         return tuple(F.normalize(x, dim=-1) for x in xs) if self.normalize else xs
 
-    def _mean(self, per_anchor: Tensor, local_rows: int, directions: list[_Direction]) -> Tensor:
+    def _global_rows(self, directions: list[_Direction]) -> int | None:
+        """Rows of all ranks (None without gather), for the reduction."""
         if not self.gather:
-            return per_anchor.mean()
+            return None
         # n_rows_global counts both views' rows in the two-view form.
-        global_rows = directions[0].kwargs["n_rows_global"] // (2 if self.form == "two_view" else 1)
-        return global_batch_mean(per_anchor, local_rows, global_rows)
+        return directions[0].kwargs["n_rows_global"] // (2 if self.form == "two_view" else 1)
 
     def _directions(
         self, a: Tensor, b: Tensor, hard: Tensor | None, mask: Tensor | None, generator
@@ -582,11 +583,7 @@ class GlobalInfoNCE(nn.Module):
             pos = positive.detach().to(acc)
             self.last_minibatch_loss = (-pos + log_zhat).mean()
             self.last_infonce = (-pos + torch.logaddexp(pos, summed.detach().to(acc).log() + shift)).mean()
-        if self.reduction == "mean":
-            return self._mean(per_anchor, a.shape[0], directions)
-        if self.reduction == "sum":
-            return per_anchor.sum()
-        return per_anchor
+        return _reduce(per_anchor, self.reduction, a.shape[0], self._global_rows(directions))
 
     def minibatch_loss(
         self,
@@ -625,9 +622,4 @@ class GlobalInfoNCE(nn.Module):
         for direction in directions:
             positive, summed, shift, log_count = self._terms(direction)
             parts.append((-positive + summed.log() + shift - log_count).to(positive.dtype))
-        per_anchor = torch.cat(parts)
-        if self.reduction == "mean":
-            return self._mean(per_anchor, a.shape[0], directions)
-        if self.reduction == "sum":
-            return per_anchor.sum()
-        return per_anchor
+        return _reduce(torch.cat(parts), self.reduction, a.shape[0], self._global_rows(directions))

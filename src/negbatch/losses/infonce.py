@@ -129,9 +129,11 @@ class _DenseInfoNCE(torch.autograd.Function):
         return grad_anchors, grad_bank, None, None, None
 
 
-def _reduce(per_anchor: Tensor, reduction: Reduction) -> Tensor:
+def _reduce(per_anchor: Tensor, reduction: Reduction, local_rows: int, global_rows: int | None) -> Tensor:
+    """``reduction`` over this rank's anchors; with ``global_rows`` (the loss
+    gathered across ranks), "mean" is this rank's share of the global mean."""
     if reduction == "mean":
-        return per_anchor.mean()
+        return per_anchor.mean() if global_rows is None else global_batch_mean(per_anchor, local_rows, global_rows)
     if reduction == "sum":
         return per_anchor.sum()
     return per_anchor
@@ -257,9 +259,7 @@ class InfoNCE(nn.Module):
             per_anchor, global_rows = self._two_view(a, b, mask, generator)
         else:
             per_anchor, global_rows = self._query_document(a, b, hard_negatives, mask, generator)
-        if self.reduction == "mean" and self.gather:
-            return global_batch_mean(per_anchor, a.shape[0], global_rows)
-        return _reduce(per_anchor, self.reduction)
+        return _reduce(per_anchor, self.reduction, a.shape[0], global_rows if self.gather else None)
 
     def _prepare(self, *xs: Tensor) -> tuple[Tensor, ...]:
         return tuple(F.normalize(x, dim=-1) for x in xs) if self.normalize else xs

@@ -27,8 +27,9 @@ from .._checks import (
     check_same,
     check_temperature,
 )
-from ..distributed import gather_with_grad, global_batch_mean
+from ..distributed import gather_with_grad
 from ..negatives import Negatives, OnShortage, select_negatives, selection_logits, validate_negatives
+from .infonce import _reduce
 
 __all__ = ["ReLIC"]
 
@@ -142,9 +143,4 @@ class ReLIC(nn.Module):
             log_p, log_q = log_p.masked_fill(outside, 0.0), log_q.masked_fill(outside, 0.0)
             kl = (log_p.exp().masked_fill(outside, 0.0) * (log_p - log_q)).sum(dim=1)
             terms.append(nce + self.alpha * kl)
-        per_anchor = torch.cat(terms)
-        if self.reduction == "mean":
-            return global_batch_mean(per_anchor, n, total) if self.gather else per_anchor.mean()
-        if self.reduction == "sum":
-            return per_anchor.sum()
-        return per_anchor
+        return _reduce(torch.cat(terms), self.reduction, n, total if self.gather else None)
