@@ -25,7 +25,7 @@ from sentence_transformers import SentenceTransformerTrainer, SentenceTransforme
 from negbatch import InfoNCE  # noqa: E402
 from negbatch.data.text import builtin_pairs  # noqa: E402
 from negbatch.integrations.sentence_transformers import NegbatchLoss  # noqa: E402
-from negbatch.text_training import indexed_loss_call  # noqa: E402
+from negbatch.integrations.sentence_transformers import indexed_loss_call  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from .sampling import (
 from .data.text import TextPairs, bible_pairs, builtin_pairs, load_pairs
 from .evaluation.retrieval import retrieval_metrics
 from .models.text import TextTokenizer, TransformerTextEncoder
-from .text_training import train_text_pairs
 from .data import Augment, ImageDataset, from_arrays, load_dataset
 from .diagnostics import GradientSNR, alignment, intra_class_distance, silhouette_score, uniformity
 from .evaluation import knn_accuracy, linear_probe
@@ -66,5 +65,4 @@ __all__ = [
     "retrieval_metrics",
     "TextTokenizer",
     "TransformerTextEncoder",
-    "train_text_pairs",
 ]

@@ -4,12 +4,12 @@ sentence-transformers gives a loss the tokenized columns of a batch (anchor,
 positive, then any negative columns) and the label column. :class:`NegbatchLoss`
 embeds every column with the model, stacks the negative columns into hard
 negatives of shape (B, H, d), and calls the wrapped loss through a
-``loss_call`` (see :mod:`negbatch.text_training`):
+``loss_call``:
 
-* default, :func:`~negbatch.text_training.pair_loss_call`:
+* default, :func:`pair_loss_call`:
   ``loss(anchor, positive[, hard_negatives])`` -- :class:`negbatch.InfoNCE`
   with ``form="query_document"`` and any ``negatives`` (all, or K sampled).
-* :func:`~negbatch.text_training.indexed_loss_call`:
+* :func:`indexed_loss_call`:
   ``loss(anchor, positive, indices)`` with the batch's ``label`` column as the
   indices -- the generic path for losses that keep per-sample state, such as a
   global contrastive loss: put each row's data-set index in a ``label`` column.
@@ -21,15 +21,31 @@ itself needs only torch (optional extra ``st``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..text_training import LossCall, pair_loss_call
+__all__ = ["NegbatchLoss", "LossCall", "pair_loss_call", "indexed_loss_call"]
 
-__all__ = ["NegbatchLoss"]
+LossCall = Callable[[nn.Module, Tensor, Tensor, "Tensor | None", Tensor], Tensor]
+
+
+def pair_loss_call(loss: nn.Module, queries: Tensor, documents: Tensor, hard_negatives: Tensor | None,
+                   indices: Tensor) -> Tensor:
+    """``loss(queries, documents[, hard_negatives])``; ``indices`` is not used."""
+    if hard_negatives is None:
+        return loss(queries, documents)
+    return loss(queries, documents, hard_negatives)
+
+
+def indexed_loss_call(loss: nn.Module, queries: Tensor, documents: Tensor, hard_negatives: Tensor | None,
+                      indices: Tensor) -> Tensor:
+    """``loss(queries, documents, indices)``: for losses that keep state per data-set sample."""
+    if hard_negatives is not None:
+        raise ValueError("indexed_loss_call takes no hard negatives; use pairs without them")
+    return loss(queries, documents, indices)
 
 
 class NegbatchLoss(nn.Module):

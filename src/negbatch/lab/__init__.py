@@ -1,7 +1,11 @@
-"""The lab: training, studies, reports (may use scikit-learn, matplotlib, tqdm)."""
+"""The lab: training runs, studies, reports (may use scikit-learn, matplotlib, tqdm).
+
+One run skeleton (:func:`train`, in :mod:`negbatch.lab.run`) trains either
+task (:mod:`negbatch.lab.tasks`: images or text pairs) from one configuration
+(:class:`TrainConfig`); the studies (:mod:`negbatch.lab.studies`) sweep it.
+"""
 
 from .config import TrainConfig, load_config_file
-from .trainer import build_batch_sampler, build_loss, forward_backward, read_metrics, train
-from .text_runs import TextRunConfig, run_text_configs, train_text_run
+from .run import read_metrics, train
 
-__all__ = ["TrainConfig", "load_config_file", "build_batch_sampler", "build_loss", "forward_backward", "read_metrics", "train", "TextRunConfig", "train_text_run", "run_text_configs"]
+__all__ = ["TrainConfig", "load_config_file", "read_metrics", "train"]

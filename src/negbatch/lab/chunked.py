@@ -43,7 +43,7 @@ def cached_forward_backward(
     loss_fn : nn.Module
         Called once per step as ``loss_fn(z1, z2, batch, generator)``, as in
         the plain step, so a seeded generator draws the same negatives.
-    batch : negbatch.lab.trainer.Batch
+    batch : negbatch.lab.tasks.image.Batch
     generator : torch.Generator
     chunk_size : int
         Rows of one view per chunk (the last chunk may be smaller).
@@ -56,7 +56,7 @@ def cached_forward_backward(
     --------
     >>> import torch
     >>> from torch import nn
-    >>> from negbatch.lab.trainer import Batch, PairLoss
+    >>> from negbatch.lab.tasks.image import Batch, PairLoss
     >>> from negbatch.lab.chunked import cached_forward_backward
     >>> from negbatch import InfoNCE
     >>> model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8))
@@ -88,7 +88,7 @@ def accumulated_forward_backward(
     --------
     >>> import torch
     >>> from torch import nn
-    >>> from negbatch.lab.trainer import Batch, PairLoss
+    >>> from negbatch.lab.tasks.image import Batch, PairLoss
     >>> from negbatch.lab.chunked import accumulated_forward_backward
     >>> from negbatch import InfoNCE
     >>> model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8))

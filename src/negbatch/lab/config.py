@@ -1,9 +1,16 @@
-"""Training configuration: one dataclass, mirrored by the command line and by
-TOML / YAML files.
+"""The lab's one configuration: a flat tree of options, mirrored by the command
+line and by TOML / YAML / JSON files, validated here and nowhere else.
 
 Every field of :class:`TrainConfig` is a ``--field-name`` option of
-``negbatch train`` and a ``field_name`` (or ``field-name``) key of a config
-file. Unknown keys and bad values raise ``ValueError`` naming them.
+``negbatch train`` (and of the studies, for the fields they do not sweep) and a
+``field_name`` (or ``field-name``) key of a config file. Unknown keys and bad
+values raise one ``ValueError`` that lists every problem.
+
+The data set decides the *task*: image data sets train two augmented views of
+each image (SimCLR, ReLIC, the global loss), text data sets train a dual
+encoder on (query, document) pairs. Options that belong to the other task
+must stay unset, and options left unset take the task's default
+(:data:`TASK_DEFAULTS`), so ``--dataset bible`` alone gives a sensible text run.
 """
 
 from __future__ import annotations
@@ -16,10 +23,54 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "load_config_file", "add_config_arguments", "config_from_args", "parse_negatives"]
+__all__ = [
+    "TrainConfig",
+    "TASK_DEFAULTS",
+    "TEXT_DATASETS",
+    "task_of",
+    "load_config_file",
+    "add_config_arguments",
+    "config_from_args",
+    "parse_negatives",
+]
+
+#: Options that change how a run is executed, not what it computes: a run
+#: folder accepts them changed on resume.
+RUNTIME_ONLY = ("progress", "checkpoint_every", "checkpoint_minutes", "num_workers")
+
+#: Text data sets: the Bible pairs, 40 built-in pairs, or the user's file as ``pairs:PATH``.
+TEXT_DATASETS = ("bible", "builtin")
+_PAIRS, _ARRAYS = "pairs:", "arrays:"
+
+IMAGE_ONLY = ("n_train", "n_test", "aug_strength", "hflip", "encoder_widths", "head_widths", "knn_k")
+TEXT_ONLY = ("max_pairs", "test_fraction", "data_seed", "query_column", "document_column", "hard_negatives_column",
+             "vocab_size", "max_length", "text_dim", "text_depth", "text_heads", "dropout", "symmetric")
+
+#: What an unset option means, per task. The text defaults are the text studies'
+#: (AdamW at a constant rate, temperature 0.05); the image ones SimCLR-like.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "image": {
+        "loss": "simclr", "encoder": "mlp", "temperature": 0.2, "batch_size": 128, "epochs": 10,
+        "optimizer": "adam", "weight_decay": 1e-6, "schedule": "cosine", "snr": True,
+        "aug_strength": 0.5, "hflip": False, "encoder_widths": (256, 128), "head_widths": (256, 64), "knn_k": 20,
+    },
+    "text": {
+        "loss": "infonce", "encoder": "transformer", "temperature": 0.05, "batch_size": 64, "steps": 100,
+        "optimizer": "adamw", "weight_decay": 0.01, "schedule": "constant", "snr": False,
+        "test_fraction": 0.1, "data_seed": 0, "query_column": "query", "document_column": "document",
+        "vocab_size": 8000, "max_length": 64, "text_dim": 64, "text_depth": 1, "text_heads": 4, "dropout": 0.1,
+        "symmetric": True,
+    },
+}
+
+LOSSES = {"image": ("simclr", "relic", "global"), "text": ("infonce", "global")}
+ENCODERS = {"image": ("mlp", "conv"), "text": ("transformer",)}
+SAMPLERS = {"image": ("random", "gcbs", "hard"), "text": ("random", "gcbs", "hard", "no-duplicates")}
 
 
-RUNTIME_ONLY = ("progress", "checkpoint_every")
+def task_of(dataset: str) -> str:
+    """``"text"`` for the text data sets (``bible``, ``builtin``, ``pairs:PATH``), else ``"image"``."""
+    return "text" if dataset in TEXT_DATASETS or str(dataset).startswith(_PAIRS) else "image"
 
 
 def parse_negatives(value: Any) -> str | int:
@@ -33,7 +84,7 @@ def parse_negatives(value: Any) -> str | int:
 
 def _int_tuple(value: Any) -> tuple[int, ...]:
     if isinstance(value, str):
-        value = [v for v in value.replace(",", " ").split()]
+        value = value.replace(",", " ").split()
     try:
         out = tuple(int(v) for v in value)
     except (TypeError, ValueError):
@@ -43,96 +94,168 @@ def _int_tuple(value: Any) -> tuple[int, ...]:
     return out
 
 
+def _opt(default: Any, help: str, section: str, **meta: Any) -> Any:
+    return field(default=default, metadata={"help": help, "section": section, **meta})
+
+
+def _image_datasets() -> tuple[str, ...]:
+    from ..data import DATASETS
+
+    return tuple(DATASETS)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """One contrastive training run (see docs/lab.md for every field)."""
+    """One contrastive training run, on images or on text pairs (docs/lab.md lists every field).
+
+    Examples
+    --------
+    >>> from negbatch.lab import TrainConfig
+    >>> TrainConfig().loss, TrainConfig().temperature
+    ('simclr', 0.2)
+    >>> text = TrainConfig(dataset="builtin")
+    >>> text.task, text.loss, text.temperature, text.steps
+    ('text', 'infonce', 0.05, 100)
+    """
 
     # data
-    dataset: str = field(default="digits", metadata={"help": "digits, fashion-mnist or mnist5k", "choices": ("digits", "fashion-mnist", "mnist5k")})
-    data_dir: str | None = field(default=None, metadata={"help": "folder with the Fashion-MNIST IDX files"})
-    n_train: int | None = field(default=None, metadata={"help": "use the first N training images (default all)"})
-    n_test: int | None = field(default=None, metadata={"help": "use the first N test images (default all)"})
-    aug_strength: float = field(default=0.5, metadata={"help": "augmentation strength in [0, 1]"})
-    hflip: bool = field(default=False, metadata={"help": "random horizontal flips"})
+    dataset: str = _opt("digits", "data set: digits, fashion-mnist, mnist5k, arrays:PATH (.npz/.npy, see docs/lab.md); "
+                        "text pairs: bible, builtin, pairs:PATH (JSONL/CSV)", "data")
+    data_dir: str | None = _opt(None, "folder of the data set's files (Fashion-MNIST IDX files)", "data")
+    n_train: int | None = _opt(None, "images: use the first N training images (default all)", "data")
+    n_test: int | None = _opt(None, "images: use the first N test images (default all)", "data")
+    max_pairs: int | None = _opt(None, "text: subsample this many pairs before the split (default all)", "data")
+    test_fraction: float | None = _opt(None, "text: held-out fraction of chapters (bible) or pairs (default 0.1)", "data")
+    data_seed: int | None = _opt(None, "text: seed of the subsample and the split (default 0)", "data")
+    query_column: str | None = _opt(None, "text, pairs:PATH: the query column (default query)", "data")
+    document_column: str | None = _opt(None, "text, pairs:PATH: the document column (default document)", "data")
+    hard_negatives_column: str | None = _opt(None, "text, pairs:PATH: a column of hard-negative documents (default none)", "data")
+    aug_strength: float | None = _opt(None, "images: augmentation strength in [0, 1] (default 0.5)", "data")
+    hflip: bool | None = _opt(None, "images: random horizontal flips (default false)", "data")
     # model
-    encoder: str = field(default="mlp", metadata={"help": "mlp or conv", "choices": ("mlp", "conv")})
-    encoder_widths: tuple[int, ...] = field(default=(256, 128), metadata={"help": "MLP hidden widths or conv stage channels, e.g. 256,128"})
-    head_widths: tuple[int, ...] = field(default=(256, 64), metadata={"help": "projection head widths, e.g. 2048,128"})
+    encoder: str | None = _opt(None, "images: mlp or conv (default mlp); text: transformer", "model")
+    encoder_widths: tuple[int, ...] | None = _opt(None, "images: MLP hidden widths or conv stage channels (default 256,128)", "model")
+    head_widths: tuple[int, ...] | None = _opt(None, "images: projection head widths (default 256,64)", "model")
+    vocab_size: int | None = _opt(None, "text: WordPiece vocabulary size (default 8000)", "model")
+    max_length: int | None = _opt(None, "text: tokens per text, longer texts are truncated (default 64)", "model")
+    text_dim: int | None = _opt(None, "text: encoder width (default 64)", "model")
+    text_depth: int | None = _opt(None, "text: transformer layers (default 1)", "model")
+    text_heads: int | None = _opt(None, "text: attention heads (default 4)", "model")
+    dropout: float | None = _opt(None, "text: dropout (default 0.1)", "model")
     # objective
-    loss: str = field(default="simclr", metadata={"help": "simclr (InfoNCE), relic or global (GlobalInfoNCE, bias-corrected)", "choices": ("simclr", "relic", "global")})
-    negatives: str | int = field(default="all", metadata={"help": "negatives per anchor: all or K"})
-    temperature: float = field(default=0.2, metadata={"help": "softmax temperature"})
-    alpha: float = field(default=1.0, metadata={"help": "ReLIC invariance weight"})
-    gamma: float = field(default=0.9, metadata={"help": "global loss: E-step rate of the running normalisers (final rate of a schedule)"})
-    gamma_schedule: str = field(default="constant", metadata={"help": "global loss: gamma constant, or decaying from 1 to gamma over training (linear, cosine)", "choices": ("constant", "linear", "cosine")})
+    loss: str | None = _opt(None, "images: simclr (InfoNCE), relic or global (GlobalInfoNCE, bias-corrected); "
+                            "text: infonce or global (default simclr / infonce)", "objective")
+    negatives: str | int = _opt("all", "negatives per anchor: all or K", "objective")
+    temperature: float | None = _opt(None, "softmax temperature (default 0.2 images, 0.05 text)", "objective")
+    symmetric: bool | None = _opt(None, "text: add the document-to-query term (default true)", "objective")
+    alpha: float = _opt(1.0, "ReLIC invariance weight", "objective")
+    gamma: float = _opt(0.9, "global loss: E-step rate of the running normalisers (final rate of a schedule)", "objective")
+    gamma_schedule: str = _opt("constant", "global loss: gamma constant, or decaying from 1 to gamma over training",
+                               "objective", choices=("constant", "linear", "cosine"))
     # optimisation
-    batch_size: int = field(default=128, metadata={"help": "samples per batch (2x views)"})
-    epochs: int = field(default=10, metadata={"help": "passes over the training set"})
-    optimizer: str = field(default="adam", metadata={"help": "sgd, adam, adamw or lars", "choices": ("sgd", "adam", "adamw", "lars")})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=1e-6, metadata={"help": "weight decay"})
-    momentum: float = field(default=0.9, metadata={"help": "momentum (sgd, lars)"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps before the cosine decay"})
-    chunk_size: int | None = field(default=None, metadata={"help": "encode each view in chunks of N rows (None or 0: one pass); see chunk_method"})
-    chunk_method: str = field(default="cache", metadata={"help": "with chunk_size: cache (GradCache, the full-batch loss) or accumulate (a loss per chunk: fewer negatives)", "choices": ("cache", "accumulate")})
-    sampler: str = field(default="random", metadata={"help": "batch sampler: random, gcbs (global contrastive batch sampling) or hard (k-means hard-negative batches)", "choices": ("random", "gcbs", "hard")})
-    gcbs_q: float = field(default=0.999, metadata={"help": "gcbs: quantile of the similarity matrix above which pairs become graph edges"})
-    refresh_every: int = field(default=0, metadata={"help": "gcbs/hard: re-plan the remaining batches every N steps (0: once per epoch)"})
-    log_gap: bool = field(default=False, metadata={"help": "log each epoch's global-train loss gap (one extra pass over the training set per epoch)"})
+    batch_size: int | None = _opt(None, "samples (pairs) per batch (default 128 images, 64 text)", "optimisation")
+    epochs: int | None = _opt(None, "passes over the training set (default 10 images); give epochs or steps", "optimisation")
+    steps: int | None = _opt(None, "optimizer steps in all (default 100 text); give epochs or steps", "optimisation")
+    optimizer: str | None = _opt(None, "sgd, adam, adamw or lars (default adam images, adamw text)", "optimisation",
+                                 choices=("sgd", "adam", "adamw", "lars"))
+    lr: float = _opt(1e-3, "peak learning rate", "optimisation")
+    schedule: str | None = _opt(None, "learning rate: cosine (with warm-up) or constant (default cosine images, "
+                                "constant text)", "optimisation", choices=("cosine", "constant"))
+    weight_decay: float | None = _opt(None, "weight decay (default 1e-6 images, 0.01 text)", "optimisation")
+    momentum: float = _opt(0.9, "momentum (sgd, lars)", "optimisation")
+    warmup_steps: int = _opt(0, "linear warm-up steps before the cosine decay", "optimisation")
+    chunk_size: int | None = _opt(None, "encode in chunks of N rows (None or 0: one pass); see chunk_method", "optimisation")
+    chunk_method: str = _opt("cache", "with chunk_size: cache (GradCache, the full-batch loss) or accumulate (a loss "
+                             "per chunk: fewer negatives)", "optimisation", choices=("cache", "accumulate"))
+    sampler: str = _opt("random", "batch sampler: random, gcbs (global contrastive batch sampling), hard (k-means "
+                        "hard-negative batches); text also no-duplicates", "optimisation")
+    gcbs_q: float = _opt(0.999, "gcbs: quantile of the similarity matrix above which pairs become graph edges",
+                         "optimisation")
+    refresh_every: int = _opt(0, "gcbs/hard: re-plan the remaining batches every N steps (0: once per epoch)",
+                              "optimisation")
+    log_gap: bool = _opt(False, "images: log each epoch's global-train loss gap (one extra pass per epoch)",
+                         "optimisation")
     # bookkeeping
-    seed: int = field(default=0, metadata={"help": "seed of every random draw"})
-    snr: bool = field(default=True, metadata={"help": "track the gradient signal-to-noise ratio"})
-    snr_beta: float = field(default=0.95, metadata={"help": "EMA decay of the SNR tracker"})
-    log_every: int = field(default=1, metadata={"help": "log metrics every N steps"})
-    checkpoint_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)"})
-    knn_k: int = field(default=20, metadata={"help": "neighbours of the kNN probe"})
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda or auto"})
-    progress: bool = field(default=False, metadata={"help": "show a tqdm progress bar"})
+    seed: int = _opt(0, "seed of every random draw", "run")
+    snr: bool | None = _opt(None, "track the gradient signal-to-noise ratio (default true images, false text)", "run")
+    snr_beta: float = _opt(0.95, "EMA decay of the SNR tracker", "run")
+    log_every: int = _opt(1, "log metrics every N steps", "run")
+    checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: by time only)", "run")
+    checkpoint_minutes: float = _opt(5.0, "checkpoint at least every N minutes of training (0: only at the end)", "run")
+    knn_k: int | None = _opt(None, "images: neighbours of the kNN probe (default 20)", "run")
+    device: str = _opt("cpu", "cpu, cuda, cuda:N or auto", "run")
+    num_workers: int = _opt(0, "DataLoader worker processes (0: load in the training process)", "run")
+    progress: bool = _opt(False, "show a progress bar", "run")
+
+    @property
+    def task(self) -> str:
+        """``"image"`` or ``"text"``, decided by :attr:`dataset`."""
+        return task_of(self.dataset)
 
     def __post_init__(self) -> None:
-        errors = []
+        errors: list[str] = []
+        task = self.task if isinstance(self.dataset, str) else "image"
+        self._check_dataset(errors)
+        self._resolve_task_defaults(task, errors)
 
         def bad(name: str, msg: str) -> None:
             errors.append(f"{name}: {msg} (got {getattr(self, name)!r})")
 
+        def integer(name: str, low: int, msg: str, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                bad(name, msg)
+
+        def number(name: str, ok, msg: str) -> None:
+            v = getattr(self, name)
+            if v is None:
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+                bad(name, msg)
+
         for f in fields(self):
             choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
+            if choices and getattr(self, f.name) is not None and getattr(self, f.name) not in choices:
                 bad(f.name, f"expected one of {', '.join(choices)}")
-        positive = ("batch_size", "epochs", "log_every", "knn_k")
-        for name in positive:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                bad(name, "expected a positive int")
-        for name in ("n_train", "n_test"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                bad(name, "expected a positive int or None")
-        if self.chunk_size is not None and (isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 0):
+        for name, allowed in (("loss", LOSSES), ("encoder", ENCODERS)):
+            if getattr(self, name) not in allowed[task]:
+                bad(name, f"expected one of {', '.join(allowed[task])} for {task} data")
+        if self.sampler not in SAMPLERS[task]:
+            bad("sampler", f"expected one of {', '.join(SAMPLERS[task])} for {task} data")
+        for name in ("batch_size", "log_every", "knn_k", "vocab_size", "max_length", "text_dim", "text_depth", "text_heads"):
+            integer(name, 1, "expected a positive int", optional=name not in ("batch_size", "log_every"))
+        for name in ("n_train", "n_test", "epochs", "steps"):
+            integer(name, 1, "expected a positive int or None", optional=True)
+        integer("max_pairs", 2, "expected an int >= 2 or None", optional=True)
+        if self.epochs is None and self.steps is None:
+            errors.append("epochs, steps: give one of them (the number of passes over the data, or of optimizer steps)")
+        elif self.epochs is not None and self.steps is not None:
+            errors.append(f"epochs, steps: give one of them, not both (got epochs={self.epochs!r}, steps={self.steps!r})")
+        if self.chunk_size is not None and (isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int)
+                                            or self.chunk_size < 0):
             bad("chunk_size", "expected an int >= 0 or None (0 and None: no chunking)")
-        for name in ("warmup_steps", "checkpoint_every", "seed", "refresh_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                bad(name, "expected an int >= 0")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            bad("temperature", "expected a float > 0")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            bad("lr", "expected a float > 0")
+        for name in ("warmup_steps", "checkpoint_every", "seed", "refresh_every", "num_workers"):
+            integer(name, 0, "expected an int >= 0")
+        integer("data_seed", 0, "expected an int >= 0", optional=True)
+        number("temperature", lambda v: v > 0, "expected a float > 0")
+        number("lr", lambda v: v > 0, "expected a float > 0")
+        number("checkpoint_minutes", lambda v: v >= 0, "expected a float >= 0 (0: only at the end)")
         for name in ("weight_decay", "alpha"):
-            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
-                bad(name, "expected a float >= 0")
-        if not (isinstance(self.gcbs_q, (int, float)) and 0 < self.gcbs_q < 1):
-            bad("gcbs_q", "expected a float strictly between 0 and 1 (the paper uses 0.999)")
-        if not (isinstance(self.gamma, (int, float)) and 0 < self.gamma <= 1):
-            bad("gamma", "expected a float in (0, 1]")
-        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
-            bad("momentum", "expected a float in [0, 1)")
-        if not (isinstance(self.snr_beta, (int, float)) and 0 < self.snr_beta < 1):
-            bad("snr_beta", "expected a float in (0, 1)")
-        if not (isinstance(self.aug_strength, (int, float)) and 0 <= self.aug_strength <= 1):
-            bad("aug_strength", "expected a float in [0, 1]")
+            number(name, lambda v: v >= 0, "expected a float >= 0")
+        number("gcbs_q", lambda v: 0 < v < 1, "expected a float strictly between 0 and 1 (the paper uses 0.999)")
+        number("gamma", lambda v: 0 < v <= 1, "expected a float in (0, 1]")
+        number("momentum", lambda v: 0 <= v < 1, "expected a float in [0, 1)")
+        number("snr_beta", lambda v: 0 < v < 1, "expected a float in (0, 1)")
+        number("aug_strength", lambda v: 0 <= v <= 1, "expected a float in [0, 1]")
+        number("test_fraction", lambda v: 0 < v < 1, "expected a float in (0, 1)")
+        number("dropout", lambda v: 0 <= v < 1, "expected a float in [0, 1)")
+        if isinstance(self.text_dim, int) and isinstance(self.text_heads, int) and self.text_heads >= 1 \
+                and self.text_dim % self.text_heads:
+            bad("text_heads", f"must divide text_dim={self.text_dim}")
         try:
-            parse_negatives(self.negatives)
+            object.__setattr__(self, "negatives", parse_negatives(self.negatives))
         except ValueError:
             bad("negatives", "expected 'all' or a positive int")
         if self.device not in ("cpu", "cuda", "auto") and not str(self.device).startswith("cuda:"):
@@ -142,12 +265,49 @@ class TrainConfig:
         if self.chunk_size == 0:  # one spelling of "no chunking", so that resuming and skipping agree
             object.__setattr__(self, "chunk_size", None)
 
+    def _check_dataset(self, errors: list[str]) -> None:
+        d = self.dataset
+        if not isinstance(d, str):
+            errors.append(f"dataset: expected a name, got {d!r}")
+            return
+        if d.startswith(_PAIRS) or d.startswith(_ARRAYS):
+            if not d.split(":", 1)[1].strip():
+                errors.append(f"dataset: {d!r} names no file; write {d.split(':')[0]}:PATH")
+            return
+        known = _image_datasets() + TEXT_DATASETS
+        if d not in known:
+            close = difflib.get_close_matches(d, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            errors.append(f"dataset: expected one of {', '.join(known)}, arrays:PATH or pairs:PATH{hint} (got {d!r})")
+
+    def _resolve_task_defaults(self, task: str, errors: list[str]) -> None:
+        """Fill unset options with the task's defaults; refuse the other task's options."""
+        foreign = TEXT_ONLY if task == "image" else IMAGE_ONLY
+        for name in foreign:
+            if getattr(self, name) is not None:
+                errors.append(f"{name}: applies to {'text' if task == 'image' else 'image'} data sets only; "
+                              f"dataset={self.dataset!r} is {task} data (got {getattr(self, name)!r})")
+        defaults = dict(TASK_DEFAULTS[task])
+        if self.epochs is not None or self.steps is not None:  # one given: the other stays unset
+            defaults.pop("epochs", None)
+            defaults.pop("steps", None)
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        for name in ("encoder_widths", "head_widths"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                try:
+                    object.__setattr__(self, name, _int_tuple(value))
+                except ValueError as err:
+                    errors.append(f"{name}: {err}")
+
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainConfig":
         """Build a config from a mapping (file contents, JSON); keys may use ``-`` or ``_``.
 
         Raises ``ValueError`` naming unknown keys (with the closest valid name) and
-        values of the wrong type.
+        values of the wrong type, together with the value errors of the other keys.
 
         Examples
         --------
@@ -179,36 +339,40 @@ class TrainConfig:
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly dict (tuples become lists)."""
+        """A JSON-friendly dict (tuples become lists), every field resolved."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def identity(self) -> dict[str, Any]:
-        """The fields that decide a run's results (all but ``progress`` and
-        ``checkpoint_every``): what resuming and skipping finished runs compare."""
+        """The fields that decide a run's results (all but :data:`RUNTIME_ONLY`):
+        what resuming and skipping finished runs compare."""
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_ONLY}
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return self.from_dict({**self.to_dict(), **changes})
 
+    def total_steps(self, batches_per_epoch: int) -> int:
+        """Optimizer steps of the whole run, given the batches of one epoch."""
+        return self.steps if self.steps is not None else self.epochs * batches_per_epoch
+
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
     """Convert a file or command-line value to the field's type, strictly."""
-    default = f.default
     if f.name == "negatives":
         return parse_negatives(value)
     if f.name in ("encoder_widths", "head_widths"):
-        return _int_tuple(value)
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and default is None):
-        if default is None:
+        return None if value is None else _int_tuple(value)
+    kind = _kind(f)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and _optional(f)):
+        if _optional(f):
             return None
-        raise ValueError(f"expected a {type(default).__name__}, got None")
-    if isinstance(default, bool):
+        raise ValueError(f"expected a {kind}, got None")
+    if kind == "bool":
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ValueError(f"expected true or false, got {value!r}")
-    if isinstance(default, int) or f.name in ("n_train", "n_test", "chunk_size"):
+    if kind == "int":
         if isinstance(value, bool):
             raise ValueError(f"expected an int, got {value!r}")
         if isinstance(value, int):
@@ -216,7 +380,7 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             return int(value)
         raise ValueError(f"expected an int, got {value!r}")
-    if isinstance(default, float):
+    if kind == "float":
         if isinstance(value, bool):
             raise ValueError(f"expected a float, got {value!r}")
         try:
@@ -226,6 +390,18 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
     return value
+
+
+def _kind(f: dataclasses.Field) -> str:
+    text = str(f.type)
+    for kind in ("bool", "int", "float"):
+        if text.startswith(kind):
+            return kind
+    return "str"
+
+
+def _optional(f: dataclasses.Field) -> bool:
+    return "None" in str(f.type)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -279,25 +455,29 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+SECTIONS = {"data": "data", "model": "model", "objective": "objective", "optimisation": "optimisation and batches",
+            "run": "run"}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
-    """Add one ``--field-name`` option per :class:`TrainConfig` field.
+    """Add one ``--field-name`` option per :class:`TrainConfig` field, in groups.
 
     Options default to ``argparse.SUPPRESS`` so that only the ones given on the
-    command line override a config file.
+    command line override a config file. ``--data`` is accepted for ``--dataset``.
     """
-    group = parser.add_argument_group("training options (also valid keys of a --config file)")
+    groups = {key: parser.add_argument_group(f"training options: {title} (also keys of a --config file)")
+              for key, title in SECTIONS.items()}
     for f in fields(TrainConfig):
         if f.name in exclude:
             continue
         default = f.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        group.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            default=argparse.SUPPRESS,
-            metavar=f.name.upper(),
-            help=f"{f.metadata.get('help', '')} (default: {shown})",
-        )
+        names = ["--" + f.name.replace("_", "-")] + (["--data"] if f.name == "dataset" else [])
+        help_text = f.metadata.get("help", "")
+        if default is not None and "default" not in help_text:
+            help_text += f" (default: {shown})"
+        groups[f.metadata["section"]].add_argument(
+            *names, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
 
 
 def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainConfig:

@@ -1,9 +1,8 @@
-"""Reports: Markdown plus matplotlib (Agg) figures, written into a run or study folder.
+"""Report helpers: Markdown tables, mean ± std, matplotlib (Agg) figures
+written atomically, and the report of one training run.
 
-:func:`make_report` dispatches on the folder: a study folder (``study.json``)
-gets its study module's ``report`` (or a generic results table when the study
-has none); a single training run (``summary.json``) gets its curves and final
-metrics.
+Studies import these; nothing here imports a study (the dispatch from a folder
+to its study's report lives in :mod:`negbatch.lab.studies`).
 """
 
 from __future__ import annotations
@@ -14,10 +13,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from .sweep import atomic_write_text, read_results
-from .trainer import SUMMARY, read_metrics
+from .run import SUMMARY, atomic_write_text, read_metrics
 
-__all__ = ["make_report", "mean_std", "fmt_mean_std", "plt", "save_figure", "markdown_table"]
+__all__ = ["run_report", "mean_std", "fmt_mean_std", "plt", "save_figure", "markdown_table"]
 
 
 def plt():
@@ -75,32 +73,13 @@ def run_report(run_dir: Path) -> Path:
         axes[1].legend()
     axes[1].set(xlabel="step", ylabel="gradient SNR", title="gradient signal-to-noise")
     name = save_figure(fig, run_dir / "curves.png")
-    metrics = {k: v for k, v in summary.items() if k != "config"}
+    metrics = {k: v for k, v in summary.items() if k not in ("config", "data")}
     text = (
         f"# Training run `{run_dir.name}`\n\n"
         + markdown_table(["metric", "value"], [[k, f"{v:.4g}" if isinstance(v, float) else v] for k, v in metrics.items()])
         + f"\n![curves]({name})\n\n## Configuration\n\n```json\n{json.dumps(summary['config'], indent=1)}\n```\n"
+        + f"\n## Data\n\n```json\n{json.dumps(summary.get('data'), indent=1)}\n```\n"
     )
     out = run_dir / "report.md"
     atomic_write_text(out, text)
     return out
-
-
-def make_report(folder: str | os.PathLike) -> Path:
-    """Write ``report.md`` (and figures) in a study or run folder; returns its path."""
-    folder = Path(folder)
-    if (folder / "study.json").exists():
-        from .studies import STUDIES
-
-        spec = json.loads((folder / "study.json").read_text())
-        module = STUDIES.get(spec.get("study"))
-        if module is not None and hasattr(module, "report"):
-            return module.report(folder)
-        rows = read_results(folder)
-        keys = list(rows[0]) if rows else []
-        out = folder / "report.md"
-        atomic_write_text(out, f"# Study `{spec.get('study')}`\n\n" + markdown_table(keys, [[r.get(k) for k in keys] for r in rows]))
-        return out
-    if (folder / SUMMARY).exists():
-        return run_report(folder)
-    raise ValueError(f"{folder} is neither a study folder (study.json) nor a finished run (summary.json)")

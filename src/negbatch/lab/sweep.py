@@ -1,4 +1,4 @@
-"""Shared study plumbing: run many configurations into one study folder.
+"""Run many configurations into one study folder (images or text alike).
 
 * each configuration trains in ``<study>/runs/<key>/`` where ``key`` is a
   readable prefix plus a hash of the full configuration, so a rerun finds the
@@ -27,14 +27,15 @@ from typing import Any, Callable
 import torch
 
 from .config import TrainConfig
-from .runs import atomic_write_text
-from .trainer import train
+from .run import atomic_write_text, hold_lock, train
 
-__all__ = ["run_key", "run_configs", "write_results", "read_results", "atomic_write_text"]
+__all__ = ["run_key", "run_configs", "run_jobs", "write_results", "read_results", "parse_list"]
+
+KEY_FIELDS = ("loss", "negatives", "temperature", "lr", "seed")
 
 
-def run_key(cfg: TrainConfig, fields: tuple[str, ...] = ("loss", "negatives", "temperature", "lr", "seed")) -> str:
-    """Folder name of a run: the named fields, then 10 hex digits of the config's hash."""
+def run_key(cfg: TrainConfig, fields: tuple[str, ...] = KEY_FIELDS) -> str:
+    """Folder name of a run: the named fields, then 10 hex digits of the config's identity's hash."""
     digest = hashlib.sha1(json.dumps(cfg.identity(), sort_keys=True).encode()).hexdigest()[:10]
     prefix = "-".join(f"{f}={getattr(cfg, f)}" for f in fields)
     return f"{prefix}-{digest}".replace("/", "_")
@@ -79,6 +80,7 @@ def run_configs(
     study_dir: str | os.PathLike,
     *,
     workers: int = 1,
+    key_fields: tuple[str, ...] = KEY_FIELDS,
     on_done: Callable[[dict[str, Any], int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train every configuration (skipping finished ones) and keep the results table current.
@@ -86,18 +88,31 @@ def run_configs(
     Parameters
     ----------
     configs : list of TrainConfig
+        Image or text configurations (a study may mix them).
     study_dir : path
     workers : int, default 1
         Worker processes (spawned; each uses one torch thread). 1 runs in this process.
+    key_fields : tuple of str
+        The fields that name each run's folder (before its hash).
     on_done : callable(summary, done, total), optional
         Called after each run (progress reporting).
 
     Returns
     -------
     list of dict: one summary per configuration, with its folder name under ``"run"``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from negbatch.lab import TrainConfig
+    >>> base = TrainConfig(dataset="builtin", test_fraction=0.25, batch_size=8, steps=1, text_dim=16, text_heads=2,
+    ...                    vocab_size=600)
+    >>> rows = run_configs([base, base.replace(seed=1)], tempfile.mkdtemp())
+    >>> len(rows)
+    2
     """
     study_dir = Path(study_dir)
-    jobs = [(c.to_dict(), str(study_dir / "runs" / run_key(c))) for c in configs]
+    jobs = [(c.to_dict(), str(study_dir / "runs" / run_key(c, key_fields))) for c in configs]
     return run_jobs(jobs, study_dir, _train_one, workers=workers, on_done=on_done)
 
 
@@ -119,9 +134,14 @@ def run_jobs(
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     study_dir = Path(study_dir)
-    (study_dir / "runs").mkdir(parents=True, exist_ok=True)
     if len({d for _, d in jobs}) != len(jobs):
         raise ValueError("two configurations of the study are identical; remove the duplicates")
+    with hold_lock(study_dir):
+        return _run_jobs(jobs, study_dir, train_one, workers, on_done)
+
+
+def _run_jobs(jobs, study_dir: Path, train_one, workers: int, on_done) -> list[dict[str, Any]]:
+    (study_dir / "runs").mkdir(parents=True, exist_ok=True)
     summaries: list[dict[str, Any]] = []
 
     def done(summary: dict[str, Any]) -> None:

@@ -21,17 +21,59 @@ __all__ = ["RandomBatchSampler", "HardNegativeBatchSampler", "NoDuplicateBatchSa
 class RandomBatchSampler(EpochBatchSampler):
     """Uniformly random batches, a new permutation every epoch.
 
-    Parameters are those of :class:`EpochBatchSampler`.
+    Epoch ``e``'s permutation is ``torch.randperm`` with a generator seeded by
+    ``seed * 1_000_003 + e``: a function of the seed and the epoch alone, as
+    with torch's ``DistributedSampler``, so resuming needs only the epoch. With
+    ``generator=`` instead, each epoch draws its permutation from that running
+    generator (as torch's ``RandomSampler`` does); its state is part of
+    :meth:`state_dict`.
+
+    Parameters
+    ----------
+    num_samples, batch_size : int
+    generator : torch.Generator, optional
+        Draw every epoch's permutation from this generator.
+    drop_last, shuffle_batches, seed, refresh_every, num_replicas, rank
+        As for :class:`EpochBatchSampler` (``shuffle_batches`` adds nothing to
+        a random permutation; pass False to keep the permutation's order).
 
     Examples
     --------
     >>> sampler = RandomBatchSampler(10, 4, seed=1)
     >>> sorted(i for b in sampler for i in b) == list(range(10))
     True
+    >>> import torch
+    >>> order = torch.randperm(10, generator=torch.Generator().manual_seed(1 * 1_000_003 + 0))
+    >>> fixed = RandomBatchSampler(10, 5, seed=1, shuffle_batches=False)
+    >>> [b for b in fixed] == [order[:5].tolist(), order[5:].tolist()]
+    True
     """
 
+    def __init__(
+        self, num_samples: int, batch_size: int, *, generator: torch.Generator | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(num_samples, batch_size, **kwargs)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        self.generator = generator
+
     def plan_batches(self, indices: np.ndarray, prepared: Any, rng: np.random.Generator) -> list[np.ndarray]:
-        return cut_into_batches(rng.permutation(indices), self.batch_size, self.drop_last)
+        g = self.generator or torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = indices[torch.randperm(len(indices), generator=g).numpy()]
+        return cut_into_batches(order, self.batch_size, self.drop_last)
+
+    def state_dict(self, position: int | None = None) -> dict[str, Any]:
+        state = super().state_dict(position)
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.generator is not None:
+            if "generator" not in state:
+                raise ValueError("state holds no generator state: it was saved by a sampler without generator=")
+            self.generator.set_state(state["generator"])
 
 
 def kmeans(x: Tensor, k: int, *, iters: int = 20, generator: torch.Generator | None = None) -> Tensor:

@@ -6,11 +6,18 @@ and a position that checkpoints save so that a resumed epoch continues.
 A subclass says only how an epoch's batches are composed, in
 :meth:`EpochBatchSampler.plan_batches` (and, if it needs the model, in
 :meth:`EpochBatchSampler.prepare`, which runs on every rank).
+
+A training loop iterates the sampler itself (or hands it to a DataLoader as
+``batch_sampler``); :meth:`EpochBatchSampler.plan` shows the epoch's global
+batches before the first one is drawn, and :attr:`EpochBatchSampler.timing`
+says how long embedding and planning took.
 """
 
 from __future__ import annotations
 
 from typing import Any, Iterator
+
+import time
 
 import numpy as np
 import torch
@@ -110,6 +117,11 @@ class EpochBatchSampler(Sampler[list[int]]):
         self._plan: list[np.ndarray] | None = None
         self._position = 0
         self._refreshed_at = -1  # position of the last refresh in the current plan
+        #: Seconds spent in :meth:`prepare` (embedding) and :meth:`plan_batches` (ordering), in this process.
+        self.timing = {"embed_seconds": 0.0, "order_seconds": 0.0}
+        #: What :meth:`prepare` returned for the whole data set at the last full plan (None after a
+        #: partial refresh): the embeddings of a sampler that embeds, reusable by diagnostics.
+        self.last_prepared: Any = None
 
     # -- what a subclass provides -------------------------------------------------
     def prepare(self, indices: np.ndarray) -> Any:
@@ -137,13 +149,18 @@ class EpochBatchSampler(Sampler[list[int]]):
         return np.random.default_rng([self.seed, self.epoch, salt])
 
     def _make_plan(self, indices: np.ndarray, salt: int) -> list[np.ndarray]:
+        start = time.perf_counter()
         prepared = self.prepare(indices)
+        self.timing["embed_seconds"] += time.perf_counter() - start
+        self.last_prepared = prepared if len(indices) == self.num_samples else None
         plan = None
         if self.rank == 0 or not nbdist.is_distributed():
+            start = time.perf_counter()
             rng = self._rng(salt)
             plan = [np.asarray(b, dtype=np.int64) for b in self.plan_batches(indices, prepared, rng)]
             if self.shuffle_batches:
                 plan = [plan[i] for i in rng.permutation(len(plan))]
+            self.timing["order_seconds"] += time.perf_counter() - start
         plan = nbdist.broadcast_object(plan) if self.num_replicas > 1 else plan
         return plan
 
@@ -152,6 +169,15 @@ class EpochBatchSampler(Sampler[list[int]]):
             self._plan = self._make_plan(np.arange(self.num_samples, dtype=np.int64), salt=0)
             self._position = 0
         return self._plan
+
+    def plan(self) -> list[np.ndarray]:
+        """The current epoch's global batches, planned now if they are not yet.
+
+        A loop that logs something about the epoch's batches before training on
+        them (e.g. the global-train gap) calls this first; iterating then
+        yields this rank's share of the same batches.
+        """
+        return list(self._ensure_plan())
 
     def _refresh(self) -> None:
         """Re-plan the batches not yet yielded, keeping their number."""

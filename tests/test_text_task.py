@@ -1,7 +1,7 @@
-"""Text pairs in the lab: the run loop against train_text_pairs and a brute-force
-retrieval reference, gradient caching, configuration errors, and the text
-negatives study end to end through the CLI in a subprocess (skipped without the
-``text`` extra)."""
+"""Text pairs in the lab's run skeleton: against a hand-written training loop and a
+brute-force retrieval reference, gradient caching, resume, configuration errors,
+and the text studies end to end through the CLI in a subprocess (skipped without
+the ``text`` extra)."""
 
 import json
 import math
@@ -15,17 +15,12 @@ import torch
 
 pytest.importorskip("tokenizers", reason="text runs need the text extra: pip install -e '.[text]'")
 
-from negbatch.lab.text_runs import (  # noqa: E402
-    TextRunConfig,
-    _tokenizer,
-    load_text_split,
-    parse_data,
-    run_text_configs,
-    train_text_run,
-)
+from negbatch.lab import TrainConfig, train  # noqa: E402
+from negbatch.lab.sweep import run_configs  # noqa: E402
+from negbatch.lab.tasks.text import load_text_split, text_tokenizer  # noqa: E402
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-TINY = dict(data="builtin", test_fraction=0.25, batch_size=8, steps=4, dim=16, heads=2, vocab_size=600)
+TINY = dict(dataset="builtin", test_fraction=0.25, batch_size=8, steps=4, text_dim=16, text_heads=2, vocab_size=600)
 TINY_CLI = ["--data", "builtin", "--batch-size", "8", "--steps", "3", "--text-dim", "16", "--text-heads", "2",
             "--vocab-size", "600"]
 
@@ -33,6 +28,10 @@ TINY_CLI = ["--data", "builtin", "--batch-size", "8", "--steps", "3", "--text-di
 def negbatch(*args):
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "negbatch.cli", *args], capture_output=True, text=True, env=env, timeout=240)
+
+
+def losses(folder):
+    return [json.loads(x)["loss"] for x in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 def _brute_force_metrics(q: torch.Tensor, d: torch.Tensor, relevant: list[int]) -> dict[str, float]:
@@ -52,86 +51,100 @@ def _brute_force_metrics(q: torch.Tensor, d: torch.Tensor, relevant: list[int]) 
     return {k: v / len(relevant) for k, v in out.items()}
 
 
-def test_run_equals_train_text_pairs_and_brute_force_retrieval(tmp_path):
+def _reference_losses(cfg, train):
+    """The run written out by hand: seed, encoder, AdamW, the seed again, one permutation per epoch
+    from a generator seeded by the run's seed (tail dropped), InfoNCE(query_document) per batch."""
     from negbatch import InfoNCE
-    from negbatch.evaluation.retrieval import encode_texts
     from negbatch.models.text import TransformerTextEncoder
-    from negbatch.text_training import train_text_pairs
 
-    cfg = TextRunConfig(**TINY, seed=3)
-    summary = train_text_run(cfg, tmp_path / "run")
-    logged = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-
-    # Independent path: the library's loop with the same seed, then a brute-force evaluation.
-    train, test = load_text_split(cfg.data, cfg.max_pairs, cfg.test_fraction, cfg.data_seed)
-    tok = _tokenizer(cfg.data, cfg.max_pairs, cfg.test_fraction, cfg.data_seed, cfg.vocab_size, cfg.max_length)
+    tok = text_tokenizer(cfg, train)
     torch.manual_seed(cfg.seed)
-    enc = TransformerTextEncoder(tok.vocab_size, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, dropout=cfg.dropout,
-                                 max_length=cfg.max_length)
+    enc = TransformerTextEncoder(tok.vocab_size, dim=cfg.text_dim, depth=cfg.text_depth, heads=cfg.text_heads,
+                                 dropout=cfg.dropout, max_length=cfg.max_length)
     loss = InfoNCE(temperature=cfg.temperature, form="query_document", symmetric=True)
-    result = train_text_pairs(enc, tok, train, loss, batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr,
-                              weight_decay=cfg.weight_decay, seed=cfg.seed)
-    assert logged == pytest.approx(result.losses, abs=1e-6)
+    opt = torch.optim.AdamW(enc.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # dropout draws from the seed again once the model is built
+    out, batches = [], []
+    while len(out) < cfg.steps:
+        if not batches:
+            order = torch.randperm(len(train), generator=order_gen)
+            batches = list(order[: len(train) - len(train) % cfg.batch_size].split(cfg.batch_size))
+        idx = batches.pop(0).tolist()
+        value = loss(enc(tok([train.queries[i] for i in idx])), enc(tok([train.documents[i] for i in idx])))
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        out.append(float(value.detach()))
+    return enc, tok, out
+
+
+def test_run_equals_a_hand_written_loop_and_brute_force_retrieval(tmp_path):
+    from negbatch.evaluation.retrieval import encode_texts
+
+    cfg = TrainConfig(**TINY, seed=3)
+    summary = train(cfg, tmp_path / "run")
+    train_pairs, test = load_text_split(cfg)
+    enc, tok, reference = _reference_losses(cfg, train_pairs)
+    assert losses(tmp_path / "run") == pytest.approx(reference, abs=1e-6)
     q = encode_texts(enc, tok, test.queries)
     d = encode_texts(enc, tok, test.documents)  # builtin documents are distinct: one corpus entry each
     assert len(set(test.documents)) == len(test.documents)
-    reference = _brute_force_metrics(q, d, list(range(len(test))))
-    for key, value in reference.items():
+    reference_metrics = _brute_force_metrics(q, d, list(range(len(test))))
+    for key, value in reference_metrics.items():
         assert summary[key] == pytest.approx(value, abs=1e-9), key
-    assert summary["num_test_queries"] == len(test) and summary["num_train_pairs"] == len(train)
-    assert summary["steps"] == cfg.steps
+    assert summary["num_test_queries"] == len(test) and summary["num_train_pairs"] == len(train_pairs)
+    assert summary["steps"] == cfg.steps and summary["data"]["name"] == "builtin"
 
 
 def test_gradient_cache_gives_the_same_run(tmp_path):
     # Without dropout: chunks draw dropout masks of other shapes than the whole batch, so with
     # dropout the two runs differ by their random draws (GradCache replays its own draws exactly).
-    plain = train_text_run(TextRunConfig(**TINY, dropout=0.0), tmp_path / "plain")
-    cached = train_text_run(TextRunConfig(**TINY, dropout=0.0, chunk_size=3), tmp_path / "cached")
-    losses = lambda name: [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    assert losses("cached") == pytest.approx(losses("plain"), abs=1e-5)
+    plain = train(TrainConfig(**TINY, dropout=0.0), tmp_path / "plain")
+    cached = train(TrainConfig(**TINY, dropout=0.0, chunk_size=3), tmp_path / "cached")
+    assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "plain"), abs=1e-5)
     assert cached["mrr@10"] == pytest.approx(plain["mrr@10"], abs=1e-6)
 
 
 def test_sampled_negatives_are_seeded_and_differ_from_all(tmp_path):
-    a = train_text_run(TextRunConfig(**TINY, negatives=2), tmp_path / "a")
-    b = train_text_run(TextRunConfig(**TINY, negatives=2), tmp_path / "b")
-    c = train_text_run(TextRunConfig(**TINY), tmp_path / "c")
+    a = train(TrainConfig(**TINY, negatives=2), tmp_path / "a")
+    b = train(TrainConfig(**TINY, negatives=2), tmp_path / "b")
+    c = train(TrainConfig(**TINY), tmp_path / "c")
     assert a["first_loss"] == b["first_loss"] and a["final_loss"] == b["final_loss"]
     assert a["first_loss"] < c["first_loss"]  # 2 negatives instead of 7: an easier softmax
     # A finished folder refuses another configuration; a refused set-up claims no folder.
     with pytest.raises(ValueError, match="different configuration .differs in negatives"):
-        train_text_run(TextRunConfig(**TINY, negatives=3), tmp_path / "a")
+        train(TrainConfig(**TINY, negatives=3), tmp_path / "a")
     with pytest.raises(ValueError, match="batch_size"):
-        train_text_run(TextRunConfig(**{**TINY, "batch_size": 10**6}), tmp_path / "d")
+        train(TrainConfig(**{**TINY, "batch_size": 10**6}), tmp_path / "d")
     assert not (tmp_path / "d" / "config.json").exists()
 
 
 def test_finished_run_is_skipped_and_other_config_refused(tmp_path):
-    cfg = TextRunConfig(**TINY)
-    first = train_text_run(cfg, tmp_path / "run")
+    cfg = TrainConfig(**TINY)
+    first = train(cfg, tmp_path / "run")
     stamp = (tmp_path / "run" / "summary.json").stat().st_mtime_ns
-    assert train_text_run(cfg, tmp_path / "run") == first
+    assert train(cfg, tmp_path / "run") == first
     assert (tmp_path / "run" / "summary.json").stat().st_mtime_ns == stamp
     (tmp_path / "run" / "summary.json").unlink()
     with pytest.raises(ValueError, match="different configuration.*lr"):
-        train_text_run(cfg.replace(lr=0.5), tmp_path / "run")
+        train(cfg.replace(lr=0.5), tmp_path / "run")
 
 
 @pytest.mark.parametrize("sampler, chunk_size", [("random", 0), ("gcbs", 3)])
 def test_interrupted_run_resumes_exactly(tmp_path, sampler, chunk_size):
-    # 7 steps over 22 training pairs in batches of 8: epochs of 2 batches, so the
+    # 7 steps over 34 training pairs in batches of 8: epochs of 4 batches, so the
     # interruptions fall mid-epoch and on an epoch boundary; dropout and K sampled
     # negatives draw from the restored random streams.
-    cfg = TextRunConfig(**{**TINY, "steps": 7, "negatives": 3, "sampler": sampler, "chunk_size": chunk_size})
-    whole = train_text_run(cfg, tmp_path / "whole", checkpoint_every=0)
-    assert train_text_run(cfg, tmp_path / "cut", checkpoint_every=2, stop_after=3) is None
+    cfg = TrainConfig(**{**TINY, "steps": 7, "negatives": 3, "sampler": sampler, "chunk_size": chunk_size})
+    whole = train(cfg, tmp_path / "whole")
+    assert train(cfg, tmp_path / "cut", stop_after=3) is None
     assert not (tmp_path / "cut" / "summary.json").exists()
     logged = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in logged] == [1, 2, 3]
-    assert train_text_run(cfg, tmp_path / "cut", checkpoint_every=2, stop_after=4) is None
-    resumed = train_text_run(cfg, tmp_path / "cut", checkpoint_every=2)
-    losses = lambda name: [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    assert losses("cut") == losses("whole") and len(losses("whole")) == 7
+    assert train(cfg, tmp_path / "cut", stop_after=4) is None
+    resumed = train(cfg.replace(checkpoint_every=2), tmp_path / "cut")
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 7
     for key in ("recall@1", "mrr@10", "ndcg@10", "untrained_mrr@10", "final_loss", "first_loss"):
         assert resumed[key] == whole[key], key
     a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["model"]
@@ -141,44 +154,58 @@ def test_interrupted_run_resumes_exactly(tmp_path, sampler, chunk_size):
 
 def test_resume_control_other_random_state_changes_the_run(tmp_path):
     # The comparison above can fail: a checkpoint whose dropout stream is replaced gives another run.
-    cfg = TextRunConfig(**{**TINY, "steps": 5, "negatives": 3})
-    whole = train_text_run(cfg, tmp_path / "whole")
-    train_text_run(cfg, tmp_path / "cut", stop_after=2)
+    cfg = TrainConfig(**{**TINY, "steps": 5, "negatives": 3})
+    whole = train(cfg, tmp_path / "whole")
+    train(cfg, tmp_path / "cut", stop_after=2)
     state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     state["rng"]["torch"] = torch.Generator().manual_seed(123).get_state()
     torch.save(state, tmp_path / "cut" / "checkpoint.pt")
-    assert train_text_run(cfg, tmp_path / "cut")["final_loss"] != whole["final_loss"]
+    assert train(cfg, tmp_path / "cut")["final_loss"] != whole["final_loss"]
 
 
-def test_checkpoint_arguments_are_checked(tmp_path):
-    with pytest.raises(ValueError, match="checkpoint_every must be an int >= 0"):
-        train_text_run(TextRunConfig(**TINY), tmp_path / "a", checkpoint_every=-1)
-    with pytest.raises(ValueError, match="stop_after must be a positive int"):
-        train_text_run(TextRunConfig(**TINY), tmp_path / "a", stop_after=0)
+def test_hard_negative_column_reaches_the_loss(tmp_path):
+    rows = [{"q": f"question {i} about topic {i % 7}", "d": f"answer {i} on subject {i % 7}",
+             "h": [f"other answer {i + 1}", f"unrelated text {i + 2}"]} for i in range(30)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TrainConfig(dataset=f"pairs:{path}", query_column="q", document_column="d", hard_negatives_column="h",
+                      test_fraction=0.25, batch_size=4, steps=3, text_dim=16, text_heads=2, vocab_size=300)
+    s = train(cfg, tmp_path / "run")
+    assert s["data"]["hard_negatives"] == 2 and s["data"]["source"] == str(path)
+    # The same run without the column sees fewer candidates: its first loss is lower.
+    plain = train(cfg.replace(hard_negatives_column=None), tmp_path / "plain")
+    assert plain["first_loss"] < s["first_loss"]
 
 
 def test_bad_configurations_name_the_field():
-    with pytest.raises(ValueError, match="'bible', 'builtin' or 'pairs:PATH'"):
-        TextRunConfig(data="wiki")
-    with pytest.raises(ValueError, match="negatives: exceeds the 7 in-batch candidates"):
-        TextRunConfig(data="builtin", batch_size=8, negatives=8)
-    with pytest.raises(ValueError, match="heads: must divide dim"):
-        TextRunConfig(dim=10, heads=4)
-    with pytest.raises(ValueError, match="sampler"):
-        TextRunConfig(sampler="best")
-    with pytest.raises(ValueError, match="unknown text run option"):
-        TextRunConfig.from_dict({"epochs": 3})
-    assert parse_data("pairs:/x/y.jsonl") == ("pairs", "/x/y.jsonl")
+    with pytest.raises(ValueError, match="dataset: expected one of .*pairs:PATH"):
+        TrainConfig(dataset="wiki")
+    with pytest.raises(ValueError, match="heads: must divide text_dim"):
+        TrainConfig(dataset="bible", text_dim=10, text_heads=4)
+    with pytest.raises(ValueError, match="sampler: expected one of random, gcbs, hard, no-duplicates for text data"):
+        TrainConfig(dataset="bible", sampler="best")
+    with pytest.raises(ValueError, match="max_pairs: applies to text data sets only"):
+        TrainConfig(dataset="digits", max_pairs=100)
+    with pytest.raises(ValueError, match="encoder_widths: applies to image data sets only"):
+        TrainConfig(dataset="bible", encoder_widths=(4,))
+    with pytest.raises(ValueError, match="loss: expected one of infonce, global for text data"):
+        TrainConfig(dataset="bible", loss="relic")
+    with pytest.raises(ValueError, match="give one of them, not both"):
+        TrainConfig(dataset="bible", epochs=2, steps=3)
+    with pytest.raises(ValueError, match="negatives=8 exceeds the 7 in-batch candidates"):
+        train(TrainConfig(**{**TINY, "negatives": 8}), "/tmp/never-created-by-negbatch-test")
     with pytest.raises(ValueError, match="batch_size \\(64\\) is larger"):
-        train_text_run(TextRunConfig(data="builtin", test_fraction=0.25, dim=16, heads=2, vocab_size=600), "/tmp/never-created-by-negbatch-test")
+        train(TrainConfig(dataset="builtin", test_fraction=0.25, text_dim=16, text_heads=2, vocab_size=600),
+              "/tmp/never-created-by-negbatch-test")
+    assert TrainConfig(dataset="bible", epochs=2).steps is None
 
 
 def test_sweep_rows_and_rerun(tmp_path):
-    base = TextRunConfig(**{**TINY, "steps": 1})
-    rows = run_text_configs([base, base.replace(seed=1)], tmp_path)
+    base = TrainConfig(**{**TINY, "steps": 1})
+    rows = run_configs([base, base.replace(seed=1)], tmp_path)
     assert len(rows) == 2 and len(json.loads((tmp_path / "results.json").read_text())) == 2
     with pytest.raises(ValueError, match="identical"):
-        run_text_configs([base, base], tmp_path)
+        run_configs([base, base], tmp_path)
 
 
 def test_study_negatives_on_text_through_the_cli(tmp_path):

@@ -9,13 +9,15 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import reverse_cuthill_mckee
 
+from _runs import without_times
 from negbatch.data import load_digits
 from negbatch.lab import TrainConfig, read_metrics, train
-from negbatch.lab.trainer import CHECKPOINT, RandomBatchSampler, build_batch_sampler, build_model
+from negbatch.lab.run import CHECKPOINT
+from negbatch.lab.tasks.image import build_model, build_sampler
+from negbatch.sampling import RandomBatchSampler
 
 TINY = dict(n_train=96, n_test=64, batch_size=16, epochs=3, encoder_widths=(16,), head_widths=(16, 8), knn_k=5,
             gcbs_q=0.95)
-TIMES = ("embed_seconds", "order_seconds", "gap_seconds")
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +29,16 @@ def tiny(**kw):
     return TrainConfig(**{**TINY, **kw})
 
 
-def without_times(rows):
-    return [{k: v for k, v in r.items() if k not in TIMES} for r in rows]
+
+
+def batches(sampler):
+    """The sampler's current epoch, as LongTensors."""
+    return [torch.as_tensor(b) for b in sampler.plan()]
+
+
+def random_sampler(n, batch_size, seed):
+    """The image task's random batches: a permutation per (seed, epoch), tail dropped."""
+    return RandomBatchSampler(n, batch_size, seed=seed, drop_last=True, shuffle_batches=False, num_replicas=1, rank=0)
 
 
 def reference_gap(z: torch.Tensor, batches, tau: float) -> float:
@@ -68,7 +78,7 @@ def reference_gcbs_batches(z: torch.Tensor, q: float, batch_size: int) -> set:
 def test_random_with_gap_logging_trains_identically(tmp_path, digits):
     plain = train(tiny(), tmp_path / "plain", data=digits)
     logged = train(tiny(log_gap=True), tmp_path / "logged", data=digits)
-    rows_p, rows_l = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "logged")
+    rows_p, rows_l = without_times(read_metrics(tmp_path / "plain")), without_times(read_metrics(tmp_path / "logged"))
     # The diagnostic reads the model without changing it or any random stream.
     assert [{k: r[k] for k in rp} for rp, r in zip(rows_p, rows_l)] == rows_p
     for key in ("linear_acc", "knn_acc", "final_loss", "silhouette"):
@@ -86,9 +96,9 @@ def test_gcbs_batches_equal_the_dense_pseudocode(digits):
     torch.manual_seed(0)
     model = build_model(cfg, data.image_shape)
     model.train()
-    sampler = build_batch_sampler(cfg, data.x_train, model)
+    sampler = build_sampler(cfg, data.x_train, model)
     sampler.set_epoch(0)
-    got = {frozenset(b.tolist()) for b in sampler.batches()}
+    got = {frozenset(b.tolist()) for b in batches(sampler)}
     assert model.training and all(m.training for m in model.modules())  # mode restored
     model.eval()
     with torch.no_grad():
@@ -106,9 +116,9 @@ def test_hard_batches_are_the_library_plan_on_eval_embeddings(digits):
     data = digits.subset(100, 64)
     model = build_model(cfg, data.image_shape)
     model.train()
-    sampler = build_batch_sampler(cfg, data.x_train, model)
+    sampler = build_sampler(cfg, data.x_train, model)
     sampler.set_epoch(0)
-    got = [b.tolist() for b in sampler.batches()]
+    got = [b.tolist() for b in batches(sampler)]
     model.eval()
     with torch.no_grad():
         z = model(data.x_train)
@@ -118,7 +128,7 @@ def test_hard_batches_are_the_library_plan_on_eval_embeddings(digits):
     # (an untrained model's embeddings are nearly collinear, hence a ratio)
     zn = torch.nn.functional.normalize(z, dim=1)
     spread = lambda bs: float(sum(1 - (zn[b] @ zn[b].T).mean() for b in bs) / len(bs))  # noqa: E731
-    assert spread(got) < 0.8 * spread(RandomBatchSampler(100, 16, 3).batches())
+    assert spread(got) < 0.8 * spread(batches(random_sampler(100, 16, 3)))
 
 
 def test_gcbs_and_hard_cover_each_sample_at_most_once_per_epoch(digits):
@@ -126,11 +136,11 @@ def test_gcbs_and_hard_cover_each_sample_at_most_once_per_epoch(digits):
     for name in ("gcbs", "hard"):
         cfg = tiny(sampler=name)
         model = build_model(cfg, data.image_shape)
-        sampler = build_batch_sampler(cfg, data.x_train, model)
-        assert len(sampler) == len(RandomBatchSampler(100, 16, 0)) == 6
+        sampler = build_sampler(cfg, data.x_train, model)
+        assert len(sampler) == len(random_sampler(100, 16, 0)) == 6
         for epoch in range(2):
             sampler.set_epoch(epoch)
-            flat = torch.cat(list(sampler.batches()))
+            flat = torch.cat(list(batches(sampler)))
             assert flat.numel() == 96 and flat.unique().numel() == 96, name
 
 
@@ -172,9 +182,9 @@ def test_logged_gap_equals_a_loop_on_the_epoch_start_model(tmp_path, digits, sam
     with torch.no_grad():
         z = model(data.x_train)
     if sampler == "random":
-        rs = RandomBatchSampler(96, 16, cfg.seed)
+        rs = random_sampler(96, 16, cfg.seed)
         rs.set_epoch(1)
-        batches = rs.batches()
+        batches = [torch.as_tensor(b) for b in rs.plan()]
     else:
         batches = torch.split(plan_state["plan"], plan_state["plan_sizes"].tolist())
         assert {frozenset(b.tolist()) for b in batches} == reference_gcbs_batches(z, cfg.gcbs_q, 16)
@@ -211,4 +221,4 @@ def test_batch_larger_than_data_rejected(digits):
     cfg = tiny(sampler="gcbs", batch_size=200)
     data = digits.subset(96, 64)
     with pytest.raises(ValueError, match="batch_size"):
-        build_batch_sampler(cfg, data.x_train, build_model(cfg, data.image_shape))
+        build_sampler(cfg, data.x_train, build_model(cfg, data.image_shape))

@@ -1,0 +1,240 @@
+"""The text task: a dual encoder trained on (query, document) pairs.
+
+One shared transformer encoder
+(:class:`negbatch.models.text.TransformerTextEncoder`) embeds queries,
+documents and any hard negatives; ``InfoNCE(form="query_document")`` (or the
+bias-corrected ``GlobalInfoNCE``) contrasts each query with the batch's other
+documents. The trained encoder is evaluated by Recall@1/5/10, MRR@10 and
+nDCG@10 of the test queries against the test corpus
+(:func:`negbatch.evaluation.retrieval.evaluate_retrieval`), as is the same
+encoder before training (``untrained_*``).
+
+Data (``dataset``):
+
+* ``"bible"`` -- ASV -> BBE verse pairs, split by chapter
+  (:func:`negbatch.data.text.bible_pairs`; ``max_pairs`` subsamples before the
+  split, so the split stays leakage-free);
+* ``"builtin"`` -- the 40 built-in pairs (tests, smoke runs), split by pair;
+* ``"pairs:PATH"`` -- the user's JSONL/CSV file
+  (:func:`negbatch.data.text.load_pairs`, with ``query_column``,
+  ``document_column`` and ``hard_negatives_column``), split by pair id.
+
+The split uses ``data_seed`` (not the run's ``seed``), so every seed of a study
+sees the same test corpus. The WordPiece tokenizer is trained on the training
+side only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import TrainConfig
+from . import Task
+
+__all__ = ["TextTask", "TEXT_METRICS", "load_text_split", "text_tokenizer", "text_identity"]
+
+TEXT_METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
+
+
+def _pairs_path(dataset: str) -> str | None:
+    return dataset.split(":", 1)[1].strip() if dataset.startswith("pairs:") else None
+
+
+def load_text_split(cfg: TrainConfig):
+    """(train, test) :class:`~negbatch.data.text.TextPairs` of a text configuration (cached per process)."""
+    return _load_text_split(cfg.dataset, cfg.max_pairs, cfg.test_fraction, cfg.data_seed, cfg.query_column,
+                            cfg.document_column, cfg.hard_negatives_column)
+
+
+@lru_cache(maxsize=4)
+def _load_text_split(dataset, max_pairs, test_fraction, data_seed, query_column, document_column, hard_column):
+    from ...data.text import bible_pairs, builtin_pairs, load_pairs, split_by_group
+
+    if dataset == "bible":
+        split = bible_pairs(test_fraction=test_fraction, seed=data_seed, max_pairs=max_pairs)
+        train, test = split.train, split.test
+    else:
+        path = _pairs_path(dataset)
+        pairs = builtin_pairs() if path is None else load_pairs(
+            path, query_column=query_column, document_column=document_column, hard_negatives_column=hard_column)
+        if max_pairs is not None and max_pairs < len(pairs):
+            order = list(range(len(pairs)))
+            random.Random(data_seed).shuffle(order)
+            pairs = pairs.subset(sorted(order[:max_pairs]))
+        train, test = split_by_group(pairs, lambda i: i, test_fraction=test_fraction, seed=data_seed)
+    if len(test) < 2 or len(train) < 2:
+        raise ValueError(f"dataset {dataset!r}: the split left {len(train)} training and {len(test)} test pairs; "
+                         "use more pairs (max_pairs) or another test_fraction")
+    return train, test
+
+
+def text_tokenizer(cfg: TrainConfig, train):
+    """The WordPiece tokenizer trained on the training side (cached per process; deterministic)."""
+    return _tokenizer(cfg.dataset, cfg.max_pairs, cfg.test_fraction, cfg.data_seed, cfg.query_column,
+                      cfg.document_column, cfg.hard_negatives_column, cfg.vocab_size, cfg.max_length)
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(dataset, max_pairs, test_fraction, data_seed, query_column, document_column, hard_column, vocab_size,
+               max_length):
+    from ...models.text import TextTokenizer
+
+    train, _ = _load_text_split(dataset, max_pairs, test_fraction, data_seed, query_column, document_column,
+                                hard_column)
+    return TextTokenizer.train(train.queries + train.documents, vocab_size=vocab_size, max_length=max_length)
+
+
+def text_identity(name: str, source: str | None, train, test) -> dict[str, Any]:
+    """Name, source, sizes and a sha256 of every text of both sides."""
+    digest = hashlib.sha256()
+    for side in (train, test):
+        digest.update(json.dumps([side.queries, side.documents, side.hard_negatives]).encode())
+    return {"name": name, "source": source, "train": len(train), "test": len(test),
+            "hard_negatives": train.num_hard_negatives if train.hard_negatives is not None else 0,
+            "fingerprint": digest.hexdigest()}
+
+
+def _to(features: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in features.items()}
+
+
+class TextTask(Task):
+    """A shared encoder on (query, document[, hard negatives]) pairs."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, data: Any = None) -> None:
+        super().__init__(cfg, device)
+        if data is not None:
+            self.train, self.test = data
+            source = None
+        else:
+            self.train, self.test = load_text_split(cfg)
+            source = _pairs_path(cfg.dataset)
+        if cfg.batch_size > len(self.train):
+            raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the {len(self.train)} training pairs; "
+                             "lower batch_size")
+        if cfg.negatives != "all" and cfg.negatives > cfg.batch_size - 1:
+            raise ValueError(f"negatives={cfg.negatives} exceeds the {cfg.batch_size - 1} in-batch candidates per "
+                             f"query at batch_size={cfg.batch_size}; use negatives <= {cfg.batch_size - 1} or 'all'")
+        self.data_identity = text_identity(cfg.dataset, source, self.train, self.test)
+        self.tokenizer = text_tokenizer(cfg, self.train) if data is None else self._own_tokenizer()
+        self.untrained: dict[str, float] = {}
+
+    def _own_tokenizer(self):
+        from ...models.text import TextTokenizer
+
+        return TextTokenizer.train(self.train.queries + self.train.documents, vocab_size=self.cfg.vocab_size,
+                                   max_length=self.cfg.max_length)
+
+    def build(self) -> None:
+        from ...gradcache import GradCache
+        from ...losses import GlobalInfoNCE, InfoNCE
+        from ...models.text import TransformerTextEncoder
+
+        cfg = self.cfg
+        self.model = TransformerTextEncoder(self.tokenizer.vocab_size, dim=cfg.text_dim, depth=cfg.text_depth,
+                                            heads=cfg.text_heads, dropout=cfg.dropout,
+                                            max_length=cfg.max_length).to(self.device)
+        if cfg.loss == "global":
+            self.loss_fn: nn.Module = GlobalInfoNCE(len(self.train), temperature=cfg.temperature, gamma=cfg.gamma,
+                                                    negatives=cfg.negatives, form="query_document",
+                                                    symmetric=cfg.symmetric)
+        else:
+            self.loss_fn = InfoNCE(temperature=cfg.temperature, negatives=cfg.negatives, form="query_document",
+                                   symmetric=cfg.symmetric)
+        self.cache = GradCache(self.model, self._loss_with_index, chunk_size=cfg.chunk_size) if cfg.chunk_size else None
+        self.sampler = self._build_sampler()
+
+    def _build_sampler(self):
+        from ...sampling import GCBSampler, HardNegativeBatchSampler, NoDuplicateBatchSampler, RandomBatchSampler
+
+        cfg, n = self.cfg, len(self.train)
+        common = dict(drop_last=True, seed=cfg.seed, refresh_every=cfg.refresh_every or None)
+        if cfg.sampler == "random":
+            # One running generator for every epoch's permutation (seeded by the run's seed).
+            return RandomBatchSampler(n, cfg.batch_size, generator=torch.Generator().manual_seed(cfg.seed),
+                                      shuffle_batches=False, **common)
+        if cfg.sampler == "no-duplicates":
+            return NoDuplicateBatchSampler(self.train.documents, cfg.batch_size, **common)
+        embedding = dict(model=self.model, chunk_size=256)
+        if cfg.sampler == "gcbs":
+            return GCBSampler(self._embed, n, cfg.batch_size, q=cfg.gcbs_q, **embedding, **common)
+        return HardNegativeBatchSampler(lambda i: self._embed(i)[0], n, cfg.batch_size, **embedding, **common)
+
+    def _embed(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """The (query, document) embeddings of the training pairs ``indices`` (for GCBS, hard batches)."""
+        idx = indices.tolist()
+        q = self.model(self._features([self.train.queries[i] for i in idx]))
+        d = self.model(self._features([self.train.documents[i] for i in idx]))
+        return q.float().cpu(), d.float().cpu()
+
+    def _features(self, texts: list[str]) -> dict:
+        return _to(self.tokenizer(texts), self.device)
+
+    def before_training(self) -> None:
+        before = self._retrieval()
+        self.untrained = {k: float(before[k]) for k in TEXT_METRICS}
+
+    def batch(self, index: list[int], streams) -> dict[str, Any]:
+        train = self.train
+        out = {"index": torch.as_tensor(index, dtype=torch.long, device=self.device),
+               "queries": self._features([train.queries[i] for i in index]),
+               "documents": self._features([train.documents[i] for i in index])}
+        if train.hard_negatives is not None:
+            out["hard"] = self._features([t for i in index for t in train.hard_negatives[i]])
+        return out
+
+    def _loss_with_index(self, queries: Tensor, documents: Tensor, hard_negatives: Tensor | None = None, *,
+                         generator: torch.Generator | None = None) -> Tensor:
+        kwargs: dict[str, Any] = {"generator": generator}
+        if hard_negatives is not None:
+            kwargs["hard_negatives"] = hard_negatives.reshape(queries.shape[0], -1, queries.shape[1])
+        if self.cfg.loss == "global":
+            return self.loss_fn(queries, documents, self._index, **kwargs)
+        return self.loss_fn(queries, documents, **kwargs)
+
+    def step(self, batch: dict[str, Any], streams) -> Tensor:
+        self._index = batch["index"]
+        inputs = [batch["queries"], batch["documents"]] + ([batch["hard"]] if "hard" in batch else [])
+        if self.cache is not None:
+            return self.cache.step(*inputs, generator=streams.loss)
+        value = self._loss_with_index(*[self.model(x) for x in inputs], generator=streams.loss)
+        value.backward()
+        return value.detach()
+
+    def step_metrics(self) -> dict[str, float]:
+        last = getattr(self.loss_fn, "last_infonce", None)
+        return {"infonce": float(last)} if last is not None else {}
+
+    def _retrieval(self) -> dict[str, Any]:
+        from ...evaluation.retrieval import evaluate_retrieval
+
+        return evaluate_retrieval(self.model, self.tokenizer, self.test, device=self.device)
+
+    def evaluate(self) -> dict[str, Any]:
+        metrics = self._retrieval()
+        out: dict[str, Any] = {k: metrics[k] for k in TEXT_METRICS}
+        out.update({f"untrained_{k}": self.untrained[k] for k in TEXT_METRICS})
+        out.update({"num_train_pairs": len(self.train), "num_test_queries": metrics["num_queries"],
+                    "num_test_documents": metrics["num_documents"]})
+        if self.device.type == "cuda":
+            out["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return out
+
+    def summarize(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        last = rows[-10:]
+        return {"first_loss": rows[0]["loss"] if rows else None,
+                "final_loss": sum(r["loss"] for r in last) / len(last) if last else None}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss_fn.state_dict(), "untrained": dict(self.untrained)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss_fn.load_state_dict(state["loss"])
+        self.untrained = dict(state["untrained"])
