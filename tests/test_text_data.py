@@ -216,3 +216,20 @@ def test_text_pairs_validates():
         TextPairs(["a", "b"], ["c", "d"], hard_negatives=[["x"], ["y", "z"]])
     with pytest.raises(ValueError, match="one entry per pair"):
         TextPairs(["a"], ["b"], ids=[1, 2])
+
+
+def test_file_errors_name_the_file_line_and_position(tmp_path):
+    # A byte that is not UTF-8 (a Latin-1 e-acute) on line 2 of a JSONL and of a CSV file.
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"query": "a", "document": "b"}\n{"query": "caf\xe9", "document": "c"}\n')
+    with pytest.raises(ValueError, match=r"latin1.jsonl: line 2, column 15: byte 0xe9 is not UTF-8; save the file as UTF-8"):
+        load_pairs(bad)
+    bad_csv = tmp_path / "latin1.csv"
+    bad_csv.write_bytes(b"query,document\na,b\n\xff,c\n")
+    with pytest.raises(ValueError, match=r"latin1.csv: line 3, column 1: byte 0xff is not UTF-8"):
+        load_pairs(bad_csv)
+    # A control character inside a JSON string: the message keeps its position.
+    mal = tmp_path / "mal.jsonl"
+    mal.write_text('{"query": "a", "document": "b"}\n{"query": "x\ty", "document": "c"}\n')
+    with pytest.raises(ValueError, match=r"mal.jsonl: line 2 is not valid JSON \(Invalid control character at: column 13\)"):
+        load_pairs(mal)

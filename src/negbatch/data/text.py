@@ -19,6 +19,7 @@ import functools
 import hashlib
 import html
 import importlib
+import io
 import json
 import random
 import re
@@ -323,26 +324,38 @@ def bible_pairs(
 # The user's pairs
 
 
+def _decode(path: Path) -> str:
+    """The file as UTF-8 text; an error naming the line and byte that is not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(
+            f"{path}: line {line}, column {column}: byte 0x{raw[e.start]:02x} is not UTF-8; save the file as UTF-8 "
+            f"(e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
 def _read_records(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         records = []
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {line_no} is not valid JSON ({e.msg})") from e
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}: line {line_no} must be a JSON object, got {type(record).__name__}")
-                records.append(record)
+        for line_no, line in enumerate(_decode(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {line_no} is not valid JSON ({e.msg}: column {e.colno})") from e
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}: line {line_no} must be a JSON object, got {type(record).__name__}")
+            records.append(record)
         return records
     if suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-    raise ValueError(f"path must end in .jsonl, .ndjson, .csv or .tsv, got {path.name!r}")
+        return list(csv.DictReader(io.StringIO(_decode(path), newline=""), delimiter="\t" if suffix == ".tsv" else ","))
+    raise ValueError(f"{path}: a pairs file must end in .jsonl, .ndjson, .csv or .tsv, got {path.name!r}")
 
 
 def _hard_negative_list(value, row: int, path: Path) -> list[str]:
