@@ -1,5 +1,10 @@
 import json
 import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +17,7 @@ from negbatch.lab.optim import WarmupCosine
 from negbatch.lab.run import CHECKPOINT
 from negbatch.lab.tasks.image import build_loss
 
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = dict(n_train=96, n_test=64, batch_size=16, epochs=2, encoder_widths=(16,), head_widths=(16, 8), knn_k=5)
 
 
@@ -104,7 +110,7 @@ def test_damaged_checkpoint_or_config_named_in_the_error(tmp_path, digits):
     train(tiny(epochs=1), tmp_path, data=digits, stop_after=1)
     ckpt = tmp_path / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:100])
-    with pytest.raises(ValueError, match="checkpoint.pt cannot be loaded.*delete it"):
+    with pytest.raises(ValueError, match=r"checkpoint.pt cannot be loaded \(RuntimeError: PytorchStreamReader failed reading zip archive: failed finding central directory\); the file is damaged or incomplete: delete it to run again from the start \(the metrics logged so far are then rewritten\)$"):
         train(tiny(epochs=1), tmp_path, data=digits)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json cannot be read.*delete it"):
@@ -167,3 +173,67 @@ def test_training_on_cuda(tmp_path, digits):
     assert math.isfinite(s["final_loss"]) and 0 <= s["linear_acc"] <= 1
     ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=True, map_location="cpu")
     assert ckpt["step"] == s["steps"]
+
+
+def test_run_folder_records_its_data_and_refuses_other_data(tmp_path, digits):
+    from negbatch.data import from_arrays
+
+    x = digits.x_train[:160, 0].numpy()
+    y = digits.y_train[:160].numpy()
+    mine = from_arrays(x[:96], y[:96], x[96:], y[96:], name="mydigits")
+    s = train(tiny(epochs=1), tmp_path, data=mine)
+    saved = json.loads((tmp_path / "data.json").read_text())
+    assert saved["name"] == "mydigits" and saved["train"] == [96, 1, 8, 8] and len(saved["fingerprint"]) == 64
+    assert s["data"] == saved
+    # Other arrays under the same name, into the finished folder: refused, not the old summary.
+    other = from_arrays(x[:96][::-1].copy(), y[:96][::-1].copy(), x[96:], y[96:], name="mydigits")
+    with pytest.raises(ValueError, match="holds a run on other data .differs in fingerprint"):
+        train(tiny(epochs=1), tmp_path, data=other)
+    # And into an unfinished folder.
+    train(tiny(epochs=1), tmp_path / "partial", data=mine, stop_after=2)
+    with pytest.raises(ValueError, match="holds a run on other data"):
+        train(tiny(epochs=1), tmp_path / "partial", data=other)
+    assert train(tiny(epochs=1), tmp_path, data=mine) == s
+
+
+def test_a_folder_in_use_is_refused_with_its_holder(tmp_path, digits):
+    from negbatch.lab.run import hold_lock
+
+    with hold_lock(tmp_path / "run"):
+        with pytest.raises(ValueError, match=rf"run is in use by process {os.getpid()} on .* since"):
+            train(tiny(epochs=1), tmp_path / "run", data=digits)
+    assert train(tiny(epochs=1), tmp_path / "run", data=digits) is not None  # released on exit
+
+
+def test_checkpoints_by_time_by_default_and_a_killed_run_resumes(tmp_path, digits):
+    """kill -9 in the middle of a run: the periodic checkpoint survives, the lock does not stay,
+    and the rerun resumes from the checkpoint and ends as an uninterrupted run."""
+    assert TrainConfig().checkpoint_minutes > 0  # on by default
+    cfg = tiny(epochs=12, checkpoint_minutes=0.0002)  # every 12 ms
+    code = (f"import sys, torch; torch.set_num_threads({torch.get_num_threads()}); "
+            "from negbatch.data import load_digits; from negbatch.lab import TrainConfig, train; "
+            f"train(TrainConfig(**{cfg.to_dict()!r}), sys.argv[1], data=load_digits())")
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cut")], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "cut" / CHECKPOINT).exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+            time.sleep(0.05)
+        time.sleep(0.2)
+    finally:
+        proc.kill()  # SIGKILL: no handler runs
+        proc.wait()
+    saved = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)["step"]
+    assert 0 < saved < 12 * 6
+    full = train(cfg, tmp_path / "full", data=digits)
+    resumed = train(cfg, tmp_path / "cut", data=digits)
+    assert without_times(read_metrics(tmp_path / "cut")) == without_times(read_metrics(tmp_path / "full"))
+    assert resumed["linear_acc"] == full["linear_acc"] and resumed["final_loss"] == full["final_loss"]
+
+
+def test_resume_says_where_it_resumes(tmp_path, digits, capsys):
+    train(tiny(), tmp_path, data=digits, stop_after=5)
+    assert "stopped at step 5 of 12; run the same command again to resume" in capsys.readouterr().err
+    train(tiny(), tmp_path, data=digits)
+    assert "resuming from step 5 of 12" in capsys.readouterr().err
