@@ -73,18 +73,34 @@ class Augment:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
-    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None, *,
+                 part: tuple[int, int] | None = None) -> Tensor:
+        """Augment the batch ``x`` with random numbers from ``generator``.
+
+        ``part=(start, total)`` says that ``x`` holds rows ``start .. start + len(x)``
+        of a batch of ``total`` rows (this process's share under DDP): the
+        random numbers are drawn for all ``total`` rows and ``x`` gets its
+        rows' share, so every process sees the views a single process would.
+        """
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"x must have shape (N, 1, H, W), got {tuple(x.shape)}")
+        n = x.shape[0]
+        start, total = part if part is not None else (0, n)
+        if not (0 <= start and start + n <= total):
+            raise ValueError(f"part=({start}, {total}) does not hold the {n} rows of x; expected 0 <= start and "
+                             f"start + len(x) <= total")
         if self.strength == 0:
             return x.clone()
-        n, dev, s = x.shape[0], x.device, self.strength
+        dev, s = x.device, self.strength
 
-        def uniform(*shape: int) -> Tensor:
-            return torch.rand(*shape, generator=generator, device="cpu").to(dev)
+        def draw(sample, *shape: int) -> Tensor:
+            return sample((total, *shape), generator=generator, device="cpu")[start : start + n].to(dev)
+
+        def uniform(n_rows: int, *shape: int) -> Tensor:
+            return draw(torch.rand, *shape)
 
         x = self.geometric(x, uniform, s)
-        x = self.photometric(x, uniform, s, generator)
+        x = self.photometric(x, uniform, s, lambda: draw(torch.randn, *x.shape[1:]))
         x = self.erase(x, uniform, s)
         return x.clamp_(0.0, 1.0)
 
@@ -104,14 +120,14 @@ class Augment:
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
-    def photometric(self, x: Tensor, uniform, s: float, generator) -> Tensor:
+    def photometric(self, x: Tensor, uniform, s: float, normal) -> Tensor:
         n = x.shape[0]
         c = 1.0 + s * self.contrast * (uniform(n, 1, 1, 1) * 2 - 1)
         b = s * self.brightness * (uniform(n, 1, 1, 1) * 2 - 1)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = (x - mean) * c + mean + b
         if self.noise > 0:
-            x = x + s * self.noise * torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
+            x = x + s * self.noise * normal()
         return x
 
     def erase(self, x: Tensor, uniform, s: float) -> Tensor:

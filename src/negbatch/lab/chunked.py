@@ -17,6 +17,8 @@ the plain step's, which normalises the 2B rows of both views together).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -31,7 +33,7 @@ def _check_chunk_size(chunk_size: int) -> None:
 
 
 def cached_forward_backward(
-    model: nn.Module, loss_fn: nn.Module, batch, generator: torch.Generator, chunk_size: int
+    model: nn.Module, loss_fn: nn.Module, batch, generator: torch.Generator, chunk_size: int, precision=None
 ) -> Tensor:
     """Gradient-cached forward/backward of one batch: ``.grad`` receives the
     gradient of ``loss_fn(z1, z2, batch, generator)`` on the whole batch.
@@ -47,6 +49,8 @@ def cached_forward_backward(
     generator : torch.Generator
     chunk_size : int
         Rows of one view per chunk (the last chunk may be smaller).
+    precision : negbatch.lab.precision.Precision, optional
+        Autocast and loss scaling (GradCache applies both itself).
 
     Returns
     -------
@@ -70,12 +74,13 @@ def cached_forward_backward(
     def full_batch_loss(z1: Tensor, z2: Tensor, *, generator: torch.Generator) -> Tensor:
         return loss_fn(z1, z2, batch, generator)
 
-    cache = GradCache(model, full_batch_loss, chunk_size)
+    amp = dict(autocast=precision.autocast_kwargs, scaler=precision.scaler) if precision is not None else {}
+    cache = GradCache(model, full_batch_loss, chunk_size, **amp)
     return cache.step(batch.view1, batch.view2, generator=generator)
 
 
 def accumulated_forward_backward(
-    model: nn.Module, loss_fn: nn.Module, batch, generator: torch.Generator, chunk_size: int
+    model: nn.Module, loss_fn: nn.Module, batch, generator: torch.Generator, chunk_size: int, precision=None
 ) -> Tensor:
     """Gradient accumulation over chunks of ``chunk_size`` pairs: the loss of
     each chunk (its own negatives only), weighted by the chunk's share of the
@@ -102,8 +107,12 @@ def accumulated_forward_backward(
     for start in range(0, n, chunk_size):
         part = slice(start, min(start + chunk_size, n))
         sub = type(batch)(batch.index[part], batch.view1[part], batch.view2[part])
-        z1, z2 = model(sub.view1), model(sub.view2)
-        loss = loss_fn(z1, z2, sub, generator) * ((part.stop - part.start) / n)
-        loss.backward()
-        total = total + loss.detach().cpu()
+        with precision.autocast() if precision is not None else contextlib.nullcontext():
+            z1, z2 = model(sub.view1), model(sub.view2)
+            loss = loss_fn(z1, z2, sub, generator) * ((part.stop - part.start) / n)
+        if precision is not None:
+            precision.backward(loss)
+        else:
+            loss.backward()
+        total = total + loss.detach().float().cpu()
     return total

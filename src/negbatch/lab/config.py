@@ -36,13 +36,15 @@ __all__ = [
 
 #: Options that change how a run is executed, not what it computes: a run
 #: folder accepts them changed on resume.
-RUNTIME_ONLY = ("progress", "checkpoint_every", "checkpoint_minutes", "num_workers")
+RUNTIME_ONLY = ("progress", "checkpoint_every", "checkpoint_minutes", "num_workers", "compile", "channels_last")
 
 #: Text data sets: the Bible pairs, 40 built-in pairs, or the user's file as ``pairs:PATH``.
 TEXT_DATASETS = ("bible", "builtin")
 _PAIRS, _ARRAYS = "pairs:", "arrays:"
 
 IMAGE_ONLY = ("n_train", "n_test", "aug_strength", "hflip", "encoder_widths", "head_widths", "knn_k")
+#: Image-only options whose default is not None: refused on text data when changed.
+IMAGE_ONLY_SET = {"norm": "batch", "channels_last": False, "log_gap": False}
 TEXT_ONLY = ("max_pairs", "test_fraction", "data_seed", "query_column", "document_column", "hard_negatives_column",
              "vocab_size", "max_length", "text_dim", "text_depth", "text_heads", "dropout", "symmetric")
 
@@ -136,6 +138,9 @@ class TrainConfig:
     encoder: str | None = _opt(None, "images: mlp or conv (default mlp); text: transformer", "model")
     encoder_widths: tuple[int, ...] | None = _opt(None, "images: MLP hidden widths or conv stage channels (default 256,128)", "model")
     head_widths: tuple[int, ...] | None = _opt(None, "images: projection head widths (default 256,64)", "model")
+    norm: str = _opt("batch", "images: the encoder's BatchNorm layers: batch (per process), sync (SyncBatchNorm "
+                     "across processes, CUDA) or none (removed: exact under GradCache and equal on any number of "
+                     "processes)", "model", choices=("batch", "sync", "none"))
     vocab_size: int | None = _opt(None, "text: WordPiece vocabulary size (default 8000)", "model")
     max_length: int | None = _opt(None, "text: tokens per text, longer texts are truncated (default 64)", "model")
     text_dim: int | None = _opt(None, "text: encoder width (default 64)", "model")
@@ -183,7 +188,11 @@ class TrainConfig:
     checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: by time only)", "run")
     checkpoint_minutes: float = _opt(5.0, "checkpoint at least every N minutes of training (0: only at the end)", "run")
     knn_k: int | None = _opt(None, "images: neighbours of the kNN probe (default 20)", "run")
-    device: str = _opt("cpu", "cpu, cuda, cuda:N or auto", "run")
+    device: str = _opt("cpu", "cpu, cuda, cuda:N or auto (under torchrun: cuda is each process's GPU)", "run")
+    precision: str = _opt("fp32", "fp32, bf16 (autocast) or fp16 (autocast + GradScaler)", "run",
+                          choices=("fp32", "bf16", "fp16"))
+    channels_last: bool = _opt(False, "images: channels-last memory format (faster convolutions on GPUs)", "run")
+    compile: bool = _opt(False, "torch.compile the model (first steps slower while it compiles)", "run")
     num_workers: int = _opt(0, "DataLoader worker processes (0: load in the training process)", "run")
     progress: bool = _opt(False, "show a progress bar", "run")
 
@@ -287,6 +296,11 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 errors.append(f"{name}: applies to {'text' if task == 'image' else 'image'} data sets only; "
                               f"dataset={self.dataset!r} is {task} data (got {getattr(self, name)!r})")
+        if task == "text":
+            for name, default in IMAGE_ONLY_SET.items():
+                if getattr(self, name) != default:
+                    errors.append(f"{name}: applies to image data sets only; dataset={self.dataset!r} is text data "
+                                  f"(got {getattr(self, name)!r})")
         defaults = dict(TASK_DEFAULTS[task])
         if self.epochs is not None or self.steps is not None:  # one given: the other stays unset
             defaults.pop("epochs", None)

@@ -84,6 +84,8 @@ class GlobalPairLoss(nn.Module):
         E-step rate (see :class:`GammaSchedule`).
     negatives : "all" or int
         Negatives per anchor, among the 2B - 2 other views of the batch.
+    gather : bool
+        Contrast with every process's embeddings (under DDP).
 
     Examples
     --------
@@ -97,9 +99,11 @@ class GlobalPairLoss(nn.Module):
     ['infonce', 'minibatch_loss']
     """
 
-    def __init__(self, num_samples: int, temperature: float, gamma, negatives: Negatives = "all") -> None:
+    def __init__(self, num_samples: int, temperature: float, gamma, negatives: Negatives = "all",
+                 gather: bool = False) -> None:
         super().__init__()
-        self.loss = GlobalInfoNCE(num_samples, temperature=temperature, gamma=gamma, negatives=negatives)
+        self.loss = GlobalInfoNCE(num_samples, temperature=temperature, gamma=gamma, negatives=negatives,
+                                  gather=gather)
 
     def forward(self, z1: Tensor, z2: Tensor, batch, generator: torch.Generator | None = None) -> Tensor:
         # One call is one E-step: the trainer (and gradient caching) call the

@@ -35,6 +35,8 @@ import torch
 from ..diagnostics import GradientSNR
 from .config import TrainConfig
 from .optim import build_optimizer, build_schedule
+from .precision import Precision
+from .processes import Processes
 
 __all__ = ["train", "RunFolder", "RandomStreams", "read_metrics", "CHECKPOINT", "METRICS", "SUMMARY", "CONFIG",
            "DATA", "atomic_write_text", "atomic_torch_save", "resolve_device"]
@@ -333,6 +335,13 @@ def train(
     holding another configuration or other data is refused, as is a folder
     another process is using.
 
+    Under ``torchrun`` (or in an initialised process group) every process
+    calls this function: the model is wrapped in DistributedDataParallel, each
+    process trains on its share of every global batch of ``batch_size``, the
+    losses contrast with every process's embeddings (``gather=True``), and
+    rank 0 alone writes the folder. With ``norm="none"`` (or ``"sync"`` on
+    GPUs) the run equals a single-process run of the same global batch.
+
     Parameters
     ----------
     cfg : TrainConfig
@@ -349,7 +358,8 @@ def train(
 
     Returns
     -------
-    dict or None: the summary (config, data, evaluation metrics, losses, time).
+    dict or None: the summary (config, data, evaluation metrics, losses, time),
+    on every process.
 
     Examples
     --------
@@ -361,121 +371,150 @@ def train(
     >>> 0.0 <= summary["linear_acc"] <= 1.0
     True
     """
-    from .tasks import make_task
-
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
-    folder = RunFolder(run_dir)
-    with folder.locked():
-        device = resolve_device(cfg.device)
-        task = make_task(cfg, device, data)  # loads the data: errors about it come first
-        finished = folder.check(cfg, task.data_identity)
-        if finished is not None:
-            return finished
+    procs = Processes.start(cfg.device)
+    try:
+        folder = RunFolder(run_dir)
+        with folder.locked() if procs.is_main else contextlib.nullcontext():
+            return _train(cfg, folder, procs, data, stop_after)
+    finally:
+        procs.close()
 
-        # Model, objective, batches, optimisation: every check passes before the folder is claimed.
-        torch.manual_seed(cfg.seed)
-        task.build()
-        optimizer = build_optimizer(cfg, task.parameters())
-        total_steps = cfg.total_steps(len(task.sampler))
-        schedule = build_schedule(cfg, optimizer, total_steps)
-        streams = RandomStreams(cfg.seed, device)
-        snr = GradientSNR(task.model, beta=cfg.snr_beta) if cfg.snr else None
+
+def _train(cfg: TrainConfig, folder: RunFolder, procs: Processes, data: Any, stop_after: int | None):
+    from .tasks import make_task
+
+    device = procs.device(cfg.device)
+    task = procs.check_all(lambda: make_task(cfg, device, data))  # loads the data: errors about it come first
+    finished = procs.on_main(lambda: folder.check(cfg, task.data_identity))
+    if finished is not None:
+        return finished
+
+    # Model, objective, batches, optimisation: every check passes before the folder is claimed.
+    torch.manual_seed(cfg.seed)
+    precision = Precision(cfg.precision, device)
+    task.precision = precision
+    procs.check_all(task.build)
+    task.net = _network(cfg, task.model, procs, device)
+    optimizer = build_optimizer(cfg, task.parameters())
+    total_steps = cfg.total_steps(len(task.sampler))
+    schedule = build_schedule(cfg, optimizer, total_steps)
+    streams = RandomStreams(cfg.seed, device)
+    snr = GradientSNR(task.model, beta=cfg.snr_beta) if cfg.snr else None
+    if procs.is_main:
         folder.claim(cfg, task.data_identity)
 
-        # Resume every piece of state, or start: the task's pre-training work, then the seed again,
-        # so that training draws the same numbers whatever that work consumed.
-        progress = {"step": 0, "epoch": 0, "position": 0, "seconds": 0.0}
-        ckpt = folder.load_checkpoint(device)
-        if ckpt is not None:
-            task.model.load_state_dict(ckpt["model"])
-            task.sampler.load_state_dict(ckpt["sampler"])
-            task.load_state_dict(ckpt)
-            if snr is not None:
-                snr.load_state_dict(ckpt["snr"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            schedule.load_state_dict(ckpt["schedule"])
-            streams.load_state_dict(ckpt["rng"])
-            progress = dict(ckpt["progress"])
-            _say(cfg, f"{folder.path}: resuming from step {progress['step']} of {total_steps}")
-        else:
-            task.before_training()
-            torch.manual_seed(cfg.seed)
-        rows = folder.keep_rows_until(progress["step"])
+    # Resume every piece of state, or start: the task's pre-training work, then the seed again,
+    # so that training draws the same numbers whatever that work consumed.
+    progress = {"step": 0, "epoch": 0, "position": 0, "seconds": 0.0}
+    ckpt = procs.on_main(lambda: folder.load_checkpoint("cpu"))
+    if ckpt is not None:
+        _check_world_size(ckpt, procs, task, folder)
+        task.model.load_state_dict(ckpt["model"])
+        task.sampler.load_state_dict(ckpt["sampler"])
+        task.load_state_dict(ckpt)
+        if snr is not None:
+            snr.load_state_dict(ckpt["snr"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        precision.load_state_dict(ckpt.get("precision", {}))
+        rng = ckpt["rng"]
+        if ckpt.get("world_size", 1) == procs.world_size and "rng_ranks" in ckpt:
+            rng = {**rng, **ckpt["rng_ranks"][procs.rank]}  # each process's own torch (and CUDA) stream
+        streams.load_state_dict(rng)
+        progress = dict(ckpt["progress"])
+        if procs.is_main:
+            _say(f"{folder.path}: resuming from step {progress['step']} of {total_steps}")
+    else:
+        task.before_training()
+        torch.manual_seed(cfg.seed)
+    rows = folder.keep_rows_until(progress["step"]) if procs.is_main else []
 
-        def save_checkpoint() -> None:
+    def save_checkpoint() -> None:
+        own_rng = {k: v for k, v in streams.state_dict().items() if k in ("torch", "cuda")}
+        rng_ranks = procs.gather(own_rng)
+        if procs.is_main:
             folder.save_checkpoint({
                 "model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "sampler": task.sampler.state_dict(position=progress["position"]),
                 "snr": snr.state_dict() if snr is not None else {}, "rng": streams.state_dict(),
+                "rng_ranks": rng_ranks, "world_size": procs.world_size, "precision": precision.state_dict(),
                 "progress": dict(progress), "step": progress["step"], "config": cfg.to_dict(), **task.state_dict(),
             })
 
-        bar = _progress_bar(cfg, total_steps, progress["step"], folder.path.name)
-        log = open(folder.path / METRICS, "a")
-        session_start = time.perf_counter()
-        seconds_before = progress["seconds"]
-        last_save = time.monotonic()
-        stopped = False
-        try:
-            with _StopRequest() as stop:
-                task.model.train()
-                while progress["step"] < total_steps:
-                    epoch = progress["epoch"]
-                    task.sampler.set_epoch(epoch)
-                    epoch_row = task.start_epoch(epoch) if progress["position"] == 0 else {}
-                    for index in task.sampler:
-                        batch = task.batch(index, streams)
-                        optimizer.zero_grad(set_to_none=True)
-                        loss = task.step(batch, streams)
-                        if snr is not None:
-                            snr.update()
-                        lr = optimizer.param_groups[0]["lr"]
-                        optimizer.step()
-                        schedule.step()
-                        progress["step"] += 1
-                        progress["position"] += 1
-                        progress["seconds"] = seconds_before + time.perf_counter() - session_start
-                        step = progress["step"]
-                        if step % cfg.log_every == 0 or step == total_steps or epoch_row:
-                            row = {"step": step, "epoch": epoch, "loss": float(loss), "lr": lr,
-                                   "seconds": progress["seconds"], **task.step_metrics(),
-                                   **(snr.summary() if snr is not None else {}), **epoch_row}
-                            epoch_row = {}  # the epoch's diagnostics go with its first logged step
+    bar = _progress_bar(cfg, total_steps, progress["step"], folder.path.name) if procs.is_main else None
+    log = open(folder.path / METRICS, "a") if procs.is_main else None
+    session_start = time.perf_counter()
+    seconds_before = progress["seconds"]
+    last_save = time.monotonic()
+    stopped = False
+    try:
+        with _StopRequest() as stop:
+            task.model.train()
+            while progress["step"] < total_steps:
+                epoch = progress["epoch"]
+                task.sampler.set_epoch(epoch)
+                epoch_row = task.start_epoch(epoch) if progress["position"] == 0 else {}
+                for batch in task.batches(streams):
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = task.step(batch, streams)
+                    if snr is not None:
+                        snr.update()
+                    lr = optimizer.param_groups[0]["lr"]
+                    precision.step(optimizer)
+                    schedule.step()
+                    progress["step"] += 1
+                    progress["position"] += 1
+                    progress["seconds"] = seconds_before + time.perf_counter() - session_start
+                    step = progress["step"]
+                    if step % cfg.log_every == 0 or step == total_steps or epoch_row:
+                        row = {"step": step, "epoch": epoch, "loss": procs.mean(loss), "lr": lr,
+                               "seconds": progress["seconds"], **task.step_metrics(),
+                               **(snr.summary() if snr is not None else {}), **epoch_row}
+                        epoch_row = {}  # the epoch's diagnostics go with its first logged step
+                        if log is not None:
                             rows.append(row)
                             log.write(json.dumps(row) + "\n")
                             log.flush()
-                        if bar is not None:
-                            bar.update(1)
-                            bar.set_postfix(loss=f"{float(loss):.3f}")
-                        if progress["position"] == len(task.sampler):
-                            progress["epoch"], progress["position"] = epoch + 1, 0
-                        due = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
-                            cfg.checkpoint_minutes and time.monotonic() - last_save >= 60 * cfg.checkpoint_minutes)
-                        if step == total_steps:
-                            break
-                        if due:
-                            save_checkpoint()
-                            last_save = time.monotonic()
-                        if stop.requested or (stop_after is not None and step >= stop_after):
-                            stopped = True
-                            break
-                    if stopped:
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{float(loss):.3f}")
+                    if progress["position"] == len(task.sampler):
+                        progress["epoch"], progress["position"] = epoch + 1, 0
+                    if step == total_steps:
                         break
-                    if progress["step"] < total_steps and progress["position"] != 0:
-                        # The sampler ended before its length: a partial epoch must not repeat.
-                        raise RuntimeError(f"the sampler yielded {progress['position']} of {len(task.sampler)} batches")
-        finally:
+                    # Rank 0's clock and any rank's signal decide, for all ranks together.
+                    due, stop_now = procs.any(
+                        bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                        or bool(cfg.checkpoint_minutes and time.monotonic() - last_save >= 60 * cfg.checkpoint_minutes),
+                        stop.requested or (stop_after is not None and step >= stop_after))
+                    if due:
+                        save_checkpoint()
+                        last_save = time.monotonic()
+                    if stop_now:
+                        stopped = True
+                        break
+                if stopped:
+                    break
+                if progress["step"] < total_steps and progress["position"] != 0:
+                    # The sampler ended before its length: a partial epoch must not repeat.
+                    raise RuntimeError(f"the sampler yielded {progress['position']} of {len(task.sampler)} batches")
+    finally:
+        if log is not None:
             log.close()
-            if bar is not None:
-                bar.close()
-        save_checkpoint()
-        if stopped:
-            _say(cfg, f"{folder.path}: stopped at step {progress['step']} of {total_steps}; "
-                      "run the same command again to resume")
-            return None
+        if bar is not None:
+            bar.close()
+    save_checkpoint()
+    if stopped:
+        if procs.is_main:
+            _say(f"{folder.path}: stopped at step {progress['step']} of {total_steps}; "
+                 "run the same command again to resume")
+        return None
 
-        summary: dict[str, Any] = {"config": cfg.to_dict(), "data": task.data_identity, "steps": progress["step"]}
+    def finish() -> dict[str, Any]:
+        summary: dict[str, Any] = {"config": cfg.to_dict(), "data": task.data_identity, "steps": progress["step"],
+                                   "world_size": procs.world_size}
         summary.update(task.evaluate())
         summary.update(task.summarize(rows))
         if snr is not None:
@@ -485,8 +524,35 @@ def train(
         folder.write_summary(summary, rows)
         return summary
 
+    return procs.on_main(finish)
 
-def _say(cfg: TrainConfig, message: str) -> None:
+
+def _network(cfg: TrainConfig, model: torch.nn.Module, procs: Processes, device: torch.device) -> torch.nn.Module:
+    """The module a training step calls: the model, in channels-last memory,
+    wrapped for DDP, compiled -- each only when asked for."""
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = model
+    if procs.several:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    return net
+
+
+def _check_world_size(ckpt: dict[str, Any], procs: Processes, task, folder: RunFolder) -> None:
+    saved = ckpt.get("world_size", 1)
+    if saved != procs.world_size and not task.world_size_invariant:
+        raise ValueError(
+            f"{folder.checkpoint} was written by {saved} process(es) and this run has {procs.world_size}: its "
+            f"training draws random numbers in each process (dropout), so it cannot continue exactly on another "
+            f"number; resume it with {saved} process(es) (torchrun --nproc-per-node {saved}), or use another folder"
+        )
+
+
+def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 

@@ -189,6 +189,20 @@ class EpochBatchSampler(Sampler[list[int]]):
         new = self._make_plan(remaining, salt=self._position)
         self._plan = self._plan[: self._position] + new
 
+    def share_bounds(self, global_length: int) -> tuple[int, int]:
+        """``(start, stop)``: the rows of a global batch of ``global_length`` that
+        this rank receives (``np.array_split`` order: rank 0 first).
+
+        Examples
+        --------
+        >>> from negbatch.sampling import RandomBatchSampler
+        >>> RandomBatchSampler(20, 10, num_replicas=3, rank=1).share_bounds(10)
+        (4, 7)
+        """
+        base, extra = divmod(global_length, self.num_replicas)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (self.rank < extra)
+
     def _share(self, batch: np.ndarray) -> list[int]:
         if self.num_replicas == 1:
             return batch.tolist()
@@ -197,7 +211,8 @@ class EpochBatchSampler(Sampler[list[int]]):
             # samples (as DistributedSampler does) so that every rank gets a batch.
             first = np.concatenate(self._plan)  # type: ignore[arg-type]
             batch = np.concatenate([batch, first[: self.num_replicas - len(batch)]])
-        return np.array_split(batch, self.num_replicas)[self.rank].tolist()
+        start, stop = self.share_bounds(len(batch))
+        return batch[start:stop].tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
         plan = self._ensure_plan()

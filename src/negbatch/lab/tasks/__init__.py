@@ -40,14 +40,25 @@ class Task:
         What identifies the data (name, source, sizes, content fingerprint).
     model : nn.Module
         The trained encoder (and head); its ``state_dict`` is checkpointed.
+    net : nn.Module
+        What a training step calls: ``model``, or its DDP / compiled wrapper
+        (set by the skeleton after :meth:`build`).
     sampler : negbatch.sampling.EpochBatchSampler
-        The batches: the skeleton calls ``set_epoch``, iterates it and saves
-        its ``state_dict``.
+        The batches: the skeleton calls ``set_epoch`` and saves its
+        ``state_dict``; :meth:`batches` iterates it.
+    precision : negbatch.lab.precision.Precision
+        Autocast and loss scaling for :meth:`step` (set by the skeleton).
+    world_size_invariant : bool
+        True when training draws no random number per process (so a resumed
+        run may continue on another number of processes).
     """
 
     data_identity: dict[str, Any]
     model: nn.Module
+    net: nn.Module
     sampler: Any
+    precision: Any
+    world_size_invariant: bool = True
 
     def __init__(self, cfg: TrainConfig, device: torch.device, data: Any = None) -> None:
         self.cfg, self.device = cfg, device
@@ -67,8 +78,13 @@ class Task:
         """Diagnostics of the epoch's batches before its first step (logged with it)."""
         return {}
 
+    def batches(self, streams) -> Iterator[Any]:
+        """The rest of the epoch's batches, each ready for :meth:`step`."""
+        for index in self.sampler:
+            yield self.batch(index, streams)
+
     def batch(self, index: list[int], streams) -> Any:
-        """The training inputs of the samples ``index``."""
+        """The training inputs of the samples ``index`` (this process's share of a global batch)."""
         raise NotImplementedError
 
     def step(self, batch: Any, streams) -> Tensor:

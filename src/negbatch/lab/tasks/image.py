@@ -39,9 +39,11 @@ from ...diagnostics import alignment, global_train_gap, intra_class_distance, si
 from ...evaluation import knn_accuracy, linear_probe
 from ...losses import InfoNCE, ReLIC
 from ...models import ContrastiveModel, ProjectionHead, build_encoder
+from ... import distributed as nbdist
 from ...sampling import EpochBatchSampler, GCBSampler, HardNegativeBatchSampler, RandomBatchSampler, embed_dataset
 from ..config import TrainConfig
 from ..global_loss import GammaSchedule, GlobalPairLoss
+from ..precision import Precision
 from . import Task
 
 __all__ = [
@@ -112,15 +114,16 @@ def build_loss(cfg: TrainConfig, num_samples: int | None = None, total_steps: in
             f"negatives={negatives} exceeds the {available} candidates per anchor of {cfg.loss} at "
             f"{where}; use negatives <= {available} or 'all'"
         )
+    gather = nbdist.world_size() > 1  # every process's embeddings are candidates
     if cfg.loss == "simclr":
-        return PairLoss(InfoNCE(temperature=cfg.temperature, negatives=negatives))
+        return PairLoss(InfoNCE(temperature=cfg.temperature, negatives=negatives, gather=gather))
     if cfg.loss == "global":
         if num_samples is None:
             raise ValueError("loss='global' needs num_samples, the training set's size (one nu per sample)")
         steps = total_steps or cfg.total_steps(max(num_samples // cfg.batch_size, 1))
         return GlobalPairLoss(num_samples, cfg.temperature, GammaSchedule(cfg.gamma, cfg.gamma_schedule, steps),
-                              negatives)
-    return PairLoss(ReLIC(temperature=cfg.temperature, alpha=cfg.alpha, negatives=negatives))
+                              negatives, gather=gather)
+    return PairLoss(ReLIC(temperature=cfg.temperature, alpha=cfg.alpha, negatives=negatives, gather=gather))
 
 
 # ------------------------------------------------------------------------ batches
@@ -148,7 +151,8 @@ def build_sampler(cfg: TrainConfig, train_x: Tensor, model: nn.Module) -> EpochB
     n = train_x.shape[0]
     if cfg.batch_size > n:
         raise ValueError(f"batch_size={cfg.batch_size} exceeds the {n} training samples; lower batch_size")
-    common = dict(drop_last=True, seed=cfg.seed, refresh_every=cfg.refresh_every or None, num_replicas=1, rank=0)
+    # Global batches of batch_size; under several processes each gets its share.
+    common = dict(drop_last=True, seed=cfg.seed, refresh_every=cfg.refresh_every or None)
     if cfg.sampler == "random":
         return RandomBatchSampler(n, cfg.batch_size, shuffle_batches=False, **common)
     embedding = dict(model=model, chunk_size=1024)
@@ -188,6 +192,7 @@ def forward_backward(
     generator: torch.Generator,
     chunk_size: int | None = None,
     chunk_method: str = "cache",
+    precision: Precision | None = None,
 ) -> Tensor:
     """Forward, loss and backward of one batch; returns the detached loss.
 
@@ -196,24 +201,44 @@ def forward_backward(
     ``"cache"`` runs :class:`negbatch.GradCache` (the full-batch loss and, for
     encoders without BatchNorm, its exact gradient); ``"accumulate"`` is
     gradient accumulation, a loss per chunk (negatives only from the chunk).
+    ``precision`` adds autocast and loss scaling (fp16).
     """
     if chunk_size:
         from ..chunked import accumulated_forward_backward, cached_forward_backward
 
         step = cached_forward_backward if chunk_method == "cache" else accumulated_forward_backward
-        return step(model, loss_fn, batch, generator, chunk_size)
-    z1, z2 = model(torch.cat([batch.view1, batch.view2])).chunk(2)
-    loss = loss_fn(z1, z2, batch, generator)
-    loss.backward()
-    return loss.detach()
+        return step(model, loss_fn, batch, generator, chunk_size, precision)
+    precision = precision or Precision("fp32", batch.view1.device)
+    with precision.autocast():
+        z1, z2 = model(torch.cat([batch.view1, batch.view2])).chunk(2)
+        loss = loss_fn(z1, z2, batch, generator)
+    precision.backward(loss)
+    return loss.detach().float()
 
 
 # ---------------------------------------------------------------- model, evaluation
 
 
 def build_model(cfg: TrainConfig, image_shape: tuple[int, int, int]) -> ContrastiveModel:
+    """Encoder + projection head, with ``cfg.norm``'s BatchNorm layers."""
     encoder = build_encoder(cfg.encoder, image_shape, cfg.encoder_widths)
-    return ContrastiveModel(encoder, ProjectionHead(encoder.out_dim, cfg.head_widths))
+    model = ContrastiveModel(encoder, ProjectionHead(encoder.out_dim, cfg.head_widths))
+    return with_norm(model, cfg.norm)
+
+
+def with_norm(model: nn.Module, norm: str) -> nn.Module:
+    """``model`` with its BatchNorm layers kept (``"batch"``), synchronised
+    across processes (``"sync"``: SyncBatchNorm, CUDA only) or removed
+    (``"none"``: each replaced by an identity)."""
+    if norm == "sync":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if norm == "none":
+        for name, child in model.named_children():
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(model, name, nn.Identity())
+            else:
+                with_norm(child, norm)
+    return model
 
 
 @torch.no_grad()
@@ -313,11 +338,17 @@ class ImageTask(Task):
     def batch(self, index: list[int], streams) -> Batch:
         index = torch.as_tensor(index, dtype=torch.long)
         x = self.train_x[index.to(self.device)]
-        return Batch(index, self.augment(x, streams.augment), self.augment(x, streams.augment))
+        # Random numbers for the whole global batch, this process's rows of them:
+        # the views are those a single process would make.
+        part = (self.sampler.share_bounds(self.cfg.batch_size)[0], self.cfg.batch_size)
+        views = [self.augment(x, streams.augment, part=part) for _ in range(2)]
+        if self.cfg.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        return Batch(index, *views)
 
     def step(self, batch: Batch, streams) -> Tensor:
-        return forward_backward(self.model, self.loss_fn, batch, streams.loss, self.cfg.chunk_size,
-                                self.cfg.chunk_method)
+        return forward_backward(self.net, self.loss_fn, batch, streams.loss, self.cfg.chunk_size,
+                                self.cfg.chunk_method, self.precision)
 
     def step_metrics(self) -> dict[str, float]:
         # e.g. the true InfoNCE next to the global loss's surrogate

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ... import distributed as nbdist
 from ..config import TrainConfig
 from . import Task
 
@@ -133,23 +134,24 @@ class TextTask(Task):
                                    max_length=self.cfg.max_length)
 
     def build(self) -> None:
-        from ...gradcache import GradCache
         from ...losses import GlobalInfoNCE, InfoNCE
         from ...models.text import TransformerTextEncoder
 
         cfg = self.cfg
+        gather = nbdist.world_size() > 1  # every process's embeddings are candidates
         self.model = TransformerTextEncoder(self.tokenizer.vocab_size, dim=cfg.text_dim, depth=cfg.text_depth,
                                             heads=cfg.text_heads, dropout=cfg.dropout,
                                             max_length=cfg.max_length).to(self.device)
         if cfg.loss == "global":
             self.loss_fn: nn.Module = GlobalInfoNCE(len(self.train), temperature=cfg.temperature, gamma=cfg.gamma,
                                                     negatives=cfg.negatives, form="query_document",
-                                                    symmetric=cfg.symmetric)
+                                                    symmetric=cfg.symmetric, gather=gather)
         else:
             self.loss_fn = InfoNCE(temperature=cfg.temperature, negatives=cfg.negatives, form="query_document",
-                                   symmetric=cfg.symmetric)
-        self.cache = GradCache(self.model, self._loss_with_index, chunk_size=cfg.chunk_size) if cfg.chunk_size else None
+                                   symmetric=cfg.symmetric, gather=gather)
         self.sampler = self._build_sampler()
+        # Dropout draws from each process's own stream: exact only on the same number of processes.
+        self.world_size_invariant = cfg.dropout == 0
 
     def _build_sampler(self):
         from ...sampling import GCBSampler, HardNegativeBatchSampler, NoDuplicateBatchSampler, RandomBatchSampler
@@ -202,11 +204,16 @@ class TextTask(Task):
     def step(self, batch: dict[str, Any], streams) -> Tensor:
         self._index = batch["index"]
         inputs = [batch["queries"], batch["documents"]] + ([batch["hard"]] if "hard" in batch else [])
-        if self.cache is not None:
-            return self.cache.step(*inputs, generator=streams.loss)
-        value = self._loss_with_index(*[self.model(x) for x in inputs], generator=streams.loss)
-        value.backward()
-        return value.detach()
+        if self.cfg.chunk_size:
+            from ...gradcache import GradCache
+
+            cache = GradCache(self.net, self._loss_with_index, chunk_size=self.cfg.chunk_size,
+                              autocast=self.precision.autocast_kwargs, scaler=self.precision.scaler)
+            return cache.step(*inputs, generator=streams.loss)
+        with self.precision.autocast():
+            value = self._loss_with_index(*[self.net(x) for x in inputs], generator=streams.loss)
+        self.precision.backward(value)
+        return value.detach().float()
 
     def step_metrics(self) -> dict[str, float]:
         last = getattr(self.loss_fn, "last_infonce", None)

@@ -1,0 +1,90 @@
+"""Training runs under several processes (2 real gloo processes on CPU): the final
+parameters equal a one-process run of the same global batch, for each loss and
+each sampler of both tasks, with gradient caching, and across an interruption
+(resumed on 2 processes, or on 1). One spawn runs every case."""
+
+import os
+
+import pytest
+import torch
+
+from _dist import run_distributed
+from _runs import without_times
+from negbatch.lab import TrainConfig, read_metrics, train
+
+pytestmark = pytest.mark.distributed
+
+# norm="none": BatchNorm normalises each process's rows by their own statistics (SyncBatchNorm
+# needs CUDA), which is a different computation from one process's.
+IMAGE = dict(n_train=96, n_test=64, batch_size=16, epochs=2, encoder_widths=(16,), head_widths=(16, 8), knn_k=5,
+             norm="none")
+# SGD for text: attention's key bias has a zero gradient that float rounding makes +-1e-9, and Adam
+# scales any gradient to the step size, so the two runs' key biases would differ by the learning rate.
+TEXT = dict(dataset="builtin", test_fraction=0.25, batch_size=8, steps=6, text_dim=16, text_heads=2, vocab_size=600,
+            dropout=0.0, optimizer="sgd", lr=0.1)
+CASES = {
+    "image-simclr-random": dict(IMAGE),
+    "image-relic-k-gcbs": dict(IMAGE, loss="relic", negatives=5, sampler="gcbs", gcbs_q=0.9),
+    "image-global-hard": dict(IMAGE, loss="global", sampler="hard"),
+    "image-simclr-k-cache": dict(IMAGE, negatives=3, chunk_size=4),
+    "text-infonce-random": dict(TEXT),
+    "text-global-gcbs": dict(TEXT, loss="global", sampler="gcbs", gcbs_q=0.9),
+    "text-infonce-k-noduplicates": dict(TEXT, negatives=3, sampler="no-duplicates"),
+    "text-infonce-hard-cache": dict(TEXT, sampler="hard", chunk_size=3),
+}
+STOP = 5  # mid-epoch for both tasks
+
+
+def _two_processes(rank, world_size, out):
+    if tokenizers_missing():
+        return
+    for name, kw in CASES.items():
+        assert train(TrainConfig(**kw), os.path.join(out, name))["world_size"] == 2
+    # Interrupted and resumed on two processes; interrupted here, resumed on one below.
+    cfg = TrainConfig(**CASES["image-relic-k-gcbs"])
+    assert train(cfg, os.path.join(out, "resumed-2"), stop_after=STOP) is None
+    train(cfg, os.path.join(out, "resumed-2"))
+    assert train(cfg, os.path.join(out, "resumed-1"), stop_after=STOP) is None
+    text = TrainConfig(**{**TEXT, "dropout": 0.1})
+    assert train(text, os.path.join(out, "text-dropout"), stop_after=3) is None
+
+
+def tokenizers_missing():
+    import importlib.util
+
+    return importlib.util.find_spec("tokenizers") is None
+
+
+def _parameters(folder):
+    return torch.load(folder / "checkpoint.pt", weights_only=True)["model"]
+
+
+def _assert_same_run(two, one):
+    a, b = _parameters(two), _parameters(one)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{two.name}: {k}")
+    rows_two, rows_one = without_times(read_metrics(two)), without_times(read_metrics(one))
+    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one]  # every row once: rank 0 alone writes
+    for r2, r1 in zip(rows_two, rows_one):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5, abs=1e-6), (two.name, r1["step"])
+
+
+def test_two_processes_equal_one_process_for_every_loss_sampler_and_resume(tmp_path):
+    pytest.importorskip("tokenizers", reason="the text cases need the text extra")
+    run_distributed(_two_processes, 2, str(tmp_path))
+    for name, kw in CASES.items():
+        one = tmp_path / f"{name}-one"
+        train(TrainConfig(**kw), one)
+        _assert_same_run(tmp_path / name, one)
+        assert not any(p.name.startswith(".") and p.suffix == ".tmp" for p in (tmp_path / name).iterdir())
+    # Resumed on two processes: the uninterrupted run.
+    _assert_same_run(tmp_path / "resumed-2", tmp_path / "image-relic-k-gcbs-one")
+    # Written by two processes, resumed by one: the image task draws nothing per process, so it continues exactly.
+    cfg = TrainConfig(**CASES["image-relic-k-gcbs"])
+    assert torch.load(tmp_path / "resumed-1" / "checkpoint.pt", weights_only=True)["world_size"] == 2
+    train(cfg, tmp_path / "resumed-1")
+    _assert_same_run(tmp_path / "resumed-1", tmp_path / "image-relic-k-gcbs-one")
+    # Text with dropout draws per process: another number of processes is refused, with the way out.
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\) and this run has 1.*torchrun --nproc-per-node 2"):
+        train(TrainConfig(**{**TEXT, "dropout": 0.1}), tmp_path / "text-dropout")
