@@ -254,8 +254,9 @@ class ImageDataset:
         bytes (images and labels) — for :class:`ImageFiles` over the relative
         file paths, their sizes and the decoding size instead of the pixels.
         Two data sets that differ in any image or label differ in fingerprint,
-        whatever their names. Costs one pass over the bytes (about 0.1 s for
-        50,000 CIFAR images, measured on a loaded 2-core machine).
+        whatever their names. Costs one pass over the bytes: 0.2 s for
+        CIFAR-10's 60,000 uint8 images (measured on a busy 2-core machine),
+        about 10 s for ImageNet resized to 64x64.
 
         Examples
         --------
