@@ -1,7 +1,18 @@
-"""Evaluation of frozen representations: linear probe, kNN accuracy, retrieval metrics."""
+"""Evaluation of frozen representations: features of whole splits, linear
+evaluation, kNN accuracy, retrieval metrics."""
 
-from .knn import knn_accuracy
-from .linear import fit_logistic_regression, linear_probe
+from .features import extract_features
+from .knn import knn_accuracy, weighted_knn_accuracy, weighted_knn_predict
+from .linear import fit_logistic_regression, linear_eval, linear_probe
 from .retrieval import retrieval_metrics
 
-__all__ = ["knn_accuracy", "fit_logistic_regression", "linear_probe", "retrieval_metrics"]
+__all__ = [
+    "extract_features",
+    "knn_accuracy",
+    "weighted_knn_accuracy",
+    "weighted_knn_predict",
+    "fit_logistic_regression",
+    "linear_eval",
+    "linear_probe",
+    "retrieval_metrics",
+]

@@ -1,4 +1,10 @@
-"""k-nearest-neighbour accuracy on frozen features (cosine similarity)."""
+"""k-nearest-neighbour accuracy on frozen features (cosine similarity).
+
+* :func:`knn_accuracy`: a majority vote among the k nearest (small data).
+* :func:`weighted_knn_accuracy` / :func:`weighted_knn_predict`: the weighted
+  kNN monitor of Wu et al. (2018), streamed over chunks of test and training
+  features, for data at the papers' scale.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from torch import Tensor
 
 from .linear import _check_xy
 
-__all__ = ["knn_accuracy"]
+__all__ = ["knn_accuracy", "weighted_knn_accuracy", "weighted_knn_predict"]
 
 
 def knn_accuracy(
@@ -50,3 +56,102 @@ def knn_accuracy(
         pred = votes.argmax(1)
         correct += int((pred == test_labels[start : start + chunk_size]).sum())
     return correct / test.shape[0]
+
+
+def weighted_knn_predict(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    *,
+    k: int = 200,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    device: torch.device | str | None = None,
+    test_chunk: int = 1024,
+    train_chunk: int = 65536,
+) -> Tensor:
+    """Weighted kNN predictions (Wu et al., 2018), streamed in chunks.
+
+    Each test point's ``k`` most cosine-similar training points vote for their
+    class with weight ``exp(s / temperature)``; the class with the largest sum
+    wins (ties: the smallest label). Test points are taken ``test_chunk`` at a
+    time and, for each, the training points ``train_chunk`` at a time, keeping
+    a running top-k: memory is O(test_chunk x (train_chunk + k)) on the
+    device, and the training features need not fit there (each chunk is moved
+    when needed; on a GPU move them there first if they fit).
+
+    Returns
+    -------
+    LongTensor (n_test,) on the CPU.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from negbatch.evaluation import weighted_knn_predict
+    >>> train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    >>> weighted_knn_predict(train, torch.tensor([0, 0, 1]), torch.tensor([[0.1, 1.0], [1.0, 0.2]]), k=2).tolist()
+    [1, 0]
+    """
+    _check_xy(train_features, train_labels, "train_features", "train_labels")
+    if not isinstance(test_features, Tensor) or test_features.ndim != 2 or test_features.shape[1] != train_features.shape[1]:
+        raise ValueError(f"test_features must be a 2-D tensor with {train_features.shape[1]} columns (the training "
+                         f"features' width), got {getattr(test_features, 'shape', type(test_features))}")
+    n_train = train_features.shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_train:
+        raise ValueError(f"k must be an int in [1, {n_train}] (the training set size), got {k!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    for name, v in (("test_chunk", test_chunk), ("train_chunk", train_chunk)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if num_classes is None:
+        num_classes = int(train_labels.max()) + 1
+    if int(train_labels.min()) < 0 or int(train_labels.max()) >= num_classes:
+        raise ValueError(f"train_labels must lie in [0, {num_classes}) (num_classes), got "
+                         f"{int(train_labels.min())}..{int(train_labels.max())}")
+    device = torch.device(device) if device is not None else test_features.device
+    labels = train_labels.to(device).long()
+    preds = []
+    for t0 in range(0, test_features.shape[0], test_chunk):
+        q = F.normalize(test_features[t0 : t0 + test_chunk].to(device, torch.float32), dim=1)
+        best_s = q.new_empty((q.shape[0], 0))
+        best_y = labels.new_empty((q.shape[0], 0))
+        for s0 in range(0, n_train, train_chunk):
+            keys = F.normalize(train_features[s0 : s0 + train_chunk].to(device, torch.float32), dim=1)
+            sims = q @ keys.T
+            top = sims.topk(min(k, sims.shape[1]), dim=1)
+            # merge with the running top-k: the k largest of (old k) + (this chunk's k)
+            cand_s = torch.cat([best_s, top.values], dim=1)
+            cand_y = torch.cat([best_y, labels[s0 + top.indices]], dim=1)
+            keep = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
+            best_s, best_y = keep.values, cand_y.gather(1, keep.indices)
+        votes = torch.zeros(q.shape[0], num_classes, dtype=torch.float32, device=device)
+        votes.scatter_add_(1, best_y, torch.exp(best_s / temperature))
+        preds.append(votes.argmax(1).cpu())
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
+
+
+def weighted_knn_accuracy(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    **kwargs,
+) -> float:
+    """Top-1 accuracy of :func:`weighted_knn_predict` (the kNN monitor of
+    Wu et al., 2018: k = 200, temperature 0.07 by default).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from negbatch.evaluation import weighted_knn_accuracy
+    >>> y = torch.arange(100) % 2
+    >>> x = torch.stack([y * 2.0 - 1, torch.ones(100)], 1)
+    >>> weighted_knn_accuracy(x[:50], y[:50], x[50:], y[50:], k=5)
+    1.0
+    """
+    _check_xy(test_features, test_labels, "test_features", "test_labels")
+    if "num_classes" not in kwargs:
+        kwargs["num_classes"] = int(max(int(train_labels.max()), int(test_labels.max()))) + 1
+    pred = weighted_knn_predict(train_features, train_labels, test_features, **kwargs)
+    return float((pred == test_labels.cpu()).double().mean())

@@ -1,19 +1,25 @@
 """Linear evaluation: multinomial logistic regression on frozen features.
 
-Written in torch (full-batch L-BFGS on the L2-regularised cross-entropy, in
-float64) rather than calling scikit-learn, so that the library stays
-importable with torch/numpy/scipy only and the probe runs on the features'
-device. The objective is convex; the tests compare it with scikit-learn's
+Written in torch (full-batch L-BFGS on the L2-regularised cross-entropy)
+rather than calling scikit-learn, so that the library stays importable with
+torch/numpy/scipy only and the probe runs on the features' device. The
+objective is convex; the tests compare it with scikit-learn's
 ``LogisticRegression`` on the same data.
+
+* :func:`linear_probe`: float64, for small data (the digits).
+* :func:`linear_eval`: float32 on the device, chunked, with an optional L2
+  grid chosen on a validation split: the protocol at the papers' scale.
 """
 
 from __future__ import annotations
+
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["linear_probe", "fit_logistic_regression"]
+__all__ = ["linear_probe", "linear_eval", "fit_logistic_regression"]
 
 
 def _check_xy(x: Tensor, y: Tensor, xname: str, yname: str) -> None:
@@ -96,3 +102,154 @@ def linear_probe(
     w, b = fit_logistic_regression((xtr - mean) / std, train_labels.long(), num_classes, l2=l2, max_iter=max_iter)
     pred = (((xte - mean) / std) @ w + b).argmax(1)
     return float((pred == test_labels.to(pred.device)).double().mean())
+
+
+def _fit_chunked(
+    x: Tensor, y: Tensor, num_classes: int, l2: float, max_iter: int, chunk_size: int,
+    init: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, float, int]:
+    n, d = x.shape
+    if init is None:
+        w = torch.zeros(d, num_classes, dtype=x.dtype, device=x.device)
+        b = torch.zeros(num_classes, dtype=x.dtype, device=x.device)
+    else:
+        w, b = (t.clone() for t in init)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, max_eval=2 * max_iter, tolerance_grad=1e-6,
+                            tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        total = torch.zeros((), dtype=x.dtype, device=x.device)
+        # Summed chunk by chunk: only chunk_size x num_classes logits exist at a time.
+        for start in range(0, n, chunk_size):
+            part = F.cross_entropy(x[start : start + chunk_size] @ w + b, y[start : start + chunk_size], reduction="sum") / n
+            part.backward()
+            total += part.detach()
+        reg = 0.5 * l2 * (w * w).sum()
+        reg.backward()
+        return total + reg.detach()
+
+    opt.step(closure)
+    w, b = w.detach(), b.detach()
+    with torch.no_grad():
+        final = 0.5 * l2 * float((w * w).sum())
+        for start in range(0, n, chunk_size):
+            final += float(F.cross_entropy(x[start : start + chunk_size] @ w + b, y[start : start + chunk_size],
+                                           reduction="sum")) / n
+    iterations = opt.state[opt._params[0]].get("n_iter", 0)
+    return w, b, final, int(iterations)
+
+
+def _accuracy(x: Tensor, y: Tensor, w: Tensor, b: Tensor, chunk_size: int) -> float:
+    correct = 0
+    for start in range(0, x.shape[0], chunk_size):
+        pred = (x[start : start + chunk_size] @ w + b).argmax(1)
+        correct += int((pred == y[start : start + chunk_size]).sum())
+    return correct / x.shape[0]
+
+
+def linear_eval(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    *,
+    l2: float | Sequence[float] = 1e-4,
+    max_iter: int = 500,
+    device: torch.device | str | None = None,
+    chunk_size: int = 16384,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    return_details: bool = False,
+) -> float | dict[str, Any]:
+    """The linear evaluation protocol at scale: a multinomial logistic regression
+    on frozen features, fitted on the device.
+
+    The same objective as :func:`linear_probe` (features standardised with the
+    training split's statistics; mean cross-entropy + ``l2/2 ||W||^2``),
+    minimised by full-batch L-BFGS in float32 on ``device`` with the loss and
+    gradient accumulated ``chunk_size`` rows at a time. The problem is convex,
+    so this reaches the same optimum as any mini-batch schedule would approach,
+    with no learning rate or epoch count to tune; 50,000 x 2,048 features take
+    a few hundred passes of two matrix products each (seconds on a GPU). The
+    features must fit on the device (50,000 x 2,048 float32: 0.4 GB).
+
+    Parameters
+    ----------
+    train_features, test_features : Tensor (n, d)
+    train_labels, test_labels : int Tensor (n,)
+    l2 : float or sequence of float, default 1e-4
+        The L2 penalty. A sequence: each value is fitted on a seeded
+        ``1 - val_fraction`` of the training features (from the largest
+        penalty down, each warm-starting the next) and scored on the rest;
+        the best is refitted on all of them.
+    max_iter : int, default 500
+        L-BFGS iterations per fit.
+    device : device, optional
+        Default: the training features' device.
+    chunk_size : int, default 16384
+    val_fraction : float, default 0.2
+    seed : int, default 0
+        Seeds the validation split.
+    return_details : bool, default False
+        Return a dict (``accuracy``, ``l2``, ``loss``, ``iterations``,
+        ``val_accuracy`` per l2 when a sequence is given) instead of the accuracy.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from negbatch.evaluation import linear_eval
+    >>> g = torch.Generator().manual_seed(0)
+    >>> y = torch.arange(300) % 3
+    >>> x = torch.randn(300, 8, generator=g) + 4 * torch.nn.functional.one_hot(y, 8)
+    >>> linear_eval(x[:200], y[:200], x[200:], y[200:]) > 0.9
+    True
+    >>> linear_eval(x[:200], y[:200], x[200:], y[200:], l2=[1e-1, 1e-3], return_details=True)["l2"] in (1e-1, 1e-3)
+    True
+    """
+    _check_xy(train_features, train_labels, "train_features", "train_labels")
+    _check_xy(test_features, test_labels, "test_features", "test_labels")
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(
+            f"train_features and test_features have different widths: {train_features.shape[1]} vs {test_features.shape[1]}"
+        )
+    grid = [l2] if isinstance(l2, (int, float)) else list(l2)
+    if not grid or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 for v in grid):
+        raise ValueError(f"l2 must be a number >= 0 or a non-empty sequence of them, got {l2!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if len(grid) > 1 and not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction!r}")
+    device = torch.device(device) if device is not None else train_features.device
+    xtr = train_features.to(device, torch.float32)
+    mean, std = xtr.mean(0), xtr.std(0).clamp_min(1e-8)
+    xtr = (xtr - mean) / std
+    ytr = train_labels.to(device).long()
+    xte = (test_features.to(device, torch.float32) - mean) / std
+    yte = test_labels.to(device).long()
+    num_classes = int(max(int(ytr.max()), int(yte.max()))) + 1
+
+    details: dict[str, Any] = {}
+    best = grid[0]
+    if len(grid) > 1:
+        perm = torch.randperm(xtr.shape[0], generator=torch.Generator().manual_seed(seed)).to(device)
+        n_val = max(1, int(round(val_fraction * xtr.shape[0])))
+        val, fit = perm[:n_val], perm[n_val:]
+        scores: dict[float, float] = {}
+        init = None
+        for value in sorted(grid, reverse=True):
+            w, b, _, _ = _fit_chunked(xtr[fit], ytr[fit], num_classes, float(value), max_iter, chunk_size, init)
+            init = (w, b)
+            scores[value] = _accuracy(xtr[val], ytr[val], w, b, chunk_size)
+        best = max(sorted(grid, reverse=True), key=lambda v: scores[v])  # ties: the larger penalty
+        details["val_accuracy"] = scores
+    w, b, loss, iterations = _fit_chunked(xtr, ytr, num_classes, float(best), max_iter, chunk_size)
+    accuracy = _accuracy(xte, yte, w, b, chunk_size)
+    if not return_details:
+        return accuracy
+    details.update({"accuracy": accuracy, "l2": best, "loss": loss, "iterations": iterations})
+    return details

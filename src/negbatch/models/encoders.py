@@ -1,11 +1,12 @@
-"""Encoders for small greyscale images; their output is the representation
-used for evaluation (the projection head sits on top, see ``heads.py``)."""
+"""Encoders for images; their output is the representation used for evaluation
+(the projection head sits on top, see ``heads.py``): an MLP and a small ResNet
+for small greyscale images here, ResNet-18/50 in ``resnet.py``."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["MLPEncoder", "ConvEncoder", "build_encoder"]
+__all__ = ["MLPEncoder", "ConvEncoder", "build_encoder", "ENCODERS"]
 
 
 def _check_widths(widths, name: str) -> tuple[int, ...]:
@@ -108,10 +109,50 @@ class ConvEncoder(nn.Module):
         return self.pool(self.stages(self.stem(x)))
 
 
-def build_encoder(kind: str, image_shape: tuple[int, int, int], widths) -> nn.Module:
-    """``kind="mlp"`` or ``"conv"``; ``widths`` are hidden widths or stage channels."""
+ENCODERS = ("mlp", "conv", "resnet18", "resnet50")
+"""Names :func:`build_encoder` accepts."""
+
+
+def build_encoder(kind: str, image_shape: tuple[int, int, int], widths=None, *, stem: str | None = None) -> nn.Module:
+    """An encoder by name; its ``out_dim`` is the representation's width.
+
+    Parameters
+    ----------
+    kind : {"mlp", "conv", "resnet18", "resnet50"}
+    image_shape : (C, H, W)
+    widths : sequence of int
+        MLP hidden widths, conv stage channels, or a ResNet's four stage
+        widths (None: the standard (64, 128, 256, 512)).
+    stem : {"cifar", "standard"}, optional
+        ResNets only. None: "cifar" (3x3, stride 1, no max-pool) for images of
+        at most 32x32, "standard" (7x7 stride 2 + max-pool) for larger ones.
+
+    Examples
+    --------
+    >>> from negbatch.models import build_encoder
+    >>> enc = build_encoder("resnet18", (3, 32, 32), (8, 16, 32, 64))
+    >>> enc.stem_kind, enc.out_dim
+    ('cifar', 64)
+    >>> build_encoder("resnet50", (3, 64, 64), None).stem_kind
+    'standard'
+    """
+    if kind in ("resnet18", "resnet50"):
+        from .resnet import resnet18, resnet50
+
+        if len(image_shape) != 3:
+            raise ValueError(f"image_shape must be (C, H, W), got {image_shape!r}")
+        c, h, w = image_shape
+        if stem is None:
+            stem = "cifar" if max(h, w) <= 32 else "standard"
+        widths = (64, 128, 256, 512) if widths is None else tuple(widths)
+        if len(widths) != 4:
+            raise ValueError(f"a ResNet's widths are its 4 stage widths, e.g. 64,128,256,512 (or None for those), "
+                             f"got {widths!r}")
+        return (resnet18 if kind == "resnet18" else resnet50)(in_channels=c, stem=stem, widths=widths)
+    if stem is not None:
+        raise ValueError(f"stem applies to the ResNets only, not to encoder {kind!r}")
     if kind == "mlp":
-        return MLPEncoder(image_shape, widths)
+        return MLPEncoder(image_shape) if widths is None else MLPEncoder(image_shape, widths)
     if kind == "conv":
-        return ConvEncoder(image_shape[0], widths)
-    raise ValueError(f"encoder must be 'mlp' or 'conv', got {kind!r}")
+        return ConvEncoder(image_shape[0]) if widths is None else ConvEncoder(image_shape[0], widths)
+    raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, got {kind!r}")

@@ -6,7 +6,14 @@ from torch import Tensor, nn
 
 from .encoders import _check_widths
 
-__all__ = ["ProjectionHead", "ContrastiveModel"]
+__all__ = ["ProjectionHead", "ContrastiveModel", "HEAD_PRESETS"]
+
+HEAD_PRESETS: dict[str, tuple[int, ...]] = {
+    # SimCLR (Chen et al., 2020): one hidden layer as wide as ResNet-50's 2048, 128-d output.
+    "simclr": (2048, 128),
+    # Mitrovic et al.'s ReLIC critic: hidden 4092, 2048, 1024, 512, output 128 (4092 as the paper writes it).
+    "relic": (4092, 2048, 1024, 512, 128),
+}
 
 
 class ProjectionHead(nn.Module):
@@ -15,9 +22,12 @@ class ProjectionHead(nn.Module):
     Parameters
     ----------
     in_dim : int
-    widths : sequence of int, default (2048, 128)
-        The paper uses (2048, 128) for SimCLR and (4092, 2048, 1024, 512, 128)
-        for ReLIC; the last entry is the embedding dimension.
+    widths : sequence of int or str, default (2048, 128)
+        Hidden widths then the embedding dimension, or a :data:`HEAD_PRESETS`
+        name: ``"simclr"`` = (2048, 128), ``"relic"`` = (4092, 2048, 1024,
+        512, 128), as the papers give them.
+    batch_norm : bool, default True
+        BatchNorm after each hidden Linear (before its ReLU); False: Linear-ReLU.
 
     Examples
     --------
@@ -25,15 +35,26 @@ class ProjectionHead(nn.Module):
     >>> from negbatch.models import ProjectionHead
     >>> ProjectionHead(32, (64, 16))(torch.rand(5, 32)).shape
     torch.Size([5, 16])
+    >>> [m.out_features for m in ProjectionHead(2048, "relic").modules() if isinstance(m, torch.nn.Linear)]
+    [4092, 2048, 1024, 512, 128]
     """
 
-    def __init__(self, in_dim: int, widths=(2048, 128)) -> None:
+    def __init__(self, in_dim: int, widths=(2048, 128), *, batch_norm: bool = True) -> None:
         super().__init__()
+        if isinstance(widths, str):
+            if widths not in HEAD_PRESETS:
+                raise ValueError(f"head widths must be a sequence of ints or one of {sorted(HEAD_PRESETS)}, got {widths!r}")
+            widths = HEAD_PRESETS[widths]
         widths = _check_widths(widths, "head widths")
+        if isinstance(in_dim, bool) or not isinstance(in_dim, int) or in_dim < 1:
+            raise ValueError(f"in_dim must be a positive int (the encoder's out_dim), got {in_dim!r}")
         layers: list[nn.Module] = []
         d = in_dim
         for width in widths[:-1]:
-            layers += [nn.Linear(d, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+            layers.append(nn.Linear(d, width))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(width))
+            layers.append(nn.ReLU(inplace=True))
             d = width
         layers.append(nn.Linear(d, widths[-1]))
         self.net = nn.Sequential(*layers)
