@@ -93,8 +93,9 @@ def _check_labels(y: object, arg: str, n: int) -> None:
 def _hash_tensor(h: "hashlib._Hash", t: Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    # memoryview of the numpy view: no copy, and hashlib releases the GIL on it
-    h.update(memoryview(t.numpy()).cast("B"))
+    if t.numel():  # an empty split (the user's unlabeled-only arrays) adds only its shape
+        # memoryview of the numpy view: no copy, and hashlib releases the GIL on it
+        h.update(memoryview(t.numpy()).cast("B"))
 
 
 def _describe(x: Images) -> dict[str, Any]:

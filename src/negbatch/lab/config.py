@@ -42,9 +42,11 @@ RUNTIME_ONLY = ("progress", "checkpoint_every", "checkpoint_minutes", "num_worke
 TEXT_DATASETS = ("bible", "builtin")
 _PAIRS, _ARRAYS = "pairs:", "arrays:"
 
-IMAGE_ONLY = ("n_train", "n_test", "aug_strength", "hflip", "encoder_widths", "head_widths", "knn_k")
+IMAGE_ONLY = ("n_train", "n_test", "aug_strength", "hflip", "encoder_widths", "head_widths", "knn_k", "image_size",
+              "decode_size")
 #: Image-only options whose default is not None: refused on text data when changed.
-IMAGE_ONLY_SET = {"norm": "batch", "channels_last": False, "log_gap": False}
+IMAGE_ONLY_SET = {"norm": "batch", "channels_last": False, "log_gap": False, "use_unlabeled": False,
+                  "evaluation": "auto", "knn_every": 0}
 TEXT_ONLY = ("max_pairs", "test_fraction", "data_seed", "query_column", "document_column", "hard_negatives_column",
              "vocab_size", "max_length", "text_dim", "text_depth", "text_heads", "dropout", "symmetric")
 
@@ -66,7 +68,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 LOSSES = {"image": ("simclr", "relic", "global"), "text": ("infonce", "global")}
-ENCODERS = {"image": ("mlp", "conv"), "text": ("transformer",)}
+ENCODERS = {"image": ("mlp", "conv", "resnet18", "resnet50"), "text": ("transformer",)}
 SAMPLERS = {"image": ("random", "gcbs", "hard"), "text": ("random", "gcbs", "hard", "no-duplicates")}
 
 
@@ -132,11 +134,18 @@ class TrainConfig:
     query_column: str | None = _opt(None, "text, pairs:PATH: the query column (default query)", "data")
     document_column: str | None = _opt(None, "text, pairs:PATH: the document column (default document)", "data")
     hard_negatives_column: str | None = _opt(None, "text, pairs:PATH: a column of hard-negative documents (default none)", "data")
-    aug_strength: float | None = _opt(None, "images: augmentation strength in [0, 1] (default 0.5)", "data")
+    image_size: int | None = _opt(None, "imagefolder: resize every image once to this side and cache it (64: "
+                                  "the papers' downsampled ImageNet)", "data")
+    decode_size: int | None = _opt(None, "imagefolder: decode the files lazily, each batch, at this side", "data")
+    use_unlabeled: bool = _opt(False, "images: pre-train on the unlabeled split too (STL-10's 100,000 images)", "data")
+    aug_strength: float | None = _opt(None, "images: augmentation strength in [0, 1] (default 0.5; RGB: SimCLR's "
+                                      "colour strength s)", "data")
     hflip: bool | None = _opt(None, "images: random horizontal flips (default false)", "data")
     # model
-    encoder: str | None = _opt(None, "images: mlp or conv (default mlp); text: transformer", "model")
-    encoder_widths: tuple[int, ...] | None = _opt(None, "images: MLP hidden widths or conv stage channels (default 256,128)", "model")
+    encoder: str | None = _opt(None, "images: mlp, conv, resnet18 or resnet50 (CIFAR stem up to 32x32) (default "
+                               "mlp); text: transformer", "model")
+    encoder_widths: tuple[int, ...] | None = _opt(None, "images: MLP hidden widths, conv stage channels or a ResNet's "
+                                                  "four stage widths (default 256,128; ResNets: 64,128,256,512)", "model")
     head_widths: tuple[int, ...] | None = _opt(None, "images: projection head widths (default 256,64)", "model")
     norm: str = _opt("batch", "images: the encoder's BatchNorm layers: batch (per process), sync (SyncBatchNorm "
                      "across processes, CUDA) or none (removed: exact under GradCache and equal on any number of "
@@ -188,6 +197,10 @@ class TrainConfig:
     checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: by time only)", "run")
     checkpoint_minutes: float = _opt(5.0, "checkpoint at least every N minutes of training (0: only at the end)", "run")
     knn_k: int | None = _opt(None, "images: neighbours of the kNN probe (default 20)", "run")
+    evaluation: str = _opt("auto", "images: small (float64 probe of the whole split, the digits studies), scale "
+                           "(linear evaluation and weighted kNN streamed on the device), auto (small for greyscale "
+                           "sets held on the device)", "run", choices=("auto", "small", "scale"))
+    knn_every: int = _opt(0, "images: log a weighted kNN accuracy every N epochs (0: never)", "run")
     device: str = _opt("cpu", "cpu, cuda, cuda:N or auto (under torchrun: cuda is each process's GPU)", "run")
     precision: str = _opt("fp32", "fp32, bf16 (autocast) or fp16 (autocast + GradScaler)", "run",
                           choices=("fp32", "bf16", "fp16"))
@@ -233,7 +246,8 @@ class TrainConfig:
                 bad(name, f"expected one of {', '.join(allowed[task])} for {task} data")
         if self.sampler not in SAMPLERS[task]:
             bad("sampler", f"expected one of {', '.join(SAMPLERS[task])} for {task} data")
-        for name in ("batch_size", "log_every", "knn_k", "vocab_size", "max_length", "text_dim", "text_depth", "text_heads"):
+        for name in ("batch_size", "log_every", "knn_k", "vocab_size", "max_length", "text_dim", "text_depth", "text_heads",
+                     "image_size", "decode_size"):
             integer(name, 1, "expected a positive int", optional=name not in ("batch_size", "log_every"))
         for name in ("n_train", "n_test", "epochs", "steps"):
             integer(name, 1, "expected a positive int or None", optional=True)
@@ -245,7 +259,7 @@ class TrainConfig:
         if self.chunk_size is not None and (isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int)
                                             or self.chunk_size < 0):
             bad("chunk_size", "expected an int >= 0 or None (0 and None: no chunking)")
-        for name in ("warmup_steps", "checkpoint_every", "seed", "refresh_every", "num_workers"):
+        for name in ("warmup_steps", "checkpoint_every", "seed", "refresh_every", "num_workers", "knn_every"):
             integer(name, 0, "expected an int >= 0")
         integer("data_seed", 0, "expected an int >= 0", optional=True)
         number("temperature", lambda v: v > 0, "expected a float > 0")
@@ -305,6 +319,8 @@ class TrainConfig:
         if self.epochs is not None or self.steps is not None:  # one given: the other stays unset
             defaults.pop("epochs", None)
             defaults.pop("steps", None)
+        if str(self.encoder).startswith("resnet"):
+            defaults.pop("encoder_widths")  # None: the standard stage widths
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)

@@ -1,5 +1,17 @@
 """The image task: two augmented views of every image, one encoder + head.
 
+Data: the small greyscale sets (digits, Fashion-MNIST, MNIST-5k), the RGB
+sets in their standard formats (CIFAR-10/100, STL-10, ImageFolder trees) and
+the user's arrays (``arrays:PATH``), all as :class:`negbatch.data.ImageDataset`.
+Small data sets live on the device and each batch is an index into them;
+larger ones (uint8 in memory, or image files) stay on the CPU and stream
+through a DataLoader (``num_workers``), one batch on the device at a time.
+Views: the greyscale :class:`~negbatch.data.Augment` for one-channel images,
+SimCLR's :class:`~negbatch.data.SimCLRAugment` (batched on the device) for
+RGB. Evaluation (``evaluation``): ``small`` is the exact float64 probe of the
+digits studies, ``scale`` the linear evaluation and weighted kNN streamed on
+the device (``auto``: small for the greyscale sets held on the device).
+
 The places a new method plugs in are small functions:
 
 * :func:`build_loss` -- the objective (an ``nn.Module`` called as
@@ -24,7 +36,6 @@ distinct samples: at small N choose ``q`` well below the paper's 0.999
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -34,12 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...data import Augment, ImageDataset, load_dataset
+from ... import distributed as nbdist
+from ...data import Augment, ImageDataset, SimCLRAugment, image_batch_loader, load_dataset, to_float_images
 from ...diagnostics import alignment, global_train_gap, intra_class_distance, silhouette_score, uniformity
-from ...evaluation import knn_accuracy, linear_probe
+from ...evaluation import extract_features, knn_accuracy, linear_eval, linear_probe, weighted_knn_accuracy
 from ...losses import InfoNCE, ReLIC
 from ...models import ContrastiveModel, ProjectionHead, build_encoder
-from ... import distributed as nbdist
 from ...sampling import EpochBatchSampler, GCBSampler, HardNegativeBatchSampler, RandomBatchSampler, embed_dataset
 from ..config import TrainConfig
 from ..global_loss import GammaSchedule, GlobalPairLoss
@@ -58,7 +69,8 @@ __all__ = [
     "negative_candidates",
     "same_class_pairs",
     "image_embed_fn",
-    "data_identity",
+    "evaluate_at_scale",
+    "load_image_data",
 ]
 
 
@@ -129,18 +141,21 @@ def build_loss(cfg: TrainConfig, num_samples: int | None = None, total_steps: in
 # ------------------------------------------------------------------------ batches
 
 
-def image_embed_fn(model: nn.Module, train_x: Tensor, *, two_sided: bool = True):
+def image_embed_fn(model: nn.Module, train_x, *, two_sided: bool = True, device: torch.device | None = None):
     """``embed_fn(indices)`` for the library samplers: the projections of the
-    un-augmented images, as the pair ``(z, z)`` (or ``z`` alone)."""
+    un-augmented images, as the pair ``(z, z)`` (or ``z`` alone). ``train_x``
+    may be a tensor on any device (uint8 or float) or image files; each chunk
+    goes to ``device`` (default: the tensor's)."""
 
     def embed_fn(indices: Tensor):
-        z = model(train_x[indices.to(train_x.device)])
+        x = train_x[indices.to(train_x.device)] if isinstance(train_x, Tensor) else train_x[indices]
+        z = model(to_float_images(x, device if device is not None else x.device))
         return (z, z) if two_sided else z
 
     return embed_fn
 
 
-def build_sampler(cfg: TrainConfig, train_x: Tensor, model: nn.Module) -> EpochBatchSampler:
+def build_sampler(cfg: TrainConfig, train_x, model: nn.Module, device: torch.device | None = None) -> EpochBatchSampler:
     """The batch sampler named by ``cfg.sampler``, dropping the short tail
     batch, so that every sampler takes the same number of steps per epoch:
 
@@ -148,7 +163,7 @@ def build_sampler(cfg: TrainConfig, train_x: Tensor, model: nn.Module) -> EpochB
     * ``gcbs`` / ``hard`` -- planned from the model's embeddings of
       ``train_x`` at the start of each epoch (and every ``refresh_every`` steps).
     """
-    n = train_x.shape[0]
+    n = len(train_x)
     if cfg.batch_size > n:
         raise ValueError(f"batch_size={cfg.batch_size} exceeds the {n} training samples; lower batch_size")
     # Global batches of batch_size; under several processes each gets its share.
@@ -157,10 +172,11 @@ def build_sampler(cfg: TrainConfig, train_x: Tensor, model: nn.Module) -> EpochB
         return RandomBatchSampler(n, cfg.batch_size, shuffle_batches=False, **common)
     embedding = dict(model=model, chunk_size=1024)
     if cfg.sampler == "gcbs":
-        return GCBSampler(image_embed_fn(model, train_x), n, cfg.batch_size, q=cfg.gcbs_q, **embedding, **common)
+        return GCBSampler(image_embed_fn(model, train_x, device=device), n, cfg.batch_size, q=cfg.gcbs_q,
+                          **embedding, **common)
     if cfg.sampler == "hard":
-        return HardNegativeBatchSampler(image_embed_fn(model, train_x, two_sided=False), n, cfg.batch_size,
-                                        **embedding, **common)
+        return HardNegativeBatchSampler(image_embed_fn(model, train_x, two_sided=False, device=device), n,
+                                        cfg.batch_size, **embedding, **common)
     raise ValueError(f"unknown sampler {cfg.sampler!r}; expected random, gcbs or hard")
 
 
@@ -221,7 +237,7 @@ def forward_backward(
 
 def build_model(cfg: TrainConfig, image_shape: tuple[int, int, int]) -> ContrastiveModel:
     """Encoder + projection head, with ``cfg.norm``'s BatchNorm layers."""
-    encoder = build_encoder(cfg.encoder, image_shape, cfg.encoder_widths)
+    encoder = build_encoder(cfg.encoder, image_shape, cfg.encoder_widths)  # ResNets: None is the standard widths
     model = ContrastiveModel(encoder, ProjectionHead(encoder.out_dim, cfg.head_widths))
     return with_norm(model, cfg.norm)
 
@@ -251,16 +267,17 @@ def representations(model: ContrastiveModel, x: Tensor, batch_size: int = 512) -
 
 @torch.no_grad()
 def evaluate(model: ContrastiveModel, data: ImageDataset, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
-    """Frozen-representation metrics: linear probe and kNN accuracy on the test
-    split; on the L2-normalised test representations, intra-class mean
-    pairwise distance and silhouette (true labels), and alignment/uniformity of
-    two augmented views."""
-    rtr = representations(model, data.x_train.to(device)).cpu()
-    rte = representations(model, data.x_test.to(device)).cpu()
+    """Frozen-representation metrics, exactly as the small-data studies report
+    them: linear probe (float64 L-BFGS) and kNN accuracy on the test split; on
+    the L2-normalised test representations, intra-class mean pairwise
+    distance and silhouette (true labels), and alignment/uniformity of two
+    augmented views."""
+    x = to_float_images(data.x_test, device)
+    rtr = representations(model, to_float_images(data.x_train, device)).cpu()
+    rte = representations(model, x).cpu()
     zte = F.normalize(rte, dim=1)
     aug = Augment(strength=cfg.aug_strength, hflip=cfg.hflip)
     g = torch.Generator().manual_seed(cfg.seed + 7)
-    x = data.x_test.to(device)
     a1 = F.normalize(representations(model, aug(x, g)).cpu(), dim=1)
     a2 = F.normalize(representations(model, aug(x, g)).cpu(), dim=1)
     return {
@@ -273,17 +290,74 @@ def evaluate(model: ContrastiveModel, data: ImageDataset, cfg: TrainConfig, devi
     }
 
 
-def data_identity(data: ImageDataset) -> dict[str, Any]:
-    """Name, shapes and a sha256 of the arrays: what makes two runs' data the same."""
-    digest = hashlib.sha256()
-    for t in (data.x_train, data.y_train, data.x_test, data.y_test):
-        digest.update(str((tuple(t.shape), str(t.dtype))).encode())
-        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return {"name": data.name, "source": getattr(data, "source", None),
-            "train": list(data.x_train.shape), "test": list(data.x_test.shape), "fingerprint": digest.hexdigest()}
+def _defined(metric, *args) -> float | None:
+    """The metric, or None where it is undefined (e.g. no class with two test images)."""
+    try:
+        return metric(*args)
+    except ValueError:
+        return None
+
+
+def weighted_knn(ftr: Tensor, ytr: Tensor, fte: Tensor, yte: Tensor, device: torch.device) -> float:
+    """Wu et al.'s kNN monitor: k = 200 (or the training set's size), temperature 0.07."""
+    return weighted_knn_accuracy(ftr, ytr, fte, yte, k=min(200, len(ftr)), device=device)
+
+
+#: The geometry metrics (pairwise over the test set) use at most this many test images at scale.
+GEOMETRY_SAMPLES = 2000
+
+
+@torch.no_grad()
+def evaluate_at_scale(model: ContrastiveModel, data: ImageDataset, views, cfg: TrainConfig,
+                      device: torch.device) -> dict[str, float]:
+    """The linear evaluation protocol and the weighted kNN monitor on frozen
+    features streamed through the model in batches (any data set size): the
+    logistic regression is fitted on the device (:func:`negbatch.evaluation.linear_eval`),
+    the kNN is Wu et al.'s (k = 200, temperature 0.07). The geometry metrics
+    and alignment use the first :data:`GEOMETRY_SAMPLES` test images."""
+    was_training = model.training
+    model.eval()
+    try:
+        features = lambda x: extract_features(model.representation, x, batch_size=512, device=device,  # noqa: E731
+                                              num_workers=cfg.num_workers)
+        ftr, fte = features(data.x_train), features(data.x_test)
+        n = min(len(data.x_test), GEOMETRY_SAMPLES)
+        zte = F.normalize(fte[:n], dim=1)
+        g = torch.Generator().manual_seed(cfg.seed + 7)
+        x = to_float_images(data.x_test[:n] if isinstance(data.x_test, Tensor) else data.x_test[torch.arange(n)],
+                            device)
+        a1 = F.normalize(model.representation(views(x, g)).float().cpu(), dim=1)
+        a2 = F.normalize(model.representation(views(x, g)).float().cpu(), dim=1)
+        return {
+            "linear_acc": linear_eval(ftr, data.y_train, fte, data.y_test, device=device),
+            "knn_acc": weighted_knn(ftr, data.y_train, fte, data.y_test, device),
+            "intra_class_distance": _defined(intra_class_distance, zte, data.y_test[:n]),
+            "silhouette": _defined(silhouette_score, zte, data.y_test[:n]),
+            "alignment": alignment(a1, a2),
+            "uniformity": uniformity(zte),
+        }
+    finally:
+        model.train(was_training)
 
 
 # ----------------------------------------------------------------------- the task
+
+
+def load_image_data(cfg: TrainConfig) -> ImageDataset:
+    """The data set of ``cfg``: a named one (``data_dir``, and for imagefolder
+    ``image_size`` / ``decode_size``), or the user's arrays (``arrays:PATH``)."""
+    if cfg.dataset.startswith("arrays:"):
+        return load_dataset("npz", cfg.dataset.split(":", 1)[1].strip())
+    options = {}
+    if cfg.dataset == "imagefolder":
+        options = {"size": cfg.image_size, "decode_size": cfg.decode_size, "num_workers": cfg.num_workers}
+    elif cfg.image_size is not None or cfg.decode_size is not None:
+        raise ValueError(f"image_size and decode_size apply to dataset='imagefolder', not {cfg.dataset!r}")
+    return load_dataset(cfg.dataset, cfg.data_dir, **options)
+
+
+#: Data sets up to this size (bytes) are held on the training device.
+RESIDENT_BYTES = 1 << 30
 
 
 class ImageTask(Task):
@@ -291,21 +365,35 @@ class ImageTask(Task):
 
     def __init__(self, cfg: TrainConfig, device: torch.device, data: ImageDataset | None = None) -> None:
         super().__init__(cfg, device)
-        data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir)
+        data = data if data is not None else load_image_data(cfg)
         self.data = data.subset(cfg.n_train, cfg.n_test)
-        self.data_identity = data_identity(self.data)
-        self.train_x = self.data.x_train.to(device)
-        self.augment = Augment(strength=cfg.aug_strength, hflip=cfg.hflip)
+        self.data_identity = self.data.identity()
+        if cfg.use_unlabeled and self.data.x_unlabeled is None:
+            raise ValueError(f"use_unlabeled: {self.data.name} has no unlabeled split (STL-10 has)")
+        # Pre-training images: the labelled training split, with the unlabeled one if asked (or if
+        # there is nothing else: the user's unlabeled arrays); the probe needs the labelled splits.
+        unlabeled_only = len(self.data.x_train) == 0
+        images, self.train_labels = self.data.pretraining_images() if cfg.use_unlabeled or unlabeled_only else (
+            self.data.x_train, self.data.y_train)
+        self.resident = isinstance(images, Tensor) and images.numel() * images.element_size() <= RESIDENT_BYTES
+        self.train_x = images.to(device) if self.resident else images
+        channels = self.data.image_shape[0]
+        if channels == 1:
+            self.augment = Augment(strength=cfg.aug_strength, hflip=cfg.hflip)
+        else:
+            self.augment = SimCLRAugment(strength=cfg.aug_strength, hflip=0.5 if cfg.hflip else 0.0)
+        mode = cfg.evaluation if cfg.evaluation != "auto" else ("small" if channels == 1 and self.resident else "scale")
+        self.evaluation = mode
         # Seconds of earlier sessions (a resumed run): embedding + ordering, the gap diagnostic.
         self.timing = {"sampler_seconds": 0.0, "gap_seconds": 0.0}
 
     def build(self) -> None:
         cfg = self.cfg
         self.model = build_model(cfg, self.data.image_shape).to(self.device)
-        n = self.train_x.shape[0]
+        n = len(self.train_x)
         self.loss_fn = build_loss(cfg, num_samples=n,
                                   total_steps=cfg.total_steps(max(n // cfg.batch_size, 1))).to(self.device)
-        self.sampler = build_sampler(cfg, self.train_x, self.model)
+        self.sampler = build_sampler(cfg, self.train_x, self.model, self.device)
 
     def start_epoch(self, epoch: int) -> dict[str, float]:
         """Time spent embedding and ordering this epoch's batches and, with
@@ -316,35 +404,72 @@ class ImageTask(Task):
         in-batch pairs of one class) and ``gap_seconds``, their cost, which is
         not part of training."""
         cfg = self.cfg
+        row: dict[str, float] = {}
+        if cfg.knn_every and epoch and epoch % cfg.knn_every == 0 and self.data.has_labels:
+            row["knn_monitor"] = self.knn_monitor()
         if not (cfg.log_gap or cfg.sampler != "random"):
-            return {}
+            return row
         before = dict(self.sampler.timing)
         plan = [torch.as_tensor(b) for b in self.sampler.plan()]
-        row = {k: self.sampler.timing[k] - before[k] for k in before}
+        row.update({k: self.sampler.timing[k] - before[k] for k in before})
         if cfg.log_gap:
             t0 = time.perf_counter()
             z = self.sampler.last_prepared
             z = z[0] if isinstance(z, tuple) else z
             if z is None:
-                z, _ = embed_dataset(image_embed_fn(self.model, self.train_x, two_sided=False),
-                                     np.arange(self.train_x.shape[0]), model=self.model, two_sided=False, shard=False)
+                z, _ = embed_dataset(image_embed_fn(self.model, self.train_x, two_sided=False, device=self.device),
+                                     np.arange(len(self.train_x)), model=self.model, two_sided=False, shard=False)
             result = global_train_gap(z, plan, cfg.temperature)
-            row.update({"gap": result.gap, "gap_global_loss": result.global_loss, "gap_train_loss": result.train_loss,
-                        "same_class_pairs": same_class_pairs(plan, self.data.y_train)})
+            row.update({"gap": result.gap, "gap_global_loss": result.global_loss, "gap_train_loss": result.train_loss})
+            if (self.train_labels >= 0).all():
+                row["same_class_pairs"] = same_class_pairs(plan, self.train_labels)
             row["gap_seconds"] = time.perf_counter() - t0
             self.timing["gap_seconds"] += row["gap_seconds"]
         return row
 
-    def batch(self, index: list[int], streams) -> Batch:
-        index = torch.as_tensor(index, dtype=torch.long)
-        x = self.train_x[index.to(self.device)]
-        # Random numbers for the whole global batch, this process's rows of them:
-        # the views are those a single process would make.
-        part = (self.sampler.share_bounds(self.cfg.batch_size)[0], self.cfg.batch_size)
-        views = [self.augment(x, streams.augment, part=part) for _ in range(2)]
+    @torch.no_grad()
+    def knn_monitor(self) -> float:
+        """Weighted kNN accuracy (Wu et al.) of the test split against the labelled
+        training split, on the current representation (logged every ``knn_every`` epochs)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            f = lambda x: extract_features(self.model.representation, x, batch_size=512, device=self.device)  # noqa: E731
+            return weighted_knn(f(self.data.x_train), self.data.y_train, f(self.data.x_test), self.data.y_test,
+                                self.device)
+        finally:
+            self.model.train(was_training)
+
+    def batches(self, streams):
+        if self.resident and self.cfg.num_workers == 0:
+            for index in self.sampler:
+                index = torch.as_tensor(index, dtype=torch.long)
+                yield self._views(self.train_x[index.to(self.device)], index, streams)
+            return
+        cuda = self.device.type == "cuda"
+        loader = image_batch_loader(self.train_x, None, self.sampler, num_workers=self.cfg.num_workers,
+                                    pin_memory=cuda)
+        for x, _, index in loader:
+            yield self._views(to_float_images(x, self.device, non_blocking=cuda), index, streams)
+
+    def _views(self, x: Tensor, index: Tensor, streams) -> Batch:
+        """Two views of this process's rows ``x``, from random numbers drawn for the
+        whole global batch (so that every process sees the views one process would)."""
+        start = self.sampler.share_bounds(self.cfg.batch_size)[0]
+        views = [self.view(x, streams.augment, part=(start, self.cfg.batch_size)) for _ in range(2)]
         if self.cfg.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         return Batch(index, *views)
+
+    def view(self, x: Tensor, generator: torch.Generator, part: tuple[int, int] | None = None) -> Tensor:
+        """One random view of each image of ``x`` (float, on the device)."""
+        x = to_float_images(x) if x.dtype == torch.uint8 else x
+        if isinstance(self.augment, Augment):
+            return self.augment(x, generator, part=part)
+        start, total = part if part is not None else (0, x.shape[0])
+        params = self.augment.draw(total, x.shape[2], x.shape[3], generator)
+        rows = slice(start, start + x.shape[0])
+        return self.augment.apply(x, type(params)(**{k: v[rows] for k, v in vars(params).items()}))
 
     def step(self, batch: Batch, streams) -> Tensor:
         return forward_backward(self.net, self.loss_fn, batch, streams.loss, self.cfg.chunk_size,
@@ -355,7 +480,11 @@ class ImageTask(Task):
         return self.loss_fn.log_values() if hasattr(self.loss_fn, "log_values") else {}
 
     def evaluate(self) -> dict[str, Any]:
-        return evaluate(self.model, self.data, self.cfg, self.device)
+        if not self.data.has_labels:
+            return {"evaluation": "none (the data set has no labels)"}
+        if self.evaluation == "small":
+            return evaluate(self.model, self.data, self.cfg, self.device)
+        return {**evaluate_at_scale(self.model, self.data, self.view, self.cfg, self.device), "evaluation": "scale"}
 
     def summarize(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {"final_loss": rows[-1]["loss"] if rows else None}
@@ -365,8 +494,9 @@ class ImageTask(Task):
             gaps = [r for r in rows if "gap" in r]
             if gaps:
                 out.update({"final_gap": gaps[-1]["gap"], "mean_gap": sum(r["gap"] for r in gaps) / len(gaps),
-                            "final_global_loss": gaps[-1]["gap_global_loss"],
-                            "final_same_class_pairs": gaps[-1]["same_class_pairs"]})
+                            "final_global_loss": gaps[-1]["gap_global_loss"]})
+                if "same_class_pairs" in gaps[-1]:
+                    out["final_same_class_pairs"] = gaps[-1]["same_class_pairs"]
         return out
 
     def _timing_so_far(self) -> dict[str, float]:
