@@ -365,10 +365,10 @@ def test_half_precision_rows_with_more_negatives_than_float16_can_count(dtype):
     # exceed float16's largest value (65504); they are accumulated in float32.
     g = torch.Generator().manual_seed(0)
     q, d, h = torch.randn(1, 8, generator=g), torch.randn(1, 8, generator=g), torch.randn(1, 65536, 8, generator=g)
-    want = GlobalInfoNCE(4, 0.1, form="query_document").double()(q.double(), d.double(), torch.tensor([0]), h.double())
-    loss_fn = GlobalInfoNCE(4, 0.1, form="query_document")
+    want = GlobalInfoNCE(4, temperature=0.1, form="query_document").double()(q.double(), d.double(), torch.tensor([0]), h.double())
+    loss_fn = GlobalInfoNCE(4, temperature=0.1, form="query_document")
     got = loss_fn(q.to(dtype), d.to(dtype), torch.tensor([0]), h.to(dtype))
     assert got.dtype == dtype and torch.isfinite(loss_fn.log_nu[0]).all()
     assert abs(float(got) - float(want)) < 0.02 * abs(float(want))
-    plain = GlobalInfoNCE(4, 0.1, form="query_document").minibatch_loss(q.to(dtype), d.to(dtype), None, h.to(dtype))
+    plain = GlobalInfoNCE(4, temperature=0.1, form="query_document").minibatch_loss(q.to(dtype), d.to(dtype), None, h.to(dtype))
     assert abs(float(plain) - float(want)) < 0.02 * abs(float(want))
