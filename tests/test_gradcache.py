@@ -554,6 +554,41 @@ def test_global_infonce_query_document_with_hard_negatives():
     assert_grads_close(grads_of([q_enc, d_enc]), want, 1e-10)
 
 
+def test_hard_negatives_follow_the_loss_signature_not_its_class():
+    """A user's loss with a ``hard_negatives`` parameter gets the third input as
+    GradCache gives it to InfoNCE: by keyword, shaped (B, H, d); with
+    ``hard_negatives=False`` it comes positionally, as encoded."""
+    torch.manual_seed(0)
+    q_enc, d_enc = MLP().double(), MLP().double()
+    q, d, h = make_qd(6, 2, torch.float64, False)
+    encoders, sizes = [q_enc, d_enc, d_enc], [4, 4, 4]
+    shapes = []
+
+    def my_loss(queries, documents, hard_negatives=None):
+        shapes.append(tuple(hard_negatives.shape))
+        return InfoNCE(temperature=0.3, form="query_document")(queries, documents, hard_negatives)
+
+    want_loss, _, want = reference(encoders, my_loss, (q, d, h), sizes, 2, reshape_hard=True)
+    got_loss, _, got = cached_grads(encoders, my_loss, (q, d, h), sizes, 2)
+    assert shapes == [(6, 2, 5), (6, 2, 5)]
+    assert_grads_close(got, want, 1e-10)
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-10, rtol=0)
+
+    def flat_loss(queries, documents, hard_negatives):
+        shapes.append(tuple(hard_negatives.shape))
+        return my_loss(queries, documents, hard_negatives.reshape(6, 2, -1))
+
+    cached_grads(encoders, flat_loss, (q, d, h), sizes, 2, hard_negatives=False)
+    assert shapes[-2] == (12, 5)
+    assert GradCache(q_enc, InfoNCE(form="query_document"), 4).hard_negatives
+    assert not GradCache(q_enc, ReLIC(), 4).hard_negatives
+    assert not GradCache(q_enc, lambda a, b, **kwargs: a.sum(), 4).hard_negatives
+    with pytest.raises(ValueError, match="takes no such keyword"):
+        GradCache(q_enc, ReLIC(), 4, hard_negatives=True)
+    with pytest.raises(TypeError, match="hard_negatives must be True, False or None"):
+        GradCache(q_enc, InfoNCE(), 4, hard_negatives="yes")
+
+
 # ---------------------------------------------------------------- bad input
 
 
