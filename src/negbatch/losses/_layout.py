@@ -35,7 +35,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._checks import (
     Form,
@@ -43,12 +43,14 @@ from .._checks import (
     OnShortage,
     Reduction,
     check_embeddings,
+    check_loss_options,
     check_mask,
     check_nonempty,
     check_same,
+    check_temperature,
 )
 from ..distributed import gather_nograd, gather_with_grad, global_batch_mean
-from ..negatives import NegativeSelection, select_negatives
+from ..negatives import NegativeSelection, select_negatives, validate_negatives
 
 Bank = Literal["both_views", "other_view"]
 
@@ -235,6 +237,38 @@ def build_layout(
             doc_mask = all_rows[:, :total].t()[offset : offset + n]
         directions.append(Direction(z[1], first, rows, None, doc_mask, rows, total))
     return Layout(directions, n, total, offset, gather)
+
+
+class BankLoss(nn.Module):
+    """What the losses share: their common options (validated and kept as
+    attributes of the same names) and the layout of a batch under them."""
+
+    def _set_options(
+        self,
+        *,
+        temperature: float,
+        negatives: Negatives,
+        form: Form,
+        symmetric: bool,
+        gather: bool,
+        normalize: bool,
+        on_shortage: OnShortage,
+        reduction: Reduction,
+        check_finite: bool,
+    ) -> None:
+        self.temperature = check_temperature(temperature)
+        self.negatives = validate_negatives(negatives)
+        check_loss_options(form=form, symmetric=symmetric, on_shortage=on_shortage, reduction=reduction)
+        self.form, self.symmetric, self.gather, self.normalize = form, symmetric, gather, normalize
+        self.on_shortage, self.reduction, self.check_finite = on_shortage, reduction, check_finite
+
+    def _layout(
+        self, a: Tensor, b: Tensor, hard_negatives: Tensor | None, mask: Tensor | None, bank: Bank = "both_views"
+    ) -> Layout:
+        return build_layout(
+            a, b, hard_negatives, form=self.form, symmetric=self.symmetric, gather=self.gather, mask=mask,
+            normalize=self.normalize, check_finite=self.check_finite, bank=bank,
+        )
 
 
 def autocast_active(device: torch.device) -> bool:

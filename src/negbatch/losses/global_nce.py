@@ -28,21 +28,12 @@ import math
 from typing import Callable, Literal, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .._checks import (
-    Form,
-    Negatives,
-    OnShortage,
-    Reduction,
-    check_choice,
-    check_loss_options,
-    check_temperature,
-    keyword_only,
-)
+from .._checks import Form, Negatives, OnShortage, Reduction, check_choice, keyword_only
 from ..distributed import gather_nograd, is_distributed
-from ..negatives import selection_logits, validate_negatives
-from ._layout import Direction, Layout, anchor_roles, build_layout, check_views, fused_dense, row_blocks
+from ..negatives import selection_logits
+from ._layout import BankLoss, Direction, anchor_roles, check_views, fused_dense, row_blocks
 
 OnDuplicate = Literal["raise", "mean"]
 Gamma = Union[float, Callable[[int], float]]
@@ -135,7 +126,7 @@ class _DenseTerms(torch.autograd.Function):
         return grad_anchors, grad_bank, None, None, None
 
 
-class GlobalInfoNCE(nn.Module):
+class GlobalInfoNCE(BankLoss):
     """Global contrastive loss with one running normaliser per sample (stochastic EM).
 
     **A call returns the M-step surrogate, not the loss.** Train with it (its
@@ -281,23 +272,17 @@ class GlobalInfoNCE(nn.Module):
             raise TypeError(f"num_samples must be an int (the data set's size), got {type(num_samples).__name__}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1 (the data set's size), got {num_samples}")
-        self.temperature = check_temperature(temperature)
         if not callable(gamma):
             _check_gamma_value(gamma)
-        self.gamma = gamma
-        self.negatives = validate_negatives(negatives)
-        check_loss_options(form=form, symmetric=symmetric, on_shortage=on_shortage, reduction=reduction)
+        self._set_options(
+            temperature=temperature, negatives=negatives, form=form, symmetric=symmetric, gather=gather,
+            normalize=normalize, on_shortage=on_shortage, reduction=reduction, check_finite=check_finite,
+        )
         check_choice(on_duplicate, "on_duplicate", ("raise", "mean"))
+        self.gamma = gamma
         self.num_samples = num_samples
-        self.form = form
-        self.symmetric = symmetric
-        self.gather = gather
         self.sync_state = sync_state
         self.on_duplicate = on_duplicate
-        self.normalize = normalize
-        self.on_shortage = on_shortage
-        self.reduction = reduction
-        self.check_finite = check_finite
         self.register_buffer("log_nu", torch.zeros(num_samples, anchor_roles(form, symmetric)))
         self.register_buffer("visited", torch.zeros(num_samples, dtype=torch.bool))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
@@ -420,13 +405,6 @@ class GlobalInfoNCE(nn.Module):
             self.num_updates.zero_()
 
     # --------------------------------------------------------------- forward
-
-    def _layout(self, a: Tensor, b: Tensor, hard: Tensor | None, mask: Tensor | None) -> Layout:
-        """This rank's directions, anchors in the order of the state's columns."""
-        return build_layout(
-            a, b, hard, form=self.form, symmetric=self.symmetric, gather=self.gather, mask=mask,
-            normalize=self.normalize, check_finite=self.check_finite,
-        )
 
     def _terms(self, direction: Direction, generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Positive logit, sum of shifted negative exponentials (with grad), the

@@ -19,19 +19,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .._checks import (
-    Form,
-    Negatives,
-    OnShortage,
-    Reduction,
-    check_loss_options,
-    check_temperature,
-    keyword_only,
-)
-from ..negatives import NegativeSelection, select_negatives, selection_logits, validate_negatives
-from ._layout import build_layout, check_views, fused_dense, row_blocks
+from .._checks import Form, Negatives, OnShortage, Reduction, keyword_only
+from ..negatives import NegativeSelection, select_negatives, selection_logits
+from ._layout import BankLoss, check_views, fused_dense, row_blocks
 
 __all__ = ["InfoNCE", "info_nce_per_anchor"]
 
@@ -117,7 +109,7 @@ class _DenseInfoNCE(torch.autograd.Function):
         return grad_anchors, grad_bank, None, None, None
 
 
-class InfoNCE(nn.Module):
+class InfoNCE(BankLoss):
     """InfoNCE / NT-Xent whose number of negatives is a parameter.
 
     Every argument is keyword-only: ``InfoNCE(temperature=0.1, negatives=16)``
@@ -204,16 +196,10 @@ class InfoNCE(nn.Module):
         """Set up the loss. Every argument is keyword-only; see Parameters in
         ``help(InfoNCE)``."""
         super().__init__()
-        self.temperature = check_temperature(temperature)
-        self.negatives = validate_negatives(negatives)
-        check_loss_options(form=form, symmetric=symmetric, on_shortage=on_shortage, reduction=reduction)
-        self.form = form
-        self.symmetric = symmetric
-        self.gather = gather
-        self.normalize = normalize
-        self.on_shortage = on_shortage
-        self.reduction = reduction
-        self.check_finite = check_finite
+        self._set_options(
+            temperature=temperature, negatives=negatives, form=form, symmetric=symmetric, gather=gather,
+            normalize=normalize, on_shortage=on_shortage, reduction=reduction, check_finite=check_finite,
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -231,10 +217,7 @@ class InfoNCE(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         check_views(a, b, self.form, self.check_finite)
-        layout = build_layout(
-            a, b, hard_negatives, form=self.form, symmetric=self.symmetric, gather=self.gather, mask=mask,
-            normalize=self.normalize, check_finite=self.check_finite,
-        )
+        layout = self._layout(a, b, hard_negatives, mask)
         per_anchor = [
             _selected_info_nce(
                 direction.anchors,

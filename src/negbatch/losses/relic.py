@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .._checks import Negatives, OnShortage, Reduction, check_loss_options, check_temperature, keyword_only
-from ..negatives import selection_logits, validate_negatives
-from ._layout import build_layout, check_views
+from .._checks import Negatives, OnShortage, Reduction, keyword_only
+from ..negatives import selection_logits
+from ._layout import BankLoss, check_views
 
 __all__ = ["ReLIC"]
 
 
-class ReLIC(nn.Module):
+class ReLIC(BankLoss):
     """ReLIC loss with negatives decoupled from the batch size.
 
     Every argument is keyword-only: ``ReLIC(temperature=0.1, alpha=1.0,
@@ -81,18 +81,14 @@ class ReLIC(nn.Module):
         """Set up the loss. Every argument is keyword-only; see Parameters in
         ``help(ReLIC)``."""
         super().__init__()
-        self.temperature = check_temperature(temperature)
+        self._set_options(
+            temperature=temperature, negatives=negatives, form="two_view", symmetric=False, gather=gather,
+            normalize=normalize, on_shortage=on_shortage, reduction=reduction, check_finite=check_finite,
+        )
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
             raise ValueError(f"alpha must be a float >= 0, got {alpha!r}")
-        check_loss_options(form="two_view", symmetric=False, on_shortage=on_shortage, reduction=reduction)
         self.alpha = float(alpha)
-        self.negatives = validate_negatives(negatives)
         self.detach_target = detach_target
-        self.gather = gather
-        self.normalize = normalize
-        self.on_shortage = on_shortage
-        self.reduction = reduction
-        self.check_finite = check_finite
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}, negatives={self.negatives!r}"
@@ -106,10 +102,7 @@ class ReLIC(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         check_views(view1, view2, "two_view", self.check_finite)
-        layout = build_layout(
-            view1, view2, form="two_view", gather=self.gather, mask=mask, normalize=self.normalize,
-            check_finite=self.check_finite, bank="other_view",
-        )
+        layout = self._layout(view1, view2, None, mask, bank="other_view")
         terms = []
         # Direction (v, w) contrasts view v with view w's bank; view w's own
         # anchors (the anchors of the other direction) give p^{ww}.
