@@ -75,6 +75,9 @@ def test_query_document_with_hard_negatives_symmetric_by_hand():
     assert (layout.n_local, layout.n_global) == (B, B)
     one_way = build_layout(q, d, hard, form="query_document", normalize=False)
     assert len(one_way.directions) == 1 and one_way.directions[0].num_excluded == 1
+    # H = 0 hard negatives per query: the documents alone.
+    none = build_layout(q, d, hard[:, :0], form="query_document", mask=mask[:, :B], normalize=False).directions[0]
+    assert _as_tuples(none) == (q.tolist(), d.tolist(), [0, 1, 2], None, mask[:, :B].tolist(), [0, 1, 2], 3)
 
 
 def test_normalize_and_roles():

@@ -122,15 +122,11 @@ def _call(encoder: nn.Module, chunk: EncoderInput) -> Any:
 def _accepts_keyword(fn: Callable[..., Any], name: str) -> bool:
     """Whether ``fn`` (a module: its ``forward``) has a parameter ``name``
     that can be passed by keyword (``**kwargs`` does not count)."""
-    target = fn.forward if isinstance(fn, nn.Module) else fn
     try:
-        parameter = inspect.signature(target).parameters.get(name)
+        parameter = inspect.signature(fn.forward if isinstance(fn, nn.Module) else fn).parameters.get(name)
     except (TypeError, ValueError):  # no signature (a builtin)
         return False
-    return parameter is not None and parameter.kind in (
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        inspect.Parameter.KEYWORD_ONLY,
-    )
+    return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
 
 
 def _stacklevel_outside_this_module() -> int:
@@ -336,17 +332,15 @@ class GradCache:
         if scaler is not None and not hasattr(scaler, "scale"):
             raise TypeError("scaler must be a torch.amp.GradScaler (an object with .scale(loss))")
         takes_hard = _accepts_keyword(loss_fn, "hard_negatives")
-        if hard_negatives is None:
-            hard_negatives = takes_hard
-        elif not isinstance(hard_negatives, bool):
+        if hard_negatives not in (None, True, False):
             raise TypeError(f"hard_negatives must be True, False or None (from the loss), got {hard_negatives!r}")
-        elif hard_negatives and not takes_hard:
+        if hard_negatives and not takes_hard:
             raise ValueError(
                 "hard_negatives=True passes the third embedding as loss_fn(..., hard_negatives=...), but loss_fn "
                 "takes no such keyword; add the parameter or pass hard_negatives=False"
             )
         self.loss_fn = loss_fn
-        self.hard_negatives = hard_negatives
+        self.hard_negatives = takes_hard if hard_negatives is None else hard_negatives
         self.chunk_sizes = sizes
         self.output_fn = output_fn
         self.keep_last_graph = bool(keep_last_graph)

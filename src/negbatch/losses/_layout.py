@@ -99,15 +99,8 @@ class Direction:
     ) -> NegativeSelection:
         """The negatives of every anchor (all, or K sampled)."""
         return select_negatives(
-            self.positive_index,
-            self.bank.shape[0],
-            negatives,
-            self_index=self.self_index,
-            mask=self.mask,
-            generator=generator,
-            on_shortage=on_shortage,
-            row_index=self.row_index,
-            n_rows_global=self.n_rows_global,
+            self.positive_index, self.bank.shape[0], negatives, self_index=self.self_index, mask=self.mask,
+            generator=generator, on_shortage=on_shortage, row_index=self.row_index, n_rows_global=self.n_rows_global,
         )
 
 
@@ -144,13 +137,9 @@ def anchor_roles(form: Form, symmetric: bool) -> int:
     return 2 if (form == "two_view" or symmetric) else 1
 
 
-def view_names(form: Form) -> tuple[str, str]:
-    return ("view1", "view2") if form == "two_view" else ("queries", "documents")
-
-
 def check_views(a: Tensor, b: Tensor, form: Form, check_finite: bool) -> None:
     """The two embedding inputs of a loss: 2-d, finite, paired row by row."""
-    names = view_names(form)
+    names = ("view1", "view2") if form == "two_view" else ("queries", "documents")
     check_embeddings(a, names[0], check_finite=check_finite)
     check_embeddings(b, names[1], check_finite=check_finite)
     check_same(a, b, names[0], names[1], dims=(0, 1))
@@ -191,8 +180,9 @@ def build_layout(
         raise ValueError("hard_negatives applies to form='query_document' only")
     if hard_negatives is not None:
         _check_hard_negatives(hard_negatives, a, check_finite)
+    with_hard = hard_negatives is not None and hard_negatives.shape[1] > 0  # H = 0: none
     z = [F.normalize(x, dim=-1) for x in (a, b)] if normalize else [a, b]
-    if hard_negatives is not None:
+    if with_hard:
         hard = F.normalize(hard_negatives, dim=-1) if normalize else hard_negatives
         z.append(hard.reshape(n, -1))
     # One gather for every input: a single collective, one offset.
@@ -225,7 +215,7 @@ def build_layout(
         return Layout(directions, n, total, offset, gather)
 
     documents = second
-    if hard_negatives is not None:
+    if with_hard:
         documents = torch.cat([second, gathered[:, 2 * d :].reshape(-1, d)])
     check_mask(mask, (n, documents.shape[0]), device)
     directions = [Direction(z[0], documents, rows, None, mask, rows, total)]

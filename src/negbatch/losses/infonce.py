@@ -49,15 +49,8 @@ def info_nce_per_anchor(
     first for cosine similarities). Returns a tensor of shape (n,).
     """
     selection = select_negatives(
-        positive_index,
-        bank.shape[0],
-        negatives,
-        self_index=self_index,
-        mask=mask,
-        generator=generator,
-        on_shortage=on_shortage,
-        row_index=row_index,
-        n_rows_global=n_rows_global,
+        positive_index, bank.shape[0], negatives, self_index=self_index, mask=mask, generator=generator,
+        on_shortage=on_shortage, row_index=row_index, n_rows_global=n_rows_global,
     )
     return _selected_info_nce(anchors, bank, selection, temperature)
 
