@@ -117,7 +117,7 @@ def plain_fits(model: str, b: int, device, budget_bytes: int) -> bool:
         return out.returncode == 0
     enc = MODELS[model]().to(device)
     try:
-        plain_step(enc, InfoNCE(0.1), *make_views(model, b, device))
+        plain_step(enc, InfoNCE(temperature=0.1), *make_views(model, b, device))
         return True
     except torch.cuda.OutOfMemoryError:
         return False
@@ -129,7 +129,7 @@ def plain_fits(model: str, b: int, device, budget_bytes: int) -> bool:
 def fits_child(model: str, b: int, budget_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (budget_bytes, budget_bytes))
     try:
-        plain_step(MODELS[model](), InfoNCE(0.1), *make_views(model, b, torch.device("cpu")))
+        plain_step(MODELS[model](), InfoNCE(temperature=0.1), *make_views(model, b, torch.device("cpu")))
     except (RuntimeError, MemoryError) as e:  # torch's CPU allocator raises RuntimeError
         print(e, file=sys.stderr)
         sys.exit(3)
@@ -157,7 +157,7 @@ def interleaved_medians(variants: dict, enc: nn.Module, repeats: int, device) ->
 def time_model(model: str, b: int, chunk: int, repeats: int, device) -> dict:
     torch.manual_seed(0)
     enc = MODELS[model]().to(device)
-    loss_fn = InfoNCE(0.1)
+    loss_fn = InfoNCE(temperature=0.1)
     cache = GradCache(enc, loss_fn, chunk)
     v1, v2 = make_views(model, b, device)
     variants = {
@@ -176,7 +176,7 @@ def decompose(model: str, b: int, chunks: list[int], repeats: int, device) -> di
     forward) / plain: the ratio if chunked products ran as fast as whole-batch ones."""
     torch.manual_seed(0)
     enc = MODELS[model]().to(device)
-    loss_fn = InfoNCE(0.1)
+    loss_fn = InfoNCE(temperature=0.1)
     v1, v2 = make_views(model, b, device)
     z = [torch.randn(b, DIM_OUT, device=device, requires_grad=True) for _ in range(2)]
 
@@ -257,7 +257,7 @@ def memory_child(variant: str, b: int, chunk: int, device_name: str, model: str)
     device = torch.device(device_name)
     torch.manual_seed(0)
     enc = MODELS[model]().to(device)
-    loss_fn = InfoNCE(0.1)
+    loss_fn = InfoNCE(temperature=0.1)
     v1, v2 = make_views(model, b, device)
     if variant == "loss_only":
         z1, z2 = (torch.randn(b, DIM_OUT, device=device, requires_grad=True) for _ in range(2))

@@ -46,9 +46,9 @@ def main() -> None:
         z1 = torch.randn(two_b // 2, args.dim, generator=g, requires_grad=True)
         z2 = torch.randn(two_b // 2, args.dim, generator=g, requires_grad=True)
         variants = {"plain NT-Xent": lambda: plain_nt_xent(z1, z2, tau), "negbatch all": None}
-        losses = {"negbatch all": InfoNCE(tau)}
+        losses = {"negbatch all": InfoNCE(temperature=tau)}
         for k in args.ks:
-            losses[f"negbatch K={k}"] = InfoNCE(tau, negatives=k)
+            losses[f"negbatch K={k}"] = InfoNCE(temperature=tau, negatives=k)
         gen = torch.Generator().manual_seed(1)
         for name, fn in losses.items():
             variants[name] = (lambda fn=fn: fn(z1, z2, generator=gen))

@@ -45,7 +45,7 @@ def main() -> None:
     tok = TextTokenizer.train(train.queries + train.documents, vocab_size=16000, max_length=96)
     torch.manual_seed(args.seed)
     enc = TransformerTextEncoder(tok.vocab_size, dim=args.dim, depth=args.depth, heads=4, dropout=0.1, max_length=96)
-    loss = InfoNCE(args.temperature, negatives, form="query_document", symmetric=True)
+    loss = InfoNCE(temperature=args.temperature, negatives=negatives, form="query_document", symmetric=True)
     start = time.perf_counter()
     result = train_text_pairs(enc, tok, train, loss, batch_size=args.batch_size, steps=args.steps, lr=args.lr,
                               seed=args.seed, device=args.device)
@@ -64,7 +64,7 @@ def main() -> None:
         report["minilm_zero_shot"] = evaluate_retrieval(st_enc, st_enc.tokenize, test, device=args.device)
         print(json.dumps({"minilm_zero_shot": report["minilm_zero_shot"]}, indent=1), flush=True)
         fine_tune_steps = args.minilm_steps if args.minilm_steps is not None else max(args.steps // 4, 1)
-        fine_tune_loss = InfoNCE(args.temperature, negatives, form="query_document", symmetric=True)
+        fine_tune_loss = InfoNCE(temperature=args.temperature, negatives=negatives, form="query_document", symmetric=True)
         train_text_pairs(st_enc, st_enc.tokenize, train, fine_tune_loss, batch_size=min(args.batch_size, 64),
                          steps=fine_tune_steps, lr=2e-5, seed=args.seed, device=args.device)
         report["minilm_fine_tuned"] = evaluate_retrieval(st_enc, st_enc.tokenize, test, device=args.device)

@@ -27,17 +27,17 @@ B, D_IN, D = 8, 6, 4  # global batch, input and embedding widths
 
 def _case(name):
     if name == "two_view_all":
-        return InfoNCE(0.3), dict(form="views")
+        return InfoNCE(temperature=0.3), dict(form="views")
     if name == "two_view_k":
-        return InfoNCE(0.3, negatives=5), dict(form="views", seed=3)
+        return InfoNCE(temperature=0.3, negatives=5), dict(form="views", seed=3)
     if name == "two_view_mask_k":
-        return InfoNCE(0.3, negatives=4), dict(form="views", seed=4, mask=True)
+        return InfoNCE(temperature=0.3, negatives=4), dict(form="views", seed=4, mask=True)
     if name == "qd_hard_symmetric_mask":
-        return InfoNCE(0.3, form="query_document", symmetric=True), dict(form="qd", hard=2, mask=True)
+        return InfoNCE(temperature=0.3, form="query_document", symmetric=True), dict(form="qd", hard=2, mask=True)
     if name == "qd_k":
-        return InfoNCE(0.3, negatives=6, form="query_document", symmetric=True), dict(form="qd", hard=2, seed=5)
+        return InfoNCE(temperature=0.3, negatives=6, form="query_document", symmetric=True), dict(form="qd", hard=2, seed=5)
     if name == "relic_k_mask":
-        return ReLIC(0.3, alpha=0.5, negatives=3), dict(form="views", seed=6, mask=True)
+        return ReLIC(temperature=0.3, alpha=0.5, negatives=3), dict(form="views", seed=6, mask=True)
     raise KeyError(name)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from negbatch import GlobalInfoNCE, select_negatives
+from negbatch import GlobalInfoNCE, InfoNCE, select_negatives
 
 TAU = 0.3
 
@@ -365,10 +365,33 @@ def test_half_precision_rows_with_more_negatives_than_float16_can_count(dtype):
     # exceed float16's largest value (65504); they are accumulated in float32.
     g = torch.Generator().manual_seed(0)
     q, d, h = torch.randn(1, 8, generator=g), torch.randn(1, 8, generator=g), torch.randn(1, 65536, 8, generator=g)
-    want = GlobalInfoNCE(4, 0.1, form="query_document").double()(q.double(), d.double(), torch.tensor([0]), h.double())
-    loss_fn = GlobalInfoNCE(4, 0.1, form="query_document")
+    want = GlobalInfoNCE(4, temperature=0.1, form="query_document").double()(q.double(), d.double(), torch.tensor([0]), h.double())
+    loss_fn = GlobalInfoNCE(4, temperature=0.1, form="query_document")
     got = loss_fn(q.to(dtype), d.to(dtype), torch.tensor([0]), h.to(dtype))
     assert got.dtype == dtype and torch.isfinite(loss_fn.log_nu[0]).all()
     assert abs(float(got) - float(want)) < 0.02 * abs(float(want))
-    plain = GlobalInfoNCE(4, 0.1, form="query_document").minibatch_loss(q.to(dtype), d.to(dtype), None, h.to(dtype))
+    plain = GlobalInfoNCE(4, temperature=0.1, form="query_document").minibatch_loss(q.to(dtype), d.to(dtype), None, h.to(dtype))
     assert abs(float(plain) - float(want)) < 0.02 * abs(float(want))
+
+
+def test_the_value_to_report_is_kept_beside_the_surrogate_and_documented():
+    # Well-aligned views: the surrogate (what a call returns) is negative, which a
+    # user reads as a broken loss; the batch InfoNCE kept beside it is the value
+    # to report, equal to negbatch.InfoNCE's on the same batch.
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(16, 8, generator=g, dtype=torch.float64)
+    z2 = z1 + 0.1 * torch.randn(16, 8, generator=g, dtype=torch.float64)
+    loss_fn = GlobalInfoNCE(40, temperature=0.1, gamma=0.5).double()
+    first = loss_fn(z1, z2, torch.arange(16))
+    assert float(first) < 0
+    torch.testing.assert_close(loss_fn.last_minibatch_loss, first)  # nu = Zhat on a first visit
+    torch.testing.assert_close(loss_fn.last_infonce, InfoNCE(temperature=0.1)(z1, z2), rtol=1e-12, atol=0)
+    assert float(loss_fn.last_infonce) > 0
+    second = loss_fn(z1.flip(0), z2.flip(0), torch.arange(16))  # other negatives' mix: nu != Zhat
+    assert float(second) >= float(loss_fn.last_minibatch_loss) - 1e-12  # x/nu + log nu - 1 >= log x
+
+    # ... and help(GlobalInfoNCE) says so before its Parameters.
+    intro = GlobalInfoNCE.__doc__.split("Parameters\n")[0]
+    for phrase in ("surrogate", "negative", "last_infonce", "last_minibatch_loss"):
+        assert phrase in intro, phrase
+    assert "last_infonce : Tensor" in GlobalInfoNCE.__doc__  # listed under Attributes

@@ -154,8 +154,8 @@ def test_reference_is_sensitive_to_dropout_masks():
     torch.manual_seed(0)
     enc = MLP().double()
     views = make_views(10, torch.float64)
-    _, _, a = reference([enc, enc], InfoNCE(0.3), views, [3, 3], 11)
-    _, _, b = cached_grads([enc, enc], InfoNCE(0.3), views, [3, 3], 12)
+    _, _, a = reference([enc, enc], InfoNCE(temperature=0.3), views, [3, 3], 11)
+    _, _, b = cached_grads([enc, enc], InfoNCE(temperature=0.3), views, [3, 3], 12)
     assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-4
 
 
@@ -163,7 +163,7 @@ def test_without_dropout_equals_single_full_batch_forward():
     torch.manual_seed(0)
     enc = MLP(p=0.0).double()
     views = make_views(11, torch.float64)
-    loss_fn = InfoNCE(0.2)
+    loss_fn = InfoNCE(temperature=0.2)
     loss = loss_fn(enc(views[0]), enc(views[1]))
     loss.backward()
     want = grads_of([enc])
@@ -193,7 +193,7 @@ def test_two_towers_query_document_with_hard_negatives(dtype, dict_input, symmet
     q_enc, d_enc = cls().to(dtype), cls().to(dtype)
     b, h = 7, 2
     q, d, hard = make_qd(b, h, dtype, dict_input)
-    make_loss = lambda: InfoNCE(0.2, negatives, form="query_document", symmetric=symmetric)  # noqa: E731
+    make_loss = lambda: InfoNCE(temperature=0.2, negatives=negatives, form="query_document", symmetric=symmetric)  # noqa: E731
     kwargs = lambda: {"generator": torch.Generator().manual_seed(1)} if negatives != "all" else {}  # noqa: E731
     encoders, sizes = [q_enc, d_enc, d_enc], [3, 4, 5]
     want_loss, _, want = reference(encoders, make_loss(), (q, d, hard), sizes, 2, kwargs(), reshape_hard=True)
@@ -209,8 +209,8 @@ def test_keep_last_graph_shared_encoder(chunk):
     torch.manual_seed(0)
     enc = MLP().double()
     views = make_views(10, torch.float64)
-    _, _, want = reference([enc, enc], ReLIC(0.3), views, [chunk, chunk], 4)
-    _, _, got = cached_grads([enc, enc], ReLIC(0.3), views, [chunk, chunk], 4, keep_last_graph=True)
+    _, _, want = reference([enc, enc], ReLIC(temperature=0.3), views, [chunk, chunk], 4)
+    _, _, got = cached_grads([enc, enc], ReLIC(temperature=0.3), views, [chunk, chunk], 4, keep_last_graph=True)
     assert_grads_close(got, want, 1e-10)
 
 
@@ -223,7 +223,7 @@ def test_list_input_passes_positional_arguments():
     enc = Two().double()
     a, b = make_views(9, torch.float64)
     c, d = make_views(9, torch.float64, seed=3)
-    loss_fn = InfoNCE(0.5)
+    loss_fn = InfoNCE(temperature=0.5)
     torch.manual_seed(1)
     ref = loss_fn(torch.cat([enc(x, y) for x, y in zip(a.split(4), b.split(4))]),
                   torch.cat([enc(x, y) for x, y in zip(c.split(4), d.split(4))]))
@@ -256,14 +256,14 @@ def test_list_input_holding_a_dict_and_a_tensor(keep_last):
     torch.manual_seed(2)
     reps = [torch.cat([enc({k: v[i:i + 4] for k, v in x[0].items()}, x[1][i:i + 4]) for i in range(0, 10, 4)])
             for x in (a, b)]
-    InfoNCE(0.3)(*reps).backward()
+    InfoNCE(temperature=0.3)(*reps).backward()
     want = grads_of([enc])
     torch.manual_seed(2)
-    GradCache(enc, InfoNCE(0.3), 4, keep_last_graph=keep_last).step(a, b)
+    GradCache(enc, InfoNCE(temperature=0.3), 4, keep_last_graph=keep_last).step(a, b)
     assert_grads_close(grads_of([enc]), want, 1e-10)
     with pytest.raises(ValueError, match=r"input 0\[0\]\['values'\]"):
         bad = [{"values": a[0]["values"][:9], "weights": a[0]["weights"]}, a[1]]
-        GradCache(enc, InfoNCE(0.3), 4, paired=False).step(bad, b)
+        GradCache(enc, InfoNCE(temperature=0.3), 4, paired=False).step(bad, b)
 
 
 def test_cpu_autocast_bfloat16():
@@ -271,8 +271,8 @@ def test_cpu_autocast_bfloat16():
     enc = MLP()
     views = make_views(12, torch.float32)
     amp = {"device_type": "cpu", "dtype": torch.bfloat16}
-    want_loss, _, want = reference([enc, enc], InfoNCE(0.3), views, [5, 5], 3, autocast=amp)
-    got_loss, reps, got = cached_grads([enc, enc], InfoNCE(0.3), views, [5, 5], 3, autocast=amp)
+    want_loss, _, want = reference([enc, enc], InfoNCE(temperature=0.3), views, [5, 5], 3, autocast=amp)
+    got_loss, reps, got = cached_grads([enc, enc], InfoNCE(temperature=0.3), views, [5, 5], 3, autocast=amp)
     assert reps[0].dtype == torch.bfloat16  # the passes really ran under autocast
     assert_grads_close(got, want, atol=2e-3, rtol=2e-2)
     torch.testing.assert_close(got_loss.float(), want_loss.float(), atol=1e-2, rtol=1e-2)
@@ -285,15 +285,15 @@ def test_grad_scaler_scale_applied_exactly_once_on_cpu():
     torch.manual_seed(0)
     enc = MLP().double()
     views = make_views(12, torch.float64)
-    want_loss, _, want = reference([enc, enc], InfoNCE(0.3), views, [5, 5], 3)
+    want_loss, _, want = reference([enc, enc], InfoNCE(temperature=0.3), views, [5, 5], 3)
     scaler = torch.amp.GradScaler("cpu", init_scale=scale)
-    got_loss, _, got = cached_grads([enc, enc], InfoNCE(0.3), views, [5, 5], 3, scaler=scaler)
+    got_loss, _, got = cached_grads([enc, enc], InfoNCE(temperature=0.3), views, [5, 5], 3, scaler=scaler)
     assert_grads_close(got, {k: v * scale for k, v in want.items()}, 1e-10 * scale)
     torch.testing.assert_close(got_loss, want_loss, atol=1e-12, rtol=0)  # the true loss, not the scaled one
     # The usual recipe then unscales once: scaler.step(optimizer) sees the plain gradients.
     opt = torch.optim.SGD(enc.parameters(), lr=1.0)
     torch.manual_seed(3)
-    GradCache(enc, InfoNCE(0.3), 5, scaler=scaler).step(*views)
+    GradCache(enc, InfoNCE(temperature=0.3), 5, scaler=scaler).step(*views)
     scaler.unscale_(opt)
     unscaled = {(id(enc), n): p.grad for n, p in enc.named_parameters()}
     assert_grads_close(unscaled, want, 1e-10)
@@ -316,14 +316,14 @@ def test_cpu_autocast_bfloat16_equals_a_plain_step_with_one_region_per_chunk(amb
     torch.manual_seed(3)
     reps = [torch.cat([chunk_forward(c) for c in x.split(5)]) for x in views]
     with torch.autocast(**amp):
-        InfoNCE(0.3)(*reps).backward()
+        InfoNCE(temperature=0.3)(*reps).backward()
     want = grads_of([enc])
     torch.manual_seed(3)
     if ambient:
         with torch.autocast(**amp):
-            GradCache(enc, InfoNCE(0.3), 5).step(*views)
+            GradCache(enc, InfoNCE(temperature=0.3), 5).step(*views)
     else:
-        GradCache(enc, InfoNCE(0.3), 5, autocast=amp).step(*views)
+        GradCache(enc, InfoNCE(temperature=0.3), 5, autocast=amp).step(*views)
     assert_grads_close(grads_of([enc]), want, atol=1e-6)
 
 
@@ -331,7 +331,7 @@ def test_ambient_autocast_region_is_honoured():
     torch.manual_seed(0)
     enc = MLP()
     views = make_views(12, torch.float32)
-    cache = GradCache(enc, InfoNCE(0.3), 5)
+    cache = GradCache(enc, InfoNCE(temperature=0.3), 5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, reps = cache.step(*views, return_embeddings=True)
     assert reps[0].dtype == torch.bfloat16
@@ -344,10 +344,10 @@ def test_gradient_accumulation_and_clipping():
     # Plain: two steps accumulated, then clipped.
     torch.manual_seed(5)
     for views in (v1, v2):
-        InfoNCE(0.3)(*[torch.cat([enc(c) for c in x.split(3)]) for x in views]).backward()
+        InfoNCE(temperature=0.3)(*[torch.cat([enc(c) for c in x.split(3)]) for x in views]).backward()
     norm_want = torch.nn.utils.clip_grad_norm_(enc.parameters(), 0.05)
     want = grads_of([enc])
-    cache = GradCache(enc, InfoNCE(0.3), 3)
+    cache = GradCache(enc, InfoNCE(temperature=0.3), 3)
     torch.manual_seed(5)
     cache.step(*v1)
     cache.step(*v2)
@@ -361,9 +361,9 @@ def test_rng_stream_left_where_a_plain_step_leaves_it():
     torch.manual_seed(0)
     enc = MLP().double()
     views = make_views(10, torch.float64)
-    reference([enc, enc], InfoNCE(0.3), views, [3, 3], 8)
+    reference([enc, enc], InfoNCE(temperature=0.3), views, [3, 3], 8)
     after_plain = torch.rand(3)
-    cached_grads([enc, enc], InfoNCE(0.3), views, [3, 3], 8)
+    cached_grads([enc, enc], InfoNCE(temperature=0.3), views, [3, 3], 8)
     torch.testing.assert_close(torch.rand(3), after_plain)
 
 
@@ -383,8 +383,8 @@ def test_batchnorm_warns_once_and_updates_running_stats_once_per_chunk():
     views = make_views(10, torch.float64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # only our own bookkeeping can keep it to one
-        GradCache(enc, InfoNCE(0.3), 4).step(*views)
-        GradCache(enc, InfoNCE(0.3), 4).step(*views)  # the lab builds a new cache every step
+        GradCache(enc, InfoNCE(temperature=0.3), 4).step(*views)
+        GradCache(enc, InfoNCE(temperature=0.3), 4).step(*views)  # the lab builds a new cache every step
     assert [str(w.message)[:40] for w in caught] == [str(caught[0].message)[:40]]
     assert "BatchNorm" in str(caught[0].message)
     assert caught[0].filename == __file__  # points at the caller's line, not into the library
@@ -404,26 +404,26 @@ def test_batchnorm_eval_policy_is_exact_and_error_policy_raises():
     enc = BNEncoder().double()
     views = make_views(10, torch.float64)
     enc.eval()
-    InfoNCE(0.3)(enc(views[0]), enc(views[1])).backward()
+    InfoNCE(temperature=0.3)(enc(views[0]), enc(views[1])).backward()
     want = grads_of([enc])
     enc.train()
     before = enc.net[1].running_mean.clone()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        GradCache(enc, InfoNCE(0.3), 3, batchnorm="eval").step(*views)
+        GradCache(enc, InfoNCE(temperature=0.3), 3, batchnorm="eval").step(*views)
     assert enc.net[1].training  # restored
     torch.testing.assert_close(enc.net[1].running_mean, before)
     assert_grads_close(grads_of([enc]), want, 1e-10)
     with pytest.raises(ValueError, match="BatchNorm"):
-        GradCache(enc, InfoNCE(0.3), 3, batchnorm="error").step(*views)
+        GradCache(enc, InfoNCE(temperature=0.3), 3, batchnorm="error").step(*views)
 
 
 def test_step_by_step_api():
     torch.manual_seed(0)
     enc = MLP().double()
     views = make_views(10, torch.float64)
-    _, _, want = reference([enc, enc], InfoNCE(0.3), views, [4, 4], 1)
-    cache = GradCache(enc, InfoNCE(0.3), 4)
+    _, _, want = reference([enc, enc], InfoNCE(temperature=0.3), views, [4, 4], 1)
+    cache = GradCache(enc, InfoNCE(temperature=0.3), 4)
     torch.manual_seed(1)
     cached = cache.forward_no_grad(*views)
     assert all(p.grad is None for p in enc.parameters())
@@ -440,7 +440,7 @@ def test_frozen_tower_gets_no_second_forward():
     calls = []
     d_enc.register_forward_hook(lambda *a: calls.append(1))
     q, d, _ = make_qd(8, 1, torch.float64, False)
-    loss_fn = InfoNCE(0.2, form="query_document")
+    loss_fn = InfoNCE(temperature=0.2, form="query_document")
     _, _, want = reference([q_enc, d_enc], loss_fn, (q, d), [3, 3], 1)
     calls.clear()
     _, _, got = cached_grads([q_enc, d_enc], loss_fn, (q, d), [3, 3], 1, keep_last_graph=True)
@@ -477,11 +477,11 @@ def test_inputs_that_require_grad_get_it_through_a_frozen_encoder(encoder):
     torch.manual_seed(0)
     enc = MLP().double().requires_grad_(False) if encoder == "frozen" else nn.Identity()
     views = [v.requires_grad_() for v in make_views(10, torch.float64)]
-    reference([enc, enc], InfoNCE(0.3), views, [4, 4], 2)
+    reference([enc, enc], InfoNCE(temperature=0.3), views, [4, 4], 2)
     want = [v.grad.clone() for v in views]
     for v in views:
         v.grad = None
-    cached_grads([enc, enc], InfoNCE(0.3), views, [4, 4], 2)
+    cached_grads([enc, enc], InfoNCE(temperature=0.3), views, [4, 4], 2)
     for v, w in zip(views, want):
         torch.testing.assert_close(v.grad, w, atol=1e-10, rtol=0)
 
@@ -493,10 +493,10 @@ def test_inputs_on_an_upstream_graph_back_propagate_through_it(keep_last):
     torch.manual_seed(0)
     enc, upstream = MLP().double(), nn.Linear(6, 6).double()
     raw = make_views(10, torch.float64)
-    reference([enc, enc], InfoNCE(0.3), [upstream(x) for x in raw], [4, 4], 2)
+    reference([enc, enc], InfoNCE(temperature=0.3), [upstream(x) for x in raw], [4, 4], 2)
     want = {**grads_of([upstream])}
     enc.zero_grad(set_to_none=True)
-    cached_grads([enc, enc], InfoNCE(0.3), [upstream(x) for x in raw], [4, 4], 2, keep_last_graph=keep_last)
+    cached_grads([enc, enc], InfoNCE(temperature=0.3), [upstream(x) for x in raw], [4, 4], 2, keep_last_graph=keep_last)
     assert_grads_close(grads_of([upstream]), want, 1e-10)
 
 
@@ -509,9 +509,9 @@ def test_a_trainable_output_fn_on_a_frozen_backbone_is_trained(head_kind):
     views = make_views(10, torch.float64)
     torch.manual_seed(2)
     reps = [torch.cat([head(backbone(c)) for c in x.split(4)]) for x in views]
-    InfoNCE(0.3)(*reps).backward()
+    InfoNCE(temperature=0.3)(*reps).backward()
     want = grads_of([head])
-    cache = GradCache(backbone, InfoNCE(0.3), 4, output_fn=output_fn)
+    cache = GradCache(backbone, InfoNCE(temperature=0.3), 4, output_fn=output_fn)
     torch.manual_seed(2)
     cache.step(*views)
     assert_grads_close(grads_of([head]), want, 1e-10)
@@ -552,6 +552,41 @@ def test_global_infonce_query_document_with_hard_negatives():
     torch.manual_seed(5)
     cache.step(q, d, h, indices=idx)
     assert_grads_close(grads_of([q_enc, d_enc]), want, 1e-10)
+
+
+def test_hard_negatives_follow_the_loss_signature_not_its_class():
+    """A user's loss with a ``hard_negatives`` parameter gets the third input as
+    GradCache gives it to InfoNCE: by keyword, shaped (B, H, d); with
+    ``hard_negatives=False`` it comes positionally, as encoded."""
+    torch.manual_seed(0)
+    q_enc, d_enc = MLP().double(), MLP().double()
+    q, d, h = make_qd(6, 2, torch.float64, False)
+    encoders, sizes = [q_enc, d_enc, d_enc], [4, 4, 4]
+    shapes = []
+
+    def my_loss(queries, documents, hard_negatives=None):
+        shapes.append(tuple(hard_negatives.shape))
+        return InfoNCE(temperature=0.3, form="query_document")(queries, documents, hard_negatives)
+
+    want_loss, _, want = reference(encoders, my_loss, (q, d, h), sizes, 2, reshape_hard=True)
+    got_loss, _, got = cached_grads(encoders, my_loss, (q, d, h), sizes, 2)
+    assert shapes == [(6, 2, 5), (6, 2, 5)]
+    assert_grads_close(got, want, 1e-10)
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-10, rtol=0)
+
+    def flat_loss(queries, documents, hard_negatives):
+        shapes.append(tuple(hard_negatives.shape))
+        return my_loss(queries, documents, hard_negatives.reshape(6, 2, -1))
+
+    cached_grads(encoders, flat_loss, (q, d, h), sizes, 2, hard_negatives=False)
+    assert shapes[-2] == (12, 5)
+    assert GradCache(q_enc, InfoNCE(form="query_document"), 4).hard_negatives
+    assert not GradCache(q_enc, ReLIC(), 4).hard_negatives
+    assert not GradCache(q_enc, lambda a, b, **kwargs: a.sum(), 4).hard_negatives
+    with pytest.raises(ValueError, match="takes no such keyword"):
+        GradCache(q_enc, ReLIC(), 4, hard_negatives=True)
+    with pytest.raises(TypeError, match="hard_negatives must be True, False or None"):
+        GradCache(q_enc, InfoNCE(), 4, hard_negatives="yes")
 
 
 # ---------------------------------------------------------------- bad input
@@ -616,15 +651,15 @@ def test_batchnorm_chunk_of_one_row_and_untracked_statistics():
     enc = BNEncoder().double()
     views = make_views(10, torch.float64)
     with pytest.raises(ValueError, match="chunk_size"):
-        GradCache(enc, InfoNCE(0.3), 3).step(*views)  # 10 = 3 + 3 + 3 + 1
-    GradCache(enc, InfoNCE(0.3), 3, batchnorm="eval").step(*views)  # running statistics: fine
+        GradCache(enc, InfoNCE(temperature=0.3), 3).step(*views)  # 10 = 3 + 3 + 3 + 1
+    GradCache(enc, InfoNCE(temperature=0.3), 3, batchnorm="eval").step(*views)  # running statistics: fine
     untracked = BNEncoder().double()
     untracked.net[1] = nn.BatchNorm1d(8, track_running_stats=False).double()
     untracked.eval()  # without running statistics it still normalises by each chunk
     with pytest.raises(ValueError, match="track_running_stats"):
-        GradCache(untracked, InfoNCE(0.3), 4, batchnorm="eval").step(*views)
+        GradCache(untracked, InfoNCE(temperature=0.3), 4, batchnorm="eval").step(*views)
     with pytest.raises(ValueError, match="BatchNorm"):
-        GradCache(untracked, InfoNCE(0.3), 4, batchnorm="error").step(*views)
+        GradCache(untracked, InfoNCE(temperature=0.3), 4, batchnorm="error").step(*views)
 
 
 def test_bad_encoders_and_inputs():
@@ -665,19 +700,19 @@ def _ddp_worker(rank, world_size, out_dir):
         towers = case.startswith("towers")
         q_enc, d_enc = MLP().to(dtype), MLP().to(dtype)
         if towers:
-            loss_fn = InfoNCE(0.3, form="query_document", symmetric=True, gather=True)
-            ref_loss = InfoNCE(0.3, form="query_document", symmetric=True)
+            loss_fn = InfoNCE(temperature=0.3, form="query_document", symmetric=True, gather=True)
+            ref_loss = InfoNCE(temperature=0.3, form="query_document", symmetric=True)
             wrapped = [DDP(q_enc), DDP(d_enc)]
             encoders, plain = wrapped, [q_enc, d_enc]
         else:
             negatives = 4 if "K" in case else "all"
             if "relic" in case:
-                loss_fn, ref_loss = ReLIC(0.3, 0.5, negatives, gather=True), ReLIC(0.3, 0.5, negatives)
+                loss_fn, ref_loss = ReLIC(temperature=0.3, alpha=0.5, negatives=negatives, gather=True), ReLIC(temperature=0.3, alpha=0.5, negatives=negatives)
             elif "global" in case:
-                loss_fn = GlobalInfoNCE(world_size * b_local, 0.3, gather=True).double()
-                ref_loss = GlobalInfoNCE(world_size * b_local, 0.3, sync_state=False).double()
+                loss_fn = GlobalInfoNCE(world_size * b_local, temperature=0.3, gather=True).double()
+                ref_loss = GlobalInfoNCE(world_size * b_local, temperature=0.3, sync_state=False).double()
             else:
-                loss_fn, ref_loss = InfoNCE(0.3, negatives, gather=True), InfoNCE(0.3, negatives)
+                loss_fn, ref_loss = InfoNCE(temperature=0.3, negatives=negatives, gather=True), InfoNCE(temperature=0.3, negatives=negatives)
             wrapped = DDP(q_enc)
             encoders, plain = wrapped, [q_enc, q_enc]
         def kwargs(global_rows=False):
@@ -722,7 +757,7 @@ def _ddp_worker(rank, world_size, out_dir):
     # Gradient accumulation under DDP: two cached steps, only the second synchronised.
     torch.manual_seed(0)
     enc = MLP().to(dtype)
-    cache = GradCache(DDP(enc), InfoNCE(0.3, gather=True), 3)
+    cache = GradCache(DDP(enc), InfoNCE(temperature=0.3, gather=True), 3)
     halves = [(global_q[:, :3].repeat(1, 2), global_d[:, :3].repeat(1, 2)), (global_q, global_d)]
     torch.manual_seed(200 + rank)
     cache.step(halves[0][0][rows], halves[0][1][rows], sync=False)
@@ -738,7 +773,7 @@ def _ddp_worker(rank, world_size, out_dir):
             for k, x in enumerate((q[sl], d[sl])):
                 reps[step][k].append(torch.cat([enc(c) for c in x.split(3)]))
     for step in (0, 1):
-        InfoNCE(0.3)(torch.cat(reps[step][0]), torch.cat(reps[step][1])).backward()
+        InfoNCE(temperature=0.3)(torch.cat(reps[step][0]), torch.cat(reps[step][1])).backward()
     want = [p.grad.clone() for p in enc.parameters()]
     results["accumulate"] = (dict(enumerate(got)), dict(enumerate(want)), torch.zeros(()), torch.zeros((), dtype=dtype))
     results["unsynced_first_step"] = unsynced
@@ -782,8 +817,8 @@ def test_cuda_rng_replay_and_fp16_grad_scaler(cpu_inputs):
     enc = OnDevice(p=0.5).to(device)
     views = [v if cpu_inputs else v.to(device) for v in make_views(64, torch.float32)]
     # fp32: exact replay of the CUDA dropout masks.
-    want_loss, _, want = reference([enc, enc], InfoNCE(0.3), views, [16, 16], 4)
-    _, _, got = cached_grads([enc, enc], InfoNCE(0.3), views, [16, 16], 4)
+    want_loss, _, want = reference([enc, enc], InfoNCE(temperature=0.3), views, [16, 16], 4)
+    _, _, got = cached_grads([enc, enc], InfoNCE(temperature=0.3), views, [16, 16], 4)
     assert_grads_close(got, want, 1e-5)
     # fp16 autocast with a GradScaler: the scale is applied exactly once.
     amp = {"device_type": "cuda", "dtype": torch.float16}
@@ -791,12 +826,12 @@ def test_cuda_rng_replay_and_fp16_grad_scaler(cpu_inputs):
     torch.manual_seed(4)
     with torch.autocast(**amp):
         reps = [torch.cat([enc(c) for c in x.split(16)]) for x in views]
-        loss = InfoNCE(0.3)(*reps)
+        loss = InfoNCE(temperature=0.3)(*reps)
     scaler = torch.amp.GradScaler("cuda", init_scale=scale)
     scaler.scale(loss).backward()
     want = grads_of([enc])
     scaler = torch.amp.GradScaler("cuda", init_scale=scale)
-    cache = GradCache(enc, InfoNCE(0.3), 16, autocast=amp, scaler=scaler)
+    cache = GradCache(enc, InfoNCE(temperature=0.3), 16, autocast=amp, scaler=scaler)
     torch.manual_seed(4)
     cache.step(*views)
     got = grads_of([enc])

@@ -49,7 +49,7 @@ def _assert_match(loss, reference, inputs):
 def test_two_view_all(use_mask):
     z1, z2 = _data()
     mask = _label_mask(7) if use_mask else None
-    loss = InfoNCE(TAU)(z1, z2, mask=mask)
+    loss = InfoNCE(temperature=TAU)(z1, z2, mask=mask)
     _assert_match(loss, ref.infonce_two_view(z1, z2, TAU, mask=mask), [z1, z2])
 
 
@@ -57,7 +57,7 @@ def test_two_view_all(use_mask):
 def test_two_view_sampled(k, use_mask):
     z1, z2 = _data()
     mask = _label_mask(7) if use_mask else None
-    loss = InfoNCE(TAU, negatives=k)(z1, z2, mask=mask, generator=torch.Generator().manual_seed(5))
+    loss = InfoNCE(temperature=TAU, negatives=k)(z1, z2, mask=mask, generator=torch.Generator().manual_seed(5))
     sets = _two_view_sets(7, k, 5, mask)
     assert all(len(s) == k for s in sets)
     _assert_match(loss, ref.infonce_two_view(z1, z2, TAU, neg_sets=sets, mask=mask), [z1, z2])
@@ -65,8 +65,8 @@ def test_two_view_sampled(k, use_mask):
 
 def test_two_view_k_equal_to_candidates_is_standard():
     z1, z2 = _data(n=6)
-    full = InfoNCE(TAU)(z1, z2)
-    by_count = InfoNCE(TAU, negatives=10)(z1, z2, generator=torch.Generator().manual_seed(0))
+    full = InfoNCE(temperature=TAU)(z1, z2)
+    by_count = InfoNCE(temperature=TAU, negatives=10)(z1, z2, generator=torch.Generator().manual_seed(0))
     assert torch.equal(full, by_count)
 
 
@@ -74,8 +74,8 @@ def test_sampled_all_candidates_with_mask_equals_standard():
     z1, z2 = _data(n=6)
     labels = torch.tensor([0, 0, 1, 1, 2, 2])  # pairs share a label: 12 - 2 - 2 = 8 candidates each
     mask = same_id_mask(labels, labels)
-    full = InfoNCE(TAU)(z1, z2, mask=mask)
-    sampled = InfoNCE(TAU, negatives=8)(z1, z2, mask=mask, generator=torch.Generator().manual_seed(0))
+    full = InfoNCE(temperature=TAU)(z1, z2, mask=mask)
+    sampled = InfoNCE(temperature=TAU, negatives=8)(z1, z2, mask=mask, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(full, sampled, rtol=1e-12)
 
 
@@ -84,8 +84,8 @@ def test_shortage_raises_by_default_and_use_all_takes_every_candidate():
     labels = torch.tensor([0, 0, 0, 1, 2])
     mask = same_id_mask(labels, labels)
     with pytest.raises(ValueError, match="on_shortage='use_all'"):
-        InfoNCE(TAU, negatives=6)(z1, z2, mask=mask)
-    loss = InfoNCE(TAU, negatives=6, on_shortage="use_all")(z1, z2, mask=mask, generator=torch.Generator().manual_seed(1))
+        InfoNCE(temperature=TAU, negatives=6)(z1, z2, mask=mask)
+    loss = InfoNCE(temperature=TAU, negatives=6, on_shortage="use_all")(z1, z2, mask=mask, generator=torch.Generator().manual_seed(1))
     sets = _two_view_sets(5, 6, 1, mask)
     # samples 0-2 have 4 candidates (< 6): all of them; samples 3-4 have 8: 6 sampled.
     assert [len(s) for s in sets] == [4, 4, 4, 6, 6] * 2
@@ -99,10 +99,10 @@ def test_use_all_with_k_at_least_the_bank_size_takes_every_candidate(k, use_mask
     z1, z2 = _data(n=6)
     mask = _label_mask(6) if use_mask else None
     gen = torch.Generator().manual_seed(0)
-    loss = InfoNCE(TAU, negatives=k, on_shortage="use_all")(z1, z2, mask=mask, generator=gen)
+    loss = InfoNCE(temperature=TAU, negatives=k, on_shortage="use_all")(z1, z2, mask=mask, generator=gen)
     _assert_match(loss, ref.infonce_two_view(z1, z2, TAU, mask=mask), [z1, z2])
-    relic = ReLIC(TAU, 1.0, negatives=k, on_shortage="use_all")(z1, z2, mask=mask)
-    torch.testing.assert_close(relic, ReLIC(TAU, 1.0)(z1, z2, mask=mask), rtol=1e-12, atol=0)
+    relic = ReLIC(temperature=TAU, alpha=1.0, negatives=k, on_shortage="use_all")(z1, z2, mask=mask)
+    torch.testing.assert_close(relic, ReLIC(temperature=TAU, alpha=1.0)(z1, z2, mask=mask), rtol=1e-12, atol=0)
 
 
 def test_fused_dense_path_steps_aside_under_cpu_autocast():
@@ -110,7 +110,7 @@ def test_fused_dense_path_steps_aside_under_cpu_autocast():
     # which the fused float32 kernel cannot take; the autograd path must run instead.
     z1, z2 = (t.detach().float().requires_grad_() for t in _data(n=6))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = InfoNCE(TAU)(z1, z2)
+        loss = InfoNCE(temperature=TAU)(z1, z2)
     loss.backward()
     want = ref.infonce_two_view(z1.double(), z2.double(), TAU)
     assert torch.allclose(loss.double(), want, rtol=5e-2)
@@ -126,7 +126,7 @@ def test_query_document_all(hard, symmetric, use_mask):
     mask = None
     if use_mask:
         mask = torch.rand(7, n_cols, generator=torch.Generator().manual_seed(3)) < 0.2
-    loss = InfoNCE(TAU, form="query_document", symmetric=symmetric)(q, d, h, mask=mask)
+    loss = InfoNCE(temperature=TAU, form="query_document", symmetric=symmetric)(q, d, h, mask=mask)
     want = ref.infonce_query_document(q, d, TAU, hard=h, mask=mask, symmetric=symmetric)
     _assert_match(loss, want, xs)
 
@@ -135,7 +135,7 @@ def test_query_document_all(hard, symmetric, use_mask):
 def test_query_document_sampled(symmetric):
     q, d, h = _data(hard=3)
     k, seed = 4, 11
-    loss = InfoNCE(TAU, negatives=k, form="query_document", symmetric=symmetric)(
+    loss = InfoNCE(temperature=TAU, negatives=k, form="query_document", symmetric=symmetric)(
         q, d, h, generator=torch.Generator().manual_seed(seed)
     )
     gen = torch.Generator().manual_seed(seed)
@@ -155,7 +155,7 @@ def test_relic(k, use_mask, detach):
     z1, z2 = _data()
     mask = _label_mask(7) if use_mask else None
     seed = 4
-    loss = ReLIC(TAU, alpha=0.7, negatives=k, detach_target=detach)(
+    loss = ReLIC(temperature=TAU, alpha=0.7, negatives=k, detach_target=detach)(
         z1, z2, mask=mask, generator=torch.Generator().manual_seed(seed)
     )
     sets = None
@@ -172,16 +172,16 @@ def test_relic(k, use_mask, detach):
 
 def test_reductions():
     z1, z2 = _data()
-    per = InfoNCE(TAU, reduction="none")(z1, z2)
+    per = InfoNCE(temperature=TAU, reduction="none")(z1, z2)
     assert per.shape == (14,)
-    assert torch.allclose(per.mean(), InfoNCE(TAU)(z1, z2))
-    assert torch.allclose(per.sum(), InfoNCE(TAU, reduction="sum")(z1, z2))
-    assert ReLIC(TAU, reduction="none")(z1, z2).shape == (14,)
+    assert torch.allclose(per.mean(), InfoNCE(temperature=TAU)(z1, z2))
+    assert torch.allclose(per.sum(), InfoNCE(temperature=TAU, reduction="sum")(z1, z2))
+    assert ReLIC(temperature=TAU, reduction="none")(z1, z2).shape == (14,)
 
 
 def test_float32_matches_float64():
     z1, z2 = _data(n=16, d=8)
-    for loss in (InfoNCE(0.1, negatives=5), ReLIC(0.1, negatives=5)):
+    for loss in (InfoNCE(temperature=0.1, negatives=5), ReLIC(temperature=0.1, negatives=5)):
         a = loss(z1, z2, generator=torch.Generator().manual_seed(0))
         b = loss(z1.float(), z2.float(), generator=torch.Generator().manual_seed(0))
         assert abs(a.item() - b.item()) < 1e-5
@@ -189,7 +189,7 @@ def test_float32_matches_float64():
 
 def test_seeded_generator_reproduces_loss_and_different_seeds_differ():
     z1, z2 = _data(n=32, d=8)
-    loss = InfoNCE(TAU, negatives=3)
+    loss = InfoNCE(temperature=TAU, negatives=3)
     a = loss(z1, z2, generator=torch.Generator().manual_seed(7))
     b = loss(z1, z2, generator=torch.Generator().manual_seed(7))
     c = loss(z1, z2, generator=torch.Generator().manual_seed(8))
@@ -228,7 +228,7 @@ def _two_view_sets_many(n, k, draws):
 
 def test_dense_backward_twice_raises_clearly():
     z1, z2 = _data()
-    loss = InfoNCE(TAU)(z1, z2)
+    loss = InfoNCE(temperature=TAU)(z1, z2)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward runs once"):
         loss.backward()
@@ -236,7 +236,7 @@ def test_dense_backward_twice_raises_clearly():
 
 def test_dense_fused_path_matches_autograd_of_the_plain_formula_float32():
     z1, z2 = (t.float().detach().requires_grad_() for t in _data(n=33, d=9))
-    got = InfoNCE(0.07)(z1, z2)
+    got = InfoNCE(temperature=0.07)(z1, z2)
     z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
     sim = (z @ z.t() / 0.07).masked_fill(torch.eye(66, dtype=torch.bool), float("-inf"))
     want = torch.nn.functional.cross_entropy(sim, torch.arange(66).roll(33))
@@ -253,7 +253,7 @@ def test_empty_batches_are_refused():
     from negbatch import GlobalInfoNCE
 
     empty = torch.zeros(0, 4)
-    for loss_fn, args in [(InfoNCE(TAU), ()), (InfoNCE(TAU, form="query_document"), ()), (ReLIC(TAU), ()),
-                          (GlobalInfoNCE(5, TAU), (torch.zeros(0, dtype=torch.long),))]:
+    for loss_fn, args in [(InfoNCE(temperature=TAU), ()), (InfoNCE(temperature=TAU, form="query_document"), ()), (ReLIC(temperature=TAU), ()),
+                          (GlobalInfoNCE(5, temperature=TAU), (torch.zeros(0, dtype=torch.long),))]:
         with pytest.raises(ValueError, match="empty batch"):
             loss_fn(empty, empty, *args)

@@ -67,7 +67,7 @@ def test_adapter_wires_columns_into_the_loss(tiny_model_dir):
     pairs = builtin_pairs()
     columns = [pairs.queries[:5], pairs.documents[:5], pairs.documents[5:10], pairs.documents[10:15]]
     features = [dict(model.tokenize(texts)) for texts in columns]
-    adapter = NegbatchLoss(model, InfoNCE(0.2, form="query_document"))
+    adapter = NegbatchLoss(model, InfoNCE(temperature=0.2, form="query_document"))
     got = adapter(features, None)
     q, d, h1, h2 = (model.encode(t, convert_to_tensor=True) for t in columns)
     expected = _reference_loss(q, d, torch.stack([h1, h2], 1), 0.2)
@@ -85,7 +85,7 @@ def test_adapter_trains_in_a_real_trainer_step(tiny_model_dir, tmp_path):
     class Recording(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.inner = InfoNCE(0.1, negatives=3, form="query_document")
+            self.inner = InfoNCE(temperature=0.1, negatives=3, form="query_document")
 
         def forward(self, q, d, hard):
             value = self.inner(q, d, hard)

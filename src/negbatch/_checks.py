@@ -1,11 +1,23 @@
-"""Argument validation shared by the losses: fail early, name the argument."""
+"""Argument types and validation shared by the losses: fail early, name the argument."""
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable, Literal, TypeVar, Union
 
 import torch
 from torch import Tensor
+
+#: Negatives per anchor: every candidate, or K sampled (see negbatch.negatives).
+Negatives = Union[Literal["all"], int]
+#: An anchor with fewer than K valid candidates: raise, or use all it has.
+OnShortage = Literal["raise", "use_all"]
+#: Two views of each sample (SimCLR), or queries with their documents (dual encoder).
+Form = Literal["two_view", "query_document"]
+Reduction = Literal["mean", "sum", "none"]
+
+_Init = TypeVar("_Init", bound=Callable[..., None])
 
 
 def check_temperature(temperature: float, name: str = "temperature") -> float:
@@ -71,3 +83,40 @@ def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
         options = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
         raise ValueError(f"{name} must be {options}, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def check_loss_options(*, form: str, symmetric: bool, on_shortage: str, reduction: str) -> None:
+    """The options every loss of negbatch shares."""
+    check_choice(form, "form", ("two_view", "query_document"))
+    if symmetric and form != "query_document":
+        raise ValueError("symmetric=True applies to form='query_document' only (two_view is already symmetric)")
+    check_choice(on_shortage, "on_shortage", ("raise", "use_all"))
+    check_choice(reduction, "reduction", ("mean", "sum", "none"))
+
+
+def keyword_only(example: str, positional: int = 0) -> Callable[[_Init], _Init]:
+    """Decorate a constructor whose arguments after the first ``positional``
+    are keyword-only, so that a positional call is told what to write.
+
+    ``InfoNCE(16)`` reads as 16 negatives to one user and as temperature 16 to
+    another; Python's own refusal ("takes 1 positional argument but 2 were
+    given") does not say what to write instead. The decorated ``__init__``
+    keeps its signature and docstring for ``help()``.
+    """
+
+    def decorate(init: _Init) -> _Init:
+        @functools.wraps(init)
+        def checked(self, *args, **kwargs):
+            if len(args) > positional:
+                given = ", ".join(repr(a) for a in args[positional:])
+                which = "its arguments" if positional == 0 else f"the arguments after the first {positional}"
+                raise TypeError(
+                    f"{type(self).__name__}() takes {which} by keyword only, got {given} by position; "
+                    f"name each one, e.g. {example} (a bare number could be the temperature or the "
+                    f"number of negatives)"
+                )
+            init(self, *args, **kwargs)
+
+        return checked  # type: ignore[return-value]
+
+    return decorate

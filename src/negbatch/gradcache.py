@@ -28,6 +28,7 @@ representations and the loss, whatever the batch size.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import numbers
 import sys
 import warnings
@@ -116,6 +117,16 @@ def _call(encoder: nn.Module, chunk: EncoderInput) -> Any:
     if isinstance(chunk, Mapping):
         return encoder(**chunk)
     return encoder(*chunk)
+
+
+def _accepts_keyword(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` (a module: its ``forward``) has a parameter ``name``
+    that can be passed by keyword (``**kwargs`` does not count)."""
+    try:
+        parameter = inspect.signature(fn.forward if isinstance(fn, nn.Module) else fn).parameters.get(name)
+    except (TypeError, ValueError):  # no signature (a builtin)
+        return False
+    return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
 
 
 def _stacklevel_outside_this_module() -> int:
@@ -210,11 +221,7 @@ class GradCache:
         ``loss_fn(z_1, ..., z_n, **loss_kwargs) -> scalar tensor``: any loss
         over the embeddings, e.g. :class:`negbatch.InfoNCE` or
         :class:`negbatch.ReLIC` in any negatives mode, or a user's function.
-        For an ``InfoNCE`` or ``GlobalInfoNCE`` with ``form="query_document"``
-        given a third input (hard negative documents, H per query,
-        query-major: B*H rows), the third embedding is passed as
-        ``hard_negatives=``, reshaped to (B, H, d). Trainable tensors of the
-        loss itself get their gradient in step 2.
+        Trainable tensors of the loss itself get their gradient in step 2.
     chunk_size : int or sequence of int
         Rows per chunk, one value for all inputs or one per input. The chunks
         need not divide the batch (the last chunk is smaller).
@@ -237,6 +244,14 @@ class GradCache:
         Keyword arguments of ``torch.autocast`` (e.g. ``{"device_type": "cpu",
         "dtype": torch.bfloat16}``) applied to both encoder passes and to the
         loss. An autocast region around :meth:`step` works as well.
+    hard_negatives : bool, optional
+        Whether the third of three inputs holds hard negatives (H documents
+        per query, query-major: B*H rows): its embedding then goes to the loss
+        as the keyword ``hard_negatives=``, reshaped to (B, H, d), after the
+        first two positionally. Default: True when ``loss_fn`` (a module's
+        ``forward``) has a parameter named ``hard_negatives``, as
+        ``InfoNCE`` and ``GlobalInfoNCE`` do; otherwise every embedding is
+        passed positionally, as it comes.
     batchnorm : {"warn", "eval", "error"}, default "warn"
         BatchNorm in training mode (or without running statistics) normalises
         each chunk by its own statistics, so the gradient is not the full-batch
@@ -284,8 +299,10 @@ class GradCache:
         paired: bool = True,
         scaler: Any = None,
         autocast: Mapping[str, Any] | None = None,
+        hard_negatives: bool | None = None,
         batchnorm: BatchNormPolicy = "warn",
     ) -> None:
+        """Set up the cache; see Parameters in ``help(GradCache)``."""
         if isinstance(encoders, nn.Module):
             self.encoders: list[nn.Module] | None = None
             self.shared = encoders
@@ -314,7 +331,16 @@ class GradCache:
             raise TypeError("autocast must be a dict of torch.autocast arguments, e.g. {'device_type': 'cuda'}")
         if scaler is not None and not hasattr(scaler, "scale"):
             raise TypeError("scaler must be a torch.amp.GradScaler (an object with .scale(loss))")
+        takes_hard = _accepts_keyword(loss_fn, "hard_negatives")
+        if hard_negatives not in (None, True, False):
+            raise TypeError(f"hard_negatives must be True, False or None (from the loss), got {hard_negatives!r}")
+        if hard_negatives and not takes_hard:
+            raise ValueError(
+                "hard_negatives=True passes the third embedding as loss_fn(..., hard_negatives=...), but loss_fn "
+                "takes no such keyword; add the parameter or pass hard_negatives=False"
+            )
         self.loss_fn = loss_fn
+        self.hard_negatives = takes_hard if hard_negatives is None else hard_negatives
         self.chunk_sizes = sizes
         self.output_fn = output_fn
         self.keep_last_graph = bool(keep_last_graph)
@@ -503,19 +529,12 @@ class GradCache:
         return sizes
 
     def _reshapes_hard_negatives(self, n_inputs: int) -> bool:
-        from .losses.global_nce import GlobalInfoNCE
-        from .losses.infonce import InfoNCE
-
-        return (
-            n_inputs == 3
-            and isinstance(self.loss_fn, (InfoNCE, GlobalInfoNCE))
-            and self.loss_fn.form == "query_document"
-        )
+        return self.hard_negatives and n_inputs == 3
 
     def _loss_args(self, reps: list[Tensor]) -> tuple[list[Tensor], dict[str, Tensor]]:
-        """Positional embeddings and, for a query-document loss of this package
-        given a third input, ``hard_negatives=`` shaped (B, H, d) (a keyword:
-        GlobalInfoNCE takes ``indices`` third)."""
+        """Positional embeddings and, when the third input holds hard
+        negatives, ``hard_negatives=`` shaped (B, H, d) (a keyword: GlobalInfoNCE
+        takes ``indices`` third)."""
         if self._reshapes_hard_negatives(len(reps)):
             q, docs, hard = reps
             return [q, docs], {"hard_negatives": hard.reshape(q.shape[0], -1, hard.shape[-1])}

@@ -29,14 +29,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Literal, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-Negatives = Union[Literal["all"], int]
-OnShortage = Literal["raise", "use_all"]
+from ._checks import Negatives, OnShortage
 
 __all__ = [
     "Negatives",
@@ -423,15 +421,6 @@ class _SampledDot(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_bank = _csr_transposed(index, grad, bank.shape[0]) @ anchors
         return grad_anchors, grad_bank, None
-
-
-def autocast_active(device: torch.device) -> bool:
-    """Whether an autocast region is active for ``device``'s type (the
-    argument-free ``torch.is_autocast_enabled()`` answers for CUDA only)."""
-    try:
-        return torch.is_autocast_enabled(device.type)
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled() if device.type == "cpu" else torch.is_autocast_enabled()
 
 
 def selection_logits(

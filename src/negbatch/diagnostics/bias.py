@@ -198,7 +198,7 @@ def exact_global_gradient(
     >>> from negbatch.diagnostics.bias import exact_global_gradient
     >>> x = torch.randn(50, 6)
     >>> model = torch.nn.Linear(6, 4)
-    >>> exact = exact_global_gradient(model, GlobalInfoNCE(50, 0.2), (x, x + 0.1 * torch.randn(50, 6)), chunk_size=16)
+    >>> exact = exact_global_gradient(model, GlobalInfoNCE(50, temperature=0.2), (x, x + 0.1 * torch.randn(50, 6)), chunk_size=16)
     >>> exact.gradient.shape, exact.log_normalizers.shape
     (torch.Size([28]), torch.Size([50, 2]))
     """
@@ -415,7 +415,7 @@ def bias_curve(
     >>> from negbatch import GlobalInfoNCE
     >>> from negbatch.diagnostics.bias import bias_curve
     >>> x = torch.randn(30, 5)
-    >>> rows = bias_curve(torch.nn.Linear(5, 3), GlobalInfoNCE(30, 0.3), (x, x + 0.1), [4, 8], 20)
+    >>> rows = bias_curve(torch.nn.Linear(5, 3), GlobalInfoNCE(30, temperature=0.3), (x, x + 0.1), [4, 8], 20)
     >>> [(r.batch_size, r.estimator) for r in rows]
     [(4, 'plain'), (4, 'corrected_exact'), (8, 'plain'), (8, 'corrected_exact')]
     """

@@ -69,7 +69,7 @@ class NegbatchLoss(nn.Module):
     >>> model = load_minilm("cpu")  # doctest: +SKIP
     >>> data = Dataset.from_dict({"anchor": ["a cat sleeps", "rain falls"],
     ...                           "positive": ["the cat is asleep", "it is raining"]})  # doctest: +SKIP
-    >>> loss = NegbatchLoss(model, InfoNCE(0.05, negatives=1, form="query_document"))  # doctest: +SKIP
+    >>> loss = NegbatchLoss(model, InfoNCE(temperature=0.05, negatives=1, form="query_document"))  # doctest: +SKIP
     >>> SentenceTransformerTrainer(model=model, train_dataset=data, loss=loss).train()  # doctest: +SKIP
     """
 

@@ -65,7 +65,7 @@ def cached_forward_backward(
     >>> from negbatch import InfoNCE
     >>> model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8))
     >>> batch = Batch(torch.arange(10), torch.rand(10, 1, 8, 8), torch.rand(10, 1, 8, 8))
-    >>> loss = cached_forward_backward(model, PairLoss(InfoNCE(0.2)), batch, torch.Generator(), 4)
+    >>> loss = cached_forward_backward(model, PairLoss(InfoNCE(temperature=0.2)), batch, torch.Generator(), 4)
     >>> loss.shape, model[1].weight.grad is not None
     (torch.Size([]), True)
     """
@@ -98,7 +98,7 @@ def accumulated_forward_backward(
     >>> from negbatch import InfoNCE
     >>> model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8))
     >>> batch = Batch(torch.arange(10), torch.rand(10, 1, 8, 8), torch.rand(10, 1, 8, 8))
-    >>> accumulated_forward_backward(model, PairLoss(InfoNCE(0.2)), batch, torch.Generator(), 5).shape
+    >>> accumulated_forward_backward(model, PairLoss(InfoNCE(temperature=0.2)), batch, torch.Generator(), 5).shape
     torch.Size([])
     """
     _check_chunk_size(chunk_size)

@@ -28,30 +28,13 @@ import math
 from typing import Callable, Literal, Union
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .._checks import (
-    check_choice,
-    check_embeddings,
-    check_mask,
-    check_nonempty,
-    check_same,
-    check_temperature,
-)
-from ..distributed import gather_nograd, gather_with_grad, is_distributed
-from ..negatives import (
-    Negatives,
-    OnShortage,
-    autocast_active,
-    select_negatives,
-    selection_logits,
-    validate_negatives,
-)
-from .infonce import _reduce
+from .._checks import Form, Negatives, OnShortage, Reduction, check_choice, keyword_only
+from ..distributed import gather_nograd, is_distributed
+from ..negatives import selection_logits
+from ._layout import BankLoss, Direction, anchor_roles, check_views, fused_dense, row_blocks
 
-Form = Literal["two_view", "query_document"]
-Reduction = Literal["mean", "sum", "none"]
 OnDuplicate = Literal["raise", "mean"]
 Gamma = Union[float, Callable[[int], float]]
 
@@ -64,21 +47,6 @@ def _check_gamma_value(gamma: object, name: str = "gamma") -> float:
     if not (0.0 < float(gamma) <= 1.0):
         raise ValueError(f"{name} must lie in (0, 1], got {gamma}")
     return float(gamma)
-
-
-class _Direction:
-    """One family of anchors contrasted with one candidate bank (the inputs of
-    :func:`select_negatives`), plus the state column its anchors use."""
-
-    __slots__ = ("anchors", "bank", "positive_index", "num_excluded", "kwargs")
-
-    def __init__(
-        self, anchors: Tensor, bank: Tensor, positive_index: Tensor, num_excluded: int | None, **kwargs
-    ) -> None:
-        self.anchors, self.bank, self.positive_index, self.kwargs = anchors, bank, positive_index, kwargs
-        # Columns that are never negatives when there is no mask (the positive,
-        # the anchor itself), so that the dense count needs no pass over the mask.
-        self.num_excluded = num_excluded if kwargs.get("mask") is None else None
 
 
 class _PositiveAndNegativeSum(torch.autograd.Function):
@@ -113,9 +81,6 @@ class _PositiveAndNegativeSum(torch.autograd.Function):
         return grad, None
 
 
-_BLOCK_ELEMENTS = 1 << 22
-
-
 class _DenseTerms(torch.autograd.Function):
     """:class:`_PositiveAndNegativeSum` over *all* candidates, straight from the
     embeddings, holding one (n, m) buffer.
@@ -134,15 +99,13 @@ class _DenseTerms(torch.autograd.Function):
         positive = work.gather(1, col).squeeze(1)
         shift = work.new_empty(work.shape[0])
         summed = work.new_empty(work.shape[0])
-        step = max(1, _BLOCK_ELEMENTS // max(1, work.shape[1]))
-        for start in range(0, work.shape[0], step):
-            stop = start + step
-            block = work[start:stop]
-            block.masked_fill_(~allowed[start:stop], float("-inf"))
-            block.scatter_(1, col[start:stop], float("-inf"))  # the positive is not a negative
-            shift[start:stop] = block.amax(dim=1)
-            block.sub_(shift[start:stop, None]).exp_()
-            summed[start:stop] = block.sum(dim=1)
+        for rows in row_blocks(*work.shape):
+            block = work[rows]
+            block.masked_fill_(~allowed[rows], float("-inf"))
+            block.scatter_(1, col[rows], float("-inf"))  # the positive is not a negative
+            shift[rows] = block.amax(dim=1)
+            block.sub_(shift[rows, None]).exp_()
+            summed[rows] = block.sum(dim=1)
         ctx.save_for_backward(anchors, bank, col, work)
         ctx.temperature = temperature
         ctx.consumed = False
@@ -163,8 +126,20 @@ class _DenseTerms(torch.autograd.Function):
         return grad_anchors, grad_bank, None, None, None
 
 
-class GlobalInfoNCE(nn.Module):
+class GlobalInfoNCE(BankLoss):
     """Global contrastive loss with one running normaliser per sample (stochastic EM).
+
+    **A call returns the M-step surrogate, not the loss.** Train with it (its
+    gradient is the unbiased one), but do not report it as the loss: its value
+    depends on the state ``nu`` and is often negative (-3 or -6 are ordinary).
+    The values to report are kept beside it after every call (see Attributes):
+    ``last_infonce``, the standard InfoNCE of the batch (>= 0, comparable with
+    :class:`negbatch.InfoNCE`), and ``last_minibatch_loss``, the batch estimate
+    of the global loss this class minimises (negative too once positives are
+    closer than negatives: its normaliser leaves the positive out).
+
+    ``num_samples`` may be given by position; every other argument is
+    keyword-only (``GlobalInfoNCE(N, temperature=0.1, negatives=16)``).
 
     Parameters
     ----------
@@ -229,10 +204,19 @@ class GlobalInfoNCE(nn.Module):
     ``nu``. With ``update=False`` the state is left untouched; samples never
     visited use their batch estimate as ``nu``.
 
-    After each call, for logging: ``last_infonce`` (the standard batch
-    InfoNCE, positive in the denominator, mean over this rank's anchors) and
-    ``last_minibatch_loss`` (the plain estimate ``mean(-s/tau + log Zhat)``),
-    both detached scalars.
+    Attributes
+    ----------
+    last_infonce : Tensor or None
+        After each call: the standard InfoNCE of the batch (positive in the
+        denominator, mean over this rank's anchors), >= 0. The value to log
+        and to compare with :class:`negbatch.InfoNCE`.
+    last_minibatch_loss : Tensor or None
+        After each call: the plain batch estimate of the global loss,
+        ``mean(-s/tau + log Zhat)``, equal to the surrogate on a first visit
+        (``nu = Zhat``) and below it otherwise.
+    log_nu, visited, num_updates : Tensor
+        The state (see State). Both ``last_*`` values are detached scalars,
+        None before the first call.
 
     Examples
     --------
@@ -246,21 +230,30 @@ class GlobalInfoNCE(nn.Module):
     >>> loss.backward()
     >>> bool(loss_fn.visited[idx].all()), loss_fn.log_nu.shape
     (True, torch.Size([100, 2]))
-    >>> float(loss_fn.last_infonce) > 0
-    True
+
+    With well-aligned views, the surrogate (and the global loss) are negative;
+    the batch InfoNCE is the value to report:
+
+    >>> _ = torch.manual_seed(0)
+    >>> z = torch.randn(16, 8)
+    >>> loss_fn = GlobalInfoNCE(100, temperature=0.1)
+    >>> surrogate = loss_fn(z, z + 0.1 * torch.randn(16, 8), torch.arange(16))
+    >>> bool(surrogate < 0), bool(loss_fn.last_minibatch_loss < 0), bool(loss_fn.last_infonce > 0)
+    (True, True, True)
     """
 
     log_nu: Tensor
     visited: Tensor
     num_updates: Tensor
 
+    @keyword_only("GlobalInfoNCE(50000, temperature=0.1, negatives=16)", positional=1)
     def __init__(
         self,
         num_samples: int,
+        *,
         temperature: float = 0.1,
         gamma: Gamma = 0.9,
         negatives: Negatives = "all",
-        *,
         form: Form = "two_view",
         symmetric: bool = False,
         gather: bool = False,
@@ -271,34 +264,26 @@ class GlobalInfoNCE(nn.Module):
         reduction: Reduction = "mean",
         check_finite: bool = True,
     ) -> None:
+        """Set up the loss and its state. ``num_samples`` may be given by
+        position, every other argument is keyword-only; see Parameters in
+        ``help(GlobalInfoNCE)``."""
         super().__init__()
         if isinstance(num_samples, bool) or not isinstance(num_samples, int):
             raise TypeError(f"num_samples must be an int (the data set's size), got {type(num_samples).__name__}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1 (the data set's size), got {num_samples}")
-        self.temperature = check_temperature(temperature)
         if not callable(gamma):
             _check_gamma_value(gamma)
-        self.gamma = gamma
-        self.negatives = validate_negatives(negatives)
-        check_choice(form, "form", ("two_view", "query_document"))
-        if symmetric and form != "query_document":
-            raise ValueError("symmetric=True applies to form='query_document' only (two_view is already symmetric)")
+        self._set_options(
+            temperature=temperature, negatives=negatives, form=form, symmetric=symmetric, gather=gather,
+            normalize=normalize, on_shortage=on_shortage, reduction=reduction, check_finite=check_finite,
+        )
         check_choice(on_duplicate, "on_duplicate", ("raise", "mean"))
-        check_choice(on_shortage, "on_shortage", ("raise", "use_all"))
-        check_choice(reduction, "reduction", ("mean", "sum", "none"))
+        self.gamma = gamma
         self.num_samples = num_samples
-        self.form = form
-        self.symmetric = symmetric
-        self.gather = gather
         self.sync_state = sync_state
         self.on_duplicate = on_duplicate
-        self.normalize = normalize
-        self.on_shortage = on_shortage
-        self.reduction = reduction
-        self.check_finite = check_finite
-        roles = 2 if (form == "two_view" or symmetric) else 1
-        self.register_buffer("log_nu", torch.zeros(num_samples, roles))
+        self.register_buffer("log_nu", torch.zeros(num_samples, anchor_roles(form, symmetric)))
         self.register_buffer("visited", torch.zeros(num_samples, dtype=torch.bool))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self.last_infonce: Tensor | None = None
@@ -421,77 +406,10 @@ class GlobalInfoNCE(nn.Module):
 
     # --------------------------------------------------------------- forward
 
-    def _prepare(self, *xs: Tensor) -> tuple[Tensor, ...]:
-        return tuple(F.normalize(x, dim=-1) for x in xs) if self.normalize else xs
-
-    def _global_rows(self, directions: list[_Direction]) -> int | None:
-        """Rows of all ranks (None without gather), for the reduction."""
-        if not self.gather:
-            return None
-        # n_rows_global counts both views' rows in the two-view form.
-        return directions[0].kwargs["n_rows_global"] // (2 if self.form == "two_view" else 1)
-
-    def _directions(
-        self, a: Tensor, b: Tensor, hard: Tensor | None, mask: Tensor | None, generator
-    ) -> list[_Direction]:
-        """The anchors and banks of this rank, in the order of the state's columns."""
-        common = dict(negatives=self.negatives, generator=generator, on_shortage=self.on_shortage)
-        n, d = a.shape
-        if self.form == "two_view":
-            if hard is not None:
-                raise ValueError("hard_negatives applies to form='query_document' only")
-            z1, z2 = self._prepare(a, b)
-            both, offset = gather_with_grad(torch.cat([z1, z2], 1)) if self.gather else (torch.cat([z1, z2], 1), 0)
-            total = both.shape[0]
-            check_mask(mask, (n, total), a.device)
-            local = torch.arange(n, device=a.device) + offset
-            row_index = torch.cat([local, local + total])
-            return [
-                _Direction(
-                    torch.cat([z1, z2]),
-                    torch.cat([both[:, :d], both[:, d:]]),
-                    torch.cat([local + total, local]),
-                    2,
-                    self_index=row_index,
-                    mask=mask.repeat(2, 2) if mask is not None else None,
-                    row_index=row_index,
-                    n_rows_global=2 * total,
-                    **common,
-                )
-            ]
-        n_hard = 0
-        if hard is not None:
-            check_embeddings(hard, "hard_negatives", dim=3, check_finite=self.check_finite)
-            if hard.shape[0] != n or hard.shape[2] != d:
-                raise ValueError(f"hard_negatives must have shape (B, H, d) = ({n}, H, {d}), got {tuple(hard.shape)}")
-            if hard.device != a.device or hard.dtype != a.dtype:
-                raise ValueError("hard_negatives must be on the device and of the dtype of the queries")
-            n_hard = hard.shape[1]
-        q, docs = self._prepare(a, b)
-        parts = [q, docs]
-        if n_hard:
-            parts.append(self._prepare(hard)[0].reshape(n, n_hard * d))
-        gathered, offset = gather_with_grad(torch.cat(parts, 1)) if self.gather else (torch.cat(parts, 1), 0)
-        total = gathered.shape[0]
-        bank = gathered[:, d : 2 * d]
-        if n_hard:
-            bank = torch.cat([bank, gathered[:, 2 * d :].reshape(total * n_hard, d)])
-        rows = torch.arange(n, device=a.device) + offset
-        check_mask(mask, (n, bank.shape[0]), a.device)
-        common.update(row_index=rows, n_rows_global=total)
-        out = [_Direction(q, bank, rows, 1, mask=mask, **common)]
-        if self.symmetric:
-            doc_mask = None
-            if mask is not None:
-                all_rows = mask if not self.gather else gather_nograd(mask.to(torch.uint8)).bool()
-                doc_mask = all_rows[:, :total].t()[offset : offset + n]
-            out.append(_Direction(docs, gathered[:, :d], rows, 1, mask=doc_mask, **common))
-        return out
-
-    def _terms(self, direction: _Direction) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _terms(self, direction: Direction, generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Positive logit, sum of shifted negative exponentials (with grad), the
         shift and the log of the number of negatives, per anchor."""
-        selection = select_negatives(direction.positive_index, direction.bank.shape[0], **direction.kwargs)
+        selection = direction.select(self.negatives, generator, self.on_shortage)
         anchors, bank = direction.anchors, direction.bank
         n = anchors.shape[0]
         if not selection.is_dense:
@@ -505,8 +423,7 @@ class GlobalInfoNCE(nn.Module):
                 "an anchor has no negatives (batch of one sample, or everything masked); the normaliser "
                 "Z is a mean over negatives and needs at least one"
             )
-        fused = selection.is_dense and anchors.dtype in (torch.float32, torch.float64) and not autocast_active(anchors.device)
-        if fused:
+        if fused_dense(selection, anchors):
             positive, summed, shift = _DenseTerms.apply(
                 anchors, bank, selection.allowed, selection.positive_index, self.temperature
             )
@@ -516,11 +433,7 @@ class GlobalInfoNCE(nn.Module):
         return positive, summed, shift, count.to(torch.promote_types(summed.dtype, torch.float32)).log()
 
     def _check_inputs(self, a: Tensor, b: Tensor, indices: Tensor) -> Tensor:
-        names = ("view1", "view2") if self.form == "two_view" else ("queries", "documents")
-        check_embeddings(a, names[0], check_finite=self.check_finite)
-        check_embeddings(b, names[1], check_finite=self.check_finite)
-        check_same(a, b, names[0], names[1], dims=(0, 1))
-        check_nonempty(a, names[0])
+        check_views(a, b, self.form, self.check_finite)
         if a.device != self.log_nu.device:
             raise ValueError(
                 f"the embeddings are on {a.device} but the loss's state is on {self.log_nu.device}; "
@@ -553,8 +466,8 @@ class GlobalInfoNCE(nn.Module):
         self.check_indices(all_indices)
         if update and self.on_duplicate == "raise":
             self._check_duplicates(all_indices)
-        directions = self._directions(a, b, hard_negatives, mask, generator)
-        terms = [self._terms(direction) for direction in directions]
+        layout = self._layout(a, b, hard_negatives, mask)
+        terms = [self._terms(direction, generator) for direction in layout.directions]
         n = a.shape[0]
         positive = torch.cat([t[0] for t in terms])
         summed = torch.cat([t[1] for t in terms])
@@ -583,7 +496,7 @@ class GlobalInfoNCE(nn.Module):
             pos = positive.detach().to(acc)
             self.last_minibatch_loss = (-pos + log_zhat).mean()
             self.last_infonce = (-pos + torch.logaddexp(pos, summed.detach().to(acc).log() + shift)).mean()
-        return _reduce(per_anchor, self.reduction, a.shape[0], self._global_rows(directions))
+        return layout.reduce(per_anchor, self.reduction)
 
     def minibatch_loss(
         self,
@@ -610,16 +523,12 @@ class GlobalInfoNCE(nn.Module):
         >>> bool(torch.allclose(plain, first))
         True
         """
-        names = ("view1", "view2") if self.form == "two_view" else ("queries", "documents")
-        check_embeddings(a, names[0], check_finite=self.check_finite)
-        check_embeddings(b, names[1], check_finite=self.check_finite)
-        check_same(a, b, names[0], names[1], dims=(0, 1))
-        check_nonempty(a, names[0])
+        check_views(a, b, self.form, self.check_finite)
         if indices is not None:
             self.check_indices(indices, a.shape[0])
+        layout = self._layout(a, b, hard_negatives, mask)
         parts = []
-        directions = self._directions(a, b, hard_negatives, mask, generator)
-        for direction in directions:
-            positive, summed, shift, log_count = self._terms(direction)
+        for direction in layout.directions:
+            positive, summed, shift, log_count = self._terms(direction, generator)
             parts.append((-positive + summed.log() + shift - log_count).to(positive.dtype))
-        return _reduce(torch.cat(parts), self.reduction, a.shape[0], self._global_rows(directions))
+        return layout.reduce(torch.cat(parts), self.reduction)

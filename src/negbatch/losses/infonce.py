@@ -17,32 +17,13 @@ anchor with K of its own candidates drawn uniformly without replacement
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .._checks import (
-    check_choice,
-    check_embeddings,
-    check_mask,
-    check_nonempty,
-    check_same,
-    check_temperature,
-)
-from ..distributed import gather_nograd, gather_with_grad, global_batch_mean
-from ..negatives import (
-    Negatives,
-    OnShortage,
-    autocast_active,
-    select_negatives,
-    selection_logits,
-    validate_negatives,
-)
-
-Form = Literal["two_view", "query_document"]
-Reduction = Literal["mean", "sum", "none"]
+from .._checks import Form, Negatives, OnShortage, Reduction, keyword_only
+from ..negatives import NegativeSelection, select_negatives, selection_logits
+from ._layout import BankLoss, check_views, fused_dense, row_blocks
 
 __all__ = ["InfoNCE", "info_nce_per_anchor"]
 
@@ -68,23 +49,17 @@ def info_nce_per_anchor(
     first for cosine similarities). Returns a tensor of shape (n,).
     """
     selection = select_negatives(
-        positive_index,
-        bank.shape[0],
-        negatives,
-        self_index=self_index,
-        mask=mask,
-        generator=generator,
-        on_shortage=on_shortage,
-        row_index=row_index,
-        n_rows_global=n_rows_global,
+        positive_index, bank.shape[0], negatives, self_index=self_index, mask=mask, generator=generator,
+        on_shortage=on_shortage, row_index=row_index, n_rows_global=n_rows_global,
     )
-    if selection.is_dense and anchors.dtype in (torch.float32, torch.float64) and not autocast_active(anchors.device):
+    return _selected_info_nce(anchors, bank, selection, temperature)
+
+
+def _selected_info_nce(anchors: Tensor, bank: Tensor, selection: NegativeSelection, temperature: float) -> Tensor:
+    if fused_dense(selection, anchors):
         return _DenseInfoNCE.apply(anchors, bank, selection.allowed, selection.positive_index, temperature)
     logits = selection_logits(anchors, bank, selection, temperature)
     return F.cross_entropy(logits, selection.positive_column, reduction="none")
-
-
-_BLOCK_ELEMENTS = 1 << 22
 
 
 class _DenseInfoNCE(torch.autograd.Function):
@@ -101,12 +76,10 @@ class _DenseInfoNCE(torch.autograd.Function):
         logits = anchors @ bank.t()
         logits.mul_(1.0 / temperature)
         lse = logits.new_empty(logits.shape[0])
-        # Row blocks keep logsumexp's temporaries (and ~allowed) small.
-        step = max(1, _BLOCK_ELEMENTS // max(1, logits.shape[1]))
-        for start in range(0, logits.shape[0], step):
-            block = logits[start : start + step]
-            block.masked_fill_(~allowed[start : start + step], float("-inf"))
-            lse[start : start + step] = torch.logsumexp(block, dim=1)
+        for rows in row_blocks(*logits.shape):
+            block = logits[rows]
+            block.masked_fill_(~allowed[rows], float("-inf"))
+            lse[rows] = torch.logsumexp(block, dim=1)
         loss = lse - logits.gather(1, positive_index[:, None]).squeeze(1)
         ctx.save_for_backward(anchors, bank, positive_index, logits, lse)
         ctx.temperature = temperature
@@ -129,18 +102,11 @@ class _DenseInfoNCE(torch.autograd.Function):
         return grad_anchors, grad_bank, None, None, None
 
 
-def _reduce(per_anchor: Tensor, reduction: Reduction, local_rows: int, global_rows: int | None) -> Tensor:
-    """``reduction`` over this rank's anchors; with ``global_rows`` (the loss
-    gathered across ranks), "mean" is this rank's share of the global mean."""
-    if reduction == "mean":
-        return per_anchor.mean() if global_rows is None else global_batch_mean(per_anchor, local_rows, global_rows)
-    if reduction == "sum":
-        return per_anchor.sum()
-    return per_anchor
-
-
-class InfoNCE(nn.Module):
+class InfoNCE(BankLoss):
     """InfoNCE / NT-Xent whose number of negatives is a parameter.
+
+    Every argument is keyword-only: ``InfoNCE(temperature=0.1, negatives=16)``
+    (a bare ``InfoNCE(16)`` is refused: temperature or negatives?).
 
     Parameters
     ----------
@@ -172,6 +138,8 @@ class InfoNCE(nn.Module):
         contrast them with all their valid candidates.
     reduction : {"mean", "sum", "none"}, default "mean"
         Over this rank's anchors.
+    check_finite : bool, default True
+        Refuse inputs holding NaN or inf (one pass over them).
 
     Forward
     -------
@@ -204,11 +172,12 @@ class InfoNCE(nn.Module):
     >>> loss = InfoNCE(form="query_document", symmetric=True)(q, d, hard)
     """
 
+    @keyword_only("InfoNCE(temperature=0.1, negatives=16)")
     def __init__(
         self,
+        *,
         temperature: float = 0.1,
         negatives: Negatives = "all",
-        *,
         form: Form = "two_view",
         symmetric: bool = False,
         gather: bool = False,
@@ -217,21 +186,13 @@ class InfoNCE(nn.Module):
         reduction: Reduction = "mean",
         check_finite: bool = True,
     ) -> None:
+        """Set up the loss. Every argument is keyword-only; see Parameters in
+        ``help(InfoNCE)``."""
         super().__init__()
-        self.temperature = check_temperature(temperature)
-        self.negatives = validate_negatives(negatives)
-        check_choice(form, "form", ("two_view", "query_document"))
-        if symmetric and form != "query_document":
-            raise ValueError("symmetric=True applies to form='query_document' only (two_view is already symmetric)")
-        check_choice(on_shortage, "on_shortage", ("raise", "use_all"))
-        check_choice(reduction, "reduction", ("mean", "sum", "none"))
-        self.form = form
-        self.symmetric = symmetric
-        self.gather = gather
-        self.normalize = normalize
-        self.on_shortage = on_shortage
-        self.reduction = reduction
-        self.check_finite = check_finite
+        self._set_options(
+            temperature=temperature, negatives=negatives, form=form, symmetric=symmetric, gather=gather,
+            normalize=normalize, on_shortage=on_shortage, reduction=reduction, check_finite=check_finite,
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -248,94 +209,17 @@ class InfoNCE(nn.Module):
         mask: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        names = ("view1", "view2") if self.form == "two_view" else ("queries", "documents")
-        check_embeddings(a, names[0], check_finite=self.check_finite)
-        check_embeddings(b, names[1], check_finite=self.check_finite)
-        check_same(a, b, names[0], names[1], dims=(0, 1))
-        check_nonempty(a, names[0])
-        if self.form == "two_view":
-            if hard_negatives is not None:
-                raise ValueError("hard_negatives applies to form='query_document' only")
-            per_anchor, global_rows = self._two_view(a, b, mask, generator)
-        else:
-            per_anchor, global_rows = self._query_document(a, b, hard_negatives, mask, generator)
-        return _reduce(per_anchor, self.reduction, a.shape[0], global_rows if self.gather else None)
-
-    def _prepare(self, *xs: Tensor) -> tuple[Tensor, ...]:
-        return tuple(F.normalize(x, dim=-1) for x in xs) if self.normalize else xs
-
-    def _two_view(self, z1: Tensor, z2: Tensor, mask: Tensor | None, generator) -> tuple[Tensor, int]:
-        z1, z2 = self._prepare(z1, z2)
-        n, d = z1.shape
-        both, offset = gather_with_grad(torch.cat([z1, z2], dim=1)) if self.gather else (torch.cat([z1, z2], 1), 0)
-        total = both.shape[0]
-        bank = torch.cat([both[:, :d], both[:, d:]])  # [view 1 of all; view 2 of all]
-        anchors = torch.cat([z1, z2])
-        local = torch.arange(n, device=z1.device) + offset
-        row_index = torch.cat([local, local + total])
-        self_index = row_index
-        positive_index = torch.cat([local + total, local])
-        check_mask(mask, (n, total), z1.device)
-        full_mask = mask.repeat(2, 2) if mask is not None else None
-        per_anchor = info_nce_per_anchor(
-            anchors,
-            bank,
-            positive_index,
-            temperature=self.temperature,
-            negatives=self.negatives,
-            self_index=self_index,
-            mask=full_mask,
-            generator=generator,
-            on_shortage=self.on_shortage,
-            row_index=row_index,
-            n_rows_global=2 * total,
-        )
-        return per_anchor, total
-
-    def _query_document(
-        self, q: Tensor, docs: Tensor, hard: Tensor | None, mask: Tensor | None, generator
-    ) -> tuple[Tensor, int]:
-        n, d = q.shape
-        n_hard = 0
-        if hard is not None:
-            check_embeddings(hard, "hard_negatives", dim=3, check_finite=self.check_finite)
-            if hard.shape[0] != n or hard.shape[2] != d:
-                raise ValueError(
-                    f"hard_negatives must have shape (B, H, d) = ({n}, H, {d}), got {tuple(hard.shape)}"
-                )
-            if hard.device != q.device or hard.dtype != q.dtype:
-                raise ValueError("hard_negatives must be on the device and of the dtype of the queries")
-            n_hard = hard.shape[1]
-        q, docs = self._prepare(q, docs)
-        parts = [q, docs]
-        if n_hard:
-            (hard,) = self._prepare(hard)
-            parts.append(hard.reshape(n, n_hard * d))
-        local_all = torch.cat(parts, dim=1)
-        gathered, offset = gather_with_grad(local_all) if self.gather else (local_all, 0)
-        total = gathered.shape[0]
-        all_q, all_docs = gathered[:, :d], gathered[:, d : 2 * d]
-        bank = all_docs
-        if n_hard:
-            bank = torch.cat([all_docs, gathered[:, 2 * d :].reshape(total * n_hard, d)])
-        rows = torch.arange(n, device=q.device) + offset
-        check_mask(mask, (n, bank.shape[0]), q.device)
-        common = dict(
-            temperature=self.temperature,
-            negatives=self.negatives,
-            generator=generator,
-            on_shortage=self.on_shortage,
-            row_index=rows,
-            n_rows_global=total,
-        )
-        loss_q = info_nce_per_anchor(q, bank, rows, mask=mask, **common)
-        if not self.symmetric:
-            return loss_q, total
-        doc_mask = None
-        if mask is not None:
-            # Row j of the doc-to-query mask is column j of the query-to-doc mask.
-            all_rows = mask if not self.gather else gather_nograd(mask.to(torch.uint8)).bool()
-            doc_mask = all_rows[:, :total].t()[offset : offset + n]
-        loss_d = info_nce_per_anchor(docs, all_q, rows, mask=doc_mask, **common)
-        # Equal counts, so the mean of the concatenation is the average of the two directions.
-        return torch.cat([loss_q, loss_d]), total
+        check_views(a, b, self.form, self.check_finite)
+        layout = self._layout(a, b, hard_negatives, mask)
+        per_anchor = [
+            _selected_info_nce(
+                direction.anchors,
+                direction.bank,
+                direction.select(self.negatives, generator, self.on_shortage),
+                self.temperature,
+            )
+            for direction in layout.directions
+        ]
+        # Directions hold equal numbers of anchors: the mean of the concatenation
+        # is the average of the directions.
+        return layout.reduce(torch.cat(per_anchor) if len(per_anchor) > 1 else per_anchor[0], self.reduction)

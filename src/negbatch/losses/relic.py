@@ -17,25 +17,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .._checks import (
-    check_choice,
-    check_embeddings,
-    check_mask,
-    check_nonempty,
-    check_same,
-    check_temperature,
-)
-from ..distributed import gather_with_grad
-from ..negatives import Negatives, OnShortage, select_negatives, selection_logits, validate_negatives
-from .infonce import _reduce
+from .._checks import Negatives, OnShortage, Reduction, keyword_only
+from ..negatives import selection_logits
+from ._layout import BankLoss, check_views
 
 __all__ = ["ReLIC"]
 
 
-class ReLIC(nn.Module):
+class ReLIC(BankLoss):
     """ReLIC loss with negatives decoupled from the batch size.
+
+    Every argument is keyword-only: ``ReLIC(temperature=0.1, alpha=1.0,
+    negatives=16)``.
 
     Parameters
     ----------
@@ -69,33 +64,31 @@ class ReLIC(nn.Module):
     torch.Size([])
     """
 
+    @keyword_only("ReLIC(temperature=0.1, alpha=1.0, negatives=16)")
     def __init__(
         self,
+        *,
         temperature: float = 0.1,
         alpha: float = 1.0,
         negatives: Negatives = "all",
-        *,
         detach_target: bool = False,
         gather: bool = False,
         normalize: bool = True,
         on_shortage: OnShortage = "raise",
-        reduction: str = "mean",
+        reduction: Reduction = "mean",
         check_finite: bool = True,
     ) -> None:
+        """Set up the loss. Every argument is keyword-only; see Parameters in
+        ``help(ReLIC)``."""
         super().__init__()
-        self.temperature = check_temperature(temperature)
+        self._set_options(
+            temperature=temperature, negatives=negatives, form="two_view", symmetric=False, gather=gather,
+            normalize=normalize, on_shortage=on_shortage, reduction=reduction, check_finite=check_finite,
+        )
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
             raise ValueError(f"alpha must be a float >= 0, got {alpha!r}")
-        check_choice(on_shortage, "on_shortage", ("raise", "use_all"))
-        check_choice(reduction, "reduction", ("mean", "sum", "none"))
         self.alpha = float(alpha)
-        self.negatives = validate_negatives(negatives)
         self.detach_target = detach_target
-        self.gather = gather
-        self.normalize = normalize
-        self.on_shortage = on_shortage
-        self.reduction = reduction
-        self.check_finite = check_finite
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}, negatives={self.negatives!r}"
@@ -108,30 +101,15 @@ class ReLIC(nn.Module):
         mask: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        check_embeddings(view1, "view1", check_finite=self.check_finite)
-        check_embeddings(view2, "view2", check_finite=self.check_finite)
-        check_same(view1, view2, "view1", "view2", dims=(0, 1))
-        check_nonempty(view1, "view1")
-        z1, z2 = (F.normalize(view1, dim=-1), F.normalize(view2, dim=-1)) if self.normalize else (view1, view2)
-        n, d = z1.shape
-        both, offset = gather_with_grad(torch.cat([z1, z2], 1)) if self.gather else (torch.cat([z1, z2], 1), 0)
-        total = both.shape[0]
-        check_mask(mask, (n, total), z1.device)
-        rows = torch.arange(n, device=z1.device) + offset
+        check_views(view1, view2, "two_view", self.check_finite)
+        layout = self._layout(view1, view2, None, mask, bank="other_view")
         terms = []
-        for direction, (zv, zw, bank_w) in enumerate(((z1, z2, both[:, d:]), (z2, z1, both[:, :d]))):
-            selection = select_negatives(
-                rows,
-                total,
-                self.negatives,
-                mask=mask,
-                generator=generator,
-                on_shortage=self.on_shortage,
-                row_index=rows + direction * total,
-                n_rows_global=2 * total,
-            )
-            logits_vw = selection_logits(zv, bank_w, selection, self.temperature)
-            logits_ww = selection_logits(zw, bank_w, selection, self.temperature)
+        # Direction (v, w) contrasts view v with view w's bank; view w's own
+        # anchors (the anchors of the other direction) give p^{ww}.
+        for v_side, w_side in zip(layout.directions, layout.directions[::-1]):
+            selection = v_side.select(self.negatives, generator, self.on_shortage)
+            logits_vw = selection_logits(v_side.anchors, v_side.bank, selection, self.temperature)
+            logits_ww = selection_logits(w_side.anchors, v_side.bank, selection, self.temperature)
             if self.detach_target:
                 logits_ww = logits_ww.detach()
             nce = F.cross_entropy(logits_vw, selection.positive_column, reduction="none")
@@ -143,4 +121,4 @@ class ReLIC(nn.Module):
             log_p, log_q = log_p.masked_fill(outside, 0.0), log_q.masked_fill(outside, 0.0)
             kl = (log_p.exp().masked_fill(outside, 0.0) * (log_p - log_q)).sum(dim=1)
             terms.append(nce + self.alpha * kl)
-        return _reduce(torch.cat(terms), self.reduction, n, total if self.gather else None)
+        return layout.reduce(torch.cat(terms), self.reduction)

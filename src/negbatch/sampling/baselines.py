@@ -178,6 +178,7 @@ class HardNegativeBatchSampler(EpochBatchSampler):
         num_replicas: int | None = None,
         rank: int | None = None,
     ) -> None:
+        """Set up the sampler; see Parameters in ``help(HardNegativeBatchSampler)``."""
         super().__init__(
             num_samples, batch_size, drop_last=drop_last, shuffle_batches=shuffle_batches, seed=seed,
             refresh_every=refresh_every, num_replicas=num_replicas, rank=rank,
@@ -256,6 +257,7 @@ class NoDuplicateBatchSampler(EpochBatchSampler):
         num_replicas: int | None = None,
         rank: int | None = None,
     ) -> None:
+        """Set up the sampler; see Parameters in ``help(NoDuplicateBatchSampler)``."""
         if isinstance(keys, (str, bytes)) or not hasattr(keys, "__len__"):
             raise TypeError("keys must be a sequence with one hashable key per sample")
         super().__init__(

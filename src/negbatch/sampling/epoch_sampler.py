@@ -91,6 +91,9 @@ class EpochBatchSampler(Sampler[list[int]]):
         num_replicas: int | None = None,
         rank: int | None = None,
     ) -> None:
+        """Set up the sampler; see Parameters in the class docstring (``help()``
+        of the class: :class:`EpochBatchSampler` or the subclass, e.g.
+        :class:`~negbatch.sampling.baselines.RandomBatchSampler`)."""
         self.num_samples = _positive_int(num_samples, "num_samples")
         self.batch_size = _positive_int(batch_size, "batch_size")
         if self.batch_size > self.num_samples:

@@ -372,6 +372,7 @@ class GCBSampler(EpochBatchSampler):
         num_replicas: int | None = None,
         rank: int | None = None,
     ) -> None:
+        """Set up the sampler; see Parameters in ``help(GCBSampler)``."""
         super().__init__(
             num_samples, batch_size, drop_last=drop_last, shuffle_batches=shuffle_batches, seed=seed,
             refresh_every=refresh_every, num_replicas=num_replicas, rank=rank,

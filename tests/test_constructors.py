@@ -1,0 +1,71 @@
+"""Constructors a newcomer meets first: no silently ambiguous positional
+argument, and ``help(Class.__init__)`` that shows negbatch's text, not
+torch's or object's."""
+
+from __future__ import annotations
+
+import inspect
+import pydoc
+
+import pytest
+import torch
+
+from negbatch import (
+    GCBSampler,
+    GlobalInfoNCE,
+    GradCache,
+    HardNegativeBatchSampler,
+    InfoNCE,
+    NoDuplicateBatchSampler,
+    RandomBatchSampler,
+    ReLIC,
+)
+from negbatch.sampling.epoch_sampler import EpochBatchSampler
+
+
+@pytest.mark.parametrize(
+    "make, shown",
+    [
+        (lambda: InfoNCE(16), "16"),
+        (lambda: InfoNCE(0.1, 16), "0.1, 16"),
+        (lambda: ReLIC(0.1), "0.1"),
+        (lambda: ReLIC(0.1, 1.0, 8), "0.1, 1.0, 8"),
+        (lambda: GlobalInfoNCE(100, 16), "16"),
+    ],
+    ids=["InfoNCE(16)", "InfoNCE(0.1, 16)", "ReLIC(0.1)", "ReLIC(0.1, 1.0, 8)", "GlobalInfoNCE(100, 16)"],
+)
+def test_positional_arguments_are_refused_with_what_to_write(make, shown):
+    with pytest.raises(TypeError) as info:
+        make()
+    message = str(info.value)
+    assert f"got {shown} by position" in message
+    assert "temperature=" in message and "negatives=" in message  # what to write instead
+
+
+def test_keywords_and_the_one_positional_num_samples_are_accepted():
+    z1, z2 = torch.randn(6, 4), torch.randn(6, 4)
+    assert InfoNCE(negatives=3)(z1, z2, generator=torch.Generator().manual_seed(0)).shape == ()
+    assert InfoNCE(temperature=16.0).temperature == 16.0
+    assert ReLIC(temperature=0.2, alpha=0.5).alpha == 0.5
+    loss_fn = GlobalInfoNCE(10, temperature=0.3, negatives=2)
+    assert (loss_fn.num_samples, loss_fn.temperature, loss_fn.negatives) == (10, 0.3, 2)
+    assert GlobalInfoNCE(num_samples=10).num_samples == 10
+    # The signature help() shows is the real one: keyword-only after num_samples.
+    kinds = {name: p.kind for name, p in inspect.signature(GlobalInfoNCE.__init__).parameters.items()}
+    assert kinds["num_samples"] == inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert kinds["temperature"] == kinds["negatives"] == inspect.Parameter.KEYWORD_ONLY
+    assert all(p.kind == inspect.Parameter.KEYWORD_ONLY
+               for name, p in inspect.signature(InfoNCE.__init__).parameters.items() if name != "self")
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [InfoNCE, ReLIC, GlobalInfoNCE, GradCache, GCBSampler, HardNegativeBatchSampler, NoDuplicateBatchSampler,
+     RandomBatchSampler, EpochBatchSampler],
+)
+def test_help_on_init_shows_our_text(cls):
+    text = pydoc.render_doc(cls.__init__, renderer=pydoc.plaintext)
+    assert "Initialize internal Module state" not in text  # torch.nn.Module's
+    assert "Initialize self." not in text  # object's
+    assert "see Parameters" in text
+    assert "num_samples" in text or "keys" in text or "temperature" in text or "encoders" in text  # the signature
