@@ -42,7 +42,7 @@ from ...models import ContrastiveModel, ProjectionHead, build_encoder
 from ...sampling import EpochBatchSampler, GCBSampler, HardNegativeBatchSampler, RandomBatchSampler, embed_dataset
 from ..config import TrainConfig
 from ..global_loss import GammaSchedule, GlobalPairLoss
-from . import Task
+from .base import Task
 
 __all__ = [
     "ImageTask",

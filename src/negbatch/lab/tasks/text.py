@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import TrainConfig
-from . import Task
+from .base import Task
 
 __all__ = ["TextTask", "TEXT_METRICS", "load_text_split", "text_tokenizer", "text_identity"]
 
