@@ -23,7 +23,9 @@ def test_registry_contract():
     for (name, modality) in STUDIES:
         study = get_study(name, modality)
         assert isinstance(study, Study) and (study.name, study.modality) == (name, modality)
-        assert type(study).run is not Study.run and type(study).report is not Study.report, (name, modality)
+        cls = type(study)
+        assert cls.report is not Study.report and cls.line is not Study.line, (name, modality)
+        assert cls.plan is not Study.plan or cls.run is not Study.run, (name, modality)
         assert study.summary and study.description
         parser = argparse.ArgumentParser()
         study.add_arguments(parser)  # no clash between the study's options and the training options

@@ -13,9 +13,11 @@ A study is one subclass per (study, modality) -- ``negatives`` on images,
   line per run trained now and one line for the runs finished earlier;
 * a progress bar per run when stderr is a terminal (and one worker).
 
-A subclass writes :meth:`Study.run` (the configurations, the sweep, extra
-measurements) and :meth:`Study.report` (figures and ``report.md`` from the
-folder alone).
+A subclass writes :meth:`Study.plan` (the configurations and ``study.json``),
+:meth:`Study.line` (a run's progress line), optionally
+:meth:`Study.after_training` (measurements on the trained runs), and
+:meth:`Study.report` (figures and ``report.md`` from the folder alone); or
+:meth:`Study.run` as a whole.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from ..config import IMAGE_ONLY, TEXT_ONLY, TrainConfig, add_config_arguments, load_config_file
 from ..run import SUMMARY, atomic_write_text
@@ -151,10 +153,9 @@ class Study:
         atomic_write_text(out / "study.json",
                           json.dumps({"study": self.name, "modality": self.modality, **spec}, indent=1))
 
-    def train(self, configs: list[TrainConfig], out: Path, workers: int,
-              line: Callable[[dict[str, Any]], str], what: str = "runs") -> list[dict[str, Any]]:
+    def train(self, configs: list[TrainConfig], out: Path, workers: int, what: str = "runs") -> list[dict[str, Any]]:
         """Train ``configs`` into ``out/runs`` (skipping finished runs), printing
-        ``[i/n] line(summary)`` for each run trained now."""
+        ``[i/n] self.line(summary)`` for each run trained now."""
         keys = {run_key(c, self.key_fields) for c in configs}
         earlier = {k for k in keys if (out / "runs" / k / SUMMARY).exists()}
         todo = len(configs) - len(earlier)
@@ -166,15 +167,33 @@ class Study:
             if summary["run"] in earlier:
                 return
             count[0] += 1
-            say(f"[{count[0]}/{todo}] {line(summary)}")
+            say(f"[{count[0]}/{todo}] {self.line(summary)}")
 
         return run_configs(configs, out, workers=workers, key_fields=self.key_fields, on_done=on_done)
 
     # ----------------------------------------------------------- the study
 
     def run(self, args: argparse.Namespace) -> Path:
-        """Run the study (skipping what a previous run of it finished); returns its folder."""
+        """Run the study (skipping what a previous run of it finished); returns its folder.
+
+        :meth:`plan`, :meth:`train`, :meth:`after_training`, :meth:`report`."""
+        self.check_workers(args)
+        out, configs = self.plan(args)
+        self.train(configs, out, args.workers)
+        self.after_training(args, out)
+        self.report(out)
+        return out
+
+    def plan(self, args: argparse.Namespace) -> tuple[Path, list[TrainConfig]]:
+        """Check the options, write ``study.json``; the study folder and the runs' configurations."""
         raise NotImplementedError
+
+    def line(self, summary: dict[str, Any]) -> str:
+        """What the progress line of a finished run says (after ``[i/n]``)."""
+        raise NotImplementedError
+
+    def after_training(self, args: argparse.Namespace, out: Path) -> None:
+        """Work on the trained runs before the report (nothing by default)."""
 
     def report(self, folder: Path) -> Path:
         """Write ``report.md`` and its figures from the study folder alone; returns the report's path."""

@@ -29,6 +29,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..config import TrainConfig
 from ..report import markdown_table, plt, save_figure
 from ..run import atomic_write_text, read_metrics
 from ..stats import fmt_mean_std, mean_std, welch_p
@@ -56,14 +57,7 @@ class ImageBatches(ImageStudy):
         g.add_argument("--samplers", default=",".join(SAMPLERS),
                        help=f"comma list of {', '.join(SAMPLERS)} (default: all three)")
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        super().add_arguments(parser)
-        for action in parser._actions:  # times are part of what is measured
-            if action.dest == "workers":
-                action.help = "worker processes (default: 1; more makes the measured times noisier)"
-
-    def run(self, args: argparse.Namespace) -> Path:
-        self.check_workers(args)
+    def plan(self, args: argparse.Namespace) -> tuple[Path, list[TrainConfig]]:
         samplers = parse_list(args.samplers, str, "samplers", unique=True)
         bad = [s for s in samplers if s not in SAMPLERS]
         if bad:
@@ -80,15 +74,12 @@ class ImageBatches(ImageStudy):
         self.write_spec(out, {"samplers": samplers, "seeds": seeds, "base": base.to_dict(),
                               "n_train_used": int(data.x_train.shape[0]),
                               "raw_pixel_linear_acc": self.raw_pixel_baseline(base, out)})
+        return out, configs
 
-        def line(summary: dict[str, Any]) -> str:
-            c = summary["config"]
-            return (f"{c['sampler']} seed={c['seed']}: linear_acc {summary['linear_acc']:.3f}, "
-                    f"final gap {summary.get('final_gap', float('nan')):.3f}")
-
-        self.train(configs, out, args.workers, line)
-        self.report(out)
-        return out
+    def line(self, summary: dict[str, Any]) -> str:
+        c = summary["config"]
+        return (f"{c['sampler']} seed={c['seed']}: linear_acc {summary['linear_acc']:.3f}, "
+                f"final gap {summary.get('final_gap', float('nan')):.3f}")
 
     def report(self, folder: Path) -> Path:
         return report(folder)

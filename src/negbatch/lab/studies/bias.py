@@ -87,8 +87,7 @@ class BiasStudy(ImageStudy):
                             "(default: 2000)")
         g.add_argument("--skip-bias", action="store_true", help="only the training part (b)")
 
-    def run(self, args: argparse.Namespace) -> Path:
-        self.check_workers(args)
+    def plan(self, args: argparse.Namespace) -> tuple[Path, list[TrainConfig]]:
         base = self.base_config(args)
         seeds = self.seeds(args)
         sizes = parse_list(args.bias_batch_sizes, int, "bias-batch-sizes")
@@ -104,22 +103,25 @@ class BiasStudy(ImageStudy):
                               "bias_batch_sizes": sizes, "num_batches": args.num_batches,
                               "bias_samples": args.bias_samples, "skip_bias": bool(args.skip_bias),
                               "conditions": runs})
+        return out, [c for _, c in labelled]
 
-        def line(summary: dict[str, Any]) -> str:
-            c = summary["config"]
-            return (f"{c['loss']} B={c['batch_size']} seed={c['seed']}: linear {summary['linear_acc']:.3f} "
-                    f"kNN {summary['knn_acc']:.3f}")
+    def line(self, summary: dict[str, Any]) -> str:
+        c = summary["config"]
+        return (f"{c['loss']} B={c['batch_size']} seed={c['seed']}: linear {summary['linear_acc']:.3f} "
+                f"kNN {summary['knn_acc']:.3f}")
 
-        self.train([c for _, c in labelled], out, args.workers, line, what="training runs")
-        if not args.skip_bias:
-            rows = []
-            for seed in seeds:
-                trained = next(c for label, c in labelled if c.loss == "global" and c.seed == seed)
-                rows += measure_bias(trained, out / "runs" / run_key(trained, self.key_fields), out / "bias", sizes,
-                                     args.num_batches, args.bias_samples)
-            _write_table(out, "bias_results", rows)
-        self.report(out)
-        return out
+    def after_training(self, args: argparse.Namespace, out: Path) -> None:
+        """Part (a): the bias of the initial and the trained global runs' models, per seed (cached)."""
+        if args.skip_bias:
+            return
+        spec = json.loads((out / "study.json").read_text())
+        base = TrainConfig.from_dict(spec["base"])
+        rows = []
+        for label, trained in build_configs(base, spec["batch_size"], spec["seeds"]):
+            if trained.loss == "global":
+                rows += measure_bias(trained, out / "runs" / run_key(trained, self.key_fields), out / "bias",
+                                     spec["bias_batch_sizes"], spec["num_batches"], spec["bias_samples"])
+        _write_table(out, "bias_results", rows)
 
     def report(self, folder: Path) -> Path:
         return report(folder)

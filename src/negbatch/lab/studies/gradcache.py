@@ -153,14 +153,14 @@ class ImageGradCache(ImageStudy):
                     configs.append(base.replace(batch_size=b, chunk_size=chunk,
                                                 chunk_method="cache" if method == "plain" else method, seed=seed))
 
-        def line(summary: dict[str, Any]) -> str:
-            c = summary["config"]
-            return (f"train B={c['batch_size']} chunk={c['chunk_size']} {c['chunk_method']} seed={c['seed']}: "
-                    f"linear {summary['linear_acc']:.3f}")
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # BatchNorm per chunk: stated in the report
-            self.train(configs, out / "accuracy", args.workers, line, what="trainings")
+            self.train(configs, out / "accuracy", args.workers, what="trainings")
+
+    def line(self, summary: dict[str, Any]) -> str:
+        c = summary["config"]
+        return (f"train B={c['batch_size']} chunk={c['chunk_size']} {c['chunk_method']} seed={c['seed']}: "
+                f"linear {summary['linear_acc']:.3f}")
 
     def report(self, folder: Path) -> Path:
         return report(folder)

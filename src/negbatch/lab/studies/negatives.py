@@ -25,9 +25,29 @@ from ..sweep import parse_list, read_results
 from ..tasks.image import negative_candidates
 from .base import ImageStudy
 
-__all__ = ["ImageNegatives", "build_configs", "DEFAULT_KS"]
+__all__ = ["ImageNegatives", "build_configs", "cap_ks", "add_sweep_arguments", "DEFAULT_KS"]
 
 DEFAULT_KS = "1,2,5,10,50,100,all"
+
+
+def cap_ks(ks: list, available: int) -> list:
+    """K values in order, each K >= the ``available`` candidates turned into ``"all"``, repeats dropped."""
+    capped: list = []
+    for k in ks:
+        k = "all" if k == "all" or k >= available else k
+        if k not in capped:
+            capped.append(k)
+    return capped
+
+
+def add_sweep_arguments(g: argparse._ArgumentGroup, ks: str, temperature: str, per: str) -> None:
+    """``--ks``, ``--temperatures`` and ``--lrs`` (the negatives study on either modality)."""
+    g.add_argument("--ks", default=ks, help=f"negatives per {per} to sweep; 'all' and K at or above the batch's "
+                   f"candidates mean all (default: {ks})")
+    g.add_argument("--temperatures", default=temperature,
+                   help=f"comma list; with several, the best per K is reported (default: {temperature})")
+    g.add_argument("--lrs", default=None, help="comma list of learning rates; with several, the best per K is "
+                   "reported (default: lr of --config, else 0.001)")
 
 
 def build_configs(base: TrainConfig, losses: list[str], ks: list, seeds: list[int], temperatures: list[float], lrs: list[float]) -> tuple[list[TrainConfig], dict[str, list]]:
@@ -36,13 +56,7 @@ def build_configs(base: TrainConfig, losses: list[str], ks: list, seeds: list[in
     for loss in losses:
         if loss not in ("simclr", "relic"):
             raise ValueError(f"--losses: unknown loss {loss!r}; expected simclr or relic")
-        available = negative_candidates(loss, base.batch_size)
-        capped = []
-        for k in ks:
-            k = "all" if k == "all" or k >= available else k
-            if k not in capped:
-                capped.append(k)
-        effective[loss] = capped
+        capped = effective[loss] = cap_ks(ks, negative_candidates(loss, base.batch_size))
         for k in capped:
             for t in temperatures:
                 for lr in lrs:
@@ -61,15 +75,9 @@ class ImageNegatives(ImageStudy):
 
     def add_study_arguments(self, g: argparse._ArgumentGroup) -> None:
         g.add_argument("--losses", default="simclr,relic", help="comma list of simclr, relic (default: simclr,relic)")
-        g.add_argument("--ks", default=DEFAULT_KS, help="negatives per anchor to sweep; 'all' and K above the "
-                       f"batch's candidates mean all (default: {DEFAULT_KS})")
-        g.add_argument("--temperatures", default="0.2",
-                       help="comma list; with several, the best per K is reported (default: 0.2)")
-        g.add_argument("--lrs", default=None, help="comma list of learning rates; with several, the best per K is "
-                       "reported (default: lr of --config, else 0.001)")
+        add_sweep_arguments(g, DEFAULT_KS, "0.2", "anchor")
 
-    def run(self, args: argparse.Namespace) -> Path:
-        self.check_workers(args)
+    def plan(self, args: argparse.Namespace) -> tuple[Path, list[TrainConfig]]:
         base = self.base_config(args)
         losses = parse_list(args.losses, str, "losses")
         ks = parse_list(args.ks, parse_negatives, "ks")
@@ -81,15 +89,12 @@ class ImageNegatives(ImageStudy):
         self.write_spec(out, {"base": base.to_dict(), "losses": losses, "ks": effective, "seeds": seeds,
                               "temperatures": temperatures, "lrs": lrs, "runs": len(configs),
                               "raw_pixel_linear_acc": self.raw_pixel_baseline(base, out)})
+        return out, configs
 
-        def line(summary: dict[str, Any]) -> str:
-            c = summary["config"]
-            return (f"{c['loss']} K={c['negatives']} t={c['temperature']} lr={c['lr']} seed={c['seed']}: "
-                    f"linear {summary['linear_acc']:.3f} kNN {summary['knn_acc']:.3f}")
-
-        self.train(configs, out, args.workers, line)
-        self.report(out)
-        return out
+    def line(self, summary: dict[str, Any]) -> str:
+        c = summary["config"]
+        return (f"{c['loss']} K={c['negatives']} t={c['temperature']} lr={c['lr']} seed={c['seed']}: "
+                f"linear {summary['linear_acc']:.3f} kNN {summary['knn_acc']:.3f}")
 
     def report(self, folder: Path) -> Path:
         return report(folder)

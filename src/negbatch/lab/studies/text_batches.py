@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..config import TrainConfig
 from ..report import markdown_table, plt, save_figure
 from ..run import atomic_write_text
 from ..stats import fmt_mean_std, mean_std, welch_p
@@ -49,8 +50,7 @@ class TextBatches(TextStudy):
                             "given (default: 1)")
         g.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: from --epochs)")
 
-    def run(self, args: argparse.Namespace) -> Path:
-        self.check_workers(args)
+    def plan(self, args: argparse.Namespace) -> tuple[Path, list[TrainConfig]]:
         if args.steps is not None and args.steps < 1:
             raise ValueError(f"--steps must be a positive int, got {args.steps}")
         base = self.base_config(args)
@@ -69,15 +69,11 @@ class TextBatches(TextStudy):
         configs = [base.replace(sampler=s, seed=seed) for s in samplers for seed in seeds]
         out = self.out_folder(args, base.dataset)
         self.write_spec(out, {"base": base.to_dict(), "samplers": samplers, "seeds": seeds, "runs": len(configs)})
+        return out, configs
 
-        def line(summary: dict[str, Any]) -> str:
-            c = summary["config"]
-            return (f"sampler={c['sampler']} seed={c['seed']}: R@1 {summary['recall@1']:.3f} "
-                    f"nDCG@10 {summary['ndcg@10']:.3f}")
-
-        self.train(configs, out, args.workers, line)
-        self.report(out)
-        return out
+    def line(self, summary: dict[str, Any]) -> str:
+        c = summary["config"]
+        return f"sampler={c['sampler']} seed={c['seed']}: R@1 {summary['recall@1']:.3f} nDCG@10 {summary['ndcg@10']:.3f}"
 
     def report(self, folder: Path) -> Path:
         return report(folder)

@@ -57,8 +57,7 @@ class TextGradCache(TextStudy):
         g.add_argument("--pairs", type=int, default=None,
                        help="training pairs seen per run with --budget pairs (default: one epoch)")
 
-    def run(self, args: argparse.Namespace) -> Path:
-        self.check_workers(args)
+    def plan(self, args: argparse.Namespace) -> tuple[Path, list[TrainConfig]]:
         base = self.base_config(args)
         sizes = parse_list(args.batch_sizes, int, "batch-sizes")
         seeds = self.seeds(args)
@@ -85,15 +84,12 @@ class TextGradCache(TextStudy):
                               "chunk_size": args.chunk_size, "budget": args.budget,
                               "pairs": pairs if args.budget == "pairs" else None,
                               "saved_activation_bytes": memory, "runs": len(configs)})
+        return out, configs
 
-        def line(summary: dict[str, Any]) -> str:
-            c = summary["config"]
-            return (f"B={c['batch_size']} chunk={c['chunk_size']} steps={c['steps']} seed={c['seed']}: "
-                    f"R@1 {summary['recall@1']:.3f} nDCG@10 {summary['ndcg@10']:.3f}")
-
-        self.train(configs, out, args.workers, line)
-        self.report(out)
-        return out
+    def line(self, summary: dict[str, Any]) -> str:
+        c = summary["config"]
+        return (f"B={c['batch_size']} chunk={c['chunk_size']} steps={c['steps']} seed={c['seed']}: "
+                f"R@1 {summary['recall@1']:.3f} nDCG@10 {summary['ndcg@10']:.3f}")
 
     def report(self, folder: Path) -> Path:
         return report(folder)

@@ -24,6 +24,7 @@ from ..stats import fmt_mean_std, mean_std, welch_p
 from ..sweep import parse_list, read_results
 from ..tasks.text import TEXT_METRICS
 from .base import TextStudy
+from .negatives import add_sweep_arguments, cap_ks
 
 __all__ = ["TextNegatives", "build_text_configs", "DEFAULT_TEXT_KS"]
 
@@ -33,12 +34,7 @@ DEFAULT_TEXT_KS = "1,4,16,all"
 def build_text_configs(base: TrainConfig, ks: list, seeds: list[int], temperatures: list[float],
                        lrs: list[float]) -> tuple[list[TrainConfig], list]:
     """Every (K, temperature, lr, seed) configuration; K >= the B - 1 candidates becomes ``all``."""
-    available = base.batch_size - 1
-    capped: list = []
-    for k in ks:
-        k = "all" if k == "all" or k >= available else k
-        if k not in capped:
-            capped.append(k)
+    capped = cap_ks(ks, base.batch_size - 1)
     configs = [base.replace(negatives=k, temperature=t, lr=lr, seed=s) for k in capped for t in temperatures
                for lr in lrs for s in seeds]
     return configs, capped
@@ -53,15 +49,9 @@ class TextNegatives(TextStudy):
     key_fields = ("negatives", "temperature", "lr", "seed")
 
     def add_study_arguments(self, g: argparse._ArgumentGroup) -> None:
-        g.add_argument("--ks", default=DEFAULT_TEXT_KS, help="negatives per query to sweep; 'all' and K >= B - 1 mean "
-                       f"all (default: {DEFAULT_TEXT_KS})")
-        g.add_argument("--temperatures", default="0.05",
-                       help="comma list; with several, the best per K is reported (default: 0.05)")
-        g.add_argument("--lrs", default=None, help="comma list of learning rates; with several, the best per K is "
-                       "reported (default: lr of --config, else 0.001)")
+        add_sweep_arguments(g, DEFAULT_TEXT_KS, "0.05", "query")
 
-    def run(self, args: argparse.Namespace) -> Path:
-        self.check_workers(args)
+    def plan(self, args: argparse.Namespace) -> tuple[Path, list[TrainConfig]]:
         base = self.base_config(args)
         ks = parse_list(args.ks, parse_negatives, "ks")
         seeds = self.seeds(args)
@@ -72,15 +62,12 @@ class TextNegatives(TextStudy):
         out = self.out_folder(args, base.dataset)
         self.write_spec(out, {"base": base.to_dict(), "ks": effective, "seeds": seeds, "temperatures": temperatures,
                               "lrs": lrs, "runs": len(configs)})
+        return out, configs
 
-        def line(summary: dict[str, Any]) -> str:
-            c = summary["config"]
-            return (f"K={c['negatives']} t={c['temperature']} lr={c['lr']} seed={c['seed']}: "
-                    f"R@1 {summary['recall@1']:.3f} nDCG@10 {summary['ndcg@10']:.3f}")
-
-        self.train(configs, out, args.workers, line)
-        self.report(out)
-        return out
+    def line(self, summary: dict[str, Any]) -> str:
+        c = summary["config"]
+        return (f"K={c['negatives']} t={c['temperature']} lr={c['lr']} seed={c['seed']}: "
+                f"R@1 {summary['recall@1']:.3f} nDCG@10 {summary['ndcg@10']:.3f}")
 
     def report(self, folder: Path) -> Path:
         return report(folder)
