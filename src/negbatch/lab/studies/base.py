@@ -94,9 +94,10 @@ class Study:
                        help="TOML/YAML/JSON file of training options (those the study sets are overridden)")
         foreign = TEXT_ONLY if self.modality == "image" else IMAGE_ONLY
         add_config_arguments(parser, exclude=self.swept + foreign)
-        if self.defaults:
+        shown = {k: v for k, v in self.defaults.items() if k not in self.swept}
+        if shown:
             parser.epilog = ("Study defaults over the training options' own: "
-                             + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in self.defaults.items()) + ".")
+                             + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in shown.items()) + ".")
 
     def add_study_arguments(self, group: argparse._ArgumentGroup) -> None:
         """Options of this study (beside ``--out``, ``--seeds``, ``--workers``, ``--config``)."""
