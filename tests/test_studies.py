@@ -53,6 +53,7 @@ def test_run_configs_skips_finished_runs_and_writes_one_row_each(tmp_path, monke
     rows = read_results(tmp_path)
     assert len(rows) == 2 and {r["seed"] for r in rows} == {0, 1}
     assert {"linear_acc", "knn_acc", "batch_size", "negatives", "run"} <= set(rows[0])
+    assert all(r["steps"] == 3 and r["epochs"] == 1 for r in rows)  # the steps taken: 48 images in batches of 16
     assert (tmp_path / "results.csv").read_text().count("\n") == 3
     # A rerun trains nothing: make training impossible and get the same summaries back.
     import negbatch.lab.tasks.image as image
