@@ -19,7 +19,8 @@
     On CPU the RSS includes the interpreter, torch, the model and the inputs
     (reported as "baseline": the RSS just before the step; the peak is reset
     there through /proc/self/clear_refs where Linux allows it, otherwise
-    ru_maxrss), so the ratios are also printed on the step's own increase.
+    ru_maxrss: negbatch.lab.memory, the instrument of the gradcache study),
+    so the ratios are also printed on the step's own increase.
 
 (3) Decomposition (MLP at B = --decompose-batch, same process, side by
     side): the loss alone, the no-grad forward and the encoder's
@@ -48,6 +49,7 @@ import torch
 from torch import nn
 
 from negbatch import GradCache, InfoNCE
+from negbatch.lab.memory import peak_memory
 
 DIM_OUT = 128
 
@@ -225,34 +227,6 @@ def run_decomposition(args, device) -> None:
 # ------------------------------------------------------------------ memory
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> int:
-    """Current RSS in bytes, after resetting the peak where Linux allows it
-    (importing torch peaks higher than a small step, hiding it otherwise)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    rss = _status_kib("VmRSS")
-    return rss * 1024 if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _peak_rss() -> int:
-    hwm = _status_kib("VmHWM")
-    return hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def memory_child(variant: str, b: int, chunk: int, device_name: str, model: str) -> None:
     device = torch.device(device_name)
     torch.manual_seed(0)
@@ -261,23 +235,14 @@ def memory_child(variant: str, b: int, chunk: int, device_name: str, model: str)
     v1, v2 = make_views(model, b, device)
     if variant == "loss_only":
         z1, z2 = (torch.randn(b, DIM_OUT, device=device, requires_grad=True) for _ in range(2))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _reset_peak_rss()
-    if variant == "plain":
-        plain_step(enc, loss_fn, v1, v2)
-    elif variant == "cached":
-        GradCache(enc, loss_fn, chunk).step(v1, v2)
-    elif variant == "loss_only":
-        loss_fn(z1, z2).backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = _peak_rss()
+    with peak_memory(device) as memory:
+        if variant == "plain":
+            plain_step(enc, loss_fn, v1, v2)
+        elif variant == "cached":
+            GradCache(enc, loss_fn, chunk).step(v1, v2)
+        elif variant == "loss_only":
+            loss_fn(z1, z2).backward()
+    peak, base = memory.peak_bytes, memory.base_bytes
     print(json.dumps({"peak": peak, "base": base}))
 
 

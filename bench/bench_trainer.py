@@ -28,7 +28,8 @@ import torch  # noqa: E402
 from negbatch.data import Augment, load_digits  # noqa: E402
 from negbatch.diagnostics import GradientSNR  # noqa: E402
 from negbatch.lab import TrainConfig, train  # noqa: E402
-from negbatch.lab.trainer import build_loss, build_model, build_optimizer, build_schedule  # noqa: E402
+from negbatch.lab.optim import build_optimizer, build_schedule  # noqa: E402
+from negbatch.lab.tasks.image import build_loss, build_model  # noqa: E402
 
 
 def minimal_loop(cfg: TrainConfig, data, snr: bool) -> float:
@@ -36,7 +37,7 @@ def minimal_loop(cfg: TrainConfig, data, snr: bool) -> float:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.image_shape)
     loss_fn = build_loss(cfg).loss  # the bare InfoNCE module
-    opt = build_optimizer(cfg, model)
+    opt = build_optimizer(cfg, model.parameters())
     steps_per_epoch = len(data.x_train) // cfg.batch_size
     sched = build_schedule(cfg, opt, cfg.epochs * steps_per_epoch)
     aug = Augment(strength=cfg.aug_strength)

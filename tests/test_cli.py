@@ -1,5 +1,8 @@
-"""Every command through a real subprocess, at tiny sizes."""
+"""Every command at tiny sizes: the console entry point through a real subprocess
+once, the rest in-process (the same code path as the console script); the full
+study with worker processes through a subprocess is marked slow."""
 
+import io
 import json
 import os
 import subprocess
@@ -8,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from negbatch.cli import main
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = ["--n-train", "64", "--n-test", "48", "--batch-size", "16", "--epochs", "1",
         "--encoder-widths", "16", "--head-widths", "16,8", "--knn-k", "5"]
@@ -15,84 +20,218 @@ TINY = ["--n-train", "64", "--n-test", "48", "--batch-size", "16", "--epochs", "
 
 def negbatch(*args, cwd=None):
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "negbatch.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=240)
+    return subprocess.run([sys.executable, "-m", "negbatch.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
 
 
-def test_help_everywhere(capsys):
-    out = negbatch("--help")
-    assert out.returncode == 0 and "demo" in out.stdout and "study" in out.stdout
-    r = negbatch("study", "negatives", "--help")
-    assert r.returncode == 0 and "--ks" in r.stdout and "--temperature" not in r.stdout.replace("--temperatures", "")
-    # The other commands' help in-process (same parser; saves interpreter start-ups).
-    from negbatch.cli import main
+def _help(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--help"])
+    assert exit_.value.code == 0, argv
+    return capsys.readouterr().out
 
-    for cmd in (["demo"], ["study"], ["train"], ["report"]):
+
+def test_help_everywhere_and_version(capsys):
+    for cmd in ([], ["demo"], ["study"], ["train"], ["report"]):
+        assert "usage: negbatch" in _help(capsys, *cmd), cmd
+    image = _help(capsys, "study", "negatives")
+    assert "--ks" in image and "--temperature " not in image  # swept: --temperatures instead
+    assert "--text-dim" not in image and "negbatch study negatives --data bible --help" in image
+    text = _help(capsys, "study", "negatives", "--data", "bible")
+    assert "--text-dim" in text and "1,4,16,all" in text and "--encoder-widths" not in text
+    assert "negbatch study negatives --data digits --help" in text
+    for name in ("batches", "gradcache"):
+        assert f"negbatch study {name} --data bible --help" in _help(capsys, "study", name)
+        assert "--text-dim" in _help(capsys, "study", name, "--dataset=builtin")
+    assert "on image data only" in _help(capsys, "study", "bias")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    from negbatch import __version__
+
+    assert capsys.readouterr().out.strip() == f"negbatch {__version__}"
+
+
+def test_unknown_option_gets_its_commands_usage_and_a_suggestion(capsys):
+    for argv, usage in ((["train", "--bogus", "1"], "usage: negbatch train"),
+                        (["study", "batches", "--samplerz", "gcbs"], "usage: negbatch study batches"),
+                        (["report", "x", "--verbose"], "usage: negbatch report")):
         with pytest.raises(SystemExit) as exit_:
-            main([*cmd, "--help"])
-        assert exit_.value.code == 0
-        assert "usage: negbatch" in capsys.readouterr().out, cmd
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and usage in err and "unrecognized arguments" in err, argv
+        assert "COMMAND" not in err, argv  # not the top-level usage
+    with pytest.raises(SystemExit):
+        main(["train", "--temprature", "0.5"])
+    assert "--temprature: did you mean --temperature?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["study", "batches", "--samplerz", "gcbs"])
+    assert "did you mean --samplers?" in capsys.readouterr().err
 
 
-def test_train_then_report(tmp_path):
+def test_train_then_report_through_the_console(tmp_path):
     (tmp_path / "c.yaml").write_text("loss: relic\nnegatives: 4\n")
     r = negbatch("train", "--config", str(tmp_path / "c.yaml"), *TINY, "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
-    assert "linear accuracy" in r.stdout
+    assert "linear accuracy" in r.stdout and "report:" in r.stdout
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["negatives"] == 4
-    r = negbatch("report", str(tmp_path / "run"))
-    assert r.returncode == 0 and (tmp_path / "run" / "curves.png").exists()
+    (tmp_path / "run" / "curves.png").unlink()
+    assert main(["report", str(tmp_path / "run")]) == 0 and (tmp_path / "run" / "curves.png").exists()
 
 
-def test_study_negatives_resumes_and_reports(tmp_path):
+def test_train_text_pairs_with_named_columns(tmp_path, capsys):
+    pytest.importorskip("tokenizers", reason="text runs need the text extra")
+    rows = [{"q": f"question {i} about topic {i % 7}", "d": f"answer {i} on subject {i % 7}",
+             "h": [f"other answer {i + 1}"]} for i in range(24)]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["train", "--data", f"pairs:{path}", "--query-column", "q", "--document-column", "d",
+            "--hard-negatives-column", "h", "--test-fraction", "0.25", "--batch-size", "4", "--steps", "2",
+            "--text-dim", "16", "--text-heads", "2", "--vocab-size", "300", "--out", str(tmp_path / "run")]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    for piece in ("recall@1", "recall@10", "mrr@10", "ndcg@10", "untrained encoder", "report:"):
+        assert piece in out, piece
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["data"]["hard_negatives"] == 1 and summary["config"]["query_column"] == "q"
+    assert f"ndcg@10 {summary['ndcg@10']:.4f}" in out
+    # The file's own column names are what a missing column's message points to.
+    assert main(["train", "--data", f"pairs:{path}", "--out", str(tmp_path / "bad")]) == 2
+    assert "no column 'query'" in capsys.readouterr().err
+
+
+def _tty_stderr(monkeypatch):
+    class TTY(io.StringIO):
+        def isatty(self):
+            return True
+
+    fake = TTY()
+    monkeypatch.setattr(sys, "stderr", fake)
+    return fake
+
+
+def _no_study_reports(monkeypatch):
+    """Skip the studies' figures where a test is about something else (each report is tested on its own)."""
+    from negbatch.lab.studies.base import Study
+
+    made = []
+    for cls in _study_classes(Study):
+        monkeypatch.setattr(cls, "report", lambda self, folder: made.append(folder) or folder / "report.md")
+    return made
+
+
+def _study_classes(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _study_classes(sub)
+
+
+def test_progress_bars_when_stderr_is_a_terminal(tmp_path, monkeypatch):
+    fake = _tty_stderr(monkeypatch)
+    assert main(["train", *TINY, "--out", str(tmp_path / "run")]) == 0
+    assert "%|" in fake.getvalue() and "/4 [" in fake.getvalue()  # tqdm's bar: 64 images in batches of 16
+    fake.seek(0)
+    fake.truncate()
+    _no_study_reports(monkeypatch)
+    assert main(["study", "negatives", *TINY, "--ks", "all", "--seeds", "0", "--losses", "simclr",
+                 "--out", str(tmp_path / "study")]) == 0
+    assert "%|" in fake.getvalue() and "/4 [" in fake.getvalue() and "[1/1]" in fake.getvalue()
+
+
+def test_resumed_run_says_so(tmp_path, capsys):
+    from negbatch.lab import TrainConfig, load_config_file, train
+
+    config = tmp_path / "c.toml"
+    config.write_text('n_train = 64\nn_test = 48\nbatch_size = 8\nepochs = 1\nencoder_widths = [16]\n'
+                      'head_widths = [16, 8]\nknn_k = 5\n')
+    assert train(TrainConfig.from_dict(load_config_file(config)), tmp_path / "run", stop_after=3) is None
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 0
+    assert "resuming from step 3 of 8" in capsys.readouterr().err
+
+
+def test_study_negatives_resumes_says_so_and_reports(tmp_path, capsys, monkeypatch):
     out = tmp_path / "study"
     args = ["study", "negatives", *TINY, "--ks", "2,all,500", "--seeds", "0,1", "--losses", "simclr", "--out", str(out)]
-    r = negbatch(*args, "--workers", "2")
-    assert r.returncode == 0, r.stderr
+    assert main(args) == 0, capsys.readouterr().err
+    first = capsys.readouterr().err
+    assert "[4/4]" in first and "finished earlier" not in first
     rows = json.loads((out / "results.json").read_text())
     assert sorted((str(x["negatives"]), x["seed"]) for x in rows) == [("2", 0), ("2", 1), ("all", 0), ("all", 1)]
     assert (out / "results.csv").read_text().count("\n") == 5
     for name in ("report.md", "accuracy_vs_k.png", "snr_over_training.png", "geometry_vs_k.png"):
         assert (out / name).exists(), name
+    spec = json.loads((out / "study.json").read_text())
+    assert spec["study"] == "negatives" and spec["modality"] == "image" and spec["ks"] == {"simclr": [2, "all"]}
     assert "## What the data show" in (out / "report.md").read_text()
-    # A rerun trains nothing again (the summaries are reused verbatim); in-process to save start-ups.
-    from negbatch.cli import main
 
+    # Reruns train only what is missing, and say which runs finished earlier.
+    reports = _no_study_reports(monkeypatch)
+    (next(out.glob("runs/*negatives=2*seed=0*")) / "summary.json").unlink()
+    assert main(args) == 0
+    again = capsys.readouterr().err
+    assert "3 finished earlier (skipped)" in again and "[1/1] simclr K=2" in again and "[2/" not in again
     before = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
     assert main(args) == 0
-    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == before
+    third = capsys.readouterr().err
+    assert "4 finished earlier (skipped)" in third and "[1/" not in third
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == before  # nothing retrained
+    assert reports == [out, out]
+    monkeypatch.undo()
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0 and (out / "report.md").exists()
 
 
+@pytest.mark.slow
+def test_study_negatives_with_workers_through_the_console(tmp_path):
+    out = tmp_path / "study"
+    args = ["study", "negatives", *TINY, "--ks", "2,all,500", "--seeds", "0,1", "--losses", "simclr,relic",
+            "--out", str(out)]
+    r = negbatch(*args, "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((out / "results.json").read_text())
+    assert sorted((x["loss"], str(x["negatives"]), x["seed"]) for x in rows) == sorted(
+        (loss, k, s) for loss in ("simclr", "relic") for k in ("2", "all") for s in (0, 1))
+    again = negbatch(*args, "--workers", "2")
+    assert again.returncode == 0 and "8 finished earlier (skipped)" in again.stderr and "[1/" not in again.stderr
+    assert main(["report", str(out)]) == 0
+
+
+def test_study_routing_by_data_set(tmp_path, capsys):
+    from negbatch.cli import _selected_study
+
+    assert _selected_study(["study", "gradcache", "--data", "bible", "--seeds", "0"]) == ("gradcache", "text")
+    assert _selected_study(["study", "batches", "--data=pairs:my.jsonl"]) == ("batches", "text")
+    assert _selected_study(["study", "negatives", "--dataset", "builtin"]) == ("negatives", "text")
+    assert _selected_study(["study", "batches", "--data", "digits"]) == ("batches", "image")
+    assert _selected_study(["study", "gradcache"]) == ("gradcache", "image")
+    (tmp_path / "t.toml").write_text('dataset = "bible"\n')
+    assert _selected_study(["study", "negatives", "--config", str(tmp_path / "t.toml")]) == ("negatives", "text")
+    assert _selected_study(["train", "--data", "bible"]) is None
+    assert main(["study", "bias", "--data", "bible", "--out", str(tmp_path / "b")]) == 2
+    assert "the bias study runs on image data only" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 def test_clear_errors(tmp_path, capsys):
     (tmp_path / "bad.toml").write_text('loss = "simclr"\nbatch_sise = 8\n')
-    r = negbatch("train", "--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "x"))
-    assert r.returncode == 2 and "unknown key 'batch_sise'" in r.stderr and "batch_size" in r.stderr
-    # The other errors in-process (same code path as the console script).
-    from negbatch.cli import main
-
     cases = [
+        (["train", "--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "x")], "unknown key 'batch_sise'"),
         (["train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "y")],
          "apt-get install dataset-fashion-mnist"),
         (["train", "--lr", "fast", "--out", str(tmp_path / "z")], "lr: expected a float"),
         (["report", str(tmp_path)], "neither a study folder"),
+        (["report", str(tmp_path / "nonexistent")], f"{tmp_path / 'nonexistent'} does not exist"),
         (["study", "negatives", "--ks", "0,all", "--out", str(tmp_path / "s")], "negatives must be 'all' or a positive int"),
+        (["study", "negatives", "--text-dim", "8", "--out", str(tmp_path / "s")], "unrecognized arguments: --text-dim"),
     ]
     for argv, message in cases:
-        assert main(argv) == 2, argv
+        try:
+            code = main(argv)
+        except SystemExit as exit_:  # argparse's own errors
+            code = exit_.code
+        assert code == 2, argv
         assert message in capsys.readouterr().err, argv
     with pytest.raises(SystemExit):
         main(["study", "nosuch"])
     assert "invalid choice" in capsys.readouterr().err
-
-
-def test_text_data_routes_gradcache_and_batches_to_their_text_studies():
-    from negbatch.cli import route_text_studies
-
-    assert route_text_studies(["study", "gradcache", "--data", "bible", "--seeds", "0"]) == [
-        "study", "text-gradcache", "--data", "bible", "--seeds", "0"]
-    assert route_text_studies(["study", "batches", "--data=pairs:my.jsonl"])[1] == "text-batches"
-    assert route_text_studies(["study", "batches", "--data", "images"])[1] == "batches"
-    assert route_text_studies(["study", "gradcache", "--data", "digits"])[1] == "gradcache"
-    assert route_text_studies(["study", "negatives", "--data", "bible"])[1] == "negatives"
-    assert route_text_studies(["train", "--data", "bible"]) == ["train", "--data", "bible"]

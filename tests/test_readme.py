@@ -56,3 +56,56 @@ def test_docs_examples_run(page):
             exec(compile(code, f"{page.name} block {i}", "exec"), namespace)
         ran += 1
     assert ran, f"{page.name} has no runnable python block"
+
+
+LAB = README.parent / "docs" / "lab.md"
+
+
+def _demo_section() -> str:
+    text = LAB.read_text()
+    return text[text.index("## The demo and what it showed"):text.index("**Fashion-MNIST**")]
+
+
+def _demo_table(text: str) -> dict[str, tuple[str, str]]:
+    rows = re.findall(r"^\| ([^|]+?) \| (\d\.\d{3} ± \d\.\d{3}) \| (\d\.\d{3} ± \d\.\d{3}) \|$", text, flags=re.M)
+    return {k: (a, b) for k, a, b in rows}
+
+
+def test_lab_demo_section_states_the_demos_settings():
+    from negbatch.cli import DEMO
+    from negbatch.lab.tasks.image import negative_candidates
+
+    section = " ".join(_demo_section().split())
+    b = DEMO["batch_size"]
+    assert f"batch {b}, {DEMO['epochs']} epochs, Adam lr {DEMO['lr']:g}, temperature {DEMO['temperatures']}" in section
+    ks = DEMO["ks"].split(",")
+    assert "K ∈ {" + ", ".join(ks) + "}" in section
+    assert f"seeds 0–{len(DEMO['seeds'].split(',')) - 1}" in section
+    table = _demo_table(_demo_section())
+    all_label = f"all ({negative_candidates('simclr', b)} / {negative_candidates('relic', b)})"
+    assert list(table) == ks[:-1] + [all_label]
+
+
+def test_readme_gives_measured_times_for_the_setup_commands():
+    text = README.read_text()
+    first_block = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)
+    demo, test = first_block.splitlines()[:2]
+    assert re.search(r"\d+ (s|min)", demo) and "docs/lab.md" in text[: text.index("## A short tour")], demo
+    assert re.search(r"pytest \d+(\.\d+)? min", test), test
+
+
+@pytest.mark.slow
+def test_lab_demo_table_is_what_the_demo_reports(tmp_path):
+    """docs/lab.md's demo table against a fresh `negbatch demo` (minutes: slow)."""
+    from negbatch.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    report = (tmp_path / "demo" / "report.md").read_text()
+    got: dict[str, dict[str, str]] = {}
+    for loss in ("simclr", "relic"):
+        part = report[report.index(f"\n## {loss}\n"):]
+        for k, linear in re.findall(r"^\| ([^|]+?) \| \d+ \| [^|]+ \| [^|]+ \| (\d\.\d{3} ± \d\.\d{3}) \|", part, flags=re.M):
+            got.setdefault(loss, {}).setdefault("all" if k.startswith("all") else k, linear)
+    for k, (simclr, relic) in _demo_table(_demo_section()).items():
+        key = "all" if k.startswith("all") else k
+        assert (got["simclr"][key], got["relic"][key]) == (simclr, relic), k

@@ -7,7 +7,9 @@ import time
 import pytest
 
 from negbatch.lab import TrainConfig
-from negbatch.lab.studies import STUDIES
+from negbatch.lab.config import IMAGE_ONLY, TEXT_ONLY
+from negbatch.lab.studies import STUDIES, get_study, study_names
+from negbatch.lab.studies.base import Study
 from negbatch.lab.studies.negatives import build_configs
 from negbatch.lab.sweep import read_results, run_configs, run_key
 
@@ -15,8 +17,26 @@ TINY = TrainConfig(n_train=48, n_test=32, batch_size=16, epochs=1, encoder_width
 
 
 def test_registry_contract():
-    for name, module in STUDIES.items():
-        assert callable(module.add_arguments) and callable(module.run), name
+    import argparse
+
+    assert study_names() == ["negatives", "batches", "gradcache", "bias"]
+    for (name, modality) in STUDIES:
+        study = get_study(name, modality)
+        assert isinstance(study, Study) and (study.name, study.modality) == (name, modality)
+        cls = type(study)
+        assert cls.report is not Study.report and cls.line is not Study.line, (name, modality)
+        assert cls.plan is not Study.plan or cls.run is not Study.run, (name, modality)
+        assert study.summary and study.description
+        parser = argparse.ArgumentParser()
+        study.add_arguments(parser)  # no clash between the study's options and the training options
+        options = {s for a in parser._actions for s in a.option_strings}
+        assert {"--out", "--seeds", "--workers"} <= options, (name, modality)
+        foreign = TEXT_ONLY if modality == "image" else IMAGE_ONLY
+        assert not any(f"--{f.replace('_', '-')}" in options for f in foreign), (name, modality)
+    with pytest.raises(ValueError, match="the bias study runs on image data only"):
+        get_study("bias", "text")
+    with pytest.raises(ValueError, match="unknown study 'nosuch'"):
+        get_study("nosuch", "image")
 
 
 def test_k_capped_by_the_batch_per_loss():
@@ -33,11 +53,12 @@ def test_run_configs_skips_finished_runs_and_writes_one_row_each(tmp_path, monke
     rows = read_results(tmp_path)
     assert len(rows) == 2 and {r["seed"] for r in rows} == {0, 1}
     assert {"linear_acc", "knn_acc", "batch_size", "negatives", "run"} <= set(rows[0])
+    assert all(r["steps"] == 3 and r["epochs"] == 1 for r in rows)  # the steps taken: 48 images in batches of 16
     assert (tmp_path / "results.csv").read_text().count("\n") == 3
     # A rerun trains nothing: make training impossible and get the same summaries back.
-    import negbatch.lab.trainer as trainer
+    import negbatch.lab.tasks.image as image
 
-    monkeypatch.setattr(trainer, "build_model", lambda *a: (_ for _ in ()).throw(AssertionError("retrained")))
+    monkeypatch.setattr(image, "build_model", lambda *a: (_ for _ in ()).throw(AssertionError("retrained")))
     again = run_configs(configs, tmp_path)
     assert sorted(json.dumps(s, sort_keys=True) for s in again) == sorted(json.dumps(s, sort_keys=True) for s in first)
     assert run_key(TINY) != run_key(TINY.replace(seed=1))

@@ -1,50 +1,52 @@
-"""``negbatch study gradcache``: end to end in a real subprocess at tiny sizes,
-the memory instrument against a known allocation, the aggregation by hand."""
+"""``negbatch study gradcache``: a quick study in-process (its measurement runs
+in a fresh process, as always), the full study end to end (slow), the
+aggregation by hand."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-from negbatch.lab.studies import STUDIES
+from negbatch.lab.studies import get_study
 from negbatch.lab.studies import gradcache as study
+from negbatch.lab.studies import gradcache_report
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = ["--batch-sizes", "8,16", "--chunk-size", "4", "--repeats", "1", "--steps", "1",
         "--encoder-widths", "16", "--head-widths", "16,8",
         "--accuracy-batch-sizes", "16", "--accuracy-chunk-size", "4", "--seeds", "0", "--epochs", "1",
         "--n-train", "64", "--n-test", "48"]
 
 
-def negbatch(*args):
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "negbatch.cli", *args], capture_output=True, text=True, env=env, timeout=300)
-
-
 def test_registered():
-    assert STUDIES["gradcache"] is study
+    assert isinstance(get_study("gradcache", "image"), study.ImageGradCache)
 
 
-def test_quick_study_in_a_subprocess(tmp_path):
+def test_quick_study(tmp_path, capsys, monkeypatch):
+    from negbatch.cli import main
+
     out = tmp_path / "gc"
-    r = negbatch("study", "gradcache", "--batch-sizes", "8", "--methods", "cache", "--repeats", "1", "--steps", "1",
-                 "--encoder-widths", "16", "--head-widths", "16,8", "--accuracy-batch-sizes", "none", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    args = ["study", "gradcache", "--dataset", "digits", "--batch-sizes", "8", "--methods", "cache", "--repeats", "1",
+            "--steps", "1", "--encoder-widths", "16", "--head-widths", "16,8", "--accuracy-batch-sizes", "none",
+            "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
     (row,) = json.loads((out / "results.json").read_text())
-    assert row["method"] == "cache" and row["batch_size"] == 8 and row["time_s"] > 0
+    assert row["method"] == "cache" and row["batch_size"] == 8 and row["time_s"] > 0 and row["peak_mib"] > 0
+    measurement = json.loads((out / "measurements" / "cache-B8-r0.json").read_text())
+    assert measurement["memory_source"] in ("VmHWM after clear_refs", "ru_maxrss")
     assert "cache MiB" in (out / "report.md").read_text() and not (out / "accuracy").exists()
+    capsys.readouterr()
+    monkeypatch.setattr(study, "report", lambda folder: folder / "report.md")  # drawn above
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "1 done earlier (skipped)" in err and "[1/" not in err
 
 
 @pytest.mark.slow
 def test_study_end_to_end_resumes_and_reports(tmp_path):
+    from negbatch.cli import main
+
     out = tmp_path / "gc"
     args = ["study", "gradcache", *TINY, "--out", str(out)]
-    r = negbatch(*args)
-    assert r.returncode == 0, r.stderr
+    assert main(args) == 0
     rows = json.loads((out / "results.json").read_text())
     assert sorted((x["batch_size"], x["method"]) for x in rows) == sorted(
         (b, m) for b in (8, 16) for m in ("plain", "accumulate", "cache"))
@@ -60,8 +62,6 @@ def test_study_end_to_end_resumes_and_reports(tmp_path):
         assert (out / name).exists(), name
 
     # A rerun measures and trains nothing again; a lost measurement is redone alone.
-    from negbatch.cli import main
-
     files = sorted(out.glob("measurements/*.json")) + sorted(out.glob("accuracy/runs/*/summary.json"))
     before = {p: p.stat().st_mtime_ns for p in files}
     assert main(args) == 0
@@ -93,14 +93,6 @@ def test_bad_options(tmp_path, capsys):
         assert message in capsys.readouterr().err, extra
 
 
-def test_memory_instrument_sees_a_known_allocation():
-    base, source = study._baseline_rss()
-    x = torch.ones(16 * 2**20)  # 64 MiB, touched
-    grown = study._peak_rss(source) - base
-    del x
-    assert 60 * 2**20 <= grown <= 80 * 2**20, (grown / 2**20, source)
-
-
 def test_aggregate_median_spread_and_oom(tmp_path):
     (tmp_path / "measurements").mkdir()
     values = [(0, 10.0, 0.3), (1, 30.0, 0.1), (2, 20.0, 0.2)]
@@ -110,7 +102,7 @@ def test_aggregate_median_spread_and_oom(tmp_path):
         (tmp_path / "measurements" / f"cache-B8-r{r}.json").write_text(json.dumps(m))
     (tmp_path / "measurements" / "plain-B8-r0.json").write_text(
         json.dumps({"batch_size": 8, "method": "plain", "chunk_size": 4, "repeat": 0, "oom": True}))
-    rows = {r["method"]: r for r in study._aggregate(tmp_path)}
+    rows = {r["method"]: r for r in gradcache_report.aggregate(tmp_path)}
     c = rows["cache"]
     assert (c["step_mib"], c["step_mib_min"], c["step_mib_max"]) == (20.0, 10.0, 30.0)
     assert (c["time_s"], c["time_s_min"], c["time_s_max"]) == (0.2, 0.1, 0.3)

@@ -1,14 +1,10 @@
 """Text pairs in the lab's run skeleton: against a hand-written training loop and a
 brute-force retrieval reference, gradient caching, resume, configuration errors,
-and the text studies end to end through the CLI in a subprocess (skipped without
-the ``text`` extra)."""
+and the text studies end to end through the command's entry point, in-process
+(skipped without the ``text`` extra)."""
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,15 +15,9 @@ from negbatch.lab import TrainConfig, train  # noqa: E402
 from negbatch.lab.sweep import run_configs  # noqa: E402
 from negbatch.lab.tasks.text import load_text_split, text_tokenizer  # noqa: E402
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = dict(dataset="builtin", test_fraction=0.25, batch_size=8, steps=4, text_dim=16, text_heads=2, vocab_size=600)
 TINY_CLI = ["--data", "builtin", "--batch-size", "8", "--steps", "3", "--text-dim", "16", "--text-heads", "2",
             "--vocab-size", "600"]
-
-
-def negbatch(*args):
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "negbatch.cli", *args], capture_output=True, text=True, env=env, timeout=240)
 
 
 def losses(folder):
@@ -208,58 +198,84 @@ def test_sweep_rows_and_rerun(tmp_path):
         run_configs([base, base], tmp_path)
 
 
-def test_study_negatives_on_text_through_the_cli(tmp_path):
+def test_study_negatives_on_text(tmp_path, capsys):
+    from negbatch.cli import main
+
     out = tmp_path / "study"
-    args = ["study", "negatives", *TINY_CLI, "--ks", "2,5,100", "--seeds", "0,1", "--out", str(out)]
-    r = negbatch(*args)
-    assert r.returncode == 0, r.stderr
+    args = ["study", "negatives", *TINY_CLI, "--ks", "2,5,100", "--seeds", "0", "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
     spec = json.loads((out / "study.json").read_text())
-    assert spec["ks"] == [2, 5, "all"] and spec["data"] == "builtin"  # 100 >= 7 candidates: all
+    assert spec["ks"] == [2, 5, "all"] and spec["modality"] == "text" and spec["base"]["dataset"] == "builtin"
+    assert spec["base"]["test_fraction"] == 0.25  # the text studies' default on the built-in pairs
     rows = json.loads((out / "results.json").read_text())
-    assert len(rows) == 6 and {r["negatives"] for r in rows} == {2, 5, "all"}
+    assert len(rows) == 3 and {r["negatives"] for r in rows} == {2, 5, "all"}  # 100 >= 7 candidates: all
     assert all(0 <= r["recall@1"] <= r["recall@5"] <= r["recall@10"] <= 1 for r in rows)
+    assert all(r["steps"] == 3 and r["temperature"] == 0.05 for r in rows)
     report = (out / "report.md").read_text()
-    assert "nDCG@10" in report or "ndcg@10" in report
-    assert "all (7)" in report and (out / "retrieval_vs_k.png").exists()
+    assert "ndcg@10" in report and "all (7)" in report and (out / "retrieval_vs_k.png").exists()
+    capsys.readouterr()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
-    again = negbatch(*args)
-    assert again.returncode == 0, again.stderr
+    assert main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == stamps  # finished runs skipped
+    assert "3 finished earlier (skipped)" in capsys.readouterr().err
     (out / "report.md").unlink()
-    rep = negbatch("report", str(out))
-    assert rep.returncode == 0 and (out / "report.md").exists(), rep.stderr
+    assert main(["report", str(out)]) == 0 and (out / "report.md").exists()
 
 
-def test_study_on_the_users_pairs_file_and_errors(tmp_path):
+def test_text_study_defaults_match_the_old_text_studies():
+    # The text studies' defaults (8,000 Bible pairs, 120 steps, B = 64, lr 1e-3, temperature 0.05):
+    # the same runs, hence the same numbers, as before the studies shared one configuration.
+    import argparse
+
+    from negbatch.lab.studies import get_study
+
+    study = get_study("negatives", "text")
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    bible = study.base_config(parser.parse_args(["--data", "bible"]))
+    assert (bible.max_pairs, bible.steps, bible.batch_size, bible.lr, bible.temperature, bible.test_fraction) == (
+        8000, 120, 64, 1e-3, 0.05, 0.1)
+    assert (bible.text_dim, bible.text_depth, bible.text_heads, bible.vocab_size, bible.max_length, bible.dropout,
+            bible.symmetric, bible.weight_decay, bible.optimizer, bible.schedule) == (
+        64, 1, 4, 8000, 64, 0.1, True, 0.01, "adamw", "constant")
+    assert study.base_config(parser.parse_args(["--data", "bible", "--max-pairs", "0"])).max_pairs is None
+    assert study.base_config(parser.parse_args(["--data", "builtin"])).test_fraction == 0.25
+    epochs = study.base_config(parser.parse_args(["--data", "bible", "--epochs", "2"]))
+    assert (epochs.epochs, epochs.steps) == (2, None)
+
+
+def test_study_on_the_users_pairs_file_and_errors(tmp_path, capsys):
+    from negbatch.cli import main
     from negbatch.data.text import builtin_pairs
 
     pairs = builtin_pairs()
     path = tmp_path / "mine.jsonl"
     path.write_text("".join(json.dumps({"query": q, "document": d}) + "\n" for q, d in zip(pairs.queries, pairs.documents)))
-    r = negbatch("study", "negatives", *TINY_CLI[2:], "--data", f"pairs:{path}", "--test-fraction", "0.25",
-                 "--ks", "all", "--seeds", "0", "--symmetric", "false", "--out", str(tmp_path / "s"))
-    assert r.returncode == 0, r.stderr
+    assert main(["study", "negatives", *TINY_CLI[2:], "--data", f"pairs:{path}", "--test-fraction", "0.25",
+                 "--ks", "all", "--seeds", "0", "--symmetric", "false", "--out", str(tmp_path / "s")]) == 0
     row = json.loads((tmp_path / "s" / "results.json").read_text())[0]
-    assert row["symmetric"] is False and row["data"] == f"pairs:{path}"
-    bad = negbatch("study", "negatives", "--data", "wiki", "--out", str(tmp_path / "bad"))
-    assert bad.returncode == 2 and "pairs:PATH" in bad.stderr
-    missing = negbatch("study", "negatives", "--data", f"pairs:{tmp_path / 'nope.jsonl'}", "--out", str(tmp_path / "bad2"))
-    assert missing.returncode == 2 and "nope.jsonl" in missing.stderr
-    big = negbatch("study", "negatives", "--data", "builtin", "--out", str(tmp_path / "bad3"))  # default batch 64 > 34 pairs
-    assert big.returncode == 2 and "--batch-size 64 exceeds the 34 training pairs" in big.stderr
-    assert not (tmp_path / "bad3").exists()
+    assert row["symmetric"] is False and row["dataset"] == f"pairs:{path}"
+    capsys.readouterr()
+    cases = [(["--data", "wiki"], "pairs:PATH"), (["--data", f"pairs:{tmp_path / 'nope.jsonl'}"], "nope.jsonl"),
+             (["--data", "builtin"], "--batch-size 64 exceeds the 34 training pairs")]  # default batch 64 > 34 pairs
+    for extra, message in cases:
+        assert main(["study", "negatives", *extra, "--out", str(tmp_path / "bad")]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "bad").exists()
 
 
-def test_study_text_gradcache_through_the_cli(tmp_path):
+def test_study_gradcache_on_text(tmp_path, capsys):
+    from negbatch.cli import main
+
     out = tmp_path / "gc"
-    r = negbatch("study", "text-gradcache", *TINY_CLI[:2], *TINY_CLI[4:], "--batch-sizes", "4,16", "--chunk-size", "4",
-                 "--seeds", "0,1", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    assert main(["study", "gradcache", *TINY_CLI[:2], *TINY_CLI[4:], "--batch-sizes", "4,16", "--chunk-size", "4",
+                 "--seeds", "0", "--out", str(out)]) == 0, capsys.readouterr().err
     rows = json.loads((out / "results.json").read_text())
     spec = json.loads((out / "study.json").read_text())
+    assert spec["study"] == "gradcache" and spec["modality"] == "text"
     n_train = rows[0]["num_train_pairs"]
     assert sorted((r["batch_size"], r["chunk_size"], r["steps"]) for r in rows) == sorted(
-        [(4, 0, n_train // 4)] * 2 + [(16, 4, n_train // 16)] * 2)  # same pairs seen; cache only when B > chunk
+        [(4, None, n_train // 4), (16, 4, n_train // 16)])  # same pairs seen; cache only when B > chunk
     mem = spec["saved_activation_bytes"]
     assert mem["16"]["with_cache"] < mem["16"]["without_cache"] / 2
     assert "Activation memory" in (out / "report.md").read_text() and (out / "retrieval_vs_batch_size.png").exists()
@@ -268,7 +284,7 @@ def test_study_text_gradcache_through_the_cli(tmp_path):
 def test_saved_activation_bytes_grow_with_the_batch_not_with_the_cache():
     from negbatch.lab.studies.text_gradcache import saved_activation_bytes
 
-    cfg = TextRunConfig(**TINY)
+    cfg = TrainConfig(**TINY)
     plain = [saved_activation_bytes(cfg.replace(batch_size=b), 0) for b in (4, 16, 32)]
     cached = [saved_activation_bytes(cfg.replace(batch_size=b), 4) for b in (4, 16, 32)]
     assert plain[0] < plain[1] < plain[2]
@@ -280,31 +296,37 @@ def test_saved_activation_bytes_grow_with_the_batch_not_with_the_cache():
 
 @pytest.mark.parametrize("sampler", ["gcbs", "hard", "no-duplicates"])
 def test_sampler_batches_are_full_disjoint_and_seeded(sampler):
-    from negbatch.lab.text_samplers import epoch_batches
-    from negbatch.models.text import TransformerTextEncoder
+    from negbatch.lab.tasks.text import TextTask
 
-    cfg = TextRunConfig(**{**TINY, "sampler": sampler})
-    train, _ = load_text_split(cfg.data, cfg.max_pairs, cfg.test_fraction, cfg.data_seed)
-    tok = _tokenizer(cfg.data, cfg.max_pairs, cfg.test_fraction, cfg.data_seed, cfg.vocab_size, cfg.max_length)
-    torch.manual_seed(0)
-    enc = TransformerTextEncoder(tok.vocab_size, dim=cfg.dim, depth=1, heads=cfg.heads)
-    enc.train()
-    first = [b.tolist() for b in epoch_batches(cfg, enc, tok, train, epoch=0)]
-    again = [b.tolist() for b in epoch_batches(cfg, enc, tok, train, epoch=0)]
-    assert first == again and enc.training  # seeded; the encoder's mode is restored
+    cfg = TrainConfig(**{**TINY, "sampler": sampler})
+
+    def first_epoch():
+        task = TextTask(cfg, torch.device("cpu"))
+        torch.manual_seed(0)
+        task.build()
+        task.model.train()
+        task.sampler.set_epoch(0)
+        return [list(map(int, b)) for b in task.sampler], task
+
+    first, task = first_epoch()
+    again, _ = first_epoch()
+    assert first == again and task.model.training  # seeded; the encoder's mode is restored
     flat = [i for b in first for i in b]
-    assert all(len(b) == cfg.batch_size for b in first) and len(first) == len(train) // cfg.batch_size
-    assert len(set(flat)) == len(flat) and all(0 <= i < len(train) for i in flat)
+    n = len(task.train)
+    assert all(len(b) == cfg.batch_size for b in first) and len(first) == n // cfg.batch_size
+    assert len(set(flat)) == len(flat) and all(0 <= i < n for i in flat)
 
 
-def test_study_text_batches_through_the_cli(tmp_path):
+def test_study_batches_on_text(tmp_path, capsys):
+    from negbatch.cli import main
+
     out = tmp_path / "tb"
-    r = negbatch("study", "text-batches", *TINY_CLI[:2], *TINY_CLI[6:], "--batch-size", "8", "--samplers", "random,gcbs",
-                 "--seeds", "0", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    assert main(["study", "batches", *TINY_CLI[:2], *TINY_CLI[6:], "--batch-size", "8", "--samplers", "random,gcbs",
+                 "--seeds", "0", "--out", str(out)]) == 0, capsys.readouterr().err
     rows = json.loads((out / "results.json").read_text())
     assert sorted(r["sampler"] for r in rows) == ["gcbs", "random"]
     assert all(r["steps"] == r["num_train_pairs"] // 8 for r in rows)  # one epoch by default
     assert "gcbs** vs random" in (out / "report.md").read_text()
-    bad = negbatch("study", "text-batches", "--data", "builtin", "--samplers", "best", "--out", str(tmp_path / "x"))
-    assert bad.returncode == 2 and "unknown sampler" in bad.stderr
+    capsys.readouterr()
+    assert main(["study", "batches", "--data", "builtin", "--samplers", "best", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown sampler" in capsys.readouterr().err

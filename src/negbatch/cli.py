@@ -1,16 +1,21 @@
 """The ``negbatch`` command: demo, study, train, report.
 
-Run ``negbatch COMMAND --help`` for each command's options.
+Run ``negbatch COMMAND --help`` for each command's options. A study runs on
+the modality of its data set (``--data``/``--dataset``: images by default;
+``bible``, ``builtin`` and ``pairs:PATH`` are text pairs), which decides the
+options it takes: ``negbatch study NAME --data bible --help`` lists the text
+version's.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 import time
 from pathlib import Path
 
-__all__ = ["main", "DEMO"]
+__all__ = ["main", "build_parser", "DEMO"]
 
 # The demo: the negatives study on scikit-learn's digits, sized to finish in
 # a few minutes on a 2-core laptop CPU (docs/lab.md gives measured times).
@@ -29,20 +34,41 @@ DEMO = {
     "temperatures": "0.2",
 }
 
-
-def _study_parser(sub, name: str, module) -> None:
-    p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0],
-                       description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    module.add_arguments(p)
-    p.set_defaults(study_module=module)
+_EXAMPLE_DATA = {"image": "digits", "text": "bible"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose unknown options are reported by the (sub)command
+    they were given to, with its usage and the closest option it has."""
+
+    def unknown(self, extras: list[str]) -> None:
+        options = [s[2:] for a in self._actions for s in a.option_strings if s.startswith("--")]
+        hints = []
+        for arg in extras:
+            if arg.startswith("--"):
+                name = arg.split("=", 1)[0]
+                close = difflib.get_close_matches(name[2:], options, n=1)
+                if close:
+                    hints.append(f"{name}: did you mean --{close[0]}?")
+        self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def build_parser(study: tuple[str, str] | None = None) -> _Parser:
+    """The command's parser. ``study = (name, modality)`` gives that study the
+    options of that modality (each study otherwise shows its default modality's)."""
     from .lab.config import add_config_arguments
-    from .lab.studies import STUDIES
+    from .lab.studies import get_study, modalities, study_names
 
-    parser = argparse.ArgumentParser(prog="negbatch", description="How should batches and negatives be formed in contrastive learning?")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser = _Parser(prog="negbatch", description="How should batches and negatives be formed in contrastive learning?")
+    parser.add_argument("--version", action="version", version=f"negbatch {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    parser.leaves = {}
 
     demo = commands.add_parser("demo", help="the negatives study on the digits data set (a few minutes on a laptop CPU)",
                                description="Run the negatives study on scikit-learn's digits and print where its report is.")
@@ -50,82 +76,131 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
     demo.add_argument("--seeds", default=DEMO["seeds"], help=f"comma list of seeds (default: {DEMO['seeds']})")
     demo.add_argument("--epochs", type=int, default=DEMO["epochs"], help=f"epochs per run (default: {DEMO['epochs']})")
+    parser.leaves["demo"] = demo
 
-    study = commands.add_parser("study", help="run a study: " + ", ".join(STUDIES), description="Run a study; rerunning it skips finished runs.")
-    studies = study.add_subparsers(dest="study", metavar="STUDY", required=True)
-    for name, module in STUDIES.items():
-        _study_parser(studies, name, module)
+    names = study_names()
+    study_cmd = commands.add_parser(
+        "study", help="run a study: " + ", ".join(names),
+        description="Run a study; rerunning it skips finished runs. A study runs on images (the default data set) or, "
+                    "with --data bible|builtin|pairs:PATH, on text pairs, with the options of that version: "
+                    "`negbatch study NAME --data bible --help` lists them.")
+    studies = study_cmd.add_subparsers(dest="study", metavar="STUDY", required=True, parser_class=_Parser)
+    parser.leaves["study"] = study_cmd
+    for name in names:
+        have = modalities(name)
+        modality = study[1] if study is not None and study[0] == name else have[0]
+        obj = get_study(name, modality)
+        others = [m for m in have if m != modality]
+        epilog = (f"These are the options of the {name} study on {modality} data. "
+                  + (" ".join(f"On {m} data: negbatch study {name} --data {_EXAMPLE_DATA[m]} --help." for m in others)
+                     if others else f"The {name} study runs on {modality} data only."))
+        p = studies.add_parser(name, help=obj.summary, description=obj.description, epilog=epilog,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        obj.add_arguments(p)
+        if p.epilog != epilog:  # the study's own note first
+            p.epilog = f"{p.epilog}\n\n{epilog}"
+        p.set_defaults(study_obj=obj)
+        parser.leaves[f"study {name}"] = p
 
-    train = commands.add_parser("train", help="train one configuration", description="Train one configuration; options mirror the keys of a TOML/YAML/JSON --config file (command-line options win).")
+    train = commands.add_parser(
+        "train", help="train one configuration (images or text pairs)",
+        usage="%(prog)s [-h] [--config FILE] [--out FOLDER] [--OPTION VALUE ...]  (the options: negbatch train --help)",
+        description="Train one configuration on images or text pairs (the data set decides: --data bible, builtin or "
+                    "pairs:PATH train a dual encoder on text pairs, with --query-column/--document-column/"
+                    "--hard-negatives-column naming the columns of your file). Options mirror the keys of a "
+                    "TOML/YAML/JSON --config file (command-line options win); options of the other modality must "
+                    "stay unset.")
     train.add_argument("--config", default=None, help="TOML, YAML or JSON file of training options (a run's config.json works)")
     train.add_argument("--out", default="negbatch-runs/train", help="run folder (default: negbatch-runs/train); an unfinished run there resumes")
     add_config_arguments(train)
+    parser.leaves["train"] = train
 
-    report = commands.add_parser("report", help="(re)write the report of a study or run folder", description="Write report.md and figures for a study folder or a finished training run.")
+    report = commands.add_parser("report", help="(re)write the report of a study or run folder",
+                                 description="Write report.md and figures for a study folder or a finished training run.")
     report.add_argument("folder", help="study or run folder")
+    parser.leaves["report"] = report
     return parser
 
 
-def _demo(args: argparse.Namespace) -> Path:
-    from .lab.studies import negatives
+def _leaf(parser: _Parser, args: argparse.Namespace) -> _Parser:
+    command = getattr(args, "command", None)
+    if command == "study" and getattr(args, "study", None):
+        return parser.leaves[f"study {args.study}"]
+    return parser.leaves.get(command, parser)
 
+
+def _demo(args: argparse.Namespace) -> Path:
+    from .lab.studies import get_study
+
+    study = get_study("negatives", "image")
     parser = argparse.ArgumentParser()
-    negatives.add_arguments(parser)
+    study.add_arguments(parser)
     argv = []
     for key, value in {**DEMO, "seeds": args.seeds, "epochs": args.epochs}.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     argv += ["--out", args.out, "--workers", str(args.workers)]
-    return negatives.run(parser.parse_args(argv))
+    return study.run(parser.parse_args(argv))
 
 
-# Studies whose text-pair version lives in a module of its own: `study NAME --data
-# bible|builtin|pairs:PATH` runs `text-NAME` (the negatives study dispatches itself).
-_TEXT_STUDIES = {"gradcache": "text-gradcache", "batches": "text-batches"}
+def _train(args: argparse.Namespace) -> None:
+    from .lab import load_config_file, train
+    from .lab.config import config_from_args
+    from .lab.studies import report_folder
+
+    base = load_config_file(args.config) if args.config else {}
+    if not hasattr(args, "progress") and "progress" not in base and sys.stderr.isatty():
+        base["progress"] = True  # a progress bar when someone is watching
+    cfg = config_from_args(args, base)
+    summary = train(cfg, args.out)
+    assert summary is not None
+    report = report_folder(args.out)
+    if cfg.task == "text":
+        from .lab.tasks.text import TEXT_METRICS
+
+        trained = ", ".join(f"{k} {summary[k]:.4f}" for k in TEXT_METRICS)
+        untrained = ", ".join(f"{k} {summary['untrained_' + k]:.4f}" for k in ("recall@1", "ndcg@10"))
+        print(f"test retrieval ({summary['num_test_queries']} queries, {summary['num_test_documents']} documents): "
+              f"{trained} (untrained encoder: {untrained}); report: {report}")
+    else:
+        print(f"linear accuracy {summary['linear_acc']:.4f}, kNN accuracy {summary['knn_acc']:.4f}; report: {report}")
 
 
-def _is_text_data(value: str) -> bool:
-    return value in ("bible", "builtin") or value.startswith("pairs:")
+def _selected_study(argv: list[str]) -> tuple[str, str] | None:
+    """``(name, modality)`` of a ``study NAME ...`` command line (the modality from its data set)."""
+    from .lab.studies import get_study, modality_of_argv, study_names
 
-
-def route_text_studies(argv: list[str]) -> list[str]:
-    """``study gradcache --data bible ...`` -> ``study text-gradcache --data bible ...``."""
-    if len(argv) < 2 or argv[0] != "study" or argv[1] not in _TEXT_STUDIES:
-        return argv
-    for i, arg in enumerate(argv):
-        value = arg.split("=", 1)[1] if arg.startswith("--data=") else (argv[i + 1] if arg == "--data" and i + 1 < len(argv) else None)
-        if value is not None and _is_text_data(value):
-            return [argv[0], _TEXT_STUDIES[argv[1]], *argv[2:]]
-    return argv
+    if len(argv) < 2 or argv[0] != "study" or argv[1] not in study_names():
+        return None
+    selected = (argv[1], modality_of_argv(argv[2:]))
+    get_study(*selected)  # a ValueError when the study has no version for that data
+    return selected
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = route_text_studies(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        selected = _selected_study(argv)
+    except ValueError as err:
+        print(f"negbatch study: error: {err}", file=sys.stderr)
+        return 2
+    parser = build_parser(selected)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        _leaf(parser, args).unknown(extras)
     try:
         if args.command == "demo":
             start = time.perf_counter()
             folder = _demo(args)
             print(f"demo finished in {time.perf_counter() - start:.0f} s; report: {folder / 'report.md'}")
         elif args.command == "study":
-            folder = args.study_module.run(args)
+            folder = args.study_obj.run(args)
             print(f"report: {folder / 'report.md'}")
         elif args.command == "train":
-            from .lab import load_config_file, train
-            from .lab.config import config_from_args
-            from .lab.report import make_report
-
-            base = load_config_file(args.config) if args.config else {}
-            if not hasattr(args, "progress") and "progress" not in base and sys.stderr.isatty():
-                base["progress"] = True  # a progress bar when someone is watching
-            cfg = config_from_args(args, base)
-            summary = train(cfg, args.out)
-            assert summary is not None
-            report = make_report(args.out)
-            print(f"linear accuracy {summary['linear_acc']:.4f}, kNN accuracy {summary['knn_acc']:.4f}; report: {report}")
+            _train(args)
         elif args.command == "report":
-            from .lab.report import make_report
+            from .lab.studies import report_folder
 
-            print(f"report: {make_report(args.folder)}")
+            print(f"report: {report_folder(args.folder)}")
     except (ValueError, FileNotFoundError, TypeError, ModuleNotFoundError) as err:  # the last: a missing extra
         print(f"negbatch {args.command}: error: {err}", file=sys.stderr)
         return 2

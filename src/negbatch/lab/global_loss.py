@@ -90,7 +90,7 @@ class GlobalPairLoss(nn.Module):
     Examples
     --------
     >>> import torch
-    >>> from negbatch.lab.trainer import Batch
+    >>> from negbatch.lab.tasks.image import Batch
     >>> from negbatch.lab.global_loss import GlobalPairLoss
     >>> loss_fn = GlobalPairLoss(num_samples=100, temperature=0.2, gamma=0.9)
     >>> batch = Batch(torch.arange(8), torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8))

@@ -1,21 +1,21 @@
-"""Report helpers: Markdown tables, mean ± std, matplotlib (Agg) figures
-written atomically, and the report of one training run.
+"""Report helpers: Markdown tables, matplotlib (Agg) figures written
+atomically, and the report of one training run.
 
-Studies import these; nothing here imports a study (the dispatch from a folder
-to its study's report lives in :mod:`negbatch.lab.studies`).
+Studies import these (and the statistics of :mod:`negbatch.lab.stats`);
+nothing here imports a study: the dispatch from a folder to its study's
+report lives with the registry (:func:`negbatch.lab.studies.report_folder`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .run import SUMMARY, atomic_write_text, read_metrics
 
-__all__ = ["run_report", "mean_std", "fmt_mean_std", "plt", "save_figure", "markdown_table"]
+__all__ = ["run_report", "plt", "save_figure", "markdown_table"]
 
 
 def plt():
@@ -35,21 +35,6 @@ def save_figure(fig, path: Path) -> str:
     os.replace(tmp, path)
     plt().close(fig)
     return path.name
-
-
-def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
-    """Mean, sample standard deviation (0 for one value) and count, ignoring None/NaN."""
-    v = [float(x) for x in values if x is not None and not math.isnan(float(x))]
-    if not v:
-        return float("nan"), float("nan"), 0
-    m = sum(v) / len(v)
-    s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
-    return m, s, len(v)
-
-
-def fmt_mean_std(values: Iterable[float], digits: int = 3) -> str:
-    m, s, n = mean_std(values)
-    return "n/a" if n == 0 else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:

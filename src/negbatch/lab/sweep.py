@@ -50,9 +50,11 @@ def _train_one(cfg_dict: dict[str, Any], run_dir: str, threads: int | None) -> d
 
 
 def _flatten(summary: dict[str, Any]) -> dict[str, Any]:
+    """The run's results, then its configuration's fields: ``steps`` is the
+    number of steps the run took, also when the configuration gave epochs."""
     row = {k: v for k, v in summary.items() if k != "config"}
     for k, v in summary["config"].items():
-        row[k] = ",".join(map(str, v)) if isinstance(v, list) else v
+        row.setdefault(k, ",".join(map(str, v)) if isinstance(v, list) else v)
     return row
 
 

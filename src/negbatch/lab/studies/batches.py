@@ -18,89 +18,74 @@ digits with 3 samplers x 3 seeds that is about 40 s of CPU time (measured: under
 3 minutes wall on a busy 2-core machine); `--dataset fashion-mnist --n-train 5000
 --n-test 2000` about 4 CPU minutes (7-14 wall on that machine).
 
-`--data` names the kind of data (`images` now; see DATA for how to add text
-pairs).
+On text pairs (``--data bible|builtin|pairs:PATH``) the study is
+:mod:`negbatch.lab.studies.text_batches`.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import math
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from ..config import TrainConfig, add_config_arguments, config_from_args, load_config_file
-from ..sweep import atomic_write_text, parse_list, read_results, run_configs
-from ..trainer import read_metrics
+from ..config import TrainConfig
+from ..report import markdown_table, plt, save_figure
+from ..run import atomic_write_text, read_metrics
+from ..stats import fmt_mean_std, mean_std, welch_p
+from ..sweep import parse_list, read_results
+from .base import ImageStudy
 
-_list = functools.partial(parse_list, unique=True)
-
-__all__ = ["add_arguments", "run", "report", "StudyData", "DATA", "SAMPLERS", "STUDY_DEFAULTS"]
+__all__ = ["ImageBatches", "SAMPLERS", "STUDY_DEFAULTS", "METRICS"]
 
 SAMPLERS = ("random", "gcbs", "hard")
 STUDY_DEFAULTS = {"epochs": 20, "lr": 0.002, "gcbs_q": 0.99}
-SWEPT = ("sampler", "seed", "log_gap")
+#: (key, label) of the downstream metrics, the headline first.
+METRICS = (("linear_acc", "linear acc"), ("knn_acc", "kNN acc"))
 
 
-# --------------------------------------------------------------------- data kinds
+class ImageBatches(ImageStudy):
+    """The batches study on images: one run per (sampler, seed), the gap logged every epoch."""
+
+    name = "batches"
+    summary = "random vs GCBS vs hard-negative batches (images and text pairs)"
+    swept = ("sampler", "seed", "log_gap")
+    defaults = STUDY_DEFAULTS
+    key_fields = ("sampler", "seed")
+
+    def add_study_arguments(self, g: argparse._ArgumentGroup) -> None:
+        g.add_argument("--samplers", default=",".join(SAMPLERS),
+                       help=f"comma list of {', '.join(SAMPLERS)} (default: all three)")
+
+    def plan(self, args: argparse.Namespace) -> tuple[Path, list[TrainConfig]]:
+        samplers = parse_list(args.samplers, str, "samplers", unique=True)
+        bad = [s for s in samplers if s not in SAMPLERS]
+        if bad:
+            raise ValueError(f"--samplers: unknown {', '.join(bad)}; expected a comma list of {', '.join(SAMPLERS)}")
+        seeds = self.seeds(args)
+        base = self.base_config(args, log_gap=True)
+        from ...data import load_dataset
+
+        data = load_dataset(base.dataset, base.data_dir).subset(base.n_train, base.n_test)  # fails early if missing
+        if base.batch_size > data.x_train.shape[0]:
+            raise ValueError(f"--batch-size {base.batch_size} exceeds the {data.x_train.shape[0]} training images")
+        configs = [base.replace(sampler=s, seed=seed) for s in samplers for seed in seeds]
+        out = self.out_folder(args, base.dataset)
+        self.write_spec(out, {"samplers": samplers, "seeds": seeds, "base": base.to_dict(),
+                              "n_train_used": int(data.x_train.shape[0]),
+                              "raw_pixel_linear_acc": self.raw_pixel_baseline(base, out)})
+        return out, configs
+
+    def line(self, summary: dict[str, Any]) -> str:
+        c = summary["config"]
+        return (f"{c['sampler']} seed={c['seed']}: linear_acc {summary['linear_acc']:.3f}, "
+                f"final gap {summary.get('final_gap', float('nan')):.3f}")
+
+    def report(self, folder: Path) -> Path:
+        return report(folder)
 
 
-@dataclass(frozen=True)
-class StudyData:
-    """How the study runs on one kind of data.
-
-    A new kind (text pairs) is one more instance in :data:`DATA`:
-
-    * ``setup(args) -> dict``: validate the options and return the
-      data-specific part of ``study.json`` (e.g. the base configuration);
-    * ``train(spec, folder, workers, on_done)``: train every
-      ``(sampler, seed)`` of ``spec["samplers"]`` x ``spec["seeds"]`` into
-      ``folder/runs/<run>/`` (skipping finished runs), keeping
-      ``folder/results.json`` current with one row per run holding
-      ``sampler``, ``seed``, ``run``, ``epochs``, the ``metrics`` keys,
-      ``train_seconds`` (the training loop), ``sampler_seconds`` (embedding +
-      ordering, part of it) and ``gap_seconds`` (the diagnostic, also
-      part of it, not of training); each run folder holds ``metrics.jsonl``
-      whose rows with a ``gap`` key (and ``gap_global_loss``) carry the
-      ``epoch`` they open;
-    * ``metrics``: ``(key, label)`` of the downstream metrics, the headline first;
-    * ``describe(spec) -> str``: one paragraph on the setup for the report.
-    """
-
-    name: str
-    setup: Callable[[argparse.Namespace], dict[str, Any]]
-    train: Callable[[dict[str, Any], Path, int, Callable], None]
-    metrics: tuple[tuple[str, str], ...]
-    describe: Callable[[dict[str, Any]], str]
-
-
-def _setup_images(args: argparse.Namespace) -> dict[str, Any]:
-    values = dict(STUDY_DEFAULTS)
-    if args.config:
-        values.update(load_config_file(args.config))
-    base = config_from_args(args, values).replace(log_gap=True)
-    from ...data import load_dataset
-    from ...evaluation import linear_probe
-
-    data = load_dataset(base.dataset, base.data_dir).subset(base.n_train, base.n_test)  # fails early if missing
-    flat = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731
-    if base.batch_size > data.x_train.shape[0]:
-        raise ValueError(f"--batch-size {base.batch_size} exceeds the {data.x_train.shape[0]} training images")
-    return {"base": base.to_dict(), "n_train_used": int(data.x_train.shape[0]),
-            "raw_pixel_linear_acc": linear_probe(flat(data.x_train), data.y_train, flat(data.x_test), data.y_test)}
-
-
-def _train_images(spec: dict[str, Any], folder: Path, workers: int, on_done: Callable) -> None:
-    base = TrainConfig.from_dict(spec["base"])
-    configs = [base.replace(sampler=s, seed=seed) for s in spec["samplers"] for seed in spec["seeds"]]
-    run_configs(configs, folder, workers=workers, on_done=on_done)
-
-
-def _describe_images(spec: dict[str, Any]) -> str:
+def _describe(spec: dict[str, Any]) -> str:
     b = spec["base"]
     return (f"Data `{b['dataset']}` ({spec['n_train_used']} training images used; test {b['n_test'] or 'all'}), encoder "
             f"`{b['encoder']}` {b['encoder_widths']}, head {b['head_widths']}, {b['loss']} loss, temperature "
@@ -109,58 +94,6 @@ def _describe_images(spec: dict[str, Any]) -> str:
             f"{', re-planned every %d steps' % b['refresh_every'] if b['refresh_every'] else ', planned once per epoch'}; "
             f"hard = k-means into N/B clusters, batches filled cluster by cluster. Both embed the un-augmented "
             f"training images with the current model (projection output). Seeds {spec['seeds']}.")
-
-
-DATA: dict[str, StudyData] = {
-    "images": StudyData("images", _setup_images, _train_images,
-                        (("linear_acc", "linear acc"), ("knn_acc", "kNN acc")), _describe_images),
-}
-
-
-# -------------------------------------------------------------------------- running
-
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("study options")
-    g.add_argument("--out", default=None, help="study folder (default: negbatch-runs/batches-DATASET)")
-    g.add_argument("--data", default="images", help=f"kind of data: {', '.join(DATA)} (default: images)")
-    g.add_argument("--samplers", default=",".join(SAMPLERS), help=f"comma list of {', '.join(SAMPLERS)} (default: all three)")
-    g.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default: 0,1,2)")
-    g.add_argument("--workers", type=int, default=1,
-                   help="worker processes (default: 1; more makes the measured times noisier)")
-    g.add_argument("--config", default=None, help="TOML/YAML file of training options (sampler, seed, log_gap are set by the study)")
-    add_config_arguments(parser, exclude=SWEPT)
-    parser.epilog = ("Study defaults over the training options' own: "
-                     + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in STUDY_DEFAULTS.items()) + ".")
-
-
-def run(args: argparse.Namespace) -> Path:
-    if args.data not in DATA:
-        raise ValueError(f"--data {args.data!r} is not supported; expected one of {', '.join(DATA)}")
-    kind = DATA[args.data]
-    samplers = _list(args.samplers, str, "samplers")
-    bad = [s for s in samplers if s not in SAMPLERS]
-    if bad:
-        raise ValueError(f"--samplers: unknown {', '.join(bad)}; expected a comma list of {', '.join(SAMPLERS)}")
-    seeds = _list(args.seeds, int, "seeds")
-    spec = {"study": "batches", "data": kind.name, "samplers": samplers, "seeds": seeds, **kind.setup(args)}
-    dataset = spec.get("base", {}).get("dataset", kind.name)
-    out = Path(args.out or f"negbatch-runs/batches-{dataset}")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "study.json", json.dumps(spec, indent=1))
-    total = len(samplers) * len(seeds)
-    print(f"batches study: {total} runs into {out}", file=sys.stderr, flush=True)
-    headline = kind.metrics[0][0]
-
-    def progress(summary: dict[str, Any], done: int, total: int) -> None:
-        c = summary["config"]
-        print(f"[{done}/{total}] {c['sampler']} seed={c['seed']}: {headline} {summary[headline]:.3f}, "
-              f"final gap {summary.get('final_gap', float('nan')):.3f}", file=sys.stderr, flush=True)
-
-    kind.train(spec, out, args.workers, progress)
-    report(out)
-    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -181,30 +114,15 @@ def _times(r: dict[str, Any]) -> tuple[float, float]:
     return with_order, with_order - (r.get("sampler_seconds") or 0.0) / epochs
 
 
-def _welch(a: list[float], b: list[float]) -> float | None:
-    if len(a) < 2 or len(b) < 2 or (len(set(a)) == 1 and len(set(b)) == 1):
-        return None
-    import warnings
-
-    from scipy import stats
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # near-identical values: p is still usable
-        p = stats.ttest_ind(a, b, equal_var=False).pvalue
-    return None if math.isnan(p) else float(p)
-
-
-def _compare(name: str, rows: dict[str, list[dict]], kind: StudyData, folder: Path) -> str:
+def _compare(name: str, rows: dict[str, list[dict]], folder: Path) -> str:
     """One finding: ``name`` against random batches, gap, accuracy, cost."""
-    from ..report import mean_std
-
     ours, rand = rows[name], rows["random"]
     parts = []
 
     def versus(key: str, label: str, higher_better: bool) -> tuple[float, float | None]:
         a, b = [r[key] for r in ours], [r[key] for r in rand]
         (ma, sa, _), (mb, sb, _) = mean_std(a), mean_std(b)
-        p = _welch(a, b)
+        p = welch_p(a, b)
         better = "same" if round(ma, 3) == round(mb, 3) else "better" if (ma > mb) == higher_better else "worse"
         sig = ("beyond seed noise" if p is not None and p < 0.05
                else "within seed noise") + (f", Welch p = {p:.2g}" if p is not None else ", too few seeds for a test")
@@ -221,8 +139,8 @@ def _compare(name: str, rows: dict[str, list[dict]], kind: StudyData, folder: Pa
         m_ours = mean_std(r["final_same_class_pairs"] for r in ours)[0]
         m_rand = mean_std(r["final_same_class_pairs"] for r in rand)[0]
         parts.append(f"same-class (false-negative) pairs in a batch {m_ours:.0%} vs {m_rand:.0%}")
-    d_acc, p_acc = versus(kind.metrics[0][0], kind.metrics[0][1], True)
-    for key, label in kind.metrics[1:]:
+    d_acc, p_acc = versus(METRICS[0][0], METRICS[0][1], True)
+    for key, label in METRICS[1:]:
         versus(key, label, True)
     t_ours = mean_std(_times(r)[0] for r in ours)[0]
     t_rand = mean_std(_times(r)[0] for r in rand)[0]
@@ -251,11 +169,8 @@ def _compare(name: str, rows: dict[str, list[dict]], kind: StudyData, folder: Pa
 
 def report(folder: Path) -> Path:
     """Figures and ``report.md`` from the study folder alone."""
-    from ..report import fmt_mean_std, markdown_table, mean_std, plt, save_figure
-
     folder = Path(folder)
     spec = json.loads((folder / "study.json").read_text())
-    kind = DATA[spec["data"]]
     rows: dict[str, list[dict]] = {}
     for r in read_results(folder):
         if r["sampler"] in spec["samplers"] and int(r["seed"]) in spec["seeds"]:
@@ -285,7 +200,7 @@ def report(folder: Path) -> Path:
     # Figure 2: downstream accuracy per sampler, and the epoch time split.
     fig, axes = pyplot.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
     xs = list(range(len(samplers)))
-    for j, (key, label) in enumerate(kind.metrics):
+    for j, (key, label) in enumerate(METRICS):
         st = [mean_std(r[key] for r in rows[s]) for s in samplers]
         axes[0].errorbar([x + 0.1 * j for x in xs], [a[0] for a in st], yerr=[a[1] for a in st], fmt="o", capsize=4, label=label)
     axes[0].set_xticks(xs, samplers)
@@ -305,16 +220,16 @@ def report(folder: Path) -> Path:
     table = []
     for s in samplers:
         rs = rows[s]
-        table.append([s, len(rs)] + [fmt_mean_std(r[k] for r in rs) for k, _ in kind.metrics] + [
+        table.append([s, len(rs)] + [fmt_mean_std(r[k] for r in rs) for k, _ in METRICS] + [
             fmt_mean_std(r["final_gap"] for r in rs), fmt_mean_std(r["mean_gap"] for r in rs),
             fmt_mean_std(_last(_per_epoch(folder, r["run"], "gap_global_loss")) for r in rs),
             fmt_mean_std(_last(_per_epoch(folder, r["run"], "same_class_pairs")) for r in rs),
             fmt_mean_std((_times(r)[0] for r in rs), 3), fmt_mean_std((_times(r)[1] for r in rs), 3),
             fmt_mean_std(((r.get("sampler_seconds") or 0.0) / r["epochs"] / _times(r)[0] * 100 for r in rs), 1),
         ])
-    header = ["sampler", "seeds"] + [label for _, label in kind.metrics] + [
+    header = ["sampler", "seeds"] + [label for _, label in METRICS] + [
         "final gap", "mean gap", "final L^Global", "final same-class pairs", "s/epoch", "s/epoch w/o ordering", "ordering share %"]
-    text = ["# Study: random vs GCBS vs hard-negative batches\n\n", kind.describe(spec), "\n\n",
+    text = ["# Study: random vs GCBS vs hard-negative batches\n\n", _describe(spec), "\n\n",
             "Mean ± sample std over seeds. The gap and the global loss are measured at the start of each epoch on the "
             "epoch's own batches (final: the last epoch's start), as is the fraction of in-batch pairs of the same "
             "class (false negatives; random batches: about 1/classes); times are per epoch of the training loop without "
@@ -322,7 +237,7 @@ def report(folder: Path) -> Path:
     if spec.get("raw_pixel_linear_acc") is not None:
         text.append(f"\nBaseline: the same linear probe on the raw pixels scores {spec['raw_pixel_linear_acc']:.3f}.\n")
     text.append("\n" + markdown_table(header, table))
-    findings = [_compare(s, rows, kind, folder) for s in samplers if s != "random" and "random" in rows]
+    findings = [_compare(s, rows, folder) for s in samplers if s != "random" and "random" in rows]
     if findings:
         text.append("\n## What the data show\n\n" + "\n".join(f"- {f}" for f in findings) + "\n")
         text.append("\nHow to read this. Each sampler's gap is measured on its own batches: a smaller gap means each "

@@ -26,52 +26,30 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import TrainConfig, add_config_arguments, config_from_args, load_config_file
-from ..sweep import atomic_write_text, parse_list, read_results, run_configs, run_key
+from ..config import TrainConfig
+from ..report import markdown_table, plt, save_figure
+from ..run import CHECKPOINT, atomic_write_text
+from ..stats import fmt_mean_std, mean_std, welch
+from ..sweep import parse_list, read_results, run_key
+from .base import ImageStudy, say
 
-_list = parse_list
-
-__all__ = ["add_arguments", "run", "report", "build_configs", "measure_bias", "CONDITIONS"]
+__all__ = ["BiasStudy", "build_configs", "measure_bias", "CONDITIONS"]
 
 #: (label, loss, batch fraction): the three trained conditions.
 CONDITIONS = (("InfoNCE, full batch", "simclr", "full"), ("InfoNCE, half batch", "simclr", "half"),
               ("global (corrected), half batch", "global", "half"))
-SWEPT = ("loss", "batch_size", "seed")
 DEFAULTS = {"batch_size": 64, "epochs": 20, "lr": 2e-3, "temperature": 0.1}
 INIT_ESTIMATORS = ("plain", "corrected_exact")
 TRAINED_ESTIMATORS = ("plain", "corrected", "corrected_fixed", "corrected_exact")
 SHOWN = ("plain", "plain_paired", "corrected", "corrected_fixed", "corrected_exact")
 ESTIMATOR_LABELS = {"plain": "plain minibatch", "plain_paired": "plain, paired with nu = Z (low noise)", "corrected": "corrected, running nu (E-step)",
                     "corrected_fixed": "corrected, running nu (no E-step)", "corrected_exact": "corrected, nu = Z exact"}
-
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group(
-        "study options",
-        "This study's training defaults differ from the trainer's: epochs 20, lr 0.002, temperature 0.1 (the bias "
-        "grows as the temperature falls); options or a --config file override them.")
-    g.add_argument("--out", default=None, help="study folder (default: negbatch-runs/bias-DATASET)")
-    g.add_argument("--batch-size", dest="full_batch_size", type=int, default=None,
-                   help=f"the full batch size B; the half-batch runs use B // 2 (default: batch_size of --config, else {DEFAULTS['batch_size']})")
-    g.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default: 0,1,2)")
-    g.add_argument("--bias-batch-sizes", default="8,16,32,64,128,256",
-                   help="batch sizes of the bias curves; those above the bias set are dropped (default: 8,16,32,64,128,256)")
-    g.add_argument("--num-batches", type=int, default=100,
-                   help="random batches per bias point; the noise floor shrinks as 1/sqrt of it (default: 100)")
-    g.add_argument("--bias-samples", type=int, default=2000,
-                   help="the bias is measured on the first N training samples (exact gradient: O(N^2)) (default: 2000)")
-    g.add_argument("--skip-bias", action="store_true", help="only the training part (b)")
-    g.add_argument("--workers", type=int, default=1, help="worker processes for the training runs (default: 1)")
-    g.add_argument("--config", default=None, help="TOML/YAML file of training options (loss, batch size and seed are set by the study)")
-    add_config_arguments(parser, exclude=SWEPT)
 
 
 def build_configs(base: TrainConfig, batch_size: int, seeds: list[int]) -> list[tuple[str, TrainConfig]]:
@@ -86,43 +64,67 @@ def build_configs(base: TrainConfig, batch_size: int, seeds: list[int]) -> list[
     return out
 
 
-def run(args: argparse.Namespace) -> Path:
-    base_values = load_config_file(args.config) if args.config else {}
-    for key, value in DEFAULTS.items():
-        base_values.setdefault(key, value)
-    base = config_from_args(args, base_values)
-    seeds = _list(args.seeds, int, "seeds")
-    sizes = _list(args.bias_batch_sizes, int, "bias-batch-sizes")
-    if args.num_batches < 2:
-        raise ValueError(f"--num-batches must be >= 2, got {args.num_batches}")
-    if args.bias_samples < 4:
-        raise ValueError(f"--bias-samples must be >= 4, got {args.bias_samples}")
-    full = args.full_batch_size if args.full_batch_size is not None else base.batch_size
-    labelled = build_configs(base, full, seeds)
-    out = Path(args.out or f"negbatch-runs/bias-{base.dataset}")
-    out.mkdir(parents=True, exist_ok=True)
-    runs = {run_key(c): label for label, c in labelled}
-    spec = {"study": "bias", "base": base.to_dict(), "batch_size": full, "seeds": seeds,
-            "bias_batch_sizes": sizes, "num_batches": args.num_batches, "bias_samples": args.bias_samples,
-            "skip_bias": bool(args.skip_bias), "conditions": runs}
-    atomic_write_text(out / "study.json", json.dumps(spec, indent=1))
-    print(f"bias study: {len(labelled)} training runs into {out}", file=sys.stderr, flush=True)
+class BiasStudy(ImageStudy):
+    """The bias study (images only): the bias curves and the three trained conditions."""
 
-    def progress(summary: dict[str, Any], done: int, total: int) -> None:
+    name = "bias"
+    summary = "minibatch gradient bias and the bias-corrected global loss (images)"
+    swept = ("loss", "batch_size", "seed")
+    defaults = DEFAULTS
+    key_fields = ("loss", "batch_size", "seed")
+
+    def add_study_arguments(self, g: argparse._ArgumentGroup) -> None:
+        g.add_argument("--batch-size", dest="full_batch_size", type=int, default=None,
+                       help="the full batch size B; the half-batch runs use B // 2 (default: batch_size of --config, "
+                            f"else {DEFAULTS['batch_size']})")
+        g.add_argument("--bias-batch-sizes", default="8,16,32,64,128,256",
+                       help="batch sizes of the bias curves; those above the bias set are dropped (default: "
+                            "8,16,32,64,128,256)")
+        g.add_argument("--num-batches", type=int, default=100,
+                       help="random batches per bias point; the noise floor shrinks as 1/sqrt of it (default: 100)")
+        g.add_argument("--bias-samples", type=int, default=2000,
+                       help="the bias is measured on the first N training samples (exact gradient: O(N^2)) "
+                            "(default: 2000)")
+        g.add_argument("--skip-bias", action="store_true", help="only the training part (b)")
+
+    def plan(self, args: argparse.Namespace) -> tuple[Path, list[TrainConfig]]:
+        base = self.base_config(args)
+        seeds = self.seeds(args)
+        sizes = parse_list(args.bias_batch_sizes, int, "bias-batch-sizes")
+        if args.num_batches < 2:
+            raise ValueError(f"--num-batches must be >= 2, got {args.num_batches}")
+        if args.bias_samples < 4:
+            raise ValueError(f"--bias-samples must be >= 4, got {args.bias_samples}")
+        full = args.full_batch_size if args.full_batch_size is not None else base.batch_size
+        labelled = build_configs(base, full, seeds)
+        out = self.out_folder(args, base.dataset)
+        runs = {run_key(c, self.key_fields): label for label, c in labelled}
+        self.write_spec(out, {"base": base.to_dict(), "batch_size": full, "seeds": seeds,
+                              "bias_batch_sizes": sizes, "num_batches": args.num_batches,
+                              "bias_samples": args.bias_samples, "skip_bias": bool(args.skip_bias),
+                              "conditions": runs})
+        return out, [c for _, c in labelled]
+
+    def line(self, summary: dict[str, Any]) -> str:
         c = summary["config"]
-        print(f"[{done}/{total}] {c['loss']} B={c['batch_size']} seed={c['seed']}: linear {summary['linear_acc']:.3f} "
-              f"kNN {summary['knn_acc']:.3f}", file=sys.stderr, flush=True)
+        return (f"{c['loss']} B={c['batch_size']} seed={c['seed']}: linear {summary['linear_acc']:.3f} "
+                f"kNN {summary['knn_acc']:.3f}")
 
-    run_configs([c for _, c in labelled], out, workers=args.workers, on_done=progress)
-    if not args.skip_bias:
+    def after_training(self, args: argparse.Namespace, out: Path) -> None:
+        """Part (a): the bias of the initial and the trained global runs' models, per seed (cached)."""
+        if args.skip_bias:
+            return
+        spec = json.loads((out / "study.json").read_text())
+        base = TrainConfig.from_dict(spec["base"])
         rows = []
-        for seed in seeds:
-            trained = next(c for label, c in labelled if c.loss == "global" and c.seed == seed)
-            rows += measure_bias(trained, out / "runs" / run_key(trained), out / "bias", sizes, args.num_batches,
-                                 args.bias_samples)
+        for label, trained in build_configs(base, spec["batch_size"], spec["seeds"]):
+            if trained.loss == "global":
+                rows += measure_bias(trained, out / "runs" / run_key(trained, self.key_fields), out / "bias",
+                                     spec["bias_batch_sizes"], spec["num_batches"], spec["bias_samples"])
         _write_table(out, "bias_results", rows)
-    report(out)
-    return out
+
+    def report(self, folder: Path) -> Path:
+        return report(folder)
 
 
 # --------------------------------------------------------------------- bias part
@@ -138,7 +140,7 @@ def measure_bias(
     from ...data import Augment, load_dataset
     from ...diagnostics import exact_global_gradient, gradient_bias
     from ...losses import GlobalInfoNCE
-    from ..trainer import CHECKPOINT, build_loss, build_model
+    from ..tasks.image import build_loss, build_model
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     settings = {"version": 3, "config": cfg.identity(), "batch_sizes": batch_sizes, "num_batches": num_batches, "bias_samples": bias_samples}
@@ -146,6 +148,7 @@ def measure_bias(
     if cache.exists():
         saved = json.loads(cache.read_text())
         if saved.get("settings") == settings:
+            say(f"bias seed={cfg.seed}: measured earlier (read from {cache})")
             return saved["rows"]
     data = load_dataset(cfg.dataset, cfg.data_dir).subset(cfg.n_train, cfg.n_test)
     n_train = data.x_train.shape[0]
@@ -172,7 +175,7 @@ def measure_bias(
                                   "num_updates": state["loss.num_updates"]})
             estimators = TRAINED_ESTIMATORS
         model.eval()  # BatchNorm on running statistics: each embedding depends on its sample only
-        print(f"bias seed={cfg.seed} {phase}: N={n}, batch sizes {sizes}", file=sys.stderr, flush=True)
+        say(f"bias seed={cfg.seed} {phase}: N={n}, batch sizes {sizes}")
         exact = exact_global_gradient(model, loss, views)
         estimates = [gradient_bias(model, loss, views, b, num_batches, estimator=e, seed=cfg.seed, exact=exact)
                      for b in sizes for e in estimators]
@@ -238,27 +241,7 @@ def _write_table(folder: Path, name: str, rows: list[dict[str, Any]]) -> None:
 # ------------------------------------------------------------------------- report
 
 
-def _welch(a: list[float], b: list[float]) -> tuple[float | None, tuple[float, float] | None]:
-    """Welch's t-test p-value and the 95% confidence interval of mean(a) - mean(b)."""
-    if len(a) < 2 or len(b) < 2:
-        return None, None
-    from scipy import stats
-
-    ma, mb = sum(a) / len(a), sum(b) / len(b)
-    va = sum((x - ma) ** 2 for x in a) / (len(a) - 1) / len(a)
-    vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1) / len(b)
-    if va + vb == 0:
-        return None, None
-    df = (va + vb) ** 2 / ((va**2 / (len(a) - 1) if va else 0) + (vb**2 / (len(b) - 1) if vb else 0))
-    t = (ma - mb) / math.sqrt(va + vb)
-    p = float(2 * stats.t.sf(abs(t), df))
-    half = float(stats.t.ppf(0.975, df)) * math.sqrt(va + vb)
-    return p, (ma - mb - half, ma - mb + half)
-
-
 def _comparison(name_a: str, a: list[float], name_b: str, b: list[float]) -> str:
-    from ..report import mean_std
-
     ma, mb = mean_std(a)[0], mean_std(b)[0]
     p, ci = _welch(a, b)
     if p is None:
@@ -271,9 +254,13 @@ def _comparison(name_a: str, a: list[float], name_b: str, b: list[float]) -> str
             f"Welch p = {p:.2f}): not distinguishable from seed noise.")
 
 
-def _bias_summary(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, tuple[float, float, int]]]:
-    from ..report import mean_std
+def _welch(a: list[float], b: list[float]) -> tuple[float | None, tuple[float, float] | None]:
+    """Welch's p and 95% interval of mean(a) - mean(b), or (None, None) where undefined."""
+    result = welch(a, b)
+    return (None, None) if result is None else (result.p, (result.low, result.high))
 
+
+def _bias_summary(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, tuple[float, float, int]]]:
     groups: dict[tuple[str, str, int], list] = defaultdict(list)
     for r in rows:
         groups[(r["phase"], r["estimator"], r["batch_size"])].append(r)
@@ -288,8 +275,6 @@ def _bias_summary(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict
 
 def report(folder: Path) -> Path:
     """Figures and ``report.md`` from the study folder."""
-    from ..report import fmt_mean_std, markdown_table, mean_std, plt, save_figure
-
     folder = Path(folder)
     spec = json.loads((folder / "study.json").read_text())
     b = spec["base"]
@@ -411,8 +396,6 @@ def report(folder: Path) -> Path:
 
 
 def _verdict(corrected: list[float], plain_full: list[float]) -> str:
-    from ..report import mean_std
-
     diff = mean_std(corrected)[0] - mean_std(plain_full)[0]
     p, ci = _welch(corrected, plain_full)
     if p is not None and p < 0.05:

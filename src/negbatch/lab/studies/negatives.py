@@ -14,37 +14,40 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ..config import TrainConfig, add_config_arguments, config_from_args, load_config_file, parse_negatives
-from ..sweep import atomic_write_text, parse_list, read_results, run_configs
-from ..trainer import negative_candidates, read_metrics
-from . import text_negatives
+from ..config import TrainConfig, parse_negatives
+from ..run import atomic_write_text, read_metrics
+from ..stats import fmt_mean_std, mean_std, spearman, welch_p
+from ..sweep import parse_list, read_results
+from ..tasks.image import negative_candidates
+from .base import ImageStudy
 
-_list = parse_list
-
-__all__ = ["add_arguments", "run", "report", "build_configs", "DEFAULT_KS"]
+__all__ = ["ImageNegatives", "build_configs", "cap_ks", "add_sweep_arguments", "DEFAULT_KS"]
 
 DEFAULT_KS = "1,2,5,10,50,100,all"
-SWEPT = ("loss", "negatives", "seed", "temperature", "lr")
 
 
+def cap_ks(ks: list, available: int) -> list:
+    """K values in order, each K >= the ``available`` candidates turned into ``"all"``, repeats dropped."""
+    capped: list = []
+    for k in ks:
+        k = "all" if k == "all" or k >= available else k
+        if k not in capped:
+            capped.append(k)
+    return capped
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("study options")
-    g.add_argument("--out", default=None, help="study folder (default: negbatch-runs/negatives-DATASET)")
-    g.add_argument("--losses", default="simclr,relic", help="comma list of simclr, relic (default: simclr,relic)")
-    g.add_argument("--ks", default=None, help=f"negatives per anchor to sweep; 'all' and K above the batch's candidates mean all (default: {DEFAULT_KS}; text: {text_negatives.DEFAULT_TEXT_KS})")
-    g.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default: 0,1,2)")
-    g.add_argument("--temperatures", default=None, help="comma list; with several, the best per K is reported (default: 0.2; text: 0.05)")
-    g.add_argument("--lrs", default=None, help="comma list of learning rates; with several, the best per K is reported (default: lr of --config, else 0.001)")
-    g.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
-    g.add_argument("--config", default=None, help="TOML/YAML file of training options (the swept ones are overridden)")
-    add_config_arguments(parser, exclude=SWEPT)
-    text_negatives.add_text_arguments(parser)  # --data: the study on text pairs
+
+def add_sweep_arguments(g: argparse._ArgumentGroup, ks: str, temperature: str, per: str) -> None:
+    """``--ks``, ``--temperatures`` and ``--lrs`` (the negatives study on either modality)."""
+    g.add_argument("--ks", default=ks, help=f"negatives per {per} to sweep; 'all' and K at or above the batch's "
+                   f"candidates mean all (default: {ks})")
+    g.add_argument("--temperatures", default=temperature,
+                   help=f"comma list; with several, the best per K is reported (default: {temperature})")
+    g.add_argument("--lrs", default=None, help="comma list of learning rates; with several, the best per K is "
+                   "reported (default: lr of --config, else 0.001)")
 
 
 def build_configs(base: TrainConfig, losses: list[str], ks: list, seeds: list[int], temperatures: list[float], lrs: list[float]) -> tuple[list[TrainConfig], dict[str, list]]:
@@ -53,13 +56,7 @@ def build_configs(base: TrainConfig, losses: list[str], ks: list, seeds: list[in
     for loss in losses:
         if loss not in ("simclr", "relic"):
             raise ValueError(f"--losses: unknown loss {loss!r}; expected simclr or relic")
-        available = negative_candidates(loss, base.batch_size)
-        capped = []
-        for k in ks:
-            k = "all" if k == "all" or k >= available else k
-            if k not in capped:
-                capped.append(k)
-        effective[loss] = capped
+        capped = effective[loss] = cap_ks(ks, negative_candidates(loss, base.batch_size))
         for k in capped:
             for t in temperatures:
                 for lr in lrs:
@@ -68,43 +65,39 @@ def build_configs(base: TrainConfig, losses: list[str], ks: list, seeds: list[in
     return configs, effective
 
 
-def run(args: argparse.Namespace) -> Path:
-    if getattr(args, "data", None):
-        return text_negatives.run(args)
-    base_values = load_config_file(args.config) if args.config else {}
-    base = config_from_args(args, base_values)
-    losses = _list(args.losses, str, "losses")
-    ks = _list(args.ks or DEFAULT_KS, parse_negatives, "ks")
-    seeds = _list(args.seeds, int, "seeds")
-    temperatures = _list(args.temperatures or "0.2", float, "temperatures")
-    lrs = _list(args.lrs, float, "lrs") if args.lrs else [base.lr]
-    configs, effective = build_configs(base, losses, ks, seeds, temperatures, lrs)
-    out = Path(args.out or f"negbatch-runs/negatives-{base.dataset}")
-    out.mkdir(parents=True, exist_ok=True)
-    spec = {"study": "negatives", "base": base.to_dict(), "losses": losses, "ks": effective, "seeds": seeds,
-            "temperatures": temperatures, "lrs": lrs, "runs": len(configs)}
-    spec["raw_pixel_linear_acc"] = _raw_pixel_baseline(base)
-    atomic_write_text(out / "study.json", json.dumps(spec, indent=1))
-    print(f"negatives study: {len(configs)} runs into {out}", file=sys.stderr, flush=True)
+class ImageNegatives(ImageStudy):
+    """The negatives study on images (SimCLR and ReLIC, K negatives per anchor)."""
 
-    def progress(summary: dict[str, Any], done: int, total: int) -> None:
+    name = "negatives"
+    summary = "how many negatives per anchor? (images: SimCLR, ReLIC; text pairs: InfoNCE)"
+    swept = ("loss", "negatives", "seed", "temperature", "lr")
+    key_fields = ("loss", "negatives", "temperature", "lr", "seed")
+
+    def add_study_arguments(self, g: argparse._ArgumentGroup) -> None:
+        g.add_argument("--losses", default="simclr,relic", help="comma list of simclr, relic (default: simclr,relic)")
+        add_sweep_arguments(g, DEFAULT_KS, "0.2", "anchor")
+
+    def plan(self, args: argparse.Namespace) -> tuple[Path, list[TrainConfig]]:
+        base = self.base_config(args)
+        losses = parse_list(args.losses, str, "losses")
+        ks = parse_list(args.ks, parse_negatives, "ks")
+        seeds = self.seeds(args)
+        temperatures = parse_list(args.temperatures, float, "temperatures")
+        lrs = parse_list(args.lrs, float, "lrs") if args.lrs else [base.lr]
+        configs, effective = build_configs(base, losses, ks, seeds, temperatures, lrs)
+        out = self.out_folder(args, base.dataset)
+        self.write_spec(out, {"base": base.to_dict(), "losses": losses, "ks": effective, "seeds": seeds,
+                              "temperatures": temperatures, "lrs": lrs, "runs": len(configs),
+                              "raw_pixel_linear_acc": self.raw_pixel_baseline(base, out)})
+        return out, configs
+
+    def line(self, summary: dict[str, Any]) -> str:
         c = summary["config"]
-        print(f"[{done}/{total}] {c['loss']} K={c['negatives']} t={c['temperature']} lr={c['lr']} seed={c['seed']}: "
-              f"linear {summary['linear_acc']:.3f} kNN {summary['knn_acc']:.3f}", file=sys.stderr, flush=True)
+        return (f"{c['loss']} K={c['negatives']} t={c['temperature']} lr={c['lr']} seed={c['seed']}: "
+                f"linear {summary['linear_acc']:.3f} kNN {summary['knn_acc']:.3f}")
 
-    run_configs(configs, out, workers=args.workers, on_done=progress)
-    report(out)
-    return out
-
-
-def _raw_pixel_baseline(base: TrainConfig) -> float:
-    """Linear-probe accuracy on the raw pixels: the bar a learned representation should clear."""
-    from ...data import load_dataset
-    from ...evaluation import linear_probe
-
-    data = load_dataset(base.dataset, base.data_dir).subset(base.n_train, base.n_test)
-    flat = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731
-    return linear_probe(flat(data.x_train), data.y_train, flat(data.x_test), data.y_test)
+    def report(self, folder: Path) -> Path:
+        return report(folder)
 
 
 # ------------------------------------------------------------------------- report
@@ -131,29 +124,12 @@ def _select_best(rows: list[dict[str, Any]]) -> dict[tuple[str, Any], list[dict[
     return best
 
 
-def _welch(a: list[float], b: list[float]) -> float | None:
-    if len(a) < 2 or len(b) < 2:
-        return None
-    if len(set(a)) == 1 and len(set(b)) == 1:
-        return None  # no spread in either group: the test is undefined
-    import warnings
-
-    from scipy import stats
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # near-identical values: p is still usable
-        p = stats.ttest_ind(a, b, equal_var=False).pvalue
-    return None if math.isnan(p) else float(p)
-
-
 def report(folder: Path) -> Path:
     """Figures and ``report.md`` from the study folder's results."""
-    from ..report import fmt_mean_std, markdown_table, mean_std, plt, save_figure
+    from ..report import markdown_table, plt, save_figure
 
     folder = Path(folder)
     spec = json.loads((folder / "study.json").read_text())
-    if spec.get("data"):
-        return text_negatives.report(folder)
     rows = [r for r in read_results(folder) if r["loss"] in spec["losses"]]
     for r in rows:
         r["negatives"] = parse_negatives(r["negatives"])
@@ -247,8 +223,6 @@ def report(folder: Path) -> Path:
 
 
 def _finding(loss: str, ks: list, best: dict, bs: int) -> str:
-    from ..report import mean_std
-
     acc = {k: [r["linear_acc"] for r in best[(loss, k)]] for k in ks}
     means = {k: mean_std(v)[0] for k, v in acc.items()}
     top = max(ks, key=lambda k: means[k])
@@ -258,7 +232,7 @@ def _finding(loss: str, ks: list, best: dict, bs: int) -> str:
              f"worst K = {_k_label(worst, loss, bs)} with {means[worst]:.3f}."]
     if "all" in acc and top != "all":
         m_all, s_all, _ = mean_std(acc["all"])
-        p = _welch(acc[top], acc["all"])
+        p = welch_p(acc[top], acc["all"])
         verdict = ("a difference beyond the seed-to-seed noise (Welch p < 0.05, optimistic: the best K was picked after the fact)" if p is not None and p < 0.05
                    else "not distinguishable from seed noise" + (f" (Welch p = {p:.2f})" if p is not None else " (too few seeds for a test)"))
         parts.append(f"Against all negatives ({m_all:.3f} ± {s_all:.3f}) the gain is {m_top - m_all:+.3f}: {verdict}. "
@@ -267,7 +241,7 @@ def _finding(loss: str, ks: list, best: dict, bs: int) -> str:
     elif top == "all" and len(ks) > 1:
         runner_up = max((k for k in ks if k != "all"), key=lambda k: means[k])
         m_all, s_all, _ = mean_std(acc["all"])
-        p = _welch(acc["all"], acc[runner_up])
+        p = welch_p(acc["all"], acc[runner_up])
         noise = ("beyond seed noise (Welch p < 0.05)" if p is not None and p < 0.05
                  else "within seed noise" + (f" (Welch p = {p:.2f})" if p is not None else " (too few seeds for a test)"))
         parts.append(f"All negatives scored highest, {m_all - means[runner_up]:+.3f} over the next best K = "
@@ -276,17 +250,14 @@ def _finding(loss: str, ks: list, best: dict, bs: int) -> str:
     parts.append(f"The spread between best and worst K is {spread:.3f}.")
     runs = [(math.log(_k_position(k, loss, bs)), r) for k in ks for r in best[(loss, k)]]
     if len(ks) > 2 and len(runs) > 3:
-        from scipy import stats
-
         for key, what in (("intra_class_distance", "intra-class distance"), ("silhouette", "silhouette"), ("snr_mean", "final gradient SNR")):
             pairs = [(x, r[key]) for x, r in runs if r.get(key) is not None]
             if len(pairs) < 4:
                 continue
-            if len({b for _, b in pairs}) == 1:
+            result = spearman([a for a, _ in pairs], [b for _, b in pairs])
+            if result is None:
                 continue
-            rho, p = stats.spearmanr([a for a, _ in pairs], [b for _, b in pairs])
-            if math.isnan(rho):
-                continue
+            rho, p = result
             trend = "rises" if rho > 0 else "falls"
             sure = "significant" if p < 0.05 else "not significant"
             parts.append(f"Across runs, {what} {trend} with K (Spearman rho = {rho:+.2f}, p = {p:.2g}, {sure}).")

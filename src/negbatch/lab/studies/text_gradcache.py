@@ -1,4 +1,5 @@
-"""Gradient caching on text pairs: retrieval quality and cost against batch size.
+"""Gradient caching on text pairs: retrieval quality and cost against batch size
+(``negbatch study gradcache --data bible``).
 
 The claim of Gao et al. ("Scaling deep contrastive learning batch size under
 memory limited setup", 2021): with gradient caching a dual encoder trains with
@@ -10,10 +11,8 @@ as in the paper), so larger batches take fewer steps. The activation memory a
 step holds for backward is measured with and without the cache (the bytes of
 the tensors autograd saves, one step per B).
 
-Invoked as ``negbatch study text-gradcache --data bible`` (the ``gradcache``
-study can dispatch its ``--data`` runs to :func:`run`). Default size (8,000
-pairs, B = 16, 64, 256, one epoch each, 3 seeds: 9 runs): 17 minutes measured on
-the shared 2-core CPU at load average 4-9.
+Default size (8,000 pairs, B = 16, 64, 256, one epoch each, 3 seeds: 9 runs):
+17 minutes measured on the shared 2-core CPU at load average 4-9.
 """
 
 from __future__ import annotations
@@ -21,39 +20,82 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..sweep import atomic_write_text, read_results
-from ..text_runs import TEXT_METRICS, TextRunConfig, _tokenizer, load_text_split, run_text_configs
-from .text_negatives import _list, add_text_arguments, base_text_config, welch_p
+from ..config import TrainConfig
+from ..report import markdown_table, plt, save_figure
+from ..run import atomic_write_text
+from ..stats import fmt_mean_std, mean_std, spearman, welch_p
+from ..sweep import parse_list, read_results
+from ..tasks.text import TEXT_METRICS, load_text_split, text_tokenizer
+from .base import TextStudy
 
-__all__ = ["add_arguments", "run", "report", "saved_activation_bytes", "DEFAULT_BATCH_SIZES"]
+__all__ = ["TextGradCache", "saved_activation_bytes", "DEFAULT_BATCH_SIZES"]
 
 DEFAULT_BATCH_SIZES = "16,64,256"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("study options")
-    g.add_argument("--out", default=None, help="study folder (default: negbatch-runs/text-gradcache-DATA)")
-    g.add_argument("--batch-sizes", default=DEFAULT_BATCH_SIZES, help=f"comma list of batch sizes (default: {DEFAULT_BATCH_SIZES})")
-    g.add_argument("--chunk-size", type=int, default=16, help="GradCache chunk: rows encoded with a graph at a time (default 16)")
-    g.add_argument("--budget", default="pairs", choices=("pairs", "steps"),
-                   help="pairs: every batch size sees --pairs pairs (same epochs; default); steps: every batch size takes --steps steps")
-    g.add_argument("--pairs", type=int, default=None, help="training pairs seen per run with --budget pairs (default: one epoch)")
-    g.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default: 0,1,2)")
-    g.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature (default 0.05)")
-    g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, the same for every batch size (default 1e-3)")
-    g.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    g.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
-    add_text_arguments(parser)
-    parser.set_defaults(data="bible")
+class TextGradCache(TextStudy):
+    """The gradcache study on text pairs: one run per (batch size, seed), cached above the chunk."""
+
+    name = "gradcache"
+    summary = "retrieval and activation memory against batch size with gradient caching (text pairs)"
+    swept = ("batch_size", "chunk_size", "seed", "epochs")
+    key_fields = ("batch_size", "chunk_size", "steps", "seed")
+
+    def add_study_arguments(self, g: argparse._ArgumentGroup) -> None:
+        g.add_argument("--batch-sizes", default=DEFAULT_BATCH_SIZES,
+                       help=f"comma list of batch sizes (default: {DEFAULT_BATCH_SIZES})")
+        g.add_argument("--chunk-size", type=int, default=16,
+                       help="GradCache chunk: rows encoded with a graph at a time (default 16)")
+        g.add_argument("--budget", default="pairs", choices=("pairs", "steps"),
+                       help="pairs: every batch size sees --pairs pairs (same epochs; default); steps: every batch "
+                            "size takes --steps steps")
+        g.add_argument("--pairs", type=int, default=None,
+                       help="training pairs seen per run with --budget pairs (default: one epoch)")
+
+    def plan(self, args: argparse.Namespace) -> tuple[Path, list[TrainConfig]]:
+        base = self.base_config(args)
+        sizes = parse_list(args.batch_sizes, int, "batch-sizes")
+        seeds = self.seeds(args)
+        if args.chunk_size < 1:
+            raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+        if min(sizes) < 2:
+            raise ValueError(f"--batch-sizes must all be >= 2 (a query needs a negative), got {sizes}")
+        train, _ = self.load(base.replace(batch_size=min(sizes)))
+        if max(sizes) > len(train):
+            raise ValueError(f"--batch-sizes: {max(sizes)} exceeds the {len(train)} training pairs")
+        pairs = args.pairs or len(train)
+        configs = []
+        for b in sizes:
+            steps = max(1, pairs // b) if args.budget == "pairs" else base.steps
+            chunk = args.chunk_size if args.chunk_size < b else None
+            configs += [base.replace(batch_size=b, steps=steps, chunk_size=chunk, seed=s) for s in seeds]
+        out = self.out_folder(args, base.dataset)
+        memory = {}
+        for b in sizes:
+            cfg = base.replace(batch_size=b)
+            memory[str(b)] = {"with_cache": saved_activation_bytes(cfg, min(args.chunk_size, b)),
+                              "without_cache": saved_activation_bytes(cfg, 0)}
+        self.write_spec(out, {"base": base.to_dict(), "batch_sizes": sizes, "seeds": seeds,
+                              "chunk_size": args.chunk_size, "budget": args.budget,
+                              "pairs": pairs if args.budget == "pairs" else None,
+                              "saved_activation_bytes": memory, "runs": len(configs)})
+        return out, configs
+
+    def line(self, summary: dict[str, Any]) -> str:
+        c = summary["config"]
+        return (f"B={c['batch_size']} chunk={c['chunk_size']} steps={c['steps']} seed={c['seed']}: "
+                f"R@1 {summary['recall@1']:.3f} nDCG@10 {summary['ndcg@10']:.3f}")
+
+    def report(self, folder: Path) -> Path:
+        return report(folder)
 
 
-def saved_activation_bytes(cfg: TextRunConfig, chunk_size: int) -> int:
+def saved_activation_bytes(cfg: TrainConfig, chunk_size: int) -> int:
     """Peak bytes of the tensors autograd holds for backward during one
     training step at ``cfg.batch_size`` (with GradCache chunks of
     ``chunk_size``, or the whole batch at once when 0): the activation memory
@@ -62,10 +104,11 @@ def saved_activation_bytes(cfg: TextRunConfig, chunk_size: int) -> int:
     from ...losses import InfoNCE
     from ...models.text import TransformerTextEncoder
 
-    train, _ = load_text_split(cfg.data, cfg.max_pairs, cfg.test_fraction, cfg.data_seed)
-    tok = _tokenizer(cfg.data, cfg.max_pairs, cfg.test_fraction, cfg.data_seed, cfg.vocab_size, cfg.max_length)
+    train, _ = load_text_split(cfg)
+    tok = text_tokenizer(cfg, train)
     torch.manual_seed(0)
-    enc = TransformerTextEncoder(tok.vocab_size, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, dropout=cfg.dropout, max_length=cfg.max_length)
+    enc = TransformerTextEncoder(tok.vocab_size, dim=cfg.text_dim, depth=cfg.text_depth, heads=cfg.text_heads,
+                                 dropout=cfg.dropout, max_length=cfg.max_length)
     loss = InfoNCE(temperature=cfg.temperature, form="query_document", symmetric=cfg.symmetric)
     idx = list(range(cfg.batch_size))
     q, d = tok([train.queries[i] for i in idx]), tok([train.documents[i] for i in idx])
@@ -88,48 +131,8 @@ def saved_activation_bytes(cfg: TextRunConfig, chunk_size: int) -> int:
     return peak[0]
 
 
-def run(args: argparse.Namespace) -> Path:
-    base = base_text_config(args).replace(temperature=args.temperature, lr=args.lr, device=args.device)
-    sizes = _list(args.batch_sizes, int, "batch-sizes")
-    seeds = _list(args.seeds, int, "seeds")
-    if args.chunk_size < 1:
-        raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")
-    train, _ = load_text_split(base.data, base.max_pairs, base.test_fraction, base.data_seed)
-    if max(sizes) > len(train):
-        raise ValueError(f"--batch-sizes: {max(sizes)} exceeds the {len(train)} training pairs")
-    pairs = args.pairs or len(train)
-    configs = []
-    for b in sizes:
-        steps = max(1, pairs // b) if args.budget == "pairs" else base.steps
-        chunk = args.chunk_size if args.chunk_size < b else 0
-        configs += [base.replace(batch_size=b, steps=steps, chunk_size=chunk, seed=s) for s in seeds]
-    name = base.data if not base.data.startswith("pairs:") else "pairs"
-    out = Path(args.out or f"negbatch-runs/text-gradcache-{name}")
-    out.mkdir(parents=True, exist_ok=True)
-    memory = {}
-    for b in sizes:
-        cfg = base.replace(batch_size=b)
-        memory[str(b)] = {"with_cache": saved_activation_bytes(cfg, min(args.chunk_size, b)), "without_cache": saved_activation_bytes(cfg, 0)}
-    spec = {"study": "text-gradcache", "data": base.data, "base": base.to_dict(), "batch_sizes": sizes, "seeds": seeds,
-            "chunk_size": args.chunk_size, "budget": args.budget, "pairs": pairs if args.budget == "pairs" else None,
-            "saved_activation_bytes": memory, "runs": len(configs)}
-    atomic_write_text(out / "study.json", json.dumps(spec, indent=1))
-    print(f"text-gradcache study ({base.data}): {len(configs)} runs into {out}", file=sys.stderr, flush=True)
-
-    def progress(summary: dict[str, Any], done: int, total: int) -> None:
-        c = summary["config"]
-        print(f"[{done}/{total}] B={c['batch_size']} chunk={c['chunk_size']} steps={c['steps']} seed={c['seed']}: "
-              f"R@1 {summary['recall@1']:.3f} nDCG@10 {summary['ndcg@10']:.3f}", file=sys.stderr, flush=True)
-
-    run_text_configs(configs, out, workers=args.workers, key_fields=("batch_size", "chunk_size", "steps", "seed"), on_done=progress)
-    report(out)
-    return out
-
-
 def report(folder: Path) -> Path:
-    """Figure and ``report.md`` from a text-gradcache study folder."""
-    from ..report import fmt_mean_std, markdown_table, mean_std, plt, save_figure
-
+    """Figure and ``report.md`` from a text gradcache study folder."""
     folder = Path(folder)
     spec = json.loads((folder / "study.json").read_text())
     rows = read_results(folder)
@@ -142,7 +145,7 @@ def report(folder: Path) -> Path:
         axes[0].errorbar(sizes, [s[0] for s in st], yerr=[s[1] for s in st], marker=marker, capsize=3, label=key)
     axes[0].set_xscale("log", base=2)
     axes[0].set(xlabel="batch size (in-batch negatives + 1)", ylabel="test retrieval metric",
-                title=f"{spec['data']}: retrieval vs batch size (mean ± std)")
+                title=f"{spec['base']['dataset']}: retrieval vs batch size (mean ± std)")
     axes[0].legend(fontsize=8)
     mem = spec["saved_activation_bytes"]
     axes[1].plot(sizes, [mem[str(b)]["without_cache"] / 2**20 for b in sizes], marker="o", label="without cache")
@@ -162,9 +165,7 @@ def report(folder: Path) -> Path:
               else f"every batch size takes {b0['steps']} steps")
     text = [
         "# Study: batch size with gradient caching, on text pairs\n\n",
-        f"Data `{spec['data']}`: {sample.get('num_train_pairs')} training pairs; {sample.get('num_test_queries')} test queries "
-        f"against {sample.get('num_test_documents')} test documents (max_pairs {b0['max_pairs']}). Encoder: transformer, dim "
-        f"{b0['dim']}, {b0['depth']} layer(s), {b0['heads']} heads, dropout {b0['dropout']}. InfoNCE (query_document, all in-batch "
+        TextStudy.describe(b0, sample) + " InfoNCE (query_document, all in-batch "
         f"negatives, symmetric={b0['symmetric']}, temperature {b0['temperature']}), AdamW lr {b0['lr']} for every batch size; "
         f"{budget}; GradCache chunk {spec['chunk_size']} for every batch larger than it. Seeds {spec['seeds']}; mean ± sample "
         "std over seeds. Memory: peak bytes of the tensors autograd holds for backward in one step (one measurement per B, "
@@ -179,10 +180,6 @@ def report(folder: Path) -> Path:
 
 
 def _finding(sizes: list[int], by_b: dict, spec: dict) -> str:
-    from scipy import stats
-
-    from ..report import mean_std
-
     means = {b: mean_std(r["ndcg@10"] for r in by_b[b])[0] for b in sizes}
     small, large = sizes[0], sizes[-1]
     parts = [f"nDCG@10 goes from {means[small]:.3f} at B = {small} to {means[large]:.3f} at B = {large} "
@@ -192,8 +189,9 @@ def _finding(sizes: list[int], by_b: dict, spec: dict) -> str:
         parts.append(f"Welch p = {p:.2g} for largest vs smallest.")
     xs = [math.log2(int(r["batch_size"])) for b in sizes for r in by_b[b]]
     ys = [r["ndcg@10"] for b in sizes for r in by_b[b]]
-    if len(sizes) > 2 and len(set(ys)) > 1:
-        rho, pr = stats.spearmanr(xs, ys)
+    result = spearman(xs, ys) if len(sizes) > 2 else None
+    if result is not None:
+        rho, pr = result
         parts.append(f"Across runs, Spearman rho(log B, nDCG@10) = {rho:+.2f} (p = {pr:.2g}).")
     better = means[large] > means[small] and p is not None and p < 0.05
     if better:

@@ -14,101 +14,14 @@ A new kind of data is one more :class:`Task` subclass and one line in
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-from torch import Tensor, nn
 
 from ..config import TrainConfig
+from .base import Task
 
 __all__ = ["Task", "TASKS", "make_task"]
-
-
-class Task:
-    """The interface between a kind of data and the run skeleton.
-
-    The skeleton calls, in order: the constructor (loads the data; sets
-    :attr:`data_identity`), :meth:`build` (after seeding torch), then either
-    :meth:`load_state_dict` (resuming) or :meth:`before_training`, then per
-    epoch :meth:`start_epoch` and per batch of :attr:`sampler` :meth:`batch`,
-    :meth:`step` and :meth:`step_metrics`; at the end :meth:`evaluate` and
-    :meth:`summarize`.
-
-    Attributes
-    ----------
-    data_identity : dict
-        What identifies the data (name, source, sizes, content fingerprint).
-    model : nn.Module
-        The trained encoder (and head); its ``state_dict`` is checkpointed.
-    net : nn.Module
-        What a training step calls: ``model``, or its DDP / compiled wrapper
-        (set by the skeleton after :meth:`build`).
-    sampler : negbatch.sampling.EpochBatchSampler
-        The batches: the skeleton calls ``set_epoch`` and saves its
-        ``state_dict``; :meth:`batches` iterates it.
-    precision : negbatch.lab.precision.Precision
-        Autocast and loss scaling for :meth:`step` (set by the skeleton).
-    world_size_invariant : bool
-        True when training draws no random number per process (so a resumed
-        run may continue on another number of processes).
-    """
-
-    data_identity: dict[str, Any]
-    model: nn.Module
-    net: nn.Module
-    sampler: Any
-    precision: Any
-    world_size_invariant: bool = True
-
-    def __init__(self, cfg: TrainConfig, device: torch.device, data: Any = None) -> None:
-        self.cfg, self.device = cfg, device
-
-    def build(self) -> None:
-        """Build the model, the objective and the sampler (torch is seeded)."""
-        raise NotImplementedError
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        """What the optimizer updates."""
-        return self.model.parameters()
-
-    def before_training(self) -> None:
-        """Work on the untrained model, once (not on resume)."""
-
-    def start_epoch(self, epoch: int) -> dict[str, float]:
-        """Diagnostics of the epoch's batches before its first step (logged with it)."""
-        return {}
-
-    def batches(self, streams) -> Iterator[Any]:
-        """The rest of the epoch's batches, each ready for :meth:`step`."""
-        for index in self.sampler:
-            yield self.batch(index, streams)
-
-    def batch(self, index: list[int], streams) -> Any:
-        """The training inputs of the samples ``index`` (this process's share of a global batch)."""
-        raise NotImplementedError
-
-    def step(self, batch: Any, streams) -> Tensor:
-        """Forward, loss and backward of one batch; returns the detached loss."""
-        raise NotImplementedError
-
-    def step_metrics(self) -> dict[str, float]:
-        """Extra values of the last step for its metrics row."""
-        return {}
-
-    def evaluate(self) -> dict[str, Any]:
-        """Metrics of the trained model."""
-        raise NotImplementedError
-
-    def summarize(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """Summary entries computed from the metric rows."""
-        return {"final_loss": rows[-1]["loss"] if rows else None}
-
-    def state_dict(self) -> dict[str, Any]:
-        """Task state a resumed run needs (besides model, optimizer, sampler, random streams)."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 def make_task(cfg: TrainConfig, device: torch.device, data: Any = None) -> Task:

@@ -55,7 +55,7 @@ from ...sampling import EpochBatchSampler, GCBSampler, HardNegativeBatchSampler,
 from ..config import TrainConfig
 from ..global_loss import GammaSchedule, GlobalPairLoss
 from ..precision import Precision
-from . import Task
+from .base import Task
 
 __all__ = [
     "ImageTask",

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ... import distributed as nbdist
 from ..config import TrainConfig
-from . import Task
+from .base import Task
 
 __all__ = ["TextTask", "TEXT_METRICS", "load_text_split", "text_tokenizer", "text_identity"]
 

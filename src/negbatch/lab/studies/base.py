@@ -1,0 +1,276 @@
+"""What every study shares: :class:`Study`, and its image and text bases.
+
+A study is one subclass per (study, modality) -- ``negatives`` on images,
+``negatives`` on text pairs, ... -- registered in
+:data:`negbatch.lab.studies.STUDIES`. The base gives each one:
+
+* its options: ``--out``, ``--seeds``, ``--workers``, ``--config`` and every
+  training option of its modality that it does not set itself (``swept``),
+  with the study's own defaults (``defaults``) over the task's;
+* the base configuration: defaults < ``--config`` file < command line;
+* the study folder and its ``study.json`` (written atomically);
+* the runs, through :func:`negbatch.lab.sweep.run_configs`, with one progress
+  line per run trained now and one line for the runs finished earlier;
+* a progress bar per run when stderr is a terminal (and one worker).
+
+A subclass writes :meth:`Study.plan` (the configurations and ``study.json``),
+:meth:`Study.line` (a run's progress line), optionally
+:meth:`Study.after_training` (measurements on the trained runs), and
+:meth:`Study.report` (figures and ``report.md`` from the folder alone); or
+:meth:`Study.run` as a whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..config import IMAGE_ONLY, TEXT_ONLY, TrainConfig, add_config_arguments, load_config_file
+from ..run import SUMMARY, atomic_write_text
+from ..sweep import KEY_FIELDS, parse_list, run_configs, run_key
+
+__all__ = ["Study", "ImageStudy", "TextStudy", "say", "dataset_stem"]
+
+
+def say(message: str) -> None:
+    """One line of progress on stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def dataset_stem(dataset: str) -> str:
+    """A folder-name-safe name of a data set: ``pairs:/x/my.jsonl`` -> ``pairs-my``."""
+    if ":" in dataset:
+        kind, path = dataset.split(":", 1)
+        return f"{kind}-{Path(path.strip()).stem}"
+    return dataset
+
+
+class Study:
+    """One study on one modality (images or text pairs).
+
+    Class attributes
+    ----------------
+    name : str
+        The study's name (``negbatch study NAME``).
+    modality : str
+        ``"image"`` or ``"text"``: the task of the data sets it runs on.
+    summary : str
+        One line for ``negbatch study --help``.
+    swept : tuple of str
+        Training options the study sets per run: not options of the study.
+    defaults : dict
+        The study's defaults over the task's (:data:`negbatch.lab.config.TASK_DEFAULTS`).
+    key_fields : tuple of str
+        The fields that name each run's folder (before a hash of the configuration).
+    """
+
+    name: ClassVar[str] = ""
+    modality: ClassVar[str] = "image"
+    summary: ClassVar[str] = ""
+    swept: ClassVar[tuple[str, ...]] = ()
+    defaults: ClassVar[dict[str, Any]] = {}
+    key_fields: ClassVar[tuple[str, ...]] = KEY_FIELDS
+    default_seeds: ClassVar[str] = "0,1,2"
+
+    @property
+    def description(self) -> str:
+        """The study module's docstring (``negbatch study NAME --help``)."""
+        return sys.modules[type(self).__module__].__doc__ or self.summary
+
+    # ---------------------------------------------------------------- options
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """The study's options: its own (:meth:`add_study_arguments`), then the
+        training options of its modality it does not sweep."""
+        g = parser.add_argument_group("study options")
+        g.add_argument("--out", default=None, help=f"study folder (default: negbatch-runs/{self.name}-DATASET)")
+        self.add_study_arguments(g)
+        g.add_argument("--seeds", default=self.default_seeds, help=f"comma list of seeds (default: {self.default_seeds})")
+        g.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+        g.add_argument("--config", default=None,
+                       help="TOML/YAML/JSON file of training options (those the study sets are overridden)")
+        foreign = TEXT_ONLY if self.modality == "image" else IMAGE_ONLY
+        add_config_arguments(parser, exclude=self.swept + foreign)
+        shown = {k: v for k, v in self.defaults.items() if k not in self.swept}
+        if shown:
+            parser.epilog = ("Study defaults over the training options' own: "
+                             + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in shown.items()) + ".")
+
+    def add_study_arguments(self, group: argparse._ArgumentGroup) -> None:
+        """Options of this study (beside ``--out``, ``--seeds``, ``--workers``, ``--config``)."""
+
+    def study_defaults(self, dataset: str) -> dict[str, Any]:
+        """The study's defaults for ``dataset`` (by default :attr:`defaults`)."""
+        return dict(self.defaults)
+
+    # ------------------------------------------------------------ configuration
+
+    def base_config(self, args: argparse.Namespace, **fixed: Any) -> TrainConfig:
+        """The configuration every run starts from: the study's defaults < the
+        ``--config`` file < the command line < ``fixed``."""
+        given = load_config_file(args.config) if getattr(args, "config", None) else {}
+        given = {str(k).replace("-", "_"): v for k, v in given.items()}
+        # The training options given on the command line (they default to argparse.SUPPRESS: present
+        # only when given); a swept field's name may be a study option of another meaning.
+        given.update({k: getattr(args, k) for k in TrainConfig.__dataclass_fields__
+                      if hasattr(args, k) and k not in self.swept})
+        values = self.study_defaults(str(given.get("dataset", TrainConfig.dataset)))
+        if "epochs" in given or "steps" in given:  # one given: the study's default of the other goes
+            values.pop("epochs", None)
+            values.pop("steps", None)
+        if "progress" not in given and getattr(args, "workers", 1) == 1 and sys.stderr.isatty():
+            values["progress"] = True  # a bar per run when someone is watching
+        values.update(given)
+        values.update(fixed)
+        cfg = TrainConfig.from_dict(self.adjust(values))
+        if cfg.task != self.modality:
+            raise ValueError(f"the {self.name} study on {self.modality} data got dataset={cfg.dataset!r}, "
+                             f"a {cfg.task} data set")
+        return cfg
+
+    def adjust(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Last changes to the merged options before they are validated."""
+        return values
+
+    def seeds(self, args: argparse.Namespace) -> list[int]:
+        return parse_list(args.seeds, int, "seeds", unique=True)
+
+    def check_workers(self, args: argparse.Namespace) -> None:
+        w = args.workers
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ValueError(f"--workers must be a positive int, got {w!r}")
+
+    # ------------------------------------------------------------ folder, runs
+
+    def out_folder(self, args: argparse.Namespace, dataset: str) -> Path:
+        return Path(args.out or f"negbatch-runs/{self.name}-{dataset_stem(dataset)}")
+
+    def write_spec(self, out: Path, spec: dict[str, Any]) -> None:
+        """``study.json``: the study's name, modality and settings (what its report reads)."""
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "study.json",
+                          json.dumps({"study": self.name, "modality": self.modality, **spec}, indent=1))
+
+    def train(self, configs: list[TrainConfig], out: Path, workers: int, what: str = "runs") -> list[dict[str, Any]]:
+        """Train ``configs`` into ``out/runs`` (skipping finished runs), printing
+        ``[i/n] self.line(summary)`` for each run trained now."""
+        keys = {run_key(c, self.key_fields) for c in configs}
+        earlier = {k for k in keys if (out / "runs" / k / SUMMARY).exists()}
+        todo = len(configs) - len(earlier)
+        say(f"{self.name} study ({self.modality}): {len(configs)} {what} into {out}"
+            + (f"; {len(earlier)} finished earlier (skipped)" if earlier else ""))
+        count = [0]
+
+        def on_done(summary: dict[str, Any], done: int, total: int) -> None:
+            if summary["run"] in earlier:
+                return
+            count[0] += 1
+            say(f"[{count[0]}/{todo}] {self.line(summary)}")
+
+        return run_configs(configs, out, workers=workers, key_fields=self.key_fields, on_done=on_done)
+
+    # ----------------------------------------------------------- the study
+
+    def run(self, args: argparse.Namespace) -> Path:
+        """Run the study (skipping what a previous run of it finished); returns its folder.
+
+        :meth:`plan`, :meth:`train`, :meth:`after_training`, :meth:`report`."""
+        self.check_workers(args)
+        out, configs = self.plan(args)
+        self.train(configs, out, args.workers)
+        self.after_training(args, out)
+        self.report(out)
+        return out
+
+    def plan(self, args: argparse.Namespace) -> tuple[Path, list[TrainConfig]]:
+        """Check the options, write ``study.json``; the study folder and the runs' configurations."""
+        raise NotImplementedError
+
+    def line(self, summary: dict[str, Any]) -> str:
+        """What the progress line of a finished run says (after ``[i/n]``)."""
+        raise NotImplementedError
+
+    def after_training(self, args: argparse.Namespace, out: Path) -> None:
+        """Work on the trained runs before the report (nothing by default)."""
+
+    def report(self, folder: Path) -> Path:
+        """Write ``report.md`` and its figures from the study folder alone; returns the report's path."""
+        raise NotImplementedError
+
+
+class ImageStudy(Study):
+    """A study on image data: the raw-pixel baseline."""
+
+    modality: ClassVar[str] = "image"
+
+    @staticmethod
+    def raw_pixel_baseline(base: TrainConfig, out: Path | None = None) -> float:
+        """Linear-probe accuracy on the raw pixels: the bar a learned representation should clear.
+
+        Read from ``out/study.json`` when a previous run of the study on the same
+        configuration recorded it (a rerun recomputes nothing it finished)."""
+        saved = out / "study.json" if out is not None else None
+        if saved is not None and saved.exists():
+            spec = json.loads(saved.read_text())
+            try:
+                same = TrainConfig.from_dict(spec.get("base", {})).identity() == base.identity()
+            except ValueError:
+                same = False
+            if same and spec.get("raw_pixel_linear_acc") is not None:
+                return spec["raw_pixel_linear_acc"]
+        from ...data import load_dataset
+        from ...evaluation import linear_probe
+
+        data = load_dataset(base.dataset, base.data_dir).subset(base.n_train, base.n_test)
+        flat = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731
+        return linear_probe(flat(data.x_train), data.y_train, flat(data.x_test), data.y_test)
+
+
+class TextStudy(Study):
+    """A study on text pairs: defaults sized for a few minutes per run on a 2-core CPU
+    (8,000 Bible pairs, 120 steps of batch 64), the data loaded and checked first."""
+
+    modality: ClassVar[str] = "text"
+    defaults: ClassVar[dict[str, Any]] = {"batch_size": 64, "steps": 120, "lr": 1e-3}
+
+    def study_defaults(self, dataset: str) -> dict[str, Any]:
+        values = dict(self.defaults)
+        if dataset == "bible":
+            values["max_pairs"] = 8000
+        elif dataset == "builtin":
+            values["test_fraction"] = 0.25  # 34 training / 6 test pairs of the 40
+        return values
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.epilog = ((parser.epilog or "") + " With --data bible: --max-pairs 8000 (0: all pairs); with --data "
+                         "builtin: --test-fraction 0.25.")
+
+    def adjust(self, values: dict[str, Any]) -> dict[str, Any]:
+        if values.get("max_pairs") in (0, "0"):
+            values["max_pairs"] = None  # 0: every pair
+        return values
+
+    def load(self, base: TrainConfig):
+        """The (train, test) split of ``base`` -- data errors before any folder is made --
+        checked against the batch size."""
+        from ..tasks.text import load_text_split
+
+        train, test = load_text_split(base)
+        if base.batch_size > len(train):
+            raise ValueError(f"--batch-size {base.batch_size} exceeds the {len(train)} training pairs of "
+                             f"{base.dataset!r}; lower it")
+        return train, test
+
+    @staticmethod
+    def describe(base: dict[str, Any], sample: dict[str, Any]) -> str:
+        """The data and encoder of a text study, for its report."""
+        return (f"Data `{base['dataset']}`: {sample.get('num_train_pairs')} training pairs; "
+                f"{sample.get('num_test_queries')} test queries searched among {sample.get('num_test_documents')} "
+                f"test documents (max_pairs {base['max_pairs']}, test fraction {base['test_fraction']}, split seed "
+                f"{base['data_seed']}). Encoder: transformer, dim {base['text_dim']}, {base['text_depth']} layer(s), "
+                f"{base['text_heads']} heads, dropout {base['dropout']}, vocabulary {base['vocab_size']}, max length "
+                f"{base['max_length']}.")
