@@ -18,9 +18,3 @@ def pytest_collection_modifyitems(config, items):
         if "cuda" in item.keywords:
             item.add_marker(skip)
 
-
-# One torch thread for the whole suite: the tests train tiny models, whose ops
-# are far too small to gain from a second thread, and on a shared or loaded
-# machine two threads that wait for each other make them up to 10x slower.
-# (Tests that start processes set OMP_NUM_THREADS=1 for the same reason.)
-torch.set_num_threads(1)

@@ -183,7 +183,8 @@ def test_run_folder_records_its_data_and_refuses_other_data(tmp_path, digits):
     mine = from_arrays(x[:96], y[:96], x[96:], y[96:], name="mydigits")
     s = train(tiny(epochs=1), tmp_path, data=mine)
     saved = json.loads((tmp_path / "data.json").read_text())
-    assert saved["name"] == "mydigits" and saved["train"] == [96, 1, 8, 8] and len(saved["fingerprint"]) == 64
+    assert saved["name"] == "mydigits" and saved["splits"]["train"]["images"]["shape"] == [96, 1, 8, 8]
+    assert len(saved["fingerprint"]) == 64
     assert s["data"] == saved
     # Other arrays under the same name, into the finished folder: refused, not the old summary.
     other = from_arrays(x[:96][::-1].copy(), y[:96][::-1].copy(), x[96:], y[96:], name="mydigits")

@@ -63,11 +63,11 @@ def _assert_same_run(two, one):
     a, b = _parameters(two), _parameters(one)
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{two.name}: {k}")
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{two.name}: {k}")  # float32 sums in another order
     rows_two, rows_one = without_times(read_metrics(two)), without_times(read_metrics(one))
     assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one]  # every row once: rank 0 alone writes
     for r2, r1 in zip(rows_two, rows_one):
-        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5, abs=1e-6), (two.name, r1["step"])
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-4, abs=1e-5), (two.name, r1["step"])
 
 
 def test_two_processes_equal_one_process_for_every_loss_sampler_and_resume(tmp_path):

@@ -6,18 +6,18 @@ from .arrays import load_arrays
 from .augment import Augment, two_views
 from .batches import ImageBatches, image_batch_loader, keep_batch, to_float_images
 from .cifar import load_cifar10, load_cifar100, read_cifar_pickle
-from .image_files import ImageFiles, load_image_folder
+from .image_files import ImageFiles
+from .image_folder import load_image_folder
 from .images import (
-    DATASETS,
     FASHION_MNIST_DIR,
     ImageDataset,
     from_arrays,
-    load_dataset,
     load_digits,
     load_fashion_mnist,
     load_mnist5k,
     read_idx,
 )
+from .registry import DATASETS, load_dataset
 from .simclr_augment import CHANNEL_STATS, SimCLRAugment, channel_stats, normalize_images
 from .stl10 import load_stl10
 

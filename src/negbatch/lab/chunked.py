@@ -114,5 +114,5 @@ def accumulated_forward_backward(
             precision.backward(loss)
         else:
             loss.backward()
-        total = total + loss.detach().float().cpu()
+        total = total + loss.detach().cpu()
     return total

@@ -105,7 +105,7 @@ def _opt(default: Any, help: str, section: str, **meta: Any) -> Any:
 def _image_datasets() -> tuple[str, ...]:
     from ..data import DATASETS
 
-    return tuple(DATASETS)
+    return tuple(d for d in DATASETS if d != "npz")  # the user's arrays are arrays:PATH here
 
 
 @dataclass(frozen=True)

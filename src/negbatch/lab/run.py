@@ -419,8 +419,8 @@ def _train(cfg: TrainConfig, folder: RunFolder, procs: Processes, data: Any, sto
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
         precision.load_state_dict(ckpt.get("precision", {}))
-        rng = ckpt["rng"]
-        if ckpt.get("world_size", 1) == procs.world_size and "rng_ranks" in ckpt:
+        rng = ckpt["rng"]  # rank 0's streams: all a one-process run needs
+        if procs.several and ckpt.get("world_size", 1) == procs.world_size:
             rng = {**rng, **ckpt["rng_ranks"][procs.rank]}  # each process's own torch (and CUDA) stream
         streams.load_state_dict(rng)
         progress = dict(ckpt["progress"])
@@ -432,14 +432,16 @@ def _train(cfg: TrainConfig, folder: RunFolder, procs: Processes, data: Any, sto
     rows = folder.keep_rows_until(progress["step"]) if procs.is_main else []
 
     def save_checkpoint() -> None:
+        # The augmentation and loss streams are the same on every process; torch's own (dropout) is not.
         own_rng = {k: v for k, v in streams.state_dict().items() if k in ("torch", "cuda")}
-        rng_ranks = procs.gather(own_rng)
+        rng_ranks = procs.gather(own_rng) if procs.several else None
         if procs.is_main:
             folder.save_checkpoint({
                 "model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "sampler": task.sampler.state_dict(position=progress["position"]),
                 "snr": snr.state_dict() if snr is not None else {}, "rng": streams.state_dict(),
-                "rng_ranks": rng_ranks, "world_size": procs.world_size, "precision": precision.state_dict(),
+                **({"rng_ranks": rng_ranks} if rng_ranks else {}), "world_size": procs.world_size,
+                "precision": precision.state_dict(),
                 "progress": dict(progress), "step": progress["step"], "config": cfg.to_dict(), **task.state_dict(),
             })
 

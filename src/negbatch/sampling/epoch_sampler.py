@@ -199,7 +199,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         Examples
         --------
         >>> from negbatch.sampling import RandomBatchSampler
-        >>> RandomBatchSampler(20, 10, num_replicas=3, rank=1).share_bounds(10)
+        >>> RandomBatchSampler(20, 9, num_replicas=3, rank=1).share_bounds(10)
         (4, 7)
         """
         base, extra = divmod(global_length, self.num_replicas)

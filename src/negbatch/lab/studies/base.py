@@ -221,10 +221,10 @@ class ImageStudy(Study):
                 same = False
             if same and spec.get("raw_pixel_linear_acc") is not None:
                 return spec["raw_pixel_linear_acc"]
-        from ...data import load_dataset
+        from ..tasks.image import load_image_data
         from ...evaluation import linear_probe
 
-        data = load_dataset(base.dataset, base.data_dir).subset(base.n_train, base.n_test)
+        data = load_image_data(base).subset(base.n_train, base.n_test)
         flat = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731
         return linear_probe(flat(data.x_train), data.y_train, flat(data.x_test), data.y_test)
 

@@ -64,9 +64,9 @@ class ImageBatches(ImageStudy):
             raise ValueError(f"--samplers: unknown {', '.join(bad)}; expected a comma list of {', '.join(SAMPLERS)}")
         seeds = self.seeds(args)
         base = self.base_config(args, log_gap=True)
-        from ...data import load_dataset
+        from ..tasks.image import load_image_data
 
-        data = load_dataset(base.dataset, base.data_dir).subset(base.n_train, base.n_test)  # fails early if missing
+        data = load_image_data(base).subset(base.n_train, base.n_test)  # fails early if missing
         if base.batch_size > data.x_train.shape[0]:
             raise ValueError(f"--batch-size {base.batch_size} exceeds the {data.x_train.shape[0]} training images")
         configs = [base.replace(sampler=s, seed=seed) for s in samplers for seed in seeds]

@@ -137,7 +137,8 @@ def measure_bias(
     trainer's seeded init) and after training (``run_dir``'s checkpoint, with
     its running nu). Cached in ``cache_dir`` per seed; a rerun with the same
     settings reads the cache."""
-    from ...data import Augment, load_dataset
+    from ...data import Augment
+    from ..tasks.image import load_image_data
     from ...diagnostics import exact_global_gradient, gradient_bias
     from ...losses import GlobalInfoNCE
     from ..tasks.image import build_loss, build_model
@@ -150,7 +151,7 @@ def measure_bias(
         if saved.get("settings") == settings:
             say(f"bias seed={cfg.seed}: measured earlier (read from {cache})")
             return saved["rows"]
-    data = load_dataset(cfg.dataset, cfg.data_dir).subset(cfg.n_train, cfg.n_test)
+    data = load_image_data(cfg).subset(cfg.n_train, cfg.n_test)
     n_train = data.x_train.shape[0]
     n = min(bias_samples, n_train)
     x = data.x_train[:n]

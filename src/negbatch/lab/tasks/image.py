@@ -229,7 +229,7 @@ def forward_backward(
         z1, z2 = model(torch.cat([batch.view1, batch.view2])).chunk(2)
         loss = loss_fn(z1, z2, batch, generator)
     precision.backward(loss)
-    return loss.detach().float()
+    return loss.detach()
 
 
 # ---------------------------------------------------------------- model, evaluation

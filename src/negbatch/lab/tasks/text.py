@@ -213,7 +213,7 @@ class TextTask(Task):
         with self.precision.autocast():
             value = self._loss_with_index(*[self.net(x) for x in inputs], generator=streams.loss)
         self.precision.backward(value)
-        return value.detach().float()
+        return value.detach()
 
     def step_metrics(self) -> dict[str, float]:
         last = getattr(self.loss_fn, "last_infonce", None)
