@@ -10,7 +10,9 @@ version's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import os
 import sys
 import time
 from pathlib import Path
@@ -153,6 +155,8 @@ def _train(args: argparse.Namespace) -> None:
     cfg = config_from_args(args, base)
     summary = train(cfg, args.out)
     assert summary is not None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun every process trained; rank 0 reports
     report = report_folder(args.out)
     if cfg.task == "text":
         from .lab.tasks.text import TEXT_METRICS
@@ -188,22 +192,48 @@ def main(argv: list[str] | None = None) -> int:
     if extras:
         _leaf(parser, args).unknown(extras)
     try:
-        if args.command == "demo":
-            start = time.perf_counter()
-            folder = _demo(args)
-            print(f"demo finished in {time.perf_counter() - start:.0f} s; report: {folder / 'report.md'}")
-        elif args.command == "study":
-            folder = args.study_obj.run(args)
-            print(f"report: {folder / 'report.md'}")
-        elif args.command == "train":
-            _train(args)
-        elif args.command == "report":
-            from .lab.studies import report_folder
-
-            print(f"report: {report_folder(args.folder)}")
+        with _process_group(args):
+            return _run(args)
     except (ValueError, FileNotFoundError, TypeError, ModuleNotFoundError) as err:  # the last: a missing extra
         print(f"negbatch {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _process_group(args: argparse.Namespace):
+    """Under torchrun, a study's processes join one process group for all its runs
+    (``negbatch train`` joins it in :func:`negbatch.lab.train`)."""
+    from .lab.processes import Processes, launched_by_torchrun
+
+    if args.command not in ("study", "demo") or not launched_by_torchrun():
+        yield
+        return
+    procs = Processes.start(getattr(args, "device", "cpu"))
+    try:
+        yield
+    finally:
+        procs.close()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .lab.processes import Processes
+
+    main_rank = Processes.current().is_main
+    if args.command == "demo":
+        start = time.perf_counter()
+        folder = _demo(args)
+        if main_rank:
+            print(f"demo finished in {time.perf_counter() - start:.0f} s; report: {folder / 'report.md'}")
+    elif args.command == "study":
+        folder = args.study_obj.run(args)
+        if main_rank:
+            print(f"report: {folder / 'report.md'}")
+    elif args.command == "train":
+        _train(args)
+    elif args.command == "report":
+        from .lab.studies import report_folder
+
+        print(f"report: {report_folder(args.folder)}")
     return 0
 
 

@@ -47,13 +47,18 @@ class Processes:
     owns_group: bool = False
 
     @classmethod
+    def current(cls) -> "Processes":
+        """This process's place in an initialised process group (or alone)."""
+        if nbdist.is_distributed():
+            return cls(nbdist.world_size(), nbdist.rank(), int(os.environ.get("LOCAL_RANK", nbdist.rank())))
+        return cls()
+
+    @classmethod
     def start(cls, device: str) -> "Processes":
         """This process's place: an initialised process group is used as it is;
         under torchrun one is created (NCCL for CUDA devices, else gloo)."""
-        if nbdist.is_distributed():
-            return cls(nbdist.world_size(), nbdist.rank(), int(os.environ.get("LOCAL_RANK", nbdist.rank())))
-        if not launched_by_torchrun():
-            return cls()
+        if nbdist.is_distributed() or not launched_by_torchrun():
+            return cls.current()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         cuda = device != "cpu" and torch.cuda.is_available()
         if cuda:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import csv
 import hashlib
 import io
@@ -27,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from .config import TrainConfig
+from .processes import Processes
 from .run import atomic_write_text, hold_lock, train
 
 __all__ = ["run_key", "run_configs", "run_jobs", "write_results", "read_results", "parse_list"]
@@ -138,16 +140,23 @@ def run_jobs(
     study_dir = Path(study_dir)
     if len({d for _, d in jobs}) != len(jobs):
         raise ValueError("two configurations of the study are identical; remove the duplicates")
-    with hold_lock(study_dir):
-        return _run_jobs(jobs, study_dir, train_one, workers, on_done)
+    procs = Processes.current()
+    if procs.several and workers > 1:
+        raise ValueError(f"workers={workers} under {procs.world_size} torchrun processes: the processes train each run "
+                         "together, one run at a time; use workers=1")
+    with hold_lock(study_dir) if procs.is_main else contextlib.nullcontext():
+        return _run_jobs(jobs, study_dir, train_one, workers, on_done, procs.is_main)
 
 
-def _run_jobs(jobs, study_dir: Path, train_one, workers: int, on_done) -> list[dict[str, Any]]:
-    (study_dir / "runs").mkdir(parents=True, exist_ok=True)
+def _run_jobs(jobs, study_dir: Path, train_one, workers: int, on_done, writes: bool) -> list[dict[str, Any]]:
+    if writes:
+        (study_dir / "runs").mkdir(parents=True, exist_ok=True)
     summaries: list[dict[str, Any]] = []
 
     def done(summary: dict[str, Any]) -> None:
         summaries.append(summary)
+        if not writes:  # under torchrun: every process trains, rank 0 keeps the table
+            return
         write_results(study_dir, summaries)
         if on_done is not None:
             on_done(summary, len(summaries), len(jobs))

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..config import IMAGE_ONLY, TEXT_ONLY, TrainConfig, add_config_arguments, load_config_file
+from ..processes import Processes
 from ..run import SUMMARY, atomic_write_text
 from ..sweep import KEY_FIELDS, parse_list, run_configs, run_key
 
@@ -150,6 +151,8 @@ class Study:
 
     def write_spec(self, out: Path, spec: dict[str, Any]) -> None:
         """``study.json``: the study's name, modality and settings (what its report reads)."""
+        if not Processes.current().is_main:
+            return
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "study.json",
                           json.dumps({"study": self.name, "modality": self.modality, **spec}, indent=1))
@@ -160,8 +163,9 @@ class Study:
         keys = {run_key(c, self.key_fields) for c in configs}
         earlier = {k for k in keys if (out / "runs" / k / SUMMARY).exists()}
         todo = len(configs) - len(earlier)
-        say(f"{self.name} study ({self.modality}): {len(configs)} {what} into {out}"
-            + (f"; {len(earlier)} finished earlier (skipped)" if earlier else ""))
+        if Processes.current().is_main:
+            say(f"{self.name} study ({self.modality}): {len(configs)} {what} into {out}"
+                + (f"; {len(earlier)} finished earlier (skipped)" if earlier else ""))
         count = [0]
 
         def on_done(summary: dict[str, Any], done: int, total: int) -> None:
@@ -181,8 +185,9 @@ class Study:
         self.check_workers(args)
         out, configs = self.plan(args)
         self.train(configs, out, args.workers)
-        self.after_training(args, out)
-        self.report(out)
+        if Processes.current().is_main:  # under torchrun every process trains, rank 0 writes
+            self.after_training(args, out)
+            self.report(out)
         return out
 
     def plan(self, args: argparse.Namespace) -> tuple[Path, list[TrainConfig]]:

@@ -85,6 +85,10 @@ class ImageGradCache(ImageStudy):
         a.add_argument("--workers", type=int, default=1, help="worker processes for the trainings (default: 1)")
 
     def run(self, args: argparse.Namespace) -> Path:
+        from ..processes import Processes
+
+        if Processes.current().several:
+            raise ValueError("the gradcache study measures the memory of one process's steps; run it without torchrun")
         _check_args(args)
         batches = parse_list(args.batch_sizes, int, "batch-sizes")
         methods = parse_list(args.methods, str, "methods")

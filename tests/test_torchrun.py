@@ -1,0 +1,49 @@
+"""``negbatch`` under a real ``torchrun --nproc-per-node 2`` (gloo, CPU): one run,
+not two into the same folder, equal to a one-process run; a study likewise."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _runs import without_times
+from negbatch.lab import read_metrics
+
+pytestmark = pytest.mark.distributed
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+TINY = ["--n-train", "64", "--n-test", "48", "--batch-size", "16", "--epochs", "2", "--encoder-widths", "16",
+        "--head-widths", "16,8", "--knn-k", "5", "--norm", "none"]
+
+
+def run(*args, torchrun: bool):
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"] if torchrun else []
+    out = subprocess.run([sys.executable, *launcher, "-m", "negbatch.cli", *args], capture_output=True, text=True,
+                         env=env, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_train_under_torchrun_is_one_run_equal_to_one_process(tmp_path):
+    two = run("train", *TINY, "--out", str(tmp_path / "two"), torchrun=True)
+    assert two.stdout.count("linear accuracy") == 1  # rank 0 alone reports
+    run("train", *TINY, "--out", str(tmp_path / "one"), torchrun=False)
+    rows_two, rows_one = without_times(read_metrics(tmp_path / "two")), without_times(read_metrics(tmp_path / "one"))
+    assert [r["step"] for r in rows_two] == list(range(1, 9))  # each row once
+    assert [r["loss"] for r in rows_two] == pytest.approx([r["loss"] for r in rows_one], rel=1e-5)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and (tmp_path / "two" / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_study_under_torchrun_trains_each_run_once(tmp_path):
+    args = ["study", "negatives", *TINY, "--ks", "2,all", "--seeds", "0", "--losses", "simclr"]
+    run(*args, "--out", str(tmp_path / "two"), torchrun=True)
+    run(*args, "--out", str(tmp_path / "one"), torchrun=False)
+    two = {r["negatives"]: r["final_loss"] for r in json.loads((tmp_path / "two" / "results.json").read_text())}
+    one = {r["negatives"]: r["final_loss"] for r in json.loads((tmp_path / "one" / "results.json").read_text())}
+    assert two.keys() == one.keys() and all(two[k] == pytest.approx(one[k], rel=1e-5) for k in one)
