@@ -21,15 +21,6 @@ def losses(folder):
 RESNET = dict(encoder="resnet18", encoder_widths=(4, 8, 8, 16), head_widths=(8, 4), hflip=True)
 
 
-@pytest.fixture(autouse=True)
-def _without_onednn():
-    """torch 2.13's CPU convolution backward through oneDNN corrupted the heap in this test process
-    ("double free or corruption" in mkldnn_convolution_backward_weights; not reproduced in a standalone
-    loop of the same model): these tests use torch's native convolutions."""
-    with torch.backends.mkldnn.flags(enabled=False):
-        yield
-
-
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cifar")

@@ -180,9 +180,33 @@ def _selected_study(argv: list[str]) -> tuple[str, str] | None:
     return selected
 
 
+def with_recipe(argv: list[str]) -> list[str]:
+    """``study NAME --config FILE ...`` with the options of FILE's ``[study]`` table
+    (a recipe) inserted after ``NAME``, so that the command line's own win."""
+    from .lab.config import load_study_options
+    from .lab.studies import option_value
+
+    config = option_value(argv, ("--config",)) if len(argv) > 1 and argv[0] == "study" else None
+    if config is None:
+        return argv
+    options = dict(load_study_options(config))
+    name = options.pop("name", argv[1])
+    if name != argv[1]:
+        raise ValueError(f"{config} is a recipe of the {name} study; run: negbatch study {name} --config {config}")
+    extra: list[str] = []
+    for key, value in options.items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is True:
+            extra.append(flag)
+        elif value is not False:
+            extra += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return argv[:2] + extra + argv[2:]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        argv = with_recipe(argv)
         selected = _selected_study(argv)
     except ValueError as err:
         print(f"negbatch study: error: {err}", file=sys.stderr)

@@ -29,6 +29,7 @@ __all__ = [
     "TEXT_DATASETS",
     "task_of",
     "load_config_file",
+    "load_study_options",
     "add_config_arguments",
     "config_from_args",
     "parse_negatives",
@@ -435,11 +436,45 @@ def _optional(f: dataclasses.Field) -> bool:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON (``.json``, e.g. a
-    run's ``config.json``) file into a dict.
+    """The training options of a TOML (``.toml``), YAML (``.yaml``/``.yml``) or
+    JSON (``.json``, e.g. a run's ``config.json``) file, as a dict.
 
-    A ``[train]`` table / ``train:`` mapping is used if present, else the top level.
+    A ``[train]`` table / ``train:`` mapping is used if present, else the top
+    level. A ``[study]`` table holds a study's own options (a recipe, see
+    :func:`load_study_options`) and is not a training option.
     """
+    data = _read_config(path)
+    data.pop("study", None)
+    if isinstance(data.get("train"), dict):
+        others = sorted(k for k in data if k != "train")
+        if others:
+            raise ValueError(
+                f"config file {path} has a [train] table / train: mapping and other top-level keys {others}; "
+                f"put every training option under it, or drop it and give them all at the top level"
+            )
+        data = data["train"]
+    return data
+
+
+def load_study_options(path: str | Path) -> dict[str, Any]:
+    """The ``[study]`` table of a config file (a recipe): the study's ``name`` and
+    its own options (``ks``, ``losses``, ``seeds``, ...), or ``{}``.
+
+    Examples
+    --------
+    >>> import pathlib, tempfile
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "r.toml"
+    >>> _ = p.write_text('[study]\nname = "negatives"\nks = "1,all"\n[train]\nbatch_size = 64\n')
+    >>> load_study_options(p), load_config_file(p)
+    ({'name': 'negatives', 'ks': '1,all'}, {'batch_size': 64})
+    """
+    study = _read_config(path).get("study", {})
+    if not isinstance(study, dict):
+        raise ValueError(f"config file {path}: [study] must be a table of a study's options, got {study!r}")
+    return study
+
+
+def _read_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
@@ -474,14 +509,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of option names to values")
-    if isinstance(data.get("train"), dict):
-        others = sorted(k for k in data if k != "train")
-        if others:
-            raise ValueError(
-                f"config file {path} has a [train] table / train: mapping and other top-level keys {others}; "
-                f"put every training option under it, or drop it and give them all at the top level"
-            )
-        data = data["train"]
     return data
 
 

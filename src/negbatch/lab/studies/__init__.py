@@ -62,7 +62,7 @@ def get_study(name: str, modality: str):
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)()
 
 
-def _option_value(argv: list[str], names: tuple[str, ...]) -> str | None:
+def option_value(argv: list[str], names: tuple[str, ...]) -> str | None:
     """The last value of any of ``names`` in ``argv`` (``--name V`` or ``--name=V``)."""
     value = None
     for i, arg in enumerate(argv):
@@ -76,8 +76,8 @@ def _option_value(argv: list[str], names: tuple[str, ...]) -> str | None:
 def modality_of_argv(argv: list[str]) -> str:
     """The modality a study's command line asks for: the task of its ``--data``
     / ``--dataset``, else of its ``--config`` file's ``dataset``, else images."""
-    dataset = _option_value(argv, ("--data", "--dataset"))
-    config = _option_value(argv, ("--config",))
+    dataset = option_value(argv, ("--data", "--dataset"))
+    config = option_value(argv, ("--config",))
     if dataset is None and config is not None:
         try:
             dataset = load_config_file(config).get("dataset")

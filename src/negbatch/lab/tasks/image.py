@@ -389,6 +389,9 @@ class ImageTask(Task):
 
     def build(self) -> None:
         cfg = self.cfg
+        if cfg.norm == "sync" and self.device.type != "cuda":
+            raise ValueError("norm='sync' (SyncBatchNorm) runs on CUDA devices only; use norm='batch' or 'none' on "
+                             f"{self.device.type}")
         self.model = build_model(cfg, self.data.image_shape).to(self.device)
         n = len(self.train_x)
         self.loss_fn = build_loss(cfg, num_samples=n,

@@ -1,0 +1,59 @@
+"""Every recipe under recipes/ runs, at tiny size on fixture data written in its data set's
+format, through the command a GPU user types (the recipe's [study] and [train] tables, the
+command line overriding the sizes and the GPU-only options)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from _image_formats import write_cifar100, write_image_folder
+from negbatch.cli import main, with_recipe
+from negbatch.lab import TrainConfig, load_config_file
+from negbatch.lab.config import load_study_options
+
+pytest.importorskip("kornia", reason="the recipes' RGB augmentation needs the vision extra")
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))
+TINY = ["--epochs", "1", "--encoder-widths", "4,8,8,16", "--head-widths", "8,4", "--seeds", "0",
+        "--device", "cpu", "--precision", "fp32", "--norm", "batch", "--channels-last", "false", "--num-workers", "0",
+        "--warmup-steps", "0", "--knn-every", "1"]
+
+
+def test_there_are_recipes_and_each_is_a_valid_configuration():
+    assert {p.stem.split("_")[0] for p in RECIPES} >= {"mitrovic2020", "chen2022", "sachidananda2023"}
+    for path in RECIPES:
+        study = load_study_options(path)
+        assert study["name"] in ("negatives", "bias", "batches"), path
+        cfg = TrainConfig.from_dict(load_config_file(path), source=str(path))
+        assert cfg.device == "cuda" and cfg.task == "image", path
+        assert "torchrun" in path.read_text() and "Hardware and time" in path.read_text(), path
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_runs_at_tiny_size(path, tmp_path):
+    cfg = load_config_file(path)
+    study = load_study_options(path)["name"]
+    if cfg["dataset"] == "cifar100":
+        write_cifar100(tmp_path / "data", n_train=16, n_test=8)
+        sizes = ["--batch-size", "8"]
+    else:
+        write_image_folder(tmp_path / "data", per_class=6, n_val=3)
+        size = "--image-size" if "image_size" in cfg else "--decode-size"
+        sizes = ["--batch-size", "6", size, "16"]
+    per_study = {"negatives": ["--ks", "2,all", "--losses", "simclr"], "bias": [], "batches": []}[study]
+    if study == "bias":
+        sizes = ["--batch-size", "8"] + sizes[2:]  # the full batch; the half-batch runs use 4
+    argv = ["study", study, "--config", str(path), "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+            *TINY, *sizes, *per_study]
+    assert with_recipe(argv)[2:4] != argv[2:4]  # the recipe's own study options came in
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert rows and all(0 <= r["linear_acc"] <= 1 for r in rows)
+    assert (tmp_path / "out" / "report.md").exists()
+
+
+def test_a_recipe_of_another_study_is_refused(capsys):
+    path = next(p for p in RECIPES if load_study_options(p)["name"] == "negatives")
+    assert main(["study", "batches", "--config", str(path)]) == 2
+    assert f"is a recipe of the negatives study; run: negbatch study negatives --config {path}" in capsys.readouterr().err
