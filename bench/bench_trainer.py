@@ -1,15 +1,23 @@
 """Throughput of the lab's training loop against a minimal hand-written loop,
 and the overhead of the gradient SNR tracker.
 
-Both loops train the same model (MLP encoder + head) with the same loss
-(InfoNCE, all negatives), optimizer (Adam) and augmentations on the digits,
-side by side in one process, alternating repeats and keeping the median.
+Both loops train the same model with the same loss (InfoNCE, all negatives),
+optimizer (Adam) and augmentation, side by side in one process, alternating
+repeats and keeping the median:
+
+* digits: the MLP encoder + head on 8x8 greyscale images, the greyscale
+  augmentation (and the SNR tracker's overhead);
+* cifar: CIFAR-sized RGB images (random uint8, 3x32x32: the throughput does
+  not depend on the pixels), ResNet-18 with the CIFAR stem, SimCLR's
+  augmentation batched on the device; also the augmentation's share of a step.
+  With ``--device cuda``: images/s and peak GPU memory, and a 2-epoch run.
 
 Goals: our loop / minimal loop <= 1.10; minimal loop with SNR tracking /
-without <= 1.10.
+without <= 1.10; the augmentation is not the bottleneck (well under half a step).
 
 Usage: python bench/bench_trainer.py [EPOCHS] [REPEATS]   (defaults 3 and 3;
-environment BENCH_BATCH=128, BENCH_WIDTH=256)
+environment BENCH_BATCH=128, BENCH_WIDTH=256, BENCH_DATA=digits|cifar|both (both),
+BENCH_DEVICE=cpu|cuda, BENCH_CIFAR_N=2560, BENCH_CIFAR_BATCH=256, BENCH_WIDTHS=16,32,64,128 on a CPU)
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from negbatch.data import Augment, load_digits  # noqa: E402
+from negbatch.data import Augment, ImageDataset, SimCLRAugment, load_digits, to_float_images  # noqa: E402
 from negbatch.diagnostics import GradientSNR  # noqa: E402
 from negbatch.lab import TrainConfig, train  # noqa: E402
 from negbatch.lab.optim import build_optimizer, build_schedule  # noqa: E402
@@ -67,9 +75,93 @@ def our_loop(cfg: TrainConfig, data) -> float:
     return summary["train_seconds"] / summary["steps"]
 
 
+def minimal_rgb_loop(cfg: TrainConfig, data, device: torch.device) -> tuple[float, float]:
+    """Seconds per step of the plainest loop of the image task on RGB data, and
+    the seconds per step spent making the two views."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data.image_shape).to(device)
+    loss_fn = build_loss(cfg).loss
+    opt = build_optimizer(cfg, model.parameters())
+    aug = SimCLRAugment(strength=cfg.aug_strength, hflip=0.5)
+    g = torch.Generator().manual_seed(0)
+    x_all = data.x_train.to(device)
+    steps = cfg.epochs * (len(x_all) // cfg.batch_size)
+    aug_seconds = 0.0
+    sync()
+    start = time.perf_counter()
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(x_all), generator=g)
+        for b in range(len(x_all) // cfg.batch_size):
+            x = to_float_images(x_all[order[b * cfg.batch_size : (b + 1) * cfg.batch_size].to(device)])
+            t0 = time.perf_counter()
+            v1, v2 = aug(x, g), aug(x, g)
+            sync()
+            aug_seconds += time.perf_counter() - t0
+            z1, z2 = model(torch.cat([v1, v2])).chunk(2)
+            opt.zero_grad(set_to_none=True)
+            loss_fn(z1, z2, generator=g).backward()
+            opt.step()
+    sync()
+    return (time.perf_counter() - start) / steps, aug_seconds / steps
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def cifar_bench(epochs: int, repeats: int, device: torch.device) -> None:
+    n = int(os.environ.get("BENCH_CIFAR_N", 2560))
+    batch = int(os.environ.get("BENCH_CIFAR_BATCH", 256))
+    rng = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n + 512, 3, 32, 32), dtype=torch.uint8, generator=rng)
+    y = torch.arange(n + 512) % 10
+    data = ImageDataset("cifar-sized", x[:n], y[:n], x[n:], y[n:])
+    # The standard ResNet-18 on a GPU; a quarter of its widths on a CPU (a full one takes ~10 s a step there).
+    widths = None if device.type == "cuda" else tuple(int(w) for w in os.environ.get("BENCH_WIDTHS", "16,32,64,128").split(","))
+    cfg = TrainConfig(dataset="cifar10", batch_size=batch, epochs=epochs, encoder="resnet18", encoder_widths=widths,
+                      head_widths=(512, 128), hflip=True, snr=False, device=str(device), evaluation="scale")
+    times: dict[str, list[float]] = {"minimal": [], "ours": [], "augment": []}
+    minimal_rgb_loop(cfg.replace(epochs=1), data, device)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(repeats):
+        step, aug = minimal_rgb_loop(cfg, data, device)
+        times["minimal"].append(step)
+        times["augment"].append(aug)
+        times["ours"].append(our_loop(cfg, data))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\nCIFAR-sized: {n} images 3x32x32 uint8, ResNet-18 (CIFAR stem, widths {widths or 'standard'}), SimCLR "
+          f"augmentation on {device}, batch "
+          f"{batch}, {epochs} epoch(s) x {n // batch} steps, median of {repeats}, torch threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'variant':<14}{'ms/step':>10}{'images/s':>10}")
+    for k in ("minimal", "ours"):
+        print(f"{k:<14}{1000 * med[k]:>10.1f}{batch / med[k]:>10.0f}")
+    ratio = med["ours"] / med["minimal"]
+    share = med["augment"] / med["minimal"]
+    print(f"our loop / minimal loop      = {ratio:.3f}  (goal <= 1.10: {'met' if ratio <= 1.10 else 'NOT met'})")
+    print(f"augmentation's share of a step = {share:.1%} (two views, {1000 * med['augment']:.1f} ms)")
+    if device.type == "cuda":
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        with tempfile.TemporaryDirectory() as d:
+            s = train(cfg.replace(epochs=2), d, data=data)
+        print(f"2-epoch run: {s['steps']} steps, {batch * s['steps'] / s['train_seconds']:.0f} images/s, "
+              f"linear accuracy {s['linear_acc']:.3f} (random images: chance)")
+
+
 def main() -> None:
     epochs = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    which = os.environ.get("BENCH_DATA", "both")
+    device = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))
+    if which in ("digits", "both"):
+        digits_bench(epochs, repeats)
+    if which in ("cifar", "both"):
+        cifar_bench(1, repeats, device)
+
+
+def digits_bench(epochs: int, repeats: int) -> None:
     batch = int(os.environ.get("BENCH_BATCH", 128))
     width = int(os.environ.get("BENCH_WIDTH", 256))
     data = load_digits()

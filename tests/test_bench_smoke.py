@@ -57,3 +57,15 @@ def test_bench_gradcache_sweeps_up_to_the_largest_batch_and_judges_only_it():
     assert batches[-1] < 8192  # 8192's logits alone fill the 1 GiB budget
     assert all(r[-1] not in ("met", "NOT") for r in rows[:-1])
     assert rows[-1][-1] == "met" or rows[-1][-2:] == ["NOT", "met"]
+
+
+@pytest.mark.slow
+def test_bench_trainer_cifar_sized_prints_its_ratio_and_the_augmentation_share():
+    env = {"BENCH_DATA": "cifar", "BENCH_CIFAR_N": "256", "BENCH_CIFAR_BATCH": "64", "BENCH_WIDTHS": "4,8,8,16"}
+    os.environ.update(env)
+    try:
+        out = run_bench("bench_trainer.py", "1", "1")
+    finally:
+        for k in env:
+            os.environ.pop(k)
+    assert "our loop / minimal loop" in out and "augmentation's share of a step" in out and "images/s" in out
