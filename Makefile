@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 DEMO_EXTRAS ?= lab
 TEST_EXTRAS ?= lab,test,text
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo test test-all bench gpu-check clean
 
 $(PY):
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -42,6 +42,10 @@ test-all: $(VENV)/.installed-$(TEST_EXTRAS)
 bench: $(VENV)/.installed-$(TEST_EXTRAS)
 	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]  # 5: no test is marked slow
 	$(PY) bench/run.py
+
+# The checks that need a CUDA device (CUDA tests, GPU memory of the cache, images/s on a ResNet-18).
+gpu-check: $(VENV)/.installed-$(TEST_EXTRAS)
+	PY=$(PY) bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

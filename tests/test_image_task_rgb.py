@@ -94,3 +94,17 @@ def test_the_users_arrays_with_and_without_labels(tmp_path):
     np.save(tmp_path / "unlabeled.npy", x)
     s = train(TrainConfig(dataset=f"arrays:{tmp_path / 'unlabeled.npy'}", **tiny), tmp_path / "unlabeled")
     assert s["steps"] == 60 // 8 and "linear_acc" not in s and s["evaluation"].startswith("none")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_run_resumes_exactly_with_streaming_and_channels_last(tmp_path, cifar, precision):
+    """On a GPU: uint8 images streamed with pinned memory, channels_last, each precision; a resumed run
+    (CUDA random streams restored) equals an uninterrupted one."""
+    cfg = TrainConfig(dataset="cifar10", data_dir=str(cifar), batch_size=8, epochs=2, device="cuda",
+                      precision=precision, channels_last=True, num_workers=2, **RESNET)
+    whole = train(cfg, tmp_path / "whole")
+    assert train(cfg, tmp_path / "cut", stop_after=3) is None
+    resumed = train(cfg, tmp_path / "cut")
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+    assert resumed["linear_acc"] == whole["linear_acc"] and math.isfinite(whole["final_loss"])
