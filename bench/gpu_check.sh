@@ -10,4 +10,4 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 "$PY" -m pytest -q -m cuda -p no:cacheprovider 2>&1 | tail -15
 BENCH_DATA=cifar BENCH_DEVICE=cuda BENCH_CIFAR_N=${BENCH_CIFAR_N:-50000} BENCH_CIFAR_BATCH=${BENCH_CIFAR_BATCH:-512} \
     "$PY" bench/bench_trainer.py 1 3
-"$PY" bench/bench_gradcache.py --device cuda --models mlp,transformer 2>&1 | tail -25
+"$PY" bench/bench_gradcache.py --device cuda --models mlp transformer 2>&1 | tail -25
