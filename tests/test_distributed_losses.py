@@ -91,18 +91,25 @@ def _worker(rank, world, name, cut=None):
         assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12), f"{name}: {pname} differs on rank {rank}"
 
 
-@pytest.mark.parametrize(
-    "name", ["two_view_all", "two_view_k", "two_view_mask_k", "qd_hard_symmetric_mask", "qd_k", "relic_k_mask"]
-)
-def test_gather_gradient_equals_single_process(name):
-    run_distributed(_worker, 2, name)
+EVEN = ["two_view_all", "two_view_k", "two_view_mask_k", "qd_hard_symmetric_mask", "qd_k", "relic_k_mask"]
+# 5 rows on rank 0, 3 on rank 1: DDP's equal-weight average must still give the gradient of the mean
+# over the 8 rows.
+UNEVEN = ["two_view_k", "qd_hard_symmetric_mask", "relic_k_mask"]
 
 
-@pytest.mark.parametrize("name", ["two_view_k", "qd_hard_symmetric_mask", "relic_k_mask"])
-def test_uneven_ranks_still_give_the_single_process_gradient(name):
-    # 5 rows on rank 0, 3 on rank 1: DDP's equal-weight average must still give the
-    # gradient of the mean over the 8 rows.
-    run_distributed(_worker, 2, name, 5)
+def _every_case(rank, world):
+    for name in EVEN:
+        _worker(rank, world, name)
+    for name in UNEVEN:
+        _worker(rank, world, name, 5)
+    _uneven_worker(rank, world)
+
+
+def test_gather_gradient_equals_single_process_even_and_uneven_ranks():
+    """Every case in one spawn of two processes (spawning is the slow part): each loss's gradient
+    under gather=True and DDP equals the single-process gradient of the global batch, with even
+    and uneven ranks; and gather_with_grad on uneven ranks sums the gradients of all ranks."""
+    run_distributed(_every_case, 2)
 
 
 def _uneven_worker(rank, world):
@@ -117,6 +124,3 @@ def _uneven_worker(rank, world):
     assert torch.equal(x.grad, expected)
     assert torch.equal(gather_nograd(x)[:, 0], torch.tensor([0.0, 0, 1, 1, 1]))
 
-
-def test_gather_with_grad_uneven_sizes_sums_gradients_of_all_ranks():
-    run_distributed(_uneven_worker, 2)

@@ -345,10 +345,27 @@ def _ddp_body(rank, world, out_dir, n, batch, drop_last):
         pickle.dump({"epochs": epochs, "calls": calls}, f)
 
 
+DDP_CASES = [(102, 20, False), (100, 20, True)]
+
+
+def _ddp_cases(rank, world, out_dir):
+    for n, batch, drop_last in DDP_CASES:
+        os.makedirs(os.path.join(out_dir, str(n)), exist_ok=True)
+        _ddp_body(rank, world, os.path.join(out_dir, str(n)), n, batch, drop_last)
+
+
+@pytest.fixture(scope="module")
+def ddp_plans(tmp_path_factory):
+    """Both cases in one spawn of two processes (spawning is the slow part)."""
+    out = tmp_path_factory.mktemp("ddp")
+    run_distributed(_ddp_cases, 2, str(out))
+    return out
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("n,batch,drop_last", [(102, 20, False), (100, 20, True)])
-def test_ddp_ranks_agree_and_cover_each_sample_once(tmp_path, n, batch, drop_last):
-    run_distributed(_ddp_body, 2, str(tmp_path), n, batch, drop_last)
+@pytest.mark.parametrize("n,batch,drop_last", DDP_CASES)
+def test_ddp_ranks_agree_and_cover_each_sample_once(ddp_plans, n, batch, drop_last):
+    tmp_path = ddp_plans / str(n)
     r0, r1 = (pickle.load(open(tmp_path / f"r{r}.pkl", "rb")) for r in (0, 1))
     # each rank embedded only its half of the data, every epoch
     assert sorted(sum(r0["calls"] + r1["calls"], [])) == sorted(list(range(n)) * 2)

@@ -101,10 +101,17 @@ def _duplicate(rank):
     assert not loss_fn.visited.any()
 
 
+def _every_case(rank, world, tmp):
+    _worker(rank, world, tmp)
+    _bad_input_worker(rank, world, tmp)
+
+
 @pytest.mark.distributed
-def test_two_ranks_match_one_process(tmp_path):
-    """Both forms (query_document symmetric), all and K=5 sampled negatives, a mask."""
-    run_distributed(_worker, 2, str(tmp_path))
+def test_two_ranks_match_one_process_and_bad_indices_raise_on_every_rank(tmp_path):
+    """Both forms (query_document symmetric), all and K=5 sampled negatives, a mask; then
+    duplicates across ranks, and an out-of-range index on rank 1 only: both ranks raise (no rank
+    is left waiting in a collective). One spawn for all (spawning is the slow part)."""
+    run_distributed(_every_case, 2, str(tmp_path))
 
 
 def _out_of_range(rank):
@@ -115,9 +122,3 @@ def _out_of_range(rank):
         loss_fn(z1, z2, idx)  # both ranks raise; neither waits in a collective
     assert not loss_fn.visited.any()
 
-
-@pytest.mark.distributed
-def test_bad_indices_on_one_rank_raise_on_every_rank(tmp_path):
-    """Duplicates across ranks, and an out-of-range index on rank 1 only:
-    both ranks raise (no rank is left waiting in a collective)."""
-    run_distributed(_bad_input_worker, 2, str(tmp_path))
