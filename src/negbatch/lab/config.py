@@ -464,7 +464,7 @@ def load_study_options(path: str | Path) -> dict[str, Any]:
     --------
     >>> import pathlib, tempfile
     >>> p = pathlib.Path(tempfile.mkdtemp()) / "r.toml"
-    >>> _ = p.write_text('[study]\nname = "negatives"\nks = "1,all"\n[train]\nbatch_size = 64\n')
+    >>> _ = p.write_text('[study]\\nname = "negatives"\\nks = "1,all"\\n[train]\\nbatch_size = 64\\n')
     >>> load_study_options(p), load_config_file(p)
     ({'name': 'negatives', 'ks': '1,all'}, {'batch_size': 64})
     """
