@@ -352,11 +352,12 @@ def _ddp_cases(rank, world, out_dir):
     for n, batch, drop_last in DDP_CASES:
         os.makedirs(os.path.join(out_dir, str(n)), exist_ok=True)
         _ddp_body(rank, world, os.path.join(out_dir, str(n)), n, batch, drop_last)
+    _baselines_ddp_body(rank, world, out_dir)
 
 
 @pytest.fixture(scope="module")
 def ddp_plans(tmp_path_factory):
-    """Both cases in one spawn of two processes (spawning is the slow part)."""
+    """GCBS's cases and the baselines' in one spawn of two processes (spawning is the slow part)."""
     out = tmp_path_factory.mktemp("ddp")
     run_distributed(_ddp_cases, 2, str(out))
     return out
@@ -405,8 +406,8 @@ def _baselines_ddp_body(rank, world, out_dir):
 
 
 @pytest.mark.distributed
-def test_ddp_baselines_ranks_agree_and_resume(tmp_path):
-    run_distributed(_baselines_ddp_body, 2, str(tmp_path))
+def test_ddp_baselines_ranks_agree_and_resume(ddp_plans):
+    tmp_path = ddp_plans
     r0, r1 = (pickle.load(open(tmp_path / f"b{r}.pkl", "rb")) for r in (0, 1))
     keys = [i % 30 for i in range(96)]
     for name in r0:
