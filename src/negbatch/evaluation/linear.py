@@ -31,6 +31,15 @@ def _check_xy(x: Tensor, y: Tensor, xname: str, yname: str) -> None:
         raise ValueError(f"{xname} contains NaN or inf")
 
 
+def _check_splits(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor) -> None:
+    _check_xy(train_features, train_labels, "train_features", "train_labels")
+    _check_xy(test_features, test_labels, "test_features", "test_labels")
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(
+            f"train_features and test_features have different widths: {train_features.shape[1]} vs {test_features.shape[1]}"
+        )
+
+
 def fit_logistic_regression(
     x: Tensor, y: Tensor, num_classes: int, *, l2: float = 1e-4, max_iter: int = 200
 ) -> tuple[Tensor, Tensor]:
@@ -88,12 +97,7 @@ def linear_probe(
     >>> linear_probe(x[:100], y[:100], x[100:], y[100:]) > 0.95
     True
     """
-    _check_xy(train_features, train_labels, "train_features", "train_labels")
-    _check_xy(test_features, test_labels, "test_features", "test_labels")
-    if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(
-            f"train_features and test_features have different widths: {train_features.shape[1]} vs {test_features.shape[1]}"
-        )
+    _check_splits(train_features, train_labels, test_features, test_labels)
     if not l2 >= 0:
         raise ValueError(f"l2 must be >= 0, got {l2!r}")
     xtr, xte = train_features.double(), test_features.double()
@@ -209,12 +213,7 @@ def linear_eval(
     >>> linear_eval(x[:200], y[:200], x[200:], y[200:], l2=[1e-1, 1e-3], return_details=True)["l2"] in (1e-1, 1e-3)
     True
     """
-    _check_xy(train_features, train_labels, "train_features", "train_labels")
-    _check_xy(test_features, test_labels, "test_features", "test_labels")
-    if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(
-            f"train_features and test_features have different widths: {train_features.shape[1]} vs {test_features.shape[1]}"
-        )
+    _check_splits(train_features, train_labels, test_features, test_labels)
     grid = [l2] if isinstance(l2, (int, float)) else list(l2)
     if not grid or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 for v in grid):
         raise ValueError(f"l2 must be a number >= 0 or a non-empty sequence of them, got {l2!r}")
