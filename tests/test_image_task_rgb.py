@@ -40,6 +40,18 @@ def test_cifar_resnet_gcbs_knn_monitor_and_scale_evaluation(tmp_path, cifar):
     assert [r["step"] for r in read_metrics(tmp_path) if "gap" in r] == [1, 6]
 
 
+def test_rgb_run_resumes_with_the_same_views(tmp_path, cifar):
+    """SimCLR's augmentation draws from the run's generator: an interrupted run (mid-epoch, GCBS
+    plan restored) makes the same views after resuming and ends as the uninterrupted one."""
+    cfg = TrainConfig(dataset="cifar10", data_dir=str(cifar), batch_size=8, epochs=2, sampler="gcbs", gcbs_q=0.9,
+                      **RESNET)
+    whole = train(cfg, tmp_path / "whole")
+    assert train(cfg, tmp_path / "cut", stop_after=3) is None
+    resumed = train(cfg, tmp_path / "cut")
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+    assert resumed["linear_acc"] == whole["linear_acc"] and resumed["knn_acc"] == whole["knn_acc"]
+
+
 def test_streaming_workers_and_channels_last_give_the_same_run(tmp_path, cifar):
     """The DataLoader path (uint8 on the CPU, 2 workers) and channels_last give the resident path's run."""
     base = dict(dataset="cifar10", data_dir=str(cifar), batch_size=8, epochs=1, norm="none", **RESNET)
