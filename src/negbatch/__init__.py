@@ -5,7 +5,8 @@ only torch, numpy and scipy.
 """
 
 from .gradcache import GradCache
-from .losses import GlobalInfoNCE, InfoNCE, ReLIC, info_nce_per_anchor
+from .losses import DCL, GlobalInfoNCE, InfoNCE, ReLIC, SigLIP, info_nce_per_anchor
+from .momentum import MomentumEncoder
 from .negatives import NegativeSelection, same_id_mask, select_negatives, selection_logits
 from .diagnostics.gap import GapResult, global_train_gap
 from .sampling import (
@@ -28,6 +29,9 @@ __version__ = "0.1.0"
 __all__ = [
     "InfoNCE",
     "ReLIC",
+    "DCL",
+    "SigLIP",
+    "MomentumEncoder",
     "info_nce_per_anchor",
     "NegativeSelection",
     "select_negatives",

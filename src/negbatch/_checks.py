@@ -35,12 +35,25 @@ def check_embeddings(x: Tensor, name: str, *, dim: int = 2, check_finite: bool =
         raise ValueError(f"{name} must be {dim}-d, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if check_finite and not bool(torch.isfinite(x).all()):
+    if check_finite and not all_finite(x):
         raise ValueError(
             f"{name} contains NaN or inf; check the encoder's output (learning rate too high, "
             f"fp16 overflow) before the loss"
         )
     return x
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether ``x`` holds no NaN or inf.
+
+    One sum first (NaN and inf make it non-finite): a single cheap pass in
+    the common case; only a non-finite sum, which an overflow of huge finite
+    values can also give, is settled element by element.
+    """
+    wide = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
+    if bool(torch.isfinite(x.detach().sum(dtype=wide))):
+        return True
+    return bool(torch.isfinite(x).all())
 
 
 def check_nonempty(x: Tensor, name: str) -> None:

@@ -17,7 +17,9 @@ Two layouts come out of :func:`select_negatives`:
 
 The sampled logits are computed by a gather-free sparse product
 (:class:`_SampledDot`) whose cost is ``O(n K d)`` instead of ``O(n m d)``, which
-is what makes a small K actually cheaper than the full loss.
+is what makes a small K actually cheaper than the full loss; where K is a
+larger share of the bank (:func:`sparse_pays`), by one dense product read at
+the selected entries, which is then cheaper.
 
 Sampling is world-size invariant: random numbers are drawn for every *global*
 anchor row and each process keeps the rows it owns (``row_index``). With the
@@ -92,39 +94,73 @@ class NegativeSelection:
         Column of each anchor's positive in the candidate bank.
     allowed : Tensor (n, m) bool or None
         Dense layout only: True where the column takes part in the anchor's
-        softmax (the positive and every valid negative).
-    index : Tensor (n, 1 + K) long or None
-        Sampled layout only: bank column of the positive (column 0) and of the
-        K sampled negatives.
-    valid : Tensor (n, 1 + K) bool or None
-        Sampled layout only: False for slots left empty when an anchor has
-        fewer than K valid candidates and ``on_shortage="use_all"``.
+        softmax (the positives and every valid negative).
+    index : Tensor (n, P + K) long or None
+        Sampled layout only: bank column of the positives (the first P
+        slots, slot 0 the paired positive) and of the K sampled negatives.
+    valid : Tensor (n, P + K) bool or None
+        Sampled layout only: False for slots left empty (an anchor with fewer
+        than P positives, or fewer than K valid candidates under
+        ``on_shortage="use_all"``).
+    positive_mask : Tensor (n, m) bool or None
+        Dense layout with several positives per anchor: every positive column
+        (the paired one included). None: the paired positive is the only one.
+    num_positive_slots : int
+        Sampled layout: P, the slots before the negatives (1: the paired
+        positive only).
+    self_index : Tensor (n,) long or None
+        The anchor's own column (-1 where it has none), as given.
+    only_self_excluded : bool
+        Dense layout: ``allowed`` is False at the ``self_index`` columns only,
+        so a kernel may fill those n entries instead of scanning the mask.
     """
 
     positive_index: Tensor
     allowed: Tensor | None = None
     index: Tensor | None = None
     valid: Tensor | None = None
+    positive_mask: Tensor | None = None
+    num_positive_slots: int = 1
+    self_index: Tensor | None = None
+    only_self_excluded: bool = False
 
     @property
     def is_dense(self) -> bool:
         return self.allowed is not None
 
     @property
+    def single_positive(self) -> bool:
+        """Whether the paired positive is each anchor's only positive."""
+        return self.positive_mask is None if self.is_dense else self.num_positive_slots == 1
+
+    @property
     def positive_column(self) -> Tensor:
-        """Column of the positive in the logits of :func:`selection_logits`."""
+        """Column of the (paired) positive in the logits of :func:`selection_logits`."""
         if self.is_dense:
             return self.positive_index
         return torch.zeros_like(self.positive_index)
 
+    def positive_slots(self) -> Tensor | None:
+        """Boolean mask over the logits' columns, True on every positive; None
+        when the paired positive is the only one (``positive_column``)."""
+        if self.single_positive:
+            return None
+        if self.is_dense:
+            return self.positive_mask
+        slots = torch.zeros_like(self.valid)
+        slots[:, : self.num_positive_slots] = self.valid[:, : self.num_positive_slots]
+        return slots
+
     def negative_mask(self) -> Tensor:
         """Boolean mask over the logits' columns, True on the negatives."""
         if self.is_dense:
+            if self.positive_mask is not None:
+                return self.allowed & ~self.positive_mask
             neg = self.allowed.clone()
             neg.scatter_(1, self.positive_index[:, None], False)
             return neg
         neg = self.valid.clone()
-        neg[:, 0] = False
+        neg[:, : self.num_positive_slots] = False
         return neg
 
 
@@ -176,6 +212,10 @@ def sample_uniform_ranks(
     if n == 0 or k == 0:
         return torch.empty(n, k, dtype=torch.long, device=device)
     width = int(population.max())
+    if device.type == "cpu":
+        # The K steps are tiny vector ops: numpy's per-call cost is a fraction
+        # of torch's dispatch, so the whole algorithm runs on numpy arrays.
+        return torch.from_numpy(_floyd_numpy(population.numpy(), k, raw.numpy(), width))
     # taken[i, r]: rank r already drawn in row i; a flat view makes the
     # membership test and the update O(n) per draw.
     taken = torch.zeros(n * width, dtype=torch.bool, device=device)
@@ -187,20 +227,28 @@ def sample_uniform_ranks(
     top = (population - k)[None, :] + steps
     draws = raw.t() % (top + 1) + base
     top += base
-    if device.type == "cpu":
-        # The K steps are tiny vector ops: numpy's per-call cost is a fraction
-        # of torch's dispatch. The arrays are views of the same memory.
-        taken_np, draws_np, top_np = taken.numpy(), draws.numpy(), top.numpy()
-        for t in range(k):
-            r = np.where(taken_np[draws_np[t]], top_np[t], draws_np[t])
-            draws_np[t] = r
-            taken_np[r] = True
-    else:
-        for t in range(k):
-            r = torch.where(taken[draws[t]], top[t], draws[t])
-            draws[t] = r
-            taken[r] = True
+    for t in range(k):
+        r = torch.where(taken[draws[t]], top[t], draws[t])
+        draws[t] = r
+        taken[r] = True
     return (draws - base).t().contiguous()
+
+
+def _floyd_numpy(population: np.ndarray, k: int, raw: np.ndarray, width: int) -> np.ndarray:
+    """:func:`sample_uniform_ranks` on the CPU, in numpy (the same draws)."""
+    n = population.shape[0]
+    taken = np.zeros(n * width, dtype=bool)
+    base = np.arange(n, dtype=np.int64) * width
+    top = (population - k)[None, :] + np.arange(k, dtype=np.int64)[:, None]
+    draws = raw.T % (top + 1)
+    draws += base
+    top += base
+    for t in range(k):
+        step = draws[t]  # a view: written in place
+        np.copyto(step, top[t], where=taken[step])
+        taken[step] = True
+    draws -= base
+    return np.ascontiguousarray(draws.T)
 
 
 def _draw_ranks(
@@ -220,7 +268,14 @@ def _draw_ranks(
     device = population.device
     gen_device = generator.device if generator is not None else device
     if 2 * k <= m:
-        raw = torch.randint(0, 2**62, (n_rows_global, k), generator=generator, device=gen_device)
+        if gen_device.type == "cpu":
+            # torch's CPU generator (a Mersenne twister) takes about 10 ns a
+            # number; numpy's PCG64, seeded by one draw from it, about 1 ns.
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            table = np.random.PCG64(seed).random_raw((n_rows_global, k)) >> np.uint64(2)
+            raw = torch.from_numpy(table.astype(np.int64))
+        else:
+            raw = torch.randint(0, 2**62, (n_rows_global, k), generator=generator, device=gen_device)
         raw = raw.to(device)[row_index]
         return sample_uniform_ranks(population, k, raw)
     # K above half the candidates: Floyd's K sequential draws cost more than
@@ -238,6 +293,7 @@ def select_negatives(
     *,
     self_index: Tensor | None = None,
     mask: Tensor | None = None,
+    positives: Tensor | None = None,
     generator: torch.Generator | None = None,
     on_shortage: OnShortage = "raise",
     row_index: Tensor | None = None,
@@ -260,6 +316,12 @@ def select_negatives(
     mask : Tensor (n, m) bool, optional
         True marks known false negatives; never a negative. The positive is
         kept even where the mask is True.
+    positives : Tensor (n, m) bool, optional
+        True marks further positives of the anchor (same-label candidates,
+        SupCon): never negatives, and all of them are kept (after the paired
+        positive, in the first slots of a sampled selection). The anchor's own
+        column is never a positive; a column both in ``mask`` and here is a
+        positive.
     generator : torch.Generator, optional
         Source of randomness for sampled negatives (reproducible draws).
     on_shortage : {"raise", "use_all"}
@@ -276,21 +338,34 @@ def select_negatives(
         raise ValueError(f"on_shortage must be 'raise' or 'use_all', got {on_shortage!r}")
     n = positive_index.shape[0]
     m = num_candidates
-    if mask is not None and tuple(mask.shape) != (n, m):
-        raise ValueError(f"mask must have shape (anchors, candidates) = ({n}, {m}), got {tuple(mask.shape)}")
+    for name, given in (("mask", mask), ("positives", positives)):
+        if given is not None and tuple(given.shape) != (n, m):
+            raise ValueError(f"{name} must have shape (anchors, candidates) = ({n}, {m}), got {tuple(given.shape)}")
     device = positive_index.device
+    rows = torch.arange(n, device=device)
+    positive_mask = None
+    if positives is not None:
+        positive_mask = positives.clone()
+        positive_mask[rows, positive_index] = True
+        if self_index is not None:
+            has_self = self_index >= 0
+            positive_mask[rows[has_self], self_index[has_self]] = False
+        mask = positive_mask if mask is None else (mask | positive_mask)
     excluded = _excluded_columns(n, m, positive_index, self_index, mask)
     if negatives == "all":
-        if excluded is None:
+        plain = excluded is None
+        if plain:
             allowed = torch.ones(n, m, dtype=torch.bool, device=device)
             if self_index is not None:
                 has_self = self_index >= 0
-                rows = torch.arange(n, device=device)
                 allowed[rows[has_self], self_index[has_self]] = False
         else:
             allowed = ~excluded
-        allowed[torch.arange(n, device=device), positive_index] = True
-        return NegativeSelection(positive_index=positive_index, allowed=allowed)
+        if positive_mask is not None:
+            allowed |= positive_mask
+        allowed[rows, positive_index] = True
+        return NegativeSelection(positive_index=positive_index, allowed=allowed, positive_mask=positive_mask,
+                                 self_index=self_index, only_self_excluded=plain)
 
     k = negatives
     if excluded is None:
@@ -308,16 +383,15 @@ def select_negatives(
                 f"and masked candidates). Lower negatives, enlarge the batch, or pass "
                 f"on_shortage='use_all' to contrast such anchors with all their candidates."
             )
+    dense = dict(self_index=self_index, mask=mask if positives is None else (mask & ~positive_mask), positives=positives)
     if k >= m:
         # Every anchor is short (it has at most m - 1 candidates), on every rank: the
         # loss over all valid candidates, computed densely (a sampled row cannot hold
         # more entries than the bank has columns).
-        return select_negatives(positive_index, m, "all", self_index=self_index, mask=mask)
+        return select_negatives(positive_index, m, "all", **dense)
     if excluded is None and not bool(short.any()) and bool((population == k).all()):
         # K equals the candidate count: the standard loss, computed densely.
-        return select_negatives(
-            positive_index, m, "all", self_index=self_index, mask=None, on_shortage=on_shortage
-        )
+        return select_negatives(positive_index, m, "all", self_index=self_index, on_shortage=on_shortage)
 
     if row_index is None:
         row_index = torch.arange(n, device=device)
@@ -348,8 +422,22 @@ def select_negatives(
         counts = (~excluded).to(torch.int32).cumsum(dim=1)
         cols = torch.searchsorted(counts, (ranks + 1).to(torch.int32))
     cols = torch.where(valid[:, 1:], cols, torch.zeros_like(cols))
-    index = torch.cat([positive_index[:, None], cols], dim=1)
-    return NegativeSelection(positive_index=positive_index, index=index, valid=valid)
+    if positive_mask is None:
+        index = torch.cat([positive_index[:, None], cols], dim=1)
+        return NegativeSelection(positive_index=positive_index, index=index, valid=valid, self_index=self_index)
+    # Several positives: every one of them, the paired one first, padded to the
+    # largest count; then the K negatives.
+    others = positive_mask.clone()
+    others[rows, positive_index] = False
+    count = others.sum(dim=1)
+    slots = int(count.max()) if n else 0
+    order = torch.sort(others.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :slots]
+    extra_valid = torch.arange(slots, device=device)[None, :] < count[:, None]
+    order = torch.where(extra_valid, order, torch.zeros_like(order))
+    index = torch.cat([positive_index[:, None], order, cols], dim=1)
+    valid = torch.cat([valid[:, :1], extra_valid, valid[:, 1:]], dim=1)
+    return NegativeSelection(positive_index=positive_index, index=index, valid=valid, num_positive_slots=1 + slots,
+                             self_index=self_index)
 
 
 def _csr(index: Tensor, values: Tensor, num_columns: int) -> Tensor:
@@ -379,22 +467,44 @@ def _csr_transposed(index: Tensor, values: Tensor, num_columns: int) -> Tensor:
         )
 
 
-class _SampledDot(torch.autograd.Function):
-    """``out[i, k] = <anchors[i], bank[index[i, k]]>`` as sparse products.
+#: The sparse sampled products pay when the bank has at least this many
+#: columns per selected entry of a row (``m >= SPARSE_MIN_RATIO * (P + K)``):
+#: each sparse multiply-add costs about ten dense ones on a CPU (measured,
+#: bench/bench_losses.py), so below the ratio one dense product over the whole
+#: bank, read at the selected entries, is cheaper.
+SPARSE_MIN_RATIO = 10
 
-    The forward is a sampled dense-dense product (SDDMM) at the n*K selected
-    entries; the backward multiplies the sparse (n, m) gradient with the bank
-    and its transpose with the anchors. Each costs O(n K d), and nothing of
-    size n*K*d is materialised (gathering K embeddings per anchor is 5-20x
-    slower than the full loss on a CPU). Half-precision tensors, which the
-    sparse kernels do not support, fall back to an explicit gather.
+
+def sparse_pays(num_columns: int, slots: int) -> bool:
+    """Whether :class:`_SampledDot` takes the sparse products for a bank of
+    ``num_columns`` columns and ``slots`` selected entries per row (the rule
+    on sizes; the values are the same either way up to rounding)."""
+    return num_columns >= SPARSE_MIN_RATIO * slots
+
+
+class _SampledDot(torch.autograd.Function):
+    """``out[i, k] = <anchors[i], bank[index[i, k]]>`` for the selected entries.
+
+    Sparse (most of the bank unselected, see :func:`sparse_pays`): a sampled
+    dense-dense product (SDDMM) at the n*K selected entries; the backward
+    multiplies the sparse (n, m) gradient with the bank and its transpose
+    with the anchors. Each costs O(n K d), and nothing of size n*K*d is
+    materialised (gathering K embeddings per anchor is 5-20x slower than the
+    full loss on a CPU). Dense (a larger share of the bank selected): one
+    (n, m) product read at the entries, and in the backward the gradient
+    scattered into an (n, m) matrix for two dense products. Half-precision
+    tensors, which the sparse kernels do not support, fall back to an
+    explicit gather.
     """
 
     @staticmethod
     def forward(ctx, anchors: Tensor, bank: Tensor, index: Tensor) -> Tensor:  # type: ignore[override]
         n, k = index.shape
         ctx.save_for_backward(anchors, bank, index)
+        ctx.sparse = sparse_pays(bank.shape[0], k)
         if anchors.dtype in (torch.float32, torch.float64):
+            if not ctx.sparse:
+                return (anchors @ bank.t()).gather(1, index)
             pattern = _csr(index, anchors.new_zeros(n * k), bank.shape[0])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -415,6 +525,13 @@ class _SampledDot(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 contrib = (grad.unsqueeze(-1) * anchors.unsqueeze(1)).reshape(-1, anchors.shape[1])
                 grad_bank = torch.zeros_like(bank).index_add_(0, index.reshape(-1), contrib)
+            return grad_anchors, grad_bank, None
+        if not ctx.sparse:
+            full = grad.new_zeros(index.shape[0], bank.shape[0]).scatter_add_(1, index, grad)
+            if ctx.needs_input_grad[0]:
+                grad_anchors = full @ bank
+            if ctx.needs_input_grad[1]:
+                grad_bank = full.t() @ anchors
             return grad_anchors, grad_bank, None
         if ctx.needs_input_grad[0]:
             grad_anchors = _csr(index, grad, bank.shape[0]) @ bank

@@ -30,7 +30,8 @@ order (view 1 then view 2, or queries then documents): B values per role
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -45,12 +46,15 @@ from .._checks import (
     check_embeddings,
     check_loss_options,
     check_mask,
+    check_choice,
     check_nonempty,
     check_same,
     check_temperature,
 )
 from ..distributed import gather_nograd, gather_with_grad, global_batch_mean
 from ..negatives import NegativeSelection, select_negatives, validate_negatives
+from .filtering import _false_negatives, check_filter
+from .temperature import LearnableTemperature
 
 Bank = Literal["both_views", "other_view"]
 
@@ -78,6 +82,9 @@ class Direction:
     row_index : Tensor (n,) long; n_rows_global : int
         Global row of each anchor among ``n_rows_global`` rows: the random
         numbers for sampled negatives are drawn per global row.
+    positives : Tensor (n, m) bool or None
+        Further positives of each anchor (``positives="mask"``: the masked
+        and same-label candidates), besides ``positive_index``.
     """
 
     anchors: Tensor
@@ -87,12 +94,15 @@ class Direction:
     mask: Tensor | None
     row_index: Tensor
     n_rows_global: int
+    positives: Tensor | None = None
 
     @property
     def num_excluded(self) -> int | None:
         """Columns that are never negatives (the positive, the anchor itself)
         when there is no mask; None with a mask (it differs per anchor)."""
-        return None if self.mask is not None else 1 + (self.self_index is not None)
+        if self.mask is not None or self.positives is not None:
+            return None
+        return 1 + (self.self_index is not None)
 
     def select(
         self, negatives: Negatives, generator: torch.Generator | None, on_shortage: OnShortage
@@ -100,8 +110,25 @@ class Direction:
         """The negatives of every anchor (all, or K sampled)."""
         return select_negatives(
             self.positive_index, self.bank.shape[0], negatives, self_index=self.self_index, mask=self.mask,
-            generator=generator, on_shortage=on_shortage, row_index=self.row_index, n_rows_global=self.n_rows_global,
+            positives=self.positives, generator=generator, on_shortage=on_shortage, row_index=self.row_index,
+            n_rows_global=self.n_rows_global,
         )
+
+    def extended(self, columns: Tensor, mask: Tensor | None = None, positives: Tensor | None = None) -> "Direction":
+        """This direction with ``columns`` (c, d) appended to its bank (a
+        queue's entries): ``mask`` and ``positives`` (n, c) mark them, and the
+        existing masks are padded with False."""
+        n, c = self.anchors.shape[0], columns.shape[0]
+
+        def pad(old: Tensor | None, new: Tensor | None) -> Tensor | None:
+            if old is None and new is None:
+                return None
+            old = old if old is not None else torch.zeros(n, self.bank.shape[0], dtype=torch.bool, device=columns.device)
+            new = new if new is not None else torch.zeros(n, c, dtype=torch.bool, device=columns.device)
+            return torch.cat([old, new], dim=1)
+
+        return replace(self, bank=torch.cat([self.bank, columns.to(self.bank.dtype)]), mask=pad(self.mask, mask),
+                       positives=pad(self.positives, positives))
 
 
 @dataclass
@@ -117,6 +144,18 @@ class Layout:
     n_global: int
     offset: int
     gathered: bool
+    #: The normalised first and second inputs of every rank (views, or
+    #: queries and documents), (n_global, d) each, and the labels of every
+    #: rank (n_global,) when labels were given.
+    first: Tensor | None = None
+    second: Tensor | None = None
+    labels: Tensor | None = field(default=None)
+
+    def scale_anchors(self, scale: Tensor) -> None:
+        """Multiply every direction's anchors by ``scale`` (a learnable
+        1/temperature): the logits are then ``scale * s`` with the gradient
+        of ``scale`` from autograd, and every kernel runs at temperature 1."""
+        self.directions = [replace(d, anchors=d.anchors * scale) for d in self.directions]
 
     def reduce(self, per_anchor: Tensor, reduction: Reduction) -> Tensor:
         """``reduction`` over this rank's anchors. Gathered, "mean" is this
@@ -155,6 +194,21 @@ def _check_hard_negatives(hard: Tensor, queries: Tensor, check_finite: bool) -> 
         raise ValueError("hard_negatives must be on the device and of the dtype of the queries")
 
 
+def check_labels(labels: Tensor | None, n: int, device: torch.device, name: str = "labels") -> Tensor | None:
+    """Class labels of a batch: a 1-d integer tensor, one per sample."""
+    if labels is None:
+        return None
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{name} must be a 1-d integer tensor (one class label per sample), got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (torch.long), got dtype {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), one label per sample, got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"{name} is on {labels.device} but the embeddings are on {device}")
+    return labels.long()
+
+
 def build_layout(
     a: Tensor,
     b: Tensor,
@@ -164,15 +218,21 @@ def build_layout(
     symmetric: bool = False,
     gather: bool = False,
     mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    mask_as_positives: bool = False,
     normalize: bool = True,
     check_finite: bool = True,
     bank: Bank = "both_views",
 ) -> Layout:
     """The directions of a batch (see the module docstring).
 
-    ``a`` and ``b`` must have passed :func:`check_views`; ``hard_negatives``
-    and ``mask`` are checked here (the mask once the global row count is
-    known). With ``gather``, every rank must call this in the same step.
+    ``a`` and ``b`` must have passed :func:`check_views`; ``hard_negatives``,
+    ``mask`` and ``labels`` are checked here (the mask once the global row
+    count is known). ``labels`` (B,) add the same-label samples of every rank
+    to the mask (hard negatives carry no label). With ``mask_as_positives``
+    the mask marks further positives (``Direction.positives``) instead of
+    false negatives. With ``gather``, every rank must call this in the same
+    step.
     """
     n, d = a.shape
     device = a.device
@@ -180,58 +240,87 @@ def build_layout(
         raise ValueError("hard_negatives applies to form='query_document' only")
     if hard_negatives is not None:
         _check_hard_negatives(hard_negatives, a, check_finite)
+    labels = check_labels(labels, n, device)
     with_hard = hard_negatives is not None and hard_negatives.shape[1] > 0  # H = 0: none
     z = [F.normalize(x, dim=-1) for x in (a, b)] if normalize else [a, b]
     if with_hard:
         hard = F.normalize(hard_negatives, dim=-1) if normalize else hard_negatives
         z.append(hard.reshape(n, -1))
     # One gather for every input: a single collective, one offset.
-    local = torch.cat(z, dim=1)
+    local = torch.cat(z, dim=1) if gather else None
     gathered, offset = gather_with_grad(local) if gather else (local, 0)
-    total = gathered.shape[0]
+    total = gathered.shape[0] if gather else n
     rows = torch.arange(n, device=device) + offset
-    first, second = gathered[:, :d], gathered[:, d : 2 * d]
+    if gather:
+        first, second = gathered[:, :d], gathered[:, d : 2 * d]
+    else:
+        first, second = z[0], z[1]
+    all_labels = None
+    if labels is not None:
+        all_labels = gather_nograd(labels) if gather else labels
+    known = dict(first=first, second=second, labels=all_labels)
+
+    def merged(given: Tensor | None, columns: int) -> Tensor | None:
+        """The user's mask with the same-label samples added (checked first)."""
+        check_mask(given, (n, columns), device)
+        if all_labels is None:
+            return given
+        same = labels[:, None] == all_labels[None, :]
+        if columns > total:  # hard negatives: no label, never the same class
+            same = torch.cat([same, same.new_zeros(n, columns - total)], dim=1)
+        return same if given is None else (given | same)
+
+    def split(m: Tensor | None) -> dict:
+        return {"mask": None, "positives": m} if mask_as_positives else {"mask": m, "positives": None}
 
     if form == "two_view":
-        check_mask(mask, (n, total), device)
+        mask = merged(mask, total)
         if bank == "other_view":
             directions = [
-                Direction(z[0], second, rows, None, mask, rows, 2 * total),
-                Direction(z[1], first, rows, None, mask, rows + total, 2 * total),
+                Direction(z[0], second, rows, None, row_index=rows, n_rows_global=2 * total, **split(mask)),
+                Direction(z[1], first, rows, None, row_index=rows + total, n_rows_global=2 * total, **split(mask)),
             ]
         else:
             row_index = torch.cat([rows, rows + total])
+            both = torch.cat([first, second])
             directions = [
                 Direction(
-                    torch.cat([z[0], z[1]]),
-                    torch.cat([first, second]),
+                    torch.cat([z[0], z[1]]) if gather else both,  # one copy: the anchors are the bank
+                    both,
                     torch.cat([rows + total, rows]),
                     row_index,
-                    mask.repeat(2, 2) if mask is not None else None,
-                    row_index,
-                    2 * total,
+                    row_index=row_index,
+                    n_rows_global=2 * total,
+                    **split(mask.repeat(2, 2) if mask is not None else None),
                 )
             ]
-        return Layout(directions, n, total, offset, gather)
+        return Layout(directions, n, total, offset, gather, **known)
 
     documents = second
     if with_hard:
-        documents = torch.cat([second, gathered[:, 2 * d :].reshape(-1, d)])
-    check_mask(mask, (n, documents.shape[0]), device)
-    directions = [Direction(z[0], documents, rows, None, mask, rows, total)]
+        hard_all = gathered[:, 2 * d :] if gather else z[2]
+        documents = torch.cat([second, hard_all.reshape(-1, d)])
+    mask = merged(mask, documents.shape[0])
+    directions = [Direction(z[0], documents, rows, None, row_index=rows, n_rows_global=total, **split(mask))]
     if symmetric:
         doc_mask = None
         if mask is not None:
             # Row j of the document-to-query mask is column j of the query-to-document mask.
             all_rows = gather_nograd(mask.to(torch.uint8)).bool() if gather else mask
             doc_mask = all_rows[:, :total].t()[offset : offset + n]
-        directions.append(Direction(z[1], first, rows, None, doc_mask, rows, total))
-    return Layout(directions, n, total, offset, gather)
+        directions.append(Direction(z[1], first, rows, None, row_index=rows, n_rows_global=total, **split(doc_mask)))
+    return Layout(directions, n, total, offset, gather, **known)
+
+
+Positives = Literal["pair", "mask"]
 
 
 class BankLoss(nn.Module):
     """What the losses share: their common options (validated and kept as
-    attributes of the same names) and the layout of a batch under them."""
+    attributes of the same names), the layout of a batch under them, the
+    false-negative filter and the (learnable) temperature."""
+
+    logit_scale: LearnableTemperature | None
 
     def _set_options(
         self,
@@ -245,20 +334,131 @@ class BankLoss(nn.Module):
         on_shortage: OnShortage,
         reduction: Reduction,
         check_finite: bool,
+        learnable_temperature: bool = False,
+        positives: Positives = "pair",
+        filter_margin: float | None = None,
+        filter_top: float | None = None,
     ) -> None:
         self.temperature = check_temperature(temperature)
         self.negatives = validate_negatives(negatives)
         check_loss_options(form=form, symmetric=symmetric, on_shortage=on_shortage, reduction=reduction)
         self.form, self.symmetric, self.gather, self.normalize = form, symmetric, gather, normalize
         self.on_shortage, self.reduction, self.check_finite = on_shortage, reduction, check_finite
+        self.positives = check_choice(positives, "positives", ("pair", "mask"))
+        self.filter_margin, self.filter_top = check_filter(filter_margin, filter_top)
+        if not isinstance(learnable_temperature, bool):
+            raise TypeError(f"learnable_temperature must be True or False, got {learnable_temperature!r}")
+        self.logit_scale = LearnableTemperature(self.temperature) if learnable_temperature else None
+        #: After each call with filtering: candidates masked as likely false
+        #: negatives on this rank, and their share of the candidates.
+        self.last_filtered: Tensor | None = None
+        self.last_filtered_fraction: Tensor | None = None
+
+    @property
+    def filtering(self) -> bool:
+        return self.filter_margin is not None or self.filter_top is not None
+
+    @property
+    def current_temperature(self) -> float:
+        """The temperature the next call uses (the learnable one's current value)."""
+        return self.logit_scale.temperature if self.logit_scale is not None else self.temperature
+
+    def log_values(self) -> dict[str, float]:
+        """Values of the last call worth logging beside the loss: the
+        learnable temperature, the share of filtered candidates."""
+        out: dict[str, float] = {}
+        if self.logit_scale is not None:
+            out["temperature"] = self.logit_scale.temperature
+        if self.last_filtered_fraction is not None:
+            out["filtered_fraction"] = float(self.last_filtered_fraction)
+        return out
+
+    def _option_repr(self) -> str:
+        parts = []
+        if self.logit_scale is not None:
+            parts.append("learnable_temperature=True")
+        if self.positives != "pair":
+            parts.append(f"positives={self.positives!r}")
+        if self.filter_margin is not None:
+            parts.append(f"filter_margin={self.filter_margin}")
+        if self.filter_top is not None:
+            parts.append(f"filter_top={self.filter_top}")
+        return "".join(", " + p for p in parts)
 
     def _layout(
-        self, a: Tensor, b: Tensor, hard_negatives: Tensor | None, mask: Tensor | None, bank: Bank = "both_views"
+        self,
+        a: Tensor,
+        b: Tensor,
+        hard_negatives: Tensor | None,
+        mask: Tensor | None,
+        bank: Bank = "both_views",
+        labels: Tensor | None = None,
     ) -> Layout:
         return build_layout(
             a, b, hard_negatives, form=self.form, symmetric=self.symmetric, gather=self.gather, mask=mask,
-            normalize=self.normalize, check_finite=self.check_finite, bank=bank,
+            labels=labels, mask_as_positives=self.positives == "mask", normalize=self.normalize,
+            check_finite=self.check_finite, bank=bank,
         )
+
+    def _filter(self, layout: Layout, guide: Sequence[Tensor] | None, bank: Bank = "both_views") -> None:
+        """Mask the likely false negatives of every direction (see
+        :mod:`negbatch.losses.filtering`): judged by the ``guide`` embeddings
+        (a frozen model's, of the same rows as the loss's inputs) or, without
+        them, by the loss's own embeddings (detached). Counts are kept in
+        ``last_filtered`` and ``last_filtered_fraction``."""
+        if not self.filtering:
+            if guide is not None:
+                raise ValueError("guide= embeddings are used by the false-negative filter: set filter_margin or filter_top")
+            return
+        judges = layout.directions
+        if guide is not None:
+            judges = self._guide_layout(guide, layout, bank).directions
+        hits = total = None
+        directions = []
+        for direction, judge in zip(layout.directions, judges):
+            if judge.bank.shape[0] != direction.bank.shape[0]:
+                raise ValueError(
+                    f"guide embeddings give {judge.bank.shape[0]} candidates per anchor but the loss has "
+                    f"{direction.bank.shape[0]}: a queue's entries have no guide embeddings; filter with the "
+                    f"model's own embeddings (no guide=) when using a queue"
+                )
+            hit, candidates = _false_negatives(
+                judge.anchors.detach(), judge.bank.detach(), direction.positive_index, self_index=direction.self_index,
+                excluded=direction.mask, positives=direction.positives, margin=self.filter_margin, top=self.filter_top,
+            )
+            directions.append(replace(direction, mask=hit if direction.mask is None else (direction.mask | hit)))
+            found, count = hit.sum(), candidates
+            hits, total = (found, count) if hits is None else (hits + found, total + count)
+        layout.directions = directions
+        self.last_filtered = hits
+        self.last_filtered_fraction = hits / total.clamp(min=1)
+
+    def _guide_layout(self, guide: Sequence[Tensor], layout: Layout, bank: Bank) -> Layout:
+        if isinstance(guide, Tensor) or not isinstance(guide, (tuple, list)) or len(guide) not in (2, 3):
+            raise TypeError(
+                "guide must be a tuple of the guide model's embeddings of the same rows: (view1, view2), "
+                "(queries, documents) or (queries, documents, hard_negatives)"
+            )
+        first = layout.directions[0].anchors
+        a, b = guide[0], guide[1]
+        check_views(a, b, self.form, self.check_finite)
+        if a.shape[0] != layout.n_local or a.device != first.device:
+            raise ValueError(
+                f"guide embeddings must hold the batch's {layout.n_local} rows on {first.device}, "
+                f"got {a.shape[0]} rows on {a.device}"
+            )
+        hard = guide[2] if len(guide) == 3 else None
+        with torch.no_grad():
+            return build_layout(a, b, hard, form=self.form, symmetric=self.symmetric, gather=self.gather,
+                                normalize=True, check_finite=self.check_finite, bank=bank)
+
+    def _temperature(self, layout: Layout) -> float:
+        """The temperature the kernels use: the fixed one, or 1 with the
+        anchors multiplied by the learnable scale."""
+        if self.logit_scale is None:
+            return self.temperature
+        layout.scale_anchors(self.logit_scale())
+        return 1.0
 
 
 def autocast_active(device: torch.device) -> bool:

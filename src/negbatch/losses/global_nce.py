@@ -33,7 +33,17 @@ from torch import Tensor
 from .._checks import Form, Negatives, OnShortage, Reduction, check_choice, keyword_only
 from ..distributed import gather_nograd, is_distributed
 from ..negatives import selection_logits
-from ._layout import BankLoss, Direction, anchor_roles, check_views, fused_dense, row_blocks
+from ._layout import (
+    BankLoss,
+    Direction,
+    Layout,
+    Positives,
+    anchor_roles,
+    check_labels,
+    check_views,
+    fused_dense,
+    row_blocks,
+)
 
 OnDuplicate = Literal["raise", "mean"]
 Gamma = Union[float, Callable[[int], float]]
@@ -174,6 +184,11 @@ class GlobalInfoNCE(BankLoss):
         each other's negatives unless masked.
     normalize, on_shortage, reduction, check_finite
         As in :class:`negbatch.InfoNCE`.
+    learnable_temperature, positives, filter_margin, filter_top
+        As in :class:`negbatch.InfoNCE`. With ``positives="mask"`` the positive
+        term is the mean logit over the anchor's positives and ``Z`` the mean
+        over its negatives (the positives leave it). A learnable temperature
+        changes ``Z``; the state follows it through the E-steps.
 
     State
     -----
@@ -194,9 +209,10 @@ class GlobalInfoNCE(BankLoss):
     ``-s/tau + Zhat/nu + log nu - 1``, whose value equals the plain minibatch
     loss ``-s/tau + log Zhat`` when ``nu = Zhat`` and whose gradient is the
     augmented loss's gradient with ``nu`` fixed. ``a``, ``b``, ``mask`` and
-    ``hard_negatives`` are as in :class:`negbatch.InfoNCE`; ``indices`` (B,)
-    int64 are the data-set indices of the batch's samples (row i of ``a``
-    and ``b`` is sample ``indices[i]``).
+    ``hard_negatives`` are as in :class:`negbatch.InfoNCE` (so are the
+    keywords ``labels`` and ``guide``); ``indices`` (B,) int64 are the
+    data-set indices of the batch's samples (row i of ``a`` and ``b`` is
+    sample ``indices[i]``).
 
     With ``update=True`` the E-step runs first (once per call: call the loss
     once per optimizer step, as gradient caching does, or pass
@@ -263,6 +279,10 @@ class GlobalInfoNCE(BankLoss):
         on_shortage: OnShortage = "raise",
         reduction: Reduction = "mean",
         check_finite: bool = True,
+        learnable_temperature: bool = False,
+        positives: Positives = "pair",
+        filter_margin: float | None = None,
+        filter_top: float | None = None,
     ) -> None:
         """Set up the loss and its state. ``num_samples`` may be given by
         position, every other argument is keyword-only; see Parameters in
@@ -277,6 +297,8 @@ class GlobalInfoNCE(BankLoss):
         self._set_options(
             temperature=temperature, negatives=negatives, form=form, symmetric=symmetric, gather=gather,
             normalize=normalize, on_shortage=on_shortage, reduction=reduction, check_finite=check_finite,
+            learnable_temperature=learnable_temperature, positives=positives, filter_margin=filter_margin,
+            filter_top=filter_top,
         )
         check_choice(on_duplicate, "on_duplicate", ("raise", "mean"))
         self.gamma = gamma
@@ -298,6 +320,7 @@ class GlobalInfoNCE(BankLoss):
         return (
             f"num_samples={self.num_samples}, temperature={self.temperature}, gamma={self.gamma!r}, "
             f"negatives={self.negatives!r}, form={self.form!r}, symmetric={self.symmetric}, gather={self.gather}"
+            f"{self._option_repr()}"
         )
 
     # ------------------------------------------------------------------ state
@@ -406,31 +429,54 @@ class GlobalInfoNCE(BankLoss):
 
     # --------------------------------------------------------------- forward
 
-    def _terms(self, direction: Direction, generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Positive logit, sum of shifted negative exponentials (with grad), the
-        shift and the log of the number of negatives, per anchor."""
+    def _terms(
+        self, direction: Direction, generator, temperature: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Positive logit (the mean over several positives), sum of shifted
+        negative exponentials (with grad), the shift and the log of the number
+        of negatives, per anchor."""
         selection = direction.select(self.negatives, generator, self.on_shortage)
         anchors, bank = direction.anchors, direction.bank
         n = anchors.shape[0]
         if not selection.is_dense:
-            count = selection.valid.sum(dim=1) - 1
+            count = selection.valid[:, selection.num_positive_slots :].sum(dim=1)
         elif direction.num_excluded is not None:
             count = torch.full((n,), bank.shape[0] - direction.num_excluded, device=anchors.device)
-        else:  # the positive and the negatives are the allowed columns
+        elif selection.single_positive:  # the positive and the negatives are the allowed columns
             count = selection.allowed.sum(dim=1, dtype=torch.int32) - 1
+        else:
+            count = selection.negative_mask().sum(dim=1, dtype=torch.int32)
         if bool((count == 0).any()):
             raise ValueError(
                 "an anchor has no negatives (batch of one sample, or everything masked); the normaliser "
                 "Z is a mean over negatives and needs at least one"
             )
-        if fused_dense(selection, anchors):
+        if not selection.single_positive:
+            logits = selection_logits(anchors, bank, selection, temperature)
+            slots = selection.positive_slots()
+            positive = logits.masked_fill(~slots, 0.0).sum(dim=1) / slots.sum(dim=1)
+            negative = logits.masked_fill(slots, float("-inf"))
+            shift = negative.detach().amax(dim=1)
+            acc = torch.promote_types(negative.dtype, torch.float32)
+            summed = torch.exp(negative - shift[:, None]).sum(dim=1, dtype=acc)
+        elif fused_dense(selection, anchors):
             positive, summed, shift = _DenseTerms.apply(
-                anchors, bank, selection.allowed, selection.positive_index, self.temperature
+                anchors, bank, selection.allowed, selection.positive_index, temperature
             )
         else:
-            logits = selection_logits(anchors, bank, selection, self.temperature)
+            logits = selection_logits(anchors, bank, selection, temperature)
             positive, summed, shift = _PositiveAndNegativeSum.apply(logits, selection.positive_column)
         return positive, summed, shift, count.to(torch.promote_types(summed.dtype, torch.float32)).log()
+
+    def _prepared(
+        self, a: Tensor, b: Tensor, hard_negatives: Tensor | None, mask: Tensor | None, labels: Tensor | None,
+        guide: tuple[Tensor, ...] | None,
+    ) -> tuple[Layout, float]:
+        """The layout with labels and the filter applied, and the temperature of the kernels."""
+        labels = check_labels(labels, a.shape[0], a.device)
+        layout = self._layout(a, b, hard_negatives, mask, labels=labels)
+        self._filter(layout, guide)
+        return layout, self._temperature(layout)
 
     def _check_inputs(self, a: Tensor, b: Tensor, indices: Tensor) -> Tensor:
         check_views(a, b, self.form, self.check_finite)
@@ -457,7 +503,9 @@ class GlobalInfoNCE(BankLoss):
         indices: Tensor,
         hard_negatives: Tensor | None = None,
         *,
+        labels: Tensor | None = None,
         mask: Tensor | None = None,
+        guide: tuple[Tensor, ...] | None = None,
         generator: torch.Generator | None = None,
         update: bool = True,
     ) -> Tensor:
@@ -466,8 +514,8 @@ class GlobalInfoNCE(BankLoss):
         self.check_indices(all_indices)
         if update and self.on_duplicate == "raise":
             self._check_duplicates(all_indices)
-        layout = self._layout(a, b, hard_negatives, mask)
-        terms = [self._terms(direction, generator) for direction in layout.directions]
+        layout, temperature = self._prepared(a, b, hard_negatives, mask, labels, guide)
+        terms = [self._terms(direction, generator, temperature) for direction in layout.directions]
         n = a.shape[0]
         positive = torch.cat([t[0] for t in terms])
         summed = torch.cat([t[1] for t in terms])
@@ -505,7 +553,9 @@ class GlobalInfoNCE(BankLoss):
         indices: Tensor | None = None,
         hard_negatives: Tensor | None = None,
         *,
+        labels: Tensor | None = None,
         mask: Tensor | None = None,
+        guide: tuple[Tensor, ...] | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """The plain (biased-gradient) minibatch estimate of the global loss,
@@ -526,9 +576,9 @@ class GlobalInfoNCE(BankLoss):
         check_views(a, b, self.form, self.check_finite)
         if indices is not None:
             self.check_indices(indices, a.shape[0])
-        layout = self._layout(a, b, hard_negatives, mask)
+        layout, temperature = self._prepared(a, b, hard_negatives, mask, labels, guide)
         parts = []
         for direction in layout.directions:
-            positive, summed, shift, log_count = self._terms(direction, generator)
+            positive, summed, shift, log_count = self._terms(direction, generator, temperature)
             parts.append((-positive + summed.log() + shift - log_count).to(positive.dtype))
         return layout.reduce(torch.cat(parts), self.reduction)

@@ -18,12 +18,12 @@ anchor with K of its own candidates drawn uniformly without replacement
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import Form, Negatives, OnShortage, Reduction, keyword_only
-from ..negatives import NegativeSelection, select_negatives, selection_logits
-from ._layout import BankLoss, check_views, fused_dense, row_blocks
+from ..negatives import NegativeSelection, select_negatives
+from ._layout import Direction, Layout, Positives
+from ._softmax import SoftmaxLoss, info_nce_values
 
 __all__ = ["InfoNCE", "info_nce_per_anchor"]
 
@@ -37,72 +37,28 @@ def info_nce_per_anchor(
     negatives: Negatives = "all",
     self_index: Tensor | None = None,
     mask: Tensor | None = None,
+    positives: Tensor | None = None,
     generator: torch.Generator | None = None,
     on_shortage: OnShortage = "raise",
     row_index: Tensor | None = None,
     n_rows_global: int | None = None,
 ) -> Tensor:
     """Per-anchor InfoNCE: ``-log softmax`` of the positive among the positive
-    and the anchor's negatives (see :func:`negbatch.negatives.select_negatives`).
+    and the anchor's negatives (see :func:`negbatch.negatives.select_negatives`);
+    with ``positives`` (n, m) bool, the mean over the anchor's positives of
+    ``-log softmax`` over positives and negatives (SupCon's L_out).
 
     ``anchors`` (n, d) and ``bank`` (m, d) are used as given (normalise them
     first for cosine similarities). Returns a tensor of shape (n,).
     """
     selection = select_negatives(
-        positive_index, bank.shape[0], negatives, self_index=self_index, mask=mask, generator=generator,
-        on_shortage=on_shortage, row_index=row_index, n_rows_global=n_rows_global,
+        positive_index, bank.shape[0], negatives, self_index=self_index, mask=mask, positives=positives,
+        generator=generator, on_shortage=on_shortage, row_index=row_index, n_rows_global=n_rows_global,
     )
-    return _selected_info_nce(anchors, bank, selection, temperature)
+    return info_nce_values(anchors, bank, selection, temperature)
 
 
-def _selected_info_nce(anchors: Tensor, bank: Tensor, selection: NegativeSelection, temperature: float) -> Tensor:
-    if fused_dense(selection, anchors):
-        return _DenseInfoNCE.apply(anchors, bank, selection.allowed, selection.positive_index, temperature)
-    logits = selection_logits(anchors, bank, selection, temperature)
-    return F.cross_entropy(logits, selection.positive_column, reduction="none")
-
-
-class _DenseInfoNCE(torch.autograd.Function):
-    """Per-anchor InfoNCE over all candidates holding one (n, m) buffer.
-
-    Autograd's version keeps the logits, their masked copy and the
-    log-softmax (about 3.4 copies of n x m at peak); here the backward turns
-    the saved logits into the softmax in place. The price: the backward can
-    run only once (``retain_graph=True`` and a second backward raise).
-    """
-
-    @staticmethod
-    def forward(ctx, anchors, bank, allowed, positive_index, temperature):  # type: ignore[override]
-        logits = anchors @ bank.t()
-        logits.mul_(1.0 / temperature)
-        lse = logits.new_empty(logits.shape[0])
-        for rows in row_blocks(*logits.shape):
-            block = logits[rows]
-            block.masked_fill_(~allowed[rows], float("-inf"))
-            lse[rows] = torch.logsumexp(block, dim=1)
-        loss = lse - logits.gather(1, positive_index[:, None]).squeeze(1)
-        ctx.save_for_backward(anchors, bank, positive_index, logits, lse)
-        ctx.temperature = temperature
-        ctx.consumed = False
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        if ctx.consumed:
-            raise RuntimeError("InfoNCE's dense backward runs once; do not backward twice through it")
-        ctx.consumed = True
-        anchors, bank, positive_index, logits, lse = ctx.saved_tensors
-        # d loss_i / d logit_ij = softmax_ij - [j = positive_i], times 1/tau for the scores.
-        prob = logits.sub_(lse[:, None]).exp_()
-        prob.mul_((grad / ctx.temperature)[:, None])
-        rows = torch.arange(prob.shape[0], device=prob.device)
-        prob[rows, positive_index] -= grad / ctx.temperature
-        grad_anchors = prob @ bank if ctx.needs_input_grad[0] else None
-        grad_bank = prob.t() @ anchors if ctx.needs_input_grad[1] else None
-        return grad_anchors, grad_bank, None, None, None
-
-
-class InfoNCE(BankLoss):
+class InfoNCE(SoftmaxLoss):
     """InfoNCE / NT-Xent whose number of negatives is a parameter.
 
     Every argument is keyword-only: ``InfoNCE(temperature=0.1, negatives=16)``
@@ -111,12 +67,14 @@ class InfoNCE(BankLoss):
     Parameters
     ----------
     temperature : float, default 0.1
-        Softmax temperature tau > 0.
+        Softmax temperature tau > 0 (the initial value with
+        ``learnable_temperature``).
     negatives : "all" or int, default "all"
         ``"all"``: every candidate (the standard loss). ``K``: K candidates per
         anchor, drawn uniformly without replacement from the anchor's own
-        candidate set, never the anchor itself, its positive or a masked
-        candidate. K equal to the number of candidates is the standard loss.
+        candidate set (with a queue: from the batch and the queue alike),
+        never the anchor itself, its positive(s) or a masked candidate. K
+        equal to the number of candidates is the standard loss.
     form : {"two_view", "query_document"}, default "two_view"
         See the module docstring.
     symmetric : bool, default False
@@ -140,10 +98,31 @@ class InfoNCE(BankLoss):
         Over this rank's anchors.
     check_finite : bool, default True
         Refuse inputs holding NaN or inf (one pass over them).
+    learnable_temperature : bool, default False
+        Learn the temperature as CLIP does (:class:`negbatch.losses.LearnableTemperature`:
+        ``log(1/tau)`` a parameter of this module, the scale clamped to
+        [1, 100]); give the loss's parameters to the optimizer.
+    positives : {"pair", "mask"}, default "pair"
+        What ``mask`` (and ``labels``) mark: ``"pair"``, known false
+        negatives, left out of the anchor's softmax; ``"mask"``, further
+        positives: the loss is SupCon's L_out, the mean over the anchor's
+        positives P of ``-log softmax`` over P and the negatives.
+    queue_size : int, default 0
+        Keep the last ``queue_size`` embeddings of each anchor direction in a
+        FIFO queue (:class:`negbatch.losses.NegativeQueue`, MoCo) and use them
+        as extra candidates; ``forward`` then needs ``indices``.
+    filter_margin, filter_top : float, optional
+        False-negative filtering (GISTEmbed): mask candidates whose similarity
+        to the anchor exceeds the positive's minus ``filter_margin``, and/or
+        the ``filter_top`` most similar fraction of each anchor's candidates;
+        similarities from ``guide`` embeddings, or the model's own (see
+        :mod:`negbatch.losses.filtering`). The count is kept in
+        ``last_filtered`` / ``last_filtered_fraction``.
 
     Forward
     -------
-    ``loss(a, b, hard_negatives=None, *, mask=None, generator=None)``
+    ``loss(a, b, hard_negatives=None, *, indices=None, labels=None, mask=None,
+    guide=None, generator=None, update=True)``
 
     * two_view: ``a``, ``b`` are the two views, shape (B, d). ``mask`` (B,
       B_global) is sample-level: True where sample i and sample j are known
@@ -152,6 +131,12 @@ class InfoNCE(BankLoss):
       ``hard_negatives`` (B, H, d) extra documents. ``mask`` (B, D) with
       D = B_global * (1 + H): columns are the gathered documents followed by
       the gathered hard negatives (rank-major, then query-major).
+    * ``labels`` (B,) int: samples of one label are added to ``mask`` (on
+      every rank, and in the queue); hard negatives carry no label.
+    * ``indices`` (B,) int: data-set indices, required with a queue.
+    * ``guide``: the guide model's embeddings of the same rows, ``(a, b)`` or
+      ``(a, b, hard_negatives)``, for the filter.
+    * ``update=False``: leave the queue as it is (extra calls in a step).
 
     With ``gather=False``, B_global is B. ``generator`` makes sampled negatives
     reproducible. ``reduction="none"`` returns per-anchor losses: 2B of them
@@ -170,6 +155,15 @@ class InfoNCE(BankLoss):
     True
     >>> q, d, hard = torch.randn(8, 16), torch.randn(8, 16), torch.randn(8, 3, 16)
     >>> loss = InfoNCE(form="query_document", symmetric=True)(q, d, hard)
+
+    Several positives (SupCon) and a queue of past embeddings:
+
+    >>> labels = torch.randint(0, 4, (32,))
+    >>> supcon = InfoNCE(temperature=0.1, positives="mask")(z1, z2, labels=labels)
+    >>> moco = InfoNCE(temperature=0.2, queue_size=256)
+    >>> loss = moco(z1, z2, indices=torch.arange(32))      # the 64 views wait in the queue
+    >>> len(moco.queue)
+    64
     """
 
     @keyword_only("InfoNCE(temperature=0.1, negatives=16)")
@@ -185,6 +179,11 @@ class InfoNCE(BankLoss):
         on_shortage: OnShortage = "raise",
         reduction: Reduction = "mean",
         check_finite: bool = True,
+        learnable_temperature: bool = False,
+        positives: Positives = "pair",
+        queue_size: int = 0,
+        filter_margin: float | None = None,
+        filter_top: float | None = None,
     ) -> None:
         """Set up the loss. Every argument is keyword-only; see Parameters in
         ``help(InfoNCE)``."""
@@ -192,34 +191,17 @@ class InfoNCE(BankLoss):
         self._set_options(
             temperature=temperature, negatives=negatives, form=form, symmetric=symmetric, gather=gather,
             normalize=normalize, on_shortage=on_shortage, reduction=reduction, check_finite=check_finite,
+            learnable_temperature=learnable_temperature, positives=positives, filter_margin=filter_margin,
+            filter_top=filter_top,
         )
+        self._set_queue(queue_size)
 
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, negatives={self.negatives!r}, form={self.form!r}, "
-            f"symmetric={self.symmetric}, gather={self.gather}"
+            f"symmetric={self.symmetric}, gather={self.gather}{self._option_repr()}{self._queue_repr()}"
         )
 
-    def forward(
-        self,
-        a: Tensor,
-        b: Tensor,
-        hard_negatives: Tensor | None = None,
-        *,
-        mask: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        check_views(a, b, self.form, self.check_finite)
-        layout = self._layout(a, b, hard_negatives, mask)
-        per_anchor = [
-            _selected_info_nce(
-                direction.anchors,
-                direction.bank,
-                direction.select(self.negatives, generator, self.on_shortage),
-                self.temperature,
-            )
-            for direction in layout.directions
-        ]
-        # Directions hold equal numbers of anchors: the mean of the concatenation
-        # is the average of the directions.
-        return layout.reduce(torch.cat(per_anchor) if len(per_anchor) > 1 else per_anchor[0], self.reduction)
+    def _direction_values(self, direction: Direction, selection: NegativeSelection, temperature: float,
+                          layout: Layout, index: int) -> Tensor:
+        return info_nce_values(direction.anchors, direction.bank, selection, temperature)

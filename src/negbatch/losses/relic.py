@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .._checks import Negatives, OnShortage, Reduction, keyword_only
 from ..negatives import selection_logits
-from ._layout import BankLoss, check_views
+from ._layout import BankLoss, Positives, check_labels, check_views
 
 __all__ = ["ReLIC"]
 
@@ -48,11 +48,17 @@ class ReLIC(BankLoss):
     gather, normalize, on_shortage, reduction, check_finite
         As in :class:`negbatch.InfoNCE`. ``reduction="none"`` returns 2B
         per-anchor terms, direction (1, 2) first.
+    learnable_temperature, positives, filter_margin, filter_top
+        As in :class:`negbatch.InfoNCE`. With ``positives="mask"`` the InfoNCE
+        term is SupCon's L_out (the mean over the anchor's positives in view w
+        of ``-log p_i^{vw}``), and the KL term runs over the same candidates.
 
     Forward
     -------
-    ``loss(view1, view2, *, mask=None, generator=None)``; ``mask`` (B,
-    B_global) marks known false negatives at the sample level.
+    ``loss(view1, view2, *, labels=None, mask=None, guide=None,
+    generator=None)``; ``mask`` (B, B_global) marks known false negatives
+    (or positives) at the sample level, ``labels`` (B,) add the same-label
+    samples to it, ``guide`` are the filter's embeddings ``(view1, view2)``.
 
     Examples
     --------
@@ -77,6 +83,10 @@ class ReLIC(BankLoss):
         on_shortage: OnShortage = "raise",
         reduction: Reduction = "mean",
         check_finite: bool = True,
+        learnable_temperature: bool = False,
+        positives: Positives = "pair",
+        filter_margin: float | None = None,
+        filter_top: float | None = None,
     ) -> None:
         """Set up the loss. Every argument is keyword-only; see Parameters in
         ``help(ReLIC)``."""
@@ -84,6 +94,8 @@ class ReLIC(BankLoss):
         self._set_options(
             temperature=temperature, negatives=negatives, form="two_view", symmetric=False, gather=gather,
             normalize=normalize, on_shortage=on_shortage, reduction=reduction, check_finite=check_finite,
+            learnable_temperature=learnable_temperature, positives=positives, filter_margin=filter_margin,
+            filter_top=filter_top,
         )
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
             raise ValueError(f"alpha must be a float >= 0, got {alpha!r}")
@@ -91,29 +103,38 @@ class ReLIC(BankLoss):
         self.detach_target = detach_target
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, alpha={self.alpha}, negatives={self.negatives!r}"
+        return f"temperature={self.temperature}, alpha={self.alpha}, negatives={self.negatives!r}{self._option_repr()}"
 
     def forward(
         self,
         view1: Tensor,
         view2: Tensor,
         *,
+        labels: Tensor | None = None,
         mask: Tensor | None = None,
+        guide: tuple[Tensor, Tensor] | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
         check_views(view1, view2, "two_view", self.check_finite)
-        layout = self._layout(view1, view2, None, mask, bank="other_view")
+        labels = check_labels(labels, view1.shape[0], view1.device)
+        layout = self._layout(view1, view2, None, mask, bank="other_view", labels=labels)
+        self._filter(layout, guide, bank="other_view")
+        temperature = self._temperature(layout)
         terms = []
         # Direction (v, w) contrasts view v with view w's bank; view w's own
         # anchors (the anchors of the other direction) give p^{ww}.
         for v_side, w_side in zip(layout.directions, layout.directions[::-1]):
             selection = v_side.select(self.negatives, generator, self.on_shortage)
-            logits_vw = selection_logits(v_side.anchors, v_side.bank, selection, self.temperature)
-            logits_ww = selection_logits(w_side.anchors, v_side.bank, selection, self.temperature)
+            logits_vw = selection_logits(v_side.anchors, v_side.bank, selection, temperature)
+            logits_ww = selection_logits(w_side.anchors, v_side.bank, selection, temperature)
             if self.detach_target:
                 logits_ww = logits_ww.detach()
-            nce = F.cross_entropy(logits_vw, selection.positive_column, reduction="none")
             log_p = F.log_softmax(logits_vw, dim=1)
+            slots = selection.positive_slots()
+            if slots is None:
+                nce = F.cross_entropy(logits_vw, selection.positive_column, reduction="none")
+            else:  # SupCon's L_out: the mean over the positives
+                nce = -log_p.masked_fill(~slots, 0.0).sum(dim=1) / slots.sum(dim=1)
             log_q = F.log_softmax(logits_ww, dim=1)
             # Zero the non-candidates *before* the product: -inf - -inf is NaN, and
             # torch.where would still send NaN into the backward.

@@ -1,0 +1,303 @@
+"""The softmax family's per-direction math, and the base of InfoNCE and DCL.
+
+For one direction of the candidate bank (anchors, bank, the selection of
+each anchor's candidates), every softmax loss of negbatch needs two numbers
+per anchor:
+
+* ``lse``: the log-sum-exp of the logits over the denominator's columns
+  (the positives and the negatives; the negatives only when the loss is
+  *decoupled*, as DCL and the global loss's normaliser are);
+* ``positive``: the mean logit of the anchor's positives (the paired one, or
+  all of them with ``positives="mask"``: SupCon's L_out).
+
+InfoNCE is ``lse - positive``; DCL is ``lse_negatives - w * positive``.
+:func:`softmax_terms` computes both, either in one fused pass holding a
+single (n, m) buffer (:class:`_DenseSoftmax`, every candidate, float32/64)
+or from :func:`negbatch.negatives.selection_logits` with autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._checks import Negatives
+from ..distributed import gather_nograd, is_distributed
+from ..negatives import NegativeSelection, selection_logits
+from ._layout import BankLoss, Direction, Layout, check_labels, check_views, fused_dense, row_blocks
+from .queue import NegativeQueue
+
+__all__ = ["softmax_terms", "SoftmaxLoss", "check_sample_indices"]
+
+
+def _scaled_logits(anchors: Tensor, bank: Tensor, temperature: float) -> Tensor:
+    """``anchors @ bank.T / temperature`` with the scale applied by the GEMM."""
+    if temperature == 1.0:
+        return anchors @ bank.t()
+    out = anchors.new_empty(anchors.shape[0], bank.shape[0])
+    return torch.addmm(out, anchors, bank.t(), beta=0.0, alpha=1.0 / temperature, out=out)
+
+
+class _DenseSoftmax(torch.autograd.Function):
+    """``(lse, positive)`` of every anchor over all its candidates, holding
+    one (n, m) buffer.
+
+    The forward turns the logits into ``exp(l - shift)`` in place (zero on
+    the columns outside the denominator) and keeps the buffer; the backward
+    turns it, in place, into ``d loss / d logits`` before the two products
+    with the embeddings. Autograd's version keeps the logits, their masked
+    copy and the log-softmax (about 3.4 copies of n x m at peak). The price:
+    the backward runs once (``retain_graph=True`` and a second backward
+    raise).
+    """
+
+    @staticmethod
+    def forward(ctx, anchors, bank, selection, temperature, decoupled):  # type: ignore[override]
+        buf = _scaled_logits(anchors, bank, temperature)
+        n = buf.shape[0]
+        col = selection.positive_index[:, None]
+        pos_mask = selection.positive_mask
+        if pos_mask is None:
+            positive = buf.gather(1, col).squeeze(1)
+            count = None
+        else:
+            count = pos_mask.sum(dim=1).to(buf.dtype)
+            positive = buf.new_empty(n)
+            for rows in row_blocks(*buf.shape):
+                positive[rows] = torch.where(pos_mask[rows], buf[rows], 0.0).sum(dim=1)
+            positive /= count
+        shift = buf.new_empty(n)
+        total = buf.new_empty(n)
+        if selection.only_self_excluded:
+            # Only the anchor's own column leaves the denominator (and the
+            # positive, decoupled): fill those entries instead of scanning an
+            # (n, m) mask.
+            if selection.self_index is not None:
+                has_self = selection.self_index >= 0
+                rows_with = torch.arange(n, device=buf.device)[has_self]
+                buf[rows_with, selection.self_index[has_self]] = float("-inf")
+            if decoupled:
+                buf.scatter_(1, col, float("-inf"))
+            for rows in row_blocks(*buf.shape):
+                block = buf[rows]
+                shift[rows] = block.amax(dim=1)
+                block.sub_(shift[rows, None]).exp_()
+                total[rows] = block.sum(dim=1)
+        else:
+            for rows in row_blocks(*buf.shape):
+                block = buf[rows]
+                outside = ~selection.allowed[rows]
+                if decoupled:
+                    outside |= pos_mask[rows] if pos_mask is not None else outside.scatter(1, col[rows], True)
+                block.masked_fill_(outside, float("-inf"))
+                shift[rows] = block.amax(dim=1)
+                block.sub_(shift[rows, None]).exp_()
+                total[rows] = block.sum(dim=1)
+        lse = total.log().add_(shift)
+        ctx.save_for_backward(anchors, bank, buf, total, col, pos_mask, count)
+        ctx.temperature = temperature
+        ctx.consumed = False
+        return lse, positive
+
+    @staticmethod
+    def backward(ctx, grad_lse, grad_positive):  # type: ignore[override]
+        if ctx.consumed:
+            raise RuntimeError("the dense softmax backward runs once; do not backward twice through the loss")
+        ctx.consumed = True
+        anchors, bank, buf, total, col, pos_mask, count = ctx.saved_tensors
+        inv_tau = 1.0 / ctx.temperature
+        # d lse / d logit = softmax over the denominator = buf / total;
+        # d positive / d logit = 1/count on the positives; times 1/tau for the scores.
+        if grad_lse is None:
+            buf.zero_()
+        else:
+            buf.mul_((grad_lse * inv_tau / total)[:, None])
+        if grad_positive is not None:
+            if pos_mask is None:
+                buf.scatter_add_(1, col, (grad_positive * inv_tau)[:, None])
+            else:
+                weight = (grad_positive * inv_tau / count)[:, None]
+                for rows in row_blocks(*buf.shape):
+                    buf[rows] += torch.where(pos_mask[rows], weight[rows], 0.0)
+        grad_anchors = buf @ bank if ctx.needs_input_grad[0] else None
+        grad_bank = buf.t() @ anchors if ctx.needs_input_grad[1] else None
+        return grad_anchors, grad_bank, None, None, None
+
+
+def softmax_terms(
+    anchors: Tensor, bank: Tensor, selection: NegativeSelection, temperature: float, *, decoupled: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Per anchor: the log-sum-exp over the denominator (without the
+    positives when ``decoupled``) and the mean logit of the positives.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from negbatch import select_negatives
+    >>> from negbatch.losses._softmax import softmax_terms
+    >>> a, bank = torch.randn(3, 4), torch.randn(5, 4)
+    >>> sel = select_negatives(torch.tensor([0, 1, 2]), 5, "all")
+    >>> lse, pos = softmax_terms(a, bank, sel, 0.5)
+    >>> logits = a @ bank.t() / 0.5
+    >>> bool(torch.allclose(lse, logits.logsumexp(1))), bool(torch.allclose(pos, logits.diagonal()))
+    (True, True)
+    """
+    if fused_dense(selection, anchors):
+        return _DenseSoftmax.apply(anchors, bank, selection, temperature, decoupled)
+    logits = selection_logits(anchors, bank, selection, temperature)
+    slots = selection.positive_slots()
+    if slots is None:
+        col = selection.positive_column[:, None]
+        positive = logits.gather(1, col).squeeze(1)
+        denominator = logits.scatter(1, col, float("-inf")) if decoupled else logits
+    else:
+        positive = logits.masked_fill(~slots, 0.0).sum(dim=1) / slots.sum(dim=1)
+        denominator = logits.masked_fill(slots, float("-inf")) if decoupled else logits
+    # Half-precision logits: the sum of the exponentials in float32.
+    wide = denominator.float() if denominator.dtype in (torch.float16, torch.bfloat16) else denominator
+    return torch.logsumexp(wide, dim=1).to(logits.dtype), positive
+
+
+def info_nce_values(anchors: Tensor, bank: Tensor, selection: NegativeSelection, temperature: float) -> Tensor:
+    """Per-anchor InfoNCE ``lse - positive`` (SupCon's L_out with several positives)."""
+    if not fused_dense(selection, anchors) and selection.single_positive:
+        logits = selection_logits(anchors, bank, selection, temperature)
+        return F.cross_entropy(logits, selection.positive_column, reduction="none")
+    lse, positive = softmax_terms(anchors, bank, selection, temperature)
+    return lse - positive
+
+
+def count_negatives(selection: NegativeSelection, bank_size: int) -> Tensor:
+    """Negatives of every anchor (the denominator of a decoupled loss without the positives)."""
+    if not selection.is_dense:
+        return (selection.valid[:, selection.num_positive_slots :]).sum(dim=1)
+    if selection.only_self_excluded and selection.positive_mask is None:
+        has_self = selection.self_index >= 0 if selection.self_index is not None else None
+        base = torch.full_like(selection.positive_index, bank_size - 1)
+        return base - has_self.long() if has_self is not None else base
+    return selection.negative_mask().sum(dim=1)
+
+
+def check_sample_indices(indices: object, n: int, device: torch.device, name: str = "indices") -> Tensor:
+    """Data-set indices of a batch: a 1-d integer tensor, one per sample."""
+    if not isinstance(indices, Tensor):
+        raise TypeError(
+            f"{name} must be a 1-d torch.long tensor of data-set indices (a queue never contrasts an anchor with "
+            f"its own entries), got {type(indices).__name__}"
+        )
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (torch.long) of data-set indices, got dtype {indices.dtype}")
+    if indices.dim() != 1 or indices.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), one data-set index per sample, got {tuple(indices.shape)}")
+    return indices.to(device=device, dtype=torch.long)
+
+
+class SoftmaxLoss(BankLoss):
+    """InfoNCE and DCL: the layout, an optional queue of past embeddings,
+    the false-negative filter, the temperature and one reduction around a
+    per-direction value (:meth:`_direction_values`)."""
+
+    queue: NegativeQueue | None
+
+    def _set_queue(self, queue_size: int) -> None:
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
+            raise ValueError(f"queue_size must be an int >= 0 (0: no queue), got {queue_size!r}")
+        roles = 1 if self.form == "two_view" else 1 + self.symmetric
+        self.queue = NegativeQueue(queue_size, roles) if queue_size else None
+
+    def _direction_values(self, direction: Direction, selection: NegativeSelection, temperature: float,
+                          layout: Layout, index: int) -> Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        a: Tensor,
+        b: Tensor,
+        hard_negatives: Tensor | None = None,
+        *,
+        indices: Tensor | None = None,
+        labels: Tensor | None = None,
+        mask: Tensor | None = None,
+        guide: tuple[Tensor, ...] | None = None,
+        generator: torch.Generator | None = None,
+        update: bool = True,
+    ) -> Tensor:
+        check_views(a, b, self.form, self.check_finite)
+        n = a.shape[0]
+        if self.queue is not None:
+            if indices is None:
+                raise ValueError(
+                    "a loss with a queue (queue_size > 0) needs indices=, the data-set index of each sample, so that "
+                    "an anchor never meets its own queued entries"
+                )
+            indices = check_sample_indices(indices, n, a.device)
+        elif indices is not None:
+            raise ValueError("indices= is used by the queue only; set queue_size > 0 or leave indices out")
+        labels = check_labels(labels, n, a.device)
+        layout = self._layout(a, b, hard_negatives, mask, labels=labels)
+        if self.queue is not None:
+            self._extend_with_queue(layout, indices, labels)
+        self._filter(layout, guide)
+        temperature = self._temperature(layout)
+        values = []
+        for i, direction in enumerate(layout.directions):
+            selection = direction.select(self.negatives, generator, self.on_shortage)
+            values.append(self._direction_values(direction, selection, temperature, layout, i))
+        if self.queue is not None and update:
+            self._enqueue(layout, indices, labels)
+        # Directions hold equal numbers of anchors: the mean of the concatenation
+        # is the average of the directions.
+        return layout.reduce(torch.cat(values) if len(values) > 1 else values[0], self.reduction)
+
+    # ------------------------------------------------------------------ queue
+
+    def _anchor_rows(self, x: Tensor, index: int) -> Tensor:
+        """Per-sample values (B,) laid out as direction ``index``'s anchors."""
+        return torch.cat([x, x]) if self.form == "two_view" else x
+
+    def _extend_with_queue(self, layout: Layout, indices: Tensor, labels: Tensor | None) -> None:
+        directions = []
+        for role, direction in enumerate(layout.directions):
+            entries, entry_indices = self.queue.entries(role)
+            if entries.shape[0] == 0:
+                directions.append(direction)
+                continue
+            anchor_indices = self._anchor_rows(indices, role)
+            own = None
+            if bool(torch.isin(anchor_indices, entry_indices).any()):
+                own = anchor_indices[:, None] == entry_indices[None, :]
+            same = None
+            entry_labels = self.queue.entry_labels(role) if labels is not None else None
+            if entry_labels is not None:
+                values, labelled = entry_labels
+                same = (self._anchor_rows(labels, role)[:, None] == values[None, :]) & labelled[None, :]
+                if own is not None:
+                    same &= ~own
+            if self.positives == "mask":
+                extra_mask, extra_positives = own, same
+            else:
+                extra_mask, extra_positives = (own if same is None else (same if own is None else own | same)), None
+            directions.append(direction.extended(entries.to(device=direction.bank.device), extra_mask, extra_positives))
+        layout.directions = directions
+
+    def _enqueue(self, layout: Layout, indices: Tensor, labels: Tensor | None) -> None:
+        spread = is_distributed() and not layout.gathered  # every rank's queue holds every rank's batch
+        gather = gather_nograd if is_distributed() else (lambda x: x)
+        all_indices = gather(indices)
+        all_labels = None
+        if labels is not None:
+            all_labels = layout.labels if layout.gathered else gather(labels)
+        first, second = layout.first.detach(), layout.second.detach()
+        if spread:
+            first, second = gather_nograd(first), gather_nograd(second)
+        if self.form == "two_view":
+            both = None if all_labels is None else torch.cat([all_labels, all_labels])
+            self.queue.enqueue(0, torch.cat([first, second]), torch.cat([all_indices, all_indices]), both)
+            return
+        self.queue.enqueue(0, second, all_indices, all_labels)
+        if self.symmetric:
+            self.queue.enqueue(1, first, all_indices, all_labels)
+
+    def _queue_repr(self) -> str:
+        return f", queue_size={self.queue.size}" if self.queue is not None else ""

@@ -1,0 +1,159 @@
+"""A queue of past embeddings as extra negatives (MoCo's queue, a memory bank).
+
+He et al. ("Momentum Contrast for Unsupervised Visual Representation
+Learning", 2020) decouple the number of negatives from the batch: the keys of
+the last batches wait in a fixed-size first-in-first-out queue and every
+query is contrasted with them too (65,536 keys at a batch of 256). Wu et al.
+(2018) kept one entry per data-set sample instead (a memory bank); PML's
+CrossBatchMemory and lightly's ``memory_bank_size`` are such queues.
+
+:class:`NegativeQueue` is the state; a loss built with ``queue_size=N``
+(:class:`negbatch.InfoNCE`, :class:`negbatch.DCL`) owns one and
+
+1. appends the queue's entries to each direction's candidate bank, never an
+   anchor's own entries (the same data-set index) and, with labels, masking
+   (or, with ``positives="mask"``, adding as positives) the same-label ones;
+2. computes its loss (``negatives=K`` samples from batch and queue alike);
+3. enqueues the batch's embeddings, detached, *after* the loss: the
+   entries of this step are negatives from the next step on. Under
+   ``torch.distributed`` it enqueues the batch of every rank, so that every
+   rank's queue is the same.
+
+The queue's entries are the candidates of the direction they were taken
+from: for ``two_view`` both views of every sample (2B entries per step);
+for ``query_document`` the documents (B per step; without their hard
+negatives) and, with ``symmetric``, the queries for the document-to-query
+direction.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["NegativeQueue"]
+
+
+class NegativeQueue(nn.Module):
+    """Fixed-size FIFO queues of detached embeddings with their data-set
+    indices and labels, one queue per anchor direction.
+
+    Parameters
+    ----------
+    size : int
+        Entries per queue; once full, each enqueue overwrites the oldest.
+    roles : int, default 1
+        Number of queues (one per direction of the loss that owns them).
+
+    State
+    -----
+    ``embeddings`` (roles, size, d), ``indices`` (roles, size) long,
+    ``labels`` (roles, size) long, ``labelled`` (roles, size) bool (whether
+    the entry came with a label), ``pointer`` (roles,) long (the next slot to
+    write) and ``filled`` (roles,) long (entries held). The width d and the
+    dtype are taken from the first enqueue; ``load_state_dict`` adopts the
+    saved width, so a fresh queue loads any checkpoint (``torch.load`` with
+    ``weights_only=True`` reads it: every entry is a tensor).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from negbatch.losses import NegativeQueue
+    >>> q = NegativeQueue(3)
+    >>> q.enqueue(0, torch.eye(2), torch.tensor([7, 8]))
+    >>> q.enqueue(0, torch.ones(2, 2), torch.tensor([9, 10]))   # 4 entries into 3 slots: 7 leaves
+    >>> q.entries(0)[1].tolist()   # slot order: 10 overwrote 7
+    [10, 8, 9]
+    """
+
+    embeddings: Tensor
+    indices: Tensor
+    labels: Tensor
+    labelled: Tensor
+    pointer: Tensor
+    filled: Tensor
+
+    def __init__(self, size: int, roles: int = 1) -> None:
+        super().__init__()
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"queue_size must be a positive int (entries kept per queue), got {size!r}")
+        if isinstance(roles, bool) or not isinstance(roles, int) or roles < 1:
+            raise ValueError(f"roles must be a positive int, got {roles!r}")
+        self.size = size
+        self.register_buffer("embeddings", torch.zeros(roles, size, 0))
+        self.register_buffer("indices", torch.full((roles, size), -1, dtype=torch.long))
+        self.register_buffer("labels", torch.zeros(roles, size, dtype=torch.long))
+        self.register_buffer("labelled", torch.zeros(roles, size, dtype=torch.bool))
+        self.register_buffer("pointer", torch.zeros(roles, dtype=torch.long))
+        self.register_buffer("filled", torch.zeros(roles, dtype=torch.long))
+
+    @property
+    def roles(self) -> int:
+        return self.indices.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, roles={self.roles}, filled={self.filled.tolist()}"
+
+    def __len__(self) -> int:
+        """Entries held by the first queue."""
+        return int(self.filled[0])
+
+    def entries(self, role: int) -> tuple[Tensor, Tensor]:
+        """The filled slots of queue ``role``: embeddings (Q, d) and data-set
+        indices (Q,) (slot order; the oldest entry is at ``pointer`` once the
+        queue is full)."""
+        q = int(self.filled[role])
+        return self.embeddings[role, :q], self.indices[role, :q]
+
+    def entry_labels(self, role: int) -> tuple[Tensor, Tensor] | None:
+        """Labels (Q,) of the filled slots of queue ``role`` and whether each
+        entry has one (Q,) bool; None when no entry has a label."""
+        q = int(self.filled[role])
+        if not bool(self.labelled[role, :q].any()):
+            return None
+        return self.labels[role, :q], self.labelled[role, :q]
+
+    @torch.no_grad()
+    def enqueue(self, role: int, embeddings: Tensor, indices: Tensor, labels: Tensor | None = None) -> None:
+        """Append detached ``embeddings`` (E, d) with their data-set
+        ``indices`` (E,) and optional ``labels`` (E,), overwriting the oldest
+        entries once the queue is full (of more than ``size`` rows, only the
+        last ``size`` are kept)."""
+        embeddings = embeddings.detach()
+        e, d = embeddings.shape
+        if indices.shape != (e,) or (labels is not None and labels.shape != (e,)):
+            raise ValueError(f"indices (and labels) must have shape ({e},), one per embedding")
+        if self.embeddings.shape[2] != d:
+            if int(self.filled.sum()):
+                raise ValueError(f"the queue holds embeddings of width {self.embeddings.shape[2]}, got width {d}")
+            # The first entries decide the width and the dtype.
+            self.embeddings = torch.zeros(self.roles, self.size, d, dtype=embeddings.dtype, device=self.indices.device)
+        if e > self.size:
+            embeddings, indices = embeddings[-self.size :], indices[-self.size :]
+            labels = labels[-self.size :] if labels is not None else None
+            e = self.size
+        start = int(self.pointer[role])
+        slots = (torch.arange(e, device=self.indices.device) + start) % self.size
+        self.embeddings[role, slots] = embeddings.to(self.embeddings.device)
+        self.indices[role, slots] = indices.to(self.indices.device)
+        if labels is not None:
+            self.labels[role, slots] = labels.to(self.indices.device)
+        self.labelled[role, slots] = labels is not None
+        self.pointer[role] = (start + e) % self.size
+        self.filled[role] = min(self.size, int(self.filled[role]) + e)
+
+    def reset(self) -> None:
+        """Empty every queue."""
+        with torch.no_grad():
+            self.indices.fill_(-1)
+            self.labelled.fill_(False)
+            self.pointer.zero_()
+            self.filled.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # The width of the entries is known once the first batch arrives: take
+        # the saved one, so that a fresh queue loads a checkpoint.
+        saved = state_dict.get(prefix + "embeddings")
+        if isinstance(saved, Tensor) and saved.shape != self.embeddings.shape:
+            self.embeddings = torch.zeros(saved.shape, dtype=saved.dtype, device=self.indices.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

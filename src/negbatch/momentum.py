@@ -1,0 +1,97 @@
+"""A momentum encoder: MoCo's slowly moving copy of the trained encoder.
+
+He et al. ("Momentum Contrast", 2020) encode the keys that fill the queue
+with a copy of the encoder whose parameters follow the trained ones as an
+exponential moving average, ``θ_k ← m θ_k + (1 - m) θ_q`` after every step
+(m = 0.999): the queue's keys, encoded over the last steps, then come from
+nearly the same function. :class:`MomentumEncoder` is that copy; it pairs
+with a loss's queue (``InfoNCE(form="query_document", queue_size=N)``: the
+queries from the encoder, the documents, i.e. the keys, from this copy).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+__all__ = ["MomentumEncoder"]
+
+
+class MomentumEncoder(nn.Module):
+    """An exponential moving average of an encoder's parameters (MoCo).
+
+    Parameters
+    ----------
+    encoder : nn.Module
+        The trained encoder (a DDP wrapper is unwrapped). It is copied once;
+        the copy takes no gradient. The encoder itself is not part of this
+        module (nor of its ``state_dict``).
+    momentum : float in [0, 1), default 0.999
+        ``m`` of ``θ_k ← m θ_k + (1 - m) θ_q``.
+
+    Attributes
+    ----------
+    encoder : nn.Module
+        The copy. Its buffers (BatchNorm statistics) evolve through its own
+        forward passes, as MoCo's key encoder's do.
+    num_updates : Tensor
+        EMA updates so far (saved with the state).
+
+    Call :meth:`update` after each optimizer step; calling the module runs
+    the copy without a graph. ``state_dict`` holds the copy and the count
+    (tensors only: ``torch.load(..., weights_only=True)`` reads it).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from negbatch import InfoNCE, MomentumEncoder
+    >>> encoder = nn.Linear(8, 4)
+    >>> keys = MomentumEncoder(encoder, momentum=0.99)
+    >>> loss_fn = InfoNCE(temperature=0.2, form="query_document", queue_size=64)
+    >>> optimizer = torch.optim.SGD(encoder.parameters(), lr=0.1)
+    >>> x1, x2, idx = torch.randn(16, 8), torch.randn(16, 8), torch.arange(16)
+    >>> loss = loss_fn(encoder(x1), keys(x2), indices=idx)   # queries vs keys and the queued keys
+    >>> loss.backward(); optimizer.step(); keys.update()
+    >>> int(keys.num_updates), len(loss_fn.queue)
+    (1, 16)
+    """
+
+    num_updates: Tensor
+
+    def __init__(self, encoder: nn.Module, momentum: float = 0.999) -> None:
+        super().__init__()
+        if not isinstance(encoder, nn.Module):
+            raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (
+            math.isfinite(momentum) and 0.0 <= momentum < 1.0
+        ):
+            raise ValueError(f"momentum must be a float in [0, 1) (MoCo: 0.999), got {momentum!r}")
+        online = encoder.module if isinstance(encoder, DistributedDataParallel) else encoder
+        self.encoder = copy.deepcopy(online).requires_grad_(False)
+        self.momentum = float(momentum)
+        # A plain attribute, not a submodule: the trained encoder stays out of this state_dict.
+        self._online = [online]
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return f"momentum={self.momentum}"
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """One EMA step: ``θ_k ← m θ_k + (1 - m) θ_q`` for every parameter."""
+        online = dict(self._online[0].named_parameters())
+        for name, p in self.encoder.named_parameters():
+            if name not in online or online[name].shape != p.shape:
+                raise RuntimeError(f"the encoder no longer has a parameter {name!r} of shape {tuple(p.shape)}")
+            p.mul_(self.momentum).add_(online[name].detach().to(p.dtype), alpha=1.0 - self.momentum)
+        self.num_updates += 1
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return self.encoder(*args, **kwargs)

@@ -1,0 +1,90 @@
+"""False-negative filtering (GISTEmbed-style) against a brute-force loop over
+each anchor's candidates: the mask, the loss with it, the count reported."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import _reference as ref
+from negbatch import InfoNCE, ReLIC, SigLIP
+from negbatch.losses import false_negative_mask
+
+TAU = 0.3
+
+
+def _data(n=8, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+
+
+def _two_view_filter(judge1, judge2, margin=None, top=None):
+    """Per anchor of [view1; view2]: the bank columns the brute force masks."""
+    z = ref._norm(torch.cat([judge1, judge2])).detach()
+    n = judge1.shape[0]
+    masked = []
+    for a in range(2 * n):
+        pair = (a + n) % (2 * n)
+        candidates = [c for c in range(2 * n) if c not in (a, pair)]
+        masked.append(ref.similarity_filter(z[a], z, pair, candidates, margin=margin, top=top))
+    return masked
+
+
+@pytest.mark.parametrize("margin,top", [(0.0, None), (0.2, None), (None, 0.25), (0.1, 0.2)])
+def test_mask_of_the_model_itself_matches_brute_force(margin, top):
+    z1, z2 = _data()
+    loss_fn = InfoNCE(temperature=TAU, filter_margin=margin, filter_top=top)
+    loss = loss_fn(z1, z2)
+    masked = _two_view_filter(z1, z2, margin, top)
+    assert int(loss_fn.last_filtered) == sum(len(m) for m in masked) > 0
+    assert float(loss_fn.last_filtered_fraction) == pytest.approx(sum(len(m) for m in masked) / (16 * 14))
+    zn = ref._norm(torch.cat([z1, z2]))
+    terms = [ref.softmax_anchor(zn[a], [zn[(a + 8) % 16]],
+                                [zn[c] for c in range(16) if c not in (a, (a + 8) % 16) and c not in masked[a]], TAU)
+             for a in range(16)]
+    want = torch.stack(terms).mean()
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=0)
+    for g, w in zip(torch.autograd.grad(loss, [z1, z2]), torch.autograd.grad(want, [z1, z2])):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+def test_a_guide_model_decides_what_is_masked():
+    z1, z2 = _data()
+    g1, g2 = _data(seed=5)
+    loss_fn = InfoNCE(temperature=TAU, filter_margin=0.05)
+    loss_fn(z1, z2, guide=(g1, g2))
+    masked = _two_view_filter(g1, g2, margin=0.05)
+    assert int(loss_fn.last_filtered) == sum(len(m) for m in masked)
+    assert masked != _two_view_filter(z1, z2, margin=0.05)  # the guide's judgement, not the model's
+    assert loss_fn.log_values()["filtered_fraction"] == pytest.approx(float(loss_fn.last_filtered_fraction))
+
+
+def test_function_by_hand_and_positives_are_never_filtered():
+    anchors = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    bank = torch.tensor([[0.6, 0.8], [1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
+    hit = false_negative_mask(anchors, bank, torch.tensor([0, 1]), self_index=torch.tensor([1, 2]), margin=0.0)
+    # anchor 0: positive 0.6; itself column 1 is skipped; column 3 (0.8) is masked.
+    # anchor 1: positive column 1 (0.0); column 0 (0.8) and column 3 (0.6) masked; itself (2) skipped.
+    assert hit.tolist() == [[False, False, False, True], [True, False, False, True]]
+    further = torch.tensor([[False, False, False, True], [False, False, False, False]])
+    kept = false_negative_mask(anchors, bank, torch.tensor([0, 1]), positives=further, margin=0.0)
+    assert not kept[0, 3]
+    with pytest.raises(ValueError, match="give filter_margin or filter_top"):
+        false_negative_mask(anchors, bank, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="filter_top must be a fraction"):
+        InfoNCE(temperature=TAU, filter_top=1.0)
+
+
+def test_filter_applies_to_every_loss_and_the_queue_with_its_own_embeddings():
+    z1, z2 = _data()
+    for loss_fn in (ReLIC(temperature=TAU, filter_top=0.3), SigLIP(form="two_view", filter_top=0.3)):
+        loss_fn(z1, z2)
+        assert int(loss_fn.last_filtered) > 0
+    queue = InfoNCE(temperature=TAU, queue_size=16, filter_margin=0.0)
+    queue(z1, z2, indices=torch.arange(8))
+    queue(*_data(seed=1), indices=torch.arange(8, 16))
+    assert float(queue.last_filtered_fraction) > 0
+    with pytest.raises(ValueError, match="a queue's entries have no guide embeddings"):
+        queue(z1, z2, indices=torch.arange(8), guide=(z1, z2))
+    with pytest.raises(ValueError, match="set filter_margin or filter_top"):
+        InfoNCE(temperature=TAU)(z1, z2, guide=(z1, z2))

@@ -1,0 +1,195 @@
+"""The negative queue (MoCo's queue, a memory bank) and the momentum encoder:
+the FIFO itself, the loss over batch and queue against a float64 reference
+that keeps its own list of past embeddings, against pytorch-metric-learning's
+CrossBatchMemory, and checkpoints read back with weights_only=True."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import _reference as ref
+from negbatch import DCL, InfoNCE, MomentumEncoder
+from negbatch.losses import NegativeQueue
+
+TAU = 0.3
+
+
+def _views(step, n=5, d=4):
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+
+
+def _round_trip(module):
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_fifo_overwrites_the_oldest_and_keeps_the_last_of_a_long_batch():
+    q = NegativeQueue(4)
+    q.enqueue(0, torch.arange(6.0).reshape(3, 2), torch.tensor([0, 1, 2]))
+    q.enqueue(0, 10 + torch.arange(4.0).reshape(2, 2), torch.tensor([3, 4]), torch.tensor([7, 8]))
+    emb, idx = q.entries(0)
+    assert idx.tolist() == [4, 1, 2, 3] and int(q.pointer[0]) == 1 and len(q) == 4
+    assert emb[0].tolist() == [12.0, 13.0]
+    labels, labelled = q.entry_labels(0)
+    assert labelled.tolist() == [True, False, False, True] and labels[0] == 8 and labels[3] == 7
+    q.enqueue(0, torch.zeros(9, 2), torch.arange(9))  # more rows than slots: the last 4 stay
+    assert sorted(q.entries(0)[1].tolist()) == [5, 6, 7, 8] and q.entry_labels(0) is None
+    with pytest.raises(ValueError, match="width 2, got width 3"):
+        q.enqueue(0, torch.zeros(1, 3), torch.tensor([0]))
+    fresh = NegativeQueue(4)
+    fresh.load_state_dict(_round_trip(q))
+    assert torch.equal(fresh.embeddings, q.embeddings) and torch.equal(fresh.indices, q.indices)
+
+
+def _queue_reference(steps, size, *, labels=None, positives=False):
+    """Per step: the loss over the batch plus a plain list of past entries
+    (embedding, index, label), the oldest dropped first."""
+    queue, losses = [], []
+    for z1, z2, idx in steps:
+        n = z1.shape[0]
+        anchor_idx = idx.tolist() * 2
+        anchor_lab = labels.tolist() * 2 if labels is not None else None
+        extra = []
+        for emb, e_idx, e_lab in queue:
+            own = lambda a, e_idx=e_idx: anchor_idx[a] == e_idx  # noqa: E731
+            same = lambda a, e_lab=e_lab: anchor_lab is not None and anchor_lab[a] == e_lab  # noqa: E731
+            if positives:
+                extra.append((emb, lambda a, own=own, same=same: same(a) and not own(a), own))
+            else:
+                extra.append((emb, lambda a: False, lambda a, own=own, same=same: own(a) or same(a)))
+        same_samples = None
+        if labels is not None:
+            same_samples = labels[:, None] == labels[None, :]
+        kw = {"positive_samples" if positives else "excluded_samples": same_samples}
+        losses.append(ref.softmax_two_view(z1, z2, TAU, extra=extra, **kw))
+        zn = torch.cat([ref._norm(z1), ref._norm(z2)]).detach()
+        lab = labels.tolist() * 2 if labels is not None else [None] * (2 * n)
+        queue = (queue + list(zip(zn, idx.tolist() * 2, lab)))[-size:]
+    return losses
+
+
+@pytest.mark.parametrize("mode", ["plain", "labels", "positives"])
+def test_loss_over_batch_and_queue_matches_a_list_kept_by_hand(mode):
+    # Indices overlap across steps: sample 3 and 4 come back, and never meet their own entries.
+    steps = [(*_views(s), torch.tensor([0, 1, 2, 3, 4]) + 3 * s) for s in range(3)]
+    labels = torch.tensor([0, 1, 0, 1, 2]) if mode != "plain" else None
+    positives = mode == "positives"
+    loss_fn = InfoNCE(temperature=TAU, queue_size=13, positives="mask" if positives else "pair")
+    want = _queue_reference(steps, 13, labels=labels, positives=positives)
+    for (z1, z2, idx), w in zip(steps, want):
+        got = loss_fn(z1, z2, indices=idx, labels=labels)
+        torch.testing.assert_close(got, w, rtol=1e-10, atol=0)
+        for g, r in zip(torch.autograd.grad(got, [z1, z2]), torch.autograd.grad(w, [z1, z2])):
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+    assert len(loss_fn.queue) == 13
+
+
+def test_sampled_negatives_come_from_batch_and_queue():
+    loss_fn = InfoNCE(temperature=TAU, queue_size=10, negatives=6)
+    first = _views(0)
+    loss_fn(*first, indices=torch.arange(5))
+    z1, z2 = _views(1)
+    idx = torch.tensor([3, 5, 6, 7, 8])  # sample 3 has entries in the queue
+    got = loss_fn(z1, z2, indices=idx, generator=torch.Generator().manual_seed(9), update=False)
+    # The sets the loss drew, read back from its own layout with the same generator.
+    layout = loss_fn._layout(z1, z2, None, None)
+    loss_fn._extend_with_queue(layout, idx, None)
+    (direction,) = layout.directions
+    sel = direction.select(6, torch.Generator().manual_seed(9), "raise")
+    sets = sel.index[:, 1:].tolist()
+    assert any(c >= 10 for s in sets for c in s), "no queue entry was sampled"
+    queue = [(e, lambda a: False, lambda a, j=j: [3, 5, 6, 7, 8, 3, 5, 6, 7, 8][a] == j)
+             for e, j in zip(*loss_fn.queue.entries(0))]
+    want = ref.softmax_two_view(z1, z2, TAU, extra=[(e, p, x) for e, p, x in queue], neg_sets=sets)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    assert len(loss_fn.queue) == 10 and loss_fn.queue.entries(0)[1].tolist() == [0, 1, 2, 3, 4] * 2
+
+
+def test_query_document_queues_documents_and_queries():
+    loss_fn = InfoNCE(temperature=TAU, form="query_document", symmetric=True, queue_size=8)
+    q0, d0 = _views(0)
+    loss_fn(q0, d0, indices=torch.arange(5))
+    q1, d1 = _views(1)
+    got = loss_fn(q1, d1, indices=torch.arange(5, 10))
+    nq0, nd0, nq1, nd1 = (ref._norm(x) for x in (q0, d0, q1, d1))
+    terms = []
+    for i in range(5):
+        terms.append(ref.softmax_anchor(nq1[i], [nd1[i]], [nd1[j] for j in range(5) if j != i] + list(nd0.detach()), TAU))
+    for i in range(5):
+        terms.append(ref.softmax_anchor(nd1[i], [nq1[i]], [nq1[j] for j in range(5) if j != i] + list(nq0.detach()), TAU))
+    torch.testing.assert_close(got, torch.stack(terms).mean(), rtol=1e-10, atol=0)
+    assert loss_fn.queue.roles == 2 and len(loss_fn.queue) == 8
+
+
+def test_update_false_leaves_the_queue_and_checkpoints_continue_identically():
+    steps = [(*_views(s), torch.arange(5) + 5 * s) for s in range(3)]
+    loss_fn = DCL(temperature=TAU, queue_size=12)
+    for z1, z2, idx in steps[:2]:
+        loss_fn(z1, z2, indices=idx)
+    before = loss_fn.queue.embeddings.clone()
+    loss_fn(*steps[2][:2], indices=steps[2][2], update=False)
+    assert torch.equal(before, loss_fn.queue.embeddings)
+    restored = DCL(temperature=TAU, queue_size=12)
+    restored.load_state_dict(_round_trip(loss_fn))
+    z1, z2, idx = steps[2]
+    torch.testing.assert_close(restored(z1, z2, indices=idx), loss_fn(z1, z2, indices=idx), rtol=0, atol=0)
+    assert torch.equal(restored.queue.embeddings, loss_fn.queue.embeddings)
+
+
+def test_the_queue_needs_indices_and_only_the_queue_takes_them():
+    z1, z2 = _views(0)
+    with pytest.raises(ValueError, match="needs indices="):
+        InfoNCE(temperature=TAU, queue_size=4)(z1, z2)
+    with pytest.raises(ValueError, match="indices= is used by the queue only"):
+        InfoNCE(temperature=TAU)(z1, z2, indices=torch.arange(5))
+    with pytest.raises(ValueError, match="queue_size must be an int >= 0"):
+        InfoNCE(temperature=TAU, queue_size=-1)
+
+
+def test_queue_against_pytorch_metric_learning_cross_batch_memory():
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    n, d, size = 5, 4, 20
+    # PML's memory holds the current batch too: memory_size = queue_size + 2n gives the same bank.
+    theirs = pml.CrossBatchMemory(pml.SupConLoss(temperature=0.2), embedding_size=d, memory_size=size + 2 * n)
+    ours = InfoNCE(temperature=0.2, positives="mask", queue_size=size)
+    theirs = theirs.double()
+    for step in range(4):
+        z1, z2 = _views(step, n, d)
+        labels = torch.tensor([0, 1, 2, 0, 1]) + step % 2
+        got = ours(z1, z2, indices=torch.arange(n) + n * step, labels=labels)  # no sample comes back
+        want = theirs(torch.cat([z1, z2]), torch.cat([labels, labels]))
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    # The gradients differ by design: PML's memory holds the current batch
+    # detached (its columns carry no gradient), ours keeps the batch's columns
+    # differentiable as the in-batch loss does (checked against the reference above).
+
+
+def test_momentum_encoder_is_an_exponential_moving_average():
+    torch.manual_seed(0)
+    online = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    keys = MomentumEncoder(online, momentum=0.9)
+    assert all(not p.requires_grad for p in keys.parameters())
+    start = [p.detach().clone() for p in keys.encoder.parameters()]
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(1.0)
+    keys.update()
+    for p, s, o in zip(keys.encoder.parameters(), start, online.parameters()):
+        torch.testing.assert_close(p, 0.9 * s + 0.1 * o, rtol=1e-6, atol=1e-7)
+    out = keys(torch.randn(6, 4))
+    assert not out.requires_grad and int(keys.num_updates) == 1
+    state = _round_trip(keys)
+    assert all(not k.startswith("_online") for k in state) and "num_updates" in state
+    other = MomentumEncoder(online, momentum=0.9)
+    other.load_state_dict(state)
+    for p, q in zip(other.encoder.parameters(), keys.encoder.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="momentum must be a float in"):
+        MomentumEncoder(online, momentum=1.0)

@@ -1,0 +1,106 @@
+"""A learnable temperature (CLIP's logit scale) in every loss: value and
+gradient of log(1/tau) against the float64 references at tau = exp(-log_scale),
+the clamp, checkpoints."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+import _reference as ref
+from negbatch import DCL, GlobalInfoNCE, InfoNCE, ReLIC
+from negbatch.losses import LearnableTemperature
+
+
+def _data(n=6, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+
+
+def _log_scale(loss_fn):
+    """A float64 leaf equal to the module's parameter (initialised in float32)."""
+    return loss_fn.logit_scale.log_scale.detach().clone().requires_grad_()
+
+
+CASES = {
+    "infonce": (lambda: InfoNCE(temperature=0.2, learnable_temperature=True),
+                lambda z1, z2, tau: ref.softmax_two_view(z1, z2, tau)),
+    "infonce_k_all": (lambda: InfoNCE(temperature=0.2, learnable_temperature=True, negatives=10),
+                      lambda z1, z2, tau: ref.softmax_two_view(z1, z2, tau)),
+    "dcl": (lambda: DCL(temperature=0.2, learnable_temperature=True),
+            lambda z1, z2, tau: ref.softmax_two_view(z1, z2, tau, decoupled=True)),
+    "relic": (lambda: ReLIC(temperature=0.2, alpha=0.5, learnable_temperature=True),
+              lambda z1, z2, tau: ref.relic(z1, z2, tau, 0.5)),
+    "query_document": (lambda: InfoNCE(temperature=0.2, learnable_temperature=True, form="query_document"),
+                       lambda q, d, tau: ref.infonce_query_document(q, d, tau)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_value_and_gradients_match_the_reference_at_the_learned_temperature(name):
+    make, reference = CASES[name]
+    z1, z2 = _data()
+    loss_fn = make().double()
+    loss = loss_fn(z1, z2)
+    log_scale = _log_scale(loss_fn)
+    want = reference(z1, z2, torch.exp(-log_scale))
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=0)
+    got = torch.autograd.grad(loss, [z1, z2, loss_fn.logit_scale.log_scale])
+    for g, w in zip(got, torch.autograd.grad(want, [z1, z2, log_scale])):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    assert float(got[2]) != 0.0
+
+
+def test_global_infonce_learns_its_temperature_through_the_surrogate():
+    z1, z2 = _data()
+    loss_fn = GlobalInfoNCE(6, temperature=0.2, learnable_temperature=True).double()
+    loss = loss_fn(z1, z2, torch.arange(6))  # first visit: the surrogate is the minibatch estimate
+    log_scale = _log_scale(loss_fn)
+    tau = torch.exp(-log_scale)
+    zn = ref._norm(torch.cat([z1, z2]))
+    terms = []
+    for a, (pos, neg) in enumerate(ref.two_view_sets(6)):
+        ln = torch.stack([(zn[a] * zn[c]).sum() / tau for c in neg])
+        terms.append(-(zn[a] * zn[pos[0]]).sum() / tau + torch.logsumexp(ln, 0) - math.log(len(neg)))
+    want = torch.stack(terms).mean()
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=0)
+    # Gradient of the surrogate with nu fixed at Zhat: the minibatch gradient on a first visit.
+    got = torch.autograd.grad(loss, loss_fn.logit_scale.log_scale)[0]
+    torch.testing.assert_close(got, torch.autograd.grad(want, log_scale)[0], rtol=1e-9, atol=1e-12)
+
+
+def test_the_scale_is_clamped_to_clip_bounds_and_keeps_its_gradient():
+    t = LearnableTemperature(0.07)
+    with torch.no_grad():
+        t.log_scale.fill_(10.0)
+    scale = t()
+    assert t.log_scale.item() == pytest.approx(math.log(100.0)) and scale.item() == pytest.approx(100.0, rel=1e-6)
+    scale.backward()
+    assert t.log_scale.grad is not None and float(t.log_scale.grad) == pytest.approx(100.0, rel=1e-6)
+    with torch.no_grad():
+        t.log_scale.fill_(-3.0)
+    assert t().item() == pytest.approx(1.0) and t.temperature == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"must lie in \[1, 100\]"):
+        LearnableTemperature(0.001)
+    with pytest.raises(ValueError, match=r"must lie in \[1, 100\]"):
+        InfoNCE(temperature=2.0, learnable_temperature=True)
+
+
+def test_checkpoint_round_trip_and_log_values():
+    loss_fn = InfoNCE(temperature=0.1, learnable_temperature=True)
+    optimizer = torch.optim.SGD(loss_fn.parameters(), lr=0.5)
+    z1, z2 = _data()
+    loss_fn(z1.float(), z2.float()).backward()
+    optimizer.step()
+    assert loss_fn.current_temperature != pytest.approx(0.1)
+    buffer = io.BytesIO()
+    torch.save(loss_fn.state_dict(), buffer)
+    buffer.seek(0)
+    restored = InfoNCE(temperature=0.1, learnable_temperature=True)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert restored.current_temperature == loss_fn.current_temperature
+    assert restored.log_values() == {"temperature": loss_fn.current_temperature}
+    assert list(InfoNCE(temperature=0.1).parameters()) == []
