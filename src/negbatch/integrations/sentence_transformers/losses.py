@@ -15,7 +15,9 @@ wrapped loss by its kind:
   from the ``label`` column (see :func:`with_index_column`); the per-sample
   state is keyed by it. In evaluation (the model in eval mode, or no autograd)
   the plain minibatch estimate is returned and the state is left alone.
-* anything else: pass ``loss_call(loss, anchor, positive, hard, labels)``.
+* any other module: ``loss(anchor, positive[, hard_negatives])``
+  (:func:`~negbatch.text_training.pair_loss_call`), or pass
+  ``loss_call(loss, anchor, positive, hard, labels)``.
 
 ``cached=True`` (or ``chunk_size=N``) runs the step through
 :class:`negbatch.GradCache`: every column is embedded chunk by chunk without a
@@ -42,7 +44,7 @@ from ...gradcache import GradCache
 from ...losses.global_nce import GlobalInfoNCE
 from ...losses.infonce import InfoNCE
 from ...losses.relic import ReLIC
-from ...text_training import LossCall
+from ...text_training import LossCall, pair_loss_call
 
 __all__ = ["NegbatchLoss", "with_index_column", "INDEX_COLUMN"]
 
@@ -121,7 +123,8 @@ class NegbatchLoss(nn.Module):
     loss_call : callable, optional
         ``loss_call(loss, anchor, positive, hard_negatives_or_None, labels)``
         for losses other than the three above, e.g.
-        :func:`negbatch.text_training.indexed_loss_call`.
+        :func:`negbatch.text_training.indexed_loss_call`; default for them
+        :func:`negbatch.text_training.pair_loss_call`.
 
     Notes
     -----
@@ -159,10 +162,7 @@ class NegbatchLoss(nn.Module):
         if loss_call is not None and not callable(loss_call):
             raise TypeError("loss_call must be callable: loss_call(loss, anchor, positive, hard_negatives, labels)")
         if loss_call is None and not isinstance(loss, (InfoNCE, ReLIC, GlobalInfoNCE)):
-            raise TypeError(
-                f"NegbatchLoss knows how to call InfoNCE, ReLIC and GlobalInfoNCE; for {type(loss).__name__} pass "
-                f"loss_call=(loss, anchor, positive, hard_negatives, labels) -> scalar"
-            )
+            loss_call = pair_loss_call  # loss(anchor, positive[, hard_negatives])
         if not isinstance(cached, bool):
             raise TypeError(f"cached must be True or False, got {cached!r}")
         if chunk_size is not None:
