@@ -6,8 +6,9 @@
 * ``grad_snr_mean``, ``grad_snr_std``: the gradient signal-to-noise ratio per
   parameter (:class:`negbatch.diagnostics.GradientSNR`: exponential moving
   averages of the gradient and its square over optimizer steps), its mean and
-  spread across parameters. It reads the gradient the optimizer receives, after
-  the trainer's clipping (``max_grad_norm``, 1.0 by default).
+  spread across parameters, from the second optimizer step on. It reads the
+  gradient the optimizer receives, after the trainer's clipping
+  (``max_grad_norm``, 1.0 by default).
 * ``false_negative_rate``: among the candidate negatives of the batches since
   the last log, the fraction with the anchor's label (see :class:`NegbatchLoss`:
   by default, a candidate with the same text as the anchor's positive).
@@ -161,7 +162,7 @@ class NegbatchDiagnostics(TrainerCallback):
         if logs is None or "loss" not in logs:
             return  # an evaluation or the end-of-training summary
         values: dict[str, float] = {}
-        if self._tracker is not None and self._tracker.steps:
+        if self._tracker is not None and self._tracker.steps >= 2:  # one step has no spread: SNR = |g| / sqrt(eps)
             summary = self._tracker.summary()
             values["grad_snr_mean"], values["grad_snr_std"] = summary["snr_mean"], summary["snr_std"]
         if self._total:
