@@ -27,6 +27,10 @@ from negbatch.data.text import builtin_pairs  # noqa: E402
 from negbatch.integrations.sentence_transformers import NegbatchLoss  # noqa: E402
 from negbatch.text_training import indexed_loss_call  # noqa: E402
 
+from _st import one_thread  # noqa: E402
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
+
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
