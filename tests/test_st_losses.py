@@ -176,3 +176,27 @@ def test_with_index_column():
         with_index_column(data)
     with pytest.raises(TypeError, match="datasets.Dataset"):
         with_index_column([1, 2])
+
+
+def test_chunks_drop_their_trailing_padding(model64):
+    # Texts of very different lengths: a chunk of short ones is embedded at its own width.
+    texts = ["a", "b c", "a much longer sentence with many more tokens than the others have", "d", "e f", "g"]
+    feats = [dict(model64.preprocess(texts)), dict(model64.preprocess(list(reversed(texts))))]
+    full = feats[0]["input_ids"].shape[1]
+    widths = []
+    handle = model64[0].register_forward_hook(lambda m, args, out: widths.append(args[0]["input_ids"].shape[1]))
+    results = []
+    try:
+        for trim in (False, True):
+            widths.clear()
+            model64.zero_grad(set_to_none=True)
+            NegbatchLoss(model64, InfoNCE(temperature=0.1, form="query_document"), chunk_size=2,
+                         trim_padding=trim)(feats, None).backward()
+            results.append((list(widths), grads(model64)))
+    finally:
+        handle.remove()
+    (untrimmed, g_full), (trimmed, g_trim) = results
+    assert untrimmed == [full] * 12  # 2 columns x 3 chunks x 2 passes
+    assert max(trimmed) == full and min(trimmed) <= 5 and len(trimmed) == 12
+    for key in g_full:  # the same gradient: padding after a text does not change its embedding
+        torch.testing.assert_close(g_trim[key], g_full[key], rtol=1e-9, atol=1e-12, msg=key)

@@ -33,6 +33,7 @@ This module needs only torch; sentence-transformers calls it.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -46,7 +47,7 @@ from ...losses.infonce import InfoNCE
 from ...losses.relic import ReLIC
 from ...text_training import LossCall, pair_loss_call
 
-__all__ = ["NegbatchLoss", "with_index_column", "INDEX_COLUMN"]
+__all__ = ["NegbatchLoss", "with_index_column", "trim_padding", "INDEX_COLUMN"]
 
 #: The column that carries each row's data-set index to the loss. sentence-transformers
 #: hands a loss only its text columns and one label column (``label``, ``labels``,
@@ -92,6 +93,41 @@ def _rows(features: Mapping[str, Any], start: int, stop: int, n: int) -> dict[st
             for k, v in features.items()}
 
 
+def trim_padding(features: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The features without the trailing columns that no row attends to.
+
+    Every tensor of at least two dimensions whose second dimension is the
+    ``attention_mask``'s width is cut to the last column any row attends to;
+    everything else is kept. Features without a 2-d ``attention_mask`` (or
+    without a column to drop) come back as they are.
+
+    Examples
+    --------
+    >>> f = {"input_ids": torch.tensor([[5, 6, 0, 0], [7, 0, 0, 0]]),
+    ...      "attention_mask": torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]]), "modality": "text"}
+    >>> {k: tuple(v.shape) if isinstance(v, Tensor) else v for k, v in trim_padding(f).items()}
+    {'input_ids': (2, 2), 'attention_mask': (2, 2), 'modality': 'text'}
+    """
+    mask = features.get("attention_mask")
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        return features
+    width = mask.shape[1]
+    attended = torch.nonzero(mask.bool().any(dim=0))
+    if attended.numel() == 0:
+        return features
+    keep = int(attended.max()) + 1
+    if keep == width:
+        return features
+    return {k: v[:, :keep] if isinstance(v, Tensor) and v.dim() >= 2 and v.shape[1] == width else v
+            for k, v in features.items()}
+
+
+def _trim_first_argument(module: nn.Module, args: tuple, kwargs: dict):
+    if args and isinstance(args[0], Mapping):
+        return (trim_padding(args[0]), *args[1:]), kwargs
+    return None
+
+
 def _batch_rows(features: Mapping[str, Any]) -> int:
     for key in ("input_ids", "attention_mask"):
         if isinstance(features.get(key), Tensor):
@@ -120,6 +156,13 @@ class NegbatchLoss(nn.Module):
     chunk_size : int, optional
         Rows per chunk of every column; giving it implies ``cached=True``.
         Default 32.
+    trim_padding : bool, default True
+        Cached only: each chunk is embedded without the trailing columns that
+        none of its rows attends to (``attention_mask`` 0), as CachedMNRL
+        does: a chunk of short texts is not computed at the width of the
+        batch's longest. Exact (up to rounding) for encoders whose outputs for
+        the real tokens do not depend on padding after them, such as BERT-style
+        models with an attention mask; pass False otherwise.
     loss_call : callable, optional
         ``loss_call(loss, anchor, positive, hard_negatives_or_None, labels)``
         for losses other than the three above, e.g.
@@ -154,6 +197,7 @@ class NegbatchLoss(nn.Module):
         *,
         cached: bool = False,
         chunk_size: int | None = None,
+        trim_padding: bool = True,
         loss_call: LossCall | None = None,
     ) -> None:
         super().__init__()
@@ -165,6 +209,8 @@ class NegbatchLoss(nn.Module):
             loss_call = pair_loss_call  # loss(anchor, positive[, hard_negatives])
         if not isinstance(cached, bool):
             raise TypeError(f"cached must be True or False, got {cached!r}")
+        if not isinstance(trim_padding, bool):
+            raise TypeError(f"trim_padding must be True or False, got {trim_padding!r}")
         if chunk_size is not None:
             if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
                 raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
@@ -174,6 +220,7 @@ class NegbatchLoss(nn.Module):
         self.loss_call = loss_call
         self.cached = cached
         self.chunk_size = int(chunk_size) if chunk_size is not None else DEFAULT_CHUNK_SIZE
+        self.trim_padding = trim_padding
         # sentence-transformers asks this of a loss that back-propagates inside a hook.
         self.uses_gradient_cache = cached
         #: Set by NegbatchDiagnostics: count the false negatives of every batch.
@@ -275,7 +322,8 @@ class NegbatchLoss(nn.Module):
         for f in features:
             n = _batch_rows(f)
             step = self.chunk_size if self.cached else n
-            parts = [self.model(_rows(f, s, s + step, n))["sentence_embedding"] for s in range(0, n, step)]
+            trim = trim_padding if self.cached and self.trim_padding else (lambda rows: rows)
+            parts = [self.model(trim(_rows(f, s, s + step, n)))["sentence_embedding"] for s in range(0, n, step)]
             out.append(torch.cat(parts) if len(parts) > 1 else parts[0])
         return out
 
@@ -283,7 +331,8 @@ class NegbatchLoss(nn.Module):
         # Each column is one input of GradCache, given as [features] so that the model receives
         # the dict as its one positional argument (GradCache copies it for every call).
         cache = GradCache(self.model, self._loss_on, self.chunk_size, output_fn=_sentence_embedding)
-        batch = cache.forward_no_grad(*[[f] for f in features])
+        with self._trimming():
+            batch = cache.forward_no_grad(*[[f] for f in features])
         leaves = [r.detach().requires_grad_(True) for r in batch.representations]
         loss = self._loss_on(leaves, labels)
         if not isinstance(loss, Tensor) or loss.dim() != 0:
@@ -296,11 +345,26 @@ class NegbatchLoss(nn.Module):
             # (already multiplied by whatever the trainer scaled the loss by): re-embed every
             # chunk with a graph and back-propagate them into the model.
             batch.gradients = list(grads)
-            with torch.enable_grad():  # autograd runs hooks with grad mode off
+            with torch.enable_grad(), self._trimming():  # autograd runs hooks with grad mode off
                 cache.backward_chunks(batch)
 
         torch.autograd.graph.register_multi_grad_hook(leaves, replay)
         return loss
+
+    @contextlib.contextmanager
+    def _trimming(self):
+        """While GradCache embeds chunks: the model (inside DistributedDataParallel, if wrapped,
+        so that GradCache still sees the DDP module and synchronises once) gets each chunk's
+        features without their trailing all-padding columns."""
+        if not self.trim_padding:
+            yield
+            return
+        inner = getattr(self.model, "module", self.model)
+        handle = inner.register_forward_pre_hook(_trim_first_argument, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     # ------------------------------------------------------------------ diagnostics
 

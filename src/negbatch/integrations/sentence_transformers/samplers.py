@@ -110,9 +110,6 @@ class TrainerBatchSampler(DefaultBatchSampler):
         self._encoded: tuple[int, int, str, str] | None = None
 
     # -- iteration --------------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-
     def __len__(self) -> int:
         return len(self.inner) * self.world
 
