@@ -71,7 +71,7 @@ def test_adapter_wires_columns_into_the_loss(tiny_model_dir):
     pairs = builtin_pairs()
     columns = [pairs.queries[:5], pairs.documents[:5], pairs.documents[5:10], pairs.documents[10:15]]
     features = [dict(model.tokenize(texts)) for texts in columns]
-    adapter = NegbatchLoss(model, InfoNCE(0.2, form="query_document"))
+    adapter = NegbatchLoss(model, InfoNCE(temperature=0.2, form="query_document"))
     got = adapter(features, None)
     q, d, h1, h2 = (model.encode(t, convert_to_tensor=True) for t in columns)
     expected = _reference_loss(q, d, torch.stack([h1, h2], 1), 0.2)
@@ -89,7 +89,7 @@ def test_adapter_trains_in_a_real_trainer_step(tiny_model_dir, tmp_path):
     class Recording(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.inner = InfoNCE(0.1, negatives=3, form="query_document")
+            self.inner = InfoNCE(temperature=0.1, negatives=3, form="query_document")
 
         def forward(self, q, d, hard):
             value = self.inner(q, d, hard)
@@ -156,7 +156,7 @@ def _grads(module):
 
 def _cached_equals_plain(enc, queries, documents, chunk, rtol=1e-9, atol=1e-12):
     """GradCache on the encoder's own tokenizer output against a plain step (no dropout)."""
-    loss_fn = InfoNCE(0.1, form="query_document")
+    loss_fn = InfoNCE(temperature=0.1, form="query_document")
     q, d = enc.tokenize(queries), enc.tokenize(documents)
     assert isinstance(q.get("modality", "text"), str)
     enc.zero_grad()
