@@ -11,7 +11,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 DEMO_EXTRAS ?= lab
-TEST_EXTRAS ?= lab,test,text
+TEST_EXTRAS ?= lab,test,text,st
 
 .PHONY: venv demo test test-all bench gpu-check clean
 

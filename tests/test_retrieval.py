@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from negbatch.evaluation import retrieval
 from negbatch.evaluation.retrieval import metrics_from_ranks, relevant_ranks, retrieval_metrics
 
 
@@ -79,6 +80,82 @@ def test_large_corpus_in_chunks_agrees_with_one_block():
     one = relevant_ranks(q, d, torch.arange(300), query_chunk=300, doc_chunk=20_000)
     many = relevant_ranks(q, d, torch.arange(300), query_chunk=64, doc_chunk=1500)
     assert torch.equal(one, many)
+
+
+def exact_rule_ranks(q: torch.Tensor, d: torch.Tensor, relevant, normalize: bool) -> list[int]:
+    """Reference ranks, written for the test: every score by math.fsum of the exact products
+    (one rounding, whatever the order), a full Python sort by (-score, index)."""
+    if normalize:
+        q, d = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(d, dim=-1)
+    qs, ds = q.double().tolist(), d.double().tolist()
+    ranks = []
+    for i, row in enumerate(qs):
+        scores = [math.fsum(a * b for a, b in zip(row, doc)) for doc in ds]
+        order = sorted(range(len(ds)), key=lambda j: (-scores[j], j))
+        ranks.append(order.index(int(relevant[i])) + 1)
+    return ranks
+
+
+def test_duplicate_in_another_block_ties_as_documented():
+    # The case of issue 14: the relevant document 20 has a copy at 12, in another 13-document block.
+    g = torch.Generator().manual_seed(10)
+    d = torch.randn(26, 16, generator=g, dtype=torch.float64)
+    d[12] = d[20]
+    q = torch.randn(1, 16, generator=g, dtype=torch.float64)
+    expected = exact_rule_ranks(q, d, [20], normalize=True)
+    assert expected == [4]
+    for chunk in (1, 5, 13, 20, 26, 16384):
+        assert relevant_ranks(q, d, torch.tensor([20]), doc_chunk=chunk).tolist() == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_duplicates_across_blocks_match_the_brute_force_rule_for_every_chunking(dtype, normalize):
+    g = torch.Generator().manual_seed(3)
+    d = torch.randn(90, 24, generator=g, dtype=torch.float64)
+    relevant = torch.randint(0, 90, (40,), generator=g)
+    q = d[relevant] + 0.6 * torch.randn(40, 24, generator=g, dtype=torch.float64)
+    # Copies of relevant documents before and after them, in other blocks for most chunkings,
+    # copies of other documents, and a run of copies spanning several blocks.
+    for src, dst in [(int(relevant[0]), 0), (int(relevant[0]), 89), (int(relevant[1]), 45), (int(relevant[2]), 7),
+                     (int(relevant[2]), 71), (5, 33), (5, 60)] + [(int(relevant[3]), k) for k in range(50, 58)]:
+        d[dst] = d[src]
+    q, d = q.to(dtype), d.to(dtype)
+    expected = exact_rule_ranks(q, d, relevant, normalize)
+    tied = sum(bool((d == d[int(r)]).all(1).sum() > 1) for r in relevant)
+    assert tied >= 4  # several queries really have a duplicated relevant document
+    for qc, dc in [(1024, 16384), (40, 90), (7, 13), (2, 1), (3, 8), (16, 45), (5, 64)]:
+        got = relevant_ranks(q, d, relevant, normalize=normalize, query_chunk=qc, doc_chunk=dc)
+        assert got.tolist() == expected, (qc, dc)
+
+
+def test_near_ties_inside_the_rounding_window_are_decided_by_the_fixed_rule():
+    # Documents one float32 step away from the relevant one: their block products may round
+    # either way, so the fixed-order score must decide them, as the reference does.
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(1, 32, generator=g)
+    d = torch.randn(60, 32, generator=g)
+    for k, j in enumerate(range(0, 60, 6)):
+        d[j] = base[0]
+        d[j, k % 32] = torch.nextafter(base[0, k % 32], torch.tensor(10.0 if k % 2 else -10.0))
+    d[30] = base[0]
+    q = base + 0.01 * torch.randn(5, 32, generator=g)
+    relevant = torch.full((5,), 30)
+    expected = exact_rule_ranks(q, d, relevant, normalize=False)
+    assert len(set(expected)) > 1 or expected[0] > 1  # the perturbed copies do outrank it sometimes
+    for dc in (1, 7, 31, 60):
+        assert relevant_ranks(q, d, relevant, normalize=False, doc_chunk=dc).tolist() == expected
+
+
+def test_fixed_order_scores_ignore_batch_shape_and_position():
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(50, 37, generator=g), torch.randn(50, 37, generator=g)
+    full = retrieval.fixed_order_scores(a, b)
+    alone = torch.cat([retrieval.fixed_order_scores(a[i : i + 1], b[i : i + 1]) for i in range(50)])
+    assert torch.equal(full, alone)
+    ref = torch.tensor([math.fsum(x * y for x, y in zip(r, s)) for r, s in zip(a.double().tolist(), b.double().tolist())],
+                       dtype=torch.float64)
+    assert torch.allclose(full, ref, rtol=0, atol=1e-13)
 
 
 def test_rejects_bad_input():

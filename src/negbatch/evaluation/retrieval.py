@@ -7,14 +7,22 @@ metric is the rank of that document among all documents, sorted by score
     rank_i = 1 + #{j : s_ij > s_i,rel} + #{j < rel : s_ij = s_i,rel}
 
 Ties are broken deterministically in favour of the lower document index (as a
-stable sort by descending score would), so results do not depend on chunk
-sizes or devices beyond rounding. Then Recall@k = mean(rank <= k),
+stable sort by descending score would). Then Recall@k = mean(rank <= k),
 MRR@10 = mean(1/rank if rank <= 10 else 0) and, with a single relevant
 document (ideal DCG = 1), nDCG@10 = mean(1/log2(1 + rank) if rank <= 10 else 0).
 
-The rank needs no top-k list: the scores are computed block by block
-(``query_chunk`` x ``doc_chunk``), so memory stays bounded for corpora of
-100,000 documents and more; the search is still exact.
+**Which score.** ``s_ij`` is a fixed function of the two embeddings alone: the
+products of their coordinates in float64 (exact for float32 and narrower
+inputs), summed pairwise in a fixed order. So an exact duplicate of the
+relevant document ties with it exactly, and the ranks do not depend on the
+block sizes, on where a document sits in the corpus or on the device's matrix
+kernels. The search itself runs on fast matrix products, block by block
+(``query_chunk`` x ``doc_chunk``, bounded memory for corpora of 100,000
+documents and more): a product can be off by at most ``gamma_d |q| |d|``
+(``gamma_d = d u / (1 - d u)``, u the unit roundoff of the product's dtype), so
+every candidate whose product lies farther than four such bounds from the
+relevant score is decided by it, and only the few candidates inside that window
+are re-scored with the fixed function above. The search is exact.
 """
 
 from __future__ import annotations
@@ -27,7 +35,57 @@ from torch import Tensor, nn
 
 from .._checks import check_embeddings
 
-__all__ = ["relevant_ranks", "metrics_from_ranks", "retrieval_metrics", "encode_texts", "evaluate_retrieval"]
+__all__ = [
+    "relevant_ranks",
+    "fixed_order_scores",
+    "metrics_from_ranks",
+    "retrieval_metrics",
+    "encode_texts",
+    "evaluate_retrieval",
+]
+
+
+#: Rows of products re-scored at a time (memory: this many x d float64 values).
+_PAIRS_PER_PASS = 1 << 14
+
+
+def fixed_order_scores(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot products ``a[k] . b[k]`` by one fixed rule: float64
+    products (exact for float32 and narrower inputs), summed pairwise.
+
+    Only elementwise additions are used, so the result is the same bits for the
+    same pair of rows whatever the number of rows, their position or the device
+    (a matrix product or a reduction may change its summation order with the
+    shapes). This is the score of :func:`relevant_ranks`.
+
+    Examples
+    --------
+    >>> a = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.0, 1.0]])
+    >>> fixed_order_scores(a, a).tolist()
+    [14.0, 1.25]
+    """
+    prods = a.to(torch.float64) * b.to(torch.float64)
+    while prods.shape[1] > 1:
+        if prods.shape[1] % 2:  # pad with an exact zero to an even width
+            prods = torch.cat([prods, prods.new_zeros(prods.shape[0], 1)], dim=1)
+        prods = prods[:, 0::2] + prods[:, 1::2]
+    return prods[:, 0]
+
+
+def _product_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of the block products: half precision is widened to float32
+    (whose products of half values are exact), and float32 is widened to
+    float64 where the settings let float32 products run in reduced precision
+    (TF32 or bfloat16 passes), whose error the bound below would not cover."""
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    if dtype == torch.float32:
+        reduced = torch.get_float32_matmul_precision() != "highest"
+        if device.type == "cuda":
+            reduced = reduced or bool(torch.backends.cuda.matmul.allow_tf32)
+        if reduced:
+            dtype = torch.float64
+    return dtype
 
 
 @torch.no_grad()
@@ -51,7 +109,8 @@ def relevant_ranks(
     normalize : bool, default True
         Score by cosine similarity (L2-normalise both sides); False: dot product.
     query_chunk, doc_chunk : int
-        Block sizes; peak extra memory is about ``query_chunk * doc_chunk`` scores.
+        Block sizes; peak extra memory is about ``query_chunk * doc_chunk``
+        scores. The ranks do not depend on them (see the module docstring).
 
     Returns
     -------
@@ -63,6 +122,12 @@ def relevant_ranks(
     >>> d = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]])
     >>> relevant_ranks(q, d, torch.tensor([1, 2])).tolist()
     [2, 1]
+
+    An exact duplicate of the relevant document ties with it, in any block:
+
+    >>> d = torch.tensor([[0.6, 0.8], [0.0, 1.0], [0.6, 0.8]])
+    >>> [relevant_ranks(q[:1], d, torch.tensor([2]), doc_chunk=c).item() for c in (1, 2, 3)]
+    [2, 2, 2]
     """
     check_embeddings(queries, "queries")
     check_embeddings(documents, "documents")
@@ -86,26 +151,33 @@ def relevant_ranks(
     relevant = relevant.to(device=device, dtype=torch.long)
     if normalize:
         queries, documents = F.normalize(queries, dim=-1), F.normalize(documents, dim=-1)
+    work = _product_dtype(queries.dtype, device)
+    width = queries.shape[1]
+    u = torch.finfo(work).eps / 2
+    gamma = width * u / (1 - width * u)
+    # Every block product lies within gamma |q| |d| of the true score; the fixed-order
+    # score within far less. Four bounds leave room for both and for the subtraction.
+    doc_norm_max = float(documents.to(torch.float64).norm(dim=1).max())
     ranks = torch.empty(queries.shape[0], dtype=torch.long, device=device)
     for qs in range(0, queries.shape[0], query_chunk):
         q = queries[qs : qs + query_chunk]
         rel = relevant[qs : qs + query_chunk]
-        # The relevant score is read from the very block product (same shapes) that the
-        # counting pass computes, so it is bit-identical there and an exact duplicate of the
-        # relevant document really ties with it; this costs a second product of those blocks.
-        target = torch.empty(q.shape[0], dtype=q.dtype, device=device)
-        for ds in range(0, documents.shape[0], doc_chunk):
-            inside = (rel >= ds) & (rel < ds + doc_chunk)
-            if inside.any():
-                block = q @ documents[ds : ds + doc_chunk].T
-                target[inside] = block[inside].gather(1, (rel[inside] - ds).unsqueeze(1)).squeeze(1)
+        target = fixed_order_scores(q, documents[rel])
+        window = 4.0 * gamma * q.to(torch.float64).norm(dim=1) * doc_norm_max
+        qw = q.to(work)
         before = torch.zeros(q.shape[0], dtype=torch.long, device=device)
         for ds in range(0, documents.shape[0], doc_chunk):
-            scores = q @ documents[ds : ds + doc_chunk].T
-            index = torch.arange(ds, ds + scores.shape[1], device=device)
-            ahead = (scores > target[:, None]) | ((scores == target[:, None]) & (index[None, :] < rel[:, None]))
-            ahead &= index[None, :] != rel[:, None]
-            before += ahead.sum(1)
+            block = documents[ds : ds + doc_chunk]
+            diff = (qw @ block.to(work).T).to(torch.float64) - target[:, None]
+            index = torch.arange(ds, ds + block.shape[0], device=device)
+            other = index[None, :] != rel[:, None]
+            before += ((diff > window[:, None]) & other).sum(1)
+            rows, cols = torch.nonzero((diff.abs() <= window[:, None]) & other, as_tuple=True)
+            for start in range(0, rows.numel(), _PAIRS_PER_PASS):
+                r, c = rows[start : start + _PAIRS_PER_PASS], cols[start : start + _PAIRS_PER_PASS]
+                score = fixed_order_scores(q[r], block[c])
+                ahead = (score > target[r]) | ((score == target[r]) & (c + ds < rel[r]))
+                before.index_add_(0, r, ahead.long())
         ranks[qs : qs + query_chunk] = before + 1
     return ranks
 

@@ -244,8 +244,11 @@ class TransformerTextEncoder(nn.Module):
 class SentenceTransformerEncoder(nn.Module):
     """A sentence-transformers model seen as ``dict of tensors -> (B, d) embeddings``.
 
-    ``tokenize(texts)`` is the model's own tokenizer; ``forward(features)``
-    returns ``model(features)["sentence_embedding"]``.
+    ``tokenize(texts)`` is the model's own tokenizer: its dict may hold entries
+    that are not tensors (sentence-transformers 6 adds ``"modality": "text"``),
+    which :class:`negbatch.GradCache` passes unchanged to every chunk.
+    ``forward(features)`` (or ``forward(**features)``, as GradCache calls a dict
+    chunk) returns ``model(features)["sentence_embedding"]``.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -257,7 +260,13 @@ class SentenceTransformerEncoder(nn.Module):
         prepare = getattr(self.model, "preprocess", None) or self.model.tokenize
         return dict(prepare(list(texts)))
 
-    def forward(self, features: Mapping[str, Tensor]) -> Tensor:
+    def forward(self, features: Mapping[str, Tensor] | None = None, **named) -> Tensor:
+        if features is None:
+            features = named
+        elif named:
+            raise TypeError("give the features either as one dict or as keyword arguments, not both")
+        if not isinstance(features, Mapping):
+            raise TypeError(f"features must be a dict (the output of tokenize), got {type(features).__name__}")
         return self.model(dict(features))["sentence_embedding"]
 
 

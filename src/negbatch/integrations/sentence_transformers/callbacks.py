@@ -1,0 +1,216 @@
+"""negbatch's training diagnostics as a ``TrainerCallback``.
+
+:class:`NegbatchDiagnostics` adds to each of the trainer's training logs (every
+``logging_steps``):
+
+* ``grad_snr_mean``, ``grad_snr_std``: the gradient signal-to-noise ratio per
+  parameter (:class:`negbatch.diagnostics.GradientSNR`: exponential moving
+  averages of the gradient and its square over optimizer steps), its mean and
+  spread across parameters, from the second optimizer step on. It reads the
+  gradient the optimizer receives, after the trainer's clipping
+  (``max_grad_norm``, 1.0 by default).
+* ``false_negative_rate``: among the candidate negatives of the batches since
+  the last log, the fraction with the anchor's label (see :class:`NegbatchLoss`:
+  by default, a candidate with the same text as the anchor's positive).
+* ``loss_gap``, ``global_loss``, ``train_loss_in_batches`` (every ``gap_every``
+  optimizer steps, the latest value): the global loss minus the loss restricted
+  to the current epoch's batches, :func:`negbatch.diagnostics.global_train_gap`,
+  on the whole training set embedded by the current model. It needs one of this
+  package's batch samplers (it reads their plan); embedding the training set is
+  the cost, so choose ``gap_every`` accordingly.
+
+The values go into the ``logs`` of the trainer's ``on_log`` event and into
+``trainer.state.log_history``. Callbacks placed before this one (the reporting
+integrations: TensorBoard, W&B, ...) have already seen the logs; to have them
+record the diagnostics too, put it first with :meth:`NegbatchDiagnostics.attach`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from ...diagnostics.gap import global_train_gap
+from ...diagnostics.snr import GradientSNR
+from ...sampling.embedding import embed_dataset
+from .losses import NegbatchLoss
+from .samplers import TrainerBatchSampler, _embedder, _training_samplers
+
+__all__ = ["NegbatchDiagnostics"]
+
+
+class NegbatchDiagnostics(TrainerCallback):
+    """Gradient SNR, false negatives and the global-minus-training loss gap as trainer metrics.
+
+    Parameters
+    ----------
+    loss : NegbatchLoss, optional
+        The trainer's loss; needed for ``false_negative_rate`` (and gives the
+        gap its temperature).
+    snr : bool, default True
+        Track the gradient SNR of the model's trainable parameters (two float32
+        buffers of the parameters' size).
+    snr_beta : float, default 0.99
+        EMA decay of the SNR (window about 1 / (1 - beta) steps).
+    false_negatives : bool, default True
+        Count the batches' false negatives (needs ``loss``).
+    false_negative_keys : sequence of hashable, optional
+        One label per training row (a class, a group, a text); two candidates
+        are then false negatives of each other when their rows' labels are
+        equal. The rows are found by the data-set index column
+        (:func:`~negbatch.integrations.sentence_transformers.with_index_column`).
+        Default: equal positive texts.
+    gap_every : int, optional
+        Measure the loss gap every this many optimizer steps (off by default).
+    gap_temperature : float, optional
+        Temperature of the gap; default the loss's.
+    encode_batch_size : int, default 64
+        Texts per forward pass when embedding the training set for the gap.
+
+    Examples
+    --------
+    >>> diagnostics = NegbatchDiagnostics(loss, gap_every=50)  # doctest: +SKIP
+    >>> trainer = SentenceTransformerTrainer(model, args, train_dataset=data, loss=loss)  # doctest: +SKIP
+    >>> diagnostics.attach(trainer)  # first among the callbacks: the reporters see its values  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        loss: NegbatchLoss | None = None,
+        *,
+        snr: bool = True,
+        snr_beta: float = 0.99,
+        false_negatives: bool = True,
+        false_negative_keys: Sequence[Hashable] | None = None,
+        gap_every: int | None = None,
+        gap_temperature: float | None = None,
+        encode_batch_size: int = 64,
+    ) -> None:
+        if loss is not None and not isinstance(loss, NegbatchLoss):
+            raise TypeError(f"loss must be the trainer's NegbatchLoss, got {type(loss).__name__}")
+        if false_negatives and loss is None:
+            raise ValueError("false_negatives=True counts them in the loss: pass loss=the NegbatchLoss, or "
+                             "false_negatives=False")
+        if gap_every is not None and (isinstance(gap_every, bool) or not isinstance(gap_every, int) or gap_every < 1):
+            raise ValueError(f"gap_every must be a positive int (optimizer steps) or None, got {gap_every!r}")
+        temperature = gap_temperature
+        if gap_every is not None and temperature is None:
+            temperature = getattr(getattr(loss, "loss", None), "temperature", None)
+            if temperature is None:
+                raise ValueError("gap_every needs a temperature: pass gap_temperature= (or a loss that has one)")
+        if not 0.0 < snr_beta < 1.0:
+            raise ValueError(f"snr_beta must lie in (0, 1), got {snr_beta!r}")
+        if isinstance(encode_batch_size, bool) or not isinstance(encode_batch_size, int) or encode_batch_size < 1:
+            raise ValueError(f"encode_batch_size must be a positive int, got {encode_batch_size!r}")
+        self.loss = loss
+        self.snr = snr
+        self.snr_beta = float(snr_beta)
+        self.false_negatives = bool(false_negatives)
+        self.gap_every = gap_every
+        self.gap_temperature = temperature
+        self.encode_batch_size = encode_batch_size
+        self._keys = _codes(false_negative_keys) if false_negative_keys is not None else None
+        self._tracker: GradientSNR | None = None
+        self._false = 0
+        self._total = 0
+        self._gap: dict[str, float] | None = None
+        self._train_dataloader: Any = None
+
+    def attach(self, trainer: Any) -> "NegbatchDiagnostics":
+        """Make this the trainer's first callback, so that every later one (the
+        reporting integrations, the progress printer) sees its values."""
+        handler = trainer.callback_handler
+        handler.callbacks = [cb for cb in handler.callbacks if cb is not self]
+        handler.callbacks.insert(0, self)
+        return self
+
+    # ------------------------------------------------------------------ events
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        self._train_dataloader = train_dataloader
+        if self.snr and model is not None:
+            self._tracker = GradientSNR(model, beta=self.snr_beta)
+        if self.false_negatives and self.loss is not None:
+            self.loss.track_false_negatives = True
+            self.loss.false_negative_keys = self._keys
+        self._false = self._total = 0
+        self._gap = None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._tracker is not None:
+            self._tracker.update()
+
+    def _count(self) -> None:
+        if self.loss is not None and self.loss.last_false_negatives is not None:
+            false, total = self.loss.last_false_negatives
+            self._false += false
+            self._total += total
+            self.loss.last_false_negatives = None
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._count()
+
+    def on_step_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        self._count()
+        if self.gap_every is not None and state.global_step % self.gap_every == 0:
+            self._gap = self.measure_gap(model, train_dataloader or self._train_dataloader)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return  # an evaluation or the end-of-training summary
+        values: dict[str, float] = {}
+        if self._tracker is not None and self._tracker.steps >= 2:  # one step has no spread: SNR = |g| / sqrt(eps)
+            summary = self._tracker.summary()
+            values["grad_snr_mean"], values["grad_snr_std"] = summary["snr_mean"], summary["snr_std"]
+        if self._total:
+            values["false_negative_rate"] = self._false / self._total
+            self._false = self._total = 0
+        if self._gap is not None:
+            values.update(self._gap)
+        logs.update(values)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step \
+                and "loss" in state.log_history[-1]:
+            state.log_history[-1].update(values)
+
+    # ------------------------------------------------------------------ the gap
+
+    def measure_gap(self, model: Any, train_dataloader: Any) -> dict[str, float]:
+        """``global_train_gap`` of the current epoch's batches on the training set embedded now."""
+        samplers = _training_samplers(train_dataloader)
+        if not samplers:
+            raise ValueError(
+                "gap_every needs the batches of the epoch: train with one of negbatch's batch samplers "
+                "(GCBSBatches, HardNegativeBatches, NoDuplicateBatches, RandomBatches) as batch_sampler="
+            )
+        sampler: TrainerBatchSampler = samplers[0]
+        batches = sampler.current_batches()
+        if not batches:
+            return {}
+        dataset = sampler.sampler  # BatchSampler keeps what it was built on: here the data set
+        columns = sampler.owner._text_columns(dataset, sampler.valid_label_columns)
+        if len(columns) < 2:
+            raise ValueError(f"the loss gap needs an anchor and a positive text column, the data set has {columns}")
+        st_model = getattr(model, "module", model)
+        x = _embedder(st_model, dataset, columns[0], self.encode_batch_size)
+        y = _embedder(st_model, dataset, columns[1], self.encode_batch_size)
+        used = sorted(i for b in batches for i in b)
+        if len(used) != len(set(used)):
+            raise RuntimeError("internal error: the epoch's plan repeats a row")
+        xs, ys = embed_dataset(lambda i: (x(i), y(i)), list(range(len(dataset))), model=st_model,
+                               chunk_size=self.encode_batch_size * 16)
+        result = global_train_gap((xs, ys), batches, self.gap_temperature)
+        return {"loss_gap": result.gap, "global_loss": result.global_loss,
+                "train_loss_in_batches": result.train_loss}
+
+
+def _codes(keys: Sequence[Hashable]) -> torch.Tensor:
+    if isinstance(keys, (str, bytes)) or not hasattr(keys, "__len__"):
+        raise TypeError("false_negative_keys must be a sequence with one hashable label per training row")
+    table: dict[Hashable, int] = {}
+    try:
+        return torch.tensor([table.setdefault(k, len(table)) for k in keys], dtype=torch.long)
+    except TypeError as exc:
+        raise TypeError(f"every false-negative key must be hashable: {exc}") from exc

