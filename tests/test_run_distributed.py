@@ -31,6 +31,10 @@ CASES = {
     "text-global-gcbs": dict(TEXT, loss="global", sampler="gcbs", gcbs_q=0.9),
     "text-infonce-k-noduplicates": dict(TEXT, negatives=3, sampler="no-duplicates"),
     "text-infonce-hard-cache": dict(TEXT, sampler="hard", chunk_size=3),
+    # Every rank's queue holds every rank's batch; the temperature's gradient is averaged over the ranks.
+    "image-dcl-queue-temperature": dict(IMAGE, loss="dcl", queue_size=40, negatives=20, learnable_temperature=True),
+    "image-siglip": dict(IMAGE, loss="siglip"),
+    "text-infonce-queue-temperature-cache": dict(TEXT, queue_size=12, learnable_temperature=True, chunk_size=3),
 }
 STOP = 5  # mid-epoch for both tasks
 
@@ -56,14 +60,16 @@ def tokenizers_missing():
 
 
 def _parameters(folder):
-    return torch.load(folder / "checkpoint.pt", weights_only=True)["model"]
+    state = torch.load(folder / "checkpoint.pt", weights_only=True)
+    return {**state["model"], **{f"loss:{k}": v for k, v in state["loss"].items()}}
 
 
 def _assert_same_run(two, one):
     a, b = _parameters(two), _parameters(one)
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{two.name}: {k}")  # float32 sums in another order
+        # float32 sums in another order; the loss's state too (a queue, a learned temperature, SigLIP's bias)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{two.name}: {k}")
     rows_two, rows_one = without_times(read_metrics(two)), without_times(read_metrics(one))
     assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one]  # every row once: rank 0 alone writes
     for r2, r1 in zip(rows_two, rows_one):

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,9 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
-LOSSES = {"image": ("simclr", "relic", "global"), "text": ("infonce", "global")}
+LOSSES = {"image": ("simclr", "relic", "global", "dcl", "siglip"), "text": ("infonce", "global", "dcl", "siglip")}
+#: Losses that can keep a queue of past embeddings (``queue_size``).
+QUEUE_LOSSES = ("simclr", "infonce", "dcl")
 ENCODERS = {"image": ("mlp", "conv", "resnet18", "resnet50"), "text": ("transformer",)}
 SAMPLERS = {"image": ("random", "gcbs", "hard"), "text": ("random", "gcbs", "hard", "no-duplicates")}
 
@@ -158,13 +161,21 @@ class TrainConfig:
     text_heads: int | None = _opt(None, "text: attention heads (default 4)", "model")
     dropout: float | None = _opt(None, "text: dropout (default 0.1)", "model")
     # objective
-    loss: str | None = _opt(None, "images: simclr (InfoNCE), relic or global (GlobalInfoNCE, bias-corrected); "
-                            "text: infonce or global (default simclr / infonce)", "objective")
+    loss: str | None = _opt(None, "images: simclr (InfoNCE), relic, global (GlobalInfoNCE, bias-corrected), dcl "
+                            "(decoupled) or siglip (sigmoid pairs); text: infonce, global, dcl or siglip (default "
+                            "simclr / infonce)", "objective")
     negatives: str | int = _opt("all", "negatives per anchor: all or K", "objective")
     temperature: float | None = _opt(None, "softmax temperature (default 0.2 images, 0.05 text)", "objective")
     symmetric: bool | None = _opt(None, "text: add the document-to-query term (default true)", "objective")
     alpha: float = _opt(1.0, "ReLIC invariance weight", "objective")
     gamma: float = _opt(0.9, "global loss: E-step rate of the running normalisers (final rate of a schedule)", "objective")
+    queue_size: int = _opt(0, "simclr, infonce, dcl: also contrast with the last N embeddings of each direction, "
+                           "a FIFO queue (MoCo; 0: none)", "objective")
+    learnable_temperature: bool | None = _opt(None, "learn the temperature (log-space scale clamped to [1, 100], as "
+                                              "CLIP; default true for siglip, false otherwise)", "objective")
+    siglip_bias: float = _opt(-10.0, "siglip: initial bias (learned)", "objective")
+    dcl_sigma: float | None = _opt(None, "dcl: DCL-W's weight concentration (the paper's 0.5; None: plain DCL)",
+                                   "objective")
     gamma_schedule: str = _opt("constant", "global loss: gamma constant, or decaying from 1 to gamma over training",
                                "objective", choices=("constant", "linear", "cosine"))
     # optimisation
@@ -245,6 +256,15 @@ class TrainConfig:
         for name, allowed in (("loss", LOSSES), ("encoder", ENCODERS)):
             if getattr(self, name) not in allowed[task]:
                 bad(name, f"expected one of {', '.join(allowed[task])} for {task} data")
+        if self.queue_size and self.loss not in QUEUE_LOSSES:
+            bad("queue_size", f"a queue extends the softmax losses ({', '.join(QUEUE_LOSSES)}), not loss="
+                f"{self.loss!r}; set queue_size=0")
+        if self.dcl_sigma is not None and self.loss != "dcl":
+            bad("dcl_sigma", f"applies to loss='dcl' only (got loss={self.loss!r}); leave it unset")
+        if self.siglip_bias != -10.0 and self.loss != "siglip":
+            bad("siglip_bias", f"applies to loss='siglip' only (got loss={self.loss!r}); leave it unset")
+        if self.learnable_temperature is not None and not isinstance(self.learnable_temperature, bool):
+            bad("learnable_temperature", "expected true or false")
         if self.sampler not in SAMPLERS[task]:
             bad("sampler", f"expected one of {', '.join(SAMPLERS[task])} for {task} data")
         for name in ("batch_size", "log_every", "knn_k", "vocab_size", "max_length", "text_dim", "text_depth", "text_heads",
@@ -260,10 +280,12 @@ class TrainConfig:
         if self.chunk_size is not None and (isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int)
                                             or self.chunk_size < 0):
             bad("chunk_size", "expected an int >= 0 or None (0 and None: no chunking)")
-        for name in ("warmup_steps", "checkpoint_every", "seed", "refresh_every", "num_workers", "knn_every"):
+        for name in ("queue_size", "warmup_steps", "checkpoint_every", "seed", "refresh_every", "num_workers", "knn_every"):
             integer(name, 0, "expected an int >= 0")
         integer("data_seed", 0, "expected an int >= 0", optional=True)
         number("temperature", lambda v: v > 0, "expected a float > 0")
+        number("dcl_sigma", lambda v: v > 0, "expected a float > 0 (the paper's 0.5) or None")
+        number("siglip_bias", math.isfinite, "expected a finite float (SigLIP starts at -10)")
         number("lr", lambda v: v > 0, "expected a float > 0")
         number("checkpoint_minutes", lambda v: v >= 0, "expected a float >= 0 (0: only at the end)")
         for name in ("weight_decay", "alpha"):

@@ -86,6 +86,8 @@ class GlobalPairLoss(nn.Module):
         Negatives per anchor, among the 2B - 2 other views of the batch.
     gather : bool
         Contrast with every process's embeddings (under DDP).
+    learnable_temperature : bool
+        Learn the temperature (a parameter of this module).
 
     Examples
     --------
@@ -100,10 +102,10 @@ class GlobalPairLoss(nn.Module):
     """
 
     def __init__(self, num_samples: int, temperature: float, gamma, negatives: Negatives = "all",
-                 gather: bool = False) -> None:
+                 gather: bool = False, learnable_temperature: bool = False) -> None:
         super().__init__()
         self.loss = GlobalInfoNCE(num_samples, temperature=temperature, gamma=gamma, negatives=negatives,
-                                  gather=gather)
+                                  gather=gather, learnable_temperature=learnable_temperature)
 
     def forward(self, z1: Tensor, z2: Tensor, batch, generator: torch.Generator | None = None) -> Tensor:
         # One call is one E-step: the trainer (and gradient caching) call the
@@ -116,4 +118,5 @@ class GlobalPairLoss(nn.Module):
         logs them next to the surrogate it back-propagates."""
         if self.loss.last_infonce is None:
             return {}
-        return {"infonce": float(self.loss.last_infonce), "minibatch_loss": float(self.loss.last_minibatch_loss)}
+        return {"infonce": float(self.loss.last_infonce), "minibatch_loss": float(self.loss.last_minibatch_loss),
+                **self.loss.log_values()}

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import TrainConfig
+from ..objective import loss_parameter_groups
 
 __all__ = ["Task"]
 
@@ -59,9 +60,11 @@ class Task:
         """Build the model, the objective and the sampler (torch is seeded)."""
         raise NotImplementedError
 
-    def parameters(self) -> Iterator[nn.Parameter]:
-        """What the optimizer updates."""
-        return self.model.parameters()
+    def parameters(self) -> Iterator[nn.Parameter] | list[dict]:
+        """What the optimizer updates: the model's parameters and the loss's
+        own (a learnable temperature, SigLIP's bias; without weight decay)."""
+        loss = getattr(self, "loss_fn", None)
+        return loss_parameter_groups(self.model, loss) if loss is not None else self.model.parameters()
 
     def before_training(self) -> None:
         """Work on the untrained model, once (not on resume)."""

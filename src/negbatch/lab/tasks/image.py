@@ -49,11 +49,12 @@ from ... import distributed as nbdist
 from ...data import Augment, ImageDataset, SimCLRAugment, image_batch_loader, load_dataset, to_float_images
 from ...diagnostics import alignment, global_train_gap, intra_class_distance, silhouette_score, uniformity
 from ...evaluation import extract_features, knn_accuracy, linear_eval, linear_probe, weighted_knn_accuracy
-from ...losses import InfoNCE, ReLIC
+from ...losses import ReLIC
 from ...models import ContrastiveModel, ProjectionHead, build_encoder
 from ...sampling import EpochBatchSampler, GCBSampler, HardNegativeBatchSampler, RandomBatchSampler, embed_dataset
 from ..config import TrainConfig
 from ..global_loss import GammaSchedule, GlobalPairLoss
+from ..objective import batch_loss, loss_parameter_groups, needs_indices
 from ..precision import Precision
 from .base import Task
 
@@ -96,13 +97,20 @@ class PairLoss(nn.Module):
         self.loss = loss
 
     def forward(self, z1: Tensor, z2: Tensor, batch: Batch, generator: torch.Generator) -> Tensor:
+        if needs_indices(self.loss):
+            return self.loss(z1, z2, indices=batch.index, generator=generator)
         return self.loss(z1, z2, generator=generator)
+
+    def log_values(self) -> dict[str, float]:
+        """A learned temperature (and SigLIP's bias), the share of filtered candidates."""
+        values = getattr(self.loss, "log_values", None)
+        return values() if values is not None else {}
 
 
 def negative_candidates(loss: str, batch_size: int) -> int:
     """Negatives available per anchor: SimCLR (and the global loss) have the
     other 2B - 2 views, ReLIC the other B - 1 samples of the opposite view."""
-    return 2 * batch_size - 2 if loss in ("simclr", "global") else batch_size - 1
+    return batch_size - 1 if loss == "relic" else 2 * batch_size - 2
 
 
 def build_loss(cfg: TrainConfig, num_samples: int | None = None, total_steps: int | None = None) -> nn.Module:
@@ -127,15 +135,17 @@ def build_loss(cfg: TrainConfig, num_samples: int | None = None, total_steps: in
             f"{where}; use negatives <= {available} or 'all'"
         )
     gather = nbdist.world_size() > 1  # every process's embeddings are candidates
-    if cfg.loss == "simclr":
-        return PairLoss(InfoNCE(temperature=cfg.temperature, negatives=negatives, gather=gather))
+    learnable = bool(cfg.learnable_temperature)
     if cfg.loss == "global":
         if num_samples is None:
             raise ValueError("loss='global' needs num_samples, the training set's size (one nu per sample)")
         steps = total_steps or cfg.total_steps(max(num_samples // cfg.batch_size, 1))
         return GlobalPairLoss(num_samples, cfg.temperature, GammaSchedule(cfg.gamma, cfg.gamma_schedule, steps),
-                              negatives, gather=gather)
-    return PairLoss(ReLIC(temperature=cfg.temperature, alpha=cfg.alpha, negatives=negatives, gather=gather))
+                              negatives, gather=gather, learnable_temperature=learnable)
+    if cfg.loss == "relic":
+        return PairLoss(ReLIC(temperature=cfg.temperature, alpha=cfg.alpha, negatives=negatives, gather=gather,
+                              learnable_temperature=learnable))
+    return PairLoss(batch_loss(cfg, form="two_view", gather=gather))
 
 
 # ------------------------------------------------------------------------ batches

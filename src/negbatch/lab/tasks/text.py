@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ... import distributed as nbdist
 from ..config import TrainConfig
+from ..objective import batch_loss, needs_indices
 from .base import Task
 
 __all__ = ["TextTask", "TEXT_METRICS", "load_text_split", "text_tokenizer", "text_identity"]
@@ -134,7 +135,7 @@ class TextTask(Task):
                                    max_length=self.cfg.max_length)
 
     def build(self) -> None:
-        from ...losses import GlobalInfoNCE, InfoNCE
+        from ...losses import GlobalInfoNCE
         from ...models.text import TransformerTextEncoder
 
         cfg = self.cfg
@@ -145,10 +146,10 @@ class TextTask(Task):
         if cfg.loss == "global":
             self.loss_fn: nn.Module = GlobalInfoNCE(len(self.train), temperature=cfg.temperature, gamma=cfg.gamma,
                                                     negatives=cfg.negatives, form="query_document",
-                                                    symmetric=cfg.symmetric, gather=gather)
+                                                    symmetric=cfg.symmetric, gather=gather,
+                                                    learnable_temperature=bool(cfg.learnable_temperature))
         else:
-            self.loss_fn = InfoNCE(temperature=cfg.temperature, negatives=cfg.negatives, form="query_document",
-                                   symmetric=cfg.symmetric, gather=gather)
+            self.loss_fn = batch_loss(cfg, form="query_document", gather=gather)
         self.sampler = self._build_sampler()
         # Dropout draws from each process's own stream: exact only on the same number of processes.
         self.world_size_invariant = cfg.dropout == 0
@@ -199,6 +200,8 @@ class TextTask(Task):
             kwargs["hard_negatives"] = hard_negatives.reshape(queries.shape[0], -1, queries.shape[1])
         if self.cfg.loss == "global":
             return self.loss_fn(queries, documents, self._index, **kwargs)
+        if needs_indices(self.loss_fn):
+            kwargs["indices"] = self._index
         return self.loss_fn(queries, documents, **kwargs)
 
     def step(self, batch: dict[str, Any], streams) -> Tensor:
@@ -217,7 +220,7 @@ class TextTask(Task):
 
     def step_metrics(self) -> dict[str, float]:
         last = getattr(self.loss_fn, "last_infonce", None)
-        return {"infonce": float(last)} if last is not None else {}
+        return {**({"infonce": float(last)} if last is not None else {}), **self.loss_fn.log_values()}
 
     def _retrieval(self) -> dict[str, Any]:
         from ...evaluation.retrieval import evaluate_retrieval
