@@ -133,3 +133,23 @@ def test_text_runs_with_each_loss(tmp_path, kw):
     assert math.isfinite(summary["final_loss"]) and 0 <= summary["ndcg@10"] <= 1
     if kw["loss"] == "siglip":
         assert "bias" in read_metrics(tmp_path)[-1]
+
+
+def test_probe_samples_fits_the_probes_on_a_prefix_of_the_training_split(tmp_path, digits):
+    from negbatch.evaluation import linear_probe
+    from negbatch.lab.tasks.image import representations
+
+    cfg = tiny(epochs=1, probe_samples=40)
+    summary = train(cfg, tmp_path, data=digits)
+    model = torch.load(tmp_path / CHECKPOINT, weights_only=True)["model"]
+    from negbatch.lab.tasks.image import build_model
+
+    net = build_model(cfg, digits.image_shape)
+    net.load_state_dict(model)
+    net.eval()
+    data = digits.subset(96, 64)
+    with torch.no_grad():
+        rtr, rte = representations(net, data.x_train[:40]), representations(net, data.x_test)
+    assert summary["linear_acc"] == linear_probe(rtr, data.y_train[:40], rte, data.y_test)
+    with pytest.raises(ValueError, match="probe_samples=97 exceeds the 96 training images"):
+        train(tiny(epochs=1, probe_samples=97), tmp_path / "too-many", data=digits)

@@ -44,8 +44,8 @@ RUNTIME_ONLY = ("progress", "checkpoint_every", "checkpoint_minutes", "num_worke
 TEXT_DATASETS = ("bible", "builtin")
 _PAIRS, _ARRAYS = "pairs:", "arrays:"
 
-IMAGE_ONLY = ("n_train", "n_test", "aug_strength", "hflip", "encoder_widths", "head_widths", "knn_k", "image_size",
-              "decode_size")
+IMAGE_ONLY = ("n_train", "n_test", "aug_strength", "hflip", "encoder_widths", "head_widths", "knn_k", "probe_samples",
+              "image_size", "decode_size")
 #: Image-only options whose default is not None: refused on text data when changed.
 IMAGE_ONLY_SET = {"norm": "batch", "channels_last": False, "log_gap": False, "use_unlabeled": False,
                   "evaluation": "auto", "knn_every": 0}
@@ -209,6 +209,9 @@ class TrainConfig:
     checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: by time only)", "run")
     checkpoint_minutes: float = _opt(5.0, "checkpoint at least every N minutes of training (0: only at the end)", "run")
     knn_k: int | None = _opt(None, "images: neighbours of the kNN probe (default 20)", "run")
+    probe_samples: int | None = _opt(None, "images: fit the linear probe and the kNN on the first N training images "
+                                     "(a seeded random subset; default all): the same test, a faster evaluation",
+                                     "run")
     evaluation: str = _opt("auto", "images: small (float64 probe of the whole split, the digits studies), scale "
                            "(linear evaluation and weighted kNN streamed on the device), auto (small for greyscale "
                            "sets held on the device)", "run", choices=("auto", "small", "scale"))
@@ -267,7 +270,7 @@ class TrainConfig:
             bad("learnable_temperature", "expected true or false")
         if self.sampler not in SAMPLERS[task]:
             bad("sampler", f"expected one of {', '.join(SAMPLERS[task])} for {task} data")
-        for name in ("batch_size", "log_every", "knn_k", "vocab_size", "max_length", "text_dim", "text_depth", "text_heads",
+        for name in ("batch_size", "log_every", "knn_k", "probe_samples", "vocab_size", "max_length", "text_dim", "text_depth", "text_heads",
                      "image_size", "decode_size"):
             integer(name, 1, "expected a positive int", optional=name not in ("batch_size", "log_every"))
         for name in ("n_train", "n_test", "epochs", "steps"):

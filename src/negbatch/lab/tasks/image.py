@@ -402,6 +402,9 @@ class ImageTask(Task):
         if cfg.norm == "sync" and self.device.type != "cuda":
             raise ValueError("norm='sync' (SyncBatchNorm) runs on CUDA devices only; use norm='batch' or 'none' on "
                              f"{self.device.type}")
+        if cfg.probe_samples is not None and cfg.probe_samples > len(self.data.x_train):
+            raise ValueError(f"probe_samples={cfg.probe_samples} exceeds the {len(self.data.x_train)} training images; "
+                             f"lower it or leave it unset (all)")
         self.model = build_model(cfg, self.data.image_shape).to(self.device)
         n = len(self.train_x)
         self.loss_fn = build_loss(cfg, num_samples=n,
@@ -495,9 +498,12 @@ class ImageTask(Task):
     def evaluate(self) -> dict[str, Any]:
         if not self.data.has_labels:
             return {"evaluation": "none (the data set has no labels)"}
+        data = self.data
+        if self.cfg.probe_samples is not None:  # the probes fit on a prefix of the (shuffled) training split
+            data = data.subset(n_train=self.cfg.probe_samples)
         if self.evaluation == "small":
-            return evaluate(self.model, self.data, self.cfg, self.device)
-        return {**evaluate_at_scale(self.model, self.data, self.view, self.cfg, self.device), "evaluation": "scale"}
+            return evaluate(self.model, data, self.cfg, self.device)
+        return {**evaluate_at_scale(self.model, data, self.view, self.cfg, self.device), "evaluation": "scale"}
 
     def summarize(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {"final_loss": rows[-1]["loss"] if rows else None}
