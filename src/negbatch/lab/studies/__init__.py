@@ -33,6 +33,8 @@ STUDIES: dict[tuple[str, str], str] = {
     ("gradcache", "image"): "gradcache:ImageGradCache",
     ("gradcache", "text"): "text_gradcache:TextGradCache",
     ("bias", "image"): "bias:BiasStudy",
+    ("batch-size", "image"): "batch_size:ImageBatchSize",
+    ("batch-size", "text"): "batch_size:TextBatchSize",
 }
 
 _DATASET_EXAMPLE = {"image": "digits", "text": "bible"}

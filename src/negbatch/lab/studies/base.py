@@ -10,7 +10,8 @@ A study is one subclass per (study, modality) -- ``negatives`` on images,
 * the base configuration: defaults < ``--config`` file < command line;
 * the study folder and its ``study.json`` (written atomically);
 * the runs, through :func:`negbatch.lab.sweep.run_configs`, with one progress
-  line per run trained now and one line for the runs finished earlier;
+  line per run trained now (with an estimate of the time left) and one line
+  for the runs finished earlier;
 * a progress bar per run when stderr is a terminal (and one worker).
 
 A subclass writes :meth:`Study.plan` (the configurations and ``study.json``),
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -39,6 +41,15 @@ __all__ = ["Study", "ImageStudy", "TextStudy", "say", "dataset_stem"]
 def say(message: str) -> None:
     """One line of progress on stderr."""
     print(message, file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    """``"40 s"``, ``"12 min"``, ``"2.5 h"``: an estimate's precision."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def dataset_stem(dataset: str) -> str:
@@ -166,13 +177,15 @@ class Study:
         if Processes.current().is_main:
             say(f"{self.name} study ({self.modality}): {len(configs)} {what} into {out}"
                 + (f"; {len(earlier)} finished earlier (skipped)" if earlier else ""))
-        count = [0]
+        count, started = [0], time.monotonic()
 
         def on_done(summary: dict[str, Any], done: int, total: int) -> None:
             if summary["run"] in earlier:
                 return
             count[0] += 1
-            say(f"[{count[0]}/{todo}] {self.line(summary)}")
+            left = (time.monotonic() - started) / count[0] * (todo - count[0])
+            eta = f" (about {_duration(left)} left)" if count[0] < todo else ""
+            say(f"[{count[0]}/{todo}] {self.line(summary)}{eta}")
 
         return run_configs(configs, out, workers=workers, key_fields=self.key_fields, on_done=on_done)
 

@@ -1,0 +1,107 @@
+"""The batch-size study: its configurations, its report's statistics, end to end on images and text."""
+
+import json
+import math
+import re
+
+import pytest
+from scipy import stats
+
+from negbatch.cli import main
+from negbatch.lab import TrainConfig
+from negbatch.lab.studies.batch_size import METHODS, method_config, method_of, report
+
+OPTIONS = dict(largest=64, k=4, queue_size=128, lr_scaling="sqrt")
+TINY = ["--n-train", "64", "--n-test", "64", "--encoder-widths", "16", "--head-widths", "16,8", "--knn-k", "5",
+        "--epochs", "1", "--workers", "1"]
+
+
+def test_each_method_is_one_configuration_read_back_from_its_fields():
+    base = TrainConfig(lr=0.002)
+    for method in METHODS:
+        for b in (16, 64):
+            cfg = method_config(base, method, b, **OPTIONS)
+            assert method_of(cfg.to_dict()) == (method, b)
+            trained = 64 if method == "gradcache" else b
+            assert cfg.batch_size == trained and cfg.lr == pytest.approx(0.002 * math.sqrt(trained / 256))
+    assert method_config(base, "infonce-k", 16, **OPTIONS).negatives == 4
+    assert method_config(base, "queue", 16, **OPTIONS).queue_size == 128
+    assert method_config(base, "gradcache", 16, **OPTIONS).chunk_size == 16
+    text = TrainConfig(dataset="builtin")
+    assert method_config(text, "infonce", 8, **OPTIONS).loss == "infonce"
+    assert method_config(base, "infonce", 64, **{**OPTIONS, "lr_scaling": "linear"}).lr == pytest.approx(0.0005)
+
+
+def _row(method, b, seed, value, seconds=1.0):
+    cfg = method_config(TrainConfig(), method, b, **OPTIONS).replace(seed=seed)
+    return {**cfg.to_dict(), "linear_acc": value, "train_seconds": seconds}
+
+
+def test_report_drops_and_tests_match_scipy(tmp_path):
+    """The report's numbers against scipy on hand-made results: drops per seed, Welch's test, the slope."""
+    acc = {"infonce": {16: [0.80, 0.82, 0.81], 64: [0.90, 0.91, 0.93]},
+           "global": {16: [0.88, 0.89, 0.90], 64: [0.90, 0.92, 0.91]}}
+    rows = [_row(m, b, s, v) for m in acc for b in acc[m] for s, v in enumerate(acc[m][b])]
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    (tmp_path / "study.json").write_text(json.dumps({
+        "study": "batch-size", "modality": "image", "methods": ["infonce", "global", "dcl"], "batch_sizes": [16, 64],
+        "seeds": [0, 1, 2], "k": 4, "queue_size": 128, "lr_scaling": "sqrt", "base": TrainConfig().to_dict(),
+        "n_train": 100, "workers": 1, "metric": ["linear_acc", "linear-probe accuracy"]}))
+    text = report(tmp_path).read_text()
+    drop = {m: [acc[m][64][s] - acc[m][16][s] for s in range(3)] for m in acc}
+    welch = stats.ttest_ind(drop["global"], drop["infonce"], equal_var=False)
+    line = next(l for l in text.splitlines() if l.startswith("- **global**"))
+    assert f"changes by {-sum(drop['global']) / 3:+.3f}" in line
+    assert f"Welch p = {welch.pvalue:.2g}" in line and "loses less than InfoNCE" in line
+    slope = stats.linregress([4] * 3 + [6] * 3, acc["global"][16] + acc["global"][64])
+    assert f"slope {slope.slope:+.4f} per doubling of B (p = {slope.pvalue:.2g})" in line
+    assert "**6 of 18 runs missing**" in text  # dcl never ran
+    assert (tmp_path / "batch_size.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "infonce,moco"], "--methods: unknown moco"),
+    (["--batch-sizes", "8,128"], "--batch-sizes: 128 exceeds the 64 training samples"),
+    (["--batch-sizes", "8,16", "--k", "15"], r"--k 15: expected 1 <= K <= 14"),
+    (["--queue-size", "0"], "--queue-size must be a positive int"),
+])
+def test_bad_options_are_refused_by_name(tmp_path, capsys, argv, message):
+    assert main(["study", "batch-size", "--data", "digits", "--out", str(tmp_path), *TINY, *argv]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_image_study_end_to_end_resumes_and_reports(tmp_path, capsys):
+    argv = ["study", "batch-size", "--data", "digits", "--out", str(tmp_path), *TINY,
+            "--methods", "infonce,queue,gradcache", "--batch-sizes", "8,16", "--seeds", "0,1"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "[12/12] gradcache B=16 seed=1" in err and "left)" in err
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(method_of(r) for r in rows) == sorted((m, b) for m in ("infonce", "queue", "gradcache")
+                                                        for b in (8, 16) for _ in range(2))
+    assert {r["batch_size"] for r in rows if method_of(r)[0] == "gradcache"} == {16}
+    text = (tmp_path / "report.md").read_text()
+    assert all(f"**{m}**" in text for m in ("infonce", "queue", "gradcache")) and "missing" not in text
+    assert main(argv) == 0  # everything finished: nothing trains again
+    assert "12 finished earlier (skipped)" in capsys.readouterr().err
+
+
+def test_text_study_end_to_end(tmp_path, capsys):
+    pytest.importorskip("tokenizers", reason="the text study needs the text extra")
+    argv = ["study", "batch-size", "--data", "builtin", "--out", str(tmp_path), "--methods", "infonce,siglip,dcl",
+            "--batch-sizes", "4,8", "--seeds", "0", "--epochs", "1", "--workers", "1", "--text-dim", "16",
+            "--vocab-size", "200", "--k", "2"]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert len(rows) == 6 and all(0 <= r["ndcg@10"] <= 1 for r in rows)
+    assert "nDCG@10" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_every_method_on_images_and_text(tmp_path):
+    assert main(["study", "batch-size", "--data", "digits", "--out", str(tmp_path / "image"), *TINY,
+                 "--batch-sizes", "8,16", "--seeds", "0,1", "--k", "4"]) == 0
+    assert len(json.loads((tmp_path / "image" / "results.json").read_text())) == 28
+    assert main(["study", "batch-size", "--data", "builtin", "--out", str(tmp_path / "text"), "--batch-sizes", "4,8",
+                 "--seeds", "0,1", "--epochs", "1", "--text-dim", "16", "--vocab-size", "200", "--k", "2"]) == 0
+    assert len(json.loads((tmp_path / "text" / "results.json").read_text())) == 28
