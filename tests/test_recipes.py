@@ -24,7 +24,7 @@ def test_there_are_recipes_and_each_is_a_valid_configuration():
     assert {p.stem.split("_")[0] for p in RECIPES} >= {"mitrovic2020", "chen2022", "sachidananda2023"}
     for path in RECIPES:
         study = load_study_options(path)
-        assert study["name"] in ("negatives", "bias", "batches"), path
+        assert study["name"] in ("negatives", "bias", "batches", "batch-size"), path
         cfg = TrainConfig.from_dict(load_config_file(path), source=str(path))
         assert cfg.device == "cuda" and cfg.task == "image", path
         assert "torchrun" in path.read_text() and "Hardware and time" in path.read_text(), path
@@ -41,9 +41,12 @@ def test_recipe_runs_at_tiny_size(path, tmp_path):
         write_image_folder(tmp_path / "data", per_class=6, n_val=3)
         size = "--image-size" if "image_size" in cfg else "--decode-size"
         sizes = ["--batch-size", "6", size, "16"]
-    per_study = {"negatives": ["--ks", "2,all", "--losses", "simclr"], "bias": [], "batches": []}[study]
+    per_study = {"negatives": ["--ks", "2,all", "--losses", "simclr"], "bias": [], "batches": [],
+                 "batch-size": ["--methods", "infonce,gradcache", "--k", "2"]}[study]
     if study == "bias":
         sizes = ["--batch-size", "8"] + sizes[2:]  # the full batch; the half-batch runs use 4
+    if study == "batch-size":
+        sizes = ["--batch-sizes", "4,8"] + sizes[2:]  # the batch size is what the study varies
     argv = ["study", study, "--config", str(path), "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
             *TINY, *sizes, *per_study]
     assert with_recipe(argv)[2:4] != argv[2:4]  # the recipe's own study options came in

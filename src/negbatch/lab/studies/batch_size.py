@@ -366,7 +366,7 @@ def report(folder: Path) -> Path:
         "helps it as much as its fewer negatives hurt it, so a flat curve is the common outcome at this scale; the "
         "methods differ in how their loss depends on B, which shows where the curve bends. To see the effect the "
         "papers report (SimCLR loses several points of ImageNet accuracy from B = 4096 to 256 at 100 epochs), train "
-        "for longer with a ResNet on CIFAR-100 or ImageNet-100: `recipes/batch_size_cifar100.toml` is the GPU "
+        "for longer with a ResNet on CIFAR-100 or ImageNet-100: `recipes/batchsize_cifar100.toml` is the GPU "
         "setting of this study, with its estimated time.\n")
     text.append(f"\n![{label} and time against the batch size]({figure})\n\nResults per run: `results.csv` / "
                 "`results.json`; per-step metrics (the learned temperature, SigLIP's bias) in `runs/*/metrics.jsonl`.\n")
