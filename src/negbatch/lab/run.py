@@ -373,6 +373,10 @@ def train(
     """
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
+    if cfg.encoder == "minilm":  # sentence-transformers' trainer runs the loop, in the same kind of folder
+        from .minilm import train_minilm
+
+        return train_minilm(cfg, run_dir, data=data, stop_after=stop_after)
     procs = Processes.start(cfg.device)
     try:
         folder = RunFolder(run_dir)
