@@ -156,3 +156,21 @@ def test_the_gradcache_study_runs_through_the_trainer(tmp_path):
     assert sorted((int(r["batch_size"]), r["chunk_size"] or None) for r in results) == [(4, None), (8, 4)]
     memory = json.loads((out / "study.json").read_text())["saved_activation_bytes"]
     assert memory["8"]["with_cache"] < memory["8"]["without_cache"]
+
+
+def test_unsupervised_pairs_each_query_with_itself_for_the_scratch_encoder_too(tmp_path):
+    from negbatch.lab.tasks import make_task
+    from negbatch.lab.tasks.text import load_text_split
+
+    tiny = dict(dataset="builtin", test_fraction=0.25, batch_size=8, steps=2, text_dim=16, text_heads=2,
+                vocab_size=600)
+    cfg = TrainConfig(**tiny, unsupervised=True)
+    task = make_task(cfg, torch.device("cpu"))
+    train_pairs, test_pairs = load_text_split(cfg)
+    assert task.train.queries == task.train.documents == train_pairs.queries
+    assert task.test.documents == test_pairs.documents  # evaluation unchanged: the held-out pairs
+    summary = train(cfg, tmp_path / "u")
+    supervised = train(TrainConfig(**tiny), tmp_path / "s")
+    assert summary["data"]["fingerprint"] != supervised["data"]["fingerprint"]
+    assert summary["config"]["unsupervised"] is True and supervised["config"]["unsupervised"] is False
+    assert 0.0 <= summary["ndcg@10"] <= 1.0
