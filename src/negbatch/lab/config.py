@@ -377,16 +377,17 @@ class TrainConfig:
         if tl is not None and (isinstance(tl, bool) or not isinstance(tl, int) or not 1 <= tl <= MINILM_LAYERS):
             errors.append(f"train_layers: expected an int from 1 to {MINILM_LAYERS} (MiniLM's layers), or None for "
                           f"the whole model (got {tl!r})")
+        # name -> (is the value unsupported, what to do instead)
         unsupported = {
-            "snr": (self.snr, False, "track it with NegbatchDiagnostics in your own SentenceTransformerTrainer"),
-            "chunk_method": (self.chunk_method, "cache", "minilm caches (GradCache); use chunk_method='cache'"),
-            "gamma_schedule": (self.gamma_schedule, "constant", "minilm's global loss keeps gamma constant"),
-            "optimizer": (self.optimizer if self.optimizer == "lars" else None, None, "use adamw, adam or sgd"),
-            "compile": (self.compile, False, "the trainer runs the model as it is"),
+            "snr": (self.snr, "track it with NegbatchDiagnostics in your own SentenceTransformerTrainer"),
+            "chunk_method": (self.chunk_method != "cache", "minilm caches (GradCache); use chunk_method='cache'"),
+            "gamma_schedule": (self.gamma_schedule != "constant", "minilm's global loss keeps gamma constant"),
+            "optimizer": (self.optimizer == "lars", "use adamw, adam or sgd"),
+            "compile": (self.compile, "the trainer runs the model as it is"),
         }
-        for name, (value, allowed, what) in unsupported.items():
-            if value != allowed:
-                errors.append(f"{name}: not supported with encoder='minilm' (got {value!r}); {what}")
+        for name, (refused, what) in unsupported.items():
+            if refused:
+                errors.append(f"{name}: not supported with encoder='minilm' (got {getattr(self, name)!r}); {what}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainConfig":
