@@ -52,7 +52,7 @@ from transformers import TrainerCallback
 from .config import TrainConfig
 from .optim import build_optimizer, build_schedule
 from .run import METRICS, RunFolder, _StopRequest, _say, atomic_torch_save, atomic_write_text, resolve_device
-from .tasks.text import TEXT_METRICS, load_text_split, self_pairs, text_identity
+from .tasks.text import TEXT_METRICS, _pairs_path, load_text_split, self_pairs, text_identity
 
 __all__ = ["train_minilm", "build_minilm", "minilm_loss", "minilm_batches", "trainer_dataset", "UNTRAINED",
            "TRAINER_DIR", "MODEL_DIR"]
@@ -176,7 +176,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, data: Any, stop_after: int | Non
         source = None
     else:
         train, test = load_text_split(cfg)
-        source = cfg.dataset.split(":", 1)[1].strip() if cfg.dataset.startswith("pairs:") else None
+        source = _pairs_path(cfg.dataset)
     if cfg.unsupervised:
         train = self_pairs(train)
     if cfg.batch_size > len(train):
