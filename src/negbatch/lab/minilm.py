@@ -51,7 +51,7 @@ from transformers import TrainerCallback
 
 from .config import TrainConfig
 from .optim import build_optimizer, build_schedule
-from .run import METRICS, RunFolder, _StopRequest, _say, atomic_torch_save, atomic_write_text, resolve_device
+from .run import METRICS, RunFolder, _say, _StopRequest, atomic_torch_save, atomic_write_text, resolve_device
 from .tasks.text import TEXT_METRICS, _pairs_path, load_text_split, self_pairs, text_identity
 
 __all__ = ["train_minilm", "build_minilm", "minilm_loss", "minilm_batches", "trainer_dataset", "UNTRAINED",
@@ -109,8 +109,7 @@ def minilm_loss(cfg: TrainConfig, model: nn.Module, num_samples: int):
 
 def minilm_batches(cfg: TrainConfig, model: nn.Module):
     """The sampler of ``cfg.sampler`` in its trainer form (``batch_sampler=`` and a callback)."""
-    from ..integrations.sentence_transformers import GCBSBatches, HardNegativeBatches, NoDuplicateBatches, \
-        RandomBatches
+    from ..integrations.sentence_transformers import GCBSBatches, HardNegativeBatches, NoDuplicateBatches, RandomBatches
 
     common = dict(refresh_every=cfg.refresh_every or None, seed=cfg.seed)
     if cfg.sampler == "gcbs":
