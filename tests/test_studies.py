@@ -19,7 +19,7 @@ TINY = TrainConfig(n_train=48, n_test=32, batch_size=16, epochs=1, encoder_width
 def test_registry_contract():
     import argparse
 
-    assert study_names() == ["negatives", "batches", "gradcache", "bias"]
+    assert study_names() == ["negatives", "batches", "gradcache", "bias", "batch-size"]
     for (name, modality) in STUDIES:
         study = get_study(name, modality)
         assert isinstance(study, Study) and (study.name, study.modality) == (name, modality)

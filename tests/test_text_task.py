@@ -178,7 +178,7 @@ def test_bad_configurations_name_the_field():
         TrainConfig(dataset="digits", max_pairs=100)
     with pytest.raises(ValueError, match="encoder_widths: applies to image data sets only"):
         TrainConfig(dataset="bible", encoder_widths=(4,))
-    with pytest.raises(ValueError, match="loss: expected one of infonce, global for text data"):
+    with pytest.raises(ValueError, match="loss: expected one of infonce, global, dcl, siglip for text data"):
         TrainConfig(dataset="bible", loss="relic")
     with pytest.raises(ValueError, match="give one of them, not both"):
         TrainConfig(dataset="bible", epochs=2, steps=3)

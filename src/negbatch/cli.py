@@ -109,7 +109,10 @@ def build_parser(study: tuple[str, str] | None = None) -> _Parser:
         usage="%(prog)s [-h] [--config FILE] [--out FOLDER] [--OPTION VALUE ...]  (the options: negbatch train --help)",
         description="Train one configuration on images or text pairs (the data set decides: --data bible, builtin or "
                     "pairs:PATH train a dual encoder on text pairs, with --query-column/--document-column/"
-                    "--hard-negatives-column naming the columns of your file). Options mirror the keys of a "
+                    "--hard-negatives-column naming the columns of your file; --encoder minilm trains the pre-trained "
+                    "all-MiniLM-L6-v2 through sentence-transformers' SentenceTransformerTrainer, --train-layers N "
+                    "only its top N layers; --unsupervised true: SimCSE-style, each query its own positive). "
+                    "Options mirror the keys of a "
                     "TOML/YAML/JSON --config file (command-line options win); options of the other modality must "
                     "stay unset.")
     train.add_argument("--config", default=None, help="TOML, YAML or JSON file of training options (a run's config.json works)")

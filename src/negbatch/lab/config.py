@@ -50,7 +50,12 @@ IMAGE_ONLY = ("n_train", "n_test", "aug_strength", "hflip", "encoder_widths", "h
 IMAGE_ONLY_SET = {"norm": "batch", "channels_last": False, "log_gap": False, "use_unlabeled": False,
                   "evaluation": "auto", "knn_every": 0}
 TEXT_ONLY = ("max_pairs", "test_fraction", "data_seed", "query_column", "document_column", "hard_negatives_column",
-             "vocab_size", "max_length", "text_dim", "text_depth", "text_heads", "dropout", "symmetric")
+             "vocab_size", "max_length", "text_dim", "text_depth", "text_heads", "dropout", "symmetric",
+             "unsupervised", "train_layers")
+#: Options of the from-scratch text transformer: refused with ``encoder="minilm"``.
+TRANSFORMER_ONLY = ("vocab_size", "text_dim", "text_depth", "text_heads")
+#: Layers of all-MiniLM-L6-v2 (the most ``train_layers`` may name).
+MINILM_LAYERS = 6
 
 #: What an unset option means, per task. The text defaults are the text studies'
 #: (AdamW at a constant rate, temperature 0.05); the image ones SimCLR-like.
@@ -72,7 +77,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 LOSSES = {"image": ("simclr", "relic", "global", "dcl", "siglip"), "text": ("infonce", "global", "dcl", "siglip")}
 #: Losses that can keep a queue of past embeddings (``queue_size``).
 QUEUE_LOSSES = ("simclr", "infonce", "dcl")
-ENCODERS = {"image": ("mlp", "conv", "resnet18", "resnet50"), "text": ("transformer",)}
+ENCODERS = {"image": ("mlp", "conv", "resnet18", "resnet50"), "text": ("transformer", "minilm")}
 SAMPLERS = {"image": ("random", "gcbs", "hard"), "text": ("random", "gcbs", "hard", "no-duplicates")}
 
 
@@ -147,7 +152,9 @@ class TrainConfig:
     hflip: bool | None = _opt(None, "images: random horizontal flips (default false)", "data")
     # model
     encoder: str | None = _opt(None, "images: mlp, conv, resnet18 or resnet50 (CIFAR stem up to 32x32) (default "
-                               "mlp); text: transformer", "model")
+                               "mlp); text: transformer (trained from scratch) or minilm (the pre-trained all-MiniLM-L6-v2, trained through "
+                               "sentence-transformers' SentenceTransformerTrainer; see docs/text.md) (default transformer)",
+                               "model")
     encoder_widths: tuple[int, ...] | None = _opt(None, "images: MLP hidden widths, conv stage channels or a ResNet's "
                                                   "four stage widths (default 256,128; ResNets: 64,128,256,512)", "model")
     head_widths: tuple[int, ...] | None = _opt(None, "images: projection head widths (default 256,64)", "model")
@@ -159,7 +166,14 @@ class TrainConfig:
     text_dim: int | None = _opt(None, "text: encoder width (default 64)", "model")
     text_depth: int | None = _opt(None, "text: transformer layers (default 1)", "model")
     text_heads: int | None = _opt(None, "text: attention heads (default 4)", "model")
-    dropout: float | None = _opt(None, "text: dropout (default 0.1)", "model")
+    dropout: float | None = _opt(None, "text: dropout (default 0.1; minilm: every dropout layer of the model)", "model")
+    # text: the sentence-transformers path (encoder="minilm") and the SimCSE-style recipe
+    train_layers: int | None = _opt(None, "text, minilm: train only the top N of MiniLM's 6 transformer layers, "
+                                    "the embeddings and lower layers frozen (default all, embeddings included)",
+                                    "model")
+    unsupervised: bool | None = _opt(None, "text: SimCSE-style training: each training query is its own positive "
+                                     "(the same text twice; dropout is the only augmentation); the held-out pairs "
+                                     "still evaluate (default false)", "data")
     # objective
     loss: str | None = _opt(None, "images: simclr (InfoNCE), relic, global (GlobalInfoNCE, bias-corrected), dcl "
                             "(decoupled) or siglip (sigmoid pairs); text: infonce, global, dcl or siglip (default "
@@ -234,6 +248,7 @@ class TrainConfig:
         task = self.task if isinstance(self.dataset, str) else "image"
         self._check_dataset(errors)
         self._resolve_task_defaults(task, errors)
+        self._check_text_encoder(task, errors)
 
         def bad(name: str, msg: str) -> None:
             errors.append(f"{name}: {msg} (got {getattr(self, name)!r})")
@@ -347,6 +362,9 @@ class TrainConfig:
             defaults.pop("steps", None)
         if str(self.encoder).startswith("resnet"):
             defaults.pop("encoder_widths")  # None: the standard stage widths
+        if task == "text" and self.encoder == "minilm":
+            for name in TRANSFORMER_ONLY:  # None: MiniLM's own (refused when given)
+                defaults.pop(name)
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -357,6 +375,48 @@ class TrainConfig:
                     object.__setattr__(self, name, _int_tuple(value))
                 except ValueError as err:
                     errors.append(f"{name}: {err}")
+
+    def _check_text_encoder(self, task: str, errors: list[str]) -> None:
+        """The options of ``encoder="minilm"`` and of ``unsupervised`` (after the task's defaults)."""
+        if task != "text":
+            return
+        if self.unsupervised is None:
+            object.__setattr__(self, "unsupervised", False)
+        if self.unsupervised:
+            if self.hard_negatives_column is not None:
+                errors.append(f"hard_negatives_column: unsupervised training uses each query alone; drop "
+                              f"hard_negatives_column or unsupervised (got {self.hard_negatives_column!r})")
+            if self.dropout == 0:
+                errors.append("dropout: unsupervised training needs dropout > 0, its only augmentation "
+                              "(got 0; e.g. 0.1)")
+        if self.encoder != "minilm":
+            if self.train_layers is not None:
+                errors.append(f"train_layers: applies to encoder='minilm' only; encoder={self.encoder!r} trains "
+                              f"every layer (got {self.train_layers!r})")
+            return
+        for name in TRANSFORMER_ONLY:
+            if getattr(self, name) is not None:
+                errors.append(f"{name}: applies to encoder='transformer' only; minilm keeps its own tokenizer and "
+                              f"architecture: drop --{name.replace('_', '-')} (got {getattr(self, name)!r})")
+        tl = self.train_layers
+        if tl is not None and (isinstance(tl, bool) or not isinstance(tl, int) or not 1 <= tl <= MINILM_LAYERS):
+            errors.append(f"train_layers: expected an int from 1 to {MINILM_LAYERS} (MiniLM's layers), or None for "
+                          f"the whole model (got {tl!r})")
+        # name -> (is the value unsupported, what to do instead)
+        unsupported = {
+            "snr": (self.snr, "track it with NegbatchDiagnostics in your own SentenceTransformerTrainer"),
+            "chunk_method": (self.chunk_method != "cache", "minilm caches (GradCache); use chunk_method='cache'"),
+            "gamma_schedule": (self.gamma_schedule != "constant", "minilm's global loss keeps gamma constant"),
+            "optimizer": (self.optimizer == "lars", "use adamw, adam or sgd"),
+            "compile": (self.compile, "the trainer runs the model as it is"),
+            "loss": (self.loss not in ("infonce", "global"), "use infonce or global"),
+            "queue_size": (self.queue_size > 0, "set queue_size=0 (the trainer's loss keeps no queue here)"),
+            "learnable_temperature": (bool(self.learnable_temperature),
+                                      "the trainer's optimizer holds the model's parameters only; fix the temperature"),
+        }
+        for name, (refused, what) in unsupported.items():
+            if refused:
+                errors.append(f"{name}: not supported with encoder='minilm' (got {getattr(self, name)!r}); {what}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainConfig":

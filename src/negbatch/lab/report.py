@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .run import SUMMARY, atomic_write_text, read_metrics
+from .folder import SUMMARY, atomic_write_text, read_metrics
 
 __all__ = ["run_report", "plt", "save_figure", "markdown_table"]
 

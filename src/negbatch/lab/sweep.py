@@ -29,7 +29,8 @@ import torch
 
 from .config import TrainConfig
 from .processes import Processes
-from .run import atomic_write_text, hold_lock, train
+from .folder import atomic_write_text, hold_lock
+from .run import train
 
 __all__ = ["run_key", "run_configs", "run_jobs", "write_results", "read_results", "parse_list"]
 

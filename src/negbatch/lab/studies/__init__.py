@@ -95,7 +95,7 @@ def report_folder(folder: str | Path) -> Path:
     a study nor a finished run, is a ValueError that says so.
     """
     from ..report import run_report
-    from ..run import SUMMARY
+    from ..folder import SUMMARY
 
     folder = Path(folder)
     if not folder.exists():

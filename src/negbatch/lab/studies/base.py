@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 from ..config import IMAGE_ONLY, TEXT_ONLY, TrainConfig, add_config_arguments, load_config_file
 from ..processes import Processes
-from ..run import SUMMARY, atomic_write_text
+from ..folder import SUMMARY, atomic_write_text
 from ..sweep import KEY_FIELDS, parse_list, run_configs, run_key
 
 __all__ = ["Study", "ImageStudy", "TextStudy", "say", "dataset_stem"]
@@ -286,9 +286,18 @@ class TextStudy(Study):
     @staticmethod
     def describe(base: dict[str, Any], sample: dict[str, Any]) -> str:
         """The data and encoder of a text study, for its report."""
-        return (f"Data `{base['dataset']}`: {sample.get('num_train_pairs')} training pairs; "
+        data = (f"Data `{base['dataset']}`: {sample.get('num_train_pairs')} training pairs; "
                 f"{sample.get('num_test_queries')} test queries searched among {sample.get('num_test_documents')} "
                 f"test documents (max_pairs {base['max_pairs']}, test fraction {base['test_fraction']}, split seed "
-                f"{base['data_seed']}). Encoder: transformer, dim {base['text_dim']}, {base['text_depth']} layer(s), "
+                f"{base['data_seed']}).")
+        if base.get("unsupervised"):
+            data += (" Unsupervised (SimCSE-style): each training query is its own positive, dropout the only "
+                     "augmentation; the documents are not trained on.")
+        if base.get("encoder") == "minilm":
+            layers = base.get("train_layers")
+            return (data + " Encoder: the pre-trained all-MiniLM-L6-v2, trained through sentence-transformers' "
+                    f"SentenceTransformerTrainer ({f'top {layers} of 6 layers' if layers else 'every layer'} "
+                    f"trained), dropout {base['dropout']}, max length {base['max_length']}.")
+        return (data + f" Encoder: transformer, dim {base['text_dim']}, {base['text_depth']} layer(s), "
                 f"{base['text_heads']} heads, dropout {base['dropout']}, vocabulary {base['vocab_size']}, max length "
                 f"{base['max_length']}.")

@@ -50,7 +50,7 @@ from typing import Any, ClassVar
 
 from ..config import TrainConfig
 from ..report import markdown_table, plt, save_figure
-from ..run import atomic_write_text
+from ..folder import atomic_write_text
 from ..stats import fmt_mean_std, mean_std, welch
 from ..sweep import parse_list, read_results
 from .base import ImageStudy, Study, TextStudy
@@ -353,7 +353,7 @@ def report(folder: Path) -> Path:
         "study: rerun the same command to finish it).\n" if missing else "",
         f"\n## {label}\n\n", markdown_table(["method"] + [f"B={s}" for s in sizes], table),
         "\n## Training seconds (mean over seeds)\n\n", markdown_table(["method"] + [f"B={s}" for s in sizes], times),
-        f"\n## Which methods lose least when the batch shrinks\n\n",
+        "\n## Which methods lose least when the batch shrinks\n\n",
         "\n".join(f"- {f}" for f in findings) + "\n",
     ]
     if ranking:

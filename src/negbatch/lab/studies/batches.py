@@ -31,7 +31,7 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..report import markdown_table, plt, save_figure
-from ..run import atomic_write_text, read_metrics
+from ..folder import atomic_write_text, read_metrics
 from ..stats import fmt_mean_std, mean_std, welch_p
 from ..sweep import parse_list, read_results
 from .base import ImageStudy

@@ -34,7 +34,7 @@ import torch
 
 from ..config import TrainConfig
 from ..report import markdown_table, plt, save_figure
-from ..run import CHECKPOINT, atomic_write_text
+from ..folder import CHECKPOINT, atomic_write_text
 from ..stats import fmt_mean_std, mean_std, welch
 from ..sweep import parse_list, read_results, run_key
 from .base import ImageStudy, say

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
-from ..run import atomic_write_text, resolve_device
+from ..folder import atomic_write_text, resolve_device
 from ..sweep import parse_list
 from .base import ImageStudy, say
 from .gradcache_measure import DATA_KINDS, measure_in_subprocess

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..report import markdown_table, plt, save_figure
-from ..run import atomic_write_text
+from ..folder import atomic_write_text
 from ..stats import fmt_mean_std, mean_std, welch_p
 
 __all__ = ["METHODS", "MIB", "aggregate", "write_table", "report"]

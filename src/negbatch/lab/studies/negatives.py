@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig, parse_negatives
-from ..run import atomic_write_text, read_metrics
+from ..folder import atomic_write_text, read_metrics
 from ..stats import fmt_mean_std, mean_std, spearman, welch_p
 from ..sweep import parse_list, read_results
 from ..tasks.image import negative_candidates

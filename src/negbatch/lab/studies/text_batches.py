@@ -24,7 +24,7 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..report import markdown_table, plt, save_figure
-from ..run import atomic_write_text
+from ..folder import atomic_write_text
 from ..stats import fmt_mean_std, mean_std, welch_p
 from ..sweep import parse_list, read_results
 from ..tasks.text import TEXT_METRICS

@@ -27,7 +27,7 @@ import torch
 
 from ..config import TrainConfig
 from ..report import markdown_table, plt, save_figure
-from ..run import atomic_write_text
+from ..folder import atomic_write_text
 from ..stats import fmt_mean_std, mean_std, spearman, welch_p
 from ..sweep import parse_list, read_results
 from ..tasks.text import TEXT_METRICS, load_text_split, text_tokenizer
@@ -105,10 +105,17 @@ def saved_activation_bytes(cfg: TrainConfig, chunk_size: int) -> int:
     from ...models.text import TransformerTextEncoder
 
     train, _ = load_text_split(cfg)
-    tok = text_tokenizer(cfg, train)
     torch.manual_seed(0)
-    enc = TransformerTextEncoder(tok.vocab_size, dim=cfg.text_dim, depth=cfg.text_depth, heads=cfg.text_heads,
-                                 dropout=cfg.dropout, max_length=cfg.max_length)
+    if cfg.encoder == "minilm":  # the trained layers' activations (train_layers), MiniLM's own tokenizer
+        from ...models.text import SentenceTransformerEncoder
+        from ..minilm import build_minilm
+
+        enc = SentenceTransformerEncoder(build_minilm(cfg))
+        tok = enc.tokenize
+    else:
+        tok = text_tokenizer(cfg, train)
+        enc = TransformerTextEncoder(tok.vocab_size, dim=cfg.text_dim, depth=cfg.text_depth, heads=cfg.text_heads,
+                                     dropout=cfg.dropout, max_length=cfg.max_length)
     loss = InfoNCE(temperature=cfg.temperature, form="query_document", symmetric=cfg.symmetric)
     idx = list(range(cfg.batch_size))
     q, d = tok([train.queries[i] for i in idx]), tok([train.documents[i] for i in idx])

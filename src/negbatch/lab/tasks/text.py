@@ -40,7 +40,7 @@ from ..config import TrainConfig
 from ..objective import batch_loss, needs_indices
 from .base import Task
 
-__all__ = ["TextTask", "TEXT_METRICS", "load_text_split", "text_tokenizer", "text_identity"]
+__all__ = ["TextTask", "TEXT_METRICS", "load_text_split", "text_tokenizer", "text_identity", "self_pairs"]
 
 TEXT_METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
 
@@ -93,6 +93,14 @@ def _tokenizer(dataset, max_pairs, test_fraction, data_seed, query_column, docum
     return TextTokenizer.train(train.queries + train.documents, vocab_size=vocab_size, max_length=max_length)
 
 
+def self_pairs(pairs):
+    """Each query paired with itself (``unsupervised``: SimCSE's positives, two dropout masks
+    of one text); the documents and any hard negatives are left out."""
+    from ...data.text import TextPairs
+
+    return TextPairs(pairs.queries, list(pairs.queries), pairs.ids)
+
+
 def text_identity(name: str, source: str | None, train, test) -> dict[str, Any]:
     """Name, source, sizes and a sha256 of every text of both sides."""
     digest = hashlib.sha256()
@@ -124,8 +132,11 @@ class TextTask(Task):
         if cfg.negatives != "all" and cfg.negatives > cfg.batch_size - 1:
             raise ValueError(f"negatives={cfg.negatives} exceeds the {cfg.batch_size - 1} in-batch candidates per "
                              f"query at batch_size={cfg.batch_size}; use negatives <= {cfg.batch_size - 1} or 'all'")
+        if cfg.unsupervised:  # the vocabulary too is learnt from the queries alone
+            self.train = self_pairs(self.train)
         self.data_identity = text_identity(cfg.dataset, source, self.train, self.test)
-        self.tokenizer = text_tokenizer(cfg, self.train) if data is None else self._own_tokenizer()
+        self.tokenizer = text_tokenizer(cfg, self.train) if data is None and not cfg.unsupervised \
+            else self._own_tokenizer()
         self.untrained: dict[str, float] = {}
 
     def _own_tokenizer(self):
