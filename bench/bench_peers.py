@@ -34,7 +34,7 @@ counts as met when it is at most ``1 + --tolerance`` (default 0.03: "level",
 within the run-to-run spread of a median on a shared machine); the ratio is
 printed either way.
 
-Usage: python bench/bench_peers.py [--sizes 512 2048 8192] [--dim 128] [--repeats 7] [--quick]
+Usage: python bench/bench_peers.py [--sizes 512 2048 8192] [--dim 128] [--repeats 7] [--only new dense sampled] [--quick]
 """
 
 from __future__ import annotations
@@ -295,6 +295,8 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[16, 64, 128], help="sampled K at the smallest size")
     parser.add_argument("--queue", type=int, default=4096, help="queue size Q")
     parser.add_argument("--sampled-at", type=int, default=512, help="2B of the sampled-K-vs-all section")
+    parser.add_argument("--only", nargs="+", choices=["new", "dense", "sampled"], default=["new", "dense", "sampled"],
+                        help="the groups to run")
     parser.add_argument("--classes", type=int, default=10, help="labels of the SupCon rows")
     parser.add_argument("--tolerance", type=float, default=0.03, help="a ratio <= 1 + tolerance is level")
     parser.add_argument("--threads", type=int, default=1)
@@ -314,11 +316,13 @@ def main() -> None:
           f"level = ratio <= {1 + args.tolerance:.2f}; ratios are ours / peer")
     report = Report(args.tolerance)
     for two_b in args.sizes:
-        print(f"2B={two_b}: new losses vs peers")
-        new_losses(two_b, args, report)
-        print(f"2B={two_b}: dense InfoNCE vs peers")
-        dense_peers(two_b, args, report)
-        if two_b == args.sampled_at:
+        if "new" in args.only:
+            print(f"2B={two_b}: new losses vs peers")
+            new_losses(two_b, args, report)
+        if "dense" in args.only:
+            print(f"2B={two_b}: dense InfoNCE vs peers")
+            dense_peers(two_b, args, report)
+        if "sampled" in args.only and two_b == args.sampled_at:
             print(f"2B={two_b}: sampled K vs all")
             sampled_small(two_b, args, report)
     report.summary()
