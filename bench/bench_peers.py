@@ -234,7 +234,9 @@ def new_losses(two_b: int, args, report: Report) -> None:
 def dense_peers(two_b: int, args, report: Report) -> None:
     """The dense InfoNCE against the peers, query-document (B = 2B/2 pairs) and two-view."""
     import info_nce
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.losses import (
+        MultipleNegativesRankingLoss,
+    )
 
     tau = 0.05  # MNRL's scale 20
     q, d = views(two_b, args.dim, seed=2)
@@ -275,10 +277,11 @@ def sampled_small(two_b: int, args, report: Report) -> None:
         a, b = views(2 * rows, args.dim, seed=4)
         population = 2 * rows - 2 if form == "two_view" else rows - 1
         ks = [k for k in args.ks if k < population]
-        variants = {"all": (lambda loss=InfoNCE(temperature=tau, form=form): loss(a, b))}
+        full = InfoNCE(temperature=tau, form=form)
+        variants = {"all": lambda loss=full, a=a, b=b: loss(a, b)}
         for k in ks:
             loss = InfoNCE(temperature=tau, form=form, negatives=k)
-            variants[f"K={k}"] = lambda loss=loss: loss(a, b, generator=gen)
+            variants[f"K={k}"] = lambda loss=loss, a=a, b=b: loss(a, b, generator=gen)
         where = f"{form} B={rows}"
         print(f"  {where}")
         medians = race(variants, [a, b], args.repeats)
