@@ -81,3 +81,27 @@ def test_bench_st_cached_quick_prints_both_ratios():
     assert "load average before" in out
     check = float(out.split("|g_CachedMNRL| = ")[1].split()[0])
     assert check < 1e-4  # the two cached losses compute the same gradient
+
+
+@pytest.mark.slow
+def test_bench_peers_quick_prints_every_ratio_and_a_verdict_per_goal():
+    pytest.importorskip("pytorch_metric_learning")
+    pytest.importorskip("info_nce")
+    pytest.importorskip("sentence_transformers")
+    out = run_bench("bench_peers.py", "--quick")
+    assert "load average before" in out and "threads 1" in out and "ratios are ours / peer" in out
+    ratios = [line for line in out.splitlines() if line.startswith("  ") and not line.startswith("   ") and " / " in line]
+    for peer in ["PML SupConLoss", "PML CrossBatchMemory(SupConLoss)", "dense formula (open_clip's)",
+                 "plain formula (lightly's)", "learnable / fixed", "info-nce-pytorch", "sentence-transformers MNRL",
+                 "hand-written cosine CE", "open_clip ClipLoss formula", "plain NT-Xent"]:
+        assert any(peer in line for line in ratios), peer
+    for form in ["two_view B=16", "query_document B=16", "query_document B=32"]:
+        assert any(line.strip().startswith(form) and " K=" in line for line in ratios), form
+    for line in ratios:  # label, ratio, verdict
+        words = line.split()
+        verdict = "NOT met" if words[-2:] == ["NOT", "met"] else words[-1]
+        ratio = words[-3] if verdict == "NOT met" else words[-2]
+        assert verdict in ("met", "NOT met") and float(ratio) > 0, line
+    goals = [line for line in out.splitlines() if line.startswith("goal ")]
+    assert len(goals) == 3 and all(": met" in g or ": NOT met" in g for g in goals), goals
+    assert "each new loss never slower than its peer" in goals[0]

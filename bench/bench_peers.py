@@ -1,0 +1,337 @@
+"""Forward + backward time of negbatch's losses against their peers (issue 15, item 3).
+
+For 2B embeddings of width d (2B in {512, 2048, 8192}), every group of
+variants is timed side by side in this one process, round-robin, and each of
+ours is reported as the median of its times divided by the peer's median
+(``ours / peer``: <= 1.0 means ours is never slower). The groups:
+
+* the new losses against a peer or a hand-written version:
+  SupCon (``InfoNCE(positives="mask")`` with labels) / pytorch-metric-learning's
+  ``SupConLoss``; the queue (``InfoNCE(queue_size=Q)``) / PML's
+  ``CrossBatchMemory`` (its memory holds the current batch too:
+  ``memory_size = Q + 2B`` gives both the same candidates; every sample's
+  label is its own index, so the other view is the one positive). Inside it,
+  PML's ``SupConLoss``: with one positive per anchor it is NT-Xent, equal to
+  ours to float32 rounding. PML's ``NTXentLoss`` computes the same value but
+  builds tables of (positive pair x negative pair): with Q = 4096 at 2B = 512
+  one call took 13 s (empty queue) to 48 s (full) and 2.5 to 9 GB here, so it
+  cannot run at these sizes (``--pml-ntxent`` times it at the smallest size);
+  SigLIP / the dense sigmoid formula as open_clip writes it (open_clip is not
+  installable here); DCL / a plain two-view DCL as lightly writes it (not
+  installed either); a learnable temperature / the fixed one;
+* the dense InfoNCE against the peers of the query-document form:
+  info-nce-pytorch (``info_nce.InfoNCE``), sentence-transformers'
+  ``MultipleNegativesRankingLoss`` (its own code, on precomputed embeddings),
+  a hand-written cosine cross-entropy; the symmetric form against open_clip's
+  ``ClipLoss`` formula; the two-view form against a plain NT-Xent;
+* at 2B = 512: sampled ``negatives=K`` against ``negatives="all"`` in both
+  forms (query-document also at B = 512).
+
+Goals (issue 15): each new loss never slower than its peer; at 2B = 512,
+sampled K never slower than all, and the dense InfoNCE at least level with the
+fastest peer; from 2B = 2048 up, ahead of or level with every peer. A ratio
+counts as met when it is at most ``1 + --tolerance`` (default 0.03: "level",
+within the run-to-run spread of a median on a shared machine); the ratio is
+printed either way.
+
+Usage: python bench/bench_peers.py [--sizes 512 2048 8192] [--dim 128] [--repeats 7] [--only new dense sampled] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from negbatch import DCL, InfoNCE, SigLIP
+
+Variant = Callable[[], torch.Tensor]
+
+
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+# ----------------------------------------------------------- hand-written peers
+
+
+def plain_nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
+    """SimCLR's NT-Xent as a user would write it."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    n = z1.shape[0]
+    sim = (z @ z.t() / tau).fill_diagonal_(float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    return F.cross_entropy(sim, target)
+
+
+def cosine_cross_entropy(q: torch.Tensor, d: torch.Tensor, tau: float) -> torch.Tensor:
+    """Query i against every document, document i positive."""
+    logits = F.normalize(q, dim=1) @ F.normalize(d, dim=1).t() / tau
+    return F.cross_entropy(logits, torch.arange(q.shape[0]))
+
+
+def clip_formula(q: torch.Tensor, d: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """open_clip's ClipLoss (one process): the mean of the two directions."""
+    q, d = F.normalize(q, dim=1), F.normalize(d, dim=1)
+    per_query = scale * q @ d.t()
+    target = torch.arange(q.shape[0])
+    return (F.cross_entropy(per_query, target) + F.cross_entropy(per_query.t(), target)) / 2
+
+
+def sigmoid_formula(q: torch.Tensor, d: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """SigLIP's dense loss as open_clip writes it: +1 on the diagonal, -1 elsewhere."""
+    q, d = F.normalize(q, dim=1), F.normalize(d, dim=1)
+    n = q.shape[0]
+    logits = scale * q @ d.t() + bias
+    signs = 2 * torch.eye(n) - 1
+    return -F.logsigmoid(signs * logits).sum() / n
+
+
+def dcl_formula(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
+    """Two-view DCL: each view's positive out of its log-sum-exp over the 2B - 2 negatives."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    n = z1.shape[0]
+    sim = z @ z.t() / tau
+    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    rows = torch.arange(2 * n)
+    positive = sim[rows, partner]
+    outside = torch.eye(2 * n, dtype=torch.bool)
+    outside[rows, partner] = True
+    return (sim.masked_fill(outside, float("-inf")).logsumexp(dim=1) - positive).mean()
+
+
+# ------------------------------------------------------------------- timing
+
+
+def race(variants: dict[str, Variant], leaves: list[torch.Tensor], repeats: int) -> dict[str, float]:
+    """Median seconds of forward + backward of each variant, timed round-robin
+    (the first round warms up). Each round starts one variant later, so that
+    no variant always follows the same one (in one fixed order, the learnable
+    temperature read 1.12-1.16x the fixed one, level when raced alone: most
+    likely the allocator's state left by the variant before it)."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    items = list(variants.items())
+    for rep in range(repeats + 1):
+        shift = rep % len(items)
+        for name, run in items[shift:] + items[:shift]:
+            t0 = time.perf_counter()
+            run().backward()
+            elapsed = time.perf_counter() - t0
+            for leaf in leaves:
+                leaf.grad = None
+            if rep:
+                times[name].append(elapsed)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+class Report:
+    """Rows ``(goal, 2B, ours, peer, ratio)`` and their verdicts."""
+
+    def __init__(self, tolerance: float) -> None:
+        self.tolerance = tolerance
+        self.rows: list[tuple[str, str, float, bool]] = []
+
+    def add(self, goal: str, label: str, ratio: float) -> None:
+        ok = ratio <= 1.0 + self.tolerance
+        self.rows.append((goal, label, ratio, ok))
+        print(f"  {label:<58} {ratio:>6.3f}  {'met' if ok else 'NOT met'}", flush=True)
+
+    def summary(self) -> None:
+        print()
+        for goal in dict.fromkeys(goal for goal, *_ in self.rows):
+            rows = [r for r in self.rows if r[0] == goal]
+            misses = [f"{label} {ratio:.3f}" for _, label, ratio, ok in rows if not ok]
+            worst = max(ratio for _, _, ratio, _ in rows)
+            verdict = "met" if not misses else "NOT met (" + "; ".join(misses) + ")"
+            print(f"goal {goal}: worst ratio {worst:.3f}: {verdict}")
+
+
+def show(medians: dict[str, float]) -> None:
+    for name, seconds in medians.items():
+        print(f"    {name:<40} {1000 * seconds:>10.2f} ms")
+
+
+def views(two_b: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(two_b // 2, dim, generator=g, requires_grad=True),
+            torch.randn(two_b // 2, dim, generator=g, requires_grad=True))
+
+
+# ------------------------------------------------------------------- groups
+
+
+def new_losses(two_b: int, args, report: Report) -> None:
+    """Each new loss against its peer or a hand-written version."""
+    import pytorch_metric_learning.losses as pml
+
+    tau, dim = 0.1, args.dim
+    z1, z2 = views(two_b, dim)
+    n = two_b // 2
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, args.classes, (n,), generator=g)
+    both_labels = torch.cat([labels, labels])
+    supcon, pml_supcon = InfoNCE(temperature=tau, positives="mask"), pml.SupConLoss(temperature=tau)
+
+    queue_size = args.queue
+    ours_queue = InfoNCE(temperature=tau, queue_size=queue_size)
+    inner = pml.NTXentLoss(temperature=tau) if args.pml_ntxent else pml.SupConLoss(temperature=tau)
+    pml_queue = pml.CrossBatchMemory(inner, embedding_size=dim, memory_size=queue_size + two_b)
+    pml_name = f"queue {queue_size}: PML CrossBatchMemory({type(inner).__name__})"
+    steps = itertools.count()
+
+    def fresh_indices() -> torch.Tensor:  # no sample comes back: the queue holds negatives only
+        return torch.arange(n) + n * next(steps)
+
+    def run_ours_queue() -> torch.Tensor:
+        return ours_queue(z1, z2, indices=fresh_indices())
+
+    def run_pml_queue() -> torch.Tensor:
+        idx = fresh_indices()
+        return pml_queue(torch.cat([z1, z2]), torch.cat([idx, idx]))
+
+    with torch.no_grad():  # fill both queues before timing
+        for _ in range(-(-queue_size // two_b) + 1):
+            run_ours_queue(), run_pml_queue()
+
+    siglip = SigLIP(temperature=0.1, bias=-10.0)
+    scale = torch.tensor(10.0, requires_grad=True)
+    bias = torch.tensor(-10.0, requires_grad=True)
+    dcl = DCL(temperature=tau)
+    fixed, learnable = InfoNCE(temperature=tau), InfoNCE(temperature=tau, learnable_temperature=True)
+
+    variants = {
+        "SupCon: negbatch positives='mask'": lambda: supcon(z1, z2, labels=labels),
+        "SupCon: PML SupConLoss": lambda: pml_supcon(torch.cat([z1, z2]), both_labels),
+        f"queue {queue_size}: negbatch": run_ours_queue,
+        pml_name: run_pml_queue,
+        "SigLIP: negbatch": lambda: siglip(z1, z2),
+        "SigLIP: dense formula (open_clip's)": lambda: sigmoid_formula(z1, z2, scale, bias),
+        "DCL: negbatch": lambda: dcl(z1, z2),
+        "DCL: plain formula (lightly's)": lambda: dcl_formula(z1, z2, tau),
+        "temperature: learnable": lambda: learnable(z1, z2),
+        "temperature: fixed": lambda: fixed(z1, z2),
+    }
+    leaves = [z1, z2, scale, bias, *siglip.parameters(), *learnable.parameters()]
+    names = list(variants)
+    goal = "each new loss never slower than its peer"
+    for ours, peer in zip(names[::2], names[1::2]):  # each pair raced on its own, side by side
+        medians = race({ours: variants[ours], peer: variants[peer]}, leaves, args.repeats)
+        show(medians)
+        report.add(goal, f"2B={two_b} {ours} / {peer.split(': ', 1)[1]}", medians[ours] / medians[peer])
+
+
+def dense_peers(two_b: int, args, report: Report) -> None:
+    """The dense InfoNCE against the peers, query-document (B = 2B/2 pairs) and two-view."""
+    import info_nce
+    from sentence_transformers.sentence_transformer.losses import (
+        MultipleNegativesRankingLoss,
+    )
+
+    tau = 0.05  # MNRL's scale 20
+    q, d = views(two_b, args.dim, seed=2)
+    ours = InfoNCE(temperature=tau, form="query_document")
+    ours_sym = InfoNCE(temperature=tau, form="query_document", symmetric=True)
+    ours_two_view = InfoNCE(temperature=tau)
+    peer_info_nce = info_nce.InfoNCE(temperature=tau)
+    mnrl = MultipleNegativesRankingLoss(torch.nn.Identity(), scale=1 / tau)  # the model is not called
+    clip_scale = torch.tensor(1 / tau, requires_grad=True)
+    variants = {
+        "negbatch query_document": lambda: ours(q, d),
+        "info-nce-pytorch": lambda: peer_info_nce(q, d),
+        "sentence-transformers MNRL": lambda: mnrl.compute_loss_from_embeddings([q, d], None),
+        "hand-written cosine CE": lambda: cosine_cross_entropy(q, d, tau),
+        "negbatch query_document symmetric": lambda: ours_sym(q, d),
+        "open_clip ClipLoss formula": lambda: clip_formula(q, d, clip_scale),
+        "negbatch two_view": lambda: ours_two_view(q, d),
+        "plain NT-Xent": lambda: plain_nt_xent(q, d, tau),
+    }
+    medians = race(variants, [q, d, clip_scale], args.repeats)
+    show(medians)
+    goal = (f"2B<{4 * args.sampled_at}: dense InfoNCE at least level with the fastest peer" if two_b < 4 * args.sampled_at
+            else f"2B>={4 * args.sampled_at}: dense InfoNCE ahead of or level with every peer")
+    peers = ["info-nce-pytorch", "sentence-transformers MNRL", "hand-written cosine CE"]
+    for peer in peers:
+        report.add(goal, f"2B={two_b} query_document / {peer}", medians["negbatch query_document"] / medians[peer])
+    report.add(goal, f"2B={two_b} symmetric / open_clip ClipLoss formula",
+               medians["negbatch query_document symmetric"] / medians["open_clip ClipLoss formula"])
+    report.add(goal, f"2B={two_b} two_view / plain NT-Xent", medians["negbatch two_view"] / medians["plain NT-Xent"])
+
+
+def sampled_small(two_b: int, args, report: Report) -> None:
+    """Sampled K against all at a small batch, in both forms."""
+    tau = 0.1
+    gen = torch.Generator().manual_seed(3)
+    goal = f"2B={two_b}: sampled K never slower than all"
+    for form, rows in [("two_view", two_b // 2), ("query_document", two_b // 2), ("query_document", two_b)]:
+        a, b = views(2 * rows, args.dim, seed=4)
+        population = 2 * rows - 2 if form == "two_view" else rows - 1
+        ks = [k for k in args.ks if k < population]
+        full = InfoNCE(temperature=tau, form=form)
+        variants = {"all": lambda loss=full, a=a, b=b: loss(a, b)}
+        for k in ks:
+            loss = InfoNCE(temperature=tau, form=form, negatives=k)
+            variants[f"K={k}"] = lambda loss=loss, a=a, b=b: loss(a, b, generator=gen)
+        where = f"{form} B={rows}"
+        print(f"  {where}")
+        medians = race(variants, [a, b], args.repeats)
+        show(medians)
+        for k in ks:
+            report.add(goal, f"{where} K={k} / all", medians[f"K={k}"] / medians["all"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048, 8192], help="2B values")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--ks", type=int, nargs="+", default=[16, 64, 128], help="sampled K at the smallest size")
+    parser.add_argument("--queue", type=int, default=4096, help="queue size Q")
+    parser.add_argument("--sampled-at", type=int, default=512, help="2B of the sampled-K-vs-all section")
+    parser.add_argument("--only", nargs="+", choices=["new", "dense", "sampled"], default=["new", "dense", "sampled"],
+                        help="the groups to run")
+    parser.add_argument("--classes", type=int, default=10, help="labels of the SupCon rows")
+    parser.add_argument("--tolerance", type=float, default=0.03, help="a ratio <= 1 + tolerance is level")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--pml-ntxent", action="store_true",
+                        help="the queue's peer: CrossBatchMemory(NTXentLoss) (GBs and seconds per call), smallest size only")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.repeats, args.ks, args.queue, args.classes = [32, 64], 1, [4, 8], 48, 4
+        args.sampled_at = 32
+    if args.pml_ntxent:
+        args.sizes = [min(args.sizes)]
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    print(f"load average before: {load_average()}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, d={args.dim}, median of {args.repeats}, "
+          f"level = ratio <= {1 + args.tolerance:.2f}; ratios are ours / peer")
+    report = Report(args.tolerance)
+    for two_b in args.sizes:
+        if "new" in args.only:
+            print(f"2B={two_b}: new losses vs peers")
+            new_losses(two_b, args, report)
+        if "dense" in args.only:
+            print(f"2B={two_b}: dense InfoNCE vs peers")
+            dense_peers(two_b, args, report)
+        if "sampled" in args.only and two_b == args.sampled_at:
+            print(f"2B={two_b}: sampled K vs all")
+            sampled_small(two_b, args, report)
+    report.summary()
+    print(f"load average after: {load_average()}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
