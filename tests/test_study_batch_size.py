@@ -105,3 +105,30 @@ def test_every_method_on_images_and_text(tmp_path):
     assert main(["study", "batch-size", "--data", "builtin", "--out", str(tmp_path / "text"), "--batch-sizes", "4,8",
                  "--seeds", "0,1", "--epochs", "1", "--text-dim", "16", "--vocab-size", "200", "--k", "2"]) == 0
     assert len(json.loads((tmp_path / "text" / "results.json").read_text())) == 28
+
+
+def test_a_study_stopped_by_sigint_says_so_and_resumes(tmp_path):
+    """Ctrl-C (SIGINT) stops the run after its step with a checkpoint; the study exits 130 with a message, not a
+    traceback, and the same command finishes it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = [sys.executable, "-m", "negbatch.cli", "study", "batch-size", "--data", "digits", "--out", str(tmp_path),
+            "--n-train", "256", "--n-test", "64", "--encoder-widths", "16", "--head-widths", "16,8", "--knn-k", "5",
+            "--epochs", "4", "--workers", "1", "--methods", "infonce", "--batch-sizes", "8,16", "--seeds", "0",
+            "--log-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    study = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not any(p.stat().st_size for p in tmp_path.glob("runs/*/metrics.jsonl")) and time.time() < deadline:
+        time.sleep(0.05)
+    study.send_signal(signal.SIGINT)
+    _, err = study.communicate(timeout=120)
+    assert study.returncode == 130, err
+    assert "stopped" in err and "run the same command again to resume" in err and "Traceback" not in err
+    finish = subprocess.run(argv, stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+    assert finish.returncode == 0, finish.stderr
+    assert len(json.loads((tmp_path / "results.json").read_text())) == 2

@@ -224,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TypeError, ModuleNotFoundError) as err:  # the last: a missing extra
         print(f"negbatch {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C, or a run stopped by SIGINT/SIGTERM (lab.sweep.RunStopped)
+        # Finished runs and the results table are on disk; an interrupted run has its checkpoint.
+        where = f" ({err})" if str(err) else ""
+        print(f"negbatch {args.command}: stopped{where}; everything finished is kept: run the same command again "
+              f"to resume", file=sys.stderr)
+        return 130
 
 
 @contextlib.contextmanager

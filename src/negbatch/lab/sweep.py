@@ -32,7 +32,7 @@ from .processes import Processes
 from .folder import atomic_write_text, hold_lock
 from .run import train
 
-__all__ = ["run_key", "run_configs", "run_jobs", "write_results", "read_results", "parse_list"]
+__all__ = ["RunStopped", "run_key", "run_configs", "run_jobs", "write_results", "read_results", "parse_list"]
 
 KEY_FIELDS = ("loss", "negatives", "temperature", "lr", "seed")
 
@@ -44,11 +44,17 @@ def run_key(cfg: TrainConfig, fields: tuple[str, ...] = KEY_FIELDS) -> str:
     return f"{prefix}-{digest}".replace("/", "_")
 
 
+class RunStopped(KeyboardInterrupt):
+    """A run stopped on request (SIGINT / SIGTERM) after writing its checkpoint:
+    the study stops too, as on Ctrl-C; rerunning it resumes that run."""
+
+
 def _train_one(cfg_dict: dict[str, Any], run_dir: str, threads: int | None) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
     summary = train(TrainConfig.from_dict(cfg_dict), run_dir)
-    assert summary is not None
+    if summary is None:
+        raise RunStopped(f"{run_dir} stopped on request with a checkpoint")
     return {**summary, "run": Path(run_dir).name}
 
 
