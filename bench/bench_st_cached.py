@@ -40,9 +40,9 @@ from pathlib import Path
 
 import torch
 
+from negbatch.lab.memory import peak_memory  # the gradcache study's and bench's instrument
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from bench_gradcache import _peak_rss, _reset_peak_rss  # noqa: E402  (the same memory method)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VARIANTS = ("plain negbatch", "plain MNRL", "cached negbatch", "CachedMNRL")
@@ -147,18 +147,9 @@ def memory_child(variant: str, args) -> None:
     model = load_model(args.quick, args.device).train()
     feats = features(model, args.batch, args.device)
     loss = build(variant, model, args.chunk)
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _reset_peak_rss()
-    step(loss, feats)
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = _peak_rss()
+    with peak_memory(args.device) as measured:
+        step(loss, feats)
+    peak, base = measured.peak_bytes, measured.base_bytes
     print(json.dumps({"peak": peak, "base": base}))
 
 
