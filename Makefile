@@ -33,11 +33,14 @@ venv: $(VENV)/.installed-$(TEST_EXTRAS)
 demo: $(VENV)/.installed-$(DEMO_EXTRAS)
 	$(PY) -m negbatch.cli demo
 
+# The suite runs in one worker process per core (pytest-xdist); TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= auto
+
 test: $(VENV)/.installed-$(TEST_EXTRAS)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS)
 
 test-all: $(VENV)/.installed-$(TEST_EXTRAS)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 bench: $(VENV)/.installed-$(TEST_EXTRAS)
 	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]  # 5: no test is marked slow
