@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -77,6 +78,8 @@ class Study:
         The study's defaults over the task's (:data:`negbatch.lab.config.TASK_DEFAULTS`).
     key_fields : tuple of str
         The fields that name each run's folder (before a hash of the configuration).
+    parallel_by_default : bool
+        ``--workers`` defaults to the machine's cores (else to 1: comparable times).
     """
 
     name: ClassVar[str] = ""
@@ -86,6 +89,7 @@ class Study:
     defaults: ClassVar[dict[str, Any]] = {}
     key_fields: ClassVar[tuple[str, ...]] = KEY_FIELDS
     default_seeds: ClassVar[str] = "0,1,2"
+    parallel_by_default: ClassVar[bool] = False
 
     @property
     def description(self) -> str:
@@ -101,7 +105,10 @@ class Study:
         g.add_argument("--out", default=None, help=f"study folder (default: negbatch-runs/{self.name}-DATASET)")
         self.add_study_arguments(g)
         g.add_argument("--seeds", default=self.default_seeds, help=f"comma list of seeds (default: {self.default_seeds})")
-        g.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+        if self.parallel_by_default:
+            g.add_argument("--workers", type=int, default=None, help="worker processes (default: the machine's cores)")
+        else:
+            g.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
         g.add_argument("--config", default=None,
                        help="TOML/YAML/JSON file of training options (those the study sets are overridden)")
         foreign = TEXT_ONLY if self.modality == "image" else IMAGE_ONLY
@@ -151,6 +158,8 @@ class Study:
         return parse_list(args.seeds, int, "seeds", unique=True)
 
     def check_workers(self, args: argparse.Namespace) -> None:
+        if args.workers is None:  # a parallel study's default: every core this process may use
+            args.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         w = args.workers
         if isinstance(w, bool) or not isinstance(w, int) or w < 1:
             raise ValueError(f"--workers must be a positive int, got {w!r}")

@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -118,6 +117,7 @@ class BatchSizeStudy(Study):
     swept = ("loss", "negatives", "batch_size", "chunk_size", "queue_size", "seed", "lr")
     key_fields = ("loss", "negatives", "queue_size", "batch_size", "chunk_size", "seed")
     metric: ClassVar[tuple[str, str]] = ("linear_acc", "linear-probe accuracy")
+    parallel_by_default = True
 
     def add_study_arguments(self, g: argparse._ArgumentGroup) -> None:
         g.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)} (default: all)")
@@ -129,17 +129,6 @@ class BatchSizeStudy(Study):
         g.add_argument("--lr-scaling", default="sqrt", choices=("sqrt", "linear", "none"),
                        help=f"learning rate times sqrt(B/{LR_REFERENCE_BATCH}), B/{LR_REFERENCE_BATCH} or 1 "
                             f"(default: sqrt)")
-
-    def check_workers(self, args: argparse.Namespace) -> None:
-        if args.workers is None:
-            args.workers = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-        super().check_workers(args)
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        super().add_arguments(parser)
-        for action in parser._actions:  # this study runs in parallel by default
-            if action.dest == "workers":
-                action.default, action.help = None, "worker processes (default: the machine's cores)"
 
     def candidates(self, batch: int) -> int:
         """Negatives per anchor in a batch of ``batch`` (what K may not exceed)."""
