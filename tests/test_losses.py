@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import _reference as ref
+import negbatch.losses._softmax as softmax_module
 from negbatch import InfoNCE, ReLIC, same_id_mask, select_negatives
 
 TAU = 0.3
@@ -45,8 +46,21 @@ def _assert_match(loss, reference, inputs):
         assert torch.allclose(g, w, rtol=1e-6, atol=1e-12)
 
 
+@pytest.fixture
+def fused_only(monkeypatch):
+    """Every dense InfoNCE through the fused kernel, however small."""
+    monkeypatch.setattr(softmax_module, "SMALL_DENSE_LOGITS", 0)
+
+
+@pytest.fixture(params=["fused", "cross-entropy"])
+def dense_path(request, monkeypatch):
+    """Both ways of a dense InfoNCE: the fused kernel (large banks) and
+    autograd's cross-entropy (small ones, below ``SMALL_DENSE_LOGITS``)."""
+    monkeypatch.setattr(softmax_module, "SMALL_DENSE_LOGITS", 0 if request.param == "fused" else 1 << 30)
+
+
 @pytest.mark.parametrize("use_mask", [False, True])
-def test_two_view_all(use_mask):
+def test_two_view_all(use_mask, dense_path):
     z1, z2 = _data()
     mask = _label_mask(7) if use_mask else None
     loss = InfoNCE(temperature=TAU)(z1, z2, mask=mask)
@@ -118,7 +132,7 @@ def test_fused_dense_path_steps_aside_under_cpu_autocast():
 
 
 @pytest.mark.parametrize("hard,symmetric,use_mask", [(0, False, False), (2, False, True), (2, True, False), (0, True, True)])
-def test_query_document_all(hard, symmetric, use_mask):
+def test_query_document_all(hard, symmetric, use_mask, dense_path):
     xs = _data(hard=hard)
     q, d = xs[0], xs[1]
     h = xs[2] if hard else None
@@ -226,7 +240,7 @@ def _two_view_sets_many(n, k, draws):
     return [idx[:, a, :].tolist() for a in range(2 * n)]
 
 
-def test_dense_backward_twice_raises_clearly():
+def test_dense_backward_twice_raises_clearly(fused_only):
     z1, z2 = _data()
     loss = InfoNCE(temperature=TAU)(z1, z2)
     loss.backward(retain_graph=True)
@@ -234,7 +248,7 @@ def test_dense_backward_twice_raises_clearly():
         loss.backward()
 
 
-def test_dense_fused_path_matches_autograd_of_the_plain_formula_float32():
+def test_dense_paths_match_autograd_of_the_plain_formula_float32(dense_path):
     z1, z2 = (t.float().detach().requires_grad_() for t in _data(n=33, d=9))
     got = InfoNCE(temperature=0.07)(z1, z2)
     z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from scipy.stats import chisquare
 
 from negbatch import InfoNCE, ReLIC, select_negatives
+import negbatch.negatives as negatives_module
 from negbatch.negatives import sample_uniform_ranks
 
 
@@ -114,7 +115,24 @@ def test_k_subsets_are_uniform_chi_square(path, m, k, masked):
     assert p > 1e-3, f"{path}: subsets not uniform (p={p:.2e}, {len(universe)} subsets)"
 
 
-def test_floyd_ranks_match_exact_subset_probabilities():
+@pytest.fixture(params=["table", "compare"])
+def floyd_way(request, monkeypatch):
+    """Both ways Floyd's algorithm finds an earlier draw on the CPU: a table
+    of booleans (small banks) or comparison with the row's draws (large)."""
+    monkeypatch.setattr(negatives_module, "FLOYD_TABLE_CELLS", 1 << 40 if request.param == "table" else 0)
+
+
+def test_floyd_ways_draw_the_same_ranks(monkeypatch):
+    population = torch.randint(8, 40, (500,), generator=torch.Generator().manual_seed(2))
+    raw = torch.randint(0, 2**62, (500, 7), generator=torch.Generator().manual_seed(4))
+    ways = []
+    for cells in (1 << 40, 0):
+        monkeypatch.setattr(negatives_module, "FLOYD_TABLE_CELLS", cells)
+        ways.append(sample_uniform_ranks(population, 7, raw))
+    assert torch.equal(ways[0], ways[1])
+
+
+def test_floyd_ranks_match_exact_subset_probabilities(floyd_way):
     population = torch.full((60_000,), 5)
     raw = torch.randint(0, 2**62, (60_000, 3), generator=torch.Generator().manual_seed(9))
     ranks = sample_uniform_ranks(population, 3, raw)

@@ -234,17 +234,29 @@ def sample_uniform_ranks(
     return (draws - base).t().contiguous()
 
 
+#: Up to this many (row, rank) cells, :func:`_floyd_numpy` marks drawn
+#: ranks in a table of booleans; above, the table no longer fits a cache
+#: (and zeroing it costs page faults), and each draw is compared with the
+#: row's earlier ones instead (measured: 2B = 8192, K = 16 ten times faster).
+FLOYD_TABLE_CELLS = 1 << 20
+
+
 def _floyd_numpy(population: np.ndarray, k: int, raw: np.ndarray, width: int) -> np.ndarray:
     """:func:`sample_uniform_ranks` on the CPU, in numpy (the same draws)."""
     n = population.shape[0]
-    taken = np.zeros(n * width, dtype=bool)
-    base = np.arange(n, dtype=np.int64) * width
     top = (population - k)[None, :] + np.arange(k, dtype=np.int64)[:, None]
     draws = raw.T % (top + 1)
+    if n * width > FLOYD_TABLE_CELLS:
+        for t in range(1, k):
+            step = draws[t]  # a view: written in place
+            np.copyto(step, top[t], where=(draws[:t] == step).any(axis=0))
+        return np.ascontiguousarray(draws.T)
+    taken = np.zeros(n * width, dtype=bool)
+    base = np.arange(n, dtype=np.int64) * width
     draws += base
     top += base
     for t in range(k):
-        step = draws[t]  # a view: written in place
+        step = draws[t]
         np.copyto(step, top[t], where=taken[step])
         taken[step] = True
     draws -= base
@@ -255,15 +267,15 @@ def _draw_ranks(
     population: Tensor,
     k: int,
     m: int,
-    row_index: Tensor,
+    row_index: Tensor | None,
     n_rows_global: int,
     generator: torch.Generator | None,
 ) -> Tensor:
     """K uniform distinct ranks in ``range(population[i])`` per local row.
 
     Random numbers are drawn for all ``n_rows_global`` rows and sliced with
-    ``row_index``, so the result does not depend on how rows are split across
-    processes.
+    ``row_index`` (None: every row, in order), so the result does not depend
+    on how rows are split across processes.
     """
     device = population.device
     gen_device = generator.device if generator is not None else device
@@ -272,15 +284,19 @@ def _draw_ranks(
             # torch's CPU generator (a Mersenne twister) takes about 10 ns a
             # number; numpy's PCG64, seeded by one draw from it, about 1 ns.
             seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-            table = np.random.PCG64(seed).random_raw((n_rows_global, k)) >> np.uint64(2)
-            raw = torch.from_numpy(table.astype(np.int64))
+            table = np.random.PCG64(seed).random_raw((n_rows_global, k))
+            table >>= np.uint64(2)  # below 2**62: the same bits as int64
+            raw = torch.from_numpy(table.view(np.int64))
         else:
             raw = torch.randint(0, 2**62, (n_rows_global, k), generator=generator, device=gen_device)
-        raw = raw.to(device)[row_index]
-        return sample_uniform_ranks(population, k, raw)
+        if row_index is not None:
+            raw = raw.to(device)[row_index]
+        return sample_uniform_ranks(population, k, raw.to(device))
     # K above half the candidates: Floyd's K sequential draws cost more than
     # random keys, of which each row keeps its K smallest.
-    keys = torch.rand(n_rows_global, m, generator=generator, device=gen_device).to(device)[row_index]
+    keys = torch.rand(n_rows_global, m, generator=generator, device=gen_device).to(device)
+    if row_index is not None:
+        keys = keys[row_index]
     cols = torch.arange(m, device=device)
     keys = keys.masked_fill(cols[None, :] >= population[:, None], 2.0)
     return keys.topk(k, dim=1, largest=False).indices
@@ -359,69 +375,72 @@ def select_negatives(
             if self_index is not None:
                 has_self = self_index >= 0
                 allowed[rows[has_self], self_index[has_self]] = False
+                allowed[rows, positive_index] = True
         else:
             allowed = ~excluded
-        if positive_mask is not None:
-            allowed |= positive_mask
-        allowed[rows, positive_index] = True
+            if positive_mask is not None:
+                allowed |= positive_mask
+            allowed[rows, positive_index] = True
         return NegativeSelection(positive_index=positive_index, allowed=allowed, positive_mask=positive_mask,
                                  self_index=self_index, only_self_excluded=plain)
 
     k = negatives
     if excluded is None:
-        n_self = (self_index >= 0).long() if self_index is not None else torch.zeros_like(positive_index)
-        population = m - 1 - n_self
+        if self_index is None:
+            population = torch.full_like(positive_index, m - 1)
+        else:
+            population = (self_index < 0).long().add_(m - 2)  # the anchor's own column is not a candidate
     else:
         population = m - excluded.sum(dim=1)
     short = population < k
-    if bool(short.any()):
-        if on_shortage == "raise":
-            worst = int(population.min())
-            raise ValueError(
-                f"negatives={k} but {int(short.sum())} anchor(s) have fewer valid candidates "
-                f"(the fewest is {worst} of {m} columns after excluding the anchor, its positive "
-                f"and masked candidates). Lower negatives, enlarge the batch, or pass "
-                f"on_shortage='use_all' to contrast such anchors with all their candidates."
-            )
+    any_short = bool(short.any())
+    if any_short and on_shortage == "raise":
+        worst = int(population.min())
+        raise ValueError(
+            f"negatives={k} but {int(short.sum())} anchor(s) have fewer valid candidates "
+            f"(the fewest is {worst} of {m} columns after excluding the anchor, its positive "
+            f"and masked candidates). Lower negatives, enlarge the batch, or pass "
+            f"on_shortage='use_all' to contrast such anchors with all their candidates."
+        )
     dense = dict(self_index=self_index, mask=mask if positives is None else (mask & ~positive_mask), positives=positives)
     if k >= m:
         # Every anchor is short (it has at most m - 1 candidates), on every rank: the
         # loss over all valid candidates, computed densely (a sampled row cannot hold
         # more entries than the bank has columns).
         return select_negatives(positive_index, m, "all", **dense)
-    if excluded is None and not bool(short.any()) and bool((population == k).all()):
+    if excluded is None and not any_short and int(population.max()) == k:
         # K equals the candidate count: the standard loss, computed densely.
         return select_negatives(positive_index, m, "all", self_index=self_index, on_shortage=on_shortage)
 
     if row_index is None:
-        row_index = torch.arange(n, device=device)
         n_rows_global = n
     elif n_rows_global is None:
         raise ValueError("n_rows_global is required when row_index is given")
     valid = torch.ones(n, 1 + k, dtype=torch.bool, device=device)
-    seq = torch.arange(k, device=device).expand(n, k)
     ranks = _draw_ranks(population.clamp(min=k), k, m, row_index, n_rows_global, generator)
-    if bool(short.any()):
+    if any_short:
         # Anchors short of candidates take ranks 0..population-1, i.e. all of them.
-        ranks = torch.where(short[:, None], seq, ranks)
+        ranks = torch.where(short[:, None], torch.arange(k, device=device).expand(n, k), ranks)
         valid[:, 1:] = ranks < population[:, None]
         ranks = torch.where(valid[:, 1:], ranks, torch.zeros_like(ranks))
 
     if excluded is None:
-        # The rank-th candidate skipping the (at most two) excluded columns.
+        # The rank-th candidate skipping the (at most two) excluded columns:
+        # adding a comparison adds one past each.
         low = positive_index
         high = torch.full_like(positive_index, m)  # a column that is never reached
         if self_index is not None:
             has_self = self_index >= 0
             low = torch.where(has_self, torch.minimum(positive_index, self_index), positive_index)
             high = torch.where(has_self, torch.maximum(positive_index, self_index), high)
-        cols = ranks + (ranks >= low[:, None]).long()
-        cols = cols + (cols >= high[:, None]).long()
+        cols = ranks + (ranks >= low[:, None])
+        cols += cols >= high[:, None]
     else:
         # The rank-th allowed column: search the running count of allowed columns.
         counts = (~excluded).to(torch.int32).cumsum(dim=1)
         cols = torch.searchsorted(counts, (ranks + 1).to(torch.int32))
-    cols = torch.where(valid[:, 1:], cols, torch.zeros_like(cols))
+    if any_short:
+        cols = torch.where(valid[:, 1:], cols, torch.zeros_like(cols))
     if positive_mask is None:
         index = torch.cat([positive_index[:, None], cols], dim=1)
         return NegativeSelection(positive_index=positive_index, index=index, valid=valid, self_index=self_index)
@@ -504,7 +523,11 @@ class _SampledDot(torch.autograd.Function):
         ctx.sparse = sparse_pays(bank.shape[0], k)
         if anchors.dtype in (torch.float32, torch.float64):
             if not ctx.sparse:
-                return (anchors @ bank.t()).gather(1, index)
+                # The product's buffer is kept for the backward's (n, m)
+                # gradient: writing into memory just used is cheaper than
+                # into a fresh allocation.
+                ctx.buffer = anchors @ bank.t()
+                return ctx.buffer.gather(1, index)
             pattern = _csr(index, anchors.new_zeros(n * k), bank.shape[0])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -527,7 +550,9 @@ class _SampledDot(torch.autograd.Function):
                 grad_bank = torch.zeros_like(bank).index_add_(0, index.reshape(-1), contrib)
             return grad_anchors, grad_bank, None
         if not ctx.sparse:
-            full = grad.new_zeros(index.shape[0], bank.shape[0]).scatter_add_(1, index, grad)
+            full = ctx.buffer if ctx.buffer is not None else grad.new_empty(index.shape[0], bank.shape[0])
+            ctx.buffer = None  # a second backward (retain_graph) allocates its own
+            full.zero_().scatter_add_(1, index, grad)
             if ctx.needs_input_grad[0]:
                 grad_anchors = full @ bank
             if ctx.needs_input_grad[1]:
@@ -550,8 +575,16 @@ def selection_logits(
     The positive's column is ``selection.positive_column``.
     """
     if selection.is_dense:
-        logits = anchors @ bank.t() / temperature
-        return logits.masked_fill(~selection.allowed, float("-inf"))
+        # The scale folded into the product, the exclusions filled in place:
+        # no pass over the logits besides the product's own.
+        logits = torch.addmm(anchors.new_zeros(()), anchors, bank.t(), beta=0.0, alpha=1.0 / temperature)
+        if not selection.only_self_excluded:
+            return logits.masked_fill_(~selection.allowed, float("-inf"))
+        if selection.self_index is not None:
+            has_self = selection.self_index >= 0
+            rows = torch.arange(logits.shape[0], device=logits.device)[has_self]
+            logits[rows, selection.self_index[has_self]] = float("-inf")
+        return logits
     logits = _SampledDot.apply(anchors, bank, selection.index) / temperature
     if bool(selection.valid.all()):
         return logits

@@ -108,10 +108,13 @@ class Direction:
         self, negatives: Negatives, generator: torch.Generator | None, on_shortage: OnShortage
     ) -> NegativeSelection:
         """The negatives of every anchor (all, or K sampled)."""
+        # A direction holding every global row holds them in order (one
+        # process): select_negatives then skips the row lookup.
+        every_row = self.row_index.shape[0] == self.n_rows_global
         return select_negatives(
             self.positive_index, self.bank.shape[0], negatives, self_index=self.self_index, mask=self.mask,
-            positives=self.positives, generator=generator, on_shortage=on_shortage, row_index=self.row_index,
-            n_rows_global=self.n_rows_global,
+            positives=self.positives, generator=generator, on_shortage=on_shortage,
+            row_index=None if every_row else self.row_index, n_rows_global=self.n_rows_global,
         )
 
     def extended(self, columns: Tensor, mask: Tensor | None = None, positives: Tensor | None = None) -> "Direction":
@@ -179,10 +182,20 @@ def anchor_roles(form: Form, symmetric: bool) -> int:
 def check_views(a: Tensor, b: Tensor, form: Form, check_finite: bool) -> None:
     """The two embedding inputs of a loss: 2-d, finite, paired row by row."""
     names = ("view1", "view2") if form == "two_view" else ("queries", "documents")
-    check_embeddings(a, names[0], check_finite=check_finite)
-    check_embeddings(b, names[1], check_finite=check_finite)
+    check_embeddings(a, names[0], check_finite=False)
+    check_embeddings(b, names[1], check_finite=False)
     check_same(a, b, names[0], names[1], dims=(0, 1))
     check_nonempty(a, names[0])
+    # One sum of both (NaN and inf make it non-finite, as may an overflow);
+    # only then each on its own, to name the culprit.
+    if check_finite and not bool(torch.isfinite(_wide_sum(a) + _wide_sum(b))):
+        check_embeddings(a, names[0])
+        check_embeddings(b, names[1])
+
+
+def _wide_sum(x: Tensor) -> Tensor:
+    """The sum of ``x``, in float32 for half-precision inputs."""
+    return x.detach().sum(dtype=torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None)
 
 
 def _check_hard_negatives(hard: Tensor, queries: Tensor, check_finite: bool) -> None:

@@ -67,8 +67,6 @@ class _DenseSoftmax(torch.autograd.Function):
             for rows in row_blocks(*buf.shape):
                 positive[rows] = torch.where(pos_mask[rows], buf[rows], 0.0).sum(dim=1)
             positive /= count
-        shift = buf.new_empty(n)
-        total = buf.new_empty(n)
         if selection.only_self_excluded:
             # Only the anchor's own column leaves the denominator (and the
             # positive, decoupled): fill those entries instead of scanning an
@@ -79,21 +77,19 @@ class _DenseSoftmax(torch.autograd.Function):
                 buf[rows_with, selection.self_index[has_self]] = float("-inf")
             if decoupled:
                 buf.scatter_(1, col, float("-inf"))
-            for rows in row_blocks(*buf.shape):
-                block = buf[rows]
-                shift[rows] = block.amax(dim=1)
-                block.sub_(shift[rows, None]).exp_()
-                total[rows] = block.sum(dim=1)
-        else:
-            for rows in row_blocks(*buf.shape):
-                block = buf[rows]
+        shifts, totals = [], []
+        for rows in row_blocks(*buf.shape):
+            block = buf[rows]
+            if not selection.only_self_excluded:
                 outside = ~selection.allowed[rows]
                 if decoupled:
                     outside |= pos_mask[rows] if pos_mask is not None else outside.scatter(1, col[rows], True)
                 block.masked_fill_(outside, float("-inf"))
-                shift[rows] = block.amax(dim=1)
-                block.sub_(shift[rows, None]).exp_()
-                total[rows] = block.sum(dim=1)
+            shift = block.amax(dim=1)
+            block.sub_(shift[:, None]).exp_()
+            shifts.append(shift)
+            totals.append(block.sum(dim=1))
+        shift, total = (torch.cat(shifts), torch.cat(totals)) if len(shifts) > 1 else (shifts[0], totals[0])
         lse = total.log().add_(shift)
         ctx.save_for_backward(anchors, bank, buf, total, col, pos_mask, count)
         ctx.temperature = temperature
@@ -161,11 +157,23 @@ def softmax_terms(
 
 def info_nce_values(anchors: Tensor, bank: Tensor, selection: NegativeSelection, temperature: float) -> Tensor:
     """Per-anchor InfoNCE ``lse - positive`` (SupCon's L_out with several positives)."""
-    if not fused_dense(selection, anchors) and selection.single_positive:
+    if selection.single_positive and (not fused_dense(selection, anchors) or _small(selection)):
         logits = selection_logits(anchors, bank, selection, temperature)
         return F.cross_entropy(logits, selection.positive_column, reduction="none")
     lse, positive = softmax_terms(anchors, bank, selection, temperature)
     return lse - positive
+
+
+#: Dense InfoNCE over at most this many logits (n x m) takes autograd's
+#: cross-entropy instead of :class:`_DenseSoftmax`: at small sizes ATen's
+#: one-pass log-softmax beats the in-place buffer's separate passes, and the
+#: memory that buffer saves (about 2.4 copies of n x m) is small
+#: (bench/bench_peers.py measures both sides).
+SMALL_DENSE_LOGITS = 1 << 16
+
+
+def _small(selection: NegativeSelection) -> bool:
+    return selection.is_dense and selection.allowed.numel() <= SMALL_DENSE_LOGITS
 
 
 def count_negatives(selection: NegativeSelection, bank_size: int) -> Tensor:
