@@ -271,3 +271,32 @@ def test_empty_batches_are_refused():
                           (GlobalInfoNCE(5, temperature=TAU), (torch.zeros(0, dtype=torch.long),))]:
         with pytest.raises(ValueError, match="empty batch"):
             loss_fn(empty, empty, *args)
+
+
+@pytest.mark.parametrize("form,symmetric", [("two_view", False), ("query_document", False), ("query_document", True)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_small_plain_calls_equal_the_layout_path(monkeypatch, form, symmetric, reduction):
+    # A small batch with nothing but in-batch candidates takes InfoNCE's short
+    # path; forcing the layout (no size counts as small) must give the same loss.
+    z1, z2 = _data(n=9)
+    loss = InfoNCE(temperature=TAU, form=form, symmetric=symmetric, reduction=reduction)
+    short = loss(z1, z2)
+    short_grads = torch.autograd.grad(short.sum(), [z1, z2])
+    monkeypatch.setattr(softmax_module, "SMALL_DENSE_LOGITS", 0)
+    full = loss(z1, z2)
+    torch.testing.assert_close(short, full, rtol=1e-12, atol=1e-14)
+    for g, w in zip(short_grads, torch.autograd.grad(full.sum(), [z1, z2])):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("where", ["first", "second"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_small_plain_calls_refuse_and_name_a_non_finite_input(where, bad):
+    for form, names in (("two_view", ("view1", "view2")), ("query_document", ("queries", "documents"))):
+        z1, z2 = (t.detach().clone() for t in _data(n=5))
+        (z1 if where == "first" else z2)[2, 1] = bad
+        name = names[0] if where == "first" else names[1]
+        for reduction in ("mean", "none"):
+            with pytest.raises(ValueError, match=f"{name} contains NaN or inf"):
+                InfoNCE(temperature=TAU, form=form, reduction=reduction)(z1, z2)
+        InfoNCE(temperature=TAU, form=form, check_finite=False)(z1, z2)  # the user's choice: no look

@@ -25,7 +25,7 @@ from torch import Tensor
 from .._checks import Negatives
 from ..distributed import gather_nograd, is_distributed
 from ..negatives import NegativeSelection, selection_logits
-from ._layout import BankLoss, Direction, Layout, check_labels, check_views, fused_dense, row_blocks
+from ._layout import BankLoss, Direction, Layout, autocast_active, check_labels, check_views, fused_dense, row_blocks
 from .queue import NegativeQueue
 
 __all__ = ["softmax_terms", "SoftmaxLoss", "check_sample_indices"]
@@ -231,6 +231,8 @@ class SoftmaxLoss(BankLoss):
         generator: torch.Generator | None = None,
         update: bool = True,
     ) -> Tensor:
+        if self._plain_call(a, b, hard_negatives, indices, labels, mask, guide):
+            return self._plain_forward(a, b)
         check_views(a, b, self.form, self.check_finite)
         n = a.shape[0]
         if self.queue is not None:
@@ -257,6 +259,41 @@ class SoftmaxLoss(BankLoss):
         # Directions hold equal numbers of anchors: the mean of the concatenation
         # is the average of the directions.
         return layout.reduce(torch.cat(values) if len(values) > 1 else values[0], self.reduction)
+
+    # ------------------------------------------------------------------ plain calls
+
+    def _plain_forward(self, a: Tensor, b: Tensor) -> Tensor:
+        """The loss of a plain call (see :meth:`_plain_call`), for the losses
+        that have such a path (InfoNCE)."""
+        raise NotImplementedError
+
+    def _plain_call(self, a: object, b: object, hard_negatives: Tensor | None, *extras: object) -> bool:
+        """Whether this call is a small batch of one process contrasted with
+        its in-batch candidates only, every one of them, at a fixed temperature
+        (nothing else given), which :meth:`_plain_forward` computes with
+        fewer steps; the other calls take the layout."""
+        return (
+            type(self)._plain_forward is not SoftmaxLoss._plain_forward
+            and isinstance(a, Tensor) and isinstance(b, Tensor)
+            and a.dim() == 2 and a.shape == b.shape and a.shape[0] > 0
+            and a.dtype in (torch.float32, torch.float64) and b.dtype == a.dtype and a.device == b.device
+            and (hard_negatives is None or (hard_negatives.dim() == 3 and hard_negatives.shape[1] == 0
+                                            and self.form == "query_document"))
+            and all(x is None for x in extras)
+            and self.negatives == "all" and self.queue is None and self.logit_scale is None
+            and not self.gather and self.normalize and not self.filtering
+            and (2 * a.shape[0] if self.form == "two_view" else a.shape[0]) ** 2 <= SMALL_DENSE_LOGITS
+            and not autocast_active(a.device)
+        )
+
+    def _refuse_non_finite(self, a: Tensor, b: Tensor, values: Tensor) -> Tensor:
+        """Without masks or sampling, every input entry reaches every loss
+        value's row or column: a NaN or inf input makes the output non-finite.
+        One look at the output then stands for the look at both inputs, which
+        runs (and names the culprit) only when the output is not finite."""
+        if self.check_finite and not bool(torch.isfinite(values).all()):
+            check_views(a, b, self.form, check_finite=True)
+        return values
 
     # ------------------------------------------------------------------ queue
 

@@ -18,6 +18,7 @@ anchor with K of its own candidates drawn uniformly without replacement
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import Form, Negatives, OnShortage, Reduction, keyword_only
@@ -205,3 +206,23 @@ class InfoNCE(SoftmaxLoss):
     def _direction_values(self, direction: Direction, selection: NegativeSelection, temperature: float,
                           layout: Layout, index: int) -> Tensor:
         return info_nce_values(direction.anchors, direction.bank, selection, temperature)
+
+    def _plain_forward(self, a: Tensor, b: Tensor) -> Tensor:
+        # The layout's result for a small plain batch, as a user would write
+        # it: one product (both directions of the symmetric form share it),
+        # the temperature folded in, autograd's cross-entropy.
+        n, scale = a.shape[0], 1.0 / self.temperature
+        if self.form == "two_view":
+            z = F.normalize(torch.cat([a, b]), dim=1)
+            logits = torch.addmm(z.new_zeros(()), z, z.t(), beta=0.0, alpha=scale).fill_diagonal_(float("-inf"))
+            target = torch.arange(2 * n, device=a.device).roll(n)  # the other view
+            return self._refuse_non_finite(a, b, F.cross_entropy(logits, target, reduction=self.reduction))
+        q, d = F.normalize(a, dim=1), F.normalize(b, dim=1)
+        logits = torch.addmm(q.new_zeros(()), q, d.t(), beta=0.0, alpha=scale)
+        target = torch.arange(n, device=a.device)
+        if not self.symmetric:
+            return self._refuse_non_finite(a, b, F.cross_entropy(logits, target, reduction=self.reduction))
+        both = torch.cat([F.cross_entropy(logits, target, reduction="none"),
+                          F.cross_entropy(logits.t(), target, reduction="none")])
+        reduced = both.mean() if self.reduction == "mean" else both.sum() if self.reduction == "sum" else both
+        return self._refuse_non_finite(a, b, reduced)
