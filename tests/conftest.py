@@ -15,6 +15,23 @@ torch.set_num_threads(1)
 torch.backends.mkldnn.enabled = False
 
 
+@pytest.fixture
+def fused_only(monkeypatch):
+    """Every dense loss through its fused kernel, however small the batch."""
+    import negbatch.losses._layout as layout
+
+    monkeypatch.setattr(layout, "SMALL_DENSE_LOGITS", 0)
+
+
+@pytest.fixture(params=["fused", "small"])
+def dense_path(request, monkeypatch):
+    """Both ways of a dense loss: the fused kernels (large banks) and, below
+    ``SMALL_DENSE_LOGITS``, autograd on the logits (a plain call's short path)."""
+    import negbatch.losses._layout as layout
+
+    monkeypatch.setattr(layout, "SMALL_DENSE_LOGITS", 0 if request.param == "fused" else 1 << 30)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

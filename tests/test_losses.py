@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import _reference as ref
-import negbatch.losses._softmax as softmax_module
+import negbatch.losses._layout as layout_module
 from negbatch import InfoNCE, ReLIC, same_id_mask, select_negatives
 
 TAU = 0.3
@@ -44,19 +44,6 @@ def _assert_match(loss, reference, inputs):
     want = torch.autograd.grad(reference, inputs)
     for g, w in zip(got, want):
         assert torch.allclose(g, w, rtol=1e-6, atol=1e-12)
-
-
-@pytest.fixture
-def fused_only(monkeypatch):
-    """Every dense InfoNCE through the fused kernel, however small."""
-    monkeypatch.setattr(softmax_module, "SMALL_DENSE_LOGITS", 0)
-
-
-@pytest.fixture(params=["fused", "cross-entropy"])
-def dense_path(request, monkeypatch):
-    """Both ways of a dense InfoNCE: the fused kernel (large banks) and
-    autograd's cross-entropy (small ones, below ``SMALL_DENSE_LOGITS``)."""
-    monkeypatch.setattr(softmax_module, "SMALL_DENSE_LOGITS", 0 if request.param == "fused" else 1 << 30)
 
 
 @pytest.mark.parametrize("use_mask", [False, True])
@@ -282,7 +269,7 @@ def test_small_plain_calls_equal_the_layout_path(monkeypatch, form, symmetric, r
     loss = InfoNCE(temperature=TAU, form=form, symmetric=symmetric, reduction=reduction)
     short = loss(z1, z2)
     short_grads = torch.autograd.grad(short.sum(), [z1, z2])
-    monkeypatch.setattr(softmax_module, "SMALL_DENSE_LOGITS", 0)
+    monkeypatch.setattr(layout_module, "SMALL_DENSE_LOGITS", 0)
     full = loss(z1, z2)
     torch.testing.assert_close(short, full, rtol=1e-12, atol=1e-14)
     for g, w in zip(short_grads, torch.autograd.grad(full.sum(), [z1, z2])):

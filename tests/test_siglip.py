@@ -41,7 +41,7 @@ def _match(loss_fn, loss, reference, inputs, params):
 
 
 @pytest.mark.parametrize("hard,use_mask,positives", [(0, False, "pair"), (2, True, "pair"), (0, True, "mask")])
-def test_query_document_all_pairs(hard, use_mask, positives):
+def test_query_document_all_pairs(hard, use_mask, positives, dense_path):
     xs = _data(hard=hard)
     h = xs[2] if hard else None
     labels = torch.tensor([0, 1, 0, 2, 1, 0])
@@ -69,7 +69,7 @@ def test_sampled_negatives_sum_over_the_positive_and_k_negatives():
            [log_scale, bias])
 
 
-def test_two_view():
+def test_two_view(dense_path):
     z1, z2 = _data()
     loss_fn = _loss(form="two_view")
     loss = loss_fn(z1, z2)
@@ -77,12 +77,12 @@ def test_two_view():
     _match(loss_fn, loss, ref.siglip_two_view(z1, z2, log_scale.exp(), bias), [z1, z2], [log_scale, bias])
 
 
-def test_symmetric_sums_the_same_pairs_again():
+def test_symmetric_sums_the_same_pairs_again(dense_path):
     q, d = _data()
     torch.testing.assert_close(_loss(symmetric=True)(q, d), _loss()(q, d), rtol=1e-12, atol=0)
 
 
-def test_fixed_scale_and_bias_and_the_autograd_path():
+def test_fixed_scale_and_bias_and_the_autograd_path(dense_path):
     q, d = (t.detach().float().requires_grad_() for t in _data(n=20, d=8))
     fixed = SigLIP(temperature=0.1, bias=-3.0, learnable_temperature=False, learnable_bias=False)
     assert list(fixed.parameters()) == []
@@ -94,7 +94,7 @@ def test_fixed_scale_and_bias_and_the_autograd_path():
     torch.testing.assert_close(low.double(), want, rtol=5e-2, atol=0)
 
 
-def test_the_dense_backward_runs_once():
+def test_the_dense_backward_runs_once(fused_only):
     q, d = _data()
     loss = _loss()(q, d)
     loss.backward(retain_graph=True)
@@ -107,3 +107,31 @@ def test_bad_bias_is_refused():
         SigLIP(bias=float("nan"))
     with pytest.raises(TypeError, match="by keyword only"):
         SigLIP(0.1)
+
+
+@pytest.mark.parametrize("form,symmetric", [("two_view", False), ("query_document", False), ("query_document", True)])
+@pytest.mark.parametrize("learnable", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_small_plain_calls_equal_the_layout_path(monkeypatch, form, symmetric, learnable, reduction):
+    import negbatch.losses._layout as layout
+
+    a, b = _data(n=7)
+    loss_fn = SigLIP(temperature=0.2, bias=-2.0, form=form, symmetric=symmetric, learnable_temperature=learnable,
+                     learnable_bias=learnable, reduction=reduction).double()
+    inputs = [a, b, *loss_fn.parameters()]
+    short = loss_fn(a, b)
+    short_grads = torch.autograd.grad(short.sum(), inputs)
+    monkeypatch.setattr(layout, "SMALL_DENSE_LOGITS", 0)
+    full = loss_fn(a, b)
+    torch.testing.assert_close(short, full, rtol=1e-12, atol=1e-12)
+    for g, w in zip(short_grads, torch.autograd.grad(full.sum(), inputs)):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_small_plain_calls_name_a_non_finite_input(bad):
+    for form, name in (("query_document", "documents"), ("two_view", "view2")):
+        a, b = (t.detach().clone() for t in _data())
+        b[1, 2] = bad
+        with pytest.raises(ValueError, match=f"{name} contains NaN or inf"):
+            SigLIP(form=form)(a, b)

@@ -62,6 +62,14 @@ Bank = Literal["both_views", "other_view"]
 #: temporaries (logsumexp, the inverted mask) stay small.
 BLOCK_ELEMENTS = 1 << 22
 
+#: Dense losses over at most this many logits (n x m) per direction take
+#: autograd's kernels on the logits (a plain call: the losses' short path;
+#: otherwise InfoNCE's cross-entropy) instead of the fused buffers: at small
+#: sizes ATen's one-pass kernels beat the buffers' separate passes, and the
+#: memory the buffers save (about 2.4 copies of n x m) is small
+#: (bench/bench_peers.py measures both sides).
+SMALL_DENSE_LOGITS = 1 << 16
+
 
 @dataclass
 class Direction:
@@ -397,6 +405,39 @@ class BankLoss(nn.Module):
         if self.filter_top is not None:
             parts.append(f"filter_top={self.filter_top}")
         return "".join(", " + p for p in parts)
+
+    def _plain_forward(self, a: Tensor, b: Tensor) -> Tensor:
+        """The loss of a plain call (see :meth:`_plain_call`), for the losses
+        that have such a short path (InfoNCE, SigLIP)."""
+        raise NotImplementedError
+
+    def _plain_call(self, a: object, b: object, hard_negatives: Tensor | None, *extras: object) -> bool:
+        """Whether this call is a small batch of one process contrasted with
+        its in-batch candidates only, every one of them (``extras``, the
+        forward's other inputs, all None), which :meth:`_plain_forward`
+        computes in fewer steps; the other calls take the layout."""
+        return (
+            type(self)._plain_forward is not BankLoss._plain_forward
+            and isinstance(a, Tensor) and isinstance(b, Tensor)
+            and a.dim() == 2 and a.shape == b.shape and a.shape[0] > 0
+            and a.dtype in (torch.float32, torch.float64) and b.dtype == a.dtype and a.device == b.device
+            and (hard_negatives is None or (hard_negatives.dim() == 3 and hard_negatives.shape[1] == 0
+                                            and self.form == "query_document"))
+            and all(x is None for x in extras)
+            and self.negatives == "all" and not self.gather and self.normalize and not self.filtering
+            and (2 * a.shape[0] if self.form == "two_view" else a.shape[0]) ** 2 <= SMALL_DENSE_LOGITS
+            and not autocast_active(a.device)
+        )
+
+    def _refuse_non_finite(self, a: Tensor, b: Tensor, values: Tensor) -> Tensor:
+        """``values`` of a plain call, after the finite check. Without masks or
+        sampling, every input entry reaches some loss value: a NaN or inf
+        input makes the output non-finite. One look at the output then stands
+        for the look at both inputs, which runs (and names the culprit) only
+        when the output is not finite."""
+        if self.check_finite and not bool(torch.isfinite(values).all()):
+            check_views(a, b, self.form, check_finite=True)
+        return values
 
     def _layout(
         self,

@@ -25,7 +25,8 @@ from torch import Tensor
 from .._checks import Negatives
 from ..distributed import gather_nograd, is_distributed
 from ..negatives import NegativeSelection, selection_logits
-from ._layout import BankLoss, Direction, Layout, autocast_active, check_labels, check_views, fused_dense, row_blocks
+from . import _layout
+from ._layout import BankLoss, Direction, Layout, check_labels, check_views, fused_dense, row_blocks
 from .queue import NegativeQueue
 
 __all__ = ["softmax_terms", "SoftmaxLoss", "check_sample_indices"]
@@ -164,16 +165,8 @@ def info_nce_values(anchors: Tensor, bank: Tensor, selection: NegativeSelection,
     return lse - positive
 
 
-#: Dense InfoNCE over at most this many logits (n x m) takes autograd's
-#: cross-entropy instead of :class:`_DenseSoftmax`: at small sizes ATen's
-#: one-pass log-softmax beats the in-place buffer's separate passes, and the
-#: memory that buffer saves (about 2.4 copies of n x m) is small
-#: (bench/bench_peers.py measures both sides).
-SMALL_DENSE_LOGITS = 1 << 16
-
-
 def _small(selection: NegativeSelection) -> bool:
-    return selection.is_dense and selection.allowed.numel() <= SMALL_DENSE_LOGITS
+    return selection.is_dense and selection.allowed.numel() <= _layout.SMALL_DENSE_LOGITS
 
 
 def count_negatives(selection: NegativeSelection, bank_size: int) -> Tensor:
@@ -260,40 +253,8 @@ class SoftmaxLoss(BankLoss):
         # is the average of the directions.
         return layout.reduce(torch.cat(values) if len(values) > 1 else values[0], self.reduction)
 
-    # ------------------------------------------------------------------ plain calls
-
-    def _plain_forward(self, a: Tensor, b: Tensor) -> Tensor:
-        """The loss of a plain call (see :meth:`_plain_call`), for the losses
-        that have such a path (InfoNCE)."""
-        raise NotImplementedError
-
     def _plain_call(self, a: object, b: object, hard_negatives: Tensor | None, *extras: object) -> bool:
-        """Whether this call is a small batch of one process contrasted with
-        its in-batch candidates only, every one of them, at a fixed temperature
-        (nothing else given), which :meth:`_plain_forward` computes with
-        fewer steps; the other calls take the layout."""
-        return (
-            type(self)._plain_forward is not SoftmaxLoss._plain_forward
-            and isinstance(a, Tensor) and isinstance(b, Tensor)
-            and a.dim() == 2 and a.shape == b.shape and a.shape[0] > 0
-            and a.dtype in (torch.float32, torch.float64) and b.dtype == a.dtype and a.device == b.device
-            and (hard_negatives is None or (hard_negatives.dim() == 3 and hard_negatives.shape[1] == 0
-                                            and self.form == "query_document"))
-            and all(x is None for x in extras)
-            and self.negatives == "all" and self.queue is None and self.logit_scale is None
-            and not self.gather and self.normalize and not self.filtering
-            and (2 * a.shape[0] if self.form == "two_view" else a.shape[0]) ** 2 <= SMALL_DENSE_LOGITS
-            and not autocast_active(a.device)
-        )
-
-    def _refuse_non_finite(self, a: Tensor, b: Tensor, values: Tensor) -> Tensor:
-        """Without masks or sampling, every input entry reaches every loss
-        value's row or column: a NaN or inf input makes the output non-finite.
-        One look at the output then stands for the look at both inputs, which
-        runs (and names the culprit) only when the output is not finite."""
-        if self.check_finite and not bool(torch.isfinite(values).all()):
-            check_views(a, b, self.form, check_finite=True)
-        return values
+        return self.queue is None and self.logit_scale is None and super()._plain_call(a, b, hard_negatives, *extras)
 
     # ------------------------------------------------------------------ queue
 

@@ -232,6 +232,8 @@ class SigLIP(BankLoss):
         guide: tuple[Tensor, ...] | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
+        if self._plain_call(a, b, hard_negatives, labels, mask, guide):
+            return self._plain_forward(a, b)
         check_views(a, b, self.form, self.check_finite)
         labels = check_labels(labels, a.shape[0], a.device)
         layout = self._layout(a, b, hard_negatives, mask, labels=labels)
@@ -243,3 +245,32 @@ class SigLIP(BankLoss):
             for d in layout.directions
         ]
         return layout.reduce(torch.cat(values) if len(values) > 1 else values[0], self.reduction)
+
+    def _plain_forward(self, a: Tensor, b: Tensor) -> Tensor:
+        # A small plain batch as open_clip writes it, in fewer passes: the
+        # bias is the product's input, and with softplus(-l) = softplus(l) - l
+        # the positives need no sign flip: l_i = sum_j softplus(l_ij) - l_i,p(i).
+        n = a.shape[0]
+        bias = (average_gradient(self.bias) if self.bias.requires_grad else self.bias).to(a.dtype)
+        scale = self.logit_scale() if self.logit_scale is not None else None
+        if self.form == "two_view":
+            z = F.normalize(torch.cat([a, b]), dim=1)
+            logits = self._product(bias, z, z, scale).fill_diagonal_(float("-inf"))  # itself: no pair
+            positive = torch.cat([logits.diagonal(n), logits.diagonal(-n)])  # the other view
+            values = F.softplus(logits).sum(dim=1) - positive
+        else:
+            q, d = F.normalize(a, dim=1), F.normalize(b, dim=1)
+            logits = self._product(bias, q, d, scale)
+            pairs = F.softplus(logits)
+            values = pairs.sum(dim=1) - logits.diagonal()
+            if self.symmetric:  # documents against the queries: the columns
+                values = torch.cat([values, pairs.sum(dim=0) - logits.diagonal()])
+        reduced = values.mean() if self.reduction == "mean" else values.sum() if self.reduction == "sum" else values
+        return self._refuse_non_finite(a, b, reduced)
+
+    def _product(self, bias: Tensor, anchors: Tensor, bank: Tensor, scale: Tensor | None) -> Tensor:
+        """``scale * anchors @ bank.T + bias`` in one GEMM."""
+        if scale is None:
+            return torch.addmm(bias, anchors, bank.t(), alpha=1.0 / self.temperature)
+        return torch.addmm(bias, anchors * scale, bank.t())
+
