@@ -110,6 +110,17 @@ def test_sampled_negatives_are_seeded_and_differ_from_all(tmp_path):
     assert not (tmp_path / "d" / "config.json").exists()
 
 
+def test_the_global_loss_follows_its_gamma_schedule(tmp_path):
+    # Two epochs of 4 batches: the first meets every sample once, which sets its
+    # normaliser whatever gamma is; in the second, gamma (0.5, or decaying from 1
+    # to 0.5) mixes the old normaliser with the new estimate.
+    base = dict(TINY, loss="global", gamma=0.5, steps=8)
+    train(TrainConfig(**base), tmp_path / "constant")
+    train(TrainConfig(**base, gamma_schedule="linear"), tmp_path / "linear")
+    constant, linear = losses(tmp_path / "constant"), losses(tmp_path / "linear")
+    assert constant[:4] == linear[:4] and constant[5:] != linear[5:]
+
+
 def test_finished_run_is_skipped_and_other_config_refused(tmp_path):
     cfg = TrainConfig(**TINY)
     first = train(cfg, tmp_path / "run")

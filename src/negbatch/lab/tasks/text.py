@@ -148,6 +148,7 @@ class TextTask(Task):
     def build(self) -> None:
         from ...losses import GlobalInfoNCE
         from ...models.text import TransformerTextEncoder
+        from ..global_loss import GammaSchedule
 
         cfg = self.cfg
         gather = nbdist.world_size() > 1  # every process's embeddings are candidates
@@ -155,7 +156,9 @@ class TextTask(Task):
                                             heads=cfg.text_heads, dropout=cfg.dropout,
                                             max_length=cfg.max_length).to(self.device)
         if cfg.loss == "global":
-            self.loss_fn: nn.Module = GlobalInfoNCE(len(self.train), temperature=cfg.temperature, gamma=cfg.gamma,
+            n = len(self.train)
+            gamma = GammaSchedule(cfg.gamma, cfg.gamma_schedule, cfg.total_steps(max(n // cfg.batch_size, 1)))
+            self.loss_fn: nn.Module = GlobalInfoNCE(n, temperature=cfg.temperature, gamma=gamma,
                                                     negatives=cfg.negatives, form="query_document",
                                                     symmetric=cfg.symmetric, gather=gather,
                                                     learnable_temperature=bool(cfg.learnable_temperature))
