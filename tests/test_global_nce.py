@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from negbatch import GlobalInfoNCE, InfoNCE, select_negatives
 

@@ -6,7 +6,6 @@ entries on every rank, those of the single process."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ._files import DatasetDamagedError
 
-__all__ = ["ImageFiles", "load_image_folder", "IMAGE_EXTENSIONS"]
+__all__ = ["ImageFiles", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _CACHE_VERSION = 1

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import Negatives
 from ..distributed import gather_nograd, is_distributed
 from ..negatives import NegativeSelection, selection_logits
 from . import _layout

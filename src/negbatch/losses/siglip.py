@@ -273,4 +273,3 @@ class SigLIP(BankLoss):
         if scale is None:
             return torch.addmm(bias, anchors, bank.t(), alpha=1.0 / self.temperature)
         return torch.addmm(bias, anchors * scale, bank.t())
-

@@ -54,7 +54,7 @@ from ...models import ContrastiveModel, ProjectionHead, build_encoder
 from ...sampling import EpochBatchSampler, GCBSampler, HardNegativeBatchSampler, RandomBatchSampler, embed_dataset
 from ..config import TrainConfig
 from ..global_loss import GammaSchedule, GlobalPairLoss
-from ..objective import batch_loss, loss_parameter_groups, needs_indices
+from ..objective import batch_loss, needs_indices
 from ..precision import Precision
 from .base import Task
 
