@@ -115,3 +115,4 @@ def test_mean_std():
     assert s == pytest.approx(statistics.stdev([0.2, 0.4, 0.9]))
     assert mean_std([0.7]) == (0.7, 0.0, 1)
     assert fmt_mean_std([0.2, 0.4], 2) == "0.30 ± 0.14" and fmt_mean_std([None]) == "n/a"
+    assert fmt_mean_std([0.2, None], 2) == "0.20 (1 value)"  # one seed has no spread to show

@@ -36,15 +36,20 @@ def mean_std(values: Iterable[float | None]) -> tuple[float, float, int]:
 
 
 def fmt_mean_std(values: Iterable[float | None], digits: int = 3) -> str:
-    """``"m ± s"`` with ``digits`` decimals, or ``"n/a"`` without values.
+    """``"m ± s"`` with ``digits`` decimals, ``"m (1 value)"`` for one value
+    (no spread to show: an interrupted study), or ``"n/a"`` without values.
 
     Examples
     --------
     >>> fmt_mean_std([0.5, 0.7])
     '0.600 ± 0.141'
+    >>> fmt_mean_std([0.5])
+    '0.500 (1 value)'
     """
     m, s, n = mean_std(values)
-    return "n/a" if n == 0 else f"{m:.{digits}f} ± {s:.{digits}f}"
+    if n == 0:
+        return "n/a"
+    return f"{m:.{digits}f} (1 value)" if n == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 @dataclass(frozen=True)
