@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from _runs import figures_not_drawn
 from negbatch.cli import main
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -179,6 +180,7 @@ def test_study_negatives_resumes_says_so_and_reports(tmp_path, capsys, monkeypat
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == before  # nothing retrained
     assert reports == [out, out]
     monkeypatch.undo()
+    figures_not_drawn(monkeypatch)  # drawn by the first run
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0 and (out / "report.md").exists()
 

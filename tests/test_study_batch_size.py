@@ -7,6 +7,7 @@ import re
 import pytest
 from scipy import stats
 
+from _runs import figures_not_drawn
 from negbatch.cli import main
 from negbatch.lab import TrainConfig
 from negbatch.lab.studies.batch_size import METHODS, method_config, method_of, report
@@ -73,7 +74,7 @@ def test_bad_options_are_refused_by_name(tmp_path, capsys, argv, message):
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_image_study_end_to_end_resumes_and_reports(tmp_path, capsys):
+def test_image_study_end_to_end_resumes_and_reports(tmp_path, capsys, monkeypatch):
     argv = ["study", "batch-size", "--data", "digits", "--out", str(tmp_path), *TINY,
             "--methods", "infonce,queue,gradcache", "--batch-sizes", "8,16", "--seeds", "0,1"]
     assert main(argv) == 0
@@ -85,6 +86,7 @@ def test_image_study_end_to_end_resumes_and_reports(tmp_path, capsys):
     assert {r["batch_size"] for r in rows if method_of(r)[0] == "gradcache"} == {16}
     text = (tmp_path / "report.md").read_text()
     assert all(f"**{m}**" in text for m in ("infonce", "queue", "gradcache")) and "missing" not in text
+    figures_not_drawn(monkeypatch)  # drawn above
     assert main(argv) == 0  # everything finished: nothing trains again
     assert "12 finished earlier (skipped)" in capsys.readouterr().err
 
