@@ -78,8 +78,8 @@ def _assert_same_run(two, one):
 
 def test_two_processes_equal_one_process_for_every_loss_sampler_and_resume(tmp_path):
     pytest.importorskip("tokenizers", reason="the text cases need the text extra")
-    # The one-process runs first: the forked workers then inherit what they imported (scikit-learn, the
-    # optimisers' compiler checks), instead of both loading it at once.
+    # The one-process runs first: the forked workers then inherit what they imported (scikit-learn for the
+    # digits, torch._dynamo that the optimisers load on first use) instead of both loading it at once.
     for name, kw in CASES.items():
         train(TrainConfig(**kw), tmp_path / f"{name}-one")
     run_distributed(_two_processes, 2, str(tmp_path))
