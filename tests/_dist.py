@@ -1,10 +1,16 @@
 """Run a test body in real torch.distributed processes (gloo backend, CPU).
 
-``run_distributed(fn, world_size=2, *args)`` spawns ``world_size`` processes,
+``run_distributed(fn, world_size=2, *args)`` starts ``world_size`` processes,
 initialises a gloo process group in each, calls ``fn(rank, world_size, *args)``
 and re-raises the first failure in the test process. ``fn`` must be a
-module-level function (it is pickled). Results can be returned through files
-in a temporary directory passed in ``args``.
+module-level function (it is pickled where processes are spawned). Results can
+be returned through files in a temporary directory passed in ``args``.
+
+The processes are forked where the platform allows it (Linux): they inherit the
+test process's imports (torch, negbatch, the test module), which a spawned
+process loads again, for seconds that dominated every distributed test. Each
+forked process draws a fresh seed for torch's global generator, as a spawned one
+does, instead of the copy of the test process's state (the same on every rank).
 """
 
 from __future__ import annotations
@@ -26,9 +32,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# fork: Linux. macOS lists it too, but forking a process that has loaded its system frameworks is unsafe there.
+START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
+
+
 def _worker(rank: int, world_size: int, port: int, error_dir: str, fn, args) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+    torch.seed()  # forked: not the parent's generator state, the same on every rank
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
     )
@@ -52,7 +63,8 @@ def _worker(rank: int, world_size: int, port: int, error_dir: str, fn, args) -> 
 def run_distributed(fn, world_size: int = 2, *args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            mp.spawn(_worker, args=(world_size, _free_port(), tmp, fn, args), nprocs=world_size, join=True)
+            mp.start_processes(_worker, args=(world_size, _free_port(), tmp, fn, args), nprocs=world_size, join=True,
+                               start_method=START_METHOD)
         except Exception as exc:
             details = "".join(
                 open(os.path.join(tmp, name)).read() for name in sorted(os.listdir(tmp)) if name.startswith("rank")

@@ -1,6 +1,7 @@
-"""Every command at tiny sizes: the console entry point through a real subprocess
-once, the rest in-process (the same code path as the console script); the full
-study with worker processes through a subprocess is marked slow."""
+"""Every command at tiny sizes, in-process (the same code path as the console
+script); the full study with worker processes through a subprocess is marked
+slow. The console entry point itself runs in fresh processes in test_torchrun.py
+(`negbatch train`) and test_study_batch_size.py (a study stopped by SIGINT)."""
 
 import io
 import json
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from _runs import figures_not_drawn
 from negbatch.cli import main
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -69,11 +71,11 @@ def test_unknown_option_gets_its_commands_usage_and_a_suggestion(capsys):
     assert "did you mean --samplers?" in capsys.readouterr().err
 
 
-def test_train_then_report_through_the_console(tmp_path):
+def test_train_then_report(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("loss: relic\nnegatives: 4\n")
-    r = negbatch("train", "--config", str(tmp_path / "c.yaml"), *TINY, "--out", str(tmp_path / "run"))
-    assert r.returncode == 0, r.stderr
-    assert "linear accuracy" in r.stdout and "report:" in r.stdout
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), *TINY, "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "linear accuracy" in out and "report:" in out
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["negatives"] == 4
     (tmp_path / "run" / "curves.png").unlink()
     assert main(["report", str(tmp_path / "run")]) == 0 and (tmp_path / "run" / "curves.png").exists()
@@ -178,6 +180,7 @@ def test_study_negatives_resumes_says_so_and_reports(tmp_path, capsys, monkeypat
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == before  # nothing retrained
     assert reports == [out, out]
     monkeypatch.undo()
+    figures_not_drawn(monkeypatch)  # drawn by the first run
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0 and (out / "report.md").exists()
 

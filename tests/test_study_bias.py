@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from _runs import figures_not_drawn
 from negbatch.lab import TrainConfig
 from negbatch.lab.studies import bias as study
 from negbatch.lab.studies import get_study
@@ -37,6 +38,7 @@ def test_study_bias_end_to_end_resumes_and_reports(tmp_path, capsys, monkeypatch
     assert metrics and all("infonce" in m for m in metrics)
 
     # The report is rebuilt from the folder alone; a rerun trains and measures nothing again, and says so.
+    figures_not_drawn(monkeypatch)  # drawn above
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0 and (out / "report.md").read_text() == text
     monkeypatch.setattr(study.BiasStudy, "report", lambda self, folder: folder / "report.md")  # drawn above

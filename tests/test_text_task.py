@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("tokenizers", reason="text runs need the text extra: pip install -e '.[text]'")
 
+from _runs import figures_not_drawn  # noqa: E402
 from negbatch.lab import TrainConfig, train  # noqa: E402
 from negbatch.lab.sweep import run_configs  # noqa: E402
 from negbatch.lab.tasks.text import load_text_split, text_tokenizer  # noqa: E402
@@ -209,7 +210,7 @@ def test_sweep_rows_and_rerun(tmp_path):
         run_configs([base, base], tmp_path)
 
 
-def test_study_negatives_on_text(tmp_path, capsys):
+def test_study_negatives_on_text(tmp_path, capsys, monkeypatch):
     from negbatch.cli import main
 
     out = tmp_path / "study"
@@ -224,6 +225,7 @@ def test_study_negatives_on_text(tmp_path, capsys):
     assert all(r["steps"] == 3 and r["temperature"] == 0.05 for r in rows)
     report = (out / "report.md").read_text()
     assert "ndcg@10" in report and "all (7)" in report and (out / "retrieval_vs_k.png").exists()
+    figures_not_drawn(monkeypatch)  # drawn above
     capsys.readouterr()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
     assert main(args) == 0

@@ -21,6 +21,7 @@ TINY = ["--n-train", "64", "--n-test", "48", "--batch-size", "16", "--epochs", "
 
 
 def run(*args, torchrun: bool):
+    """The console entry point in fresh processes (test_cli.py runs the commands in-process)."""
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     launcher = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"] if torchrun else []
     out = subprocess.run([sys.executable, *launcher, "-m", "negbatch.cli", *args], capture_output=True, text=True,
