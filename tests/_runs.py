@@ -9,10 +9,11 @@ def without_times(rows):
 
 
 def figures_not_drawn(monkeypatch):
-    """A report drawn again after its figures were checked: the figures are still built from the
-    folder's data, but not rasterised (an empty file stands for each PNG). matplotlib's drawing is
-    about a second a figure on a busy 2-core machine, and this drawing checked nothing new: the
-    first report came from the same folder through the same code."""
+    """Figures built but not rasterised (an empty file stands for each PNG), for a report whose figures
+    were drawn and checked already: earlier in the same test, or by the tests of that report. The
+    figures are still built from the folder's data, so a missing or malformed value still fails;
+    matplotlib's drawing (up to a second a figure on a busy 2-core machine) would check nothing new."""
+
     from pathlib import Path
 
     from matplotlib.figure import Figure

@@ -130,6 +130,7 @@ def _study_classes(cls):
 
 def test_progress_bars_when_stderr_is_a_terminal(tmp_path, monkeypatch):
     fake = _tty_stderr(monkeypatch)
+    figures_not_drawn(monkeypatch)  # the run's figure: drawn in test_train_then_report
     assert main(["train", *TINY, "--out", str(tmp_path / "run")]) == 0
     assert "%|" in fake.getvalue() and "/4 [" in fake.getvalue()  # tqdm's bar: 64 images in batches of 16
     fake.seek(0)
@@ -140,8 +141,10 @@ def test_progress_bars_when_stderr_is_a_terminal(tmp_path, monkeypatch):
     assert "%|" in fake.getvalue() and "/4 [" in fake.getvalue() and "[1/1]" in fake.getvalue()
 
 
-def test_resumed_run_says_so(tmp_path, capsys):
+def test_resumed_run_says_so(tmp_path, capsys, monkeypatch):
     from negbatch.lab import TrainConfig, load_config_file, train
+
+    figures_not_drawn(monkeypatch)  # the run's figure: drawn in test_train_then_report
 
     config = tmp_path / "c.toml"
     config.write_text('n_train = 64\nn_test = 48\nbatch_size = 8\nepochs = 1\nencoder_widths = [16]\n'

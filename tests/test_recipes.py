@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from _image_formats import write_cifar100, write_image_folder
+from _runs import figures_not_drawn
 from negbatch.cli import main, with_recipe
 from negbatch.lab import TrainConfig, load_config_file
 from negbatch.lab.config import load_study_options
@@ -33,9 +34,11 @@ def test_there_are_recipes_and_each_is_a_valid_configuration():
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
-def test_recipe_runs_at_tiny_size(path, tmp_path):
+def test_recipe_runs_at_tiny_size(path, tmp_path, monkeypatch):
     cfg = load_config_file(path)
     study = load_study_options(path)["name"]
+    # The report's figures are built from the recipe's runs; each study's own tests draw and check them.
+    figures_not_drawn(monkeypatch)
     if TrainConfig.from_dict(cfg).task == "text":
         return _text_recipe_runs_at_tiny_size(path, study, tmp_path)
     pytest.importorskip("kornia", reason="the recipes' RGB augmentation needs the vision extra")
