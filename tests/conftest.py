@@ -1,3 +1,4 @@
+import gc
 import os
 
 import pytest
@@ -23,3 +24,12 @@ def pytest_collection_modifyitems(config, items):
         if "cuda" in item.keywords:
             item.add_marker(skip)
 
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    # A pytest-xdist worker ends with its session: freeze what is left, so that the interpreter's last
+    # garbage collections at exit skip it. They walked the whole heap of torch, transformers and the
+    # tests' objects, for memory the OS takes back anyway: seconds per worker, which the controller
+    # waits for before it reports. Only workers: a process calling pytest.main() may live on.
+    if hasattr(config, "workerinput"):
+        gc.freeze()
