@@ -2,21 +2,28 @@ import gc
 import os
 
 import pytest
-import torch
 
 # One thread per test process: the tests' tensors are tiny, so a second thread buys nothing and,
 # on a busy 2-core machine, makes small kernels (BatchNorm's backward) many times slower.
 # Subprocesses and the distributed workers the tests start use one thread too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(1)
 
-# torch 2.13's CPU convolution backward through oneDNN corrupted the heap in the test process
-# ("double free or corruption" in mkldnn_convolution_backward_weights, with the RGB tests' small
-# ResNets; not reproduced by the same model in a standalone loop): torch's native kernels here.
-torch.backends.mkldnn.enabled = False
+
+def pytest_configure(config):
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # pytest-xdist's controller runs no test: its workers start without waiting for torch here
+    import torch
+
+    torch.set_num_threads(1)
+    # torch 2.13's CPU convolution backward through oneDNN corrupted the heap in the test process
+    # ("double free or corruption" in mkldnn_convolution_backward_weights, with the RGB tests' small
+    # ResNets; not reproduced by the same model in a standalone loop): torch's native kernels here.
+    torch.backends.mkldnn.enabled = False
 
 
 def pytest_collection_modifyitems(config, items):
+    import torch
+
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
