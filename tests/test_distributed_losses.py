@@ -106,7 +106,7 @@ def _every_case(rank, world):
 
 
 def test_gather_gradient_equals_single_process_even_and_uneven_ranks():
-    """Every case in one spawn of two processes (spawning is the slow part): each loss's gradient
+    """Every case in one spawn of two processes (starting them is the slow part): each loss's gradient
     under gather=True and DDP equals the single-process gradient of the global batch, with even
     and uneven ranks; and gather_with_grad on uneven ranks sums the gradients of all ranks."""
     run_distributed(_every_case, 2)

@@ -357,7 +357,7 @@ def _ddp_cases(rank, world, out_dir):
 
 @pytest.fixture(scope="module")
 def ddp_plans(tmp_path_factory):
-    """GCBS's cases and the baselines' in one spawn of two processes (spawning is the slow part)."""
+    """GCBS's cases and the baselines' in one spawn of two processes (starting them is the slow part)."""
     out = tmp_path_factory.mktemp("ddp")
     run_distributed(_ddp_cases, 2, str(out))
     return out

@@ -46,7 +46,7 @@ CONFIGS = [("two_view", "all", False, None), ("two_view", 5, False, None), ("que
 
 
 def _worker(rank, world, tmp):
-    for form, negatives, use_mask, cut in CONFIGS:  # one process group for all: spawning dominates the cost
+    for form, negatives, use_mask, cut in CONFIGS:  # one process group for all: starting processes dominates the cost
         _compare(rank, world, form, negatives, use_mask, cut, os.path.join(tmp, f"{form}-{negatives}-{use_mask}-{cut}"))
 
 
@@ -110,7 +110,7 @@ def _every_case(rank, world, tmp):
 def test_two_ranks_match_one_process_and_bad_indices_raise_on_every_rank(tmp_path):
     """Both forms (query_document symmetric), all and K=5 sampled negatives, a mask; then
     duplicates across ranks, and an out-of-range index on rank 1 only: both ranks raise (no rank
-    is left waiting in a collective). One spawn for all (spawning is the slow part)."""
+    is left waiting in a collective). One start for all (starting them is the slow part)."""
     run_distributed(_every_case, 2, str(tmp_path))
 
 

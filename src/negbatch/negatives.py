@@ -289,9 +289,10 @@ def _draw_ranks(
             raw = torch.from_numpy(table.view(np.int64))
         else:
             raw = torch.randint(0, 2**62, (n_rows_global, k), generator=generator, device=gen_device)
+        raw = raw.to(device)
         if row_index is not None:
-            raw = raw.to(device)[row_index]
-        return sample_uniform_ranks(population, k, raw.to(device))
+            raw = raw[row_index]
+        return sample_uniform_ranks(population, k, raw)
     # K above half the candidates: Floyd's K sequential draws cost more than
     # random keys, of which each row keeps its K smallest.
     keys = torch.rand(n_rows_global, m, generator=generator, device=gen_device).to(device)

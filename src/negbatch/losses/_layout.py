@@ -172,13 +172,18 @@ class Layout:
         """``reduction`` over this rank's anchors. Gathered, "mean" is this
         rank's share of the global mean (ranks may hold different numbers of
         rows; see :func:`negbatch.distributed.global_batch_mean`)."""
-        if reduction == "mean":
-            if not self.gathered:
-                return per_anchor.mean()
+        if reduction == "mean" and self.gathered:
             return global_batch_mean(per_anchor, self.n_local, self.n_global)
-        if reduction == "sum":
-            return per_anchor.sum()
-        return per_anchor
+        return reduce_values(per_anchor, reduction)
+
+
+def reduce_values(per_anchor: Tensor, reduction: Reduction) -> Tensor:
+    """``reduction`` over the anchors of one process."""
+    if reduction == "mean":
+        return per_anchor.mean()
+    if reduction == "sum":
+        return per_anchor.sum()
+    return per_anchor
 
 
 def anchor_roles(form: Form, symmetric: bool) -> int:
@@ -429,12 +434,13 @@ class BankLoss(nn.Module):
             and not autocast_active(a.device)
         )
 
-    def _refuse_non_finite(self, a: Tensor, b: Tensor, values: Tensor) -> Tensor:
-        """``values`` of a plain call, after the finite check. Without masks or
-        sampling, every input entry reaches some loss value: a NaN or inf
-        input makes the output non-finite. One look at the output then stands
-        for the look at both inputs, which runs (and names the culprit) only
-        when the output is not finite."""
+    def _plain_result(self, a: Tensor, b: Tensor, per_anchor: Tensor) -> Tensor:
+        """A plain call's per-anchor values reduced, after the finite check.
+        Without masks or sampling, every input entry reaches some loss value:
+        a NaN or inf input makes the output non-finite. One look at the output
+        then stands for the look at both inputs, which runs (and names the
+        culprit) only when the output is not finite."""
+        values = reduce_values(per_anchor, self.reduction)
         if self.check_finite and not bool(torch.isfinite(values).all()):
             check_views(a, b, self.form, check_finite=True)
         return values

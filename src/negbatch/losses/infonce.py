@@ -216,13 +216,11 @@ class InfoNCE(SoftmaxLoss):
             z = F.normalize(torch.cat([a, b]), dim=1)
             logits = torch.addmm(z.new_zeros(()), z, z.t(), beta=0.0, alpha=scale).fill_diagonal_(float("-inf"))
             target = torch.arange(2 * n, device=a.device).roll(n)  # the other view
-            return self._refuse_non_finite(a, b, F.cross_entropy(logits, target, reduction=self.reduction))
+            return self._plain_result(a, b, F.cross_entropy(logits, target, reduction="none"))
         q, d = F.normalize(a, dim=1), F.normalize(b, dim=1)
         logits = torch.addmm(q.new_zeros(()), q, d.t(), beta=0.0, alpha=scale)
         target = torch.arange(n, device=a.device)
-        if not self.symmetric:
-            return self._refuse_non_finite(a, b, F.cross_entropy(logits, target, reduction=self.reduction))
-        both = torch.cat([F.cross_entropy(logits, target, reduction="none"),
-                          F.cross_entropy(logits.t(), target, reduction="none")])
-        reduced = both.mean() if self.reduction == "mean" else both.sum() if self.reduction == "sum" else both
-        return self._refuse_non_finite(a, b, reduced)
+        values = F.cross_entropy(logits, target, reduction="none")
+        if self.symmetric:  # documents against the queries: the columns
+            values = torch.cat([values, F.cross_entropy(logits.t(), target, reduction="none")])
+        return self._plain_result(a, b, values)

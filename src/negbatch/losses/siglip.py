@@ -265,8 +265,7 @@ class SigLIP(BankLoss):
             values = pairs.sum(dim=1) - logits.diagonal()
             if self.symmetric:  # documents against the queries: the columns
                 values = torch.cat([values, pairs.sum(dim=0) - logits.diagonal()])
-        reduced = values.mean() if self.reduction == "mean" else values.sum() if self.reduction == "sum" else values
-        return self._refuse_non_finite(a, b, reduced)
+        return self._plain_result(a, b, values)
 
     def _product(self, bias: Tensor, anchors: Tensor, bank: Tensor, scale: Tensor | None) -> Tensor:
         """``scale * anchors @ bank.T + bias`` in one GEMM."""
