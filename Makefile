@@ -42,7 +42,7 @@ test: $(VENV)/.installed-$(TEST_EXTRAS)
 test-all: $(VENV)/.installed-$(TEST_EXTRAS)
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
-bench: $(VENV)/.installed-$(TEST_EXTRAS)
+bench: $(VENV)/.installed-$(TEST_EXTRAS),bench
 	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]  # 5: no test is marked slow
 	$(PY) bench/run.py
 
