@@ -386,15 +386,19 @@ def select_negatives(
                                  self_index=self_index, only_self_excluded=plain)
 
     k = negatives
-    if excluded is None:
-        if self_index is None:
-            population = torch.full_like(positive_index, m - 1)
-        else:
-            population = (self_index < 0).long().add_(m - 2)  # the anchor's own column is not a candidate
+    if excluded is None and self_index is None:
+        # Every anchor has the m - 1 columns besides its positive: the counts
+        # below need no pass over the rows.
+        population = torch.full_like(positive_index, m - 1)
+        any_short = k > m - 1
+        short = population < k if any_short else None
     else:
-        population = m - excluded.sum(dim=1)
-    short = population < k
-    any_short = bool(short.any())
+        if excluded is None:
+            population = (self_index < 0).long().add_(m - 2)  # the anchor's own column is not a candidate
+        else:
+            population = m - excluded.sum(dim=1)
+        short = population < k
+        any_short = bool(short.any())
     if any_short and on_shortage == "raise":
         worst = int(population.min())
         raise ValueError(
@@ -409,7 +413,7 @@ def select_negatives(
         # loss over all valid candidates, computed densely (a sampled row cannot hold
         # more entries than the bank has columns).
         return select_negatives(positive_index, m, "all", **dense)
-    if excluded is None and not any_short and int(population.max()) == k:
+    if excluded is None and not any_short and (m - 1 if short is None else int(population.max())) == k:
         # K equals the candidate count: the standard loss, computed densely.
         return select_negatives(positive_index, m, "all", self_index=self_index, on_shortage=on_shortage)
 
@@ -428,14 +432,20 @@ def select_negatives(
     if excluded is None:
         # The rank-th candidate skipping the (at most two) excluded columns:
         # adding a comparison adds one past each.
-        low = positive_index
-        high = torch.full_like(positive_index, m)  # a column that is never reached
+        low, high = positive_index, None
         if self_index is not None:
             has_self = self_index >= 0
             low = torch.where(has_self, torch.minimum(positive_index, self_index), positive_index)
-            high = torch.where(has_self, torch.maximum(positive_index, self_index), high)
-        cols = ranks + (ranks >= low[:, None])
-        cols += cols >= high[:, None]
+            high = torch.where(has_self, torch.maximum(positive_index, self_index), m)  # m: never reached
+        if device.type == "cpu" and not any_short:
+            # These few passes over small arrays cost a fraction of torch's
+            # per-call overhead in numpy (the same arithmetic).
+            index = np.empty((n, 1 + k), dtype=np.int64)
+            index[:, 0] = positive_index.numpy()
+            index[:, 1:] = _skip_excluded(ranks.numpy(), low.numpy(), None if high is None else high.numpy())
+            return NegativeSelection(positive_index=positive_index, index=torch.from_numpy(index), valid=valid,
+                                     self_index=self_index)
+        cols = _skip_excluded(ranks, low, high)
     else:
         # The rank-th allowed column: search the running count of allowed columns.
         counts = (~excluded).to(torch.int32).cumsum(dim=1)
@@ -458,6 +468,16 @@ def select_negatives(
     valid = torch.cat([valid[:, :1], extra_valid, valid[:, 1:]], dim=1)
     return NegativeSelection(positive_index=positive_index, index=index, valid=valid, num_positive_slots=1 + slots,
                              self_index=self_index)
+
+
+def _skip_excluded(ranks, low, high):
+    """Bank column of the ``ranks``-th candidate of every row, skipping the
+    columns ``low`` and ``high`` (None: only ``low``), ``low < high``; numpy
+    arrays or tensors alike."""
+    cols = ranks + (ranks >= low[:, None])
+    if high is not None:
+        cols += cols >= high[:, None]
+    return cols
 
 
 def _csr(index: Tensor, values: Tensor, num_columns: int) -> Tensor:
