@@ -186,6 +186,13 @@ def reduce_values(per_anchor: Tensor, reduction: Reduction) -> Tensor:
     return per_anchor
 
 
+def in_batch_candidates(form: Form, rows: int) -> int:
+    """Negatives of every anchor in a batch of ``rows`` samples or pairs
+    without masks or hard negatives: both views of every other sample
+    (two_view), every other document (query_document)."""
+    return 2 * rows - 2 if form == "two_view" else rows - 1
+
+
 def anchor_roles(form: Form, symmetric: bool) -> int:
     """Anchor roles per sample: both views, queries and documents (symmetric),
     or queries only."""
@@ -411,7 +418,12 @@ class BankLoss(nn.Module):
             parts.append(f"filter_top={self.filter_top}")
         return "".join(", " + p for p in parts)
 
-    def _plain_forward(self, a: Tensor, b: Tensor) -> Tensor:
+    #: Whether :meth:`_plain_forward` also takes ``negatives=K``, drawn as
+    #: the layout draws them (with fewer than K candidates, the layout's
+    #: rules apply: the call takes the layout).
+    plain_sampled = False
+
+    def _plain_forward(self, a: Tensor, b: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The loss of a plain call (see :meth:`_plain_call`), for the losses
         that have such a short path (InfoNCE, SigLIP)."""
         raise NotImplementedError
@@ -429,7 +441,8 @@ class BankLoss(nn.Module):
             and (hard_negatives is None or (hard_negatives.dim() == 3 and hard_negatives.shape[1] == 0
                                             and self.form == "query_document"))
             and all(x is None for x in extras)
-            and self.negatives == "all" and not self.gather and self.normalize and not self.filtering
+            and not self.gather and self.normalize and not self.filtering
+            and (self.negatives == "all" or (self.plain_sampled and self.negatives < in_batch_candidates(self.form, a.shape[0])))
             and (2 * a.shape[0] if self.form == "two_view" else a.shape[0]) ** 2 <= SMALL_DENSE_LOGITS
             and not autocast_active(a.device)
         )

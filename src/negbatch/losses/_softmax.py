@@ -224,7 +224,7 @@ class SoftmaxLoss(BankLoss):
         update: bool = True,
     ) -> Tensor:
         if self._plain_call(a, b, hard_negatives, indices, labels, mask, guide):
-            return self._plain_forward(a, b)
+            return self._plain_forward(a, b, generator)
         check_views(a, b, self.form, self.check_finite)
         n = a.shape[0]
         if self.queue is not None:
@@ -253,7 +253,7 @@ class SoftmaxLoss(BankLoss):
         return layout.reduce(torch.cat(values) if len(values) > 1 else values[0], self.reduction)
 
     def _plain_call(self, a: object, b: object, hard_negatives: Tensor | None, *extras: object) -> bool:
-        return self.queue is None and self.logit_scale is None and super()._plain_call(a, b, hard_negatives, *extras)
+        return self.queue is None and super()._plain_call(a, b, hard_negatives, *extras)
 
     # ------------------------------------------------------------------ queue
 

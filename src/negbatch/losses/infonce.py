@@ -207,20 +207,42 @@ class InfoNCE(SoftmaxLoss):
                           layout: Layout, index: int) -> Tensor:
         return info_nce_values(direction.anchors, direction.bank, selection, temperature)
 
-    def _plain_forward(self, a: Tensor, b: Tensor) -> Tensor:
+    plain_sampled = True
+
+    def _plain_forward(self, a: Tensor, b: Tensor, generator: torch.Generator | None = None) -> Tensor:
         # The layout's result for a small plain batch, as a user would write
         # it: one product (both directions of the symmetric form share it),
-        # the temperature folded in, autograd's cross-entropy.
-        n, scale = a.shape[0], 1.0 / self.temperature
+        # the temperature folded in (a learnable one multiplies the anchors),
+        # autograd's cross-entropy; K sampled negatives are read off the
+        # product, drawn as the layout draws them.
+        n = a.shape[0]
+        scale = self.logit_scale() if self.logit_scale is not None else None
+        alpha = 1.0 / self.temperature if scale is None else 1.0
         if self.form == "two_view":
             z = F.normalize(torch.cat([a, b]), dim=1)
-            logits = torch.addmm(z.new_zeros(()), z, z.t(), beta=0.0, alpha=scale).fill_diagonal_(float("-inf"))
-            target = torch.arange(2 * n, device=a.device).roll(n)  # the other view
-            return self._plain_result(a, b, F.cross_entropy(logits, target, reduction="none"))
+            anchors = z if scale is None else z * scale
+            logits = torch.addmm(z.new_zeros(()), anchors, z.t(), beta=0.0, alpha=alpha)
+            positive = torch.arange(2 * n, device=a.device).roll(n)  # the other view
+            values = self._plain_cross_entropy(logits, positive, generator, self_index=positive.roll(n))
+            return self._plain_result(a, b, values)
         q, d = F.normalize(a, dim=1), F.normalize(b, dim=1)
-        logits = torch.addmm(q.new_zeros(()), q, d.t(), beta=0.0, alpha=scale)
-        target = torch.arange(n, device=a.device)
-        values = F.cross_entropy(logits, target, reduction="none")
+        logits = torch.addmm(q.new_zeros(()), q if scale is None else q * scale, d.t(), beta=0.0, alpha=alpha)
+        positive = torch.arange(n, device=a.device)
+        values = self._plain_cross_entropy(logits, positive, generator)
         if self.symmetric:  # documents against the queries: the columns
-            values = torch.cat([values, F.cross_entropy(logits.t(), target, reduction="none")])
+            values = torch.cat([values, self._plain_cross_entropy(logits.t(), positive, generator)])
         return self._plain_result(a, b, values)
+
+    def _plain_cross_entropy(self, logits: Tensor, positive: Tensor, generator: torch.Generator | None,
+                             self_index: Tensor | None = None) -> Tensor:
+        """Per-row cross-entropy of ``logits`` (the anchor's own column, if
+        any, left out) at the ``positive`` columns, over every candidate or
+        over the positive and K sampled ones."""
+        if self.negatives == "all":
+            if self_index is not None:
+                logits = logits.fill_diagonal_(float("-inf"))  # the anchors are the bank, in order
+            return F.cross_entropy(logits, positive, reduction="none")
+        selection = select_negatives(positive, logits.shape[1], self.negatives, self_index=self_index,
+                                     generator=generator)
+        picked = logits.gather(1, selection.index)  # the positive in column 0
+        return F.cross_entropy(picked, torch.zeros_like(positive), reduction="none")

@@ -246,7 +246,7 @@ class SigLIP(BankLoss):
         ]
         return layout.reduce(torch.cat(values) if len(values) > 1 else values[0], self.reduction)
 
-    def _plain_forward(self, a: Tensor, b: Tensor) -> Tensor:
+    def _plain_forward(self, a: Tensor, b: Tensor, generator: torch.Generator | None = None) -> Tensor:
         # A small plain batch as open_clip writes it, in fewer passes: the
         # bias is the product's input, and with softplus(-l) = softplus(l) - l
         # the positives need no sign flip: l_i = sum_j softplus(l_ij) - l_i,p(i).
