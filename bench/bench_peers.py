@@ -17,7 +17,9 @@ ours is reported as the median of its times divided by the peer's median
   one call took 13 s (empty queue) to 48 s (full) and 2.5 to 9 GB here, so it
   cannot run at these sizes (``--pml-ntxent`` times it at the smallest size);
   SigLIP / the dense sigmoid formula as open_clip writes it (open_clip is not
-  installable here); DCL / a plain two-view DCL as lightly writes it (not
+  installable here), its scale learned as open_clip learns it (the model
+  passes ``exp(log_scale)``, the training loop clamps ``log_scale`` each
+  step), as our SigLIP learns its own; DCL / a plain two-view DCL as lightly writes it (not
   installed either); a learnable temperature / the fixed one;
 * the dense InfoNCE against the peers of the query-document form:
   info-nce-pytorch (``info_nce.InfoNCE``), sentence-transformers'
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import statistics
 import time
@@ -50,7 +53,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from negbatch import DCL, InfoNCE, SigLIP
+from negbatch import DCL, InfoNCE, SigLIP, select_negatives
 
 Variant = Callable[[], torch.Tensor]
 
@@ -205,7 +208,16 @@ def new_losses(two_b: int, args, report: Report) -> None:
             run_ours_queue(), run_pml_queue()
 
     siglip = SigLIP(temperature=0.1, bias=-10.0)
-    scale = torch.tensor(10.0, requires_grad=True)
+    # open_clip's CLIP model keeps log(scale) and passes scale = exp(log_scale)
+    # to the loss; its training loop clamps log_scale in place every step: the
+    # formula pays for both, as our SigLIP does for its learnable scale.
+    log_scale = torch.tensor(math.log(10.0), requires_grad=True)
+
+    def run_sigmoid_formula() -> torch.Tensor:
+        with torch.no_grad():
+            log_scale.clamp_(0.0, math.log(100.0))
+        return sigmoid_formula(z1, z2, log_scale.exp(), bias)
+
     bias = torch.tensor(-10.0, requires_grad=True)
     dcl = DCL(temperature=tau)
     fixed, learnable = InfoNCE(temperature=tau), InfoNCE(temperature=tau, learnable_temperature=True)
@@ -216,13 +228,13 @@ def new_losses(two_b: int, args, report: Report) -> None:
         f"queue {queue_size}: negbatch": run_ours_queue,
         pml_name: run_pml_queue,
         "SigLIP: negbatch": lambda: siglip(z1, z2),
-        "SigLIP: dense formula (open_clip's)": lambda: sigmoid_formula(z1, z2, scale, bias),
+        "SigLIP: dense formula (open_clip's)": run_sigmoid_formula,
         "DCL: negbatch": lambda: dcl(z1, z2),
         "DCL: plain formula (lightly's)": lambda: dcl_formula(z1, z2, tau),
         "temperature: learnable": lambda: learnable(z1, z2),
         "temperature: fixed": lambda: fixed(z1, z2),
     }
-    leaves = [z1, z2, scale, bias, *siglip.parameters(), *learnable.parameters()]
+    leaves = [z1, z2, log_scale, bias, *siglip.parameters(), *learnable.parameters()]
     names = list(variants)
     goal = "each new loss never slower than its peer"
     for ours, peer in zip(names[::2], names[1::2]):  # each pair raced on its own, side by side
@@ -268,6 +280,25 @@ def dense_peers(two_b: int, args, report: Report) -> None:
     report.add(goal, f"2B={two_b} two_view / plain NT-Xent", medians["negbatch two_view"] / medians["plain NT-Xent"])
 
 
+def draw_negatives(form: str, rows: int, k: int, generator: torch.Generator) -> None:
+    """The draw of a sampled in-batch loss on its own (every direction's)."""
+    if form == "two_view":
+        positive = torch.arange(2 * rows).roll(rows)
+        select_negatives(positive, 2 * rows, k, self_index=positive.roll(rows), generator=generator)
+    else:
+        select_negatives(torch.arange(rows), rows, k, generator=generator)
+
+
+def median_seconds(run: Callable[[], object], repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def sampled_small(two_b: int, args, report: Report) -> None:
     """Sampled K against all at a small batch, in both forms."""
     tau = 0.1
@@ -288,6 +319,10 @@ def sampled_small(two_b: int, args, report: Report) -> None:
         show(medians)
         for k in ks:
             report.add(goal, f"{where} K={k} / all", medians[f"K={k}"] / medians["all"])
+            # What "all" never does: draw K candidates per anchor (as the loss draws them).
+            draw = median_seconds(lambda k=k: draw_negatives(form, rows, k, gen), args.repeats)
+            print(f"    of which drawing the K={k} negatives alone {draw / medians['all']:.3f} x all, "
+                  f"the rest {(medians[f'K={k}'] - draw) / medians['all']:.3f} x all")
 
 
 def main() -> None:
