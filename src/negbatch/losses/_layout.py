@@ -30,6 +30,8 @@ order (view 1 then view 2, or queries then documents): B values per role
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -447,14 +449,17 @@ class BankLoss(nn.Module):
             and not autocast_active(a.device)
         )
 
-    def _plain_result(self, a: Tensor, b: Tensor, per_anchor: Tensor) -> Tensor:
-        """A plain call's per-anchor values reduced, after the finite check.
-        Without masks or sampling, every input entry reaches some loss value:
-        a NaN or inf input makes the output non-finite. One look at the output
-        then stands for the look at both inputs, which runs (and names the
-        culprit) only when the output is not finite."""
-        values = reduce_values(per_anchor, self.reduction)
-        if self.check_finite and not bool(torch.isfinite(values).all()):
+    def _plain_result(self, a: Tensor, b: Tensor, values: Tensor, reduced: bool = False) -> Tensor:
+        """A plain call's per-anchor values reduced (unless ``reduced``),
+        after the finite check. Every input entry reaches some loss value (a
+        sampled anchor's own row among them): a NaN or inf input makes the
+        output non-finite. One look at the output's sum then stands for the
+        look at both inputs, which runs (and names the culprit) only when the
+        sum is not finite; one number read back costs a fraction of a
+        test-and-reduce over the values."""
+        if not reduced:
+            values = reduce_values(values, self.reduction)
+        if self.check_finite and not math.isfinite(values.detach().sum().item()):
             check_views(a, b, self.form, check_finite=True)
         return values
 

@@ -213,8 +213,9 @@ class InfoNCE(SoftmaxLoss):
         # The layout's result for a small plain batch, as a user would write
         # it: one product (both directions of the symmetric form share it),
         # the temperature folded in (a learnable one multiplies the anchors),
-        # autograd's cross-entropy; K sampled negatives are read off the
-        # product, drawn as the layout draws them.
+        # autograd's cross-entropy, reduced in its own kernel where one call
+        # holds every anchor; K sampled negatives are read off the product,
+        # drawn as the layout draws them.
         n = a.shape[0]
         scale = self.logit_scale() if self.logit_scale is not None else None
         alpha = 1.0 / self.temperature if scale is None else 1.0
@@ -223,26 +224,28 @@ class InfoNCE(SoftmaxLoss):
             anchors = z if scale is None else z * scale
             logits = torch.addmm(z.new_zeros(()), anchors, z.t(), beta=0.0, alpha=alpha)
             positive = torch.arange(2 * n, device=a.device).roll(n)  # the other view
-            values = self._plain_cross_entropy(logits, positive, generator, self_index=positive.roll(n))
-            return self._plain_result(a, b, values)
+            values = self._plain_cross_entropy(logits, positive, generator, self.reduction, self_index=positive.roll(n))
+            return self._plain_result(a, b, values, reduced=True)
         q, d = F.normalize(a, dim=1), F.normalize(b, dim=1)
         logits = torch.addmm(q.new_zeros(()), q if scale is None else q * scale, d.t(), beta=0.0, alpha=alpha)
         positive = torch.arange(n, device=a.device)
-        values = self._plain_cross_entropy(logits, positive, generator)
-        if self.symmetric:  # documents against the queries: the columns
-            values = torch.cat([values, self._plain_cross_entropy(logits.t(), positive, generator)])
+        if not self.symmetric:
+            values = self._plain_cross_entropy(logits, positive, generator, self.reduction)
+            return self._plain_result(a, b, values, reduced=True)
+        values = torch.cat([self._plain_cross_entropy(logits, positive, generator, "none"),
+                            self._plain_cross_entropy(logits.t(), positive, generator, "none")])  # the columns
         return self._plain_result(a, b, values)
 
     def _plain_cross_entropy(self, logits: Tensor, positive: Tensor, generator: torch.Generator | None,
-                             self_index: Tensor | None = None) -> Tensor:
-        """Per-row cross-entropy of ``logits`` (the anchor's own column, if
-        any, left out) at the ``positive`` columns, over every candidate or
-        over the positive and K sampled ones."""
+                             reduction: Reduction, self_index: Tensor | None = None) -> Tensor:
+        """Cross-entropy of ``logits``' rows (the anchor's own column, if any,
+        left out) at the ``positive`` columns, over every candidate or over
+        the positive and K sampled ones."""
         if self.negatives == "all":
             if self_index is not None:
                 logits = logits.fill_diagonal_(float("-inf"))  # the anchors are the bank, in order
-            return F.cross_entropy(logits, positive, reduction="none")
+            return F.cross_entropy(logits, positive, reduction=reduction)
         selection = select_negatives(positive, logits.shape[1], self.negatives, self_index=self_index,
                                      generator=generator)
         picked = logits.gather(1, selection.index)  # the positive in column 0
-        return F.cross_entropy(picked, torch.zeros_like(positive), reduction="none")
+        return F.cross_entropy(picked, torch.zeros_like(positive), reduction=reduction)
