@@ -263,6 +263,14 @@ def _floyd_numpy(population: np.ndarray, k: int, raw: np.ndarray, width: int) ->
     return np.ascontiguousarray(draws.T)
 
 
+def _cpu_random_bits(generator: torch.Generator | None, shape: tuple[int, int]) -> np.ndarray:
+    """Uniform 64-bit integers from numpy's PCG64, seeded by one draw from
+    the torch ``generator``: torch's CPU generator (a Mersenne twister) takes
+    about 10 ns a number, PCG64 about 1 ns."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return np.random.PCG64(seed).random_raw(shape)
+
+
 def _draw_ranks(
     population: Tensor,
     k: int,
@@ -281,10 +289,7 @@ def _draw_ranks(
     gen_device = generator.device if generator is not None else device
     if 2 * k <= m:
         if gen_device.type == "cpu":
-            # torch's CPU generator (a Mersenne twister) takes about 10 ns a
-            # number; numpy's PCG64, seeded by one draw from it, about 1 ns.
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-            table = np.random.PCG64(seed).random_raw((n_rows_global, k))
+            table = _cpu_random_bits(generator, (n_rows_global, k))
             table >>= np.uint64(2)  # below 2**62: the same bits as int64
             raw = torch.from_numpy(table.view(np.int64))
         else:
@@ -295,6 +300,15 @@ def _draw_ranks(
         return sample_uniform_ranks(population, k, raw)
     # K above half the candidates: Floyd's K sequential draws cost more than
     # random keys, of which each row keeps its K smallest.
+    if gen_device.type == "cpu":
+        # 64-bit keys (a tie, which would favour the earlier rank, has odds
+        # of about m^2 / 2^65 per row) and numpy's selection in each row: a
+        # fraction of torch's top-K on the CPU.
+        keys = _cpu_random_bits(generator, (n_rows_global, m))
+        if row_index is not None:
+            keys = keys[row_index.cpu().numpy()]
+        keys[np.arange(m)[None, :] >= population.cpu().numpy()[:, None]] = np.iinfo(np.uint64).max
+        return torch.from_numpy(np.argpartition(keys, k - 1, axis=1)[:, :k]).to(device)
     keys = torch.rand(n_rows_global, m, generator=generator, device=gen_device).to(device)
     if row_index is not None:
         keys = keys[row_index]
