@@ -20,7 +20,9 @@ ours is reported as the median of its times divided by the peer's median
   installable here), its scale learned as open_clip learns it (the model
   passes ``exp(log_scale)``, the training loop clamps ``log_scale`` each
   step), as our SigLIP learns its own; DCL / a plain two-view DCL as lightly writes it (not
-  installed either); a learnable temperature / the fixed one;
+  installed either); the learnable temperature (symmetric query-document
+  InfoNCE) / open_clip's ClipLoss formula with its learned scale (and, not a
+  goal, / our fixed temperature: what learning it costs);
 * the dense InfoNCE against the peers of the query-document form:
   info-nce-pytorch (``info_nce.InfoNCE``), sentence-transformers'
   ``MultipleNegativesRankingLoss`` (its own code, on precomputed embeddings),
@@ -220,7 +222,17 @@ def new_losses(two_b: int, args, report: Report) -> None:
 
     bias = torch.tensor(-10.0, requires_grad=True)
     dcl = DCL(temperature=tau)
-    fixed, learnable = InfoNCE(temperature=tau), InfoNCE(temperature=tau, learnable_temperature=True)
+    # The learnable temperature's peer: open_clip's ClipLoss with the scale its
+    # model learns (as above), against ours in the same symmetric form.
+    clip_log_scale = torch.tensor(math.log(1.0 / tau), requires_grad=True)
+
+    def run_clip_learned() -> torch.Tensor:
+        with torch.no_grad():
+            clip_log_scale.clamp_(0.0, math.log(100.0))
+        return clip_formula(z1, z2, clip_log_scale.exp())
+
+    symmetric = dict(temperature=tau, form="query_document", symmetric=True)
+    fixed, learnable = InfoNCE(**symmetric), InfoNCE(**symmetric, learnable_temperature=True)
 
     variants = {
         "SupCon: negbatch positives='mask'": lambda: supcon(z1, z2, labels=labels),
@@ -231,16 +243,19 @@ def new_losses(two_b: int, args, report: Report) -> None:
         "SigLIP: dense formula (open_clip's)": run_sigmoid_formula,
         "DCL: negbatch": lambda: dcl(z1, z2),
         "DCL: plain formula (lightly's)": lambda: dcl_formula(z1, z2, tau),
-        "temperature: learnable": lambda: learnable(z1, z2),
-        "temperature: fixed": lambda: fixed(z1, z2),
+        "learnable temperature: negbatch symmetric": lambda: learnable(z1, z2),
+        "learnable temperature: open_clip ClipLoss, learned scale": run_clip_learned,
     }
-    leaves = [z1, z2, log_scale, bias, *siglip.parameters(), *learnable.parameters()]
+    leaves = [z1, z2, log_scale, bias, clip_log_scale, *siglip.parameters(), *learnable.parameters()]
     names = list(variants)
     goal = "each new loss never slower than its peer"
     for ours, peer in zip(names[::2], names[1::2]):  # each pair raced on its own, side by side
         medians = race({ours: variants[ours], peer: variants[peer]}, leaves, args.repeats)
         show(medians)
         report.add(goal, f"2B={two_b} {ours} / {peer.split(': ', 1)[1]}", medians[ours] / medians[peer])
+    # Not a goal: what learning the temperature costs against a fixed one, in ours.
+    medians = race({"learnable": lambda: learnable(z1, z2), "fixed": lambda: fixed(z1, z2)}, leaves, args.repeats)
+    print(f"  2B={two_b} (cost of learning the temperature) learnable / fixed {medians['learnable'] / medians['fixed']:.3f}")
 
 
 def dense_peers(two_b: int, args, report: Report) -> None:

@@ -232,9 +232,14 @@ class InfoNCE(SoftmaxLoss):
         if not self.symmetric:
             values = self._plain_cross_entropy(logits, positive, generator, self.reduction)
             return self._plain_result(a, b, values, reduced=True)
-        values = torch.cat([self._plain_cross_entropy(logits, positive, generator, "none"),
-                            self._plain_cross_entropy(logits.t(), positive, generator, "none")])  # the columns
-        return self._plain_result(a, b, values)
+        # Documents against the queries: the columns. Both directions hold n
+        # anchors, so the mean over all 2n is the mean of the two means.
+        rows = self._plain_cross_entropy(logits, positive, generator, self.reduction)
+        columns = self._plain_cross_entropy(logits.t(), positive, generator, self.reduction)
+        if self.reduction == "none":
+            return self._plain_result(a, b, torch.cat([rows, columns]))
+        values = rows + columns
+        return self._plain_result(a, b, values / 2 if self.reduction == "mean" else values, reduced=True)
 
     def _plain_cross_entropy(self, logits: Tensor, positive: Tensor, generator: torch.Generator | None,
                              reduction: Reduction, self_index: Tensor | None = None) -> Tensor:
