@@ -31,7 +31,6 @@ order (view 1 then view 2, or queries then documents): B values per role
 from __future__ import annotations
 
 import math
-
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -444,7 +443,8 @@ class BankLoss(nn.Module):
                                             and self.form == "query_document"))
             and all(x is None for x in extras)
             and not self.gather and self.normalize and not self.filtering
-            and (self.negatives == "all" or (self.plain_sampled and self.negatives < in_batch_candidates(self.form, a.shape[0])))
+            and (self.negatives == "all"
+                 or (self.plain_sampled and self.negatives < in_batch_candidates(self.form, a.shape[0])))
             and (2 * a.shape[0] if self.form == "two_view" else a.shape[0]) ** 2 <= SMALL_DENSE_LOGITS
             and not autocast_active(a.device)
         )
