@@ -92,6 +92,7 @@ def _subset_counts(index_rows, k):
         ("floyd", 8, 2, False),  # population 6, C(6,2) = 15 subsets
         ("keys", 9, 6, False),  # K^2 > 4m: random-key path; population 7, C(7,6) = 7
         ("floyd+mask", 9, 2, True),  # masked columns: rank lookup path
+        ("keys+mask", 9, 5, True),  # random keys past each row's population; C(6,5) = 6
     ],
 )
 def test_k_subsets_are_uniform_chi_square(path, m, k, masked):
@@ -145,9 +146,10 @@ def test_floyd_ranks_match_exact_subset_probabilities(floyd_way):
     assert chisquare(list(counts.values())).pvalue > 1e-3
 
 
-def test_sampling_does_not_depend_on_how_rows_are_split():
+@pytest.mark.parametrize("k", [4, 20])  # Floyd's algorithm; random keys (2K > m)
+def test_sampling_does_not_depend_on_how_rows_are_split(k):
     """Rows 4..7 sampled alone with row_index equal those rows sampled together."""
-    m, k = 30, 4
+    m = 30
     positive = torch.arange(8)
     whole = select_negatives(positive, m, k, generator=torch.Generator().manual_seed(3))
     part = select_negatives(positive[4:], m, k, generator=torch.Generator().manual_seed(3),
