@@ -330,6 +330,23 @@ def test_sampler_batches_are_full_disjoint_and_seeded(sampler):
     assert len(set(flat)) == len(flat) and all(0 <= i < n for i in flat)
 
 
+@pytest.mark.parametrize("sampler,unsupervised", [("gcbs", False), ("gcbs", True), ("hard", False)])
+def test_samplers_embed_each_text_they_use_once(sampler, unsupervised):
+    # GCBS needs queries and documents, hard batches the queries; unsupervised,
+    # the documents are the queries (in eval mode, the same embedding).
+    from negbatch.lab.tasks.text import TextTask
+
+    cfg = TrainConfig(**{**TINY, "sampler": sampler, "unsupervised": unsupervised, "dropout": 0.1})
+    task = TextTask(cfg, torch.device("cpu"))
+    task.build()
+    embedded = []
+    task.model.register_forward_hook(lambda module, args, out: embedded.append(out.shape[0]))
+    task.sampler.set_epoch(0)
+    batches = list(task.sampler)
+    sides = 2 if sampler == "gcbs" and not unsupervised else 1
+    assert batches and sum(embedded) == sides * len(task.train)
+
+
 def test_study_batches_on_text(tmp_path, capsys):
     from negbatch.cli import main
 

@@ -182,14 +182,20 @@ class TextTask(Task):
         embedding = dict(model=self.model, chunk_size=256)
         if cfg.sampler == "gcbs":
             return GCBSampler(self._embed, n, cfg.batch_size, q=cfg.gcbs_q, **embedding, **common)
-        return HardNegativeBatchSampler(lambda i: self._embed(i)[0], n, cfg.batch_size, **embedding, **common)
+        return HardNegativeBatchSampler(lambda i: self._embed_texts(self.train.queries, i), n, cfg.batch_size,
+                                        **embedding, **common)
 
     def _embed(self, indices: Tensor) -> tuple[Tensor, Tensor]:
-        """The (query, document) embeddings of the training pairs ``indices`` (for GCBS, hard batches)."""
-        idx = indices.tolist()
-        q = self.model(self._features([self.train.queries[i] for i in idx]))
-        d = self.model(self._features([self.train.documents[i] for i in idx]))
-        return q.float().cpu(), d.float().cpu()
+        """The (query, document) embeddings of the training pairs ``indices`` (for GCBS)."""
+        queries = self._embed_texts(self.train.queries, indices)
+        if self.cfg.unsupervised:
+            # Each query is its own document, and the sampler embeds in eval
+            # mode (no dropout): the same embedding, computed once.
+            return queries, queries.clone()
+        return queries, self._embed_texts(self.train.documents, indices)
+
+    def _embed_texts(self, texts: list[str], indices: Tensor) -> Tensor:
+        return self.model(self._features([texts[i] for i in indices.tolist()])).float().cpu()
 
     def _features(self, texts: list[str]) -> dict:
         return _to(self.tokenizer(texts), self.device)
