@@ -210,7 +210,9 @@ def test_checkpoints_by_time_by_default_and_a_killed_run_resumes(tmp_path, digit
     """kill -9 in the middle of a run: the periodic checkpoint survives, the lock does not stay,
     and the rerun resumes from the checkpoint and ends as an uninterrupted run."""
     assert TrainConfig().checkpoint_minutes > 0  # on by default
-    cfg = tiny(epochs=12, checkpoint_minutes=0.0002)  # every 12 ms
+    # Long enough that the kill lands mid-run on a fast machine (the first checkpoint, written
+    # atomically, is taken a few steps in; 12 epochs once finished within the old 0.2 s wait).
+    cfg = tiny(epochs=40, checkpoint_minutes=0.0002)  # every 12 ms
     code = (f"import sys, torch; torch.set_num_threads({torch.get_num_threads()}); "
             "from negbatch.data import load_digits; from negbatch.lab import TrainConfig, train; "
             f"train(TrainConfig(**{cfg.to_dict()!r}), sys.argv[1], data=load_digits())")
@@ -221,12 +223,11 @@ def test_checkpoints_by_time_by_default_and_a_killed_run_resumes(tmp_path, digit
         while not (tmp_path / "cut" / CHECKPOINT).exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
             time.sleep(0.05)
-        time.sleep(0.2)
     finally:
         proc.kill()  # SIGKILL: no handler runs
         proc.wait()
     saved = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)["step"]
-    assert 0 < saved < 12 * 6
+    assert 0 < saved < 40 * 6
     full = train(cfg, tmp_path / "full", data=digits)
     resumed = train(cfg, tmp_path / "cut", data=digits)
     assert without_times(read_metrics(tmp_path / "cut")) == without_times(read_metrics(tmp_path / "full"))
