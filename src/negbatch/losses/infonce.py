@@ -223,8 +223,8 @@ class InfoNCE(SoftmaxLoss):
             z = F.normalize(torch.cat([a, b]), dim=1)
             anchors = z if scale is None else z * scale
             logits = torch.addmm(z.new_zeros(()), anchors, z.t(), beta=0.0, alpha=alpha)
-            positive = torch.arange(2 * n, device=a.device).roll(n)  # the other view
-            values = self._plain_cross_entropy(logits, positive, generator, self.reduction, self_index=positive.roll(n))
+            rows = torch.arange(2 * n, device=a.device)  # each anchor's own column: the bank is the anchors
+            values = self._plain_cross_entropy(logits, rows.roll(n), generator, self.reduction, self_index=rows)
             return self._plain_result(a, b, values, reduced=True)
         q, d = F.normalize(a, dim=1), F.normalize(b, dim=1)
         logits = torch.addmm(q.new_zeros(()), q if scale is None else q * scale, d.t(), beta=0.0, alpha=alpha)
@@ -243,12 +243,13 @@ class InfoNCE(SoftmaxLoss):
 
     def _plain_cross_entropy(self, logits: Tensor, positive: Tensor, generator: torch.Generator | None,
                              reduction: Reduction, self_index: Tensor | None = None) -> Tensor:
-        """Cross-entropy of ``logits``' rows (the anchor's own column, if any,
-        left out) at the ``positive`` columns, over every candidate or over
-        the positive and K sampled ones."""
+        """Cross-entropy of ``logits``' rows at the ``positive`` columns (the
+        other view, or the paired document), over every candidate or over the
+        positive and K sampled ones; ``self_index`` (two-view: ``arange``, the
+        anchors are the bank in order) is never a candidate."""
         if self.negatives == "all":
             if self_index is not None:
-                logits = logits.fill_diagonal_(float("-inf"))  # the anchors are the bank, in order
+                logits = logits.fill_diagonal_(float("-inf"))  # self_index is every row's own column
             return F.cross_entropy(logits, positive, reduction=reduction)
         selection = select_negatives(positive, logits.shape[1], self.negatives, self_index=self_index,
                                      generator=generator)
