@@ -35,6 +35,9 @@ CASES = {
     "image-dcl-queue-temperature": dict(IMAGE, loss="dcl", queue_size=40, negatives=20, learnable_temperature=True),
     "image-siglip": dict(IMAGE, loss="siglip"),
     "text-infonce-queue-temperature-cache": dict(TEXT, queue_size=12, learnable_temperature=True, chunk_size=3),
+    # MoCo: each rank's momentum encoder follows the same averaged parameters, so the copies stay equal.
+    "image-moco": dict(IMAGE, queue_size=32, key_momentum=0.9),
+    "text-moco": dict(TEXT, queue_size=16, key_momentum=0.9),
 }
 STOP = 5  # mid-epoch for both tasks
 
@@ -61,7 +64,8 @@ def tokenizers_missing():
 
 def _parameters(folder):
     state = torch.load(folder / "checkpoint.pt", weights_only=True)
-    return {**state["model"], **{f"loss:{k}": v for k, v in state["loss"].items()}}
+    return {**state["model"], **{f"loss:{k}": v for k, v in state["loss"].items()},
+            **{f"keys:{k}": v for k, v in state.get("key_encoder", {}).items()}}
 
 
 def _assert_same_run(two, one):

@@ -27,6 +27,14 @@ def test_each_method_is_one_configuration_read_back_from_its_fields():
             assert cfg.batch_size == trained and cfg.lr == pytest.approx(0.002 * math.sqrt(trained / 256))
     assert method_config(base, "infonce-k", 16, **OPTIONS).negatives == 4
     assert method_config(base, "queue", 16, **OPTIONS).queue_size == 128
+    assert method_config(base, "queue", 16, **OPTIONS).key_momentum == 0
+    moco = [method_config(base, "moco", b, **OPTIONS, momentum=0.9) for b in (64, 256, 1024)]
+    assert [c.queue_size for c in moco] == [128] * 3
+    # The keys average over as many samples at every B: m_B ** (1 / B) is constant.
+    assert [c.key_momentum for c in moco] == pytest.approx([0.9 ** 0.25, 0.9, 0.9 ** 4])
+    text_moco = method_config(TrainConfig(dataset="builtin"), "moco", 8, **OPTIONS)
+    assert text_moco.symmetric is False and text_moco.key_momentum > 0
+    assert method_config(TrainConfig(dataset="builtin"), "queue", 8, **OPTIONS).symmetric is True
     assert method_config(base, "gradcache", 16, **OPTIONS).chunk_size == 16
     text = TrainConfig(dataset="builtin")
     assert method_config(text, "infonce", 8, **OPTIONS).loss == "infonce"
@@ -64,7 +72,8 @@ def test_report_changes_and_tests_match_scipy(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--methods", "infonce,moco"], "--methods: unknown moco"),
+    (["--methods", "infonce,mocov3"], "--methods: unknown mocov3"),
+    (["--moco-momentum", "1.0"], r"--moco-momentum must be a float in \(0, 1\)"),
     (["--batch-sizes", "8,128"], "--batch-sizes: 128 exceeds the 64 training samples"),
     (["--batch-sizes", "8,16", "--k", "15"], r"--k 15: expected 1 <= K <= 14"),
     (["--queue-size", "0"], "--queue-size must be a positive int"),
@@ -93,23 +102,25 @@ def test_image_study_end_to_end_resumes_and_reports(tmp_path, capsys, monkeypatc
 
 def test_text_study_end_to_end(tmp_path, capsys):
     pytest.importorskip("tokenizers", reason="the text study needs the text extra")
-    argv = ["study", "batch-size", "--data", "builtin", "--out", str(tmp_path), "--methods", "infonce,siglip,dcl",
+    argv = ["study", "batch-size", "--data", "builtin", "--out", str(tmp_path), "--methods", "infonce,siglip,dcl,moco",
             "--batch-sizes", "4,8", "--seeds", "0", "--epochs", "1", "--workers", "1", "--text-dim", "16",
             "--vocab-size", "200", "--k", "2"]
     assert main(argv) == 0
     rows = json.loads((tmp_path / "results.json").read_text())
-    assert len(rows) == 6 and all(0 <= r["ndcg@10"] <= 1 for r in rows)
-    assert "nDCG@10" in (tmp_path / "report.md").read_text()
+    assert len(rows) == 8 and all(0 <= r["ndcg@10"] <= 1 for r in rows)
+    assert {method_of(r)[0] for r in rows} == {"infonce", "siglip", "dcl", "moco"}
+    text = (tmp_path / "report.md").read_text()
+    assert "nDCG@10" in text and "**moco**" in text and "momentum encoder of momentum 0.9 at B = 256" in text
 
 
 @pytest.mark.slow
 def test_every_method_on_images_and_text(tmp_path):
     assert main(["study", "batch-size", "--data", "digits", "--out", str(tmp_path / "image"), *TINY,
                  "--batch-sizes", "8,16", "--seeds", "0,1", "--k", "4"]) == 0
-    assert len(json.loads((tmp_path / "image" / "results.json").read_text())) == 28
+    assert len(json.loads((tmp_path / "image" / "results.json").read_text())) == 32
     assert main(["study", "batch-size", "--data", "builtin", "--out", str(tmp_path / "text"), "--batch-sizes", "4,8",
                  "--seeds", "0,1", "--epochs", "1", "--text-dim", "16", "--vocab-size", "200", "--k", "2"]) == 0
-    assert len(json.loads((tmp_path / "text" / "results.json").read_text())) == 28
+    assert len(json.loads((tmp_path / "text" / "results.json").read_text())) == 32
 
 
 def test_a_study_stopped_by_sigint_says_so_and_resumes(tmp_path, capsys):

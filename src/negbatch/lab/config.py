@@ -40,6 +40,11 @@ __all__ = [
 #: folder accepts them changed on resume.
 RUNTIME_ONLY = ("progress", "checkpoint_every", "checkpoint_minutes", "num_workers", "compile", "channels_last")
 
+#: Fields added after run folders were first saved, with their default: the
+#: default means what the earlier version did, so it is left out of
+#: :meth:`TrainConfig.identity` (the run keys of studies stay the same).
+LATER_FIELDS: dict[str, Any] = {"key_momentum": 0.0}
+
 #: Text data sets: the Bible pairs, 40 built-in pairs, or the user's file as ``pairs:PATH``.
 TEXT_DATASETS = ("bible", "builtin")
 _PAIRS, _ARRAYS = "pairs:", "arrays:"
@@ -105,6 +110,11 @@ def _int_tuple(value: Any) -> tuple[int, ...]:
     if not out or any(v < 1 for v in out):
         raise ValueError(f"expected a non-empty list of positive ints, got {value!r}")
     return out
+
+
+def _positive_number(value: Any) -> bool:
+    """A number above 0 (the checks of its type and range come separately)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def _opt(default: Any, help: str, section: str, **meta: Any) -> Any:
@@ -185,6 +195,10 @@ class TrainConfig:
     gamma: float = _opt(0.9, "global loss: E-step rate of the running normalisers (final rate of a schedule)", "objective")
     queue_size: int = _opt(0, "simclr, infonce, dcl: also contrast with the last N embeddings of each direction, "
                            "a FIFO queue (MoCo; 0: none)", "objective")
+    key_momentum: float = _opt(0.0, "simclr, infonce, dcl: encode the keys -- the documents (text), the second "
+                               "views (images) -- with a momentum encoder, an exponential moving average of the "
+                               "model with this momentum, and contrast the queries with them alone (MoCo, with "
+                               "queue_size; 0: none; MoCo uses 0.999)", "objective")
     learnable_temperature: bool | None = _opt(None, "learn the temperature (log-space scale clamped to [1, 100], as "
                                               "CLIP; default true for siglip, false otherwise)", "objective")
     siglip_bias: float = _opt(-10.0, "siglip: initial bias (learned)", "objective")
@@ -247,6 +261,8 @@ class TrainConfig:
         errors: list[str] = []
         task = self.task if isinstance(self.dataset, str) else "image"
         self._check_dataset(errors)
+        if task == "text" and self.symmetric is None and _positive_number(self.key_momentum):
+            object.__setattr__(self, "symmetric", False)  # MoCo's loss: queries against keys only
         self._resolve_task_defaults(task, errors)
         self._check_text_encoder(task, errors)
 
@@ -277,6 +293,8 @@ class TrainConfig:
         if self.queue_size and self.loss not in QUEUE_LOSSES:
             bad("queue_size", f"a queue extends the softmax losses ({', '.join(QUEUE_LOSSES)}), not loss="
                 f"{self.loss!r}; set queue_size=0")
+        if _positive_number(self.key_momentum):
+            self._check_key_momentum(task, errors)
         if self.dcl_sigma is not None and self.loss != "dcl":
             bad("dcl_sigma", f"applies to loss='dcl' only (got loss={self.loss!r}); leave it unset")
         if self.siglip_bias != -10.0 and self.loss != "siglip":
@@ -311,6 +329,8 @@ class TrainConfig:
         number("gcbs_q", lambda v: 0 < v < 1, "expected a float strictly between 0 and 1 (the paper uses 0.999)")
         number("gamma", lambda v: 0 < v <= 1, "expected a float in (0, 1]")
         number("momentum", lambda v: 0 <= v < 1, "expected a float in [0, 1)")
+        number("key_momentum", lambda v: 0 <= v < 1, "expected a float in [0, 1) (MoCo: 0.999; 0: no momentum "
+               "encoder)")
         number("snr_beta", lambda v: 0 < v < 1, "expected a float in (0, 1)")
         number("aug_strength", lambda v: 0 <= v <= 1, "expected a float in [0, 1]")
         number("test_fraction", lambda v: 0 < v < 1, "expected a float in (0, 1)")
@@ -375,6 +395,23 @@ class TrainConfig:
                     object.__setattr__(self, name, _int_tuple(value))
                 except ValueError as err:
                     errors.append(f"{name}: {err}")
+
+    def _check_key_momentum(self, task: str, errors: list[str]) -> None:
+        """What a momentum encoder (MoCo) combines with: a softmax loss over
+        queries and keys, one pass per encoder."""
+        got = f"(got key_momentum={self.key_momentum!r}"
+        if self.loss not in QUEUE_LOSSES:
+            errors.append(f"key_momentum: a momentum encoder feeds the softmax losses ({', '.join(QUEUE_LOSSES)}), "
+                          f"not loss={self.loss!r}; set key_momentum=0 {got})")
+        if self.chunk_size:
+            errors.append(f"key_momentum: GradCache (chunk_size) caches one encoder's gradient and the keys take "
+                          f"none; drop chunk_size or key_momentum {got}, chunk_size={self.chunk_size!r})")
+        if task == "text" and self.encoder == "minilm":
+            errors.append(f"key_momentum: sentence-transformers' trainer (encoder='minilm') has no momentum "
+                          f"encoder; use encoder='transformer' or key_momentum=0 {got})")
+        if task == "text" and self.symmetric:
+            errors.append(f"symmetric: with a momentum encoder the loss is MoCo's, queries against keys (the "
+                          f"documents, which take no gradient); leave symmetric unset or false {got})")
 
     def _check_text_encoder(self, task: str, errors: list[str]) -> None:
         """The options of ``encoder="minilm"`` and of ``unsupervised`` (after the task's defaults)."""
@@ -460,8 +497,11 @@ class TrainConfig:
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide a run's results (all but :data:`RUNTIME_ONLY`):
-        what resuming and skipping finished runs compare."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_ONLY}
+        what resuming and skipping finished runs compare. Fields added since
+        (:data:`LATER_FIELDS`) count only when set: a run folder, or a study's
+        run, saved before them keeps its identity."""
+        return {k: v for k, v in self.to_dict().items()
+                if k not in RUNTIME_ONLY and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return self.from_dict({**self.to_dict(), **changes})

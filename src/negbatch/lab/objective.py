@@ -32,7 +32,7 @@ def batch_loss(cfg: TrainConfig, *, form: str, gather: bool) -> nn.Module:
     (``"two_view"`` images, ``"query_document"`` text pairs)."""
     common = dict(temperature=cfg.temperature, negatives=cfg.negatives, form=form, gather=gather)
     if form == "query_document":
-        common["symmetric"] = cfg.symmetric
+        common["symmetric"] = bool(cfg.symmetric)  # images with a momentum encoder: MoCo's one direction
     if cfg.loss == "siglip":
         learnable = True if cfg.learnable_temperature is None else cfg.learnable_temperature
         return SigLIP(bias=cfg.siglip_bias, learnable_temperature=learnable, **common)

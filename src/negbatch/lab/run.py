@@ -221,6 +221,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, procs: Processes, data: Any, sto
                         snr.update()
                     lr = optimizer.param_groups[0]["lr"]
                     precision.step(optimizer)
+                    task.after_step()
                     schedule.step()
                     progress["step"] += 1
                     progress["position"] += 1

@@ -14,6 +14,11 @@ accuracy on images, nDCG@10 of the test queries on text pairs. The methods:
   (MoCo's queue, He et al. 2020, without the momentum encoder); by default as
   many entries as the largest batch adds per step, so every B sees about the
   largest batch's number of negatives;
+* ``moco`` -- MoCo (He et al. 2020): the same queue, filled by a momentum
+  encoder that encodes the keys (second views, documents; queries against
+  keys in one direction). Its momentum is ``--moco-momentum`` at
+  B = 256, scaled as ``m ** (B / 256)`` so that the keys average over the
+  same number of samples at every B;
 * ``global`` -- GlobalInfoNCE (SogCLR, Yuan et al. 2022; Chen et al. 2022):
   per-sample running normalisers correct the small-batch gradient bias;
 * ``siglip`` -- SigLIP's sigmoid pairs (Zhai et al. 2023): no softmax
@@ -35,8 +40,8 @@ Defaults, images: Fashion-MNIST (all 60,000 training images, 5,000 test images,
 the probes fitted on 10,000 training images), the MLP encoder, 2 epochs. Text:
 the Bible pairs (4,000 pairs), the small transformer, 2 epochs. Two, not one:
 in a single epoch every sample is visited once, and GlobalInfoNCE's per-sample
-state is never reused (its gradient is then DCL's). 7 methods x 6
-batch sizes x 3 seeds = 126 runs each; the runs go in parallel over the
+state is never reused (its gradient is then DCL's). 8 methods x 6
+batch sizes x 3 seeds = 144 runs each; the runs go in parallel over the
 machine's cores (``--workers``, default all), each with one thread. See
 docs/batch_size.md for the measured report and the GPU recipe.
 """
@@ -62,6 +67,7 @@ METHODS: dict[str, str] = {
     "infonce": "InfoNCE, every in-batch negative",
     "infonce-k": "InfoNCE, K sampled negatives",
     "queue": "InfoNCE + a queue of past embeddings",
+    "moco": "MoCo: a queue of a momentum encoder's keys",
     "global": "GlobalInfoNCE (bias-corrected)",
     "siglip": "SigLIP (sigmoid pairs)",
     "dcl": "DCL (decoupled)",
@@ -69,6 +75,11 @@ METHODS: dict[str, str] = {
 }
 DEFAULT_BATCH_SIZES = "32,64,128,256,512,1024"
 LR_REFERENCE_BATCH = 256
+#: moco's momentum at B = LR_REFERENCE_BATCH. MoCo's 0.999 averages over
+#: the last ~1000 steps of 256, more than this study's runs take: 0.9 (the
+#: last ~10 steps, 2,560 samples) lets the keys follow a model trained from
+#: scratch over two short epochs.
+DEFAULT_MOCO_MOMENTUM = 0.9
 
 
 def softmax_loss(modality: str) -> str:
@@ -76,18 +87,29 @@ def softmax_loss(modality: str) -> str:
     return "simclr" if modality == "image" else "infonce"
 
 
+def moco_momentum(momentum: float, batch: int) -> float:
+    """The momentum at batch size ``batch`` that averages the keys over as
+    many samples as ``momentum`` does at B = 256: ``momentum ** (batch / 256)``."""
+    return momentum ** (batch / LR_REFERENCE_BATCH)
+
+
 def method_config(base: TrainConfig, method: str, batch: int, *, largest: int, k: int, queue_size: int,
-                  lr_scaling: str) -> TrainConfig:
-    """The configuration of ``method`` at batch size (or, for gradcache, memory budget) ``batch``."""
+                  lr_scaling: str, momentum: float = DEFAULT_MOCO_MOMENTUM) -> TrainConfig:
+    """The configuration of ``method`` at batch size (or, for gradcache, memory
+    budget) ``batch``; ``momentum`` is moco's at B = 256."""
     softmax = softmax_loss(base.task)
     trained_batch = largest if method == "gradcache" else batch
     lr = base.lr * {"none": 1.0, "sqrt": math.sqrt(trained_batch / LR_REFERENCE_BATCH),
                     "linear": trained_batch / LR_REFERENCE_BATCH}[lr_scaling]
-    cfg = base.replace(loss=softmax, negatives="all", queue_size=0, chunk_size=None, batch_size=trained_batch, lr=lr)
+    cfg = base.replace(loss=softmax, negatives="all", queue_size=0, key_momentum=0.0, chunk_size=None,
+                       batch_size=trained_batch, lr=lr)
     if method == "infonce-k":
         return cfg.replace(negatives=k)
     if method == "queue":
         return cfg.replace(queue_size=queue_size)
+    if method == "moco":
+        one_direction = {"symmetric": False} if cfg.task == "text" else {}  # MoCo's loss: queries against keys
+        return cfg.replace(queue_size=queue_size, key_momentum=moco_momentum(momentum, batch), **one_direction)
     if method in ("global", "siglip", "dcl"):
         return cfg.replace(loss=method)
     if method == "gradcache":
@@ -100,6 +122,8 @@ def method_of(row: dict[str, Any]) -> tuple[str, int]:
     if row.get("chunk_size"):
         return "gradcache", int(row["chunk_size"])
     b = int(row["batch_size"])
+    if row.get("key_momentum"):
+        return "moco", b
     if row.get("queue_size"):
         return "queue", b
     if row["loss"] in ("global", "siglip", "dcl"):
@@ -114,7 +138,7 @@ class BatchSizeStudy(Study):
 
     name = "batch-size"
     summary = "accuracy against batch size for every method (InfoNCE all/K, queue, global, SigLIP, DCL, GradCache)"
-    swept = ("loss", "negatives", "batch_size", "chunk_size", "queue_size", "seed", "lr")
+    swept = ("loss", "negatives", "batch_size", "chunk_size", "queue_size", "key_momentum", "seed", "lr")
     key_fields = ("loss", "negatives", "queue_size", "batch_size", "chunk_size", "seed")
     metric: ClassVar[tuple[str, str]] = ("linear_acc", "linear-probe accuracy")
     parallel_by_default = True
@@ -126,6 +150,9 @@ class BatchSizeStudy(Study):
         g.add_argument("--k", type=int, default=16, help="infonce-k: negatives per anchor at every batch size (default: 16)")
         g.add_argument("--queue-size", type=int, default=None,
                        help="queue: entries (default: what the largest batch adds per step)")
+        g.add_argument("--moco-momentum", type=float, default=DEFAULT_MOCO_MOMENTUM,
+                       help=f"moco: the momentum encoder's momentum at B={LR_REFERENCE_BATCH}, scaled as "
+                            f"m ** (B / {LR_REFERENCE_BATCH}) (default: {DEFAULT_MOCO_MOMENTUM})")
         g.add_argument("--lr-scaling", default="sqrt", choices=("sqrt", "linear", "none"),
                        help=f"learning rate times sqrt(B/{LR_REFERENCE_BATCH}), B/{LR_REFERENCE_BATCH} or 1 "
                             f"(default: sqrt)")
@@ -152,6 +179,8 @@ class BatchSizeStudy(Study):
             raise ValueError(f"--batch-sizes must be ints >= 2, got {args.batch_sizes}")
         if args.queue_size is not None and (isinstance(args.queue_size, bool) or args.queue_size < 1):
             raise ValueError(f"--queue-size must be a positive int, got {args.queue_size}")
+        if not (isinstance(args.moco_momentum, float) and 0 < args.moco_momentum < 1):
+            raise ValueError(f"--moco-momentum must be a float in (0, 1), got {args.moco_momentum}")
         seeds = self.seeds(args)
         base = self.base_config(args)
         n_train = self.check_data(base)
@@ -161,13 +190,15 @@ class BatchSizeStudy(Study):
             raise ValueError(f"--k {args.k}: expected 1 <= K <= {self.candidates(sizes[0])}, the negatives of the "
                              f"smallest batch ({sizes[0]})")
         queue_size = args.queue_size if args.queue_size is not None else self.entries_per_step(sizes[-1])
-        options = dict(largest=sizes[-1], k=args.k, queue_size=queue_size, lr_scaling=args.lr_scaling)
+        options = dict(largest=sizes[-1], k=args.k, queue_size=queue_size, lr_scaling=args.lr_scaling,
+                       momentum=args.moco_momentum)
         # Seed-major: an interrupted study has every (method, B) cell at the same number of seeds.
         configs = [method_config(base.replace(seed=seed), m, b, **options) for seed in seeds for b in sizes
                    for m in methods]
         out = self.out_folder(args, base.dataset)
         self.write_spec(out, {"methods": methods, "batch_sizes": sizes, "seeds": seeds, "k": args.k,
-                              "queue_size": queue_size, "lr_scaling": args.lr_scaling, "base": base.to_dict(),
+                              "queue_size": queue_size, "moco_momentum": args.moco_momentum,
+                              "lr_scaling": args.lr_scaling, "base": base.to_dict(),
                               "n_train": n_train, "workers": args.workers, "metric": list(self.metric)})
         return out, configs
 
@@ -305,6 +336,16 @@ def _slope(cells: dict[int, dict[int, dict]], key: str) -> tuple[float, float] |
     return float(fit.slope), float(fit.pvalue)
 
 
+def _moco_words(spec: dict[str, Any]) -> str:
+    """How moco's momentum was set (studies of earlier versions have no moco)."""
+    if "moco" not in spec["methods"]:
+        return ""
+    m = spec.get("moco_momentum", DEFAULT_MOCO_MOMENTUM)
+    return (f" (moco: filled by a momentum encoder of momentum {m} at B = {LR_REFERENCE_BATCH}, "
+            f"{moco_momentum(m, spec['batch_sizes'][0]):.4g} at B = {spec['batch_sizes'][0]}, "
+            f"{moco_momentum(m, spec['batch_sizes'][-1]):.4g} at B = {spec['batch_sizes'][-1]})")
+
+
 def _seconds(value: float) -> str:
     return f"{value:.1f}" if value < 10 else f"{value:.0f}"
 
@@ -373,7 +414,7 @@ def report(folder: Path) -> Path:
         f"Data `{b['dataset']}` ({spec['n_train']} training samples), {b.get('epochs')} epoch(s) at every batch size, "
         f"learning rate {b['lr']} x {spec['lr_scaling']} scaling from B = {LR_REFERENCE_BATCH}, temperature "
         f"{b['temperature']}, optimizer {b['optimizer']}; K = {spec['k']} for infonce-k, a queue of "
-        f"{spec['queue_size']} entries; gradcache trains B = {large} in chunks of the column's B. Seeds "
+        f"{spec['queue_size']} entries{_moco_words(spec)}; gradcache trains B = {large} in chunks of the column's B. Seeds "
         f"{spec['seeds']}; mean ± sample std over seeds; {workers} run{'s' if workers != 1 else ''} trained at a "
         "time, one thread each (times are comparable within this study only).\n",
         f"\n**{missing} of {len(spec['methods']) * len(sizes) * len(spec['seeds'])} runs missing** (an interrupted "

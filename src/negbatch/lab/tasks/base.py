@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from ...momentum import MomentumEncoder
 from ..config import TrainConfig
 from ..objective import loss_parameter_groups
 
@@ -24,8 +25,8 @@ class Task:
     :attr:`data_identity`), :meth:`build` (after seeding torch), then either
     :meth:`load_state_dict` (resuming) or :meth:`before_training`, then per
     epoch :meth:`start_epoch` and per batch of :attr:`sampler` :meth:`batch`,
-    :meth:`step` and :meth:`step_metrics`; at the end :meth:`evaluate` and
-    :meth:`summarize`.
+    :meth:`step`, (the optimizer's step) :meth:`after_step` and
+    :meth:`step_metrics`; at the end :meth:`evaluate` and :meth:`summarize`.
 
     Attributes
     ----------
@@ -44,6 +45,9 @@ class Task:
     world_size_invariant : bool
         True when training draws no random number per process (so a resumed
         run may continue on another number of processes).
+    key_encoder : negbatch.MomentumEncoder or None
+        With ``cfg.key_momentum``: MoCo's momentum encoder of :attr:`model`,
+        which encodes the keys (set by :meth:`build_key_encoder`).
     """
 
     data_identity: dict[str, Any]
@@ -52,6 +56,7 @@ class Task:
     sampler: Any
     precision: Any
     world_size_invariant: bool = True
+    key_encoder: MomentumEncoder | None = None
 
     def __init__(self, cfg: TrainConfig, device: torch.device, data: Any = None) -> None:
         self.cfg, self.device = cfg, device
@@ -59,6 +64,26 @@ class Task:
     def build(self) -> None:
         """Build the model, the objective and the sampler (torch is seeded)."""
         raise NotImplementedError
+
+    def build_key_encoder(self) -> None:
+        """MoCo's momentum encoder, a copy of the freshly built :attr:`model`
+        (``cfg.key_momentum``; none when it is 0)."""
+        self.key_encoder = MomentumEncoder(self.model, self.cfg.key_momentum) if self.cfg.key_momentum else None
+
+    def after_step(self) -> None:
+        """Work after each optimizer step: the momentum encoder follows the model."""
+        if self.key_encoder is not None:
+            self.key_encoder.update()
+
+    def key_encoder_state(self) -> dict[str, Any]:
+        """The momentum encoder's part of :meth:`state_dict` (tensors only)."""
+        return {"key_encoder": self.key_encoder.state_dict()} if self.key_encoder is not None else {}
+
+    def load_key_encoder_state(self, state: dict[str, Any]) -> None:
+        if self.key_encoder is not None:
+            if "key_encoder" not in state:
+                raise ValueError("the checkpoint holds no momentum encoder (key_encoder) though key_momentum is set")
+            self.key_encoder.load_state_dict(state["key_encoder"])
 
     def parameters(self) -> Iterator[nn.Parameter] | list[dict]:
         """What the optimizer updates: the model's parameters and the loss's

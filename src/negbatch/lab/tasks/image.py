@@ -128,7 +128,8 @@ def build_loss(cfg: TrainConfig, num_samples: int | None = None, total_steps: in
         contrasted = cfg.batch_size % cfg.chunk_size or cfg.chunk_size
         where = (f"chunk_method='accumulate' with chunk_size={cfg.chunk_size} (batch_size={cfg.batch_size}: "
                  f"the smallest chunk has {contrasted} rows)")
-    available = negative_candidates(cfg.loss, contrasted)
+    # With a momentum encoder the views are queries and keys (MoCo): B - 1 in-batch keys.
+    available = contrasted - 1 if cfg.key_momentum else negative_candidates(cfg.loss, contrasted)
     if negatives != "all" and negatives > available:
         raise ValueError(
             f"negatives={negatives} exceeds the {available} candidates per anchor of {cfg.loss} at "
@@ -145,7 +146,7 @@ def build_loss(cfg: TrainConfig, num_samples: int | None = None, total_steps: in
     if cfg.loss == "relic":
         return PairLoss(ReLIC(temperature=cfg.temperature, alpha=cfg.alpha, negatives=negatives, gather=gather,
                               learnable_temperature=learnable))
-    return PairLoss(batch_loss(cfg, form="two_view", gather=gather))
+    return PairLoss(batch_loss(cfg, form="query_document" if cfg.key_momentum else "two_view", gather=gather))
 
 
 # ------------------------------------------------------------------------ batches
@@ -219,6 +220,7 @@ def forward_backward(
     chunk_size: int | None = None,
     chunk_method: str = "cache",
     precision: Precision | None = None,
+    key_encoder: nn.Module | None = None,
 ) -> Tensor:
     """Forward, loss and backward of one batch; returns the detached loss.
 
@@ -227,7 +229,9 @@ def forward_backward(
     ``"cache"`` runs :class:`negbatch.GradCache` (the full-batch loss and, for
     encoders without BatchNorm, its exact gradient); ``"accumulate"`` is
     gradient accumulation, a loss per chunk (negatives only from the chunk).
-    ``precision`` adds autocast and loss scaling (fp16).
+    ``precision`` adds autocast and loss scaling (fp16). ``key_encoder``
+    (MoCo's momentum encoder, not with ``chunk_size``) encodes the second
+    views, the keys, without a graph; the model the first, the queries.
     """
     if chunk_size:
         from ..chunked import accumulated_forward_backward, cached_forward_backward
@@ -236,7 +240,10 @@ def forward_backward(
         return step(model, loss_fn, batch, generator, chunk_size, precision)
     precision = precision or Precision("fp32", batch.view1.device)
     with precision.autocast():
-        z1, z2 = model(torch.cat([batch.view1, batch.view2])).chunk(2)
+        if key_encoder is not None:
+            z1, z2 = model(batch.view1), key_encoder(batch.view2)
+        else:
+            z1, z2 = model(torch.cat([batch.view1, batch.view2])).chunk(2)
         loss = loss_fn(z1, z2, batch, generator)
     precision.backward(loss)
     return loss.detach()
@@ -409,6 +416,7 @@ class ImageTask(Task):
         n = len(self.train_x)
         self.loss_fn = build_loss(cfg, num_samples=n,
                                   total_steps=cfg.total_steps(max(n // cfg.batch_size, 1))).to(self.device)
+        self.build_key_encoder()  # MoCo: the second views are keys of a momentum encoder
         self.sampler = build_sampler(cfg, self.train_x, self.model, self.device)
 
     def start_epoch(self, epoch: int) -> dict[str, float]:
@@ -489,7 +497,7 @@ class ImageTask(Task):
 
     def step(self, batch: Batch, streams) -> Tensor:
         return forward_backward(self.net, self.loss_fn, batch, streams.loss, self.cfg.chunk_size,
-                                self.cfg.chunk_method, self.precision)
+                                self.cfg.chunk_method, self.precision, key_encoder=self.key_encoder)
 
     def step_metrics(self) -> dict[str, float]:
         # e.g. the true InfoNCE next to the global loss's surrogate
@@ -523,8 +531,9 @@ class ImageTask(Task):
                 "gap_seconds": self.timing["gap_seconds"]}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loss": self.loss_fn.state_dict(), "timing": self._timing_so_far()}
+        return {"loss": self.loss_fn.state_dict(), "timing": self._timing_so_far(), **self.key_encoder_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loss_fn.load_state_dict(state["loss"])
+        self.load_key_encoder_state(state)
         self.timing = dict(state["timing"])

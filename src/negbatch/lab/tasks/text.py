@@ -164,6 +164,7 @@ class TextTask(Task):
                                                     learnable_temperature=bool(cfg.learnable_temperature))
         else:
             self.loss_fn = batch_loss(cfg, form="query_document", gather=gather)
+        self.build_key_encoder()  # MoCo: the documents are keys of a momentum encoder
         self.sampler = self._build_sampler()
         # Dropout draws from each process's own stream: exact only on the same number of processes.
         self.world_size_invariant = cfg.dropout == 0
@@ -233,8 +234,9 @@ class TextTask(Task):
             cache = GradCache(self.net, self._loss_with_index, chunk_size=self.cfg.chunk_size,
                               autocast=self.precision.autocast_kwargs, scaler=self.precision.scaler)
             return cache.step(*inputs, generator=streams.loss)
+        keys = self.key_encoder if self.key_encoder is not None else self.net
         with self.precision.autocast():
-            value = self._loss_with_index(*[self.net(x) for x in inputs], generator=streams.loss)
+            value = self._loss_with_index(self.net(inputs[0]), *[keys(x) for x in inputs[1:]], generator=streams.loss)
         self.precision.backward(value)
         return value.detach()
 
@@ -263,8 +265,9 @@ class TextTask(Task):
                 "final_loss": sum(r["loss"] for r in last) / len(last) if last else None}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loss": self.loss_fn.state_dict(), "untrained": dict(self.untrained)}
+        return {"loss": self.loss_fn.state_dict(), "untrained": dict(self.untrained), **self.key_encoder_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loss_fn.load_state_dict(state["loss"])
+        self.load_key_encoder_state(state)
         self.untrained = dict(state["untrained"])
