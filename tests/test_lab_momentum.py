@@ -9,7 +9,7 @@ import torch
 
 from _reference import infonce_query_document
 from _runs import without_times
-from negbatch import InfoNCE, MomentumEncoder
+from negbatch import MomentumEncoder
 from negbatch.data import load_digits
 from negbatch.lab import TrainConfig, read_metrics, train
 from negbatch.lab.run import CHECKPOINT
