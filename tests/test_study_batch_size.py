@@ -123,6 +123,39 @@ def test_every_method_on_images_and_text(tmp_path):
     assert len(json.loads((tmp_path / "text" / "results.json").read_text())) == 32
 
 
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_study_alone_stops_its_workers_runs_with_checkpoints(tmp_path, capsys, signum):
+    """``kill -INT`` (or a scheduler's SIGTERM) reaches the study's process, not its workers: the study
+    still stops -- no queued run starts, the running ones stop after their step with a checkpoint --
+    and the same command finishes it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    argv = ["study", "batch-size", "--data", "digits", "--out", str(tmp_path), "--n-train", "512", "--n-test", "64",
+            "--encoder-widths", "16", "--head-widths", "16,8", "--knn-k", "5", "--epochs", "6", "--workers", "2",
+            "--methods", "infonce,dcl", "--batch-sizes", "8,16", "--seeds", "0", "--log-every", "1"]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    study = subprocess.Popen([sys.executable, "-m", "negbatch.cli", *argv], stderr=subprocess.PIPE, text=True, env=env,
+                             start_new_session=True)  # its own group: nothing but the study gets the signal
+    deadline = time.time() + 120
+    while sum(1 for p in tmp_path.glob("runs/*/metrics.jsonl") if p.stat().st_size) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    study.send_signal(getattr(signal, signum))
+    _, err = study.communicate(timeout=120)
+    assert study.returncode == 130, err
+    assert err.count("run the same command again to resume") >= 2, err  # both running runs stopped, saved
+    runs = list(tmp_path.glob("runs/*"))
+    assert len(runs) == 2 and all((r / "checkpoint.pt").exists() for r in runs)  # no queued run started
+    assert not (tmp_path / "results.json").exists() or len(json.loads((tmp_path / "results.json").read_text())) < 4
+    assert main(argv) == 0
+    assert len(json.loads((tmp_path / "results.json").read_text())) == 4
+
+
 def test_a_study_stopped_by_sigint_says_so_and_resumes(tmp_path, capsys):
     """Ctrl-C (SIGINT) stops the run after its step with a checkpoint; the study exits 130 with a message, not a
     traceback, and the same command finishes it."""

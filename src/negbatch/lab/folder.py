@@ -239,13 +239,31 @@ def resolve_device(name: str) -> torch.device:
 # ----------------------------------------------------------- interruption
 
 
+#: Set in a study's worker processes (:func:`stop_runs_when`): the event by
+#: which the study asks the worker's run to stop after its step.
+_study_stop: Any = None
+
+
+def stop_runs_when(event: Any) -> None:
+    """Make every run of this process stop after its current step (with a
+    checkpoint) once ``event`` (a ``multiprocessing.Event``) is set: how a
+    study stops its workers' runs whatever signal reached the study alone."""
+    global _study_stop
+    _study_stop = event
+
+
 class _StopRequest:
-    """Turns the first SIGINT / SIGTERM into a request to stop after the
-    current step (with a checkpoint); a second one interrupts at once."""
+    """Turns the first SIGINT / SIGTERM (or the study's event, see
+    :func:`stop_runs_when`) into a request to stop after the current step
+    (with a checkpoint); a second signal interrupts at once."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self._signalled = False
         self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self._signalled or (_study_stop is not None and _study_stop.is_set())
 
     def __enter__(self) -> "_StopRequest":
         if hasattr(signal, "pthread_kill") and _main_thread():
@@ -254,9 +272,9 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self._signalled:
             raise KeyboardInterrupt
-        self.requested = True
+        self._signalled = True
         print("\nstopping after this step (with a checkpoint); interrupt again to stop at once", file=sys.stderr,
               flush=True)
 

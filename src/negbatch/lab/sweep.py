@@ -29,7 +29,7 @@ import torch
 
 from .config import TrainConfig
 from .processes import Processes
-from .folder import atomic_write_text, hold_lock
+from .folder import atomic_write_text, hold_lock, stop_runs_when
 from .run import train
 
 __all__ = ["RunStopped", "run_key", "run_configs", "run_jobs", "write_results", "read_results", "parse_list"]
@@ -173,17 +173,70 @@ def _run_jobs(jobs, study_dir: Path, train_one, workers: int, on_done, writes: b
             done(train_one(cfg_dict, run_dir, None))
     else:
         ctx = multiprocessing.get_context("spawn")
+        stopping = ctx.Event()
         with cf.ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(),)
+            max_workers=workers, mp_context=ctx, initializer=_start_worker, initargs=(os.getpid(), stopping)
         ) as pool:
-            futures = [pool.submit(train_one, c, d, 1) for c, d in jobs]
-            for fut in cf.as_completed(futures):
-                done(fut.result())
+            futures = [pool.submit(_unless_stopping, train_one, c, d, 1) for c, d in jobs]
+            try:
+                with _terminate_as_interrupt():
+                    for fut in cf.as_completed(futures):
+                        done(fut.result())
+            except BaseException:
+                # Ctrl-C reaches every process of the terminal's group, but a signal to this process alone
+                # (kill, a scheduler) or a worker's stopped run must stop the study too: the running runs
+                # stop after their step, with a checkpoint, and no other starts (leaving the pool waits).
+                stopping.set()
+                for fut in futures:
+                    fut.cancel()
+                raise
     return summaries
 
 
+def _unless_stopping(train_one, cfg_dict: dict[str, Any], run_dir: str, threads: int | None) -> dict[str, Any]:
+    """``train_one``, in a worker, unless the study is stopping (a run the
+    pool had already handed to the worker)."""
+    if _stopping is not None and _stopping.is_set():
+        raise RunStopped(f"{run_dir} not started: the study is stopping")
+    return train_one(cfg_dict, run_dir, threads)
+
+
+_stopping: Any = None
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a scheduler's, ``kill``'s) raises KeyboardInterrupt here, as
+    SIGINT does, so that the study stops its workers' runs cleanly instead
+    of dying at once."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _start_worker(parent_pid: int, stopping: Any) -> None:
+    """Worker initializer: its runs stop after their step once the study sets
+    ``stopping``; the worker ends with the study's process."""
+    global _stopping
+    _stopping = stopping
+    stop_runs_when(stopping)
+    _die_with_parent(parent_pid)
+
+
 def _die_with_parent(parent_pid: int) -> None:
-    """Worker initializer: end this worker when the study's process ends.
+    """End this worker when the study's process ends.
 
     Without it, a study killed with ``kill``, ``timeout`` or a scheduler leaves
     its workers training on (orphans), and a rerun would train the same run
