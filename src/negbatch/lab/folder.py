@@ -252,6 +252,11 @@ def stop_runs_when(event: Any) -> None:
     _study_stop = event
 
 
+def study_stopping() -> bool:
+    """Whether this process's study asked its runs to stop (:func:`stop_runs_when`)."""
+    return _study_stop is not None and _study_stop.is_set()
+
+
 class _StopRequest:
     """Turns the first SIGINT / SIGTERM (or the study's event, see
     :func:`stop_runs_when`) into a request to stop after the current step
@@ -263,7 +268,7 @@ class _StopRequest:
 
     @property
     def requested(self) -> bool:
-        return self._signalled or (_study_stop is not None and _study_stop.is_set())
+        return self._signalled or study_stopping()
 
     def __enter__(self) -> "_StopRequest":
         if hasattr(signal, "pthread_kill") and _main_thread():

@@ -21,6 +21,7 @@ import io
 import json
 import multiprocessing
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +30,7 @@ import torch
 
 from .config import TrainConfig
 from .processes import Processes
-from .folder import atomic_write_text, hold_lock, stop_runs_when
+from .folder import _main_thread, atomic_write_text, hold_lock, stop_runs_when, study_stopping
 from .run import train
 
 __all__ = ["RunStopped", "run_key", "run_configs", "run_jobs", "write_results", "read_results", "parse_list"]
@@ -196,12 +197,9 @@ def _run_jobs(jobs, study_dir: Path, train_one, workers: int, on_done, writes: b
 def _unless_stopping(train_one, cfg_dict: dict[str, Any], run_dir: str, threads: int | None) -> dict[str, Any]:
     """``train_one``, in a worker, unless the study is stopping (a run the
     pool had already handed to the worker)."""
-    if _stopping is not None and _stopping.is_set():
+    if study_stopping():
         raise RunStopped(f"{run_dir} not started: the study is stopping")
     return train_one(cfg_dict, run_dir, threads)
-
-
-_stopping: Any = None
 
 
 @contextlib.contextmanager
@@ -209,10 +207,7 @@ def _terminate_as_interrupt():
     """SIGTERM (a scheduler's, ``kill``'s) raises KeyboardInterrupt here, as
     SIGINT does, so that the study stops its workers' runs cleanly instead
     of dying at once."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
+    if not _main_thread():
         yield
         return
 
@@ -229,8 +224,6 @@ def _terminate_as_interrupt():
 def _start_worker(parent_pid: int, stopping: Any) -> None:
     """Worker initializer: its runs stop after their step once the study sets
     ``stopping``; the worker ends with the study's process."""
-    global _stopping
-    _stopping = stopping
     stop_runs_when(stopping)
     _die_with_parent(parent_pid)
 
@@ -246,7 +239,6 @@ def _die_with_parent(parent_pid: int) -> None:
     if not sys.platform.startswith("linux"):
         return
     import ctypes
-    import signal
 
     pr_set_pdeathsig = 1
     try:
