@@ -133,6 +133,18 @@ def test_floyd_ways_draw_the_same_ranks(monkeypatch):
     assert torch.equal(ways[0], ways[1])
 
 
+def test_floyd_in_torch_ops_draws_what_numpy_draws():
+    """The torch version (what CUDA tensors take) run on CPU tensors: the same
+    ranks as the numpy version the CPU takes, from the same random numbers."""
+    gen = torch.Generator().manual_seed(5)
+    for k in (1, 6, 13):
+        population = torch.randint(k, 3 * k + 10, (300,), generator=gen)
+        raw = torch.randint(0, 2**62, (300, k), generator=gen)
+        width = int(population.max())
+        in_numpy = negatives_module._floyd_numpy(population.numpy(), k, raw.numpy(), width)
+        assert torch.equal(negatives_module._floyd_torch(population, k, raw, width), torch.from_numpy(in_numpy))
+
+
 def test_floyd_ranks_match_exact_subset_probabilities(floyd_way):
     population = torch.full((60_000,), 5)
     raw = torch.randint(0, 2**62, (60_000, 3), generator=torch.Generator().manual_seed(9))

@@ -216,6 +216,14 @@ def sample_uniform_ranks(
         # The K steps are tiny vector ops: numpy's per-call cost is a fraction
         # of torch's dispatch, so the whole algorithm runs on numpy arrays.
         return torch.from_numpy(_floyd_numpy(population.numpy(), k, raw.numpy(), width))
+    return _floyd_torch(population, k, raw, width)
+
+
+def _floyd_torch(population: Tensor, k: int, raw: Tensor, width: int) -> Tensor:
+    """:func:`sample_uniform_ranks` in torch ops (for CUDA; the same draws as
+    :func:`_floyd_numpy`)."""
+    n = population.shape[0]
+    device = population.device
     # taken[i, r]: rank r already drawn in row i; a flat view makes the
     # membership test and the update O(n) per draw.
     taken = torch.zeros(n * width, dtype=torch.bool, device=device)
