@@ -59,6 +59,17 @@ def test_a_guide_model_decides_what_is_masked():
     assert loss_fn.log_values()["filtered_fraction"] == pytest.approx(float(loss_fn.last_filtered_fraction))
 
 
+def test_a_guide_without_the_loss_hard_negatives_is_refused_with_what_to_pass():
+    q, d = _data()
+    hard = torch.randn(8, 2, 4, dtype=torch.float64)
+    loss_fn = InfoNCE(temperature=TAU, form="query_document", filter_margin=0.1)
+    for guide in ((q, d), (q, d, torch.randn(8, 3, 4, dtype=torch.float64))):
+        with pytest.raises(ValueError, match=r"\(a, b, hard_negatives\) with as many hard negatives") as caught:
+            loss_fn(q, d, hard, guide=guide)
+        assert "queue" not in str(caught.value)
+    loss_fn(q, d, hard, guide=(q, d, hard))  # the same inputs: accepted
+
+
 def test_function_by_hand_and_positives_are_never_filtered():
     anchors = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     bank = torch.tensor([[0.6, 0.8], [1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
@@ -84,7 +95,9 @@ def test_filter_applies_to_every_loss_and_the_queue_with_its_own_embeddings():
     queue(z1, z2, indices=torch.arange(8))
     queue(*_data(seed=1), indices=torch.arange(8, 16))
     assert float(queue.last_filtered_fraction) > 0
-    with pytest.raises(ValueError, match="a queue's entries have no guide embeddings"):
+    with pytest.raises(ValueError, match="guide= cannot be combined with a queue"):
         queue(z1, z2, indices=torch.arange(8), guide=(z1, z2))
+    with pytest.raises(ValueError, match="guide= cannot be combined with a queue"):  # not only once it fills
+        InfoNCE(temperature=TAU, queue_size=16, filter_margin=0.0)(z1, z2, indices=torch.arange(8), guide=(z1, z2))
     with pytest.raises(ValueError, match="set filter_margin or filter_top"):
         InfoNCE(temperature=TAU)(z1, z2, guide=(z1, z2))

@@ -143,6 +143,41 @@ def test_update_false_leaves_the_queue_and_checkpoints_continue_identically():
     assert torch.equal(restored.queue.embeddings, loss_fn.queue.embeddings)
 
 
+def test_a_checkpoint_of_another_size_is_refused_and_leaves_the_queue_intact():
+    loss_fn = InfoNCE(temperature=TAU, queue_size=4)
+    loss_fn(*_views(0), indices=torch.arange(5))
+    other = InfoNCE(temperature=TAU, queue_size=8)
+    with pytest.raises(RuntimeError, match="build the loss with queue_size=4"):
+        other.load_state_dict(_round_trip(loss_fn))
+    assert len(other.queue) == 0 and int(other.queue.pointer[0]) == 0  # nothing half-copied
+    for s in range(3):  # wraps around
+        other(*_views(s), indices=torch.arange(5) + 5 * s)
+    assert len(other.queue) == 8
+
+
+def test_a_first_call_under_inference_mode_does_not_break_training():
+    """An evaluation pass first (a trainer's sanity check runs under
+    torch.inference_mode): the queue it starts stays writable afterwards."""
+    loss_fn = InfoNCE(temperature=TAU, queue_size=8)
+    with torch.inference_mode():
+        loss_fn(*_views(0), indices=torch.arange(5))
+    assert not loss_fn.queue.embeddings.is_inference()
+    z1, z2 = _views(1)
+    loss_fn(z1, z2, indices=torch.arange(5, 10)).backward()
+    assert len(loss_fn.queue) == 8
+
+
+def test_a_changed_embedding_width_names_the_queue_and_the_way_out():
+    loss_fn = InfoNCE(temperature=TAU, queue_size=8)
+    loss_fn(*_views(0), indices=torch.arange(5))
+    narrow = [z[:, :2] for z in _views(1)]
+    with pytest.raises(ValueError, match=r"holds embeddings of width \d+, got width 2.*reset\(\)"):
+        loss_fn(*narrow, indices=torch.arange(5, 10))
+    loss_fn.queue.reset()
+    loss_fn(*narrow, indices=torch.arange(5, 10))
+    assert len(loss_fn.queue) == 8 and loss_fn.queue.embeddings.shape[2] == 2
+
+
 def test_the_queue_needs_indices_and_only_the_queue_takes_them():
     z1, z2 = _views(0)
     with pytest.raises(ValueError, match="needs indices="):

@@ -87,6 +87,10 @@ def test_the_scale_is_clamped_to_clip_bounds_and_keeps_its_gradient():
         LearnableTemperature(0.001)
     with pytest.raises(ValueError, match=r"must lie in \[1, 100\]"):
         InfoNCE(temperature=2.0, learnable_temperature=True)
+    with pytest.raises(ValueError, match="temperature must be a finite float > 0"):
+        LearnableTemperature(0)
+    with pytest.raises(TypeError, match="temperature must be a positive float, got str"):
+        LearnableTemperature("0.1")
 
 
 def test_checkpoint_round_trip_and_log_values():

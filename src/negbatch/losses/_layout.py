@@ -490,6 +490,13 @@ class BankLoss(nn.Module):
             return
         judges = layout.directions
         if guide is not None:
+            if getattr(self, "queue", None) is not None:
+                # Checked on the first call too, when the queue is still empty
+                # and the counts would agree, not only once it fills.
+                raise ValueError(
+                    "guide= cannot be combined with a queue (queue_size > 0): the queue's entries have no guide "
+                    "embeddings; leave guide= out to filter with the model's own embeddings"
+                )
             judges = self._guide_layout(guide, layout, bank).directions
         hits = total = None
         directions = []
@@ -497,8 +504,8 @@ class BankLoss(nn.Module):
             if judge.bank.shape[0] != direction.bank.shape[0]:
                 raise ValueError(
                     f"guide embeddings give {judge.bank.shape[0]} candidates per anchor but the loss has "
-                    f"{direction.bank.shape[0]}: a queue's entries have no guide embeddings; filter with the "
-                    f"model's own embeddings (no guide=) when using a queue"
+                    f"{direction.bank.shape[0]}: pass the guide model's embeddings of the loss's own inputs, "
+                    "(a, b), or (a, b, hard_negatives) with as many hard negatives per query as the loss got"
                 )
             hit, candidates = _false_negatives(
                 judge.anchors.detach(), judge.bank.detach(), direction.positive_index, self_index=direction.self_index,

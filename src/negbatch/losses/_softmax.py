@@ -268,6 +268,7 @@ class SoftmaxLoss(BankLoss):
             if entries.shape[0] == 0:
                 directions.append(direction)
                 continue
+            self.queue.check_width(direction.bank.shape[1])
             anchor_indices = self._anchor_rows(indices, role)
             own = None
             if bool(torch.isin(anchor_indices, entry_indices).any()):

@@ -123,11 +123,10 @@ class NegativeQueue(nn.Module):
         e, d = embeddings.shape
         if indices.shape != (e,) or (labels is not None and labels.shape != (e,)):
             raise ValueError(f"indices (and labels) must have shape ({e},), one per embedding")
+        self.check_width(d)
         if self.embeddings.shape[2] != d:
-            if int(self.filled.sum()):
-                raise ValueError(f"the queue holds embeddings of width {self.embeddings.shape[2]}, got width {d}")
             # The first entries decide the width and the dtype.
-            self.embeddings = torch.zeros(self.roles, self.size, d, dtype=embeddings.dtype, device=self.indices.device)
+            self._allocate((self.roles, self.size, d), embeddings.dtype)
         if e > self.size:
             embeddings, indices = embeddings[-self.size :], indices[-self.size :]
             labels = labels[-self.size :] if labels is not None else None
@@ -142,6 +141,21 @@ class NegativeQueue(nn.Module):
         self.pointer[role] = (start + e) % self.size
         self.filled[role] = min(self.size, int(self.filled[role]) + e)
 
+    def check_width(self, d: int) -> None:
+        """Raise if the queue holds entries of another width than ``d``."""
+        if int(self.filled.sum()) and self.embeddings.shape[2] != d:
+            raise ValueError(
+                f"the queue holds embeddings of width {self.embeddings.shape[2]}, got width {d}: the encoder's output "
+                "width changed; call reset() on the queue (loss.queue.reset()) to start it afresh"
+            )
+
+    def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        # Never an inference tensor, even when the first call runs under
+        # torch.inference_mode() (an evaluation pass, a sanity check): later
+        # enqueues outside that mode could not write into it.
+        with torch.inference_mode(False):
+            self.embeddings = torch.zeros(shape, dtype=dtype, device=self.indices.device)
+
     def reset(self) -> None:
         """Empty every queue."""
         with torch.no_grad():
@@ -150,10 +164,23 @@ class NegativeQueue(nn.Module):
             self.pointer.zero_()
             self.filled.zero_()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # type: ignore[override]
+        # A checkpoint of another size or number of roles is refused before
+        # anything is copied: torch would copy the matching pointer and fill
+        # count and leave this queue inconsistent.
+        saved = state_dict.get(prefix + "indices")
+        if isinstance(saved, Tensor) and tuple(saved.shape) != tuple(self.indices.shape):
+            error_msgs.append(
+                f"{prefix}indices: the checkpoint's queue holds {tuple(saved.shape)} (roles, size) entries, this one "
+                f"{tuple(self.indices.shape)}; build the loss with queue_size={saved.shape[-1]} to load it"
+            )
+            return
         # The width of the entries is known once the first batch arrives: take
         # the saved one, so that a fresh queue loads a checkpoint.
         saved = state_dict.get(prefix + "embeddings")
-        if isinstance(saved, Tensor) and saved.shape != self.embeddings.shape:
-            self.embeddings = torch.zeros(saved.shape, dtype=saved.dtype, device=self.indices.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if (isinstance(saved, Tensor) and saved.dim() == 3 and saved.shape != self.embeddings.shape
+                and tuple(saved.shape[:2]) == (self.roles, self.size)):
+            self._allocate(tuple(saved.shape), saved.dtype)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)

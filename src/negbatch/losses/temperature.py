@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .._checks import check_temperature
 from ..distributed import is_distributed, world_size
 
 __all__ = ["LearnableTemperature", "average_gradient"]
@@ -97,7 +98,7 @@ class LearnableTemperature(nn.Module):
         super().__init__()
         if isinstance(max_scale, bool) or not isinstance(max_scale, (int, float)) or not max_scale >= 1:
             raise ValueError(f"max_scale must be a float >= 1 (CLIP: 100), got {max_scale!r}")
-        scale = 1.0 / temperature
+        scale = 1.0 / check_temperature(temperature)
         if not 1.0 <= scale <= max_scale * (1 + 1e-12):
             raise ValueError(
                 f"a learnable temperature starts at 1/temperature = {scale:.4g}, which must lie in [1, {max_scale:g}] "
