@@ -36,6 +36,11 @@ def _case(name):
         return InfoNCE(temperature=0.3, form="query_document", symmetric=True), dict(form="qd", hard=2, mask=True)
     if name == "qd_k":
         return InfoNCE(temperature=0.3, negatives=6, form="query_document", symmetric=True), dict(form="qd", hard=2, seed=5)
+    if name == "two_view_sum":
+        return InfoNCE(temperature=0.3, reduction="sum"), dict(form="views")
+    if name == "qd_k_sum":
+        return InfoNCE(temperature=0.3, negatives=6, form="query_document", symmetric=True,
+                       reduction="sum"), dict(form="qd", hard=2, seed=5)
     if name == "relic_k_mask":
         return ReLIC(temperature=0.3, alpha=0.5, negatives=3), dict(form="views", seed=6, mask=True)
     raise KeyError(name)
@@ -85,16 +90,17 @@ def _worker(rank, world, name, cut=None):
     loss.backward()
 
     mean_loss = loss.detach().clone()
-    dist.all_reduce(mean_loss)  # each rank returns its share of the global mean
+    dist.all_reduce(mean_loss)  # each rank returns its share of the global mean (or sum)
     assert torch.allclose(mean_loss / world, want_loss.detach(), rtol=1e-10), (mean_loss / world, want_loss)
     for (pname, p), q in zip(model.named_parameters(), reference.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12), f"{name}: {pname} differs on rank {rank}"
 
 
-EVEN = ["two_view_all", "two_view_k", "two_view_mask_k", "qd_hard_symmetric_mask", "qd_k", "relic_k_mask"]
+EVEN = ["two_view_all", "two_view_k", "two_view_mask_k", "qd_hard_symmetric_mask", "qd_k", "relic_k_mask",
+        "two_view_sum", "qd_k_sum"]
 # 5 rows on rank 0, 3 on rank 1: DDP's equal-weight average must still give the gradient of the mean
 # over the 8 rows.
-UNEVEN = ["two_view_k", "qd_hard_symmetric_mask", "relic_k_mask"]
+UNEVEN = ["two_view_k", "qd_hard_symmetric_mask", "relic_k_mask", "two_view_sum"]
 
 
 def _every_case(rank, world):

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
-    "is_distributed", "world_size", "rank", "gather_with_grad", "gather_nograd", "global_batch_mean", "broadcast_object"
+    "is_distributed", "world_size", "rank", "gather_with_grad", "gather_nograd", "global_batch_mean", "global_batch_sum",
+    "broadcast_object",
 ]
 
 
@@ -96,6 +97,16 @@ def global_batch_mean(per_anchor: Tensor, local_rows: int, global_rows: int) -> 
     if w == 1 or global_rows == w * local_rows:
         return mean
     return mean * (w * local_rows / global_rows)
+
+
+def global_batch_sum(per_anchor: Tensor) -> Tensor:
+    """This rank's share of the sum over the global batch, for DDP: the
+    local sum times ``world_size``, since DDP divides the ranks' summed
+    gradients by ``world_size`` (the plain local sum would give the gradient
+    of the global sum divided by the number of ranks)."""
+    total = per_anchor.sum()
+    w = world_size()
+    return total if w == 1 else total * w
 
 
 def gather_nograd(x: Tensor) -> Tensor:

@@ -52,7 +52,7 @@ from .._checks import (
     check_same,
     check_temperature,
 )
-from ..distributed import gather_nograd, gather_with_grad, global_batch_mean
+from ..distributed import gather_nograd, gather_with_grad, global_batch_mean, global_batch_sum
 from ..negatives import NegativeSelection, select_negatives, validate_negatives
 from .filtering import _false_negatives, check_filter
 from .temperature import LearnableTemperature
@@ -170,11 +170,15 @@ class Layout:
         self.directions = [replace(d, anchors=d.anchors * scale) for d in self.directions]
 
     def reduce(self, per_anchor: Tensor, reduction: Reduction) -> Tensor:
-        """``reduction`` over this rank's anchors. Gathered, "mean" is this
-        rank's share of the global mean (ranks may hold different numbers of
-        rows; see :func:`negbatch.distributed.global_batch_mean`)."""
+        """``reduction`` over this rank's anchors. Gathered, "mean" and "sum"
+        are this rank's share of the global mean or sum: averaged by DDP over
+        the ranks, they give the global batch's (ranks may hold different
+        numbers of rows; see :func:`negbatch.distributed.global_batch_mean`
+        and :func:`~negbatch.distributed.global_batch_sum`)."""
         if reduction == "mean" and self.gathered:
             return global_batch_mean(per_anchor, self.n_local, self.n_global)
+        if reduction == "sum" and self.gathered:
+            return global_batch_sum(per_anchor)
         return reduce_values(per_anchor, reduction)
 
 

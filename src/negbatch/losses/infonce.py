@@ -89,7 +89,10 @@ class InfoNCE(SoftmaxLoss):
         the ones a single process would draw with the same generator. Ranks
         may hold different numbers of rows: with ``reduction="mean"`` each
         rank then returns its share of the global mean (its mean times
-        world_size * B / B_global), whose average over the ranks is the mean.
+        world_size * B / B_global), whose average over the ranks is the mean;
+        with ``"sum"`` its sum times world_size, whose average is the global
+        sum; ``"none"`` returns this rank's per-anchor values as they are
+        (reduce them as above before DDP averages).
     normalize : bool, default True
         L2-normalise the embeddings (cosine similarity).
     on_shortage : {"raise", "use_all"}, default "raise"
