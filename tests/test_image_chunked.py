@@ -90,6 +90,32 @@ def test_accumulated_step_against_a_loop_of_chunk_losses():
         assert abs(float(value) - float(loss(model(batch.view1), model(batch.view2)))) > 1e-3
 
 
+def test_accumulated_global_loss_counts_one_e_step_per_optimizer_step():
+    """Each chunk updates its own samples' state at the step's gamma (a linear
+    schedule 0.2 -> 0.8 over 4 steps), against a constant-gamma loss fed the
+    same chunks; the schedule's counter advances once per step, not per chunk."""
+    from negbatch import GlobalInfoNCE
+    from negbatch.lab.global_loss import GammaSchedule, GlobalPairLoss
+
+    torch.manual_seed(0)
+    model = plain_mlp(None, (1, 8, 8)).double()
+    schedule = GammaSchedule(0.8, "linear", 4)
+    scheduled = GlobalPairLoss(30, 0.3, schedule)
+    for step in range(2):
+        batch = random_batch(11, seed=step)  # the same samples again: step 1 moves their state by gamma(1)
+        accumulated_forward_backward(model, scheduled, batch, torch.Generator(), 4)
+        assert int(scheduled.loss.num_updates) == step + 1
+        fixed = GlobalInfoNCE(30, temperature=0.3, gamma=schedule(step))
+        if step:
+            fixed.load_state_dict({**reference_state, "num_updates": torch.tensor(0)})
+        with torch.no_grad():
+            for rows in (range(0, 4), range(4, 8), range(8, 11)):
+                rows = list(rows)
+                fixed(model(batch.view1[rows]), model(batch.view2[rows]), batch.index[rows])
+        torch.testing.assert_close(scheduled.loss.log_nu, fixed.log_nu, rtol=1e-12, atol=0)
+        reference_state = fixed.state_dict()
+
+
 def test_chunked_step_rejects_bad_chunk_size():
     model = plain_mlp(None, (1, 8, 8)).double()
     for fn in (cached_forward_backward, accumulated_forward_backward):

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..gradcache import GradCache
+from ..losses import GlobalInfoNCE
 
 __all__ = ["cached_forward_backward", "accumulated_forward_backward"]
 
@@ -87,7 +88,9 @@ def accumulated_forward_backward(
     batch, back-propagated chunk by chunk.
 
     Returns the detached weighted mean of the chunk losses (not the full-batch
-    loss: every chunk contrasts fewer negatives).
+    loss: every chunk contrasts fewer negatives). A GlobalInfoNCE loss updates
+    each chunk's samples with this step's gamma and counts one E-step for the
+    whole batch, as the plain step does.
 
     Examples
     --------
@@ -104,8 +107,12 @@ def accumulated_forward_backward(
     _check_chunk_size(chunk_size)
     n = batch.view1.shape[0]
     total = torch.zeros(())
+    counters = _step_counters(loss_fn)
+    step = [int(c) for c in counters]
     for start in range(0, n, chunk_size):
         part = slice(start, min(start + chunk_size, n))
+        for counter, value in zip(counters, step):
+            counter.fill_(value)  # every chunk at this optimizer step's gamma
         sub = type(batch)(batch.index[part], batch.view1[part], batch.view2[part])
         with precision.autocast() if precision is not None else contextlib.nullcontext():
             z1, z2 = model(sub.view1), model(sub.view2)
@@ -115,4 +122,14 @@ def accumulated_forward_backward(
         else:
             loss.backward()
         total = total + loss.detach().cpu()
+    for counter, value in zip(counters, step):
+        counter.fill_(value + 1)  # one E-step per optimizer step, as the schedule counts
     return total
+
+
+def _step_counters(loss_fn: nn.Module) -> list[Tensor]:
+    """The E-step counters (``num_updates``) of the GlobalInfoNCE losses in
+    ``loss_fn``. Each chunk's call updates its own samples' state (every
+    sample once a step, as in the plain step) but would also advance the
+    counter that indexes the gamma schedule, which counts optimizer steps."""
+    return [m.num_updates for m in loss_fn.modules() if isinstance(m, GlobalInfoNCE)]
