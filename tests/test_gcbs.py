@@ -179,6 +179,27 @@ def test_resume_mid_epoch_continues_with_the_saved_plan(tmp_path):
     assert list(again) == first[1:] + rest
 
 
+def test_a_checkpoint_taken_while_the_loader_runs_ahead_resumes_the_trainer_epoch():
+    """A DataLoader with workers drains the sampler before training ends the
+    epoch (and past refresh points): the trainer's epoch and position decide."""
+    x, y, _ = planted()
+    sampler = GCBSampler(lambda i: (x[i], y[i]), len(x), 40, q=0.95, seed=1, refresh_every=2)
+    batches = list(sampler)  # the loader has finished epoch 0; the trainer has done 3 steps of it
+    assert sampler.epoch == 1
+    state = sampler.state_dict(position=3, epoch=0)
+    assert state["epoch"] == 0 and state["position"] == 3
+    # Another model: the saved plan, refreshed at 2, 4, 6 and 8, must be used as it is.
+    resumed = GCBSampler(lambda i: (torch.randn(len(i), 16), torch.randn(len(i), 16)), len(x), 40, q=0.95,
+                         seed=1, refresh_every=2)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(0)
+    assert list(resumed) == batches[3:]
+    following = sampler.state_dict(position=0, epoch=1)  # the trainer finished epoch 0 too
+    assert following["epoch"] == 1 and following["plan"] is None
+    with pytest.raises(ValueError, match="pass the trainer's epoch"):
+        sampler.state_dict(position=0, epoch=3)
+
+
 def counting_embed():
     """The planted data's embed_fn, and the list of how many samples each call embedded."""
     x, y, _ = planted()

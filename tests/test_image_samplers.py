@@ -150,6 +150,8 @@ def test_gcbs_and_hard_cover_each_sample_at_most_once_per_epoch(digits):
         (dict(sampler="gcbs", checkpoint_every=4), 5),  # mid-epoch: the saved plan and position are used
         (dict(sampler="gcbs", refresh_every=2, log_gap=True), 8),  # mid-epoch at a refresh point
         (dict(sampler="hard", log_gap=True), 6),  # epoch boundary
+        # workers: the loader drains the epoch's batches (and refreshes) before step 5 of 6 ends
+        (dict(sampler="gcbs", refresh_every=2, num_workers=2), 5),
     ],
 )
 def test_resumed_run_equals_uninterrupted(tmp_path, digits, kw, stop):

@@ -194,7 +194,8 @@ def _train(cfg: TrainConfig, folder: RunFolder, procs: Processes, data: Any, sto
         if procs.is_main:
             folder.save_checkpoint({
                 "model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "sampler": task.sampler.state_dict(position=progress["position"]),
+                "schedule": schedule.state_dict(), "sampler": task.sampler.state_dict(position=progress["position"],
+                                                                    epoch=progress["epoch"]),
                 "snr": snr.state_dict() if snr is not None else {}, "rng": streams.state_dict(),
                 **({"rng_ranks": rng_ranks} if rng_ranks else {}), "world_size": procs.world_size,
                 "precision": precision.state_dict(),

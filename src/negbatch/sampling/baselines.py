@@ -62,8 +62,8 @@ class RandomBatchSampler(EpochBatchSampler):
         order = indices[torch.randperm(len(indices), generator=g).numpy()]
         return cut_into_batches(order, self.batch_size, self.drop_last)
 
-    def state_dict(self, position: int | None = None) -> dict[str, Any]:
-        state = super().state_dict(position)
+    def state_dict(self, position: int | None = None, epoch: int | None = None) -> dict[str, Any]:
+        state = super().state_dict(position, epoch)
         if self.generator is not None:
             state["generator"] = self.generator.get_state()
         return state

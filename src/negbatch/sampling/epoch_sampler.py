@@ -120,6 +120,10 @@ class EpochBatchSampler(Sampler[list[int]]):
         self._plan: list[np.ndarray] | None = None
         self._position = 0
         self._refreshed_at = -1  # position of the last refresh in the current plan
+        # (epoch, plan, refreshed_at) of the epoch the iteration finished last: a
+        # DataLoader with workers runs the sampler ahead of training, past an
+        # epoch's end while the trainer still works through its last batches.
+        self._finished: tuple[int, list[np.ndarray], int] | None = None
         #: Seconds spent in :meth:`prepare` (embedding) and :meth:`plan_batches` (ordering), in this process.
         self.timing = {"embed_seconds": 0.0, "order_seconds": 0.0}
         #: What :meth:`prepare` returned for the whole data set at the last full plan (None after a
@@ -221,7 +225,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         plan = self._ensure_plan()
         while self._position < len(plan):
             if self.refresh_every and self._position > 0 and self._position % self.refresh_every == 0 \
-                    and self._refreshed_at != self._position:
+                    and self._position > self._refreshed_at:
                 self._refreshed_at = self._position
                 self._refresh()
                 plan = self._plan
@@ -229,6 +233,7 @@ class EpochBatchSampler(Sampler[list[int]]):
             self._position += 1
             yield self._share(batch)
         # The epoch is complete: the next iteration plans the next epoch.
+        self._finished = (self.epoch, plan, self._refreshed_at)
         self.epoch += 1
         self._drop_plan()
 
@@ -237,23 +242,37 @@ class EpochBatchSampler(Sampler[list[int]]):
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     # -- checkpoints ----------------------------------------------------------------
-    def state_dict(self, position: int | None = None) -> dict[str, Any]:
+    def state_dict(self, position: int | None = None, epoch: int | None = None) -> dict[str, Any]:
         """The epoch, the position in it and the epoch's plan.
 
         The plan is saved because it depends on the model at the start of the
-        epoch, which a resumed run no longer has. ``position`` overrides the
-        count of batches handed out: a DataLoader with workers prefetches
-        batches, so a trainer should pass the number of steps it completed in
-        this epoch.
+        epoch, which a resumed run no longer has. A DataLoader with workers
+        runs the sampler ahead of training (it prefetches batches, and may
+        already have finished the epoch), so a trainer passes where *it* is:
+        ``position``, the steps it completed in the epoch, and ``epoch``, the
+        epoch those steps belong to (the one just finished, the current one,
+        or, with ``position`` 0, the next).
         """
         pos = self._position if position is None else int(position)
-        plan = self._plan
+        current = self.epoch if epoch is None else int(epoch)
+        plan, refreshed_at = self._plan, self._refreshed_at
+        if current == self.epoch - 1 and self._finished is not None and self._finished[0] == current:
+            _, plan, refreshed_at = self._finished  # the loader is ahead: the epoch the trainer is in
+        elif current == self.epoch + 1 and pos == 0:
+            plan = None  # the trainer finished the epoch before the sampler did: the next starts afresh
+        elif current != self.epoch:
+            raise ValueError(
+                f"epoch={current} is not the sampler's epoch ({self.epoch}) nor the one it finished last "
+                f"({None if self._finished is None else self._finished[0]}): pass the trainer's epoch"
+            )
+        if plan is None and pos:
+            raise ValueError(f"position={pos} in epoch {current}, but the sampler has not planned that epoch")
         return {
-            "epoch": self.epoch,
+            "epoch": current,
             "position": pos if plan is not None else 0,
             "plan": None if plan is None else torch.from_numpy(np.concatenate(plan)),
             "plan_sizes": None if plan is None else torch.tensor([len(b) for b in plan], dtype=torch.long),
-            "refreshed_at": self._refreshed_at,
+            "refreshed_at": refreshed_at,
             "seed": self.seed,
             "num_samples": self.num_samples,
             "batch_size": self.batch_size,
