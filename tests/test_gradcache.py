@@ -367,6 +367,22 @@ def test_rng_stream_left_where_a_plain_step_leaves_it():
     torch.testing.assert_close(torch.rand(3), after_plain)
 
 
+def test_an_encoder_on_a_device_without_replay_is_warned_once():
+    """Random numbers are replayed on CPU and CUDA; on any other device (MPS,
+    XPU; here the meta device stands in) a training-mode encoder gets a warning."""
+    from negbatch.gradcache import _warn_unreplayed_devices
+
+    elsewhere = nn.Linear(3, 2, device="meta")
+    chunk = torch.empty(4, 3, device="meta")
+    with pytest.warns(UserWarning, match="replays the random numbers of CPU and CUDA only; this encoder runs on meta"):
+        _warn_unreplayed_devices(elsewhere, chunk)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_unreplayed_devices(elsewhere, chunk)  # once per encoder
+        _warn_unreplayed_devices(nn.Linear(3, 2, device="meta").eval(), chunk)  # eval: nothing random
+        _warn_unreplayed_devices(nn.Linear(3, 2), torch.zeros(4, 3))  # CPU: replayed
+
+
 class BNEncoder(nn.Module):
     def __init__(self):
         super().__init__()

@@ -222,6 +222,34 @@ def _cuda_devices(encoder: nn.Module, chunk: EncoderInput) -> list[int]:
     return sorted(devices)
 
 
+def _unreplayed_device_types(encoder: nn.Module, chunk: EncoderInput) -> list[str]:
+    """Device types of the chunk's inputs and the encoder's tensors whose
+    random numbers the replay does not restore (all but CPU and CUDA)."""
+    tensors = [*_tensors(chunk), *encoder.parameters(), *encoder.buffers()]
+    return sorted({t.device.type for t in tensors} - {"cpu", "cuda"})
+
+
+#: Encoders already warned that their device's random numbers are not replayed.
+_WARNED_DEVICE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _warn_unreplayed_devices(encoder: nn.Module, chunk: EncoderInput) -> None:
+    # On such a device a dropout mask drawn in the first pass is drawn afresh
+    # in the second, and the gradient silently stops being the plain step's.
+    if not encoder.training or encoder in _WARNED_DEVICE:
+        return
+    kinds = _unreplayed_device_types(encoder, chunk)
+    if kinds:
+        _WARNED_DEVICE.add(encoder)
+        warnings.warn(
+            f"GradCache replays the random numbers of CPU and CUDA only; this encoder runs on {', '.join(kinds)}, "
+            "where random draws in its forward (dropout, augmentation inside the encoder) differ between the two "
+            "passes, so the gradient is not the plain step's. Exact there: an encoder whose training forward draws "
+            "no random numbers, or eval mode",
+            UserWarning, stacklevel=_stacklevel_outside_this_module(),
+        )
+
+
 # ----------------------------------------------------------------------------
 
 
@@ -454,6 +482,7 @@ class GradCache:
                         outs.append(kept.detach())
                         states.append(None)
                         continue
+                    _warn_unreplayed_devices(encoder, chunk)
                     states.append(_RngState.capture(_cuda_devices(encoder, chunk)))
                     with torch.no_grad():
                         outs.append(self._encode(encoder, chunk, f"input {i}"))
