@@ -101,12 +101,13 @@ def test_accumulated_global_loss_counts_one_e_step_per_optimizer_step():
     model = plain_mlp(None, (1, 8, 8)).double()
     schedule = GammaSchedule(0.8, "linear", 4)
     scheduled = GlobalPairLoss(30, 0.3, schedule)
+    reference_state = None
     for step in range(2):
         batch = random_batch(11, seed=step)  # the same samples again: step 1 moves their state by gamma(1)
         accumulated_forward_backward(model, scheduled, batch, torch.Generator(), 4)
         assert int(scheduled.loss.num_updates) == step + 1
         fixed = GlobalInfoNCE(30, temperature=0.3, gamma=schedule(step))
-        if step:
+        if reference_state is not None:
             fixed.load_state_dict({**reference_state, "num_updates": torch.tensor(0)})
         with torch.no_grad():
             for rows in (range(0, 4), range(4, 8), range(8, 11)):
