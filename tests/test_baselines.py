@@ -39,6 +39,10 @@ def test_kmeans_recovers_planted_clusters():
     assert len(pairs) == 6 and len({a for a, _ in pairs}) == 6
     with pytest.raises(ValueError, match="k must be"):
         kmeans(x, 0)
+    with pytest.raises(ValueError, match="iters must be an int >= 1"):  # no Lloyd step: no labels at all
+        kmeans(x, 6, iters=0)
+    with pytest.raises(ValueError, match="kmeans_iters must be an int >= 1"):
+        HardNegativeBatchSampler(lambda i: (x[i], x[i]), len(x), 40, kmeans_iters=0)
 
 
 def test_hard_negative_batches_are_pure_and_cover_once():

@@ -106,6 +106,8 @@ def kmeans(x: Tensor, k: int, *, iters: int = 20, generator: torch.Generator | N
     n = x.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ValueError(f"k must be an int in [1, {n}], got {k!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be an int >= 1 (Lloyd iterations; every point needs a label), got {iters!r}")
     x = x.double()
     gen = generator or torch.Generator().manual_seed(0)
     centres = x[torch.randint(n, (1,), generator=gen)]
@@ -189,6 +191,8 @@ class HardNegativeBatchSampler(EpochBatchSampler):
         if isinstance(self.num_clusters, bool) or not isinstance(self.num_clusters, int) \
                 or not 1 <= self.num_clusters <= num_samples:
             raise ValueError(f"num_clusters must be an int in [1, {num_samples}], got {num_clusters!r}")
+        if isinstance(kmeans_iters, bool) or not isinstance(kmeans_iters, int) or kmeans_iters < 1:
+            raise ValueError(f"kmeans_iters must be an int >= 1 (Lloyd iterations), got {kmeans_iters!r}")
         self.embed_fn, self.model = embed_fn, model
         self.kmeans_iters, self.normalize = kmeans_iters, normalize
         self.chunk_size, self.progress = chunk_size, progress
