@@ -9,7 +9,8 @@ or, as Tiny-ImageNet ships it, ``root/val/images/<image>`` with
 ``root/val/val_annotations.txt`` (tab-separated: file name, class folder, ...).
 ImageNet's own validation archive is flat with its labels in the devkit: sort
 it into class folders first (the usual ``valprep.sh``). Classes are numbered by
-the sorted names of the training class folders.
+the sorted names of the training class folders; each split's images are in an
+order shuffled by a fixed seed, so that its first n images are a random subset.
 
 Two ways to hold the images:
 
@@ -185,6 +186,12 @@ def load_image_folder(
             val_labels += [index[c]] * len(p)
     if not val_paths:
         raise DatasetNotFoundError(f"{root / 'val'} holds no image files; {_LAYOUT}")
+    # The folders list the images class by class; shuffled (a fixed seed), a
+    # prefix (ImageDataset.subset, the lab's --n-train / --n-test, the
+    # embedding metrics on the first test images) is a random subset of every
+    # class, not the first classes.
+    train_paths, train_sizes, train_labels = _shuffled(train_paths, train_sizes, train_labels, seed=0)
+    val_paths, val_sizes, val_labels = _shuffled(val_paths, val_sizes, val_labels, seed=1)
 
     hw = (size, size) if size is not None else lazy_hw
     train = ImageFiles(root, train_paths, size=hw, channels=channels, file_sizes=train_sizes)
@@ -219,6 +226,11 @@ def load_image_folder(
         source=str(root),
         classes=tuple(classes),
     )
+
+
+def _shuffled(paths: list, sizes: list, labels: list, seed: int) -> tuple[list, list, list]:
+    order = np.random.default_rng(seed).permutation(len(paths))
+    return [paths[i] for i in order], [sizes[i] for i in order], [labels[i] for i in order]
 
 
 def _read_cache(path: Path, n_train: int, n_val: int, chw: tuple) -> dict[str, np.ndarray] | None:
