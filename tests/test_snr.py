@@ -61,6 +61,35 @@ def test_attach_hook_and_state_roundtrip():
     assert torch.equal(clone.snr(), tracker.snr())
 
 
+def test_attached_under_an_fp16_grad_scaler_sees_unscaled_gradients_of_the_steps_taken():
+    """The lab's order (backward, then the scaler's step): the hook runs after
+    the scaler unscales, and not on a step it skips for inf gradients; the
+    reference is the hand EMA of the unscaled gradients of the steps taken."""
+    from negbatch.lab.precision import Precision
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+    opt = torch.optim.SGD([w], lr=1e-3)
+    precision = Precision("fp16", torch.device("cpu"))
+    tracker = GradientSNR([w], beta=0.8, eps=1e-12)
+    tracker.attach(opt)
+    taken = []
+    for step in range(6):
+        opt.zero_grad(set_to_none=True)
+        x = torch.randn(3) * (300.0 if step == 2 else 0.01)  # only step 2 overflows in fp16: skipped
+        with precision.autocast():
+            loss = (w.half() @ x.half()).float() ** 2
+        scale = precision.scaler.get_scale()
+        precision.backward(loss)
+        unscaled = (w.grad / scale).tolist()
+        finite = bool(torch.isfinite(w.grad).all())
+        precision.step(opt)
+        if finite:
+            taken.append(unscaled)
+    assert len(taken) == 5 and tracker.steps == 5
+    assert tracker.snr().tolist() == pytest.approx(hand_snr(taken, 0.8, 1e-12), rel=1e-3)
+
+
 def test_constant_gradient_has_large_snr_and_noise_small():
     p = torch.nn.Parameter(torch.zeros(2))
     tracker = GradientSNR([p], beta=0.9, eps=1e-12)

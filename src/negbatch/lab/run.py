@@ -158,6 +158,10 @@ def _train(cfg: TrainConfig, folder: RunFolder, procs: Processes, data: Any, sto
     schedule = build_schedule(cfg, optimizer, total_steps)
     streams = RandomStreams(cfg.seed, device)
     snr = GradientSNR(task.model, beta=cfg.snr_beta) if cfg.snr else None
+    if snr is not None:
+        # Inside optimizer.step(): in fp16 the scaler has unscaled the gradients
+        # by then, and a step it skips (inf or NaN gradients) is not recorded.
+        snr.attach(optimizer)
     if procs.is_main:
         folder.claim(cfg, task.data_identity)
 
@@ -218,8 +222,6 @@ def _train(cfg: TrainConfig, folder: RunFolder, procs: Processes, data: Any, sto
                 for batch in task.batches(streams):
                     optimizer.zero_grad(set_to_none=True)
                     loss = task.step(batch, streams)
-                    if snr is not None:
-                        snr.update()
                     lr = optimizer.param_groups[0]["lr"]
                     precision.step(optimizer)
                     task.after_step()
@@ -231,7 +233,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, procs: Processes, data: Any, sto
                     if step % cfg.log_every == 0 or step == total_steps or epoch_row:
                         row = {"step": step, "epoch": epoch, "loss": procs.mean(loss), "lr": lr,
                                "seconds": progress["seconds"], **task.step_metrics(),
-                               **(snr.summary() if snr is not None else {}), **epoch_row}
+                               **(snr.summary() if snr is not None and snr.steps else {}), **epoch_row}
                         epoch_row = {}  # the epoch's diagnostics go with its first logged step
                         if log is not None:
                             rows.append(row)
