@@ -65,6 +65,60 @@ def test_duplicate_documents_tie_exactly():
     assert relevant_ranks(q, d, torch.tensor([2, 0]), doc_chunk=3).tolist() == [2, 1]
 
 
+def brute_force_judged(q: np.ndarray, d: np.ndarray, judged: dict[int, set[int]]) -> dict[str, float]:
+    """trec_eval's binary-judgement measures per query, from a full sort of the
+    documents (descending cosine, ties by lower index), averaged over queries."""
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    d = d / np.linalg.norm(d, axis=1, keepdims=True)
+    per = {key: [] for key in ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")}
+    for i, rel in judged.items():
+        scores = [float(np.dot(q[i], d[j])) for j in range(len(d))]
+        order = sorted(range(len(d)), key=lambda j: (-scores[j], j))
+        for k in (1, 5, 10):
+            per[f"recall@{k}"].append(len(rel & set(order[:k])) / len(rel))
+        first = next(pos for pos, j in enumerate(order, 1) if j in rel)
+        per["mrr@10"].append(1 / first if first <= 10 else 0.0)
+        dcg = sum(1 / math.log2(pos + 1) for pos, j in enumerate(order[:10], 1) if j in rel)
+        per["ndcg@10"].append(dcg / sum(1 / math.log2(pos + 1) for pos in range(1, min(len(rel), 10) + 1)))
+    return {key: sum(v) / len(v) for key, v in per.items()}
+
+
+def test_several_relevant_documents_per_query_match_trec_eval_measures():
+    g = np.random.default_rng(3)
+    d = g.normal(size=(50, 6))
+    judged = {i: set(g.choice(50, size=int(g.integers(1, 14)), replace=False).tolist()) for i in range(25)}
+    q = np.stack([d[sorted(judged[i])].mean(0) + 0.8 * g.normal(size=6) for i in range(25)])
+    rows = [(i, j) for i in judged for j in sorted(judged[i])]
+    qi = torch.tensor([i for i, _ in rows])
+    got = retrieval_metrics(torch.tensor(q)[qi], torch.tensor(d), torch.tensor([j for _, j in rows]), query_ids=qi)
+    want = brute_force_judged(q, d, judged)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-12), key
+    assert 0 < got["ndcg@10"] < 1 and max(map(len, judged.values())) > 10  # more relevant than the cutoff too
+
+
+def test_a_query_text_in_several_pairs_is_one_query_with_several_relevant_documents():
+    """A perfect encoder (the same embedding for a query and its documents)
+    scores 1 everywhere but recall@1 (two relevant documents, one slot)."""
+    from negbatch.data.text import TextPairs
+    from negbatch.evaluation.retrieval import evaluate_retrieval
+
+    vectors = {"q": [1.0, 0.0], "d1": [1.0, 0.0], "d2": [1.0, 0.0], "x": [0.0, 1.0], "dx": [0.0, 1.0]}
+
+    def tokenize(texts):
+        return {"x": torch.tensor([vectors[t] for t in texts])}
+
+    class Lookup(torch.nn.Module):
+        def forward(self, features):
+            return features["x"]
+
+    pairs = TextPairs(["q", "q", "x"], ["d1", "d2", "dx"])
+    m = evaluate_retrieval(Lookup(), tokenize, pairs, ks=(1, 10))
+    assert m["num_queries"] == 2 and m["num_documents"] == 3
+    assert m["mrr@10"] == 1.0 and m["ndcg@10"] == 1.0 and m["recall@10"] == 1.0
+    assert m["recall@1"] == pytest.approx((0.5 + 1.0) / 2)
+
+
 def test_metrics_from_ranks_closed_form():
     ranks = torch.tensor([1, 2, 10, 11])
     m = metrics_from_ranks(ranks)

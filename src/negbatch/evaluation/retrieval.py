@@ -1,15 +1,19 @@
 """Retrieval metrics of a dual encoder: Recall@k, MRR@10, nDCG@10, by exact search.
 
-Each query has exactly one relevant document (its pair). What decides every
-metric is the rank of that document among all documents, sorted by score
-(cosine similarity by default):
+What decides every metric is the rank of each relevant document among all
+documents, sorted by score (cosine similarity by default):
 
     rank_i = 1 + #{j : s_ij > s_i,rel} + #{j < rel : s_ij = s_i,rel}
 
 Ties are broken deterministically in favour of the lower document index (as a
-stable sort by descending score would). Then Recall@k = mean(rank <= k),
-MRR@10 = mean(1/rank if rank <= 10 else 0) and, with a single relevant
-document (ideal DCG = 1), nDCG@10 = mean(1/log2(1 + rank) if rank <= 10 else 0).
+stable sort by descending score would). With one relevant document per query
+(a pair), Recall@k = mean(rank <= k), MRR@10 = mean(1/rank if rank <= 10 else
+0) and (ideal DCG = 1) nDCG@10 = mean(1/log2(1 + rank) if rank <= 10 else 0).
+A query with R relevant documents (``query_ids``: one row per relevant
+document) counts once, as trec_eval does with binary judgements: Recall@k is
+the share of its R found in the top k, MRR@10 takes its best rank, and
+nDCG@10 = sum over its ranks <= 10 of 1/log2(1 + rank), divided by the ideal
+sum over 1..min(R, 10).
 
 **Which score.** ``s_ij`` is a fixed function of the two embeddings alone: the
 products of their coordinates in float64 (exact for float32 and narrower
@@ -182,21 +186,46 @@ def relevant_ranks(
     return ranks
 
 
-def metrics_from_ranks(ranks: Tensor, ks: Sequence[int] = (1, 5, 10), cutoff: int = 10) -> dict[str, float]:
-    """Recall@k for each k, MRR@cutoff and nDCG@cutoff from 1-based ranks of the one relevant document.
+def metrics_from_ranks(
+    ranks: Tensor, ks: Sequence[int] = (1, 5, 10), cutoff: int = 10, query_ids: Tensor | None = None
+) -> dict[str, float]:
+    """Recall@k for each k, MRR@cutoff and nDCG@cutoff from 1-based ranks of relevant documents.
+
+    ``query_ids`` (n,) names the query of each rank (a query with several
+    relevant documents has one rank per document, each among all documents);
+    None: one relevant document per query. See the module docstring.
 
     Examples
     --------
     >>> metrics_from_ranks(torch.tensor([1, 3, 20]), ks=(1, 5))
     {'recall@1': 0.3333333333333333, 'recall@5': 0.6666666666666666, 'mrr@10': 0.4444444444444444, 'ndcg@10': 0.5}
+    >>> metrics_from_ranks(torch.tensor([1, 2]), ks=(1,), query_ids=torch.tensor([7, 7]))  # both relevant on top
+    {'recall@1': 0.5, 'mrr@10': 1.0, 'ndcg@10': 1.0}
     """
     if ranks.numel() == 0:
         raise ValueError("ranks is empty: no queries to evaluate")
     r = ranks.double()
-    out = {f"recall@{k}": float((r <= k).double().mean()) for k in ks}
     hit = r <= cutoff
-    out[f"mrr@{cutoff}"] = float(torch.where(hit, 1.0 / r, torch.zeros_like(r)).mean())
-    out[f"ndcg@{cutoff}"] = float(torch.where(hit, 1.0 / torch.log2(r + 1.0), torch.zeros_like(r)).mean())
+    gain = torch.where(hit, 1.0 / torch.log2(r + 1.0), torch.zeros_like(r))
+    if query_ids is None:
+        out = {f"recall@{k}": float((r <= k).double().mean()) for k in ks}
+        out[f"mrr@{cutoff}"] = float(torch.where(hit, 1.0 / r, torch.zeros_like(r)).mean())
+        out[f"ndcg@{cutoff}"] = float(gain.mean())
+        return out
+    if query_ids.shape != ranks.shape:
+        raise ValueError(f"query_ids must have the shape of ranks {tuple(ranks.shape)}, got {tuple(query_ids.shape)}")
+    _, group = torch.unique(query_ids, return_inverse=True)
+    n = int(group.max()) + 1
+    relevant = torch.bincount(group, minlength=n).double()
+
+    def per_query(values: Tensor) -> Tensor:
+        return torch.zeros(n, dtype=torch.float64).index_add_(0, group, values)
+
+    out = {f"recall@{k}": float((per_query((r <= k).double()) / relevant).mean()) for k in ks}
+    best = torch.full((n,), float("inf"), dtype=torch.float64).scatter_reduce_(0, group, r, "amin")
+    out[f"mrr@{cutoff}"] = float(torch.where(best <= cutoff, 1.0 / best, torch.zeros_like(best)).mean())
+    ideal = torch.cumsum(1.0 / torch.log2(torch.arange(2, cutoff + 2, dtype=torch.float64)), 0)
+    out[f"ndcg@{cutoff}"] = float((per_query(gain) / ideal[relevant.clamp(max=cutoff).long() - 1]).mean())
     return out
 
 
@@ -209,12 +238,14 @@ def retrieval_metrics(
     normalize: bool = True,
     query_chunk: int = 1024,
     doc_chunk: int = 16384,
+    query_ids: Tensor | None = None,
 ) -> dict[str, float]:
     """Recall@k, MRR@10 and nDCG@10 of query embeddings against a document corpus.
 
     ``relevant`` (nq,) gives each query's relevant document; None means query
-    i's is document i (aligned pairs). See the module docstring for the
-    definitions and the tie rule.
+    i's is document i (aligned pairs). A query with several relevant
+    documents takes one row per document, all with the same ``query_ids``
+    entry (nq,). See the module docstring for the definitions and the tie rule.
 
     Examples
     --------
@@ -231,7 +262,7 @@ def retrieval_metrics(
     ranks = relevant_ranks(
         queries, documents, relevant, normalize=normalize, query_chunk=query_chunk, doc_chunk=doc_chunk
     )
-    return metrics_from_ranks(ranks, ks)
+    return metrics_from_ranks(ranks, ks, query_ids=query_ids)
 
 
 @torch.no_grad()
@@ -272,7 +303,9 @@ def evaluate_retrieval(
 
     The corpus is the pairs' distinct documents (a document text shared by
     several queries is one corpus entry, relevant to each of them); the queries
-    are all the pairs' queries. Adds ``num_queries`` and ``num_documents``.
+    are the pairs' distinct query texts, each relevant to every document it is
+    paired with (a query text in several pairs is one query with several
+    relevant documents). Adds ``num_queries`` and ``num_documents``.
 
     Examples
     --------
@@ -286,10 +319,13 @@ def evaluate_retrieval(
     (40, True)
     """
     corpus: dict[str, int] = {}
-    relevant = [corpus.setdefault(doc, len(corpus)) for doc in pairs.documents]
-    documents = list(corpus)
-    q = encode_texts(encoder, tokenize, pairs.queries, batch_size=batch_size, device=device)
-    d = encode_texts(encoder, tokenize, documents, batch_size=batch_size, device=device)
-    out = retrieval_metrics(q, d, torch.tensor(relevant), ks=ks)
-    out["num_queries"], out["num_documents"] = len(pairs.queries), len(documents)
+    query_texts: dict[str, int] = {}
+    judged: dict[tuple[int, int], None] = {}  # (query, document), each once, in order
+    for query, doc in zip(pairs.queries, pairs.documents):
+        judged[query_texts.setdefault(query, len(query_texts)), corpus.setdefault(doc, len(corpus))] = None
+    rows = torch.tensor(list(judged), dtype=torch.long).reshape(-1, 2)
+    q = encode_texts(encoder, tokenize, list(query_texts), batch_size=batch_size, device=device)
+    d = encode_texts(encoder, tokenize, list(corpus), batch_size=batch_size, device=device)
+    out = retrieval_metrics(q[rows[:, 0]], d, rows[:, 1], ks=ks, query_ids=rows[:, 0])
+    out["num_queries"], out["num_documents"] = len(query_texts), len(corpus)
     return out

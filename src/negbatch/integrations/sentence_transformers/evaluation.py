@@ -61,8 +61,9 @@ def retrieval_scores(
     queries, corpus : dict id -> text
         As for the evaluator; the corpus order is the dict's order.
     relevant_docs : dict query id -> set of corpus ids
-        Exactly one relevant document per query (negbatch's metrics assume
-        it); queries without any are left out, as the evaluator does.
+        One or more relevant documents per query (with several, Recall@k is
+        the share of them in the top k, as the evaluator's ``recall@k``);
+        queries without any are left out, as the evaluator does.
     ks : sequence of int
         The k of Recall@k.
     batch_size : int
@@ -91,20 +92,18 @@ def retrieval_scores(
     if not qids:
         raise ValueError("no query has a relevant document in relevant_docs")
     position = {cid: i for i, cid in enumerate(corpus)}
-    relevant = []
-    for qid in qids:
-        docs = relevant_docs[qid]
-        if len(docs) != 1:
-            raise ValueError(
-                f"query {qid!r} has {len(docs)} relevant documents; negbatch's metrics take exactly one per query"
-            )
-        (cid,) = docs
-        if cid not in position:
-            raise ValueError(f"query {qid!r}'s relevant document {cid!r} is not in the corpus")
-        relevant.append(position[cid])
+    rows, relevant = [], []  # one row per (query, relevant document)
+    for row, qid in enumerate(qids):
+        for cid in relevant_docs[qid]:
+            if cid not in position:
+                raise ValueError(f"query {qid!r}'s relevant document {cid!r} is not in the corpus")
+            rows.append(row)
+            relevant.append(position[cid])
     q = _encode(model, [queries[i] for i in qids], "query", batch_size)
     d = corpus_embeddings if corpus_embeddings is not None else _encode(model, list(corpus.values()), "document",
                                                                          batch_size)
-    out = retrieval_metrics(q, d.to(q.device), torch.tensor(relevant), ks=ks, normalize=similarity == "cosine")
+    rows_t = torch.tensor(rows)
+    out = retrieval_metrics(q[rows_t.to(q.device)], d.to(q.device), torch.tensor(relevant), ks=ks,
+                            normalize=similarity == "cosine", query_ids=rows_t)
     out["num_queries"] = len(qids)
     return out
