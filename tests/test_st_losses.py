@@ -156,6 +156,26 @@ def test_a_queue_takes_the_index_column_and_evaluates_in_batch(model64, make, n)
         adapter(feats, None)
 
 
+def test_matryoshka_wraps_the_plain_loss_and_refuses_the_cached_one(model64):
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
+
+    feats = columns(model64, 3)
+    results = []
+    for inner in (MultipleNegativesRankingLoss(model64),  # scale 20: temperature 0.05
+                  NegbatchLoss(model64, InfoNCE(temperature=0.05, form="query_document"))):
+        model64.zero_grad(set_to_none=True)
+        value = MatryoshkaLoss(model64, inner, [16, 8, 4])([dict(f) for f in feats], None)
+        value.backward()
+        results.append((float(value), grads(model64)))
+    (want, g_want), (got, g_got) = results
+    assert got == pytest.approx(want, rel=1e-12)
+    for key in g_want:
+        torch.testing.assert_close(g_got[key], g_want[key], rtol=1e-9, atol=1e-12, msg=key)
+    cached = NegbatchLoss(model64, InfoNCE(temperature=0.05, form="query_document"), chunk_size=3)
+    with pytest.raises(TypeError, match="cannot be wrapped by MatryoshkaLoss"):
+        MatryoshkaLoss(model64, cached, [16, 8, 4])
+
+
 def test_bad_configurations_and_index_columns_are_named(model64):
     feats = columns(model64, 3)
     with pytest.raises(TypeError, match="nn.Module"):

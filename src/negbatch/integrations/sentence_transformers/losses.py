@@ -260,6 +260,19 @@ class NegbatchLoss(nn.Module):
 
     # ------------------------------------------------------------------ protocol
 
+    @property
+    def calculate_loss(self):
+        # sentence-transformers' wrappers of gradient-caching losses (MatryoshkaLoss) look this up on a
+        # loss with uses_gradient_cache and decorate it; a cached NegbatchLoss back-propagates its chunks
+        # from a hook instead, so a wrapper would fail far from here (or be silently ignored): say so.
+        if self.cached:
+            raise TypeError(
+                "a cached NegbatchLoss cannot be wrapped by MatryoshkaLoss (or another wrapper of sentence-"
+                "transformers' Cached... losses): use NegbatchLoss(..., cached=False) inside MatryoshkaLoss, "
+                "or CachedMultipleNegativesRankingLoss for Matryoshka with caching"
+            )
+        raise AttributeError("calculate_loss")
+
     def forward(self, sentence_features: Iterable[Mapping[str, Any]], labels: Tensor | None) -> Tensor:
         features = [dict(f) for f in sentence_features]
         if len(features) < 2:
