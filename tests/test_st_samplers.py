@@ -74,6 +74,9 @@ def test_every_row_once_per_epoch_new_plans_per_epoch_and_seed(model_dir, kind):
     assert sorted(i for b in with_tail for i in b) == list(range(37)) and len(with_tail) == 5
     dropped, _ = plan(make(), pairs_data(37), drop_last=True)
     assert len(dropped) == 4 and all(len(b) == 8 for b in dropped)
+    # Fewer rows than one batch (an evaluation set batched by the same factory): one short batch.
+    small, sampler = plan(make(), pairs_data(5))
+    assert len(sampler) == 1 and sorted(small[0]) == list(range(5))
 
 
 def test_model_based_samplers_embed_the_anchor_and_positive_columns_in_eval_mode(model_dir):

@@ -252,7 +252,13 @@ class _NegbatchBatches(TrainerCallback):
             num_replicas=world, rank=rank,
         )
         columns = self._text_columns(dataset, valid_label_columns)
-        inner = self._build(dataset, columns, batch_size * world, common)
+        global_batch, rows = batch_size * world, len(dataset)
+        if global_batch > rows and not drop_last and rows >= world:
+            # A data set smaller than one batch (an evaluation set, which the trainer batches with
+            # this same factory): one short batch of every row, as sentence-transformers' own
+            # samplers give, rather than an error after training has begun.
+            global_batch = rows - rows % world
+        inner = self._build(dataset, columns, global_batch, common)
         return TrainerBatchSampler(dataset, batch_size, drop_last, valid_label_columns, generator, seed,
                                    inner=inner, world=world, owner=self)
 
