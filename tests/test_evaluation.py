@@ -55,5 +55,8 @@ def test_probe_input_errors():
         linear_probe(x, y, x[:, :2], y)
     with pytest.raises(ValueError, match="NaN"):
         linear_probe(x * float("nan"), y, x, y)
+    for missing in (-100, -1):  # -100 would be skipped silently by cross_entropy
+        with pytest.raises(ValueError, match=f"train_labels must be class indices >= 0, got {missing}"):
+            linear_probe(x, torch.where(torch.arange(len(y)) == 3, missing, y), x, y)
     with pytest.raises(ValueError, match="k must be"):
         knn_accuracy(x, y, x, y, k=100)

@@ -29,6 +29,9 @@ def _check_xy(x: Tensor, y: Tensor, xname: str, yname: str) -> None:
         raise ValueError(f"{yname} must be an integer tensor of shape ({x.shape[0]},), got {getattr(y, 'shape', type(y))}")
     if not torch.isfinite(x).all():
         raise ValueError(f"{xname} contains NaN or inf")
+    if len(y) and int(y.min()) < 0:
+        # cross_entropy would skip -100 silently and fail on other negatives far from here.
+        raise ValueError(f"{yname} must be class indices >= 0, got {int(y.min())}; drop unlabeled samples first")
 
 
 def _check_splits(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor) -> None:
