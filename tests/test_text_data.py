@@ -159,6 +159,21 @@ def test_load_csv(tmp_path):
     assert pairs.ids == ["7", "9"]
 
 
+def test_csv_rows_with_surplus_or_missing_cells_and_a_byte_order_mark(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("query,document\nhello, how are you,I am fine\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="row 1 has more cells than the header .2.: an unquoted comma"):
+        load_pairs(path)  # it loaded as 'hello' -> ' how are you', the real document dropped
+    path.write_text("query,document\na,b\nc\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="row 2 has fewer cells than the header"):
+        load_pairs(path)
+    path.write_text("query,document\na,b\n", encoding="utf-8-sig")  # Excel's "CSV UTF-8"
+    assert load_pairs(path).queries == ["a"]
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text('{"query": "a", "document": "b"}\n', encoding="utf-8-sig")
+    assert load_pairs(jsonl).documents == ["b"]
+
+
 @pytest.mark.parametrize(
     "rows, match",
     [

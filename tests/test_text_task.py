@@ -257,6 +257,17 @@ def test_text_study_defaults_match_the_old_text_studies():
     assert (epochs.epochs, epochs.steps) == (2, None)
 
 
+def test_a_query_with_several_positives_stays_on_one_side_of_the_split(tmp_path):
+    from negbatch.lab.tasks.text import load_text_split
+
+    path = tmp_path / "several.jsonl"
+    rows = [{"query": f"question {i // 3}", "document": f"answer {i // 3} variant {i % 3}"} for i in range(300)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, test = load_text_split(TrainConfig(dataset=f"pairs:{path}", test_fraction=0.2))
+    assert len(train) + len(test) == 300 and len(test) >= 30
+    assert not set(train.queries) & set(test.queries)  # each query's three pairs on one side
+
+
 def test_study_on_the_users_pairs_file_and_errors(tmp_path, capsys):
     from negbatch.cli import main
     from negbatch.data.text import builtin_pairs

@@ -328,7 +328,7 @@ def _decode(path: Path) -> str:
     """The file as UTF-8 text; an error naming the line and byte that is not UTF-8."""
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") is not text
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
@@ -354,7 +354,19 @@ def _read_records(path: Path) -> list[dict]:
             records.append(record)
         return records
     if suffix in (".csv", ".tsv"):
-        return list(csv.DictReader(io.StringIO(_decode(path), newline=""), delimiter="\t" if suffix == ".tsv" else ","))
+        delimiter = "\t" if suffix == ".tsv" else ","
+        reader = csv.DictReader(io.StringIO(_decode(path), newline=""), delimiter=delimiter)
+        records = list(reader)
+        for row, record in enumerate(records, 1):
+            # DictReader files surplus cells under None and fills missing ones with None.
+            if None in record:
+                raise ValueError(
+                    f"{path}: row {row} has more cells than the header ({len(reader.fieldnames)}): an unquoted "
+                    f"{'tab' if delimiter == chr(9) else 'comma'} inside a text? Quote texts that contain one"
+                )
+            if any(value is None for value in record.values()):
+                raise ValueError(f"{path}: row {row} has fewer cells than the header ({len(reader.fieldnames)})")
+        return records
     raise ValueError(f"{path}: a pairs file must end in .jsonl, .ndjson, .csv or .tsv, got {path.name!r}")
 
 

@@ -70,7 +70,11 @@ def _load_text_split(dataset, max_pairs, test_fraction, data_seed, query_column,
             order = list(range(len(pairs)))
             random.Random(data_seed).shuffle(order)
             pairs = pairs.subset(sorted(order[:max_pairs]))
-        train, test = split_by_group(pairs, lambda i: i, test_fraction=test_fraction, seed=data_seed)
+        # By query text: a query in several pairs (several positives) goes to one side, with the
+        # group of its first pair (so data without repeated queries splits pair by pair, as before).
+        first: dict[str, object] = {}
+        group = {i: first.setdefault(q, i) for i, q in zip(pairs.ids, pairs.queries)}
+        train, test = split_by_group(pairs, group.__getitem__, test_fraction=test_fraction, seed=data_seed)
     if len(test) < 2 or len(train) < 2:
         raise ValueError(f"dataset {dataset!r}: the split left {len(train)} training and {len(test)} test pairs; "
                          "use more pairs (max_pairs) or another test_fraction")
