@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from negbatch.data._files import DatasetDamagedError
 from negbatch.data import Augment, from_arrays, load_dataset, load_digits, load_fashion_mnist, read_idx, two_views
 
 
@@ -50,6 +51,14 @@ def test_read_idx_rejects_garbage(tmp_path):
     short.write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + b"abc")
     with pytest.raises(ValueError, match="header says"):
         read_idx(short)
+    gz = tmp_path / "cut.gz"
+    write_idx(gz, np.zeros((50, 28, 28), np.uint8), True)
+    gz.write_bytes(gz.read_bytes()[:-30])  # a download cut short
+    html = tmp_path / "page.gz"
+    html.write_bytes(b"<html>not found</html>")  # an error page saved under the file's name
+    for path in (gz, html):
+        with pytest.raises(DatasetDamagedError, match=f"{path.name} cannot be read .*Fetch it again"):
+            read_idx(path)
 
 
 def test_fashion_mnist_from_any_folder(tmp_path):

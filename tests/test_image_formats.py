@@ -331,6 +331,15 @@ def test_npz_without_test_split_is_split_seeded_and_stratified(tmp_path):
     assert {tuple(r) for r in got} == rows  # a partition of the images
 
 
+def test_npz_split_that_would_leave_a_side_empty_and_binary_images(tmp_path):
+    np.savez(tmp_path / "few.npz", images=np.zeros((20, 1, 4, 4), np.float32), labels=np.arange(20) % 10)
+    with pytest.raises(ValueError, match="leaves 20 training and 0 test images; store x_test and y_test"):
+        load_arrays(tmp_path / "few.npz")  # 2 per class: 0.2 of each rounds to none
+    np.savez(tmp_path / "bits.npz", images=np.eye(4, dtype=bool)[None].repeat(10, 0), labels=np.arange(10) % 2)
+    ds = load_arrays(tmp_path / "bits.npz")
+    assert ds.x_train.dtype == torch.uint8 and int(ds.x_train.max()) == 255 and int(ds.x_train.min()) == 0
+
+
 def test_unlabeled_only_arrays(tmp_path):
     np.save(tmp_path / "u.npy", np.zeros((5, 3, 4, 4), np.uint8))
     ds = load_arrays(tmp_path / "u.npy")

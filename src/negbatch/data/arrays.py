@@ -44,7 +44,9 @@ def _images(a: np.ndarray, where: str) -> Tensor:
         raise ValueError(f"{where} must be images (N, H, W), (N, C, H, W) or (N, H, W, C) with C = 1 or 3, got {a.shape}")
     if a.dtype == np.uint8:
         return torch.from_numpy(np.ascontiguousarray(a))
-    if np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_:
+    if a.dtype == np.bool_:  # binary images: True is white (as 1.0 is in a float image)
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.uint8) * np.uint8(255))
+    if np.issubdtype(a.dtype, np.integer):
         if a.size and (a.min() < 0 or a.max() > 255):
             raise ValueError(f"{where}: integer images must lie in [0, 255], got {a.min()}..{a.max()}")
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.uint8))
@@ -147,6 +149,12 @@ def load_arrays(path: str | os.PathLike, *, test_fraction: float = 0.2, name: st
             yte = _labels(arrays["y_test"], len(xte), f"{path}:y_test")
         else:
             train, test = _stratified_indices(ytr.numpy(), test_fraction)
+            if len(train) == 0 or len(test) == 0:
+                raise ValueError(
+                    f"{path}: test_fraction={test_fraction} of {len(ytr)} labelled images (rounded per class) leaves "
+                    f"{len(train)} training and {len(test)} test images; store x_test and y_test, or use more images "
+                    "or another test_fraction"
+                )
             train_t, test_t = torch.from_numpy(train), torch.from_numpy(test)
             xtr, ytr, xte, yte = xtr[train_t], ytr[train_t], xtr[test_t], ytr[test_t]
         for arg, x in (("x_test", xte), ("x_unlabeled", unl)):

@@ -35,6 +35,7 @@ import gzip
 import hashlib
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -42,6 +43,8 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 import torch
 from torch import Tensor
+
+from ._files import DatasetDamagedError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .image_files import ImageFiles
@@ -394,17 +397,22 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise DatasetDamagedError(f"{path} cannot be read ({err}): a truncated or damaged download? Fetch it "
+                                  "again") from err
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in dtypes:
-        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+        raise DatasetDamagedError(f"{path} is not an IDX file (bad magic number): a damaged download? Fetch it again")
     ndim = data[3]
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     dtype = np.dtype(dtypes[data[2]])
     expected = int(np.prod(dims)) * dtype.itemsize
     body = data[4 + 4 * ndim :]
     if len(body) != expected:
-        raise ValueError(f"{path}: header says {dims} ({expected} bytes) but the file holds {len(body)} bytes")
+        raise DatasetDamagedError(f"{path}: header says {dims} ({expected} bytes) but the file holds {len(body)} "
+                                  "bytes; fetch it again")
     return np.frombuffer(body, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
 
 
