@@ -155,6 +155,22 @@ def test_resumed_run_says_so(tmp_path, capsys, monkeypatch):
     assert "resuming from step 3 of 8" in capsys.readouterr().err
 
 
+def test_a_stopped_train_exits_130_with_the_resume_message(tmp_path, capsys, monkeypatch):
+    """Ctrl-C or SIGTERM stops a run at a checkpoint and train() returns None (here stop_after does
+    what the signal would): the command says how to resume, with no traceback."""
+    import negbatch.lab as lab
+
+    figures_not_drawn(monkeypatch)
+    real = lab.train
+    monkeypatch.setattr(lab, "train", lambda cfg, out: real(cfg, out, stop_after=2))
+    argv = ["train", "--n-train", "64", "--n-test", "48", "--batch-size", "8", "--epochs", "1",
+            "--encoder-widths", "16", "--head-widths", "16,8", "--knn-k", "5", "--out", str(tmp_path / "run")]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "stopped at step 2 of 8" in err and "run the same command again to resume" in err
+    assert "Traceback" not in err and (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_study_negatives_resumes_says_so_and_reports(tmp_path, capsys, monkeypatch):
     out = tmp_path / "study"
     args = ["study", "negatives", *TINY, "--ks", "2,all,500", "--seeds", "0,1", "--losses", "simclr", "--out", str(out)]

@@ -157,7 +157,8 @@ def _train(args: argparse.Namespace) -> None:
         base["progress"] = True  # a progress bar when someone is watching
     cfg = config_from_args(args, base)
     summary = train(cfg, args.out)
-    assert summary is not None
+    if summary is None:  # stopped by Ctrl-C or SIGTERM at a checkpoint (train() said where)
+        raise KeyboardInterrupt(f"the run in {args.out} is checkpointed")
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun every process trained; rank 0 reports
     report = report_folder(args.out)
