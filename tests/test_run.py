@@ -140,6 +140,9 @@ def test_config_files_and_errors(tmp_path):
         TrainConfig.from_dict({"temprature": 0.1})
     with pytest.raises(ValueError, match="batch_size: expected a positive int"):
         TrainConfig.from_dict({"batch_size": -4})
+    for name in ("lr", "weight_decay", "alpha", "temperature"):  # inf passes v > 0 and fails in the first step
+        with pytest.raises(ValueError, match=f"{name}: expected a float.*got inf, which is not finite"):
+            TrainConfig.from_dict({name: float("inf")})
     with pytest.raises(ValueError, match="negatives"):
         TrainConfig.from_dict({"negatives": "some"})
     with pytest.raises(ValueError, match="optimizer: expected one of"):

@@ -282,6 +282,8 @@ class TrainConfig:
                 return
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
                 bad(name, msg)
+            elif not math.isfinite(v):  # inf passes a bound like v > 0 and fails far later (a NaN loss)
+                bad(name, f"{msg}; got {v}, which is not finite")
 
         for f in fields(self):
             choices = f.metadata.get("choices")
