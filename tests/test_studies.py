@@ -127,3 +127,29 @@ def test_workers_end_when_the_study_process_is_killed(tmp_path):
     for p in left:
         os.kill(p, 9)
     assert not left, f"workers {left} outlived the study"
+
+
+def test_a_second_study_on_a_folder_in_use_is_refused_before_it_writes(tmp_path, capsys):
+    """Another process holds the study folder (a study running there): a second study is refused and
+    leaves the running one's study.json as it was (it rewrote it, and the first one's report then
+    followed the refused options)."""
+    from negbatch.cli import main
+
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "study.json").write_text('{"seeds": [0, 1, 2]}')
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('process 1 (the running study)'); "
+        "f.flush(); print('held', flush=True); time.sleep(60)\n"), str(out / ".lock")], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        code = main(["study", "batch-size", "--data", "digits", "--methods", "infonce", "--batch-sizes", "32,64",
+                     "--seeds", "7", "--epochs", "1", "--encoder-widths", "16", "--head-widths", "16,8",
+                     "--workers", "1", "--out", str(out)])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2 and "is in use by" in capsys.readouterr().err
+    assert json.loads((out / "study.json").read_text()) == {"seeds": [0, 1, 2]}
+    assert not (out / "runs").exists()

@@ -189,10 +189,16 @@ def _first_sentence(exc: BaseException, limit: int = 200) -> str:
 def hold_lock(folder: Path) -> Iterator[None]:
     """An exclusive, non-blocking lock on ``folder/.lock`` (creating the folder).
 
-    Raises a ValueError naming the process that holds it. Platforms without
-    ``fcntl`` run without the lock.
+    Raises a ValueError naming the process that holds it. Re-entrant within a
+    process (a study holds its folder from its first write to its report, and
+    the sweep inside it takes it again). Platforms without ``fcntl`` run
+    without the lock.
     """
     folder.mkdir(parents=True, exist_ok=True)
+    key = str(folder.resolve())
+    if key in _HELD:
+        yield
+        return
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks of this kind
@@ -211,9 +217,17 @@ def hold_lock(folder: Path) -> Iterator[None]:
         handle.truncate()
         handle.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         handle.flush()
-        yield
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
     finally:
         handle.close()  # releases the lock
+
+
+#: Folders this process holds the lock of (see :func:`hold_lock`).
+_HELD: set[str] = set()
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -24,6 +24,7 @@ A subclass writes :meth:`Study.plan` (the configurations and ``study.json``),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -33,7 +34,7 @@ from typing import Any, ClassVar
 
 from ..config import IMAGE_ONLY, TEXT_ONLY, TrainConfig, add_config_arguments, load_config_file
 from ..processes import Processes
-from ..folder import SUMMARY, atomic_write_text
+from ..folder import SUMMARY, atomic_write_text, hold_lock
 from ..sweep import KEY_FIELDS, parse_list, run_configs, run_key
 
 __all__ = ["Study", "ImageStudy", "TextStudy", "say", "dataset_stem"]
@@ -170,9 +171,16 @@ class Study:
         return Path(args.out or f"negbatch-runs/{self.name}-{dataset_stem(dataset)}")
 
     def write_spec(self, out: Path, spec: dict[str, Any]) -> None:
-        """``study.json``: the study's name, modality and settings (what its report reads)."""
+        """``study.json``: the study's name, modality and settings (what its report reads).
+
+        Takes the study folder's lock first and holds it until :meth:`release_folder`
+        (the end of :meth:`run`): a second study on a folder in use is refused before
+        it writes anything (it rewrote the running study's settings)."""
         if not Processes.current().is_main:
             return
+        if self._folder_locks is None:
+            self._folder_locks = contextlib.ExitStack()
+        self._folder_locks.enter_context(hold_lock(out))
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "study.json",
                           json.dumps({"study": self.name, "modality": self.modality, **spec}, indent=1))
@@ -205,12 +213,23 @@ class Study:
 
         :meth:`plan`, :meth:`train`, :meth:`after_training`, :meth:`report`."""
         self.check_workers(args)
-        out, configs = self.plan(args)
-        self.train(configs, out, args.workers)
-        if Processes.current().is_main:  # under torchrun every process trains, rank 0 writes
-            self.after_training(args, out)
-            self.report(out)
+        try:
+            out, configs = self.plan(args)
+            self.train(configs, out, args.workers)
+            if Processes.current().is_main:  # under torchrun every process trains, rank 0 writes
+                self.after_training(args, out)
+                self.report(out)
+        finally:
+            self.release_folder()
         return out
+
+    _folder_locks: contextlib.ExitStack | None = None
+
+    def release_folder(self) -> None:
+        """Release the study folder's lock taken by :meth:`write_spec`."""
+        if self._folder_locks is not None:
+            self._folder_locks.close()
+            self._folder_locks = None
 
     def plan(self, args: argparse.Namespace) -> tuple[Path, list[TrainConfig]]:
         """Check the options, write ``study.json``; the study folder and the runs' configurations."""

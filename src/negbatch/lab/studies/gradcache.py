@@ -85,6 +85,12 @@ class ImageGradCache(ImageStudy):
         a.add_argument("--workers", type=int, default=1, help="worker processes for the trainings (default: 1)")
 
     def run(self, args: argparse.Namespace) -> Path:
+        try:
+            return self._run(args)
+        finally:
+            self.release_folder()  # held from its study.json on (write_spec)
+
+    def _run(self, args: argparse.Namespace) -> Path:
         from ..processes import Processes
 
         if Processes.current().several:
