@@ -56,7 +56,7 @@ def test_recipe_runs_at_tiny_size(path, tmp_path, monkeypatch):
     if study == "bias":
         sizes = ["--batch-size", "8"] + sizes[2:]  # the full batch; the half-batch runs use 4
     if study == "batch-size":
-        sizes = ["--batch-sizes", "8"] + sizes[2:]  # the batch size is what the study varies (one cached run)
+        sizes = ["--batch-sizes", "4,8"] + sizes[2:]  # the batch sizes are what the study varies (two cached runs)
     argv = ["study", study, "--config", str(path), "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
             *TINY, *sizes, *per_study]
     assert with_recipe(argv)[2:4] != argv[2:4]  # the recipe's own study options came in

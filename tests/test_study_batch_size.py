@@ -77,15 +77,23 @@ def test_report_changes_and_tests_match_scipy(tmp_path):
     (["--batch-sizes", "8,128"], "--batch-sizes: 128 exceeds the 64 training samples"),
     (["--batch-sizes", "8,16", "--k", "15"], r"--k 15: expected 1 <= K <= 14"),
     (["--queue-size", "0"], "--queue-size must be a positive int"),
+    (["--batch-sizes", "16"], "--batch-sizes: the study compares batch sizes; give two or more"),
+    (["--lr", "inf"], "lr: expected a float > 0; got inf"),  # --lr is an option (it was read as --lr-scaling)
 ])
 def test_bad_options_are_refused_by_name(tmp_path, capsys, argv, message):
     assert main(["study", "batch-size", "--data", "digits", "--out", str(tmp_path), *TINY, *argv]) == 2
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_an_option_the_study_lacks_is_not_read_as_a_longer_one(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:  # argparse's abbreviations read it as --batch-sizes 16
+        main(["study", "batch-size", "--data", "digits", "--out", str(tmp_path), *TINY, "--batch-size", "16"])
+    assert stop.value.code == 2 and "--batch-size: did you mean --batch-sizes?" in capsys.readouterr().err
+
+
 def test_image_study_end_to_end_resumes_and_reports(tmp_path, capsys, monkeypatch):
     argv = ["study", "batch-size", "--data", "digits", "--out", str(tmp_path), *TINY,
-            "--methods", "infonce,queue,gradcache", "--batch-sizes", "8,16", "--seeds", "0,1"]
+            "--methods", "infonce,queue,gradcache", "--batch-sizes", "8,16", "--seeds", "0,1", "--lr", "0.004"]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "[12/12] gradcache B=16 seed=1" in err and "left)" in err
@@ -95,6 +103,7 @@ def test_image_study_end_to_end_resumes_and_reports(tmp_path, capsys, monkeypatc
     assert {r["batch_size"] for r in rows if method_of(r)[0] == "gradcache"} == {16}
     text = (tmp_path / "report.md").read_text()
     assert all(f"**{m}**" in text for m in ("infonce", "queue", "gradcache")) and "missing" not in text
+    assert json.loads((tmp_path / "study.json").read_text())["base"]["lr"] == 0.004  # --lr, the base rate
     figures_not_drawn(monkeypatch)  # drawn above
     assert main(argv) == 0  # everything finished: nothing trains again
     assert "12 finished earlier (skipped)" in capsys.readouterr().err
@@ -168,7 +177,7 @@ def test_a_study_stopped_by_sigint_says_so_and_resumes(tmp_path, capsys):
 
     argv = ["study", "batch-size", "--data", "digits", "--out", str(tmp_path), "--n-train", "256", "--n-test", "64",
             "--encoder-widths", "16", "--head-widths", "16,8", "--knn-k", "5", "--epochs", "3", "--workers", "1",
-            "--methods", "infonce", "--batch-sizes", "8", "--seeds", "0", "--log-every", "1"]
+            "--methods", "infonce", "--batch-sizes", "8,16", "--seeds", "0", "--log-every", "1"]
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     # A real process and a real signal: the console's exit status and its message are what is checked.
@@ -183,4 +192,4 @@ def test_a_study_stopped_by_sigint_says_so_and_resumes(tmp_path, capsys):
     # The same command finishes it: run here, in this process (the console's code path, without a second start-up).
     assert main(argv) == 0
     assert "resuming from step" in capsys.readouterr().err
-    assert len(json.loads((tmp_path / "results.json").read_text())) == 1
+    assert len(json.loads((tmp_path / "results.json").read_text())) == 2

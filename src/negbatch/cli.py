@@ -41,7 +41,15 @@ _EXAMPLE_DATA = {"image": "digits", "text": "bible"}
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose unknown options are reported by the (sub)command
-    they were given to, with its usage and the closest option it has."""
+    they were given to, with its usage and the closest option it has.
+
+    Prefixes of options are not accepted: with options as close as --lr and
+    --lr-scaling, or --batch-size and --batch-sizes, argparse's abbreviations
+    turned one into the other (an option a command lacks became another one)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def unknown(self, extras: list[str]) -> None:
         options = [s[2:] for a in self._actions for s in a.option_strings if s.startswith("--")]

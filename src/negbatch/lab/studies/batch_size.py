@@ -138,7 +138,8 @@ class BatchSizeStudy(Study):
 
     name = "batch-size"
     summary = "accuracy against batch size for every method (InfoNCE all/K, queue, global, SigLIP, DCL, GradCache)"
-    swept = ("loss", "negatives", "batch_size", "chunk_size", "queue_size", "key_momentum", "seed", "lr")
+    # The learning rate is not swept: --lr is the base rate at B=LR_REFERENCE_BATCH, scaled per batch size.
+    swept = ("loss", "negatives", "batch_size", "chunk_size", "queue_size", "key_momentum", "seed")
     key_fields = ("loss", "negatives", "queue_size", "batch_size", "chunk_size", "seed")
     metric: ClassVar[tuple[str, str]] = ("linear_acc", "linear-probe accuracy")
     parallel_by_default = True
@@ -177,6 +178,8 @@ class BatchSizeStudy(Study):
         sizes = sorted(parse_list(args.batch_sizes, int, "batch-sizes", unique=True))
         if sizes[0] < 2:
             raise ValueError(f"--batch-sizes must be ints >= 2, got {args.batch_sizes}")
+        if len(sizes) < 2:
+            raise ValueError(f"--batch-sizes: the study compares batch sizes; give two or more, got {args.batch_sizes}")
         if args.queue_size is not None and (isinstance(args.queue_size, bool) or args.queue_size < 1):
             raise ValueError(f"--queue-size must be a positive int, got {args.queue_size}")
         if not (isinstance(args.moco_momentum, float) and 0 < args.moco_momentum < 1):
@@ -397,7 +400,7 @@ def report(folder: Path) -> Path:
         if m != "infonce" and reference:
             w = welch(changes, reference)
             if w is None:
-                parts.append("too few seeds to compare its change with InfoNCE's")
+                parts.append("no test of its change against InfoNCE's (fewer than 2 seeds, or no spread in either)")
             else:
                 verdict = "fares better than InfoNCE" if w.difference > 0 else "fares worse than InfoNCE"
                 sure = "beyond seed noise" if w.p < 0.05 else "within seed noise"
