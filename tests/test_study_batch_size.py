@@ -91,6 +91,12 @@ def test_an_option_the_study_lacks_is_not_read_as_a_longer_one(tmp_path, capsys)
     assert stop.value.code == 2 and "--batch-size: did you mean --batch-sizes?" in capsys.readouterr().err
 
 
+def study_args(argv):
+    from negbatch.cli import build_parser
+
+    return build_parser(("batch-size", "image")).parse_args(["study", "batch-size", *argv])
+
+
 def test_image_study_end_to_end_resumes_and_reports(tmp_path, capsys, monkeypatch):
     argv = ["study", "batch-size", "--data", "digits", "--out", str(tmp_path), *TINY,
             "--methods", "infonce,queue,gradcache", "--batch-sizes", "8,16", "--seeds", "0,1", "--lr", "0.004"]
@@ -107,6 +113,14 @@ def test_image_study_end_to_end_resumes_and_reports(tmp_path, capsys, monkeypatc
     figures_not_drawn(monkeypatch)  # drawn above
     assert main(argv) == 0  # everything finished: nothing trains again
     assert "12 finished earlier (skipped)" in capsys.readouterr().err
+    # A rerun that trains nothing leaves what the times were measured under (here 1 run at a time) as it was.
+    from negbatch.lab.studies import get_study
+
+    study = get_study("batch-size", "image")
+    configs = study.plan(study_args(argv[2:] + ["--workers", "2"]))[1]
+    study.release_folder()
+    assert json.loads((tmp_path / "study.json").read_text())["workers"] == [1]
+    assert study._workers_of(tmp_path, configs + [configs[0].replace(seed=9)], 2) == [1, 2]  # one to train
 
 
 def test_text_study_end_to_end(tmp_path, capsys):

@@ -56,9 +56,9 @@ from typing import Any, ClassVar
 
 from ..config import TrainConfig
 from ..report import markdown_table, plt, save_figure
-from ..folder import atomic_write_text
+from ..folder import SUMMARY, atomic_write_text
 from ..stats import fmt_mean_std, mean_std, welch
-from ..sweep import parse_list, read_results
+from ..sweep import parse_list, read_results, run_key
 from .base import ImageStudy, Study, TextStudy
 
 __all__ = ["ImageBatchSize", "TextBatchSize", "METHODS", "method_of", "method_config"]
@@ -115,6 +115,12 @@ def method_config(base: TrainConfig, method: str, batch: int, *, largest: int, k
     if method == "gradcache":
         return cfg.replace(chunk_size=batch)
     return cfg
+
+
+def _workers_words(workers: int | list[int]) -> str:
+    """'2 runs' or, for a study trained in parts with different counts, '1 or 2 runs'."""
+    counts = workers if isinstance(workers, list) else [workers]
+    return " or ".join(map(str, counts)) + (" run" if counts == [1] else " runs")
 
 
 def method_of(row: dict[str, Any]) -> tuple[str, int]:
@@ -202,8 +208,19 @@ class BatchSizeStudy(Study):
         self.write_spec(out, {"methods": methods, "batch_sizes": sizes, "seeds": seeds, "k": args.k,
                               "queue_size": queue_size, "moco_momentum": args.moco_momentum,
                               "lr_scaling": args.lr_scaling, "base": base.to_dict(),
-                              "n_train": n_train, "workers": args.workers, "metric": list(self.metric)})
+                              "n_train": n_train, "workers": self._workers_of(out, configs, args.workers),
+                              "metric": list(self.metric)})
         return out, configs
+
+    def _workers_of(self, out: Path, configs: list[TrainConfig], workers: int) -> list[int]:
+        """The numbers of runs trained at a time so far (what the times were measured under):
+        this invocation's only if it trains something."""
+        earlier = []
+        if (out / "study.json").exists():
+            saved = json.loads((out / "study.json").read_text()).get("workers", [])
+            earlier = saved if isinstance(saved, list) else [saved]
+        finished = all((out / "runs" / run_key(c, self.key_fields) / SUMMARY).exists() for c in configs)
+        return sorted(set(earlier) | ({workers} if not finished or not earlier else set()))
 
     def line(self, summary: dict[str, Any]) -> str:
         method, b = method_of({**summary["config"]})
@@ -375,7 +392,7 @@ def report(folder: Path) -> Path:
     axes[0].set(xscale="log", xlabel="batch size B (gradcache: chunk size, batch %d)" % large, ylabel=label,
                 title=f"{label} against the batch size (mean ± std over seeds)")
     axes[1].set(xscale="log", yscale="log", xlabel="batch size B (gradcache: chunk size)", ylabel="training seconds",
-                title=f"wall time of training ({spec.get('workers', 1)} runs in parallel)")
+                title=f"wall time of training ({_workers_words(spec.get('workers', 1))} in parallel)")
     for ax in axes:
         ax.set_xticks(sizes, [str(b) for b in sizes])
         ax.legend(fontsize=8)
@@ -411,14 +428,14 @@ def report(folder: Path) -> Path:
     b = spec["base"]
     missing = sum(1 for m in spec["methods"] for bb in sizes for s in spec["seeds"]
                   if s not in cells.get(m, {}).get(bb, {}))
-    workers = spec.get("workers", 1)
+    workers = _workers_words(spec.get("workers", 1))
     text = [
         "# Study: how large must a batch be?\n\n",
         f"Data `{b['dataset']}` ({spec['n_train']} training samples), {b.get('epochs')} epoch(s) at every batch size, "
         f"learning rate {b['lr']} x {spec['lr_scaling']} scaling from B = {LR_REFERENCE_BATCH}, temperature "
         f"{b['temperature']}, optimizer {b['optimizer']}; K = {spec['k']} for infonce-k, a queue of "
         f"{spec['queue_size']} entries{_moco_words(spec)}; gradcache trains B = {large} in chunks of the column's B. Seeds "
-        f"{spec['seeds']}; mean ± sample std over seeds; {workers} run{'s' if workers != 1 else ''} trained at a "
+        f"{spec['seeds']}; mean ± sample std over seeds; {workers} trained at a "
         "time, one thread each (times are comparable within this study only).\n",
         f"\n**{missing} of {len(spec['methods']) * len(sizes) * len(spec['seeds'])} runs missing** (an interrupted "
         "study: rerun the same command to finish it).\n" if missing else "",
