@@ -121,6 +121,9 @@ def test_image_study_end_to_end_resumes_and_reports(tmp_path, capsys, monkeypatc
     study.release_folder()
     assert json.loads((tmp_path / "study.json").read_text())["workers"] == [1]
     assert study._workers_of(tmp_path, configs + [configs[0].replace(seed=9)], 2) == [1, 2]  # one to train
+    # Other options in the same folder: the runs they leave out are said to stay on disk, out of the report.
+    assert main(argv[:-4] + ["--seeds", "0"] + argv[-2:]) == 0
+    assert "note: 6 finished run(s)" in capsys.readouterr().err
 
 
 def test_text_study_end_to_end(tmp_path, capsys):

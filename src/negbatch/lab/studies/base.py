@@ -194,6 +194,11 @@ class Study:
         if Processes.current().is_main:
             say(f"{self.name} study ({self.modality}): {len(configs)} {what} into {out}"
                 + (f"; {len(earlier)} finished earlier (skipped)" if earlier else ""))
+            others = self._runs_outside(out, keys)
+            if others:
+                say(f"note: {others} finished run(s) in {out / 'runs'} belong to an earlier invocation with other "
+                    "options: they stay there but leave the results table and the report (rerun that command to "
+                    "bring them back, or use another --out)")
         count, started = [0], time.monotonic()
 
         def on_done(summary: dict[str, Any], done: int, total: int) -> None:
@@ -205,6 +210,18 @@ class Study:
             say(f"[{count[0]}/{todo}] {self.line(summary)}{eta}")
 
         return run_configs(configs, out, workers=workers, key_fields=self.key_fields, on_done=on_done)
+
+    @staticmethod
+    def _runs_outside(out: Path, keys: set[str]) -> int:
+        """Finished runs of the results table that this invocation's plan does not hold."""
+        path = out / "results.json"
+        if not path.exists():
+            return 0
+        try:
+            rows = json.loads(path.read_text())
+        except ValueError:
+            return 0
+        return sum(1 for r in rows if isinstance(r, dict) and r.get("run") not in keys)
 
     # ----------------------------------------------------------- the study
 
