@@ -186,17 +186,18 @@ def _first_sentence(exc: BaseException, limit: int = 200) -> str:
 
 
 @contextlib.contextmanager
-def hold_lock(folder: Path) -> Iterator[None]:
+def hold_lock(folder: Path, *, reentrant: bool = False) -> Iterator[None]:
     """An exclusive, non-blocking lock on ``folder/.lock`` (creating the folder).
 
-    Raises a ValueError naming the process that holds it. Re-entrant within a
-    process (a study holds its folder from its first write to its report, and
-    the sweep inside it takes it again). Platforms without ``fcntl`` run
-    without the lock.
+    Raises a ValueError naming the process that holds it. With ``reentrant``
+    a lock this process already holds is taken again (a study holds its folder
+    from its first write to its report, and the sweep inside it takes it too);
+    otherwise a second holder in the same process is refused like any other.
+    Platforms without ``fcntl`` run without the lock.
     """
     folder.mkdir(parents=True, exist_ok=True)
     key = str(folder.resolve())
-    if key in _HELD:
+    if reentrant and key in _HELD:
         yield
         return
     try:

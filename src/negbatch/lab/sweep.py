@@ -152,7 +152,7 @@ def run_jobs(
     if procs.several and workers > 1:
         raise ValueError(f"workers={workers} under {procs.world_size} torchrun processes: the processes train each run "
                          "together, one run at a time; use workers=1")
-    with hold_lock(study_dir) if procs.is_main else contextlib.nullcontext():
+    with hold_lock(study_dir, reentrant=True) if procs.is_main else contextlib.nullcontext():
         return _run_jobs(jobs, study_dir, train_one, workers, on_done, procs.is_main)
 
 

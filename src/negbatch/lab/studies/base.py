@@ -180,7 +180,7 @@ class Study:
             return
         if self._folder_locks is None:
             self._folder_locks = contextlib.ExitStack()
-        self._folder_locks.enter_context(hold_lock(out))
+        self._folder_locks.enter_context(hold_lock(out, reentrant=True))
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "study.json",
                           json.dumps({"study": self.name, "modality": self.modality, **spec}, indent=1))
