@@ -69,3 +69,21 @@ def test_help_on_init_shows_our_text(cls):
     assert "Initialize self." not in text  # object's
     assert "see Parameters" in text
     assert "num_samples" in text or "keys" in text or "temperature" in text or "encoders" in text  # the signature
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: InfoNCE(temperature=0.1, gather="no"), "gather"),
+    (lambda: InfoNCE(temperature=0.1, normalize="no"), "normalize"),
+    (lambda: InfoNCE(temperature=0.1, form="query_document", symmetric="no"), "symmetric"),
+    (lambda: ReLIC(temperature=0.1, detach_target="no"), "detach_target"),
+    (lambda: GlobalInfoNCE(10, temperature=0.1, sync_state="no"), "sync_state"),
+])
+def test_a_flag_that_is_not_a_bool_is_refused(make, name):
+    """A string such as 'no' is truthy: taken as it was, it switched the option on."""
+    with pytest.raises(TypeError, match=f"{name} must be True or False, got 'no'"):
+        make()
+
+
+def test_relic_alpha_must_be_finite():
+    with pytest.raises(ValueError, match="alpha must be a finite float >= 0, got inf"):
+        ReLIC(temperature=0.1, alpha=float("inf"))

@@ -385,6 +385,11 @@ def test_the_value_to_report_is_kept_beside_the_surrogate_and_documented():
     torch.testing.assert_close(loss_fn.last_minibatch_loss, first)  # nu = Zhat on a first visit
     torch.testing.assert_close(loss_fn.last_infonce, InfoNCE(temperature=0.1)(z1, z2), rtol=1e-12, atol=0)
     assert float(loss_fn.last_infonce) > 0
+    labels = torch.arange(16) % 5  # several positives: SupCon's L_out, as InfoNCE(positives="mask") gives it
+    supcon = GlobalInfoNCE(40, temperature=0.1, positives="mask").double()
+    supcon(z1, z2, torch.arange(16), labels=labels)
+    want = InfoNCE(temperature=0.1, positives="mask")(z1, z2, labels=labels)
+    torch.testing.assert_close(supcon.last_infonce, want, rtol=1e-12, atol=0)
     second = loss_fn(z1.flip(0), z2.flip(0), torch.arange(16))  # other negatives' mix: nu != Zhat
     assert float(second) >= float(loss_fn.last_minibatch_loss) - 1e-12  # x/nu + log nu - 1 >= log x
 

@@ -296,3 +296,22 @@ def test_bad_on_shortage_and_mask_shape_are_refused_up_front():
         select_negatives(positive, 5, 2, on_shortage="ignore")  # nobody is short: still refused
     with pytest.raises(ValueError, match="mask must have shape"):
         select_negatives(positive, 5, 2, mask=torch.zeros(2, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("kwargs, exc, message", [
+    (dict(positive_index=torch.tensor([0, -1, 2])), ValueError, r"positive_index must hold bank columns in \[0, 4\)"),
+    (dict(positive_index=torch.tensor([0, 9, 2])), ValueError, r"positive_index must hold bank columns in \[0, 4\)"),
+    (dict(positive_index=torch.tensor([0.0, 1.0, 2.0])), TypeError, "positive_index must be a 1-d integer tensor"),
+    (dict(self_index=torch.tensor([1, 2])), ValueError, r"self_index must be an integer tensor of shape \(3,\)"),
+    (dict(self_index=torch.tensor([1, 2, 4])), ValueError, r"self_index must hold bank columns .* in \[-1, 4\)"),
+    (dict(mask=torch.zeros(3, 4)), TypeError, "mask must be a bool tensor"),
+    (dict(row_index=torch.tensor([0, 1])), ValueError, "n_rows_global .* is required"),
+    (dict(row_index=torch.tensor([0, 1]), n_rows_global=5), ValueError, r"row_index must be an integer tensor"),
+    (dict(row_index=torch.tensor([0, 1, 5]), n_rows_global=5), ValueError, r"row_index must hold global rows"),
+])
+def test_select_negatives_names_a_bad_index_argument(kwargs, exc, message):
+    """Each index argument checked before use (they failed inside torch, or, for a negative
+    positive_index with sampled negatives, silently took the last column as the positive)."""
+    args = dict(positive_index=torch.tensor([1, 2, 3]), num_candidates=4, negatives=2) | kwargs
+    with pytest.raises(exc, match=message):
+        select_negatives(**args)

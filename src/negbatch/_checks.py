@@ -98,9 +98,17 @@ def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
     return value  # type: ignore[return-value]
 
 
+def check_flag(value: object, name: str) -> bool:
+    """A True/False option (a string such as 'no' would otherwise count as True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_loss_options(*, form: str, symmetric: bool, on_shortage: str, reduction: str) -> None:
     """The options every loss of negbatch shares."""
     check_choice(form, "form", ("two_view", "query_document"))
+    check_flag(symmetric, "symmetric")
     if symmetric and form != "query_document":
         raise ValueError("symmetric=True applies to form='query_document' only (two_view is already symmetric)")
     check_choice(on_shortage, "on_shortage", ("raise", "use_all"))

@@ -371,7 +371,67 @@ def select_negatives(
         Global row id of each local anchor and the global number of rows;
         used by the distributed losses so that sampling does not depend on
         the world size. Default: local rows are the global rows.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Naming the argument: an index out of its range or of the wrong
+        length or dtype, a mask that is not bool, ``negatives`` not "all" or
+        a positive int, K above an anchor's candidates (with
+        ``on_shortage="raise"``).
     """
+    _check_selection_inputs(positive_index, num_candidates, self_index, mask, positives, row_index, n_rows_global)
+    return _select(positive_index, num_candidates, negatives, self_index=self_index, mask=mask, positives=positives,
+                   generator=generator, on_shortage=on_shortage, row_index=row_index, n_rows_global=n_rows_global)
+
+
+def _check_selection_inputs(positive_index, m, self_index, mask, positives, row_index, n_rows_global) -> None:
+    """The index arguments of :func:`select_negatives`, each named when wrong (the losses build
+    theirs valid and call :func:`_select` directly: these checks cost a pass each)."""
+    if not isinstance(positive_index, Tensor) or positive_index.dim() != 1 or positive_index.is_floating_point() \
+            or positive_index.dtype == torch.bool:
+        raise TypeError(f"positive_index must be a 1-d integer tensor, one bank column per anchor, got "
+                        f"{getattr(positive_index, 'dtype', type(positive_index).__name__)} "
+                        f"{tuple(getattr(positive_index, 'shape', ()))}")
+    n = positive_index.shape[0]
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"num_candidates must be a positive int (the bank's columns), got {m!r}")
+
+    def in_range(t: Tensor, name: str, low: int, high: int, what: str) -> None:
+        if not isinstance(t, Tensor) or t.shape != (n,) or t.is_floating_point() or t.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor of shape ({n},), one per anchor, got "
+                             f"{tuple(getattr(t, 'shape', ()))} {getattr(t, 'dtype', type(t).__name__)}")
+        if n and (int(t.min()) < low or int(t.max()) >= high):
+            raise ValueError(f"{name} must hold {what} in [{low}, {high}), got values in "
+                             f"[{int(t.min())}, {int(t.max())}]")
+
+    in_range(positive_index, "positive_index", 0, m, "bank columns")
+    if self_index is not None:
+        in_range(self_index, "self_index", -1, m, "bank columns (-1: the anchor is not in the bank)")
+    for name, given in (("mask", mask), ("positives", positives)):
+        if given is not None and (not isinstance(given, Tensor) or given.dtype != torch.bool):
+            raise TypeError(f"{name} must be a bool tensor (True: {name == 'mask' and 'never a negative' or 'a positive'})"
+                            f", got {getattr(given, 'dtype', type(given).__name__)}")
+    if row_index is not None:
+        if isinstance(n_rows_global, bool) or not isinstance(n_rows_global, int):
+            raise ValueError("n_rows_global (an int, the rows of every process) is required when row_index is given")
+        in_range(row_index, "row_index", 0, n_rows_global, "global rows")
+
+
+def _select(
+    positive_index: Tensor,
+    num_candidates: int,
+    negatives: Negatives = "all",
+    *,
+    self_index: Tensor | None = None,
+    mask: Tensor | None = None,
+    positives: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    on_shortage: OnShortage = "raise",
+    row_index: Tensor | None = None,
+    n_rows_global: int | None = None,
+) -> NegativeSelection:
+    """:func:`select_negatives` without the checks of its index arguments."""
     negatives = validate_negatives(negatives)
     if on_shortage not in ("raise", "use_all"):
         raise ValueError(f"on_shortage must be 'raise' or 'use_all', got {on_shortage!r}")
@@ -434,10 +494,10 @@ def select_negatives(
         # Every anchor is short (it has at most m - 1 candidates), on every rank: the
         # loss over all valid candidates, computed densely (a sampled row cannot hold
         # more entries than the bank has columns).
-        return select_negatives(positive_index, m, "all", **dense)
+        return _select(positive_index, m, "all", **dense)
     if excluded is None and not any_short and (m - 1 if short is None else int(population.max())) == k:
         # K equals the candidate count: the standard loss, computed densely.
-        return select_negatives(positive_index, m, "all", self_index=self_index, on_shortage=on_shortage)
+        return _select(positive_index, m, "all", self_index=self_index, on_shortage=on_shortage)
 
     if row_index is None:
         n_rows_global = n

@@ -48,12 +48,13 @@ from .._checks import (
     check_loss_options,
     check_mask,
     check_choice,
+    check_flag,
     check_nonempty,
     check_same,
     check_temperature,
 )
 from ..distributed import gather_nograd, gather_with_grad, global_batch_mean, global_batch_sum
-from ..negatives import NegativeSelection, select_negatives, validate_negatives
+from ..negatives import NegativeSelection, _select, validate_negatives
 from .filtering import _false_negatives, check_filter
 from .temperature import LearnableTemperature
 
@@ -120,7 +121,7 @@ class Direction:
         # A direction holding every global row holds them in order (one
         # process): select_negatives then skips the row lookup.
         every_row = self.row_index.shape[0] == self.n_rows_global
-        return select_negatives(
+        return _select(  # select_negatives without re-checking the indices this layout built
             self.positive_index, self.bank.shape[0], negatives, self_index=self.self_index, mask=self.mask,
             positives=self.positives, generator=generator, on_shortage=on_shortage,
             row_index=None if every_row else self.row_index, n_rows_global=self.n_rows_global,
@@ -380,12 +381,13 @@ class BankLoss(nn.Module):
         self.temperature = check_temperature(temperature)
         self.negatives = validate_negatives(negatives)
         check_loss_options(form=form, symmetric=symmetric, on_shortage=on_shortage, reduction=reduction)
+        for flag, name in ((gather, "gather"), (normalize, "normalize"), (check_finite, "check_finite")):
+            check_flag(flag, name)
         self.form, self.symmetric, self.gather, self.normalize = form, symmetric, gather, normalize
         self.on_shortage, self.reduction, self.check_finite = on_shortage, reduction, check_finite
         self.positives = check_choice(positives, "positives", ("pair", "mask"))
         self.filter_margin, self.filter_top = check_filter(filter_margin, filter_top)
-        if not isinstance(learnable_temperature, bool):
-            raise TypeError(f"learnable_temperature must be True or False, got {learnable_temperature!r}")
+        check_flag(learnable_temperature, "learnable_temperature")
         self.logit_scale = LearnableTemperature(self.temperature) if learnable_temperature else None
         #: After each call with filtering: candidates masked as likely false
         #: negatives on this rank, and their share of the candidates.

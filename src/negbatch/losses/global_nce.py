@@ -30,7 +30,7 @@ from typing import Callable, Literal, Union
 import torch
 from torch import Tensor
 
-from .._checks import Form, Negatives, OnShortage, Reduction, check_choice, keyword_only
+from .._checks import Form, Negatives, OnShortage, Reduction, check_choice, check_flag, keyword_only
 from ..distributed import gather_nograd, is_distributed
 from ..negatives import selection_logits
 from ._layout import (
@@ -303,7 +303,7 @@ class GlobalInfoNCE(BankLoss):
         check_choice(on_duplicate, "on_duplicate", ("raise", "mean"))
         self.gamma = gamma
         self.num_samples = num_samples
-        self.sync_state = sync_state
+        self.sync_state = check_flag(sync_state, "sync_state")
         self.on_duplicate = on_duplicate
         self.register_buffer("log_nu", torch.zeros(num_samples, anchor_roles(form, symmetric)))
         self.register_buffer("visited", torch.zeros(num_samples, dtype=torch.bool))
@@ -431,10 +431,11 @@ class GlobalInfoNCE(BankLoss):
 
     def _terms(
         self, direction: Direction, generator, temperature: float
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Positive logit (the mean over several positives), sum of shifted
-        negative exponentials (with grad), the shift and the log of the number
-        of negatives, per anchor."""
+        negative exponentials (with grad), the shift, the log of the number
+        of negatives, and the log-sum-exp of the positives (detached; for the
+        logged InfoNCE, SupCon's L_out with several), per anchor."""
         selection = direction.select(self.negatives, generator, self.on_shortage)
         anchors, bank = direction.anchors, direction.bank
         n = anchors.shape[0]
@@ -455,6 +456,7 @@ class GlobalInfoNCE(BankLoss):
             logits = selection_logits(anchors, bank, selection, temperature)
             slots = selection.positive_slots()
             positive = logits.masked_fill(~slots, 0.0).sum(dim=1) / slots.sum(dim=1)
+            positives_lse = logits.detach().masked_fill(~slots, float("-inf")).logsumexp(dim=1)
             negative = logits.masked_fill(slots, float("-inf"))
             shift = negative.detach().amax(dim=1)
             acc = torch.promote_types(negative.dtype, torch.float32)
@@ -466,7 +468,9 @@ class GlobalInfoNCE(BankLoss):
         else:
             logits = selection_logits(anchors, bank, selection, temperature)
             positive, summed, shift = _PositiveAndNegativeSum.apply(logits, selection.positive_column)
-        return positive, summed, shift, count.to(torch.promote_types(summed.dtype, torch.float32)).log()
+        if selection.single_positive:
+            positives_lse = positive.detach()
+        return positive, summed, shift, count.to(torch.promote_types(summed.dtype, torch.float32)).log(), positives_lse
 
     def _prepared(
         self, a: Tensor, b: Tensor, hard_negatives: Tensor | None, mask: Tensor | None, labels: Tensor | None,
@@ -521,6 +525,7 @@ class GlobalInfoNCE(BankLoss):
         summed = torch.cat([t[1] for t in terms])
         shift = torch.cat([t[2] for t in terms])
         log_count = torch.cat([t[3] for t in terms])
+        positives_lse = torch.cat([t[4] for t in terms])
         # Per-anchor scalars in at least the state's precision (fp16 logits:
         # log nu ~ 1/tau would lose its digits in half precision).
         acc = torch.promote_types(summed.dtype, self.log_nu.dtype)
@@ -543,7 +548,10 @@ class GlobalInfoNCE(BankLoss):
         with torch.no_grad():
             pos = positive.detach().to(acc)
             self.last_minibatch_loss = (-pos + log_zhat).mean()
-            self.last_infonce = (-pos + torch.logaddexp(pos, summed.detach().to(acc).log() + shift)).mean()
+            # InfoNCE's value: -l_p + lse(positive(s) and negatives), averaged over the positives
+            # (SupCon's L_out with several: the mean positive logit against all of their exponentials).
+            lse_all = torch.logaddexp(positives_lse.to(acc), summed.detach().to(acc).log() + shift)
+            self.last_infonce = (-pos + lse_all).mean()
         return layout.reduce(per_anchor, self.reduction)
 
     def minibatch_loss(
@@ -579,6 +587,6 @@ class GlobalInfoNCE(BankLoss):
         layout, temperature = self._prepared(a, b, hard_negatives, mask, labels, guide)
         parts = []
         for direction in layout.directions:
-            positive, summed, shift, log_count = self._terms(direction, generator, temperature)
+            positive, summed, shift, log_count, _ = self._terms(direction, generator, temperature)
             parts.append((-positive + summed.log() + shift - log_count).to(positive.dtype))
         return layout.reduce(torch.cat(parts), self.reduction)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import Form, Negatives, OnShortage, Reduction, keyword_only
-from ..negatives import NegativeSelection, select_negatives
+from ..negatives import NegativeSelection, _select, select_negatives
 from ._layout import Direction, Layout, Positives
 from ._softmax import SoftmaxLoss, info_nce_values
 
@@ -254,7 +254,6 @@ class InfoNCE(SoftmaxLoss):
             if self_index is not None:
                 logits = logits.fill_diagonal_(float("-inf"))  # self_index is every row's own column
             return F.cross_entropy(logits, positive, reduction=reduction)
-        selection = select_negatives(positive, logits.shape[1], self.negatives, self_index=self_index,
-                                     generator=generator)
+        selection = _select(positive, logits.shape[1], self.negatives, self_index=self_index, generator=generator)
         picked = logits.gather(1, selection.index)  # the positive in column 0
         return F.cross_entropy(picked, torch.zeros_like(positive), reduction=reduction)

@@ -15,11 +15,13 @@ mean over the 2B terms.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import Negatives, OnShortage, Reduction, keyword_only
+from .._checks import Negatives, OnShortage, Reduction, check_flag, keyword_only
 from ..negatives import selection_logits
 from ._layout import BankLoss, Positives, check_labels, check_views
 
@@ -97,10 +99,10 @@ class ReLIC(BankLoss):
             learnable_temperature=learnable_temperature, positives=positives, filter_margin=filter_margin,
             filter_top=filter_top,
         )
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
-            raise ValueError(f"alpha must be a float >= 0, got {alpha!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < math.inf:
+            raise ValueError(f"alpha must be a finite float >= 0, got {alpha!r}")
         self.alpha = float(alpha)
-        self.detach_target = detach_target
+        self.detach_target = check_flag(detach_target, "detach_target")
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}, negatives={self.negatives!r}{self._option_repr()}"
