@@ -64,11 +64,20 @@ def test_two_view_sampled(k, use_mask):
     _assert_match(loss, ref.infonce_two_view(z1, z2, TAU, neg_sets=sets, mask=mask), [z1, z2])
 
 
-def test_two_view_k_equal_to_candidates_is_standard():
-    z1, z2 = _data(n=6)
-    full = InfoNCE(temperature=TAU)(z1, z2)
-    by_count = InfoNCE(temperature=TAU, negatives=10)(z1, z2, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(full, by_count)
+@pytest.mark.parametrize("form, n", [("two_view", 6), ("two_view", 100), ("query_document", 16),
+                                     ("query_document", 300)])
+def test_k_equal_to_candidates_is_the_standard_loss_bit_for_bit_without_a_draw(form, n):
+    # Both sides of SMALL_DENSE_LOGITS (the short path of small plain calls and the layout's):
+    # K = |C| took the layout below it while "all" took the short path, 5e-7 apart in float32.
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(n, 8, generator=g, requires_grad=True)
+    z2 = torch.randn(n, 8, generator=g, requires_grad=True)
+    k = 2 * n - 2 if form == "two_view" else n - 1
+    full = InfoNCE(temperature=TAU, form=form)(z1, z2)
+    gen = torch.Generator().manual_seed(0)
+    before = gen.get_state()
+    by_count = InfoNCE(temperature=TAU, form=form, negatives=k)(z1, z2, generator=gen)
+    assert torch.equal(full, by_count) and torch.equal(gen.get_state(), before)
 
 
 def test_sampled_all_candidates_with_mask_equals_standard():

@@ -450,7 +450,7 @@ class BankLoss(nn.Module):
             and all(x is None for x in extras)
             and not self.gather and self.normalize and not self.filtering
             and (self.negatives == "all"
-                 or (self.plain_sampled and self.negatives < in_batch_candidates(self.form, a.shape[0])))
+                 or (self.plain_sampled and self.negatives <= in_batch_candidates(self.form, a.shape[0])))
             and (2 * a.shape[0] if self.form == "two_view" else a.shape[0]) ** 2 <= SMALL_DENSE_LOGITS
             and not autocast_active(a.device)
         )

@@ -250,7 +250,8 @@ class InfoNCE(SoftmaxLoss):
         other view, or the paired document), over every candidate or over the
         positive and K sampled ones; ``self_index`` (two-view: ``arange``, the
         anchors are the bank in order) is never a candidate."""
-        if self.negatives == "all":
+        candidates = logits.shape[1] - (1 if self_index is None else 2)  # but the positive (and the anchor)
+        if self.negatives == "all" or self.negatives == candidates:  # K = all of them: the standard loss, no draw
             if self_index is not None:
                 logits = logits.fill_diagonal_(float("-inf"))  # self_index is every row's own column
             return F.cross_entropy(logits, positive, reduction=reduction)
