@@ -353,12 +353,15 @@ def run_memory(args, device) -> None:
     loss_only = runs[f"loss only B={B}"]
     budget = small["peak"] + cache_bytes + logits_bytes
     print(f"representation cache {cache_bytes / mib:.1f} MiB, logits {logits_bytes / mib:.1f} MiB (one copy)")
-    print(f"cached / (plain B={c} + cache + logits)          = {cached['peak'] / budget:.2f}  "
-          f"goal <= 1.25: {'met' if cached['peak'] <= 1.25 * budget else 'NOT met'}")
+    # The goal is judged on the step's own increase: the total peak also counts the interpreter and
+    # torch (some 250 MiB of RSS on the CPU), the same on both sides, which pulls the ratio towards 1.
     step = lambda r: r["peak"] - r["base"]  # noqa: E731
-    print(f"on the step's own increase: cached / (plain B={c} + cache + logits) = "
-          f"{step(cached) / (step(small) + cache_bytes + logits_bytes):.2f}; "
+    own = step(cached) / (step(small) + cache_bytes + logits_bytes)
+    print(f"on the step's own increase: cached / (plain B={c} + cache + logits) = {own:.2f}  "
+          f"goal <= 1.25: {'met' if own <= 1.25 else 'NOT met'}; "
           f"cached / (plain B={c} + loss alone at B={B}) = {step(cached) / max(1, step(small) + step(loss_only)):.2f}")
+    print(f"on the total peak (with the process's own memory): cached / (plain B={c} + cache + logits) = "
+          f"{cached['peak'] / budget:.2f}")
     print(f"cached B={B} / plain B={B} (peak) = {cached['peak'] / big['peak']:.2f}; "
           f"on the step's increase = {step(cached) / max(1, step(big)):.2f}")
 
