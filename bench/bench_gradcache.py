@@ -149,10 +149,12 @@ def interleaved_medians(variants: dict, enc: nn.Module, repeats: int, device) ->
     """Median time of each variant over ``repeats`` rounds, the variants
     interleaved against drift; a first round warms up and is dropped."""
     times = {k: [] for k in variants}
-    for _ in range(repeats + 1):
-        for name, fn in variants.items():
+    names = list(variants)
+    for rep in range(repeats + 1):
+        # The order rotates every round: a fixed one favours some variants (caches, clocks).
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
             enc.zero_grad(set_to_none=True)
-            times[name].append(timed(fn, device))
+            times[name].append(timed(variants[name], device))
     return {k: statistics.median(v[1:]) for k, v in times.items()}
 
 
