@@ -51,6 +51,17 @@ def test_gradient_snr_under_fp16_loss_scaling_stays_finite(tmp_path, digits):
     values = [r.get("snr_mean") for r in read_metrics(tmp_path)]
     assert values[0] is None  # no step taken yet
     assert values[-1] is not None and all(math.isfinite(v) for v in values if v is not None)
+    # The run's figure still draws the SNR curves (it looked at the first row only).
+    import matplotlib.axes
+
+    from negbatch.lab.report import run_report
+
+    drawn = []
+    real_plot = matplotlib.axes.Axes.plot
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: drawn.append(k.get("label")) or real_plot(ax, *a, **k))
+        run_report(tmp_path)
+    assert "mean over parameters" in drawn
 
 
 def test_checkpoint_loads_with_weights_only(tmp_path, digits):

@@ -165,8 +165,11 @@ def test_csv_rows_with_surplus_or_missing_cells_and_a_byte_order_mark(tmp_path):
     with pytest.raises(ValueError, match="row 1 has more cells than the header .2.: an unquoted comma"):
         load_pairs(path)  # it loaded as 'hello' -> ' how are you', the real document dropped
     path.write_text("query,document\na,b\nc\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="row 2 has fewer cells than the header"):
+    with pytest.raises(ValueError, match="row 2 has no value for column 'document' .a CSV row with fewer cells"):
         load_pairs(path)
+    # Nothing lost: an empty trailing cell, or a missing cell of a column that is not read.
+    path.write_text("query,document,notes\na,b,\nc,d\ne,f,,\n", encoding="utf-8")
+    assert load_pairs(path).documents == ["b", "d", "f"]
     path.write_text("query,document\na,b\n", encoding="utf-8-sig")  # Excel's "CSV UTF-8"
     assert load_pairs(path).queries == ["a"]
     jsonl = tmp_path / "pairs.jsonl"

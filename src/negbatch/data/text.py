@@ -358,14 +358,14 @@ def _read_records(path: Path) -> list[dict]:
         reader = csv.DictReader(io.StringIO(_decode(path), newline=""), delimiter=delimiter)
         records = list(reader)
         for row, record in enumerate(records, 1):
-            # DictReader files surplus cells under None and fills missing ones with None.
-            if None in record:
+            # DictReader files surplus cells under None (and fills missing ones with None, which
+            # load_pairs reports for the columns it reads). Text in a surplus cell is text cut off.
+            surplus = record.pop(None, None)
+            if surplus and any(cell.strip() for cell in surplus):
                 raise ValueError(
                     f"{path}: row {row} has more cells than the header ({len(reader.fieldnames)}): an unquoted "
                     f"{'tab' if delimiter == chr(9) else 'comma'} inside a text? Quote texts that contain one"
                 )
-            if any(value is None for value in record.values()):
-                raise ValueError(f"{path}: row {row} has fewer cells than the header ({len(reader.fieldnames)})")
         return records
     raise ValueError(f"{path}: a pairs file must end in .jsonl, .ndjson, .csv or .tsv, got {path.name!r}")
 
@@ -423,11 +423,14 @@ def load_pairs(
     seen: dict[tuple[str, str], int] = {}
     for row, record in enumerate(records, 1):
         for column in columns:
-            if column not in record or record[column] is None:
+            if column not in record:
                 raise ValueError(
                     f"{path}: row {row} has no column {column!r} (columns found: {sorted(record)}); "
                     f"name the columns with query_column=/document_column="
                 )
+            if record[column] is None:  # a CSV row shorter than its header, or a JSON null
+                raise ValueError(f"{path}: row {row} has no value for column {column!r} (a CSV row with fewer "
+                                 "cells than the header?)")
         q, d = record[query_column], record[document_column]
         for column, text in ((query_column, q), (document_column, d)):
             if not isinstance(text, str) or not text.strip():

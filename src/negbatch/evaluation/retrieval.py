@@ -214,17 +214,17 @@ def metrics_from_ranks(
         return out
     if query_ids.shape != ranks.shape:
         raise ValueError(f"query_ids must have the shape of ranks {tuple(ranks.shape)}, got {tuple(query_ids.shape)}")
-    _, group = torch.unique(query_ids, return_inverse=True)
+    _, group = torch.unique(query_ids.to(r.device), return_inverse=True)
     n = int(group.max()) + 1
     relevant = torch.bincount(group, minlength=n).double()
 
     def per_query(values: Tensor) -> Tensor:
-        return torch.zeros(n, dtype=torch.float64).index_add_(0, group, values)
+        return torch.zeros(n, dtype=torch.float64, device=r.device).index_add_(0, group, values)
 
     out = {f"recall@{k}": float((per_query((r <= k).double()) / relevant).mean()) for k in ks}
-    best = torch.full((n,), float("inf"), dtype=torch.float64).scatter_reduce_(0, group, r, "amin")
+    best = torch.full((n,), float("inf"), dtype=torch.float64, device=r.device).scatter_reduce_(0, group, r, "amin")
     out[f"mrr@{cutoff}"] = float(torch.where(best <= cutoff, 1.0 / best, torch.zeros_like(best)).mean())
-    ideal = torch.cumsum(1.0 / torch.log2(torch.arange(2, cutoff + 2, dtype=torch.float64)), 0)
+    ideal = torch.cumsum(1.0 / torch.log2(torch.arange(2, cutoff + 2, dtype=torch.float64, device=r.device)), 0)
     out[f"ndcg@{cutoff}"] = float((per_query(gain) / ideal[relevant.clamp(max=cutoff).long() - 1]).mean())
     return out
 

@@ -52,9 +52,12 @@ def run_report(run_dir: Path) -> Path:
     steps = [r["step"] for r in rows]
     axes[0].plot(steps, [r["loss"] for r in rows])
     axes[0].set(xlabel="step", ylabel="loss", title="training loss")
-    if rows and "snr_mean" in rows[0]:
-        axes[1].plot(steps, [r["snr_mean"] for r in rows], label="mean over parameters")
-        axes[1].plot(steps, [r["snr_std"] for r in rows], label="std across parameters")
+    # Rows before the first step an fp16 scaler took carry no SNR: the curve starts at the first that does.
+    snr_rows = [r for r in rows if "snr_mean" in r]
+    if snr_rows:
+        snr_steps = [r["step"] for r in snr_rows]
+        axes[1].plot(snr_steps, [r["snr_mean"] for r in snr_rows], label="mean over parameters")
+        axes[1].plot(snr_steps, [r["snr_std"] for r in snr_rows], label="std across parameters")
         axes[1].legend()
     axes[1].set(xlabel="step", ylabel="gradient SNR", title="gradient signal-to-noise")
     name = save_figure(fig, run_dir / "curves.png")

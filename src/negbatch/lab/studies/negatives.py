@@ -157,7 +157,10 @@ def report(folder: Path) -> Path:
     for i, loss in enumerate(losses):
         for k in order[loss]:
             curves = [read_metrics(folder / "runs" / r["run"]) for r in best[(loss, k)]]
-            curves = [c for c in curves if c and "snr_mean" in c[0]]
+            # Rows before the first step an fp16 scaler took carry no SNR; the curves are aligned by step.
+            curves = [[row for row in c if "snr_mean" in row] for c in curves]
+            common = set.intersection(*({row["step"] for row in c} for c in curves)) if curves else set()
+            curves = [[row for row in c if row["step"] in common] for c in curves if common]
             if not curves:
                 continue
             n = min(len(c) for c in curves)
