@@ -97,6 +97,18 @@ def test_several_relevant_documents_per_query_match_trec_eval_measures():
     assert 0 < got["ndcg@10"] < 1 and max(map(len, judged.values())) > 10  # more relevant than the cutoff too
 
 
+@pytest.mark.cuda
+def test_several_relevant_documents_on_cuda_equal_the_cpu():
+    """retrieval_scores keeps a GPU model's embeddings on the GPU: the per-query sums run there."""
+    g = torch.Generator().manual_seed(5)
+    d, q = torch.randn(40, 6, generator=g), torch.randn(10, 6, generator=g)
+    rows = torch.arange(10).repeat_interleave(3)
+    relevant = torch.randint(0, 40, (30,), generator=g)
+    cpu = retrieval_metrics(q[rows], d, relevant, query_ids=rows)
+    gpu = retrieval_metrics(q[rows].cuda(), d.cuda(), relevant.cuda(), query_ids=rows)
+    assert gpu == pytest.approx(cpu, abs=1e-12)
+
+
 def test_a_query_text_in_several_pairs_is_one_query_with_several_relevant_documents():
     """A perfect encoder (the same embedding for a query and its documents)
     scores 1 everywhere but recall@1 (two relevant documents, one slot)."""
