@@ -152,3 +152,14 @@ def test_bad_diagnostics_arguments(model_dir):
     with pytest.raises(TypeError, match="hashable"):
         NegbatchDiagnostics(loss, false_negative_keys=[[1], [2]])
     NegbatchDiagnostics(snr=True, false_negatives=False)  # SNR alone needs no loss
+
+
+def test_the_gap_is_measured_at_the_temperature_the_loss_trains_at(model_dir):
+    """A learnable temperature: the gap follows its current value (it used the starting one)."""
+    inner = InfoNCE(temperature=0.1, form="query_document", learnable_temperature=True)
+    diagnostics = NegbatchDiagnostics(NegbatchLoss(tiny_model(model_dir), inner), gap_every=1)
+    with torch.no_grad():
+        inner.logit_scale.log_scale.fill_(math.log(1 / 0.03))  # what training may learn
+    assert diagnostics._gap_temperature() == pytest.approx(0.03)
+    fixed = NegbatchDiagnostics(NegbatchLoss(tiny_model(model_dir), inner), gap_every=1, gap_temperature=0.2)
+    assert fixed._gap_temperature() == 0.2

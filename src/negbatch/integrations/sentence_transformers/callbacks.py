@@ -66,7 +66,8 @@ class NegbatchDiagnostics(TrainerCallback):
     gap_every : int, optional
         Measure the loss gap every this many optimizer steps (off by default).
     gap_temperature : float, optional
-        Temperature of the gap; default the loss's.
+        Temperature of the gap; default the loss's, read at each measurement (a learnable
+        temperature's current value).
     encode_batch_size : int, default 64
         Texts per forward pass when embedding the training set for the gap.
 
@@ -98,8 +99,7 @@ class NegbatchDiagnostics(TrainerCallback):
             raise ValueError(f"gap_every must be a positive int (optimizer steps) or None, got {gap_every!r}")
         temperature = gap_temperature
         if gap_every is not None and temperature is None:
-            temperature = getattr(getattr(loss, "loss", None), "temperature", None)
-            if temperature is None:
+            if getattr(getattr(loss, "loss", None), "temperature", None) is None:
                 raise ValueError("gap_every needs a temperature: pass gap_temperature= (or a loss that has one)")
         if not 0.0 < snr_beta < 1.0:
             raise ValueError(f"snr_beta must lie in (0, 1), got {snr_beta!r}")
@@ -177,6 +177,14 @@ class NegbatchDiagnostics(TrainerCallback):
 
     # ------------------------------------------------------------------ the gap
 
+    def _gap_temperature(self) -> float:
+        """The given gap_temperature, else the temperature the loss trains at now (a
+        learnable one's current value, not its starting one)."""
+        if self.gap_temperature is not None:
+            return self.gap_temperature
+        inner = self.loss.loss
+        return float(getattr(inner, "current_temperature", inner.temperature))
+
     def measure_gap(self, model: Any, train_dataloader: Any) -> dict[str, float]:
         """``global_train_gap`` of the current epoch's batches on the training set embedded now."""
         samplers = _training_samplers(train_dataloader)
@@ -201,7 +209,7 @@ class NegbatchDiagnostics(TrainerCallback):
             raise RuntimeError("internal error: the epoch's plan repeats a row")
         xs, ys = embed_dataset(lambda i: (x(i), y(i)), list(range(len(dataset))), model=st_model,
                                chunk_size=self.encode_batch_size * 16)
-        result = global_train_gap((xs, ys), batches, self.gap_temperature)
+        result = global_train_gap((xs, ys), batches, self._gap_temperature())
         return {"loss_gap": result.gap, "global_loss": result.global_loss,
                 "train_loss_in_batches": result.train_loss}
 

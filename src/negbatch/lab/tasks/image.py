@@ -443,7 +443,9 @@ class ImageTask(Task):
             if z is None:
                 z, _ = embed_dataset(image_embed_fn(self.model, self.train_x, two_sided=False, device=self.device),
                                      np.arange(len(self.train_x)), model=self.model, two_sided=False, shard=False)
-            result = global_train_gap(z, plan, cfg.temperature)
+            # The temperature the loss trains at now (a learnable one's current value).
+            inner = getattr(self.loss_fn, "loss", self.loss_fn)
+            result = global_train_gap(z, plan, float(getattr(inner, "current_temperature", cfg.temperature)))
             row.update({"gap": result.gap, "gap_global_loss": result.global_loss, "gap_train_loss": result.train_loss})
             if (self.train_labels >= 0).all():
                 row["same_class_pairs"] = same_class_pairs(plan, self.train_labels)
