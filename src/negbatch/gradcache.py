@@ -475,6 +475,8 @@ class GradCache:
         with self._batchnorm_mode(encoders):
             for i, (encoder, parts) in enumerate(zip(encoders, chunks)):
                 outs, states = [], []
+                if not (self.keep_last_graph and (i, len(parts) - 1) == last and len(parts) == 1):
+                    _warn_unreplayed_devices(encoder, parts[0])  # once a step, for chunks that are replayed
                 for j, chunk in enumerate(parts):
                     if self.keep_last_graph and (i, j) == last:
                         with self._ddp_context(encoder, (i, j) in sync_items):
@@ -482,7 +484,6 @@ class GradCache:
                         outs.append(kept.detach())
                         states.append(None)
                         continue
-                    _warn_unreplayed_devices(encoder, chunk)
                     states.append(_RngState.capture(_cuda_devices(encoder, chunk)))
                     with torch.no_grad():
                         outs.append(self._encode(encoder, chunk, f"input {i}"))

@@ -143,7 +143,7 @@ class NegativeQueue(nn.Module):
 
     def check_width(self, d: int) -> None:
         """Raise if the queue holds entries of another width than ``d``."""
-        if int(self.filled.sum()) and self.embeddings.shape[2] != d:
+        if self.embeddings.shape[2] != d and int(self.filled.sum()):  # the shape first: no tensor op per call
             raise ValueError(
                 f"the queue holds embeddings of width {self.embeddings.shape[2]}, got width {d}: the encoder's output "
                 "width changed; call reset() on the queue (loss.queue.reset()) to start it afresh"

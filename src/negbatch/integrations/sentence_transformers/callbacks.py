@@ -97,8 +97,7 @@ class NegbatchDiagnostics(TrainerCallback):
                              "false_negatives=False")
         if gap_every is not None and (isinstance(gap_every, bool) or not isinstance(gap_every, int) or gap_every < 1):
             raise ValueError(f"gap_every must be a positive int (optimizer steps) or None, got {gap_every!r}")
-        temperature = gap_temperature
-        if gap_every is not None and temperature is None:
+        if gap_every is not None and gap_temperature is None:
             if getattr(getattr(loss, "loss", None), "temperature", None) is None:
                 raise ValueError("gap_every needs a temperature: pass gap_temperature= (or a loss that has one)")
         if not 0.0 < snr_beta < 1.0:
@@ -110,7 +109,7 @@ class NegbatchDiagnostics(TrainerCallback):
         self.snr_beta = float(snr_beta)
         self.false_negatives = bool(false_negatives)
         self.gap_every = gap_every
-        self.gap_temperature = temperature
+        self.gap_temperature = gap_temperature
         self.encode_batch_size = encode_batch_size
         self._keys = _codes(false_negative_keys) if false_negative_keys is not None else None
         self._tracker: GradientSNR | None = None
