@@ -855,3 +855,34 @@ def test_cuda_rng_replay_and_fp16_grad_scaler(cpu_inputs):
         torch.testing.assert_close(got[k] / scale, want[k] / scale, atol=1e-3, rtol=1e-2)
     ratio = max((got[k].abs().max() / want[k].abs().max()).item() for k in want)
     assert 0.9 < ratio < 1.1  # not scaled twice (ratio 256) nor not at all (1/256)
+
+
+def test_one_row_chunks_are_refused_only_where_they_reach_a_batchnorm1d_in_training():
+    torch.manual_seed(0)
+    q, d = make_views(10, torch.float64)
+    bn, plain = BNEncoder().double(), MLP(d_out=4).double()
+    loss = InfoNCE(temperature=0.3, form="query_document")
+    # Query chunks 5, 5 through BatchNorm; document chunks 3, 3, 3, 1 through a tower without one.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # BatchNorm's per-chunk statistics
+        GradCache([bn, plain], loss, [5, 3]).step(q, d)
+        with pytest.raises(ValueError, match=r"chunk of 1 row of input 1 reaches BatchNorm1d.*chunk size 3"):
+            GradCache([plain, bn], loss, [5, 3]).step(q, d)
+        running = bn.net[1].running_mean.clone()
+        with pytest.raises(ValueError, match="input 0"):
+            GradCache(bn, loss, 3).step(q, d)
+        assert torch.equal(bn.net[1].running_mean, running)  # refused before anything was encoded
+        GradCache([plain, bn], loss, [5, 3], batchnorm="eval").step(q, d)
+
+    class Conv(nn.Module):  # BatchNorm2d normalises over positions too: one image passes
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(48, 4))
+
+        def forward(self, x):
+            return self.net(x)
+
+    images = torch.randn(10, 1, 4, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        GradCache(Conv().double(), InfoNCE(temperature=0.3), 3).step(images, images + 0.1)

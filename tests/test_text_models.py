@@ -127,3 +127,23 @@ def test_encoder_takes_keywords_as_gradient_caching_calls_it():
     enc = TransformerTextEncoder(vocab_size=50, dim=16, depth=1, heads=2).eval()
     batch = {"input_ids": torch.tensor([[2, 7, 9, 3], [2, 5, 3, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
     assert torch.equal(enc(**batch), enc(batch))
+
+
+def test_encoder_ignores_other_tokenizer_keys_as_keywords_too(tok):
+    # GradCache calls an encoder on a dict chunk as encoder(**chunk); an HF tokenizer's
+    # dict also holds token_type_ids, which a plain call on the dict ignores.
+    from negbatch import GradCache, InfoNCE
+
+    torch.manual_seed(0)
+    enc = TransformerTextEncoder(tok.vocab_size, dim=16, depth=1, heads=2, dropout=0.0).double()
+    q, d = tok(["the lake froze", "bees gathered pollen", "a red kite"]), tok(["ice", "honey", "a bird"])
+    for batch in (q, d):
+        batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+    assert torch.equal(enc(**q), enc(q))
+    loss = InfoNCE(temperature=0.5, form="query_document")
+    loss(enc(q), enc(d)).backward()
+    want = [p.grad.clone() for p in enc.parameters()]
+    enc.zero_grad()
+    GradCache(enc, loss, 2).step(q, d)
+    for p, g in zip(enc.parameters(), want):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)

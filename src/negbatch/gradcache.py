@@ -708,14 +708,7 @@ class GradCache:
         per_chunk = [m for m in layers if m.training or m.running_mean is None]
         if not per_chunk:
             return
-        if any(m.training for m in per_chunk):
-            lengths = [_batch_length(c, "chunk") for parts in chunks for c in parts]
-            if 1 in lengths:
-                raise ValueError(
-                    f"a chunk of 1 row reaches BatchNorm in training mode, which needs at least 2 rows; pick a "
-                    f"chunk_size that leaves 2 or more rows in the last chunk (chunk sizes {self.chunk_sizes}, "
-                    f"chunk lengths {sorted(set(lengths))}), or pass batchnorm='eval'"
-                )
+        self._check_one_row_chunks(encoders, chunks)
         message = (
             "GradCache: an encoder has BatchNorm that normalises by batch statistics (training mode, or no "
             "running statistics); each chunk is normalised by its own statistics, so the gradient is not the "
@@ -727,6 +720,23 @@ class GradCache:
         if any(m not in _WARNED_BATCHNORM for m in per_chunk):
             warnings.warn(message, UserWarning, stacklevel=_stacklevel_outside_this_module())
             _WARNED_BATCHNORM.update(per_chunk)
+
+    def _check_one_row_chunks(self, encoders: list[nn.Module], chunks: list[list[EncoderInput]]) -> None:
+        """Refuse, before anything is encoded (a failure mid-pass would leave
+        running statistics half updated), a 1-row chunk that reaches a
+        BatchNorm1d in training mode: on (N, C) rows torch needs N >= 2.
+        BatchNorm2d/3d normalise over the spatial positions too, so one image
+        passes; only the encoder of the input whose chunk has 1 row counts."""
+        for i, (encoder, parts) in enumerate(zip(encoders, chunks)):
+            if not any(isinstance(m, nn.BatchNorm1d) and m.training for m in encoder.modules()):
+                continue
+            lengths = [_batch_length(c, "chunk") for c in parts]
+            if 1 in lengths:
+                raise ValueError(
+                    f"a chunk of 1 row of input {i} reaches BatchNorm1d in training mode, which needs at least "
+                    f"2 rows; pick a chunk_size that leaves 2 or more rows in the last chunk (chunk size "
+                    f"{self._chunk_size(i)}, chunk lengths {sorted(set(lengths))}), or pass batchnorm='eval'"
+                )
 
     @contextlib.contextmanager
     def _batchnorm_mode(self, encoders: list[nn.Module]):

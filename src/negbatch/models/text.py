@@ -222,8 +222,9 @@ class TransformerTextEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, features: Mapping[str, Tensor] | None = None, *, input_ids: Tensor | None = None,
-                attention_mask: Tensor | None = None) -> Tensor:
-        # Keywords too: GradCache calls an encoder on a dict chunk as encoder(**chunk).
+                attention_mask: Tensor | None = None, **ignored: Tensor) -> Tensor:
+        # Keywords too: GradCache calls an encoder on a dict chunk as encoder(**chunk), and a
+        # tokenizer's dict may hold other keys (token_type_ids), ignored as in a dict.
         if features is None and input_ids is not None:
             features = {"input_ids": input_ids, "attention_mask": attention_mask}
         if not isinstance(features, Mapping) or "input_ids" not in features or "attention_mask" not in features:
