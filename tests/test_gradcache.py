@@ -886,3 +886,27 @@ def test_one_row_chunks_are_refused_only_where_they_reach_a_batchnorm1d_in_train
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         GradCache(Conv().double(), InfoNCE(temperature=0.3), 3).step(images, images + 0.1)
+
+
+def test_backward_chunks_outside_the_first_pass_autocast_region_reenters_it():
+    # As in a trainer: the forward (GradCache's first pass and the loss) inside an autocast
+    # region, the backward (which runs the second pass) outside it. The second pass must be
+    # in bf16 too, or it back-propagates through other activations than the first pass's.
+    torch.manual_seed(0)
+    enc = MLP()
+    views = make_views(12, torch.float32)
+    amp = {"device_type": "cpu", "dtype": torch.bfloat16}
+    torch.manual_seed(3)
+    with torch.autocast(**amp):
+        GradCache(enc, InfoNCE(temperature=0.3), 5).step(*views)
+    want = grads_of([enc])
+    enc.zero_grad(set_to_none=True)
+    cache = GradCache(enc, InfoNCE(temperature=0.3), 5)
+    torch.manual_seed(3)
+    with torch.autocast(**amp):
+        cached = cache.forward_no_grad(*views)
+        cache.representation_gradients(cached)
+    assert not torch.is_autocast_enabled("cpu")
+    cache.backward_chunks(cached)
+    assert not torch.is_autocast_enabled("cpu")  # the region is left again
+    assert_grads_close(grads_of([enc]), want, atol=1e-7)

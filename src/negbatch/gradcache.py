@@ -208,6 +208,29 @@ class _RngState:
             yield
 
 
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+    try:
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # torch < 2.4: per-device functions
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+
+
+def _ambient_autocast() -> list[tuple[str, bool, torch.dtype]]:
+    """The autocast regions active here (CPU, and CUDA where there is one)."""
+    types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [(t, *_autocast_state(t)) for t in types if _autocast_state(t)[0]]
+
+
+@contextlib.contextmanager
+def _reentered(regions: list[tuple[str, bool, torch.dtype]]):
+    with contextlib.ExitStack() as stack:
+        for device_type, enabled, dtype in regions:
+            stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+        yield
+
+
 def _cuda_devices(encoder: nn.Module, chunk: EncoderInput) -> list[int]:
     """CUDA devices whose generators the forward of ``chunk`` may draw from:
     those of the inputs, of the encoder's parameters and buffers, and the
@@ -264,6 +287,8 @@ class CachedBatch:
     input that needs no backward: a frozen encoder whose embeddings the loss
     does not differentiate). ``carries_graph``: some input hangs on an upstream
     graph, which every chunk's backward passes through (so it is retained).
+    ``autocast``: the autocast regions around the first pass, which the second
+    pass re-enters wherever it runs (a trainer's backward is outside them).
     """
 
     chunks: list[list[EncoderInput]]
@@ -273,6 +298,7 @@ class CachedBatch:
     gradients: list[Tensor | None] = field(default_factory=list)
     bn_snapshot: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     carries_graph: bool = False
+    autocast: list[tuple[str, bool, torch.dtype]] = field(default_factory=list)
 
 
 class GradCache:
@@ -497,7 +523,7 @@ class GradCache:
                 rng.append(states)
         snapshot = self._batchnorm_snapshot(encoders)
         return CachedBatch(chunks=chunks, representations=reps, rng=rng, kept=kept, bn_snapshot=snapshot,
-                           carries_graph=any(_carries_graph(x) for x in inputs))
+                           carries_graph=any(_carries_graph(x) for x in inputs), autocast=_ambient_autocast())
 
     def representation_gradients(self, cached: CachedBatch, **loss_kwargs: Any) -> Tensor:
         """Step 2: the loss on all representations, back-propagated to the
@@ -546,7 +572,9 @@ class GradCache:
                         cached.kept, self._chunk_grad(cached, i, j), retain_graph=cached.carries_graph
                     )
             cached.kept = None
-        with self._batchnorm_mode(encoders):
+        # The second pass must compute what the first did: in a trainer, the backward that
+        # runs it is outside the autocast region the first pass ran in.
+        with self._batchnorm_mode(encoders), _reentered(cached.autocast):
             for i, (encoder, parts) in enumerate(zip(encoders, cached.chunks)):
                 if cached.gradients[i] is None or not self._may_need_backward(encoder, parts):
                     continue  # e.g. a frozen encoder on plain inputs: nothing to back-propagate into
