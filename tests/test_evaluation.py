@@ -60,3 +60,50 @@ def test_probe_input_errors():
             linear_probe(x, torch.where(torch.arange(len(y)) == 3, missing, y), x, y)
     with pytest.raises(ValueError, match="k must be"):
         knn_accuracy(x, y, x, y, k=100)
+
+
+def test_weighted_knn_at_a_low_temperature_and_bad_input():
+    from negbatch.evaluation import weighted_knn_predict
+
+    train = torch.tensor([[1.0, 0.0], [1.0, 0.001], [0.95, 0.31], [0.95, 0.312], [0.95, 0.314]])
+    labels, q = torch.tensor([1, 1, 0, 0, 0]), torch.tensor([[1.0, 0.0]])
+    # Two votes at similarity 1 outweigh three at 0.95 at any temperature; exp(1/0.01) overflows float32.
+    for t in (0.05, 0.01, 0.002):
+        assert weighted_knn_predict(train, labels, q, k=5, temperature=t).tolist() == [1]
+    with pytest.raises(ValueError, match="test_features contains NaN"):
+        weighted_knn_predict(train, labels, torch.tensor([[float("nan"), 1.0]]), k=2)
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match="chunk_size"):
+            knn_accuracy(train, labels, train, labels, k=1, chunk_size=bad)
+    with pytest.raises(ValueError, match="different widths"):
+        knn_accuracy(train, labels, torch.ones(2, 3), torch.tensor([0, 1]), k=1)
+
+
+def test_linear_probe_with_one_training_row_and_a_numpy_l2():
+    from negbatch.evaluation import linear_eval
+
+    x, y = torch.tensor([[1.0, 2.0]]), torch.tensor([2])
+    test_x, test_y = torch.tensor([[1.0, 2.0], [0.5, 1.0]]), torch.tensor([2, 2])
+    assert linear_probe(x, y, test_x, test_y) == 1.0  # one row: the population std is 0, not NaN
+    assert linear_eval(x, y, test_x, test_y) == 1.0
+    g = torch.Generator().manual_seed(0)
+    xs, ys = torch.randn(40, 3, generator=g), torch.arange(40) % 2
+    assert linear_eval(xs, ys, xs, ys, l2=np.float32(1e-3)) == linear_eval(xs, ys, xs, ys, l2=1e-3)
+
+
+def test_lab_representations_restore_the_models_mode():
+    from negbatch.lab.tasks.image import representations
+
+    class Model(torch.nn.Module):
+        def representation(self, x):
+            if x.shape[0] > 3:
+                raise RuntimeError("boom")
+            return x * (1.0 if self.training else 2.0)
+
+    model = Model().eval()
+    assert torch.equal(representations(model, torch.ones(3, 2)), torch.full((3, 2), 2.0))
+    assert not model.training  # stays in eval mode
+    model.train()
+    with pytest.raises(RuntimeError, match="boom"):
+        representations(model, torch.ones(5, 2), batch_size=5)
+    assert model.training  # restored after an error too

@@ -67,3 +67,16 @@ def test_one_batch_of_everything_has_zero_gap():
 def test_bad_input(emb, batches, tau, exc, match):
     with pytest.raises(exc, match=match):
         global_train_gap(emb, batches, tau)
+
+
+def test_half_precision_embeddings_give_the_float64_gap_and_float_indices_are_refused():
+    g = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(64, 8, generator=g), dim=1)
+    x, y = z.bfloat16(), (z + 0.3 * torch.randn(64, 8, generator=g)).bfloat16()
+    batches = [list(range(i, i + 16)) for i in range(0, 64, 16)]
+    want = global_train_gap((x.double(), y.double()), batches, temperature=0.05)
+    got = global_train_gap((x, y), batches, temperature=0.05)
+    assert got.gap == pytest.approx(want.gap, rel=1e-5)
+    assert got.global_loss == pytest.approx(want.global_loss, rel=1e-5)
+    with pytest.raises(TypeError, match="integer sample indices"):
+        global_train_gap((x, y), [[0.5, 1.9, 2.2]], temperature=0.05)

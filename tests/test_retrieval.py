@@ -240,3 +240,33 @@ def test_rejects_bad_input():
         relevant_ranks(q, d, torch.arange(3), doc_chunk=0)
     with pytest.raises(ValueError, match="as many documents"):
         retrieval_metrics(torch.randn(6, 4), d)
+
+
+def _near_duplicates(n_groups=30, per_group=4, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_groups, d, generator=g)
+    docs = (centres.repeat_interleave(per_group, 0) + 1e-3 * torch.randn(n_groups * per_group, d, generator=g))
+    queries = docs[::per_group] + 1e-4 * torch.randn(n_groups, d, generator=g)
+    return queries, docs, torch.arange(0, n_groups * per_group, per_group)
+
+
+def test_mixed_dtypes_rank_in_the_wider_one_and_the_layout_does_not_matter():
+    queries, docs, relevant = _near_duplicates()
+    half = queries.half()
+    # float32 documents are not cast down to float16 queries (that merged near-duplicates).
+    assert torch.equal(relevant_ranks(half, docs, relevant), relevant_ranks(half.float(), docs, relevant))
+    assert torch.equal(relevant_ranks(half, docs.double(), relevant), relevant_ranks(half.double(), docs.double(), relevant))
+    # The normalisation is the fixed-order one: a column-major copy ranks the same.
+    column_major = docs.T.contiguous().T
+    assert not column_major.is_contiguous()
+    assert torch.equal(relevant_ranks(queries, column_major, relevant), relevant_ranks(queries, docs, relevant))
+
+
+def test_metrics_refuse_a_document_listed_twice_and_ranks_below_one():
+    with pytest.raises(ValueError, match="same relevant document twice"):
+        metrics_from_ranks(torch.tensor([2, 2]), query_ids=torch.tensor([0, 0]))
+    metrics_from_ranks(torch.tensor([2, 2]), query_ids=torch.tensor([0, 1]))  # two queries: fine
+    with pytest.raises(ValueError, match=">= 1"):
+        metrics_from_ranks(torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="same relevant document twice"):
+        retrieval_metrics(torch.eye(3), torch.eye(3), torch.tensor([2, 2, 1]), query_ids=torch.tensor([0, 0, 1]))

@@ -108,3 +108,36 @@ def test_snr_errors():
         GradientSNR([torch.zeros(2)])
     with pytest.raises(RuntimeError, match="update"):
         GradientSNR(torch.nn.Linear(2, 2)).snr()
+
+
+def _snr_of_stream(grads, beta=0.99):
+    p = torch.nn.Parameter(torch.zeros(grads[0].shape))
+    tracker = GradientSNR([p], beta=beta)
+    for g in grads:
+        p.grad = g.float()
+        tracker.update()
+    return tracker
+
+
+def _ema_snr_float64(grads, beta=0.99):
+    m = v = torch.zeros(grads[0].shape, dtype=torch.float64)
+    for g in grads:
+        g = g.float().double()
+        m, v = beta * m + (1 - beta) * g, beta * v + (1 - beta) * g * g
+    c = 1 - beta ** len(grads)
+    return (m / c).abs() / (v / c - (m / c) ** 2).clamp_min(0).sqrt()
+
+
+def test_snr_does_not_change_with_the_gradients_scale_and_is_right_at_high_snr():
+    torch.manual_seed(0)
+    stream = [1.0 + torch.randn(4, dtype=torch.float64) for _ in range(500)]
+    want = _snr_of_stream(stream).summary()["snr_mean"]
+    for scale in (1e-4, 1e-8):  # a loss scale, or a tiny learning signal (|g| ~ 1e-8)
+        got = _snr_of_stream([scale * g for g in stream]).summary()["snr_mean"]
+        assert got == pytest.approx(want, rel=1e-5)
+    # SNR 10^4: the variance is 10^-8 of the second moment (float32 moments lose it).
+    quiet = [1.0 + 1e-4 * torch.randn(3, dtype=torch.float64) for _ in range(500)]
+    torch.testing.assert_close(_snr_of_stream(quiet).snr().double(), _ema_snr_float64(quiet), rtol=1e-3, atol=0)
+    # A gradient that never moved: 1/sqrt(eps); one that was always zero: 0, not NaN.
+    assert float(_snr_of_stream([torch.ones(2)] * 5).snr()[0]) == pytest.approx(1e6, rel=1e-2)
+    assert _snr_of_stream([torch.zeros(2)] * 5).snr().tolist() == [0.0, 0.0]

@@ -96,9 +96,10 @@ def alignment(z1: Tensor, z2: Tensor, alpha: float = 2.0) -> float:
     >>> alignment(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]))
     2.0000000000000004
     """
+    if not isinstance(z1, Tensor) or not isinstance(z2, Tensor) or z1.shape != z2.shape:
+        raise ValueError(f"z1 and z2 must be tensors of the same shape, got {tuple(getattr(z1, 'shape', ()))} "
+                         f"and {tuple(getattr(z2, 'shape', ()))}")
     _check(torch.cat([z1, z2]))
-    if z1.shape != z2.shape:
-        raise ValueError(f"z1 and z2 must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
     return float((z1.double() - z2.double()).norm(dim=1).pow(alpha).mean())
 
 

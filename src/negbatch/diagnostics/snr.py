@@ -7,7 +7,7 @@ its gradient and squared gradient over optimizer steps,
 
 bias-corrected by 1 - beta^t as in Adam, and reports
 
-    SNR_k = |m_k| / sqrt(max(v_k - m_k^2, 0) + eps)
+    SNR_k = |m_k| / sqrt(max(v_k - m_k^2, 0) + eps v_k)
 
 summarised as the mean over parameters and the standard deviation across
 parameters. It reads ``p.grad`` and nothing else, so it works in any PyTorch
@@ -37,8 +37,10 @@ class GradientSNR:
     beta : float in (0, 1), default 0.99
         EMA decay; the window is about 1 / (1 - beta) steps.
     eps : float, default 1e-12
-        Added to the variance so that constant gradients give a large finite
-        SNR instead of inf.
+        Relative to the second moment: ``eps * v`` is added to the variance,
+        so that constant gradients give a large finite SNR (``1/sqrt(eps)``)
+        instead of inf, and the SNR does not change with the gradients' scale
+        (a loss scale, a tiny learning signal).
 
     Examples
     --------
@@ -70,38 +72,47 @@ class GradientSNR:
         self.beta = float(beta)
         self.eps = float(eps)
         self.steps = 0
-        # Flat float32 buffers: one cat per update and a handful of in-place
-        # ops keep the tracker's cost a small fraction of a training step.
+        # Flat buffers: one cat per update and a handful of in-place ops keep the
+        # tracker's cost a small fraction of a training step. float64, because the
+        # variance is v - m^2: at an SNR of 10^4 it is 10^-8 of v, below float32's
+        # resolution (MPS has no float64: float32 there).
         total = sum(p.numel() for p in self.params)
         device = self.params[0].device
-        self.m = torch.zeros(total, dtype=torch.float32, device=device)
-        self.v = torch.zeros(total, dtype=torch.float32, device=device)
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.m = torch.zeros(total, dtype=dtype, device=device)
+        self.v = torch.zeros(total, dtype=dtype, device=device)
 
     @torch.no_grad()
     def update(self) -> None:
         """Fold the current ``.grad`` of every parameter into the two EMAs."""
         g = torch.cat([
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in self.params
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(self.m.dtype) for p in self.params
         ])
         self.m.mul_(self.beta).add_(g, alpha=1 - self.beta)
         self.v.mul_(self.beta).addcmul_(g, g, value=1 - self.beta)
         self.steps += 1
 
-    @torch.no_grad()
     def snr(self) -> Tensor:
         """SNR of every scalar parameter, flattened (float32), in ``parameters`` order."""
+        return self._snr().float()
+
+    @torch.no_grad()
+    def _snr(self) -> Tensor:
         if self.steps == 0:
             raise RuntimeError("GradientSNR.snr() before any update(): call update() after backward() first")
         inv = 1.0 / (1.0 - self.beta**self.steps)  # Adam-style bias correction
         m = self.m * inv
-        # In-place chain on one buffer: var = v/c - m^2, clamped, + eps, then 1/sqrt.
-        scale = (self.v * inv).addcmul_(m, m, value=-1.0).clamp_(min=0.0).add_(self.eps).rsqrt_()
+        v = self.v * inv
+        # In-place chain on one buffer: var = v/c - m^2, clamped, + eps v, then 1/sqrt.
+        scale = (v * (1.0 + self.eps)).addcmul_(m, m, value=-1.0).clamp_(min=self.eps * v)
+        # A parameter whose gradient was always zero (v = 0) gets SNR 0, not 0/0.
+        scale.clamp_(min=torch.finfo(scale.dtype).tiny).rsqrt_()
         return m.abs_().mul_(scale)
 
     def summary(self) -> dict[str, float]:
         """``{"snr_mean": mean over parameters, "snr_std": std across parameters}``."""
-        s = self.snr()
-        # Two reductions (the sum in float64, the sum of squares as a dot): faster than std_mean on CPU.
+        s = self._snr()
+        # Two reductions (the sum, the sum of squares as a dot): faster than std_mean on CPU.
         mean = float(s.sum(dtype=torch.float64)) / s.numel()
         second = float(torch.dot(s, s)) / s.numel()
         return {"snr_mean": mean, "snr_std": max(second - mean * mean, 0.0) ** 0.5}

@@ -27,7 +27,9 @@ def knn_accuracy(
     chunk_size: int = 1024,
 ) -> float:
     """Top-1 accuracy of a majority vote among the ``k`` most cosine-similar
-    training points (ties go to the smallest label).
+    training points (ties of the vote go to the smallest label; which of
+    several training points at exactly the same similarity is among the ``k``
+    is left to ``torch.topk``, not decided by their index).
 
     Test points are processed ``chunk_size`` at a time, so memory is
     O(chunk_size * n_train).
@@ -43,8 +45,13 @@ def knn_accuracy(
     """
     _check_xy(train_features, train_labels, "train_features", "train_labels")
     _check_xy(test_features, test_labels, "test_features", "test_labels")
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(f"train_features and test_features have different widths: "
+                         f"{train_features.shape[1]} vs {test_features.shape[1]}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= train_features.shape[0]:
         raise ValueError(f"k must be an int in [1, {train_features.shape[0]}] (the training set size), got {k!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     train = F.normalize(train_features.float(), dim=1)
     test = F.normalize(test_features.float(), dim=1)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
@@ -74,7 +81,8 @@ def weighted_knn_predict(
 
     Each test point's ``k`` most cosine-similar training points vote for their
     class with weight ``exp(s / temperature)``; the class with the largest sum
-    wins (ties: the smallest label). Test points are taken ``test_chunk`` at a
+    wins (ties: the smallest label; training points at exactly the same
+    similarity as the k-th are kept in ``torch.topk``'s choice). Test points are taken ``test_chunk`` at a
     time and, for each, the training points ``train_chunk`` at a time, keeping
     a running top-k: memory is O(test_chunk x (train_chunk + k)) on the
     device, and the training features need not fit there (each chunk is moved
@@ -96,6 +104,8 @@ def weighted_knn_predict(
     if not isinstance(test_features, Tensor) or test_features.ndim != 2 or test_features.shape[1] != train_features.shape[1]:
         raise ValueError(f"test_features must be a 2-D tensor with {train_features.shape[1]} columns (the training "
                          f"features' width), got {getattr(test_features, 'shape', type(test_features))}")
+    if not torch.isfinite(test_features).all():
+        raise ValueError("test_features contains NaN or inf")
     n_train = train_features.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_train:
         raise ValueError(f"k must be an int in [1, {n_train}] (the training set size), got {k!r}")
@@ -126,7 +136,10 @@ def weighted_knn_predict(
             keep = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
             best_s, best_y = keep.values, cand_y.gather(1, keep.indices)
         votes = torch.zeros(q.shape[0], num_classes, dtype=torch.float32, device=device)
-        votes.scatter_add_(1, best_y, torch.exp(best_s / temperature))
+        # Weights relative to each row's nearest neighbour: exp(1 / 0.01) overflows float32,
+        # and tied infinite votes would elect the smallest label. The shift leaves the vote.
+        weights = torch.exp((best_s - best_s.max(1, keepdim=True).values) / temperature)
+        votes.scatter_add_(1, best_y, weights)
         preds.append(votes.argmax(1).cpu())
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
 

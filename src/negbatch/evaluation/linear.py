@@ -13,6 +13,8 @@ objective is convex; the tests compare it with scikit-learn's
 
 from __future__ import annotations
 
+import numbers
+
 from typing import Any, Sequence
 
 import torch
@@ -104,7 +106,7 @@ def linear_probe(
     if not l2 >= 0:
         raise ValueError(f"l2 must be >= 0, got {l2!r}")
     xtr, xte = train_features.double(), test_features.double()
-    mean, std = xtr.mean(0), xtr.std(0).clamp_min(1e-8)
+    mean, std = xtr.mean(0), xtr.std(0, unbiased=False).clamp_min(1e-8)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     w, b = fit_logistic_regression((xtr - mean) / std, train_labels.long(), num_classes, l2=l2, max_iter=max_iter)
     pred = (((xte - mean) / std) @ w + b).argmax(1)
@@ -217,9 +219,10 @@ def linear_eval(
     True
     """
     _check_splits(train_features, train_labels, test_features, test_labels)
-    grid = [l2] if isinstance(l2, (int, float)) else list(l2)
-    if not grid or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 for v in grid):
+    grid = [l2] if isinstance(l2, numbers.Real) else list(l2)
+    if not grid or any(isinstance(v, bool) or not isinstance(v, numbers.Real) or not v >= 0 for v in grid):
         raise ValueError(f"l2 must be a number >= 0 or a non-empty sequence of them, got {l2!r}")
+    grid = [float(v) for v in grid]
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -228,7 +231,7 @@ def linear_eval(
         raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction!r}")
     device = torch.device(device) if device is not None else train_features.device
     xtr = train_features.to(device, torch.float32)
-    mean, std = xtr.mean(0), xtr.std(0).clamp_min(1e-8)
+    mean, std = xtr.mean(0), xtr.std(0, unbiased=False).clamp_min(1e-8)
     xtr = (xtr - mean) / std
     ytr = train_labels.to(device).long()
     xte = (test_features.to(device, torch.float32) - mean) / std

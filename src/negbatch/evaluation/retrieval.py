@@ -34,7 +34,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_embeddings
@@ -74,6 +73,13 @@ def fixed_order_scores(a: Tensor, b: Tensor) -> Tensor:
             prods = torch.cat([prods, prods.new_zeros(prods.shape[0], 1)], dim=1)
         prods = prods[:, 0::2] + prods[:, 1::2]
     return prods[:, 0]
+
+
+def _normalized(x: Tensor) -> Tensor:
+    """``x`` scaled to unit rows by the fixed-order norm (F.normalize's norm is
+    a reduction whose summation order follows the memory layout and device)."""
+    norm = fixed_order_scores(x, x).sqrt().clamp_min(1e-12)
+    return (x.to(torch.float64) / norm[:, None]).to(x.dtype)
 
 
 def _product_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -151,10 +157,13 @@ def relevant_ranks(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     device = queries.device
-    documents = documents.to(device=device, dtype=queries.dtype)
+    # The wider of the two dtypes: casting float32 documents to a float16 model's queries
+    # would merge near-duplicates and move ranks.
+    dtype = torch.promote_types(queries.dtype, documents.dtype)
+    queries, documents = queries.to(dtype), documents.to(device=device, dtype=dtype)
     relevant = relevant.to(device=device, dtype=torch.long)
     if normalize:
-        queries, documents = F.normalize(queries, dim=-1), F.normalize(documents, dim=-1)
+        queries, documents = _normalized(queries), _normalized(documents)
     work = _product_dtype(queries.dtype, device)
     width = queries.shape[1]
     u = torch.finfo(work).eps / 2
@@ -204,6 +213,8 @@ def metrics_from_ranks(
     """
     if ranks.numel() == 0:
         raise ValueError("ranks is empty: no queries to evaluate")
+    if ranks.dim() != 1 or ranks.dtype.is_floating_point or int(ranks.min()) < 1:
+        raise ValueError("ranks must be a 1-d integer tensor of 1-based ranks (>= 1), as relevant_ranks returns")
     r = ranks.double()
     hit = r <= cutoff
     gain = torch.where(hit, 1.0 / torch.log2(r + 1.0), torch.zeros_like(r))
@@ -216,6 +227,13 @@ def metrics_from_ranks(
         raise ValueError(f"query_ids must have the shape of ranks {tuple(ranks.shape)}, got {tuple(query_ids.shape)}")
     _, group = torch.unique(query_ids.to(r.device), return_inverse=True)
     n = int(group.max()) + 1
+    # Distinct documents of one query have distinct ranks (ties go to the lower index),
+    # so a repeated (query, rank) is one relevant document listed twice.
+    if torch.unique(group * (int(r.max()) + 1) + ranks.to(r.device)).numel() != ranks.numel():
+        raise ValueError(
+            "a query lists the same relevant document twice (two rows with the same query_ids entry and rank); "
+            "give each relevant document of a query once"
+        )
     relevant = torch.bincount(group, minlength=n).double()
 
     def per_query(values: Tensor) -> Tensor:

@@ -276,10 +276,12 @@ def with_norm(model: nn.Module, norm: str) -> nn.Module:
 
 @torch.no_grad()
 def representations(model: ContrastiveModel, x: Tensor, batch_size: int = 512) -> Tensor:
+    was_training = model.training
     model.eval()
-    out = torch.cat([model.representation(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
-    model.train()
-    return out
+    try:
+        return torch.cat([model.representation(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
