@@ -310,3 +310,35 @@ def test_small_plain_calls_refuse_and_name_a_non_finite_input(where, bad):
             with pytest.raises(ValueError, match=f"{name} contains NaN or inf"):
                 InfoNCE(temperature=TAU, form=form, reduction=reduction)(z1, z2)
         InfoNCE(temperature=TAU, form=form, check_finite=False)(z1, z2)  # the user's choice: no look
+
+
+def test_second_order_gradients_are_right_on_autograd_paths_and_refused_by_fused_kernels():
+    from negbatch import DCL, GlobalInfoNCE, SigLIP
+
+    def penalty_gradient(loss_of, z1, z2):
+        g, = torch.autograd.grad(loss_of(z1, z2), z1, create_graph=True)
+        return torch.autograd.grad(g.pow(2).sum(), z1)[0]
+
+    def nt_xent(z1, z2, tau=0.1):  # written out: two-view InfoNCE on cosine similarities
+        z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+        logits = (z @ z.T / tau).fill_diagonal_(float("-inf"))
+        n = z1.shape[0]
+        return torch.nn.functional.cross_entropy(logits, torch.arange(2 * n).roll(n))
+
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = (torch.randn(8, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    small = InfoNCE(temperature=0.1)  # 16 x 16 logits: autograd's cross-entropy
+    torch.testing.assert_close(penalty_gradient(small, z1, z2), penalty_gradient(nt_xent, z1, z2), rtol=1e-10, atol=1e-14)
+
+    z1, z2 = (torch.randn(200, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    fused = {
+        "_DenseSoftmax": lambda a, b: InfoNCE(temperature=0.1)(a, b),
+        "_DenseSoftmax ": lambda a, b: DCL(temperature=0.1)(a, b),
+        "_DenseSigmoid": lambda a, b: SigLIP()(a, b, mask=torch.zeros(200, 200, dtype=torch.bool)),
+        "_SampledDot": lambda a, b: InfoNCE(temperature=0.1, negatives=4)(a, b, generator=torch.Generator().manual_seed(1)),
+        "_DenseTerms": lambda a, b: GlobalInfoNCE(num_samples=200, temperature=0.1)(a, b, torch.arange(200)),
+    }
+    for name, loss_of in fused.items():
+        with pytest.raises(RuntimeError, match=f"{name.strip()} gives first-order gradients only"):
+            penalty_gradient(loss_of, z1, z2)
+        loss_of(z1, z2).backward()  # the first order is untouched

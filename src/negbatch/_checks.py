@@ -20,6 +20,24 @@ Reduction = Literal["mean", "sum", "none"]
 _Init = TypeVar("_Init", bound=Callable[..., None])
 
 
+def refuse_second_order(ctx: object) -> None:
+    """First line of the backward of negbatch's fused autograd functions.
+
+    Their backward computes the gradient from saved buffers, not from a graph;
+    a backward with ``create_graph=True`` (a gradient penalty, a
+    Hessian-vector product) would get a second order that silently misses
+    their part. Grad mode is on in a backward only under ``create_graph``.
+    """
+    if torch.is_grad_enabled():
+        name = type(ctx).__name__.removesuffix("Backward")
+        raise RuntimeError(
+            f"negbatch's fused loss kernel {name} gives first-order gradients only; a backward with "
+            f"create_graph=True (a gradient penalty, a Hessian-vector product) is not supported through it. "
+            f"The small-batch path (autograd's cross-entropy), sampled negatives read off a dense product (K "
+            f"above a tenth of the candidates) and bfloat16/float16 inputs do support it"
+        )
+
+
 def check_temperature(temperature: float, name: str = "temperature") -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"{name} must be a positive float, got {type(temperature).__name__}")

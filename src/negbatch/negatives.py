@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import Negatives, OnShortage
+from ._checks import Negatives, OnShortage, refuse_second_order
 
 __all__ = [
     "Negatives",
@@ -641,6 +641,8 @@ class _SampledDot(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
+        if ctx.sparse:  # the sparse products keep no graph; the dense ones and the gather do
+            refuse_second_order(ctx)
         anchors, bank, index = ctx.saved_tensors
         grad = grad.contiguous()
         grad_anchors = grad_bank = None

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import refuse_second_order
 from ..distributed import gather_nograd, is_distributed
 from ..negatives import NegativeSelection, selection_logits
 from . import _layout
@@ -98,6 +99,7 @@ class _DenseSoftmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_lse, grad_positive):  # type: ignore[override]
+        refuse_second_order(ctx)
         if ctx.consumed:
             raise RuntimeError("the dense softmax backward runs once; do not backward twice through the loss")
         ctx.consumed = True

@@ -30,7 +30,7 @@ from typing import Callable, Literal, Union
 import torch
 from torch import Tensor
 
-from .._checks import Form, Negatives, OnShortage, Reduction, check_choice, check_flag, keyword_only
+from .._checks import Form, Negatives, OnShortage, Reduction, check_choice, check_flag, keyword_only, refuse_second_order
 from ..distributed import gather_nograd, is_distributed
 from ..negatives import selection_logits
 from ._layout import (
@@ -85,6 +85,7 @@ class _PositiveAndNegativeSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_positive: Tensor, grad_summed: Tensor, _grad_shift: Tensor):  # type: ignore[override]
+        refuse_second_order(ctx)
         work, col = ctx.saved_tensors
         grad = (work * grad_summed[:, None]).to(work.dtype)
         grad.scatter_add_(1, col, grad_positive[:, None].to(work.dtype))
@@ -124,6 +125,7 @@ class _DenseTerms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_positive, grad_summed, _grad_shift):  # type: ignore[override]
+        refuse_second_order(ctx)
         if ctx.consumed:
             raise RuntimeError("GlobalInfoNCE's dense backward runs once; do not backward twice through it")
         ctx.consumed = True

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import Form, Negatives, OnShortage, Reduction, keyword_only
+from .._checks import Form, Negatives, OnShortage, Reduction, keyword_only, refuse_second_order
 from ..negatives import NegativeSelection, selection_logits
 from ._layout import BankLoss, Positives, check_labels, check_views, fused_dense, row_blocks
 from ._softmax import _scaled_logits
@@ -77,6 +77,7 @@ class _DenseSigmoid(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
+        refuse_second_order(ctx)
         if ctx.consumed:
             raise RuntimeError("SigLIP's dense backward runs once; do not backward twice through it")
         ctx.consumed = True
