@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .embedding import EmbedFn, embed_dataset
-from .epoch_sampler import EpochBatchSampler, cut_into_batches
+from .epoch_sampler import EpochBatchSampler, _positive_int, cut_into_batches
 
 __all__ = ["RandomBatchSampler", "HardNegativeBatchSampler", "NoDuplicateBatchSampler", "kmeans"]
 
@@ -195,7 +195,7 @@ class HardNegativeBatchSampler(EpochBatchSampler):
             raise ValueError(f"kmeans_iters must be an int >= 1 (Lloyd iterations), got {kmeans_iters!r}")
         self.embed_fn, self.model = embed_fn, model
         self.kmeans_iters, self.normalize = kmeans_iters, normalize
-        self.chunk_size, self.progress = chunk_size, progress
+        self.chunk_size, self.progress = _positive_int(chunk_size, "chunk_size"), progress
 
     def prepare(self, indices: np.ndarray) -> Tensor:
         x, _ = embed_dataset(
@@ -208,7 +208,9 @@ class HardNegativeBatchSampler(EpochBatchSampler):
         x = prepared.detach().cpu()
         if self.normalize:
             x = torch.nn.functional.normalize(x, dim=1)
-        k = min(self.num_clusters, len(indices))
+        # A refresh re-plans the samples left: as many clusters as their share of the
+        # data set keeps, so clusters stay about as large as at the epoch's start.
+        k = min(len(indices), max(1, round(self.num_clusters * len(indices) / self.num_samples)))
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         labels = kmeans(x, k, iters=self.kmeans_iters, generator=gen).numpy()
         order = []
@@ -313,3 +315,11 @@ class NoDuplicateBatchSampler(EpochBatchSampler):
             if len(np.unique(self.codes[b])) != len(b):  # cannot happen when the count check passed
                 raise RuntimeError("internal error: a batch holds a duplicate key")
         return out
+
+    def _padding(self, batch: np.ndarray, count: int) -> np.ndarray:
+        # Keys, not only samples, stay distinct in a padded tail (every batch has
+        # batch_size >= num_replicas distinct keys, so the plan holds enough).
+        pool = np.concatenate(self._plan)  # type: ignore[arg-type]
+        pool = pool[~np.isin(self.codes[pool], self.codes[batch])]
+        _, first = np.unique(self.codes[pool], return_index=True)
+        return pool[np.sort(first)][:count]

@@ -114,6 +114,8 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.shuffle_batches = bool(shuffle_batches)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0 (numpy's seed sequences take no negative numbers), got {seed}")
         self.seed = int(seed)
         self.refresh_every = _positive_int(refresh_every, "refresh_every") if refresh_every is not None else None
         self.epoch = 0
@@ -216,10 +218,15 @@ class EpochBatchSampler(Sampler[list[int]]):
         if len(batch) < self.num_replicas:
             # Only a kept tail can be this short: pad it from the epoch's first
             # samples (as DistributedSampler does) so that every rank gets a batch.
-            first = np.concatenate(self._plan)  # type: ignore[arg-type]
-            batch = np.concatenate([batch, first[: self.num_replicas - len(batch)]])
+            batch = np.concatenate([batch, self._padding(batch, self.num_replicas - len(batch))])
         start, stop = self.share_bounds(len(batch))
         return batch[start:stop].tolist()
+
+    def _padding(self, batch: np.ndarray, count: int) -> np.ndarray:
+        """``count`` samples of the epoch's plan, in plan order, that are not in
+        ``batch`` (a sample twice in one global batch would be its own negative)."""
+        pool = np.concatenate(self._plan)  # type: ignore[arg-type]
+        return pool[~np.isin(pool, batch)][:count]
 
     def __iter__(self) -> Iterator[list[int]]:
         plan = self._ensure_plan()

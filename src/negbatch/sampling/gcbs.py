@@ -30,7 +30,7 @@ from scipy.sparse.csgraph import reverse_cuthill_mckee
 from torch import Tensor
 
 from .embedding import EmbedFn, embed_dataset
-from .epoch_sampler import EpochBatchSampler, cut_into_batches
+from .epoch_sampler import EpochBatchSampler, _positive_int, cut_into_batches
 
 __all__ = ["num_kept_entries", "similarity_graph", "gcbs_order", "GCBSampler"]
 
@@ -384,8 +384,14 @@ class GCBSampler(EpochBatchSampler):
         self.embed_fn = embed_fn
         self.model = model
         self.q = _check_q(q)
-        self.chunk_size = chunk_size
-        self.block_size = block_size
+        # Checked here, not after the first pass over the data set has embedded it.
+        self.chunk_size = _positive_int(chunk_size, "chunk_size")
+        self.block_size = _positive_int(block_size, "block_size")
+        if method == "faiss":
+            try:
+                import faiss  # noqa: F401
+            except ImportError as exc:
+                raise ImportError("method='faiss' needs faiss: pip install faiss-cpu (or use method='exact')") from exc
         self.method = method
         self.normalize = normalize
         self.progress = progress
