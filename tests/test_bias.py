@@ -136,3 +136,19 @@ def test_two_encoders_for_queries_and_documents():
     torch.testing.assert_close(g, exact.gradient)
     with pytest.raises(ValueError, match="single"):
         exact_global_gradient((q_enc, d_enc), GlobalInfoNCE(6).double(), (xq, xd))
+
+
+def test_a_learned_temperature_is_the_one_the_exact_gradient_uses_and_dropout_warns():
+    import math
+
+    model, views = _clustered(n=12)
+    loss = GlobalInfoNCE(12, temperature=0.5, learnable_temperature=True).double()
+    with torch.no_grad():
+        loss.logit_scale.log_scale.fill_(math.log(10.0))  # trained to tau = 0.1
+    exact = exact_global_gradient(model, loss, views, chunk_size=5)
+    fixed = exact_global_gradient(model, GlobalInfoNCE(12, temperature=0.1).double(), views, chunk_size=5)
+    torch.testing.assert_close(exact.gradient, fixed.gradient)
+    torch.testing.assert_close(minibatch_gradient(model, loss, views, torch.randperm(12)), exact.gradient)
+    dropout = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Dropout(0.5)).double()
+    with pytest.warns(UserWarning, match="dropout in training mode"):
+        exact_global_gradient(dropout, GlobalInfoNCE(12, temperature=TAU).double(), views)

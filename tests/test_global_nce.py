@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 
 import pytest
 import torch
@@ -398,3 +399,15 @@ def test_the_value_to_report_is_kept_beside_the_surrogate_and_documented():
     for phrase in ("surrogate", "negative", "last_infonce", "last_minibatch_loss"):
         assert phrase in intro, phrase
     assert "last_infonce : Tensor" in GlobalInfoNCE.__doc__  # listed under Attributes
+
+
+def test_the_state_stays_float32_when_the_module_is_cast_to_half_precision():
+    loss = GlobalInfoNCE(6, temperature=0.05)
+    loss(torch.randn(3, 4), torch.randn(3, 4), torch.arange(3))
+    before = loss.log_nu.clone()
+    for dtype in (torch.bfloat16, torch.float16):
+        cast = copy.deepcopy(loss).to(dtype)
+        assert cast.log_nu.dtype == torch.float32 and torch.equal(cast.log_nu, before)  # not rounded either
+        assert cast.visited.dtype == torch.bool
+    assert copy.deepcopy(loss).double().log_nu.dtype == torch.float64
+    assert copy.deepcopy(loss).half().log_nu.dtype == torch.float32

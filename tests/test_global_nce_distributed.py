@@ -90,6 +90,21 @@ def _compare(rank, world, form, negatives, use_mask, cut, tmp):
 def _bad_input_worker(rank, world, tmp):
     _duplicate(rank)
     _out_of_range(rank)
+    _no_negatives_on_one_rank(rank)
+
+
+def _no_negatives_on_one_rank(rank):
+    # Rank 1's mask leaves an anchor without negatives: it raises before the E-step's gather,
+    # and rank 0, already in that gather, raises too (it waited for rank 1 forever).
+    loss_fn = GlobalInfoNCE(10, gather=False, form="query_document")
+    z1, z2 = torch.randn(3, 4), torch.randn(3, 4)
+    mask = torch.zeros(3, 3, dtype=torch.bool)
+    if rank == 1:
+        mask[0] = True
+        mask[0, 0] = False
+    with pytest.raises(ValueError, match="no negatives" if rank == 1 else "NaN or inf.*see that rank's error"):
+        loss_fn(z1, z2, torch.tensor([0, 1, 2]) + 3 * rank, mask=mask)
+    assert not loss_fn.visited.any()
 
 
 def _duplicate(rank):

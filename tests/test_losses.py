@@ -342,3 +342,20 @@ def test_second_order_gradients_are_right_on_autograd_paths_and_refused_by_fused
         with pytest.raises(RuntimeError, match=f"{name.strip()} gives first-order gradients only"):
             penalty_gradient(loss_of, z1, z2)
         loss_of(z1, z2).backward()  # the first order is untouched
+
+
+@pytest.mark.parametrize("form", ["two_view", "query_document"])
+def test_sampled_negatives_of_float32_embeddings_under_autocast(form):
+    # Embeddings cast back to float32 inside a bf16 autocast region (enc(x).float()): the dense
+    # read-off product is bf16 there, and the backward (outside the region) must not mix it in.
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = (torch.randn(32, 8, generator=g, requires_grad=True) for _ in range(2))
+    loss = InfoNCE(temperature=0.1, negatives=8, form=form)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss(z1, z2, generator=torch.Generator().manual_seed(1))
+    value.backward()
+    assert z1.grad.dtype == torch.float32 and torch.isfinite(z1.grad).all()
+    got = z1.grad.clone()
+    z1.grad = z2.grad = None
+    loss(z1, z2, generator=torch.Generator().manual_seed(1)).backward()  # the same draw, in float32
+    torch.testing.assert_close(got, z1.grad, rtol=0.05, atol=2e-3)  # bf16 logits

@@ -628,9 +628,11 @@ class _SampledDot(torch.autograd.Function):
             if not ctx.sparse:
                 # The product's buffer is kept for the backward's (n, m)
                 # gradient: writing into memory just used is cheaper than
-                # into a fresh allocation.
-                ctx.buffer = anchors @ bank.t()
-                return ctx.buffer.gather(1, index)
+                # into a fresh allocation (not when autocast made it half
+                # precision: the backward, outside autocast, needs the inputs').
+                product = anchors @ bank.t()
+                ctx.buffer = product if product.dtype == anchors.dtype else None
+                return product.gather(1, index)
             pattern = _csr(index, anchors.new_zeros(n * k), bank.shape[0])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -644,7 +646,8 @@ class _SampledDot(torch.autograd.Function):
         if ctx.sparse:  # the sparse products keep no graph; the dense ones and the gather do
             refuse_second_order(ctx)
         anchors, bank, index = ctx.saved_tensors
-        grad = grad.contiguous()
+        # In the inputs' dtype: under autocast the forward's output (so its gradient) is half.
+        grad = grad.to(anchors.dtype).contiguous()
         grad_anchors = grad_bank = None
         if anchors.dtype not in (torch.float32, torch.float64):
             picked = bank.index_select(0, index.reshape(-1)).view(*index.shape, -1)
@@ -655,7 +658,7 @@ class _SampledDot(torch.autograd.Function):
                 grad_bank = torch.zeros_like(bank).index_add_(0, index.reshape(-1), contrib)
             return grad_anchors, grad_bank, None
         if not ctx.sparse:
-            full = ctx.buffer if ctx.buffer is not None else grad.new_empty(index.shape[0], bank.shape[0])
+            full = ctx.buffer if ctx.buffer is not None else anchors.new_empty(index.shape[0], bank.shape[0])
             ctx.buffer = None  # a second backward (retain_graph) allocates its own
             full.zero_().scatter_add_(1, index, grad)
             if ctx.needs_input_grad[0]:

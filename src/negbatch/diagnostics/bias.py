@@ -141,6 +141,12 @@ def _check(
                 "neither the exact gradient nor the bias is well defined; call model.eval() first",
                 stacklevel=3,
             )
+        if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in enc.modules()):
+            warnings.warn(
+                "the model has dropout in training mode: every pass draws other masks, so the exact gradient's "
+                "passes and the minibatch gradients see different models; call model.eval() first",
+                stacklevel=3,
+            )
     return enc_a, enc_b, xa, xb
 
 
@@ -224,7 +230,7 @@ def exact_global_gradient(
             count = bank.shape[0] - (2 if self_all is not None else 1)
             if count < 1:
                 raise ValueError("the data set needs at least two samples")
-            logits = anchors_all[rows] @ bank.t() / loss.temperature
+            logits = anchors_all[rows] @ bank.t() / loss.current_temperature  # a learned one: its value now
             r = torch.arange(rows.shape[0], device=ua.device)
             positive = logits[r, positive_all[rows]]
             excluded = torch.zeros(logits.shape, dtype=torch.bool, device=ua.device)

@@ -313,6 +313,16 @@ class GlobalInfoNCE(BankLoss):
         self.last_infonce: Tensor | None = None
         self.last_minibatch_loss: Tensor | None = None
 
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # .half()/.to(bfloat16) of a module holding the loss would move the state to half
+        # precision, where the E-step's increments fall below the resolution of log nu
+        # (about 20-30 at small temperatures) and nu stalls; it stays float32 at least.
+        kept = self.log_nu
+        out = super()._apply(fn, recurse)
+        if self.log_nu.dtype in (torch.float16, torch.bfloat16):
+            self.log_nu = kept.to(device=self.log_nu.device, dtype=torch.promote_types(kept.dtype, torch.float32))
+        return out
+
     @property
     def num_roles(self) -> int:
         """Columns of ``log_nu``: anchor roles per sample (2 or 1)."""
@@ -387,7 +397,10 @@ class GlobalInfoNCE(BankLoss):
             )
         log_zhat = log_zhat.to(device=self.log_nu.device, dtype=self.log_nu.dtype)
         if not bool(torch.isfinite(log_zhat).all()):
-            raise ValueError("log_zhat contains NaN or inf; the state is left unchanged")
+            raise ValueError(
+                "log_zhat contains NaN or inf; the state is left unchanged (under DDP a rank whose batch "
+                "failed sends NaN: see that rank's error)"
+            )
         gamma = self.current_gamma()
         unique, inverse, counts = torch.unique(indices, return_inverse=True, return_counts=True)
         if unique.shape[0] != indices.shape[0]:
@@ -521,8 +534,16 @@ class GlobalInfoNCE(BankLoss):
         if update and self.on_duplicate == "raise":
             self._check_duplicates(all_indices)
         layout, temperature = self._prepared(a, b, hard_negatives, mask, labels, guide)
-        terms = [self._terms(direction, generator, temperature) for direction in layout.directions]
         n = a.shape[0]
+        try:
+            terms = [self._terms(direction, generator, temperature) for direction in layout.directions]
+        except ValueError:
+            if update and self.sync_state and is_distributed():
+                # The other ranks are about to gather this rank's estimates: send NaN, so
+                # that their E-step raises too instead of waiting for this rank forever.
+                dtype = torch.promote_types(a.dtype, self.log_nu.dtype)
+                gather_nograd(torch.full((n, self.num_roles), float("nan"), dtype=dtype, device=a.device))
+            raise
         positive = torch.cat([t[0] for t in terms])
         summed = torch.cat([t[1] for t in terms])
         shift = torch.cat([t[2] for t in terms])

@@ -166,14 +166,19 @@ def measure_bias(
     for phase in ("init", "trained"):
         torch.manual_seed(cfg.seed)  # the trainer's initialisation
         model = build_model(cfg, data.image_shape)
-        loss = GlobalInfoNCE(n, temperature=cfg.temperature, gamma=trained_gamma)
+        # A learned temperature is part of the objective: its start value at init, its learned one after.
+        loss = GlobalInfoNCE(n, temperature=cfg.temperature, gamma=trained_gamma,
+                             learnable_temperature=bool(cfg.learnable_temperature))
         estimators = INIT_ESTIMATORS
         if phase == "trained":
             ckpt = torch.load(run_dir / CHECKPOINT, weights_only=True, map_location="cpu")
             model.load_state_dict(ckpt["model"])
             state = ckpt["loss"]
             loss.load_state_dict({"log_nu": state["loss.log_nu"][:n], "visited": state["loss.visited"][:n],
-                                  "num_updates": state["loss.num_updates"]})
+                                  "num_updates": state["loss.num_updates"]}, strict=loss.logit_scale is None)
+            if loss.logit_scale is not None:
+                with torch.no_grad():
+                    loss.logit_scale.log_scale.copy_(state["loss.logit_scale.log_scale"])
             estimators = TRAINED_ESTIMATORS
         model.eval()  # BatchNorm on running statistics: each embedding depends on its sample only
         say(f"bias seed={cfg.seed} {phase}: N={n}, batch sizes {sizes}")
