@@ -257,3 +257,40 @@ def test_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["study", "nosuch"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_study_json_and_the_results_table_always_describe_one_invocation(tmp_path, capsys, monkeypatch):
+    from negbatch.lab.studies import base
+
+    out = tmp_path / "study"
+    one = ["study", "negatives", *TINY, "--ks", "2", "--seeds", "0", "--losses", "simclr", "--out", str(out)]
+    assert main(one) == 0, capsys.readouterr().err
+    spec = (out / "study.json").read_text()
+    assert len(json.loads((out / "results.json").read_text())) == 1
+    # A duplicate run and another study are refused before study.json is touched.
+    assert main([*one, "--temperatures", "0.2,0.2"]) == 2
+    assert "identical" in capsys.readouterr().err
+    assert main(["study", "bias", *TINY, "--out", str(out)]) == 2
+    assert "holds a negatives study" in capsys.readouterr().err
+    assert (out / "study.json").read_text() == spec
+    # A rerun with other options, stopped before its first run ends: study.json names its options,
+    # and the table holds none of the earlier invocation's runs (the report said 0.5 above 0.2's rows).
+    monkeypatch.setattr(base, "run_configs", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert main([*one, "--temperatures", "0.5"]) == 130  # as Ctrl-C exits
+    assert "1 finished run(s)" in capsys.readouterr().err
+    assert json.loads((out / "study.json").read_text())["temperatures"] == [0.5]
+    assert json.loads((out / "results.json").read_text()) == []
+    assert main(["report", str(out)]) == 2
+    assert "no finished run" in capsys.readouterr().err
+
+
+def test_command_line_steps_replace_a_config_files_epochs(tmp_path, capsys):
+    from negbatch.lab.config import config_from_args, without_replaced_length
+
+    assert without_replaced_length({"epochs": 200, "lr": 0.1}, {"steps": 5}) == {"lr": 0.1}
+    assert without_replaced_length({"steps": 9}, {"epochs": 1}) == {}
+    assert without_replaced_length({"epochs": 2}, {"lr": 0.1}) == {"epochs": 2}
+    import argparse
+
+    cfg = config_from_args(argparse.Namespace(steps=3), {"epochs": 200, "batch_size": 8})
+    assert (cfg.steps, cfg.epochs, cfg.batch_size) == (3, None, 8)

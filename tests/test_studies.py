@@ -153,3 +153,11 @@ def test_a_second_study_on_a_folder_in_use_is_refused_before_it_writes(tmp_path,
     assert code == 2 and "is in use by" in capsys.readouterr().err
     assert json.loads((out / "study.json").read_text()) == {"seeds": [0, 1, 2]}
     assert not (out / "runs").exists()
+
+
+def test_report_headers_name_steps_when_a_study_was_given_steps():
+    from negbatch.lab.report import training_length
+
+    assert training_length({"epochs": 1, "steps": None}) == "1 epoch"
+    assert training_length({"epochs": 2}) == "2 epochs"
+    assert training_length({"epochs": None, "steps": 30}) == "30 steps"

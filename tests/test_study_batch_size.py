@@ -210,3 +210,19 @@ def test_a_study_stopped_by_sigint_says_so_and_resumes(tmp_path, capsys):
     assert main(argv) == 0
     assert "resuming from step" in capsys.readouterr().err
     assert len(json.loads((tmp_path / "results.json").read_text())) == 2
+
+
+def test_the_image_study_uses_its_own_defaults_without_dataset_and_refuses_steps(tmp_path, capsys):
+    import argparse
+
+    from negbatch.cli import main
+    from negbatch.lab.studies import get_study
+
+    study = get_study("batch-size", "image")
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    plain, named = (study.base_config(parser.parse_args(argv)) for argv in ([], ["--dataset", "fashion-mnist"]))
+    assert plain == named and plain.dataset == "fashion-mnist"
+    assert (plain.n_test, plain.probe_samples) == (None, None)  # what docs/batch_size.md measured
+    assert main(["study", "batch-size", "--data", "digits", "--steps", "3", "--out", str(tmp_path / "s")]) == 2
+    assert "equal epochs" in capsys.readouterr().err

@@ -75,3 +75,13 @@ def test_bias_batch_sizes_outside_the_set_rejected(tmp_path):
     cfg = TrainConfig(n_train=16, n_test=16, batch_size=8, loss="global", encoder_widths=(8,), head_widths=(8, 4))
     with pytest.raises(ValueError, match="--bias-batch-sizes"):
         study.measure_bias(cfg, tmp_path / "run", tmp_path / "cache", [64, 1], 4, 100)
+
+
+def test_a_run_with_a_learned_temperature_is_measured_too(tmp_path, capsys):
+    from negbatch.cli import main
+
+    one_seed = [a if a != "0,1" else "0" for a in TINY]
+    out = tmp_path / "study"
+    assert main(["study", "bias", *one_seed, "--learnable-temperature", "true", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    assert json.loads((out / "bias_results.json").read_text())

@@ -70,6 +70,7 @@ def same_id_mask(row_ids: Tensor, column_ids: Tensor) -> Tensor:
 
     Examples
     --------
+    >>> from negbatch import same_id_mask
     >>> import torch
     >>> same_id_mask(torch.tensor([0, 1, 0]), torch.tensor([0, 1, 2, 0]))
     tensor([[ True, False, False,  True],

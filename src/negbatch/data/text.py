@@ -55,6 +55,7 @@ class TextPairs:
 
     Examples
     --------
+    >>> from negbatch import TextPairs
     >>> pairs = TextPairs(["a cat sleeps", "rain falls"], ["the cat is asleep", "it is raining"])
     >>> len(pairs), pairs[1]
     (2, ('rain falls', 'it is raining'))
@@ -405,6 +406,7 @@ def load_pairs(
 
     Examples
     --------
+    >>> from negbatch import load_pairs
     >>> import tempfile, pathlib
     >>> p = pathlib.Path(tempfile.mkdtemp()) / "pairs.jsonl"
     >>> _ = p.write_text('{"query": "a cat sleeps", "document": "the cat is asleep"}\\n'
@@ -509,6 +511,7 @@ def builtin_pairs() -> TextPairs:
 
     Examples
     --------
+    >>> from negbatch import builtin_pairs
     >>> pairs = builtin_pairs()
     >>> len(pairs)
     40

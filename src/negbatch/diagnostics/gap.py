@@ -90,6 +90,7 @@ def global_train_gap(
 
     Examples
     --------
+    >>> from negbatch import global_train_gap
     >>> import torch
     >>> x = torch.randn(50, 8)
     >>> r = global_train_gap((x, x + 0.1 * torch.randn_like(x)), [range(0, 25), range(25, 50)], 0.1)

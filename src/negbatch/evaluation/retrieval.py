@@ -267,6 +267,8 @@ def retrieval_metrics(
 
     Examples
     --------
+    >>> import torch
+    >>> from negbatch import retrieval_metrics
     >>> g = torch.Generator().manual_seed(0)
     >>> docs = torch.randn(1000, 16, generator=g)
     >>> queries = docs + 0.1 * torch.randn(1000, 16, generator=g)

@@ -666,8 +666,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ..
 
 def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults < ``base`` (e.g. a file's contents) < options given on the command line."""
-    values = dict(base or {})
-    for f in fields(TrainConfig):
-        if hasattr(args, f.name):
-            values[f.name] = getattr(args, f.name)
-    return TrainConfig.from_dict(values)
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    return TrainConfig.from_dict({**without_replaced_length(base or {}, given), **given})
+
+
+def without_replaced_length(base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``base`` without its ``epochs``/``steps`` when ``given`` (the command line) sets the
+    other one: a file's ``epochs = 200`` gives way to a quick ``--steps 5`` trial."""
+    out = dict(base)
+    for one, other in (("epochs", "steps"), ("steps", "epochs")):
+        if one in given and other not in given:
+            out.pop(other, None)
+    return out

@@ -37,6 +37,13 @@ def save_figure(fig, path: Path) -> str:
     return path.name
 
 
+def training_length(config: dict[str, Any]) -> str:
+    """``"2 epochs"`` or, for a run given by steps, ``"30 steps"`` (a report's header)."""
+    if config.get("epochs") is not None:
+        return f"{config['epochs']} epoch{'s' if config['epochs'] != 1 else ''}"
+    return f"{config.get('steps')} steps"
+
+
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

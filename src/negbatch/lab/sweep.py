@@ -70,7 +70,26 @@ def _flatten(summary: dict[str, Any]) -> dict[str, Any]:
 
 def write_results(study_dir: Path, summaries: list[dict[str, Any]]) -> None:
     """``results.json`` and ``results.csv``: one flat row per run (config + metrics)."""
-    rows = sorted((_flatten(s) for s in summaries), key=lambda r: r["run"])
+    _write_rows(study_dir, sorted((_flatten(s) for s in summaries), key=lambda r: r["run"]))
+
+
+def keep_results(study_dir: Path, runs: set[str]) -> int:
+    """Rewrite the results table with only the rows of ``runs`` (the runs of this
+    invocation's plan that finished earlier); returns how many rows left it."""
+    path = Path(study_dir) / "results.json"
+    if not path.exists():
+        return 0
+    try:
+        rows = json.loads(path.read_text())
+    except ValueError:
+        return 0
+    kept = [r for r in rows if isinstance(r, dict) and r.get("run") in runs]
+    if len(kept) != len(rows):
+        _write_rows(study_dir, kept)
+    return len(rows) - len(kept)
+
+
+def _write_rows(study_dir: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(Path(study_dir) / "results.json", json.dumps(rows, indent=1))
     keys = list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
@@ -83,6 +102,9 @@ def write_results(study_dir: Path, summaries: list[dict[str, Any]]) -> None:
 def read_results(study_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(study_dir) / "results.json"
     if not path.exists():
+        if (Path(study_dir) / "study.json").exists():
+            raise ValueError(f"{study_dir} has no finished run yet (no results.json): run the study until one "
+                             f"run has finished, then report")
         raise ValueError(f"{study_dir} has no results.json: is it a study folder?")
     return json.loads(path.read_text())
 

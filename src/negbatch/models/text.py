@@ -70,6 +70,7 @@ class TextTokenizer:
 
     Examples
     --------
+    >>> from negbatch import TextTokenizer
     >>> tok = TextTokenizer.train(["the cat sat on the mat", "a dog ran in the park"], vocab_size=100, min_frequency=1)
     >>> batch = tok(["the cat ran", "a dog"])
     >>> batch["input_ids"].shape == batch["attention_mask"].shape
@@ -184,6 +185,8 @@ class TransformerTextEncoder(nn.Module):
 
     Examples
     --------
+    >>> import torch
+    >>> from negbatch import TransformerTextEncoder
     >>> enc = TransformerTextEncoder(vocab_size=100, dim=32, depth=1, heads=2)
     >>> batch = {"input_ids": torch.tensor([[2, 7, 9, 3], [2, 5, 3, 0]]),
     ...          "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}

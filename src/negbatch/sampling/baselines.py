@@ -39,6 +39,7 @@ class RandomBatchSampler(EpochBatchSampler):
 
     Examples
     --------
+    >>> from negbatch import RandomBatchSampler
     >>> sampler = RandomBatchSampler(10, 4, seed=1)
     >>> sorted(i for b in sampler for i in b) == list(range(10))
     True
@@ -154,6 +155,7 @@ class HardNegativeBatchSampler(EpochBatchSampler):
 
     Examples
     --------
+    >>> from negbatch import HardNegativeBatchSampler
     >>> import torch
     >>> data = torch.randn(40, 3)
     >>> s = HardNegativeBatchSampler(lambda i: data[i], 40, 8, num_clusters=5)
@@ -245,6 +247,7 @@ class NoDuplicateBatchSampler(EpochBatchSampler):
 
     Examples
     --------
+    >>> from negbatch import NoDuplicateBatchSampler
     >>> keys = ["a", "a", "b", "c", "b", "d", "e", "f"]
     >>> batches = list(NoDuplicateBatchSampler(keys, 3, seed=0))
     >>> all(len({keys[i] for i in b}) == len(b) for b in batches)

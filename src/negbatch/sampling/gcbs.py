@@ -291,6 +291,7 @@ def gcbs_order(x: Tensor, y: Tensor, q: float = 0.999, **graph_kwargs: Any) -> n
 
     Examples
     --------
+    >>> from negbatch import gcbs_order
     >>> import torch
     >>> x = torch.randn(100, 4)
     >>> sorted(gcbs_order(x, x, q=0.99).tolist()) == list(range(100))
@@ -342,6 +343,7 @@ class GCBSampler(EpochBatchSampler):
 
     Examples
     --------
+    >>> from negbatch import GCBSampler
     >>> import torch
     >>> from torch.utils.data import DataLoader, TensorDataset
     >>> data = torch.randn(64, 8)

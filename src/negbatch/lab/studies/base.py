@@ -32,10 +32,12 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..config import IMAGE_ONLY, TEXT_ONLY, TrainConfig, add_config_arguments, load_config_file
+from ..config import (
+    IMAGE_ONLY, TEXT_ONLY, TrainConfig, add_config_arguments, load_config_file, without_replaced_length,
+)
 from ..processes import Processes
 from ..folder import SUMMARY, atomic_write_text, hold_lock
-from ..sweep import KEY_FIELDS, parse_list, run_configs, run_key
+from ..sweep import KEY_FIELDS, keep_results, parse_list, run_configs, run_key
 
 __all__ = ["Study", "ImageStudy", "TextStudy", "say", "dataset_stem"]
 
@@ -131,13 +133,15 @@ class Study:
     def base_config(self, args: argparse.Namespace, **fixed: Any) -> TrainConfig:
         """The configuration every run starts from: the study's defaults < the
         ``--config`` file < the command line < ``fixed``."""
-        given = load_config_file(args.config) if getattr(args, "config", None) else {}
-        given = {str(k).replace("-", "_"): v for k, v in given.items()}
+        from_file = load_config_file(args.config) if getattr(args, "config", None) else {}
+        from_file = {str(k).replace("-", "_"): v for k, v in from_file.items()}
         # The training options given on the command line (they default to argparse.SUPPRESS: present
         # only when given); a swept field's name may be a study option of another meaning.
-        given.update({k: getattr(args, k) for k in TrainConfig.__dataclass_fields__
-                      if hasattr(args, k) and k not in self.swept})
-        values = self.study_defaults(str(given.get("dataset", TrainConfig.dataset)))
+        command_line = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__
+                        if hasattr(args, k) and k not in self.swept}
+        given = {**without_replaced_length(from_file, command_line), **command_line}
+        # The study's own default data set when none is given (not TrainConfig's): its defaults depend on it.
+        values = self.study_defaults(str(given.get("dataset", self.defaults.get("dataset", TrainConfig.dataset))))
         if "epochs" in given or "steps" in given:  # one given: the study's default of the other goes
             values.pop("epochs", None)
             values.pop("steps", None)
@@ -170,20 +174,49 @@ class Study:
     def out_folder(self, args: argparse.Namespace, dataset: str) -> Path:
         return Path(args.out or f"negbatch-runs/{self.name}-{dataset_stem(dataset)}")
 
-    def write_spec(self, out: Path, spec: dict[str, Any]) -> None:
+    def write_spec(self, out: Path, spec: dict[str, Any], configs: list[TrainConfig] | None = None) -> None:
         """``study.json``: the study's name, modality and settings (what its report reads).
 
         Takes the study folder's lock first and holds it until :meth:`release_folder`
         (the end of :meth:`run`): a second study on a folder in use is refused before
-        it writes anything (it rewrote the running study's settings)."""
+        it writes anything (it rewrote the running study's settings). A folder of
+        another study, or ``configs`` (the plan's runs) holding one run twice, are
+        refused before anything is written; the results table then keeps only the
+        plan's finished runs, so that it and ``study.json`` always describe one
+        invocation (also when this one is stopped before its first run ends)."""
         if not Processes.current().is_main:
             return
         if self._folder_locks is None:
             self._folder_locks = contextlib.ExitStack()
         self._folder_locks.enter_context(hold_lock(out, reentrant=True))
+        self._check_folder_holds_this_study(out)
+        keys = [run_key(c, self.key_fields) for c in configs] if configs is not None else None
+        if keys is not None and len(set(keys)) != len(keys):
+            raise ValueError("two configurations of the study are identical (a value given twice?); remove the "
+                             "duplicates")
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "study.json",
                           json.dumps({"study": self.name, "modality": self.modality, **spec}, indent=1))
+        if keys is not None:
+            left = keep_results(out, set(keys))
+            if left:
+                say(f"note: {left} finished run(s) in {out / 'runs'} belong to an earlier invocation with other "
+                    "options: they stay there but leave the results table and the report (rerun that command to "
+                    "bring them back, or use another --out)")
+
+    def _check_folder_holds_this_study(self, out: Path) -> None:
+        path = out / "study.json"
+        if not path.exists():
+            return
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            return  # a damaged file: rewritten below
+        if isinstance(old, dict) and "study" in old and (old["study"], old.get("modality")) != (self.name, self.modality):
+            raise ValueError(
+                f"{out} holds a {old.get('study')} study ({old.get('modality')} data), not a {self.name} study on "
+                f"{self.modality} data; use another --out"
+            )
 
     def train(self, configs: list[TrainConfig], out: Path, workers: int, what: str = "runs") -> list[dict[str, Any]]:
         """Train ``configs`` into ``out/runs`` (skipping finished runs), printing
@@ -194,11 +227,6 @@ class Study:
         if Processes.current().is_main:
             say(f"{self.name} study ({self.modality}): {len(configs)} {what} into {out}"
                 + (f"; {len(earlier)} finished earlier (skipped)" if earlier else ""))
-            others = self._runs_outside(out, keys)
-            if others:
-                say(f"note: {others} finished run(s) in {out / 'runs'} belong to an earlier invocation with other "
-                    "options: they stay there but leave the results table and the report (rerun that command to "
-                    "bring them back, or use another --out)")
         count, started = [0], time.monotonic()
 
         def on_done(summary: dict[str, Any], done: int, total: int) -> None:
@@ -210,18 +238,6 @@ class Study:
             say(f"[{count[0]}/{todo}] {self.line(summary)}{eta}")
 
         return run_configs(configs, out, workers=workers, key_fields=self.key_fields, on_done=on_done)
-
-    @staticmethod
-    def _runs_outside(out: Path, keys: set[str]) -> int:
-        """Finished runs of the results table that this invocation's plan does not hold."""
-        path = out / "results.json"
-        if not path.exists():
-            return 0
-        try:
-            rows = json.loads(path.read_text())
-        except ValueError:
-            return 0
-        return sum(1 for r in rows if isinstance(r, dict) and r.get("run") not in keys)
 
     # ----------------------------------------------------------- the study
 

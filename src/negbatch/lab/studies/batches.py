@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
-from ..report import markdown_table, plt, save_figure
+from ..report import markdown_table, plt, save_figure, training_length
 from ..folder import atomic_write_text, read_metrics
 from ..stats import fmt_mean_std, mean_std, welch_p
 from ..sweep import parse_list, read_results
@@ -73,7 +73,7 @@ class ImageBatches(ImageStudy):
         out = self.out_folder(args, base.dataset)
         self.write_spec(out, {"samplers": samplers, "seeds": seeds, "base": base.to_dict(),
                               "n_train_used": int(data.x_train.shape[0]),
-                              "raw_pixel_linear_acc": self.raw_pixel_baseline(base, out)})
+                              "raw_pixel_linear_acc": self.raw_pixel_baseline(base, out)}, configs)
         return out, configs
 
     def line(self, summary: dict[str, Any]) -> str:
@@ -89,7 +89,7 @@ def _describe(spec: dict[str, Any]) -> str:
     b = spec["base"]
     return (f"Data `{b['dataset']}` ({spec['n_train_used']} training images used; test {b['n_test'] or 'all'}), encoder "
             f"`{b['encoder']}` {b['encoder_widths']}, head {b['head_widths']}, {b['loss']} loss, temperature "
-            f"{b['temperature']}, batch size {b['batch_size']} (short tail dropped by every sampler), {b['epochs']} epochs, "
+            f"{b['temperature']}, batch size {b['batch_size']} (short tail dropped by every sampler), {training_length(b)}, "
             f"{b['optimizer']} lr {b['lr']}, augmentation strength {b['aug_strength']}; GCBS q = {b['gcbs_q']}"
             f"{', re-planned every %d steps' % b['refresh_every'] if b['refresh_every'] else ', planned once per epoch'}; "
             f"hard = k-means into N/B clusters, batches filled cluster by cluster. Both embed the un-augmented "

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..config import TrainConfig
-from ..report import markdown_table, plt, save_figure
+from ..report import markdown_table, plt, save_figure, training_length
 from ..folder import CHECKPOINT, atomic_write_text
 from ..stats import fmt_mean_std, mean_std, welch
 from ..sweep import parse_list, read_results, run_key
@@ -102,7 +102,7 @@ class BiasStudy(ImageStudy):
         self.write_spec(out, {"base": base.to_dict(), "batch_size": full, "seeds": seeds,
                               "bias_batch_sizes": sizes, "num_batches": args.num_batches,
                               "bias_samples": args.bias_samples, "skip_bias": bool(args.skip_bias),
-                              "conditions": runs})
+                              "conditions": runs}, [c for _, c in labelled])
         return out, [c for _, c in labelled]
 
     def line(self, summary: dict[str, Any]) -> str:
@@ -295,7 +295,7 @@ def report(folder: Path) -> Path:
     text = [
         "# Study: minibatch gradient bias and the bias-corrected global loss\n\n",
         f"Data `{b['dataset']}` (train {b['n_train'] or 'all'}, test {b['n_test'] or 'all'}), encoder `{b['encoder']}` "
-        f"{b['encoder_widths']}, head {b['head_widths']}, temperature {b['temperature']}, {b['epochs']} epochs, "
+        f"{b['encoder_widths']}, head {b['head_widths']}, temperature {b['temperature']}, {training_length(b)}, "
         f"optimizer {b['optimizer']} lr {b['lr']} (the same for every condition), augmentation strength {b['aug_strength']}; "
         f"global loss: gamma {b['gamma']} ({b['gamma_schedule']}). Seeds {spec['seeds']}; mean ± sample std over seeds.\n",
     ]

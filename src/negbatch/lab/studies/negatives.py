@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from ..report import training_length
 from ..config import TrainConfig, parse_negatives
 from ..folder import atomic_write_text, read_metrics
 from ..stats import fmt_mean_std, mean_std, spearman, welch_p
@@ -88,7 +89,7 @@ class ImageNegatives(ImageStudy):
         out = self.out_folder(args, base.dataset)
         self.write_spec(out, {"base": base.to_dict(), "losses": losses, "ks": effective, "seeds": seeds,
                               "temperatures": temperatures, "lrs": lrs, "runs": len(configs),
-                              "raw_pixel_linear_acc": self.raw_pixel_baseline(base, out)})
+                              "raw_pixel_linear_acc": self.raw_pixel_baseline(base, out)}, configs)
         return out, configs
 
     def line(self, summary: dict[str, Any]) -> str:
@@ -131,6 +132,9 @@ def report(folder: Path) -> Path:
     folder = Path(folder)
     spec = json.loads((folder / "study.json").read_text())
     rows = [r for r in read_results(folder) if r["loss"] in spec["losses"]]
+    if not rows:
+        raise ValueError(f"{folder} has no finished run of this study's settings yet (losses {spec['losses']}); "
+                         f"run the study to the end of one run first")
     for r in rows:
         r["negatives"] = parse_negatives(r["negatives"])
     bs = spec["base"]["batch_size"]
@@ -194,7 +198,7 @@ def report(folder: Path) -> Path:
     text = [
         "# Study: the number of negatives per anchor\n\n",
         f"Data `{b['dataset']}` (train {b['n_train'] or 'all'}, test {b['n_test'] or 'all'}), encoder `{b['encoder']}` "
-        f"{b['encoder_widths']}, head {b['head_widths']}, batch size {bs}, {b['epochs']} epochs, optimizer {b['optimizer']}, "
+        f"{b['encoder_widths']}, head {b['head_widths']}, batch size {bs}, {training_length(b)}, optimizer {b['optimizer']}, "
         f"augmentation strength {b['aug_strength']}; seeds {spec['seeds']}; temperatures {spec['temperatures']}; "
         f"learning rates {spec['lrs']}. Accuracy is on the held-out test split; mean ± sample std over seeds.\n",
     ]

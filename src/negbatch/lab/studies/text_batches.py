@@ -68,7 +68,7 @@ class TextBatches(TextStudy):
         base = base.replace(steps=steps)
         configs = [base.replace(sampler=s, seed=seed) for s in samplers for seed in seeds]
         out = self.out_folder(args, base.dataset)
-        self.write_spec(out, {"base": base.to_dict(), "samplers": samplers, "seeds": seeds, "runs": len(configs)})
+        self.write_spec(out, {"base": base.to_dict(), "samplers": samplers, "seeds": seeds, "runs": len(configs)}, configs)
         return out, configs
 
     def line(self, summary: dict[str, Any]) -> str:

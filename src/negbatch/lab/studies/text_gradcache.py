@@ -83,7 +83,7 @@ class TextGradCache(TextStudy):
         self.write_spec(out, {"base": base.to_dict(), "batch_sizes": sizes, "seeds": seeds,
                               "chunk_size": args.chunk_size, "budget": args.budget,
                               "pairs": pairs if args.budget == "pairs" else None,
-                              "saved_activation_bytes": memory, "runs": len(configs)})
+                              "saved_activation_bytes": memory, "runs": len(configs)}, configs)
         return out, configs
 
     def line(self, summary: dict[str, Any]) -> str:

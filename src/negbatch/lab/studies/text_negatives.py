@@ -61,7 +61,7 @@ class TextNegatives(TextStudy):
         self.load(base)  # data errors before the folder is made
         out = self.out_folder(args, base.dataset)
         self.write_spec(out, {"base": base.to_dict(), "ks": effective, "seeds": seeds, "temperatures": temperatures,
-                              "lrs": lrs, "runs": len(configs)})
+                              "lrs": lrs, "runs": len(configs)}, configs)
         return out, configs
 
     def line(self, summary: dict[str, Any]) -> str:
