@@ -40,3 +40,18 @@ def test_docstring_examples_run(name):
     if runner.missing:
         pytest.skip(f"{name}: examples need {sorted(runner.missing)} (an optional extra)")
     assert runner.failures == 0, f"{runner.failures} docstring example(s) failed in {name}"
+
+
+@pytest.mark.parametrize("name", sorted(negbatch.__all__))
+def test_every_exported_object_has_an_example_that_runs_in_a_fresh_session(name):
+    # With empty globals: an example that leans on its module's own imports fails here, as it
+    # would when copied into a new session.
+    obj = getattr(negbatch, name)
+    if not callable(obj):
+        pytest.skip(f"{name} is a constant")
+    tests = [t for t in doctest.DocTestFinder(recurse=False).find(obj, name, globs={}) if t.examples]
+    assert tests, f"negbatch.{name} has no docstring example"
+    runner = doctest.DocTestRunner(optionflags=FLAGS, verbose=False)
+    for test in tests:
+        runner.run(test, out=lambda _: None)
+    assert runner.failures == 0, f"negbatch.{name}'s example fails in a fresh session"

@@ -114,6 +114,14 @@ class NegativeSelection:
     only_self_excluded : bool
         Dense layout: ``allowed`` is False at the ``self_index`` columns only,
         so a kernel may fill those n entries instead of scanning the mask.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from negbatch import select_negatives
+    >>> selection = select_negatives(torch.tensor([1, 0]), 5, 2, generator=torch.Generator().manual_seed(0))
+    >>> selection.is_dense, tuple(selection.index.shape), selection.num_positive_slots
+    (False, (2, 3), 1)
     """
 
     positive_index: Tensor
@@ -380,6 +388,22 @@ def select_negatives(
         length or dtype, a mask that is not bool, ``negatives`` not "all" or
         a positive int, K above an anchor's candidates (with
         ``on_shortage="raise"``).
+
+    Examples
+    --------
+    Two views of 2 samples in one bank of 4 columns: row i's positive is the
+    other view, its own column is never a candidate.
+
+    >>> import torch
+    >>> from negbatch import select_negatives
+    >>> positive, itself = torch.tensor([2, 3, 0, 1]), torch.tensor([0, 1, 2, 3])
+    >>> select_negatives(positive, 4, self_index=itself).allowed.int().tolist()
+    [[0, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 0]]
+    >>> sampled = select_negatives(positive, 4, 1, self_index=itself, generator=torch.Generator().manual_seed(0))
+    >>> sampled.index[:, 0].tolist()  # slot 0: the positive; slot 1: one drawn negative
+    [2, 3, 0, 1]
+    >>> bool(((sampled.index[:, 1] != positive) & (sampled.index[:, 1] != itself)).all())
+    True
     """
     _check_selection_inputs(positive_index, num_candidates, self_index, mask, positives, row_index, n_rows_global)
     return _select(positive_index, num_candidates, negatives, self_index=self_index, mask=mask, positives=positives,
@@ -679,9 +703,33 @@ def selection_logits(
 ) -> Tensor:
     """Logits of every anchor against its selected candidates.
 
-    Returns a dense ``(n, m)`` matrix or a sampled ``(n, 1 + K)`` matrix (see
+    Parameters
+    ----------
+    anchors : Tensor (n, d)
+    bank : Tensor (m, d)
+        Used as given (normalise them first for cosine similarities).
+    selection : NegativeSelection
+        From :func:`select_negatives` for these n anchors and m columns.
+    temperature : float
+        The logits are ``anchors @ bank.T / temperature``.
+
+    Returns
+    -------
+    A dense ``(n, m)`` matrix or a sampled ``(n, 1 + K)`` matrix (see
     :class:`NegativeSelection`); entries that are not candidates are ``-inf``.
     The positive's column is ``selection.positive_column``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from negbatch import select_negatives, selection_logits
+    >>> z = torch.nn.functional.normalize(torch.randn(4, 3), dim=1)
+    >>> positive, itself = torch.tensor([2, 3, 0, 1]), torch.tensor([0, 1, 2, 3])
+    >>> dense = selection_logits(z, z, select_negatives(positive, 4, self_index=itself), 0.5)
+    >>> dense.shape, int(dense.isinf().sum())  # each anchor's own column is out
+    (torch.Size([4, 4]), 4)
+    >>> selection_logits(z, z, select_negatives(positive, 4, 1, self_index=itself), 0.5).shape  # K = 1
+    torch.Size([4, 2])
     """
     if selection.is_dense:
         # The scale folded into the product, the exclusions filled in place:

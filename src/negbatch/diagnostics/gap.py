@@ -28,7 +28,16 @@ __all__ = ["GapResult", "global_train_gap"]
 
 @dataclass(frozen=True)
 class GapResult:
-    """``global_loss - train_loss == gap``; ``num_anchors`` anchors averaged."""
+    """``global_loss - train_loss == gap``; ``num_anchors`` anchors averaged.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from negbatch import global_train_gap
+    >>> result = global_train_gap(torch.randn(8, 4), [[0, 1, 2, 3], [4, 5, 6, 7]], temperature=0.5)
+    >>> abs(result.global_loss - result.train_loss - result.gap) < 1e-9, result.num_anchors
+    (True, 8)
+    """
 
     global_loss: float
     train_loss: float

@@ -51,6 +51,27 @@ def info_nce_per_anchor(
 
     ``anchors`` (n, d) and ``bank`` (m, d) are used as given (normalise them
     first for cosine similarities). Returns a tensor of shape (n,).
+
+    Parameters
+    ----------
+    anchors, bank : Tensor (n, d), (m, d)
+    positive_index : Tensor (n,) long
+        Bank column of each anchor's positive.
+    temperature : float
+    negatives, self_index, mask, positives, generator, on_shortage, row_index, n_rows_global
+        As for :func:`negbatch.negatives.select_negatives`.
+
+    Examples
+    --------
+    The query-document loss, anchor by anchor (its mean is ``InfoNCE``'s):
+
+    >>> import torch
+    >>> from negbatch import InfoNCE, info_nce_per_anchor
+    >>> q = torch.nn.functional.normalize(torch.randn(3, 5), dim=1)
+    >>> d = torch.nn.functional.normalize(torch.randn(3, 5), dim=1)
+    >>> per_anchor = info_nce_per_anchor(q, d, torch.arange(3), temperature=0.1)
+    >>> per_anchor.shape, bool(torch.allclose(per_anchor.mean(), InfoNCE(temperature=0.1, form="query_document")(q, d)))
+    (torch.Size([3]), True)
     """
     selection = select_negatives(
         positive_index, bank.shape[0], negatives, self_index=self_index, mask=mask, positives=positives,
