@@ -129,3 +129,16 @@ def test_augment_rejects_bad_input():
         Augment(strength=1.5)
     with pytest.raises(ValueError, match="shape"):
         Augment()(torch.rand(4, 8, 8))
+
+
+def test_idx_cut_inside_its_header_and_high_contrast_never_inverts(tmp_path):
+    for name, opener in (("cut.idx", open), ("cut.idx.gz", gzip.open)):
+        with opener(tmp_path / name, "wb") as f:
+            f.write(bytes([0, 0, 0x08, 3]) + struct.pack(">I", 5))  # 3 dimensions, 1 given
+        with pytest.raises(DatasetDamagedError, match="ends inside its header"):
+            read_idx(tmp_path / name)
+    x = load_digits().x_train[:200]
+    views = Augment(strength=1.0, contrast=1.5, brightness=0.0, noise=0.0, max_shift=0.0, min_scale=1.0, erase_prob=0.0)(
+        x, torch.Generator().manual_seed(0))
+    centred = lambda t: (t - t.mean(dim=(1, 2, 3), keepdim=True)).flatten(1)  # noqa: E731
+    assert bool(((centred(views) * centred(x)).sum(1) >= -1e-6).all())  # no view anti-correlated with its image

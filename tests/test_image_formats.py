@@ -390,3 +390,32 @@ def test_load_dataset_names_and_options(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no deprecation warning from numpy's old module names
         load_cifar100(tmp_path)
+
+
+def test_image_folder_cache_sees_new_pixels_of_the_same_size_and_16_bit_images_are_refused(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for split, name in (("train", "a.bmp"), ("train", "b.bmp"), ("val", "c.bmp")):
+        (root / split / "cls").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), 10, np.uint8)).save(root / split / "cls" / name)
+    first = load_image_folder(root, size=8, cache_dir=tmp_path / "cache")
+    target = root / "train" / "cls" / "a.bmp"
+    size, stamp = target.stat().st_size, target.stat().st_mtime_ns
+    Image.fromarray(np.full((8, 8, 3), 250, np.uint8)).save(target)  # an uncompressed file: the same size
+    os.utime(target, ns=(stamp + 10**9, stamp + 10**9))  # a coarse file system may not tick within the test
+    assert target.stat().st_size == size
+    again = load_image_folder(root, size=8, cache_dir=tmp_path / "cache")
+    assert sorted(int(x.max()) for x in again.x_train) == [10, 250] != sorted(int(x.max()) for x in first.x_train)
+    Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(root / "train" / "cls" / "deep.png")
+    with pytest.raises(DatasetDamagedError, match="16-bit or float"):
+        load_image_folder(root, size=8, cache_dir=tmp_path / "cache")
+
+
+def test_npz_with_no_labelled_image_or_a_folder_is_named(tmp_path):
+    np.savez(tmp_path / "e.npz", x_train=np.zeros((0, 4, 4), np.uint8), y_train=np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match="x_train holds no images"):
+        load_arrays(tmp_path / "e.npz")
+    (tmp_path / "d.npz").mkdir()
+    with pytest.raises(DatasetNotFoundError, match="is a folder"):
+        load_arrays(tmp_path / "d.npz")

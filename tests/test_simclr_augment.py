@@ -223,3 +223,9 @@ def test_bad_arguments_are_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "kornia", None)
     with pytest.raises(ImportError, match=r"negbatch\[vision\]"):
         SimCLRAugment()
+
+
+def test_float_images_on_a_0_255_scale_are_refused():
+    x = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(2)).float()
+    with pytest.raises(ValueError, match=r"\[0, 1\].*divide by 255"):
+        SimCLRAugment()(x, torch.Generator().manual_seed(0))

@@ -147,3 +147,11 @@ def test_encoder_ignores_other_tokenizer_keys_as_keywords_too(tok):
     GradCache(enc, loss, 2).step(q, d)
     for p, g in zip(enc.parameters(), want):
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+
+
+def test_a_saved_tokenizer_keeps_its_max_length():
+    pairs = builtin_pairs()
+    short = TextTokenizer.train(pairs.queries, vocab_size=300, min_frequency=1, max_length=8)
+    again = TextTokenizer.from_str(short.to_str())
+    assert again.max_length == 8 and again(["word " * 50])["input_ids"].shape[1] == 8
+    assert TextTokenizer.from_str(short.to_str(), max_length=12).max_length == 12

@@ -97,7 +97,8 @@ def load_arrays(path: str | os.PathLike, *, test_fraction: float = 0.2, name: st
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction!r}")
     if not path.is_file():
-        raise DatasetNotFoundError(f"{path} does not exist; expected a .npz file (x_train, y_train, optional x_test, "
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise DatasetNotFoundError(f"{path} {what}; expected a .npz file (x_train, y_train, optional x_test, "
                                    "y_test, x_unlabeled) or a .npy file of images")
     if path.suffix not in (".npz", ".npy"):
         raise ValueError(f"{path} must be a .npz or .npy file")
@@ -143,6 +144,9 @@ def load_arrays(path: str | os.PathLike, *, test_fraction: float = 0.2, name: st
     unl = _images(arrays["x_unlabeled"], f"{path}:x_unlabeled") if "x_unlabeled" in arrays else None
     if "x_train" in arrays:
         xtr = _images(arrays["x_train"], f"{path}:x_train")
+        if len(xtr) == 0:
+            raise ValueError(f"{path}:x_train holds no images; store labelled images there, or leave x_train out and "
+                             f"give only x_unlabeled")
         ytr = _labels(arrays["y_train"], len(xtr), f"{path}:y_train")
         if "x_test" in arrays:
             xte = _images(arrays["x_test"], f"{path}:x_test")

@@ -122,7 +122,8 @@ class Augment:
 
     def photometric(self, x: Tensor, uniform, s: float, normal) -> Tensor:
         n = x.shape[0]
-        c = 1.0 + s * self.contrast * (uniform(n, 1, 1, 1) * 2 - 1)
+        # At contrast > 1 the factor could go negative and invert the image (torchvision clamps at 0 too).
+        c = (1.0 + s * self.contrast * (uniform(n, 1, 1, 1) * 2 - 1)).clamp_min(0.0)
         b = s * self.brightness * (uniform(n, 1, 1, 1) * 2 - 1)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = (x - mean) * c + mean + b

@@ -22,6 +22,13 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 _CACHE_VERSION = 1
 
 
+def file_stamp(stat: os.stat_result) -> int:
+    """A file's size and modification time in one int: what identifies its
+    contents in a cache key (an uncompressed image rewritten with new pixels
+    keeps its size)."""
+    return stat.st_size | (stat.st_mtime_ns << 48)
+
+
 def _pillow():
     try:
         from PIL import Image
@@ -57,8 +64,8 @@ class ImageFiles:
     channels : {3, 1}, default 3
         RGB, or greyscale.
     file_sizes : sequence of int, optional
-        The files' sizes in bytes (for :meth:`fingerprint`); read from disk
-        when not given.
+        Each file's :func:`file_stamp` (its size and modification time, for
+        :meth:`fingerprint`); read from disk when not given.
 
     Examples
     --------
@@ -153,6 +160,10 @@ class ImageFiles:
         h, w = self.size
         try:
             with Image.open(path) as im:
+                if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                    # Pillow's conversion to 8 bits clips these (a 16-bit 40000 becomes 255) instead of scaling.
+                    raise ValueError(f"it has {im.mode} pixels (16-bit or float), which decode to 8 bits only by "
+                                     "clipping; convert the data set to 8-bit images first")
                 if self.resize and im.size != (w, h):
                     # JPEG: decode at the smallest DCT scale still >= the target (much faster)
                     im.draft("RGB" if self.channels == 3 else "L", (w, h))
@@ -171,11 +182,12 @@ class ImageFiles:
 
     # ------------------------------------------------------------ identity
     def fingerprint(self) -> str:
-        """sha256 over the relative paths, the files' sizes and the decoding."""
+        """sha256 over the relative paths, the files' sizes and modification
+        times, and the decoding."""
         sizes = self.file_sizes
         if sizes is None:
-            sizes = [(self.root / p).stat().st_size for p in self.paths]
-        h = hashlib.sha256(f"negbatch.ImageFiles v1 {self.channels} {self.size} {self.resize}\0".encode())
+            sizes = [file_stamp((self.root / p).stat()) for p in self.paths]
+        h = hashlib.sha256(f"negbatch.ImageFiles v2 {self.channels} {self.size} {self.resize}\0".encode())
         for p, s in zip(self.paths, sizes):
             h.update(f"{p}\0{s}\n".encode())
         return h.hexdigest()

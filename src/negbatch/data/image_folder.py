@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ._files import DatasetDamagedError, DatasetNotFoundError, atomic_write
-from .image_files import IMAGE_EXTENSIONS, ImageFiles, _CACHE_VERSION, _side_pair
+from .image_files import IMAGE_EXTENSIONS, ImageFiles, _CACHE_VERSION, _side_pair, file_stamp
 from .images import ImageDataset
 
 _LAYOUT = (
@@ -58,7 +58,7 @@ def _scan(folder: Path, root: Path) -> tuple[list[str], list[int]]:
                 continue
             p = base / name
             paths.append(p.relative_to(root).as_posix())
-            sizes.append(p.stat().st_size)
+            sizes.append(file_stamp(p.stat()))
     return paths, sizes
 
 
@@ -82,7 +82,7 @@ def _tiny_imagenet_val(root: Path, index: dict[str, int]) -> tuple[list[str], li
         if not p.is_file():
             raise DatasetNotFoundError(f"{ann} line {lineno} names {p}, which does not exist")
         paths.append(p.relative_to(root).as_posix())
-        sizes.append(p.stat().st_size)
+        sizes.append(file_stamp(p.stat()))
         labels.append(index[cls])
     return paths, sizes, labels
 

@@ -406,6 +406,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in dtypes:
         raise DatasetDamagedError(f"{path} is not an IDX file (bad magic number): a damaged download? Fetch it again")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DatasetDamagedError(f"{path} ends inside its header ({len(data)} bytes for {ndim} dimensions): a "
+                                  "truncated download? Fetch it again")
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     dtype = np.dtype(dtypes[data[2]])
     expected = int(np.prod(dims)) * dtype.itemsize

@@ -272,6 +272,11 @@ class SimCLRAugment:
         if len(params.flip) != n:
             raise ValueError(f"params were drawn for {len(params.flip)} images, x has {n}")
         out_hw = self.output_size(h, w)
+        if x.dtype != torch.uint8 and x.device.type == "cpu" and x.numel() and float(x.max()) > 1.0 + 1e-3:
+            # Float images on a 0-255 scale would saturate in the colour ops (a GPU tensor is not
+            # checked: the check would synchronise every batch).
+            raise ValueError(f"float images must lie in [0, 1] (got values up to {float(x.max()):.4g}); divide by "
+                             f"255, or pass uint8 images")
         x = to_float_images(x) if x.dtype == torch.uint8 else x.float()
         if n == 0:
             return x.new_zeros((0, c, *out_hw))

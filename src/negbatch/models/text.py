@@ -151,9 +151,14 @@ class TextTokenizer:
         return self.tokenizer.to_str()
 
     @classmethod
-    def from_str(cls, text: str, *, max_length: int = 128) -> TextTokenizer:
+    def from_str(cls, text: str, *, max_length: int | None = None) -> TextTokenizer:
+        """The tokenizer saved by :meth:`to_str`; ``max_length`` None: the saved one."""
         tk = _require("tokenizers", "text", "tokenizers")
-        return cls(tk.Tokenizer.from_str(text), max_length=max_length)
+        tokenizer = tk.Tokenizer.from_str(text)
+        if max_length is None:
+            saved = tokenizer.truncation
+            max_length = int(saved["max_length"]) if saved else 128
+        return cls(tokenizer, max_length=max_length)
 
 
 class TransformerTextEncoder(nn.Module):
