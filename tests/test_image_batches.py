@@ -172,3 +172,14 @@ def test_to_float_images():
         image_batch_loader(f, None, [[0]], num_workers=-1)
     with pytest.raises(ValueError, match="labels must be a tensor of shape \\(2,\\)"):
         ImageBatches(f, torch.zeros(3, dtype=torch.long))
+
+
+def test_a_new_loader_iterator_leaves_torchs_global_generator_alone():
+    # A resumed epoch makes one more iterator than an uninterrupted one: it must not draw from
+    # the global generator (the checkpoint's RNG state differed after a resume).
+    from negbatch.data import image_batch_loader
+
+    loader = image_batch_loader(torch.rand(6, 1, 4, 4), None, [[0, 1, 2], [3, 4, 5]])
+    before = torch.get_rng_state()
+    assert [idx.tolist() for _, _, idx in loader] == [[0, 1, 2], [3, 4, 5]]
+    assert torch.equal(torch.get_rng_state(), before)

@@ -178,3 +178,31 @@ def test_accumulation_checks_k_against_the_smallest_chunk_before_training():
         build_loss(tiny(loss="simclr", negatives=7, chunk_size=5, chunk_method="accumulate"))
     build_loss(tiny(loss="simclr", negatives=6, chunk_size=5, chunk_method="accumulate"))
     build_loss(tiny(loss="simclr", negatives=20, chunk_size=5, chunk_method="cache"))  # the cache sees the batch
+
+
+def _accumulate_on_two_ranks(rank, world):
+    from negbatch.distributed import gather_with_grad
+
+    seen = []
+
+    class Recording(nn.Module):  # records each chunk's rows on this rank and over all ranks
+        def forward(self, z1, z2, batch, generator):
+            gathered, _ = gather_with_grad(z1)
+            seen.append((z1.shape[0], gathered.shape[0]))
+            return z1.pow(2).mean() + z2.pow(2).mean()
+
+    loss_fn = Recording()
+
+    model = nn.Linear(4, 3)
+    batch = Batch(torch.arange(6), torch.randn(6, 4), torch.randn(6, 4))  # this rank's 6 of 12 rows
+    accumulated_forward_backward(model, loss_fn, batch, torch.Generator(), 4)
+    assert seen == [(2, 4)] * 3  # a chunk's loss has chunk_size = 4 rows over the two ranks
+    with pytest.raises(ValueError, match="divisible by the 2 processes"):
+        accumulated_forward_backward(model, loss_fn, batch, torch.Generator(), 3)
+
+
+@pytest.mark.distributed
+def test_accumulated_chunks_hold_chunk_size_rows_over_all_processes():
+    from _dist import run_distributed
+
+    run_distributed(_accumulate_on_two_ranks, 2)

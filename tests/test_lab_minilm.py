@@ -178,3 +178,15 @@ def test_unsupervised_pairs_each_query_with_itself_for_the_scratch_encoder_too(t
     assert summary["data"]["fingerprint"] != supervised["data"]["fingerprint"]
     assert summary["config"]["unsupervised"] is True and supervised["config"]["unsupervised"] is False
     assert 0.0 <= summary["ndcg@10"] <= 1.0
+
+
+def test_logged_rows_hold_each_steps_own_loss_and_epoch_also_after_a_resume(tmp_path):
+    # log_every = 2: the trainer's own "loss" is the mean since its last log, restarted at a
+    # resumed checkpoint (step 4 logged the mean of steps 3 and 4, then step 4 alone).
+    cfg = TrainConfig(**TINY, steps=6, log_every=2)
+    train(cfg, tmp_path / "full")
+    assert train(cfg, tmp_path / "cut", stop_after=3) is None
+    train(cfg, tmp_path / "cut")
+    full, cut = rows(tmp_path / "full"), rows(tmp_path / "cut")
+    assert [(r["step"], r["epoch"]) for r in full] == [(2, 0), (4, 0), (6, 1)]  # 4 steps per epoch
+    assert [(r["step"], r["epoch"], r["loss"]) for r in cut] == [(r["step"], r["epoch"], r["loss"]) for r in full]

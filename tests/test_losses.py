@@ -359,3 +359,20 @@ def test_sampled_negatives_of_float32_embeddings_under_autocast(form):
     z1.grad = z2.grad = None
     loss(z1, z2, generator=torch.Generator().manual_seed(1)).backward()  # the same draw, in float32
     torch.testing.assert_close(got, z1.grad, rtol=0.05, atol=2e-3)  # bf16 logits
+
+
+def test_under_autocast_every_loss_computes_and_returns_float32():
+    # The products run in bf16; the per-anchor arithmetic (SigLIP's bias, DCL's and the global
+    # loss's sums) ran in bf16 too and was off by 3e-4 to 1.6e-3 at B = 256.
+    from negbatch import DCL, GlobalInfoNCE, SigLIP
+
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(256, 32, generator=g), torch.randn(256, 32, generator=g)
+    r1, r2 = z1.bfloat16().double(), z2.bfloat16().double()  # what the bf16 products see
+    for make, extra in [(lambda: InfoNCE(temperature=0.1), ()), (lambda: DCL(temperature=0.1), ()),
+                        (lambda: SigLIP(), ()), (lambda: GlobalInfoNCE(256, temperature=0.1), (torch.arange(256),))]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            value = make()(z1, z2, *extra)
+        want = make().double()(r1, r2, *extra)
+        assert value.dtype == torch.float32
+        assert float(value.detach()) == pytest.approx(float(want.detach()), rel=1e-4)

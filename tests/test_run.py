@@ -263,3 +263,14 @@ def test_resume_says_where_it_resumes(tmp_path, digits, capsys):
     assert "stopped at step 5 of 12; run the same command again to resume" in capsys.readouterr().err
     train(tiny(), tmp_path, data=digits)
     assert "resuming from step 5 of 12" in capsys.readouterr().err
+
+
+def test_a_rows_temperature_and_bias_are_the_ones_its_loss_used(tmp_path, digits):
+    from negbatch.lab.tasks.image import build_loss
+
+    cfg = tiny(epochs=1, learnable_temperature=True, loss="siglip", lr=0.05, optimizer="sgd", log_every=1)
+    train(cfg, tmp_path, data=digits)
+    first = read_metrics(tmp_path)[0]
+    start = build_loss(cfg, num_samples=96).log_values()  # before any step: what step 1 computed with
+    assert first["step"] == 1 and first["temperature"] == pytest.approx(start["temperature"], rel=1e-6)
+    assert first["bias"] == pytest.approx(start["bias"], rel=1e-6)

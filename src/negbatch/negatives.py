@@ -698,6 +698,15 @@ class _SampledDot(torch.autograd.Function):
         return grad_anchors, grad_bank, None
 
 
+def autocast_active(device: torch.device) -> bool:
+    """Whether an autocast region is active for ``device``'s type (the
+    argument-free ``torch.is_autocast_enabled()`` answers for CUDA only)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() if device.type == "cpu" else torch.is_autocast_enabled()
+
+
 def selection_logits(
     anchors: Tensor, bank: Tensor, selection: NegativeSelection, temperature: float
 ) -> Tensor:
@@ -717,7 +726,10 @@ def selection_logits(
     -------
     A dense ``(n, m)`` matrix or a sampled ``(n, 1 + K)`` matrix (see
     :class:`NegativeSelection`); entries that are not candidates are ``-inf``.
-    The positive's column is ``selection.positive_column``.
+    The positive's column is ``selection.positive_column``. Under autocast
+    the product runs in half precision and the logits are returned in float32
+    (as autocast's own cross-entropy computes), so the losses' per-anchor
+    arithmetic and their value are float32.
 
     Examples
     --------
@@ -731,6 +743,13 @@ def selection_logits(
     >>> selection_logits(z, z, select_negatives(positive, 4, 1, self_index=itself), 0.5).shape  # K = 1
     torch.Size([4, 2])
     """
+    logits = _logits(anchors, bank, selection, temperature)
+    if logits.dtype in (torch.float16, torch.bfloat16) and autocast_active(logits.device):
+        logits = logits.float()
+    return logits
+
+
+def _logits(anchors: Tensor, bank: Tensor, selection: NegativeSelection, temperature: float) -> Tensor:
     if selection.is_dense:
         # The scale folded into the product, the exclusions filled in place:
         # no pass over the logits besides the product's own.

@@ -114,6 +114,10 @@ def image_batch_loader(
         collate_fn=keep_batch,
         num_workers=num_workers,
         pin_memory=pin_memory,
+        # Every iterator draws a base seed for its workers: from its own generator, not torch's
+        # global one, which a resumed epoch (a new iterator) would otherwise advance once more.
+        # Decoding draws no random numbers, so a fixed seed changes nothing else.
+        generator=torch.Generator().manual_seed(0),
         **extra,
     )
 

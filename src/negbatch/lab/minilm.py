@@ -215,7 +215,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, data: Any, stop_after: int | Non
 
     args = _training_arguments(cfg, trainer_dir, total_steps, device, batches)
     with _StopRequest() as stop, open(folder.path / METRICS, "a") as log:
-        control = _RunControl(cfg, loss, rows, log, stop, stop_after, total_steps)
+        control = _RunControl(cfg, loss, rows, log, stop, stop_after, total_steps, len(train) // cfg.batch_size)
         trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=trainer_dataset(train), loss=loss,
                                              callbacks=[batches, control], optimizers=(optimizer, schedule))
         _quiet(trainer)
@@ -287,12 +287,21 @@ class _RunControl(TrainerCallback):
     checkpoint."""
 
     def __init__(self, cfg: TrainConfig, loss, rows: list[dict[str, Any]], log, stop: _StopRequest,
-                 stop_after: int | None, total_steps: int) -> None:
+                 stop_after: int | None, total_steps: int, steps_per_epoch: int) -> None:
         self.cfg, self.loss, self.rows, self.log = cfg, loss, rows, log
         self.stop, self.stop_after, self.total_steps = stop, stop_after, total_steps
+        self.steps_per_epoch = max(steps_per_epoch, 1)
+        # The last step's loss, as the lab's own loop logs it: the trainer's logged "loss" is the
+        # mean since its previous log, and restarts at a resumed checkpoint.
+        self.last_loss: torch.Tensor | None = None
+        loss.register_forward_hook(self._record)
         self.seconds_before = rows[-1]["seconds"] if rows else 0.0
         self.started = time.perf_counter()
         self.last_save = time.monotonic()
+
+    def _record(self, module, inputs, output) -> None:
+        if torch.is_grad_enabled():  # a training step, not an evaluation
+            self.last_loss = output.detach()
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
@@ -315,8 +324,9 @@ class _RunControl(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:
             return control  # the trainer's closing summary
-        row = {"step": state.global_step, "epoch": int(state.epoch or 0),
-               "loss": float(logs["loss"]), "lr": float(logs.get("learning_rate", float("nan"))),
+        loss = float(self.last_loss) if self.last_loss is not None else float(logs["loss"])
+        row = {"step": state.global_step, "epoch": (state.global_step - 1) // self.steps_per_epoch,
+               "loss": loss, "lr": float(logs.get("learning_rate", float("nan"))),
                "seconds": self.seconds_before + time.perf_counter() - self.started}
         self.rows.append(row)
         self.log.write(json.dumps(row) + "\n")

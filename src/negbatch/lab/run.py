@@ -92,7 +92,8 @@ def train(
     process trains on its share of every global batch of ``batch_size``, the
     losses contrast with every process's embeddings (``gather=True``), and
     rank 0 alone writes the folder. With ``norm="none"`` (or ``"sync"`` on
-    GPUs) the run equals a single-process run of the same global batch.
+    GPUs) the run equals a single-process run of the same global batch (but
+    for ``chunk_method="accumulate"``, whose chunks then hold other samples).
 
     Parameters
     ----------
@@ -223,6 +224,10 @@ def _train(cfg: TrainConfig, folder: RunFolder, procs: Processes, data: Any, sto
                     optimizer.zero_grad(set_to_none=True)
                     loss = task.step(batch, streams)
                     lr = optimizer.param_groups[0]["lr"]
+                    logs_now = ((progress["step"] + 1) % cfg.log_every == 0 or progress["step"] + 1 == total_steps
+                                or bool(epoch_row))
+                    # Read before the optimizer moves them: the temperature and bias this step's loss used.
+                    metrics = task.step_metrics() if logs_now else {}
                     precision.step(optimizer)
                     task.after_step()
                     schedule.step()
@@ -230,9 +235,9 @@ def _train(cfg: TrainConfig, folder: RunFolder, procs: Processes, data: Any, sto
                     progress["position"] += 1
                     progress["seconds"] = seconds_before + time.perf_counter() - session_start
                     step = progress["step"]
-                    if step % cfg.log_every == 0 or step == total_steps or epoch_row:
+                    if logs_now:
                         row = {"step": step, "epoch": epoch, "loss": procs.mean(loss), "lr": lr,
-                               "seconds": progress["seconds"], **task.step_metrics(),
+                               "seconds": progress["seconds"], **metrics,
                                **(snr.summary() if snr is not None and snr.steps else {}), **epoch_row}
                         epoch_row = {}  # the epoch's diagnostics go with its first logged step
                         if log is not None:

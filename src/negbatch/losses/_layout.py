@@ -54,7 +54,7 @@ from .._checks import (
     check_temperature,
 )
 from ..distributed import gather_nograd, gather_with_grad, global_batch_mean, global_batch_sum
-from ..negatives import NegativeSelection, _select, validate_negatives
+from ..negatives import NegativeSelection, _select, validate_negatives, autocast_active
 from .filtering import _false_negatives, check_filter
 from .temperature import LearnableTemperature
 
@@ -550,15 +550,6 @@ class BankLoss(nn.Module):
             return self.temperature
         layout.scale_anchors(self.logit_scale())
         return 1.0
-
-
-def autocast_active(device: torch.device) -> bool:
-    """Whether an autocast region is active for ``device``'s type (the
-    argument-free ``torch.is_autocast_enabled()`` answers for CUDA only)."""
-    try:
-        return torch.is_autocast_enabled(device.type)
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled() if device.type == "cpu" else torch.is_autocast_enabled()
 
 
 def fused_dense(selection: NegativeSelection, anchors: Tensor) -> bool:

@@ -102,7 +102,8 @@ def sigmoid_values(
     """Per-anchor SigLIP ``Σ softplus(-z (l + b))`` over the anchor's candidates."""
     if fused_dense(selection, anchors):
         return _DenseSigmoid.apply(anchors, bank, bias, selection, temperature)
-    logits = selection_logits(anchors, bank, selection, temperature) + bias.to(anchors.dtype)
+    logits = selection_logits(anchors, bank, selection, temperature)
+    logits = logits + bias.to(logits.dtype)
     slots = selection.positive_slots()
     if slots is None:
         slots = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, selection.positive_column[:, None], True)
