@@ -223,6 +223,10 @@ def test_with_index_column():
     assert data["label"] == [0, 1, 2] and data.column_names == ["anchor", "positive", "label"]
     with pytest.raises(ValueError, match="already has a 'label' column"):
         with_index_column(data)
+    for other in ("labels", "score", "scores"):  # the trainer would tokenize the index column as text
+        scored = Dataset.from_dict({"anchor": ["a"], "positive": ["d"], other: [0.5]})
+        with pytest.raises(ValueError, match=f"already has a '{other}' column"):
+            with_index_column(scored)
     with pytest.raises(TypeError, match="datasets.Dataset"):
         with_index_column([1, 2])
 

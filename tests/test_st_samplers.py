@@ -137,6 +137,8 @@ def test_the_factory_pickles_without_its_model(model_dir):
     assert copy.model is None and copy.q == 0.95 and copy.refresh_every == 3
     with pytest.raises(RuntimeError, match="without its model"):
         plan(copy, pairs_data(16))
+    keyed = pickle.loads(pickle.dumps(NoDuplicateBatches(keys=[0, 0, 1, 1])))  # keys are configuration
+    assert keyed.keys == [0, 0, 1, 1]
 
 
 # ------------------------------------------------------------------ processes

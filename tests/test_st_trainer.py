@@ -27,6 +27,7 @@ from negbatch.integrations.sentence_transformers import (  # noqa: E402
     HardNegativeBatches,
     NegbatchDiagnostics,
     NegbatchLoss,
+    NegbatchLossState,
     NoDuplicateBatches,
     RandomBatches,
     with_index_column,
@@ -123,3 +124,39 @@ def test_cached_trainer_steps_have_the_plain_steps_gradients(model_dir, tmp_path
         assert step_plain.keys() == step_cached.keys() and len(step_plain) > 15
         for key in step_plain:
             torch.testing.assert_close(step_cached[key], step_plain[key], rtol=1e-9, atol=1e-12, msg=key)
+
+
+@pytest.mark.parametrize("name", ["learnable-temperature", "queue", "global"])
+def test_the_losses_own_state_survives_a_resume_with_its_callback(model_dir, tmp_path, name):
+    make = {"learnable-temperature": lambda: InfoNCE(temperature=0.05, form="query_document", learnable_temperature=True),
+            "queue": lambda: InfoNCE(temperature=0.05, form="query_document", queue_size=8),
+            "global": lambda: GlobalInfoNCE(num_samples=N, temperature=0.05, form="query_document")}[name]
+
+    class Stop(TrainerCallback):
+        def __init__(self, at):
+            self.at = at
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == self.at:
+                control.should_training_stop = True
+
+    def run(out, stop=None, resume=None):
+        model = tiny_model(model_dir)
+        inner = make()
+        loss = NegbatchLoss(model, inner, chunk_size=3)
+        sampler = RandomBatches()
+        args = training_args(out, max_steps=4, per_device_train_batch_size=4, save_strategy="steps", save_steps=2,
+                             batch_sampler=sampler, learning_rate=1e-2)
+        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data(False), loss=loss,
+                                             callbacks=[sampler, NegbatchLossState(loss)] + ([Stop(stop)] if stop else []))
+        trainer.train(resume_from_checkpoint=resume)
+        return {k: v.clone() for k, v in model.state_dict().items()}, {k: v.clone() for k, v in inner.state_dict().items()}
+
+    weights, state = run(tmp_path / "full")
+    run(tmp_path / "cut", stop=2)
+    assert (tmp_path / "cut" / "checkpoint-2" / NegbatchLossState.FILE).exists()
+    resumed_weights, resumed_state = run(tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-2"))
+    for key in state:
+        assert torch.equal(resumed_state[key], state[key]), key
+    for key in weights:
+        torch.testing.assert_close(resumed_weights[key], weights[key], rtol=0, atol=1e-6, msg=key)

@@ -14,6 +14,8 @@
 * :class:`NegbatchDiagnostics`: gradient SNR, the global-minus-training loss
   gap and the fraction of false (same-label) negatives per batch, logged with
   the trainer's metrics.
+* :class:`NegbatchLossState`: the loss's own state (a learnable temperature,
+  a queue, GlobalInfoNCE's normalisers) in the trainer's checkpoints.
 * :func:`retrieval_scores`: negbatch's Recall@k / MRR@10 / nDCG@10 of a model
   on the inputs of sentence-transformers' ``InformationRetrievalEvaluator``.
 
@@ -39,6 +41,7 @@ __all__ = [
     "NoDuplicateBatches",
     "RandomBatches",
     "NegbatchDiagnostics",
+    "NegbatchLossState",
     "retrieval_scores",
 ]
 
@@ -48,6 +51,7 @@ _LAZY = {
     "NoDuplicateBatches": "samplers",
     "RandomBatches": "samplers",
     "NegbatchDiagnostics": "callbacks",
+    "NegbatchLossState": "callbacks",
     "retrieval_scores": "evaluation",
 }
 

@@ -27,7 +27,10 @@ record the diagnostics too, put it first with :meth:`NegbatchDiagnostics.attach`
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Hashable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -221,3 +224,60 @@ def _codes(keys: Sequence[Hashable]) -> torch.Tensor:
         return torch.tensor([table.setdefault(k, len(table)) for k in keys], dtype=torch.long)
     except TypeError as exc:
         raise TypeError(f"every false-negative key must be hashable: {exc}") from exc
+
+
+class NegbatchLossState(TrainerCallback):
+    """Keeps a negbatch loss's own state in the trainer's checkpoints.
+
+    sentence-transformers checkpoints the model, the optimizer and the
+    scheduler, not the loss: a learnable temperature (and SigLIP's bias), a
+    negative queue and GlobalInfoNCE's per-sample normalisers would restart
+    from their initial values in a resumed run (the optimizer's moments of the
+    loss's parameters are restored, the parameters themselves were not). This
+    callback writes ``loss.state_dict()`` into each checkpoint folder
+    (``negbatch_loss.pt``) and loads it back when the trainer resumes from
+    ``output_dir/checkpoint-<step>``; a resume from elsewhere that lacks the
+    file warns.
+
+    Parameters
+    ----------
+    loss : NegbatchLoss or nn.Module
+        The loss given to the trainer (its wrapped negbatch loss is saved).
+
+    Examples
+    --------
+    >>> from negbatch.integrations.sentence_transformers import NegbatchLoss, NegbatchLossState  # doctest: +SKIP
+    >>> loss = NegbatchLoss(model, InfoNCE(temperature=0.05, queue_size=4096))  # doctest: +SKIP
+    >>> trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=loss,
+    ...                                      callbacks=[NegbatchLossState(loss)])  # doctest: +SKIP
+    """
+
+    FILE = "negbatch_loss.pt"
+
+    def __init__(self, loss: torch.nn.Module) -> None:
+        if not isinstance(loss, torch.nn.Module):
+            raise TypeError(f"loss must be the NegbatchLoss given to the trainer, got {type(loss).__name__}")
+        self.loss = loss.loss if isinstance(loss, NegbatchLoss) else loss
+
+    def _path(self, args, step: int) -> Path:
+        return Path(args.output_dir) / f"checkpoint-{step}" / self.FILE
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # every rank's state is the same (the losses keep it so)
+            path = self._path(args, state.global_step)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            torch.save(self.loss.state_dict(), tmp)
+            os.replace(tmp, path)  # a checkpoint interrupted here holds the old file or none
+        return control
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            return control
+        path = self._path(args, state.global_step)
+        if not path.exists():
+            warnings.warn(f"resuming at step {state.global_step} without {path}: the loss's state (learnable "
+                          "temperature, queue, normalisers) starts afresh", UserWarning, stacklevel=2)
+            return control
+        device = next(iter(self.loss.state_dict().values()), torch.empty(0)).device
+        self.loss.load_state_dict(torch.load(path, weights_only=True, map_location=device))
+        return control

@@ -94,10 +94,12 @@ def with_index_column(dataset: Any, name: str = INDEX_COLUMN) -> Any:
     columns = getattr(dataset, "column_names", None)
     if columns is None or not hasattr(dataset, "add_column"):
         raise TypeError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}")
-    if name in columns:
+    taken = [c for c in ("label", "labels", "score", "scores", name) if c in columns]
+    if taken:
         raise ValueError(
-            f"the data set already has a {name!r} column; the data-set index needs that column (sentence-"
-            f"transformers passes only it to the loss): rename or remove the existing one first"
+            f"the data set already has a {taken[0]!r} column; sentence-transformers passes one label column "
+            f"({', '.join(('label', 'labels', 'score', 'scores'))}) to the loss and tokenizes every other column as "
+            f"text, so the data-set index ({name!r}) must be the only one: rename or remove {taken[0]!r} first"
         )
     return dataset.add_column(name, list(range(len(dataset))))
 

@@ -284,9 +284,8 @@ class _NegbatchBatches(TrainerCallback):
     # -- pickling (the trainer saves its arguments, this factory among them) ----
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for key in ("model", "keys"):
-            if key in state:
-                state[key] = None  # the configuration travels, not the model or the data
+        if "model" in state:
+            state["model"] = None  # the configuration travels, not the model
         return state
 
     # -- the callback -----------------------------------------------------------
