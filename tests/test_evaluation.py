@@ -107,3 +107,8 @@ def test_lab_representations_restore_the_models_mode():
     with pytest.raises(RuntimeError, match="boom"):
         representations(model, torch.ones(5, 2), batch_size=5)
     assert model.training  # restored after an error too
+
+
+def test_knn_takes_numpy_integers():
+    x, y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]]), torch.tensor([0, 1, 0, 1])
+    assert knn_accuracy(x, y, x, y, k=np.int64(1), chunk_size=np.int64(2)) == knn_accuracy(x, y, x, y, k=1, chunk_size=2)

@@ -910,3 +910,40 @@ def test_backward_chunks_outside_the_first_pass_autocast_region_reenters_it():
     cache.backward_chunks(cached)
     assert not torch.is_autocast_enabled("cpu")  # the region is left again
     assert_grads_close(grads_of([enc]), want, atol=1e-7)
+
+
+def test_a_one_row_chunk_through_batchnorm2d_after_pooling_leaves_the_statistics_alone():
+    class Pooled(nn.Module):  # one value per channel after pooling: a 1-row chunk fails in BatchNorm2d
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(self.conv(x).mean(dim=(2, 3), keepdim=True)).flatten(1)
+
+    torch.manual_seed(0)
+    enc = Pooled().double()
+    images = torch.randn(9, 1, 4, 4, dtype=torch.float64)
+    before = [b.clone() for b in enc.bn.buffers()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="chunk of 1 row reached a BatchNorm.*as before this step"):
+            GradCache(enc, InfoNCE(temperature=0.3), 4).step(images, images + 0.1)
+    assert all(torch.equal(a, b) for a, b in zip(before, enc.bn.buffers()))
+
+
+def test_backward_chunks_inside_an_autocast_region_the_first_pass_was_outside_of():
+    torch.manual_seed(0)
+    enc = MLP()
+    views = make_views(12, torch.float32)
+    torch.manual_seed(3)
+    GradCache(enc, InfoNCE(temperature=0.3), 5).step(*views)
+    want = grads_of([enc])
+    enc.zero_grad(set_to_none=True)
+    cache = GradCache(enc, InfoNCE(temperature=0.3), 5)
+    torch.manual_seed(3)
+    cached = cache.forward_no_grad(*views)
+    cache.representation_gradients(cached)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's region: the second pass stays float32
+        cache.backward_chunks(cached)
+    assert_grads_close(grads_of([enc]), want, atol=1e-7)

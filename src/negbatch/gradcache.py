@@ -218,9 +218,10 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
 
 
 def _ambient_autocast() -> list[tuple[str, bool, torch.dtype]]:
-    """The autocast regions active here (CPU, and CUDA where there is one)."""
+    """The autocast state here, on or off (CPU, and CUDA where there is one): the
+    second pass re-enters it both ways."""
     types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return [(t, *_autocast_state(t)) for t in types if _autocast_state(t)[0]]
+    return [(t, *_autocast_state(t)) for t in types]
 
 
 @contextlib.contextmanager
@@ -493,11 +494,34 @@ class GradCache:
         sizes = self._check_inputs(inputs)
         chunks = [_split(x, self._chunk_size(i)) for i, x in enumerate(inputs)]
         self._check_batchnorm(encoders, chunks)
+        last = (len(inputs) - 1, len(chunks[-1]) - 1)
+        sync_items = self._sync_items(encoders, chunks, sync)
+        one_row = any(_batch_length(c, "chunk") == 1 for parts in chunks for c in parts)
+        before = self._batchnorm_snapshot(encoders) if one_row else []
+        try:
+            reps, rng, kept = self._first_pass(encoders, chunks, sizes, sync_items, last)
+        except (ValueError, RuntimeError) as err:
+            if one_row and "Expected more than 1 value per channel" in str(err):
+                # A BatchNorm the pre-check cannot see (BatchNorm2d after global pooling): the chunks
+                # before this one updated its running statistics; they are put back.
+                self._batchnorm_restore(before)
+                raise ValueError(
+                    f"a chunk of 1 row reached a BatchNorm layer that needs more than one value per channel "
+                    f"(training mode, or no running statistics); pick a chunk_size that leaves 2 or more rows in "
+                    f"the last chunk (chunk sizes {self.chunk_sizes}), or pass batchnorm='eval'. The running "
+                    f"statistics are as before this step"
+                ) from err
+            raise
+        snapshot = self._batchnorm_snapshot(encoders)
+        return CachedBatch(chunks=chunks, representations=reps, rng=rng, kept=kept, bn_snapshot=snapshot,
+                           carries_graph=any(_carries_graph(x) for x in inputs), autocast=_ambient_autocast())
+
+    def _first_pass(self, encoders, chunks, sizes, sync_items, last):
+        """Every chunk encoded without a graph (the kept last one with it), each
+        chunk's random state recorded: (representations, states, kept output)."""
         reps: list[Tensor] = []
         rng: list[list[_RngState | None]] = []
         kept = None
-        last = (len(inputs) - 1, len(chunks[-1]) - 1)
-        sync_items = self._sync_items(encoders, chunks, sync)
         with self._batchnorm_mode(encoders):
             for i, (encoder, parts) in enumerate(zip(encoders, chunks)):
                 outs, states = [], []
@@ -521,9 +545,7 @@ class GradCache:
                     )
                 reps.append(rep)
                 rng.append(states)
-        snapshot = self._batchnorm_snapshot(encoders)
-        return CachedBatch(chunks=chunks, representations=reps, rng=rng, kept=kept, bn_snapshot=snapshot,
-                           carries_graph=any(_carries_graph(x) for x in inputs), autocast=_ambient_autocast())
+        return reps, rng, kept
 
     def representation_gradients(self, cached: CachedBatch, **loss_kwargs: Any) -> Tensor:
         """Step 2: the loss on all representations, back-propagated to the

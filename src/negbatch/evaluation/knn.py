@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -48,10 +50,11 @@ def knn_accuracy(
     if train_features.shape[1] != test_features.shape[1]:
         raise ValueError(f"train_features and test_features have different widths: "
                          f"{train_features.shape[1]} vs {test_features.shape[1]}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= train_features.shape[0]:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= train_features.shape[0]:
         raise ValueError(f"k must be an int in [1, {train_features.shape[0]}] (the training set size), got {k!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    k, chunk_size = int(k), int(chunk_size)
     train = F.normalize(train_features.float(), dim=1)
     test = F.normalize(test_features.float(), dim=1)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
@@ -107,13 +110,14 @@ def weighted_knn_predict(
     if not torch.isfinite(test_features).all():
         raise ValueError("test_features contains NaN or inf")
     n_train = train_features.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_train:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n_train:
         raise ValueError(f"k must be an int in [1, {n_train}] (the training set size), got {k!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     for name, v in (("test_chunk", test_chunk), ("train_chunk", train_chunk)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    k, test_chunk, train_chunk = int(k), int(test_chunk), int(train_chunk)
     if num_classes is None:
         num_classes = int(train_labels.max()) + 1
     if int(train_labels.min()) < 0 or int(train_labels.max()) >= num_classes:

@@ -77,9 +77,15 @@ def fixed_order_scores(a: Tensor, b: Tensor) -> Tensor:
 
 def _normalized(x: Tensor) -> Tensor:
     """``x`` scaled to unit rows by the fixed-order norm (F.normalize's norm is
-    a reduction whose summation order follows the memory layout and device)."""
-    norm = fixed_order_scores(x, x).sqrt().clamp_min(1e-12)
-    return (x.to(torch.float64) / norm[:, None]).to(x.dtype)
+    a reduction whose summation order follows the memory layout and device),
+    ``_PAIRS_PER_PASS`` rows at a time: the float64 work stays the size of one
+    block, not of the corpus."""
+    out = torch.empty_like(x)
+    for start in range(0, x.shape[0], _PAIRS_PER_PASS):
+        block = x[start : start + _PAIRS_PER_PASS]
+        norm = fixed_order_scores(block, block).sqrt().clamp_min(1e-12)
+        out[start : start + _PAIRS_PER_PASS] = block.to(torch.float64) / norm[:, None]
+    return out
 
 
 def _product_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -170,7 +176,8 @@ def relevant_ranks(
     gamma = width * u / (1 - width * u)
     # Every block product lies within gamma |q| |d| of the true score; the fixed-order
     # score within far less. Four bounds leave room for both and for the subtraction.
-    doc_norm_max = float(documents.to(torch.float64).norm(dim=1).max())
+    doc_norm_max = max(float(documents[s : s + _PAIRS_PER_PASS].to(torch.float64).norm(dim=1).max())
+                       for s in range(0, documents.shape[0], _PAIRS_PER_PASS))
     ranks = torch.empty(queries.shape[0], dtype=torch.long, device=device)
     for qs in range(0, queries.shape[0], query_chunk):
         q = queries[qs : qs + query_chunk]

@@ -84,7 +84,10 @@ def keep_results(study_dir: Path, runs: set[str]) -> int:
     except ValueError:
         return 0
     kept = [r for r in rows if isinstance(r, dict) and r.get("run") in runs]
-    if len(kept) != len(rows):
+    if not kept:  # no finished run of this plan: no table, as before its first run
+        for name in ("results.json", "results.csv"):
+            (Path(study_dir) / name).unlink(missing_ok=True)
+    elif len(kept) != len(rows):
         _write_rows(study_dir, kept)
     return len(rows) - len(kept)
 
@@ -106,7 +109,11 @@ def read_results(study_dir: str | os.PathLike) -> list[dict[str, Any]]:
             raise ValueError(f"{study_dir} has no finished run yet (no results.json): run the study until one "
                              f"run has finished, then report")
         raise ValueError(f"{study_dir} has no results.json: is it a study folder?")
-    return json.loads(path.read_text())
+    rows = json.loads(path.read_text())
+    if not rows:
+        raise ValueError(f"{study_dir} has no finished run yet: run the study until one run has finished, then "
+                         f"report")
+    return rows
 
 
 def run_configs(
