@@ -407,6 +407,11 @@ def test_image_folder_cache_sees_new_pixels_of_the_same_size_and_16_bit_images_a
     assert target.stat().st_size == size
     again = load_image_folder(root, size=8, cache_dir=tmp_path / "cache")
     assert sorted(int(x.max()) for x in again.x_train) == [10, 250] != sorted(int(x.max()) for x in first.x_train)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1  # decoded into the same file, not beside it
+    # A copy of the same files (new times) is the same data set: a run on it resumes.
+    lazy = load_image_folder(root, decode_size=8).identity()
+    os.utime(target, ns=(stamp + 2 * 10**9, stamp + 2 * 10**9))
+    assert load_image_folder(root, decode_size=8).identity() == lazy
     Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(root / "train" / "cls" / "deep.png")
     with pytest.raises(DatasetDamagedError, match="16-bit or float"):
         load_image_folder(root, size=8, cache_dir=tmp_path / "cache")

@@ -54,6 +54,8 @@ def _two_processes(rank, world_size, out):
     assert train(cfg, os.path.join(out, "resumed-1"), stop_after=STOP) is None
     text = TrainConfig(**{**TEXT, "dropout": 0.1})
     assert train(text, os.path.join(out, "text-dropout"), stop_after=3) is None
+    accumulated = TrainConfig(**{**IMAGE, "chunk_size": 4, "chunk_method": "accumulate"})
+    assert train(accumulated, os.path.join(out, "image-accumulate"), stop_after=3) is None
 
 
 def tokenizers_missing():
@@ -100,3 +102,6 @@ def test_two_processes_equal_one_process_for_every_loss_sampler_and_resume(tmp_p
     # Text with dropout draws per process: another number of processes is refused, with the way out.
     with pytest.raises(ValueError, match=r"written by 2 process\(es\) and this run has 1.*torchrun --nproc-per-node 2"):
         train(TrainConfig(**{**TEXT, "dropout": 0.1}), tmp_path / "text-dropout")
+    # So do accumulated chunks: chunk_size / N rows of each process.
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\) and this run has 1.*accumulation"):
+        train(TrainConfig(**{**IMAGE, "chunk_size": 4, "chunk_method": "accumulate"}), tmp_path / "image-accumulate")

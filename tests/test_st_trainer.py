@@ -8,6 +8,7 @@ with gradient accumulation (the trainer scales the loss before its backward).
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -160,3 +161,46 @@ def test_the_losses_own_state_survives_a_resume_with_its_callback(model_dir, tmp
         assert torch.equal(resumed_state[key], state[key]), key
     for key in weights:
         torch.testing.assert_close(resumed_weights[key], weights[key], rtol=0, atol=1e-6, msg=key)
+
+
+def _state_args(tmp, step):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(output_dir=str(tmp)), SimpleNamespace(global_step=step)
+
+
+def test_the_loss_state_comes_from_the_folder_resumed_from():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run, elsewhere = os.path.join(tmp, "run"), os.path.join(tmp, "moved")
+        loss = InfoNCE(temperature=0.05, learnable_temperature=True)
+        with torch.no_grad():
+            loss.logit_scale.log_scale.fill_(3.0)
+        args, state = _state_args(run, 2)
+        NegbatchLossState(loss).on_save(args, state, None)
+        os.rename(os.path.join(run, "checkpoint-2"), elsewhere)
+        fresh = InfoNCE(temperature=0.05, learnable_temperature=True)
+        with pytest.warns(UserWarning, match="resume_from="):
+            NegbatchLossState(fresh).on_train_begin(args, state, None)
+        assert float(fresh.logit_scale.log_scale) != 3.0
+        NegbatchLossState(fresh, resume_from=elsewhere).on_train_begin(args, state, None)
+        assert float(fresh.logit_scale.log_scale) == 3.0
+
+
+def _per_rank_state(rank, world, tmp):
+    loss = GlobalInfoNCE(num_samples=8, temperature=0.1, sync_state=False)
+    loss(torch.randn(4, 3), torch.randn(4, 3), torch.arange(4) + 4 * rank)  # each rank its own rows
+    args, state = _state_args(tmp, 2)
+    NegbatchLossState(loss).on_save(args, state, None)
+    fresh = GlobalInfoNCE(num_samples=8, temperature=0.1, sync_state=False)
+    NegbatchLossState(fresh).on_train_begin(args, state, None)
+    assert torch.equal(fresh.visited, loss.visited) and fresh.visited[4 * rank: 4 * rank + 4].all()
+
+
+@pytest.mark.distributed
+def test_each_rank_keeps_its_own_loss_state(tmp_path):
+    from _dist import run_distributed
+
+    run_distributed(_per_rank_state, 2, str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "checkpoint-2").iterdir()) == ["negbatch_loss-rank1.pt", "negbatch_loss.pt"]

@@ -22,13 +22,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 _CACHE_VERSION = 1
 
 
-def file_stamp(stat: os.stat_result) -> int:
-    """A file's size and modification time in one int: what identifies its
-    contents in a cache key (an uncompressed image rewritten with new pixels
-    keeps its size)."""
-    return stat.st_size | (stat.st_mtime_ns << 48)
-
-
 def _pillow():
     try:
         from PIL import Image
@@ -64,8 +57,8 @@ class ImageFiles:
     channels : {3, 1}, default 3
         RGB, or greyscale.
     file_sizes : sequence of int, optional
-        Each file's :func:`file_stamp` (its size and modification time, for
-        :meth:`fingerprint`); read from disk when not given.
+        The files' sizes in bytes (for :meth:`fingerprint`); read from disk
+        when not given.
 
     Examples
     --------
@@ -182,12 +175,13 @@ class ImageFiles:
 
     # ------------------------------------------------------------ identity
     def fingerprint(self) -> str:
-        """sha256 over the relative paths, the files' sizes and modification
-        times, and the decoding."""
+        """sha256 over the relative paths, the files' sizes and the decoding
+        (not their modification times: a copy of the same files is the same
+        data set, and a run on it resumes)."""
         sizes = self.file_sizes
         if sizes is None:
-            sizes = [file_stamp((self.root / p).stat()) for p in self.paths]
-        h = hashlib.sha256(f"negbatch.ImageFiles v2 {self.channels} {self.size} {self.resize}\0".encode())
+            sizes = [(self.root / p).stat().st_size for p in self.paths]
+        h = hashlib.sha256(f"negbatch.ImageFiles v1 {self.channels} {self.size} {self.resize}\0".encode())
         for p, s in zip(self.paths, sizes):
             h.update(f"{p}\0{s}\n".encode())
         return h.hexdigest()

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ._files import DatasetDamagedError, DatasetNotFoundError, atomic_write
-from .image_files import IMAGE_EXTENSIONS, ImageFiles, _CACHE_VERSION, _side_pair, file_stamp
+from .image_files import IMAGE_EXTENSIONS, ImageFiles, _CACHE_VERSION, _side_pair
 from .images import ImageDataset
 
 _LAYOUT = (
@@ -58,7 +58,7 @@ def _scan(folder: Path, root: Path) -> tuple[list[str], list[int]]:
                 continue
             p = base / name
             paths.append(p.relative_to(root).as_posix())
-            sizes.append(file_stamp(p.stat()))
+            sizes.append(p.stat().st_size)
     return paths, sizes
 
 
@@ -82,7 +82,7 @@ def _tiny_imagenet_val(root: Path, index: dict[str, int]) -> tuple[list[str], li
         if not p.is_file():
             raise DatasetNotFoundError(f"{ann} line {lineno} names {p}, which does not exist")
         paths.append(p.relative_to(root).as_posix())
-        sizes.append(file_stamp(p.stat()))
+        sizes.append(p.stat().st_size)
         labels.append(index[cls])
     return paths, sizes, labels
 
@@ -208,9 +208,14 @@ def load_image_folder(
         f"v{_CACHE_VERSION}\0{train.fingerprint()}\0{val.fingerprint()}\0{classes}".encode()).hexdigest()[:16]
     cache = Path(cache_dir).expanduser() if cache_dir is not None else root
     cache_file = cache / f"negbatch-{size}px-{key}.npz"
-    arrays = _read_cache(cache_file, len(train), len(val), train.shape[1:])
+    # The key is paths and sizes; the cache also records the files' modification times: an
+    # uncompressed image rewritten with new pixels keeps its size, and such a cache (or one of
+    # a fresh copy of the tree) is decoded again into the same file, not kept beside it.
+    times = _modification_times(root, train.paths + val.paths)
+    arrays = _read_cache(cache_file, len(train), len(val), train.shape[1:], times)
     if arrays is None:
-        arrays = {"x_train": _decode_all(train, num_workers), "x_test": _decode_all(val, num_workers)}
+        arrays = {"x_train": _decode_all(train, num_workers), "x_test": _decode_all(val, num_workers),
+                  "modification_times": np.array(times)}
         try:
             cache.mkdir(parents=True, exist_ok=True)
             atomic_write(cache_file, lambda f: np.savez(f, **arrays))
@@ -233,11 +238,21 @@ def _shuffled(paths: list, sizes: list, labels: list, seed: int) -> tuple[list, 
     return [paths[i] for i in order], [sizes[i] for i in order], [labels[i] for i in order]
 
 
-def _read_cache(path: Path, n_train: int, n_val: int, chw: tuple) -> dict[str, np.ndarray] | None:
+def _modification_times(root: Path, paths: list[str]) -> str:
+    """sha256 of the files' modification times, in ``paths`` order."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{(root / p).stat().st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _read_cache(path: Path, n_train: int, n_val: int, chw: tuple, times: str) -> dict[str, np.ndarray] | None:
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
+            if "modification_times" not in z.files or str(z["modification_times"]) != times:
+                return None  # files rewritten (or copied anew) since: decoded again
             arrays = {k: z[k] for k in ("x_train", "x_test")}
     except Exception as err:  # a damaged cache is rebuilt, not fatal
         warnings.warn(f"the image cache {path} cannot be read ({err}); decoding the images again", stacklevel=3)

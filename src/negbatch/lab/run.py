@@ -314,7 +314,8 @@ def _check_world_size(ckpt: dict[str, Any], procs: Processes, task, folder: RunF
     if saved != procs.world_size and not task.world_size_invariant:
         raise ValueError(
             f"{folder.checkpoint} was written by {saved} process(es) and this run has {procs.world_size}: its "
-            f"training draws random numbers in each process (dropout), so it cannot continue exactly on another "
+            f"training depends on the number of processes (dropout drawn in each process, or gradient "
+            f"accumulation's chunks of chunk_size / N rows per process), so it cannot continue exactly on another "
             f"number; resume it with {saved} process(es) (torchrun --nproc-per-node {saved}), or use another folder"
         )
 

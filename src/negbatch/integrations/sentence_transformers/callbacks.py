@@ -235,14 +235,21 @@ class NegbatchLossState(TrainerCallback):
     from their initial values in a resumed run (the optimizer's moments of the
     loss's parameters are restored, the parameters themselves were not). This
     callback writes ``loss.state_dict()`` into each checkpoint folder
-    (``negbatch_loss.pt``) and loads it back when the trainer resumes from
-    ``output_dir/checkpoint-<step>``; a resume from elsewhere that lacks the
-    file warns.
+    (``negbatch_loss.pt``; under several processes each rank its own,
+    ``negbatch_loss-rank<r>.pt``, as ``GlobalInfoNCE(sync_state=False)``
+    keeps per-rank state) and loads it back when the trainer resumes.
 
     Parameters
     ----------
     loss : NegbatchLoss or nn.Module
         The loss given to the trainer (its wrapped negbatch loss is saved).
+    resume_from : str or path, optional
+        The checkpoint folder the trainer resumes from, when it is not
+        ``output_dir/checkpoint-<step>`` (``trainer.train(resume_from_checkpoint=...)``
+        does not tell callbacks which folder it read). Default: the
+        ``resume_from_checkpoint`` of the training arguments if it names a
+        folder, else ``output_dir/checkpoint-<step>``. A resume without the file
+        there warns.
 
     Examples
     --------
@@ -254,29 +261,43 @@ class NegbatchLossState(TrainerCallback):
 
     FILE = "negbatch_loss.pt"
 
-    def __init__(self, loss: torch.nn.Module) -> None:
+    def __init__(self, loss: torch.nn.Module, resume_from: str | os.PathLike | None = None) -> None:
         if not isinstance(loss, torch.nn.Module):
             raise TypeError(f"loss must be the NegbatchLoss given to the trainer, got {type(loss).__name__}")
         self.loss = loss.loss if isinstance(loss, NegbatchLoss) else loss
+        self.resume_from = None if resume_from is None else Path(resume_from)
 
-    def _path(self, args, step: int) -> Path:
-        return Path(args.output_dir) / f"checkpoint-{step}" / self.FILE
+    @classmethod
+    def file_name(cls) -> str:
+        """This process's file in a checkpoint folder."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and dist.get_rank() > 0:
+            return f"negbatch_loss-rank{dist.get_rank()}.pt"
+        return cls.FILE
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:  # every rank's state is the same (the losses keep it so)
-            path = self._path(args, state.global_step)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            torch.save(self.loss.state_dict(), tmp)
-            os.replace(tmp, path)  # a checkpoint interrupted here holds the old file or none
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)  # a rank on a node without the main process's folder
+        path = folder / self.file_name()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(self.loss.state_dict(), tmp)
+        os.replace(tmp, path)  # a checkpoint interrupted here holds the old file or none
         return control
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step == 0:
             return control
-        path = self._path(args, state.global_step)
+        folder = self.resume_from
+        if folder is None and isinstance(getattr(args, "resume_from_checkpoint", None), str):
+            folder = Path(args.resume_from_checkpoint)
+        if folder is None:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        path = folder / self.file_name()
         if not path.exists():
             warnings.warn(f"resuming at step {state.global_step} without {path}: the loss's state (learnable "
-                          "temperature, queue, normalisers) starts afresh", UserWarning, stacklevel=2)
+                          "temperature, queue, normalisers) starts afresh; give NegbatchLossState(loss, "
+                          "resume_from=<the checkpoint folder>) if the trainer resumes from another folder",
+                          UserWarning, stacklevel=2)
             return control
         device = next(iter(self.loss.state_dict().values()), torch.empty(0)).device
         self.loss.load_state_dict(torch.load(path, weights_only=True, map_location=device))
