@@ -246,6 +246,9 @@ def test_clear_errors(tmp_path, capsys):
         (["report", str(tmp_path / "nonexistent")], f"{tmp_path / 'nonexistent'} does not exist"),
         (["study", "negatives", "--ks", "0,all", "--out", str(tmp_path / "s")], "negatives must be 'all' or a positive int"),
         (["study", "negatives", "--text-dim", "8", "--out", str(tmp_path / "s")], "unrecognized arguments: --text-dim"),
+        # the text task always caches its chunks: accumulate was accepted and ignored
+        (["train", "--data", "builtin", "--chunk-size", "4", "--chunk-method", "accumulate", "--out", str(tmp_path / "t")],
+         "chunk_method: applies to image data sets only"),
     ]
     for argv, message in cases:
         try:

@@ -56,6 +56,8 @@ def _two_processes(rank, world_size, out):
     assert train(text, os.path.join(out, "text-dropout"), stop_after=3) is None
     accumulated = TrainConfig(**{**IMAGE, "chunk_size": 4, "chunk_method": "accumulate"})
     assert train(accumulated, os.path.join(out, "image-accumulate"), stop_after=3) is None
+    per_process_norm = TrainConfig(**{**IMAGE, "norm": "batch"})
+    assert train(per_process_norm, os.path.join(out, "image-batchnorm"), stop_after=3) is None
 
 
 def tokenizers_missing():
@@ -105,3 +107,6 @@ def test_two_processes_equal_one_process_for_every_loss_sampler_and_resume(tmp_p
     # So do accumulated chunks: chunk_size / N rows of each process.
     with pytest.raises(ValueError, match=r"written by 2 process\(es\) and this run has 1.*accumulation"):
         train(TrainConfig(**{**IMAGE, "chunk_size": 4, "chunk_method": "accumulate"}), tmp_path / "image-accumulate")
+    # And BatchNorm over each process's rows (the default norm): it silently differed on resume.
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\) and this run has 1.*BatchNorm"):
+        train(TrainConfig(**{**IMAGE, "norm": "batch"}), tmp_path / "image-batchnorm")

@@ -166,6 +166,7 @@ def test_the_losses_own_state_survives_a_resume_with_its_callback(model_dir, tmp
 def _state_args(tmp, step):
     from types import SimpleNamespace
 
+    os.makedirs(os.path.join(tmp, f"checkpoint-{step}"), exist_ok=True)  # the trainer makes it before on_save
     return SimpleNamespace(output_dir=str(tmp)), SimpleNamespace(global_step=step)
 
 
@@ -186,6 +187,29 @@ def test_the_loss_state_comes_from_the_folder_resumed_from():
         assert float(fresh.logit_scale.log_scale) != 3.0
         NegbatchLossState(fresh, resume_from=elsewhere).on_train_begin(args, state, None)
         assert float(fresh.logit_scale.log_scale) == 3.0
+        # A folder of another step (a stale resume_from) is refused, not loaded.
+        with pytest.raises(ValueError, match="state of step 2, but the trainer resumes at step 4"):
+            NegbatchLossState(fresh, resume_from=elsewhere).on_train_begin(*_state_args(run, 4), None)
+
+
+def _more_ranks_than_wrote(rank, world, tmp):
+    # Written by one process (one file), resumed by two: both ranks load it, as the state every
+    # rank keeps alike (a learned temperature, synced normalisers) is rank 0's.
+    args, state = _state_args(tmp, 2)
+    fresh = InfoNCE(temperature=0.05, learnable_temperature=True)
+    NegbatchLossState(fresh).on_train_begin(args, state, None)
+    assert float(fresh.logit_scale.log_scale) == 3.0
+
+
+@pytest.mark.distributed
+def test_a_checkpoint_of_fewer_processes_resumes_on_every_rank(tmp_path):
+    from _dist import run_distributed
+
+    loss = InfoNCE(temperature=0.05, learnable_temperature=True)
+    with torch.no_grad():
+        loss.logit_scale.log_scale.fill_(3.0)
+    NegbatchLossState(loss).on_save(*_state_args(str(tmp_path), 2), None)
+    run_distributed(_more_ranks_than_wrote, 2, str(tmp_path))
 
 
 def _per_rank_state(rank, world, tmp):

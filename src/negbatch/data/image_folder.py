@@ -48,8 +48,8 @@ _WHERE = (
 )
 
 
-def _scan(folder: Path, root: Path) -> tuple[list[str], list[int]]:
-    paths, sizes = [], []
+def _scan(folder: Path, root: Path) -> tuple[list[str], list[int], list[int]]:
+    paths, sizes, times = [], [], []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         base = Path(dirpath)
@@ -57,18 +57,20 @@ def _scan(folder: Path, root: Path) -> tuple[list[str], list[int]]:
             if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
                 continue
             p = base / name
+            st = p.stat()
             paths.append(p.relative_to(root).as_posix())
-            sizes.append(p.stat().st_size)
-    return paths, sizes
+            sizes.append(st.st_size)
+            times.append(st.st_mtime_ns)  # for the decode cache, from the same stat
+    return paths, sizes, times
 
 
 def _class_folders(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _tiny_imagenet_val(root: Path, index: dict[str, int]) -> tuple[list[str], list[int], list[int]]:
+def _tiny_imagenet_val(root: Path, index: dict[str, int]) -> tuple[list[str], list[int], list[int], list[int]]:
     ann = root / "val" / "val_annotations.txt"
-    paths, sizes, labels = [], [], []
+    paths, sizes, times, labels = [], [], [], []
     for lineno, line in enumerate(ann.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
@@ -81,10 +83,12 @@ def _tiny_imagenet_val(root: Path, index: dict[str, int]) -> tuple[list[str], li
         p = root / "val" / "images" / name
         if not p.is_file():
             raise DatasetNotFoundError(f"{ann} line {lineno} names {p}, which does not exist")
+        st = p.stat()
         paths.append(p.relative_to(root).as_posix())
-        sizes.append(p.stat().st_size)
+        sizes.append(st.st_size)
+        times.append(st.st_mtime_ns)
         labels.append(index[cls])
-    return paths, sizes, labels
+    return paths, sizes, times, labels
 
 
 def _decode_all(files: ImageFiles, num_workers: int, batch: int = 256) -> np.ndarray:
@@ -163,26 +167,28 @@ def load_image_folder(
         raise DatasetNotFoundError(f"{root / 'train'} has no class folders; {_LAYOUT}")
     index = {c: i for i, c in enumerate(classes)}
 
-    train_paths, train_sizes, train_labels = [], [], []
+    train_paths, train_sizes, train_times, train_labels = [], [], [], []
     for c in classes:
-        p, s = _scan(root / "train" / c, root)
+        p, s, t = _scan(root / "train" / c, root)
         train_paths += p
         train_sizes += s
+        train_times += t
         train_labels += [index[c]] * len(p)
     if not train_paths:
         raise DatasetNotFoundError(f"{root / 'train'} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); {_LAYOUT}")
 
     if (root / "val" / "val_annotations.txt").is_file() and (root / "val" / "images").is_dir():
-        val_paths, val_sizes, val_labels = _tiny_imagenet_val(root, index)
+        val_paths, val_sizes, val_times, val_labels = _tiny_imagenet_val(root, index)
     else:
-        val_paths, val_sizes, val_labels = [], [], []
+        val_paths, val_sizes, val_times, val_labels = [], [], [], []
         for c in _class_folders(root / "val"):
             if c not in index:
                 raise DatasetDamagedError(f"{root / 'val' / c} is a class with no folder under {root / 'train'}; "
                                           "val/ must use the training classes' folder names")
-            p, s = _scan(root / "val" / c, root)
+            p, s, t = _scan(root / "val" / c, root)
             val_paths += p
             val_sizes += s
+            val_times += t
             val_labels += [index[c]] * len(p)
     if not val_paths:
         raise DatasetNotFoundError(f"{root / 'val'} holds no image files; {_LAYOUT}")
@@ -190,8 +196,9 @@ def load_image_folder(
     # prefix (ImageDataset.subset, the lab's --n-train / --n-test, the
     # embedding metrics on the first test images) is a random subset of every
     # class, not the first classes.
-    train_paths, train_sizes, train_labels = _shuffled(train_paths, train_sizes, train_labels, seed=0)
-    val_paths, val_sizes, val_labels = _shuffled(val_paths, val_sizes, val_labels, seed=1)
+    train_paths, train_sizes, train_times, train_labels = _shuffled(train_paths, train_sizes, train_times,
+                                                                    train_labels, seed=0)
+    val_paths, val_sizes, val_times, val_labels = _shuffled(val_paths, val_sizes, val_times, val_labels, seed=1)
 
     hw = (size, size) if size is not None else lazy_hw
     train = ImageFiles(root, train_paths, size=hw, channels=channels, file_sizes=train_sizes)
@@ -211,7 +218,7 @@ def load_image_folder(
     # The key is paths and sizes; the cache also records the files' modification times: an
     # uncompressed image rewritten with new pixels keeps its size, and such a cache (or one of
     # a fresh copy of the tree) is decoded again into the same file, not kept beside it.
-    times = _modification_times(root, train.paths + val.paths)
+    times = hashlib.sha256("\n".join(map(str, train_times + val_times)).encode()).hexdigest()
     arrays = _read_cache(cache_file, len(train), len(val), train.shape[1:], times)
     if arrays is None:
         arrays = {"x_train": _decode_all(train, num_workers), "x_test": _decode_all(val, num_workers),
@@ -233,17 +240,9 @@ def load_image_folder(
     )
 
 
-def _shuffled(paths: list, sizes: list, labels: list, seed: int) -> tuple[list, list, list]:
-    order = np.random.default_rng(seed).permutation(len(paths))
-    return [paths[i] for i in order], [sizes[i] for i in order], [labels[i] for i in order]
-
-
-def _modification_times(root: Path, paths: list[str]) -> str:
-    """sha256 of the files' modification times, in ``paths`` order."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(f"{(root / p).stat().st_mtime_ns}\n".encode())
-    return h.hexdigest()
+def _shuffled(*columns: list, seed: int) -> tuple[list, ...]:
+    order = np.random.default_rng(seed).permutation(len(columns[0]))
+    return tuple([column[i] for i in order] for column in columns)
 
 
 def _read_cache(path: Path, n_train: int, n_val: int, chw: tuple, times: str) -> dict[str, np.ndarray] | None:

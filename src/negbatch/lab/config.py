@@ -53,7 +53,9 @@ IMAGE_ONLY = ("n_train", "n_test", "aug_strength", "hflip", "encoder_widths", "h
               "image_size", "decode_size")
 #: Image-only options whose default is not None: refused on text data when changed.
 IMAGE_ONLY_SET = {"norm": "batch", "channels_last": False, "log_gap": False, "use_unlabeled": False,
-                  "evaluation": "auto", "knn_every": 0}
+                  "evaluation": "auto", "knn_every": 0,
+                  # the text task always caches its chunks (GradCache)
+                  "chunk_method": "cache"}
 TEXT_ONLY = ("max_pairs", "test_fraction", "data_seed", "query_column", "document_column", "hard_negatives_column",
              "vocab_size", "max_length", "text_dim", "text_depth", "text_heads", "dropout", "symmetric",
              "unsupervised", "train_layers")

@@ -314,8 +314,9 @@ def _check_world_size(ckpt: dict[str, Any], procs: Processes, task, folder: RunF
     if saved != procs.world_size and not task.world_size_invariant:
         raise ValueError(
             f"{folder.checkpoint} was written by {saved} process(es) and this run has {procs.world_size}: its "
-            f"training depends on the number of processes (dropout drawn in each process, or gradient "
-            f"accumulation's chunks of chunk_size / N rows per process), so it cannot continue exactly on another "
+            f"training depends on the number of processes (dropout drawn in each process, BatchNorm over each "
+            f"process's rows, or gradient accumulation's chunks of chunk_size / N rows per process), so it cannot "
+            f"continue exactly on another "
             f"number; resume it with {saved} process(es) (torchrun --nproc-per-node {saved}), or use another folder"
         )
 

@@ -277,10 +277,15 @@ class NegbatchLossState(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        folder.mkdir(parents=True, exist_ok=True)  # a rank on a node without the main process's folder
+        if self.file_name() != self.FILE:
+            folder.mkdir(parents=True, exist_ok=True)  # a rank on a node without the main process's folder
+        elif not folder.is_dir():
+            warnings.warn(f"no checkpoint folder {folder} to write the loss's state into (a hyperparameter "
+                          f"search writes elsewhere); it is not saved", UserWarning, stacklevel=2)
+            return control
         path = folder / self.file_name()
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(self.loss.state_dict(), tmp)
+        torch.save({"global_step": state.global_step, "state": self.loss.state_dict()}, tmp)
         os.replace(tmp, path)  # a checkpoint interrupted here holds the old file or none
         return control
 
@@ -288,11 +293,15 @@ class NegbatchLossState(TrainerCallback):
         if state.global_step == 0:
             return control
         folder = self.resume_from
-        if folder is None and isinstance(getattr(args, "resume_from_checkpoint", None), str):
-            folder = Path(args.resume_from_checkpoint)
+        named = getattr(args, "resume_from_checkpoint", None)
+        if folder is None and isinstance(named, str) and Path(named).is_dir():
+            folder = Path(named)
         if folder is None:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         path = folder / self.file_name()
+        if not path.exists() and (folder / self.FILE).exists() and not _per_rank_state(self.loss):
+            # Written by fewer processes: the state every rank keeps alike is rank 0's.
+            path = folder / self.FILE
         if not path.exists():
             warnings.warn(f"resuming at step {state.global_step} without {path}: the loss's state (learnable "
                           "temperature, queue, normalisers) starts afresh; give NegbatchLossState(loss, "
@@ -300,5 +309,17 @@ class NegbatchLossState(TrainerCallback):
                           UserWarning, stacklevel=2)
             return control
         device = next(iter(self.loss.state_dict().values()), torch.empty(0)).device
-        self.loss.load_state_dict(torch.load(path, weights_only=True, map_location=device))
+        saved = torch.load(path, weights_only=True, map_location=device)
+        if saved.get("global_step", state.global_step) != state.global_step:
+            raise ValueError(
+                f"{path} holds the loss's state of step {saved['global_step']}, but the trainer resumes at step "
+                f"{state.global_step}: give NegbatchLossState(loss, resume_from=<the folder of step "
+                f"{state.global_step}>)"
+            )
+        self.loss.load_state_dict(saved.get("state", saved))
         return control
+
+
+def _per_rank_state(loss: torch.nn.Module) -> bool:
+    """Whether the loss keeps state that differs between ranks (GlobalInfoNCE(sync_state=False))."""
+    return any(getattr(m, "sync_state", True) is False for m in loss.modules())

@@ -384,8 +384,9 @@ class ImageTask(Task):
 
     def __init__(self, cfg: TrainConfig, device: torch.device, data: ImageDataset | None = None) -> None:
         super().__init__(cfg, device)
-        # Accumulated chunks take chunk_size / N rows of each process: their contents follow N.
-        self.world_size_invariant = not (cfg.chunk_size and cfg.chunk_method == "accumulate")
+        # BatchNorm normalises each process's rows by their statistics, and accumulated chunks take
+        # chunk_size / N rows of each process: either way the computation follows N.
+        self.world_size_invariant = cfg.norm != "batch" and not (cfg.chunk_size and cfg.chunk_method == "accumulate")
         data = data if data is not None else load_image_data(cfg)
         self.data = data.subset(cfg.n_train, cfg.n_test)
         self.data_identity = self.data.identity()
