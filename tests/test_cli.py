@@ -297,3 +297,32 @@ def test_command_line_steps_replace_a_config_files_epochs(tmp_path, capsys):
 
     cfg = config_from_args(argparse.Namespace(steps=3), {"epochs": 200, "batch_size": 8})
     assert (cfg.steps, cfg.epochs, cfg.batch_size) == (3, None, 8)
+
+
+def test_config_and_recipe_mistakes_are_named(tmp_path, capsys):
+    from negbatch.lab import TrainConfig
+
+    with pytest.raises(ValueError, match="batch_size: a contrastive batch needs at least 2"):
+        TrainConfig(batch_size=1)
+    (tmp_path / "typo.toml").write_text('[study]\nname = "negatives"\nkss = "1,all"\n')
+    assert main(["study", "negatives", "--config", str(tmp_path / "typo.toml"), "--out", str(tmp_path / "o")]) == 2
+    assert "typo.toml: [study] key 'kss' is not an option of the negatives study (did you mean 'ks'?)" in \
+        capsys.readouterr().err
+    assert "--dcl-sigma" not in _help(capsys, "study", "batch-size")  # one method's option: every value was refused
+
+
+def test_a_text_study_sets_the_length_over_a_config_files_epochs(tmp_path):
+    import argparse
+
+    from negbatch.lab.studies import get_study
+
+    (tmp_path / "run.toml").write_text('dataset = "builtin"\nepochs = 2\ntest_fraction = 0.25\nbatch_size = 8\n')
+    study = get_study("batches", "text")
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    try:
+        _, configs = study.plan(parser.parse_args(["--config", str(tmp_path / "run.toml"), "--seeds", "0",
+                                                   "--out", str(tmp_path / "s")]))
+    finally:
+        study.release_folder()
+    assert configs and all(c.epochs is None and c.steps for c in configs)

@@ -28,7 +28,7 @@ DEMO = {
     "head_widths": "256,64",
     "batch_size": 128,
     "epochs": 15,
-    "lr": 2e-3,
+    "lrs": "0.002",  # the negatives study sweeps the learning rate: one value
     "aug_strength": 0.5,
     "losses": "simclr,relic",
     "ks": "1,2,5,10,50,100,all",
@@ -146,7 +146,7 @@ def _demo(args: argparse.Namespace) -> Path:
     from .lab.studies import get_study
 
     study = get_study("negatives", "image")
-    parser = argparse.ArgumentParser()
+    parser = _Parser()  # no abbreviations: each option of DEMO must be the study's own
     study.add_arguments(parser)
     argv = []
     for key, value in {**DEMO, "seeds": args.seeds, "epochs": args.epochs}.items():
@@ -192,6 +192,20 @@ def _selected_study(argv: list[str]) -> tuple[str, str] | None:
     return selected
 
 
+def _study_option_strings(name: str) -> set[str]:
+    """Every option string of study ``name`` on either modality (empty for an unknown study)."""
+    from .lab.studies import STUDIES, get_study
+
+    found: set[str] = set()
+    for study_name, modality in STUDIES:
+        if study_name != name:
+            continue
+        parser = _Parser()
+        get_study(name, modality).add_arguments(parser)
+        found.update(s for action in parser._actions for s in action.option_strings)
+    return found
+
+
 def with_recipe(argv: list[str]) -> list[str]:
     """``study NAME --config FILE ...`` with the options of FILE's ``[study]`` table
     (a recipe) inserted after ``NAME``, so that the command line's own win."""
@@ -205,9 +219,14 @@ def with_recipe(argv: list[str]) -> list[str]:
     name = options.pop("name", argv[1])
     if name != argv[1]:
         raise ValueError(f"{config} is a recipe of the {name} study; run: negbatch study {name} --config {config}")
+    known = _study_option_strings(argv[1])
     extra: list[str] = []
     for key, value in options.items():
         flag = "--" + str(key).replace("_", "-")
+        if known and flag not in known:
+            close = difflib.get_close_matches(flag, sorted(known), n=1)
+            hint = f" (did you mean {close[0][2:].replace('-', '_')!r}?)" if close else ""
+            raise ValueError(f"{config}: [study] key {key!r} is not an option of the {argv[1]} study{hint}")
         if value is True:
             extra.append(flag)
         elif value is not False:

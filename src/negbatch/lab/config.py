@@ -310,6 +310,9 @@ class TrainConfig:
         for name in ("batch_size", "log_every", "knn_k", "probe_samples", "vocab_size", "max_length", "text_dim", "text_depth", "text_heads",
                      "image_size", "decode_size"):
             integer(name, 1, "expected a positive int", optional=name not in ("batch_size", "log_every"))
+        if isinstance(self.batch_size, int) and not isinstance(self.batch_size, bool) and self.batch_size == 1:
+            bad("batch_size", "a contrastive batch needs at least 2 samples (with 1 an anchor has no negative and "
+                              "the loss is 0)")
         for name in ("n_train", "n_test", "epochs", "steps"):
             integer(name, 1, "expected a positive int or None", optional=True)
         integer("max_pairs", 2, "expected an int >= 2 or None", optional=True)

@@ -145,7 +145,10 @@ class BatchSizeStudy(Study):
     name = "batch-size"
     summary = "accuracy against batch size for every method (InfoNCE all/K, queue, global, SigLIP, DCL, GradCache)"
     # The learning rate is not swept: --lr is the base rate at B=LR_REFERENCE_BATCH, scaled per batch size.
-    swept = ("loss", "negatives", "batch_size", "chunk_size", "queue_size", "key_momentum", "seed")
+    # dcl_sigma and siglip_bias belong to one method each (their defaults): not offered, since the
+    # base configuration (loss simclr) refuses them.
+    swept = ("loss", "negatives", "batch_size", "chunk_size", "queue_size", "key_momentum", "seed", "dcl_sigma",
+             "siglip_bias")
     key_fields = ("loss", "negatives", "queue_size", "batch_size", "chunk_size", "seed")
     metric: ClassVar[tuple[str, str]] = ("linear_acc", "linear-probe accuracy")
     parallel_by_default = True
@@ -283,7 +286,7 @@ class TextBatchSize(BatchSizeStudy, TextStudy):
         return batch  # one document (and, symmetric, one query) per pair
 
     def check_data(self, base: TrainConfig) -> int:
-        train, _ = self.load(base.replace(batch_size=1))
+        train, _ = self.load(base.replace(batch_size=2))  # the smallest batch: only the split is wanted
         return len(train)
 
 

@@ -65,7 +65,7 @@ class TextBatches(TextStudy):
             if not args.epochs > 0:
                 raise ValueError(f"--epochs must be > 0, got {args.epochs}")
             steps = max(1, int(args.epochs * (len(train) // base.batch_size)))
-        base = base.replace(steps=steps)
+        base = base.replace(steps=steps, epochs=None)  # the study sets the length, over a file's epochs
         configs = [base.replace(sampler=s, seed=seed) for s in samplers for seed in seeds]
         out = self.out_folder(args, base.dataset)
         self.write_spec(out, {"base": base.to_dict(), "samplers": samplers, "seeds": seeds, "runs": len(configs)}, configs)

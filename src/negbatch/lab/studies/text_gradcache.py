@@ -73,7 +73,7 @@ class TextGradCache(TextStudy):
         for b in sizes:
             steps = max(1, pairs // b) if args.budget == "pairs" else base.steps
             chunk = args.chunk_size if args.chunk_size < b else None
-            configs += [base.replace(batch_size=b, steps=steps, chunk_size=chunk, seed=s) for s in seeds]
+            configs += [base.replace(batch_size=b, steps=steps, epochs=None, chunk_size=chunk, seed=s) for s in seeds]
         out = self.out_folder(args, base.dataset)
         memory = {}
         for b in sizes:
