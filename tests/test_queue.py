@@ -228,3 +228,39 @@ def test_momentum_encoder_is_an_exponential_moving_average():
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="momentum must be a float in"):
         MomentumEncoder(online, momentum=1.0)
+
+
+# A queue with K = every candidate but one: a rank none of whose anchors met its own queued entry took
+# the dense shortcut and drew no random numbers, the others drew; a generator reused across steps then
+# sampled other negatives on that rank than one process would (found by a review).
+_B, _K = 4, 7
+
+
+def _queue_steps(loss_fn, rows, generator):
+    values, draws = [], []
+    for step, idx in enumerate([torch.arange(_B), torch.tensor([2, 10, 11, 12]), torch.arange(20, 24)]):
+        g = torch.Generator().manual_seed(step)
+        q, k = torch.randn(_B, 8, generator=g, dtype=torch.float64), torch.randn(_B, 8, generator=g, dtype=torch.float64)
+        values.append(float(loss_fn(q[rows], k[rows], indices=idx[rows], generator=generator)))
+        draws.append(int(torch.randint(0, 10**6, (1,), generator=torch.Generator().set_state(generator.get_state()))))
+    return values, draws
+
+
+def _queue_rank(rank, world, single):
+    import torch.distributed as dist
+
+    loss_fn = InfoNCE(temperature=0.3, form="query_document", queue_size=4, negatives=_K, on_shortage="use_all",
+                      gather=True)
+    values, draws = _queue_steps(loss_fn, slice(2 * rank, 2 * rank + 2), torch.Generator().manual_seed(0))
+    got = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(got)
+    torch.testing.assert_close(got / world, torch.tensor(single[0], dtype=torch.float64), rtol=1e-12, atol=0)
+    assert draws == single[1]  # every rank's generator where one process leaves it
+
+
+@pytest.mark.distributed
+def test_ranks_draw_the_single_process_negatives_with_a_queue_and_k_one_below_the_bank():
+    from _dist import run_distributed
+
+    loss_fn = InfoNCE(temperature=0.3, form="query_document", queue_size=4, negatives=_K, on_shortage="use_all")
+    run_distributed(_queue_rank, 2, _queue_steps(loss_fn, slice(None), torch.Generator().manual_seed(0)))

@@ -117,6 +117,16 @@ def gather_nograd(x: Tensor) -> Tensor:
     return _all_gather_padded(x.detach(), sizes)
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank (every rank must call it): a decision
+    that must be the same everywhere, as one process on the global batch makes it."""
+    if not is_distributed() or world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     """Send a picklable object from rank ``src`` to every rank."""
     if not is_distributed():

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import refuse_second_order
-from ..distributed import gather_nograd, is_distributed
+from ..distributed import any_rank, gather_nograd, is_distributed
 from ..negatives import NegativeSelection, selection_logits
 from . import _layout
 from ._layout import BankLoss, Direction, Layout, check_labels, check_views, fused_dense, row_blocks
@@ -273,7 +273,11 @@ class SoftmaxLoss(BankLoss):
             self.queue.check_width(direction.bank.shape[1])
             anchor_indices = self._anchor_rows(indices, role)
             own = None
-            if bool(torch.isin(anchor_indices, entry_indices).any()):
+            matches = bool(torch.isin(anchor_indices, entry_indices).any())
+            # Gathered, the ranks decide together, as one process on the global batch does: a rank
+            # without a match took another selection path (for K = the bank's candidates it drew no
+            # random numbers), and its generator fell a draw behind the others'.
+            if any_rank(matches, anchor_indices.device) if layout.gathered else matches:
                 own = anchor_indices[:, None] == entry_indices[None, :]
             same = None
             entry_labels = self.queue.entry_labels(role) if labels is not None else None
