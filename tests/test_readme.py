@@ -77,7 +77,7 @@ def test_lab_demo_section_states_the_demos_settings():
 
     section = " ".join(_demo_section().split())
     b = DEMO["batch_size"]
-    assert f"batch {b}, {DEMO['epochs']} epochs, Adam lr {DEMO['lr']:g}, temperature {DEMO['temperatures']}" in section
+    assert f"batch {b}, {DEMO['epochs']} epochs, Adam lr {float(DEMO['lrs']):g}, temperature {DEMO['temperatures']}" in section
     ks = DEMO["ks"].split(",")
     assert "K ∈ {" + ", ".join(ks) + "}" in section
     assert f"seeds 0–{len(DEMO['seeds'].split(',')) - 1}" in section
