@@ -10,12 +10,13 @@ repeats and keeping the median:
 * cifar: CIFAR-sized RGB images (random uint8, 3x32x32: the throughput does
   not depend on the pixels), ResNet-18 with the CIFAR stem, SimCLR's
   augmentation batched on the device; also the augmentation's share of a step.
-  With ``--device cuda``: images/s and peak GPU memory, and a 2-epoch run.
+  With ``BENCH_DEVICE=cuda``: images/s and peak GPU memory, and a 2-epoch run.
 
 Goals: our loop / minimal loop <= 1.10; minimal loop with SNR tracking /
 without <= 1.10; the augmentation is not the bottleneck (well under half a step).
 
-Usage: python bench/bench_trainer.py [EPOCHS] [REPEATS]   (defaults 3 and 3;
+Usage: python bench/bench_trainer.py [EPOCHS] [REPEATS]   (defaults 3 and 3; EPOCHS applies to
+the digits part, the cifar part times 1 epoch;
 environment BENCH_BATCH=128, BENCH_WIDTH=256, BENCH_DATA=digits|cifar|both (both),
 BENCH_DEVICE=cpu|cuda, BENCH_CIFAR_N=2560, BENCH_CIFAR_BATCH=256, BENCH_WIDTHS=16,32,64,128 on a CPU)
 """
