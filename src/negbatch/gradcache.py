@@ -41,6 +41,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ._autocast import autocast_state
+
 __all__ = ["GradCache", "CachedBatch"]
 
 #: One encoder input: a tensor, a dict of tensors (a tokenizer's output, passed
@@ -208,20 +210,11 @@ class _RngState:
             yield
 
 
-def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
-    try:
-        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-    except (TypeError, AttributeError):  # torch < 2.4: per-device functions
-        if device_type == "cpu":
-            return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
-        return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
-
-
 def _ambient_autocast() -> list[tuple[str, bool, torch.dtype]]:
     """The autocast state here, on or off (CPU, and CUDA where there is one): the
     second pass re-enters it both ways."""
     types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return [(t, *_autocast_state(t)) for t in types]
+    return [(t, *autocast_state(t)) for t in types]
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._autocast import autocast_active
 from ._checks import Negatives, OnShortage, refuse_second_order
 
 __all__ = [
@@ -696,15 +697,6 @@ class _SampledDot(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_bank = _csr_transposed(index, grad, bank.shape[0]) @ anchors
         return grad_anchors, grad_bank, None
-
-
-def autocast_active(device: torch.device) -> bool:
-    """Whether an autocast region is active for ``device``'s type (the
-    argument-free ``torch.is_autocast_enabled()`` answers for CUDA only)."""
-    try:
-        return torch.is_autocast_enabled(device.type)
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled() if device.type == "cpu" else torch.is_autocast_enabled()
 
 
 def selection_logits(

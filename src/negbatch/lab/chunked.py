@@ -22,7 +22,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from ..distributed import is_distributed, world_size
+from ..distributed import world_size
 from ..gradcache import GradCache
 from ..losses import GlobalInfoNCE
 
@@ -109,7 +109,7 @@ def accumulated_forward_backward(
     # Under several processes the loss gathers every process's chunk: each process takes
     # chunk_size / N rows, so that a chunk's loss still has chunk_size rows (the chunks hold
     # other samples than one process's, so such a run is not the one-process run).
-    processes = world_size() if is_distributed() else 1
+    processes = world_size()
     if chunk_size % processes:
         raise ValueError(f"chunk_size={chunk_size} (rows per chunk's loss, over all processes) must be divisible by "
                          f"the {processes} processes; pick a multiple of {processes}")

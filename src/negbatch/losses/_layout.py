@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._autocast import autocast_active
 from .._checks import (
     Form,
     Negatives,
@@ -54,7 +55,7 @@ from .._checks import (
     check_temperature,
 )
 from ..distributed import gather_nograd, gather_with_grad, global_batch_mean, global_batch_sum
-from ..negatives import NegativeSelection, _select, validate_negatives, autocast_active
+from ..negatives import NegativeSelection, _select, validate_negatives
 from .filtering import _false_negatives, check_filter
 from .temperature import LearnableTemperature
 

@@ -30,7 +30,9 @@ from typing import Callable, Literal, Union
 import torch
 from torch import Tensor
 
-from .._checks import Form, Negatives, OnShortage, Reduction, check_choice, check_flag, keyword_only, refuse_second_order
+from .._checks import (
+    Form, Negatives, OnShortage, Reduction, check_choice, check_flag, keyword_only, refuse_second_order,
+)
 from ..distributed import gather_nograd, is_distributed
 from ..negatives import selection_logits
 from ._layout import (

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ... import distributed as nbdist
 from ...diagnostics.gap import global_train_gap
 from ...diagnostics.snr import GradientSNR
 from ...sampling.embedding import embed_dataset
@@ -270,10 +271,7 @@ class NegbatchLossState(TrainerCallback):
     @classmethod
     def file_name(cls) -> str:
         """This process's file in a checkpoint folder."""
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and dist.get_rank() > 0:
-            return f"negbatch_loss-rank{dist.get_rank()}.pt"
-        return cls.FILE
+        return f"negbatch_loss-rank{nbdist.rank()}.pt" if nbdist.rank() > 0 else cls.FILE
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"

@@ -68,9 +68,11 @@ def indexed_loss_call(loss: nn.Module, queries: Tensor, documents: Tensor, hard_
         raise ValueError("indexed_loss_call takes no hard negatives; use pairs without them")
     return loss(queries, documents, indices)
 
-#: The column that carries each row's data-set index to the loss. sentence-transformers
-#: hands a loss only its text columns and one label column (``label``, ``labels``,
-#: ``score`` or ``scores``); every other column is tokenized as text.
+#: The columns sentence-transformers reads as labels: it hands a loss only its text
+#: columns and one of these; every other column is tokenized as text.
+LABEL_COLUMNS = ("label", "labels", "score", "scores")
+
+#: The column that carries each row's data-set index to the loss.
 INDEX_COLUMN = "label"
 
 #: Rows per chunk when ``cached=True`` is given without ``chunk_size`` (as CachedMNRL's default).
@@ -94,11 +96,11 @@ def with_index_column(dataset: Any, name: str = INDEX_COLUMN) -> Any:
     columns = getattr(dataset, "column_names", None)
     if columns is None or not hasattr(dataset, "add_column"):
         raise TypeError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}")
-    taken = [c for c in ("label", "labels", "score", "scores", name) if c in columns]
+    taken = [c for c in (*LABEL_COLUMNS, name) if c in columns]
     if taken:
         raise ValueError(
             f"the data set already has a {taken[0]!r} column; sentence-transformers passes one label column "
-            f"({', '.join(('label', 'labels', 'score', 'scores'))}) to the loss and tokenizes every other column as "
+            f"({', '.join(LABEL_COLUMNS)}) to the loss and tokenizes every other column as "
             f"text, so the data-set index ({name!r}) must be the only one: rename or remove {taken[0]!r} first"
         )
     return dataset.add_column(name, list(range(len(dataset))))

@@ -60,6 +60,7 @@ from ... import distributed as nbdist
 from ...sampling.baselines import HardNegativeBatchSampler, NoDuplicateBatchSampler, RandomBatchSampler
 from ...sampling.epoch_sampler import EpochBatchSampler
 from ...sampling.gcbs import GCBSampler
+from .losses import LABEL_COLUMNS
 
 try:  # sentence-transformers >= 6
     from sentence_transformers.base.sampler import DefaultBatchSampler
@@ -71,8 +72,6 @@ __all__ = ["GCBSBatches", "HardNegativeBatches", "NoDuplicateBatches", "RandomBa
 #: Where the plans go in ``TrainerState.stateful_callbacks`` (a name no callback class has,
 #: so that the trainer's own callback restoring leaves it alone).
 STATE_KEY = "negbatch_batch_samplers"
-
-_DEFAULT_LABEL_COLUMNS = ("label", "labels", "score", "scores")
 
 
 def _encode_ints(values: Tensor) -> str:
@@ -267,7 +266,7 @@ class _NegbatchBatches(TrainerCallback):
 
     @staticmethod
     def _text_columns(dataset: Any, valid_label_columns: Sequence[str] | None) -> list[str]:
-        skip = set(valid_label_columns or _DEFAULT_LABEL_COLUMNS) | {"dataset_name"}
+        skip = set(valid_label_columns or LABEL_COLUMNS) | {"dataset_name"}
         return [c for c in dataset.column_names if c not in skip]
 
     def warn_unattached(self) -> None:
