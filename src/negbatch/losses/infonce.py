@@ -18,12 +18,12 @@ anchor with K of its own candidates drawn uniformly without replacement
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import Form, Negatives, OnShortage, Reduction, keyword_only
 from ..negatives import NegativeSelection, _select, select_negatives
-from ._layout import Direction, Layout, Positives
+from ._layout import Direction, Layout, Positives, in_batch_candidates
+from ._plain import plain_info_nce
 from ._softmax import SoftmaxLoss, info_nce_values
 
 __all__ = ["InfoNCE", "info_nce_per_anchor"]
@@ -234,48 +234,24 @@ class InfoNCE(SoftmaxLoss):
     plain_sampled = True
 
     def _plain_forward(self, a: Tensor, b: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        # The layout's result for a small plain batch, as a user would write
-        # it: one product (both directions of the symmetric form share it),
-        # the temperature folded in (a learnable one multiplies the anchors),
-        # autograd's cross-entropy, reduced in its own kernel where one call
-        # holds every anchor; K sampled negatives are read off the product,
-        # drawn as the layout draws them.
-        n = a.shape[0]
+        # The layout's result for a small plain batch in one autograd node
+        # (see _plain.py); K sampled negatives are drawn as the layout draws
+        # them, the rows' before the columns'.
         scale = self.logit_scale() if self.logit_scale is not None else None
         alpha = 1.0 / self.temperature if scale is None else 1.0
-        if self.form == "two_view":
-            z = F.normalize(torch.cat([a, b]), dim=1)
-            anchors = z if scale is None else z * scale
-            logits = torch.addmm(z.new_zeros(()), anchors, z.t(), beta=0.0, alpha=alpha)
-            rows = torch.arange(2 * n, device=a.device)  # each anchor's own column: the bank is the anchors
-            values = self._plain_cross_entropy(logits, rows.roll(n), generator, self.reduction, self_index=rows)
-            return self._plain_result(a, b, values, reduced=True)
-        q, d = F.normalize(a, dim=1), F.normalize(b, dim=1)
-        logits = torch.addmm(q.new_zeros(()), q if scale is None else q * scale, d.t(), beta=0.0, alpha=alpha)
-        positive = torch.arange(n, device=a.device)
-        if not self.symmetric:
-            values = self._plain_cross_entropy(logits, positive, generator, self.reduction)
-            return self._plain_result(a, b, values, reduced=True)
-        # Documents against the queries: the columns. Both directions hold n
-        # anchors, so the mean over all 2n is the mean of the two means.
-        rows = self._plain_cross_entropy(logits, positive, generator, self.reduction)
-        columns = self._plain_cross_entropy(logits.t(), positive, generator, self.reduction)
-        if self.reduction == "none":
-            return self._plain_result(a, b, torch.cat([rows, columns]))
-        values = rows + columns
-        return self._plain_result(a, b, values / 2 if self.reduction == "mean" else values, reduced=True)
+        two_view = self.form == "two_view"
+        rows = self._plain_draw(a, two_view, generator)
+        columns = self._plain_draw(a, two_view, generator) if self.symmetric else None
+        values = plain_info_nce(a, b, scale, alpha, two_view, self.symmetric, rows, columns, self.reduction)
+        return self._plain_result(a, b, values, reduced=self.reduction != "none")
 
-    def _plain_cross_entropy(self, logits: Tensor, positive: Tensor, generator: torch.Generator | None,
-                             reduction: Reduction, self_index: Tensor | None = None) -> Tensor:
-        """Cross-entropy of ``logits``' rows at the ``positive`` columns (the
-        other view, or the paired document), over every candidate or over the
-        positive and K sampled ones; ``self_index`` (two-view: ``arange``, the
-        anchors are the bank in order) is never a candidate."""
-        candidates = logits.shape[1] - (1 if self_index is None else 2)  # but the positive (and the anchor)
-        if self.negatives == "all" or self.negatives == candidates:  # K = all of them: the standard loss, no draw
-            if self_index is not None:
-                logits = logits.fill_diagonal_(float("-inf"))  # self_index is every row's own column
-            return F.cross_entropy(logits, positive, reduction=reduction)
-        selection = _select(positive, logits.shape[1], self.negatives, self_index=self_index, generator=generator)
-        picked = logits.gather(1, selection.index)  # the positive in column 0
-        return F.cross_entropy(picked, torch.zeros_like(positive), reduction=reduction)
+    def _plain_draw(self, a: Tensor, two_view: bool, generator: torch.Generator | None) -> Tensor | None:
+        """Bank columns (n or 2n rows, 1 + K) of each anchor's positive and K
+        sampled negatives, or None for every candidate."""
+        n = a.shape[0]
+        if self.negatives == "all" or self.negatives == in_batch_candidates(self.form, n):
+            return None  # K = all of them: the standard loss, no draw
+        if two_view:
+            itself = torch.arange(2 * n, device=a.device)
+            return _select(itself.roll(n), 2 * n, self.negatives, self_index=itself, generator=generator).index
+        return _select(torch.arange(n, device=a.device), n, self.negatives, generator=generator).index

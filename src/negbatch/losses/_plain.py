@@ -1,0 +1,230 @@
+"""InfoNCE of a small plain batch in one autograd node.
+
+A plain call (one process, in-batch candidates only, every one of them or K
+sampled, normalised embeddings, a small batch: see
+``BankLoss._plain_call``) is what most users run, and at its sizes the cost
+is not the arithmetic but the steps: autograd's version of
+``cross_entropy(normalize(q) @ normalize(d).T / tau)`` records a dozen nodes
+whose backward passes (the normalisation's division and norm above all) take
+about a fifth of the call (bench/bench_peers.py, 2B = 512). Here the forward
+keeps the normalised embeddings and the log-softmax, and the backward is
+written out: ``softmax - one-hot`` on the logits, the two products with the
+embeddings, the normalisation's projection ``(g - y (y . g)) / |x|``.
+
+The backward is first-order; under ``create_graph=True`` (a gradient
+penalty) it recomputes the call with autograd's ops and differentiates that,
+so second-order gradients stay exact (at autograd's speed). Under a
+``torch.func`` transform the call runs on autograd's ops throughout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._checks import Reduction
+
+__all__ = ["plain_info_nce", "plain_info_nce_autograd"]
+
+#: F.normalize's default: norms below it are clamped (and get no gradient).
+_EPS = 1e-12
+
+#: Whether a torch.func transform is running (torch's own Function.apply asks the same).
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def _normalized(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``F.normalize(x, dim=1)`` and its clamped norms (n, 1), the same ops."""
+    norm = x.norm(2, dim=1, keepdim=True)
+    denom = norm.clamp_min(_EPS)
+    return x / denom.expand_as(x), denom
+
+
+def _normalize_backward(grad: Tensor, y: Tensor, denom: Tensor) -> Tensor:
+    """d/dx of ``x / max(|x|, eps)`` applied to ``grad``: the component along
+    ``y`` removed, then divided by the norm (only divided where the norm was
+    clamped: autograd's clamp passes no gradient there)."""
+    along = (grad * y).sum(dim=1, keepdim=True)
+    along.mul_(denom > _EPS)
+    return (grad - y * along).div_(denom)
+
+
+class _PlainInfoNCE(torch.autograd.Function):
+    """``-log softmax`` of every anchor's positive, both embeddings
+    normalised inside: the per-anchor values, or their mean or sum (see
+    :func:`plain_info_nce`)."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale, options):  # type: ignore[override]
+        alpha, two_view, symmetric, rows, columns, reduction = options
+        anchors, bank, denoms, logits, positive = _logits(a, b, scale, alpha, two_view)
+        log_p, target = _log_softmax(logits, positive, rows)
+        log_q = None
+        if symmetric:
+            log_q, target_q = _log_softmax(logits.t(), positive, columns)
+            values = torch.cat([F.nll_loss(log_p, target, reduction="none"),
+                                F.nll_loss(log_q, target_q, reduction="none")])
+            if reduction != "none":
+                values = values.mean() if reduction == "mean" else values.sum()
+        else:
+            values = F.nll_loss(log_p, target, reduction=reduction)
+        ctx.save_for_backward(a, b, scale, anchors, bank, *denoms, log_p, log_q, positive)
+        ctx.options = options
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        alpha, two_view, symmetric, rows, columns, reduction = ctx.options
+        if two_view:
+            a, b, scale, anchors, bank, denom, log_p, log_q, positive = ctx.saved_tensors
+        else:
+            a, b, scale, anchors, bank, denom_a, denom_b, log_p, log_q, positive = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate autograd's version of the call
+            return _second_order(ctx, a, b, scale, grad)
+        n_rows, m = log_p.shape[0], bank.shape[0]
+        total = n_rows + (log_q.shape[0] if symmetric else 0)
+        # d loss / d logits, the logits being alpha * scale * anchors @ bank.T:
+        # softmax - one-hot of each anchor, times its weight in the loss (one
+        # number for a mean or sum, folded into the products' factor).
+        weights, factor = grad, alpha
+        if reduction != "none":
+            weights, factor = None, alpha * (grad / total if reduction == "mean" else grad)
+        g_logits = _softmax_minus_one_hot(log_p, None if weights is None else weights[:n_rows], positive, rows, m)
+        if symmetric:
+            g_logits += _softmax_minus_one_hot(log_q, None if weights is None else weights[n_rows:], positive,
+                                               columns, n_rows).t()
+        g_anchors = g_logits @ bank
+        grad_scale = None
+        if scale is not None:
+            if ctx.needs_input_grad[2]:
+                grad_scale = (factor * (g_anchors * anchors).sum()).to(scale.dtype)
+            factor = factor * scale
+        if two_view:
+            # The anchors are the bank: both uses of each normalised row add up.
+            g_y = g_anchors.add_(g_logits.t() @ anchors).mul_(factor)
+            g_x = _normalize_backward(g_y, anchors, denom)
+            half = a.shape[0]
+            return g_x[:half], g_x[half:], grad_scale, None
+        g_a = _normalize_backward(g_anchors.mul_(factor), anchors, denom_a) if ctx.needs_input_grad[0] else None
+        g_b = None
+        if ctx.needs_input_grad[1]:
+            g_b = _normalize_backward((g_logits.t() @ anchors).mul_(factor), bank, denom_b)
+        return g_a, g_b, grad_scale, None
+
+
+def _logits(a: Tensor, b: Tensor, scale: Tensor | None, alpha: float, two_view: bool):
+    """Normalised anchors and bank, their norms, the logits (each anchor's
+    own column at -inf) and each row's positive column."""
+    n = a.shape[0]
+    if two_view:
+        y, denom = _normalized(torch.cat([a, b]))
+        anchors, bank, denoms = y, y, (denom,)
+        positive = torch.arange(2 * n, device=a.device).roll(n)
+    else:
+        (anchors, denom_a), (bank, denom_b) = _normalized(a), _normalized(b)
+        denoms = (denom_a, denom_b)
+        positive = torch.arange(n, device=a.device)
+    scaled = anchors if scale is None else anchors * scale
+    logits = torch.addmm(scaled.new_zeros(()), scaled, bank.t(), beta=0.0, alpha=alpha)
+    if two_view:
+        logits.fill_diagonal_(float("-inf"))
+    return anchors, bank, denoms, logits, positive
+
+
+def _log_softmax(logits: Tensor, positive: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Log-softmax over every column (the positive at its column) or over the
+    sampled ``index`` (the positive in slot 0)."""
+    if index is None:
+        return torch.log_softmax(logits, dim=1), positive
+    return torch.log_softmax(logits.gather(1, index), dim=1), torch.zeros_like(positive)
+
+
+def _softmax_minus_one_hot(log_p: Tensor, weights: Tensor | None, positive: Tensor, index: Tensor | None,
+                           m: int) -> Tensor:
+    """``softmax - one-hot of the positive`` as an (n, m) matrix, each row
+    times its weight (None: 1)."""
+    g = log_p.exp()
+    one = 1.0
+    if weights is not None:
+        g.mul_(weights[:, None])
+        one = weights
+    if index is None:
+        g[torch.arange(g.shape[0], device=g.device), positive] -= one
+        return g
+    g[:, 0] -= one
+    return g.new_zeros(g.shape[0], m).scatter_(1, index, g)
+
+
+def _second_order(ctx, a: Tensor, b: Tensor, scale: Tensor | None, grad: Tensor) -> tuple:
+    """The backward under ``create_graph=True``: the gradient of
+    :func:`plain_info_nce_autograd`, itself differentiable."""
+    wanted = [(i, t) for i, t in enumerate((a, b, scale)) if ctx.needs_input_grad[i]]
+    values = plain_info_nce_autograd(a, b, scale, *ctx.options)
+    grads = torch.autograd.grad(values, [t for _, t in wanted], grad, create_graph=True, allow_unused=True)
+    out: list = [None] * 4
+    for (i, _), g in zip(wanted, grads):
+        out[i] = g
+    return tuple(out)
+
+
+def plain_info_nce_autograd(a: Tensor, b: Tensor, scale: Tensor | None, alpha: float, two_view: bool,
+                            symmetric: bool, rows: Tensor | None, columns: Tensor | None,
+                            reduction: Reduction) -> Tensor:
+    """:func:`plain_info_nce` in autograd's ops (its second order, and the
+    tests' first reference)."""
+    n = a.shape[0]
+    if two_view:
+        z = F.normalize(torch.cat([a, b]), dim=1)
+        anchors, bank = z, z
+        positive = torch.arange(2 * n, device=a.device).roll(n)
+    else:
+        anchors, bank = F.normalize(a, dim=1), F.normalize(b, dim=1)
+        positive = torch.arange(n, device=a.device)
+    logits = torch.addmm(anchors.new_zeros(()), anchors if scale is None else anchors * scale, bank.t(),
+                         beta=0.0, alpha=alpha)
+    if two_view:
+        logits = logits.fill_diagonal_(float("-inf"))
+    directions = [(logits, rows)] + ([(logits.t(), columns)] if symmetric else [])
+    values = []
+    for direction, index in directions:
+        if index is None:
+            values.append(F.cross_entropy(direction, positive, reduction="none"))
+        else:
+            values.append(F.cross_entropy(direction.gather(1, index), torch.zeros_like(positive), reduction="none"))
+    values = torch.cat(values) if len(values) > 1 else values[0]
+    if reduction == "none":
+        return values
+    return values.mean() if reduction == "mean" else values.sum()
+
+
+def plain_info_nce(a: Tensor, b: Tensor, scale: Tensor | None, alpha: float, two_view: bool, symmetric: bool,
+                   rows: Tensor | None, columns: Tensor | None, reduction: Reduction) -> Tensor:
+    """InfoNCE of a plain call, both inputs normalised here.
+
+    Parameters
+    ----------
+    a, b : Tensor (n, d)
+        The two views (``two_view``: stacked into one bank that is also the
+        anchors, each anchor's own column never a candidate) or the queries
+        and their documents.
+    scale : Tensor (0-d) or None
+        A learnable logit scale multiplying the logits (None: fixed).
+    alpha : float
+        A fixed factor of the logits (``1/temperature``; 1 with ``scale``).
+    two_view, symmetric : bool
+        The form; ``symmetric`` (query-document) adds the documents' direction
+        (the logits' columns) after the queries'.
+    rows, columns : Tensor (n, 1 + K) long or None
+        Sampled candidates of each direction's anchors (the positive's column
+        in slot 0), or None for every candidate.
+    reduction : {"mean", "sum", "none"}
+        Over all anchors of all directions (the mean of the two directions'
+        means when symmetric).
+    """
+    options = (alpha, two_view, symmetric, rows, columns, reduction)
+    if _functorch_active():
+        # torch.func's transforms (grad, vmap, jacrev) need autograd functions
+        # in their own style; the ops they trace are what the node computes.
+        return plain_info_nce_autograd(a, b, scale, *options)
+    return _PlainInfoNCE.apply(a, b, scale, options)
