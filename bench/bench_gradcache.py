@@ -45,6 +45,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the tests load this file as a module
+from _order import rounds  # noqa: E402
+
 import torch
 from torch import nn
 
@@ -149,10 +152,8 @@ def interleaved_medians(variants: dict, enc: nn.Module, repeats: int, device) ->
     """Median time of each variant over ``repeats`` rounds, the variants
     interleaved against drift; a first round warms up and is dropped."""
     times = {k: [] for k in variants}
-    names = list(variants)
-    for rep in range(repeats + 1):
-        # The order rotates every round: a fixed one favours some variants (caches, clocks).
-        for name in names[rep % len(names):] + names[: rep % len(names)]:
+    for _, order in rounds(list(variants), repeats):
+        for name in order:  # a fresh order every round (see _order.py)
             enc.zero_grad(set_to_none=True)
             times[name].append(timed(variants[name], device))
     return {k: statistics.median(v[1:]) for k, v in times.items()}

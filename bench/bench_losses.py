@@ -1,7 +1,7 @@
 """Forward + backward time of InfoNCE with K sampled negatives vs the full loss.
 
 For 2B anchors of width d, every variant is timed side by side in this one
-process, round-robin (the order rotating every round), and reported as the
+process, in a fresh random order every round (bench/_order.py), and reported as the
 median time divided by the median time of a plain hand-written full-batch
 NT-Xent (the baseline a user would otherwise write) and by negbatch's own
 ``negatives="all"`` (the alternative a negbatch user has). Goals (issue 2):
@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+
+from _order import rounds
 
 import torch
 import torch.nn.functional as F
@@ -55,10 +57,8 @@ def main() -> None:
         for name, fn in losses.items():
             variants[name] = (lambda fn=fn: fn(z1, z2, generator=gen))
         times: dict[str, list[float]] = {name: [] for name in variants}
-        names = list(variants)
-        for rep in range(args.repeats + 1):  # first round warms up
-            # A fixed order favours some variants (caches, clocks): rotate it every round.
-            for name in names[rep % len(names):] + names[: rep % len(names)]:
+        for rep, order in rounds(list(variants), args.repeats):  # first round warms up
+            for name in order:  # a fresh order every round (see _order.py)
                 run = variants[name]
                 t0 = time.perf_counter()
                 run().backward()

@@ -44,6 +44,7 @@ Usage: python bench/bench_peers.py [--sizes 512 2048 8192] [--dim 128] [--repeat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import math
 import os
@@ -55,7 +56,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from negbatch import DCL, InfoNCE, SigLIP, select_negatives
+from _order import rounds
+
+import negbatch.negatives as negatives_module
+from negbatch import DCL, InfoNCE, SigLIP
 
 Variant = Callable[[], torch.Tensor]
 
@@ -120,18 +124,15 @@ def dcl_formula(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def race(variants: dict[str, Variant], leaves: list[torch.Tensor], repeats: int) -> dict[str, float]:
-    """Median seconds of forward + backward of each variant, timed round-robin
-    (the first round warms up). Each round starts one variant later, so that
-    no variant always follows the same one (in one fixed order, the learnable
-    temperature read 1.12-1.16x the fixed one, level when raced alone: most
-    likely the allocator's state left by the variant before it)."""
+    """Median seconds of forward + backward of each variant, in a fresh
+    random order every round (see bench/_order.py; the first round warms up).
+    In a fixed order the learnable temperature read 1.12-1.16x the fixed one,
+    level when raced alone."""
     times: dict[str, list[float]] = {name: [] for name in variants}
-    items = list(variants.items())
-    for rep in range(repeats + 1):
-        shift = rep % len(items)
-        for name, run in items[shift:] + items[:shift]:
+    for rep, order in rounds(list(variants), repeats):
+        for name in order:
             t0 = time.perf_counter()
-            run().backward()
+            variants[name]().backward()
             elapsed = time.perf_counter() - t0
             for leaf in leaves:
                 leaf.grad = None
@@ -295,27 +296,31 @@ def dense_peers(two_b: int, args, report: Report) -> None:
     report.add(goal, f"2B={two_b} two_view / plain NT-Xent", medians["negbatch two_view"] / medians["plain NT-Xent"])
 
 
-def draw_negatives(form: str, rows: int, k: int, generator: torch.Generator) -> None:
-    """The draw of a sampled in-batch loss on its own (every direction's)."""
-    if form == "two_view":
-        positive = torch.arange(2 * rows).roll(rows)
-        select_negatives(positive, 2 * rows, k, self_index=positive.roll(rows), generator=generator)
-    else:
-        select_negatives(torch.arange(rows), rows, k, generator=generator)
+@contextlib.contextmanager
+def ranks_drawn_beforehand(ranks: dict[tuple[int, int], torch.Tensor]):
+    """Inside: the loss's random ranks are a fixed table, drawn once before
+    (its selection, logits and backward run as always): the sampled call
+    without the draw, timed in the same race."""
+    draw = negatives_module._draw_ranks
 
+    def fixed(population, k, *args, **kwargs):
+        key = (population.shape[0], k)
+        if key not in ranks:
+            ranks[key] = draw(population, k, *args, **kwargs)
+        return ranks[key]
 
-def median_seconds(run: Callable[[], object], repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    negatives_module._draw_ranks = fixed
+    try:
+        yield
+    finally:
+        negatives_module._draw_ranks = draw
 
 
 def sampled_small(two_b: int, args, report: Report) -> None:
-    """Sampled K against all at a small batch, in both forms."""
+    """Sampled K against all at a small batch, in both forms; beside each K,
+    the same call with its random ranks drawn beforehand (what the draw
+    costs inside the loss, where it runs slower than alone: the backward
+    before it leaves the caches cold)."""
     tau = 0.1
     gen = torch.Generator().manual_seed(3)
     goal = f"2B={two_b}: sampled K never slower than all"
@@ -328,16 +333,22 @@ def sampled_small(two_b: int, args, report: Report) -> None:
         for k in ks:
             loss = InfoNCE(temperature=tau, form=form, negatives=k)
             variants[f"K={k}"] = lambda loss=loss, a=a, b=b: loss(a, b, generator=gen)
+            fixed: dict = {}
+
+            def predrawn(loss=loss, a=a, b=b, fixed=fixed):
+                with ranks_drawn_beforehand(fixed):
+                    return loss(a, b, generator=gen)
+
+            variants[f"K={k}, ranks drawn beforehand"] = predrawn
         where = f"{form} B={rows}"
         print(f"  {where}")
         medians = race(variants, [a, b], args.repeats)
         show(medians)
         for k in ks:
             report.add(goal, f"{where} K={k} / all", medians[f"K={k}"] / medians["all"])
-            # What "all" never does: draw K candidates per anchor (as the loss draws them).
-            draw = median_seconds(lambda k=k: draw_negatives(form, rows, k, gen), args.repeats)
-            print(f"    of which drawing the K={k} negatives alone {draw / medians['all']:.3f} x all, "
-                  f"the rest {(medians[f'K={k}'] - draw) / medians['all']:.3f} x all")
+            rest = medians[f"K={k}, ranks drawn beforehand"]
+            print(f"    of which the draw {(medians[f'K={k}'] - rest) / medians['all']:.3f} x all, "
+                  f"the rest {rest / medians['all']:.3f} x all")
 
 
 def main() -> None:

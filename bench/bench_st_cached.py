@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _order import rounds
+
 import torch
 
 from negbatch.lab.memory import peak_memory  # the gradcache study's and bench's instrument
@@ -130,11 +132,10 @@ def time_variants(model, feats, chunk: int, repeats: int, device: str) -> dict[s
     losses = {v: build(v, model, chunk) for v in VARIANTS}
     wall: dict[str, list[float]] = {v: [] for v in VARIANTS}
     cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    order = list(losses)
-    for round_ in range(repeats + 1):
-        # The order rotates every round: a variant that always follows another inherits its
-        # state of the caches and the allocator (bench_peers measured a fixed order skew 1.12-1.16x).
-        for variant in order[round_ % len(order):] + order[: round_ % len(order)]:
+    for _, order in rounds(list(losses), repeats):
+        # A fresh order every round (see _order.py): a variant that always follows another
+        # inherits its state of the caches and the allocator.
+        for variant in order:
             loss = losses[variant]
             model.zero_grad(set_to_none=True)
             sync(device)

@@ -106,6 +106,8 @@ def test_bench_peers_quick_prints_every_ratio_and_a_verdict_per_goal():
         verdict = "NOT met" if words[-2:] == ["NOT", "met"] else words[-1]
         ratio = words[-3] if verdict == "NOT met" else words[-2]
         assert verdict in ("met", "NOT met") and float(ratio) > 0, line
+    # each sampled K beside the same call with its ranks drawn beforehand
+    assert len(re.findall(r"of which the draw -?\d+\.\d+ x all, the rest \d+\.\d+ x all", out)) == 6
     goals = [line for line in out.splitlines() if line.startswith("goal ")]
     assert len(goals) == 3 and all(": met" in g or ": NOT met" in g for g in goals), goals
     assert "each new loss never slower than its peer" in goals[0]
