@@ -1,9 +1,10 @@
 """Forward + backward time of negbatch's losses against their peers (issue 15, item 3).
 
 For 2B embeddings of width d (2B in {512, 2048, 8192}), every group of
-variants is timed side by side in this one process, round-robin, and each of
-ours is reported as the median of its times divided by the peer's median
-(``ours / peer``: <= 1.0 means ours is never slower). The groups:
+variants is timed side by side in this one process, in a fresh random order
+every round (bench/_order.py), and each of ours is reported as the median of
+its times divided by the peer's median (``ours / peer``: <= 1.0 means ours is
+never slower). The groups:
 
 * the new losses against a peer or a hand-written version:
   SupCon (``InfoNCE(positives="mask")`` with labels) / pytorch-metric-learning's
@@ -304,6 +305,8 @@ def ranks_drawn_beforehand(ranks: dict[tuple[int, int], torch.Tensor]):
     draw = negatives_module._draw_ranks
 
     def fixed(population, k, *args, **kwargs):
+        # One table per raced variant (one loss, one form, one size): its
+        # anchors and K name its draw.
         key = (population.shape[0], k)
         if key not in ranks:
             ranks[key] = draw(population, k, *args, **kwargs)

@@ -120,17 +120,26 @@ def test_k_subsets_are_uniform_chi_square(path, m, k, masked):
 def floyd_way(request, monkeypatch):
     """Both ways Floyd's algorithm finds an earlier draw on the CPU: a table
     of booleans (small banks) or comparison with the row's draws (large)."""
-    monkeypatch.setattr(negatives_module, "FLOYD_TABLE_CELLS", 1 << 40 if request.param == "table" else 0)
+    compare = request.param == "compare"
+    monkeypatch.setattr(negatives_module, "_floyd_by_comparison", lambda n, k, width: compare)
 
 
-def test_floyd_ways_draw_the_same_ranks(monkeypatch):
-    population = torch.randint(8, 40, (500,), generator=torch.Generator().manual_seed(2))
-    raw = torch.randint(0, 2**62, (500, 7), generator=torch.Generator().manual_seed(4))
+@pytest.mark.parametrize("k", [7, 90])
+def test_floyd_ways_draw_the_same_ranks(monkeypatch, k):
+    population = torch.randint(k + 1, 4 * k, (500,), generator=torch.Generator().manual_seed(2))
+    raw = torch.randint(0, 2**62, (500, k), generator=torch.Generator().manual_seed(4))
     ways = []
-    for cells in (1 << 40, 0):
-        monkeypatch.setattr(negatives_module, "FLOYD_TABLE_CELLS", cells)
-        ways.append(sample_uniform_ranks(population, 7, raw))
+    for compare in (False, True):
+        monkeypatch.setattr(negatives_module, "_floyd_by_comparison", lambda n, k, width, compare=compare: compare)
+        ways.append(sample_uniform_ranks(population, k, raw))
     assert torch.equal(ways[0], ways[1])
+
+
+def test_floyd_compares_only_past_the_cache_sized_table_and_for_small_k():
+    rule = negatives_module._floyd_by_comparison
+    cells = negatives_module.FLOYD_TABLE_CELLS
+    assert not rule(1, 1, cells) and rule(1, 1, cells + 1)  # the table while it fits a cache
+    assert rule(8192, 16, 8190) and not rule(2048, 256, 2046)  # then by the cost of each way
 
 
 def test_floyd_in_torch_ops_draws_what_numpy_draws():

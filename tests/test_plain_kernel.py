@@ -125,11 +125,14 @@ def test_a_second_backward_adds_the_same_gradient_again(plain_only):
 def test_rows_below_the_clamped_norm_get_the_gradient_of_f_normalize(plain_only, form):
     # F.normalize clamps the norm at 1e-12: a zero row stays zero, a row of
     # norm below 1e-12 is divided by 1e-12 (not by its norm), and both get
-    # the incoming gradient divided by 1e-12 with no projection.
+    # the incoming gradient divided by 1e-12 with no projection; a row of
+    # norm exactly 1e-12 keeps the projection (the clamp passes norm >= eps).
     z1, z2 = _views()
     with torch.no_grad():
         z1[2] = 0.0
         z1[3] *= 1e-13 / z1[3].norm()
+        z1[4] = 0.0
+        z1[4, 1] = 1e-12
     got = torch.autograd.grad(InfoNCE(temperature=0.3, form=form)(z1, z2), (z1, z2))
     if form == "two_view":
         z = F.normalize(torch.cat([z1, z2]), dim=1)
@@ -163,3 +166,22 @@ def test_torch_func_transforms_get_the_same_gradient(plain_only):
     q = z1.clone().requires_grad_()
     want, = torch.autograd.grad(loss(q, z2), q)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("form", ["two_view", "query_document"])
+def test_inference_tensors_beside_trained_ones(form):
+    # Documents embedded under torch.inference_mode (a frozen tower) against
+    # trained queries, with a learnable temperature: the node saves its inputs
+    # for a second order, which an inference tensor refuses, so such calls run
+    # on autograd's ops.
+    z1, z2 = _views()
+    with torch.inference_mode():
+        frozen = z2.detach() * 1.0
+    loss = InfoNCE(temperature=0.3, form=form, learnable_temperature=True)
+    value = loss(z1, frozen)
+    scale = loss.logit_scale.log_scale
+    got = torch.autograd.grad(value, (z1, scale))
+    want = torch.autograd.grad(_reference_terms(z1, frozen.clone(), form, False, scale.exp()).mean(), (z1, scale))
+    torch.testing.assert_close(value, _reference_terms(z1, frozen.clone(), form, False, scale.exp()).mean())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10 if g.dtype == torch.float64 else 1e-6, atol=1e-13)

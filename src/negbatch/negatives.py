@@ -264,7 +264,7 @@ def _floyd_by_comparison(n: int, k: int, width: int) -> bool:
     (n, width) table of booleans, which past the caches costs about 25 ns a
     scattered look-up (K a row) and 0.08 ns a cell to zero. Measured on the
     2-core development machine (2026-12-02, n = 256-8192, width up to 65536,
-    K = 16-512): the rule picks the faster way or one within 1.4x of it; the
+    K = 16-512): the rule picks the faster way or one within about 1.5x of it; the
     rule before (compare whenever the table outgrew the caches) took 44 ms
     instead of 14 at n = 2048, K = 256, and 137 instead of 87 at n = 8192."""
     if n * width <= FLOYD_TABLE_CELLS:

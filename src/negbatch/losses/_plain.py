@@ -35,19 +35,18 @@ _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda
 
 
 def _normalized(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``F.normalize(x, dim=1)`` and its clamped norms (n, 1), the same ops."""
+    """``F.normalize(x, dim=1)`` (the same ops) and the norms (n, 1)."""
     norm = x.norm(2, dim=1, keepdim=True)
-    denom = norm.clamp_min(_EPS)
-    return x / denom.expand_as(x), denom
+    return x / norm.clamp_min(_EPS).expand_as(x), norm
 
 
-def _normalize_backward(grad: Tensor, y: Tensor, denom: Tensor) -> Tensor:
+def _normalize_backward(grad: Tensor, y: Tensor, norm: Tensor) -> Tensor:
     """d/dx of ``x / max(|x|, eps)`` applied to ``grad``: the component along
-    ``y`` removed, then divided by the norm (only divided where the norm was
-    clamped: autograd's clamp passes no gradient there)."""
+    ``y`` removed, then divided by the norm (only divided where the norm is
+    below eps: autograd's clamp passes the norm's gradient where norm >= eps)."""
     along = (grad * y).sum(dim=1, keepdim=True)
-    along.mul_(denom > _EPS)
-    return (grad - y * along).div_(denom)
+    along.mul_(norm >= _EPS)
+    return (grad - y * along).div_(norm.clamp_min(_EPS))
 
 
 class _PlainInfoNCE(torch.autograd.Function):
@@ -58,7 +57,7 @@ class _PlainInfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, scale, options):  # type: ignore[override]
         alpha, two_view, symmetric, rows, columns, reduction = options
-        anchors, bank, denoms, logits, positive = _logits(a, b, scale, alpha, two_view)
+        anchors, bank, norms, logits, positive = _logits(a, b, scale, alpha, two_view)
         log_p, target = _log_softmax(logits, positive, rows)
         log_q = None
         if symmetric:
@@ -69,7 +68,7 @@ class _PlainInfoNCE(torch.autograd.Function):
                 values = values.mean() if reduction == "mean" else values.sum()
         else:
             values = F.nll_loss(log_p, target, reduction=reduction)
-        ctx.save_for_backward(a, b, scale, anchors, bank, *denoms, log_p, log_q, positive)
+        ctx.save_for_backward(a, b, scale, anchors, bank, *norms, log_p, log_q, positive)
         ctx.options = options
         return values
 
@@ -77,9 +76,9 @@ class _PlainInfoNCE(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         alpha, two_view, symmetric, rows, columns, reduction = ctx.options
         if two_view:
-            a, b, scale, anchors, bank, denom, log_p, log_q, positive = ctx.saved_tensors
+            a, b, scale, anchors, bank, norm, log_p, log_q, positive = ctx.saved_tensors
         else:
-            a, b, scale, anchors, bank, denom_a, denom_b, log_p, log_q, positive = ctx.saved_tensors
+            a, b, scale, anchors, bank, norm_a, norm_b, log_p, log_q, positive = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate autograd's version of the call
             return _second_order(ctx, a, b, scale, grad)
         n_rows, m = log_p.shape[0], bank.shape[0]
@@ -103,13 +102,13 @@ class _PlainInfoNCE(torch.autograd.Function):
         if two_view:
             # The anchors are the bank: both uses of each normalised row add up.
             g_y = g_anchors.add_(g_logits.t() @ anchors).mul_(factor)
-            g_x = _normalize_backward(g_y, anchors, denom)
+            g_x = _normalize_backward(g_y, anchors, norm)
             half = a.shape[0]
             return g_x[:half], g_x[half:], grad_scale, None
-        g_a = _normalize_backward(g_anchors.mul_(factor), anchors, denom_a) if ctx.needs_input_grad[0] else None
+        g_a = _normalize_backward(g_anchors.mul_(factor), anchors, norm_a) if ctx.needs_input_grad[0] else None
         g_b = None
         if ctx.needs_input_grad[1]:
-            g_b = _normalize_backward((g_logits.t() @ anchors).mul_(factor), bank, denom_b)
+            g_b = _normalize_backward((g_logits.t() @ anchors).mul_(factor), bank, norm_b)
         return g_a, g_b, grad_scale, None
 
 
@@ -118,18 +117,18 @@ def _logits(a: Tensor, b: Tensor, scale: Tensor | None, alpha: float, two_view: 
     own column at -inf) and each row's positive column."""
     n = a.shape[0]
     if two_view:
-        y, denom = _normalized(torch.cat([a, b]))
-        anchors, bank, denoms = y, y, (denom,)
+        y, norm = _normalized(torch.cat([a, b]))
+        anchors, bank, norms = y, y, (norm,)
         positive = torch.arange(2 * n, device=a.device).roll(n)
     else:
-        (anchors, denom_a), (bank, denom_b) = _normalized(a), _normalized(b)
-        denoms = (denom_a, denom_b)
+        (anchors, norm_a), (bank, norm_b) = _normalized(a), _normalized(b)
+        norms = (norm_a, norm_b)
         positive = torch.arange(n, device=a.device)
     scaled = anchors if scale is None else anchors * scale
     logits = torch.addmm(scaled.new_zeros(()), scaled, bank.t(), beta=0.0, alpha=alpha)
     if two_view:
         logits.fill_diagonal_(float("-inf"))
-    return anchors, bank, denoms, logits, positive
+    return anchors, bank, norms, logits, positive
 
 
 def _log_softmax(logits: Tensor, positive: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -223,8 +222,10 @@ def plain_info_nce(a: Tensor, b: Tensor, scale: Tensor | None, alpha: float, two
         means when symmetric).
     """
     options = (alpha, two_view, symmetric, rows, columns, reduction)
-    if _functorch_active():
+    if _functorch_active() or any(t is not None and t.is_inference() for t in (a, b, scale)):
         # torch.func's transforms (grad, vmap, jacrev) need autograd functions
-        # in their own style; the ops they trace are what the node computes.
+        # in their own style, and the node saves its inputs (for a second
+        # order), which an inference tensor refuses: autograd's ops then,
+        # which compute what the node computes.
         return plain_info_nce_autograd(a, b, scale, *options)
     return _PlainInfoNCE.apply(a, b, scale, options)
