@@ -185,3 +185,31 @@ def test_inference_tensors_beside_trained_ones(form):
     torch.testing.assert_close(value, _reference_terms(z1, frozen.clone(), form, False, scale.exp()).mean())
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10 if g.dtype == torch.float64 else 1e-6, atol=1e-13)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("form,symmetric", FORMS)
+@pytest.mark.parametrize("negatives", ["all", 3])
+def test_on_cuda_the_node_equals_the_loop(form, symmetric, negatives):
+    # The draws differ on CUDA (its generator): they are read back from the
+    # same generator state, as on the CPU.
+    z1, z2 = (z.detach().cuda().requires_grad_() for z in _views())
+    loss = InfoNCE(temperature=0.3, form=form, symmetric=symmetric, negatives=negatives,
+                   learnable_temperature=True).cuda()
+    got = loss(z1, z2, generator=torch.Generator("cuda").manual_seed(4))
+    rows = columns = None
+    if negatives != "all":
+        gen = torch.Generator("cuda").manual_seed(4)
+        n = z1.shape[0]
+        if form == "two_view":
+            itself = torch.arange(2 * n, device="cuda")
+            rows = select_negatives(itself.roll(n), 2 * n, 3, self_index=itself, generator=gen).index.tolist()
+        else:
+            positive = torch.arange(n, device="cuda")
+            rows = select_negatives(positive, n, 3, generator=gen).index.tolist()
+            columns = select_negatives(positive, n, 3, generator=gen).index.tolist() if symmetric else None
+    scale = loss.logit_scale.log_scale
+    want = _reference_terms(z1, z2, form, symmetric, scale.exp(), rows, columns).mean()
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-12, atol=1e-14)
+    for g, w in zip(torch.autograd.grad(got, (z1, z2, scale)), torch.autograd.grad(want, (z1, z2, scale))):
+        torch.testing.assert_close(g, w.to(g.dtype), rtol=1e-10 if g.dtype == torch.float64 else 1e-6, atol=1e-13)
