@@ -158,6 +158,12 @@ def test_config_files_and_errors(tmp_path):
         TrainConfig.from_dict({"negatives": "some"})
     with pytest.raises(ValueError, match="optimizer: expected one of"):
         TrainConfig(optimizer="rmsprop")
+    # Widths given in Python as a tuple are checked as a file's list is (a tuple
+    # of -3 once passed and failed in the model, after the run claimed its folder).
+    for widths in [(-3, 4), (2.5, 4), (True, 4), ()]:
+        with pytest.raises(ValueError, match="encoder_widths: expected a (non-empty )?list of positive ints"):
+            TrainConfig(encoder_widths=widths)
+    assert TrainConfig(encoder_widths=(256.0, 128)).encoder_widths == (256, 128)
     with pytest.raises(ValueError, match="(?s)epochs: expected an int.*dataset: expected one of"):
         TrainConfig.from_dict({"epochs": "2.5", "dataset": "cifar"})  # a type error hides no value error
     (tmp_path / "bad.toml").write_text("loss = = 1")

@@ -106,6 +106,9 @@ def _int_tuple(value: Any) -> tuple[int, ...]:
     if isinstance(value, str):
         value = value.replace(",", " ").split()
     try:
+        # int() would truncate 2.5 and take True: only ints, integral floats and digits.
+        if any(isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()) for v in value):
+            raise ValueError
         out = tuple(int(v) for v in value)
     except (TypeError, ValueError):
         raise ValueError(f"expected a list of positive ints, got {value!r}") from None
@@ -397,7 +400,7 @@ class TrainConfig:
                 object.__setattr__(self, name, value)
         for name in ("encoder_widths", "head_widths"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, tuple):
+            if value is not None:  # a tuple too: its entries are checked
                 try:
                     object.__setattr__(self, name, _int_tuple(value))
                 except ValueError as err:
