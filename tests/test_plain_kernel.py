@@ -1,8 +1,9 @@
-"""InfoNCE's small plain calls run in one autograd node with a written-out
-backward (negbatch/losses/_plain.py): checked here against a per-anchor
-Python loop in float64, for every form, reduction, temperature and K, and
-for what a hand-written backward can get wrong (second order, a second
-backward, a zero row, one input without gradient)."""
+"""InfoNCE's and SigLIP's small plain calls run in one autograd node each,
+with a written-out backward (negbatch/losses/_plain.py): checked here against
+per-anchor Python loops in float64, for every form, reduction, temperature
+(and bias) and K, and for what a hand-written backward can get wrong (second
+order, a second backward, a zero row, one input without gradient, inference
+tensors, torch.func)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import negbatch.losses._layout as layout_module
-from negbatch import InfoNCE, select_negatives
+from negbatch import InfoNCE, SigLIP, select_negatives
 
 
 def _views(n=6, d=5, seed=0):
@@ -213,3 +214,95 @@ def test_on_cuda_the_node_equals_the_loop(form, symmetric, negatives):
     torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-12, atol=1e-14)
     for g, w in zip(torch.autograd.grad(got, (z1, z2, scale)), torch.autograd.grad(want, (z1, z2, scale))):
         torch.testing.assert_close(g, w.to(g.dtype), rtol=1e-10 if g.dtype == torch.float64 else 1e-6, atol=1e-13)
+
+
+
+# ------------------------------------------------------------------ SigLIP
+
+
+def _sigmoid_terms(z1, z2, form, symmetric, scale, bias):
+    """Every anchor's sum over its candidates of -log sigmoid(z (scale s + b)),
+    z = +1 for the positive and -1 otherwise, one pair at a time."""
+    n = z1.shape[0]
+    if form == "two_view":
+        bank = F.normalize(torch.cat([z1, z2]), dim=1)
+        directions = [(bank, bank, lambda a: (a + n) % (2 * n), lambda a, c: c != a)]
+    else:
+        q, d = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+        directions = [(q, d, lambda i: i, lambda i, c: True)]
+        if symmetric:
+            directions.append((d, q, lambda i: i, lambda i, c: True))
+    terms = []
+    for anchors, candidates, positive, allowed in directions:
+        for i in range(anchors.shape[0]):
+            pairs = []
+            for c in range(candidates.shape[0]):
+                if allowed(i, c):
+                    sign = 1.0 if c == positive(i) else -1.0
+                    pairs.append(-F.logsigmoid(sign * (scale * (anchors[i] @ candidates[c]) + bias)))
+            terms.append(torch.stack(pairs).sum())
+    return torch.stack(terms)
+
+
+@pytest.fixture
+def siglip_plain_only(monkeypatch):
+    def no_layout(*args, **kwargs):
+        raise AssertionError("a small plain SigLIP call took the layout")
+    monkeypatch.setattr(layout_module, "build_layout", no_layout)
+
+
+@pytest.mark.parametrize("form,symmetric", FORMS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("learnable", [False, True])
+def test_siglip_values_and_gradients_equal_the_pairwise_loop(siglip_plain_only, form, symmetric, reduction, learnable):
+    z1, z2 = _views()
+    loss = SigLIP(temperature=0.25, bias=-2.0, form=form, symmetric=symmetric, reduction=reduction,
+                  learnable_temperature=learnable, learnable_bias=learnable)
+    got = loss(z1, z2)
+    scale = loss.logit_scale.log_scale.exp() if learnable else 4.0
+    terms = _sigmoid_terms(z1, z2, form, symmetric, scale, loss.bias.to(torch.float64))
+    want = {"mean": terms.mean(), "sum": terms.sum(), "none": terms}[reduction]
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-12, atol=1e-14)
+    weights = torch.rand(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.5
+    leaves = [z1, z2, *loss.parameters()]
+    for g, w in zip(torch.autograd.grad((got * weights).sum(), leaves),
+                    torch.autograd.grad((want * weights).sum(), leaves)):
+        torch.testing.assert_close(g, w.to(g.dtype), rtol=1e-10 if g.dtype == torch.float64 else 1e-6, atol=1e-13)
+
+
+@pytest.mark.parametrize("form,symmetric", FORMS)
+def test_siglip_second_order_and_a_second_backward(siglip_plain_only, form, symmetric):
+    z1, z2 = _views(n=5)
+    loss = SigLIP(temperature=0.25, bias=-2.0, form=form, symmetric=symmetric)
+    leaves = (z1, z2, loss.logit_scale.log_scale, loss.bias)
+
+    def penalty(value):
+        g1, g2 = torch.autograd.grad(value, (z1, z2), create_graph=True)
+        return torch.autograd.grad(g1.pow(2).sum() + (g2 * z1).sum(), leaves)
+
+    value = loss(z1, z2)
+    terms = _sigmoid_terms(z1, z2, form, symmetric, loss.logit_scale.log_scale.exp(), loss.bias.to(torch.float64))
+    for g, w in zip(penalty(value), penalty(terms.mean())):
+        torch.testing.assert_close(g, w.to(g.dtype), rtol=1e-6 if g.dtype == torch.float32 else 1e-10, atol=1e-12)
+    first = torch.autograd.grad(value, (z1, z2), retain_graph=True)
+    again = torch.autograd.grad(value, (z1, z2))
+    for f, g in zip(first, again):
+        torch.testing.assert_close(f, g)
+
+
+@pytest.mark.parametrize("form", ["two_view", "query_document"])
+def test_siglip_zero_row_and_inference_tensors(siglip_plain_only, form):
+    z1, z2 = _views()
+    with torch.no_grad():
+        z1[2] = 0.0
+        z1[3] *= 1e-13 / z1[3].norm()
+    loss = SigLIP(temperature=0.25, bias=-2.0, form=form, learnable_temperature=False, learnable_bias=False)
+    got = torch.autograd.grad(loss(z1, z2), (z1, z2))
+    want = torch.autograd.grad(_sigmoid_terms(z1, z2, form, False, 4.0, -2.0).mean(), (z1, z2))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    with torch.inference_mode():
+        frozen = z2.detach() * 1.0
+    got, = torch.autograd.grad(loss(z1, frozen), z1)
+    want, = torch.autograd.grad(_sigmoid_terms(z1, frozen.clone(), form, False, 4.0, -2.0).mean(), z1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

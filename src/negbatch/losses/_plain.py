@@ -1,4 +1,4 @@
-"""InfoNCE of a small plain batch in one autograd node.
+"""InfoNCE and SigLIP of a small plain batch, each in one autograd node.
 
 A plain call (one process, in-batch candidates only, every one of them or K
 sampled, normalised embeddings, a small batch: see
@@ -15,6 +15,10 @@ The backward is first-order; under ``create_graph=True`` (a gradient
 penalty) it recomputes the call with autograd's ops and differentiates that,
 so second-order gradients stay exact (at autograd's speed). Under a
 ``torch.func`` transform the call runs on autograd's ops throughout.
+
+SigLIP's node is the same with ``sum_j softplus(l_ij) - l_i,p(i)`` per
+anchor (the bias the product's input), whose gradient on the logits is
+``sigmoid(l) - one-hot``.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import Reduction
+from ._exp import exp_floored, lowest_log_softmax
 
-__all__ = ["plain_info_nce", "plain_info_nce_autograd"]
+__all__ = ["plain_info_nce", "plain_info_nce_autograd", "plain_sigmoid", "plain_sigmoid_autograd"]
 
 #: F.normalize's default: norms below it are clamped (and get no gradient).
 _EPS = 1e-12
@@ -61,9 +66,16 @@ class _PlainInfoNCE(torch.autograd.Function):
         log_p, target = _log_softmax(logits, positive, rows)
         log_q = None
         if symmetric:
-            log_q, target_q = _log_softmax(logits.t(), positive, columns)
-            values = torch.cat([F.nll_loss(log_p, target, reduction="none"),
-                                F.nll_loss(log_q, target_q, reduction="none")])
+            if columns is None:
+                # Each document against every query: the logits' columns,
+                # normalised along dim 0 in place (no transposed copy); its
+                # positive is on the diagonal.
+                log_q = torch.log_softmax(logits, dim=0)
+                column_values = -log_q.diagonal()
+            else:
+                log_q, target_q = _log_softmax(logits.t(), positive, columns)
+                column_values = F.nll_loss(log_q, target_q, reduction="none")
+            values = torch.cat([F.nll_loss(log_p, target, reduction="none"), column_values])
             if reduction != "none":
                 values = values.mean() if reduction == "mean" else values.sum()
         else:
@@ -82,17 +94,29 @@ class _PlainInfoNCE(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiate autograd's version of the call
             return _second_order(ctx, a, b, scale, grad)
         n_rows, m = log_p.shape[0], bank.shape[0]
-        total = n_rows + (log_q.shape[0] if symmetric else 0)
+        total = n_rows + (m if symmetric else 0)
         # d loss / d logits, the logits being alpha * scale * anchors @ bank.T:
         # softmax - one-hot of each anchor, times its weight in the loss (one
         # number for a mean or sum, folded into the products' factor).
         weights, factor = grad, alpha
         if reduction != "none":
             weights, factor = None, alpha * (grad / total if reduction == "mean" else grad)
-        g_logits = _softmax_minus_one_hot(log_p, None if weights is None else weights[:n_rows], positive, rows, m)
+        # The rows are unit vectors: every logit lies within +-alpha * scale (see _exp.py).
+        bound = alpha * (1.0 if scale is None else float(scale)) if log_p.device.type == "cpu" else None
+        g_logits = _softmax_minus_one_hot(log_p, None if weights is None else weights[:n_rows], positive, rows, m,
+                                          logit_bound=bound)
         if symmetric:
-            g_logits += _softmax_minus_one_hot(log_q, None if weights is None else weights[n_rows:], positive,
-                                               columns, n_rows).t()
+            column_weights = None if weights is None else weights[n_rows:]
+            if columns is None:  # log_q is in the logits' layout, normalised by column
+                g_columns = exp_floored(log_q, None if bound is None else lowest_log_softmax(bound, n_rows))
+                if column_weights is None:
+                    g_columns.diagonal().sub_(1.0)
+                else:
+                    g_columns.mul_(column_weights[None, :]).diagonal().sub_(column_weights)
+                g_logits += g_columns
+            else:
+                g_logits += _softmax_minus_one_hot(log_q, column_weights, positive, columns, n_rows,
+                                                   logit_bound=bound).t()
         g_anchors = g_logits @ bank
         grad_scale = None
         if scale is not None:
@@ -112,9 +136,9 @@ class _PlainInfoNCE(torch.autograd.Function):
         return g_a, g_b, grad_scale, None
 
 
-def _logits(a: Tensor, b: Tensor, scale: Tensor | None, alpha: float, two_view: bool):
-    """Normalised anchors and bank, their norms, the logits (each anchor's
-    own column at -inf) and each row's positive column."""
+def _logits(a: Tensor, b: Tensor, scale: Tensor | None, alpha: float, two_view: bool, bias: Tensor | None = None):
+    """Normalised anchors and bank, their norms, the logits (plus ``bias``;
+    each anchor's own column at -inf) and each row's positive column."""
     n = a.shape[0]
     if two_view:
         y, norm = _normalized(torch.cat([a, b]))
@@ -125,7 +149,10 @@ def _logits(a: Tensor, b: Tensor, scale: Tensor | None, alpha: float, two_view: 
         norms = (norm_a, norm_b)
         positive = torch.arange(n, device=a.device)
     scaled = anchors if scale is None else anchors * scale
-    logits = torch.addmm(scaled.new_zeros(()), scaled, bank.t(), beta=0.0, alpha=alpha)
+    if bias is None:
+        logits = torch.addmm(scaled.new_zeros(()), scaled, bank.t(), beta=0.0, alpha=alpha)
+    else:
+        logits = torch.addmm(bias, scaled, bank.t(), alpha=alpha)
     if two_view:
         logits.fill_diagonal_(float("-inf"))
     return anchors, bank, norms, logits, positive
@@ -140,10 +167,11 @@ def _log_softmax(logits: Tensor, positive: Tensor, index: Tensor | None) -> tupl
 
 
 def _softmax_minus_one_hot(log_p: Tensor, weights: Tensor | None, positive: Tensor, index: Tensor | None,
-                           m: int) -> Tensor:
+                           m: int, logit_bound: float | None = None) -> Tensor:
     """``softmax - one-hot of the positive`` as an (n, m) matrix, each row
-    times its weight (None: 1)."""
-    g = log_p.exp()
+    times its weight (None: 1); ``logit_bound``: a bound on the logits' size,
+    if known (see _exp.py)."""
+    g = exp_floored(log_p, None if logit_bound is None else lowest_log_softmax(logit_bound, log_p.shape[1]))
     one = 1.0
     if weights is not None:
         g.mul_(weights[:, None])
@@ -222,10 +250,130 @@ def plain_info_nce(a: Tensor, b: Tensor, scale: Tensor | None, alpha: float, two
         means when symmetric).
     """
     options = (alpha, two_view, symmetric, rows, columns, reduction)
-    if _functorch_active() or any(t is not None and t.is_inference() for t in (a, b, scale)):
-        # torch.func's transforms (grad, vmap, jacrev) need autograd functions
-        # in their own style, and the node saves its inputs (for a second
-        # order), which an inference tensor refuses: autograd's ops then,
-        # which compute what the node computes.
+    if _needs_autograd_ops(a, b, scale):
         return plain_info_nce_autograd(a, b, scale, *options)
     return _PlainInfoNCE.apply(a, b, scale, options)
+
+
+def _needs_autograd_ops(*inputs: Tensor | None) -> bool:
+    """torch.func's transforms (grad, vmap, jacrev) need autograd functions in
+    their own style, and the nodes save their inputs (for a second order),
+    which an inference tensor refuses: autograd's ops then, which compute
+    what the nodes compute."""
+    return _functorch_active() or any(t is not None and t.is_inference() for t in inputs)
+
+
+class _PlainSigmoid(torch.autograd.Function):
+    """SigLIP's ``sum_j softplus(l_ij) - l_i,p(i)`` of every anchor, both
+    embeddings normalised inside, the logits ``alpha * scale * y_a @ y_b.T
+    + bias``: the per-anchor values, or their mean or sum (see
+    :func:`plain_sigmoid`)."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale, bias, options):  # type: ignore[override]
+        alpha, two_view, symmetric, reduction = options
+        anchors, bank, norms, logits, positive = _logits(a, b, scale, alpha, two_view, bias)
+        pairs = F.softplus(logits)
+        rows = torch.arange(logits.shape[0], device=a.device)
+        values = pairs.sum(dim=1) - logits[rows, positive]
+        if symmetric:  # documents against the queries: the columns
+            values = torch.cat([values, pairs.sum(dim=0) - logits[rows, positive]])
+        ctx.save_for_backward(a, b, scale, bias, anchors, bank, *norms, logits, positive)
+        ctx.options = options
+        if reduction == "none":
+            return values
+        return values.mean() if reduction == "mean" else values.sum()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        alpha, two_view, symmetric, reduction = ctx.options
+        if two_view:
+            a, b, scale, bias, anchors, bank, norm, logits, positive = ctx.saved_tensors
+        else:
+            a, b, scale, bias, anchors, bank, norm_a, norm_b, logits, positive = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate autograd's version of the call
+            wanted = [(i, t) for i, t in enumerate((a, b, scale, bias)) if ctx.needs_input_grad[i]]
+            values = plain_sigmoid_autograd(a, b, scale, bias, *ctx.options)
+            grads = torch.autograd.grad(values, [t for _, t in wanted], grad, create_graph=True, allow_unused=True)
+            out: list = [None] * 5
+            for (i, _), g in zip(wanted, grads):
+                out[i] = g
+            return tuple(out)
+        n = logits.shape[0]
+        rows = torch.arange(n, device=logits.device)
+        # d loss / d logits: sigmoid(l) - one-hot of the positive, each row (and,
+        # symmetric, each column) times its weight; one number for a mean or sum.
+        g_logits = torch.sigmoid(logits)
+        if reduction == "none":
+            row_w = grad[:n]
+            one = row_w.clone()
+            if symmetric:
+                col_w = grad[n:]
+                g_logits = g_logits * row_w[:, None] + g_logits * col_w[None, :]
+                one += col_w
+            else:
+                g_logits.mul_(row_w[:, None])
+        else:
+            total = n * (2 if symmetric else 1)
+            one = 2.0 if symmetric else 1.0
+            if symmetric:
+                g_logits.mul_(2.0)
+            g_logits.mul_(grad / total if reduction == "mean" else grad)
+            one = one * (grad / total if reduction == "mean" else grad)
+        g_logits[rows, positive] -= one
+        grad_bias = g_logits.sum().to(bias.dtype) if ctx.needs_input_grad[3] else None
+        g_anchors = g_logits @ bank
+        grad_scale = None
+        factor = alpha
+        if scale is not None:
+            if ctx.needs_input_grad[2]:
+                grad_scale = (alpha * (g_anchors * anchors).sum()).to(scale.dtype)
+            factor = alpha * scale
+        if two_view:
+            g_y = g_anchors.add_(g_logits.t() @ anchors).mul_(factor)
+            g_x = _normalize_backward(g_y, anchors, norm)
+            half = a.shape[0]
+            return g_x[:half], g_x[half:], grad_scale, grad_bias, None
+        g_a = _normalize_backward(g_anchors.mul_(factor), anchors, norm_a) if ctx.needs_input_grad[0] else None
+        g_b = None
+        if ctx.needs_input_grad[1]:
+            g_b = _normalize_backward((g_logits.t() @ anchors).mul_(factor), bank, norm_b)
+        return g_a, g_b, grad_scale, grad_bias, None
+
+
+def plain_sigmoid_autograd(a: Tensor, b: Tensor, scale: Tensor | None, bias: Tensor, alpha: float, two_view: bool,
+                           symmetric: bool, reduction: Reduction) -> Tensor:
+    """:func:`plain_sigmoid` in autograd's ops (its second order)."""
+    n = a.shape[0]
+    if two_view:
+        z = F.normalize(torch.cat([a, b]), dim=1)
+        anchors, bank = z, z
+        positive = torch.arange(2 * n, device=a.device).roll(n)
+    else:
+        anchors, bank = F.normalize(a, dim=1), F.normalize(b, dim=1)
+        positive = torch.arange(n, device=a.device)
+    logits = torch.addmm(bias, anchors if scale is None else anchors * scale, bank.t(), alpha=alpha)
+    if two_view:
+        logits = logits.fill_diagonal_(float("-inf"))
+    pairs = F.softplus(logits)
+    rows = torch.arange(logits.shape[0], device=a.device)
+    values = pairs.sum(dim=1) - logits[rows, positive]
+    if symmetric:
+        values = torch.cat([values, pairs.sum(dim=0) - logits[rows, positive]])
+    if reduction == "none":
+        return values
+    return values.mean() if reduction == "mean" else values.sum()
+
+
+def plain_sigmoid(a: Tensor, b: Tensor, scale: Tensor | None, bias: Tensor, alpha: float, two_view: bool,
+                  symmetric: bool, reduction: Reduction) -> Tensor:
+    """SigLIP of a plain call, both inputs normalised here: per anchor
+    ``sum_j softplus(l_ij) - l_i,p(i)`` over the logits ``alpha * scale *
+    y_a @ y_b.T + bias`` (``two_view``: each anchor's own column out; the
+    positive the other view, or the paired document; ``symmetric`` adds the
+    documents' direction), reduced over all anchors as
+    :func:`plain_info_nce` is. ``bias`` is a 0-d tensor of the inputs' dtype."""
+    options = (alpha, two_view, symmetric, reduction)
+    if _needs_autograd_ops(a, b, scale, bias):
+        return plain_sigmoid_autograd(a, b, scale, bias, *options)
+    return _PlainSigmoid.apply(a, b, scale, bias, options)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import refuse_second_order
+from ._exp import exp_floored_
 from ..distributed import any_rank, gather_nograd, is_distributed
 from ..negatives import NegativeSelection, selection_logits
 from . import _layout
@@ -78,6 +79,10 @@ class _DenseSoftmax(torch.autograd.Function):
                 buf[rows_with, selection.self_index[has_self]] = float("-inf")
             if decoupled:
                 buf.scatter_(1, col, float("-inf"))
+        # A bound under exp's arguments l - max: whether they can reach the floor (_exp.py).
+        lowest = None
+        if buf.device.type == "cpu":
+            lowest = -2.0 * float(anchors.norm(dim=1).max() * bank.norm(dim=1).max()) / temperature
         shifts, totals = [], []
         for rows in row_blocks(*buf.shape):
             block = buf[rows]
@@ -87,7 +92,7 @@ class _DenseSoftmax(torch.autograd.Function):
                     outside |= pos_mask[rows] if pos_mask is not None else outside.scatter(1, col[rows], True)
                 block.masked_fill_(outside, float("-inf"))
             shift = block.amax(dim=1)
-            block.sub_(shift[:, None]).exp_()
+            exp_floored_(block.sub_(shift[:, None]), lowest)  # the excluded entries (-inf) become 0
             shifts.append(shift)
             totals.append(block.sum(dim=1))
         shift, total = (torch.cat(shifts), torch.cat(totals)) if len(shifts) > 1 else (shifts[0], totals[0])

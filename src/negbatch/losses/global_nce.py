@@ -35,6 +35,7 @@ from .._checks import (
 )
 from ..distributed import gather_nograd, is_distributed
 from ..negatives import selection_logits
+from ._exp import exp_floored_
 from ._layout import (
     BankLoss,
     Direction,
@@ -77,7 +78,7 @@ class _PositiveAndNegativeSum(torch.autograd.Function):
         positive = logits.gather(1, col).squeeze(1)
         work = logits.detach().scatter(1, col, float("-inf"))
         shift = work.amax(dim=1)
-        work.sub_(shift[:, None]).exp_()
+        exp_floored_(work.sub_(shift[:, None]))  # the positive and the non-candidates (-inf) become 0
         # Summed in at least float32: in half precision a row of more than 65504
         # negatives (each term <= 1) would overflow to inf.
         summed = work.sum(dim=1, dtype=torch.promote_types(work.dtype, torch.float32))
@@ -112,12 +113,16 @@ class _DenseTerms(torch.autograd.Function):
         positive = work.gather(1, col).squeeze(1)
         shift = work.new_empty(work.shape[0])
         summed = work.new_empty(work.shape[0])
+        # A bound under exp's arguments l - max: whether they can reach the floor (_exp.py).
+        lowest = None
+        if work.device.type == "cpu":
+            lowest = -2.0 * float(anchors.norm(dim=1).max() * bank.norm(dim=1).max()) / temperature
         for rows in row_blocks(*work.shape):
             block = work[rows]
             block.masked_fill_(~allowed[rows], float("-inf"))
             block.scatter_(1, col[rows], float("-inf"))  # the positive is not a negative
             shift[rows] = block.amax(dim=1)
-            block.sub_(shift[rows, None]).exp_()
+            exp_floored_(block.sub_(shift[rows, None]), lowest)  # the -inf entries become 0
             summed[rows] = block.sum(dim=1)
         ctx.save_for_backward(anchors, bank, col, work)
         ctx.temperature = temperature

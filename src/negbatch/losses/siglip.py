@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .._checks import Form, Negatives, OnShortage, Reduction, keyword_only, refuse_second_order
 from ..negatives import NegativeSelection, selection_logits
 from ._layout import BankLoss, Positives, check_labels, check_views, fused_dense, row_blocks
+from ._plain import plain_sigmoid
 from ._softmax import _scaled_logits
 from .temperature import average_gradient
 
@@ -249,28 +250,11 @@ class SigLIP(BankLoss):
         return layout.reduce(torch.cat(values) if len(values) > 1 else values[0], self.reduction)
 
     def _plain_forward(self, a: Tensor, b: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        # A small plain batch as open_clip writes it, in fewer passes: the
-        # bias is the product's input, and with softplus(-l) = softplus(l) - l
-        # the positives need no sign flip: l_i = sum_j softplus(l_ij) - l_i,p(i).
-        n = a.shape[0]
+        # A small plain batch in one autograd node (see _plain.py): the bias
+        # is the product's input, and with softplus(-l) = softplus(l) - l the
+        # positives need no sign flip: l_i = sum_j softplus(l_ij) - l_i,p(i).
         bias = (average_gradient(self.bias) if self.bias.requires_grad else self.bias).to(a.dtype)
         scale = self.logit_scale() if self.logit_scale is not None else None
-        if self.form == "two_view":
-            z = F.normalize(torch.cat([a, b]), dim=1)
-            logits = self._product(bias, z, z, scale).fill_diagonal_(float("-inf"))  # itself: no pair
-            positive = torch.cat([logits.diagonal(n), logits.diagonal(-n)])  # the other view
-            values = F.softplus(logits).sum(dim=1) - positive
-        else:
-            q, d = F.normalize(a, dim=1), F.normalize(b, dim=1)
-            logits = self._product(bias, q, d, scale)
-            pairs = F.softplus(logits)
-            values = pairs.sum(dim=1) - logits.diagonal()
-            if self.symmetric:  # documents against the queries: the columns
-                values = torch.cat([values, pairs.sum(dim=0) - logits.diagonal()])
-        return self._plain_result(a, b, values)
-
-    def _product(self, bias: Tensor, anchors: Tensor, bank: Tensor, scale: Tensor | None) -> Tensor:
-        """``scale * anchors @ bank.T + bias`` in one GEMM."""
-        if scale is None:
-            return torch.addmm(bias, anchors, bank.t(), alpha=1.0 / self.temperature)
-        return torch.addmm(bias, anchors * scale, bank.t())
+        alpha = 1.0 / self.temperature if scale is None else 1.0
+        values = plain_sigmoid(a, b, scale, bias, alpha, self.form == "two_view", self.symmetric, self.reduction)
+        return self._plain_result(a, b, values, reduced=self.reduction != "none")
