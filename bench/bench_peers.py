@@ -30,7 +30,10 @@ never slower). The groups:
   a hand-written cosine cross-entropy; the symmetric form against open_clip's
   ``ClipLoss`` formula; the two-view form against a plain NT-Xent;
 * at 2B = 512: sampled ``negatives=K`` against ``negatives="all"`` in both
-  forms (query-document also at B = 512).
+  forms (query-document also at B = 512);
+* up to 2B = 2048: the dense group and SigLIP at CLIP's largest logit scale
+  (tau = 0.01) on trained-like embeddings, where most softmax terms are
+  below exp(-87) (the CPU's slow path for exp and subnormal numbers).
 
 Goals (issue 15): each new loss never slower than its peer; at 2B = 512,
 sampled K never slower than all, and the dense InfoNCE at least level with the
@@ -39,7 +42,7 @@ counts as met when it is at most ``1 + --tolerance`` (default 0.03: "level",
 within the run-to-run spread of a median on a shared machine); the ratio is
 printed either way.
 
-Usage: python bench/bench_peers.py [--sizes 512 2048 8192] [--dim 128] [--repeats 7] [--only new dense sampled] [--quick]
+Usage: python bench/bench_peers.py [--sizes 512 2048 8192] [--dim 128] [--repeats 7] [--only new dense sampled scale] [--quick]
 """
 
 from __future__ import annotations
@@ -297,6 +300,56 @@ def dense_peers(two_b: int, args, report: Report) -> None:
     report.add(goal, f"2B={two_b} two_view / plain NT-Xent", medians["negbatch two_view"] / medians["plain NT-Xent"])
 
 
+def trained_like(two_b: int, dim: int, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two views of B samples as a trained encoder gives them: each pair
+    nearly equal (cosine about 0.99), other samples far apart."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(two_b // 2, dim, generator=g)
+    return tuple((base + 0.1 * torch.randn(base.shape, generator=g)).requires_grad_() for _ in range(2))
+
+
+def high_scale(two_b: int, args, report: Report) -> None:
+    """The dense losses and SigLIP at CLIP's largest logit scale (tau = 0.01,
+    1/tau = 100) on trained-like embeddings: most softmax terms there are
+    below exp(-87), where the CPU's exp and subnormal arithmetic are slow
+    for every implementation; ours floors them (losses/_exp.py)."""
+    import info_nce
+    from sentence_transformers.sentence_transformer.losses import (
+        MultipleNegativesRankingLoss,
+    )
+
+    tau = 0.01
+    q, d = trained_like(two_b, args.dim)
+    ours, sym, two_view = (InfoNCE(temperature=tau, form="query_document"),
+                           InfoNCE(temperature=tau, form="query_document", symmetric=True), InfoNCE(temperature=tau))
+    siglip = SigLIP(temperature=tau, bias=-10.0, learnable_temperature=False, learnable_bias=False)
+    peer_info_nce = info_nce.InfoNCE(temperature=tau)
+    mnrl = MultipleNegativesRankingLoss(torch.nn.Identity(), scale=1 / tau)
+    scale, bias = torch.tensor(1 / tau), torch.tensor(-10.0)
+    variants = {
+        "negbatch query_document": lambda: ours(q, d),
+        "info-nce-pytorch": lambda: peer_info_nce(q, d),
+        "sentence-transformers MNRL": lambda: mnrl.compute_loss_from_embeddings([q, d], None),
+        "hand-written cosine CE": lambda: cosine_cross_entropy(q, d, tau),
+        "negbatch query_document symmetric": lambda: sym(q, d),
+        "open_clip ClipLoss formula": lambda: clip_formula(q, d, scale),
+        "negbatch two_view": lambda: two_view(q, d),
+        "plain NT-Xent": lambda: plain_nt_xent(q, d, tau),
+        "negbatch SigLIP": lambda: siglip(q, d),
+        "SigLIP dense formula (open_clip's)": lambda: sigmoid_formula(q, d, scale, bias),
+    }
+    medians = race(variants, [q, d], args.scale_repeats)
+    show(medians)
+    goal = "tau=0.01 (trained-like embeddings): never slower than the peer"
+    for peer in ["info-nce-pytorch", "sentence-transformers MNRL", "hand-written cosine CE"]:
+        report.add(goal, f"2B={two_b} query_document / {peer}", medians["negbatch query_document"] / medians[peer])
+    report.add(goal, f"2B={two_b} symmetric / open_clip ClipLoss formula",
+               medians["negbatch query_document symmetric"] / medians["open_clip ClipLoss formula"])
+    report.add(goal, f"2B={two_b} two_view / plain NT-Xent", medians["negbatch two_view"] / medians["plain NT-Xent"])
+    report.add(goal, f"2B={two_b} SigLIP / dense formula (open_clip's)",
+               medians["negbatch SigLIP"] / medians["SigLIP dense formula (open_clip's)"])
+
+
 @contextlib.contextmanager
 def ranks_drawn_beforehand(ranks: dict[tuple[int, int], torch.Tensor]):
     """Inside: the loss's random ranks are a fixed table, drawn once before
@@ -362,8 +415,12 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[16, 64, 128], help="sampled K at the smallest size")
     parser.add_argument("--queue", type=int, default=4096, help="queue size Q")
     parser.add_argument("--sampled-at", type=int, default=512, help="2B of the sampled-K-vs-all section")
-    parser.add_argument("--only", nargs="+", choices=["new", "dense", "sampled"], default=["new", "dense", "sampled"],
-                        help="the groups to run")
+    parser.add_argument("--only", nargs="+", choices=["new", "dense", "sampled", "scale"],
+                        default=["new", "dense", "sampled", "scale"], help="the groups to run")
+    parser.add_argument("--scale-repeats", type=int, default=5,
+                        help="repeats of the tau = 0.01 group (its peers take about 1 s a call at 2B = 2048)")
+    parser.add_argument("--scale-up-to", type=int, default=2048,
+                        help="largest 2B of the tau = 0.01 group (at 8192 a peer's call takes about 15 s)")
     parser.add_argument("--classes", type=int, default=10, help="labels of the SupCon rows")
     parser.add_argument("--tolerance", type=float, default=0.03, help="a ratio <= 1 + tolerance is level")
     parser.add_argument("--threads", type=int, default=1)
@@ -373,7 +430,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.repeats, args.ks, args.queue, args.classes = [32, 64], 1, [4, 8], 48, 4
-        args.sampled_at = 32
+        args.sampled_at, args.scale_repeats = 32, 1
     if args.pml_ntxent:
         args.sizes = [min(args.sizes)]
     torch.set_num_threads(args.threads)
@@ -392,6 +449,9 @@ def main() -> None:
         if "sampled" in args.only and two_b == args.sampled_at:
             print(f"2B={two_b}: sampled K vs all")
             sampled_small(two_b, args, report)
+        if "scale" in args.only and two_b <= args.scale_up_to:
+            print(f"2B={two_b}: at tau = 0.01 on trained-like embeddings")
+            high_scale(two_b, args, report)
     report.summary()
     print(f"load average after: {load_average()}")
 

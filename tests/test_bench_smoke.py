@@ -108,6 +108,8 @@ def test_bench_peers_quick_prints_every_ratio_and_a_verdict_per_goal():
         assert verdict in ("met", "NOT met") and float(ratio) > 0, line
     # each sampled K beside the same call with its ranks drawn beforehand
     assert len(re.findall(r"of which the draw -?\d+\.\d+ x all, the rest \d+\.\d+ x all", out)) == 6
+    assert "at tau = 0.01 on trained-like embeddings" in out
+    assert sum("SigLIP / dense formula" in line for line in ratios) == 2  # the tau = 0.01 group at both sizes
     goals = [line for line in out.splitlines() if line.startswith("goal ")]
-    assert len(goals) == 3 and all(": met" in g or ": NOT met" in g for g in goals), goals
+    assert len(goals) == 4 and all(": met" in g or ": NOT met" in g for g in goals), goals
     assert "each new loss never slower than its peer" in goals[0]

@@ -7,7 +7,7 @@ import torch
 
 import _reference as ref
 import negbatch.losses._layout as layout_module
-from negbatch import InfoNCE, ReLIC, same_id_mask, select_negatives
+from negbatch import InfoNCE, ReLIC, info_nce_per_anchor, same_id_mask, select_negatives
 
 TAU = 0.3
 
@@ -376,3 +376,14 @@ def test_under_autocast_every_loss_computes_and_returns_float32():
         want = make().double()(r1, r2, *extra)
         assert value.dtype == torch.float32
         assert float(value.detach()) == pytest.approx(float(want.detach()), rel=1e-4)
+
+
+@pytest.mark.parametrize("several_positives", [False, True])
+def test_per_anchor_function_takes_zero_anchors(several_positives):
+    # A rank's share of a split batch can be empty: no values, no gradient, no error.
+    anchors = torch.zeros(0, 4, requires_grad=True)
+    options = {"positives": torch.zeros(0, 5, dtype=torch.bool)} if several_positives else {}
+    values = info_nce_per_anchor(anchors, torch.randn(5, 4), torch.zeros(0, dtype=torch.long), temperature=0.1,
+                                 **options)
+    values.sum().backward()
+    assert values.shape == (0,) and anchors.grad.shape == (0, 4)

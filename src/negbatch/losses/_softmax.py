@@ -81,7 +81,7 @@ class _DenseSoftmax(torch.autograd.Function):
                 buf.scatter_(1, col, float("-inf"))
         # A bound under exp's arguments l - max: whether they can reach the floor (_exp.py).
         lowest = None
-        if buf.device.type == "cpu":
+        if buf.device.type == "cpu" and buf.numel():
             lowest = -2.0 * float(anchors.norm(dim=1).max() * bank.norm(dim=1).max()) / temperature
         shifts, totals = [], []
         for rows in row_blocks(*buf.shape):
@@ -95,7 +95,10 @@ class _DenseSoftmax(torch.autograd.Function):
             exp_floored_(block.sub_(shift[:, None]), lowest)  # the excluded entries (-inf) become 0
             shifts.append(shift)
             totals.append(block.sum(dim=1))
-        shift, total = (torch.cat(shifts), torch.cat(totals)) if len(shifts) > 1 else (shifts[0], totals[0])
+        if len(shifts) == 1:
+            shift, total = shifts[0], totals[0]
+        else:  # several row blocks, or none (no anchors)
+            shift, total = (torch.cat(shifts), torch.cat(totals)) if shifts else (buf.new_empty(0), buf.new_empty(0))
         lse = total.log().add_(shift)
         ctx.save_for_backward(anchors, bank, buf, total, col, pos_mask, count)
         ctx.temperature = temperature

@@ -115,7 +115,7 @@ class _DenseTerms(torch.autograd.Function):
         summed = work.new_empty(work.shape[0])
         # A bound under exp's arguments l - max: whether they can reach the floor (_exp.py).
         lowest = None
-        if work.device.type == "cpu":
+        if work.device.type == "cpu" and work.numel():
             lowest = -2.0 * float(anchors.norm(dim=1).max() * bank.norm(dim=1).max()) / temperature
         for rows in row_blocks(*work.shape):
             block = work[rows]
