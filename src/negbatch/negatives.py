@@ -616,15 +616,25 @@ def _csr_transposed(index: Tensor, values: Tensor, num_columns: int) -> Tensor:
     """The transpose of :func:`_csr` as a row-major (num_columns, n) matrix."""
     n, k = index.shape
     flat = index.reshape(-1)
-    # int32 keys sort about twice as fast, and a bank never has 2**31 rows.
-    order = torch.argsort(flat.to(torch.int32), stable=True)
-    crow = torch.zeros(num_columns + 1, dtype=torch.long, device=index.device)
-    crow[1:] = torch.bincount(flat, minlength=num_columns).cumsum(0)
-    rows = torch.arange(n, device=index.device).repeat_interleave(k)
+    if index.device.type == "cpu" and num_columns <= 1 << 16:
+        # numpy's stable sort of 16-bit keys is a radix sort: about a tenth
+        # of torch's sort of the same keys (2026-12-02, 8,000-66,000 entries).
+        columns = flat.numpy()
+        order_np = np.argsort(columns.astype(np.uint16 if num_columns > 1 << 15 else np.int16), kind="stable")
+        order, rows = torch.from_numpy(order_np), torch.from_numpy(order_np // k)
+        crow_np = np.zeros(num_columns + 1, dtype=np.int64)
+        np.cumsum(np.bincount(columns, minlength=num_columns), out=crow_np[1:])
+        crow = torch.from_numpy(crow_np)
+    else:
+        # int32 keys sort about twice as fast, and a bank never has 2**31 rows.
+        order = torch.argsort(flat.to(torch.int32), stable=True)
+        rows = order // k
+        crow = torch.zeros(num_columns + 1, dtype=torch.long, device=index.device)
+        crow[1:] = torch.bincount(flat, minlength=num_columns).cumsum(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.sparse_csr_tensor(
-            crow, rows[order], values.reshape(-1)[order], (num_columns, n), check_invariants=False
+            crow, rows, values.reshape(-1)[order], (num_columns, n), check_invariants=False
         )
 
 
