@@ -117,23 +117,32 @@ class _PlainInfoNCE(torch.autograd.Function):
             else:
                 g_logits += _softmax_minus_one_hot(log_q, column_weights, positive, columns, n_rows,
                                                    logit_bound=bound).t()
-        g_anchors = g_logits @ bank
-        grad_scale = None
-        if scale is not None:
-            if ctx.needs_input_grad[2]:
-                grad_scale = (factor * (g_anchors * anchors).sum()).to(scale.dtype)
-            factor = factor * scale
-        if two_view:
-            # The anchors are the bank: both uses of each normalised row add up.
-            g_y = g_anchors.add_(g_logits.t() @ anchors).mul_(factor)
-            g_x = _normalize_backward(g_y, anchors, norm)
-            half = a.shape[0]
-            return g_x[:half], g_x[half:], grad_scale, None
-        g_a = _normalize_backward(g_anchors.mul_(factor), anchors, norm_a) if ctx.needs_input_grad[0] else None
-        g_b = None
-        if ctx.needs_input_grad[1]:
-            g_b = _normalize_backward((g_logits.t() @ anchors).mul_(factor), bank, norm_b)
-        return g_a, g_b, grad_scale, None
+        norms = (norm,) if two_view else (norm_a, norm_b)
+        return (*_through_the_product(ctx, g_logits, factor, scale, anchors, bank, norms, a.shape[0]), None)
+
+
+def _through_the_product(ctx, g_logits: Tensor, factor, scale: Tensor | None, anchors: Tensor, bank: Tensor,
+                         norms: tuple[Tensor, ...], half: int) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients of ``a``, ``b`` and the scale from the gradient of the
+    logits ``factor * scale * anchors @ bank.T`` (``norms``: one, the anchors'
+    own, in the two-view form; else the anchors' and the bank's)."""
+    g_anchors = g_logits @ bank
+    grad_scale = None
+    if scale is not None:
+        if ctx.needs_input_grad[2]:
+            grad_scale = (factor * (g_anchors * anchors).sum()).to(scale.dtype)
+        factor = factor * scale
+    if len(norms) == 1:
+        # The anchors are the bank: both uses of each normalised row add up.
+        g_y = g_anchors.add_(g_logits.t() @ anchors).mul_(factor)
+        g_x = _normalize_backward(g_y, anchors, norms[0])
+        return g_x[:half], g_x[half:], grad_scale
+    norm_a, norm_b = norms
+    g_a = _normalize_backward(g_anchors.mul_(factor), anchors, norm_a) if ctx.needs_input_grad[0] else None
+    g_b = None
+    if ctx.needs_input_grad[1]:
+        g_b = _normalize_backward((g_logits.t() @ anchors).mul_(factor), bank, norm_b)
+    return g_a, g_b, grad_scale
 
 
 def _logits(a: Tensor, b: Tensor, scale: Tensor | None, alpha: float, two_view: bool, bias: Tensor | None = None):
@@ -322,22 +331,8 @@ class _PlainSigmoid(torch.autograd.Function):
             one = one * (grad / total if reduction == "mean" else grad)
         g_logits[rows, positive] -= one
         grad_bias = g_logits.sum().to(bias.dtype) if ctx.needs_input_grad[3] else None
-        g_anchors = g_logits @ bank
-        grad_scale = None
-        factor = alpha
-        if scale is not None:
-            if ctx.needs_input_grad[2]:
-                grad_scale = (alpha * (g_anchors * anchors).sum()).to(scale.dtype)
-            factor = alpha * scale
-        if two_view:
-            g_y = g_anchors.add_(g_logits.t() @ anchors).mul_(factor)
-            g_x = _normalize_backward(g_y, anchors, norm)
-            half = a.shape[0]
-            return g_x[:half], g_x[half:], grad_scale, grad_bias, None
-        g_a = _normalize_backward(g_anchors.mul_(factor), anchors, norm_a) if ctx.needs_input_grad[0] else None
-        g_b = None
-        if ctx.needs_input_grad[1]:
-            g_b = _normalize_backward((g_logits.t() @ anchors).mul_(factor), bank, norm_b)
+        norms = (norm,) if two_view else (norm_a, norm_b)
+        g_a, g_b, grad_scale = _through_the_product(ctx, g_logits, alpha, scale, anchors, bank, norms, a.shape[0])
         return g_a, g_b, grad_scale, grad_bias, None
 
 
