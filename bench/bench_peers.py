@@ -263,22 +263,20 @@ def new_losses(two_b: int, args, report: Report) -> None:
     print(f"  2B={two_b} (cost of learning the temperature) learnable / fixed {medians['learnable'] / medians['fixed']:.3f}")
 
 
-def dense_peers(two_b: int, args, report: Report) -> None:
-    """The dense InfoNCE against the peers, query-document (B = 2B/2 pairs) and two-view."""
+def softmax_variants(q: torch.Tensor, d: torch.Tensor, tau: float, clip_scale: torch.Tensor) -> dict:
+    """Our dense InfoNCE (query-document, symmetric, two-view) and each one's
+    peers on the pairs (q, d), as calls for :func:`race`."""
     import info_nce
     from sentence_transformers.sentence_transformer.losses import (
         MultipleNegativesRankingLoss,
     )
 
-    tau = 0.05  # MNRL's scale 20
-    q, d = views(two_b, args.dim, seed=2)
     ours = InfoNCE(temperature=tau, form="query_document")
     ours_sym = InfoNCE(temperature=tau, form="query_document", symmetric=True)
     ours_two_view = InfoNCE(temperature=tau)
     peer_info_nce = info_nce.InfoNCE(temperature=tau)
     mnrl = MultipleNegativesRankingLoss(torch.nn.Identity(), scale=1 / tau)  # the model is not called
-    clip_scale = torch.tensor(1 / tau, requires_grad=True)
-    variants = {
+    return {
         "negbatch query_document": lambda: ours(q, d),
         "info-nce-pytorch": lambda: peer_info_nce(q, d),
         "sentence-transformers MNRL": lambda: mnrl.compute_loss_from_embeddings([q, d], None),
@@ -288,16 +286,27 @@ def dense_peers(two_b: int, args, report: Report) -> None:
         "negbatch two_view": lambda: ours_two_view(q, d),
         "plain NT-Xent": lambda: plain_nt_xent(q, d, tau),
     }
-    medians = race(variants, [q, d, clip_scale], args.repeats)
-    show(medians)
-    goal = (f"2B<{4 * args.sampled_at}: dense InfoNCE at least level with the fastest peer" if two_b < 4 * args.sampled_at
-            else f"2B>={4 * args.sampled_at}: dense InfoNCE ahead of or level with every peer")
-    peers = ["info-nce-pytorch", "sentence-transformers MNRL", "hand-written cosine CE"]
-    for peer in peers:
+
+
+def add_softmax_ratios(report: Report, goal: str, two_b: int, medians: dict) -> None:
+    """Ours over each peer, for the calls of :func:`softmax_variants`."""
+    for peer in ["info-nce-pytorch", "sentence-transformers MNRL", "hand-written cosine CE"]:
         report.add(goal, f"2B={two_b} query_document / {peer}", medians["negbatch query_document"] / medians[peer])
     report.add(goal, f"2B={two_b} symmetric / open_clip ClipLoss formula",
                medians["negbatch query_document symmetric"] / medians["open_clip ClipLoss formula"])
     report.add(goal, f"2B={two_b} two_view / plain NT-Xent", medians["negbatch two_view"] / medians["plain NT-Xent"])
+
+
+def dense_peers(two_b: int, args, report: Report) -> None:
+    """The dense InfoNCE against the peers, query-document (B = 2B/2 pairs) and two-view."""
+    tau = 0.05  # MNRL's scale 20
+    q, d = views(two_b, args.dim, seed=2)
+    clip_scale = torch.tensor(1 / tau, requires_grad=True)
+    medians = race(softmax_variants(q, d, tau, clip_scale), [q, d, clip_scale], args.repeats)
+    show(medians)
+    goal = (f"2B<{4 * args.sampled_at}: dense InfoNCE at least level with the fastest peer" if two_b < 4 * args.sampled_at
+            else f"2B>={4 * args.sampled_at}: dense InfoNCE ahead of or level with every peer")
+    add_softmax_ratios(report, goal, two_b, medians)
 
 
 def trained_like(two_b: int, dim: int, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,40 +321,21 @@ def high_scale(two_b: int, args, report: Report) -> None:
     """The dense losses and SigLIP at CLIP's largest logit scale (tau = 0.01,
     1/tau = 100) on trained-like embeddings: most softmax terms there are
     below exp(-87), where the CPU's exp and subnormal arithmetic are slow
-    for every implementation; ours floors them (losses/_exp.py)."""
-    import info_nce
-    from sentence_transformers.sentence_transformer.losses import (
-        MultipleNegativesRankingLoss,
-    )
-
+    for every implementation; ours floors them (losses/_exp.py; SigLIP's
+    softplus is not floored, docs/losses.md says why)."""
     tau = 0.01
     q, d = trained_like(two_b, args.dim)
-    ours, sym, two_view = (InfoNCE(temperature=tau, form="query_document"),
-                           InfoNCE(temperature=tau, form="query_document", symmetric=True), InfoNCE(temperature=tau))
     siglip = SigLIP(temperature=tau, bias=-10.0, learnable_temperature=False, learnable_bias=False)
-    peer_info_nce = info_nce.InfoNCE(temperature=tau)
-    mnrl = MultipleNegativesRankingLoss(torch.nn.Identity(), scale=1 / tau)
     scale, bias = torch.tensor(1 / tau), torch.tensor(-10.0)
     variants = {
-        "negbatch query_document": lambda: ours(q, d),
-        "info-nce-pytorch": lambda: peer_info_nce(q, d),
-        "sentence-transformers MNRL": lambda: mnrl.compute_loss_from_embeddings([q, d], None),
-        "hand-written cosine CE": lambda: cosine_cross_entropy(q, d, tau),
-        "negbatch query_document symmetric": lambda: sym(q, d),
-        "open_clip ClipLoss formula": lambda: clip_formula(q, d, scale),
-        "negbatch two_view": lambda: two_view(q, d),
-        "plain NT-Xent": lambda: plain_nt_xent(q, d, tau),
+        **softmax_variants(q, d, tau, scale),
         "negbatch SigLIP": lambda: siglip(q, d),
         "SigLIP dense formula (open_clip's)": lambda: sigmoid_formula(q, d, scale, bias),
     }
     medians = race(variants, [q, d], args.scale_repeats)
     show(medians)
     goal = "tau=0.01 (trained-like embeddings): never slower than the peer"
-    for peer in ["info-nce-pytorch", "sentence-transformers MNRL", "hand-written cosine CE"]:
-        report.add(goal, f"2B={two_b} query_document / {peer}", medians["negbatch query_document"] / medians[peer])
-    report.add(goal, f"2B={two_b} symmetric / open_clip ClipLoss formula",
-               medians["negbatch query_document symmetric"] / medians["open_clip ClipLoss formula"])
-    report.add(goal, f"2B={two_b} two_view / plain NT-Xent", medians["negbatch two_view"] / medians["plain NT-Xent"])
+    add_softmax_ratios(report, goal, two_b, medians)
     report.add(goal, f"2B={two_b} SigLIP / dense formula (open_clip's)",
                medians["negbatch SigLIP"] / medians["SigLIP dense formula (open_clip's)"])
 

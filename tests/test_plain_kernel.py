@@ -70,6 +70,19 @@ def plain_only(monkeypatch):
 FORMS = [("two_view", False), ("query_document", False), ("query_document", True)]
 
 
+def _assert_reduced_value_and_gradients(got, terms, reduction, leaves):
+    """``got`` equals the reference ``terms`` reduced, and so do the gradients
+    of both on ``leaves`` under unequal weights on the anchors (the backward's
+    per-row weights with "none")."""
+    want = {"mean": terms.mean(), "sum": terms.sum(), "none": terms}[reduction]
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-12, atol=1e-14)
+    weights = torch.rand(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.5
+    for g, w in zip(torch.autograd.grad((got * weights).sum(), leaves),
+                    torch.autograd.grad((want * weights).sum(), leaves)):
+        # The log-scale is float32: its gradient is rounded to float32.
+        torch.testing.assert_close(g, w.to(g.dtype), rtol=1e-10 if g.dtype == torch.float64 else 1e-6, atol=1e-13)
+
+
 @pytest.mark.parametrize("form,symmetric", FORMS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("negatives", ["all", 3])
@@ -82,15 +95,7 @@ def test_values_and_gradients_equal_the_per_anchor_loop(plain_only, form, symmet
     got = loss(z1, z2, generator=torch.Generator().manual_seed(4))
     scale = loss.logit_scale.log_scale.exp() if learnable else 1 / tau
     terms = _reference_terms(z1, z2, form, symmetric, scale, *_draws(form, symmetric, 6, negatives, 4))
-    want = {"mean": terms.mean(), "sum": terms.sum(), "none": terms}[reduction]
-    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-12, atol=1e-14)
-    # Unequal weights on the anchors (the backward's per-row weights with "none").
-    weights = torch.rand(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.5
-    leaves = [z1, z2, *loss.parameters()]
-    for g, w in zip(torch.autograd.grad((got * weights).sum(), leaves),
-                    torch.autograd.grad((want * weights).sum(), leaves)):
-        # The log-scale is float32: its gradient is rounded to float32.
-        torch.testing.assert_close(g, w.to(g.dtype), rtol=1e-10 if g.dtype == torch.float64 else 1e-6, atol=1e-13)
+    _assert_reduced_value_and_gradients(got, terms, reduction, [z1, z2, *loss.parameters()])
 
 
 @pytest.mark.parametrize("form,symmetric", FORMS)
@@ -261,13 +266,7 @@ def test_siglip_values_and_gradients_equal_the_pairwise_loop(siglip_plain_only, 
     got = loss(z1, z2)
     scale = loss.logit_scale.log_scale.exp() if learnable else 4.0
     terms = _sigmoid_terms(z1, z2, form, symmetric, scale, loss.bias.to(torch.float64))
-    want = {"mean": terms.mean(), "sum": terms.sum(), "none": terms}[reduction]
-    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-12, atol=1e-14)
-    weights = torch.rand(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.5
-    leaves = [z1, z2, *loss.parameters()]
-    for g, w in zip(torch.autograd.grad((got * weights).sum(), leaves),
-                    torch.autograd.grad((want * weights).sum(), leaves)):
-        torch.testing.assert_close(g, w.to(g.dtype), rtol=1e-10 if g.dtype == torch.float64 else 1e-6, atol=1e-13)
+    _assert_reduced_value_and_gradients(got, terms, reduction, [z1, z2, *loss.parameters()])
 
 
 @pytest.mark.parametrize("form,symmetric", FORMS)

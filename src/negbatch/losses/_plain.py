@@ -204,19 +204,22 @@ def _second_order(ctx, a: Tensor, b: Tensor, scale: Tensor | None, grad: Tensor)
     return tuple(out)
 
 
+def _autograd_pair(a: Tensor, b: Tensor, two_view: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The autograd versions' normalised anchors and bank and each row's
+    positive column (two-view: both views are anchors and bank)."""
+    n = a.shape[0]
+    if two_view:
+        z = F.normalize(torch.cat([a, b]), dim=1)
+        return z, z, torch.arange(2 * n, device=a.device).roll(n)
+    return F.normalize(a, dim=1), F.normalize(b, dim=1), torch.arange(n, device=a.device)
+
+
 def plain_info_nce_autograd(a: Tensor, b: Tensor, scale: Tensor | None, alpha: float, two_view: bool,
                             symmetric: bool, rows: Tensor | None, columns: Tensor | None,
                             reduction: Reduction) -> Tensor:
     """:func:`plain_info_nce` in autograd's ops (its second order, and the
     tests' first reference)."""
-    n = a.shape[0]
-    if two_view:
-        z = F.normalize(torch.cat([a, b]), dim=1)
-        anchors, bank = z, z
-        positive = torch.arange(2 * n, device=a.device).roll(n)
-    else:
-        anchors, bank = F.normalize(a, dim=1), F.normalize(b, dim=1)
-        positive = torch.arange(n, device=a.device)
+    anchors, bank, positive = _autograd_pair(a, b, two_view)
     logits = torch.addmm(anchors.new_zeros(()), anchors if scale is None else anchors * scale, bank.t(),
                          beta=0.0, alpha=alpha)
     if two_view:
@@ -339,14 +342,7 @@ class _PlainSigmoid(torch.autograd.Function):
 def plain_sigmoid_autograd(a: Tensor, b: Tensor, scale: Tensor | None, bias: Tensor, alpha: float, two_view: bool,
                            symmetric: bool, reduction: Reduction) -> Tensor:
     """:func:`plain_sigmoid` in autograd's ops (its second order)."""
-    n = a.shape[0]
-    if two_view:
-        z = F.normalize(torch.cat([a, b]), dim=1)
-        anchors, bank = z, z
-        positive = torch.arange(2 * n, device=a.device).roll(n)
-    else:
-        anchors, bank = F.normalize(a, dim=1), F.normalize(b, dim=1)
-        positive = torch.arange(n, device=a.device)
+    anchors, bank, positive = _autograd_pair(a, b, two_view)
     logits = torch.addmm(bias, anchors if scale is None else anchors * scale, bank.t(), alpha=alpha)
     if two_view:
         logits = logits.fill_diagonal_(float("-inf"))
