@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from negbatch.lab.stats import fmt_mean_std, mean_std, spearman, welch, welch_p
+from negbatch.lab.stats import fmt_mean_std, holm, mean_std, spearman, welch, welch_p
 
 A = [0.91, 0.93, 0.92, 0.95]
 B = [0.90, 0.89, 0.93]
@@ -116,3 +116,40 @@ def test_mean_std():
     assert mean_std([0.7]) == (0.7, 0.0, 1)
     assert fmt_mean_std([0.2, 0.4], 2) == "0.30 ± 0.14" and fmt_mean_std([None]) == "n/a"
     assert fmt_mean_std([0.2, None], 2) == "0.20 (1 value)"  # one seed has no spread to show
+
+
+def _holm_rejects(p_values, alpha):
+    """Holm's procedure as the paper states it: walk the p-values upwards,
+    rejecting while p_(j) <= alpha / (m - j + 1), and stop at the first that is not."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    rejected = set()
+    for j, i in enumerate(order):
+        if p_values[i] > alpha / (len(p_values) - j):
+            break
+        rejected.add(i)
+    return rejected
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_holm_adjusted_p_rejects_exactly_what_the_step_down_procedure_rejects(seed):
+    import random
+
+    rng = random.Random(seed)
+    p = [rng.choice([rng.random() * 0.1, rng.random()]) for _ in range(rng.randint(1, 9))]
+    if seed % 4 == 0 and len(p) > 1:
+        p[1] = p[0]  # a tie
+    adjusted = holm(p)
+    for alpha in [0.001, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5] + sorted(p):
+        assert {i for i, a in enumerate(adjusted) if a <= alpha} == _holm_rejects(p, alpha)
+    assert all(a >= q for a, q in zip(adjusted, p)) and all(a <= 1 for a in adjusted)
+
+
+def test_holm_of_one_test_is_its_p_and_undefined_tests_are_left_out():
+    assert holm([0.03]) == [0.03]
+    assert holm([]) == []
+    # None does not count in m: two defined tests, not three.
+    assert holm([0.02, None, 0.04]) == pytest.approx([0.04, None, 0.04])
+    with pytest.raises(ValueError, match="p_values must lie in"):
+        holm([0.5, 1.5])
+    with pytest.raises(ValueError, match="p_values must lie in"):
+        holm([float("nan")])

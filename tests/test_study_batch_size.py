@@ -71,6 +71,29 @@ def test_report_changes_and_tests_match_scipy(tmp_path):
     assert (tmp_path / "batch_size.png").stat().st_size > 0
 
 
+def test_report_judges_each_method_by_holms_adjusted_p(tmp_path):
+    """Three methods against InfoNCE: one whose raw p is below 0.05 is within
+    seed noise once the family of three is accounted for (Holm: twice its p,
+    the second smallest of three); the clearest stays beyond it (three times its p)."""
+    gains = {"infonce": [0.10, 0.11, 0.12], "global": [0.13, 0.14, 0.13], "dcl": [0.30, 0.31, 0.30],
+             "siglip": [0.10, 0.12, 0.11]}
+    rows = [_row(m, b, s, 0.5 + (g[s] if b == 16 else 0.0)) for m, g in gains.items() for b in (16, 64) for s in range(3)]
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    (tmp_path / "study.json").write_text(json.dumps({
+        "study": "batch-size", "modality": "image", "methods": list(gains), "batch_sizes": [16, 64],
+        "seeds": [0, 1, 2], "k": 4, "queue_size": 128, "lr_scaling": "sqrt", "base": TrainConfig().to_dict(),
+        "n_train": 100, "workers": 1, "metric": ["linear_acc", "linear-probe accuracy"]}))
+    text = report(tmp_path).read_text()
+    p = {m: stats.ttest_ind(gains[m], gains["infonce"], equal_var=False).pvalue for m in ("global", "dcl", "siglip")}
+    assert p["dcl"] < p["global"] < 0.05 < 2 * p["global"] < p["siglip"]  # the data do what the test needs
+    lines = {m: next(l for l in text.splitlines() if l.startswith(f"- **{m}**")) for m in p}
+    assert "(within seed noise:" in lines["global"] and f"Welch p = {p['global']:.2g}" in lines["global"]
+    assert f"Holm-adjusted over 3 = {2 * p['global']:.2g}" in lines["global"]
+    assert "(beyond seed noise:" in lines["dcl"] and f"Holm-adjusted over 3 = {3 * p['dcl']:.2g}" in lines["dcl"]
+    assert "(within seed noise:" in lines["siglip"] and "Holm-adjusted over 3 = 1)" in lines["siglip"]
+    assert "Holm's adjusted p over the 3 comparisons" in text
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "infonce,mocov3"], "--methods: unknown mocov3"),
     (["--moco-momentum", "1.0"], r"--moco-momentum must be a float in \(0, 1\)"),

@@ -81,3 +81,30 @@ def test_registered():
 
     assert isinstance(get_study("batches", "image"), ImageBatches)
     assert isinstance(get_study("batches", "text"), TextBatches)
+
+
+def test_text_report_judges_each_sampler_by_holms_adjusted_p(tmp_path):
+    """Hand-made results of three samplers against random: gcbs's raw p is
+    below 0.05 but twice it (Holm, second smallest of three) is not; hard's
+    stays below after three times it."""
+    from scipy import stats
+
+    from negbatch.lab import TrainConfig
+    from negbatch.lab.studies.text_batches import report
+
+    ndcg = {"random": [0.10, 0.11, 0.12], "gcbs": [0.13, 0.14, 0.13], "hard": [0.30, 0.31, 0.30],
+            "no-duplicates": [0.10, 0.12, 0.11]}
+    base = TrainConfig(dataset="builtin").to_dict()
+    rows = [{**base, "sampler": s, "seed": seed, "recall@1": v, "recall@5": v, "recall@10": v, "mrr@10": v,
+             "ndcg@10": v, "final_loss": 1.0, "train_seconds": 1.0}
+            for s, vals in ndcg.items() for seed, v in enumerate(vals)]
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    (tmp_path / "study.json").write_text(json.dumps({"study": "batches", "modality": "text", "base": base,
+                                                     "samplers": list(ndcg), "seeds": [0, 1, 2], "runs": 12}))
+    text = report(tmp_path).read_text()
+    p = {s: stats.ttest_ind(ndcg[s], ndcg["random"], equal_var=False).pvalue for s in ("gcbs", "hard", "no-duplicates")}
+    assert p["hard"] < p["gcbs"] < 0.05 < 2 * p["gcbs"] < p["no-duplicates"]
+    lines = {s: next(l for l in text.splitlines() if l.startswith(f"- **{s}**")) for s in p}
+    assert f"within seed noise (Welch p = {p['gcbs']:.2g}, Holm-adjusted over 3 = {2 * p['gcbs']:.2g})" in lines["gcbs"]
+    assert f"beyond seed noise (Welch p = {p['hard']:.2g}, Holm-adjusted over 3 = {3 * p['hard']:.2g})" in lines["hard"]
+    assert "within seed noise" in lines["no-duplicates"] and "Holm's adjusted p over the 3" in text

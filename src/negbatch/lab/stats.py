@@ -1,6 +1,7 @@
 """The statistics of the studies' reports: mean ± std over seeds, Welch's
-t-test with the confidence interval of the difference, Spearman's rank
-correlation. One copy of each, used by every study.
+t-test with the confidence interval of the difference, Holm's correction of a
+family of p-values, Spearman's rank correlation. One copy of each, used by
+every study.
 
 Every function returns None (or NaN for :func:`mean_std`) where the quantity
 is undefined, instead of a number that looks like a result: a test on fewer
@@ -14,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-__all__ = ["mean_std", "fmt_mean_std", "Welch", "welch", "welch_p", "spearman"]
+__all__ = ["mean_std", "fmt_mean_std", "Welch", "welch", "welch_p", "holm", "spearman"]
 
 
 def mean_std(values: Iterable[float | None]) -> tuple[float, float, int]:
@@ -127,6 +128,37 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float | None:
     """The p-value of :func:`welch`, or None where the test is undefined."""
     result = welch(a, b)
     return None if result is None else result.p
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values of a family of tests.
+
+    A report that compares several methods with one reference at the 0.05
+    level finds some difference by chance far more often than one time in
+    twenty; an adjusted p below ``alpha`` rejects its hypothesis with a
+    chance of at most ``alpha`` of any false rejection in the family (Holm
+    1979, valid for dependent tests, such as several methods against one
+    shared reference). With the m defined p-values in ascending order,
+    ``adjusted_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))`` (1-based).
+    None (an undefined test) stays None and does not count in m.
+
+    Examples
+    --------
+    >>> holm([0.01, 0.04, 0.03])
+    [0.03, 0.06, 0.06]
+    >>> holm([0.2, None])
+    [0.2, None]
+    """
+    defined = sorted((float(p), i) for i, p in enumerate(p_values) if p is not None)
+    for p, _ in defined:
+        if not 0 <= p <= 1 or math.isnan(p):
+            raise ValueError(f"p_values must lie in [0, 1] (or be None for an undefined test), got {p!r}")
+    adjusted: list[float | None] = [None] * len(p_values)
+    running, m = 0.0, len(defined)
+    for rank, (p, i) in enumerate(defined):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float] | None:

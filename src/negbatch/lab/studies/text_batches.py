@@ -25,7 +25,7 @@ from typing import Any
 from ..config import TrainConfig
 from ..report import markdown_table, plt, save_figure
 from ..folder import atomic_write_text
-from ..stats import fmt_mean_std, mean_std, welch_p
+from ..stats import fmt_mean_std, holm, mean_std, welch_p
 from ..sweep import parse_list, read_results
 from ..tasks.text import TEXT_METRICS
 from .base import TextStudy
@@ -106,15 +106,18 @@ def report(folder: Path) -> Path:
     findings = []
     if "random" in by_s:
         ref = [r["ndcg@10"] for r in by_s["random"]]
-        for s in samplers:
-            if s == "random":
+        others = [s for s in samplers if s != "random"]
+        values = {s: [r["ndcg@10"] for r in by_s[s]] for s in others}
+        raw = [welch_p(values[s], ref) for s in others]
+        # One family of tests against one reference: verdicts on Holm's adjusted p.
+        for s, p, adjusted in zip(others, raw, holm(raw)):
+            diff = mean_std(values[s])[0] - mean_std(ref)[0]
+            if p is None:
+                findings.append(f"**{s}** vs random: nDCG@10 {diff:+.3f}, within seed noise (too few seeds for a test).")
                 continue
-            vals = [r["ndcg@10"] for r in by_s[s]]
-            diff = mean_std(vals)[0] - mean_std(ref)[0]
-            p = welch_p(vals, ref)
-            sure = p is not None and p < 0.05
-            findings.append(f"**{s}** vs random: nDCG@10 {diff:+.3f}, " + (f"beyond seed noise (Welch p = {p:.2g})." if sure
-                            else "within seed noise" + (f" (Welch p = {p:.2f})." if p is not None else " (too few seeds for a test).")))
+            sure = "beyond seed noise" if adjusted < 0.05 else "within seed noise"
+            family = f", Holm-adjusted over {len(others)} = {adjusted:.2g}" if len(others) > 1 else ""
+            findings.append(f"**{s}** vs random: nDCG@10 {diff:+.3f}, {sure} (Welch p = {p:.2g}{family}).")
     text = [
         "# Study: batch composition on text pairs\n\n",
         TextStudy.describe(b, sample) + " InfoNCE (query_document, all in-batch negatives, symmetric="
@@ -124,8 +127,8 @@ def report(folder: Path) -> Path:
         markdown_table(["sampler", "seeds", *TEXT_METRICS, "final loss", "train s"], table),
         "\nThe final loss is not comparable across samplers: harder batches have a higher loss by construction.\n",
         "\n## What the data show\n\n" + "\n".join(f"- {f}" for f in findings) + "\n"
-        + (f"\n{len(findings)} comparisons with random, each at the 0.05 level and not corrected for their number: "
-           "one p just below 0.05 is weak evidence.\n" if len(findings) > 1 else ""),
+        + (f"\n{len(findings)} comparisons with random: \"beyond seed noise\" means Holm's adjusted p over the "
+           f"{len(findings)} is below 0.05.\n" if len(findings) > 1 else ""),
         f"\n![retrieval by sampler]({fig_name})\n\nResults per run: `results.csv` / `results.json`.\n",
     ]
     out = folder / "report.md"
