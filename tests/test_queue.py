@@ -155,6 +155,18 @@ def test_a_checkpoint_of_another_size_is_refused_and_leaves_the_queue_intact():
     assert len(other.queue) == 8
 
 
+def test_a_checkpoint_of_another_form_names_the_form_to_build():
+    two_view = InfoNCE(temperature=TAU, queue_size=4)
+    two_view(*_views(0), indices=torch.arange(5))
+    symmetric = InfoNCE(temperature=TAU, queue_size=4, form="query_document", symmetric=True)
+    with pytest.raises(RuntimeError, match=r"build the loss with form='two_view' or symmetric=False to load it"):
+        symmetric.load_state_dict(_round_trip(two_view))
+    q, d = _views(1)
+    symmetric(q, d, indices=torch.arange(5))
+    with pytest.raises(RuntimeError, match=r"build the loss with queue_size=4, form='query_document', symmetric=True"):
+        InfoNCE(temperature=TAU, queue_size=6).load_state_dict(_round_trip(symmetric))
+
+
 def test_a_first_call_under_inference_mode_does_not_break_training():
     """An evaluation pass first (a trainer's sanity check runs under
     torch.inference_mode): the queue it starts stays writable afterwards."""

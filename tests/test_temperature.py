@@ -108,3 +108,61 @@ def test_checkpoint_round_trip_and_log_values():
     assert restored.current_temperature == loss_fn.current_temperature
     assert restored.log_values() == {"temperature": loss_fn.current_temperature}
     assert list(InfoNCE(temperature=0.1).parameters()) == []
+
+
+def _calls():
+    """Each loss with a learnable scalar, called on the small plain path and
+    on the layout path (a mask takes it)."""
+    from negbatch import SigLIP
+
+    z1, z2 = torch.randn(4, 3), torch.randn(4, 3)
+    no_mask = torch.zeros(4, 4, dtype=torch.bool)
+    losses = {
+        "InfoNCE": InfoNCE(temperature=0.1, learnable_temperature=True),
+        "DCL": DCL(temperature=0.1, learnable_temperature=True),
+        "SigLIP": SigLIP(temperature=0.1),
+        "ReLIC": ReLIC(temperature=0.1, learnable_temperature=True),
+    }
+    for name, loss in losses.items():
+        yield name, "plain", loss, lambda loss=loss: loss(z1, z2)
+        yield name, "layout", loss, lambda loss=loss: loss(z1, z2, mask=no_mask)
+    g = GlobalInfoNCE(num_samples=8, temperature=0.1, learnable_temperature=True)
+    yield "GlobalInfoNCE", "layout", g, lambda: g(z1, z2, torch.arange(4))
+
+
+@pytest.mark.parametrize("case", list(range(9)))
+def test_a_nan_log_scale_after_construction_is_named(case):
+    name, path, loss, call = list(_calls())[case]
+    assert torch.isfinite(call()).all()
+    with torch.no_grad():
+        loss.logit_scale.log_scale.fill_(float("nan"))  # what a diverged step leaves
+    with pytest.raises(ValueError, match=r"the loss's logit_scale.log_scale is nan: an optimizer step"):
+        call()
+    loss.check_finite = False  # the check is what raises: without it the NaN goes through
+    if name == "GlobalInfoNCE":  # ... to its state's own guard, which refuses to store NaN
+        with pytest.raises(ValueError, match="log_zhat contains NaN or inf; the state is left unchanged"):
+            call()
+    else:
+        assert torch.isnan(call()).any()
+    with torch.no_grad():
+        loss.logit_scale.log_scale.fill_(float("inf"))  # clamped to the bound, as CLIP does
+    loss.check_finite = True
+    assert torch.isfinite(call()).all() and loss.current_temperature == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("path", ["plain", "layout"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_siglip_bias_from_a_loaded_state_dict_is_named(path, bad):
+    from negbatch import SigLIP
+
+    loss = SigLIP(temperature=0.1)
+    state = loss.state_dict()
+    state["bias"] = torch.tensor(bad)
+    loss.load_state_dict(state)
+    z1, z2 = torch.randn(4, 3), torch.randn(4, 3)
+    kwargs = {"mask": torch.zeros(4, 4, dtype=torch.bool)} if path == "layout" else {}
+    with pytest.raises(ValueError, match=r"the loss's bias is (nan|inf|-inf): .*load a checkpoint with a finite value"):
+        loss(z1, z2, **kwargs)
+    # The inputs are still named first when they are the culprit.
+    with pytest.raises(ValueError, match="queries contains NaN"):
+        loss(z1.new_full((4, 3), float("nan")), z2, **kwargs)

@@ -206,18 +206,36 @@ def anchor_roles(form: Form, symmetric: bool) -> int:
     return 2 if (form == "two_view" or symmetric) else 1
 
 
-def check_views(a: Tensor, b: Tensor, form: Form, check_finite: bool) -> None:
-    """The two embedding inputs of a loss: 2-d, finite, paired row by row."""
+def check_views(
+    a: Tensor, b: Tensor, form: Form, check_finite: bool, parameters: Sequence[tuple[str, Tensor]] = ()
+) -> None:
+    """The two embedding inputs of a loss: 2-d, finite, paired row by row;
+    with ``check_finite`` the loss's own scalars too (``parameters``: name
+    and value as the loss will use it), which an optimizer step that diverged
+    or a loaded ``state_dict`` can make NaN after construction."""
     names = ("view1", "view2") if form == "two_view" else ("queries", "documents")
     check_embeddings(a, names[0], check_finite=False)
     check_embeddings(b, names[1], check_finite=False)
     check_same(a, b, names[0], names[1], dims=(0, 1))
     check_nonempty(a, names[0])
-    # One sum of both (NaN and inf make it non-finite, as may an overflow);
-    # only then each on its own, to name the culprit.
-    if check_finite and not bool(torch.isfinite(_wide_sum(a) + _wide_sum(b))):
-        check_embeddings(a, names[0])
-        check_embeddings(b, names[1])
+    if not check_finite:
+        return
+    # One sum of everything (NaN and inf make it non-finite, as may an
+    # overflow): one number read back; only then each on its own, to name
+    # the culprit.
+    total = _wide_sum(a) + _wide_sum(b)
+    for _, value in parameters:
+        total = total + value.detach().to(total.dtype)
+    if bool(torch.isfinite(total)):
+        return
+    check_embeddings(a, names[0])
+    check_embeddings(b, names[1])
+    for name, value in parameters:
+        if not bool(torch.isfinite(value.detach())):
+            raise ValueError(
+                f"the loss's {name} is {value.item()}: an optimizer step that diverged (lower the learning rate, "
+                "clip gradients) or a loaded state_dict put it there; load a checkpoint with a finite value"
+            )
 
 
 def _wide_sum(x: Tensor) -> Tensor:
@@ -467,8 +485,25 @@ class BankLoss(nn.Module):
         if not reduced:
             values = reduce_values(values, self.reduction)
         if self.check_finite and not math.isfinite(values.detach().sum().item()):
-            check_views(a, b, self.form, check_finite=True)
+            self._check_views(a, b)
         return values
+
+    def _check_views(self, a: Tensor, b: Tensor, form: Form | None = None) -> None:
+        """:func:`check_views` of the loss's inputs and its own scalars."""
+        check_views(a, b, self.form if form is None else form, self.check_finite, self._own_scalars())
+
+    def _own_scalars(self) -> list[tuple[str, Tensor]]:
+        """The loss's learnable scalars as the kernels use them: the
+        log-scale after its clamp (an inf is clamped to the bound; a NaN
+        stays NaN) and SigLIP's bias."""
+        scalars = []
+        if self.logit_scale is not None:
+            log_scale = self.logit_scale.log_scale.detach()
+            scalars.append(("logit_scale.log_scale", log_scale.clamp(0.0, math.log(self.logit_scale.max_scale))))
+        bias = getattr(self, "bias", None)
+        if isinstance(bias, Tensor):
+            scalars.append(("bias", bias))
+        return scalars
 
     def _layout(
         self,

@@ -27,7 +27,7 @@ from ._exp import exp_floored_
 from ..distributed import any_rank, gather_nograd, is_distributed
 from ..negatives import NegativeSelection, selection_logits
 from . import _layout
-from ._layout import BankLoss, Direction, Layout, check_labels, check_views, fused_dense, row_blocks
+from ._layout import BankLoss, Direction, Layout, check_labels, fused_dense, row_blocks
 from .queue import NegativeQueue
 
 __all__ = ["softmax_terms", "SoftmaxLoss", "check_sample_indices"]
@@ -235,7 +235,7 @@ class SoftmaxLoss(BankLoss):
     ) -> Tensor:
         if self._plain_call(a, b, hard_negatives, indices, labels, mask, guide):
             return self._plain_forward(a, b, generator)
-        check_views(a, b, self.form, self.check_finite)
+        self._check_views(a, b)
         n = a.shape[0]
         if self.queue is not None:
             if indices is None:

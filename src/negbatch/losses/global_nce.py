@@ -43,7 +43,6 @@ from ._layout import (
     Positives,
     anchor_roles,
     check_labels,
-    check_views,
     fused_dense,
     row_blocks,
 )
@@ -505,7 +504,7 @@ class GlobalInfoNCE(BankLoss):
         return layout, self._temperature(layout)
 
     def _check_inputs(self, a: Tensor, b: Tensor, indices: Tensor) -> Tensor:
-        check_views(a, b, self.form, self.check_finite)
+        self._check_views(a, b)
         if a.device != self.log_nu.device:
             raise ValueError(
                 f"the embeddings are on {a.device} but the loss's state is on {self.log_nu.device}; "
@@ -611,7 +610,7 @@ class GlobalInfoNCE(BankLoss):
         >>> bool(torch.allclose(plain, first))
         True
         """
-        check_views(a, b, self.form, self.check_finite)
+        self._check_views(a, b)
         if indices is not None:
             self.check_indices(indices, a.shape[0])
         layout, temperature = self._prepared(a, b, hard_negatives, mask, labels, guide)

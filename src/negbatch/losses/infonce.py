@@ -122,7 +122,9 @@ class InfoNCE(SoftmaxLoss):
     reduction : {"mean", "sum", "none"}, default "mean"
         Over this rank's anchors.
     check_finite : bool, default True
-        Refuse inputs holding NaN or inf (one pass over them).
+        Refuse inputs holding NaN or inf (one pass over them), and a learned
+        log-scale (or SigLIP's bias) that an optimizer step or a loaded
+        ``state_dict`` made NaN; the error names the culprit.
     learnable_temperature : bool, default False
         Learn the temperature as CLIP does (:class:`negbatch.losses.LearnableTemperature`:
         ``log(1/tau)`` a parameter of this module, the scale clamped to

@@ -171,9 +171,17 @@ class NegativeQueue(nn.Module):
         # count and leave this queue inconsistent.
         saved = state_dict.get(prefix + "indices")
         if isinstance(saved, Tensor) and tuple(saved.shape) != tuple(self.indices.shape):
+            hints = []
+            if saved.shape[-1] != self.size:
+                hints.append(f"queue_size={saved.shape[-1]}")
+            if saved.shape[0] != self.roles:
+                # One queue per anchor role: two_view and one-directional
+                # query_document keep 1, symmetric query_document 2.
+                hints.append("form='query_document', symmetric=True" if saved.shape[0] == 2
+                             else "form='two_view' or symmetric=False")
             error_msgs.append(
                 f"{prefix}indices: the checkpoint's queue holds {tuple(saved.shape)} (roles, size) entries, this one "
-                f"{tuple(self.indices.shape)}; build the loss with queue_size={saved.shape[-1]} to load it"
+                f"{tuple(self.indices.shape)}; build the loss with {', '.join(hints)} to load it"
             )
             return
         # The width of the entries is known once the first batch arrives: take

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .._checks import Negatives, OnShortage, Reduction, check_flag, keyword_only
 from ..negatives import selection_logits
-from ._layout import BankLoss, Positives, check_labels, check_views
+from ._layout import BankLoss, Positives, check_labels
 
 __all__ = ["ReLIC"]
 
@@ -117,7 +117,7 @@ class ReLIC(BankLoss):
         guide: tuple[Tensor, Tensor] | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        check_views(view1, view2, "two_view", self.check_finite)
+        self._check_views(view1, view2, "two_view")
         labels = check_labels(labels, view1.shape[0], view1.device)
         layout = self._layout(view1, view2, None, mask, bank="other_view", labels=labels)
         self._filter(layout, guide, bank="other_view")

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .._checks import Form, Negatives, OnShortage, Reduction, keyword_only, refuse_second_order
 from ..negatives import NegativeSelection, selection_logits
-from ._layout import BankLoss, Positives, check_labels, check_views, fused_dense, row_blocks
+from ._layout import BankLoss, Positives, check_labels, fused_dense, row_blocks
 from ._plain import plain_sigmoid
 from ._softmax import _scaled_logits
 from .temperature import average_gradient
@@ -237,7 +237,7 @@ class SigLIP(BankLoss):
     ) -> Tensor:
         if self._plain_call(a, b, hard_negatives, labels, mask, guide):
             return self._plain_forward(a, b)
-        check_views(a, b, self.form, self.check_finite)
+        self._check_views(a, b)
         labels = check_labels(labels, a.shape[0], a.device)
         layout = self._layout(a, b, hard_negatives, mask, labels=labels)
         self._filter(layout, guide)
