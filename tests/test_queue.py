@@ -198,6 +198,11 @@ def test_the_queue_needs_indices_and_only_the_queue_takes_them():
         InfoNCE(temperature=TAU)(z1, z2, indices=torch.arange(5))
     with pytest.raises(ValueError, match="queue_size must be an int >= 0"):
         InfoNCE(temperature=TAU, queue_size=-1)
+    from negbatch.losses import NegativeQueue
+
+    for bad in (0, 2.0, True):  # the class's own argument is called size
+        with pytest.raises(ValueError, match=r"^size must be a positive int"):
+            NegativeQueue(bad)
 
 
 def test_queue_against_pytorch_metric_learning_cross_batch_memory():

@@ -105,6 +105,9 @@ def test_the_dense_backward_runs_once(fused_only):
 def test_bad_bias_is_refused():
     with pytest.raises(ValueError, match="bias must be a finite float"):
         SigLIP(bias=float("nan"))
+    for wrong_type in ("x", True, None):
+        with pytest.raises(TypeError, match="bias must be a finite float .* got (str|bool|NoneType)"):
+            SigLIP(bias=wrong_type)
     with pytest.raises(TypeError, match="by keyword only"):
         SigLIP(0.1)
 

@@ -76,7 +76,7 @@ class NegativeQueue(nn.Module):
     def __init__(self, size: int, roles: int = 1) -> None:
         super().__init__()
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"queue_size must be a positive int (entries kept per queue), got {size!r}")
+            raise ValueError(f"size must be a positive int (entries kept per queue; the losses' queue_size), got {size!r}")
         if isinstance(roles, bool) or not isinstance(roles, int) or roles < 1:
             raise ValueError(f"roles must be a positive int, got {roles!r}")
         self.size = size

@@ -17,6 +17,8 @@ large batch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -205,7 +207,9 @@ class SigLIP(BankLoss):
             learnable_temperature=learnable_temperature, positives=positives, filter_margin=filter_margin,
             filter_top=filter_top,
         )
-        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not torch.isfinite(torch.tensor(float(bias))):
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise TypeError(f"bias must be a finite float (SigLIP starts at -10), got {type(bias).__name__}")
+        if not math.isfinite(bias):
             raise ValueError(f"bias must be a finite float (SigLIP starts at -10), got {bias!r}")
         if not isinstance(learnable_bias, bool):
             raise TypeError(f"learnable_bias must be True or False, got {learnable_bias!r}")
