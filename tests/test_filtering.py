@@ -101,3 +101,11 @@ def test_filter_applies_to_every_loss_and_the_queue_with_its_own_embeddings():
         InfoNCE(temperature=TAU, queue_size=16, filter_margin=0.0)(z1, z2, indices=torch.arange(8), guide=(z1, z2))
     with pytest.raises(ValueError, match="set filter_margin or filter_top"):
         InfoNCE(temperature=TAU)(z1, z2, guide=(z1, z2))
+
+
+@pytest.mark.parametrize("form,name", [("two_view", "guide view1"), ("query_document", "guide queries")])
+def test_a_non_finite_guide_is_named_as_the_guide(form, name):
+    z1, z2 = torch.randn(4, 3), torch.randn(4, 3)
+    bad = (z1.new_full((4, 3), float("nan")), z2)
+    with pytest.raises(ValueError, match=f"^{name} contains NaN or inf"):
+        InfoNCE(temperature=0.1, form=form, filter_margin=0.1)(z1, z2, guide=bad)

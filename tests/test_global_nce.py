@@ -221,6 +221,17 @@ def test_state_dict_round_trip_continues_identically():
         assert torch.equal(getattr(a, name), getattr(b, name))
     with pytest.raises(RuntimeError, match="size mismatch"):
         GlobalInfoNCE(31).load_state_dict(a.state_dict())
+    # A diverged run's state is refused before anything is copied; its advice works.
+    diverged = a.state_dict()
+    diverged["log_nu"] = diverged["log_nu"].clone()
+    diverged["log_nu"][int(batches[0][2][0]), 0] = float("nan")
+    c = GlobalInfoNCE(30, temperature=0.2)
+    with pytest.raises(RuntimeError, match="log_nu: the checkpoint's per-sample state holds NaN or inf"):
+        c.load_state_dict(diverged)
+    assert not c.visited.any() and torch.isfinite(c.log_nu).all()
+    rest = {k: v for k, v in diverged.items() if k not in ("log_nu", "visited")}
+    c.load_state_dict(rest, strict=False)
+    assert int(c.num_updates) == int(a.num_updates) and not c.visited.any()
 
 
 def test_small_temperature_no_overflow():

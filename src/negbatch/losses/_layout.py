@@ -207,13 +207,15 @@ def anchor_roles(form: Form, symmetric: bool) -> int:
 
 
 def check_views(
-    a: Tensor, b: Tensor, form: Form, check_finite: bool, parameters: Sequence[tuple[str, Tensor]] = ()
+    a: Tensor, b: Tensor, form: Form, check_finite: bool, parameters: Sequence[tuple[str, Tensor]] = (),
+    prefix: str = "",
 ) -> None:
     """The two embedding inputs of a loss: 2-d, finite, paired row by row;
     with ``check_finite`` the loss's own scalars too (``parameters``: name
     and value as the loss will use it), which an optimizer step that diverged
-    or a loaded ``state_dict`` can make NaN after construction."""
-    names = ("view1", "view2") if form == "two_view" else ("queries", "documents")
+    or a loaded ``state_dict`` can make NaN after construction. Errors name
+    the inputs with ``prefix`` (``"guide "``: the guide model's embeddings)."""
+    names = tuple(prefix + n for n in (("view1", "view2") if form == "two_view" else ("queries", "documents")))
     check_embeddings(a, names[0], check_finite=False)
     check_embeddings(b, names[1], check_finite=False)
     check_same(a, b, names[0], names[1], dims=(0, 1))
@@ -568,7 +570,7 @@ class BankLoss(nn.Module):
             )
         first = layout.directions[0].anchors
         a, b = guide[0], guide[1]
-        check_views(a, b, self.form, self.check_finite)
+        check_views(a, b, self.form, self.check_finite, prefix="guide ")
         if a.shape[0] != layout.n_local or a.device != first.device:
             raise ValueError(
                 f"guide embeddings must hold the batch's {layout.n_local} rows on {first.device}, "

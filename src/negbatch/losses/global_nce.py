@@ -186,8 +186,8 @@ class GlobalInfoNCE(BankLoss):
         ranks hold identical state. Every rank must then call ``forward``
         (with ``update=True``) in the same step.
     on_duplicate : {"raise", "mean"}, default "raise"
-        A sample index occurring twice in one (global) batch: raise a
-        ValueError, or apply one E-step with the mean (in linear space) of the
+        A sample index occurring twice in one (global) batch of an update:
+        raise a ValueError, or apply one E-step with the mean (in linear space) of the
         duplicates' estimates; the copies then share the updated ``nu`` and are
         each other's negatives unless masked.
     normalize, on_shortage, reduction, check_finite
@@ -440,6 +440,22 @@ class GlobalInfoNCE(BankLoss):
             raise ValueError("log_nu contains NaN or inf")
         self.log_nu.copy_(log_nu)
         self.visited.fill_(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # type: ignore[override]
+        # A checkpoint of a run whose state diverged would otherwise pass its
+        # NaN on to every later loss of those samples, as set_log_normalizers
+        # refuses it for.
+        saved = state_dict.get(prefix + "log_nu")
+        if isinstance(saved, Tensor) and not bool(torch.isfinite(saved).all()):
+            error_msgs.append(
+                f"{prefix}log_nu: the checkpoint's per-sample state holds NaN or inf (the run it comes from "
+                "diverged); load an earlier checkpoint, or drop its 'log_nu' and 'visited' entries and load the rest with "
+                "strict=False (every sample then starts unvisited)"
+            )
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def reset_state(self) -> None:
         """Forget every sample's estimate (all samples unvisited)."""
