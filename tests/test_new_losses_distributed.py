@@ -123,3 +123,27 @@ def _worker(rank, world, wants):
 def test_every_new_loss_under_ddp_equals_one_process():
     wants = {name: _single_process(make, opts) for name, (make, opts) in _cases().items()}
     run_distributed(_worker, 2, wants)
+
+
+def _momentum_warning_worker(rank: int, world_size: int) -> None:
+    import warnings
+
+    from negbatch import MomentumEncoder
+
+    cases = {
+        "batchnorm": (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), True),
+        "sync": (nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))), False),
+        "layernorm": (nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), False),
+    }
+    for name, (model, warns) in cases.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            MomentumEncoder(model, momentum=0.9)
+        said = [w for w in caught if "BatchNorm under torch.distributed" in str(w.message)]
+        assert bool(said) == warns, (name, [str(w.message) for w in caught])
+
+
+def test_momentum_encoder_warns_of_per_rank_batchnorm_under_ddp():
+    # MoCo's shuffle-BN problem: the copy is not DDP-wrapped, so a BatchNorm
+    # normalises each rank's keys by its own batch. A SyncBatchNorm does not.
+    run_distributed(_momentum_warning_worker, 2)

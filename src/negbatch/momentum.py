@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -38,7 +40,15 @@ class MomentumEncoder(nn.Module):
     ----------
     encoder : nn.Module
         The copy. Its buffers (BatchNorm statistics) evolve through its own
-        forward passes, as MoCo's key encoder's do.
+        forward passes, as MoCo's key encoder's do. The copy is not wrapped
+        in DDP: under ``torch.distributed`` a BatchNorm in training mode
+        normalises each rank's keys by that rank's batch alone (the ranks'
+        running statistics drift apart, and a checkpoint saved on rank 0
+        holds rank 0's). MoCo shuffles the keys across ranks for that reason
+        (and because batch statistics leak which keys are in the batch);
+        here convert the copy with ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``,
+        or use GroupNorm/LayerNorm. A warning says so when the copy has
+        BatchNorm under ``torch.distributed``.
     num_updates : Tensor
         EMA updates so far (saved with the state).
 
@@ -74,6 +84,16 @@ class MomentumEncoder(nn.Module):
             raise ValueError(f"momentum must be a float in [0, 1) (MoCo: 0.999), got {momentum!r}")
         online = encoder.module if isinstance(encoder, DistributedDataParallel) else encoder
         self.encoder = copy.deepcopy(online).requires_grad_(False)
+        if dist.is_available() and dist.is_initialized() and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
+            for m in self.encoder.modules()
+        ):
+            warnings.warn(
+                "MomentumEncoder: the key encoder has BatchNorm under torch.distributed; each rank normalises its "
+                "keys by its own batch (MoCo shuffles BN for this). Use "
+                "torch.nn.SyncBatchNorm.convert_sync_batchnorm on the encoder, or GroupNorm/LayerNorm",
+                stacklevel=2,
+            )
         self.momentum = float(momentum)
         # A plain attribute, not a submodule: the trained encoder stays out of this state_dict.
         self._online = [online]
