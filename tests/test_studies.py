@@ -161,3 +161,37 @@ def test_report_headers_name_steps_when_a_study_was_given_steps():
     assert training_length({"epochs": 1, "steps": None}) == "1 epoch"
     assert training_length({"epochs": 2}) == "2 epochs"
     assert training_length({"epochs": None, "steps": 30}) == "30 steps"
+
+
+def test_runs_in_this_process_take_one_thread_as_in_a_worker(tmp_path, monkeypatch):
+    # A run's float results depend on torch's thread count: with one worker
+    # the run must see one thread too, and the caller's count comes back.
+    import torch
+
+    import negbatch.lab.sweep as sweep
+
+    seen = []
+
+    def fake_train(cfg, run_dir):
+        seen.append(torch.get_num_threads())
+        return {"config": cfg.to_dict(), "linear_acc": 0.5}
+
+    monkeypatch.setattr(sweep, "train", fake_train)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_configs([TINY, TINY.replace(seed=1)], tmp_path, workers=1)
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_one_worker_and_two_give_the_same_results(tmp_path):
+    configs = [TINY.replace(seed=s) for s in (0, 1)]
+    one = run_configs(configs, tmp_path / "one", workers=1)
+    two = run_configs(configs, tmp_path / "two", workers=2)
+    key = lambda r: r["config"]["seed"]  # noqa: E731
+    assert len(one) == len(two) == 2
+    for a, b in zip(sorted(one, key=key), sorted(two, key=key)):
+        assert (a["final_loss"], a["linear_acc"]) == (b["final_loss"], b["linear_acc"])

@@ -4,8 +4,9 @@
   readable prefix plus a hash of the full configuration, so a rerun finds the
   runs it already finished (``summary.json`` present) and skips them, and an
   interrupted run resumes from its checkpoint;
-* runs may execute in several worker processes (``workers > 1``), each with
-  one torch thread;
+* runs execute with one torch thread each, in this process or in several
+  worker processes (``workers > 1``), so that a run's results do not depend
+  on the number of workers;
 * the results table (``results.json`` and ``results.csv``, one row per run:
   its configuration and its metrics) is rewritten atomically after every run,
   so an interruption loses nothing already written.
@@ -166,7 +167,8 @@ def run_jobs(
     on_done: Callable[[dict[str, Any], int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``train_one(config_dict, run_dir, threads)`` for every job, in this
-    process or in ``workers`` spawned processes (one torch thread each), and
+    process or in ``workers`` spawned processes (one torch thread each, in
+    either case), and
     rewrite the study's results table atomically after each run.
 
     ``train_one`` must be a module-level function (it is pickled for the
@@ -199,8 +201,14 @@ def _run_jobs(jobs, study_dir: Path, train_one, workers: int, on_done, writes: b
             on_done(summary, len(summaries), len(jobs))
 
     if workers == 1:
-        for cfg_dict, run_dir in jobs:
-            done(train_one(cfg_dict, run_dir, None))
+        # One torch thread here too, as in a worker: a run's float results
+        # depend on the thread count, and must not on the number of workers.
+        threads = torch.get_num_threads()
+        try:
+            for cfg_dict, run_dir in jobs:
+                done(train_one(cfg_dict, run_dir, 1))
+        finally:
+            torch.set_num_threads(threads)
     else:
         ctx = multiprocessing.get_context("spawn")
         stopping = ctx.Event()
