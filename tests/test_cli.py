@@ -326,3 +326,35 @@ def test_a_text_study_sets_the_length_over_a_config_files_epochs(tmp_path):
     finally:
         study.release_folder()
     assert configs and all(c.epochs is None and c.steps for c in configs)
+
+
+def test_a_train_run_and_a_study_never_share_a_folder(tmp_path, capsys, monkeypatch):
+    figures_not_drawn(monkeypatch)
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    capsys.readouterr()
+    study = ["study", "batch-size", "--data", "digits", "--n-train", "64", "--n-test", "48", "--methods", "infonce",
+             "--batch-sizes", "8,16", "--seeds", "0", "--epochs", "1", "--encoder-widths", "8", "--head-widths", "8,4",
+             "--knn-k", "3"]
+    assert main([*study, "--out", str(run)]) == 2
+    assert "holds a run of `negbatch train` (its config.json), not a study" in capsys.readouterr().err
+    assert (run / "report.md").read_text() == report and not (run / "study.json").exists()
+    folder = tmp_path / "study"
+    assert main([*study, "--out", str(folder)]) == 0
+    capsys.readouterr()
+    assert main(["train", *TINY, "--out", str(folder)]) == 2
+    assert "holds a study (its study.json)" in capsys.readouterr().err
+    assert not (folder / "config.json").exists()
+
+
+def test_an_out_folder_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert main(["train", *TINY, "--out", str(a_file)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    # Below a file: the OS refuses the folder (as it does a read-only one).
+    assert main(["study", "negatives", *TINY, "--ks", "2", "--seeds", "0", "--out", str(a_file / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot write {a_file / 'sub'}: Not a directory; give a writable folder" in err
+    assert "Traceback" not in err

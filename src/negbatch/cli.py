@@ -252,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TypeError, ModuleNotFoundError) as err:  # the last: a missing extra
         print(f"negbatch {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a folder that cannot be written: read-only, a file in its place, a full disk
+        where = f" {err.filename}" if err.filename else ""
+        print(f"negbatch {args.command}: error: cannot write{where}: {err.strerror or err}; give a writable folder "
+              "(--out, or the report's folder)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as err:  # Ctrl-C, or a run stopped by SIGINT/SIGTERM (lab.sweep.RunStopped)
         # Finished runs and the results table are on disk; an interrupted run has its checkpoint.
         where = f" ({err})" if str(err) else ""

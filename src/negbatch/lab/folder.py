@@ -29,6 +29,8 @@ CONFIG = "config.json"
 DATA = "data.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+#: A study folder's description (negbatch.lab.studies): never a run's folder.
+STUDY = "study.json"
 CHECKPOINT = "checkpoint.pt"
 LOCK = ".lock"
 
@@ -113,6 +115,11 @@ class RunFolder:
         """Refuse a folder that holds another configuration or other data; return
         the summary of this run if it already finished, else None. Writes nothing."""
         config_path, data_path = self.path / CONFIG, self.path / DATA
+        if (self.path / STUDY).exists():
+            raise ValueError(
+                f"{self.path} holds a study (its study.json): a run would write over the study's report; use "
+                "another folder (a study keeps its runs in runs/ below it)"
+            )
         if config_path.exists():
             saved = _read_json(config_path)
             try:
@@ -195,6 +202,8 @@ def hold_lock(folder: Path, *, reentrant: bool = False) -> Iterator[None]:
     otherwise a second holder in the same process is refused like any other.
     Platforms without ``fcntl`` run without the lock.
     """
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file, not a folder: give another --out (a new or existing folder)")
     folder.mkdir(parents=True, exist_ok=True)
     key = str(folder.resolve())
     if reentrant and key in _HELD:

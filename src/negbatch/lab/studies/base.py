@@ -36,7 +36,7 @@ from ..config import (
     IMAGE_ONLY, TEXT_ONLY, TrainConfig, add_config_arguments, load_config_file, without_replaced_length,
 )
 from ..processes import Processes
-from ..folder import SUMMARY, atomic_write_text, hold_lock
+from ..folder import CONFIG, STUDY, SUMMARY, atomic_write_text, hold_lock
 from ..sweep import KEY_FIELDS, keep_results, parse_list, run_configs, run_key
 
 __all__ = ["Study", "ImageStudy", "TextStudy", "say", "dataset_stem"]
@@ -205,8 +205,11 @@ class Study:
                     "bring them back, or use another --out)")
 
     def _check_folder_holds_this_study(self, out: Path) -> None:
-        path = out / "study.json"
+        path = out / STUDY
         if not path.exists():
+            if (out / CONFIG).exists():
+                raise ValueError(f"{out} holds a run of `negbatch train` (its config.json), not a study: the study's "
+                                 "report would replace the run's; use another --out")
             return
         try:
             old = json.loads(path.read_text())

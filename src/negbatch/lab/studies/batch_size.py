@@ -304,6 +304,19 @@ def _cells(rows: list[dict[str, Any]], key: str) -> dict[str, dict[int, dict[int
     return cells
 
 
+def _method_settings(spec: dict[str, Any], large: int) -> str:
+    """The settings of the methods this study ran (none for those it did not)."""
+    methods = spec["methods"]
+    parts = []
+    if "infonce-k" in methods:
+        parts.append(f"K = {spec['k']} for infonce-k")
+    if "queue" in methods or "moco" in methods:
+        parts.append(f"a queue of {spec['queue_size']} entries{_moco_words(spec)}")
+    if "gradcache" in methods:
+        parts.append(f"gradcache trains B = {large} in chunks of the column's B")
+    return "; " + ", ".join(parts) if parts else ""
+
+
 def _against_infonce(w: Welch | None, adjusted: float | None, family: int) -> str:
     """One method's change against InfoNCE's, judged by Holm's adjusted p."""
     if w is None:
@@ -402,12 +415,18 @@ def report(folder: Path) -> Path:
             st = [mean_std(r[metric] for r in cells[m][b].values()) for b in bs]
             ax.errorbar([b * (1 + 0.02 * (j - len(methods) / 2)) for b in bs], [s[0] for s in st],
                         yerr=[s[1] for s in st], marker="o", capsize=3, label=m)
-    axes[0].set(xscale="log", xlabel="batch size B (gradcache: chunk size, batch %d)" % large, ylabel=label,
+    xlabel = f"batch size B (gradcache: chunk size, batch {large})" if "gradcache" in methods else "batch size B"
+    axes[0].set(xscale="log", xlabel=xlabel, ylabel=label,
                 title=f"{label} against the batch size (mean ± std over seeds)")
-    axes[1].set(xscale="log", yscale="log", xlabel="batch size B (gradcache: chunk size)", ylabel="training seconds",
+    axes[1].set(xscale="log", yscale="log", xlabel=xlabel, ylabel="training seconds",
                 title=f"wall time of training ({_workers_words(spec.get('workers', 1))} in parallel)")
     for ax in axes:
         ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.set_xticks([], minor=True)  # the log axis's own minor labels ("3x10^1") beside these
+    from matplotlib.ticker import FormatStrFormatter
+
+    for which in (axes[1].yaxis.set_major_formatter, axes[1].yaxis.set_minor_formatter):
+        which(FormatStrFormatter("%g"))  # seconds as numbers, not powers of ten
         ax.legend(fontsize=8)
     figure = save_figure(fig, folder / "batch_size.png")
 
@@ -442,8 +461,7 @@ def report(folder: Path) -> Path:
         "# Study: how large must a batch be?\n\n",
         f"Data `{b['dataset']}` ({spec['n_train']} training samples), {training_length(b)} at every batch size, "
         f"learning rate {b['lr']} x {spec['lr_scaling']} scaling from B = {LR_REFERENCE_BATCH}, temperature "
-        f"{b['temperature']}, optimizer {b['optimizer']}; K = {spec['k']} for infonce-k, a queue of "
-        f"{spec['queue_size']} entries{_moco_words(spec)}; gradcache trains B = {large} in chunks of the column's B. Seeds "
+        f"{b['temperature']}, optimizer {b['optimizer']}{_method_settings(spec, large)}. Seeds "
         f"{spec['seeds']}; mean ± sample std over seeds; {workers} trained at a "
         "time, one thread each (times are comparable within this study only).\n",
         f"\n**{missing} of {len(spec['methods']) * len(sizes) * len(spec['seeds'])} runs missing** (an interrupted "
@@ -458,7 +476,8 @@ def report(folder: Path) -> Path:
                     + ", ".join(f"{m} ({-c:+.3f})" for c, m in ranking)
                     + f". Each comparison with InfoNCE is Welch's test of the two changes; \"beyond seed noise\" "
                     f"means Holm's adjusted p over the {len(tests)} comparisons is below 0.05 (the raw p alone would "
-                    "find some difference by chance in most reports of this many methods).\n")
+                    "find some difference by chance in most reports of this many methods; the 95% intervals are each "
+                    "comparison's own, not adjusted, so one may exclude 0 where the verdict is within noise).\n")
     text.append("\n" + _reading(cells, key, reference, b, large, small) + "\n")
     text.append(f"\n![{label} and time against the batch size]({figure})\n\nResults per run: `results.csv` / "
                 "`results.json`; per-step metrics (the learned temperature, SigLIP's bias) in `runs/*/metrics.jsonl`.\n")
