@@ -249,3 +249,11 @@ def test_the_image_study_uses_its_own_defaults_without_dataset_and_refuses_steps
     assert (plain.n_test, plain.probe_samples) == (None, None)  # what docs/batch_size.md measured
     assert main(["study", "batch-size", "--data", "digits", "--steps", "3", "--out", str(tmp_path / "s")]) == 2
     assert "equal epochs" in capsys.readouterr().err
+
+
+def test_help_states_the_studys_own_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["study", "batch-size", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(this study's default: fashion-mnist)" in text and "(this study's default: 2)" in text
+    assert "(default: digits)" not in text and "(default 10 images)" not in text

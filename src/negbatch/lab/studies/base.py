@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -117,6 +118,11 @@ class Study:
         foreign = TEXT_ONLY if self.modality == "image" else IMAGE_ONLY
         add_config_arguments(parser, exclude=self.swept + foreign)
         shown = {k: v for k, v in self.defaults.items() if k not in self.swept}
+        for action in parser._actions:
+            if action.dest in shown and action.help:
+                # The training option's own default would mislead here: state the study's.
+                own = re.sub(r"\s*\(default[^)]*\)", "", action.help).rstrip("; ")
+                action.help = f"{own} (this study's default: {shown[action.dest]})"
         if shown:
             parser.epilog = ("Study defaults over the training options' own: "
                              + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in shown.items()) + ".")
