@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..config import (
-    IMAGE_ONLY, TEXT_ONLY, TrainConfig, add_config_arguments, load_config_file, without_replaced_length,
+    IMAGE_ONLY, IMAGE_ONLY_SET, TEXT_ONLY, TrainConfig, add_config_arguments, load_config_file, without_replaced_length,
 )
 from ..processes import Processes
 from ..folder import CONFIG, STUDY, SUMMARY, atomic_write_text, hold_lock
@@ -115,7 +115,7 @@ class Study:
             g.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
         g.add_argument("--config", default=None,
                        help="TOML/YAML/JSON file of training options (those the study sets are overridden)")
-        foreign = TEXT_ONLY if self.modality == "image" else IMAGE_ONLY
+        foreign = TEXT_ONLY if self.modality == "image" else IMAGE_ONLY + tuple(IMAGE_ONLY_SET)
         add_config_arguments(parser, exclude=self.swept + foreign)
         shown = {k: v for k, v in self.defaults.items() if k not in self.swept}
         for action in parser._actions:
