@@ -96,6 +96,7 @@ def test_report_judges_each_method_by_holms_adjusted_p(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "infonce,mocov3"], "--methods: unknown mocov3"),
+    (["--seeds=-1,0"], "--seeds: -1 is negative"),
     (["--moco-momentum", "1.0"], r"--moco-momentum must be a float in \(0, 1\)"),
     (["--batch-sizes", "8,128"], "--batch-sizes: 128 exceeds the 64 training samples"),
     (["--batch-sizes", "8,16", "--k", "15"], r"--k 15: expected 1 <= K <= 14"),

@@ -166,7 +166,11 @@ class Study:
         return values
 
     def seeds(self, args: argparse.Namespace) -> list[int]:
-        return parse_list(args.seeds, int, "seeds", unique=True)
+        seeds = parse_list(args.seeds, int, "seeds", unique=True)
+        negative = [s for s in seeds if s < 0]
+        if negative:
+            raise ValueError(f"--seeds: {negative[0]} is negative; seeds are ints >= 0 (e.g. --seeds 0,1,2)")
+        return seeds
 
     def check_workers(self, args: argparse.Namespace) -> None:
         if args.workers is None:  # a parallel study's default: every core this process may use
