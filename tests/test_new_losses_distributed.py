@@ -39,6 +39,9 @@ def _cases():
                   dict(labels=True, indices=True, steps=3, seed=5)),
         "queue_qd_no_gather": (lambda: DCL(temperature=0.3, form="query_document", symmetric=True, queue_size=10),
                                dict(form="qd", indices=True, steps=2, gather=False)),
+        # Indices 0-2 on both ranks: left out of each other's candidates across ranks too.
+        "queue_duplicates": (lambda: InfoNCE(temperature=0.3, queue_size=12, positives="mask"),
+                             dict(labels=True, indices=True, steps=2, duplicates=True)),
     }
 
 
@@ -64,7 +67,7 @@ def _batches(opts):
         x1, x2 = torch.randn(B, D_IN, generator=g).double(), torch.randn(B, D_IN, generator=g).double()
         hard = torch.randn(B, opts.get("hard", 1), D_IN, generator=g).double()
         labels = torch.randint(0, 3, (B,), generator=g)
-        idx = torch.arange(B) + 5 * step  # samples come back across steps
+        idx = (torch.arange(B) % 5 if opts.get("duplicates") else torch.arange(B)) + 5 * step  # samples come back
         yield x1, x2, hard, labels, idx
 
 

@@ -281,3 +281,46 @@ def test_ranks_draw_the_single_process_negatives_with_a_queue_and_k_one_below_th
 
     loss_fn = InfoNCE(temperature=0.3, form="query_document", queue_size=4, negatives=_K, on_shortage="use_all")
     run_distributed(_queue_rank, 2, _queue_steps(loss_fn, slice(None), torch.Generator().manual_seed(0)))
+
+
+def _duplicated(idx):
+    """Sample-level: i and j (i != j) share a data-set index."""
+    same = idx[:, None] == idx[None, :]
+    return same & ~torch.eye(len(idx), dtype=torch.bool)
+
+
+@pytest.mark.parametrize("loss_cls,decoupled", [(InfoNCE, False), (DCL, True)])
+@pytest.mark.parametrize("positives", ["pair", "mask"])
+def test_rows_of_one_index_are_not_each_others_candidates(loss_cls, decoupled, positives):
+    # A sampler with replacement puts sample 0 in the batch twice: like its
+    # queued copy, the other row is neither a negative nor a positive.
+    z1, z2 = (torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(s)).requires_grad_()
+              for s in (1, 2))
+    idx, labels = torch.tensor([0, 7, 0, 3, 4]), torch.tensor([1, 0, 1, 1, 0])
+    dup = _duplicated(idx)
+    loss_fn = loss_cls(temperature=TAU, queue_size=16, positives=positives).double()
+    if positives == "mask":  # the copies share a label: positives but for the index
+        got = loss_fn(z1, z2, indices=idx, labels=labels)
+        same_label = labels[:, None] == labels[None, :]
+        sets = dict(positive_samples=same_label & ~dup, excluded_samples=dup)
+    else:  # without labels, so that only the index leaves the copies out
+        got = loss_fn(z1, z2, indices=idx)
+        sets = dict(excluded_samples=dup)
+    want = ref.softmax_two_view(z1, z2, TAU, decoupled=decoupled, **sets)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    for g, w in zip(torch.autograd.grad(got, (z1, z2)), torch.autograd.grad(want, (z1, z2))):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_rows_of_one_index_in_the_query_document_form_with_hard_negatives():
+    g = torch.Generator().manual_seed(3)
+    q, d = (torch.randn(5, 4, dtype=torch.float64, generator=g).requires_grad_() for _ in range(2))
+    hard = torch.randn(5, 1, 4, dtype=torch.float64, generator=g)
+    idx = torch.tensor([2, 2, 5, 6, 2])
+    loss_fn = InfoNCE(temperature=TAU, form="query_document", symmetric=True, queue_size=16).double()
+    got = loss_fn(q, d, hard, indices=idx)
+    excluded = torch.cat([_duplicated(idx), torch.zeros(5, 5, dtype=torch.bool)], dim=1)  # hard negatives: no index
+    want = ref.softmax_query_document(q, d, TAU, hard=hard, excluded_mask=excluded, symmetric=True)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    for gg, w in zip(torch.autograd.grad(got, (q, d)), torch.autograd.grad(want, (q, d))):
+        torch.testing.assert_close(gg, w, rtol=1e-10, atol=1e-12)

@@ -18,6 +18,8 @@ or from :func:`negbatch.negatives.selection_logits` with autograd.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -248,7 +250,11 @@ class SoftmaxLoss(BankLoss):
             raise ValueError("indices= is used by the queue only; set queue_size > 0 or leave indices out")
         labels = check_labels(labels, n, a.device)
         layout = self._layout(a, b, hard_negatives, mask, labels=labels)
+        all_indices = None
         if self.queue is not None:
+            # Every rank's indices, once: the duplicates' check and the enqueue read them.
+            all_indices = gather_nograd(indices) if is_distributed() else indices
+            self._exclude_same_index(layout, indices, all_indices)
             self._extend_with_queue(layout, indices, labels)
         self._filter(layout, guide)
         temperature = self._temperature(layout)
@@ -257,7 +263,7 @@ class SoftmaxLoss(BankLoss):
             selection = direction.select(self.negatives, generator, self.on_shortage)
             values.append(self._direction_values(direction, selection, temperature, layout, i))
         if self.queue is not None and update:
-            self._enqueue(layout, indices, labels)
+            self._enqueue(layout, all_indices, labels)
         # Directions hold equal numbers of anchors: the mean of the concatenation
         # is the average of the directions.
         return layout.reduce(torch.cat(values) if len(values) > 1 else values[0], self.reduction)
@@ -301,10 +307,28 @@ class SoftmaxLoss(BankLoss):
             directions.append(direction.extended(entries.to(device=direction.bank.device), extra_mask, extra_positives))
         layout.directions = directions
 
-    def _enqueue(self, layout: Layout, indices: Tensor, labels: Tensor | None) -> None:
+    def _exclude_same_index(self, layout: Layout, indices: Tensor, all_indices: Tensor) -> None:
+        """Rows of one data-set index in the batch (a sampler with replacement,
+        a distributed sampler's padding) are left out of each other's
+        candidates, as an anchor's own queued entries are: neither negatives
+        nor, with ``positives="mask"``, positives. The paired positive stays."""
+        bank_indices = all_indices if layout.gathered else indices
+        if int(torch.unique(bank_indices).numel()) == bank_indices.numel():
+            return  # the common case: one look, the same on every rank when gathered
+        directions = []
+        for role, direction in enumerate(layout.directions):
+            columns = torch.cat([bank_indices, bank_indices]) if self.form == "two_view" else bank_indices
+            same = self._anchor_rows(indices, role)[:, None] == columns[None, :]
+            # Hard negatives (the columns after the documents) carry no index.
+            same = torch.cat([same, same.new_zeros(same.shape[0], direction.bank.shape[0] - same.shape[1])], dim=1)
+            mask = same if direction.mask is None else direction.mask | same
+            positives = None if direction.positives is None else direction.positives & ~same
+            directions.append(replace(direction, mask=mask, positives=positives))
+        layout.directions = directions
+
+    def _enqueue(self, layout: Layout, all_indices: Tensor, labels: Tensor | None) -> None:
         spread = is_distributed() and not layout.gathered  # every rank's queue holds every rank's batch
         gather = gather_nograd if is_distributed() else (lambda x: x)
-        all_indices = gather(indices)
         all_labels = None
         if labels is not None:
             all_labels = layout.labels if layout.gathered else gather(labels)
