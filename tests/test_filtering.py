@@ -109,3 +109,14 @@ def test_a_non_finite_guide_is_named_as_the_guide(form, name):
     bad = (z1.new_full((4, 3), float("nan")), z2)
     with pytest.raises(ValueError, match=f"^{name} contains NaN or inf"):
         InfoNCE(temperature=0.1, form=form, filter_margin=0.1)(z1, z2, guide=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_filtered_share_is_in_the_embeddings_precision(dtype):
+    z1, z2 = (torch.randn(8, 4, generator=torch.Generator().manual_seed(s)).to(dtype) for s in (0, 1))
+    loss_fn = InfoNCE(temperature=TAU, filter_top=0.3)
+    loss_fn(z1, z2)
+    share = loss_fn.last_filtered_fraction
+    assert share.dtype == dtype
+    exact = int(loss_fn.last_filtered) / (16 * 14)
+    assert float(share) == (exact if dtype == torch.float64 else float(torch.tensor(exact, dtype=torch.float32)))

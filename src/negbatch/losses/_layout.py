@@ -560,7 +560,9 @@ class BankLoss(nn.Module):
             hits, total = (found, count) if hits is None else (hits + found, total + count)
         layout.directions = directions
         self.last_filtered = hits
-        self.last_filtered_fraction = hits / total.clamp(min=1)
+        # In the embeddings' precision (float64 inputs: an exact share, not float32's).
+        share_dtype = directions[0].anchors.dtype if directions[0].anchors.dtype == torch.float64 else torch.float32
+        self.last_filtered_fraction = hits.to(share_dtype) / total.clamp(min=1).to(share_dtype)
 
     def _guide_layout(self, guide: Sequence[Tensor], layout: Layout, bank: Bank) -> Layout:
         if isinstance(guide, Tensor) or not isinstance(guide, (tuple, list)) or len(guide) not in (2, 3):

@@ -393,7 +393,8 @@ def _moco_words(spec: dict[str, Any]) -> str:
 
 
 def _seconds(value: float) -> str:
-    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
+    """Two significant digits below 10 s (a tiny study's runs take milliseconds), whole seconds above."""
+    return f"{value:.2g}" if value < 10 else f"{value:.0f}"
 
 
 def report(folder: Path) -> Path:
