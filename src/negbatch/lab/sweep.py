@@ -168,8 +168,8 @@ def run_jobs(
 ) -> list[dict[str, Any]]:
     """Run ``train_one(config_dict, run_dir, threads)`` for every job, in this
     process or in ``workers`` spawned processes (one torch thread each, in
-    either case), and
-    rewrite the study's results table atomically after each run.
+    either case), and rewrite the study's results table atomically after
+    each run.
 
     ``train_one`` must be a module-level function (it is pickled for the
     workers) that skips a finished run folder and returns the run's summary.

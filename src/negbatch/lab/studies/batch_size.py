@@ -421,14 +421,15 @@ def report(folder: Path) -> Path:
                 title=f"{label} against the batch size (mean ± std over seeds)")
     axes[1].set(xscale="log", yscale="log", xlabel=xlabel, ylabel="training seconds",
                 title=f"wall time of training ({_workers_words(spec.get('workers', 1))} in parallel)")
+    from matplotlib.ticker import FormatStrFormatter
+
     for ax in axes:
         ax.set_xticks(sizes, [str(b) for b in sizes])
         ax.set_xticks([], minor=True)  # the log axis's own minor labels ("3x10^1") beside these
-    from matplotlib.ticker import FormatStrFormatter
-
-    for which in (axes[1].yaxis.set_major_formatter, axes[1].yaxis.set_minor_formatter):
-        which(FormatStrFormatter("%g"))  # seconds as numbers, not powers of ten
         ax.legend(fontsize=8)
+    # Seconds as numbers, not powers of ten.
+    axes[1].yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    axes[1].yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     figure = save_figure(fig, folder / "batch_size.png")
 
     table = [[m] + [fmt_mean_std((r[key] for r in cells[m][b].values()), 3) if b in cells[m] else "-" for b in sizes]
@@ -442,6 +443,7 @@ def report(folder: Path) -> Path:
     # verdicts take Holm's adjusted p (several methods, one shared reference).
     tests = {m: welch(c, reference) for m, c in changes.items() if m != "infonce" and reference}
     adjusted = dict(zip(tests, holm([None if w is None else w.p for w in tests.values()])))
+    family = sum(w is not None for w in tests.values())  # Holm's m: the defined tests
     findings, ranking = [], []
     for m, m_changes in changes.items():
         slope = _slope(cells[m], key)
@@ -451,7 +453,7 @@ def report(folder: Path) -> Path:
         if slope is not None:
             parts.append(f"slope {slope[0]:+.4f} per doubling of B (p = {slope[1]:.2g})")
         if m in tests:
-            parts.append(_against_infonce(tests[m], adjusted[m], len(tests)))
+            parts.append(_against_infonce(tests[m], adjusted[m], family))
         findings.append(f"**{m}** ({METHODS[m]}): " + "; ".join(parts) + ".")
     ranking.sort()
     b = spec["base"]
@@ -476,7 +478,7 @@ def report(folder: Path) -> Path:
         text.append(f"\nOrdered by the mean change from B = {large} to B = {small} (best first): "
                     + ", ".join(f"{m} ({-c:+.3f})" for c, m in ranking)
                     + f". Each comparison with InfoNCE is Welch's test of the two changes; \"beyond seed noise\" "
-                    f"means Holm's adjusted p over the {len(tests)} comparisons is below 0.05 (the raw p alone would "
+                    f"means Holm's adjusted p over the {family} comparisons is below 0.05 (the raw p alone would "
                     "find some difference by chance in most reports of this many methods; the 95% intervals are each "
                     "comparison's own, not adjusted, so one may exclude 0 where the verdict is within noise).\n")
     text.append("\n" + _reading(cells, key, reference, b, large, small) + "\n")

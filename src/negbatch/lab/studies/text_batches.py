@@ -103,21 +103,22 @@ def report(folder: Path) -> Path:
     table = [[s, len(by_s[s])] + [fmt_mean_std(r[m] for r in by_s[s]) for m in TEXT_METRICS]
              + [fmt_mean_std((r["final_loss"] for r in by_s[s]), 3), f"{mean_std(r['train_seconds'] for r in by_s[s])[0]:.0f}"]
              for s in samplers]
-    findings = []
+    findings, family = [], 0
     if "random" in by_s:
         ref = [r["ndcg@10"] for r in by_s["random"]]
         others = [s for s in samplers if s != "random"]
         values = {s: [r["ndcg@10"] for r in by_s[s]] for s in others}
         raw = [welch_p(values[s], ref) for s in others]
         # One family of tests against one reference: verdicts on Holm's adjusted p.
+        family = sum(p is not None for p in raw)  # Holm's m: the defined tests
         for s, p, adjusted in zip(others, raw, holm(raw)):
             diff = mean_std(values[s])[0] - mean_std(ref)[0]
             if p is None:
                 findings.append(f"**{s}** vs random: nDCG@10 {diff:+.3f}, within seed noise (too few seeds for a test).")
                 continue
             sure = "beyond seed noise" if adjusted < 0.05 else "within seed noise"
-            family = f", Holm-adjusted over {len(others)} = {adjusted:.2g}" if len(others) > 1 else ""
-            findings.append(f"**{s}** vs random: nDCG@10 {diff:+.3f}, {sure} (Welch p = {p:.2g}{family}).")
+            over = f", Holm-adjusted over {family} = {adjusted:.2g}" if family > 1 else ""
+            findings.append(f"**{s}** vs random: nDCG@10 {diff:+.3f}, {sure} (Welch p = {p:.2g}{over}).")
     text = [
         "# Study: batch composition on text pairs\n\n",
         TextStudy.describe(b, sample) + " InfoNCE (query_document, all in-batch negatives, symmetric="
@@ -128,7 +129,7 @@ def report(folder: Path) -> Path:
         "\nThe final loss is not comparable across samplers: harder batches have a higher loss by construction.\n",
         "\n## What the data show\n\n" + "\n".join(f"- {f}" for f in findings) + "\n"
         + (f"\n{len(findings)} comparisons with random: \"beyond seed noise\" means Holm's adjusted p over the "
-           f"{len(findings)} is below 0.05.\n" if len(findings) > 1 else ""),
+           f"{family} tests is below 0.05.\n" if len(findings) > 1 else ""),
         f"\n![retrieval by sampler]({fig_name})\n\nResults per run: `results.csv` / `results.json`.\n",
     ]
     out = folder / "report.md"
