@@ -32,7 +32,7 @@ from typing import Any
 from ..config import TrainConfig
 from ..report import markdown_table, plt, save_figure, training_length
 from ..folder import atomic_write_text, read_metrics
-from ..stats import fmt_mean_std, mean_std, welch_p
+from ..stats import fmt_mean_std, holm, mean_std, welch_p
 from ..sweep import parse_list, read_results
 from .base import ImageStudy
 
@@ -114,43 +114,72 @@ def _times(r: dict[str, Any]) -> tuple[float, float]:
     return with_order, with_order - (r.get("sampler_seconds") or 0.0) / epochs
 
 
-def _compare(name: str, rows: dict[str, list[dict]], folder: Path) -> str:
+#: (key, label, higher is better) of every comparison with random batches, in the report's order.
+COMPARED = (("final_gap", "final gap", False), ("final_global_loss", "final L^Global", False),
+            *((key, label, True) for key, label in METRICS))
+
+
+def _prepare(rows: dict[str, list[dict]], folder: Path) -> None:
+    """Each run's last logged global loss and same-class share, read from its metrics."""
+    for runs in rows.values():
+        for r in runs:
+            r.setdefault("final_global_loss", _last(_per_epoch(folder, r["run"], "gap_global_loss")))
+            r.setdefault("final_same_class_pairs", _last(_per_epoch(folder, r["run"], "same_class_pairs")))
+
+
+def _tests(rows: dict[str, list[dict]], others: list[str]) -> dict[tuple[str, str], tuple[float | None, float | None, int]]:
+    """Welch's p of every sampler against random on every compared quantity,
+    with Holm's adjustment over the samplers: each quantity is one family of
+    tests against one reference (as in the text study), so a sampler's
+    verdict on it accounts for the other samplers tried. Per (sampler, key):
+    (p, adjusted p, the family's number of defined tests)."""
+    out = {}
+    for key, _, _ in COMPARED:
+        raw = [welch_p([r[key] for r in rows[s]], [r[key] for r in rows["random"]]) for s in others]
+        family = sum(p is not None for p in raw)
+        for s, p, adjusted in zip(others, raw, holm(raw)):
+            out[(s, key)] = (p, adjusted, family)
+    return out
+
+
+def _compare(name: str, rows: dict[str, list[dict]], tests: dict) -> str:
     """One finding: ``name`` against random batches, gap, accuracy, cost."""
     ours, rand = rows[name], rows["random"]
     parts = []
+    beyond_noise = {}
 
-    def versus(key: str, label: str, higher_better: bool) -> tuple[float, float | None]:
-        a, b = [r[key] for r in ours], [r[key] for r in rand]
-        (ma, sa, _), (mb, sb, _) = mean_std(a), mean_std(b)
-        p = welch_p(a, b)
+    def versus(key: str, label: str, higher_better: bool) -> float:
+        (ma, sa, _), (mb, sb, _) = mean_std(r[key] for r in ours), mean_std(r[key] for r in rand)
+        p, adjusted, family = tests[(name, key)]
         better = "same" if round(ma, 3) == round(mb, 3) else "better" if (ma > mb) == higher_better else "worse"
-        sig = ("beyond seed noise" if p is not None and p < 0.05
-               else "within seed noise") + (f", Welch p = {p:.2g}" if p is not None else ", too few seeds for a test")
+        beyond_noise[key] = adjusted is not None and adjusted < 0.05
+        if p is None:
+            sig = "within seed noise, too few seeds for a test"
+        else:
+            over = f", Holm-adjusted over {family} = {adjusted:.2g}" if family > 1 else ""
+            sig = f"{'beyond' if beyond_noise[key] else 'within'} seed noise, Welch p = {p:.2g}{over}"
         parts.append(f"{label} {ma:.3f} ± {sa:.3f} vs {mb:.3f} ± {sb:.3f} ({better}, {sig})")
-        return ma - mb, p
+        return ma - mb
 
-    for r in ours + rand:
-        r.setdefault("final_global_loss", _last(_per_epoch(folder, r["run"], "gap_global_loss")))
-    d_gap, p_gap = versus("final_gap", "final gap", False)
-    d_glob, p_glob = versus("final_global_loss", "final L^Global", False)
-    for r in ours + rand:
-        r.setdefault("final_same_class_pairs", _last(_per_epoch(folder, r["run"], "same_class_pairs")))
+    d_gap = versus(*COMPARED[0])
+    d_glob = versus(*COMPARED[1])
     if all(r["final_same_class_pairs"] is not None for r in ours + rand):
         m_ours = mean_std(r["final_same_class_pairs"] for r in ours)[0]
         m_rand = mean_std(r["final_same_class_pairs"] for r in rand)[0]
         parts.append(f"same-class (false-negative) pairs in a batch {m_ours:.0%} vs {m_rand:.0%}")
-    d_acc, p_acc = versus(METRICS[0][0], METRICS[0][1], True)
-    for key, label in METRICS[1:]:
-        versus(key, label, True)
+    d_acc = versus(*COMPARED[2])
+    for compared in COMPARED[3:]:
+        versus(*compared)
     t_ours = mean_std(_times(r)[0] for r in ours)[0]
     t_rand = mean_std(_times(r)[0] for r in rand)[0]
     share = mean_std((r.get("sampler_seconds") or 0.0) / r["epochs"] / _times(r)[0] for r in ours)[0]
     cost = (f"{share:.0%} of its epoch is embedding and ordering, and its epoch takes {t_ours / t_rand:.2f}x "
             f"random's (a ratio of different runs' times: noisy on a shared machine; the share is steadier)")
-    smaller_gap = d_gap < 0 and p_gap is not None and p_gap < 0.05
-    better_acc = d_acc > 0 and p_acc is not None and p_acc < 0.05
-    worse_acc = d_acc < 0 and p_acc is not None and p_acc < 0.05
-    if d_glob > 0 and p_glob is not None and p_glob < 0.05:
+    accuracy = METRICS[0][0]
+    smaller_gap = d_gap < 0 and beyond_noise["final_gap"]
+    better_acc = d_acc > 0 and beyond_noise[accuracy]
+    worse_acc = d_acc < 0 and beyond_noise[accuracy]
+    if d_glob > 0 and beyond_noise["final_global_loss"]:
         parts.append("the global loss, which a smaller gap is meant to help minimise, ends higher than with random "
                      "batches (here it is the spread term only, see below)")
     if smaller_gap and better_acc:
@@ -237,9 +266,15 @@ def report(folder: Path) -> Path:
     if spec.get("raw_pixel_linear_acc") is not None:
         text.append(f"\nBaseline: the same linear probe on the raw pixels scores {spec['raw_pixel_linear_acc']:.3f}.\n")
     text.append("\n" + markdown_table(header, table))
-    findings = [_compare(s, rows, folder) for s in samplers if s != "random" and "random" in rows]
+    others = [s for s in samplers if s != "random"] if "random" in rows else []
+    _prepare(rows, folder)
+    tests = _tests(rows, others)
+    findings = [_compare(s, rows, tests) for s in others]
     if findings:
         text.append("\n## What the data show\n\n" + "\n".join(f"- {f}" for f in findings) + "\n")
+        if len(findings) > 1:
+            text.append(f"\n{len(findings)} samplers compared with random on each quantity: \"beyond seed noise\" "
+                        "means Holm's adjusted p over those comparisons is below 0.05.\n")
         text.append("\nHow to read this. Each sampler's gap is measured on its own batches: a smaller gap means each "
                     "anchor's strongest negatives share its batch, so the training loss is closer to the global one. "
                     "GCBS and hard batches are built to achieve exactly that from the current embeddings, so a smaller "
