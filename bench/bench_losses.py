@@ -8,7 +8,12 @@ NT-Xent (the baseline a user would otherwise write) and by negbatch's own
 sampled K never slower than negbatch's full loss; at 2B = 8192, K = 64 at most
 0.5x the hand-written one.
 
-Usage: python bench/bench_losses.py [--sizes 2048 8192] [--ks 1 16 64 256] [--repeats 5]
+On CUDA (``--device cuda``, bench/gpu_check.sh) each call is timed to the
+device's completion; the draw there is Floyd's K steps in torch ops, a few
+small kernels each, so sampled K's cost at small sizes is a measurement of
+its own (not yet made: no device had been lent when this option was added).
+
+Usage: python bench/bench_losses.py [--sizes 2048 8192] [--ks 1 16 64 256] [--repeats 5] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ def plain_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> tor
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     n = z1.shape[0]
     sim = z @ z.t() / temperature
-    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
     return F.cross_entropy(sim, target)
 
 
@@ -40,28 +45,36 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (then every call is timed to the device's completion)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tau = 0.1
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, d={args.dim}, median of {args.repeats}")
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, d={args.dim}, "
+          f"median of {args.repeats}")
     print(f"{'2B':>6} {'variant':>14} {'ms':>9} {'ratio to plain':>15} {'ratio to all':>13}")
     verdicts = []
     for two_b in args.sizes:
         g = torch.Generator().manual_seed(0)
-        z1 = torch.randn(two_b // 2, args.dim, generator=g, requires_grad=True)
-        z2 = torch.randn(two_b // 2, args.dim, generator=g, requires_grad=True)
+        z1 = torch.randn(two_b // 2, args.dim, generator=g).to(device).requires_grad_()
+        z2 = torch.randn(two_b // 2, args.dim, generator=g).to(device).requires_grad_()
         variants = {"plain NT-Xent": lambda: plain_nt_xent(z1, z2, tau), "negbatch all": None}
         losses = {"negbatch all": InfoNCE(temperature=tau)}
         for k in args.ks:
             losses[f"negbatch K={k}"] = InfoNCE(temperature=tau, negatives=k)
-        gen = torch.Generator().manual_seed(1)
+        gen = torch.Generator(device).manual_seed(1)
         for name, fn in losses.items():
             variants[name] = (lambda fn=fn: fn(z1, z2, generator=gen))
         times: dict[str, list[float]] = {name: [] for name in variants}
         for rep, order in rounds(list(variants), args.repeats):  # first round warms up
             for name in order:  # a fresh order every round (see _order.py)
                 run = variants[name]
+                sync()
                 t0 = time.perf_counter()
                 run().backward()
+                sync()
                 elapsed = time.perf_counter() - t0
                 z1.grad = z2.grad = None
                 if rep:

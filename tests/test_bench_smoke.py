@@ -113,3 +113,16 @@ def test_bench_peers_quick_prints_every_ratio_and_a_verdict_per_goal():
     goals = [line for line in out.splitlines() if line.startswith("goal ")]
     assert len(goals) == 4 and all(": met" in g or ": NOT met" in g for g in goals), goals
     assert "each new loss never slower than its peer" in goals[0]
+
+
+@pytest.mark.slow
+def test_bench_losses_prints_every_variant_and_refuses_a_missing_device():
+    out = run_bench("bench_losses.py", "--sizes", "64", "--ks", "4", "--repeats", "1")
+    assert "device cpu" in out and "negbatch K=4" in out and "never slower than negbatch's full loss" in out
+    import torch
+
+    if not torch.cuda.is_available():
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_losses.py"), "--device", "cuda"],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 2 and "--device cuda: torch sees no CUDA device here" in proc.stderr
