@@ -29,10 +29,10 @@ def dense_reference_order(x: torch.Tensor, y: torch.Tensor, q: float) -> np.ndar
     return reverse_cuthill_mckee((a + a.T).tocsr(), symmetric_mode=True)
 
 
-def dense_reference_graph(x, y, q):
-    xn = torch.nn.functional.normalize(x.double(), dim=1).numpy()
-    yn = torch.nn.functional.normalize(y.double(), dim=1).numpy()
-    s = xn @ yn.T
+def dense_reference_graph(x, y, q, normalize=True):
+    if normalize:
+        x, y = torch.nn.functional.normalize(x.double(), dim=1), torch.nn.functional.normalize(y.double(), dim=1)
+    s = x.double().numpy() @ y.double().numpy().T
     return s > np.quantile(s, q)
 
 
@@ -85,6 +85,40 @@ def test_pruning_and_fallback_paths_stay_exact(monkeypatch):
     # a floor above the true threshold must be detected and the pass redone
     monkeypatch.setattr(gcbs_module, "_sampled_floor", lambda *a, **k: 0.99999)
     assert np.array_equal(similarity_graph(x, y, q, block_size=32).toarray(), dense)
+
+
+@pytest.mark.parametrize("n,q,block,values", [(120, 0.99, 16, 3), (90, 0.9, 1000, 2), (150, 0.999, 32, 4),
+                                               (64, 0.95, 8, 1)])
+def test_ties_at_the_quantile_are_left_out_as_the_dense_pseudocode_does(n, q, block, values):
+    """Integer embeddings: XYᵀ takes few values, so the quantile falls on a
+    tied value, which ``S > t`` leaves out (fewer than k entries kept). With
+    one value (a collapsed encoder) nothing is kept, and nothing near N²
+    entries is ever held."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randint(0, values, (n, 3), generator=g, dtype=torch.float64)
+    y = torch.randint(0, values, (n, 3), generator=g, dtype=torch.float64)
+    if values == 1:
+        x = y = torch.ones(n, 3, dtype=torch.float64)
+    dense = dense_reference_graph(x, y, q, normalize=False)
+    assert dense.sum() < num_kept_entries(n * n, q)  # the quantile is a tied value here
+    for floor in (True, False):
+        graph = similarity_graph(x, y, q, block_size=block, normalize=False, estimate_samples=10**6 if floor else 1)
+        assert np.array_equal(graph.toarray(), dense), floor
+
+
+def test_a_collapsed_encoder_holds_o_k_entries(monkeypatch):
+    held = []
+    prune = gcbs_module._LargestEntries.prune
+
+    def watched(self):
+        held.append(self.held)
+        prune(self)
+
+    monkeypatch.setattr(gcbs_module._LargestEntries, "prune", watched)
+    n, block = 600, 50
+    graph = similarity_graph(torch.ones(n, 4), torch.ones(n, 4), 0.999, block_size=block)
+    k = num_kept_entries(n * n, 0.999)
+    assert graph.nnz == 0 and held and max(held) <= 2 * k + 2 * block * block
 
 
 def test_num_kept_entries_matches_numpy_quantile():
@@ -303,9 +337,12 @@ def test_similarity_graph_rejects_nan_and_mismatch():
 
 
 def _entries_at_least_kth(dense: torch.Tensor, k: int) -> set[tuple[int, int]]:
-    """Brute force: every entry >= the k-th largest of a dense matrix."""
-    kth = torch.sort(dense.reshape(-1), descending=True).values[k - 1]
-    return {(int(r), int(c)) for r, c in (dense >= kth).nonzero().tolist()}
+    """Brute force: every entry >= the k-th largest of a dense matrix, less
+    the value tied across the k-th and (k+1)-th largest (S > quantile's rule)."""
+    ordered = torch.sort(dense.reshape(-1), descending=True).values
+    kth = ordered[k - 1]
+    kept = dense > kth if k < ordered.numel() and ordered[k] == kth else dense >= kth
+    return {(int(r), int(c)) for r, c in kept.nonzero().tolist()}
 
 
 @pytest.mark.parametrize("k, slack", [(1, 0), (37, 0), (37, 50), (400, 10)])

@@ -84,28 +84,47 @@ def _sampled_floor(x: Tensor, y: Tensor, k: int, generator: torch.Generator, sam
     return float(torch.topk(vals, rank).values[-1])
 
 
-def _hits(s: Tensor, thr: float) -> tuple[Tensor, Tensor]:
-    """Row and column of the entries of ``s`` that are >= thr."""
+def _hits(s: Tensor, thr: float, strict: bool = False) -> tuple[Tensor, Tensor]:
+    """Row and column of the entries of ``s`` that are >= thr (> thr if ``strict``)."""
     if s.device.type == "cpu":  # numpy's scan is several times faster than torch's nonzero here
-        flat = torch.from_numpy(np.flatnonzero(s.numpy() >= thr))
+        a = s.numpy()
+        flat = torch.from_numpy(np.flatnonzero(a > thr if strict else a >= thr))
         return flat // s.shape[1], flat % s.shape[1]
-    hit = (s >= thr).nonzero()
+    hit = (s > thr if strict else s >= thr).nonzero()
     return hit[:, 0], hit[:, 1]
 
 
 class _LargestEntries:
-    """The k largest of streamed (value, row, column) entries, held in pieces
-    and pruned to the running k-th largest whenever more than ``2k + slack``
-    are held, so memory stays O(k + slack)."""
+    """The k largest of streamed (value, row, column) entries, as the dense
+    pseudocode's ``S > quantile`` keeps them: held in pieces and pruned to
+    the running k-th largest whenever more than ``2k + slack`` are held.
+
+    A value tied across the k-th and (k+1)-th largest is the quantile itself,
+    which ``S > t`` leaves out: every entry of that value is dropped (fewer
+    than k are then kept), and later entries must exceed it. Were they kept,
+    a collapsed encoder (all of ``XYᵀ`` one value) would hold all N² entries;
+    dropped, memory stays O(k + slack) whatever the ties."""
 
     def __init__(self, k: int, floor: float = -math.inf, slack: int = 0) -> None:
         self.k, self.threshold, self.slack = k, floor, slack
+        #: Whether an entry must exceed ``threshold`` (a tied value was dropped) or only reach it.
+        self.strict = False
         self.vals: list[Tensor] = []
         self.rows: list[Tensor] = []
         self.cols: list[Tensor] = []
         self.held = 0
 
+    def hits(self, s: Tensor) -> tuple[Tensor, Tensor]:
+        """Row and column of the entries of ``s`` that may still be kept."""
+        return _hits(s, self.threshold, self.strict)
+
     def add(self, vals: Tensor, rows: Tensor, cols: Tensor) -> None:
+        """Hold the entries that may still be kept (the callers pass those of
+        :meth:`hits`; others are screened here, so a dropped tie stays dropped)."""
+        if vals.numel() and self.threshold > -math.inf:
+            keep = vals > self.threshold if self.strict else vals >= self.threshold
+            if not bool(keep.all()):
+                vals, rows, cols = vals[keep], rows[keep], cols[keep]
         if vals.numel():
             self.vals.append(vals.cpu())
             self.rows.append(rows.to(torch.int32).cpu())
@@ -115,20 +134,27 @@ class _LargestEntries:
             self.prune()
 
     def prune(self) -> None:
+        """Keep the k largest held, less a value tied across the k-th and
+        (k+1)-th (call with more than k held)."""
         # Piece by piece: concatenating the rows and columns too would double
         # the held entries' memory at the peak.
         v = torch.cat(self.vals).numpy()
-        v.partition(v.size - self.k)  # in place on our own copy: kthvalue would copy it again
-        kth = float(v[v.size - self.k])  # the k-th largest
+        v.partition((v.size - self.k - 1, v.size - self.k))  # in place on our own copy
+        kth, after = float(v[v.size - self.k]), float(v[v.size - self.k - 1])  # the k-th and (k+1)-th largest
         del v
+        tied = kth == after
         for p in range(len(self.vals)):
-            keep = self.vals[p] >= kth
+            keep = self.vals[p] > kth if tied else self.vals[p] >= kth
             self.vals[p], self.rows[p], self.cols[p] = self.vals[p][keep], self.rows[p][keep], self.cols[p][keep]
         self.held = sum(v.numel() for v in self.vals)
-        self.threshold = max(self.threshold, kth)
+        if tied:
+            self.threshold, self.strict = kth, True
+        elif kth > self.threshold:  # a later entry equal to kth still ties with it: admitted
+            self.threshold, self.strict = kth, False
 
     def result(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(values, rows, cols) of the entries >= the k-th largest (all of them if fewer than k)."""
+        """(values, rows, cols) of the kept entries: the k largest, less a
+        value tied across the k-th and (k+1)-th (all of them if at most k)."""
         if self.held > self.k:
             self.prune()
         if not self.vals:
@@ -138,9 +164,10 @@ class _LargestEntries:
 
 
 def _streamed_top(x: Tensor, y: Tensor, k: int, block: int, floor: float):
-    """All entries of XYᵀ that are >= the k-th largest, given a floor below it.
+    """The k largest entries of XYᵀ as ``S > quantile`` keeps them (see
+    :class:`_LargestEntries`), given a floor below the k-th largest.
 
-    Returns (values, rows, cols) or None if fewer than k entries exceed ``floor``.
+    Returns (values, rows, cols) or None if fewer than k entries reach ``floor``.
     """
     n = x.shape[0]
     top = _LargestEntries(k, floor, slack=block * block)
@@ -152,9 +179,10 @@ def _streamed_top(x: Tensor, y: Tensor, k: int, block: int, floor: float):
         for j in range(0, n, block):
             yj = y[j : j + block]
             s = torch.mm(xi, yj.T, out=buffer[: xi.shape[0] * yj.shape[0]].view(xi.shape[0], yj.shape[0]))
-            r, c = _hits(s, top.threshold)
+            r, c = top.hits(s)
             top.add(s[r, c], r + i, c + j)
-    if top.held < k:
+    # A dropped tie means more than k entries reached it, so the floor was below the k-th largest.
+    if top.held < k and not top.strict:
         return None
     return top.result()
 
@@ -178,7 +206,8 @@ def _faiss_top(x: Tensor, y: Tensor, k: int, neighbours: int, nprobe: int, seed:
     top = _LargestEntries(k, slack=block * neighbours)
     for i in range(0, n, block):
         sims, cols = index.search(xn[i : i + block], neighbours)
-        found = (cols >= 0) & (sims >= top.threshold)  # -1: fewer than ``neighbours`` in the probed lists
+        reach = sims > top.threshold if top.strict else sims >= top.threshold
+        found = (cols >= 0) & reach  # -1: fewer than ``neighbours`` in the probed lists
         rows = np.broadcast_to(np.arange(i, i + sims.shape[0], dtype=np.int32)[:, None], sims.shape)
         top.add(torch.from_numpy(sims[found]), torch.from_numpy(rows[found]), torch.from_numpy(cols[found]))
     return top.result()
@@ -210,7 +239,7 @@ def similarity_graph(
         Side of the square blocks of ``X Yᵀ`` computed at once.
     method : {"exact", "faiss"}
         ``"exact"``: blockwise products and an exact streamed threshold, the
-        same graph as the dense pseudocode (up to ties at the threshold).
+        same graph as the dense pseudocode's ``S > quantile``, ties included.
         ``"faiss"``: approximate, for corpora of millions; needs faiss.
     normalize : bool
         L2-normalise the rows first (cosine similarities).
