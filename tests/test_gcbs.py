@@ -494,3 +494,28 @@ def test_load_state_dict_rejects_foreign_state():
         RandomBatchSampler(50, 10).load_state_dict(state | {"position": 9})
     with pytest.raises(ValueError, match="missing"):
         RandomBatchSampler(50, 10).load_state_dict({"epoch": 0})
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda st: st["plan"].__setitem__(-1, 999), r"indices in \[0, 999\], outside this sampler's \[0, 47\)"),
+    (lambda st: st["plan"].__setitem__(-1, -3), r"indices in \[-3, "),
+    (lambda st: st["plan"].__setitem__(-1, int(st["plan"][-2])), "repeats a data-set index"),
+    (lambda st: st.__setitem__("plan_sizes", torch.tensor([5] * 11)), "adding up to the plan's 47 indices"),
+    (lambda st: st.__setitem__("plan_sizes", torch.tensor([5] * 8 + [0, 5])), "positive batch sizes"),
+    (lambda st: st.__setitem__("plan", st["plan"].double()), "1-d integer tensor"),
+])
+def test_load_state_dict_checks_the_saved_plan_and_changes_nothing_when_it_refuses(edit, match):
+    """An edited or foreign plan would feed a Dataset unknown, negative
+    (read from the end) or repeated indices, or an empty batch."""
+    s = RandomBatchSampler(47, 5, seed=1)
+    next(iter(s))
+    state = s.state_dict()
+    state["plan"] = state["plan"].clone()
+    edit(state)
+    target = RandomBatchSampler(47, 5, seed=2)
+    target.set_epoch(3)
+    before = target.state_dict()
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(state)
+    after = target.state_dict()
+    assert after["epoch"] == before["epoch"] == 3 and after["plan"] is None and before["plan"] is None

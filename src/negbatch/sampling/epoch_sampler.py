@@ -285,6 +285,29 @@ class EpochBatchSampler(Sampler[list[int]]):
             "batch_size": self.batch_size,
         }
 
+    def _check_plan(self, plan: Any, plan_sizes: Any) -> tuple[np.ndarray, list[int]]:
+        """A saved plan as the sampler makes one: distinct data-set indices
+        below ``num_samples``, cut into non-empty batches whose sizes add up
+        to it (a checkpoint edited or saved by another data set's sampler
+        would otherwise feed a Dataset wrong or repeated samples)."""
+        flat = torch.as_tensor(plan)
+        sizes = torch.as_tensor(plan_sizes)
+        if flat.dim() != 1 or flat.is_floating_point() or flat.dtype == torch.bool:
+            raise ValueError(f"state's plan must be a 1-d integer tensor of data-set indices, got "
+                             f"{flat.dtype} of shape {tuple(flat.shape)}; pass a dict made by state_dict()")
+        if sizes.dim() != 1 or sizes.is_floating_point() or sizes.dtype == torch.bool or \
+                (sizes.numel() and int(sizes.min()) < 1) or int(sizes.sum()) != flat.numel():
+            raise ValueError(f"state's plan_sizes must be positive batch sizes adding up to the plan's "
+                             f"{flat.numel()} indices, got {sizes.tolist()}; pass a dict made by state_dict()")
+        flat = flat.numpy().astype(np.int64)
+        if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= self.num_samples):
+            raise ValueError(f"state's plan holds indices in [{int(flat.min())}, {int(flat.max())}], outside this "
+                             f"sampler's [0, {self.num_samples}); was it saved for another data set?")
+        if np.unique(flat).size != flat.size:
+            raise ValueError("state's plan repeats a data-set index (a plan holds each at most once); "
+                             "pass a dict made by state_dict()")
+        return flat, sizes.tolist()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the next iteration resumes the epoch."""
         missing = {"epoch", "position", "plan", "plan_sizes"} - set(state)
@@ -295,15 +318,16 @@ class EpochBatchSampler(Sampler[list[int]]):
                 raise ValueError(
                     f"state was saved with {key}={state[key]} but this sampler has {key}={getattr(self, key)}"
                 )
-        self.epoch = int(state["epoch"])
+        # Everything is checked before anything is set: a refused state leaves the sampler as it was.
         if state["plan"] is None:
+            self.epoch = int(state["epoch"])
             self._drop_plan()
             return
-        self._refreshed_at = int(state.get("refreshed_at", -1))
-        flat = torch.as_tensor(state["plan"]).numpy().astype(np.int64)
-        sizes = torch.as_tensor(state["plan_sizes"]).tolist()
-        self._plan = list(np.split(flat, np.cumsum(sizes)[:-1]))
+        flat, sizes = self._check_plan(state["plan"], state["plan_sizes"])
         position = int(state["position"])
-        if not 0 <= position <= len(self._plan):
-            raise ValueError(f"state position {position} is outside the plan of {len(self._plan)} batches")
+        if not 0 <= position <= len(sizes):
+            raise ValueError(f"state position {position} is outside the plan of {len(sizes)} batches")
+        self.epoch = int(state["epoch"])
+        self._refreshed_at = int(state.get("refreshed_at", -1))
+        self._plan = list(np.split(flat, np.cumsum(sizes)[:-1])) if sizes else []
         self._position = position
