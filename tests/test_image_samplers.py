@@ -57,19 +57,15 @@ def reference_gap(z: torch.Tensor, batches, tau: float) -> float:
 
 
 def reference_gcbs_batches(z: torch.Tensor, q: float, batch_size: int) -> set:
-    """The paper's dense pseudocode: S = Z Zᵀ, keep its top (1 - q), RCM on A + Aᵀ, cut, drop the tail.
+    """The paper's dense pseudocode: S = Z Zᵀ, keep S > its q-quantile, RCM on A + Aᵀ, cut, drop the tail.
 
     With both sides equal, S is symmetric and every off-diagonal value occurs
-    twice, so the quantile often falls between a mirrored pair: ``S > quantile``
-    would then drop both, the library keeps both (``>=`` the k-th largest, k =
-    the count above the quantile, docs/gcbs.md "Ties"). The reference takes the
-    library's convention.
+    twice, so the quantile often falls on a mirrored pair, which ``S >
+    quantile`` drops (docs/gcbs.md "Ties"), as the library does.
     """
     zn = torch.nn.functional.normalize(z.double(), dim=1).numpy()
     s = zn @ zn.T
-    m = s.size
-    k = m - 1 - math.floor(q * (m - 1))  # entries above numpy.quantile(s, q) when values are distinct
-    a = sp.csr_matrix(s >= np.sort(s.ravel())[::-1][k - 1])
+    a = sp.csr_matrix(s > np.quantile(s, q))
     order = reverse_cuthill_mckee((a + a.T).tocsr(), symmetric_mode=True)
     n_full = len(order) // batch_size
     return {frozenset(order[i * batch_size:(i + 1) * batch_size].tolist()) for i in range(n_full)}
