@@ -90,6 +90,8 @@ def test_an_anchor_without_negatives_is_refused():
     everything = torch.ones(3, 3, dtype=torch.bool)
     with pytest.raises(ValueError, match="no negatives"):
         DCL(temperature=TAU)(z1, z2, mask=everything)
+    with pytest.raises(ValueError, match=r"no negatives.*N mod the batch size is 1.*dataloader_drop_last=True"):
+        DCL(temperature=TAU, form="query_document")(z1[:1], z2[:1])  # an epoch's last batch of one
     with pytest.raises(ValueError, match="sigma must be a float > 0"):
         DCL(temperature=TAU, sigma=0.0)
     with pytest.raises(ValueError, match="does not apply to positives='mask'"):

@@ -268,5 +268,9 @@ def test_metrics_refuse_a_document_listed_twice_and_ranks_below_one():
     metrics_from_ranks(torch.tensor([2, 2]), query_ids=torch.tensor([0, 1]))  # two queries: fine
     with pytest.raises(ValueError, match=">= 1"):
         metrics_from_ranks(torch.tensor([0, 3]))
+    for ks in ((0,), (1, -3), (1.5,), (), "5"):
+        with pytest.raises(ValueError, match="ks must"):
+            metrics_from_ranks(torch.tensor([1, 3]), ks=ks)
+    assert metrics_from_ranks(torch.tensor([1, 3]), ks=(np.int64(3),))["recall@3"] == 1.0
     with pytest.raises(ValueError, match="same relevant document twice"):
         retrieval_metrics(torch.eye(3), torch.eye(3), torch.tensor([2, 2, 1]), query_ids=torch.tensor([0, 0, 1]))

@@ -154,6 +154,14 @@ def test_bad_inputs_are_named():
         retrieval_scores(model, queries, corpus, {"q0": {"zz"}}, corpus_embeddings=docs)
     with pytest.raises(ValueError, match="no query"):
         retrieval_scores(model, queries, corpus, {}, corpus_embeddings=docs)
+    # Precomputed corpus rows that do not match the corpus: a phantom or a missing document.
+    for rows in (docs[:-1], torch.cat([docs, docs[:1]]), docs[0]):
+        expected = rf"corpus_embeddings must be .* one row per corpus document.*\({len(corpus)} rows\)"
+        with pytest.raises(ValueError, match=expected):
+            retrieval_scores(model, queries, corpus, relevant, corpus_embeddings=rows)
+    for ks in ((0,), (-3,), (1.5,), (), (True,), "1"):
+        with pytest.raises(ValueError, match="ks must"):
+            retrieval_scores(model, queries, corpus, relevant, ks=ks, corpus_embeddings=docs)
     model.similarity_fn_name = "euclidean"
     with pytest.raises(ValueError, match="cosine or dot"):
         retrieval_scores(model, queries, corpus, relevant, corpus_embeddings=docs)

@@ -152,8 +152,11 @@ def test_a_queue_takes_the_index_column_and_evaluates_in_batch(model64, make, n)
         in_batch = make()(a, p, indices=torch.arange(B), update=False, **extra)  # an empty queue
     assert float(value) == pytest.approx(float(in_batch), rel=1e-12)
     assert torch.equal(adapter.loss.queue.embeddings, before) and adapter.loss.queue is not None
-    with pytest.raises(ValueError, match="a loss with a queue must know each row's data-set index"):
+    with pytest.raises(ValueError, match="a loss with a queue never lets a row meet its own queued entries, so it "
+                                         "needs each row's data-set index"):
         adapter(feats, None)
+    with pytest.raises(TypeError, match=r"integer data-set indices for (InfoNCE|DCL) with a queue, got torch.float"):
+        adapter(feats, torch.arange(B, dtype=torch.float64))
 
 
 def test_matryoshka_wraps_the_plain_loss_and_refuses_the_cached_one(model64):

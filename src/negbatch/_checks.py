@@ -159,3 +159,11 @@ def keyword_only(example: str, positional: int = 0) -> Callable[[_Init], _Init]:
         return checked  # type: ignore[return-value]
 
     return decorate
+
+
+#: Why a batch can hold one sample, and what to do (the losses whose
+#: denominator needs a negative: DCL, GlobalInfoNCE).
+BATCH_OF_ONE_HINT = (
+    "An epoch's last batch holds one sample when N mod the batch size is 1: drop it (DataLoader(drop_last=True); "
+    "sentence-transformers: dataloader_drop_last=True) or pick a batch size that leaves no single sample"
+)

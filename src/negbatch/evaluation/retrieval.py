@@ -32,6 +32,7 @@ are re-scored with the fixed function above. The search is exact.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from numbers import Integral
 
 import torch
 from torch import Tensor, nn
@@ -202,6 +203,16 @@ def relevant_ranks(
     return ranks
 
 
+def check_ks(ks: object) -> None:
+    """The k of Recall@k: a sequence of positive ints (a float k counted
+    documents at a fractional rank; k <= 0 reported a recall of 0)."""
+    if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence) or not ks:
+        raise ValueError(f"ks must be a non-empty sequence of positive ints (the k of Recall@k), got {ks!r}")
+    bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, Integral) or k < 1]
+    if bad:
+        raise ValueError(f"ks must hold positive ints (the k of Recall@k), got {bad[0]!r} in {list(ks)!r}")
+
+
 def metrics_from_ranks(
     ranks: Tensor, ks: Sequence[int] = (1, 5, 10), cutoff: int = 10, query_ids: Tensor | None = None
 ) -> dict[str, float]:
@@ -220,6 +231,7 @@ def metrics_from_ranks(
     """
     if ranks.numel() == 0:
         raise ValueError("ranks is empty: no queries to evaluate")
+    check_ks(ks)
     if ranks.dim() != 1 or ranks.dtype.is_floating_point or int(ranks.min()) < 1:
         raise ValueError("ranks must be a 1-d integer tensor of 1-based ranks (>= 1), as relevant_ranks returns")
     r = ranks.double()

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._checks import Form, Negatives, OnShortage, Reduction, keyword_only
+from .._checks import BATCH_OF_ONE_HINT, Form, Negatives, OnShortage, Reduction, keyword_only
 from ..negatives import NegativeSelection
 from ._layout import Direction, Layout, Positives
 from ._softmax import SoftmaxLoss, count_negatives, softmax_terms
@@ -116,7 +116,7 @@ class DCL(SoftmaxLoss):
         if bool((count_negatives(selection, direction.bank.shape[0]) == 0).any()):
             raise ValueError(
                 "an anchor has no negatives (a batch of one sample, or every candidate masked or a positive); "
-                "DCL's denominator holds the negatives only and needs at least one"
+                f"DCL's denominator holds the negatives only and needs at least one. {BATCH_OF_ONE_HINT}"
             )
         lse, positive = softmax_terms(direction.anchors, direction.bank, selection, temperature, decoupled=True)
         if self.sigma is None:

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from .._checks import (
-    Form, Negatives, OnShortage, Reduction, check_choice, check_flag, keyword_only, refuse_second_order,
+    BATCH_OF_ONE_HINT, Form, Negatives, OnShortage, Reduction, check_choice, check_flag, keyword_only,
+    refuse_second_order,
 )
 from ..distributed import gather_nograd, is_distributed
 from ..negatives import selection_logits
@@ -486,8 +487,8 @@ class GlobalInfoNCE(BankLoss):
             count = selection.negative_mask().sum(dim=1, dtype=torch.int32)
         if bool((count == 0).any()):
             raise ValueError(
-                "an anchor has no negatives (batch of one sample, or everything masked); the normaliser "
-                "Z is a mean over negatives and needs at least one"
+                "an anchor has no negatives (a batch of one sample, or everything masked); the normaliser "
+                f"Z is a mean over negatives and needs at least one. {BATCH_OF_ONE_HINT}"
             )
         if not selection.single_positive:
             logits = selection_logits(anchors, bank, selection, temperature)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...evaluation.retrieval import retrieval_metrics
+from ...evaluation.retrieval import check_ks, retrieval_metrics
 
 __all__ = ["retrieval_scores"]
 
@@ -99,6 +99,13 @@ def retrieval_scores(
                 raise ValueError(f"query {qid!r}'s relevant document {cid!r} is not in the corpus")
             rows.append(row)
             relevant.append(position[cid])
+    check_ks(ks)
+    if corpus_embeddings is not None and (not isinstance(corpus_embeddings, Tensor) or corpus_embeddings.dim() != 2
+                                          or corpus_embeddings.shape[0] != len(corpus)):
+        shape = tuple(corpus_embeddings.shape) if isinstance(corpus_embeddings, Tensor) else \
+            type(corpus_embeddings).__name__
+        raise ValueError(f"corpus_embeddings must be a 2-d tensor with one row per corpus document, in the corpus's "
+                         f"order ({len(corpus)} rows), got {shape}")
     q = _encode(model, [queries[i] for i in qids], "query", batch_size)
     d = corpus_embeddings if corpus_embeddings is not None else _encode(model, list(corpus.values()), "document",
                                                                          batch_size)

@@ -318,9 +318,8 @@ class NegbatchLoss(nn.Module):
     def _indices(self, labels: Tensor | None, rows: int) -> Tensor:
         loss = self.loss
         if labels is None:
-            need = ("GlobalInfoNCE keeps one normaliser per training row" if isinstance(loss, GlobalInfoNCE) else
-                    "a loss with a queue must know each row's data-set index, so that no row meets its own queued "
-                    "entries, and")
+            need = ("GlobalInfoNCE keeps one normaliser per training row, so it" if isinstance(loss, GlobalInfoNCE)
+                    else "a loss with a queue never lets a row meet its own queued entries, so it")
             raise ValueError(
                 f"{need} needs each row's data-set index: add a "
                 f"{INDEX_COLUMN!r} column holding 0 .. N-1 (with_index_column(dataset) does it; sentence-"
@@ -330,9 +329,10 @@ class NegbatchLoss(nn.Module):
             shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
             raise ValueError(f"the {INDEX_COLUMN!r} column must hold one data-set index per row ({rows}), got {shape}")
         if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+            name = type(loss).__name__ + ("" if isinstance(loss, GlobalInfoNCE) else " with a queue")
             raise TypeError(
-                f"the {INDEX_COLUMN!r} column must hold integer data-set indices for GlobalInfoNCE, got {labels.dtype}"
-                f" (is it a score or class column? GlobalInfoNCE needs the row index there: with_index_column)"
+                f"the {INDEX_COLUMN!r} column must hold integer data-set indices for {name}, got {labels.dtype}"
+                f" (is it a score or class column? {name} needs the row index there: with_index_column)"
             )
         low, high = int(labels.min()), int(labels.max())
         if not isinstance(loss, GlobalInfoNCE):
