@@ -118,6 +118,10 @@ def test_bad_arguments():
         gradient_bias(model, loss, views, 4, 5, estimator="exact")
     with pytest.raises(TypeError, match="inputs"):
         exact_global_gradient(model, loss, views[0])
+    poisoned = views[1].clone()
+    poisoned[7, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"embedding of inputs\[1\] row 7 holds NaN or inf"):
+        exact_global_gradient(model, loss, (views[0], poisoned))
     bn = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4)).double()
     with pytest.warns(UserWarning, match="eval"):
         exact_global_gradient(bn, loss, views)

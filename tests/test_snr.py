@@ -141,3 +141,28 @@ def test_snr_does_not_change_with_the_gradients_scale_and_is_right_at_high_snr()
     # A gradient that never moved: 1/sqrt(eps); one that was always zero: 0, not NaN.
     assert float(_snr_of_stream([torch.ones(2)] * 5).snr()[0]) == pytest.approx(1e6, rel=1e-2)
     assert _snr_of_stream([torch.zeros(2)] * 5).snr().tolist() == [0.0, 0.0]
+
+
+def test_a_non_finite_gradient_is_skipped_not_folded_in():
+    """One inf gradient used to leave the averages NaN for good; it is left
+    out (as a GradScaler leaves out the step), with one warning, counted, and
+    the result equals the stream without it."""
+    torch.manual_seed(1)
+    stream = [1.0 + torch.randn(3, dtype=torch.float64) for _ in range(50)]
+    p = torch.nn.Parameter(torch.zeros(3))
+    tracker = GradientSNR([p], beta=0.9)
+    with pytest.warns(RuntimeWarning, match="NaN or inf"):
+        for i, g in enumerate(stream):
+            if i in (10, 20):
+                p.grad = torch.tensor([float("inf"), 1.0, float("nan")])
+                assert tracker.update() is False
+            p.grad = g.float()
+            assert tracker.update() is True
+    assert tracker.skipped == 2 and tracker.steps == 50
+    torch.testing.assert_close(tracker.snr().double(), _ema_snr_float64(stream, beta=0.9), rtol=1e-5, atol=0)
+    restored = GradientSNR([p], beta=0.9)
+    restored.load_state_dict(tracker.state_dict())
+    assert restored.skipped == 2 and torch.equal(restored.snr(), tracker.snr())
+    old = {k: v for k, v in tracker.state_dict().items() if k != "skipped"}  # a state saved before the count
+    restored.load_state_dict(old)
+    assert restored.skipped == 0 and torch.equal(restored.snr(), tracker.snr())

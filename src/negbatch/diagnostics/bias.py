@@ -216,6 +216,12 @@ def exact_global_gradient(
     with torch.no_grad():
         ea = torch.cat([_embed(enc_a, xa[s : s + chunk_size], loss.normalize) for s in range(0, n, chunk_size)])
         eb = torch.cat([_embed(enc_b, xb[s : s + chunk_size], loss.normalize) for s in range(0, n, chunk_size)])
+    for i, e in enumerate((ea, eb)):
+        # A NaN would make the loss and every gradient NaN, silently (the loss is not called here).
+        if not bool(torch.isfinite(e).all()):
+            bad = int((~torch.isfinite(e)).any(dim=1).nonzero()[0])
+            raise ValueError(f"the model's embedding of inputs[{i}] row {bad} holds NaN or inf: check that input "
+                             f"and the model")
     ua, ub = ea.requires_grad_(True), eb.requires_grad_(True)
     grad_a, grad_b = torch.zeros_like(ua), torch.zeros_like(ub)
     total_anchors = n * loss.num_roles

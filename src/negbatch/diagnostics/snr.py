@@ -18,6 +18,7 @@ optimizer step pre-hook.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -72,6 +73,8 @@ class GradientSNR:
         self.beta = float(beta)
         self.eps = float(eps)
         self.steps = 0
+        #: Updates left out because a gradient held NaN or inf.
+        self.skipped = 0
         # Flat buffers: one cat per update and a handful of in-place ops keep the
         # tracker's cost a small fraction of a training step. float64, because the
         # variance is v - m^2: at an SNR of 10^4 it is 10^-8 of v, below float32's
@@ -83,14 +86,27 @@ class GradientSNR:
         self.v = torch.zeros(total, dtype=dtype, device=device)
 
     @torch.no_grad()
-    def update(self) -> None:
-        """Fold the current ``.grad`` of every parameter into the two EMAs."""
+    def update(self) -> bool:
+        """Fold the current ``.grad`` of every parameter into the two EMAs.
+
+        A gradient holding NaN or inf (a mixed-precision step whose scale
+        overflowed, a diverged step) is skipped, as a ``GradScaler`` skips
+        the optimizer's step: folded in, it would leave the averages NaN for
+        good. The first skip warns; ``skipped`` counts them. Returns whether
+        the gradient was folded in."""
         g = torch.cat([
             (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(self.m.dtype) for p in self.params
         ])
+        if not bool(torch.isfinite(g).all()):
+            if not self.skipped:
+                warnings.warn("GradientSNR.update: a gradient holds NaN or inf; this step is left out of the "
+                              "averages (GradientSNR.skipped counts such steps)", RuntimeWarning, stacklevel=2)
+            self.skipped += 1
+            return False
         self.m.mul_(self.beta).add_(g, alpha=1 - self.beta)
         self.v.mul_(self.beta).addcmul_(g, g, value=1 - self.beta)
         self.steps += 1
+        return True
 
     def snr(self) -> Tensor:
         """SNR of every scalar parameter, flattened (float32), in ``parameters`` order."""
@@ -119,14 +135,18 @@ class GradientSNR:
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Call :meth:`update` before every ``optimizer.step()``; returns the hook handle."""
-        return optimizer.register_step_pre_hook(lambda *_: self.update())
+        def hook(*_) -> None:  # a pre-hook's return value would replace the step's arguments
+            self.update()
+
+        return optimizer.register_step_pre_hook(hook)
 
     def state_dict(self) -> dict:
-        return {"steps": self.steps, "m": self.m.clone(), "v": self.v.clone()}
+        return {"steps": self.steps, "m": self.m.clone(), "v": self.v.clone(), "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         if state["m"].shape != self.m.shape:
             raise ValueError(f"state holds {state['m'].numel()} moments, the tracker watches {self.m.numel()} parameters")
         self.steps = int(state["steps"])
+        self.skipped = int(state.get("skipped", 0))  # states saved before 2026-12-03 have no count
         self.m.copy_(state["m"])
         self.v.copy_(state["v"])
