@@ -39,6 +39,8 @@ def test_kmeans_recovers_planted_clusters():
     assert len(pairs) == 6 and len({a for a, _ in pairs}) == 6
     with pytest.raises(ValueError, match="k must be"):
         kmeans(x, 0)
+    with pytest.raises(ValueError, match="x holds NaN or inf"):  # it labelled every point 0
+        kmeans(x * float("nan"), 3)
     with pytest.raises(ValueError, match="iters must be an int >= 1"):  # no Lloyd step: no labels at all
         kmeans(x, 6, iters=0)
     with pytest.raises(ValueError, match="kmeans_iters must be an int >= 1"):

@@ -295,6 +295,8 @@ def test_cut_into_batches_leaves_out_a_consecutive_run_at_a_random_place():
         starts.add(out[0])
     assert len(starts) > 5
     assert np.concatenate(cut_into_batches(order, 16, True)).tolist() == order[:96].tolist()  # no rng: the tail
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        cut_into_batches(order, 0, False)
 
 
 @pytest.mark.parametrize(
@@ -309,6 +311,7 @@ def test_cut_into_batches_leaves_out_a_consecutive_run_at_a_random_place():
 )
 def test_bad_arguments(kwargs, match):
     args = {"embed_fn": lambda i: (torch.randn(len(i), 3),) * 2, "num_samples": 100, "batch_size": 10} | kwargs
+    GCBSampler(lambda i: (torch.randn(len(i), 3),) * 2, 100, 10, q=np.float32(0.9))  # a numpy float q is a float
     with pytest.raises(ValueError, match=match):
         GCBSampler(**args)
 

@@ -66,3 +66,14 @@ def test_geometry_errors():
         silhouette_score(z, torch.zeros(len(z), dtype=torch.long))
     with pytest.raises(ValueError, match="same shape"):
         alignment(z, z[:3])
+    with pytest.raises(ValueError, match="got torch.float32 of shape"):
+        intra_class_distance(z, y.float())
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        silhouette_score(z, y, chunk_size=0)
+    for alpha in (-1, 0, float("nan"), "2"):
+        with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
+            alignment(z, z, alpha=alpha)
+    for t in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="t must be a finite number > 0"):
+            uniformity(z, t=t)
+    assert alignment(z, z + 1, alpha=1) == pytest.approx(math.sqrt(z.shape[1]))  # an int alpha is fine

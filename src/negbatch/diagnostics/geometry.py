@@ -7,6 +7,9 @@ unit sphere (the functions do not normalise for you, except where noted).
 
 from __future__ import annotations
 
+import math
+from numbers import Real
+
 import torch
 from torch import Tensor
 
@@ -18,8 +21,18 @@ def _check(z: Tensor, labels: Tensor | None = None) -> None:
         raise ValueError(f"features must be a 2-D tensor with at least 2 rows, got {getattr(z, 'shape', type(z))}")
     if not torch.isfinite(z).all():
         raise ValueError("features contain NaN or inf")
-    if labels is not None and (labels.shape != (z.shape[0],) or labels.is_floating_point()):
-        raise ValueError(f"labels must be an integer tensor of shape ({z.shape[0]},), got {tuple(labels.shape)}")
+    if labels is not None and (not isinstance(labels, Tensor) or labels.shape != (z.shape[0],)
+                               or labels.is_floating_point() or labels.is_complex()):
+        given = getattr(labels, "dtype", type(labels).__name__)
+        raise ValueError(f"labels must be an integer tensor of shape ({z.shape[0]},), got {given} of shape "
+                         f"{tuple(getattr(labels, 'shape', ()))}")
+
+
+def _positive(value: object, name: str, what: str) -> float:
+    """A finite number > 0 (a float or an int)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0 ({what}), got {value!r}")
+    return float(value)
 
 
 def intra_class_distance(z: Tensor, labels: Tensor) -> float:
@@ -66,6 +79,8 @@ def silhouette_score(z: Tensor, labels: Tensor, *, chunk_size: int = 2048) -> fl
     0.8997
     """
     _check(z, labels)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int (rows of distances computed at once), got {chunk_size!r}")
     classes, inverse = labels.unique(return_inverse=True)
     if len(classes) < 2:
         raise ValueError("silhouette needs at least 2 distinct labels")
@@ -100,6 +115,7 @@ def alignment(z1: Tensor, z2: Tensor, alpha: float = 2.0) -> float:
         raise ValueError(f"z1 and z2 must be tensors of the same shape, got {tuple(getattr(z1, 'shape', ()))} "
                          f"and {tuple(getattr(z2, 'shape', ()))}")
     _check(torch.cat([z1, z2]))
+    alpha = _positive(alpha, "alpha", "the power of the distance; Wang and Isola use 2")
     return float((z1.double() - z2.double()).norm(dim=1).pow(alpha).mean())
 
 
@@ -115,6 +131,7 @@ def uniformity(z: Tensor, t: float = 2.0) -> float:
     -8.0
     """
     _check(z)
+    t = _positive(t, "t", "the Gaussian kernel's scale; Wang and Isola use 2")
     z = z.double()
     n = z.shape[0]
     sq = torch.cdist(z, z).pow(2)

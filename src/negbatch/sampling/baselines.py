@@ -109,6 +109,8 @@ def kmeans(x: Tensor, k: int, *, iters: int = 20, generator: torch.Generator | N
         raise ValueError(f"k must be an int in [1, {n}], got {k!r}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be an int >= 1 (Lloyd iterations; every point needs a label), got {iters!r}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x holds NaN or inf: k-means needs finite points (check the embeddings)")
     x = x.double()
     gen = generator or torch.Generator().manual_seed(0)
     centres = x[torch.randint(n, (1,), generator=gen)]

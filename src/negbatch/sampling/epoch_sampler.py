@@ -44,6 +44,7 @@ def cut_into_batches(
     ``order`` instead of its end: an order that changes little from epoch to
     epoch (GCBS) would otherwise leave out the same samples every epoch.
     """
+    batch_size = _positive_int(batch_size, "batch_size")
     spare = len(order) % batch_size
     if drop_last and rng is not None and spare:
         start = int(rng.integers(0, len(order) - spare + 1))

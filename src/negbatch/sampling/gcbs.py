@@ -21,6 +21,7 @@ block²).
 from __future__ import annotations
 
 import math
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,7 @@ __all__ = ["num_kept_entries", "similarity_graph", "gcbs_order", "GCBSampler"]
 
 
 def _check_q(q: float) -> float:
-    if isinstance(q, bool) or not isinstance(q, (int, float)) or not (0.0 < float(q) < 1.0):
+    if isinstance(q, bool) or not isinstance(q, Real) or not (0.0 < float(q) < 1.0):
         raise ValueError(f"q must be a float strictly between 0 and 1 (the paper uses 0.999), got {q!r}")
     return float(q)
 
