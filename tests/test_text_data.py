@@ -180,15 +180,33 @@ def test_csv_rows_with_surplus_or_missing_cells_and_a_byte_order_mark(tmp_path):
 @pytest.mark.parametrize(
     "rows, match",
     [
-        ([{"query": "a"}], r"row 1 has no column 'document'"),
-        ([{"query": "a", "document": "b"}, {"query": "  ", "document": "c"}], r"row 2: column 'query' must be a non-empty"),
+        ([{"query": "a"}], r"line 1 has no column 'document'"),
+        ([{"query": "a", "document": "b"}, {"query": "  ", "document": "c"}], r"line 2: column 'query' must be a non-empty"),
         ([{"query": "a", "document": 3}], r"column 'document' must be a non-empty string"),
-        ([{"query": "a", "document": "b"}, {"query": "a", "document": "b"}], r"row 2 repeats the pair of row 1"),
+        ([{"query": "a", "document": "b"}, {"query": "a", "document": "b"}], r"line 2 repeats the pair of line 1"),
     ],
 )
 def test_load_rejects_bad_rows(tmp_path, rows, match):
     with pytest.raises(ValueError, match=match):
         load_pairs(_jsonl(tmp_path, rows))
+
+
+def test_jsonl_lines_end_at_newlines_only_and_errors_name_the_file_line(tmp_path):
+    """U+2028, U+0085 and the like may stand unescaped in a JSON string
+    (json.dumps(ensure_ascii=False)): str.splitlines broke such a line in two
+    and blamed a well-formed line. A blank line counts in the line numbers."""
+    texts = ["a\u2028b", "c\u0085d", "e\x1cf", "g\r\nh"]
+    path = tmp_path / "odd.jsonl"
+    path.write_text("".join(json.dumps({"query": t, "document": t + "!"}, ensure_ascii=False) + "\r\n" for t in texts)
+                    + "\n" + json.dumps({"query": "x"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 6 has no column 'document'"):
+        load_pairs(path)
+    path.write_text("".join(json.dumps({"query": t, "document": t + "!"}, ensure_ascii=False) + "\n" for t in texts),
+                    encoding="utf-8")
+    assert load_pairs(path).queries == texts
+    ids = _jsonl(tmp_path, [{"query": "a", "document": "b", "i": ["x"]}], name="ids.jsonl")
+    with pytest.raises(ValueError, match=r"line 1: column 'i' must hold a string or an integer id, got \['x'\]"):
+        load_pairs(ids, id_column="i")
 
 
 def test_load_rejects_uneven_or_empty_hard_negatives(tmp_path):

@@ -339,11 +339,16 @@ def _decode(path: Path) -> str:
         ) from None
 
 
-def _read_records(path: Path) -> list[dict]:
+def _read_records(path: Path) -> list[tuple[str, dict]]:
+    """The file's records, each with where it is: ``"line N"`` of a JSONL
+    file (blank lines counted), ``"row N"`` of a CSV file's data rows."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         records = []
-        for line_no, line in enumerate(_decode(path).splitlines(), 1):
+        # Lines end at "\n" only: str.splitlines also breaks at U+2028, U+0085 and other
+        # characters that JSON strings may hold unescaped (json.dumps(..., ensure_ascii=False)).
+        for line_no, line in enumerate(_decode(path).split("\n"), 1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             try:
@@ -352,7 +357,7 @@ def _read_records(path: Path) -> list[dict]:
                 raise ValueError(f"{path}: line {line_no} is not valid JSON ({e.msg}: column {e.colno})") from e
             if not isinstance(record, dict):
                 raise ValueError(f"{path}: line {line_no} must be a JSON object, got {type(record).__name__}")
-            records.append(record)
+            records.append((f"line {line_no}", record))
         return records
     if suffix in (".csv", ".tsv"):
         delimiter = "\t" if suffix == ".tsv" else ","
@@ -367,11 +372,11 @@ def _read_records(path: Path) -> list[dict]:
                     f"{path}: row {row} has more cells than the header ({len(reader.fieldnames)}): an unquoted "
                     f"{'tab' if delimiter == chr(9) else 'comma'} inside a text? Quote texts that contain one"
                 )
-        return records
+        return [(f"row {row}", record) for row, record in enumerate(records, 1)]
     raise ValueError(f"{path}: a pairs file must end in .jsonl, .ndjson, .csv or .tsv, got {path.name!r}")
 
 
-def _hard_negative_list(value, row: int, path: Path) -> list[str]:
+def _hard_negative_list(value, row: str, path: Path) -> list[str]:
     # JSONL: a list (or one string); CSV: one cell holding a JSON list or a "|"-separated list.
     if isinstance(value, str):
         text = value.strip()
@@ -379,11 +384,11 @@ def _hard_negative_list(value, row: int, path: Path) -> list[str]:
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: row {row}: hard negatives are not a valid JSON list ({e.msg})") from e
+                raise ValueError(f"{path}: {row}: hard negatives are not a valid JSON list ({e.msg})") from e
         else:
             value = [part for part in text.split("|")] if text else []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{path}: row {row}: hard negatives must be a list of strings")
+        raise ValueError(f"{path}: {row}: hard negatives must be a list of strings")
     return value
 
 
@@ -422,34 +427,41 @@ def load_pairs(
         raise ValueError(f"{path}: no pairs found (an empty file?)")
     columns = [query_column, document_column] + [c for c in (hard_negatives_column, id_column) if c]
     queries, documents, ids, hard = [], [], [], []
-    seen: dict[tuple[str, str], int] = {}
-    for row, record in enumerate(records, 1):
+    seen: dict[tuple[str, str], str] = {}
+    first = records[0][0]
+    for index, (row, record) in enumerate(records):
         for column in columns:
             if column not in record:
                 raise ValueError(
-                    f"{path}: row {row} has no column {column!r} (columns found: {sorted(record)}); "
+                    f"{path}: {row} has no column {column!r} (columns found: {sorted(record)}); "
                     f"name the columns with query_column=/document_column="
                 )
             if record[column] is None:  # a CSV row shorter than its header, or a JSON null
-                raise ValueError(f"{path}: row {row} has no value for column {column!r} (a CSV row with fewer "
+                raise ValueError(f"{path}: {row} has no value for column {column!r} (a CSV row with fewer "
                                  "cells than the header?)")
         q, d = record[query_column], record[document_column]
         for column, text in ((query_column, q), (document_column, d)):
             if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{path}: row {row}: column {column!r} must be a non-empty string, got {text!r}")
+                raise ValueError(f"{path}: {row}: column {column!r} must be a non-empty string, got {text!r}")
         if (q, d) in seen:
-            raise ValueError(f"{path}: row {row} repeats the pair of row {seen[(q, d)]}; remove duplicate pairs")
+            raise ValueError(f"{path}: {row} repeats the pair of {seen[(q, d)]}; remove duplicate pairs")
         seen[(q, d)] = row
         queries.append(q)
         documents.append(d)
-        ids.append(record[id_column] if id_column else row - 1)
+        if id_column:
+            if not isinstance(record[id_column], (str, int)) or isinstance(record[id_column], bool):
+                raise ValueError(f"{path}: {row}: column {id_column!r} must hold a string or an integer id, got "
+                                 f"{record[id_column]!r}")
+            ids.append(record[id_column])
+        else:
+            ids.append(index)
         if hard_negatives_column:
             negs = _hard_negative_list(record[hard_negatives_column], row, path)
             if any(not n.strip() for n in negs):
-                raise ValueError(f"{path}: row {row}: column {hard_negatives_column!r} holds an empty string")
+                raise ValueError(f"{path}: {row}: column {hard_negatives_column!r} holds an empty string")
             if hard and len(negs) != len(hard[0]):
                 raise ValueError(
-                    f"{path}: row {row} has {len(negs)} hard negatives, row 1 has {len(hard[0])}; "
+                    f"{path}: {row} has {len(negs)} hard negatives, {first} has {len(hard[0])}; "
                     f"every row needs the same number"
                 )
             hard.append(negs)
