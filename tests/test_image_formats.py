@@ -5,6 +5,7 @@ and a user's .npz/.npy arrays."""
 import os
 import pickle
 import pickletools
+import sys
 import warnings
 
 import numpy as np
@@ -213,6 +214,27 @@ def test_image_folder_tiny_imagenet_flat_val(tmp_path):
     (tmp_path / "val" / "val_annotations.txt").write_text("val_b_cls_0.png\tzzz\t0\t0\t1\t1\n")
     with pytest.raises(DatasetDamagedError, match=r"val_annotations.txt line 1: class 'zzz'"):
         load_image_folder(tmp_path)
+    # One image listed twice (with two classes) would sit in val twice, with both labels.
+    (tmp_path / "val" / "val_annotations.txt").write_text("val_b_cls_0.png\tb_cls\n\nval_b_cls_0.png\ta_cls\n")
+    with pytest.raises(DatasetDamagedError, match=r"line 3 lists 'val_b_cls_0.png' again \(first on line 1\)"):
+        load_image_folder(tmp_path)
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or sys.platform == "win32", reason="symbolic links")
+def test_image_folder_follows_linked_folders_once(tmp_path):
+    """A linked sub-folder of a class is read (it was skipped, silently),
+    and a link back to an ancestor does not loop."""
+    written = write_image_folder(tmp_path / "data")
+    elsewhere = tmp_path / "elsewhere"
+    extra = write_image_folder(elsewhere, classes=("a_cls",), per_class=2)
+    (tmp_path / "data" / "train" / "a_cls" / "linked").symlink_to(elsewhere / "train" / "a_cls" / "images")
+    (tmp_path / "data" / "train" / "a_cls" / "loop").symlink_to(tmp_path / "data" / "train" / "a_cls")
+    ds = load_image_folder(tmp_path / "data")
+    linked = sorted(p for p in ds.x_train.paths if "/linked/" in p)
+    assert linked == ["train/a_cls/linked/a_cls_0.png", "train/a_cls/linked/a_cls_1.png"]
+    assert len(ds.x_train) == sum(p.startswith("train/") for p in written) + 2
+    got = ds.x_train[torch.tensor([ds.x_train.paths.index(linked[1])])][0].permute(1, 2, 0).numpy()
+    assert np.array_equal(got, extra["train/a_cls/images/a_cls_1.png"][1])
 
 
 def test_image_folder_different_sizes_need_a_decode_size(tmp_path):
@@ -281,6 +303,8 @@ def test_image_folder_errors(tmp_path):
         load_image_folder(tmp_path, size=0)
     bad = tmp_path / "train" / "a_cls" / "images" / "broken.png"
     bad.write_bytes(b"not a png")
+    with pytest.raises(DatasetDamagedError, match="broken.png cannot be decoded"):  # the first image sets the size
+        ImageFiles(tmp_path, ["train/a_cls/images/broken.png"])
     ds = load_image_folder(tmp_path, decode_size=8)
     with pytest.raises(DatasetDamagedError, match="broken.png cannot be decoded"):
         ds.x_train[torch.arange(len(ds.x_train))]

@@ -98,8 +98,12 @@ class ImageFiles:
         if hw is None:
             if not self.paths:
                 raise ValueError("size is needed for an empty ImageFiles (no image to take it from)")
-            with _pillow().open(self.root / self.paths[0]) as im:
-                hw = (im.height, im.width)
+            first = self.root / self.paths[0]
+            try:
+                with _pillow().open(first) as im:
+                    hw = (im.height, im.width)
+            except (OSError, ValueError, SyntaxError) as err:  # Pillow's UnidentifiedImageError is an OSError
+                raise DatasetDamagedError(f"{first} cannot be decoded as an image: {err}") from None
         self.size: tuple[int, int] = hw
 
     # -------------------------------------------------------------- shape

@@ -50,7 +50,15 @@ _WHERE = (
 
 def _scan(folder: Path, root: Path) -> tuple[list[str], list[int], list[int]]:
     paths, sizes, times = [], [], []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    # Symbolic links to folders are followed (subsets of ImageNet are often built of them, and a
+    # linked class folder itself is read), each real folder once: a link to an ancestor would loop.
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         base = Path(dirpath)
         for name in sorted(filenames):
@@ -71,6 +79,7 @@ def _class_folders(folder: Path) -> list[str]:
 def _tiny_imagenet_val(root: Path, index: dict[str, int]) -> tuple[list[str], list[int], list[int], list[int]]:
     ann = root / "val" / "val_annotations.txt"
     paths, sizes, times, labels = [], [], [], []
+    listed: dict[str, int] = {}
     for lineno, line in enumerate(ann.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
@@ -83,6 +92,10 @@ def _tiny_imagenet_val(root: Path, index: dict[str, int]) -> tuple[list[str], li
         p = root / "val" / "images" / name
         if not p.is_file():
             raise DatasetNotFoundError(f"{ann} line {lineno} names {p}, which does not exist")
+        if name in listed:
+            raise DatasetDamagedError(f"{ann} line {lineno} lists {name!r} again (first on line {listed[name]}); "
+                                      "each validation image has one line")
+        listed[name] = lineno
         st = p.stat()
         paths.append(p.relative_to(root).as_posix())
         sizes.append(st.st_size)
