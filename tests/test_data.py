@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from negbatch.data._files import DatasetDamagedError
+from negbatch.data._files import DatasetDamagedError, DatasetNotFoundError
 from negbatch.data import Augment, from_arrays, load_dataset, load_digits, load_fashion_mnist, read_idx, two_views
 
 
@@ -75,8 +75,27 @@ def test_fashion_mnist_from_any_folder(tmp_path):
     assert ds.y_test.tolist() == yte.tolist()
 
 
+@pytest.mark.parametrize("replace, match", [
+    ({"train-labels-idx1-ubyte": np.arange(11) % 10}, r"train-labels-idx1-ubyte.gz holds 11 labels for the 12 images"),
+    ({"train-images-idx3-ubyte": np.arange(12) % 10, "train-labels-idx1-ubyte": np.zeros((12, 28, 28))},
+     r"train-images-idx3-ubyte.gz should hold 28x28 uint8 images, holds uint8 of shape \(12,\)"),
+    ({"t10k-images-idx3-ubyte": np.zeros((4, 28, 27))}, r"t10k-images-idx3-ubyte.gz should hold 28x28 uint8 images"),
+    ({"t10k-labels-idx1-ubyte": np.array([57, 0, 1, 2])}, r"t10k-labels-idx1-ubyte.gz holds the label 57; .* 0..9"),
+])
+def test_fashion_mnist_files_that_are_valid_idx_but_not_what_their_names_say(tmp_path, replace, match):
+    """A swapped, partial or foreign file each read as valid IDX: a count off,
+    a shape off (an error about x_train, no file named), or a label of 57
+    (num_classes 58, silently)."""
+    arrays = {"train-images-idx3-ubyte": np.zeros((12, 28, 28)), "train-labels-idx1-ubyte": np.arange(12) % 10,
+              "t10k-images-idx3-ubyte": np.zeros((4, 28, 28)), "t10k-labels-idx1-ubyte": np.arange(4)} | replace
+    for stem, a in arrays.items():
+        write_idx(tmp_path / f"{stem}.gz", a.astype(np.uint8))
+    with pytest.raises(DatasetDamagedError, match=match):
+        load_fashion_mnist(tmp_path)
+
+
 def test_missing_dataset_says_how_to_get_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+    with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist"):
         load_fashion_mnist(tmp_path)
     with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
         load_dataset("cifar")

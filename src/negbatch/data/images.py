@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._files import DatasetDamagedError
+from ._files import DatasetDamagedError, DatasetNotFoundError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .image_files import ImageFiles
@@ -437,28 +437,52 @@ def load_fashion_mnist(root: str | os.PathLike | None = None) -> ImageDataset:
 
     Raises
     ------
-    FileNotFoundError
+    DatasetNotFoundError
         Naming the missing files and how to obtain them.
+    DatasetDamagedError
+        Naming a file that is not what its name says (images of another
+        shape, labels outside 0..9, counts that do not match).
     """
     root = Path(root if root is not None else FASHION_MNIST_DIR)
-    arrays = {}
+    arrays, paths = {}, {}
     missing = []
     for key, stem in _FASHION_FILES.items():
         for candidate in (root / f"{stem}.gz", root / stem):
             if candidate.is_file():
                 arrays[key] = read_idx(candidate)
+                paths[key] = candidate
                 break
         else:
             missing.append(f"{stem}.gz")
     if missing:
-        raise FileNotFoundError(
+        raise DatasetNotFoundError(
             f"Fashion-MNIST not found in {root}: missing {', '.join(missing)}. Install it with "
             f"`apt-get install dataset-fashion-mnist` (files land in {FASHION_MNIST_DIR}), or download "
             "the four IDX gzip files from github.com/zalandoresearch/fashion-mnist into a folder and "
             "pass it as data_dir / --data-dir."
         )
+    _check_fashion_files(arrays, paths)
     return from_arrays(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], name="fashion-mnist",
                        source=root)
+
+
+def _check_fashion_files(arrays: dict[str, np.ndarray], paths: dict[str, Path]) -> None:
+    """Each IDX file holds what its name says: 28x28 uint8 images, or as many
+    uint8 labels in 0..9 as its images (each file can be valid IDX and still
+    be another file's, a swap or a partial copy)."""
+    again = "a damaged or mixed-up download? Fetch it again"
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        px, py = paths[f"x_{split}"], paths[f"y_{split}"]
+        if x.ndim != 3 or x.shape[1:] != (28, 28) or x.dtype != np.uint8:
+            raise DatasetDamagedError(f"{px} should hold 28x28 uint8 images, holds {x.dtype} of shape {x.shape}: "
+                                      f"{again}")
+        if y.ndim != 1 or y.dtype != np.uint8:
+            raise DatasetDamagedError(f"{py} should hold uint8 labels, holds {y.dtype} of shape {y.shape}: {again}")
+        if len(y) != len(x):
+            raise DatasetDamagedError(f"{py} holds {len(y)} labels for the {len(x)} images of {px}: {again}")
+        if y.size and int(y.max()) > 9:
+            raise DatasetDamagedError(f"{py} holds the label {int(y.max())}; Fashion-MNIST's classes are 0..9: {again}")
 
 
 def load_mnist5k() -> ImageDataset:
