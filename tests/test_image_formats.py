@@ -66,6 +66,26 @@ def test_cifar10_values_and_layout(tmp_path, py2):
     assert load_dataset("cifar10", tmp_path / "cifar-10-batches-py").identity() == ds.identity()
 
 
+def test_protocol_5_batches_load_and_a_build_opcode_changes_nothing_outside_the_file(tmp_path):
+    """Protocol 5 rebuilds an array with numpy's _frombuffer (it was refused
+    as damaged); BUILD on the admitted _codecs.encode set the defaults of the
+    module's own function, for the rest of the process."""
+    from negbatch.data import cifar
+
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072) % 251
+    path = tmp_path / "batch5"
+    path.write_bytes(pickle.dumps({"data": data, "labels": [3, 5]}, protocol=5))
+    d = read_cifar_pickle(path)
+    assert np.array_equal(d["data"], data) and d["labels"] == [3, 5]
+    # _codecs.encode, then BUILD with slot state {"__defaults__": ("rot13",)} on it; the file's object is {}.
+    build = (b"\x80\x02}q\x00c_codecs\nencode\nq\x01N}q\x02X\x0c\x00\x00\x00__defaults__q\x03X\x05\x00\x00\x00rot13"
+             b"q\x04\x85q\x05s\x86q\x06b0.")
+    (tmp_path / "build").write_bytes(build)
+    read_cifar_pickle(tmp_path / "build")
+    assert cifar._latin1_encode.__defaults__ == ("latin1",)
+    assert read_cifar_pickle(path)["labels"] == [3, 5]
+
+
 def test_python3_bytes_keys_are_decoded(tmp_path):
     # pickle.dumps(protocol=2) from Python 3 stores bytes through _codecs.encode: admitted for latin-1 only
     path = tmp_path / "batch"
@@ -134,7 +154,11 @@ def test_cifar_missing_and_damaged_files_say_what_and_where(tmp_path):
     with pytest.raises(DatasetDamagedError, match=r"data_batch_2's 'data' should be a uint8 array \(n, 3072\)"):
         load_cifar10(tmp_path)
     (tmp_path / "data_batch_2").write_bytes(py2_pickle({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}))
-    with pytest.raises(DatasetDamagedError, match="2 non-negative int labels"):
+    with pytest.raises(DatasetDamagedError, match=r"2 int labels in 0\.\.9"):
+        load_cifar10(tmp_path)
+    # A label past the classes loaded as an 18-class set, its names dropped.
+    (tmp_path / "data_batch_2").write_bytes(py2_pickle({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 17]}))
+    with pytest.raises(DatasetDamagedError, match=r"data_batch_2's 'labels' should hold 2 int labels in 0\.\.9"):
         load_cifar10(tmp_path)
     with pytest.raises(ValueError, match="cifar10.*needs data_dir.*cifar-10-python.tar.gz"):
         load_dataset("cifar10")

@@ -7,7 +7,9 @@ each image, row-major — and whose labels are a list of ints.
 
 Pickles can run code when loaded, so these files are read with a restricted
 unpickler that admits only what the format holds: dicts, lists, strings,
-bytes, ints and numpy arrays (the three numpy globals that rebuild an array).
+bytes, ints and numpy arrays (the numpy globals that rebuild an array, at
+any protocol, and ``_codecs.encode`` for latin-1 only, as a fresh function
+per use, so that a file's BUILD opcode cannot change it for the next file).
 A planted file naming any other global (``os.system``, say) is refused with a
 :class:`~negbatch.data.DatasetDamagedError` naming the file, before anything
 runs.
@@ -50,21 +52,35 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
+def _frombuffer():
+    core = getattr(np, "_core", None)
+    return (core if core is not None else np.core).numeric._frombuffer
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals a pickled numpy array needs."""
+    """Resolves only the globals a pickled numpy array needs (protocol 5
+    rebuilds one from its buffer with ``_frombuffer``)."""
 
     _multiarray = _numpy_reconstruct()
     ALLOWED = {
+        ("numpy.core.numeric", "_frombuffer"): _frombuffer(),
+        ("numpy._core.numeric", "_frombuffer"): _frombuffer(),
         ("numpy.core.multiarray", "_reconstruct"): _multiarray._reconstruct,
         ("numpy._core.multiarray", "_reconstruct"): _multiarray._reconstruct,
         ("numpy.core.multiarray", "scalar"): _multiarray.scalar,
         ("numpy._core.multiarray", "scalar"): _multiarray.scalar,
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): _latin1_encode,
     }
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("_codecs", "encode"):
+            # A fresh function for each use: a BUILD opcode can set a function's attributes
+            # (its defaults), which on a shared one would outlive this file.
+            def encode(text: str, encoding: str = "latin1") -> bytes:
+                return _latin1_encode(text, encoding)
+
+            return encode
         try:
             return self.ALLOWED[(module, name)]
         except KeyError:
@@ -108,7 +124,8 @@ def read_cifar_pickle(path: str | os.PathLike) -> dict[str, Any]:
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
-def _read_batch(path: Path, label_key: str, dataset: str, expected: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _read_batch(path: Path, label_key: str, dataset: str, expected: list[str],
+                num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     url = CIFAR_URLS[dataset]
     try:
         d = read_cifar_pickle(path)
@@ -120,9 +137,11 @@ def _read_batch(path: Path, label_key: str, dataset: str, expected: list[str]) -
         raise missing_files(path.parent, dataset, expected, url,
                             damaged=f"{path.name}'s 'data' should be a uint8 array (n, 3072), got {got}")
     labels = np.asarray(labels) if labels is not None else None
-    if labels is None or labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer) or (len(labels) and labels.min() < 0):
+    if labels is None or labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer) \
+            or (len(labels) and (labels.min() < 0 or labels.max() >= num_classes)):
         raise missing_files(path.parent, dataset, expected, url,
-                            damaged=f"{path.name}'s {label_key!r} should hold {len(data)} non-negative int labels")
+                            damaged=f"{path.name}'s {label_key!r} should hold {len(data)} int labels in "
+                                    f"0..{num_classes - 1}")
     # Each row is the R, G and B planes of a 32x32 image, each plane row-major.
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
@@ -181,8 +200,8 @@ def load_cifar10(root: str | os.PathLike) -> ImageDataset:
     needed = [f for f in _CIFAR10_FILES if f != "batches.meta"]
     if any(not (folder / f).is_file() for f in needed):
         raise missing_files(folder, "cifar10", _CIFAR10_FILES, CIFAR_URLS["cifar10"])
-    train = [_read_batch(folder / f, "labels", "cifar10", _CIFAR10_FILES) for f in needed[:-1]]
-    test = _read_batch(folder / "test_batch", "labels", "cifar10", _CIFAR10_FILES)
+    train = [_read_batch(folder / f, "labels", "cifar10", _CIFAR10_FILES, 10) for f in needed[:-1]]
+    test = _read_batch(folder / "test_batch", "labels", "cifar10", _CIFAR10_FILES, 10)
     classes = _names(folder, "batches.meta", "label_names", "cifar10", _CIFAR10_FILES)
     return _assemble("cifar10", folder, train, test, classes)
 
@@ -213,7 +232,8 @@ def load_cifar100(root: str | os.PathLike, labels: str = "fine") -> ImageDataset
     if any(not (folder / f).is_file() for f in ("train", "test")):
         raise missing_files(folder, "cifar100", _CIFAR100_FILES, CIFAR_URLS["cifar100"])
     key = f"{labels}_labels"
-    train = [_read_batch(folder / "train", key, "cifar100", _CIFAR100_FILES)]
-    test = _read_batch(folder / "test", key, "cifar100", _CIFAR100_FILES)
+    count = 100 if labels == "fine" else 20
+    train = [_read_batch(folder / "train", key, "cifar100", _CIFAR100_FILES, count)]
+    test = _read_batch(folder / "test", key, "cifar100", _CIFAR100_FILES, count)
     classes = _names(folder, "meta", f"{labels}_label_names", "cifar100", _CIFAR100_FILES)
     return _assemble("cifar100" if labels == "fine" else "cifar100-coarse", folder, train, test, classes)
