@@ -148,6 +148,8 @@ def test_augment_rejects_bad_input():
         Augment(strength=1.5)
     with pytest.raises(ValueError, match="shape"):
         Augment()(torch.rand(4, 8, 8))
+    with pytest.raises(TypeError, match=r"float images in \[0, 1\], got torch.uint8 \(divide uint8 images by 255\)"):
+        Augment()(torch.zeros(4, 1, 8, 8, dtype=torch.uint8))  # torch's own error spoke of theta
 
 
 def test_idx_cut_inside_its_header_and_high_contrast_never_inverts(tmp_path):

@@ -409,6 +409,9 @@ def test_array_errors_name_the_file_and_key(tmp_path):
     np.savez(p, x_train=np.zeros((3, 4, 4)), y_train=[0, 1])
     with pytest.raises(ValueError, match="x.npz:y_train must be 3 non-negative integer labels"):
         load_arrays(p)
+    np.savez(p, x_train=np.zeros((3, 4, 4)), y_train=np.array([0, 1, 2**63 + 5], dtype=np.uint64))  # would wrap negative
+    with pytest.raises(ValueError, match="x.npz:y_train must be 3 non-negative integer labels"):
+        load_arrays(p)
     np.save(tmp_path / "o.npy", np.array([{"a": 1}], dtype=object))
     with pytest.raises(DatasetDamagedError, match="object array"):
         load_arrays(tmp_path / "o.npy")

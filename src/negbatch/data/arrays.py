@@ -59,7 +59,9 @@ def _images(a: np.ndarray, where: str) -> Tensor:
 
 
 def _labels(a: np.ndarray, n: int, where: str) -> Tensor:
-    if a.shape != (n,) or not np.issubdtype(a.dtype, np.integer) or (n and a.min() < 0):
+    # uint64 labels past int64's range would turn negative in the cast below.
+    if a.shape != (n,) or not np.issubdtype(a.dtype, np.integer) or (n and (a.min() < 0 or
+                                                                       a.max() > np.iinfo(np.int64).max)):
         raise ValueError(f"{where} must be {n} non-negative integer labels (one per image), got shape {a.shape} dtype {a.dtype}")
     return torch.from_numpy(a.astype(np.int64))
 

@@ -84,6 +84,8 @@ class Augment:
         """
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"x must have shape (N, 1, H, W), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be float images in [0, 1], got {x.dtype} (divide uint8 images by 255)")
         n = x.shape[0]
         start, total = part if part is not None else (0, n)
         if not (0 <= start and start + n <= total):
