@@ -249,7 +249,24 @@ def test_clear_errors(tmp_path, capsys):
         # the text task always caches its chunks: accumulate was accepted and ignored
         (["train", "--data", "builtin", "--chunk-size", "4", "--chunk-method", "accumulate", "--out", str(tmp_path / "t")],
          "chunk_method: applies to image data sets only"),
+        # Options of another loss, sampler, optimizer or of chunking ran as a plain run, recorded as used.
+        (["train", "--alpha", "2", "--out", str(tmp_path / "u")], "alpha: applies to loss='relic' only"),
+        (["train", "--gamma", "0.5", "--out", str(tmp_path / "u")], "gamma: applies to loss='global' only"),
+        (["train", "--gamma-schedule", "linear", "--out", str(tmp_path / "u")], "gamma_schedule: applies to loss="),
+        (["train", "--gcbs-q", "0.5", "--sampler", "hard", "--out", str(tmp_path / "u")],
+         "gcbs_q: applies to sampler='gcbs' only (this run's is 'hard')"),
+        (["train", "--refresh-every", "3", "--out", str(tmp_path / "u")], "refresh_every: re-plans gcbs or hard"),
+        (["train", "--momentum", "0.1", "--out", str(tmp_path / "u")],
+         "momentum: applies to optimizer sgd or lars only (this run's is 'adam')"),
+        (["train", "--chunk-method", "accumulate", "--out", str(tmp_path / "u")], "chunk_method: applies with chunk_size"),
+        # An empty --out put the run's files loose in the current folder.
+        (["train", "--out", ""], "argument --out: must name a folder, got an empty string"),
+        (["study", "negatives", "--out", " "], "argument --out: must name a folder"),
+        (["demo", "--out", ""], "argument --out: must name a folder"),
+        (["train", "--config", str(tmp_path / "relic.toml"), "--loss", "simclr", "--out", str(tmp_path / "u")],
+         "alpha: applies to loss='relic' only"),
     ]
+    (tmp_path / "relic.toml").write_text('loss = "relic"\nalpha = 2.0\n')
     for argv, message in cases:
         try:
             code = main(argv)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import difflib
 import os
 import sys
@@ -63,6 +64,14 @@ class _Parser(argparse.ArgumentParser):
         self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
 
 
+
+def folder_argument(text: str) -> str:
+    """An ``--out`` value: a folder's path (an empty one would put the run's
+    files loose in the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder, got an empty string")
+    return text
+
 def _version() -> str:
     from . import __version__
 
@@ -82,7 +91,7 @@ def build_parser(study: tuple[str, str] | None = None) -> _Parser:
 
     demo = commands.add_parser("demo", help="the negatives study on the digits data set (a few minutes on a laptop CPU)",
                                description="Run the negatives study on scikit-learn's digits and print where its report is.")
-    demo.add_argument("--out", default="negbatch-runs/demo", help="study folder (default: negbatch-runs/demo)")
+    demo.add_argument("--out", default="negbatch-runs/demo", type=folder_argument, help="study folder (default: negbatch-runs/demo)")
     demo.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
     demo.add_argument("--seeds", default=DEMO["seeds"], help=f"comma list of seeds (default: {DEMO['seeds']})")
     demo.add_argument("--epochs", type=int, default=DEMO["epochs"], help=f"epochs per run (default: {DEMO['epochs']})")
@@ -124,7 +133,7 @@ def build_parser(study: tuple[str, str] | None = None) -> _Parser:
                     "TOML/YAML/JSON --config file (command-line options win); options of the other modality must "
                     "stay unset.")
     train.add_argument("--config", default=None, help="TOML, YAML or JSON file of training options (a run's config.json works)")
-    train.add_argument("--out", default="negbatch-runs/train", help="run folder (default: negbatch-runs/train); an unfinished run there resumes")
+    train.add_argument("--out", default="negbatch-runs/train", type=folder_argument, help="run folder (default: negbatch-runs/train); an unfinished run there resumes")
     add_config_arguments(train)
     parser.leaves["train"] = train
 
@@ -164,6 +173,12 @@ def _train(args: argparse.Namespace) -> None:
     if not hasattr(args, "progress") and "progress" not in base and sys.stderr.isatty():
         base["progress"] = True  # a progress bar when someone is watching
     cfg = config_from_args(args, base)
+    in_file = {str(key).replace("-", "_") for key in base}
+    given = [f.name for f in dataclasses.fields(cfg) if hasattr(args, f.name) or f.name in in_file]
+    unused = cfg.inapplicable(given)
+    if unused:
+        raise ValueError("options that this run would not use (drop them, or choose what they apply to): "
+                         + "; ".join(unused))
     summary = train(cfg, args.out)
     if summary is None:  # stopped by Ctrl-C or SIGTERM at a checkpoint (train() said where)
         raise KeyboardInterrupt(f"the run in {args.out} is checkpointed")

@@ -22,6 +22,7 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
@@ -255,7 +256,8 @@ class TrainConfig:
     channels_last: bool = _opt(False, "images: channels-last memory format (faster convolutions on GPUs)", "run")
     compile: bool = _opt(False, "torch.compile the model (first steps slower while it compiles)", "run")
     num_workers: int = _opt(0, "DataLoader worker processes (0: load in the training process)", "run")
-    progress: bool = _opt(False, "show a progress bar", "run")
+    progress: bool = _opt(False, "show a progress bar (default: on for negbatch train when its output is a terminal, "
+                                 "else off)", "run")
 
     @property
     def task(self) -> str:
@@ -500,6 +502,33 @@ class TrainConfig:
                 errors += [line.strip() for line in str(err).splitlines()[1:]]
             raise ValueError("invalid training configuration:\n  " + "\n  ".join(errors))
         return cls(**kwargs)
+
+    def inapplicable(self, given: Iterable[str]) -> list[str]:
+        """Of the options ``given`` (by a user: the command line, a config
+        file), those this configuration never reads, each with why: an
+        option of another loss, sampler, optimizer or of chunking would
+        otherwise be accepted, recorded in config.json as if used, and do
+        nothing. (Studies set some for every run they sweep, e.g. ``gcbs_q``
+        beside the random sampler: the rule is for what a user typed.)
+
+        Examples
+        --------
+        >>> TrainConfig(loss="simclr").inapplicable(["alpha", "temperature"])
+        ["alpha: applies to loss='relic' only (this run's loss is 'simclr')"]
+        """
+        rules = {
+            "alpha": (self.loss != "relic", f"applies to loss='relic' only (this run's loss is {self.loss!r})"),
+            "gamma": (self.loss != "global", f"applies to loss='global' only (this run's loss is {self.loss!r})"),
+            "gamma_schedule": (self.loss != "global",
+                               f"applies to loss='global' only (this run's loss is {self.loss!r})"),
+            "gcbs_q": (self.sampler != "gcbs", f"applies to sampler='gcbs' only (this run's is {self.sampler!r})"),
+            "refresh_every": (self.sampler not in ("gcbs", "hard"),
+                              f"re-plans gcbs or hard batches only (this run's sampler is {self.sampler!r})"),
+            "momentum": (self.optimizer not in ("sgd", "lars"),
+                         f"applies to optimizer sgd or lars only (this run's is {self.optimizer!r})"),
+            "chunk_method": (not self.chunk_size, "applies with chunk_size > 0 only (this run is not chunked)"),
+        }
+        return [f"{name}: {why}" for name in given if name in rules for unused, why in [rules[name]] if unused]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict (tuples become lists), every field resolved."""
