@@ -259,6 +259,10 @@ def test_clear_errors(tmp_path, capsys):
         (["train", "--momentum", "0.1", "--out", str(tmp_path / "u")],
          "momentum: applies to optimizer sgd or lars only (this run's is 'adam')"),
         (["train", "--chunk-method", "accumulate", "--out", str(tmp_path / "u")], "chunk_method: applies with chunk_size"),
+        (["train", "--config", str(tmp_path), "--out", str(tmp_path / "u")], "is a folder; give the path of a .toml"),
+        (["train", "--out", "/proc/negbatch-nope"], "cannot write /proc/negbatch-nope: No such file or directory; "
+                                                      "give a writable folder (--out)"),
+        (["train", "--data", "builtin", "--out", str(tmp_path / "u")], "--test-fraction 0.25 holds out 6"),
         # An empty --out put the run's files loose in the current folder.
         (["train", "--out", ""], "argument --out: must name a folder, got an empty string"),
         (["study", "negatives", "--out", " "], "argument --out: must name a folder"),

@@ -64,6 +64,28 @@ def test_gradient_snr_under_fp16_loss_scaling_stays_finite(tmp_path, digits):
     assert "mean over parameters" in drawn
 
 
+def test_the_runs_snr_figure_leaves_out_the_burn_in(tmp_path, digits):
+    """The first ~1/(1 - beta) estimates come from too few gradients (the
+    first is 1/sqrt(eps) = 1e6): plotted, they flattened the curve."""
+    import matplotlib.axes
+
+    from negbatch.lab.report import run_report
+
+    train(tiny(epochs=1, log_every=1, snr_beta=0.5), tmp_path, data=digits)  # burn-in: 2 steps of 6
+    assert read_metrics(tmp_path)[0]["snr_mean"] > 1e5
+    drawn = {}
+    real_plot = matplotlib.axes.Axes.plot
+
+    def plot(ax, x, y, *a, **k):
+        drawn[k.get("label")] = list(x)
+        return real_plot(ax, x, y, *a, **k)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(matplotlib.axes.Axes, "plot", plot)
+        run_report(tmp_path)
+    assert drawn["mean over parameters"] == [3, 4, 5, 6] == drawn["std across parameters"]
+
+
 def test_checkpoint_loads_with_weights_only(tmp_path, digits):
     train(tiny(epochs=1), tmp_path, data=digits)
     ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=True)

@@ -264,20 +264,39 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _process_group(args):
             return _run(args)
-    except (ValueError, FileNotFoundError, TypeError, ModuleNotFoundError) as err:  # the last: a missing extra
+    except FileNotFoundError as err:
+        if _about_out(args, err):  # the system's: --out cannot be made (under /proc, say)
+            return _cannot_write(args, err)
+        print(f"negbatch {args.command}: error: {err}", file=sys.stderr)  # a data set, a file named in the options
+        return 2
+    except (ValueError, TypeError, ModuleNotFoundError) as err:  # the last: a missing extra
         print(f"negbatch {args.command}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a folder that cannot be written: read-only, a file in its place, a full disk
-        where = f" {err.filename}" if err.filename else ""
-        print(f"negbatch {args.command}: error: cannot write{where}: {err.strerror or err}; give a writable folder "
-              "(--out, or the report's folder)", file=sys.stderr)
-        return 2
+        return _cannot_write(args, err)
     except KeyboardInterrupt as err:  # Ctrl-C, or a run stopped by SIGINT/SIGTERM (lab.sweep.RunStopped)
         # Finished runs and the results table are on disk; an interrupted run has its checkpoint.
         where = f" ({err})" if str(err) else ""
         print(f"negbatch {args.command}: stopped{where}; everything finished is kept: run the same command again "
               f"to resume", file=sys.stderr)
         return 130
+
+
+def _about_out(args: argparse.Namespace, err: OSError) -> bool:
+    """Whether the system's error ``err`` is about ``--out`` (the folder, inside it or above it)."""
+    out = getattr(args, "out", None)
+    if err.errno is None or not out or not err.filename:
+        return False
+    where, folder = Path(os.fsdecode(err.filename)).absolute(), Path(out).absolute()
+    return where == folder or folder in where.parents or where in folder.parents
+
+
+def _cannot_write(args: argparse.Namespace, err: OSError) -> int:
+    where = f" {os.fsdecode(err.filename)}" if err.filename else ""
+    option = "--out" if _about_out(args, err) else "--out, or the report's folder"
+    print(f"negbatch {args.command}: error: cannot write{where}: {err.strerror or err}; give a writable folder "
+          f"({option})", file=sys.stderr)
+    return 2
 
 
 @contextlib.contextmanager

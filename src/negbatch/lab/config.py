@@ -640,6 +640,8 @@ def load_study_options(path: str | Path) -> dict[str, Any]:
 
 def _read_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a folder; give the path of a .toml, .yaml or .json file")
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
     text = path.read_text()

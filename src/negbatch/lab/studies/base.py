@@ -98,8 +98,11 @@ class Study:
 
     @property
     def description(self) -> str:
-        """The study module's docstring (``negbatch study NAME --help``)."""
-        return sys.modules[type(self).__module__].__doc__ or self.summary
+        """The study module's docstring (``negbatch study NAME --help``), its
+        reST markup (``:mod:`~x.y```, double backquotes) shown as plain text."""
+        doc = sys.modules[type(self).__module__].__doc__ or self.summary
+        doc = re.sub(r":\w+:`~?([^`]+)`", r"\1", doc)
+        return doc.replace("``", "")
 
     # ---------------------------------------------------------------- options
 

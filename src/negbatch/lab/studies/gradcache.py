@@ -169,7 +169,8 @@ class ImageGradCache(ImageStudy):
 
     def line(self, summary: dict[str, Any]) -> str:
         c = summary["config"]
-        return (f"train B={c['batch_size']} chunk={c['chunk_size']} {c['chunk_method']} seed={c['seed']}: "
+        method = f"chunk={c['chunk_size']} {c['chunk_method']}" if c["chunk_size"] else "plain"
+        return (f"train B={c['batch_size']} {method} seed={c['seed']}: "
                 f"linear {summary['linear_acc']:.3f}")
 
     def report(self, folder: Path) -> Path:

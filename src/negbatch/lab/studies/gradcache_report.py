@@ -187,7 +187,7 @@ def _findings(by: dict, batches: list[int], chunk: int, d: int) -> list[str]:
         overlap = c["time_s_min"] <= p["time_s_max"] and p["time_s_min"] <= c["time_s_max"]
         out.append(f"At the largest batch both ran (B = {big}) the cached step took {ratio:.2f}× the plain step's time"
                    + (" (their min–max ranges over repeats overlap: within the noise)" if overlap else "")
-                   + f" — issue 4's goal ≤ 1.35: {'met' if ratio <= 1.35 else 'not met'}; the cost is the second "
+                   + f" — negbatch's own target ≤ 1.35: {'met' if ratio <= 1.35 else 'not met'}; the cost is the second "
                    f"forward of every chunk, plus a per-chunk overhead that weighs more for a small encoder — and "
                    f"{c['step_mib'] / max(p['step_mib'], 1e-9):.2f}× its memory.")
         small_b = [b for b in full if b > chunk]
@@ -218,7 +218,7 @@ def _findings(by: dict, batches: list[int], chunk: int, d: int) -> list[str]:
         line += (f". One copy of the B = {big} logits is {logits:.0f} MiB and the loss holds several (logits, softmax, "
                  f"their gradient); against the plain step at B = {small} plus one copy of the logits and the cached "
                  f"representations and gradients ({budget:.0f} MiB) the cached step is {c['step_mib'] / budget:.2f}× "
-                 f"(issue 4's goal ≤ 1.25: {'met' if c['step_mib'] <= 1.25 * budget else 'not met'}). ")
+                 f"(negbatch's own target ≤ 1.25: {'met' if c['step_mib'] <= 1.25 * budget else 'not met'}). ")
         if p and p.get("step_mib") and c["step_mib"] > 0.7 * p["step_mib"]:
             line += ("For this encoder the loss, not the encoder's activations, dominates a large step, so caching saves "
                      "little here; it pays off when the encoder's activations per sample are large (a conv net, a "

@@ -269,7 +269,7 @@ def _finding(loss: str, ks: list, best: dict, bs: int) -> str:
             if result is None:
                 continue
             rho, p = result
-            trend = "rises" if rho > 0 else "falls"
+            trend = "rises" if rho > 0 else "falls" if rho < 0 else "does not change"
             sure = "significant" if p < 0.05 else "not significant"
             parts.append(f"Across runs, {what} {trend} with K (Spearman rho = {rho:+.2f}, p = {p:.2g}, {sure}).")
     return " ".join(parts)

@@ -163,7 +163,8 @@ def _finding(order: list, best: dict, label) -> str:
         p = welch_p(score["all"], score[runner])
         sure = p is not None and p < 0.05
         parts.append(f"All negatives scored highest, {means['all'] - means[runner]:+.3f} over K = {label(runner)}, "
-                     + (f"beyond seed noise (Welch p = {p:.2g})" if sure else "within seed noise" + (f" (Welch p = {p:.2f})" if p is not None else "")) + ".")
+                     + (f"beyond seed noise (Welch p = {p:.2g})" if sure else "within seed noise" + (
+                         f" (Welch p = {p:.2f})" if p is not None else " (too few seeds for a test)")) + ".")
         smallest = order[0]
         p1 = welch_p(score["all"], score[smallest])
         if smallest != runner and p1 is not None:

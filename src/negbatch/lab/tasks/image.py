@@ -37,6 +37,7 @@ distinct samples: at small N choose ``q`` well below the paper's 0.999
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -418,11 +419,29 @@ class ImageTask(Task):
             raise ValueError(f"probe_samples={cfg.probe_samples} exceeds the {len(self.data.x_train)} training images; "
                              f"lower it or leave it unset (all)")
         self.model = build_model(cfg, self.data.image_shape).to(self.device)
+        self._warn_chunked_batchnorm()
         n = len(self.train_x)
         self.loss_fn = build_loss(cfg, num_samples=n,
                                   total_steps=cfg.total_steps(max(n // cfg.batch_size, 1))).to(self.device)
         self.build_key_encoder()  # MoCo: the second views are keys of a momentum encoder
         self.sampler = build_sampler(cfg, self.train_x, self.model, self.device)
+
+    def _warn_chunked_batchnorm(self) -> None:
+        """GradCache's warning about BatchNorm in chunks, in the lab's terms:
+        the library's names its own argument (batchnorm='eval'), which the
+        command line does not have; --norm none is the lab's remedy."""
+        cfg = self.cfg
+        if not (cfg.chunk_size and cfg.chunk_method == "cache" and cfg.norm == "batch"):
+            return
+        layers = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if layers:
+            warnings.warn(
+                f"chunk_size={cfg.chunk_size} with norm='batch': each chunk is normalised by its own BatchNorm "
+                "statistics, so the cached gradient is not the full-batch gradient; --norm none removes the "
+                "BatchNorm layers (exact), see docs/gradcache.md", UserWarning, stacklevel=2)
+            from ...gradcache import _WARNED_BATCHNORM
+
+            _WARNED_BATCHNORM.update(layers)  # said once, here
 
     def start_epoch(self, epoch: int) -> dict[str, float]:
         """Time spent embedding and ordering this epoch's batches and, with

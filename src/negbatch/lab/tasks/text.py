@@ -76,8 +76,9 @@ def _load_text_split(dataset, max_pairs, test_fraction, data_seed, query_column,
         group = {i: first.setdefault(q, i) for i, q in zip(pairs.ids, pairs.queries)}
         train, test = split_by_group(pairs, group.__getitem__, test_fraction=test_fraction, seed=data_seed)
     if len(test) < 2 or len(train) < 2:
+        hint = " (the built-in 40 pairs: --test-fraction 0.25 holds out 6 at --data-seed 0)" if dataset == "builtin" else ""
         raise ValueError(f"dataset {dataset!r}: the split left {len(train)} training and {len(test)} test pairs; "
-                         "use more pairs (max_pairs) or another test_fraction")
+                         f"use more pairs (max_pairs) or another test_fraction{hint}")
     return train, test
 
 
