@@ -263,6 +263,16 @@ def test_clear_errors(tmp_path, capsys):
         (["train", "--out", "/proc/negbatch-nope"], "cannot write /proc/negbatch-nope: No such file or directory; "
                                                       "give a writable folder (--out)"),
         (["train", "--data", "builtin", "--out", str(tmp_path / "u")], "--test-fraction 0.25 holds out 6"),
+        # Options that change what a study measures trained, and the report described the study's own setup.
+        (["study", "negatives", "--data", "builtin", "--loss", "siglip", "--out", str(tmp_path / "s1")],
+         "the negatives study does not take loss='siglip': the text study trains InfoNCE"),
+        (["study", "negatives", "--data", "builtin", "--queue-size", "8", "--out", str(tmp_path / "s1")],
+         "queue_size=8: a queue adds negatives beyond the K this study varies"),
+        (["study", "negatives", "--learnable-temperature", "true", "--out", str(tmp_path / "s1")],
+         "learnable_temperature=True: the study sweeps --temperatures"),
+        (["study", "bias", "--negatives", "3", "--out", str(tmp_path / "s1")], "the bias study does not take negatives=3"),
+        (["study", "bias", "--chunk-size", "4", "--chunk-method", "accumulate", "--out", str(tmp_path / "s1")],
+         "chunk_method='accumulate': accumulation over chunks is another loss"),
         # An empty --out put the run's files loose in the current folder.
         (["train", "--out", ""], "argument --out: must name a folder, got an empty string"),
         (["study", "negatives", "--out", " "], "argument --out: must name a folder"),
@@ -272,6 +282,7 @@ def test_clear_errors(tmp_path, capsys):
     ]
     (tmp_path / "relic.toml").write_text('loss = "relic"\nalpha = 2.0\n')
     for argv, message in cases:
+        assert not (tmp_path / "s1").exists()
         try:
             code = main(argv)
         except SystemExit as exit_:  # argparse's own errors

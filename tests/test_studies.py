@@ -195,3 +195,22 @@ def test_one_worker_and_two_give_the_same_results(tmp_path):
     assert len(one) == len(two) == 2
     for a, b in zip(sorted(one, key=key), sorted(two, key=key)):
         assert (a["final_loss"], a["linear_acc"]) == (b["final_loss"], b["linear_acc"])
+
+
+def test_negatives_findings_word_a_flat_trend_and_a_single_seed():
+    """A Spearman rho of exactly 0 read "falls with K"; one seed per K read
+    "within seed noise" on text, where no test was possible."""
+    from negbatch.lab.studies.negatives import _finding as image_finding
+    from negbatch.lab.studies.text_negatives import _finding as text_finding
+
+    def run(acc, distance):
+        return {"linear_acc": acc, "knn_acc": acc, "silhouette": 0.1, "intra_class_distance": distance, "snr_mean": 1.0}
+
+    # Distances 1, 2, 2, 1 against K = 1, 2, 4, 8 (two seeds each at K = 1, 8): rank correlation 0.
+    best = {("simclr", 1): [run(0.5, 1.0), run(0.5, 2.0)], ("simclr", 2): [run(0.6, 2.0)],
+            ("simclr", 4): [run(0.6, 2.0)], ("simclr", 8): [run(0.7, 1.0), run(0.7, 2.0)]}
+    text = image_finding("simclr", [1, 2, 4, 8], best, 16)
+    assert "intra-class distance does not change with K (Spearman rho = +0.00" in text
+    scores = {1: [{"ndcg@10": 0.30}], "all": [{"ndcg@10": 0.32}]}
+    text = text_finding([1, "all"], scores, str)
+    assert "All negatives scored highest, +0.020 over K = 1, within seed noise (too few seeds for a test)." in text

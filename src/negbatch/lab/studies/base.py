@@ -160,10 +160,23 @@ class Study:
         values.update(given)
         values.update(fixed)
         cfg = TrainConfig.from_dict(self.adjust(values))
+        self._check_fixed(given, cfg)
         if cfg.task != self.modality:
             raise ValueError(f"the {self.name} study on {self.modality} data got dataset={cfg.dataset!r}, "
                              f"a {cfg.task} data set")
         return cfg
+
+    #: Training options the study's measurement depends on: ``{option: (the values it allows, why)}``.
+    #: Given otherwise (command line or --config), the runs would train something else than the
+    #: report describes: refused.
+    fixed_options: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {}
+
+    def _check_fixed(self, given: dict[str, Any], cfg: TrainConfig) -> None:
+        wrong = [f"{name}={getattr(cfg, name)!r}: {why}" for name, (allowed, why) in self.fixed_options.items()
+                 if name in given and getattr(cfg, name) not in allowed]
+        if wrong:
+            raise ValueError(f"the {self.name} study does not take " + "; ".join(wrong)
+                             + " (negbatch train runs any of them)")
 
     def adjust(self, values: dict[str, Any]) -> dict[str, Any]:
         """Last changes to the merged options before they are validated."""

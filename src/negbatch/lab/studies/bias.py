@@ -70,6 +70,13 @@ class BiasStudy(ImageStudy):
     name = "bias"
     summary = "minibatch gradient bias and the bias-corrected global loss (images)"
     swept = ("loss", "batch_size", "seed")
+
+    fixed_options = {
+        "negatives": (("all",), "the study compares InfoNCE over all in-batch negatives with the global loss"),
+        "queue_size": ((0,), "a queue's negatives are not the minibatch estimate whose bias the study measures"),
+        "key_momentum": ((0, 0.0, None), "a momentum encoder's keys are not the minibatch estimate the study measures"),
+        "chunk_method": (("cache",), "accumulation over chunks is another loss (each chunk's own negatives)"),
+    }
     defaults = DEFAULTS
     key_fields = ("loss", "batch_size", "seed")
 

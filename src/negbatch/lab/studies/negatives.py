@@ -72,6 +72,12 @@ class ImageNegatives(ImageStudy):
     name = "negatives"
     summary = "how many negatives per anchor? (images: SimCLR, ReLIC; text pairs: InfoNCE)"
     swept = ("loss", "negatives", "seed", "temperature", "lr")
+
+    fixed_options = {
+        "queue_size": ((0,), "a queue adds negatives beyond the K this study varies"),
+        "key_momentum": ((0, 0.0, None), "a momentum encoder's keys are not what this study compares"),
+        "learnable_temperature": ((None, False), "the study sweeps --temperatures"),
+    }
     key_fields = ("loss", "negatives", "temperature", "lr", "seed")
 
     def add_study_arguments(self, g: argparse._ArgumentGroup) -> None:

@@ -46,6 +46,14 @@ class TextNegatives(TextStudy):
     name = "negatives"
     summary = "how many negatives per query? (text pairs)"
     swept = ("negatives", "seed", "temperature", "lr")
+
+    fixed_options = {
+        "loss": ((None, "infonce"), "the text study trains InfoNCE (query-document); compare losses with "
+                                     "negbatch study batch-size --data bible"),
+        "queue_size": ((0,), "a queue adds negatives beyond the K this study varies"),
+        "key_momentum": ((0, 0.0, None), "a momentum encoder's keys are not what this study compares"),
+        "learnable_temperature": ((None, False), "the study sweeps --temperatures"),
+    }
     key_fields = ("negatives", "temperature", "lr", "seed")
 
     def add_study_arguments(self, g: argparse._ArgumentGroup) -> None:
