@@ -273,6 +273,11 @@ def test_clear_errors(tmp_path, capsys):
         (["study", "bias", "--negatives", "3", "--out", str(tmp_path / "s1")], "the bias study does not take negatives=3"),
         (["study", "bias", "--chunk-size", "4", "--chunk-method", "accumulate", "--out", str(tmp_path / "s1")],
          "chunk_method='accumulate': accumulation over chunks is another loss"),
+        # Checked before the measurements (it came after them, naming --batch-size, which the study has not).
+        (["study", "gradcache", "--batch-sizes", "16", "--n-train", "300", "--out", str(tmp_path / "s1")],
+         "--accuracy-batch-sizes: [1024] outside [2, 300] (the training images)"),
+        (["study", "gradcache", "--accuracy-batch-sizes", "none", "--out", str(tmp_path / "negatives-study")],
+         "holds a negatives study (image data), not a gradcache study"),
         # An empty --out put the run's files loose in the current folder.
         (["train", "--out", ""], "argument --out: must name a folder, got an empty string"),
         (["study", "negatives", "--out", " "], "argument --out: must name a folder"),
@@ -281,6 +286,8 @@ def test_clear_errors(tmp_path, capsys):
          "alpha: applies to loss='relic' only"),
     ]
     (tmp_path / "relic.toml").write_text('loss = "relic"\nalpha = 2.0\n')
+    (tmp_path / "negatives-study").mkdir()
+    (tmp_path / "negatives-study" / "study.json").write_text('{"study": "negatives", "modality": "image"}')
     for argv, message in cases:
         assert not (tmp_path / "s1").exists()
         try:

@@ -105,9 +105,12 @@ class ImageGradCache(ImageStudy):
         acc_batches = ([] if args.accuracy_batch_sizes.lower() in ("none", "")
                        else parse_list(args.accuracy_batch_sizes, int, "accuracy-batch-sizes"))
         seeds = self.seeds(args)
+        if acc_batches:
+            self._check_accuracy_batches(args, acc_batches)  # before the measurements, not after them
         base = _spec_base(args)
         out = Path(args.out or f"negbatch-runs/gradcache-{args.data}-{args.encoder}")
         spec_path = out / "study.json"
+        self._check_folder_holds_this_study(out)  # another study's folder is named as such
         if spec_path.exists():
             old = json.loads(spec_path.read_text())
             if old.get("measure") != base:
@@ -147,14 +150,29 @@ class ImageGradCache(ImageStudy):
         report(out)
         return out
 
-    def _train_accuracy(self, args: argparse.Namespace, out: Path, acc_batches: list[int], seeds: list[int]) -> None:
+    @staticmethod
+    def _accuracy_base(args: argparse.Namespace) -> TrainConfig:
+        """The configuration of the short trainings, before batch size, chunking and seed."""
         n_train, n_test = args.n_train, args.n_test
         if args.data == "fashion-mnist":
             n_train, n_test = n_train or 5000, n_test or 2000
-        base = TrainConfig(dataset=args.data, data_dir=args.data_dir, n_train=n_train, n_test=n_test,
+        return TrainConfig(dataset=args.data, data_dir=args.data_dir, n_train=n_train, n_test=n_test,
                            encoder=args.encoder, encoder_widths=tuple(parse_list(args.encoder_widths, int, "encoder-widths")),
                            head_widths=tuple(parse_list(args.head_widths, int, "head-widths")),
                            temperature=args.temperature, epochs=args.epochs, lr=args.lr, snr=False, device=args.device)
+
+    def _check_accuracy_batches(self, args: argparse.Namespace, acc_batches: list[int]) -> None:
+        from ..tasks.image import load_image_data
+
+        base = self._accuracy_base(args)
+        n = load_image_data(base).subset(base.n_train, base.n_test).x_train.shape[0]
+        wrong = [b for b in acc_batches if not 2 <= b <= n]
+        if wrong:
+            raise ValueError(f"--accuracy-batch-sizes: {wrong} outside [2, {n}] (the training images); lower them, "
+                             f"raise --n-train, or give 'none'")
+
+    def _train_accuracy(self, args: argparse.Namespace, out: Path, acc_batches: list[int], seeds: list[int]) -> None:
+        base = self._accuracy_base(args)
         configs = []
         for b in acc_batches:
             for method in METHODS:
