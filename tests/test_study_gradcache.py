@@ -108,3 +108,18 @@ def test_aggregate_median_spread_and_oom(tmp_path):
     assert (c["time_s"], c["time_s_min"], c["time_s_max"]) == (0.2, 0.1, 0.3)
     assert c["peak_mib"] == 120.0 and c["repeats"] == 3 and c["oom"] == 0
     assert rows["plain"]["oom"] == 1 and rows["plain"]["time_s"] is None and rows["plain"]["chunk_size"] is None
+
+
+def test_findings_say_accumulation_is_the_plain_step_when_one_chunk_holds_the_batch():
+    """At B <= chunk one chunk holds the batch: the report called accumulation
+    'a different loss' (negatives from its chunk only) there too."""
+    from negbatch.lab.studies.gradcache_report import _findings
+
+    def cell(time_s):
+        return {"time_s": time_s, "time_s_min": time_s, "time_s_max": time_s, "step_mib": 10.0}
+
+    for big, chunk, same in ((16, 64, True), (256, 64, False)):
+        by = {(big, "plain"): cell(1.0), (big, "cache"): cell(1.2), (big, "accumulate"): cell(1.1)}
+        text = " ".join(_findings(by, [big], chunk, 8))
+        assert ("one chunk holds the whole batch, so accumulation is the plain step" in text) == same, text
+        assert ("optimises a different loss" in text) == (not same), text

@@ -292,7 +292,8 @@ def test_study_gradcache_on_text(tmp_path, capsys):
     from negbatch.cli import main
 
     out = tmp_path / "gc"
-    assert main(["study", "gradcache", *TINY_CLI[:2], *TINY_CLI[4:], "--batch-sizes", "4,16", "--chunk-size", "4",
+    # --budget pairs (the default): no --steps (it was ignored; now it is refused).
+    assert main(["study", "gradcache", *TINY_CLI[:2], *TINY_CLI[6:], "--batch-sizes", "4,16", "--chunk-size", "4",
                  "--seeds", "0", "--out", str(out)]) == 0, capsys.readouterr().err
     rows = json.loads((out / "results.json").read_text())
     spec = json.loads((out / "study.json").read_text())
@@ -303,6 +304,12 @@ def test_study_gradcache_on_text(tmp_path, capsys):
     mem = spec["saved_activation_bytes"]
     assert mem["16"]["with_cache"] < mem["16"]["without_cache"] / 2
     assert "Activation memory" in (out / "report.md").read_text() and (out / "retrieval_vs_batch_size.png").exists()
+    for extra, message in ((["--steps", "3"], "--steps applies with --budget steps"),
+                           (["--pairs", "6"], "--pairs: with --budget pairs, at least the largest batch size (16")):
+        # 6 pairs at B = 16 took one step of 16 pairs, and the report said every B saw 6.
+        assert main(["study", "gradcache", *TINY_CLI[:2], *TINY_CLI[6:], "--batch-sizes", "4,16", *extra,
+                     "--out", str(tmp_path / "refused")]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "refused").exists()
 
 
 def test_saved_activation_bytes_grow_with_the_batch_not_with_the_cache():

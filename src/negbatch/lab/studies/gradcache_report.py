@@ -129,8 +129,9 @@ def report(folder: Path) -> Path:
         f"{spec['threads']} torch thread(s). Chunk size {chunk} pairs for accumulation and caching. Each cell: median "
         f"[min–max] over {study['repeats']} fresh processes; memory is the peak of one step over the memory just before it "
         f"({_memory_source(folder)}), time the median of {spec['steps']} further steps. "
-        "`plain`: both views in one pass, one loss; `accumulate`: a loss per chunk, so each anchor sees only "
-        f"2·{chunk}−2 negatives (fewer than the plain step's 2B−2: a different objective, not a cheaper way to the same one); "
+        "`plain`: both views in one pass, one loss; `accumulate`: a loss per chunk, so where B > "
+        f"{chunk} each anchor sees only 2·{chunk}−2 negatives (fewer than the plain step's 2B−2: a different objective, "
+        f"not a cheaper way to the same one; at B ≤ {chunk} one chunk holds the batch: the plain step); "
         "`cache`: GradCache, the plain step's loss and gradient (exact for encoders without BatchNorm; the lab's encoders "
         "normalise each chunk by its own statistics, as accumulation does).\n\n",
         markdown_table(header, table),
@@ -199,9 +200,11 @@ def _findings(by: dict, batches: list[int], chunk: int, d: int) -> list[str]:
             out.append(f"The cache/plain time ratio {trend}: {r0:.2f}× at B = {b0}, {ratio:.2f}× at B = {big}.")
         a = by.get((big, "accumulate"))
         if a and a.get("time_s"):
+            same = ("; at this B one chunk holds the whole batch, so accumulation is the plain step" if big <= chunk
+                    else f"; accumulation is cheaper but optimises a different loss (negatives from its chunk of "
+                         f"{chunk} pairs only)")
             out.append(f"Against gradient accumulation over the same chunks, caching took {c['time_s'] / a['time_s']:.2f}× "
-                       "the time (the paper reports about 1.2×); accumulation is cheaper but optimises a different loss "
-                       f"(negatives from its chunk of {chunk} pairs only).")
+                       f"the time (the paper reports about 1.2×){same}.")
     small = min(batches)
     s = by.get((small, "plain"))
     bigs = [b for b in batches if by.get((b, "cache"), {}).get("step_mib") is not None]

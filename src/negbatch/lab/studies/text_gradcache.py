@@ -65,13 +65,19 @@ class TextGradCache(TextStudy):
             raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")
         if min(sizes) < 2:
             raise ValueError(f"--batch-sizes must all be >= 2 (a query needs a negative), got {sizes}")
+        if args.budget == "pairs" and hasattr(args, "steps"):  # given (training options default to absent)
+            raise ValueError("--steps applies with --budget steps; with --budget pairs (the default) give --pairs")
+        if args.pairs is not None and (args.budget != "pairs" or args.pairs < max(sizes)):
+            raise ValueError(f"--pairs: with --budget pairs, at least the largest batch size ({max(sizes)}: one step "
+                             f"of it), got {args.pairs}" if args.budget == "pairs" else
+                             "--pairs applies with --budget pairs; with --budget steps give --steps")
         train, _ = self.load(base.replace(batch_size=min(sizes)))
         if max(sizes) > len(train):
             raise ValueError(f"--batch-sizes: {max(sizes)} exceeds the {len(train)} training pairs")
         pairs = args.pairs or len(train)
         configs = []
         for b in sizes:
-            steps = max(1, pairs // b) if args.budget == "pairs" else base.steps
+            steps = pairs // b if args.budget == "pairs" else base.steps  # pairs >= every B
             chunk = args.chunk_size if args.chunk_size < b else None
             configs += [base.replace(batch_size=b, steps=steps, epochs=None, chunk_size=chunk, seed=s) for s in seeds]
         out = self.out_folder(args, base.dataset)
@@ -168,7 +174,7 @@ def report(folder: Path) -> Path:
              + [fmt_mean_std(r[m] for r in by_b[b]) for m in TEXT_METRICS]
              + [f"{mean_std(r['seconds_per_step'] for r in by_b[b])[0]:.2f}",
                 f"{mem[str(b)]['without_cache'] / 2**20:.1f}", f"{mem[str(b)]['with_cache'] / 2**20:.1f}"] for b in sizes]
-    budget = (f"every batch size sees {spec['pairs']} training pairs (steps = pairs / B)" if spec["budget"] == "pairs"
+    budget = (f"every batch size sees about {spec['pairs']} training pairs (steps = ⌊pairs / B⌋, up to B − 1 fewer)" if spec["budget"] == "pairs"
               else f"every batch size takes {b0['steps']} steps")
     text = [
         "# Study: batch size with gradient caching, on text pairs\n\n",
