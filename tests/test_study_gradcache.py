@@ -123,3 +123,12 @@ def test_findings_say_accumulation_is_the_plain_step_when_one_chunk_holds_the_ba
         text = " ".join(_findings(by, [big], chunk, 8))
         assert ("one chunk holds the whole batch, so accumulation is the plain step" in text) == same, text
         assert ("optimises a different loss" in text) == (not same), text
+
+
+def test_one_seed_gives_no_verdict_on_the_batch_size_claim():
+    from negbatch.lab.studies.gradcache_report import _accuracy_findings
+
+    one = _accuracy_findings({(64, "cache"): [0.80], (256, "cache"): [0.81]}, [64, 256], 32)[-1]
+    assert "too few seeds for a test" in one and "no test: run several --seeds" in one and "does not show" not in one
+    three = _accuracy_findings({(64, "cache"): [0.80, 0.81, 0.79], (256, "cache"): [0.80, 0.82, 0.80]}, [64, 256], 32)
+    assert "does not show at this scale" in three[-1]

@@ -378,3 +378,13 @@ def test_study_batches_on_text(tmp_path, capsys):
     capsys.readouterr()
     assert main(["study", "batches", "--data", "builtin", "--samplers", "best", "--out", str(tmp_path / "x")]) == 2
     assert "unknown sampler" in capsys.readouterr().err
+
+
+def test_text_gradcache_finding_with_one_seed_gives_no_verdict():
+    from negbatch.lab.studies.text_gradcache import _finding
+
+    mem = {str(b): {"with_cache": 2**20, "without_cache": 2**21} for b in (4, 16)}
+    spec = {"budget": "pairs", "saved_activation_bytes": mem, "chunk_size": 4}
+    by_b = {4: [{"ndcg@10": 0.30, "batch_size": 4}], 16: [{"ndcg@10": 0.31, "batch_size": 16}]}
+    text = _finding([4, 16], by_b, spec)
+    assert "With one seed per batch size there is no test" in text and "within seed noise" not in text

@@ -260,6 +260,8 @@ def _accuracy_findings(groups: dict, batches: list[int], chunk: int) -> list[str
         elif m_hi < m_lo and sure:
             claim = ("larger batches were worse here (at a fixed number of epochs they also take fewer optimizer steps): "
                      "the paper's gain from larger batches does not reproduce at this scale.")
+        elif p is None:  # one seed (or no spread): nothing to judge against
+            claim = "with one seed per batch size there is no test: run several --seeds to judge the paper's claim."
         else:
             claim = ("no difference beyond seed noise: the paper's gain from larger batches does not show at this scale.")
         out.append(f"With caching, B = {hi} scored {m_hi:.3f} against {m_lo:.3f} at B = {lo} ({verdict}): {claim}")

@@ -215,6 +215,8 @@ def _finding(sizes: list[int], by_b: dict, spec: dict) -> str:
         parts.append("Larger batches retrieved worse here: the claim of Gao et al. does not reproduce at this scale "
                      + ("(with the same pairs seen, a larger batch means fewer optimizer steps at the same learning rate)."
                         if spec["budget"] == "pairs" else "."))
+    elif p is None:  # one seed (or no spread): nothing to judge the difference against
+        parts.append("With one seed per batch size there is no test: run several --seeds to judge the claim.")
     else:
         parts.append("The difference is within seed noise: this run neither confirms nor refutes the claim at this scale.")
     mem = spec["saved_activation_bytes"]
