@@ -278,6 +278,9 @@ def test_clear_errors(tmp_path, capsys):
          "--accuracy-batch-sizes: [1024] outside [2, 300] (the training images)"),
         (["study", "gradcache", "--accuracy-batch-sizes", "none", "--out", str(tmp_path / "negatives-study")],
          "holds a negatives study (image data), not a gradcache study"),
+        # A misspelt data set was taken for images: the text options read as unrecognized, the name never said.
+        (["study", "negatives", "--data", "bibel", "--text-dim", "16", "--out", str(tmp_path / "s1")],
+         "--data: expected one of digits"),
         # An empty --out put the run's files loose in the current folder.
         (["train", "--out", ""], "argument --out: must name a folder, got an empty string"),
         (["study", "negatives", "--out", " "], "argument --out: must name a folder"),

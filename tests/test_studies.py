@@ -214,3 +214,16 @@ def test_negatives_findings_word_a_flat_trend_and_a_single_seed():
     scores = {1: [{"ndcg@10": 0.30}], "all": [{"ndcg@10": 0.32}]}
     text = text_finding([1, "all"], scores, str)
     assert "All negatives scored highest, +0.020 over K = 1, within seed noise (too few seeds for a test)." in text
+
+
+def test_negatives_study_sweeps_the_config_files_temperature_unless_told_otherwise(tmp_path, monkeypatch):
+    """The file's temperature was ignored for the study's default (0.2), while its lr was honoured."""
+    import argparse
+
+    from negbatch.lab.studies.negatives import swept_temperatures
+
+    (tmp_path / "c.toml").write_text("temperature = 0.5\n")
+    args = argparse.Namespace(temperatures=None, config=str(tmp_path / "c.toml"), default_temperature="0.2")
+    assert swept_temperatures(args) == [0.5]
+    assert swept_temperatures(argparse.Namespace(**{**vars(args), "temperatures": "0.1,0.3"})) == [0.1, 0.3]
+    assert swept_temperatures(argparse.Namespace(**{**vars(args), "config": None})) == [0.2]

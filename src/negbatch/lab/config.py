@@ -94,6 +94,22 @@ def task_of(dataset: str) -> str:
     return "text" if dataset in TEXT_DATASETS or str(dataset).startswith(_PAIRS) else "image"
 
 
+def dataset_problem(d: object) -> str | None:
+    """What is wrong with the data set name ``d`` (None: nothing)."""
+    if not isinstance(d, str):
+        return f"expected a name, got {d!r}"
+    if d.startswith(_PAIRS) or d.startswith(_ARRAYS):
+        if not d.split(":", 1)[1].strip():
+            return f"{d!r} names no file; write {d.split(':')[0]}:PATH"
+        return None
+    known = _image_datasets() + TEXT_DATASETS
+    if d not in known:
+        close = difflib.get_close_matches(d, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"expected one of {', '.join(known)}, arrays:PATH or pairs:PATH{hint} (got {d!r})"
+    return None
+
+
 def parse_negatives(value: Any) -> str | int:
     """``"all"`` or a positive int (strings of digits accepted)."""
     if isinstance(value, str) and value.strip().isdigit():
@@ -362,19 +378,9 @@ class TrainConfig:
             object.__setattr__(self, "chunk_size", None)
 
     def _check_dataset(self, errors: list[str]) -> None:
-        d = self.dataset
-        if not isinstance(d, str):
-            errors.append(f"dataset: expected a name, got {d!r}")
-            return
-        if d.startswith(_PAIRS) or d.startswith(_ARRAYS):
-            if not d.split(":", 1)[1].strip():
-                errors.append(f"dataset: {d!r} names no file; write {d.split(':')[0]}:PATH")
-            return
-        known = _image_datasets() + TEXT_DATASETS
-        if d not in known:
-            close = difflib.get_close_matches(d, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            errors.append(f"dataset: expected one of {', '.join(known)}, arrays:PATH or pairs:PATH{hint} (got {d!r})")
+        problem = dataset_problem(self.dataset)
+        if problem:
+            errors.append(f"dataset: {problem}")
 
     def _resolve_task_defaults(self, task: str, errors: list[str]) -> None:
         """Fill unset options with the task's defaults; refuse the other task's options."""

@@ -18,7 +18,7 @@ import importlib
 import json
 from pathlib import Path
 
-from ..config import load_config_file, task_of
+from ..config import dataset_problem, load_config_file, task_of
 
 __all__ = ["STUDIES", "MODALITIES", "study_names", "modalities", "get_study", "modality_of_argv", "report_folder"]
 
@@ -79,6 +79,10 @@ def modality_of_argv(argv: list[str]) -> str:
     """The modality a study's command line asks for: the task of its ``--data``
     / ``--dataset``, else of its ``--config`` file's ``dataset``, else images."""
     dataset = option_value(argv, ("--data", "--dataset"))
+    # An unknown name first: taken for images, a text study's options would read as unrecognized.
+    problem = dataset_problem(dataset) if dataset is not None else None
+    if problem:
+        raise ValueError(f"--data: {problem}")
     config = option_value(argv, ("--config",))
     if dataset is None and config is not None:
         try:

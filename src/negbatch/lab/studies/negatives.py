@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..report import training_length
-from ..config import TrainConfig, parse_negatives
+from ..config import TrainConfig, load_config_file, parse_negatives
 from ..folder import atomic_write_text, read_metrics
 from ..stats import fmt_mean_std, mean_std, spearman, welch_p
 from ..sweep import parse_list, read_results
@@ -45,10 +45,24 @@ def add_sweep_arguments(g: argparse._ArgumentGroup, ks: str, temperature: str, p
     """``--ks``, ``--temperatures`` and ``--lrs`` (the negatives study on either modality)."""
     g.add_argument("--ks", default=ks, help=f"negatives per {per} to sweep; 'all' and K at or above the batch's "
                    f"candidates mean all (default: {ks})")
-    g.add_argument("--temperatures", default=temperature,
-                   help=f"comma list; with several, the best per K is reported (default: {temperature})")
+    g.add_argument("--temperatures", default=None,
+                   help=f"comma list; with several, the best per K is reported (default: temperature of --config, "
+                        f"else {temperature})")
+    g.set_defaults(default_temperature=temperature)
     g.add_argument("--lrs", default=None, help="comma list of learning rates; with several, the best per K is "
                    "reported (default: lr of --config, else 0.001)")
+
+
+def swept_temperatures(args: argparse.Namespace) -> list[float]:
+    """``--temperatures``; else the ``--config`` file's temperature (it was
+    ignored for the study's default), else the study's default."""
+    if args.temperatures is not None:
+        return parse_list(args.temperatures, float, "temperatures")
+    from_file = load_config_file(args.config) if getattr(args, "config", None) else {}
+    from_file = {str(k).replace("-", "_"): v for k, v in from_file.items()}
+    if "temperature" in from_file:
+        return [float(from_file["temperature"])]
+    return parse_list(args.default_temperature, float, "temperatures")
 
 
 def build_configs(base: TrainConfig, losses: list[str], ks: list, seeds: list[int], temperatures: list[float], lrs: list[float]) -> tuple[list[TrainConfig], dict[str, list]]:
@@ -89,7 +103,7 @@ class ImageNegatives(ImageStudy):
         losses = parse_list(args.losses, str, "losses")
         ks = parse_list(args.ks, parse_negatives, "ks")
         seeds = self.seeds(args)
-        temperatures = parse_list(args.temperatures, float, "temperatures")
+        temperatures = swept_temperatures(args)
         lrs = parse_list(args.lrs, float, "lrs") if args.lrs else [base.lr]
         configs, effective = build_configs(base, losses, ks, seeds, temperatures, lrs)
         out = self.out_folder(args, base.dataset)

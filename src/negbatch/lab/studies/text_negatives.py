@@ -24,7 +24,7 @@ from ..stats import fmt_mean_std, mean_std, welch_p
 from ..sweep import parse_list, read_results
 from ..tasks.text import TEXT_METRICS
 from .base import TextStudy
-from .negatives import add_sweep_arguments, cap_ks
+from .negatives import add_sweep_arguments, cap_ks, swept_temperatures
 
 __all__ = ["TextNegatives", "build_text_configs", "DEFAULT_TEXT_KS"]
 
@@ -63,7 +63,7 @@ class TextNegatives(TextStudy):
         base = self.base_config(args)
         ks = parse_list(args.ks, parse_negatives, "ks")
         seeds = self.seeds(args)
-        temperatures = parse_list(args.temperatures, float, "temperatures")
+        temperatures = swept_temperatures(args)
         lrs = parse_list(args.lrs, float, "lrs") if args.lrs else [base.lr]
         configs, effective = build_text_configs(base, ks, seeds, temperatures, lrs)
         self.load(base)  # data errors before the folder is made
