@@ -400,3 +400,24 @@ def test_an_out_folder_that_cannot_be_written_is_an_error_not_a_traceback(tmp_pa
     err = capsys.readouterr().err
     assert f"error: cannot write {a_file / 'sub'}: Not a directory; give a writable folder" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_outside_the_training_loops_stops_the_command_cleanly(tmp_path):
+    """In the gradcache study's measurements SIGTERM killed the study at once
+    (exit -15, no word); now it stops as Ctrl-C does, keeping what finished."""
+    import signal
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    cmd = [sys.executable, "-m", "negbatch.cli", "study", "gradcache", "--batch-sizes", "16,32", "--repeats", "20",
+           "--steps", "1", "--accuracy-batch-sizes", "none", "--out", str(tmp_path / "gc")]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stderr:
+        if line.startswith("[1/"):  # a measurement has finished: the study is in its measuring phase
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130
+    assert "stopped; everything finished is kept: run the same command again to resume" in rest
+    assert list((tmp_path / "gc" / "measurements").glob("*.json"))
