@@ -281,6 +281,8 @@ def test_clear_errors(tmp_path, capsys):
         # A misspelt data set was taken for images: the text options read as unrecognized, the name never said.
         (["study", "negatives", "--data", "bibel", "--text-dim", "16", "--out", str(tmp_path / "s1")],
          "--data: expected one of digits"),
+        (["study", "gradcache", "--config", str(tmp_path / "relic.toml"), "--out", str(tmp_path / "s1")],
+         "the gradcache study on image data has no --config"),
         # An empty --out put the run's files loose in the current folder.
         (["train", "--out", ""], "argument --out: must name a folder, got an empty string"),
         (["study", "negatives", "--out", " "], "argument --out: must name a folder"),

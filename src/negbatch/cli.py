@@ -196,6 +196,17 @@ def _train(args: argparse.Namespace) -> None:
         print(f"linear accuracy {summary['linear_acc']:.4f}, kNN accuracy {summary['knn_acc']:.4f}; report: {report}")
 
 
+def _refuse_config_where_none_is_read(argv: list[str]) -> None:
+    """A study without --config said 'config file X does not exist' for a missing
+    file and 'unrecognized arguments' for an existing one: say what is so."""
+    from .lab.studies import get_study, option_value
+
+    selected = _selected_study(argv)
+    if selected and not get_study(*selected).takes_config and option_value(argv, ("--config",)) is not None:
+        raise ValueError(f"the {selected[0]} study on {selected[1]} data has no --config: its options are its own "
+                         f"(negbatch study {selected[0]} --help)")
+
+
 def _selected_study(argv: list[str]) -> tuple[str, str] | None:
     """``(name, modality)`` of a ``study NAME ...`` command line (the modality from its data set)."""
     from .lab.studies import get_study, modality_of_argv, study_names
@@ -252,6 +263,7 @@ def with_recipe(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        _refuse_config_where_none_is_read(argv)
         argv = with_recipe(argv)
         selected = _selected_study(argv)
     except ValueError as err:

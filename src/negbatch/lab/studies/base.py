@@ -95,6 +95,8 @@ class Study:
     key_fields: ClassVar[tuple[str, ...]] = KEY_FIELDS
     default_seeds: ClassVar[str] = "0,1,2"
     parallel_by_default: ClassVar[bool] = False
+    #: Whether the study reads a --config file (the image gradcache study has only its own options).
+    takes_config: ClassVar[bool] = True
 
     @property
     def description(self) -> str:

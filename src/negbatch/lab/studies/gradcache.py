@@ -52,6 +52,7 @@ class ImageGradCache(ImageStudy):
     name = "gradcache"
     summary = "memory, time and accuracy of gradient caching against batch size"
     key_fields = ("batch_size", "chunk_size", "chunk_method", "seed")
+    takes_config = False  # its options are its own (see add_arguments)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("what is measured")
