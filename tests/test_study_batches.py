@@ -62,7 +62,7 @@ def test_study_batches_end_to_end(tmp_path):
 def test_study_batches_errors(tmp_path, capsys):
     cases = [
         (["--samplers", "random,best"], "--samplers: unknown best"),
-        (["--data", "text"], "dataset: expected one of"),
+        (["--data", "text"], "--data: expected one of"),
         (["--seeds", "0,0"], "--seeds lists a value twice"),
         (["--dataset", "fashion-mnist", "--data-dir", str(tmp_path)], "apt-get install dataset-fashion-mnist"),
         (["--gcbs-q", "1.5"], "gcbs_q"),

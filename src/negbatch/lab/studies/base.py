@@ -379,10 +379,10 @@ class TextStudy(Study):
     @staticmethod
     def describe(base: dict[str, Any], sample: dict[str, Any]) -> str:
         """The data and encoder of a text study, for its report."""
+        pairs = "all pairs" if base["max_pairs"] is None else f"max_pairs {base['max_pairs']}"
         data = (f"Data `{base['dataset']}`: {sample.get('num_train_pairs')} training pairs; "
                 f"{sample.get('num_test_queries')} test queries searched among {sample.get('num_test_documents')} "
-                f"test documents (max_pairs {base['max_pairs']}, test fraction {base['test_fraction']}, split seed "
-                f"{base['data_seed']}).")
+                f"test documents ({pairs}, test fraction {base['test_fraction']}, split seed {base['data_seed']}).")
         if base.get("unsupervised"):
             data += (" Unsupervised (SimCSE-style): each training query is its own positive, dropout the only "
                      "augmentation; the documents are not trained on.")

@@ -401,8 +401,10 @@ def report(folder: Path) -> Path:
             text.append(f"\n### {title}\n\n" + markdown_table(["batch"] + [ESTIMATOR_LABELS[e] for e in ests], table))
         text.append("\n" + "\n".join(f"- {f}" for f in _bias_findings(summary, phases, half)) + "\n")
     text.append("\n" + "\n\n".join(f"![{name}]({path})" for name, path in figures) + "\n")
+    bias_rows = ("; bias rows: `bias_results.csv` / `bias_results.json`" if (folder / "bias_results.json").exists()
+                 else "")
     text.append("\nPer run: `results.csv` / `results.json` and `runs/*/metrics.jsonl` (the global runs log the surrogate as "
-                "`loss`, the batch InfoNCE as `infonce`); bias rows: `bias_results.csv` / `bias_results.json`.\n")
+                f"`loss`, the batch InfoNCE as `infonce`){bias_rows}.\n")
     out = folder / "report.md"
     atomic_write_text(out, "".join(text))
     return out

@@ -155,11 +155,13 @@ def report(folder: Path) -> Path:
             pts = [(b, mean_std(groups[(b, m)])) for b in acc_batches if (b, m) in groups]
             ax.errorbar([b for b, _ in pts], [s[0] for _, s in pts], yerr=[s[1] for _, s in pts], marker="o", capsize=3, label=m)
         ax.set(xscale="log", xlabel="batch size B (pairs)", ylabel="test linear accuracy",
-               title=f"{acc['epochs']} epochs, chunk {acc['chunk_size']} (mean ± std over seeds)")
+               title=f"{acc['epochs']} epoch{'s' if acc['epochs'] != 1 else ''}, chunk {acc['chunk_size']} "
+                     f"(mean ± std over seeds)")
         ax.legend()
         fig_acc = save_figure(fig, folder / "accuracy_vs_batch.png")
         t = [[b] + [fmt_mean_std(groups.get((b, m), [])) for m in METHODS] for b in acc_batches]
-        text.append(f"\n## Downstream linear accuracy\n\nShort trainings ({acc['epochs']} epochs, Adam lr {acc['lr']}, "
+        epochs = f"{acc['epochs']} epoch{'s' if acc['epochs'] != 1 else ''}"
+        text.append(f"\n## Downstream linear accuracy\n\nShort trainings ({epochs}, Adam lr {acc['lr']}, "
                     f"seeds {acc['seeds']}; the same number of epochs at every B, so larger batches take fewer steps) "
                     f"with plain steps, accumulation and caching over chunks of {acc['chunk_size']} pairs; linear probe on "
                     "the test split, mean ± sample std over seeds.\n\n")
@@ -218,7 +220,7 @@ def _findings(by: dict, batches: list[int], chunk: int, d: int) -> list[str]:
         if p and p.get("step_mib"):
             line += f" and {c['step_mib'] / p['step_mib']:.2f}× the plain step at B = {big} ({p['step_mib']:.1f} MiB)"
         budget = s["step_mib"] + logits + 2 * 2 * big * d * 4 / MIB
-        line += (f". One copy of the B = {big} logits is {logits:.0f} MiB and the loss holds several (logits, softmax, "
+        line += (f". One copy of the B = {big} logits is {logits:.2g} MiB and the loss holds several (logits, softmax, "
                  f"their gradient); against the plain step at B = {small} plus one copy of the logits and the cached "
                  f"representations and gradients ({budget:.0f} MiB) the cached step is {c['step_mib'] / budget:.2f}× "
                  f"(negbatch's own target ≤ 1.25: {'met' if c['step_mib'] <= 1.25 * budget else 'not met'}). ")
