@@ -274,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     if extras:
         _leaf(parser, args).unknown(extras)
     try:
-        with _process_group(args), _terminate_as_interrupt():
+        from .lab.sweep import terminate_as_interrupt
+
+        # SIGTERM stops a command as Ctrl-C does wherever it comes (set-up, measurements, between
+        # runs); the training loops install their own handler (stop after the step) and restore it.
+        with _process_group(args), terminate_as_interrupt():
             return _run(args)
     except FileNotFoundError as err:
         if _about_out(args, err):  # the system's: --out cannot be made (under /proc, say)
@@ -292,29 +296,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"negbatch {args.command}: stopped{where}; everything finished is kept: run the same command again "
               f"to resume", file=sys.stderr)
         return 130
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt():
-    """SIGTERM stops a command as Ctrl-C does, wherever it comes (set-up,
-    measurements, between runs): what is finished is kept and the command
-    says so. The training loops install their own handler (stop after the
-    step, with a checkpoint) and restore this one."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _about_out(args: argparse.Namespace, err: OSError) -> bool:

@@ -217,7 +217,7 @@ def _run_jobs(jobs, study_dir: Path, train_one, workers: int, on_done, writes: b
         ) as pool:
             futures = [pool.submit(_unless_stopping, train_one, c, d, 1) for c, d in jobs]
             try:
-                with _terminate_as_interrupt():
+                with terminate_as_interrupt():
                     for fut in cf.as_completed(futures):
                         done(fut.result())
             except BaseException:
@@ -240,10 +240,11 @@ def _unless_stopping(train_one, cfg_dict: dict[str, Any], run_dir: str, threads:
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt():
+def terminate_as_interrupt():
     """SIGTERM (a scheduler's, ``kill``'s) raises KeyboardInterrupt here, as
-    SIGINT does, so that the study stops its workers' runs cleanly instead
-    of dying at once."""
+    SIGINT does, so that a study stops its workers' runs cleanly, and a
+    command anywhere outside a training loop keeps what finished, instead of
+    dying at once."""
     if not _main_thread():
         yield
         return
