@@ -91,7 +91,8 @@ def build_parser(study: tuple[str, str] | None = None) -> _Parser:
 
     demo = commands.add_parser("demo", help="the negatives study on the digits data set (a few minutes on a laptop CPU)",
                                description="Run the negatives study on scikit-learn's digits and print where its report is.")
-    demo.add_argument("--out", default="negbatch-runs/demo", type=folder_argument, help="study folder (default: negbatch-runs/demo)")
+    demo.add_argument("--out", default="negbatch-runs/demo", type=folder_argument,
+                      help="study folder (default: negbatch-runs/demo)")
     demo.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
     demo.add_argument("--seeds", default=DEMO["seeds"], help=f"comma list of seeds (default: {DEMO['seeds']})")
     demo.add_argument("--epochs", type=int, default=DEMO["epochs"], help=f"epochs per run (default: {DEMO['epochs']})")
@@ -133,7 +134,8 @@ def build_parser(study: tuple[str, str] | None = None) -> _Parser:
                     "TOML/YAML/JSON --config file (command-line options win); options of the other modality must "
                     "stay unset.")
     train.add_argument("--config", default=None, help="TOML, YAML or JSON file of training options (a run's config.json works)")
-    train.add_argument("--out", default="negbatch-runs/train", type=folder_argument, help="run folder (default: negbatch-runs/train); an unfinished run there resumes")
+    train.add_argument("--out", default="negbatch-runs/train", type=folder_argument,
+                       help="run folder (default: negbatch-runs/train); an unfinished run there resumes")
     add_config_arguments(train)
     parser.leaves["train"] = train
 

@@ -112,7 +112,8 @@ class Study:
         """The study's options: its own (:meth:`add_study_arguments`), then the
         training options of its modality it does not sweep."""
         g = parser.add_argument_group("study options")
-        g.add_argument("--out", default=None, type=folder_argument, help=f"study folder (default: negbatch-runs/{self.name}-DATASET)")
+        g.add_argument("--out", default=None, type=folder_argument,
+                       help=f"study folder (default: negbatch-runs/{self.name}-DATASET)")
         self.add_study_arguments(g)
         g.add_argument("--seeds", default=self.default_seeds, help=f"comma list of seeds (default: {self.default_seeds})")
         if self.parallel_by_default:

@@ -174,8 +174,8 @@ def report(folder: Path) -> Path:
              + [fmt_mean_std(r[m] for r in by_b[b]) for m in TEXT_METRICS]
              + [f"{mean_std(r['seconds_per_step'] for r in by_b[b])[0]:.2f}",
                 f"{mem[str(b)]['without_cache'] / 2**20:.1f}", f"{mem[str(b)]['with_cache'] / 2**20:.1f}"] for b in sizes]
-    budget = (f"every batch size sees about {spec['pairs']} training pairs (steps = ⌊pairs / B⌋, up to B − 1 fewer)" if spec["budget"] == "pairs"
-              else f"every batch size takes {b0['steps']} steps")
+    budget = (f"every batch size sees about {spec['pairs']} training pairs (steps = ⌊pairs / B⌋, up to B − 1 fewer)"
+              if spec["budget"] == "pairs" else f"every batch size takes {b0['steps']} steps")
     text = [
         "# Study: batch size with gradient caching, on text pairs\n\n",
         TextStudy.describe(b0, sample) + " InfoNCE (query_document, all in-batch "
