@@ -283,6 +283,8 @@ def test_clear_errors(tmp_path, capsys):
          "--data: expected one of digits"),
         (["study", "gradcache", "--config", str(tmp_path / "relic.toml"), "--out", str(tmp_path / "s1")],
          "the gradcache study on image data has no --config"),
+        (["study", "bias", "--bias-batch-sizes", "0,1,8", "--out", str(tmp_path / "s1")],
+         "--bias-batch-sizes must all be >= 2"),
         # An empty --out put the run's files loose in the current folder.
         (["train", "--out", ""], "argument --out: must name a folder, got an empty string"),
         (["study", "negatives", "--out", " "], "argument --out: must name a folder"),

@@ -98,6 +98,8 @@ class BiasStudy(ImageStudy):
         base = self.base_config(args)
         seeds = self.seeds(args)
         sizes = parse_list(args.bias_batch_sizes, int, "bias-batch-sizes")
+        if min(sizes) < 2:  # they were dropped without a word
+            raise ValueError(f"--bias-batch-sizes must all be >= 2 (an anchor needs a negative), got {sizes}")
         if args.num_batches < 2:
             raise ValueError(f"--num-batches must be >= 2, got {args.num_batches}")
         if args.bias_samples < 4:
