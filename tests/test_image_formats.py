@@ -208,6 +208,9 @@ def test_stl10_missing_and_damaged(tmp_path):
     (tmp_path / "train_y.bin").write_bytes(bytes([1, 2]))
     with pytest.raises(DatasetDamagedError, match="train_y.bin should hold 3 labels"):
         load_stl10(tmp_path)
+    (tmp_path / "train_y.bin").write_bytes(bytes([1, 11, 2]))  # the message said "holds 3" (the count was right)
+    with pytest.raises(DatasetDamagedError, match=r"train_y.bin should hold 3 labels in 1..10 .*holds 3 in 1..11"):
+        load_stl10(tmp_path)
 
 
 # ------------------------------------------------------------------ ImageFolder

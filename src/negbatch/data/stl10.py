@@ -49,9 +49,10 @@ def _read_images(path: Path, folder: Path, chunk: int = 4096) -> np.ndarray:
 def _read_labels(path: Path, folder: Path, n: int) -> np.ndarray:
     y = np.fromfile(path, dtype=np.uint8)
     if len(y) != n or (n and (y.min() < 1 or y.max() > 10)):
+        held = f"{len(y)}" if len(y) != n else f"{n} in {int(y.min())}..{int(y.max())}"
         raise missing_files(folder, "stl10", _FILES, STL10_URL,
                             damaged=f"{path.name} should hold {n} labels in 1..10 (one byte per image), "
-                                    f"holds {len(y)}")
+                                    f"holds {held}")
     return y.astype(np.int64) - 1
 
 
