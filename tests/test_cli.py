@@ -285,6 +285,7 @@ def test_clear_errors(tmp_path, capsys):
          "the gradcache study on image data has no --config"),
         (["study", "bias", "--bias-batch-sizes", "0,1,8", "--out", str(tmp_path / "s1")],
          "--bias-batch-sizes must all be >= 2"),
+        (["study", "negatives", "--kz", "1", "--out", str(tmp_path / "s1")], "--kz: did you mean --ks?"),
         # An empty --out put the run's files loose in the current folder.
         (["train", "--out", ""], "argument --out: must name a folder, got an empty string"),
         (["study", "negatives", "--out", " "], "argument --out: must name a folder"),

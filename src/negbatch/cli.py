@@ -58,11 +58,11 @@ class _Parser(argparse.ArgumentParser):
         for arg in extras:
             if arg.startswith("--"):
                 name = arg.split("=", 1)[0]
-                close = difflib.get_close_matches(name[2:], options, n=1)
+                # One letter off a two-letter name (--kz for --ks) is half of it: a lower bar for short names.
+                close = difflib.get_close_matches(name[2:], options, n=1, cutoff=0.5 if len(name) <= 4 else 0.6)
                 if close:
                     hints.append(f"{name}: did you mean --{close[0]}?")
         self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
-
 
 
 def folder_argument(text: str) -> str:
@@ -71,6 +71,7 @@ def folder_argument(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must name a folder, got an empty string")
     return text
+
 
 def _version() -> str:
     from . import __version__
