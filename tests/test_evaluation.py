@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -79,13 +81,25 @@ def test_weighted_knn_at_a_low_temperature_and_bad_input():
         knn_accuracy(train, labels, torch.ones(2, 3), torch.tensor([0, 1]), k=1)
 
 
-def test_linear_probe_with_one_training_row_and_a_numpy_l2():
-    from negbatch.evaluation import linear_eval
+def test_linear_probe_with_constant_features_one_class_and_a_numpy_l2():
+    from negbatch.evaluation import knn_accuracy, linear_eval, weighted_knn_accuracy
 
-    x, y = torch.tensor([[1.0, 2.0]]), torch.tensor([2])
+    x, y = torch.tensor([[1.0, 2.0], [1.0, 2.0]]), torch.tensor([2, 0])
     test_x, test_y = torch.tensor([[1.0, 2.0], [0.5, 1.0]]), torch.tensor([2, 2])
-    assert linear_probe(x, y, test_x, test_y) == 1.0  # one row: the population std is 0, not NaN
-    assert linear_eval(x, y, test_x, test_y) == 1.0
+    for probe in (linear_probe, linear_eval):  # constant features: the population std is 0, not NaN
+        assert math.isfinite(probe(x, y, test_x, test_y))
+    # One training class: the "accuracy" was that class's share of the test split (sklearn refuses too).
+    one = torch.tensor([2, 2])
+    for probe in (linear_probe, linear_eval, knn_accuracy, weighted_knn_accuracy):
+        kwargs = {"k": 1} if "knn" in probe.__name__ else {}
+        with pytest.raises(ValueError, match=r"train_labels hold one class only \(2\)"):
+            probe(x, one, test_x, test_y, **kwargs)
+    with pytest.raises(ValueError, match="max_iter must be a positive int"):
+        linear_probe(x, y, test_x, test_y, max_iter=0)  # it returned the untrained W = 0's accuracy
+    g = torch.Generator().manual_seed(0)
+    many, labels = torch.randn(20, 3, generator=g), torch.arange(20) % 2
+    with pytest.raises(ValueError, match="val_fraction=0.98 holds out all 20 training rows"):
+        linear_eval(many, labels, many, labels, l2=[1e-2, 1e-4], val_fraction=0.98)
     g = torch.Generator().manual_seed(0)
     xs, ys = torch.randn(40, 3, generator=g), torch.arange(40) % 2
     assert linear_eval(xs, ys, xs, ys, l2=np.float32(1e-3)) == linear_eval(xs, ys, xs, ys, l2=1e-3)

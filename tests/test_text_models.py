@@ -48,6 +48,18 @@ def test_mean_pool_matches_a_loop():
     assert torch.allclose(mean_pool(hidden, mask), expected)
 
 
+def test_a_row_of_padding_only_encodes_to_zero_in_both_modes():
+    """Its hidden states are NaN in eval mode (attention over no key), and NaN * 0 is NaN:
+    the pooling's promised zero was NaN there."""
+    encoder = TransformerTextEncoder(vocab_size=50, dim=32, heads=4)
+    ids = torch.tensor([[5, 6, 7], [0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1], [0, 0, 0]])
+    for train in (True, False):
+        encoder.train(train)
+        out = encoder(input_ids=ids, attention_mask=mask)
+        assert torch.equal(out[1], torch.zeros(32)) and torch.isfinite(out).all(), train
+
+
 def test_encoder_output_shape_and_padding_invariance(tok):
     torch.manual_seed(0)
     enc = TransformerTextEncoder(tok.vocab_size, dim=32, depth=2, heads=4, max_length=64).eval()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .linear import _check_xy
+from .linear import _check_xy, check_two_classes
 
 __all__ = ["knn_accuracy", "weighted_knn_accuracy", "weighted_knn_predict"]
 
@@ -34,7 +34,10 @@ def knn_accuracy(
     is left to ``torch.topk``, not decided by their index).
 
     Test points are processed ``chunk_size`` at a time, so memory is
-    O(chunk_size * n_train).
+    O(chunk_size * n_train). Similarities are computed in float32 whatever
+    the features' dtype: features whose cosines differ only below about
+    1e-6 (a large component shared by all) lose their order; centre them
+    first.
 
     Examples
     --------
@@ -50,6 +53,7 @@ def knn_accuracy(
     if train_features.shape[1] != test_features.shape[1]:
         raise ValueError(f"train_features and test_features have different widths: "
                          f"{train_features.shape[1]} vs {test_features.shape[1]}")
+    check_two_classes(train_labels)
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= train_features.shape[0]:
         raise ValueError(f"k must be an int in [1, {train_features.shape[0]}] (the training set size), got {k!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
@@ -156,7 +160,8 @@ def weighted_knn_accuracy(
     **kwargs,
 ) -> float:
     """Top-1 accuracy of :func:`weighted_knn_predict` (the kNN monitor of
-    Wu et al., 2018: k = 200, temperature 0.07 by default).
+    Wu et al., 2018: k = 200, temperature 0.07 by default; similarities in
+    float32, as :func:`knn_accuracy`'s).
 
     Examples
     --------
@@ -168,6 +173,8 @@ def weighted_knn_accuracy(
     1.0
     """
     _check_xy(test_features, test_labels, "test_features", "test_labels")
+    if isinstance(train_labels, Tensor) and train_labels.numel():
+        check_two_classes(train_labels)
     if "num_classes" not in kwargs:
         kwargs["num_classes"] = int(max(int(train_labels.max()), int(test_labels.max()))) + 1
     pred = weighted_knn_predict(train_features, train_labels, test_features, **kwargs)

@@ -43,6 +43,14 @@ def _check_splits(train_features: Tensor, train_labels: Tensor, test_features: T
         raise ValueError(
             f"train_features and test_features have different widths: {train_features.shape[1]} vs {test_features.shape[1]}"
         )
+    check_two_classes(train_labels)
+
+
+def check_two_classes(train_labels: Tensor) -> None:
+    """A classifier of one training class predicts it everywhere: its accuracy
+    would be that class's share of the test split, not a measurement."""
+    if int(train_labels.min()) == int(train_labels.max()):
+        raise ValueError(f"train_labels hold one class only ({int(train_labels.min())}); a probe needs at least 2")
 
 
 def fit_logistic_regression(
@@ -105,6 +113,8 @@ def linear_probe(
     _check_splits(train_features, train_labels, test_features, test_labels)
     if not l2 >= 0:
         raise ValueError(f"l2 must be >= 0, got {l2!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int (L-BFGS iterations), got {max_iter!r}")
     xtr, xte = train_features.double(), test_features.double()
     mean, std = xtr.mean(0), xtr.std(0, unbiased=False).clamp_min(1e-8)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
@@ -243,6 +253,9 @@ def linear_eval(
     if len(grid) > 1:
         perm = torch.randperm(xtr.shape[0], generator=torch.Generator().manual_seed(seed)).to(device)
         n_val = max(1, int(round(val_fraction * xtr.shape[0])))
+        if n_val >= xtr.shape[0]:  # every penalty would be fitted on no row
+            raise ValueError(f"val_fraction={val_fraction} holds out all {xtr.shape[0]} training rows for validation, "
+                             "leaving none to fit the penalties on; lower it")
         val, fit = perm[:n_val], perm[n_val:]
         scores: dict[float, float] = {}
         init = None

@@ -50,8 +50,11 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     tensor([[2.]])
     """
     weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
-    # A row with no real token (only possible with bad input) pools to zero, not NaN.
-    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    count = weights.sum(1)
+    pooled = (hidden * weights).sum(1) / count.clamp_min(1.0)
+    # A row with no real token (only possible with bad input) pools to zero, not NaN: its hidden
+    # states can be NaN already (attention over nothing, in eval mode's fused path), and NaN * 0 is NaN.
+    return torch.where(count > 0, pooled, torch.zeros_like(pooled))
 
 
 class TextTokenizer:
