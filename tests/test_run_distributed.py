@@ -81,7 +81,13 @@ def _assert_same_run(two, one):
     rows_two, rows_one = without_times(read_metrics(two)), without_times(read_metrics(one))
     assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one]  # every row once: rank 0 alone writes
     for r2, r1 in zip(rows_two, rows_one):
-        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-4, abs=1e-5), (two.name, r1["step"])
+        assert r2.keys() == r1.keys(), two.name
+        # Every logged value, not only the loss: the global loss's infonce and minibatch_loss were rank 0's.
+        for key in r1.keys() - {"step", "epoch"}:
+            if isinstance(r1[key], float):
+                # The SNR of the first steps rests on few, nearly equal gradients: their rounding shows.
+                rel = 1e-2 if key.startswith("snr") else 1e-4
+                assert r2[key] == pytest.approx(r1[key], rel=rel, abs=1e-5), (two.name, key, r1["step"])
 
 
 def test_two_processes_equal_one_process_for_every_loss_sampler_and_resume(tmp_path):

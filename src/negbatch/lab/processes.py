@@ -137,6 +137,14 @@ class Processes:
         dist.all_reduce(t)
         return float(t) / self.world_size
 
+    def mean_each(self, values: dict[str, float], device: torch.device) -> dict[str, float]:
+        """The mean over ranks of each value (one collective for all of them)."""
+        if not self.several or not values:
+            return dict(values)
+        t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return dict(zip(values, (t / self.world_size).tolist()))
+
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order (on every rank)."""
         if not self.several:

@@ -228,6 +228,9 @@ def _train(cfg: TrainConfig, folder: RunFolder, procs: Processes, data: Any, sto
                                 or bool(epoch_row))
                     # Read before the optimizer moves them: the temperature and bias this step's loss used.
                     metrics = task.step_metrics() if logs_now else {}
+                    # Each rank's values are of its rows (the global loss's InfoNCE of its share of the
+                    # batch): their mean is the batch's, as the loss column's is.
+                    metrics = procs.mean_each(metrics, loss.device) if logs_now else metrics
                     precision.step(optimizer)
                     task.after_step()
                     schedule.step()
