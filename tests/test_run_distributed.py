@@ -58,6 +58,10 @@ def _two_processes(rank, world_size, out):
     assert train(accumulated, os.path.join(out, "image-accumulate"), stop_after=3) is None
     per_process_norm = TrainConfig(**{**IMAGE, "norm": "batch"})
     assert train(per_process_norm, os.path.join(out, "image-batchnorm"), stop_after=3) is None
+    # Accumulated chunks split over the processes: refused before the folder is claimed (it was refused at
+    # the first step, and the folder then refused the corrected command as another configuration's).
+    with pytest.raises(ValueError, match="chunk_size=5 .* must be divisible by the 2 processes"):
+        train(TrainConfig(**{**IMAGE, "chunk_size": 5, "chunk_method": "accumulate"}), os.path.join(out, "odd-chunks"))
 
 
 def tokenizers_missing():
@@ -100,6 +104,7 @@ def test_two_processes_equal_one_process_for_every_loss_sampler_and_resume(tmp_p
     for name in CASES:
         _assert_same_run(tmp_path / name, tmp_path / f"{name}-one")
         assert not any(p.name.startswith(".") and p.suffix == ".tmp" for p in (tmp_path / name).iterdir())
+    assert not (tmp_path / "odd-chunks" / "config.json").exists()
     # Resumed on two processes: the uninterrupted run.
     _assert_same_run(tmp_path / "resumed-2", tmp_path / "image-relic-k-gcbs-one")
     # Written by two processes, resumed by one: the image task draws nothing per process, so it continues exactly.

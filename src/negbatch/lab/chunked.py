@@ -81,6 +81,13 @@ def cached_forward_backward(
     return cache.step(batch.view1, batch.view2, generator=generator)
 
 
+def check_accumulated_chunks(chunk_size: int, processes: int) -> None:
+    """Accumulated chunks hold ``chunk_size`` rows over all processes, ``chunk_size / processes`` each."""
+    if chunk_size % processes:
+        raise ValueError(f"chunk_size={chunk_size} (rows per chunk's loss, over all processes) must be divisible by "
+                         f"the {processes} processes; pick a multiple of {processes}")
+
+
 def accumulated_forward_backward(
     model: nn.Module, loss_fn: nn.Module, batch, generator: torch.Generator, chunk_size: int, precision=None
 ) -> Tensor:
@@ -110,9 +117,7 @@ def accumulated_forward_backward(
     # chunk_size / N rows, so that a chunk's loss still has chunk_size rows (the chunks hold
     # other samples than one process's, so such a run is not the one-process run).
     processes = world_size()
-    if chunk_size % processes:
-        raise ValueError(f"chunk_size={chunk_size} (rows per chunk's loss, over all processes) must be divisible by "
-                         f"the {processes} processes; pick a multiple of {processes}")
+    check_accumulated_chunks(chunk_size, processes)
     chunk_size //= processes
     n = batch.view1.shape[0]
     total = torch.zeros(())

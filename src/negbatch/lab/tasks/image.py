@@ -124,6 +124,10 @@ def build_loss(cfg: TrainConfig, num_samples: int | None = None, total_steps: in
     """
     negatives = cfg.negatives
     contrasted, where = cfg.batch_size, f"batch_size={cfg.batch_size}"
+    if cfg.chunk_size and cfg.chunk_method == "accumulate":
+        from ..chunked import check_accumulated_chunks
+
+        check_accumulated_chunks(cfg.chunk_size, nbdist.world_size())  # before the run claims its folder
     if cfg.chunk_size and cfg.chunk_method == "accumulate" and cfg.chunk_size < cfg.batch_size:
         # Accumulation contrasts each chunk on its own; the smallest chunk decides.
         contrasted = cfg.batch_size % cfg.chunk_size or cfg.chunk_size
