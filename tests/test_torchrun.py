@@ -49,3 +49,18 @@ def test_study_under_torchrun_trains_each_run_once(tmp_path):
     two = {r["negatives"]: r["final_loss"] for r in json.loads((tmp_path / "two" / "results.json").read_text())}
     one = {r["negatives"]: r["final_loss"] for r in json.loads((tmp_path / "one" / "results.json").read_text())}
     assert two.keys() == one.keys() and all(two[k] == pytest.approx(one[k], rel=1e-5) for k in one)
+
+
+def test_a_refused_folder_under_torchrun_gets_one_answer(tmp_path):
+    """Rank 0 refuses a folder in use; the launcher then stops rank 1, which said "stopped; everything
+    finished is kept: run the same command again to resume" beside rank 0's error, though nothing ran."""
+    from negbatch.lab.folder import hold_lock
+
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    busy = tmp_path / "busy"
+    with hold_lock(busy):
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                              "-m", "negbatch.cli", "train", *TINY, "--out", str(busy)],
+                             capture_output=True, text=True, env=env, timeout=400)
+    assert out.returncode != 0 and "is in use by process" in out.stderr, out.stderr[-2000:]
+    assert "run the same command again to resume" not in out.stderr, out.stderr[-2000:]
