@@ -204,6 +204,7 @@ def report(folder: Path) -> Path:
     for r in read_results(folder):
         if r["sampler"] in spec["samplers"] and int(r["seed"]) in spec["seeds"]:
             rows.setdefault(r["sampler"], []).append(r)
+    _prepare(rows, folder)
     samplers = [s for s in spec["samplers"] if s in rows]
     pyplot = plt()
 
@@ -251,8 +252,7 @@ def report(folder: Path) -> Path:
         rs = rows[s]
         table.append([s, len(rs)] + [fmt_mean_std(r[k] for r in rs) for k, _ in METRICS] + [
             fmt_mean_std(r["final_gap"] for r in rs), fmt_mean_std(r["mean_gap"] for r in rs),
-            fmt_mean_std(_last(_per_epoch(folder, r["run"], "gap_global_loss")) for r in rs),
-            fmt_mean_std(_last(_per_epoch(folder, r["run"], "same_class_pairs")) for r in rs),
+            fmt_mean_std(r["final_global_loss"] for r in rs), fmt_mean_std(r["final_same_class_pairs"] for r in rs),
             fmt_mean_std((_times(r)[0] for r in rs), 3), fmt_mean_std((_times(r)[1] for r in rs), 3),
             fmt_mean_std(((r.get("sampler_seconds") or 0.0) / r["epochs"] / _times(r)[0] * 100 for r in rs), 1),
         ])
@@ -267,7 +267,6 @@ def report(folder: Path) -> Path:
         text.append(f"\nBaseline: the same linear probe on the raw pixels scores {spec['raw_pixel_linear_acc']:.3f}.\n")
     text.append("\n" + markdown_table(header, table))
     others = [s for s in samplers if s != "random"] if "random" in rows else []
-    _prepare(rows, folder)
     tests = _tests(rows, others)
     findings = [_compare(s, rows, tests) for s in others]
     if findings:
