@@ -277,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     if extras:
         _leaf(parser, args).unknown(extras)
     try:
+        from .lab.folder import note_stop_signal
         from .lab.sweep import terminate_as_interrupt
+
+        note_stop_signal(None)
 
         # SIGTERM stops a command as Ctrl-C does wherever it comes (set-up, measurements, between
         # runs); the training loops install their own handler (stop after the step) and restore it.
@@ -296,15 +299,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:  # Ctrl-C, or a run stopped by SIGINT/SIGTERM (lab.sweep.RunStopped)
         # Finished runs and the results table are on disk; an interrupted run has its checkpoint.
         where = f" ({err})" if str(err) else ""
+        status = _stopped_status()
         rank = os.environ.get("RANK", "0")
         if rank != "0":
             # Under torchrun the launcher also stops the other processes when one fails: the advice
             # (rank 0's) would then stand beside another process's error that it does not answer.
             print(f"negbatch {args.command} (rank {rank}): stopped{where}", file=sys.stderr)
-            return 130
+            return status
         print(f"negbatch {args.command}: stopped{where}; everything finished is kept: run the same command again "
               f"to resume", file=sys.stderr)
-        return 130
+        return status
+
+
+def _stopped_status() -> int:
+    """Exit status of a stopped command: 128 + the signal that stopped it (130 for Ctrl-C, 143 for SIGTERM), as
+    a shell reports a process the signal ended, so that a scheduler can tell a preempted job from a failed one."""
+    import signal
+
+    from .lab.folder import stop_signal
+
+    return 128 + (stop_signal() or signal.SIGINT)
 
 
 def _about_out(args: argparse.Namespace, err: OSError) -> bool:

@@ -276,6 +276,23 @@ def stop_runs_when(event: Any) -> None:
     _study_stop = event
 
 
+#: The signal that last asked this process to stop (None: none did); the
+#: command's exit status is 128 + it, as a shell reports a process ended by it.
+_stop_signal: int | None = None
+
+
+def note_stop_signal(signum: int | None) -> None:
+    """Remember that ``signum`` (SIGINT, SIGTERM) asked this process to stop;
+    None forgets it (a command starting)."""
+    global _stop_signal
+    _stop_signal = None if signum is None else int(signum)
+
+
+def stop_signal() -> int | None:
+    """The signal that last asked this process to stop, or None."""
+    return _stop_signal
+
+
 def study_stopping() -> bool:
     """Whether this process's study asked its runs to stop (:func:`stop_runs_when`)."""
     return _study_stop is not None and _study_stop.is_set()
@@ -301,6 +318,7 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
+        note_stop_signal(signum)
         if self._signalled:
             raise KeyboardInterrupt
         self._signalled = True

@@ -31,7 +31,7 @@ import torch
 
 from .config import TrainConfig
 from .processes import Processes
-from .folder import _main_thread, atomic_write_text, hold_lock, stop_runs_when, study_stopping
+from .folder import _main_thread, atomic_write_text, hold_lock, note_stop_signal, stop_runs_when, study_stopping
 from .run import train
 
 __all__ = ["RunStopped", "run_key", "run_configs", "run_jobs", "write_results", "read_results", "parse_list"]
@@ -250,6 +250,7 @@ def terminate_as_interrupt():
         return
 
     def interrupt(signum, frame):
+        note_stop_signal(signum)
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt)
