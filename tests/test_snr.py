@@ -206,8 +206,11 @@ def _grads_with_non_finite_steps(n=12, size=5, bad=(3, 7, 8)):
 
 
 def test_update_reads_nothing_back_to_the_host():
+    """The accelerators' masked path (forced here on CPU tensors; on the CPU itself a branch is cheaper)."""
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     tracker = GradientSNR(model, beta=0.9)
+    assert not tracker._masked  # the CPU's choice
+    tracker._masked = True
     grads = _grads_with_non_finite_steps(size=sum(p.numel() for p in model.parameters()))
     with _host_reads_raise():
         for i, flat in enumerate(grads):
@@ -252,14 +255,16 @@ def _plain_moments(grads, beta):
     return m, v
 
 
-def test_a_skipped_step_leaves_every_statistic_bit_identical():
+@pytest.mark.parametrize("masked", [False, True], ids=["cpu-branch", "masked"])
+def test_a_skipped_step_leaves_every_statistic_bit_identical(masked):
     """A non-finite step is exactly no step (a NaN in a masked-out lane must
     not leak: 0 * NaN is NaN), and the finite steps are folded in with the
-    plain arithmetic bit for bit."""
+    plain arithmetic bit for bit, on both paths."""
     grads = _grads_with_non_finite_steps()
     finite = [g for g in grads if torch.isfinite(g).all()]
     p = torch.nn.Parameter(torch.zeros(5))
     with_bad, without = GradientSNR([p], beta=0.9), GradientSNR([p], beta=0.9)
+    with_bad._masked = without._masked = masked
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # state_dict() reports the skipped steps
         for g in grads:

@@ -15,10 +15,11 @@ loop: call :meth:`GradientSNR.update` after ``backward()`` and before the
 gradients are zeroed, or let :meth:`GradientSNR.attach` call it from an
 optimizer step pre-hook.
 
-:meth:`GradientSNR.update` never reads a value back to the host (no device
-synchronisation in a GPU training loop): a step whose gradient holds NaN or inf
-is left out by a masked update on the device, counted there, and reported by a
-warning when the results are next read (:meth:`~GradientSNR.snr`,
+On an accelerator :meth:`GradientSNR.update` never reads a value back to the
+host (no device synchronisation in a GPU training loop): a step whose gradient
+holds NaN or inf is left out by a masked update on the device, counted there
+(on the CPU, where a read costs nothing, by a plain branch: the same bits), and
+reported by a warning when the results are next read (:meth:`~GradientSNR.snr`,
 :meth:`~GradientSNR.summary`, :meth:`~GradientSNR.state_dict`).
 """
 
@@ -60,7 +61,7 @@ class GradientSNR:
 
     Notes
     -----
-    :meth:`update` runs without a host synchronisation: the finite check, the
+    On an accelerator :meth:`update` runs without a host synchronisation: the finite check, the
     choice between the updated and the unchanged averages (``torch.where``, so
     that a NaN of a left-out step cannot leak into them) and both counts stay
     on the parameters' device. The warning about left-out steps therefore
@@ -109,6 +110,10 @@ class GradientSNR:
         self.v = torch.zeros(total, dtype=dtype, device=device)
         # (updates folded in, updates left out), on the device: update() never reads them.
         self._counts = torch.zeros(2, dtype=torch.int64, device=device)
+        # On the CPU a read-back costs nothing and the masked update took 1.1-1.4x the in-place
+        # one's time (0.1-1M parameters, one thread, interleaved); on an accelerator the masked
+        # update saves a synchronisation per step. Both give the same bits (tested).
+        self._masked = device.type != "cpu"
         self._warned = False  # the left-out steps were reported (once per tracker)
 
     @property
@@ -128,9 +133,11 @@ class GradientSNR:
         A gradient holding NaN or inf (a mixed-precision step whose scale
         overflowed, a diverged step) is left out, as a ``GradScaler`` skips
         the optimizer's step: folded in, it would leave the averages NaN for
-        good. Nothing is read back to the host: the check runs on the device
-        and the step is applied masked, so that a left-out step leaves the
-        averages bit for bit as they were and adds one to :attr:`skipped`.
+        good. A left-out step leaves the averages bit for bit as they were
+        and adds one to :attr:`skipped`. On an accelerator nothing is read
+        back to the host: the check runs on the device and the step is
+        applied masked; on the CPU, where a read-back is free, a branch
+        applies it in place (cheaper; the same bits).
         The warning about left-out steps comes when the results are read
         (see Notes of :class:`GradientSNR`).
 
@@ -145,6 +152,12 @@ class GradientSNR:
             (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(self.m.dtype) for p in self.params
         ])
         ok = torch.isfinite(g).all()
+        if not self._masked:
+            if bool(ok):
+                self.m.mul_(self.beta).add_(g, alpha=1 - self.beta)
+                self.v.mul_(self.beta).addcmul_(g, g, value=1 - self.beta)
+            self._counts.add_(torch.stack((ok, ~ok)))
+            return ok
         # The arithmetic of the plain update, out of place, then chosen lane by lane: a
         # left-out step's NaN stays in the discarded candidate (0 * NaN would be NaN).
         candidate = self.m.mul(self.beta).add_(g, alpha=1 - self.beta)
