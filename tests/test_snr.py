@@ -1,4 +1,7 @@
+import contextlib
+import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -145,24 +148,217 @@ def test_snr_does_not_change_with_the_gradients_scale_and_is_right_at_high_snr()
 
 def test_a_non_finite_gradient_is_skipped_not_folded_in():
     """One inf gradient used to leave the averages NaN for good; it is left
-    out (as a GradScaler leaves out the step), with one warning, counted, and
-    the result equals the stream without it."""
+    out (as a GradScaler leaves out the step), counted, with one warning when
+    the result is read, and the result equals the stream without it."""
     torch.manual_seed(1)
     stream = [1.0 + torch.randn(3, dtype=torch.float64) for _ in range(50)]
     p = torch.nn.Parameter(torch.zeros(3))
     tracker = GradientSNR([p], beta=0.9)
-    with pytest.warns(RuntimeWarning, match="NaN or inf"):
-        for i, g in enumerate(stream):
-            if i in (10, 20):
-                p.grad = torch.tensor([float("inf"), 1.0, float("nan")])
-                assert tracker.update() is False
-            p.grad = g.float()
-            assert tracker.update() is True
+    for i, g in enumerate(stream):
+        if i in (10, 20):
+            p.grad = torch.tensor([float("inf"), 1.0, float("nan")])
+            assert not tracker.update()
+        p.grad = g.float()
+        assert tracker.update()
     assert tracker.skipped == 2 and tracker.steps == 50
-    torch.testing.assert_close(tracker.snr().double(), _ema_snr_float64(stream, beta=0.9), rtol=1e-5, atol=0)
+    with pytest.warns(RuntimeWarning, match="NaN or inf"):
+        got = tracker.snr()
+    torch.testing.assert_close(got.double(), _ema_snr_float64(stream, beta=0.9), rtol=1e-5, atol=0)
     restored = GradientSNR([p], beta=0.9)
     restored.load_state_dict(tracker.state_dict())
     assert restored.skipped == 2 and torch.equal(restored.snr(), tracker.snr())
     old = {k: v for k, v in tracker.state_dict().items() if k != "skipped"}  # a state saved before the count
     restored.load_state_dict(old)
     assert restored.skipped == 0 and torch.equal(restored.snr(), tracker.snr())
+
+
+# ---------------------------------------------------------------------------
+# update() never reads a value back to the host (no device synchronisation)
+
+_HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def _host_reads_raise():
+    """Every Python-level way of reading a tensor's value on the host raises
+    inside the block (on a GPU each of them is a device synchronisation)."""
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            raise AssertionError(f"Tensor.{name}() read a value back to the host")
+        return method
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in _HOST_READS:
+            patch.setattr(torch.Tensor, name, refuse(name))
+        with pytest.raises(AssertionError):  # the guard itself works
+            bool(torch.ones(()))
+        yield
+
+
+def _grads_with_non_finite_steps(n=12, size=5, bad=(3, 7, 8)):
+    g = torch.Generator().manual_seed(3)
+    grads = [1.0 + torch.randn(size, generator=g) for _ in range(n)]
+    for i in bad:
+        grads[i] = grads[i].clone()
+        grads[i][1] = float("nan")
+        grads[i][3] = float("inf") if i % 2 else -float("inf")
+    return grads
+
+
+def test_update_reads_nothing_back_to_the_host():
+    """The accelerators' masked path (forced here on CPU tensors; on the CPU itself a branch is cheaper)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    tracker = GradientSNR(model, beta=0.9)
+    assert not tracker._masked  # the CPU's choice
+    tracker._masked = True
+    grads = _grads_with_non_finite_steps(size=sum(p.numel() for p in model.parameters()))
+    with _host_reads_raise():
+        for i, flat in enumerate(grads):
+            chunks = flat.split([p.numel() for p in model.parameters()])
+            for p, c in zip(model.parameters(), chunks):
+                p.grad = c.reshape(p.shape).clone()
+            if i == 5:
+                model[1].bias.grad = None  # a missing gradient counts as zero
+            tracker.update()
+    assert tracker.steps == 9 and tracker.skipped == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_update_does_not_synchronise_the_gpu():
+    model = torch.nn.Linear(64, 32).cuda()
+    tracker = GradientSNR(model, beta=0.9)
+    model(torch.randn(16, 64, device="cuda")).square().mean().backward()
+    bad = [p.grad.clone() for p in model.parameters()]
+    bad[0][0, 0] = float("nan")
+    torch.cuda.synchronize()
+    good = [p.grad for p in model.parameters()]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for grads in (good, bad, good):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g
+            tracker.update()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert tracker.steps == 2 and tracker.skipped == 1
+    assert torch.isfinite(tracker.snr()).all()
+
+
+def _plain_moments(grads, beta):
+    """The unmasked update (the arithmetic update() did before it was masked)."""
+    m = torch.zeros(grads[0].numel(), dtype=torch.float64)
+    v = torch.zeros_like(m)
+    for g in grads:
+        g = g.reshape(-1).to(torch.float64)
+        m.mul_(beta).add_(g, alpha=1 - beta)
+        v.mul_(beta).addcmul_(g, g, value=1 - beta)
+    return m, v
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["cpu-branch", "masked"])
+def test_a_skipped_step_leaves_every_statistic_bit_identical(masked):
+    """A non-finite step is exactly no step (a NaN in a masked-out lane must
+    not leak: 0 * NaN is NaN), and the finite steps are folded in with the
+    plain arithmetic bit for bit, on both paths."""
+    grads = _grads_with_non_finite_steps()
+    finite = [g for g in grads if torch.isfinite(g).all()]
+    p = torch.nn.Parameter(torch.zeros(5))
+    with_bad, without = GradientSNR([p], beta=0.9), GradientSNR([p], beta=0.9)
+    with_bad._masked = without._masked = masked
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # state_dict() reports the skipped steps
+        for g in grads:
+            p.grad = g
+            before = with_bad.state_dict()
+            folded = with_bad.update()
+            assert isinstance(folded, torch.Tensor) and bool(folded) == bool(torch.isfinite(g).all())
+            if not folded:
+                after = with_bad.state_dict()
+                assert torch.equal(after["m"], before["m"]) and torch.equal(after["v"], before["v"])
+                assert after["steps"] == before["steps"] and after["skipped"] == before["skipped"] + 1
+        for g in finite:
+            p.grad = g
+            without.update()
+        a, b = with_bad.state_dict(), without.state_dict()
+        m, v = _plain_moments(finite, 0.9)
+        assert torch.equal(a["m"], b["m"]) and torch.equal(a["v"], b["v"]) and torch.equal(a["m"], m)
+        assert torch.equal(a["v"], v) and torch.isfinite(a["m"]).all() and torch.isfinite(a["v"]).all()
+        assert (a["steps"], a["skipped"], b["steps"], b["skipped"]) == (9, 3, 9, 0)
+        assert torch.equal(with_bad.snr(), without.snr()) and with_bad.summary() == without.summary()
+
+
+def test_the_skip_warning_comes_once_when_the_result_is_read():
+    p = torch.nn.Parameter(torch.zeros(3))
+    tracker = GradientSNR([p], beta=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # update() itself cannot warn: it does not know yet
+        for g in ([1.0, 2.0, 3.0], [float("nan"), 1.0, 1.0], [2.0, 1.0, 0.5]):
+            p.grad = torch.tensor(g)
+            tracker.update()
+    with pytest.warns(RuntimeWarning, match="NaN or inf") as caught:
+        tracker.summary()
+    assert len(caught) == 1 and "1 of 3" in str(caught[0].message) and caught[0].filename == __file__
+    p.grad = torch.tensor([float("inf")] * 3)
+    tracker.update()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per tracker
+        tracker.snr(), tracker.summary(), tracker.state_dict()
+    assert tracker.skipped == 2
+    # state_dict() is a read too: a checkpoint taken before any summary warns.
+    fresh = GradientSNR([p], beta=0.9)
+    p.grad = torch.tensor([float("nan")] * 3)
+    fresh.update()
+    with pytest.warns(RuntimeWarning, match="NaN or inf") as caught:
+        fresh.state_dict()
+    assert len(caught) == 1 and caught[0].filename == __file__
+    # Every update skipped: the SNR is refused, and the warning says why.
+    none_folded = GradientSNR([p], beta=0.9)
+    none_folded.update()
+    with pytest.warns(RuntimeWarning, match="NaN or inf"), pytest.raises(RuntimeError, match="1 update skipped"):
+        none_folded.snr()
+
+
+def test_state_round_trip_through_torch_save_with_the_skipped_count():
+    grads = _grads_with_non_finite_steps()
+    p = torch.nn.Parameter(torch.zeros(5))
+    tracker = GradientSNR([p], beta=0.9)
+    for g in grads:
+        p.grad = g
+        tracker.update()
+    buffer = io.BytesIO()
+    with pytest.warns(RuntimeWarning, match="NaN or inf"):
+        torch.save(tracker.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert state["steps"] == 9 and state["skipped"] == 3
+    restored = GradientSNR([p], beta=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the saving tracker warned already
+        restored.load_state_dict(state)
+        assert restored.steps == 9 and restored.skipped == 3
+        assert torch.equal(restored.snr(), tracker.snr())
+        # and it goes on counting where it left off
+        p.grad = grads[3]
+        restored.update()
+    assert restored.skipped == 4 and restored.steps == 9
+
+
+def test_an_old_format_state_loads():
+    """States saved before the skipped count (no "skipped"), and with it as a
+    plain int (before the count lived on the device), load; so do counts
+    saved as 0-dim tensors."""
+    m = torch.tensor([0.5, -0.25, 0.0], dtype=torch.float64)
+    v = torch.tensor([0.5, 0.125, 0.0], dtype=torch.float64)
+    p = torch.nn.Parameter(torch.zeros(3))
+    for state, skipped in (({"steps": 4, "m": m, "v": v}, 0),
+                           ({"steps": 4, "m": m, "v": v, "skipped": 2}, 2),
+                           ({"steps": torch.tensor(4), "m": m, "v": v, "skipped": torch.tensor(2)}, 2)):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        tracker = GradientSNR([p], beta=0.5)
+        tracker.load_state_dict(torch.load(buffer, weights_only=True))
+        assert (tracker.steps, tracker.skipped) == (4, skipped)
+        assert torch.equal(tracker.state_dict()["m"], m) and torch.equal(tracker.state_dict()["v"], v)
+        c = 1 - 0.5**4
+        assert tracker.snr()[0].item() == pytest.approx(abs(0.5 / c) / math.sqrt(0.5 / c - (0.5 / c) ** 2), rel=1e-6)
