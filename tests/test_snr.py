@@ -223,7 +223,7 @@ def test_update_reads_nothing_back_to_the_host():
     assert tracker.steps == 9 and tracker.skipped == 3
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda  # run by bench/gpu_check.sh (pytest -m cuda)
 def test_update_does_not_synchronise_the_gpu():
     model = torch.nn.Linear(64, 32).cuda()
     tracker = GradientSNR(model, beta=0.9)
