@@ -324,3 +324,25 @@ def test_rows_of_one_index_in_the_query_document_form_with_hard_negatives():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
     for gg, w in zip(torch.autograd.grad(got, (q, d)), torch.autograd.grad(want, (q, d))):
         torch.testing.assert_close(gg, w, rtol=1e-10, atol=1e-12)
+
+
+def test_a_call_in_another_precision_than_the_first_is_enqueued():
+    # The first entries decide the queue's dtype; a later call in another
+    # precision (a float32 sanity check, then autocast training; a loss moved
+    # with .double() after its queue filled) failed in the enqueue, after the
+    # loss was computed, with torch's "Index put requires the source and
+    # destination dtypes match".
+    encoder = nn.Linear(4, 3)
+    x1, x2 = torch.randn(5, 4), torch.randn(5, 4)
+    loss_fn = InfoNCE(temperature=TAU, queue_size=20)
+    loss_fn(encoder(x1), encoder(x2), indices=torch.arange(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z1, z2 = encoder(x1), encoder(x2)
+        assert z1.dtype == torch.bfloat16
+        loss_fn(z1, z2, indices=torch.arange(5, 10))
+    assert len(loss_fn.queue) == 20 and loss_fn.queue.embeddings.dtype == torch.float32
+    want = torch.nn.functional.normalize(z1.float(), dim=1)
+    torch.testing.assert_close(loss_fn.queue.entries(0)[0][10:15], want, rtol=0, atol=2e-2)  # bfloat16 rounding
+    loss_fn.double()  # the filled queue becomes float64; float32 calls go on
+    loss_fn(encoder(x1), encoder(x2), indices=torch.arange(10, 15))
+    assert loss_fn.queue.embeddings.dtype == torch.float64

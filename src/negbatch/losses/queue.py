@@ -53,7 +53,11 @@ class NegativeQueue(nn.Module):
     write) and ``filled`` (roles,) long (entries held). The width d and the
     dtype are taken from the first enqueue; ``load_state_dict`` adopts the
     saved width, so a fresh queue loads any checkpoint (``torch.load`` with
-    ``weights_only=True`` reads it: every entry is a tensor).
+    ``weights_only=True`` reads it: every entry is a tensor). Later entries
+    are cast to the queue's dtype: a call in another precision than the
+    first (a float32 sanity check before ``torch.autocast`` training, a
+    bfloat16 checkpoint evaluated in float32, the loss moved with
+    ``.double()``) is stored, not refused.
 
     Examples
     --------
@@ -133,7 +137,9 @@ class NegativeQueue(nn.Module):
             e = self.size
         start = int(self.pointer[role])
         slots = (torch.arange(e, device=self.indices.device) + start) % self.size
-        self.embeddings[role, slots] = embeddings.to(self.embeddings.device)
+        # Cast to the queue's dtype: the precision may change between calls
+        # (autocast on or off); index_put would refuse the mismatch.
+        self.embeddings[role, slots] = embeddings.to(device=self.embeddings.device, dtype=self.embeddings.dtype)
         self.indices[role, slots] = indices.to(self.indices.device)
         if labels is not None:
             self.labels[role, slots] = labels.to(self.indices.device)
