@@ -346,3 +346,12 @@ def test_a_call_in_another_precision_than_the_first_is_enqueued():
     loss_fn.double()  # the filled queue becomes float64; float32 calls go on
     loss_fn(encoder(x1), encoder(x2), indices=torch.arange(10, 15))
     assert loss_fn.queue.embeddings.dtype == torch.float64
+
+
+@pytest.mark.parametrize("bad", ["no", 0, None])
+def test_update_must_be_a_bool(bad):
+    # update="no" is truthy: it filled the queue it was meant to leave alone.
+    loss_fn = InfoNCE(temperature=TAU, queue_size=8)
+    with pytest.raises(TypeError, match="update must be True or False"):
+        loss_fn(*_views(0), indices=torch.arange(5), update=bad)
+    assert len(loss_fn.queue) == 0
