@@ -355,3 +355,23 @@ def test_update_must_be_a_bool(bad):
     with pytest.raises(TypeError, match="update must be True or False"):
         loss_fn(*_views(0), indices=torch.arange(5), update=bad)
     assert len(loss_fn.queue) == 0
+
+
+def test_enqueue_names_a_bad_argument():
+    # NegativeQueue is public: misuse gave "not enough values to unpack", an
+    # IndexError or torch's "Index put requires the source and destination
+    # dtypes match" (float indices), after nothing or part was written.
+    q = NegativeQueue(3, roles=2)
+    with pytest.raises(ValueError, match=r"role must be an int in \[0, 2\)"):
+        q.enqueue(2, torch.zeros(2, 3), torch.arange(2))
+    with pytest.raises(ValueError, match=r"embeddings must be a 2-d floating-point tensor \(E, d\).*shape \(3,\)"):
+        q.enqueue(0, torch.zeros(3), torch.arange(3))
+    with pytest.raises(ValueError, match="embeddings must be a 2-d floating-point tensor"):
+        q.enqueue(0, torch.zeros(2, 3, dtype=torch.long), torch.arange(2))
+    with pytest.raises(TypeError, match=r"indices must be an integer tensor \(torch.long\).*float32"):
+        q.enqueue(0, torch.zeros(2, 3), torch.arange(2.0))
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        q.enqueue(0, torch.zeros(2, 3), torch.arange(2), torch.zeros(2))
+    assert len(q) == 0 and q.embeddings.shape[2] == 0
+    q.enqueue(1, torch.zeros(2, 3), torch.arange(2, dtype=torch.int32))
+    assert q.entries(1)[1].tolist() == [0, 1]
