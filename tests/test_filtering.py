@@ -120,3 +120,23 @@ def test_the_filtered_share_is_in_the_embeddings_precision(dtype):
     assert share.dtype == dtype
     exact = int(loss_fn.last_filtered) / (16 * 14)
     assert float(share) == (exact if dtype == torch.float64 else float(torch.tensor(exact, dtype=torch.float32)))
+
+
+@pytest.mark.parametrize("margin", [2.0, 3.5, -2.0, -10.0])
+def test_a_margin_outside_the_cosine_range_is_refused(margin):
+    # Cosine similarities lie in [-1, 1]: a margin of 2 or more masked every
+    # candidate (InfoNCE returned 0.0 and learnt nothing), -2 or less none.
+    from negbatch import DCL, GlobalInfoNCE
+
+    for make in (lambda: InfoNCE(filter_margin=margin), lambda: SigLIP(filter_margin=margin),
+                 lambda: DCL(filter_margin=margin), lambda: ReLIC(filter_margin=margin),
+                 lambda: GlobalInfoNCE(8, filter_margin=margin)):
+        with pytest.raises(ValueError, match=r"filter_margin must lie in \(-2, 2\) when the loss \(normalize=True\)"):
+            make()
+    # Raw dot products have no such range; a guide's cosines do.
+    z1, z2 = torch.randn(4, 3), torch.randn(4, 3)
+    raw = InfoNCE(filter_margin=margin, normalize=False)
+    assert torch.isfinite(raw(z1, z2))
+    with pytest.raises(ValueError, match=r"filter_margin must lie in \(-2, 2\) when the guide judges"):
+        raw(z1, z2, guide=(z1, z2))
+    InfoNCE(filter_margin=1.99)(z1, z2)

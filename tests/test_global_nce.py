@@ -422,3 +422,13 @@ def test_the_state_stays_float32_when_the_module_is_cast_to_half_precision():
         assert cast.visited.dtype == torch.bool
     assert copy.deepcopy(loss).double().log_nu.dtype == torch.float64
     assert copy.deepcopy(loss).half().log_nu.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad", ["no", 0, None])
+def test_update_must_be_a_bool(bad):
+    # update="no" is truthy: it ran the E-step it was meant to skip.
+    z1, z2 = _data(seed=3)
+    loss_fn = GlobalInfoNCE(6, temperature=TAU).double()
+    with pytest.raises(TypeError, match="update must be True or False"):
+        loss_fn(z1, z2, torch.arange(6), update=bad)
+    assert int(loss_fn.num_updates) == 0 and not loss_fn.visited.any()

@@ -324,3 +324,54 @@ def test_rows_of_one_index_in_the_query_document_form_with_hard_negatives():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
     for gg, w in zip(torch.autograd.grad(got, (q, d)), torch.autograd.grad(want, (q, d))):
         torch.testing.assert_close(gg, w, rtol=1e-10, atol=1e-12)
+
+
+def test_a_call_in_another_precision_than_the_first_is_enqueued():
+    # The first entries decide the queue's dtype; a later call in another
+    # precision (a float32 sanity check, then autocast training; a loss moved
+    # with .double() after its queue filled) failed in the enqueue, after the
+    # loss was computed, with torch's "Index put requires the source and
+    # destination dtypes match".
+    encoder = nn.Linear(4, 3)
+    x1, x2 = torch.randn(5, 4), torch.randn(5, 4)
+    loss_fn = InfoNCE(temperature=TAU, queue_size=20)
+    loss_fn(encoder(x1), encoder(x2), indices=torch.arange(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z1, z2 = encoder(x1), encoder(x2)
+        assert z1.dtype == torch.bfloat16
+        loss_fn(z1, z2, indices=torch.arange(5, 10))
+    assert len(loss_fn.queue) == 20 and loss_fn.queue.embeddings.dtype == torch.float32
+    want = torch.nn.functional.normalize(z1.float(), dim=1)
+    torch.testing.assert_close(loss_fn.queue.entries(0)[0][10:15], want, rtol=0, atol=2e-2)  # bfloat16 rounding
+    loss_fn.double()  # the filled queue becomes float64; float32 calls go on
+    loss_fn(encoder(x1), encoder(x2), indices=torch.arange(10, 15))
+    assert loss_fn.queue.embeddings.dtype == torch.float64
+
+
+@pytest.mark.parametrize("bad", ["no", 0, None])
+def test_update_must_be_a_bool(bad):
+    # update="no" is truthy: it filled the queue it was meant to leave alone.
+    loss_fn = InfoNCE(temperature=TAU, queue_size=8)
+    with pytest.raises(TypeError, match="update must be True or False"):
+        loss_fn(*_views(0), indices=torch.arange(5), update=bad)
+    assert len(loss_fn.queue) == 0
+
+
+def test_enqueue_names_a_bad_argument():
+    # NegativeQueue is public: misuse gave "not enough values to unpack", an
+    # IndexError or torch's "Index put requires the source and destination
+    # dtypes match" (float indices), after nothing or part was written.
+    q = NegativeQueue(3, roles=2)
+    with pytest.raises(ValueError, match=r"role must be an int in \[0, 2\)"):
+        q.enqueue(2, torch.zeros(2, 3), torch.arange(2))
+    with pytest.raises(ValueError, match=r"embeddings must be a 2-d floating-point tensor \(E, d\).*shape \(3,\)"):
+        q.enqueue(0, torch.zeros(3), torch.arange(3))
+    with pytest.raises(ValueError, match="embeddings must be a 2-d floating-point tensor"):
+        q.enqueue(0, torch.zeros(2, 3, dtype=torch.long), torch.arange(2))
+    with pytest.raises(TypeError, match=r"indices must be an integer tensor \(torch.long\).*float32"):
+        q.enqueue(0, torch.zeros(2, 3), torch.arange(2.0))
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        q.enqueue(0, torch.zeros(2, 3), torch.arange(2), torch.zeros(2))
+    assert len(q) == 0 and q.embeddings.shape[2] == 0
+    q.enqueue(1, torch.zeros(2, 3), torch.arange(2, dtype=torch.int32))
+    assert q.entries(1)[1].tolist() == [0, 1]

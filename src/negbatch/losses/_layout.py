@@ -56,7 +56,7 @@ from .._checks import (
 )
 from ..distributed import gather_nograd, gather_with_grad, global_batch_mean, global_batch_sum
 from ..negatives import NegativeSelection, _select, validate_negatives
-from .filtering import _false_negatives, check_filter
+from .filtering import _false_negatives, check_cosine_margin, check_filter
 from .temperature import LearnableTemperature
 
 Bank = Literal["both_views", "other_view"]
@@ -408,6 +408,8 @@ class BankLoss(nn.Module):
         self.on_shortage, self.reduction, self.check_finite = on_shortage, reduction, check_finite
         self.positives = check_choice(positives, "positives", ("pair", "mask"))
         self.filter_margin, self.filter_top = check_filter(filter_margin, filter_top)
+        if normalize:
+            check_cosine_margin(self.filter_margin, "the loss (normalize=True)")
         check_flag(learnable_temperature, "learnable_temperature")
         self.logit_scale = LearnableTemperature(self.temperature) if learnable_temperature else None
         #: After each call with filtering: candidates masked as likely false
@@ -541,6 +543,8 @@ class BankLoss(nn.Module):
                     "guide= cannot be combined with a queue (queue_size > 0): the queue's entries have no guide "
                     "embeddings; leave guide= out to filter with the model's own embeddings"
                 )
+            if not self.normalize:  # the guide's similarities are cosines, the loss's are not
+                check_cosine_margin(self.filter_margin, "the guide")
             judges = self._guide_layout(guide, layout, bank).directions
         hits = total = None
         directions = []

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import refuse_second_order
+from .._checks import check_flag, refuse_second_order
 from ._exp import exp_floored_
 from ..distributed import any_rank, gather_nograd, is_distributed
 from ..negatives import NegativeSelection, selection_logits
@@ -235,6 +235,7 @@ class SoftmaxLoss(BankLoss):
         generator: torch.Generator | None = None,
         update: bool = True,
     ) -> Tensor:
+        check_flag(update, "update")  # update="no" would count as True and fill the queue
         if self._plain_call(a, b, hard_negatives, indices, labels, mask, guide):
             return self._plain_forward(a, b, generator)
         self._check_views(a, b)

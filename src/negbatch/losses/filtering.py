@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["false_negative_mask", "check_filter"]
+__all__ = ["false_negative_mask", "check_filter", "check_cosine_margin"]
 
 
 def check_filter(margin: float | None, top: float | None) -> tuple[float | None, float | None]:
@@ -36,6 +36,17 @@ def check_filter(margin: float | None, top: float | None) -> tuple[float | None,
             )
         top = float(top)
     return margin, top
+
+
+def check_cosine_margin(margin: float | None, judged_by: str) -> None:
+    """With cosine similarities (in [-1, 1]) a margin of 2 or more masks every
+    candidate of every anchor (the loss then learns nothing from negatives),
+    and -2 or less masks none: refuse both, naming the option."""
+    if margin is not None and not -2.0 < margin < 2.0:
+        raise ValueError(
+            f"filter_margin must lie in (-2, 2) when {judged_by} judges by cosine similarity (in [-1, 1]), got "
+            f"{margin!r}: a margin >= 2 masks every candidate and one <= -2 none (GISTEmbed: 0; try 0 to 0.1)"
+        )
 
 
 @torch.no_grad()

@@ -551,6 +551,7 @@ class GlobalInfoNCE(BankLoss):
         generator: torch.Generator | None = None,
         update: bool = True,
     ) -> Tensor:
+        check_flag(update, "update")  # update="no" would count as True and run the E-step
         indices = self._check_inputs(a, b, indices)
         all_indices = self._global_indices(indices) if update else indices
         self.check_indices(all_indices)

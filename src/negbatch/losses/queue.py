@@ -53,7 +53,11 @@ class NegativeQueue(nn.Module):
     write) and ``filled`` (roles,) long (entries held). The width d and the
     dtype are taken from the first enqueue; ``load_state_dict`` adopts the
     saved width, so a fresh queue loads any checkpoint (``torch.load`` with
-    ``weights_only=True`` reads it: every entry is a tensor).
+    ``weights_only=True`` reads it: every entry is a tensor). Later entries
+    are cast to the queue's dtype: a call in another precision than the
+    first (a float32 sanity check before ``torch.autocast`` training, a
+    bfloat16 checkpoint evaluated in float32, the loss moved with
+    ``.double()``) is stored, not refused.
 
     Examples
     --------
@@ -119,6 +123,17 @@ class NegativeQueue(nn.Module):
         ``indices`` (E,) and optional ``labels`` (E,), overwriting the oldest
         entries once the queue is full (of more than ``size`` rows, only the
         last ``size`` are kept)."""
+        if isinstance(role, bool) or not isinstance(role, int) or not 0 <= role < self.roles:
+            raise ValueError(f"role must be an int in [0, {self.roles}) (this queue holds {self.roles}), got {role!r}")
+        if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or not embeddings.is_floating_point():
+            got = f"shape {tuple(embeddings.shape)}, dtype {embeddings.dtype}" if isinstance(embeddings, Tensor) \
+                else type(embeddings).__name__
+            raise ValueError(f"embeddings must be a 2-d floating-point tensor (E, d), one row per entry, got {got}")
+        for name, value in (("indices", indices), ("labels", labels)):
+            if value is not None and (not isinstance(value, Tensor) or value.is_floating_point() or value.is_complex()
+                                      or value.dtype == torch.bool):
+                got = value.dtype if isinstance(value, Tensor) else type(value).__name__
+                raise TypeError(f"{name} must be an integer tensor (torch.long), one per embedding, got {got}")
         embeddings = embeddings.detach()
         e, d = embeddings.shape
         if indices.shape != (e,) or (labels is not None and labels.shape != (e,)):
@@ -133,10 +148,12 @@ class NegativeQueue(nn.Module):
             e = self.size
         start = int(self.pointer[role])
         slots = (torch.arange(e, device=self.indices.device) + start) % self.size
-        self.embeddings[role, slots] = embeddings.to(self.embeddings.device)
-        self.indices[role, slots] = indices.to(self.indices.device)
+        # Cast to the queue's dtype: the precision may change between calls
+        # (autocast on or off); index_put would refuse the mismatch.
+        self.embeddings[role, slots] = embeddings.to(device=self.embeddings.device, dtype=self.embeddings.dtype)
+        self.indices[role, slots] = indices.to(device=self.indices.device, dtype=torch.long)
         if labels is not None:
-            self.labels[role, slots] = labels.to(self.indices.device)
+            self.labels[role, slots] = labels.to(device=self.indices.device, dtype=torch.long)
         self.labelled[role, slots] = labels is not None
         self.pointer[role] = (start + e) % self.size
         self.filled[role] = min(self.size, int(self.filled[role]) + e)
