@@ -426,3 +426,15 @@ def test_sigterm_outside_the_training_loops_stops_the_command_cleanly(tmp_path):
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM  # 143, as a shell reports a process SIGTERM ended
     assert "stopped; everything finished is kept: run the same command again to resume" in rest
     assert list((tmp_path / "gc" / "measurements").glob("*.json"))
+
+
+def test_under_torchrun_an_error_names_the_rank_that_prints_it(tmp_path, capsys, monkeypatch):
+    """Every process of a torchrun job checks the same options and prints the same error: the ones
+    other than rank 0 name their rank, so N identical lines read as one error seen N times."""
+    argv = ["train", *TINY, "--temperature", "-1", "--out", str(tmp_path / "run")]
+    monkeypatch.setenv("RANK", "1")
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("negbatch train (rank 1): error: ")
+    monkeypatch.setenv("RANK", "0")
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("negbatch train: error: ")

@@ -289,10 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         if _about_out(args, err):  # the system's: --out cannot be made (under /proc, say)
             return _cannot_write(args, err)
-        print(f"negbatch {args.command}: error: {err}", file=sys.stderr)  # a data set, a file named in the options
+        print(f"{_speaker(args)}: error: {err}", file=sys.stderr)  # a data set, a file named in the options
         return 2
     except (ValueError, TypeError, ModuleNotFoundError) as err:  # the last: a missing extra
-        print(f"negbatch {args.command}: error: {err}", file=sys.stderr)
+        print(f"{_speaker(args)}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a folder that cannot be written: read-only, a file in its place, a full disk
         return _cannot_write(args, err)
@@ -309,6 +309,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"negbatch {args.command}: stopped{where}; everything finished is kept: run the same command again "
               f"to resume", file=sys.stderr)
         return status
+
+
+def _speaker(args: argparse.Namespace) -> str:
+    """Who says an error: under torchrun every process checks the same options and prints the same error,
+    so the processes other than rank 0 name their rank (a rank's own error, a missing file on one node,
+    stays visible)."""
+    rank = os.environ.get("RANK", "0")
+    return f"negbatch {args.command}" + (f" (rank {rank})" if rank != "0" else "")
 
 
 def _stopped_status() -> int:
@@ -333,7 +341,7 @@ def _about_out(args: argparse.Namespace, err: OSError) -> bool:
 def _cannot_write(args: argparse.Namespace, err: OSError) -> int:
     where = f" {os.fsdecode(err.filename)}" if err.filename else ""
     option = "--out" if _about_out(args, err) else "--out, or the report's folder"
-    print(f"negbatch {args.command}: error: cannot write{where}: {err.strerror or err}; give a writable folder "
+    print(f"{_speaker(args)}: error: cannot write{where}: {err.strerror or err}; give a writable folder "
           f"({option})", file=sys.stderr)
     return 2
 
