@@ -94,6 +94,23 @@ def test_report_judges_each_method_by_holms_adjusted_p(tmp_path):
     assert "Holm's adjusted p over the 3 comparisons" in text
 
 
+def test_report_of_one_seed_shows_no_spread_and_names_no_empty_family(tmp_path):
+    """A study stopped after its first seed: each change is one value, not "± 0.000", and with no
+    test made the report did not speak of "Holm's adjusted p over the 0 comparisons"."""
+    rows = [_row(m, b, 0, v) for m, b, v in (("infonce", 16, 0.80), ("infonce", 64, 0.90), ("global", 16, 0.85),
+                                             ("global", 64, 0.90))]
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    (tmp_path / "study.json").write_text(json.dumps({
+        "study": "batch-size", "modality": "image", "methods": ["infonce", "global"], "batch_sizes": [16, 64],
+        "seeds": [0, 1], "k": 4, "queue_size": 128, "lr_scaling": "sqrt", "base": TrainConfig().to_dict(),
+        "n_train": 100, "workers": 1, "metric": ["linear_acc", "linear-probe accuracy"]}))
+    text = report(tmp_path).read_text()
+    line = next(l for l in text.splitlines() if l.startswith("- **global**"))
+    assert "changes by -0.050 (1 seed)" in line and "± 0.000" not in text
+    assert "over the 0 comparisons" not in text and "no method's change was tested against InfoNCE's" in text
+    assert "**4 of 8 runs missing**" in text
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "infonce,mocov3"], "--methods: unknown mocov3"),
     (["--seeds=-1,0"], "--seeds: -1 is negative"),
