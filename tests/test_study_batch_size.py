@@ -126,6 +126,27 @@ def test_bad_options_are_refused_by_name(tmp_path, capsys, argv, message):
     assert re.search(message, capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("argv, message", [
+    # Options no run of the plan reads were accepted, recorded in every run's config.json and ignored.
+    (["--alpha", "2"], "alpha: applies to loss='relic' only; no method of this study trains ReLIC"),
+    (["--methods", "infonce,dcl", "--gamma", "0.5"], "gamma: applies to loss='global' only; --methods has no global"),
+    (["--methods", "infonce", "--gamma-schedule", "linear"], "gamma_schedule: applies to loss='global' only"),
+    (["--momentum", "0.5"], "momentum: applies to optimizer sgd or lars only"),
+    # Read by the gradcache runs, but then they measure accumulation (fewer negatives), not GradCache.
+    (["--methods", "infonce,gradcache", "--chunk-method", "accumulate"],
+     "the batch-size study does not take chunk_method='accumulate'"),
+])
+def test_options_no_run_reads_or_that_change_a_method_are_refused(tmp_path, capsys, argv, message):
+    assert main(["study", "batch-size", "--data", "digits", "--out", str(tmp_path / "s"), *TINY,
+                 "--batch-sizes", "16,32", *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+    tmp_path.joinpath("c.toml").write_text("alpha = 2.0\n")  # from a config file alike
+    assert main(["study", "batch-size", "--data", "digits", "--out", str(tmp_path / "s"), *TINY,
+                 "--batch-sizes", "16,32", "--config", str(tmp_path / "c.toml")]) == 2
+    assert "alpha: applies to loss='relic' only" in capsys.readouterr().err
+
+
 def test_an_option_the_study_lacks_is_not_read_as_a_longer_one(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:  # argparse's abbreviations read it as --batch-sizes 16
         main(["study", "batch-size", "--data", "digits", "--out", str(tmp_path), *TINY, "--batch-size", "16"])

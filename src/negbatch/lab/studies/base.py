@@ -143,16 +143,20 @@ class Study:
 
     # ------------------------------------------------------------ configuration
 
-    def base_config(self, args: argparse.Namespace, **fixed: Any) -> TrainConfig:
-        """The configuration every run starts from: the study's defaults < the
-        ``--config`` file < the command line < ``fixed``."""
+    def given_options(self, args: argparse.Namespace) -> dict[str, Any]:
+        """The training options a user gave: the ``--config`` file's, then the command line's over them."""
         from_file = load_config_file(args.config) if getattr(args, "config", None) else {}
         from_file = {str(k).replace("-", "_"): v for k, v in from_file.items()}
         # The training options given on the command line (they default to argparse.SUPPRESS: present
         # only when given); a swept field's name may be a study option of another meaning.
         command_line = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__
                         if hasattr(args, k) and k not in self.swept}
-        given = {**without_replaced_length(from_file, command_line), **command_line}
+        return {**without_replaced_length(from_file, command_line), **command_line}
+
+    def base_config(self, args: argparse.Namespace, **fixed: Any) -> TrainConfig:
+        """The configuration every run starts from: the study's defaults < the
+        ``--config`` file < the command line < ``fixed``."""
+        given = self.given_options(args)
         # The study's own default data set when none is given (not TrainConfig's): its defaults depend on it.
         values = self.study_defaults(str(given.get("dataset", self.defaults.get("dataset", TrainConfig.dataset))))
         if "epochs" in given or "steps" in given:  # one given: the study's default of the other goes
