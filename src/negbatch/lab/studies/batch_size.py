@@ -117,25 +117,6 @@ def method_config(base: TrainConfig, method: str, batch: int, *, largest: int, k
     return cfg
 
 
-#: Why an option of one loss is read by no run of the plan (its methods).
-_NOT_TRAINED = {"alpha": "no method of this study trains ReLIC", "gamma": "--methods has no global",
-                "gamma_schedule": "--methods has no global"}
-
-
-def _unread(given: dict[str, Any], configs: list[TrainConfig]) -> list[str]:
-    """Of the training options a user gave, those no configuration of the plan reads, each with why."""
-    out = []
-    for name in given:
-        reasons = [c.inapplicable([name]) for c in configs]
-        if not configs or not all(reasons):
-            continue
-        if name in _NOT_TRAINED:
-            out.append(f"{reasons[0][0].split(' (')[0]}; {_NOT_TRAINED[name]}")
-        else:
-            out.append(reasons[0][0].replace("this run's", "every run's").replace("this run is", "no run is"))
-    return out
-
-
 def _workers_words(workers: int | list[int]) -> str:
     """'2 runs' or, for a study trained in parts with different counts, '1 or 2 runs'."""
     counts = workers if isinstance(workers, list) else [workers]
@@ -171,6 +152,8 @@ class BatchSizeStudy(Study):
     key_fields = ("loss", "negatives", "queue_size", "batch_size", "chunk_size", "seed")
     metric: ClassVar[tuple[str, str]] = ("linear_acc", "linear-probe accuracy")
     parallel_by_default = True
+    unread_hints = {"alpha": "no method of this study trains ReLIC", "gamma": "--methods has no global",
+                    "gamma_schedule": "--methods has no global"}
     fixed_options = {"chunk_method": (("cache",), "gradcache is InfoNCE of the whole batch computed in chunks; "
                                                   "accumulation (a loss per chunk, fewer negatives) is another method")}
 
@@ -231,10 +214,6 @@ class BatchSizeStudy(Study):
         # Seed-major: an interrupted study has every (method, B) cell at the same number of seeds.
         configs = [method_config(base.replace(seed=seed), m, b, **options) for seed in seeds for b in sizes
                    for m in methods]
-        unread = _unread(self.given_options(args), configs)
-        if unread:
-            raise ValueError("; ".join(unread) + ". No run of this study would read it: leave it unset (each "
-                             "run's config.json would record it as used)")
         out = self.out_folder(args, base.dataset)
         self.write_spec(out, {"methods": methods, "batch_sizes": sizes, "seeds": seeds, "k": args.k,
                               "queue_size": queue_size, "moco_momentum": args.moco_momentum,
