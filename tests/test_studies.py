@@ -227,3 +227,25 @@ def test_negatives_study_sweeps_the_config_files_temperature_unless_told_otherwi
     assert swept_temperatures(args) == [0.5]
     assert swept_temperatures(argparse.Namespace(**{**vars(args), "temperatures": "0.1,0.3"})) == [0.1, 0.3]
     assert swept_temperatures(argparse.Namespace(**{**vars(args), "config": None})) == [0.2]
+
+
+def test_report_of_a_folder_whose_tables_are_deleted_or_damaged_says_how_to_rebuild_them(tmp_path, capsys):
+    """A deleted results.json was reported as "no finished run yet" beside the finished runs, and a
+    truncated results.json or study.json as a bare JSON error naming neither file."""
+    from negbatch.cli import main
+
+    run_configs([TINY.replace(seed=s) for s in (0, 1)], tmp_path)
+    (tmp_path / "study.json").write_text(json.dumps({"study": "negatives", "modality": "image"}))
+    text = (tmp_path / "results.json").read_text()
+    (tmp_path / "results.json").unlink()
+    with pytest.raises(ValueError) as err:
+        read_results(tmp_path)
+    assert "2 run(s) under" in str(err.value) and "run the study's command again" in str(err.value)
+    (tmp_path / "results.json").write_text(text[: len(text) // 2])  # cut short: a full disk, a killed copy
+    with pytest.raises(ValueError) as err:
+        read_results(tmp_path)
+    assert "results.json is damaged" in str(err.value) and "run the study's command again" in str(err.value)
+    (tmp_path / "study.json").write_text('{"study": "neg')
+    assert main(["report", str(tmp_path)]) == 2
+    message = capsys.readouterr().err
+    assert "study.json is damaged" in message and "run the study's command again" in message

@@ -94,6 +94,23 @@ def test_report_judges_each_method_by_holms_adjusted_p(tmp_path):
     assert "Holm's adjusted p over the 3 comparisons" in text
 
 
+def test_report_of_one_seed_shows_no_spread_and_names_no_empty_family(tmp_path):
+    """A study stopped after its first seed: each change is one value, not "± 0.000", and with no
+    test made the report did not speak of "Holm's adjusted p over the 0 comparisons"."""
+    rows = [_row(m, b, 0, v) for m, b, v in (("infonce", 16, 0.80), ("infonce", 64, 0.90), ("global", 16, 0.85),
+                                             ("global", 64, 0.90))]
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    (tmp_path / "study.json").write_text(json.dumps({
+        "study": "batch-size", "modality": "image", "methods": ["infonce", "global"], "batch_sizes": [16, 64],
+        "seeds": [0, 1], "k": 4, "queue_size": 128, "lr_scaling": "sqrt", "base": TrainConfig().to_dict(),
+        "n_train": 100, "workers": 1, "metric": ["linear_acc", "linear-probe accuracy"]}))
+    text = report(tmp_path).read_text()
+    line = next(l for l in text.splitlines() if l.startswith("- **global**"))
+    assert "changes by -0.050 (1 seed)" in line and "± 0.000" not in text
+    assert "over the 0 comparisons" not in text and "no method's change was tested against InfoNCE's" in text
+    assert "**4 of 8 runs missing**" in text
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "infonce,mocov3"], "--methods: unknown mocov3"),
     (["--seeds=-1,0"], "--seeds: -1 is negative"),
@@ -107,6 +124,27 @@ def test_report_judges_each_method_by_holms_adjusted_p(tmp_path):
 def test_bad_options_are_refused_by_name(tmp_path, capsys, argv, message):
     assert main(["study", "batch-size", "--data", "digits", "--out", str(tmp_path), *TINY, *argv]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv, message", [
+    # Options no run of the plan reads were accepted, recorded in every run's config.json and ignored.
+    (["--alpha", "2"], "alpha: applies to loss='relic' only; no method of this study trains ReLIC"),
+    (["--methods", "infonce,dcl", "--gamma", "0.5"], "gamma: applies to loss='global' only; --methods has no global"),
+    (["--methods", "infonce", "--gamma-schedule", "linear"], "gamma_schedule: applies to loss='global' only"),
+    (["--momentum", "0.5"], "momentum: applies to optimizer sgd or lars only"),
+    # Read by the gradcache runs, but then they measure accumulation (fewer negatives), not GradCache.
+    (["--methods", "infonce,gradcache", "--chunk-method", "accumulate"],
+     "the batch-size study does not take chunk_method='accumulate'"),
+])
+def test_options_no_run_reads_or_that_change_a_method_are_refused(tmp_path, capsys, argv, message):
+    assert main(["study", "batch-size", "--data", "digits", "--out", str(tmp_path / "s"), *TINY,
+                 "--batch-sizes", "16,32", *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+    tmp_path.joinpath("c.toml").write_text("alpha = 2.0\n")  # from a config file alike
+    assert main(["study", "batch-size", "--data", "digits", "--out", str(tmp_path / "s"), *TINY,
+                 "--batch-sizes", "16,32", "--config", str(tmp_path / "c.toml")]) == 2
+    assert "alpha: applies to loss='relic' only" in capsys.readouterr().err
 
 
 def test_an_option_the_study_lacks_is_not_read_as_a_longer_one(tmp_path, capsys):

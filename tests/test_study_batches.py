@@ -154,3 +154,18 @@ def test_image_report_judges_each_quantity_by_holms_adjusted_p(tmp_path, monkeyp
     assert "Verdict: the gap shrinks as designed, but the downstream difference is within seed noise" in lines["hard"]
     assert "Verdict: the gap does not shrink beyond seed noise" in lines["gcbs"]
     assert "Holm's adjusted p over those comparisons" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    # An option of a sampler, loss or optimizer that no run of the plan has: accepted, recorded as used, ignored.
+    (["study", "batches", "--data", "digits", "--samplers", "random,hard", "--gcbs-q", "0.5"],
+     "gcbs_q: applies to sampler='gcbs' only; no run of this study has one"),
+    (["study", "batches", "--data", "builtin", "--batch-size", "8", "--samplers", "random", "--gamma", "0.5"],
+     "gamma: applies to loss='global' only; no run of this study has one"),
+    (["study", "negatives", "--data", "digits", "--losses", "simclr", "--alpha", "2"],
+     "alpha: applies to loss='relic' only"),
+])
+def test_an_option_no_run_of_the_study_reads_is_refused(tmp_path, capsys, argv, message):
+    assert main([*argv, "--seeds", "0", "--out", str(tmp_path / "s")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -105,12 +105,22 @@ def _write_rows(study_dir: Path, rows: list[dict[str, Any]]) -> None:
 
 def read_results(study_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(study_dir) / "results.json"
+    rebuild = ("run the study's command again (it skips the finished runs and rewrites the table), then "
+               "report")
     if not path.exists():
         if (Path(study_dir) / "study.json").exists():
+            finished = sum(1 for _ in (Path(study_dir) / "runs").glob("*/summary.json"))
+            if finished:  # the table deleted, or a rerun with other options stopped before its first run ended
+                raise ValueError(f"{study_dir} has no finished run in its table (no results.json), though "
+                                 f"{finished} run(s) under {Path(study_dir) / 'runs'} finished (the table deleted, "
+                                 f"or runs of an earlier command with other options): {rebuild}")
             raise ValueError(f"{study_dir} has no finished run yet (no results.json): run the study until one "
                              f"run has finished, then report")
         raise ValueError(f"{study_dir} has no results.json: is it a study folder?")
-    rows = json.loads(path.read_text())
+    try:
+        rows = json.loads(path.read_text())
+    except ValueError as err:  # cut short (a full disk, a copy killed half-way) or edited by hand
+        raise ValueError(f"{path} is damaged (not valid JSON: {err}): {rebuild}") from None
     if not rows:
         raise ValueError(f"{study_dir} has no finished run yet: run the study until one run has finished, then "
                          f"report")

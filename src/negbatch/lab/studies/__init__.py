@@ -108,7 +108,11 @@ def report_folder(folder: str | Path) -> Path:
     if not folder.is_dir():
         raise ValueError(f"{folder} is a file; give a study folder (with study.json) or a run folder")
     if (folder / "study.json").exists():
-        spec = json.loads((folder / "study.json").read_text())
+        try:
+            spec = json.loads((folder / "study.json").read_text())
+        except ValueError as err:
+            raise ValueError(f"{folder / 'study.json'} is damaged (not valid JSON: {err}): run the study's command "
+                             f"again (it rewrites study.json, skips the finished runs and writes the report)") from None
         return get_study(spec["study"], spec.get("modality", "image")).report(folder)
     if (folder / SUMMARY).exists():
         return run_report(folder)

@@ -153,6 +153,7 @@ class Study:
         command_line = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__
                         if hasattr(args, k) and k not in self.swept}
         given = {**without_replaced_length(from_file, command_line), **command_line}
+        self._given = list(given)  # what write_spec checks the plan's runs read
         # The study's own default data set when none is given (not TrainConfig's): its defaults depend on it.
         values = self.study_defaults(str(given.get("dataset", self.defaults.get("dataset", TrainConfig.dataset))))
         if "epochs" in given or "steps" in given:  # one given: the study's default of the other goes
@@ -214,6 +215,10 @@ class Study:
         refused before anything is written; the results table then keeps only the
         plan's finished runs, so that it and ``study.json`` always describe one
         invocation (also when this one is stopped before its first run ends)."""
+        unread = self.unread_options(configs or [])
+        if unread:
+            raise ValueError("; ".join(unread) + ". No run of this study would read it: leave it unset (each run's "
+                             "config.json would record it as used)")
         if not Processes.current().is_main:
             return
         if self._folder_locks is None:
@@ -233,6 +238,21 @@ class Study:
                 say(f"note: {left} finished run(s) in {out / 'runs'} belong to an earlier invocation with other "
                     "options: they stay there but leave the results table and the report (rerun that command to "
                     "bring them back, or use another --out)")
+
+    _given: list[str] = []
+    #: Why an option the user gave is read by no run of the plan, where the study can say more than "none has one".
+    unread_hints: ClassVar[dict[str, str]] = {}
+
+    def unread_options(self, configs: list[TrainConfig]) -> list[str]:
+        """Of the training options given (:meth:`base_config`), those no run of ``configs`` reads, each with why:
+        an option of a loss, sampler or optimizer that none of the runs has."""
+        out = []
+        for name in self._given:
+            reasons = [c.inapplicable([name]) for c in configs]
+            if configs and all(reasons):
+                hint = self.unread_hints.get(name, "no run of this study has one")
+                out.append(f"{reasons[0][0].split(' (')[0]}; {hint}")
+        return out
 
     def _check_folder_holds_this_study(self, out: Path) -> None:
         path = out / STUDY

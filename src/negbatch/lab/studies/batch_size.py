@@ -152,6 +152,10 @@ class BatchSizeStudy(Study):
     key_fields = ("loss", "negatives", "queue_size", "batch_size", "chunk_size", "seed")
     metric: ClassVar[tuple[str, str]] = ("linear_acc", "linear-probe accuracy")
     parallel_by_default = True
+    unread_hints = {"alpha": "no method of this study trains ReLIC", "gamma": "--methods has no global",
+                    "gamma_schedule": "--methods has no global"}
+    fixed_options = {"chunk_method": (("cache",), "gradcache is InfoNCE of the whole batch computed in chunks; "
+                                                  "accumulation (a loss per chunk, fewer negatives) is another method")}
 
     def add_study_arguments(self, g: argparse._ArgumentGroup) -> None:
         g.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)} (default: all)")
@@ -449,7 +453,8 @@ def report(folder: Path) -> Path:
         slope = _slope(cells[m], key)
         c, sd, n = mean_std(m_changes)
         ranking.append((-c, m))
-        parts = [f"from B={large} to B={small} it changes by {c:+.3f} ± {sd:.3f} (n={n} seeds)"]
+        spread = f"± {sd:.3f} (n={n} seeds)" if n > 1 else "(1 seed)"  # one seed has no spread, not a spread of 0
+        parts = [f"from B={large} to B={small} it changes by {c:+.3f} {spread}"]
         if slope is not None:
             parts.append(f"slope {slope[0]:+.4f} per doubling of B (p = {slope[1]:.2g})")
         if m in tests:
@@ -477,10 +482,13 @@ def report(folder: Path) -> Path:
     if ranking:
         text.append(f"\nOrdered by the mean change from B = {large} to B = {small} (best first): "
                     + ", ".join(f"{m} ({-c:+.3f})" for c, m in ranking)
-                    + f". Each comparison with InfoNCE is Welch's test of the two changes; \"beyond seed noise\" "
-                    f"means Holm's adjusted p over the {family} comparisons is below 0.05 (the raw p alone would "
-                    "find some difference by chance in most reports of this many methods; the 95% intervals are each "
-                    "comparison's own, not adjusted, so one may exclude 0 where the verdict is within noise).\n")
+                    + (f". Each comparison with InfoNCE is Welch's test of the two changes; \"beyond seed noise\" "
+                       f"means Holm's adjusted p over the {family} comparisons is below 0.05 (the raw p alone would "
+                       "find some difference by chance in most reports of this many methods; the 95% intervals are "
+                       "each comparison's own, not adjusted, so one may exclude 0 where the verdict is within "
+                       "noise).\n" if family else
+                       "; no method's change was tested against InfoNCE's (that takes two seeds of both, or an "
+                       "InfoNCE to compare with).\n"))
     text.append("\n" + _reading(cells, key, reference, b, large, small) + "\n")
     text.append(f"\n![{label} and time against the batch size]({figure})\n\nResults per run: `results.csv` / "
                 "`results.json`; per-step metrics (the learned temperature, SigLIP's bias) in `runs/*/metrics.jsonl`.\n")
