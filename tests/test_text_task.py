@@ -380,6 +380,28 @@ def test_study_batches_on_text(tmp_path, capsys):
     assert "unknown sampler" in capsys.readouterr().err
 
 
+def test_study_batches_on_text_keeps_a_config_files_length(tmp_path, capsys):
+    """A --config file's steps (or epochs) set the runs' length, as in every other study; the study's own
+    default (one epoch) applied over them silently. --epochs and --steps together are refused."""
+    from negbatch.cli import main
+
+    common = ["study", "batches", *TINY_CLI[:2], *TINY_CLI[6:], "--batch-size", "8", "--samplers", "random",
+              "--seeds", "0"]
+    for line, expected in (("steps = 3", lambda n: 3), ("epochs = 2", lambda n: 2 * (n // 8))):
+        config = tmp_path / f"{line[0]}.toml"
+        config.write_text(line + "\n")
+        out = tmp_path / line[0]
+        assert main([*common, "--config", str(config), "--out", str(out)]) == 0, capsys.readouterr().err
+        (row,) = json.loads((out / "results.json").read_text())
+        assert row["steps"] == expected(row["num_train_pairs"])
+    config = tmp_path / "s.toml"
+    assert main([*common, "--config", str(config), "--steps", "2", "--out", str(tmp_path / "cli")]) == 0
+    assert json.loads((tmp_path / "cli" / "results.json").read_text())[0]["steps"] == 2  # the command line wins
+    capsys.readouterr()
+    assert main([*common, "--epochs", "3", "--steps", "5", "--out", str(tmp_path / "both")]) == 2
+    assert "give --epochs or --steps, not both" in capsys.readouterr().err
+
+
 def test_text_gradcache_finding_with_one_seed_gives_no_verdict():
     from negbatch.lab.studies.text_gradcache import _finding
 

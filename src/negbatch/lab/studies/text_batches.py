@@ -45,14 +45,17 @@ class TextBatches(TextStudy):
 
     def add_study_arguments(self, g: argparse._ArgumentGroup) -> None:
         g.add_argument("--samplers", default=",".join(SAMPLERS), help=f"comma list (default: {','.join(SAMPLERS)})")
-        g.add_argument("--epochs", type=float, default=1.0,
-                       help="passes over the training pairs (fractions allowed): sets the steps unless --steps is "
-                            "given (default: 1)")
-        g.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: from --epochs)")
+        g.add_argument("--epochs", type=float, default=None,
+                       help="passes over the training pairs (fractions allowed), turned into steps (default: a "
+                            "--config file's epochs or steps, else 1)")
+        g.add_argument("--steps", type=int, default=None,
+                       help="optimizer steps per run, instead of --epochs (default: from the epochs)")
 
     def plan(self, args: argparse.Namespace) -> tuple[Path, list[TrainConfig]]:
         if args.steps is not None and args.steps < 1:
             raise ValueError(f"--steps must be a positive int, got {args.steps}")
+        if args.steps is not None and args.epochs is not None:
+            raise ValueError(f"give --epochs or --steps, not both (got --epochs {args.epochs} --steps {args.steps})")
         base = self.base_config(args)
         samplers = parse_list(args.samplers, str, "samplers", unique=True)
         for s in samplers:
@@ -60,12 +63,15 @@ class TextBatches(TextStudy):
                 raise ValueError(f"--samplers: unknown sampler {s!r}; expected {', '.join(SAMPLERS)}")
         seeds = self.seeds(args)
         train, _ = self.load(base)
-        steps = args.steps
+        steps, epochs = args.steps, args.epochs
+        if steps is None and epochs is None:  # a --config file's length, as every study keeps it; else one epoch
+            steps = base.steps if "steps" in self._given else None
+            epochs = base.epochs if "epochs" in self._given and steps is None else (None if steps else 1.0)
         if steps is None:
-            if not args.epochs > 0:
-                raise ValueError(f"--epochs must be > 0, got {args.epochs}")
-            steps = max(1, int(args.epochs * (len(train) // base.batch_size)))
-        base = base.replace(steps=steps, epochs=None)  # the study sets the length, over a file's epochs
+            if not epochs > 0:
+                raise ValueError(f"--epochs must be > 0, got {epochs}")
+            steps = max(1, int(epochs * (len(train) // base.batch_size)))
+        base = base.replace(steps=steps, epochs=None)  # every sampler's runs take the same number of steps
         configs = [base.replace(sampler=s, seed=seed) for s in samplers for seed in seeds]
         out = self.out_folder(args, base.dataset)
         self.write_spec(out, {"base": base.to_dict(), "samplers": samplers, "seeds": seeds, "runs": len(configs)}, configs)
