@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -233,7 +234,12 @@ def _train(cfg: TrainConfig, folder: RunFolder, procs: Processes, data: Any, sto
                     metrics = procs.mean_each(metrics, loss.device) if logs_now else metrics
                     precision.step(optimizer)
                     task.after_step()
-                    schedule.step()
+                    with warnings.catch_warnings():
+                        # fp16: a GradScaler that skips the first steps (inf gradients at its initial scale)
+                        # leaves optimizer.step() uncalled, and torch warns that the schedule steps first. The
+                        # schedule counts the loop's steps, taken or skipped, as the step counter does: intended.
+                        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                        schedule.step()
                     progress["step"] += 1
                     progress["position"] += 1
                     progress["seconds"] = seconds_before + time.perf_counter() - session_start
