@@ -249,3 +249,21 @@ def test_report_of_a_folder_whose_tables_are_deleted_or_damaged_says_how_to_rebu
     assert main(["report", str(tmp_path)]) == 2
     message = capsys.readouterr().err
     assert "study.json is damaged" in message and "run the study's command again" in message
+
+
+def test_the_raw_pixel_baseline_takes_one_thread(monkeypatch):
+    # Computed in the study's own process (not a run): one thread, as the runs' probes, the caller's count restored.
+    import torch
+
+    import negbatch.evaluation as evaluation
+    from negbatch.lab.studies.base import ImageStudy
+
+    seen = []
+    monkeypatch.setattr(evaluation, "linear_probe", lambda *a, **k: seen.append(torch.get_num_threads()) or 0.5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert ImageStudy.raw_pixel_baseline(TINY) == 0.5
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

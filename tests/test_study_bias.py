@@ -85,3 +85,57 @@ def test_a_run_with_a_learned_temperature_is_measured_too(tmp_path, capsys):
     assert main(["study", "bias", *one_seed, "--learnable-temperature", "true", "--out", str(out)]) == 0, \
         capsys.readouterr().err
     assert json.loads((out / "bias_results.json").read_text())
+
+
+def test_the_bias_measurement_takes_one_thread_whatever_the_caller_has(tmp_path, capsys, monkeypatch):
+    # The runs train with one thread; the bias part runs in the study's own
+    # process, and its floats depend on the thread count: measured at the
+    # machine's cores they would not repeat on another machine.
+    import torch
+
+    import negbatch.diagnostics as diagnostics
+    from negbatch.cli import main
+    from negbatch.lab.sweep import run_key
+
+    one_seed = [a if a != "0,1" else "0" for a in TINY]
+    out = tmp_path / "study"
+    assert main(["study", "bias", *one_seed, "--skip-bias", "--out", str(out)]) == 0, capsys.readouterr().err
+    spec = json.loads((out / "study.json").read_text())
+    (cfg,) = [c for _, c in study.build_configs(TrainConfig.from_dict(spec["base"]), spec["batch_size"], [0])
+              if c.loss == "global"]
+    exact, seen = diagnostics.exact_global_gradient, []
+
+    def watched(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return exact(*args, **kwargs)
+
+    monkeypatch.setattr(diagnostics, "exact_global_gradient", watched)
+    before = torch.get_num_threads()
+    rows = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            rows[threads] = study.measure_bias(cfg, out / "runs" / run_key(cfg, study.BiasStudy.key_fields),
+                                               tmp_path / f"cache{threads}", [4, 8], 4, 32)
+            assert torch.get_num_threads() == threads  # the caller's count comes back
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1, 1, 1]  # init and trained, at either count
+    assert rows[1] == rows[2]
+
+
+def test_torch_threads_restores_the_count_after_an_error():
+    import torch
+
+    from negbatch.lab.sweep import torch_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with torch_threads(1):
+                assert torch.get_num_threads() == 1
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

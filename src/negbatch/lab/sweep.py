@@ -25,7 +25,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -34,7 +34,7 @@ from .processes import Processes
 from .folder import _main_thread, atomic_write_text, hold_lock, note_stop_signal, stop_runs_when, study_stopping
 from .run import train
 
-__all__ = ["RunStopped", "run_key", "run_configs", "run_jobs", "write_results", "read_results", "parse_list"]
+__all__ = ["RunStopped", "torch_threads", "run_key", "run_configs", "run_jobs", "write_results", "read_results", "parse_list"]
 
 KEY_FIELDS = ("loss", "negatives", "temperature", "lr", "seed")
 
@@ -44,6 +44,21 @@ def run_key(cfg: TrainConfig, fields: tuple[str, ...] = KEY_FIELDS) -> str:
     digest = hashlib.sha1(json.dumps(cfg.identity(), sort_keys=True).encode()).hexdigest()[:10]
     prefix = "-".join(f"{f}={getattr(cfg, f)}" for f in fields)
     return f"{prefix}-{digest}".replace("/", "_")
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int = 1) -> Iterator[None]:
+    """Run the block with ``threads`` torch threads, then restore the caller's count.
+
+    A float result of torch depends on the thread count (how a reduction is
+    split): a measurement that a report quotes runs under one thread, as every
+    run does, so that it does not depend on the machine's cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class RunStopped(KeyboardInterrupt):
@@ -213,12 +228,9 @@ def _run_jobs(jobs, study_dir: Path, train_one, workers: int, on_done, writes: b
     if workers == 1:
         # One torch thread here too, as in a worker: a run's float results
         # depend on the thread count, and must not on the number of workers.
-        threads = torch.get_num_threads()
-        try:
+        with torch_threads(1):
             for cfg_dict, run_dir in jobs:
                 done(train_one(cfg_dict, run_dir, 1))
-        finally:
-            torch.set_num_threads(threads)
     else:
         ctx = multiprocessing.get_context("spawn")
         stopping = ctx.Event()

@@ -39,7 +39,7 @@ from ..config import (
 )
 from ..processes import Processes
 from ..folder import CONFIG, STUDY, SUMMARY, atomic_write_text, hold_lock
-from ..sweep import KEY_FIELDS, keep_results, parse_list, run_configs, run_key
+from ..sweep import KEY_FIELDS, keep_results, parse_list, run_configs, run_key, torch_threads
 
 __all__ = ["Study", "ImageStudy", "TextStudy", "say", "dataset_stem"]
 
@@ -358,7 +358,8 @@ class ImageStudy(Study):
 
         data = load_image_data(base).subset(base.n_train, base.n_test)
         flat = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731
-        return linear_probe(flat(data.x_train), data.y_train, flat(data.x_test), data.y_test)
+        with torch_threads(1):  # as the runs' probes: not the machine's core count
+            return linear_probe(flat(data.x_train), data.y_train, flat(data.x_test), data.y_test)
 
 
 class TextStudy(Study):

@@ -36,7 +36,7 @@ from ..config import TrainConfig
 from ..report import markdown_table, plt, save_figure, training_length
 from ..folder import CHECKPOINT, atomic_write_text
 from ..stats import fmt_mean_std, mean_std, welch
-from ..sweep import parse_list, read_results, run_key
+from ..sweep import parse_list, read_results, run_key, torch_threads
 from .base import ImageStudy, say
 
 __all__ = ["BiasStudy", "build_configs", "measure_bias", "CONDITIONS"]
@@ -145,21 +145,33 @@ def measure_bias(
     """Bias rows of one seed: the model of ``cfg`` at initialisation (the
     trainer's seeded init) and after training (``run_dir``'s checkpoint, with
     its running nu). Cached in ``cache_dir`` per seed; a rerun with the same
-    settings reads the cache."""
-    from ...data import Augment
-    from ..tasks.image import load_image_data
-    from ...diagnostics import exact_global_gradient, gradient_bias
-    from ...losses import GlobalInfoNCE
-    from ..tasks.image import build_loss, build_model
-
+    settings reads the cache. Measured with one torch thread, as the runs
+    train, so that the numbers do not depend on the machine's cores (the
+    caller's thread count is restored after)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"version": 3, "config": cfg.identity(), "batch_sizes": batch_sizes, "num_batches": num_batches, "bias_samples": bias_samples}
+    # Version 4: measured with one thread (version 3 ran at the process's count, the machine's cores).
+    settings = {"version": 4, "config": cfg.identity(), "batch_sizes": batch_sizes, "num_batches": num_batches, "bias_samples": bias_samples}
     cache = cache_dir / f"seed={cfg.seed}.json"
     if cache.exists():
         saved = json.loads(cache.read_text())
         if saved.get("settings") == settings:
             say(f"bias seed={cfg.seed}: measured earlier (read from {cache})")
             return saved["rows"]
+    with torch_threads(1):
+        rows = _measure_bias(cfg, run_dir, batch_sizes, num_batches, bias_samples)
+    atomic_write_text(cache, json.dumps({"settings": settings, "rows": rows}, indent=1))
+    return rows
+
+
+def _measure_bias(cfg: TrainConfig, run_dir: Path, batch_sizes: list[int], num_batches: int,
+                  bias_samples: int) -> list[dict[str, Any]]:
+    """:func:`measure_bias` without its cache, at the caller's thread count."""
+    from ...data import Augment
+    from ..tasks.image import load_image_data
+    from ...diagnostics import exact_global_gradient, gradient_bias
+    from ...losses import GlobalInfoNCE
+    from ..tasks.image import build_loss, build_model
+
     data = load_image_data(cfg).subset(cfg.n_train, cfg.n_test)
     n_train = data.x_train.shape[0]
     n = min(bias_samples, n_train)
@@ -203,7 +215,6 @@ def measure_bias(
                      "log_nu_minus_log_z_abs": float(offset.abs().mean())}
         for est in estimates:
             rows.append({"phase": phase, "seed": cfg.seed, "n": n, **est.as_dict(), **extra})
-    atomic_write_text(cache, json.dumps({"settings": settings, "rows": rows}, indent=1))
     return rows
 
 
