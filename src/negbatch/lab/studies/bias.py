@@ -16,8 +16,10 @@ its files are installed):
     epochs, several seeds; linear and kNN accuracy on the test split.
 
 Default size (digits, batch 64 vs 32, 20 epochs, 3 seeds, 9 runs, 100
-batches per bias point): about 5 CPU-minutes, so about 4 minutes on 2 free
-cores with --workers 2 (9 minutes measured on a shared machine at load 9).
+batches per bias point): 95 CPU-seconds, 81 s wall with --workers 2 on a
+2-core machine (2026-12-03; the code of 2026-11-22 took 9 minutes there at
+load 9). The bias part runs in this process with one torch thread, as the
+runs train, so that its numbers do not depend on the machine's cores.
 Rerunning skips finished runs and cached bias measurements.
 """
 
