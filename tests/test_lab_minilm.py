@@ -229,6 +229,16 @@ def test_text_reports_call_minilm_before_training_pre_trained_not_untrained(tmp_
             assert "untrained encoder" in text
 
 
+def test_text_batches_report_states_no_holm_family_when_no_test_ran(tmp_path):
+    # One seed: no sampler can be tested, so there is no family of tests to adjust over.
+    _hand_made_study(tmp_path, "batches", "minilm", samplers=("random", "gcbs", "hard"))
+    from negbatch.lab.studies.text_batches import report
+
+    text = report(tmp_path).read_text()
+    assert "too few seeds for a test" in text
+    assert "over the 0 tests" not in text and "Holm's adjusted p" not in text
+
+
 def test_the_train_command_calls_minilm_before_training_pre_trained(tmp_path, capsys):
     assert main(["train", *TINY_CLI, "--test-fraction", "0.25", "--steps", "1", "--out", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out

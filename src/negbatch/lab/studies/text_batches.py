@@ -135,7 +135,7 @@ def report(folder: Path) -> Path:
         "\nThe final loss is not comparable across samplers: harder batches have a higher loss by construction.\n",
         "\n## What the data show\n\n" + "\n".join(f"- {f}" for f in findings) + "\n"
         + (f"\n{len(findings)} comparisons with random: \"beyond seed noise\" means Holm's adjusted p over the "
-           f"{family} tests is below 0.05.\n" if len(findings) > 1 else ""),
+           f"{family} tests is below 0.05.\n" if len(findings) > 1 and family > 1 else ""),
         f"\n![retrieval by sampler]({fig_name})\n\nResults per run: `results.csv` / `results.json`.\n",
     ]
     out = folder / "report.md"
