@@ -190,3 +190,56 @@ def test_logged_rows_hold_each_steps_own_loss_and_epoch_also_after_a_resume(tmp_
     full, cut = rows(tmp_path / "full"), rows(tmp_path / "cut")
     assert [(r["step"], r["epoch"]) for r in full] == [(2, 0), (4, 0), (6, 1)]  # 4 steps per epoch
     assert [(r["step"], r["epoch"], r["loss"]) for r in cut] == [(r["step"], r["epoch"], r["loss"]) for r in full]
+
+
+def _hand_made_study(folder, study, encoder, samplers=("random", "gcbs"), seeds=(0,)):
+    """results.json / study.json of a text study with made-up numbers (no training)."""
+    extra = dict(encoder="minilm", train_layers=1) if encoder == "minilm" else {}
+    base = TrainConfig(dataset="builtin", **extra).to_dict()
+    values = {k: 0.5 for k in (*TEXT_METRICS, *(f"untrained_{m}" for m in TEXT_METRICS))}
+    common = dict(final_loss=1.0, train_seconds=1.0, num_train_pairs=30, num_test_queries=10, num_test_documents=10)
+    if study == "batches":
+        rows_ = [{**base, **values, **common, "sampler": s, "seed": seed} for s in samplers for seed in seeds]
+        spec = {"samplers": list(samplers)}
+    else:
+        rows_ = [{**base, **values, **common, "negatives": k, "seed": seed} for k in (2, "all") for seed in seeds]
+        spec = {"ks": [2, "all"], "temperatures": [base["temperature"]], "lrs": [base["lr"]]}
+    (folder / "results.json").write_text(json.dumps(rows_))
+    (folder / "study.json").write_text(json.dumps({"study": study, "modality": "text", "base": base,
+                                                   "seeds": list(seeds), "runs": len(rows_), **spec}))
+
+
+@pytest.mark.parametrize("study", ["negatives", "batches"])
+def test_text_reports_call_minilm_before_training_pre_trained_not_untrained(tmp_path, study):
+    # MiniLM's score before the first step is a pre-trained model's, not an untrained encoder's
+    # from shared words; the scratch transformer keeps its wording.
+    from negbatch.lab.studies.text_batches import report as batches_report
+    from negbatch.lab.studies.text_negatives import report as negatives_report
+
+    report = negatives_report if study == "negatives" else batches_report
+    for encoder in ("minilm", "transformer"):
+        folder = tmp_path / encoder
+        folder.mkdir()
+        _hand_made_study(folder, study, encoder)
+        text = report(folder).read_text()
+        if encoder == "minilm":
+            assert "untrained" not in text and "shared words" not in text
+            assert "pre-trained model before fine-tuning" in text
+        else:
+            assert "untrained encoder" in text
+
+
+def test_text_batches_report_states_no_holm_family_when_no_test_ran(tmp_path):
+    # One seed: no sampler can be tested, so there is no family of tests to adjust over.
+    _hand_made_study(tmp_path, "batches", "minilm", samplers=("random", "gcbs", "hard"))
+    from negbatch.lab.studies.text_batches import report
+
+    text = report(tmp_path).read_text()
+    assert "too few seeds for a test" in text
+    assert "over the 0 tests" not in text and "Holm's adjusted p" not in text
+
+
+def test_the_train_command_calls_minilm_before_training_pre_trained(tmp_path, capsys):
+    assert main(["train", *TINY_CLI, "--test-fraction", "0.25", "--steps", "1", "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "(the pre-trained model before fine-tuning (zero-shot): recall@1" in out and "untrained" not in out

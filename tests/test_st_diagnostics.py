@@ -164,3 +164,47 @@ def test_the_gap_is_measured_at_the_temperature_the_loss_trains_at(model_dir):
     assert diagnostics._gap_temperature() == pytest.approx(0.03)
     fixed = NegbatchDiagnostics(NegbatchLoss(tiny_model(model_dir), inner), gap_every=1, gap_temperature=0.2)
     assert fixed._gap_temperature() == 0.2
+
+
+def _run_with_stop(model_dir, output_dir, *, stop_at=None, resume=None):
+    """Four steps, logging every 2, with SNR and false negatives; optionally stopped
+    (with a checkpoint) after ``stop_at`` steps, or resumed from ``resume``."""
+    model = tiny_model(model_dir)
+    loss = NegbatchLoss(model, InfoNCE(temperature=TAU, form="query_document"))
+    sampler = RandomBatches()
+    diagnostics = NegbatchDiagnostics(loss, snr_beta=0.9)
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == stop_at:
+                control.should_save = True
+                control.should_training_stop = True
+
+    args = training_args(output_dir, max_steps=4, per_device_train_batch_size=B, batch_sampler=sampler,
+                         logging_steps=2, save_strategy="steps", save_steps=100)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=duplicated_data(), loss=loss,
+                                         callbacks=[sampler, Stop()])
+    diagnostics.attach(trainer)
+    trainer.train(resume_from_checkpoint=resume)
+    return {h["step"]: h for h in trainer.state.log_history if "loss" in h}
+
+
+def test_a_resumed_run_logs_the_uninterrupted_runs_diagnostics(model_dir, tmp_path):
+    # The SNR's moving averages and the false negatives counted since the last log are
+    # the callback's state: a checkpoint keeps them, so the resumed run's log at step 4
+    # (after a stop at step 3, between two logs) is the uninterrupted run's.
+    whole = _run_with_stop(model_dir, tmp_path / "whole")
+    _run_with_stop(model_dir, tmp_path / "cut", stop_at=3)
+    resumed = _run_with_stop(model_dir, tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-3"))
+    for key in ("grad_snr_mean", "grad_snr_std", "false_negative_rate"):
+        assert key in whole[4] and key in resumed[4], key
+        assert resumed[4][key] == whole[4][key], key
+    assert whole[4]["false_negative_rate"] > 0  # the count of step 3 matters
+    assert (tmp_path / "cut" / "checkpoint-3" / "negbatch_diagnostics.pt").exists()
+
+
+def test_a_resume_without_the_diagnostics_file_warns(model_dir, tmp_path):
+    _run_with_stop(model_dir, tmp_path / "cut", stop_at=3)
+    (tmp_path / "cut" / "checkpoint-3" / "negbatch_diagnostics.pt").unlink()
+    with pytest.warns(UserWarning, match="diagnostics"):
+        _run_with_stop(model_dir, tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-3"))

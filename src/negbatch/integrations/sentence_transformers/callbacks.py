@@ -23,6 +23,11 @@ The values go into the ``logs`` of the trainer's ``on_log`` event and into
 ``trainer.state.log_history``. Callbacks placed before this one (the reporting
 integrations: TensorBoard, W&B, ...) have already seen the logs; to have them
 record the diagnostics too, put it first with :meth:`NegbatchDiagnostics.attach`.
+
+Its own state (the SNR's moving averages, the false negatives counted since the
+last log, the latest gap) goes into every checkpoint folder
+(``negbatch_diagnostics.pt``) and is loaded back when the trainer resumes, so a
+resumed run logs what the uninterrupted run logs.
 """
 
 from __future__ import annotations
@@ -74,6 +79,16 @@ class NegbatchDiagnostics(TrainerCallback):
         temperature's current value).
     encode_batch_size : int, default 64
         Texts per forward pass when embedding the training set for the gap.
+    resume_from : str or path, optional
+        The checkpoint folder the trainer resumes from, when it is not
+        ``output_dir/checkpoint-<step>`` (as for :class:`NegbatchLossState`).
+
+    Notes
+    -----
+    Every checkpoint folder gets ``negbatch_diagnostics.pt`` (the SNR's moving
+    averages, the counts since the last log, the latest gap); a resumed run loads
+    it and logs what the uninterrupted run logs. A resume without it warns (the
+    SNR then restarts from the resumed step).
 
     Examples
     --------
@@ -93,6 +108,7 @@ class NegbatchDiagnostics(TrainerCallback):
         gap_every: int | None = None,
         gap_temperature: float | None = None,
         encode_batch_size: int = 64,
+        resume_from: str | os.PathLike | None = None,
     ) -> None:
         if loss is not None and not isinstance(loss, NegbatchLoss):
             raise TypeError(f"loss must be the trainer's NegbatchLoss, got {type(loss).__name__}")
@@ -121,6 +137,14 @@ class NegbatchDiagnostics(TrainerCallback):
         self._total = 0
         self._gap: dict[str, float] | None = None
         self._train_dataloader: Any = None
+        self.resume_from = None if resume_from is None else Path(resume_from)
+
+    FILE = "negbatch_diagnostics.pt"
+
+    @classmethod
+    def file_name(cls) -> str:
+        """This process's file in a checkpoint folder."""
+        return f"negbatch_diagnostics-rank{nbdist.rank()}.pt" if nbdist.rank() > 0 else cls.FILE
 
     def attach(self, trainer: Any) -> "NegbatchDiagnostics":
         """Make this the trainer's first callback, so that every later one (the
@@ -141,6 +165,44 @@ class NegbatchDiagnostics(TrainerCallback):
             self.loss.false_negative_keys = self._keys
         self._false = self._total = 0
         self._gap = None
+        if state.global_step > 0:
+            self._restore(args, state)
+
+    def _state(self) -> dict[str, Any]:
+        return {"snr": self._tracker.state_dict() if self._tracker is not None else None,
+                "false": self._false, "total": self._total, "gap": self._gap}
+
+    def _restore(self, args, state) -> None:
+        path = _resume_folder(args, state, self.resume_from) / self.file_name()
+        if not path.exists():
+            warnings.warn(f"resuming at step {state.global_step} without {path}: the diagnostics (the SNR's "
+                          "moving averages, the false negatives counted since the last log) start afresh; give "
+                          "NegbatchDiagnostics(..., resume_from=<the checkpoint folder>) if the trainer resumes "
+                          "from another folder", UserWarning, stacklevel=3)
+            return
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+        if saved.get("global_step", state.global_step) != state.global_step:
+            raise ValueError(
+                f"{path} holds the diagnostics of step {saved['global_step']}, but the trainer resumes at step "
+                f"{state.global_step}: give NegbatchDiagnostics(..., resume_from=<the folder of step "
+                f"{state.global_step}>)"
+            )
+        if self._tracker is not None and saved.get("snr") is not None:
+            self._tracker.load_state_dict(saved["snr"])
+        self._false, self._total = int(saved.get("false", 0)), int(saved.get("total", 0))
+        self._gap = saved.get("gap")
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.file_name() != self.FILE:
+            folder.mkdir(parents=True, exist_ok=True)
+        elif not folder.is_dir():
+            return control  # no checkpoint folder (a hyperparameter search): NegbatchLossState warns
+        path = folder / self.file_name()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"global_step": state.global_step, **self._state()}, tmp)
+        os.replace(tmp, path)
+        return control
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self._tracker is not None:
@@ -290,12 +352,7 @@ class NegbatchLossState(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step == 0:
             return control
-        folder = self.resume_from
-        named = getattr(args, "resume_from_checkpoint", None)
-        if folder is None and isinstance(named, str) and Path(named).is_dir():
-            folder = Path(named)
-        if folder is None:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder = _resume_folder(args, state, self.resume_from)
         path = folder / self.file_name()
         if not path.exists() and (folder / self.FILE).exists() and not _per_rank_state(self.loss):
             # Written by fewer processes: the state every rank keeps alike is rank 0's.
@@ -316,6 +373,18 @@ class NegbatchLossState(TrainerCallback):
             )
         self.loss.load_state_dict(saved.get("state", saved))
         return control
+
+
+def _resume_folder(args: Any, state: Any, explicit: Path | None) -> Path:
+    """The checkpoint folder a resumed run reads a callback's file from: the one given, else the
+    training arguments' ``resume_from_checkpoint`` if it names a folder, else
+    ``output_dir/checkpoint-<step>``."""
+    if explicit is not None:
+        return explicit
+    named = getattr(args, "resume_from_checkpoint", None)
+    if isinstance(named, str) and Path(named).is_dir():
+        return Path(named)
+    return Path(args.output_dir) / f"checkpoint-{state.global_step}"
 
 
 def _per_rank_state(loss: torch.nn.Module) -> bool:

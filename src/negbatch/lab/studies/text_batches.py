@@ -130,12 +130,12 @@ def report(folder: Path) -> Path:
         TextStudy.describe(b, sample) + " InfoNCE (query_document, all in-batch negatives, symmetric="
         f"{b['symmetric']}, temperature {b['temperature']}), batch size {b['batch_size']}, {b['steps']} steps of AdamW lr {b['lr']}. "
         f"Seeds {spec['seeds']}; mean ± sample std over seeds. The model-dependent samplers (gcbs, hard) plan each epoch from "
-        "the encoder as it is at the epoch's start (the untrained encoder for the first epoch).\n\n",
+        f"the encoder as it is at the epoch's start ({TextStudy.before_training(b)} for the first epoch).\n\n",
         markdown_table(["sampler", "seeds", *TEXT_METRICS, "final loss", "train s"], table),
         "\nThe final loss is not comparable across samplers: harder batches have a higher loss by construction.\n",
         "\n## What the data show\n\n" + "\n".join(f"- {f}" for f in findings) + "\n"
         + (f"\n{len(findings)} comparisons with random: \"beyond seed noise\" means Holm's adjusted p over the "
-           f"{family} tests is below 0.05.\n" if len(findings) > 1 else ""),
+           f"{family} tests is below 0.05.\n" if len(findings) > 1 and family > 1 else ""),
         f"\n![retrieval by sampler]({fig_name})\n\nResults per run: `results.csv` / `results.json`.\n",
     ]
     out = folder / "report.md"

@@ -128,7 +128,8 @@ def report(folder: Path) -> Path:
         st = [mean_std(r[key] for r in best[k]) for k in order]
         ax.errorbar(xs, [s[0] for s in st], yerr=[s[1] for s in st], marker=marker, capsize=3, label=key)
     base_st = mean_std(_per_seed(rows, "untrained_recall@1"))
-    ax.axhline(base_st[0], color="grey", ls=":", label="untrained recall@1")
+    ax.axhline(base_st[0], color="grey", ls=":",
+               label=f"{'before fine-tuning' if b.get('encoder') == 'minilm' else 'untrained'} recall@1")
     ax.set_xscale("log")
     ax.set(xlabel="negatives per query K (rightmost: all)", ylabel="test retrieval metric",
            title=f"{b['dataset']}: retrieval vs K (batch {bs}, mean ± std over seeds)")
@@ -145,8 +146,10 @@ def report(folder: Path) -> Path:
         f"InfoNCE (query_document, symmetric={b['symmetric']}), batch size {bs}, {b['steps']} steps of AdamW "
         f"(weight decay {b['weight_decay']}); seeds {spec['seeds']}; temperatures {spec['temperatures']}; learning rates "
         f"{spec['lrs']}. Mean ± sample std over seeds.\n",
-        f"\nBaseline: the untrained encoder scores Recall@1 {fmt_mean_std(_per_seed(rows, 'untrained_recall@1'))}, "
-        f"nDCG@10 {fmt_mean_std(_per_seed(rows, 'untrained_ndcg@10'))} (shared words; chance Recall@1 is "
+        f"\nBaseline: {TextStudy.before_training(b)} scores Recall@1 "
+        f"{fmt_mean_std(_per_seed(rows, 'untrained_recall@1'))}, nDCG@10 "
+        f"{fmt_mean_std(_per_seed(rows, 'untrained_ndcg@10'))} ("
+        f"{'' if b.get('encoder') == 'minilm' else 'shared words; '}chance Recall@1 is "
         f"1/{sample.get('num_test_documents')}).\n",
     ]
     if len(spec["temperatures"]) > 1 or len(spec["lrs"]) > 1:
