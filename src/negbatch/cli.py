@@ -189,13 +189,12 @@ def _train(args: argparse.Namespace) -> None:
         return  # under torchrun every process trained; rank 0 reports
     report = report_folder(args.out)
     if cfg.task == "text":
-        from .lab.studies.base import before_training
-        from .lab.tasks.text import TEXT_METRICS
+        from .lab.tasks.text import TEXT_METRICS, starting_model
 
         trained = ", ".join(f"{k} {summary[k]:.4f}" for k in TEXT_METRICS)
         untrained = ", ".join(f"{k} {summary['untrained_' + k]:.4f}" for k in ("recall@1", "ndcg@10"))
         print(f"test retrieval ({summary['num_test_queries']} queries, {summary['num_test_documents']} documents): "
-              f"{trained} ({before_training(cfg.encoder)}: {untrained}); report: {report}")
+              f"{trained} ({starting_model(cfg.encoder)}: {untrained}); report: {report}")
     else:
         print(f"linear accuracy {summary['linear_acc']:.4f}, kNN accuracy {summary['knn_acc']:.4f}; report: {report}")
 

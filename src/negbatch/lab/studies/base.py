@@ -402,7 +402,9 @@ class TextStudy(Study):
     def before_training(base: dict[str, Any]) -> str:
         """What the ``untrained_*`` metrics measure: the scratch encoder at initialisation, or
         MiniLM as it was pre-trained (zero-shot), for a report's sentences."""
-        return before_training(base.get("encoder"))
+        from ..tasks.text import starting_model
+
+        return starting_model(base.get("encoder"))
 
     @staticmethod
     def describe(base: dict[str, Any], sample: dict[str, Any]) -> str:
@@ -422,11 +424,3 @@ class TextStudy(Study):
         return (data + f" Encoder: transformer, dim {base['text_dim']}, {base['text_depth']} layer(s), "
                 f"{base['text_heads']} heads, dropout {base['dropout']}, vocabulary {base['vocab_size']}, max length "
                 f"{base['max_length']}.")
-
-
-def before_training(encoder: str | None) -> str:
-    """The model whose metrics are a text run's ``untrained_*``: MiniLM before fine-tuning is a
-    pre-trained model (its score is not the shared words' an untrained encoder reaches)."""
-    if encoder == "minilm":
-        return "the pre-trained model before fine-tuning (zero-shot)"
-    return "the untrained encoder"

@@ -40,7 +40,7 @@ from ..config import TrainConfig
 from ..objective import batch_loss, needs_indices
 from .base import Task
 
-__all__ = ["TextTask", "TEXT_METRICS", "load_text_split", "text_tokenizer", "text_identity", "self_pairs"]
+__all__ = ["TextTask", "TEXT_METRICS", "load_text_split", "text_tokenizer", "text_identity", "self_pairs", "starting_model"]
 
 TEXT_METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
 
@@ -276,3 +276,11 @@ class TextTask(Task):
         self.loss_fn.load_state_dict(state["loss"])
         self.load_key_encoder_state(state)
         self.untrained = dict(state["untrained"])
+
+
+def starting_model(encoder: str | None) -> str:
+    """The model whose metrics are a text run's ``untrained_*``: MiniLM before fine-tuning is a
+    pre-trained model (its score is not the shared words' an untrained encoder reaches)."""
+    if encoder == "minilm":
+        return "the pre-trained model before fine-tuning (zero-shot)"
+    return "the untrained encoder"
