@@ -300,11 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         # Finished runs and the results table are on disk; an interrupted run has its checkpoint.
         where = f" ({err})" if str(err) else ""
         status = _stopped_status()
-        rank = os.environ.get("RANK", "0")
-        if rank != "0":
+        if os.environ.get("RANK", "0") != "0":
             # Under torchrun the launcher also stops the other processes when one fails: the advice
             # (rank 0's) would then stand beside another process's error that it does not answer.
-            print(f"negbatch {args.command} (rank {rank}): stopped{where}", file=sys.stderr)
+            print(f"{_speaker(args)}: stopped{where}", file=sys.stderr)
             return status
         print(f"negbatch {args.command}: stopped{where}; everything finished is kept: run the same command again "
               f"to resume", file=sys.stderr)

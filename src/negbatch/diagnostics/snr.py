@@ -152,18 +152,16 @@ class GradientSNR:
             (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(self.m.dtype) for p in self.params
         ])
         ok = torch.isfinite(g).all()
-        if not self._masked:
-            if bool(ok):
-                self.m.mul_(self.beta).add_(g, alpha=1 - self.beta)
-                self.v.mul_(self.beta).addcmul_(g, g, value=1 - self.beta)
-            self._counts.add_(torch.stack((ok, ~ok)))
-            return ok
-        # The arithmetic of the plain update, out of place, then chosen lane by lane: a
-        # left-out step's NaN stays in the discarded candidate (0 * NaN would be NaN).
-        candidate = self.m.mul(self.beta).add_(g, alpha=1 - self.beta)
-        torch.where(ok, candidate, self.m, out=self.m)
-        torch.mul(self.v, self.beta, out=candidate).addcmul_(g, g, value=1 - self.beta)
-        torch.where(ok, candidate, self.v, out=self.v)
+        if self._masked:
+            # The arithmetic of the plain update, out of place, then chosen lane by lane: a
+            # left-out step's NaN stays in the discarded candidate (0 * NaN would be NaN).
+            candidate = self.m.mul(self.beta).add_(g, alpha=1 - self.beta)
+            torch.where(ok, candidate, self.m, out=self.m)
+            torch.mul(self.v, self.beta, out=candidate).addcmul_(g, g, value=1 - self.beta)
+            torch.where(ok, candidate, self.v, out=self.v)
+        elif bool(ok):
+            self.m.mul_(self.beta).add_(g, alpha=1 - self.beta)
+            self.v.mul_(self.beta).addcmul_(g, g, value=1 - self.beta)
         self._counts.add_(torch.stack((ok, ~ok)))
         return ok
 

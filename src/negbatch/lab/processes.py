@@ -169,7 +169,7 @@ class Processes:
         destroyed, it aborted the process now and then ("terminate called
         without an active exception", SIGABRT: 3 of 16 tiny studies under
         torchrun on 2 busy cores, and the launcher then stopped the other
-        rank). Collected before the group goes: 0 of 32."""
+        rank). Collected before the group goes: 0 of 48."""
         if self.owns_group:
             gc.collect()
             dist.destroy_process_group()

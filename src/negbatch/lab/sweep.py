@@ -34,7 +34,8 @@ from .processes import Processes
 from .folder import _main_thread, atomic_write_text, hold_lock, note_stop_signal, stop_runs_when, study_stopping
 from .run import train
 
-__all__ = ["RunStopped", "torch_threads", "run_key", "run_configs", "run_jobs", "write_results", "read_results", "parse_list"]
+__all__ = ["RunStopped", "torch_threads", "run_key", "run_configs", "run_jobs", "write_results", "read_results",
+           "parse_list"]
 
 KEY_FIELDS = ("loss", "negatives", "temperature", "lr", "seed")
 

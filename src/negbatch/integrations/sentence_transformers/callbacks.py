@@ -144,7 +144,7 @@ class NegbatchDiagnostics(TrainerCallback):
     @classmethod
     def file_name(cls) -> str:
         """This process's file in a checkpoint folder."""
-        return f"negbatch_diagnostics-rank{nbdist.rank()}.pt" if nbdist.rank() > 0 else cls.FILE
+        return _rank_file(cls.FILE)
 
     def attach(self, trainer: Any) -> "NegbatchDiagnostics":
         """Make this the trainer's first callback, so that every later one (the
@@ -193,15 +193,8 @@ class NegbatchDiagnostics(TrainerCallback):
         self._gap = saved.get("gap")
 
     def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if self.file_name() != self.FILE:
-            folder.mkdir(parents=True, exist_ok=True)
-        elif not folder.is_dir():
-            return control  # no checkpoint folder (a hyperparameter search): NegbatchLossState warns
-        path = folder / self.file_name()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({"global_step": state.global_step, **self._state()}, tmp)
-        os.replace(tmp, path)
+        # No checkpoint folder (a hyperparameter search): NegbatchLossState warns.
+        _save_in_checkpoint(args, state, self.FILE, self._state())
         return control
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -333,20 +326,13 @@ class NegbatchLossState(TrainerCallback):
     @classmethod
     def file_name(cls) -> str:
         """This process's file in a checkpoint folder."""
-        return f"negbatch_loss-rank{nbdist.rank()}.pt" if nbdist.rank() > 0 else cls.FILE
+        return _rank_file(cls.FILE)
 
     def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if self.file_name() != self.FILE:
-            folder.mkdir(parents=True, exist_ok=True)  # a rank on a node without the main process's folder
-        elif not folder.is_dir():
-            warnings.warn(f"no checkpoint folder {folder} to write the loss's state into (a hyperparameter "
-                          f"search writes elsewhere); it is not saved", UserWarning, stacklevel=2)
-            return control
-        path = folder / self.file_name()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({"global_step": state.global_step, "state": self.loss.state_dict()}, tmp)
-        os.replace(tmp, path)  # a checkpoint interrupted here holds the old file or none
+        if not _save_in_checkpoint(args, state, self.FILE, {"state": self.loss.state_dict()}):
+            warnings.warn(f"no checkpoint folder {Path(args.output_dir) / f'checkpoint-{state.global_step}'} to "
+                          f"write the loss's state into (a hyperparameter search writes elsewhere); it is not saved",
+                          UserWarning, stacklevel=2)
         return control
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -373,6 +359,28 @@ class NegbatchLossState(TrainerCallback):
             )
         self.loss.load_state_dict(saved.get("state", saved))
         return control
+
+
+def _rank_file(file: str) -> str:
+    """This process's name for a callback's ``file`` in a checkpoint folder: rank r > 0 writes
+    ``<stem>-rank<r>.pt`` beside rank 0's ``file``."""
+    rank = nbdist.rank()
+    return f"{file.removesuffix('.pt')}-rank{rank}.pt" if rank > 0 else file
+
+
+def _save_in_checkpoint(args: Any, state: Any, file: str, payload: dict[str, Any]) -> bool:
+    """Write ``payload`` (with the step) as this process's ``file`` in the trainer's checkpoint folder of
+    this step, atomically; False where the trainer made no such folder (a hyperparameter search)."""
+    folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+    path = folder / _rank_file(file)
+    if path.name != file:
+        folder.mkdir(parents=True, exist_ok=True)  # a rank on a node without the main process's folder
+    elif not folder.is_dir():
+        return False
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"global_step": state.global_step, **payload}, tmp)
+    os.replace(tmp, path)  # a checkpoint interrupted here holds the old file or none
+    return True
 
 
 def _resume_folder(args: Any, state: Any, explicit: Path | None) -> Path:

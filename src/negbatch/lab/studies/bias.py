@@ -152,7 +152,8 @@ def measure_bias(
     caller's thread count is restored after)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Version 4: measured with one thread (version 3 ran at the process's count, the machine's cores).
-    settings = {"version": 4, "config": cfg.identity(), "batch_sizes": batch_sizes, "num_batches": num_batches, "bias_samples": bias_samples}
+    settings = {"version": 4, "config": cfg.identity(), "batch_sizes": batch_sizes, "num_batches": num_batches,
+                "bias_samples": bias_samples}
     cache = cache_dir / f"seed={cfg.seed}.json"
     if cache.exists():
         saved = json.loads(cache.read_text())

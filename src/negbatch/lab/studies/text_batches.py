@@ -65,8 +65,10 @@ class TextBatches(TextStudy):
         train, _ = self.load(base)
         steps, epochs = args.steps, args.epochs
         if steps is None and epochs is None:  # a --config file's length, as every study keeps it; else one epoch
-            steps = base.steps if "steps" in self._given else None
-            epochs = base.epochs if "epochs" in self._given and steps is None else (None if steps else 1.0)
+            if "steps" in self._given:
+                steps = base.steps
+            else:
+                epochs = base.epochs if "epochs" in self._given else 1.0
         if steps is None:
             if not epochs > 0:
                 raise ValueError(f"--epochs must be > 0, got {epochs}")

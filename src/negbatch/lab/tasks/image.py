@@ -128,11 +128,11 @@ def build_loss(cfg: TrainConfig, num_samples: int | None = None, total_steps: in
         from ..chunked import check_accumulated_chunks
 
         check_accumulated_chunks(cfg.chunk_size, nbdist.world_size())  # before the run claims its folder
-    if cfg.chunk_size and cfg.chunk_method == "accumulate" and cfg.chunk_size < cfg.batch_size:
-        # Accumulation contrasts each chunk on its own; the smallest chunk decides.
-        contrasted = cfg.batch_size % cfg.chunk_size or cfg.chunk_size
-        where = (f"chunk_method='accumulate' with chunk_size={cfg.chunk_size} (batch_size={cfg.batch_size}: "
-                 f"the smallest chunk has {contrasted} rows)")
+        if cfg.chunk_size < cfg.batch_size:
+            # Accumulation contrasts each chunk on its own; the smallest chunk decides.
+            contrasted = cfg.batch_size % cfg.chunk_size or cfg.chunk_size
+            where = (f"chunk_method='accumulate' with chunk_size={cfg.chunk_size} (batch_size={cfg.batch_size}: "
+                     f"the smallest chunk has {contrasted} rows)")
     # With a momentum encoder the views are queries and keys (MoCo): B - 1 in-batch keys.
     available = contrasted - 1 if cfg.key_momentum else negative_candidates(cfg.loss, contrasted)
     if negatives != "all" and negatives > available:

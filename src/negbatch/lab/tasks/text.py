@@ -40,7 +40,8 @@ from ..config import TrainConfig
 from ..objective import batch_loss, needs_indices
 from .base import Task
 
-__all__ = ["TextTask", "TEXT_METRICS", "load_text_split", "text_tokenizer", "text_identity", "self_pairs", "starting_model"]
+__all__ = ["TextTask", "TEXT_METRICS", "load_text_split", "text_tokenizer", "text_identity", "self_pairs",
+           "starting_model"]
 
 TEXT_METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
 
