@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import _reference as ref
-from negbatch import GlobalInfoNCE, InfoNCE, ReLIC, same_id_mask
+from negbatch import DCL, GlobalInfoNCE, InfoNCE, ReLIC, SigLIP, same_id_mask
 from negbatch.losses._layout import build_layout
 
 TAU = 0.3
@@ -132,3 +132,20 @@ def test_supcon_against_pytorch_metric_learning():
     ours = InfoNCE(temperature=0.2, positives="mask")(z1, z2, labels=labels)
     theirs = pml.SupConLoss(temperature=0.2)(torch.cat([z1, z2]), torch.cat([labels, labels]))
     _match(ours, theirs, [z1, z2], rtol=1e-10)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: InfoNCE(temperature=TAU, positives="mask"),
+    lambda: ReLIC(temperature=TAU, positives="mask"),
+    lambda: SigLIP(positives="mask").double(),
+    lambda: DCL(temperature=TAU, positives="mask"),
+    lambda: GlobalInfoNCE(7, temperature=TAU, positives="mask").double(),
+])
+def test_mask_positives_without_labels_or_mask_is_refused(make):
+    # Without them every candidate is a negative: the loss would be plain InfoNCE, silently.
+    z1, z2 = _data()
+    kw = {"indices": torch.arange(7)} if isinstance(make(), GlobalInfoNCE) else {}
+    with pytest.raises(ValueError, match="labels= or mask="):
+        make()(z1, z2, **kw)
+    make()(z1, z2, labels=LABELS, **kw)  # either one is enough
+    make()(z1, z2, mask=same_id_mask(LABELS, LABELS), **kw)

@@ -472,6 +472,7 @@ class BankLoss(nn.Module):
                                             and self.form == "query_document"))
             and all(x is None for x in extras)
             and not self.gather and self.normalize and not self.filtering
+            and self.positives == "pair"  # "mask" needs labels or a mask: the layout refuses the call
             and (self.negatives == "all"
                  or (self.plain_sampled and self.negatives <= in_batch_candidates(self.form, a.shape[0])))
             and (2 * a.shape[0] if self.form == "two_view" else a.shape[0]) ** 2 <= SMALL_DENSE_LOGITS
@@ -518,6 +519,12 @@ class BankLoss(nn.Module):
         bank: Bank = "both_views",
         labels: Tensor | None = None,
     ) -> Layout:
+        if self.positives == "mask" and mask is None and labels is None:
+            # Without either, every candidate would be a negative: plain InfoNCE, silently.
+            raise ValueError(
+                'positives="mask" takes its further positives from labels= or mask=, and the call '
+                'passed neither: pass one of them, or use positives="pair"'
+            )
         return build_layout(
             a, b, hard_negatives, form=self.form, symmetric=self.symmetric, gather=self.gather, mask=mask,
             labels=labels, mask_as_positives=self.positives == "mask", normalize=self.normalize,

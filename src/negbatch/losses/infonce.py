@@ -133,7 +133,8 @@ class InfoNCE(SoftmaxLoss):
         What ``mask`` (and ``labels``) mark: ``"pair"``, known false
         negatives, left out of the anchor's softmax; ``"mask"``, further
         positives: the loss is SupCon's L_out, the mean over the anchor's
-        positives P of ``-log softmax`` over P and the negatives.
+        positives P of ``-log softmax`` over P and the negatives. With
+        ``"mask"`` every call must pass ``labels`` or ``mask``.
     queue_size : int, default 0
         Keep the last ``queue_size`` embeddings of each anchor direction in a
         FIFO queue (:class:`negbatch.losses.NegativeQueue`, MoCo) and use them

@@ -153,7 +153,7 @@ class SigLIP(BankLoss):
         ranks. See docs/losses.md for its cost against open_clip's ring.
     positives : {"pair", "mask"}, default "pair"
         What ``mask``/``labels`` mark: false negatives (left out), or further
-        positives (z = +1).
+        positives (z = +1); with ``"mask"`` every call must pass one of them.
     normalize, on_shortage, reduction, check_finite, filter_margin, filter_top
         As in :class:`negbatch.InfoNCE`.
 
