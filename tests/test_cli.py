@@ -358,6 +358,31 @@ def test_config_and_recipe_mistakes_are_named(tmp_path, capsys):
     assert "--dcl-sigma" not in _help(capsys, "study", "batch-size")  # one method's option: every value was refused
 
 
+@pytest.mark.parametrize("entry, words, error", [
+    ("hflip = true", ["--hflip", "true"], None),  # an option that reads a word: it was a bare --hflip
+    ("hflip = false", ["--hflip", "false"], None),  # it was left out, so the default won silently
+    ("skip_bias = true", ["--skip-bias"], None),  # a switch
+    ("skip_bias = false", [], None),
+    ("skip_bias = 1", None, "[study] skip_bias = 1: expected true or false"),
+    ("queue_size = true", None, "[study] queue_size = true: expected an integer"),  # was '--queue-size: expected one argument'
+    ('moco_momentum = "x"', None, '[study] moco_momentum = "x": expected a number'),
+    ('lr_scaling = "cube"', None, "[study] lr_scaling = \"cube\": expected one of 'sqrt', 'linear', 'none'"),
+])
+def test_a_recipes_values_become_the_studys_words_or_an_error_naming_the_file(tmp_path, entry, words, error):
+    from negbatch.cli import with_recipe
+
+    study = "bias" if "skip_bias" in entry else "batch-size"
+    path = tmp_path / "r.toml"
+    path.write_text(f"[study]\n{entry}\n")
+    argv = ["study", study, "--config", str(path)]
+    if error is None:
+        assert with_recipe(argv) == argv[:2] + words + argv[2:]
+    else:
+        with pytest.raises(ValueError) as err:
+            with_recipe(argv)
+        assert str(err.value) == f"{path}: {error}"
+
+
 def test_a_text_study_sets_the_length_over_a_config_files_epochs(tmp_path):
     import argparse
 

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import json
 import os
 import sys
 import time
@@ -221,17 +222,20 @@ def _selected_study(argv: list[str]) -> tuple[str, str] | None:
     return selected
 
 
-def _study_option_strings(name: str) -> set[str]:
-    """Every option string of study ``name`` on either modality (empty for an unknown study)."""
+def _study_options(name: str) -> dict[str, argparse.Action]:
+    """Every option string of study ``name`` on either modality, with its
+    argparse action (empty for an unknown study)."""
     from .lab.studies import STUDIES, get_study
 
-    found: set[str] = set()
+    found: dict[str, argparse.Action] = {}
     for study_name, modality in STUDIES:
         if study_name != name:
             continue
         parser = _Parser()
         get_study(name, modality).add_arguments(parser)
-        found.update(s for action in parser._actions for s in action.option_strings)
+        for action in parser._actions:
+            for option in action.option_strings:
+                found.setdefault(option, action)
     return found
 
 
@@ -248,7 +252,7 @@ def with_recipe(argv: list[str]) -> list[str]:
     name = options.pop("name", argv[1])
     if name != argv[1]:
         raise ValueError(f"{config} is a recipe of the {name} study; run: negbatch study {name} --config {config}")
-    known = _study_option_strings(argv[1])
+    known = _study_options(argv[1])
     extra: list[str] = []
     for key, value in options.items():
         flag = "--" + str(key).replace("_", "-")
@@ -256,11 +260,32 @@ def with_recipe(argv: list[str]) -> list[str]:
             close = difflib.get_close_matches(flag, sorted(known), n=1)
             hint = f" (did you mean {close[0][2:].replace('-', '_')!r}?)" if close else ""
             raise ValueError(f"{config}: [study] key {key!r} is not an option of the {argv[1]} study{hint}")
-        if value is True:
-            extra.append(flag)
-        elif value is not False:
-            extra += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+        extra += _recipe_option(config, key, value, flag, known.get(flag))
     return argv[:2] + extra + argv[2:]
+
+
+def _recipe_option(config: str, key: str, value: object, flag: str, action: argparse.Action | None) -> list[str]:
+    """The command-line words of one ``[study]`` entry, checked here so that a
+    wrong value is reported against the file, not as a command-line option
+    the user never typed."""
+    if action is not None and action.nargs == 0:  # a switch: true gives it, false leaves it out
+        if not isinstance(value, bool):
+            raise ValueError(f"{config}: [study] {key} = {value!r}: expected true or false")
+        return [flag] if value else []
+    if isinstance(value, bool):  # an option that reads "true"/"false" (--hflip) gets the word
+        text = "true" if value else "false"
+    else:
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    if action is not None:
+        where = f"{config}: [study] {key} = {json.dumps(value)}"
+        try:
+            converted = action.type(text) if callable(action.type) else text
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
+            expected = {int: "expected an integer", float: "expected a number"}.get(action.type, str(err))
+            raise ValueError(f"{where}: {expected}") from None
+        if action.choices is not None and converted not in action.choices:
+            raise ValueError(f"{where}: expected one of {', '.join(map(repr, action.choices))}")
+    return [flag, text]
 
 
 def main(argv: list[str] | None = None) -> int:
