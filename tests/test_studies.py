@@ -39,9 +39,16 @@ def test_registry_contract():
         get_study("nosuch", "image")
 
 
-def test_k_capped_by_the_batch_per_loss():
+def test_k_capped_by_the_batch_per_loss(capsys):
     configs, ks = build_configs(TINY, ["simclr", "relic"], [1, 15, 30, 100, "all"], [0, 1], [0.2], [1e-3])
     assert ks == {"simclr": [1, 15, "all"], "relic": [1, "all"]}  # candidates: 2B-2 = 30, B-1 = 15
+    # The merge is said, not silent: a K the user asked for is run as all.
+    assert capsys.readouterr().err.splitlines() == [
+        "--ks 30,100: at or above the 30 candidates of simclr at batch size 16, so run as all",
+        "--ks 15,30,100: at or above the 15 candidates of relic at batch size 16, so run as all",
+    ]
+    build_configs(TINY, ["simclr"], [1, "all"], [0], [0.2], [1e-3])
+    assert capsys.readouterr().err == ""
     assert len(configs) == (3 + 2) * 2
     with pytest.raises(ValueError, match="unknown loss 'moco'"):
         build_configs(TINY, ["moco"], [1], [0], [0.2], [1e-3])

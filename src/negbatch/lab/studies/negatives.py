@@ -24,20 +24,24 @@ from ..folder import atomic_write_text, read_metrics
 from ..stats import fmt_mean_std, mean_std, spearman, welch_p
 from ..sweep import parse_list, read_results
 from ..tasks.image import negative_candidates
-from .base import ImageStudy
+from .base import ImageStudy, say
 
 __all__ = ["ImageNegatives", "build_configs", "cap_ks", "add_sweep_arguments", "DEFAULT_KS"]
 
 DEFAULT_KS = "1,2,5,10,50,100,all"
 
 
-def cap_ks(ks: list, available: int) -> list:
-    """K values in order, each K >= the ``available`` candidates turned into ``"all"``, repeats dropped."""
+def cap_ks(ks: list, available: int, of: str | None = None) -> list:
+    """K values in order, each K >= the ``available`` candidates turned into ``"all"``, repeats dropped.
+    With ``of`` (whose candidates they are), say which K were run as all."""
     capped: list = []
     for k in ks:
         k = "all" if k == "all" or k >= available else k
         if k not in capped:
             capped.append(k)
+    merged = [str(k) for k in ks if k != "all" and k >= available]
+    if of is not None and merged:
+        say(f"--ks {','.join(merged)}: at or above the {available} candidates {of}, so run as all")
     return capped
 
 
@@ -71,7 +75,8 @@ def build_configs(base: TrainConfig, losses: list[str], ks: list, seeds: list[in
     for loss in losses:
         if loss not in ("simclr", "relic"):
             raise ValueError(f"--losses: unknown loss {loss!r}; expected simclr or relic")
-        capped = effective[loss] = cap_ks(ks, negative_candidates(loss, base.batch_size))
+        capped = effective[loss] = cap_ks(ks, negative_candidates(loss, base.batch_size),
+                                          f"of {loss} at batch size {base.batch_size}")
         for k in capped:
             for t in temperatures:
                 for lr in lrs:

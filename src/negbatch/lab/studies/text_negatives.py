@@ -34,7 +34,7 @@ DEFAULT_TEXT_KS = "1,4,16,all"
 def build_text_configs(base: TrainConfig, ks: list, seeds: list[int], temperatures: list[float],
                        lrs: list[float]) -> tuple[list[TrainConfig], list]:
     """Every (K, temperature, lr, seed) configuration; K >= the B - 1 candidates becomes ``all``."""
-    capped = cap_ks(ks, base.batch_size - 1)
+    capped = cap_ks(ks, base.batch_size - 1, f"of a query at batch size {base.batch_size}")
     configs = [base.replace(negatives=k, temperature=t, lr=lr, seed=s) for k in capped for t in temperatures
                for lr in lrs for s in seeds]
     return configs, capped
