@@ -22,7 +22,7 @@ from ..report import markdown_table, plt, save_figure
 from ..folder import atomic_write_text
 from ..stats import fmt_mean_std, mean_std, welch_p
 from ..sweep import parse_list, read_results
-from ..tasks.text import TEXT_METRICS
+from ..tasks.text import TEXT_METRICS, pretrained
 from .base import TextStudy
 from .negatives import add_sweep_arguments, cap_ks, swept_temperatures
 
@@ -129,7 +129,7 @@ def report(folder: Path) -> Path:
         ax.errorbar(xs, [s[0] for s in st], yerr=[s[1] for s in st], marker=marker, capsize=3, label=key)
     base_st = mean_std(_per_seed(rows, "untrained_recall@1"))
     ax.axhline(base_st[0], color="grey", ls=":",
-               label=f"{'before fine-tuning' if b.get('encoder') == 'minilm' else 'untrained'} recall@1")
+               label=f"{'before fine-tuning' if pretrained(b.get('encoder')) else 'untrained'} recall@1")
     ax.set_xscale("log")
     ax.set(xlabel="negatives per query K (rightmost: all)", ylabel="test retrieval metric",
            title=f"{b['dataset']}: retrieval vs K (batch {bs}, mean ± std over seeds)")
@@ -149,7 +149,7 @@ def report(folder: Path) -> Path:
         f"\nBaseline: {TextStudy.before_training(b)} scores Recall@1 "
         f"{fmt_mean_std(_per_seed(rows, 'untrained_recall@1'))}, nDCG@10 "
         f"{fmt_mean_std(_per_seed(rows, 'untrained_ndcg@10'))} ("
-        f"{'' if b.get('encoder') == 'minilm' else 'shared words; '}chance Recall@1 is "
+        f"{'' if pretrained(b.get('encoder')) else 'shared words; '}chance Recall@1 is "
         f"1/{sample.get('num_test_documents')}).\n",
     ]
     if len(spec["temperatures"]) > 1 or len(spec["lrs"]) > 1:

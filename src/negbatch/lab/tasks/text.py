@@ -41,7 +41,7 @@ from ..objective import batch_loss, needs_indices
 from .base import Task
 
 __all__ = ["TextTask", "TEXT_METRICS", "load_text_split", "text_tokenizer", "text_identity", "self_pairs",
-           "starting_model"]
+           "starting_model", "pretrained"]
 
 TEXT_METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
 
@@ -279,9 +279,14 @@ class TextTask(Task):
         self.untrained = dict(state["untrained"])
 
 
+def pretrained(encoder: str | None) -> bool:
+    """Whether a text run's encoder starts pre-trained (MiniLM), so its ``untrained_*`` metrics
+    are a zero-shot model's, not the shared words' an untrained encoder reaches."""
+    return encoder == "minilm"
+
+
 def starting_model(encoder: str | None) -> str:
-    """The model whose metrics are a text run's ``untrained_*``: MiniLM before fine-tuning is a
-    pre-trained model (its score is not the shared words' an untrained encoder reaches)."""
-    if encoder == "minilm":
+    """The model whose metrics are a text run's ``untrained_*``, for a report."""
+    if pretrained(encoder):
         return "the pre-trained model before fine-tuning (zero-shot)"
     return "the untrained encoder"
