@@ -449,6 +449,35 @@ def test_step_by_step_api():
     assert_grads_close(grads_of([enc]), want, 1e-10)
 
 
+
+def test_steps_one_by_one_refuse_to_run_twice_on_one_batch():
+    """A second backward_chunks on the same batch added its gradient again
+    (.grad doubled, silently), and a second representation_gradients ran a
+    stateful loss twice; plain autograd refuses a second backward too."""
+    torch.manual_seed(0)
+    enc = MLP().double()
+    views = make_views(10, torch.float64)
+    _, _, want = reference([enc, enc], InfoNCE(temperature=0.3), views, [4, 4], 1)
+    cache = GradCache(enc, InfoNCE(temperature=0.3), 4)
+    torch.manual_seed(1)
+    cached = cache.forward_no_grad(*views)
+    cache.representation_gradients(cached)
+    with pytest.raises(RuntimeError, match="representation_gradients.*already ran"):
+        cache.representation_gradients(cached)
+    cache.backward_chunks(cached)
+    with pytest.raises(RuntimeError, match="backward_chunks.*already ran"):
+        cache.backward_chunks(cached)
+    with pytest.raises(RuntimeError, match="representation_gradients.*already ran"):
+        cache.representation_gradients(cached)
+    assert_grads_close(grads_of([enc]), want, 1e-10)  # the batch's gradient, once
+
+    state = GlobalInfoNCE(10, temperature=0.3, gamma=0.9)
+    cached = GradCache(enc, state, 4).forward_no_grad(*views)
+    GradCache(enc, state, 4).representation_gradients(cached, indices=torch.arange(10))
+    with pytest.raises(RuntimeError, match="already ran"):
+        GradCache(enc, state, 4).representation_gradients(cached, indices=torch.arange(10))
+    assert int(state.num_updates) == 1
+
 def test_frozen_tower_gets_no_second_forward():
     torch.manual_seed(0)
     q_enc, d_enc = MLP().double(), MLP().double()

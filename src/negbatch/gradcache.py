@@ -283,6 +283,8 @@ class CachedBatch:
     graph, which every chunk's backward passes through (so it is retained).
     ``autocast``: the autocast regions around the first pass, which the second
     pass re-enters wherever it runs (a trainer's backward is outside them).
+    ``backward_done``: step 3 ran (its gradients are then released), so that
+    neither step 2 nor step 3 adds the batch's gradient a second time.
     """
 
     chunks: list[list[EncoderInput]]
@@ -293,6 +295,7 @@ class CachedBatch:
     bn_snapshot: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     carries_graph: bool = False
     autocast: list[tuple[str, bool, torch.dtype]] = field(default_factory=list)
+    backward_done: bool = False
 
 
 class GradCache:
@@ -543,6 +546,12 @@ class GradCache:
     def representation_gradients(self, cached: CachedBatch, **loss_kwargs: Any) -> Tensor:
         """Step 2: the loss on all representations, back-propagated to the
         representations only; their gradients are cached in ``cached``."""
+        if cached.gradients or cached.backward_done:
+            raise RuntimeError(
+                "representation_gradients(cached) already ran for this batch: a second call would run the loss "
+                "again (a stateful loss, GlobalInfoNCE or a queue, would update twice) and add its gradient twice; "
+                "encode the next batch with forward_no_grad(...)"
+            )
         leaves = [r.detach().requires_grad_(True) for r in cached.representations]
         args, hard = self._loss_args(leaves)
         with self._autocast():
@@ -574,6 +583,11 @@ class GradCache:
         """Step 3: re-encode each chunk with a graph under its replayed random
         state and back-propagate the cached representation gradients."""
         if not cached.gradients:
+            if cached.backward_done:
+                raise RuntimeError(
+                    "backward_chunks(cached) already ran for this batch: its gradient is in .grad, and a second "
+                    "call would add it again; encode the next batch with forward_no_grad(...)"
+                )
             raise RuntimeError("call representation_gradients(cached) before backward_chunks(cached)")
         encoders = self._encoders_for(len(cached.chunks))
         sync_items = self._sync_items(encoders, cached.chunks, sync)
@@ -610,6 +624,7 @@ class GradCache:
                             break  # no trainable tensor behind this input (the same for all its chunks)
                         torch.autograd.backward(out, grad, retain_graph=cached.carries_graph)
         self._batchnorm_restore(cached.bn_snapshot)
+        cached.gradients, cached.backward_done = [], True
 
     # ----------------------------------------------------------------- helpers
 
