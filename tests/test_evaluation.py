@@ -126,3 +126,28 @@ def test_lab_representations_restore_the_models_mode():
 def test_knn_takes_numpy_integers():
     x, y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]]), torch.tensor([0, 1, 0, 1])
     assert knn_accuracy(x, y, x, y, k=np.int64(1), chunk_size=np.int64(2)) == knn_accuracy(x, y, x, y, k=1, chunk_size=2)
+
+
+def test_evaluation_names_what_is_wrong_with_labels_penalties_and_empty_training_sets():
+    """An empty training set crashed weighted_knn_accuracy in torch's max(); labels
+    of another dtype were refused as not 'of shape (n,)' while of that shape; an
+    infinite l2 crashed linear_eval's L-BFGS with an overflow, and a string l2
+    linear_probe's comparison, both with bare errors."""
+    from negbatch.evaluation import linear_eval, weighted_knn_accuracy
+
+    x, y = blobs(n=20)
+    with pytest.raises(ValueError, match=r"train_features must be a non-empty 2-D tensor"):
+        weighted_knn_accuracy(x[:0], y[:0], x, y, k=1)
+    for bad in (y.to(torch.uint8), y.bool(), y.float()):
+        with pytest.raises(ValueError, match=rf"train_labels must be an int64 or int32 tensor of shape \(20,\).*"
+                                             rf"got {bad.dtype} of shape \(20,\)"):
+            knn_accuracy(x, bad, x, y, k=1)
+    with pytest.raises(ValueError, match=r"test_labels .* got list"):
+        linear_probe(x, y, x, y.tolist())
+    for probe in (linear_probe, linear_eval):
+        for bad in (float("inf"), float("nan"), -1.0, "1e-4", None):
+            with pytest.raises(ValueError, match="l2 must be a (finite )?number >= 0"):
+                probe(x, y, x, y, l2=bad)
+    with pytest.raises(ValueError, match="l2 must be a finite number >= 0"):
+        linear_eval(x, y, x, y, l2=[1e-2, float("inf")])
+    assert linear_eval(x, y, x, y, l2=np.array([1e-2, 1e-4])) == linear_eval(x, y, x, y, l2=[1e-2, 1e-4])

@@ -172,9 +172,9 @@ def weighted_knn_accuracy(
     >>> weighted_knn_accuracy(x[:50], y[:50], x[50:], y[50:], k=5)
     1.0
     """
+    _check_xy(train_features, train_labels, "train_features", "train_labels")
     _check_xy(test_features, test_labels, "test_features", "test_labels")
-    if isinstance(train_labels, Tensor) and train_labels.numel():
-        check_two_classes(train_labels)
+    check_two_classes(train_labels)
     if "num_classes" not in kwargs:
         kwargs["num_classes"] = int(max(int(train_labels.max()), int(test_labels.max()))) + 1
     pred = weighted_knn_predict(train_features, train_labels, test_features, **kwargs)

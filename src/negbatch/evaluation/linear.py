@@ -13,6 +13,7 @@ objective is convex; the tests compare it with scikit-learn's
 
 from __future__ import annotations
 
+import math
 import numbers
 
 from typing import Any, Sequence
@@ -28,7 +29,9 @@ def _check_xy(x: Tensor, y: Tensor, xname: str, yname: str) -> None:
     if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"{xname} must be a non-empty 2-D tensor (n, d), got {getattr(x, 'shape', type(x))}")
     if not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{yname} must be an integer tensor of shape ({x.shape[0]},), got {getattr(y, 'shape', type(y))}")
+        given = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
+        raise ValueError(f"{yname} must be an int64 or int32 tensor of shape ({x.shape[0]},), one class index per "
+                         f"row of {xname}, got {given}")
     if not torch.isfinite(x).all():
         raise ValueError(f"{xname} contains NaN or inf")
     if len(y) and int(y.min()) < 0:
@@ -44,6 +47,14 @@ def _check_splits(train_features: Tensor, train_labels: Tensor, test_features: T
             f"train_features and test_features have different widths: {train_features.shape[1]} vs {test_features.shape[1]}"
         )
     check_two_classes(train_labels)
+
+
+def _check_l2(l2: object) -> float:
+    """An L2 penalty: a finite number >= 0 (an infinite one pins W at 0, and
+    L-BFGS fails on it with an overflow far from here)."""
+    if isinstance(l2, bool) or not isinstance(l2, numbers.Real) or not math.isfinite(l2) or l2 < 0:
+        raise ValueError(f"l2 must be a finite number >= 0 (the L2 penalty), got {l2!r}")
+    return float(l2)
 
 
 def check_two_classes(train_labels: Tensor) -> None:
@@ -111,8 +122,7 @@ def linear_probe(
     True
     """
     _check_splits(train_features, train_labels, test_features, test_labels)
-    if not l2 >= 0:
-        raise ValueError(f"l2 must be >= 0, got {l2!r}")
+    _check_l2(l2)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int (L-BFGS iterations), got {max_iter!r}")
     xtr, xte = train_features.double(), test_features.double()
@@ -229,10 +239,10 @@ def linear_eval(
     True
     """
     _check_splits(train_features, train_labels, test_features, test_labels)
-    grid = [l2] if isinstance(l2, numbers.Real) else list(l2)
-    if not grid or any(isinstance(v, bool) or not isinstance(v, numbers.Real) or not v >= 0 for v in grid):
+    grid = [l2] if isinstance(l2, numbers.Real) else list(l2) if hasattr(l2, "__iter__") else []
+    if not grid:
         raise ValueError(f"l2 must be a number >= 0 or a non-empty sequence of them, got {l2!r}")
-    grid = [float(v) for v in grid]
+    grid = [_check_l2(v) for v in grid]
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
