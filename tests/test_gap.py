@@ -62,6 +62,9 @@ def test_one_batch_of_everything_has_zero_gap():
         (torch.randn(5, 3), [], 0.1, ValueError, "empty"),
         (torch.randn(5, 3), [[0]], 0.0, ValueError, "temperature"),
         ("x", [[0]], 0.1, TypeError, "embeddings"),
+        # one batch not wrapped in a list: it was taken as 4 batches of one sample (gap = L^Global - 0)
+        (torch.randn(5, 3), [0, 1, 2, 3], 0.1, ValueError, r"batches\[0\] is 0, not a 1-d sequence.*\[batch\]"),
+        (torch.randn(5, 3), [[[0, 1], [2, 3]]], 0.1, ValueError, r"batches\[0\] has shape \(2, 2\)"),
     ],
 )
 def test_bad_input(emb, batches, tau, exc, match):

@@ -49,11 +49,16 @@ def _check_batches(batches: Sequence[Sequence[int]], n: int) -> list[Tensor]:
     if isinstance(batches, Tensor) or not hasattr(batches, "__iter__"):
         raise TypeError("batches must be a sequence of index sequences (one per batch)")
     out = []
-    for b in batches:
+    for i, b in enumerate(batches):
         arr = np.asarray(b)
+        if arr.ndim != 1:
+            # A flat list of indices (one batch not wrapped in a list) became N batches of one sample.
+            raise ValueError(f"batches[{i}] is {b!r}, not a 1-d sequence of sample indices: batches is a sequence "
+                             f"of batches; wrap a single batch in a list ([batch])" if arr.ndim == 0 else
+                             f"batches[{i}] has shape {arr.shape}; each batch must be a 1-d sequence of sample indices")
         if arr.size and arr.dtype.kind not in "iu":
             raise TypeError(f"batches must hold integer sample indices, got {arr.dtype} values (e.g. {arr.flat[0]!r})")
-        t = torch.as_tensor(arr.astype(np.int64, copy=False)).reshape(-1)
+        t = torch.as_tensor(arr.astype(np.int64, copy=False))
         if t.numel() == 0:
             raise ValueError("batches contains an empty batch")
         if int(t.min()) < 0 or int(t.max()) >= n:
