@@ -234,6 +234,27 @@ def test_a_checkpoint_taken_while_the_loader_runs_ahead_resumes_the_trainer_epoc
         sampler.state_dict(position=0, epoch=3)
 
 
+
+def test_state_dict_refuses_a_position_the_epoch_does_not_have():
+    """position=100 in an epoch of 10 batches (or -1, or 2.7) was saved as is: the
+    checkpoint was written, and the run failed only when it resumed from it."""
+    sampler = RandomBatchSampler(40, 4, seed=0)
+    it = iter(sampler)
+    next(it)
+    assert sampler.state_dict(position=10)["position"] == 10  # the epoch's end is a position
+    for bad in (11, 100):
+        with pytest.raises(ValueError, match=f"position={bad} is past the end of epoch 0, which has 10 batches"):
+            sampler.state_dict(position=bad)
+    for bad in (-1, 2.7, "3", True):
+        with pytest.raises(ValueError, match=r"position must be an int >= 0"):
+            sampler.state_dict(position=bad)
+    with pytest.raises(ValueError, match=r"epoch must be an int >= 0"):
+        sampler.state_dict(position=1, epoch="0")
+    list(it)  # the epoch is finished: a position in it is still checked against its plan
+    assert sampler.state_dict(position=10, epoch=0)["position"] == 10
+    with pytest.raises(ValueError, match="past the end of epoch 0"):
+        sampler.state_dict(position=11, epoch=0)
+
 def counting_embed():
     """The planted data's embed_fn, and the list of how many samples each call embedded."""
     x, y, _ = planted()

@@ -261,6 +261,9 @@ class EpochBatchSampler(Sampler[list[int]]):
         epoch those steps belong to (the one just finished, the current one,
         or, with ``position`` 0, the next).
         """
+        for name, value, what in (("position", position, "steps done in its epoch"), ("epoch", epoch, "epoch")):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
+                raise ValueError(f"{name} must be an int >= 0 (the trainer's {what}), got {value!r}")
         pos = self._position if position is None else int(position)
         current = self.epoch if epoch is None else int(epoch)
         plan, refreshed_at = self._plan, self._refreshed_at
@@ -275,6 +278,10 @@ class EpochBatchSampler(Sampler[list[int]]):
             )
         if plan is None and pos:
             raise ValueError(f"position={pos} in epoch {current}, but the sampler has not planned that epoch")
+        if plan is not None and pos > len(plan):
+            # Saved as is, it made a checkpoint that only failed when the run resumed.
+            raise ValueError(f"position={pos} is past the end of epoch {current}, which has {len(plan)} batches; "
+                             f"pass the number of batches the trainer completed in that epoch")
         return {
             "epoch": current,
             "position": pos if plan is not None else 0,
