@@ -645,6 +645,8 @@ def test_bad_chunk_sizes():
     for bad in (2.5, True, "4"):
         with pytest.raises(TypeError, match="chunk_size"):
             GradCache(enc, InfoNCE(), bad)
+    with pytest.raises(TypeError, match=r"got '64'"):  # not "got '6'": a string is not one size per character
+        GradCache(enc, InfoNCE(), "64")
     assert GradCache(enc, InfoNCE(), np.int64(4)).chunk_sizes == [4]
     with pytest.raises(ValueError, match="one chunk_size per encoder"):
         GradCache([enc, enc], InfoNCE(), [2, 3, 4])

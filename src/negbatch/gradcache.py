@@ -405,7 +405,7 @@ class GradCache:
             raise TypeError("encoders must be an nn.Module or a non-empty sequence of nn.Module (one per input)")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        sizes = [chunk_size] if not isinstance(chunk_size, Sequence) else list(chunk_size)
+        sizes = [chunk_size] if isinstance(chunk_size, str) or not isinstance(chunk_size, Sequence) else list(chunk_size)
         if not sizes:
             raise ValueError("chunk_size must be an int or a non-empty sequence of ints")
         for size in sizes:
