@@ -362,3 +362,11 @@ def test_an_old_format_state_loads():
         assert torch.equal(tracker.state_dict()["m"], m) and torch.equal(tracker.state_dict()["v"], v)
         c = 1 - 0.5**4
         assert tracker.snr()[0].item() == pytest.approx(abs(0.5 / c) / math.sqrt(0.5 / c - (0.5 / c) ** 2), rel=1e-6)
+
+
+def test_load_state_dict_names_missing_entries():
+    """A state without "steps" (an optimizer's state given by mistake, say) failed with a bare KeyError."""
+    model = torch.nn.Linear(3, 2)
+    snr = GradientSNR(model)
+    with pytest.raises(ValueError, match=r"state is missing \['steps', 'v'\]; pass a dict made by GradientSNR"):
+        snr.load_state_dict({"m": torch.zeros(8)})

@@ -222,6 +222,9 @@ class GradientSNR:
     def load_state_dict(self, state: dict) -> None:
         """Load a :meth:`state_dict`; states saved before the skipped count (no ``"skipped"``)
         load with none, and counts saved as 0-dim tensors load too."""
+        missing = {"steps", "m", "v"} - set(state)
+        if missing:
+            raise ValueError(f"state is missing {sorted(missing)}; pass a dict made by GradientSNR.state_dict()")
         if state["m"].shape != self.m.shape:
             raise ValueError(f"state holds {state['m'].numel()} moments, the tracker watches {self.m.numel()} parameters")
         steps = int(state["steps"])
