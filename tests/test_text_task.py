@@ -286,6 +286,19 @@ def test_a_query_with_several_positives_stays_on_one_side_of_the_split(tmp_path)
     assert not set(train.queries) & set(test.queries)  # each query's three pairs on one side
 
 
+def test_no_text_is_on_both_sides_of_the_users_split(tmp_path):
+    # A document of three queries, and pairs given both ways round ((a, b) and (b, a)): a test
+    # document (or query) trained on is a leak, as a test query trained on is.
+    path = tmp_path / "shared.jsonl"
+    rows = [{"query": f"question {i}", "document": f"answer {i // 3}"} for i in range(150)]
+    rows += [{"query": f"left {i}", "document": f"right {i}"} for i in range(50)]
+    rows += [{"query": f"right {i}", "document": f"left {i}"} for i in range(50)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, test = load_text_split(TrainConfig(dataset=f"pairs:{path}", test_fraction=0.2))
+    assert len(train) + len(test) == 250 and len(test) >= 25
+    assert not set(train.queries + train.documents) & set(test.queries + test.documents)
+
+
 def test_study_on_the_users_pairs_file_and_errors(tmp_path, capsys):
     from negbatch.cli import main
     from negbatch.data.text import builtin_pairs

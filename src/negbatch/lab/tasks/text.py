@@ -17,7 +17,8 @@ Data (``dataset``):
 * ``"builtin"`` -- the 40 built-in pairs (tests, smoke runs), split by pair;
 * ``"pairs:PATH"`` -- the user's JSONL/CSV file
   (:func:`negbatch.data.text.load_pairs`, with ``query_column``,
-  ``document_column`` and ``hard_negatives_column``), split by pair id.
+  ``document_column`` and ``hard_negatives_column``), split by pair, pairs that
+  share a text (query or document) on one side.
 
 The split uses ``data_seed`` (not the run's ``seed``), so every seed of a study
 sees the same test corpus. The WordPiece tokenizer is trained on the training
@@ -71,16 +72,34 @@ def _load_text_split(dataset, max_pairs, test_fraction, data_seed, query_column,
             order = list(range(len(pairs)))
             random.Random(data_seed).shuffle(order)
             pairs = pairs.subset(sorted(order[:max_pairs]))
-        # By query text: a query in several pairs (several positives) goes to one side, with the
-        # group of its first pair (so data without repeated queries splits pair by pair, as before).
-        first: dict[str, object] = {}
-        group = {i: first.setdefault(q, i) for i, q in zip(pairs.ids, pairs.queries)}
+        group = _shared_text_groups(pairs)
         train, test = split_by_group(pairs, group.__getitem__, test_fraction=test_fraction, seed=data_seed)
     if len(test) < 2 or len(train) < 2:
         hint = " (the built-in 40 pairs: --test-fraction 0.25 holds out 6 at --data-seed 0)" if dataset == "builtin" else ""
         raise ValueError(f"dataset {dataset!r}: the split left {len(train)} training and {len(test)} test pairs; "
                          f"use more pairs (max_pairs) or another test_fraction{hint}")
     return train, test
+
+
+def _shared_text_groups(pairs) -> dict:
+    """Pair id -> its split group: pairs linked by a shared text (a query with several positives,
+    a document of several queries, a text that is one pair's query and another's document) form
+    one group, named by its first pair's id, so no text is on both sides of the split (data
+    without repeated texts splits pair by pair)."""
+    parent = list(range(len(pairs)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    for i, (q, d) in enumerate(zip(pairs.queries, pairs.documents)):
+        for text in (q, d):
+            a, b = root(i), root(first.setdefault(text, i))
+            parent[max(a, b)] = min(a, b)  # the root is the group's first pair
+    return {pair_id: pairs.ids[root(i)] for i, pair_id in enumerate(pairs.ids)}
 
 
 def text_tokenizer(cfg: TrainConfig, train):
