@@ -269,3 +269,22 @@ def test_file_errors_name_the_file_line_and_position(tmp_path):
     mal.write_text('{"query": "a", "document": "b"}\n{"query": "x\ty", "document": "c"}\n')
     with pytest.raises(ValueError, match=r"mal.jsonl: line 2 is not valid JSON \(Invalid control character at: column 13\)"):
         load_pairs(mal)
+
+
+def test_a_folder_a_repeated_header_name_and_a_headerless_csv_are_named(tmp_path):
+    (tmp_path / "pairs.csv").mkdir()
+    with pytest.raises(ValueError, match=r"pairs.csv is a folder, not a pairs file; give the path of a \.jsonl"):
+        load_pairs(tmp_path / "pairs.csv")  # was 'pairs file not found' for a folder that is there
+    path = tmp_path / "twice.csv"
+    path.write_text("query,query,document\na,b,c\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"twice.csv: the header names column\(s\) \['query'\] more than once"):
+        load_pairs(path)  # was loaded as ('b', 'c'): the last 'query' cell, the first one dropped
+    path.write_text("query,document,,\na,b,,\n", encoding="utf-8")  # blank header cells are not names
+    assert load_pairs(path).queries == ["a"]
+    path = tmp_path / "bare.tsv"
+    path.write_text("a cat sleeps\tthe cat is asleep\nrain falls\tit is raining\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="row 1 has no column 'query' .* the first line is the header: add one"):
+        load_pairs(path)
+    path.write_text("a cat sleeps\tthe cat is asleep\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"no pairs below the header \['a cat sleeps', 'the cat is asleep'\]"):
+        load_pairs(path)  # was 'no pairs found (an empty file?)'

@@ -363,6 +363,14 @@ def _read_records(path: Path) -> list[tuple[str, dict]]:
         delimiter = "\t" if suffix == ".tsv" else ","
         reader = csv.DictReader(io.StringIO(_decode(path), newline=""), delimiter=delimiter)
         records = list(reader)
+        if not records and reader.fieldnames:
+            raise ValueError(f"{path}: no pairs below the header {reader.fieldnames} (the first line is the header); "
+                             f"a CSV/TSV file needs a header row, then one row per pair")
+        named = [name for name in reader.fieldnames or () if name.strip()]
+        repeated = sorted({name for name in named if named.count(name) > 1})
+        if repeated:  # DictReader would keep the last such cell of every row, silently
+            raise ValueError(f"{path}: the header names column(s) {repeated} more than once; give every column its "
+                             f"own name")
         for row, record in enumerate(records, 1):
             # DictReader files surplus cells under None (and fills missing ones with None, which
             # load_pairs reports for the columns it reads). Text in a surplus cell is text cut off.
@@ -420,6 +428,8 @@ def load_pairs(
     ['the cat is asleep', 'it is raining']
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a pairs file; give the path of a .jsonl, .csv or .tsv file")
     if not path.is_file():
         raise FileNotFoundError(f"pairs file not found: {path}")
     records = _read_records(path)
@@ -432,9 +442,11 @@ def load_pairs(
     for index, (row, record) in enumerate(records):
         for column in columns:
             if column not in record:
+                headerless = path.suffix.lower() in (".csv", ".tsv") and not any(c in record for c in columns)
+                header = "the first line is the header: add one naming the columns, or " if headerless else ""
                 raise ValueError(
                     f"{path}: {row} has no column {column!r} (columns found: {sorted(record)}); "
-                    f"name the columns with query_column=/document_column="
+                    f"{header}name the columns with query_column=/document_column="
                 )
             if record[column] is None:  # a CSV row shorter than its header, or a JSON null
                 raise ValueError(f"{path}: {row} has no value for column {column!r} (a CSV row with fewer "
