@@ -216,6 +216,10 @@ def test_load_rejects_uneven_or_empty_hard_negatives(tmp_path):
     empty = _jsonl(tmp_path, [{"query": "a", "document": "b", "n": [""]}], name="e.jsonl")
     with pytest.raises(ValueError, match="empty string"):
         load_pairs(empty, hard_negatives_column="n")
+    own = _jsonl(tmp_path, [{"query": "a", "document": "b", "n": ["x"]}, {"query": "c", "document": "d", "n": ["d"]}],
+                 name="own.jsonl")
+    with pytest.raises(ValueError, match="line 2: column 'n' holds the row's own document 'd': a positive cannot"):
+        load_pairs(own, hard_negatives_column="n")  # was accepted: the positive pushed away from itself
 
 
 def test_load_rejects_bad_files(tmp_path):

@@ -471,6 +471,9 @@ def load_pairs(
             negs = _hard_negative_list(record[hard_negatives_column], row, path)
             if any(not n.strip() for n in negs):
                 raise ValueError(f"{path}: {row}: column {hard_negatives_column!r} holds an empty string")
+            if d in negs:
+                raise ValueError(f"{path}: {row}: column {hard_negatives_column!r} holds the row's own document "
+                                 f"{d[:60]!r}: a positive cannot be its own negative; remove it from the list")
             if hard and len(negs) != len(hard[0]):
                 raise ValueError(
                     f"{path}: {row} has {len(negs)} hard negatives, {first} has {len(hard[0])}; "
