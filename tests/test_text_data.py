@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 
@@ -162,10 +163,10 @@ def test_load_csv(tmp_path):
 def test_csv_rows_with_surplus_or_missing_cells_and_a_byte_order_mark(tmp_path):
     path = tmp_path / "pairs.csv"
     path.write_text("query,document\nhello, how are you,I am fine\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="row 1 has more cells than the header .2.: an unquoted comma"):
+    with pytest.raises(ValueError, match=r"row 1 \(line 2\) has more cells than the header .2.: an unquoted comma"):
         load_pairs(path)  # it loaded as 'hello' -> ' how are you', the real document dropped
     path.write_text("query,document\na,b\nc\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="row 2 has no value for column 'document' .a CSV row with fewer cells"):
+    with pytest.raises(ValueError, match=r"row 2 \(line 3\) has no value for column 'document' .a CSV row with fewer cells"):
         load_pairs(path)
     # Nothing lost: an empty trailing cell, or a missing cell of a column that is not read.
     path.write_text("query,document,notes\na,b,\nc,d\ne,f,,\n", encoding="utf-8")
@@ -287,8 +288,24 @@ def test_a_folder_a_repeated_header_name_and_a_headerless_csv_are_named(tmp_path
     assert load_pairs(path).queries == ["a"]
     path = tmp_path / "bare.tsv"
     path.write_text("a cat sleeps\tthe cat is asleep\nrain falls\tit is raining\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="row 1 has no column 'query' .* the first line is the header: add one"):
+    with pytest.raises(ValueError, match="row 1 .line 2. has no column 'query' .* the first line is the header: add one"):
         load_pairs(path)
     path.write_text("a cat sleeps\tthe cat is asleep\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"no pairs below the header \['a cat sleeps', 'the cat is asleep'\]"):
         load_pairs(path)  # was 'no pairs found (an empty file?)'
+
+
+def test_csv_errors_name_the_line_a_record_starts_on_and_long_texts_load(tmp_path):
+    path = tmp_path / "pairs.csv"
+    # Row numbers alone did not find the row in an editor (a spreadsheet's row 1 is the header;
+    # blank lines, empty rows and quoted line breaks are not rows).
+    path.write_text('query,document\n\n"two\nlines",b\n,,\nc,d\nc,d\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"row 3 \(line 7\) repeats the pair of row 2 \(line 6\)"):
+        load_pairs(path)
+    path.write_text('query,document\na,b\n"never closed,c\nd,e\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"pairs.csv: the record starting on line 3 is not valid CSV .* a quote that"):
+        load_pairs(path)  # was read as one text running to the end of the file
+    long = "word " * 40_000  # 200,000 characters: past the csv module's default 131,072 (a bare csv.Error)
+    path.write_text(f"query,document\n{long},b\nc,d\n", encoding="utf-8")
+    assert load_pairs(path).queries == [long, "c"]
+    assert csv.field_size_limit() == 131072  # the process's limit is restored

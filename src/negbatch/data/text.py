@@ -341,7 +341,7 @@ def _decode(path: Path) -> str:
 
 def _read_records(path: Path) -> list[tuple[str, dict]]:
     """The file's records, each with where it is: ``"line N"`` of a JSONL
-    file (blank lines counted), ``"row N"`` of a CSV file's data rows."""
+    file (blank lines counted), ``"row N (line L)"`` of a CSV file's data rows."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         records = []
@@ -360,28 +360,51 @@ def _read_records(path: Path) -> list[tuple[str, dict]]:
             records.append((f"line {line_no}", record))
         return records
     if suffix in (".csv", ".tsv"):
-        delimiter = "\t" if suffix == ".tsv" else ","
-        reader = csv.DictReader(io.StringIO(_decode(path), newline=""), delimiter=delimiter)
-        records = list(reader)
-        if not records and reader.fieldnames:
-            raise ValueError(f"{path}: no pairs below the header {reader.fieldnames} (the first line is the header); "
-                             f"a CSV/TSV file needs a header row, then one row per pair")
-        named = [name for name in reader.fieldnames or () if name.strip()]
-        repeated = sorted({name for name in named if named.count(name) > 1})
-        if repeated:  # DictReader would keep the last such cell of every row, silently
-            raise ValueError(f"{path}: the header names column(s) {repeated} more than once; give every column its "
-                             f"own name")
-        for row, record in enumerate(records, 1):
-            # DictReader files surplus cells under None (and fills missing ones with None, which
-            # load_pairs reports for the columns it reads). Text in a surplus cell is text cut off.
-            surplus = record.pop(None, None)
-            if surplus and any(cell.strip() for cell in surplus):
-                raise ValueError(
-                    f"{path}: row {row} has more cells than the header ({len(reader.fieldnames)}): an unquoted "
-                    f"{'tab' if delimiter == chr(9) else 'comma'} inside a text? Quote texts that contain one"
-                )
-        return [(f"row {row}", record) for row, record in enumerate(records, 1)]
+        return _csv_records(path, "\t" if suffix == ".tsv" else ",")
     raise ValueError(f"{path}: a pairs file must end in .jsonl, .ndjson, .csv or .tsv, got {path.name!r}")
+
+
+def _csv_records(path: Path, delimiter: str) -> list[tuple[str, dict]]:
+    """A CSV/TSV file's data rows as dicts keyed by the header (a missing cell: None), each with
+    where it is: ``"row N (line L)"``, L the line its record starts on (a quoted text may span
+    lines; blank lines and rows of empty cells are skipped, and counted)."""
+    text = _decode(path)
+    kind = "tab" if delimiter == "\t" else "comma"
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    header, rows, line = None, [], 0
+    limit = csv.field_size_limit(max(len(text), 131072))  # a long text is one field: no 128 KiB cap
+    try:
+        for cells in reader:
+            start, line = line + 1, reader.line_num
+            if not any(cell.strip() for cell in cells):  # a blank line, or a spreadsheet's empty row ",,"
+                continue
+            if header is None:
+                header = cells
+            else:
+                rows.append((start, cells))
+    except csv.Error as e:
+        raise ValueError(f"{path}: the record starting on line {line + 1} is not valid CSV ({e}): a quote that opens "
+                         f"a text must close it, and a quote inside a quoted text is written twice (\"\")") from None
+    finally:
+        csv.field_size_limit(limit)
+    if not rows and header:
+        raise ValueError(f"{path}: no pairs below the header {header} (the first line is the header); "
+                         f"a CSV/TSV file needs a header row, then one row per pair")
+    named = [name for name in header or () if name.strip()]
+    repeated = sorted({name for name in named if named.count(name) > 1})
+    if repeated:  # a dict would keep the last such cell of every row, silently
+        raise ValueError(f"{path}: the header names column(s) {repeated} more than once; give every column its "
+                         f"own name")
+    records = []
+    for row, (start, cells) in enumerate(rows, 1):
+        where = f"row {row} (line {start})"
+        # Text in a cell beyond the header is text cut off; a missing cell is None (load_pairs
+        # reports it for the columns it reads).
+        if any(cell.strip() for cell in cells[len(header):]):
+            raise ValueError(f"{path}: {where} has more cells than the header ({len(header)}): an unquoted {kind} "
+                             f"inside a text? Quote texts that contain one")
+        records.append((where, dict(zip(header, cells + [None] * (len(header) - len(cells))))))
+    return records
 
 
 def _hard_negative_list(value, row: str, path: Path) -> list[str]:
