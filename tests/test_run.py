@@ -155,6 +155,20 @@ def test_a_run_refused_for_bad_input_does_not_claim_the_folder(tmp_path, digits)
     assert train(tiny(epochs=1, negatives=10), tmp_path, data=digits) is not None  # the fix is accepted
 
 
+def test_too_few_evaluation_images_refused_before_training(tmp_path, digits):
+    # Until 2026-12-03 these trained to the end, then failed in the evaluation with a message naming
+    # no option, and every rerun resumed and failed again.
+    with pytest.raises(ValueError, match=r"at least 2 test images.*\(n_test=1\); raise n_test"):
+        train(tiny(n_test=1), tmp_path / "a", data=digits)
+    with pytest.raises(ValueError, match=r"one class only.*raise probe_samples \(now 1\)"):
+        train(tiny(probe_samples=1), tmp_path / "b", data=digits)
+    assert not (tmp_path / "a" / "config.json").exists() and not (tmp_path / "b" / "config.json").exists()
+    # Three test images of three classes: the intra-class distance is undefined (None), as at scale.
+    s = train(tiny(n_test=3, epochs=1), tmp_path / "c", data=digits)
+    assert len(set(digits.y_test[:3].tolist())) == 3
+    assert s["intra_class_distance"] is None and s["silhouette"] == 0.0
+
+
 def test_damaged_checkpoint_or_config_named_in_the_error(tmp_path, digits):
     train(tiny(epochs=1), tmp_path, data=digits, stop_after=1)
     ckpt = tmp_path / "checkpoint.pt"

@@ -307,8 +307,8 @@ def evaluate(model: ContrastiveModel, data: ImageDataset, cfg: TrainConfig, devi
     return {
         "linear_acc": linear_probe(rtr, data.y_train, rte, data.y_test),
         "knn_acc": knn_accuracy(rtr, data.y_train, rte, data.y_test, k=min(cfg.knn_k, rtr.shape[0])),
-        "intra_class_distance": intra_class_distance(zte, data.y_test),
-        "silhouette": silhouette_score(zte, data.y_test),
+        "intra_class_distance": _defined(intra_class_distance, zte, data.y_test),
+        "silhouette": _defined(silhouette_score, zte, data.y_test),
         "alignment": alignment(a1, a2),
         "uniformity": uniformity(zte),
     }
@@ -422,6 +422,7 @@ class ImageTask(Task):
         if cfg.probe_samples is not None and cfg.probe_samples > len(self.data.x_train):
             raise ValueError(f"probe_samples={cfg.probe_samples} exceeds the {len(self.data.x_train)} training images; "
                              f"lower it or leave it unset (all)")
+        self._check_evaluation_data()
         self.model = build_model(cfg, self.data.image_shape).to(self.device)
         self._warn_chunked_batchnorm()
         n = len(self.train_x)
@@ -429,6 +430,23 @@ class ImageTask(Task):
                                   total_steps=cfg.total_steps(max(n // cfg.batch_size, 1))).to(self.device)
         self.build_key_encoder()  # MoCo: the second views are keys of a momentum encoder
         self.sampler = build_sampler(cfg, self.train_x, self.model, self.device)
+
+    def _check_evaluation_data(self) -> None:
+        """What the evaluation after training needs, checked before training starts:
+        two test images (alignment, uniformity) and two classes among the probe's
+        training images."""
+        cfg, data = self.cfg, self.data
+        if not data.has_labels:
+            return
+        if len(data.x_test) < 2:
+            raise ValueError(f"the evaluation needs at least 2 test images, {data.name}'s test split holds "
+                             f"{len(data.x_test)}" + (f" (n_test={cfg.n_test}); raise n_test" if cfg.n_test else ""))
+        labels = data.y_train[:cfg.probe_samples]
+        if int(labels.min()) == int(labels.max()):
+            name = "probe_samples" if cfg.probe_samples is not None else "n_train" if cfg.n_train else None
+            raise ValueError(f"the linear probe's {len(labels)} training images hold one class only "
+                             f"({int(labels.min())}); it needs at least 2"
+                             + (f": raise {name} (now {getattr(cfg, name)})" if name else ""))
 
     def _warn_chunked_batchnorm(self) -> None:
         """GradCache's warning about BatchNorm in chunks, in the lab's terms:
