@@ -81,6 +81,17 @@ def test_train_then_report(tmp_path, capsys):
     assert main(["report", str(tmp_path / "run")]) == 0 and (tmp_path / "run" / "curves.png").exists()
 
 
+def test_a_runs_config_json_trains_again_as_a_config_file(tmp_path, capsys):
+    # --help and docs/lab.md say a run's config.json works as --config; it recorded every field (gamma,
+    # momentum, gcbs_q, ... at their defaults), and until 2026-12-03 each was refused as "an option that
+    # this run would not use". A value of its own still is (test_clear_errors: alpha = 2.0 under simclr).
+    assert main(["train", *TINY, "--loss", "relic", "--out", str(tmp_path / "a")]) == 0
+    config = str(tmp_path / "a" / "config.json")
+    assert main(["train", "--config", config, "--out", str(tmp_path / "b")]) == 0, capsys.readouterr().err
+    first, again = (json.loads((tmp_path / run / "summary.json").read_text()) for run in "ab")
+    assert again["linear_acc"] == first["linear_acc"] and again["final_loss"] == first["final_loss"]
+
+
 def test_train_text_pairs_with_named_columns(tmp_path, capsys):
     pytest.importorskip("tokenizers", reason="text runs need the text extra")
     rows = [{"q": f"question {i} about topic {i % 7}", "d": f"answer {i} on subject {i % 7}",

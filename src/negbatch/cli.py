@@ -177,7 +177,11 @@ def _train(args: argparse.Namespace) -> None:
     if not hasattr(args, "progress") and "progress" not in base and sys.stderr.isatty():
         base["progress"] = True  # a progress bar when someone is watching
     cfg = config_from_args(args, base)
-    in_file = {str(key).replace("-", "_") for key in base}
+    # A run's config.json records every field, those it does not read at their defaults: a file's value
+    # counts as given where it is not the default.
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    in_file = {name for key, value in base.items() for name in [str(key).replace("-", "_")]
+               if value != defaults.get(name)}
     given = [f.name for f in dataclasses.fields(cfg) if hasattr(args, f.name) or f.name in in_file]
     unused = cfg.inapplicable(given)
     if unused:
