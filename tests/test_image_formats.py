@@ -201,6 +201,11 @@ def test_stl10_missing_and_damaged(tmp_path):
     load_stl10(tmp_path, unlabeled=False)
     with pytest.raises(DatasetNotFoundError, match="lacks unlabeled_X.bin"):
         load_stl10(tmp_path)
+    # A folder in a file's place was named as nothing: "lacks ." (until 2026-12-03).
+    (tmp_path / "unlabeled_X.bin").mkdir()
+    with pytest.raises(DatasetNotFoundError, match=r"lacks unlabeled_X.bin \(a folder there, not a file\)\. "):
+        load_stl10(tmp_path)
+    (tmp_path / "unlabeled_X.bin").rmdir()
     (tmp_path / "test_X.bin").write_bytes(b"\0" * 100)
     with pytest.raises(DatasetDamagedError, match="test_X.bin holds 100 bytes"):
         load_stl10(tmp_path, unlabeled=False)

@@ -35,7 +35,8 @@ def missing_files(
     if damaged is not None:
         what = f"{dataset} in {folder} is damaged: {damaged}"
     else:
-        missing = [f for f in expected if not (folder / f).exists()]
+        missing = [f + (" (a folder there, not a file)" if (folder / f).is_dir() else "")
+                   for f in expected if not (folder / f).is_file()]
         where = "does not exist" if not folder.exists() else f"lacks {', '.join(missing)}"
         what = f"{dataset} not found: {folder} {where}"
     error = DatasetDamagedError if damaged is not None else DatasetNotFoundError
