@@ -322,3 +322,28 @@ def test_a_rows_temperature_and_bias_are_the_ones_its_loss_used(tmp_path, digits
     start = build_loss(cfg, num_samples=96).log_values()  # before any step: what step 1 computed with
     assert first["step"] == 1 and first["temperature"] == pytest.approx(start["temperature"], rel=1e-6)
     assert first["bias"] == pytest.approx(start["bias"], rel=1e-6)
+
+
+def _signal_twice_and_survive():
+    import signal
+
+    for _ in range(2):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork")
+def test_a_forked_worker_ignores_the_stop_handler_it_inherits(capfd):
+    # DataLoader workers (--num-workers N) are forked inside the training loop's stop handler, and Ctrl-C
+    # reaches the whole process group: until 2026-12-03 each worker printed "stopping after this step ..."
+    # once more, and a second Ctrl-C raised KeyboardInterrupt inside the workers.
+    import multiprocessing
+
+    from negbatch.lab.folder import _StopRequest
+
+    with _StopRequest() as stop:
+        worker = multiprocessing.get_context("fork").Process(target=_signal_twice_and_survive)
+        worker.start()
+        worker.join(60)
+        assert worker.exitcode == 0 and not stop.requested
+    assert "stopping after this step" not in capfd.readouterr().err

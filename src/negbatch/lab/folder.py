@@ -301,11 +301,16 @@ def study_stopping() -> bool:
 class _StopRequest:
     """Turns the first SIGINT / SIGTERM (or the study's event, see
     :func:`stop_runs_when`) into a request to stop after the current step
-    (with a checkpoint); a second signal interrupts at once."""
+    (with a checkpoint); a second signal interrupts at once.
+
+    Processes forked inside (DataLoader workers) inherit the handler; there it
+    does nothing: the training process decides, and its workers end with it.
+    """
 
     def __init__(self) -> None:
         self._signalled = False
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     @property
     def requested(self) -> bool:
@@ -318,6 +323,8 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked worker: Ctrl-C reaches it too, and it printed the message once more per worker
         note_stop_signal(signum)
         if self._signalled:
             raise KeyboardInterrupt
