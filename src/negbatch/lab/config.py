@@ -164,9 +164,11 @@ class TrainConfig:
     """
 
     # data
-    dataset: str = _opt("digits", "data set: digits, fashion-mnist, mnist5k, arrays:PATH (.npz/.npy, see docs/lab.md); "
-                        "text pairs: bible, builtin, pairs:PATH (JSONL/CSV)", "data")
-    data_dir: str | None = _opt(None, "folder of the data set's files (Fashion-MNIST IDX files)", "data")
+    dataset: str = _opt("digits", "data set: digits, fashion-mnist, mnist5k, cifar10, cifar100, stl10, imagefolder, "
+                        "arrays:PATH (.npz/.npy, see docs/lab.md); text pairs: bible, builtin, pairs:PATH (JSONL/CSV)",
+                        "data")
+    data_dir: str | None = _opt(None, "folder of the data set's files (Fashion-MNIST's IDX files, CIFAR's python "
+                                "batches, STL-10's binaries, an ImageFolder tree's root; docs/images.md)", "data")
     n_train: int | None = _opt(None, "images: use the first N training images (default all)", "data")
     n_test: int | None = _opt(None, "images: use the first N test images (default all)", "data")
     max_pairs: int | None = _opt(None, "text: subsample this many pairs before the split (default all)", "data")
