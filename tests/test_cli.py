@@ -102,6 +102,18 @@ def test_a_runs_config_json_trains_again_as_a_config_file(tmp_path, capsys):
     assert again["linear_acc"] == first["linear_acc"] and again["final_loss"] == first["final_loss"]
 
 
+def test_train_on_unlabeled_arrays_ends_with_its_summary_line(tmp_path, capsys):
+    # docs/lab.md: a .npy is trained on, with no probe. The run finished, then the command ended in a
+    # KeyError traceback on 'linear_acc' while printing its last line (until 2026-12-03).
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (40, 8, 8), dtype=np.uint8))
+    argv = ["train", "--data", f"arrays:{tmp_path / 'x.npy'}", "--batch-size", "8", "--epochs", "1",
+            "--encoder-widths", "16", "--head-widths", "16,8", "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    assert "trained 5 steps; evaluation: none (the data set has no labels); report:" in capsys.readouterr().out
+
+
 def test_train_text_pairs_with_named_columns(tmp_path, capsys):
     pytest.importorskip("tokenizers", reason="text runs need the text extra")
     rows = [{"q": f"question {i} about topic {i % 7}", "d": f"answer {i} on subject {i % 7}",

@@ -200,6 +200,8 @@ def _train(args: argparse.Namespace) -> None:
         untrained = ", ".join(f"{k} {summary['untrained_' + k]:.4f}" for k in ("recall@1", "ndcg@10"))
         print(f"test retrieval ({summary['num_test_queries']} queries, {summary['num_test_documents']} documents): "
               f"{trained} ({starting_model(cfg.encoder)}: {untrained}); report: {report}")
+    elif "linear_acc" not in summary:  # images without labels (a .npy): trained, nothing to probe
+        print(f"trained {summary['steps']} steps; evaluation: {summary.get('evaluation')}; report: {report}")
     else:
         print(f"linear accuracy {summary['linear_acc']:.4f}, kNN accuracy {summary['knn_acc']:.4f}; report: {report}")
 
