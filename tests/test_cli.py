@@ -100,6 +100,14 @@ def test_a_runs_config_json_trains_again_as_a_config_file(tmp_path, capsys):
     assert main(["train", "--config", config, "--out", str(tmp_path / "b")]) == 0, capsys.readouterr().err
     first, again = (json.loads((tmp_path / run / "summary.json").read_text()) for run in "ab")
     assert again["linear_acc"] == first["linear_acc"] and again["final_loss"] == first["final_loss"]
+    # A study took the same file and refused it the same way.
+    study = ["study", "negatives", "--config", config, "--ks", "2,all", "--losses", "simclr", "--seeds", "0",
+             "--workers", "1", "--out", str(tmp_path / "study")]
+    assert main(study) == 0, capsys.readouterr().err
+    (tmp_path / "g.toml").write_text("gamma = 0.5\n")  # a value of its own, read by no run: refused
+    study[3], study[-1] = str(tmp_path / "g.toml"), str(tmp_path / "study2")
+    assert main(study) == 2
+    assert "gamma: applies to loss='global' only" in capsys.readouterr().err
 
 
 def test_train_on_unlabeled_arrays_ends_with_its_summary_line(tmp_path, capsys):

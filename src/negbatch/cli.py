@@ -170,18 +170,14 @@ def _demo(args: argparse.Namespace) -> Path:
 
 def _train(args: argparse.Namespace) -> None:
     from .lab import load_config_file, train
-    from .lab.config import config_from_args
+    from .lab.config import config_from_args, set_in_file
     from .lab.studies import report_folder
 
     base = load_config_file(args.config) if args.config else {}
     if not hasattr(args, "progress") and "progress" not in base and sys.stderr.isatty():
         base["progress"] = True  # a progress bar when someone is watching
     cfg = config_from_args(args, base)
-    # A run's config.json records every field, those it does not read at their defaults: a file's value
-    # counts as given where it is not the default.
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    in_file = {name for key, value in base.items() for name in [str(key).replace("-", "_")]
-               if value != defaults.get(name)}
+    in_file = set_in_file(base)  # a run's config.json records every field: those at their defaults are not set
     given = [f.name for f in dataclasses.fields(cfg) if hasattr(args, f.name) or f.name in in_file]
     unused = cfg.inapplicable(given)
     if unused:

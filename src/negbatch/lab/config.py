@@ -717,6 +717,22 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
     return TrainConfig.from_dict({**without_replaced_length(base or {}, given), **given})
 
 
+def set_in_file(values: dict[str, Any]) -> set[str]:
+    """The training options a config file sets: its keys whose value is not the option's default.
+    A run's config.json records every field, those its run does not read at their defaults, and
+    that file is a valid ``--config``; a key at its default changes nothing either way."""
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    out = set()
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        default = fields.get(name, dataclasses.MISSING)
+        if isinstance(value, list) and isinstance(default, tuple):  # JSON/TOML have no tuples
+            value = tuple(value)
+        if value != default:
+            out.add(name)
+    return out
+
+
 def without_replaced_length(base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     """``base`` without its ``epochs``/``steps`` when ``given`` (the command line) sets the
     other one: a file's ``epochs = 200`` gives way to a quick ``--steps 5`` trial."""

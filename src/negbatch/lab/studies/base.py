@@ -35,7 +35,8 @@ from typing import Any, ClassVar
 
 from ...cli import folder_argument
 from ..config import (
-    IMAGE_ONLY, IMAGE_ONLY_SET, TEXT_ONLY, TrainConfig, add_config_arguments, load_config_file, without_replaced_length,
+    IMAGE_ONLY, IMAGE_ONLY_SET, TEXT_ONLY, TrainConfig, add_config_arguments, load_config_file, set_in_file,
+    without_replaced_length,
 )
 from ..processes import Processes
 from ..folder import CONFIG, STUDY, SUMMARY, atomic_write_text, hold_lock
@@ -153,7 +154,10 @@ class Study:
         command_line = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__
                         if hasattr(args, k) and k not in self.swept}
         given = {**without_replaced_length(from_file, command_line), **command_line}
-        self._given = list(given)  # what write_spec checks the plan's runs read
+        # What write_spec checks the plan's runs read: a file's keys at their defaults are not set
+        # (a run's config.json, a valid --config, records every field).
+        in_file = set_in_file(from_file)
+        self._given = [k for k in given if k in command_line or k in in_file]
         # The study's own default data set when none is given (not TrainConfig's): its defaults depend on it.
         values = self.study_defaults(str(given.get("dataset", self.defaults.get("dataset", TrainConfig.dataset))))
         if "epochs" in given or "steps" in given:  # one given: the study's default of the other goes
