@@ -255,6 +255,17 @@ def test_state_dict_refuses_a_position_the_epoch_does_not_have():
     with pytest.raises(ValueError, match="past the end of epoch 0"):
         sampler.state_dict(position=11, epoch=0)
 
+
+def test_a_state_of_another_seed_is_refused():
+    # Loaded, it resumed this epoch as saved and then planned every later epoch with the other seed.
+    sampler = RandomBatchSampler(40, 4, seed=0)
+    next(iter(sampler))
+    state = sampler.state_dict(position=1)
+    with pytest.raises(ValueError, match="state was saved with seed=0 but this sampler has seed=1"):
+        RandomBatchSampler(40, 4, seed=1).load_state_dict(state)
+    RandomBatchSampler(40, 4, seed=0).load_state_dict(state)
+
+
 def counting_embed():
     """The planted data's embed_fn, and the list of how many samples each call embedded."""
     x, y, _ = planted()
@@ -536,7 +547,7 @@ def test_load_state_dict_checks_the_saved_plan_and_changes_nothing_when_it_refus
     state = s.state_dict()
     state["plan"] = state["plan"].clone()
     edit(state)
-    target = RandomBatchSampler(47, 5, seed=2)
+    target = RandomBatchSampler(47, 5, seed=1)  # the same seed: another would be refused first
     target.set_epoch(3)
     before = target.state_dict()
     with pytest.raises(ValueError, match=match):

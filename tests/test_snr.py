@@ -370,3 +370,19 @@ def test_load_state_dict_names_missing_entries():
     snr = GradientSNR(model)
     with pytest.raises(ValueError, match=r"state is missing \['steps', 'v'\]; pass a dict made by GradientSNR"):
         snr.load_state_dict({"m": torch.zeros(8)})
+
+
+def test_a_state_of_another_beta_is_refused_and_beta_must_be_a_number():
+    # The moments average over 1/(1 - beta) steps: continued at another beta, the SNR mixes two windows.
+    model = torch.nn.Linear(3, 2)
+    saved = GradientSNR(model, beta=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    saved.update()
+    state = saved.state_dict()
+    assert state["beta"] == 0.9
+    with pytest.raises(ValueError, match=r"saved with beta=0.9, this tracker has beta=0.99; create it with beta=0.9"):
+        GradientSNR(model).load_state_dict(state)
+    GradientSNR(model, beta=0.9).load_state_dict(state)
+    GradientSNR(model).load_state_dict({k: v for k, v in state.items() if k != "beta"})  # saved before beta was
+    with pytest.raises(ValueError, match=r"beta must be a float in \(0, 1\).*got '0.9'"):
+        GradientSNR(model, beta="0.9")

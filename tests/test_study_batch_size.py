@@ -290,7 +290,8 @@ def test_the_image_study_uses_its_own_defaults_without_dataset_and_refuses_steps
     assert "equal epochs" in capsys.readouterr().err
 
 
-def test_help_states_the_studys_own_defaults(capsys):
+def test_help_states_the_studys_own_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # argparse may wrap a line inside "fashion-mnist"
     with pytest.raises(SystemExit):
         main(["study", "batch-size", "--help"])
     text = " ".join(capsys.readouterr().out.split())

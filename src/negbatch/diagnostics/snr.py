@@ -93,8 +93,8 @@ class GradientSNR:
         self.params = [p for p in parameters if p.requires_grad]
         if not self.params:
             raise ValueError("parameters must contain at least one tensor with requires_grad=True")
-        if not 0.0 < beta < 1.0:
-            raise ValueError(f"beta must lie in (0, 1), got {beta!r}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta < 1.0:
+            raise ValueError(f"beta must be a float in (0, 1) (the EMA decay), got {beta!r}")
         if not eps >= 0:
             raise ValueError(f"eps must be >= 0, got {eps!r}")
         self.beta = float(beta)
@@ -214,10 +214,10 @@ class GradientSNR:
         return optimizer.register_step_pre_hook(hook)
 
     def state_dict(self) -> dict:
-        """``{"steps": int, "m": Tensor, "v": Tensor, "skipped": int}`` (the counts as plain ints,
-        as before they were kept on the device). Warns (once) if updates were left out."""
+        """``{"steps": int, "m": Tensor, "v": Tensor, "skipped": int, "beta": float}`` (the counts
+        as plain ints, as before they were kept on the device). Warns (once) if updates were left out."""
         steps, skipped = self._read_counts(stacklevel=2)
-        return {"steps": steps, "m": self.m.clone(), "v": self.v.clone(), "skipped": skipped}
+        return {"steps": steps, "m": self.m.clone(), "v": self.v.clone(), "skipped": skipped, "beta": self.beta}
 
     def load_state_dict(self, state: dict) -> None:
         """Load a :meth:`state_dict`; states saved before the skipped count (no ``"skipped"``)
@@ -227,6 +227,10 @@ class GradientSNR:
             raise ValueError(f"state is missing {sorted(missing)}; pass a dict made by GradientSNR.state_dict()")
         if state["m"].shape != self.m.shape:
             raise ValueError(f"state holds {state['m'].numel()} moments, the tracker watches {self.m.numel()} parameters")
+        if "beta" in state and float(state["beta"]) != self.beta:
+            # The moments are averages over another window: continued at this beta, the SNR would mix the two.
+            raise ValueError(f"state was saved with beta={state['beta']}, this tracker has beta={self.beta}; "
+                             f"create it with beta={state['beta']}")
         steps = int(state["steps"])
         skipped = int(state.get("skipped", 0))  # states saved before 2026-12-03 have no count
         self._counts.copy_(torch.tensor([steps, skipped], dtype=torch.int64))

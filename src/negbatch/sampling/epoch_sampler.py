@@ -321,7 +321,8 @@ class EpochBatchSampler(Sampler[list[int]]):
         missing = {"epoch", "position", "plan", "plan_sizes"} - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}; pass a dict made by state_dict()")
-        for key in ("num_samples", "batch_size"):
+        # A different seed would resume this epoch as saved and plan every later one differently.
+        for key in ("num_samples", "batch_size", "seed"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(
                     f"state was saved with {key}={state[key]} but this sampler has {key}={getattr(self, key)}"
