@@ -272,5 +272,9 @@ def test_metrics_refuse_a_document_listed_twice_and_ranks_below_one():
         with pytest.raises(ValueError, match="ks must"):
             metrics_from_ranks(torch.tensor([1, 3]), ks=ks)
     assert metrics_from_ranks(torch.tensor([1, 3]), ks=(np.int64(3),))["recall@3"] == 1.0
+    for cutoff in (0, -1, 2.5, True, "10"):  # 0 gave MRR@0 = nDCG@0 = 0 without a word
+        with pytest.raises(ValueError, match="cutoff must be a positive int"):
+            metrics_from_ranks(torch.tensor([1, 3]), cutoff=cutoff)
+    assert metrics_from_ranks(torch.tensor([1, 3]), cutoff=np.int64(1))["mrr@1"] == 0.5
     with pytest.raises(ValueError, match="same relevant document twice"):
         retrieval_metrics(torch.eye(3), torch.eye(3), torch.tensor([2, 2, 1]), query_ids=torch.tensor([0, 0, 1]))

@@ -232,6 +232,9 @@ def metrics_from_ranks(
     if ranks.numel() == 0:
         raise ValueError("ranks is empty: no queries to evaluate")
     check_ks(ks)
+    if isinstance(cutoff, bool) or not isinstance(cutoff, Integral) or cutoff < 1:
+        # 0 reported MRR and nDCG of 0 (and, with query_ids, indexed the ideal gains at -1).
+        raise ValueError(f"cutoff must be a positive int (the rank depth of MRR@cutoff and nDCG@cutoff), got {cutoff!r}")
     if ranks.dim() != 1 or ranks.dtype.is_floating_point or int(ranks.min()) < 1:
         raise ValueError("ranks must be a 1-d integer tensor of 1-based ranks (>= 1), as relevant_ranks returns")
     r = ranks.double()
