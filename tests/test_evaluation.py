@@ -74,6 +74,11 @@ def test_weighted_knn_at_a_low_temperature_and_bad_input():
         assert weighted_knn_predict(train, labels, q, k=5, temperature=t).tolist() == [1]
     with pytest.raises(ValueError, match="test_features contains NaN"):
         weighted_knn_predict(train, labels, torch.tensor([[float("nan"), 1.0]]), k=2)
+    for bad in (0, -0.1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a finite float > 0"):
+            weighted_knn_predict(train, labels, q, k=2, temperature=bad)
+    with pytest.raises(TypeError, match="temperature must be a positive float, got str"):  # was '>' on a str
+        weighted_knn_predict(train, labels, q, k=2, temperature="0.1")
     for bad in (0, -5):
         with pytest.raises(ValueError, match="chunk_size"):
             knn_accuracy(train, labels, train, labels, k=1, chunk_size=bad)

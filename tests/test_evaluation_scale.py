@@ -151,7 +151,7 @@ def test_weighted_knn_accuracy_and_errors():
     assert acc == pytest.approx(want) and acc > 0.9
     with pytest.raises(ValueError, match="k must be an int in \\[1, 150\\]"):
         weighted_knn_predict(x[:150], y[:150], x[150:], k=151)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite float > 0"):
         weighted_knn_predict(x, y, x, temperature=0)
     with pytest.raises(ValueError, match="test_features must be a 2-D tensor with 6 columns"):
         weighted_knn_predict(x, y, x[:, :2], k=3)

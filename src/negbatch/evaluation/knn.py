@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import check_temperature
 from .linear import _check_xy, check_two_classes
 
 __all__ = ["knn_accuracy", "weighted_knn_accuracy", "weighted_knn_predict"]
@@ -116,8 +117,7 @@ def weighted_knn_predict(
     n_train = train_features.shape[0]
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n_train:
         raise ValueError(f"k must be an int in [1, {n_train}] (the training set size), got {k!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    temperature = check_temperature(temperature)
     for name, v in (("test_chunk", test_chunk), ("train_chunk", train_chunk)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
