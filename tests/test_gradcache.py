@@ -435,6 +435,10 @@ def test_batchnorm_eval_policy_is_exact_and_error_policy_raises():
 
 
 def test_step_by_step_api():
+    """The three steps give the plain step's gradient, and refuse to run twice on
+    one batch: a second backward_chunks added its gradient again (.grad doubled,
+    silently), and a second representation_gradients ran a stateful loss twice;
+    plain autograd refuses a second backward too."""
     torch.manual_seed(0)
     enc = MLP().double()
     views = make_views(10, torch.float64)
@@ -445,26 +449,10 @@ def test_step_by_step_api():
     assert all(p.grad is None for p in enc.parameters())
     cache.representation_gradients(cached)
     assert all(p.grad is None for p in enc.parameters())
-    cache.backward_chunks(cached)
-    assert_grads_close(grads_of([enc]), want, 1e-10)
-
-
-
-def test_steps_one_by_one_refuse_to_run_twice_on_one_batch():
-    """A second backward_chunks on the same batch added its gradient again
-    (.grad doubled, silently), and a second representation_gradients ran a
-    stateful loss twice; plain autograd refuses a second backward too."""
-    torch.manual_seed(0)
-    enc = MLP().double()
-    views = make_views(10, torch.float64)
-    _, _, want = reference([enc, enc], InfoNCE(temperature=0.3), views, [4, 4], 1)
-    cache = GradCache(enc, InfoNCE(temperature=0.3), 4)
-    torch.manual_seed(1)
-    cached = cache.forward_no_grad(*views)
-    cache.representation_gradients(cached)
     with pytest.raises(RuntimeError, match="representation_gradients.*already ran"):
         cache.representation_gradients(cached)
     cache.backward_chunks(cached)
+    assert_grads_close(grads_of([enc]), want, 1e-10)
     with pytest.raises(RuntimeError, match="backward_chunks.*already ran"):
         cache.backward_chunks(cached)
     with pytest.raises(RuntimeError, match="representation_gradients.*already ran"):
