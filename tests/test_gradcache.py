@@ -452,7 +452,6 @@ def test_step_by_step_api():
     with pytest.raises(RuntimeError, match="representation_gradients.*already ran"):
         cache.representation_gradients(cached)
     cache.backward_chunks(cached)
-    assert_grads_close(grads_of([enc]), want, 1e-10)
     with pytest.raises(RuntimeError, match="backward_chunks.*already ran"):
         cache.backward_chunks(cached)
     with pytest.raises(RuntimeError, match="representation_gradients.*already ran"):
