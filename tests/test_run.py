@@ -264,9 +264,15 @@ def test_run_folder_records_its_data_and_refuses_other_data(tmp_path, digits):
         train(tiny(epochs=1), tmp_path, data=other)
     # And into an unfinished folder.
     train(tiny(epochs=1), tmp_path / "partial", data=mine, stop_after=2)
-    with pytest.raises(ValueError, match="holds a run on other data"):
+    with pytest.raises(ValueError, match="holds a run on other data") as err:
         train(tiny(epochs=1), tmp_path / "partial", data=other)
+    assert "nothing was trained there yet" not in str(err.value)  # it has a checkpoint
     assert train(tiny(epochs=1), tmp_path, data=mine) == s
+    # A run that failed before its first checkpoint: the message says the folder holds nothing trained.
+    (tmp_path / "partial" / "checkpoint.pt").unlink()
+    with pytest.raises(ValueError, match=r"use another folder \(nothing was trained there yet, no checkpoint: "
+                                         r"delete the folder to start this run in it\)"):
+        train(tiny(epochs=1), tmp_path / "partial", data=other)
 
 
 def test_a_folder_in_use_is_refused_with_its_holder(tmp_path, digits):

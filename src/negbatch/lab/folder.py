@@ -115,6 +115,9 @@ class RunFolder:
         """Refuse a folder that holds another configuration or other data; return
         the summary of this run if it already finished, else None. Writes nothing."""
         config_path, data_path = self.path / CONFIG, self.path / DATA
+        # A run that failed before its first checkpoint left its config and data but nothing trained.
+        fresh = "" if self.checkpoint.exists() or (self.path / SUMMARY).exists() else (
+            " (nothing was trained there yet, no checkpoint: delete the folder to start this run in it)")
         if (self.path / STUDY).exists():
             raise ValueError(
                 f"{self.path} holds a study (its study.json): a run would write over the study's report; use "
@@ -129,7 +132,7 @@ class RunFolder:
             if previous != config.identity():
                 raise ValueError(
                     f"{self.path} holds a run of a different configuration (differs in "
-                    f"{_differences(previous, config.identity())}); use another folder"
+                    f"{_differences(previous, config.identity())}); use another folder{fresh}"
                 )
         if data_path.exists():
             saved = _read_json(data_path)
@@ -137,7 +140,7 @@ class RunFolder:
                 raise ValueError(
                     f"{self.path} holds a run on other data (differs in {_differences(saved, data)}: "
                     f"{saved.get('name')!r} {saved.get('fingerprint', '')[:12]} there, {data.get('name')!r} "
-                    f"{data.get('fingerprint', '')[:12]} here); use another folder"
+                    f"{data.get('fingerprint', '')[:12]} here); use another folder{fresh}"
                 )
         if (self.path / SUMMARY).exists():
             return _read_json(self.path / SUMMARY)
