@@ -272,7 +272,7 @@ def test_image_folder_follows_linked_folders_once(tmp_path):
 def test_image_folder_different_sizes_need_a_decode_size(tmp_path):
     write_image_folder(tmp_path, vary_size=True)
     ds = load_image_folder(tmp_path)
-    with pytest.raises(DatasetDamagedError, match="decode_size"):
+    with pytest.raises(DatasetDamagedError, match="decode_size=, or size= to resize once; in the lab --decode-size or --image-size"):
         ds.x_train[torch.arange(9)]
     lazy = load_image_folder(tmp_path, decode_size=(6, 5))
     assert lazy.x_train[torch.arange(9)].shape == (9, 3, 6, 5)

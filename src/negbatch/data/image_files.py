@@ -169,7 +169,8 @@ class ImageFiles:
                     if not self.resize:
                         raise ValueError(
                             f"it is {im.width}x{im.height} but the first image is {w}x{h}; images of different "
-                            "sizes need a decode size (decode_size=, or size= to resize once)")
+                            "sizes need a decode size (decode_size=, or size= to resize once; in the lab --decode-size "
+                            "or --image-size)")
                     shrink = im.width >= w and im.height >= h
                     im = im.resize((w, h), Image.Resampling.BOX if shrink else Image.Resampling.BICUBIC)
                 a = np.asarray(im, dtype=np.uint8)
