@@ -51,6 +51,22 @@ def test_study_batches_one_sampler_against_random(tmp_path, capsys, monkeypatch)
     assert "2 finished earlier (skipped)" in capsys.readouterr().err
 
 
+def test_study_batches_given_steps_reports_time_per_epoch(tmp_path, monkeypatch):
+    """``--steps`` instead of ``--epochs`` (a run then has no ``epochs``): the report failed with
+    "int() argument must be ... not 'NoneType'" after every run had trained. 7 steps of 5 per epoch
+    (80 images, batch 16) are 1.4 epochs."""
+    figures_not_drawn(monkeypatch)
+    out = tmp_path / "s"
+    args = [a for a in TINY if a not in ("--epochs", "2", "--gcbs-q", "0.95")]
+    assert main(["study", "batches", *args, "--steps", "7", "--samplers", "random", "--seeds", "0",
+                 "--out", str(out)]) == 0
+    (row,) = json.loads((out / "results.json").read_text())
+    assert row["epochs"] is None and row["steps"] == 7
+    per_epoch = (row["train_seconds"] - row["gap_seconds"]) / 1.4
+    text = (out / "report.md").read_text()
+    assert "7 steps" in text and f"| {per_epoch:.3f} (1 value) |" in text, text
+
+
 @pytest.mark.slow
 def test_study_batches_end_to_end(tmp_path):
     out = tmp_path / "study"

@@ -109,7 +109,7 @@ def _last(curve: dict[int, float]) -> float | None:
 
 def _times(r: dict[str, Any]) -> tuple[float, float]:
     """Seconds per epoch with the re-ordering and without it (gap diagnostic excluded)."""
-    epochs = int(r["epochs"])
+    epochs = r["epochs_trained"]
     with_order = (r["train_seconds"] - (r.get("gap_seconds") or 0.0)) / epochs
     return with_order, with_order - (r.get("sampler_seconds") or 0.0) / epochs
 
@@ -119,10 +119,13 @@ COMPARED = (("final_gap", "final gap", False), ("final_global_loss", "final L^Gl
             *((key, label, True) for key, label in METRICS))
 
 
-def _prepare(rows: dict[str, list[dict]], folder: Path) -> None:
-    """Each run's last logged global loss and same-class share, read from its metrics."""
+def _prepare(rows: dict[str, list[dict]], folder: Path, n_train: int) -> None:
+    """Each run's last logged global loss and same-class share, read from its metrics, and the
+    epochs it trained: a run given by ``--steps`` has no ``epochs`` (every sampler drops the short
+    tail, so an epoch is ``n_train // batch_size`` steps)."""
     for runs in rows.values():
         for r in runs:
+            r["epochs_trained"] = r["epochs"] if r["epochs"] is not None else r["steps"] / (n_train // r["batch_size"])
             r.setdefault("final_global_loss", _last(_per_epoch(folder, r["run"], "gap_global_loss")))
             r.setdefault("final_same_class_pairs", _last(_per_epoch(folder, r["run"], "same_class_pairs")))
 
@@ -172,7 +175,7 @@ def _compare(name: str, rows: dict[str, list[dict]], tests: dict) -> str:
         versus(*compared)
     t_ours = mean_std(_times(r)[0] for r in ours)[0]
     t_rand = mean_std(_times(r)[0] for r in rand)[0]
-    share = mean_std((r.get("sampler_seconds") or 0.0) / r["epochs"] / _times(r)[0] for r in ours)[0]
+    share = mean_std((r.get("sampler_seconds") or 0.0) / r["epochs_trained"] / _times(r)[0] for r in ours)[0]
     cost = (f"{share:.0%} of its epoch is embedding and ordering, and its epoch takes {t_ours / t_rand:.2f}x "
             f"random's (a ratio of different runs' times: noisy on a shared machine; the share is steadier)")
     accuracy = METRICS[0][0]
@@ -204,7 +207,7 @@ def report(folder: Path) -> Path:
     for r in read_results(folder):
         if r["sampler"] in spec["samplers"] and int(r["seed"]) in spec["seeds"]:
             rows.setdefault(r["sampler"], []).append(r)
-    _prepare(rows, folder)
+    _prepare(rows, folder, spec["n_train_used"])
     samplers = [s for s in spec["samplers"] if s in rows]
     pyplot = plt()
 
@@ -237,7 +240,7 @@ def report(folder: Path) -> Path:
     axes[0].set(ylabel="test accuracy", title="downstream accuracy (mean ± std over seeds)")
     axes[0].legend(fontsize=8)
     train_part = [mean_std(_times(r)[1] for r in rows[s]) for s in samplers]
-    order_part = [mean_std((r.get("sampler_seconds") or 0.0) / r["epochs"] for r in rows[s]) for s in samplers]
+    order_part = [mean_std((r.get("sampler_seconds") or 0.0) / r["epochs_trained"] for r in rows[s]) for s in samplers]
     total = [mean_std(_times(r)[0] for r in rows[s]) for s in samplers]
     axes[1].bar(xs, [a[0] for a in train_part], label="training steps")
     axes[1].bar(xs, [a[0] for a in order_part], bottom=[a[0] for a in train_part], label="embedding + ordering")
@@ -254,7 +257,7 @@ def report(folder: Path) -> Path:
             fmt_mean_std(r["final_gap"] for r in rs), fmt_mean_std(r["mean_gap"] for r in rs),
             fmt_mean_std(r["final_global_loss"] for r in rs), fmt_mean_std(r["final_same_class_pairs"] for r in rs),
             fmt_mean_std((_times(r)[0] for r in rs), 3), fmt_mean_std((_times(r)[1] for r in rs), 3),
-            fmt_mean_std(((r.get("sampler_seconds") or 0.0) / r["epochs"] / _times(r)[0] * 100 for r in rs), 1),
+            fmt_mean_std(((r.get("sampler_seconds") or 0.0) / r["epochs_trained"] / _times(r)[0] * 100 for r in rs), 1),
         ])
     header = ["sampler", "seeds"] + [label for _, label in METRICS] + [
         "final gap", "mean gap", "final L^Global", "final same-class pairs", "s/epoch", "s/epoch w/o ordering", "ordering share %"]
