@@ -132,3 +132,34 @@ def test_one_seed_gives_no_verdict_on_the_batch_size_claim():
     assert "too few seeds for a test" in one and "no test: run several --seeds" in one and "does not show" not in one
     three = _accuracy_findings({(64, "cache"): [0.80, 0.81, 0.79], (256, "cache"): [0.80, 0.82, 0.80]}, [64, 256], 32)
     assert "does not show at this scale" in three[-1]
+
+
+def test_a_rerun_with_fewer_settings_reports_only_its_own(tmp_path, monkeypatch, capsys):
+    """A rerun into the same folder with fewer batch sizes, methods or repeats, or without the
+    trainings, rewrote study.json but its table and report still held the earlier invocation's
+    measurements (a cell's min-max over 2 repeats under "over 1 fresh processes") and trainings."""
+    from negbatch.cli import main
+
+    def fake(setup, pool):
+        return {**setup, "peak_bytes": 2**20 * (10 + setup["repeat"]), "base_bytes": 0,
+                "step_bytes": 2**20 * (1 + setup["repeat"]), "memory_source": "fake", "times": [0.1],
+                "time_s": 0.1 * (1 + setup["repeat"]), "loss": 1.0, "load": 0.0}
+
+    monkeypatch.setattr(study, "measure_in_subprocess", fake)
+    out = tmp_path / "gc"
+    shared = ["--chunk-size", "4", "--steps", "1", "--encoder-widths", "16", "--head-widths", "16,8",
+              "--accuracy-chunk-size", "4", "--seeds", "0", "--epochs", "1", "--n-train", "64", "--n-test", "48",
+              "--out", str(out)]
+    assert main(["study", "gradcache", *shared, "--batch-sizes", "8,16", "--repeats", "2",
+                 "--accuracy-batch-sizes", "16"]) == 0
+    assert "## Downstream linear accuracy" in (out / "report.md").read_text()
+    assert len(json.loads((out / "results.json").read_text())) == 6
+    capsys.readouterr()
+    assert main(["study", "gradcache", *shared, "--batch-sizes", "8", "--repeats", "1", "--methods", "cache",
+                 "--accuracy-batch-sizes", "none"]) == 0
+    assert "3 finished training(s)" in capsys.readouterr().err
+    (row,) = json.loads((out / "results.json").read_text())
+    assert (row["batch_size"], row["method"], row["repeats"], row["step_mib"], row["step_mib_max"]) == (8, "cache", 1, 1.0, 1.0)
+    text = (out / "report.md").read_text()
+    assert "## Downstream linear accuracy" not in text and "| 16 |" not in text
+    assert len(list((out / "measurements").glob("*.json"))) == 12  # kept for a rerun of the first command

@@ -36,7 +36,7 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..folder import atomic_write_text, resolve_device
-from ..sweep import parse_list
+from ..sweep import keep_results, parse_list, run_key
 from .base import ImageStudy, say
 from .gradcache_measure import DATA_KINDS, measure_in_subprocess
 from .gradcache_report import METHODS, MIB, report, write_table
@@ -122,6 +122,14 @@ class ImageGradCache(ImageStudy):
         self.write_spec(out, {"measure": base, "batch_sizes": batches, "methods": methods, "repeats": args.repeats,
                               "accuracy": {"batch_sizes": acc_batches, "chunk_size": args.accuracy_chunk_size,
                                            "seeds": seeds, "epochs": args.epochs, "lr": args.lr}})
+        # The trainings' table keeps only this plan's (as write_spec does for a study's runs): an earlier
+        # invocation's trainings (other seeds, epochs, batch sizes, or none now) stay under accuracy/runs.
+        plan = {run_key(c, self.key_fields) for c in self._accuracy_configs(args, acc_batches, seeds)}
+        left = keep_results(out / "accuracy", plan)
+        if left:
+            say(f"note: {left} finished training(s) in {out / 'accuracy' / 'runs'} belong to an earlier invocation "
+                "with other options: they stay there but leave the results table and the report (rerun that command "
+                "to bring them back, or use another --out)")
 
         import torch
 
@@ -172,7 +180,9 @@ class ImageGradCache(ImageStudy):
             raise ValueError(f"--accuracy-batch-sizes: {wrong} outside [2, {n}] (the training images); lower them, "
                              f"raise --n-train, or give 'none'")
 
-    def _train_accuracy(self, args: argparse.Namespace, out: Path, acc_batches: list[int], seeds: list[int]) -> None:
+    def _accuracy_configs(self, args: argparse.Namespace, acc_batches: list[int], seeds: list[int]) -> list[TrainConfig]:
+        if not acc_batches:
+            return []
         base = self._accuracy_base(args)
         configs = []
         for b in acc_batches:
@@ -181,7 +191,10 @@ class ImageGradCache(ImageStudy):
                 for seed in seeds:
                     configs.append(base.replace(batch_size=b, chunk_size=chunk,
                                                 chunk_method="cache" if method == "plain" else method, seed=seed))
+        return configs
 
+    def _train_accuracy(self, args: argparse.Namespace, out: Path, acc_batches: list[int], seeds: list[int]) -> None:
+        configs = self._accuracy_configs(args, acc_batches, seeds)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # BatchNorm per chunk: stated in the report
             self.train(configs, out / "accuracy", args.workers, what="trainings")

@@ -21,7 +21,15 @@ MIB = 2.0**20
 
 
 def _load_measurements(folder: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((folder / "measurements").glob("*.json"))]
+    """The measurements of the study's plan (``study.json``: its batch sizes, methods and repeats);
+    those of an earlier invocation with other ones stay in ``measurements/`` for a rerun of it."""
+    found = [json.loads(p.read_text()) for p in sorted((folder / "measurements").glob("*.json"))]
+    path = folder / "study.json"
+    if not path.exists():
+        return found
+    plan = json.loads(path.read_text())
+    return [m for m in found if m["batch_size"] in plan["batch_sizes"] and m["method"] in plan["methods"]
+            and m.get("repeat", 0) < plan["repeats"]]
 
 
 def aggregate(folder: Path) -> list[dict[str, Any]]:
