@@ -223,6 +223,35 @@ def test_negatives_findings_word_a_flat_trend_and_a_single_seed():
     assert "All negatives scored highest, +0.020 over K = 1, within seed noise (too few seeds for a test)." in text
 
 
+def test_reports_show_no_spread_for_one_seed():
+    """With one seed the findings of the negatives, batches and bias reports read "0.957 ± 0.000 (n=1)":
+    a spread of zero where there is none to measure (their tables said "(1 value)")."""
+    from negbatch.lab.studies.batches import _compare, _tests
+    from negbatch.lab.studies.bias import _bias_findings, _bias_summary
+    from negbatch.lab.studies.negatives import _finding
+
+    def run(acc):
+        return {"linear_acc": acc, "knn_acc": acc, "silhouette": 0.1, "intra_class_distance": 1.0, "snr_mean": 1.0}
+
+    text = _finding("simclr", [1, "all"], {("simclr", 1): [run(0.7)], ("simclr", "all"): [run(0.6)]}, 16)
+    assert "linear accuracy 0.700 (1 value); worst K" in text and "Against all negatives (0.600 (1 value))" in text
+    assert "±" not in text
+
+    def batch_run(gap, acc):
+        return {"final_gap": gap, "final_global_loss": 4.0, "final_same_class_pairs": 0.1, "linear_acc": acc,
+                "knn_acc": acc, "train_seconds": 2.0, "gap_seconds": 0.0, "sampler_seconds": 0.1, "epochs_trained": 2}
+
+    rows = {"random": [batch_run(2.0, 0.8)], "gcbs": [batch_run(1.0, 0.9)]}
+    text = _compare("gcbs", rows, _tests(rows, ["gcbs"]))
+    assert "final gap 1.000 (1 value) vs 2.000 (1 value) (better, untested, too few seeds for a test)" in text
+    assert "±" not in text and "within seed noise" not in text
+
+    bias = [{"phase": "init", "estimator": "plain", "batch_size": b, "relative_bias_debiased": 0.5, "relative_bias": 0.6,
+             "noise_floor": 0.1, "relative_variance": 1.0} for b in (8, 16)]
+    (text,) = _bias_findings(_bias_summary(bias), ["init"], 8)
+    assert "is 0.500 at batch 8" in text and "±" not in text
+
+
 def test_negatives_study_sweeps_the_config_files_temperature_unless_told_otherwise(tmp_path, monkeypatch):
     """The file's temperature was ignored for the study's default (0.2), while its lr was honoured."""
     import argparse

@@ -32,6 +32,11 @@ def test_study_bias_end_to_end_resumes_and_reports(tmp_path, capsys, monkeypatch
     text = (out / "report.md").read_text()
     for piece in ("## (b) Training", "## (a) Gradient bias", "**Verdict**", "Welch p", "InfoNCE, full batch", "95% CI"):
         assert piece in text, piece
+    # The trained model's global loss over the seeds (each seed's rows repeat it: not a std over rows).
+    from negbatch.lab.stats import mean_std
+
+    loss, spread, n = mean_std({b["seed"]: b["global_loss"] for b in bias_rows if b["phase"] == "trained"}.values())
+    assert n == 2 and f"global loss {loss:.3f} ± {spread:.3f}" in text
     for name in ("accuracy.png", "bias_vs_batch.png", "variance_vs_batch.png", "results.csv", "bias_results.csv"):
         assert (out / name).exists(), name
     metrics = [json.loads(line) for p in out.glob("runs/loss=global*/metrics.jsonl") for line in p.read_text().splitlines()]

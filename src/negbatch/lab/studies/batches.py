@@ -152,16 +152,17 @@ def _compare(name: str, rows: dict[str, list[dict]], tests: dict) -> str:
     beyond_noise = {}
 
     def versus(key: str, label: str, higher_better: bool) -> float:
-        (ma, sa, _), (mb, sb, _) = mean_std(r[key] for r in ours), mean_std(r[key] for r in rand)
+        ma, mb = mean_std(r[key] for r in ours)[0], mean_std(r[key] for r in rand)[0]
         p, adjusted, family = tests[(name, key)]
         better = "same" if round(ma, 3) == round(mb, 3) else "better" if (ma > mb) == higher_better else "worse"
         beyond_noise[key] = adjusted is not None and adjusted < 0.05
         if p is None:
-            sig = "within seed noise, too few seeds for a test"
+            sig = "untested, too few seeds for a test"  # one seed: no seed noise to be within
         else:
             over = f", Holm-adjusted over {family} = {adjusted:.2g}" if family > 1 else ""
             sig = f"{'beyond' if beyond_noise[key] else 'within'} seed noise, Welch p = {p:.2g}{over}"
-        parts.append(f"{label} {ma:.3f} ± {sa:.3f} vs {mb:.3f} ± {sb:.3f} ({better}, {sig})")
+        parts.append(f"{label} {fmt_mean_std(r[key] for r in ours)} vs {fmt_mean_std(r[key] for r in rand)} "
+                     f"({better}, {sig})")
         return ma - mb
 
     d_gap = versus(*COMPARED[0])

@@ -289,6 +289,12 @@ def _welch(a: list[float], b: list[float]) -> tuple[float | None, tuple[float, f
     return (None, None) if result is None else (result.p, (result.low, result.high))
 
 
+def _pm(stat: tuple[float, float, int]) -> str:
+    """A :func:`mean_std` as ``"m ± s"``, or ``"m"`` for one seed (no spread to show)."""
+    m, sd, n = stat
+    return f"{m:.3f} ± {sd:.3f}" if n > 1 else f"{m:.3f}"
+
+
 def _bias_summary(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, tuple[float, float, int]]]:
     groups: dict[tuple[str, str, int], list] = defaultdict(list)
     for r in rows:
@@ -407,13 +413,15 @@ def report(folder: Path) -> Path:
         for phase in phases:
             ests = [e for e in SHOWN if any(k[:2] == (phase, e) for k in summary)]
             sizes = sorted({k[2] for k in summary if k[0] == phase})
-            table = [[s] + [f"{summary[(phase, e, s)]['relative_bias_debiased'][0]:.3f} ± {summary[(phase, e, s)]['relative_bias_debiased'][1]:.3f} "
+            table = [[s] + [f"{_pm(summary[(phase, e, s)]['relative_bias_debiased'])} "
                             f"(floor {summary[(phase, e, s)]['noise_floor'][0]:.3f}; var {summary[(phase, e, s)]['relative_variance'][0]:.3g})"
                             for e in ests] for s in sizes]
             title = "At initialisation" if phase == "init" else f"After training (the global loss's run at B={half}; its running nu)"
             if phase == "trained":
-                gl = mean_std(r["global_loss"] for r in rows if r["phase"] == "trained" and "global_loss" in r)
-                title += f", global loss {gl[0]:.3f} ± {gl[1]:.3f}"
+                # One value per seed (every row of a seed's trained model repeats it), not per row.
+                gl = mean_std({r["seed"]: r["global_loss"] for r in rows
+                               if r["phase"] == "trained" and "global_loss" in r}.values())
+                title += f", global loss {_pm(gl)}"
             text.append(f"\n### {title}\n\n" + markdown_table(["batch"] + [ESTIMATOR_LABELS[e] for e in ests], table))
         text.append("\n" + "\n".join(f"- {f}" for f in _bias_findings(summary, phases, half)) + "\n")
     text.append("\n" + "\n\n".join(f"![{name}]({path})" for name, path in figures) + "\n")
@@ -449,8 +457,8 @@ def _bias_findings(summary, phases, half) -> list[str]:
         lo, hi = sizes[0], sizes[-1]
         p_lo, p_hi = summary[(phase, "plain", lo)], summary[(phase, "plain", hi)]
         where = "At initialisation" if phase == "init" else "After training"
-        b_lo, sd_lo, k = p_lo["relative_bias_debiased"]
-        s = (f"{where}, the plain minibatch gradient's relative bias (noise removed) is {b_lo:.3f} ± {sd_lo:.3f} at batch "
+        s = (f"{where}, the plain minibatch gradient's relative bias (noise removed) is "
+             f"{_pm(p_lo['relative_bias_debiased'])} at batch "
              f"{lo} (raw {p_lo['relative_bias'][0]:.3f}, noise floor {p_lo['noise_floor'][0]:.3f}) and "
              f"{p_hi['relative_bias_debiased'][0]:.3f} at batch {hi} (floor {p_hi['noise_floor'][0]:.3f})")
         paired = [(b, summary[(phase, "plain_paired", b)]) for b in sizes if (phase, "plain_paired", b) in summary]

@@ -259,24 +259,25 @@ def _finding(loss: str, ks: list, best: dict, bs: int) -> str:
     means = {k: mean_std(v)[0] for k, v in acc.items()}
     top = max(ks, key=lambda k: means[k])
     worst = min(ks, key=lambda k: means[k])
-    m_top, s_top, n_top = mean_std(acc[top])
+    m_top, _, n_top = mean_std(acc[top])
     if means[top] == means[worst]:
         parts = [f"**{loss}**: every K gave the same mean linear accuracy, {m_top:.3f} (n={n_top})."]
     else:
-        parts = [f"**{loss}**: best K = {_k_label(top, loss, bs)} with linear accuracy {m_top:.3f} ± {s_top:.3f} "
-                 f"(n={n_top}); worst K = {_k_label(worst, loss, bs)} with {means[worst]:.3f}."]
+        parts = [f"**{loss}**: best K = {_k_label(top, loss, bs)} with linear accuracy {fmt_mean_std(acc[top])}"
+                 + (f" (n={n_top})" if n_top > 1 else "") + f"; worst K = {_k_label(worst, loss, bs)} with "
+                 f"{means[worst]:.3f}."]
     if "all" in acc and top != "all":
-        m_all, s_all, _ = mean_std(acc["all"])
+        m_all = mean_std(acc["all"])[0]
         p = welch_p(acc[top], acc["all"])
         verdict = ("a difference beyond the seed-to-seed noise (Welch p < 0.05, optimistic: the best K was picked after the fact)" if p is not None and p < 0.05
                    else f"not distinguishable from seed noise (Welch p = {p:.2f})" if p is not None
                    else "untested (too few seeds for a test)")
-        parts.append(f"Against all negatives ({m_all:.3f} ± {s_all:.3f}) the gain is {m_top - m_all:+.3f}: {verdict}. "
+        parts.append(f"Against all negatives ({fmt_mean_std(acc['all'])}) the gain is {m_top - m_all:+.3f}: {verdict}. "
                      + ("So at this scale fewer negatives did help." if p is not None and p < 0.05
                         else "So this run does not show that fewer negatives help at this scale."))
     elif top == "all" and len(ks) > 1 and means[top] != means[worst]:
         runner_up = max((k for k in ks if k != "all"), key=lambda k: means[k])
-        m_all, s_all, _ = mean_std(acc["all"])
+        m_all = mean_std(acc["all"])[0]
         p = welch_p(acc["all"], acc[runner_up])
         noise = ("beyond seed noise (Welch p < 0.05)" if p is not None and p < 0.05
                  else f"within seed noise (Welch p = {p:.2f})" if p is not None else "untested (too few seeds for a test)")
