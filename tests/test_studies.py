@@ -91,6 +91,17 @@ def test_parse_list_names_the_option():
         parse_list("gcbs,gcbs", str, "samplers", unique=True)
 
 
+def test_negatives_study_names_a_loss_given_twice(tmp_path, capsys):
+    """--losses simclr,simclr was refused as "two configurations of the study are identical (a value
+    given twice?)", which named no option (--seeds and --samplers name theirs)."""
+    from negbatch.cli import main
+
+    assert main(["study", "negatives", "--losses", "simclr,simclr", "--ks", "1", "--seeds", "0",
+                 "--out", str(tmp_path / "s")]) == 2
+    assert "--losses lists a value twice: simclr,simclr" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux only")
 def test_workers_end_when_the_study_process_is_killed(tmp_path):
     # A study killed with SIGKILL (kill, timeout, a scheduler) must not leave its

@@ -105,7 +105,7 @@ class ImageNegatives(ImageStudy):
 
     def plan(self, args: argparse.Namespace) -> tuple[Path, list[TrainConfig]]:
         base = self.base_config(args)
-        losses = parse_list(args.losses, str, "losses")
+        losses = parse_list(args.losses, str, "losses", unique=True)
         ks = parse_list(args.ks, parse_negatives, "ks")
         seeds = self.seeds(args)
         temperatures = swept_temperatures(args)
