@@ -314,3 +314,17 @@ def test_the_raw_pixel_baseline_takes_one_thread(monkeypatch):
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["negatives", "--batch-size", "2000"], "--batch-size 2000 exceeds the 1258 training images of 'digits'"),
+    (["bias", "--batch-size", "2000"], "--batch-size 2000 exceeds the 1258 training images of 'digits'"),
+    (["bias", "--batch-size", "300", "--n-train", "200"], "--batch-size 300 exceeds the 200 training images"),
+])
+def test_a_batch_larger_than_the_data_is_refused_before_the_folder_is_made(tmp_path, capsys, argv, message):
+    # It was refused only after study.json and runs/ were written, naming batch_size, not the option.
+    from negbatch.cli import main
+
+    assert main(["study", *argv, "--seeds", "0", "--out", str(tmp_path / "x")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

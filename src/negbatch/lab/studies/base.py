@@ -343,6 +343,19 @@ class ImageStudy(Study):
     modality: ClassVar[str] = "image"
 
     @staticmethod
+    def load(base: TrainConfig, batch_size: int | None = None):
+        """The data of ``base`` (after ``n_train``/``n_test``) -- data errors before any folder is
+        made -- checked against the batch size (``base.batch_size`` unless given)."""
+        from ..tasks.image import load_image_data
+
+        data = load_image_data(base).subset(base.n_train, base.n_test)
+        batch_size = base.batch_size if batch_size is None else batch_size
+        if batch_size > data.x_train.shape[0]:
+            raise ValueError(f"--batch-size {batch_size} exceeds the {data.x_train.shape[0]} training images of "
+                             f"{base.dataset!r}; lower it")
+        return data
+
+    @staticmethod
     def raw_pixel_baseline(base: TrainConfig, out: Path | None = None) -> float:
         """Linear-probe accuracy on the raw pixels: the bar a learned representation should clear.
 

@@ -64,11 +64,7 @@ class ImageBatches(ImageStudy):
             raise ValueError(f"--samplers: unknown {', '.join(bad)}; expected a comma list of {', '.join(SAMPLERS)}")
         seeds = self.seeds(args)
         base = self.base_config(args, log_gap=True)
-        from ..tasks.image import load_image_data
-
-        data = load_image_data(base).subset(base.n_train, base.n_test)  # fails early if missing
-        if base.batch_size > data.x_train.shape[0]:
-            raise ValueError(f"--batch-size {base.batch_size} exceeds the {data.x_train.shape[0]} training images")
+        data = self.load(base)
         configs = [base.replace(sampler=s, seed=seed) for s in samplers for seed in seeds]
         out = self.out_folder(args, base.dataset)
         self.write_spec(out, {"samplers": samplers, "seeds": seeds, "base": base.to_dict(),

@@ -108,6 +108,7 @@ class BiasStudy(ImageStudy):
             raise ValueError(f"--bias-samples must be >= 4, got {args.bias_samples}")
         full = args.full_batch_size if args.full_batch_size is not None else base.batch_size
         labelled = build_configs(base, full, seeds)
+        self.load(base, full)  # data errors before the folder is made
         out = self.out_folder(args, base.dataset)
         runs = {run_key(c, self.key_fields): label for label, c in labelled}
         self.write_spec(out, {"base": base.to_dict(), "batch_size": full, "seeds": seeds,

@@ -111,6 +111,7 @@ class ImageNegatives(ImageStudy):
         temperatures = swept_temperatures(args)
         lrs = parse_list(args.lrs, float, "lrs") if args.lrs else [base.lr]
         configs, effective = build_configs(base, losses, ks, seeds, temperatures, lrs)
+        self.load(base)  # data errors before the folder is made
         out = self.out_folder(args, base.dataset)
         self.write_spec(out, {"base": base.to_dict(), "losses": losses, "ks": effective, "seeds": seeds,
                               "temperatures": temperatures, "lrs": lrs, "runs": len(configs),
