@@ -51,6 +51,17 @@ def test_study_under_torchrun_trains_each_run_once(tmp_path):
     assert two.keys() == one.keys() and all(two[k] == pytest.approx(one[k], rel=1e-5) for k in one)
 
 
+def test_the_bias_study_under_torchrun_measures_its_bias_on_rank_0_alone(tmp_path):
+    """Rank 0 measures the gradient bias after the runs, alone: its GlobalInfoNCE synchronised its state
+    with the other process, which had finished, and the study failed after all its training ("Connection
+    closed by peer"; a hang while the other process still lived)."""
+    args = ["study", "bias", *TINY, "--epochs", "1", "--seeds", "0", "--bias-batch-sizes", "4,8", "--num-batches", "3",
+            "--bias-samples", "32"]
+    run(*args, "--out", str(tmp_path / "two"), torchrun=True)
+    rows = (tmp_path / "two" / "bias_results.csv").read_text().splitlines()
+    assert len(rows) > 1 and (tmp_path / "two" / "report.md").exists()
+
+
 def test_a_refused_folder_under_torchrun_gets_one_answer(tmp_path):
     """Rank 0 refuses a folder in use; the launcher then stops rank 1, which said "stopped; everything
     finished is kept: run the same command again to resume" beside rank 0's error, though nothing ran."""

@@ -192,8 +192,10 @@ def _measure_bias(cfg: TrainConfig, run_dir: Path, batch_sizes: list[int], num_b
         torch.manual_seed(cfg.seed)  # the trainer's initialisation
         model = build_model(cfg, data.image_shape)
         # A learned temperature is part of the objective: its start value at init, its learned one after.
+        # sync_state=False: measured in this process alone (rank 0 under torchrun), whose E-steps must not
+        # wait for the other processes' (it did, and the study failed after its training).
         loss = GlobalInfoNCE(n, temperature=cfg.temperature, gamma=trained_gamma,
-                             learnable_temperature=bool(cfg.learnable_temperature))
+                             learnable_temperature=bool(cfg.learnable_temperature), sync_state=False)
         estimators = INIT_ESTIMATORS
         if phase == "trained":
             ckpt = torch.load(run_dir / CHECKPOINT, weights_only=True, map_location="cpu")
