@@ -62,6 +62,20 @@ def test_the_bias_study_under_torchrun_measures_its_bias_on_rank_0_alone(tmp_pat
     assert len(rows) > 1 and (tmp_path / "two" / "report.md").exists()
 
 
+def test_torchrun_variables_without_a_rendezvous_are_refused_with_what_to_do(tmp_path):
+    """WORLD_SIZE and RANK set (a leftover of a job script, a scheduler's) without MASTER_ADDR: torch's
+    own error named the variable only ("environment variable MASTER_ADDR expected, but not set")."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", WORLD_SIZE="2",
+               RANK="0")
+    for command in (["train"], ["study", "negatives", "--ks", "2", "--seeds", "0", "--losses", "simclr"]):
+        out = subprocess.run([sys.executable, "-m", "negbatch.cli", *command, *TINY, "--out", str(tmp_path / "x")],
+                             capture_output=True, text=True, env=env, timeout=400)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "MASTER_ADDR and MASTER_PORT are not" in out.stderr and "unset WORLD_SIZE and RANK" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and not (tmp_path / "x").exists()
+
+
 def test_a_refused_folder_under_torchrun_gets_one_answer(tmp_path):
     """Rank 0 refuses a folder in use; the launcher then stops rank 1, which said "stopped; everything
     finished is kept: run the same command again to resume" beside rank 0's error, though nothing ran."""

@@ -60,6 +60,14 @@ class Processes:
         under torchrun one is created (NCCL for CUDA devices, else gloo)."""
         if nbdist.is_distributed() or not launched_by_torchrun():
             return cls.current()
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+        if missing:
+            # torch's own error named the variable only, not why a process group was wanted or what to do.
+            raise ValueError(
+                f"WORLD_SIZE={os.environ['WORLD_SIZE']} and RANK={os.environ['RANK']} are set, as torchrun sets them "
+                f"for one of several processes, but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                "not: start the command with torchrun (torchrun --nproc-per-node N -m negbatch.cli ...), or unset "
+                "WORLD_SIZE and RANK to run in one process")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         cuda = device != "cpu" and torch.cuda.is_available()
         if cuda:
