@@ -121,3 +121,26 @@ def test_two_processes_equal_one_process_for_every_loss_sampler_and_resume(tmp_p
     # And BatchNorm over each process's rows (the default norm): it silently differed on resume.
     with pytest.raises(ValueError, match=r"written by 2 process\(es\) and this run has 1.*BatchNorm"):
         train(TrainConfig(**{**IMAGE, "norm": "batch"}), tmp_path / "image-batchnorm")
+
+
+def _mismatched_processes(rank, world_size, out):
+    import numpy as np
+
+    from negbatch.data import from_arrays
+
+    # Rank 1 read another configuration (a node's own --config file): with another learning rate its model
+    # left rank 0's without a word (with another batch size it trained half the steps on other batches,
+    # then hung or failed in a collective with a bare gloo error). Now every rank refuses.
+    own = dict(IMAGE, lr=0.01, temperature=0.3) if rank == 1 else IMAGE
+    with pytest.raises(ValueError, match=r"rank 1 differs from rank 0 in lr, temperature; give every process the "):
+        train(TrainConfig(**own), os.path.join(out, "options"))
+    # Other data on rank 1 (a stale copy on one node), the same options.
+    rng = np.random.default_rng(rank)
+    data = from_arrays(rng.random((32, 1, 4, 4)), np.arange(32) % 2, rng.random((16, 1, 4, 4)), np.arange(16) % 2)
+    with pytest.raises(ValueError, match=r"rank 1 differs from rank 0 in the data \(fingerprint\)"):
+        train(TrainConfig(**{**IMAGE, "n_train": None, "n_test": None}), os.path.join(out, "data"), data=data)
+
+
+def test_processes_given_different_runs_are_refused_by_every_process(tmp_path):
+    run_distributed(_mismatched_processes, 2, str(tmp_path))
+    assert not (tmp_path / "options" / "config.json").exists() and not (tmp_path / "data" / "config.json").exists()

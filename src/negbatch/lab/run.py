@@ -30,8 +30,8 @@ import torch
 
 from ..diagnostics import GradientSNR
 from .config import TrainConfig
-from .folder import (CHECKPOINT, CONFIG, DATA, METRICS, SUMMARY, RunFolder, _say, _StopRequest, atomic_torch_save,
-                     atomic_write_text, hold_lock, read_metrics, resolve_device)
+from .folder import (CHECKPOINT, CONFIG, DATA, METRICS, SUMMARY, RunFolder, _differences, _say, _StopRequest,
+                     atomic_torch_save, atomic_write_text, hold_lock, read_metrics, resolve_device)
 from .optim import build_optimizer, build_schedule
 from .precision import Precision
 from .processes import Processes
@@ -145,6 +145,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, procs: Processes, data: Any, sto
 
     device = procs.device(cfg.device)
     task = procs.check_all(lambda: make_task(cfg, device, data))  # loads the data: errors about it come first
+    _check_one_run(cfg, task, procs)
     finished = procs.on_main(lambda: folder.check(cfg, task.data_identity))
     if finished is not None:
         return finished
@@ -316,6 +317,28 @@ def _network(cfg: TrainConfig, model: torch.nn.Module, procs: Processes, device:
     if cfg.compile:
         net = torch.compile(net)
     return net
+
+
+def _check_one_run(cfg: TrainConfig, task, procs: Processes) -> None:
+    """Every process trains one configuration on one data set, or every process refuses.
+
+    Each process reads its own options (a configuration file on each node): a process given another
+    batch size trained mismatched batches without a word, then failed in a collective with a bare
+    gloo/NCCL error. ``data_dir`` may differ between nodes; the data's fingerprint may not."""
+    if not procs.several:
+        return
+    mine = {"config": {k: v for k, v in cfg.identity().items() if k != "data_dir"},
+            "data": task.data_identity.get("fingerprint")}
+    everyone = procs.gather(mine)
+    for rank, other in enumerate(everyone):
+        if other == everyone[0]:
+            continue
+        what = _differences(everyone[0]["config"], other["config"])
+        what = ", ".join(filter(None, [what, "the data (fingerprint)" if other["data"] != everyone[0]["data"] else ""]))
+        raise ValueError(
+            f"the processes were not given one run: rank {rank} differs from rank 0 in {what}; give every process "
+            f"the same options (the same --config file and data on every node)"
+        )
 
 
 def _check_world_size(ckpt: dict[str, Any], procs: Processes, task, folder: RunFolder) -> None:
