@@ -130,3 +130,25 @@ def _uneven_worker(rank, world):
     assert torch.equal(x.grad, expected)
     assert torch.equal(gather_nograd(x)[:, 0], torch.tensor([0.0, 0, 1, 1, 1]))
 
+
+
+def _mismatched_worker(rank, world):
+    # Rows of another width, dtype or number of hard negatives on one rank: gloo aborted both processes
+    # ("terminate called after throwing an instance of 'gloo::EnforceNotMet'"); now every rank raises.
+    z = torch.randn(3, 4 if rank == 0 else 6, requires_grad=True)
+    with pytest.raises(ValueError, match=r"rank 0: float32 rows of shape \(8,\); rank 1: float32 rows of shape \(12,\)"):
+        InfoNCE(temperature=0.3, gather=True)(z, z)
+    z = torch.randn(3, 4, dtype=torch.float32 if rank == 0 else torch.float64)
+    with pytest.raises(ValueError, match=r"rank 1: float64 rows of shape \(4,\).*of one width and dtype"):
+        gather_nograd(z)
+    q = torch.randn(3, 4, requires_grad=True)
+    hard = torch.randn(3, 1 + rank, 4)
+    with pytest.raises(ValueError, match=r"\(12,\); rank 1: float32 rows of shape \(16,\).*as many hard negatives"):
+        InfoNCE(temperature=0.3, form="query_document", gather=True)(q, q, hard)
+    # Many trailing dims, alike on both ranks (and rows of another count): gathered.
+    x = torch.full((1 + rank, 2, 1, 3, 2, 2), float(rank))
+    assert gather_with_grad(x)[0].shape == (3, 2, 1, 3, 2, 2)
+
+
+def test_rows_of_another_shape_or_dtype_on_one_rank_raise_on_every_rank():
+    run_distributed(_mismatched_worker, 2)

@@ -13,6 +13,8 @@ yields exactly the gradient of the mean over all anchors of the global batch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -35,11 +37,37 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def _gather_sizes(n: int, device: torch.device) -> list[int]:
-    size = torch.tensor([n], dtype=torch.long, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(world_size())]
-    dist.all_gather(sizes, size)
-    return [int(s) for s in sizes]
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+           torch.int8, torch.uint8, torch.bool)
+_KEPT_DIMS = 4  # trailing dims described one by one; any further ones multiply into the last
+
+
+def _describe(x: Tensor) -> list[int]:
+    """``[rows, dtype code, ndim, trailing dims...]``, one fixed length for every tensor."""
+    dims = list(x.shape[1:])
+    if len(dims) > _KEPT_DIMS:
+        dims = dims[: _KEPT_DIMS - 1] + [math.prod(dims[_KEPT_DIMS - 1 :])]
+    code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else -1
+    return [x.shape[0], code, x.dim()] + dims + [0] * (_KEPT_DIMS - len(dims))
+
+
+def _gather_sizes(x: Tensor) -> list[int]:
+    """Every rank's number of rows of ``x``, after checking that all ranks hold rows
+    of one shape and dtype (all raise together: gloo aborted the process, NCCL hangs)."""
+    mine = torch.tensor(_describe(x), dtype=torch.long, device=x.device)
+    every = [torch.zeros_like(mine) for _ in range(world_size())]
+    dist.all_gather(every, mine)
+    described = [d.tolist() for d in every]
+    if any(d[1:] != described[0][1:] for d in described):
+        def what(d: list[int]) -> str:
+            dtype = str(_DTYPES[d[1]]).replace("torch.", "") if d[1] >= 0 else "another dtype"
+            return f"{dtype} rows of shape {tuple(d[3 : 3 + min(d[2] - 1, _KEPT_DIMS)])}"
+
+        ranks = "; ".join(f"rank {r}: {what(d)}" for r, d in enumerate(described))
+        raise ValueError(f"gathering across ranks needs rows of one shape and dtype on every rank, got {ranks}; a "
+                         "loss with gather=True sends each row's embeddings side by side (both sides, its hard "
+                         "negatives): give every rank embeddings of one width and dtype, and as many hard negatives")
+    return [d[0] for d in described]
 
 
 def _all_gather_padded(x: Tensor, sizes: list[int]) -> Tensor:
@@ -77,7 +105,7 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     """
     if not is_distributed() or world_size() == 1:
         return x, 0
-    sizes = _gather_sizes(x.shape[0], x.device)
+    sizes = _gather_sizes(x)
     offset = sum(sizes[: rank()])
     return _GatherWithGrad.apply(x, sizes, offset), offset
 
@@ -113,7 +141,7 @@ def gather_nograd(x: Tensor) -> Tensor:
     """Concatenate ``x`` (dim 0) from every rank, without gradients."""
     if not is_distributed() or world_size() == 1:
         return x
-    sizes = _gather_sizes(x.shape[0], x.device)
+    sizes = _gather_sizes(x)
     return _all_gather_padded(x.detach(), sizes)
 
 
