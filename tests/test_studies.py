@@ -328,3 +328,21 @@ def test_a_batch_larger_than_the_data_is_refused_before_the_folder_is_made(tmp_p
     assert main(["study", *argv, "--seeds", "0", "--out", str(tmp_path / "x")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_partial_study_folders_report_says_how_many_runs_it_lacks(tmp_path, capsys):
+    # Only the batch-size report said so; the others showed a table of the finished runs alone.
+    from negbatch.cli import main
+    from negbatch.lab.studies import report_folder
+
+    out = tmp_path / "s"
+    assert main(["study", "negatives", "--ks", "2,all", "--losses", "simclr", "--seeds", "0", "--steps", "2",
+                 "--workers", "1", "--out", str(out)]) == 0
+    assert "runs missing" not in (out / "report.md").read_text()
+    rows = json.loads((out / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps(rows[:1]))  # as if stopped after its first run
+    capsys.readouterr()
+    report = report_folder(out).read_text()
+    assert report.splitlines()[2].startswith("**1 of 2 runs missing** (an interrupted study: rerun the same command")
+    assert "1 of 2 runs missing" in capsys.readouterr().err
+    assert report_folder(out).read_text().count("runs missing") == 1  # rewritten, not marked twice

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 from pathlib import Path
 
 from ..config import dataset_problem, load_config_file, task_of
+from ..folder import atomic_write_text
 
 __all__ = ["STUDIES", "MODALITIES", "study_names", "modalities", "get_study", "modality_of_argv", "report_folder"]
 
@@ -92,6 +94,25 @@ def modality_of_argv(argv: list[str]) -> str:
     return task_of(dataset) if isinstance(dataset, str) else "image"
 
 
+def _mark_missing_runs(report: Path, spec: dict, folder: Path) -> None:
+    """Say, under a partial report's title, how many of the plan's runs it lacks (the
+    batch-size report says it itself)."""
+    from ..sweep import read_results
+
+    planned = spec.get("planned_runs")
+    text = report.read_text()
+    if not planned or "runs missing" in text:
+        return
+    missing = planned - len(read_results(folder))
+    if missing <= 0:
+        return
+    title, _, rest = text.partition("\n")
+    line = (f"**{missing} of {planned} runs missing** (an interrupted study: rerun the same command to finish it; "
+            "this report covers the finished runs).")
+    atomic_write_text(report, f"{title}\n\n{line}\n{rest}")
+    print(line.replace("**", ""), file=sys.stderr)
+
+
 def report_folder(folder: str | Path) -> Path:
     """(Re)write the report of a study folder (its study's report) or of a finished run.
 
@@ -113,7 +134,9 @@ def report_folder(folder: str | Path) -> Path:
         except ValueError as err:
             raise ValueError(f"{folder / 'study.json'} is damaged (not valid JSON: {err}): run the study's command "
                              f"again (it rewrites study.json, skips the finished runs and writes the report)") from None
-        return get_study(spec["study"], spec.get("modality", "image")).report(folder)
+        path = get_study(spec["study"], spec.get("modality", "image")).report(folder)
+        _mark_missing_runs(path, spec, folder)
+        return path
     if (folder / SUMMARY).exists():
         return run_report(folder)
     raise ValueError(f"{folder} is neither a study folder (no study.json) nor a finished run (no summary.json)")

@@ -234,8 +234,9 @@ class Study:
             raise ValueError("two configurations of the study are identical (a value given twice?); remove the "
                              "duplicates")
         out.mkdir(parents=True, exist_ok=True)
+        planned = {"planned_runs": len(configs)} if configs is not None else {}  # a partial report counts against it
         atomic_write_text(out / "study.json",
-                          json.dumps({"study": self.name, "modality": self.modality, **spec}, indent=1))
+                          json.dumps({"study": self.name, "modality": self.modality, **spec, **planned}, indent=1))
         if keys is not None:
             left = keep_results(out, set(keys))
             if left:
