@@ -13,9 +13,19 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
-__all__ = ["mean_std", "fmt_mean_std", "Welch", "welch", "welch_p", "holm", "spearman"]
+__all__ = ["mean_std", "fmt_mean_std", "per_seed", "Welch", "welch", "welch_p", "holm", "spearman"]
+
+
+def per_seed(rows: Iterable[dict[str, Any]], key: str) -> list[float]:
+    """``key`` once per seed, for a value that belongs to the seed, not to the run (the untrained
+    encoder, a seed's trained model measured once): every run of the seed repeats it, and counted
+    once per run the seeds' spread came out too small. Several values of a seed are averaged."""
+    by_seed: dict[Any, list[float]] = {}
+    for r in rows:
+        by_seed.setdefault(r["seed"], []).append(r[key])
+    return [sum(v) / len(v) for v in by_seed.values()]
 
 
 def mean_std(values: Iterable[float | None]) -> tuple[float, float, int]:

@@ -42,12 +42,22 @@ from ..processes import Processes
 from ..folder import CONFIG, STUDY, SUMMARY, atomic_write_text, hold_lock
 from ..sweep import KEY_FIELDS, keep_results, parse_list, run_configs, run_key, torch_threads
 
-__all__ = ["Study", "ImageStudy", "TextStudy", "say", "dataset_stem"]
+__all__ = ["Study", "ImageStudy", "TextStudy", "say", "keep_plan_results", "dataset_stem"]
 
 
 def say(message: str) -> None:
     """One line of progress on stderr."""
     print(message, file=sys.stderr, flush=True)
+
+
+def keep_plan_results(folder: Path, keys: set[str], what: str = "run(s)") -> None:
+    """Keep in ``folder``'s results table only the runs of this invocation's plan (``keys``), so
+    that it and ``study.json`` describe one invocation; say how many finished ``what`` left it."""
+    left = keep_results(folder, keys)
+    if left:
+        say(f"note: {left} finished {what} in {folder / 'runs'} belong to an earlier invocation with other "
+            "options: they stay there but leave the results table and the report (rerun that command to "
+            "bring them back, or use another --out)")
 
 
 def _duration(seconds: float) -> str:
@@ -238,11 +248,7 @@ class Study:
         atomic_write_text(out / "study.json",
                           json.dumps({"study": self.name, "modality": self.modality, **spec, **planned}, indent=1))
         if keys is not None:
-            left = keep_results(out, set(keys))
-            if left:
-                say(f"note: {left} finished run(s) in {out / 'runs'} belong to an earlier invocation with other "
-                    "options: they stay there but leave the results table and the report (rerun that command to "
-                    "bring them back, or use another --out)")
+            keep_plan_results(out, set(keys))
 
     _given: list[str] = []
     #: Why an option the user gave is read by no run of the plan, where the study can say more than "none has one".

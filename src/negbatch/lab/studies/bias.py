@@ -37,7 +37,7 @@ import torch
 from ..config import TrainConfig
 from ..report import markdown_table, plt, save_figure, training_length
 from ..folder import CHECKPOINT, atomic_write_text
-from ..stats import fmt_mean_std, mean_std, welch
+from ..stats import fmt_mean_std, mean_std, per_seed, welch
 from ..sweep import parse_list, read_results, run_key, torch_threads
 from .base import ImageStudy, say
 
@@ -421,9 +421,8 @@ def report(folder: Path) -> Path:
                             for e in ests] for s in sizes]
             title = "At initialisation" if phase == "init" else f"After training (the global loss's run at B={half}; its running nu)"
             if phase == "trained":
-                # One value per seed (every row of a seed's trained model repeats it), not per row.
-                gl = mean_std({r["seed"]: r["global_loss"] for r in rows
-                               if r["phase"] == "trained" and "global_loss" in r}.values())
+                gl = mean_std(per_seed((r for r in rows if r["phase"] == "trained" and "global_loss" in r),
+                                       "global_loss"))
                 title += f", global loss {_pm(gl)}"
             text.append(f"\n### {title}\n\n" + markdown_table(["batch"] + [ESTIMATOR_LABELS[e] for e in ests], table))
         text.append("\n" + "\n".join(f"- {f}" for f in _bias_findings(summary, phases, half)) + "\n")

@@ -36,8 +36,8 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..folder import atomic_write_text, resolve_device
-from ..sweep import keep_results, parse_list, run_key
-from .base import ImageStudy, say
+from ..sweep import parse_list, run_key
+from .base import ImageStudy, keep_plan_results, say
 from .gradcache_measure import DATA_KINDS, measure_in_subprocess
 from .gradcache_report import METHODS, MIB, report, write_table
 
@@ -125,11 +125,7 @@ class ImageGradCache(ImageStudy):
         # The trainings' table keeps only this plan's (as write_spec does for a study's runs): an earlier
         # invocation's trainings (other seeds, epochs, batch sizes, or none now) stay under accuracy/runs.
         plan = {run_key(c, self.key_fields) for c in self._accuracy_configs(args, acc_batches, seeds)}
-        left = keep_results(out / "accuracy", plan)
-        if left:
-            say(f"note: {left} finished training(s) in {out / 'accuracy' / 'runs'} belong to an earlier invocation "
-                "with other options: they stay there but leave the results table and the report (rerun that command "
-                "to bring them back, or use another --out)")
+        keep_plan_results(out / "accuracy", plan, "training(s)")
 
         import torch
 

@@ -20,7 +20,7 @@ from typing import Any
 from ..config import TrainConfig, parse_negatives
 from ..report import markdown_table, plt, save_figure
 from ..folder import atomic_write_text
-from ..stats import fmt_mean_std, mean_std, welch_p
+from ..stats import fmt_mean_std, mean_std, per_seed, welch_p
 from ..sweep import parse_list, read_results
 from ..tasks.text import TEXT_METRICS, pretrained
 from .base import TextStudy
@@ -97,16 +97,6 @@ def _select_best(rows: list[dict[str, Any]]) -> dict[Any, list[dict[str, Any]]]:
     return best
 
 
-def _per_seed(rows: list[dict[str, Any]], key: str) -> list[float]:
-    """``key`` once per seed: the untrained encoder is the seed's, whatever K, temperature or lr its runs
-    train with, so every run repeats its seed's value; counted once per run, the seeds' spread came out
-    too small (the sample std of each value repeated four times)."""
-    by_seed: dict[Any, list[float]] = {}
-    for r in rows:
-        by_seed.setdefault(r["seed"], []).append(r[key])
-    return [sum(v) / len(v) for v in by_seed.values()]
-
-
 def report(folder: Path) -> Path:
     """Figure and ``report.md`` from a text negatives study folder."""
     folder = Path(folder)
@@ -127,7 +117,7 @@ def report(folder: Path) -> Path:
     for key, marker in (("recall@1", "o"), ("recall@10", "s"), ("mrr@10", "^"), ("ndcg@10", "x")):
         st = [mean_std(r[key] for r in best[k]) for k in order]
         ax.errorbar(xs, [s[0] for s in st], yerr=[s[1] for s in st], marker=marker, capsize=3, label=key)
-    base_st = mean_std(_per_seed(rows, "untrained_recall@1"))
+    base_st = mean_std(per_seed(rows, "untrained_recall@1"))
     ax.axhline(base_st[0], color="grey", ls=":",
                label=f"{'before fine-tuning' if pretrained(b.get('encoder')) else 'untrained'} recall@1")
     ax.set_xscale("log")
@@ -147,8 +137,8 @@ def report(folder: Path) -> Path:
         f"(weight decay {b['weight_decay']}); seeds {spec['seeds']}; temperatures {spec['temperatures']}; learning rates "
         f"{spec['lrs']}. Mean ± sample std over seeds.\n",
         f"\nBaseline: {TextStudy.before_training(b)} scores Recall@1 "
-        f"{fmt_mean_std(_per_seed(rows, 'untrained_recall@1'))}, nDCG@10 "
-        f"{fmt_mean_std(_per_seed(rows, 'untrained_ndcg@10'))} ("
+        f"{fmt_mean_std(per_seed(rows, 'untrained_recall@1'))}, nDCG@10 "
+        f"{fmt_mean_std(per_seed(rows, 'untrained_ndcg@10'))} ("
         f"{'' if pretrained(b.get('encoder')) else 'shared words; '}chance Recall@1 is "
         f"1/{sample.get('num_test_documents')}).\n",
     ]
