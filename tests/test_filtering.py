@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import _reference as ref
-from negbatch import InfoNCE, ReLIC, SigLIP
+from negbatch import DCL, InfoNCE, ReLIC, SigLIP
 from negbatch.losses import false_negative_mask
 
 TAU = 0.3
@@ -140,3 +140,20 @@ def test_a_margin_outside_the_cosine_range_is_refused(margin):
     with pytest.raises(ValueError, match=r"filter_margin must lie in \(-2, 2\) when the guide judges"):
         raw(z1, z2, guide=(z1, z2))
     InfoNCE(filter_margin=1.99)(z1, z2)
+
+
+def test_errors_from_a_filter_that_masked_too_much_name_the_filter():
+    # A filter that leaves too few candidates was blamed on the batch: K
+    # sampled negatives said "Lower negatives, enlarge the batch"; DCL said
+    # "a batch of one sample ... drop_last=True" for a batch of 8.
+    z1, z2 = _data()
+    sampled = InfoNCE(temperature=TAU, negatives=12, filter_top=0.5)
+    with pytest.raises(ValueError, match=r"negatives=12 .*filter_top=0.5\) masked \d+ candidates \(\d+% of this call's\)"):
+        sampled(z1, z2)
+    with pytest.raises(ValueError, match=r"no negatives.*filter_margin=1.5\) masked \d+ candidates") \
+            as caught:
+        DCL(temperature=TAU, filter_margin=1.5)(z1, z2)
+    assert "drop_last" not in str(caught.value)
+    with pytest.raises(ValueError, match="negatives=12") as caught:  # short without a filter: no word of one
+        InfoNCE(temperature=TAU, negatives=12)(z1[:4], z2[:4], mask=torch.eye(4, dtype=torch.bool))
+    assert "filter" not in str(caught.value)

@@ -47,7 +47,14 @@ __all__ = [
     "sample_uniform_ranks",
     "same_id_mask",
     "validate_negatives",
+    "ShortageError",
 ]
+
+
+class ShortageError(ValueError):
+    """An anchor has fewer valid candidates than ``negatives=K`` under
+    ``on_shortage="raise"``. A ValueError; its own class so that a loss can
+    add what masked the candidates (its filter, a queue still filling)."""
 
 def validate_negatives(negatives: object, name: str = "negatives") -> Negatives:
     """Return ``negatives`` if it is ``"all"`` or a positive int, else raise."""
@@ -522,7 +529,7 @@ def _select(
         any_short = bool(short.any())
     if any_short and on_shortage == "raise":
         worst = int(population.min())
-        raise ValueError(
+        raise ShortageError(
             f"negatives={k} but {int(short.sum())} anchor(s) have fewer valid candidates "
             f"(the fewest is {worst} of {m} columns after excluding the anchor, its positive "
             f"and masked candidates). Lower negatives, enlarge the batch, or pass "

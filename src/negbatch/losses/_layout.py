@@ -55,7 +55,7 @@ from .._checks import (
     check_temperature,
 )
 from ..distributed import gather_nograd, gather_with_grad, global_batch_mean, global_batch_sum
-from ..negatives import NegativeSelection, _select, validate_negatives
+from ..negatives import NegativeSelection, ShortageError, _select, validate_negatives
 from .filtering import _false_negatives, check_cosine_margin, check_filter
 from .temperature import LearnableTemperature
 
@@ -593,6 +593,34 @@ class BankLoss(nn.Module):
         with torch.no_grad():
             return build_layout(a, b, hard, form=self.form, symmetric=self.symmetric, gather=self.gather,
                                 normalize=True, check_finite=self.check_finite, bank=bank)
+
+    def _negatives_of(self, direction: Direction, generator: torch.Generator | None) -> NegativeSelection:
+        """``direction.select`` under this loss's options. An anchor short of
+        K candidates is blamed on the batch; when this loss masked candidates
+        of its own (the filter) or holds a queue still filling, the error
+        says so, since lowering K or enlarging the batch is then not the fix."""
+        try:
+            return direction.select(self.negatives, generator, self.on_shortage)
+        except ShortageError as error:
+            notes = " ".join(note for note in (self._filter_note(), self._queue_note()) if note)
+            if not notes:
+                raise
+            raise ShortageError(f"{error} {notes}") from None
+
+    def _filter_note(self) -> str:
+        """What the false-negative filter masked in this call, for errors
+        about anchors left short of candidates; empty when it masked none."""
+        if not self.filtering or self.last_filtered is None or not int(self.last_filtered):
+            return ""
+        options = ", ".join(f"{name}={value:g}" for name, value in
+                            (("filter_margin", self.filter_margin), ("filter_top", self.filter_top)) if value is not None)
+        return (f"The false-negative filter ({options}) masked {int(self.last_filtered)} candidates "
+                f"({float(self.last_filtered_fraction):.0%} of this call's): filter less (a lower filter_margin, "
+                "a smaller filter_top).")
+
+    def _queue_note(self) -> str:
+        """A queue still filling, for errors about anchors short of K (none here)."""
+        return ""
 
     def _temperature(self, layout: Layout) -> float:
         """The temperature the kernels use: the fixed one, or 1 with the

@@ -261,7 +261,7 @@ class SoftmaxLoss(BankLoss):
         temperature = self._temperature(layout)
         values = []
         for i, direction in enumerate(layout.directions):
-            selection = direction.select(self.negatives, generator, self.on_shortage)
+            selection = self._negatives_of(direction, generator)
             values.append(self._direction_values(direction, selection, temperature, layout, i))
         if self.queue is not None and update:
             self._enqueue(layout, all_indices, labels)

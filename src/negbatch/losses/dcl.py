@@ -116,7 +116,8 @@ class DCL(SoftmaxLoss):
         if bool((count_negatives(selection, direction.bank.shape[0]) == 0).any()):
             raise ValueError(
                 "an anchor has no negatives (a batch of one sample, or every candidate masked or a positive); "
-                f"DCL's denominator holds the negatives only and needs at least one. {BATCH_OF_ONE_HINT}"
+                f"DCL's denominator holds the negatives only and needs at least one. "
+                f"{self._filter_note() or BATCH_OF_ONE_HINT}"
             )
         lse, positive = softmax_terms(direction.anchors, direction.bank, selection, temperature, decoupled=True)
         if self.sigma is None:

@@ -474,7 +474,7 @@ class GlobalInfoNCE(BankLoss):
         negative exponentials (with grad), the shift, the log of the number
         of negatives, and the log-sum-exp of the positives (detached; for the
         logged InfoNCE, SupCon's L_out with several), per anchor."""
-        selection = direction.select(self.negatives, generator, self.on_shortage)
+        selection = self._negatives_of(direction, generator)
         anchors, bank = direction.anchors, direction.bank
         n = anchors.shape[0]
         if not selection.is_dense:
@@ -488,7 +488,7 @@ class GlobalInfoNCE(BankLoss):
         if bool((count == 0).any()):
             raise ValueError(
                 "an anchor has no negatives (a batch of one sample, or everything masked); the normaliser "
-                f"Z is a mean over negatives and needs at least one. {BATCH_OF_ONE_HINT}"
+                f"Z is a mean over negatives and needs at least one. {self._filter_note() or BATCH_OF_ONE_HINT}"
             )
         if not selection.single_positive:
             logits = selection_logits(anchors, bank, selection, temperature)
