@@ -375,3 +375,23 @@ def test_enqueue_names_a_bad_argument():
     assert len(q) == 0 and q.embeddings.shape[2] == 0
     q.enqueue(1, torch.zeros(2, 3), torch.arange(2, dtype=torch.int32))
     assert q.entries(1)[1].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("loss_cls", [InfoNCE, DCL])
+def test_a_shortage_while_the_queue_fills_says_so_and_what_to_pass(loss_cls):
+    # MoCo-style K negatives from batch and queue: until the queue holds enough
+    # entries, the first steps have fewer than K candidates. The error advised
+    # "Lower negatives, enlarge the batch", not a word of the queue filling.
+    loss_fn = loss_cls(temperature=TAU, queue_size=12, negatives=12)
+    with pytest.raises(ValueError, match=r"negatives=12 .*The queue holds 0 of its 12 entries.*on_shortage='use_all'"):
+        loss_fn(*_views(0), indices=torch.arange(5))  # 8 candidates in a batch of 5
+    assert len(loss_fn.queue) == 0  # the refused call enqueued nothing
+    patient = loss_cls(temperature=TAU, queue_size=12, negatives=12, on_shortage="use_all")
+    for step in range(3):
+        patient(*_views(step), indices=torch.arange(5) + 5 * step)
+    full = loss_cls(temperature=TAU, queue_size=4, negatives=30, on_shortage="use_all")
+    full(*_views(0), indices=torch.arange(5))
+    full.on_shortage = "raise"
+    with pytest.raises(ValueError, match="negatives=30") as caught:  # full, and still short: no word of filling
+        full(*_views(1), indices=torch.arange(5, 10))
+    assert "queue holds" not in str(caught.value)

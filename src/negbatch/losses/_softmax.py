@@ -344,5 +344,12 @@ class SoftmaxLoss(BankLoss):
         if self.symmetric:
             self.queue.enqueue(1, first, all_indices, all_labels)
 
+    def _queue_note(self) -> str:
+        # Checked before this call's enqueue: the entries its anchors met.
+        if self.queue is None or len(self.queue) >= self.queue.size:
+            return ""
+        return (f"The queue holds {len(self.queue)} of its {self.queue.size} entries (it fills over the first steps): "
+                "pass on_shortage='use_all' so that those steps contrast their anchors with the candidates there are.")
+
     def _queue_repr(self) -> str:
         return f", queue_size={self.queue.size}" if self.queue is not None else ""
