@@ -56,6 +56,7 @@ class ShortageError(ValueError):
     ``on_shortage="raise"``. A ValueError; its own class so that a loss can
     add what masked the candidates (its filter, a queue still filling)."""
 
+
 def validate_negatives(negatives: object, name: str = "negatives") -> Negatives:
     """Return ``negatives`` if it is ``"all"`` or a positive int, else raise."""
     if isinstance(negatives, str):
