@@ -48,6 +48,18 @@ def test_fifo_overwrites_the_oldest_and_keeps_the_last_of_a_long_batch():
     assert torch.equal(fresh.embeddings, q.embeddings) and torch.equal(fresh.indices, q.indices)
 
 
+@pytest.mark.parametrize("read", ["entries", "entry_labels", "enqueue"])
+@pytest.mark.parametrize("role", [-1, 2, True, 0.0])
+def test_every_method_refuses_a_role_the_queue_lacks(read, role):
+    """A negative role read the last queue (Python's indexing) and a large one
+    raised torch's IndexError; only enqueue checked it."""
+    q = NegativeQueue(4, roles=2)
+    q.enqueue(1, torch.ones(2, 3), torch.tensor([0, 1]))
+    args = (torch.zeros(1, 3), torch.tensor([0])) if read == "enqueue" else ()
+    with pytest.raises(ValueError, match=r"role must be an int in \[0, 2\)"):
+        getattr(q, read)(role, *args)
+
+
 def _queue_reference(steps, size, *, labels=None, positives=False):
     """Per step: the loss over the batch plus a plain list of past entries
     (embedding, index, label), the oldest dropped first."""

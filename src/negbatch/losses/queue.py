@@ -102,17 +102,23 @@ class NegativeQueue(nn.Module):
         """Entries held by the first queue."""
         return int(self.filled[0])
 
+    def _role(self, role: object) -> int:
+        """``role`` checked: a negative int would index another queue from the end."""
+        if isinstance(role, bool) or not isinstance(role, int) or not 0 <= role < self.roles:
+            raise ValueError(f"role must be an int in [0, {self.roles}) (this queue holds {self.roles}), got {role!r}")
+        return role
+
     def entries(self, role: int) -> tuple[Tensor, Tensor]:
         """The filled slots of queue ``role``: embeddings (Q, d) and data-set
         indices (Q,) (slot order; the oldest entry is at ``pointer`` once the
         queue is full)."""
-        q = int(self.filled[role])
+        q = int(self.filled[self._role(role)])
         return self.embeddings[role, :q], self.indices[role, :q]
 
     def entry_labels(self, role: int) -> tuple[Tensor, Tensor] | None:
         """Labels (Q,) of the filled slots of queue ``role`` and whether each
         entry has one (Q,) bool; None when no entry has a label."""
-        q = int(self.filled[role])
+        q = int(self.filled[self._role(role)])
         if not bool(self.labelled[role, :q].any()):
             return None
         return self.labels[role, :q], self.labelled[role, :q]
@@ -123,8 +129,7 @@ class NegativeQueue(nn.Module):
         ``indices`` (E,) and optional ``labels`` (E,), overwriting the oldest
         entries once the queue is full (of more than ``size`` rows, only the
         last ``size`` are kept)."""
-        if isinstance(role, bool) or not isinstance(role, int) or not 0 <= role < self.roles:
-            raise ValueError(f"role must be an int in [0, {self.roles}) (this queue holds {self.roles}), got {role!r}")
+        self._role(role)
         if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or not embeddings.is_floating_point():
             got = f"shape {tuple(embeddings.shape)}, dtype {embeddings.dtype}" if isinstance(embeddings, Tensor) \
                 else type(embeddings).__name__
