@@ -234,6 +234,18 @@ def test_with_index_column():
         with_index_column([1, 2])
 
 
+def test_with_index_column_refuses_a_name_the_trainer_would_tokenize():
+    # sentence-transformers hands the loss only a label column (label, labels, score, scores): an index
+    # column of any other name would be tokenized as text, failing inside the trainer with "Unsupported
+    # input type: int" and no word of the index column.
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"anchor": ["a", "b"], "positive": ["c", "d"]})
+    assert with_index_column(data, name="labels")["labels"] == [0, 1]
+    with pytest.raises(ValueError, match=r"name='idx'.*'label', 'labels', 'score', 'scores'"):
+        with_index_column(data, name="idx")
+
+
 def test_chunks_drop_their_trailing_padding(model64):
     # Texts of very different lengths: a chunk of short ones is embedded at its own width.
     texts = ["a", "b c", "a much longer sentence with many more tokens than the others have", "d", "e f", "g"]

@@ -82,6 +82,10 @@ DEFAULT_CHUNK_SIZE = 32
 def with_index_column(dataset: Any, name: str = INDEX_COLUMN) -> Any:
     """The data set with a column ``name`` holding each row's index ``0 .. N-1``.
 
+    ``name`` must be a column sentence-transformers passes to the loss as its
+    labels (``label``, ``labels``, ``score`` or ``scores``); any other column
+    would be tokenized as text.
+
     :class:`negbatch.GlobalInfoNCE` keeps one normaliser per training row and
     finds a batch's rows by these indices; sentence-transformers passes the
     ``label`` column to the loss, so that is where they go.
@@ -96,6 +100,13 @@ def with_index_column(dataset: Any, name: str = INDEX_COLUMN) -> Any:
     columns = getattr(dataset, "column_names", None)
     if columns is None or not hasattr(dataset, "add_column"):
         raise TypeError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}")
+    if name not in LABEL_COLUMNS:
+        # The trainer would tokenize a column of any other name as text and fail on its ints.
+        raise ValueError(
+            f"name={name!r}: sentence-transformers passes the loss only a label column "
+            f"({', '.join(map(repr, LABEL_COLUMNS))}) and tokenizes every other column as text, so the "
+            f"index column must be one of these; keep the default {INDEX_COLUMN!r}"
+        )
     taken = [c for c in (*LABEL_COLUMNS, name) if c in columns]
     if taken:
         raise ValueError(
