@@ -165,3 +165,14 @@ def test_bad_inputs_are_named():
     model.similarity_fn_name = "euclidean"
     with pytest.raises(ValueError, match="cosine or dot"):
         retrieval_scores(model, queries, corpus, relevant, corpus_embeddings=docs)
+
+
+def test_a_relevant_document_id_given_as_a_bare_string_is_refused():
+    # {"q0": "d12"} instead of {"q0": {"d12"}}: iterating the string gave its characters as relevant
+    # ids, silently scoring "1" and "2" as relevant when the corpus has such ids.
+    g = torch.Generator().manual_seed(0)
+    docs = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    corpus = {"1": "1", "2": "2", "12": "12"}
+    model = FixedEmbeddings(torch.randn(1, 5, generator=g, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"relevant_docs\['q0'\] .*set of corpus ids.*\{'12'\}"):
+        retrieval_scores(model, {"q0": "q0"}, corpus, {"q0": "12"}, corpus_embeddings=docs)

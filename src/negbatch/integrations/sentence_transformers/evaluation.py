@@ -63,7 +63,8 @@ def retrieval_scores(
     relevant_docs : dict query id -> set of corpus ids
         One or more relevant documents per query (with several, Recall@k is
         the share of them in the top k, as the evaluator's ``recall@k``);
-        queries without any are left out, as the evaluator does.
+        queries without any are left out, as the evaluator does. A bare
+        string (one id not in a set) is refused.
     ks : sequence of int
         The k of Recall@k.
     batch_size : int
@@ -88,6 +89,10 @@ def retrieval_scores(
         raise ValueError(
             f"the model scores by {similarity!r}; negbatch's retrieval metrics rank by cosine or dot product"
         )
+    for qid, ids in relevant_docs.items():
+        if isinstance(ids, (str, bytes)):
+            # Iterating a bare id would make each of its characters a relevant id.
+            raise TypeError(f"relevant_docs[{qid!r}] is the string {ids!r}; give a set of corpus ids: {{{ids!r}}}")
     qids = [q for q in queries if q in relevant_docs and len(relevant_docs[q]) > 0]
     if not qids:
         raise ValueError("no query has a relevant document in relevant_docs")
