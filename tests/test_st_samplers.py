@@ -237,3 +237,18 @@ def test_a_run_resumed_mid_epoch_replays_the_uninterrupted_batches_and_weights(m
         replanned, _ = _train(model_dir, tmp_path / "cut", resume=str(checkpoint), callbacks=False)
     assert any("pass it in the trainer's callbacks" in str(w.message) for w in caught)
     assert replanned != rest
+
+
+def test_a_sampler_given_only_as_a_callback_is_refused(model_dir, tmp_path):
+    # Without batch_sampler= the trainer batches with its own default sampler: the run looked like a
+    # GCBS run (the object was passed) but trained on random batches, without a word.
+    from sentence_transformers import SentenceTransformerTrainer
+
+    model = tiny_model(model_dir)
+    sampler = GCBSBatches(model, q=0.9)
+    loss = NegbatchLoss(model, InfoNCE(temperature=0.1, form="query_document"))
+    trainer = SentenceTransformerTrainer(model=model, args=training_args(tmp_path, max_steps=1),
+                                         train_dataset=pairs_data(16), loss=loss, callbacks=[sampler])
+    with pytest.raises(ValueError, match=r"GCBSBatches is in callbacks=\[\.\.\.\] but is not the trainer's batch "
+                                         r"sampler.*batch_sampler="):
+        trainer.train()

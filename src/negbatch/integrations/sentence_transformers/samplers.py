@@ -292,6 +292,13 @@ class _NegbatchBatches(TrainerCallback):
         self.attached = True
         saved = (state.stateful_callbacks or {}).get(STATE_KEY)
         samplers = _training_samplers(train_dataloader)
+        if train_dataloader is not None and not any(s.owner is self for s in samplers):
+            # As a callback alone it plans nothing: the trainer would batch with its own sampler.
+            raise ValueError(
+                f"{type(self).__name__} is in callbacks=[...] but is not the trainer's batch sampler, so the run "
+                f"would train on the trainer's default batches: pass the same object as "
+                f"SentenceTransformerTrainingArguments(batch_sampler=...) too"
+            )
         if saved is None or not samplers:
             return
         saved = saved if isinstance(saved, list) else [saved]
