@@ -252,3 +252,13 @@ def test_a_sampler_given_only_as_a_callback_is_refused(model_dir, tmp_path):
     with pytest.raises(ValueError, match=r"GCBSBatches is in callbacks=\[\.\.\.\] but is not the trainer's batch "
                                          r"sampler.*batch_sampler="):
         trainer.train()
+
+
+def test_a_set_smaller_than_a_batch_with_drop_last_names_the_trainer_arguments():
+    # The trainer builds the evaluation loader with this factory too: a small evaluation set with
+    # dataloader_drop_last=True stopped the run at its first evaluation with "use a smaller batch_size",
+    # an argument the trainer does not have.
+    for factory in (RandomBatches(), NoDuplicateBatches()):
+        with pytest.raises(ValueError, match=r"6 rows, fewer than one batch of 8 .*per_device_train_batch_size or "
+                                             r"per_device_eval_batch_size.*dataloader_drop_last=False"):
+            plan(factory, pairs_data(6), batch_size=8, drop_last=True)

@@ -252,7 +252,15 @@ class _NegbatchBatches(TrainerCallback):
         )
         columns = self._text_columns(dataset, valid_label_columns)
         global_batch, rows = batch_size * world, len(dataset)
-        if global_batch > rows and not drop_last and rows >= world:
+        if global_batch > rows and drop_last:
+            # Said in the trainer's terms: for an evaluation set this comes at the first evaluation.
+            raise ValueError(
+                f"the data set has {rows} rows, fewer than one batch of {global_batch} ({batch_size} per process x "
+                f"{world} processes), and dataloader_drop_last=True would drop them all: lower "
+                f"per_device_train_batch_size or per_device_eval_batch_size (whichever this data set is batched "
+                f"with), or set dataloader_drop_last=False (a set smaller than a batch is then one short batch)"
+            )
+        if global_batch > rows and rows >= world:
             # A data set smaller than one batch (an evaluation set, which the trainer batches with
             # this same factory): one short batch of every row, as sentence-transformers' own
             # samplers give, rather than an error after training has begun.
