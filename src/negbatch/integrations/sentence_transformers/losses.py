@@ -249,8 +249,10 @@ class NegbatchLoss(nn.Module):
             raise TypeError(f"loss must be a torch.nn.Module (a negbatch loss), got {type(loss).__name__}")
         if loss_call is not None and not callable(loss_call):
             raise TypeError("loss_call must be callable: loss_call(loss, anchor, positive, hard_negatives, labels)")
+        # A user's loss_call decides what the columns mean; without one, a two-view loss takes exactly two.
+        self._own_call = loss_call is not None
         if loss_call is None and not isinstance(loss, (SoftmaxLoss, ReLIC, GlobalInfoNCE)):
-            loss_call = pair_loss_call  # loss(anchor, positive[, hard_negatives])
+            loss_call = pair_loss_call  # loss(anchor, positive[, hard_negatives]), e.g. SigLIP
         if not isinstance(cached, bool):
             raise TypeError(f"cached must be True or False, got {cached!r}")
         if not isinstance(trim_padding, bool):
@@ -316,14 +318,17 @@ class NegbatchLoss(nn.Module):
     # ------------------------------------------------------------------ the loss
 
     def _check_columns(self, n: int) -> None:
-        if self.loss_call is not None:
+        if self._own_call:
             return
         two_views = isinstance(self.loss, ReLIC) or getattr(self.loss, "form", None) == "two_view"
         if two_views and n != 2:
-            name = type(self.loss).__name__ + ("" if isinstance(self.loss, ReLIC) else "(form='two_view')")
+            relic = isinstance(self.loss, ReLIC)  # the one without a query_document form
+            name = type(self.loss).__name__ + ("" if relic else "(form='two_view')")
+            fix = ("InfoNCE or GlobalInfoNCE with form='query_document'" if relic
+                   else f"{type(self.loss).__name__}(form='query_document')")
             raise ValueError(
                 f"{name} contrasts two views of each row: the data set needs exactly 2 text columns, got {n}; for "
-                f"negative columns use InfoNCE or GlobalInfoNCE with form='query_document'"
+                f"negative columns use {fix}"
             )
 
     def _indices(self, labels: Tensor | None, rows: int) -> Tensor:
