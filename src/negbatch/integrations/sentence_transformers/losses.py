@@ -44,7 +44,6 @@ from torch import Tensor, nn
 from ...gradcache import GradCache
 from ...losses._softmax import SoftmaxLoss
 from ...losses.global_nce import GlobalInfoNCE
-from ...losses.infonce import InfoNCE
 from ...losses.relic import ReLIC
 
 __all__ = ["NegbatchLoss", "with_index_column", "trim_padding", "INDEX_COLUMN",
