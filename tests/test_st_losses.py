@@ -250,6 +250,20 @@ def test_with_index_column_refuses_a_name_the_trainer_would_tokenize():
         with_index_column(data, name="idx")
 
 
+def test_with_index_column_numbers_a_dataset_dict_across_its_splits():
+    # Multi-dataset training: one GlobalInfoNCE (or queue) serves every split, so the splits' rows must
+    # not share indices; each split numbered from 0 gave rows of two data sets one normaliser.
+    from datasets import Dataset, DatasetDict
+
+    splits = DatasetDict({"nli": Dataset.from_dict({"anchor": ["a", "b", "c"], "positive": ["d", "e", "f"]}),
+                          "qa": Dataset.from_dict({"anchor": ["g", "h"], "positive": ["i", "j"]})})
+    data = with_index_column(splits)
+    assert isinstance(data, DatasetDict) and list(data) == ["nli", "qa"]
+    assert data["nli"]["label"] == [0, 1, 2] and data["qa"]["label"] == [3, 4]
+    with pytest.raises(ValueError, match=r"dataset\['qa'\] already has a 'score' column"):
+        with_index_column(DatasetDict({"nli": splits["nli"], "qa": splits["qa"].add_column("score", [1.0, 0.5])}))
+
+
 def test_chunks_drop_their_trailing_padding(model64):
     # Texts of very different lengths: a chunk of short ones is embedded at its own width.
     texts = ["a", "b c", "a much longer sentence with many more tokens than the others have", "d", "e f", "g"]

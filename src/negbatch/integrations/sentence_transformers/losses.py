@@ -81,6 +81,12 @@ DEFAULT_CHUNK_SIZE = 32
 def with_index_column(dataset: Any, name: str = INDEX_COLUMN) -> Any:
     """The data set with a column ``name`` holding each row's index ``0 .. N-1``.
 
+    A ``DatasetDict`` (sentence-transformers' multi-dataset training) is
+    numbered across its splits, one after the other: the first split's rows
+    get ``0 .. N_1-1``, the next split's ``N_1 .. N_1+N_2-1``, and so on, so
+    that one loss serving every split (``num_samples`` = all rows) never
+    gives two rows one state; numbering each split from 0 would.
+
     ``name`` must be a column sentence-transformers passes to the loss as its
     labels (``label``, ``labels``, ``score`` or ``scores``); any other column
     would be tokenized as text.
@@ -96,9 +102,25 @@ def with_index_column(dataset: Any, name: str = INDEX_COLUMN) -> Any:
     >>> data["label"]  # doctest: +SKIP
     [0, 1]
     """
+    if _is_dataset_dict(dataset):
+        start, numbered = 0, {}
+        for split, rows in dataset.items():
+            numbered[split] = _add_index_column(rows, name, start, f"dataset[{split!r}]")
+            start += len(rows)
+        return type(dataset)(numbered)
+    return _add_index_column(dataset, name, 0, "dataset")
+
+
+def _is_dataset_dict(dataset: Any) -> bool:
+    """A datasets.DatasetDict (or IterableDatasetDict-like mapping of splits), without importing datasets."""
+    return isinstance(dataset, Mapping) and bool(dataset) and all(
+        hasattr(split, "add_column") for split in dataset.values())
+
+
+def _add_index_column(dataset: Any, name: str, start: int, what: str) -> Any:
     columns = getattr(dataset, "column_names", None)
     if columns is None or not hasattr(dataset, "add_column"):
-        raise TypeError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}")
+        raise TypeError(f"{what} must be a datasets.Dataset or DatasetDict, got {type(dataset).__name__}")
     if name not in LABEL_COLUMNS:
         # The trainer would tokenize a column of any other name as text and fail on its ints.
         raise ValueError(
@@ -109,11 +131,11 @@ def with_index_column(dataset: Any, name: str = INDEX_COLUMN) -> Any:
     taken = [c for c in (*LABEL_COLUMNS, name) if c in columns]
     if taken:
         raise ValueError(
-            f"the data set already has a {taken[0]!r} column; sentence-transformers passes one label column "
+            f"{what} already has a {taken[0]!r} column; sentence-transformers passes one label column "
             f"({', '.join(LABEL_COLUMNS)}) to the loss and tokenizes every other column as "
             f"text, so the data-set index ({name!r}) must be the only one: rename or remove {taken[0]!r} first"
         )
-    return dataset.add_column(name, list(range(len(dataset))))
+    return dataset.add_column(name, list(range(start, start + len(dataset))))
 
 
 def _sentence_embedding(output: Any) -> Tensor:
