@@ -441,3 +441,27 @@ def test_text_gradcache_finding_with_one_seed_gives_no_verdict():
     by_b = {4: [{"ndcg@10": 0.30, "batch_size": 4}], 16: [{"ndcg@10": 0.31, "batch_size": 16}]}
     text = _finding([4, 16], by_b, spec)
     assert "With one seed per batch size there is no test" in text and "within seed noise" not in text
+
+
+@pytest.mark.parametrize("study, options, says", [
+    ("negatives", ["--batch-size", "8", "--ks", "2", "--epochs", "1", "--optimizer", "adam"],
+     ["1 epoch of Adam (weight decay 0.01)"]),
+    ("batches", ["--batch-size", "8", "--samplers", "random", "--loss", "dcl", "--negatives", "3", "--optimizer", "sgd"],
+     ["DCL (query_document, 3 sampled negatives per query", "steps of SGD (momentum 0.9, weight decay 0.01) lr 0.001"]),
+    ("gradcache", ["--batch-sizes", "4,8", "--chunk-size", "4", "--loss", "siglip", "--optimizer", "adam"],
+     ["SigLIP (query_document, all in-batch negatives", "Adam (weight decay 0.01) lr 0.001 for every batch size"]),
+])
+def test_text_study_reports_name_the_loss_optimizer_and_length_the_runs_trained(tmp_path, capsys, study, options, says):
+    """The three text reports said InfoNCE with every in-batch negative and AdamW, whatever --loss, --negatives and
+    --optimizer the runs trained with, and "None steps" for a negatives study given --epochs."""
+    from negbatch.cli import main
+
+    out = tmp_path / study
+    assert main(["study", study, *TINY_CLI[:2], *TINY_CLI[6:], "--seeds", "0", *options, "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    run = json.loads((out / "results.json").read_text())[0]
+    header = (out / "report.md").read_text().split("\n\n")[1]
+    for words in says:
+        assert words in header, header
+    assert "None" not in header and ("AdamW" in header) == (run["optimizer"] == "adamw")
+    assert ("InfoNCE" in header) == (run["loss"] == "infonce")

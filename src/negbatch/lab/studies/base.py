@@ -431,6 +431,42 @@ class TextStudy(Study):
         return starting_model(base.get("encoder"))
 
     @staticmethod
+    def objective(base: dict[str, Any], swept: tuple[str, ...] = ()) -> str:
+        """The runs' loss as their configuration sets it, for a report: ``"InfoNCE (query_document, all
+        in-batch negatives, symmetric=True, temperature 0.05)"``. A text study takes ``--loss``,
+        ``--negatives``, a queue, ... unless it sweeps or fixes them, so its report reads them here
+        rather than assume InfoNCE. Options in ``swept`` are left out (the report gives their values)."""
+        loss = base.get("loss") or "infonce"
+        parts = ["query_document"]
+        if "negatives" not in swept:
+            k = base.get("negatives", "all")
+            parts.append("all in-batch negatives" if k == "all" else f"{k} sampled negatives per query")
+        if base.get("queue_size"):
+            parts.append(f"a queue of {base['queue_size']}")
+        if base.get("key_momentum"):
+            parts.append(f"keys from a momentum encoder of momentum {base['key_momentum']}")
+        parts.append(f"symmetric={base.get('symmetric')}")
+        if "temperature" not in swept:
+            learned = "learned from " if base.get("learnable_temperature") else ""
+            parts.append(f"temperature {learned}{base.get('temperature')}")
+        if loss == "global":
+            parts.append(f"gamma {base.get('gamma')}" + (f" ({base['gamma_schedule']} schedule)"
+                                                         if base.get("gamma_schedule") != "constant" else ""))
+        name = {"infonce": "InfoNCE", "global": "GlobalInfoNCE", "dcl": "DCL", "siglip": "SigLIP"}.get(loss, loss)
+        return f"{name} ({', '.join(parts)})"
+
+    @staticmethod
+    def optimizer(base: dict[str, Any]) -> str:
+        """The runs' optimizer as their configuration sets it, for a report: ``"AdamW (weight decay 0.01)"``."""
+        name = base.get("optimizer") or "adamw"
+        settings = [f"momentum {base.get('momentum')}"] if name in ("sgd", "lars") else []
+        settings.append(f"weight decay {base.get('weight_decay')}")
+        if base.get("schedule") not in (None, "constant"):
+            settings.append(f"{base['schedule']} schedule, {base.get('warmup_steps') or 0} warm-up steps")
+        label = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "lars": "LARS"}.get(name, name)
+        return f"{label} ({', '.join(settings)})"
+
+    @staticmethod
     def describe(base: dict[str, Any], sample: dict[str, Any]) -> str:
         """The data and encoder of a text study, for its report."""
         pairs = "all pairs" if base["max_pairs"] is None else f"max_pairs {base['max_pairs']}"

@@ -129,8 +129,8 @@ def report(folder: Path) -> Path:
             findings.append(f"**{s}** vs random: nDCG@10 {diff:+.3f}, {sure} (Welch p = {p:.2g}{over}).")
     text = [
         "# Study: batch composition on text pairs\n\n",
-        TextStudy.describe(b, sample) + " InfoNCE (query_document, all in-batch negatives, symmetric="
-        f"{b['symmetric']}, temperature {b['temperature']}), batch size {b['batch_size']}, {b['steps']} steps of AdamW lr {b['lr']}. "
+        TextStudy.describe(b, sample) + f" {TextStudy.objective(b)}, batch size {b['batch_size']}, "
+        f"{b['steps']} steps of {TextStudy.optimizer(b)} lr {b['lr']}. "
         f"Seeds {spec['seeds']}; mean ± sample std over seeds. The model-dependent samplers (gcbs, hard) plan each epoch from "
         f"the encoder as it is at the epoch's start ({TextStudy.before_training(b)} for the first epoch).\n\n",
         markdown_table(["sampler", "seeds", *TEXT_METRICS, "final loss", "train s"], table),

@@ -178,8 +178,8 @@ def report(folder: Path) -> Path:
               if spec["budget"] == "pairs" else f"every batch size takes {b0['steps']} steps")
     text = [
         "# Study: batch size with gradient caching, on text pairs\n\n",
-        TextStudy.describe(b0, sample) + " InfoNCE (query_document, all in-batch "
-        f"negatives, symmetric={b0['symmetric']}, temperature {b0['temperature']}), AdamW lr {b0['lr']} for every batch size; "
+        TextStudy.describe(b0, sample) + f" {TextStudy.objective(b0)}, {TextStudy.optimizer(b0)} lr {b0['lr']} for "
+        "every batch size; "
         f"{budget}; GradCache chunk {spec['chunk_size']} for every batch larger than it. Seeds {spec['seeds']}; mean ± sample "
         "std over seeds. Memory: peak bytes of the tensors autograd holds for backward in one step (one measurement per B, "
         "deterministic).\n\n",

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig, parse_negatives
-from ..report import markdown_table, plt, save_figure
+from ..report import markdown_table, plt, save_figure, training_length
 from ..folder import atomic_write_text
 from ..stats import fmt_mean_std, mean_std, per_seed, welch_p
 from ..sweep import parse_list, read_results
@@ -133,8 +133,8 @@ def report(folder: Path) -> Path:
     text = [
         "# Study: the number of negatives per query, on text pairs\n\n",
         TextStudy.describe(b, sample) + " ",
-        f"InfoNCE (query_document, symmetric={b['symmetric']}), batch size {bs}, {b['steps']} steps of AdamW "
-        f"(weight decay {b['weight_decay']}); seeds {spec['seeds']}; temperatures {spec['temperatures']}; learning rates "
+        f"{TextStudy.objective(b, swept=('negatives', 'temperature'))}, batch size {bs}, {training_length(b)} of "
+        f"{TextStudy.optimizer(b)}; seeds {spec['seeds']}; temperatures {spec['temperatures']}; learning rates "
         f"{spec['lrs']}. Mean ± sample std over seeds.\n",
         f"\nBaseline: {TextStudy.before_training(b)} scores Recall@1 "
         f"{fmt_mean_std(per_seed(rows, 'untrained_recall@1'))}, nDCG@10 "
