@@ -210,6 +210,19 @@ def test_jsonl_lines_end_at_newlines_only_and_errors_name_the_file_line(tmp_path
         load_pairs(ids, id_column="i")
 
 
+def test_a_missing_column_names_the_option_that_names_it(tmp_path):
+    """A missing hard-negatives or id column told the user to fix query_column=/document_column=, which were right."""
+    path = _jsonl(tmp_path, [{"query": "a", "document": "b", "negs": ["c"], "key": 1}])
+    options = ("query_column", "document_column", "hard_negatives_column", "id_column")
+    for option, column in zip(options, ("q", "d", "hard", "id")):
+        with pytest.raises(ValueError, match=rf"no column '{column}' .*; name it with {option}=") as error:
+            load_pairs(path, **{option: column})
+        message = str(error.value)
+        assert not any(f"{other}=" in message for other in options if other != option), message
+        # negbatch's option for the column, where it has one (the lab reads no id column)
+        assert (f"--{option.replace('_', '-')}" in message) == (option != "id_column"), message
+
+
 def test_load_rejects_uneven_or_empty_hard_negatives(tmp_path):
     uneven = _jsonl(tmp_path, [{"query": "a", "document": "b", "n": ["x"]}, {"query": "c", "document": "d", "n": []}])
     with pytest.raises(ValueError, match="same number"):

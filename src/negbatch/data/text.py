@@ -458,7 +458,11 @@ def load_pairs(
     records = _read_records(path)
     if not records:
         raise ValueError(f"{path}: no pairs found (an empty file?)")
-    columns = [query_column, document_column] + [c for c in (hard_negatives_column, id_column) if c]
+    # Each column read, with the argument that names it: a missing column's error names that one.
+    named = {"query_column": query_column, "document_column": document_column,
+             "hard_negatives_column": hard_negatives_column, "id_column": id_column}
+    option_of = {column: option for option, column in reversed(named.items()) if column}
+    columns = list(dict.fromkeys(c for c in named.values() if c))
     queries, documents, ids, hard = [], [], [], []
     seen: dict[tuple[str, str], str] = {}
     first = records[0][0]
@@ -467,9 +471,12 @@ def load_pairs(
             if column not in record:
                 headerless = path.suffix.lower() in (".csv", ".tsv") and not any(c in record for c in columns)
                 header = "the first line is the header: add one naming the columns, or " if headerless else ""
+                option = option_of[column]
+                # the lab's command-line option too (it has every column option but the id's)
+                cli = f" (negbatch: --{option.replace('_', '-')})" if option != "id_column" else ""
                 raise ValueError(
                     f"{path}: {row} has no column {column!r} (columns found: {sorted(record)}); "
-                    f"{header}name the columns with query_column=/document_column="
+                    f"{header}name it with {option}={cli}"
                 )
             if record[column] is None:  # a CSV row shorter than its header, or a JSON null
                 raise ValueError(f"{path}: {row} has no value for column {column!r} (a CSV row with fewer "
