@@ -179,6 +179,28 @@ def test_hard_negative_column_reaches_the_loss(tmp_path):
     assert plain["first_loss"] < s["first_loss"]
 
 
+def test_sampled_negatives_may_reach_into_the_hard_negatives(tmp_path):
+    """A query's candidates are the batch's other documents and every hard negative of the batch: K up to
+    B - 1 + B * H trains without the symmetric term (it was refused as above "the 3 in-batch candidates per
+    query"); with it, a document has only the B - 1 other queries, and the refusal says so."""
+    rows = [{"q": f"question {i} about topic {i % 7}", "d": f"answer {i} on subject {i % 7}",
+             "h": [f"other answer {i + 1}", f"unrelated text {i + 2}"]} for i in range(30)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TrainConfig(dataset=f"pairs:{path}", query_column="q", document_column="d", hard_negatives_column="h",
+                      test_fraction=0.25, batch_size=4, steps=2, text_dim=16, text_heads=2, vocab_size=300,
+                      symmetric=False, negatives=11)  # 3 other documents + 4 * 2 hard negatives
+    assert train(cfg, tmp_path / "k11")["steps"] == 2
+    with pytest.raises(ValueError, match=r"negatives=12 exceeds the 11 in-batch candidates per query \(3 other documents "
+                                         r"of the batch \+ its 8 hard negatives\) at batch_size=4"):
+        train(cfg.replace(negatives=12), tmp_path / "k12")
+    with pytest.raises(ValueError, match=r"negatives=4 exceeds the 3 in-batch candidates per document of the symmetric term "
+                                         r"\(the batch's other queries\) at batch_size=4; use negatives <= 3, 'all' "
+                                         r"or symmetric=false"):
+        train(cfg.replace(negatives=4, symmetric=True), tmp_path / "k4")
+    assert not (tmp_path / "k12" / "config.json").exists()  # refused before the run claims its folder
+
+
 def test_bad_configurations_name_the_field():
     with pytest.raises(ValueError, match="dataset: expected one of .*pairs:PATH"):
         TrainConfig(dataset="wiki")

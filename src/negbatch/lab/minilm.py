@@ -52,7 +52,7 @@ from transformers import TrainerCallback
 from .config import TrainConfig
 from .optim import build_optimizer, build_schedule
 from .folder import METRICS, RunFolder, _say, _StopRequest, atomic_torch_save, atomic_write_text, resolve_device
-from .tasks.text import TEXT_METRICS, _pairs_path, load_text_split, self_pairs, text_identity
+from .tasks.text import TEXT_METRICS, _pairs_path, check_negatives, load_text_split, self_pairs, text_identity
 
 __all__ = ["train_minilm", "build_minilm", "minilm_loss", "minilm_batches", "trainer_dataset", "UNTRAINED",
            "TRAINER_DIR", "MODEL_DIR"]
@@ -181,9 +181,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, data: Any, stop_after: int | Non
     if cfg.batch_size > len(train):
         raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the {len(train)} training pairs; "
                          "lower batch_size")
-    if cfg.negatives != "all" and cfg.negatives > cfg.batch_size - 1:
-        raise ValueError(f"negatives={cfg.negatives} exceeds the {cfg.batch_size - 1} in-batch candidates per "
-                         f"query at batch_size={cfg.batch_size}; use negatives <= {cfg.batch_size - 1} or 'all'")
+    check_negatives(cfg, train.num_hard_negatives)  # the text task's rule: the same loss sees the same candidates
     identity = text_identity(cfg.dataset, source, train, test)
     finished = folder.check(cfg, identity)
     if finished is not None:

@@ -41,7 +41,7 @@ from ..config import TrainConfig
 from ..objective import batch_loss, needs_indices
 from .base import Task
 
-__all__ = ["TextTask", "TEXT_METRICS", "load_text_split", "text_tokenizer", "text_identity", "self_pairs",
+__all__ = ["TextTask", "TEXT_METRICS", "load_text_split", "check_negatives", "text_tokenizer", "text_identity", "self_pairs",
            "starting_model", "pretrained"]
 
 TEXT_METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
@@ -102,6 +102,26 @@ def _shared_text_groups(pairs) -> dict:
     return {pair_id: pairs.ids[root(i)] for i, pair_id in enumerate(pairs.ids)}
 
 
+def check_negatives(cfg: TrainConfig, hard_negatives: int) -> None:
+    """Refuse ``cfg.negatives`` above what an anchor has to sample from, naming the direction that lacks them.
+
+    A query contrasts the batch's B - 1 other documents and every hard negative of the batch (B * H),
+    so K may exceed B - 1 with a hard-negatives column; the symmetric term's documents have only the
+    B - 1 other queries, so with it K <= B - 1 (the loss samples K in each direction)."""
+    k, b = cfg.negatives, cfg.batch_size
+    if k == "all":
+        return
+    per_query = b - 1 + b * hard_negatives
+    if k > per_query:
+        hard = f" + its {b * hard_negatives} hard negatives" if hard_negatives else ""
+        raise ValueError(f"negatives={k} exceeds the {per_query} in-batch candidates per query ({b - 1} other documents of "
+                         f"the batch{hard}) at batch_size={b}; use negatives <= {per_query} or 'all'")
+    if cfg.symmetric and k > b - 1:
+        raise ValueError(f"negatives={k} exceeds the {b - 1} in-batch candidates per document of the symmetric term (the "
+                         f"batch's other queries) at batch_size={b}; use negatives <= {b - 1}, 'all' or "
+                         "symmetric=false")
+
+
 def text_tokenizer(cfg: TrainConfig, train):
     """The WordPiece tokenizer trained on the training side (cached per process; deterministic)."""
     return _tokenizer(cfg.dataset, cfg.max_pairs, cfg.test_fraction, cfg.data_seed, cfg.query_column,
@@ -154,9 +174,7 @@ class TextTask(Task):
         if cfg.batch_size > len(self.train):
             raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the {len(self.train)} training pairs; "
                              "lower batch_size")
-        if cfg.negatives != "all" and cfg.negatives > cfg.batch_size - 1:
-            raise ValueError(f"negatives={cfg.negatives} exceeds the {cfg.batch_size - 1} in-batch candidates per "
-                             f"query at batch_size={cfg.batch_size}; use negatives <= {cfg.batch_size - 1} or 'all'")
+        check_negatives(cfg, self.train.num_hard_negatives)
         if cfg.unsupervised:  # the vocabulary too is learnt from the queries alone
             self.train = self_pairs(self.train)
         self.data_identity = text_identity(cfg.dataset, source, self.train, self.test)
