@@ -41,8 +41,8 @@ from ..config import TrainConfig
 from ..objective import batch_loss, needs_indices
 from .base import Task
 
-__all__ = ["TextTask", "TEXT_METRICS", "load_text_split", "check_negatives", "text_tokenizer", "text_identity", "self_pairs",
-           "starting_model", "pretrained"]
+__all__ = ["TextTask", "TEXT_METRICS", "load_text_split", "check_negatives", "text_tokenizer", "text_identity",
+           "self_pairs", "starting_model", "pretrained"]
 
 TEXT_METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
 
@@ -114,12 +114,12 @@ def check_negatives(cfg: TrainConfig, hard_negatives: int) -> None:
     per_query = b - 1 + b * hard_negatives
     if k > per_query:
         hard = f" + its {b * hard_negatives} hard negatives" if hard_negatives else ""
-        raise ValueError(f"negatives={k} exceeds the {per_query} in-batch candidates per query ({b - 1} other documents of "
-                         f"the batch{hard}) at batch_size={b}; use negatives <= {per_query} or 'all'")
+        raise ValueError(f"negatives={k} exceeds the {per_query} in-batch candidates per query ({b - 1} other "
+                         f"documents of the batch{hard}) at batch_size={b}; use negatives <= {per_query} or 'all'")
     if cfg.symmetric and k > b - 1:
-        raise ValueError(f"negatives={k} exceeds the {b - 1} in-batch candidates per document of the symmetric term (the "
-                         f"batch's other queries) at batch_size={b}; use negatives <= {b - 1}, 'all' or "
-                         "symmetric=false")
+        raise ValueError(f"negatives={k} exceeds the {b - 1} in-batch candidates per document of the symmetric "
+                         f"term (the batch's other queries) at batch_size={b}; use negatives <= {b - 1}, 'all' "
+                         "or symmetric=false")
 
 
 def text_tokenizer(cfg: TrainConfig, train):
