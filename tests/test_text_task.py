@@ -201,6 +201,30 @@ def test_sampled_negatives_may_reach_into_the_hard_negatives(tmp_path):
     assert not (tmp_path / "k12" / "config.json").exists()  # refused before the run claims its folder
 
 
+def test_text_negatives_study_counts_the_hard_negatives_among_a_querys_candidates(tmp_path, capsys):
+    """With a hard-negatives column a query's "all" is B - 1 + B * H candidates: K = B - 1 is a sampled
+    K (it was run as all and labelled K = B - 1 merged into "all (B - 1)"); a K the symmetric term
+    cannot take is refused before the study writes anything."""
+    from negbatch.cli import main
+
+    rows = [{"q": f"question {i} about topic {i % 7}", "d": f"answer {i} on subject {i % 7}",
+             "h": [f"other answer {i + 1}", f"unrelated text {i + 2}"]} for i in range(30)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--data", f"pairs:{path}", "--query-column", "q", "--document-column", "d",
+              "--hard-negatives-column", "h", "--test-fraction", "0.25", "--batch-size", "4", "--steps", "1",
+              "--text-dim", "16", "--text-heads", "2", "--vocab-size", "300", "--seeds", "0"]
+    out = tmp_path / "study"
+    assert main(["study", "negatives", *common, "--ks", "3,all", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert sorted(json.loads((out / "study.json").read_text())["ks"], key=str) == [3, "all"]
+    assert sorted(str(r["negatives"]) for r in json.loads((out / "results.json").read_text())) == ["3", "all"]
+    assert "all (11)" in (out / "report.md").read_text()
+    refused = tmp_path / "refused"
+    assert main(["study", "negatives", *common, "--ks", "5", "--out", str(refused)]) != 0
+    assert "negatives=5 exceeds the 3 in-batch candidates per document of the symmetric term" in capsys.readouterr().err
+    assert not refused.exists()
+
+
 def test_bad_configurations_name_the_field():
     with pytest.raises(ValueError, match="dataset: expected one of .*pairs:PATH"):
         TrainConfig(dataset="wiki")

@@ -2,7 +2,8 @@
 
 At a fixed batch size, a dual encoder is trained with
 ``InfoNCE(form="query_document")`` and K negatives per query drawn uniformly
-from the B - 1 other documents of the batch (``all`` = every one of them), for
+from the B - 1 other documents of the batch and, with a hard-negatives column,
+the batch's hard negatives (``all`` = every one of them), for
 each K and seed; each run reports Recall@1/5/10, MRR@10 and nDCG@10 of the test
 queries against the whole test corpus. The default on bible (8,000 pairs, 12
 runs of 120 steps) took 16 min on a shared 2-core CPU at load average 6-9
@@ -22,7 +23,7 @@ from ..report import markdown_table, plt, save_figure, training_length
 from ..folder import atomic_write_text
 from ..stats import fmt_mean_std, mean_std, per_seed, welch_p
 from ..sweep import parse_list, read_results
-from ..tasks.text import TEXT_METRICS, pretrained
+from ..tasks.text import TEXT_METRICS, check_negatives, pretrained
 from .base import TextStudy
 from .negatives import add_sweep_arguments, cap_ks, swept_temperatures
 
@@ -32,9 +33,18 @@ DEFAULT_TEXT_KS = "1,4,16,all"
 
 
 def build_text_configs(base: TrainConfig, ks: list, seeds: list[int], temperatures: list[float],
-                       lrs: list[float]) -> tuple[list[TrainConfig], list]:
-    """Every (K, temperature, lr, seed) configuration; K >= the B - 1 candidates becomes ``all``."""
-    capped = cap_ks(ks, base.batch_size - 1, f"of a query at batch size {base.batch_size}")
+                       lrs: list[float], hard_negatives: int = 0) -> tuple[list[TrainConfig], list]:
+    """Every (K, temperature, lr, seed) configuration; K >= a query's candidates becomes ``all``.
+
+    A query's candidates are the batch's B - 1 other documents and, with a hard-negatives column of
+    ``hard_negatives`` per pair, the batch's B * H hard negatives: K = B - 1 is then a sampled K, not
+    all (it ran as all, labelled as K). A K the training refuses (above B - 1 with the symmetric term)
+    is refused here, before anything is written."""
+    b = base.batch_size
+    hard = f" and {b * hard_negatives} hard negatives" if hard_negatives else ""
+    capped = cap_ks(ks, b - 1 + b * hard_negatives, f"of a query ({b - 1} other documents{hard}) at batch size {b}")
+    for k in capped:
+        check_negatives(base.replace(negatives=k), hard_negatives)
     configs = [base.replace(negatives=k, temperature=t, lr=lr, seed=s) for k in capped for t in temperatures
                for lr in lrs for s in seeds]
     return configs, capped
@@ -65,11 +75,12 @@ class TextNegatives(TextStudy):
         seeds = self.seeds(args)
         temperatures = swept_temperatures(args)
         lrs = parse_list(args.lrs, float, "lrs") if args.lrs else [base.lr]
-        configs, effective = build_text_configs(base, ks, seeds, temperatures, lrs)
-        self.load(base)  # data errors before the folder is made
+        train, _ = self.load(base)  # data errors before the folder is made
+        configs, effective = build_text_configs(base, ks, seeds, temperatures, lrs, train.num_hard_negatives)
         out = self.out_folder(args, base.dataset)
+        candidates = base.batch_size - 1 + base.batch_size * train.num_hard_negatives  # a query's "all"
         self.write_spec(out, {"base": base.to_dict(), "ks": effective, "seeds": seeds, "temperatures": temperatures,
-                              "lrs": lrs, "runs": len(configs)}, configs)
+                              "lrs": lrs, "runs": len(configs), "query_candidates": candidates}, configs)
         return out, configs
 
     def line(self, summary: dict[str, Any]) -> str:
@@ -106,8 +117,9 @@ def report(folder: Path) -> Path:
         r["negatives"] = parse_negatives(r["negatives"])
     b = spec["base"]
     bs = b["batch_size"]
-    position = lambda k: bs - 1 if k == "all" else int(k)  # noqa: E731
-    label = lambda k: f"all ({bs - 1})" if k == "all" else str(k)  # noqa: E731
+    every = spec.get("query_candidates", bs - 1)  # B - 1, plus the batch's hard negatives (older folders: B - 1)
+    position = lambda k: every if k == "all" else int(k)  # noqa: E731
+    label = lambda k: f"all ({every})" if k == "all" else str(k)  # noqa: E731
     best = _select_best(rows)
     order = sorted(best, key=position)
 
