@@ -402,6 +402,25 @@ def test_saved_activation_bytes_grow_with_the_batch_not_with_the_cache():
     assert max(cached) < plain[1] / 2  # bounded by one chunk's graph (plus the small loss graph)
 
 
+def test_saved_activation_bytes_encode_the_hard_negatives_with_the_runs_loss(tmp_path):
+    """A run with a hard-negatives column encodes B * H more documents each step; the memory the
+    gradcache study reports left them out (and measured InfoNCE whatever --loss was)."""
+    from negbatch.lab.studies.text_gradcache import saved_activation_bytes
+
+    rows = [{"q": f"question {i} about topic {i % 7}", "d": f"answer {i} on subject {i % 7}",
+             "h": [f"other answer {i + 1}", f"unrelated text {i + 2}"]} for i in range(30)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TrainConfig(dataset=f"pairs:{path}", query_column="q", document_column="d", hard_negatives_column="h",
+                      test_fraction=0.25, batch_size=8, steps=1, text_dim=16, text_heads=2, vocab_size=300)
+    plain = saved_activation_bytes(cfg.replace(hard_negatives_column=None), 0)
+    hard = saved_activation_bytes(cfg, 0)
+    assert hard > 1.5 * plain  # queries 8 + documents 8 + hard negatives 16 texts against 16
+    assert saved_activation_bytes(cfg, 4) < hard / 2  # chunks of the hard negatives too
+    for loss in ("dcl", "siglip", "global"):
+        assert saved_activation_bytes(cfg.replace(loss=loss, negatives=3), 0) > 1.5 * plain
+
+
 @pytest.mark.parametrize("sampler", ["gcbs", "hard", "no-duplicates"])
 def test_sampler_batches_are_full_disjoint_and_seeded(sampler):
     from negbatch.lab.tasks.text import TextTask

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..config import TrainConfig
+from ..objective import batch_loss
 from ..report import markdown_table, plt, save_figure
 from ..folder import atomic_write_text
 from ..stats import fmt_mean_std, mean_std, spearman, welch_p
@@ -105,9 +106,15 @@ def saved_activation_bytes(cfg: TrainConfig, chunk_size: int) -> int:
     """Peak bytes of the tensors autograd holds for backward during one
     training step at ``cfg.batch_size`` (with GradCache chunks of
     ``chunk_size``, or the whole batch at once when 0): the activation memory
-    that gradient caching bounds. A tensor saved by two operations counts twice."""
+    that gradient caching bounds. A tensor saved by two operations counts twice.
+
+    The step encodes what a run's step encodes: the queries, the documents
+    and, with a hard-negatives column, the batch's B * H hard negatives (the
+    document tower's largest share then; they were left out). The loss is
+    the runs' own for InfoNCE, DCL and SigLIP, without a queue; InfoNCE
+    stands in for the global loss (its per-sample state holds no
+    activations). The encoder's activations dominate either way."""
     from ...gradcache import GradCache
-    from ...losses import InfoNCE
     from ...models.text import TransformerTextEncoder
 
     train, _ = load_text_split(cfg)
@@ -122,9 +129,17 @@ def saved_activation_bytes(cfg: TrainConfig, chunk_size: int) -> int:
         tok = text_tokenizer(cfg, train)
         enc = TransformerTextEncoder(tok.vocab_size, dim=cfg.text_dim, depth=cfg.text_depth, heads=cfg.text_heads,
                                      dropout=cfg.dropout, max_length=cfg.max_length)
-    loss = InfoNCE(temperature=cfg.temperature, form="query_document", symmetric=cfg.symmetric)
+    batch = batch_loss(cfg.replace(loss="infonce" if cfg.loss == "global" else cfg.loss, queue_size=0),
+                       form="query_document", gather=False)
+
+    def loss(queries: torch.Tensor, documents: torch.Tensor, hard: torch.Tensor | None = None) -> torch.Tensor:
+        shaped = None if hard is None else hard.reshape(queries.shape[0], -1, queries.shape[1])
+        return batch(queries, documents, shaped, generator=torch.Generator().manual_seed(0))
+
     idx = list(range(cfg.batch_size))
-    q, d = tok([train.queries[i] for i in idx]), tok([train.documents[i] for i in idx])
+    inputs = [tok([train.queries[i] for i in idx]), tok([train.documents[i] for i in idx])]
+    if train.hard_negatives is not None:
+        inputs.append(tok([t for i in idx for t in train.hard_negatives[i]]))
     live, peak = [0], [0]
 
     class Held:
@@ -138,9 +153,9 @@ def saved_activation_bytes(cfg: TrainConfig, chunk_size: int) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(Held, lambda h: h.t):
         if chunk_size:
-            GradCache(enc, loss, chunk_size=chunk_size).step(q, d)
+            GradCache(enc, loss, chunk_size=chunk_size).step(*inputs)
         else:
-            loss(enc(q), enc(d)).backward()
+            loss(*[enc(x) for x in inputs]).backward()
     return peak[0]
 
 
