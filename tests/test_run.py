@@ -239,6 +239,52 @@ def test_lars_step_by_hand():
     assert torch.allclose(b.detach(), torch.tensor([1.0 - 0.2]))  # biases: plain momentum SGD
 
 
+def _lars_reference(weights, grads_per_step, lrs, momentum, weight_decay, eta):
+    """LARS in plain Python floats (You et al. 2017, SimCLR's form), one list of numbers per
+    parameter: for a parameter of more than one dimension d = g + wd w scaled by
+    eta ||w|| / ||d|| (1 when a norm is 0); other parameters take g unscaled, undecayed."""
+    weights = [[float(v) for v in w.flatten()] for w in weights]
+    bufs = [[0.0] * len(w) for w in weights]
+    for grads, lr in zip(grads_per_step, lrs):
+        for i, (g, shape) in enumerate(grads):
+            w = weights[i]
+            g = [float(v) for v in g.flatten()]
+            if len(shape) > 1:
+                d = [gj + weight_decay * wj for gj, wj in zip(g, w)]
+                wn, dn = math.sqrt(sum(v * v for v in w)), math.sqrt(sum(v * v for v in d))
+                r = eta * wn / dn if wn > 0 and dn > 0 else 1.0
+                d = [r * v for v in d]
+            else:
+                d = g
+            bufs[i] = [momentum * b + lr * dj for b, dj in zip(bufs[i], d)]
+            weights[i] = [wj - bj for wj, bj in zip(w, bufs[i])]
+    return weights
+
+
+def test_lars_against_a_float64_reference_over_steps():
+    """Several steps (momentum carried), a conv-shaped, a zero and a 1-D parameter, the learning
+    rate changed between steps by a schedule, as a run does."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3, 2, 2, generator=g, dtype=torch.float64)),
+              torch.nn.Parameter(torch.zeros(3, 5, dtype=torch.float64)),  # ||w|| = 0: ratio 1
+              torch.nn.Parameter(torch.randn(6, generator=g, dtype=torch.float64))]
+    start = [p.detach().clone() for p in params]
+    opt = LARS(params, lr=0.5, momentum=0.9, weight_decay=1e-3, eta=0.02)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: [0.5, 1.0, 0.7, 0.2, 0.1][s])
+    grads_per_step, lrs = [], []
+    for _ in range(4):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+        lrs.append(opt.param_groups[0]["lr"])
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        opt.step()
+        schedule.step()
+        grads_per_step.append([(gr, tuple(p.shape)) for p, gr in zip(params, grads)])
+    expected = _lars_reference(start, grads_per_step, lrs, 0.9, 1e-3, 0.02)
+    for p, e in zip(params, expected):
+        assert torch.allclose(p.detach().flatten(), torch.tensor(e, dtype=torch.float64), rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.cuda
 def test_training_on_cuda(tmp_path, digits):
     s = train(tiny(device="cuda", negatives=4), tmp_path, data=digits)
