@@ -399,3 +399,20 @@ def test_a_forked_worker_ignores_the_stop_handler_it_inherits(capfd):
         worker.join(60)
         assert worker.exitcode == 0 and not stop.requested
     assert "stopping after this step" not in capfd.readouterr().err
+
+
+def test_a_cuda_device_that_is_not_there_is_a_clear_error(monkeypatch):
+    """'cuda:x' passed the option's check, and 'cuda:3' on a machine with one GPU passed the device's:
+    torch then failed with its own RuntimeError (invalid device string or ordinal), a traceback."""
+    from negbatch.lab.folder import resolve_device
+    from negbatch.lab.processes import Processes
+
+    with pytest.raises(ValueError, match=r"device: expected cpu, cuda, cuda:N or auto \(got 'cuda:x'\)"):
+        tiny(device="cuda:x")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for resolve in (resolve_device, Processes().device):
+        with pytest.raises(ValueError, match=r"device='cuda:3' but this machine has 1 CUDA device \(cuda:0\); "
+                                             r"use device='cuda:0'"):
+            resolve("cuda:3")
+        assert resolve("cuda:0") == torch.device("cuda", 0) and resolve("auto") == torch.device("cuda")

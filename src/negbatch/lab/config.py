@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from collections.abc import Iterable
@@ -372,7 +373,7 @@ class TrainConfig:
             object.__setattr__(self, "negatives", parse_negatives(self.negatives))
         except ValueError:
             bad("negatives", "expected 'all' or a positive int")
-        if self.device not in ("cpu", "cuda", "auto") and not str(self.device).startswith("cuda:"):
+        if self.device not in ("cpu", "cuda", "auto") and not re.fullmatch(r"cuda:\d+", str(self.device)):
             bad("device", "expected cpu, cuda, cuda:N or auto")
         if errors:
             raise ValueError("invalid training configuration:\n  " + "\n  ".join(errors))

@@ -260,7 +260,13 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but CUDA is not available; use device='cpu'")
-    return torch.device(name)
+    device = torch.device(name)
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.index is not None and device.index >= count:
+        # torch accepts the name and fails at the first tensor moved there, with a RuntimeError.
+        raise ValueError(f"device={name!r} but this machine has {count} CUDA device{'s' if count != 1 else ''} "
+                         f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}); use device='cuda:0'")
+    return device
 
 
 # ----------------------------------------------------------- interruption

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed as nbdist
+from .folder import resolve_device
 
 __all__ = ["Processes", "launched_by_torchrun"]
 
@@ -86,13 +87,10 @@ class Processes:
     def device(self, name: str) -> torch.device:
         """The device of this process: ``auto`` -> CUDA when available; under
         several processes ``cuda`` means this process's GPU (``cuda:LOCAL_RANK``)."""
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device={name!r} but CUDA is not available; use device='cpu'")
-        if name == "cuda" and self.several:
+        device = resolve_device(name)
+        if device.type == "cuda" and device.index is None and self.several:
             return torch.device("cuda", self.local_rank)
-        return torch.device(name)
+        return device
 
     def on_main(self, fn: Callable[[], T]) -> T:
         """``fn()`` on rank 0; every rank returns its result or raises its error."""
