@@ -92,6 +92,22 @@ def test_the_runs_snr_figure_leaves_out_the_burn_in(tmp_path, digits):
     assert drawn["mean over parameters"] == [3, 4, 5, 6] == drawn["std across parameters"]
 
 
+
+def test_the_runs_figure_without_snr_has_no_snr_panel(tmp_path, digits):
+    """With snr off (the batch-size recipe's setting) the figure drew an empty SNR panel titled
+    "gradient SNR (all within its burn-in)": no SNR was tracked at all."""
+    from matplotlib.figure import Figure
+
+    from negbatch.lab.report import run_report
+
+    train(tiny(epochs=1, snr=False), tmp_path, data=digits)
+    saved = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Figure, "savefig", lambda fig, fname, **kw: saved.append(fig) or Path(fname).write_bytes(b""))
+        run_report(tmp_path)
+    titles = [ax.get_title() for ax in saved[0].axes]
+    assert titles == ["training loss"]
+
 def test_checkpoint_loads_with_weights_only(tmp_path, digits):
     train(tiny(epochs=1), tmp_path, data=digits)
     ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=True)

@@ -55,10 +55,6 @@ def run_report(run_dir: Path) -> Path:
     summary = json.loads((run_dir / SUMMARY).read_text())
     rows = read_metrics(run_dir)
     pyplot = plt()
-    fig, axes = pyplot.subplots(1, 2, figsize=(10, 3.5))
-    steps = [r["step"] for r in rows]
-    axes[0].plot(steps, [r["loss"] for r in rows])
-    axes[0].set(xlabel="step", ylabel="loss", title="training loss")
     # Rows before the first step an fp16 scaler took carry no SNR: the curve starts at the first that does.
     # The first ~1/(1 - beta) steps estimate the variance from too few gradients (one gradient: SNR
     # 1/sqrt(eps) = 1e6, which flattened the curve), as the studies' figures leave them out.
@@ -66,13 +62,19 @@ def run_report(run_dir: Path) -> Path:
     snr_rows = [r for r in rows if "snr_mean" in r]
     settled = [r for r in snr_rows if r["step"] > burn_in]
     snr_rows = settled or snr_rows  # a run shorter than the burn-in: every estimate (the title says so)
+    # A run without SNR (snr = false) gets no SNR panel: an empty one titled by the burn-in said otherwise.
+    fig, axes = pyplot.subplots(1, 2 if snr_rows else 1, figsize=(10 if snr_rows else 5, 3.5), squeeze=False)
+    axes = axes[0]
+    steps = [r["step"] for r in rows]
+    axes[0].plot(steps, [r["loss"] for r in rows])
+    axes[0].set(xlabel="step", ylabel="loss", title="training loss")
     if snr_rows:
         snr_steps = [r["step"] for r in snr_rows]
         axes[1].plot(snr_steps, [r["snr_mean"] for r in snr_rows], label="mean over parameters")
         axes[1].plot(snr_steps, [r["snr_std"] for r in snr_rows], label="std across parameters")
         axes[1].legend()
-    title = f"gradient SNR (from step {int(burn_in) + 1})" if settled else "gradient SNR (all within its burn-in)"
-    axes[1].set(xlabel="step", ylabel="gradient SNR", title=title)
+        title = f"gradient SNR (from step {int(burn_in) + 1})" if settled else "gradient SNR (all within its burn-in)"
+        axes[1].set(xlabel="step", ylabel="gradient SNR", title=title)
     name = save_figure(fig, run_dir / "curves.png")
     metrics = {k: v for k, v in summary.items() if k not in ("config", "data")}
     text = (
