@@ -96,6 +96,24 @@ def test_image_folder_resized_once(tmp_path):
         train(TrainConfig(image_size=16), tmp_path / "digits")
 
 
+
+def test_image_folder_cache_in_a_folder_of_its_own(tmp_path):
+    """A read-only data folder (usual on a cluster) cannot hold the decoded cache: the library's
+    warning said "pass cache_dir=", which negbatch train and study had no option for, so every run of
+    the ImageNet-64 recipe decoded the 1.28M images again (hours). Where the cache goes is not part of
+    the run: another folder finds the finished run."""
+    from negbatch.lab.tasks.image import load_image_data
+
+    write_image_folder(tmp_path / "tree", per_class=6, n_val=3)
+    cfg = TrainConfig(dataset="imagefolder", data_dir=str(tmp_path / "tree"), image_size=8,
+                      image_cache_dir=str(tmp_path / "cache"), batch_size=6, epochs=1, **RESNET)
+    assert load_image_data(cfg).x_train.shape[1:] == (3, 8, 8)
+    assert len(list((tmp_path / "cache").glob("negbatch-8px-*.npz"))) == 1
+    assert not list((tmp_path / "tree").glob("*.npz"))
+    assert cfg.identity() == cfg.replace(image_cache_dir=None).identity()
+    with pytest.raises(ValueError, match="image_cache_dir: applies to dataset='imagefolder' with image_size"):
+        TrainConfig(image_cache_dir=str(tmp_path / "cache"))
+
 def test_the_users_arrays_with_and_without_labels(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (60, 1, 8, 8), dtype=np.uint8)

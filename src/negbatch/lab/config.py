@@ -40,7 +40,8 @@ __all__ = [
 
 #: Options that change how a run is executed, not what it computes: a run
 #: folder accepts them changed on resume.
-RUNTIME_ONLY = ("progress", "checkpoint_every", "checkpoint_minutes", "num_workers", "compile", "channels_last")
+RUNTIME_ONLY = ("progress", "checkpoint_every", "checkpoint_minutes", "num_workers", "compile", "channels_last",
+                "image_cache_dir")
 
 #: Fields added after run folders were first saved, with their default: the
 #: default means what the earlier version did, so it is left out of
@@ -52,7 +53,7 @@ TEXT_DATASETS = ("bible", "builtin")
 _PAIRS, _ARRAYS = "pairs:", "arrays:"
 
 IMAGE_ONLY = ("n_train", "n_test", "aug_strength", "hflip", "encoder_widths", "head_widths", "knn_k", "probe_samples",
-              "image_size", "decode_size")
+              "image_size", "decode_size", "image_cache_dir")
 #: Image-only options whose default is not None: refused on text data when changed.
 IMAGE_ONLY_SET = {"norm": "batch", "channels_last": False, "log_gap": False, "use_unlabeled": False,
                   "evaluation": "auto", "knn_every": 0,
@@ -181,6 +182,8 @@ class TrainConfig:
     image_size: int | None = _opt(None, "imagefolder: resize every image once to this side and cache it (64: "
                                   "the papers' downsampled ImageNet)", "data")
     decode_size: int | None = _opt(None, "imagefolder: decode the files lazily, each batch, at this side", "data")
+    image_cache_dir: str | None = _opt(None, "imagefolder with image_size: the folder of the decoded images' cache "
+                                       "(default: data_dir; give a writable one when data_dir is read-only)", "data")
     use_unlabeled: bool = _opt(False, "images: pre-train on the unlabeled split too (STL-10's 100,000 images)", "data")
     aug_strength: float | None = _opt(None, "images: augmentation strength in [0, 1] (default 0.5; RGB: SimCLR's "
                                       "colour strength s)", "data")
@@ -373,6 +376,10 @@ class TrainConfig:
             object.__setattr__(self, "negatives", parse_negatives(self.negatives))
         except ValueError:
             bad("negatives", "expected 'all' or a positive int")
+        if self.image_cache_dir is not None and (self.dataset != "imagefolder" or self.image_size is None):
+            # Only image_size decodes once and caches; anything else reads the files as they are.
+            bad("image_cache_dir", "applies to dataset='imagefolder' with image_size only (the decoded images' "
+                "cache); drop it")
         if self.device not in ("cpu", "cuda", "auto") and not re.fullmatch(r"cuda:\d+", str(self.device)):
             bad("device", "expected cpu, cuda, cuda:N or auto")
         if errors:

@@ -374,7 +374,8 @@ def load_image_data(cfg: TrainConfig) -> ImageDataset:
         return load_dataset("npz", cfg.dataset.split(":", 1)[1].strip())
     options = {}
     if cfg.dataset == "imagefolder":
-        options = {"size": cfg.image_size, "decode_size": cfg.decode_size, "num_workers": cfg.num_workers}
+        options = {"size": cfg.image_size, "decode_size": cfg.decode_size, "num_workers": cfg.num_workers,
+                   "cache_dir": cfg.image_cache_dir}
     elif cfg.image_size is not None or cfg.decode_size is not None:
         raise ValueError(f"image_size and decode_size apply to dataset='imagefolder', not {cfg.dataset!r}")
     return load_dataset(cfg.dataset, cfg.data_dir, **options)
