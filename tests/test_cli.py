@@ -91,6 +91,18 @@ def test_train_then_report(tmp_path, capsys):
     assert main(["report", str(tmp_path / "run")]) == 0 and (tmp_path / "run" / "curves.png").exists()
 
 
+
+def test_report_of_an_unfinished_run_says_how_to_finish_it(tmp_path, capsys):
+    """It said only "neither a study folder (no study.json) nor a finished run (no summary.json)"."""
+    from negbatch.lab import TrainConfig, train
+
+    cfg = TrainConfig(n_train=64, n_test=32, batch_size=16, epochs=1, encoder_widths=(8,), head_widths=(8, 4))
+    train(cfg, tmp_path / "run", stop_after=2)
+    assert main(["report", str(tmp_path / "run")]) == 2
+    assert ("holds a run that has not finished (no summary.json): run the command that started it again "
+            "(negbatch train, or the study's) to finish it (it resumes from its checkpoint)") in capsys.readouterr().err
+
+
 def test_a_runs_config_json_trains_again_as_a_config_file(tmp_path, capsys):
     # --help and docs/lab.md say a run's config.json works as --config; it recorded every field (gamma,
     # momentum, gcbs_q, ... at their defaults), and until 2026-12-03 each was refused as "an option that

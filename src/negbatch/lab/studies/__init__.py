@@ -120,7 +120,7 @@ def report_folder(folder: str | Path) -> Path:
     a study nor a finished run, is a ValueError that says so.
     """
     from ..report import run_report
-    from ..folder import SUMMARY
+    from ..folder import CHECKPOINT, CONFIG, SUMMARY
 
     folder = Path(folder)
     if not folder.exists():
@@ -139,4 +139,9 @@ def report_folder(folder: str | Path) -> Path:
         return path
     if (folder / SUMMARY).exists():
         return run_report(folder)
+    if (folder / CONFIG).exists():  # an interrupted run: say how to finish it, not only what is missing
+        resume = " (it resumes from its checkpoint)" if (folder / CHECKPOINT).exists() else ""
+        raise ValueError(f"{folder} holds a run that has not finished (no summary.json): run the command that "
+                         f"started it again (negbatch train, or the study's) to finish it{resume}; it writes the "
+                         f"report at the end")
     raise ValueError(f"{folder} is neither a study folder (no study.json) nor a finished run (no summary.json)")
