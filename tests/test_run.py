@@ -205,6 +205,11 @@ def test_config_files_and_errors(tmp_path):
     a = TrainConfig.from_dict(load_config_file(tmp_path / "a.toml"))
     b = TrainConfig.from_dict(load_config_file(tmp_path / "a.yaml"))
     assert a == b and a.head_widths == (32, 8) and a.negatives == 5
+    # A misspelt table: its name was taken for an option ("unknown key 'trian' (did you mean 'n_train'?)").
+    (tmp_path / "typo.toml").write_text('[trian]\nepochs = 2\n')
+    with pytest.raises(ValueError, match=r"typo.toml has a table \[trian\]; training options go under \[train\] "
+                                         r"\(or at the top level\), a study's under \[study\]"):
+        load_config_file(tmp_path / "typo.toml")
     with pytest.raises(ValueError, match="unknown key 'temprature'.*did you mean 'temperature'"):
         TrainConfig.from_dict({"temprature": 0.1})
     with pytest.raises(ValueError, match="batch_size: expected a positive int"):

@@ -625,6 +625,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """
     data = _read_config(path)
     data.pop("study", None)
+    # No option takes a table: one here is a misspelt [train] or [study] (its name read as an option's).
+    tables = sorted(k for k, v in data.items() if isinstance(v, dict) and k != "train")
+    if tables:
+        raise ValueError(f"config file {path} has a table [{tables[0]}]; training options go under [train] (or at "
+                         f"the top level), a study's under [study]")
     if isinstance(data.get("train"), dict):
         others = sorted(k for k in data if k != "train")
         if others:
