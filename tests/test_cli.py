@@ -304,6 +304,11 @@ def test_clear_errors(tmp_path, capsys):
          "chunk_method: applies to image data sets only"),
         # Options of another loss, sampler, optimizer or of chunking ran as a plain run, recorded as used.
         (["train", "--alpha", "2", "--out", str(tmp_path / "u")], "alpha: applies to loss='relic' only"),
+        # --data-dir without --dataset trained on the digits (and recorded the folder as if read)
+        (["train", "--data-dir", str(tmp_path), "--out", str(tmp_path / "u")],
+         "data_dir: dataset 'digits' reads no folder"),
+        (["study", "negatives", "--data-dir", str(tmp_path), "--out", str(tmp_path / "s")],
+         "data_dir: dataset 'digits' reads no folder"),
         (["train", "--gamma", "0.5", "--out", str(tmp_path / "u")], "gamma: applies to loss='global' only"),
         (["train", "--gamma-schedule", "linear", "--out", str(tmp_path / "u")], "gamma_schedule: applies to loss="),
         (["train", "--gcbs-q", "0.5", "--sampler", "hard", "--out", str(tmp_path / "u")],

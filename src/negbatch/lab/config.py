@@ -50,6 +50,8 @@ LATER_FIELDS: dict[str, Any] = {"key_momentum": 0.0}
 
 #: Text data sets: the Bible pairs, 40 built-in pairs, or the user's file as ``pairs:PATH``.
 TEXT_DATASETS = ("bible", "builtin")
+#: The data sets read from ``data_dir``: the others ship with a package or name their file (arrays:, pairs:).
+FOLDER_DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder")
 _PAIRS, _ARRAYS = "pairs:", "arrays:"
 
 IMAGE_ONLY = ("n_train", "n_test", "aug_strength", "hflip", "encoder_widths", "head_widths", "knn_k", "probe_samples",
@@ -543,6 +545,10 @@ class TrainConfig:
             "momentum": (self.optimizer not in ("sgd", "lars"),
                          f"applies to optimizer sgd or lars only (this run's is {self.optimizer!r})"),
             "chunk_method": (not self.chunk_size, "applies with chunk_size > 0 only (this run is not chunked)"),
+            # --data-dir without --dataset trained on the digits, the folder recorded as if read.
+            "data_dir": (self.dataset not in FOLDER_DATASETS,
+                         f"dataset {self.dataset!r} reads no folder (give --dataset: one of "
+                         f"{', '.join(FOLDER_DATASETS)} reads data_dir)"),
         }
         return [f"{name}: {why}" for name in given if name in rules for unused, why in [rules[name]] if unused]
 

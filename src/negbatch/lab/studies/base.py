@@ -35,14 +35,17 @@ from typing import Any, ClassVar
 
 from ...cli import folder_argument
 from ..config import (
-    IMAGE_ONLY, IMAGE_ONLY_SET, TEXT_ONLY, TrainConfig, add_config_arguments, load_config_file, set_in_file,
-    without_replaced_length,
+    FOLDER_DATASETS, IMAGE_ONLY, IMAGE_ONLY_SET, TEXT_ONLY, TrainConfig, add_config_arguments, load_config_file,
+    set_in_file, without_replaced_length,
 )
 from ..processes import Processes
 from ..folder import CONFIG, STUDY, SUMMARY, atomic_write_text, hold_lock
 from ..sweep import KEY_FIELDS, keep_results, parse_list, run_configs, run_key, torch_threads
 
 __all__ = ["Study", "ImageStudy", "TextStudy", "say", "keep_plan_results", "dataset_stem"]
+
+#: What to say of an unread option in every study (a study's own unread_hints come first).
+_UNREAD_HINTS = {"data_dir": f"give --dataset (one of {', '.join(FOLDER_DATASETS)} reads it)"}
 
 
 def say(message: str) -> None:
@@ -261,7 +264,7 @@ class Study:
         for name in self._given:
             reasons = [c.inapplicable([name]) for c in configs]
             if configs and all(reasons):
-                hint = self.unread_hints.get(name, "no run of this study has one")
+                hint = self.unread_hints.get(name, _UNREAD_HINTS.get(name, "no run of this study has one"))
                 out.append(f"{reasons[0][0].split(' (')[0]}; {hint}")
         return out
 
