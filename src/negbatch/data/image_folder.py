@@ -241,7 +241,8 @@ def load_image_folder(
             atomic_write(cache_file, lambda f: np.savez(f, **arrays))
         except OSError as err:
             warnings.warn(f"could not write the decoded images to {cache_file} ({err}); they are decoded again next "
-                          "time: pass cache_dir= a writable folder to keep them (negbatch train and study: --image-cache-dir)", stacklevel=2)
+                          "time: pass cache_dir= a writable folder to keep them (negbatch train and study: "
+                          "--image-cache-dir)", stacklevel=2)
     return ImageDataset(
         name,
         torch.from_numpy(arrays["x_train"]),
