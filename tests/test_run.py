@@ -210,6 +210,11 @@ def test_config_files_and_errors(tmp_path):
     with pytest.raises(ValueError, match=r"typo.toml has a table \[trian\]; training options go under \[train\] "
                                          r"\(or at the top level\), a study's under \[study\]"):
         load_config_file(tmp_path / "typo.toml")
+    # An unknown key names its file (it said "in config", the file lost once merged with the command line).
+    (tmp_path / "keys.yaml").write_text("train:\n  temprature: 0.1\n  bach-size: 4\n  epochs: 1\n")
+    with pytest.raises(ValueError, match=r"keys.yaml: unknown keys 'temprature' \(did you mean 'temperature'\?\), "
+                                         r"'bach-size' \(did you mean 'batch_size'\?\)"):
+        load_config_file(tmp_path / "keys.yaml")
     with pytest.raises(ValueError, match="unknown key 'temprature'.*did you mean 'temperature'"):
         TrainConfig.from_dict({"temprature": 0.1})
     with pytest.raises(ValueError, match="batch_size: expected a positive int"):

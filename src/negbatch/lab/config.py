@@ -644,6 +644,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
                 f"put every training option under it, or drop it and give them all at the top level"
             )
         data = data["train"]
+    unknown = [str(k) for k in data if str(k).replace("-", "_") not in TrainConfig.__dataclass_fields__]
+    if unknown:  # named here, with the file: once merged with the command line the source is gone
+        known = list(TrainConfig.__dataclass_fields__)
+        hints = [f"{k!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(
+            k.replace("-", "_"), known, n=1)) else "") for k in unknown]
+        raise ValueError(f"config file {path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+                         f"the training options are the long options of negbatch train --help")
     return data
 
 
