@@ -367,6 +367,16 @@ def test_clear_errors(tmp_path, capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("data", [["--n-train", "300", "--batch-size", "32", "--ks", "4"], ["--data", "builtin", "--batch-size", "8"]])
+def test_a_study_on_a_device_that_is_not_there_writes_nothing(tmp_path, capsys, data):
+    """A study given a device the machine lacks wrote study.json and the first run's folder before
+    the run found out (found by a newcomer's trial of the recipes on a CPU machine)."""
+    out = tmp_path / "study"
+    assert main(["study", "negatives", *data, "--seeds", "0", "--device", "cuda:99", "--out", str(out)]) == 2
+    assert "device='cuda:99'" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_study_json_and_the_results_table_always_describe_one_invocation(tmp_path, capsys, monkeypatch):
     from negbatch.lab.studies import base
 

@@ -236,6 +236,8 @@ class Study:
         if unread:
             raise ValueError("; ".join(unread) + ". No run of this study would read it: leave it unset (each run's "
                              "config.json would record it as used)")
+        for device in sorted({c.device for c in configs or []}):
+            Processes.current().device(device)  # a device that is not there: refused before study.json and runs/
         if not Processes.current().is_main:
             return
         if self._folder_locks is None:
