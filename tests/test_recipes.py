@@ -84,3 +84,15 @@ def test_a_recipe_of_another_study_is_refused(capsys):
     path = next(p for p in RECIPES if load_study_options(p)["name"] == "negatives")
     assert main(["study", "batches", "--config", str(path)]) == 2
     assert f"is a recipe of the negatives study; run: negbatch study negatives --config {path}" in capsys.readouterr().err
+
+
+def test_train_with_a_recipe_says_its_study_table_is_not_read(tmp_path, capsys):
+    """negbatch train --config RECIPE trains one run of the recipe's training options; its [study]
+    table (seeds, sweeps) was dropped without a word."""
+    path = next(p for p in RECIPES if load_study_options(p)["name"] == "negatives")
+    assert main(["train", "--config", str(path), "--lr", "fast", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} has a [study] table" in err and f"negbatch study negatives --config {path}" in err
+    (tmp_path / "plain.toml").write_text("[train]\nlr = 0.1\n")
+    assert main(["train", "--config", str(tmp_path / "plain.toml"), "--lr", "fast", "--out", str(tmp_path / "r")]) == 2
+    assert "[study]" not in capsys.readouterr().err

@@ -168,12 +168,26 @@ def _demo(args: argparse.Namespace) -> Path:
     return study.run(parser.parse_args(argv))
 
 
+def _note_study_table(config: str | None) -> None:
+    """A recipe's [study] table is a study's: say that train reads only its training options
+    (a user trained one run with a recipe and believed its seeds and sweeps applied)."""
+    from .lab.config import load_study_options
+
+    study = load_study_options(config) if config else {}
+    if study and int(os.environ.get("RANK", "0")) == 0:
+        name = study.get("name", "<name>")
+        print(f"negbatch train: {config} has a [study] table ({', '.join(sorted(study))}), which train does not read: "
+              f"it trains one run of the file's training options; for the study, negbatch study {name} --config "
+              f"{config}", file=sys.stderr)
+
+
 def _train(args: argparse.Namespace) -> None:
     from .lab import load_config_file, train
     from .lab.config import config_from_args, set_in_file
     from .lab.studies import report_folder
 
     base = load_config_file(args.config) if args.config else {}
+    _note_study_table(args.config)
     if not hasattr(args, "progress") and "progress" not in base and sys.stderr.isatty():
         base["progress"] = True  # a progress bar when someone is watching
     cfg = config_from_args(args, base)
