@@ -35,6 +35,17 @@ never slower). The groups:
   (tau = 0.01) on trained-like embeddings, where most softmax terms are
   below exp(-87) (the CPU's slow path for exp and subnormal numbers).
 
+Before timing, each race checks once that its two sides compute the same
+thing (bench/_agree.py): the same value, the same gradients of the
+embeddings and of the parameters that correspond (a learned scale and bias),
+and no gradient on one side only; the tau = 0.01 group checks on float64
+copies (in float32 there both sides underflow to about zero). The queue's
+race compares the values only: PML's memory keeps detached copies (the
+current batch's too), so its gradient flows through the anchors alone, while
+ours also flows through the current batch as candidates (SimCLR's gradient,
+the backward's extra work on our side). A race whose sides differ stops the
+bench.
+
 Goals (issue 15): each new loss never slower than its peer; at 2B = 512,
 sampled K never slower than all, and the dense InfoNCE at least level with the
 fastest peer; from 2B = 2048 up, ahead of or level with every peer. A ratio
@@ -254,8 +265,22 @@ def new_losses(two_b: int, args, report: Report) -> None:
     }
     leaves = [z1, z2, log_scale, bias, clip_log_scale, *siglip.parameters(), *learnable.parameters()]
     names = list(variants)
+    # Which inputs and parameters correspond in each race (ours, the peer's): both
+    # sides must give them the same gradients, and nothing else a gradient.
+    views_only = ([z1, z2], [z1, z2])
+    matched = [views_only, views_only,
+               ([z1, z2, siglip.logit_scale.log_scale, siglip.bias], [z1, z2, log_scale, bias]),
+               views_only, ([z1, z2, learnable.logit_scale.log_scale], [z1, z2, clip_log_scale])]
     goal = "each new loss never slower than its peer"
-    for ours, peer in zip(names[::2], names[1::2]):  # each pair raced on its own, side by side
+    for (ours, peer), (ours_leaves, peer_leaves) in zip(zip(names[::2], names[1::2]), matched):
+        # The queue: the same value, not the same gradient. PML's memory keeps detached
+        # copies, the current batch's among them, so its gradient flows through the
+        # anchors only; ours also flows through the current batch as candidates (SimCLR's
+        # gradient): ours does that backward's extra work.
+        queue = ours == f"queue {queue_size}: negbatch"
+        others = [t for t in leaves if all(t is not m for m in ours_leaves + peer_leaves)]
+        print("    " + check_same(f"2B={two_b} {ours} / {peer.split(': ', 1)[1]}", variants[ours], variants[peer],
+                                  ours_leaves, peer_leaves, others=others, gradients=not queue))
         medians = race({ours: variants[ours], peer: variants[peer]}, leaves, args.repeats)
         show(medians)
         report.add(goal, f"2B={two_b} {ours} / {peer.split(': ', 1)[1]}", medians[ours] / medians[peer])
@@ -303,7 +328,7 @@ def check_softmax_pairs(variants: dict, q: torch.Tensor, d: torch.Tensor, others
     """Each race of :data:`SOFTMAX_PAIRS`: the same value and the same
     gradients of ``q`` and ``d``, and no gradient to any of ``others``."""
     for ours, peer, label in SOFTMAX_PAIRS:
-        print("  " + check_same(label, variants[ours], variants[peer], [q, d], others=others))
+        print("    " + check_same(label, variants[ours], variants[peer], [q, d], others=others))
 
 
 def add_softmax_ratios(report: Report, goal: str, two_b: int, medians: dict) -> None:
@@ -353,6 +378,13 @@ def high_scale(two_b: int, args, report: Report) -> None:
         "negbatch SigLIP": lambda: siglip(q, d),
         "SigLIP dense formula (open_clip's)": lambda: sigmoid_formula(q, d, scale, bias),
     }
+    # The check runs on float64 copies: in float32 at this scale both sides' softmax
+    # terms, values and gradients underflow to about zero, where agreement says nothing.
+    q64, d64 = (t.detach().double().requires_grad_() for t in (q, d))
+    scale64, bias64 = scale.double(), bias.double()
+    check_softmax_pairs(softmax_variants(q64, d64, tau, scale64), q64, d64, [scale64, bias64])
+    print("    " + check_same("SigLIP / dense formula (open_clip's)", lambda: siglip(q64, d64),
+                              lambda: sigmoid_formula(q64, d64, scale64, bias64), [q64, d64], others=[scale64, bias64]))
     medians = race(variants, [q, d], args.scale_repeats)
     show(medians)
     goal = "tau=0.01 (trained-like embeddings): never slower than the peer"

@@ -92,3 +92,34 @@ def test_dense_races_compare_the_same_computation(peers):
     report = peers.Report(0.03)
     peers.dense_peers(32, peers_args(), report)
     assert len(report.rows) == len(peers.SOFTMAX_PAIRS)
+
+
+def test_new_loss_races_compare_the_same_computation(peers, capsys):
+    pytest.importorskip("pytorch_metric_learning")
+    report = peers.Report(0.03)
+    peers.new_losses(32, peers_args(), report)
+    out = capsys.readouterr().out
+    assert out.count("same value and gradients") == 4
+    assert out.count("same value (gradients not compared)") == 1 and "queue 48" in out  # PML's memory is detached
+
+
+def test_new_loss_races_refuse_a_peer_with_another_temperature(peers, monkeypatch):
+    pytest.importorskip("pytorch_metric_learning")
+    formula = peers.dcl_formula
+    monkeypatch.setattr(peers, "dcl_formula", lambda z1, z2, tau: formula(z1, z2, 2 * tau))
+    with pytest.raises(AssertionError, match="DCL: negbatch / plain formula"):
+        peers.new_losses(32, peers_args(), peers.Report(0.03))
+
+
+def test_high_scale_races_compare_the_same_computation(peers, capsys):
+    report = peers.Report(0.03)
+    peers.high_scale(32, peers_args(), report)
+    assert capsys.readouterr().out.count("same value and gradients") == len(peers.SOFTMAX_PAIRS) + 1
+
+
+def test_dense_races_refuse_a_peer_that_does_not_normalise(peers, monkeypatch):
+    monkeypatch.setattr(peers, "plain_nt_xent", lambda z1, z2, tau: peers.F.cross_entropy(
+        (torch.cat([z1, z2]) @ torch.cat([z1, z2]).t() / tau).fill_diagonal_(float("-inf")),
+        torch.cat([torch.arange(z1.shape[0], 2 * z1.shape[0]), torch.arange(z1.shape[0])])))
+    with pytest.raises(AssertionError, match="two_view / plain NT-Xent"):
+        peers.dense_peers(32, peers_args(), peers.Report(0.03))

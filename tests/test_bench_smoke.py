@@ -91,6 +91,9 @@ def test_bench_peers_quick_prints_every_ratio_and_a_verdict_per_goal():
     pytest.importorskip("sentence_transformers")
     out = run_bench("bench_peers.py", "--quick")
     assert "load average before" in out and "threads 1" in out and "ratios are ours / peer" in out
+    # before timing, each race's two sides gave the same value and gradients (the queue: the value)
+    assert out.count("same value and gradients") == 2 * (4 + 5 + 6)
+    assert out.count("same value (gradients not compared)") == 2
     ratios = [line for line in out.splitlines() if line.startswith("  ") and not line.startswith("   ") and " / " in line]
     for peer in ["PML SupConLoss", "PML CrossBatchMemory(SupConLoss)", "dense formula (open_clip's)",
                  "plain formula (lightly's)", "learnable / fixed", "info-nce-pytorch", "sentence-transformers MNRL",
