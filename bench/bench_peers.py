@@ -13,7 +13,7 @@ never slower). The groups:
   ``memory_size = Q + 2B`` gives both the same candidates; every sample's
   label is its own index, so the other view is the one positive). Inside it,
   PML's ``SupConLoss``: with one positive per anchor it is NT-Xent, equal to
-  ours to float32 rounding. PML's ``NTXentLoss`` computes the same value but
+  ours in value to float32 rounding (not in gradient: see below). PML's ``NTXentLoss`` computes the same value but
   builds tables of (positive pair x negative pair): with Q = 4096 at 2B = 512
   one call took 13 s (empty queue) to 48 s (full) and 2.5 to 9 GB here, so it
   cannot run at these sizes (``--pml-ntxent`` times it at the smallest size);
