@@ -102,3 +102,25 @@ def check_same(
         raise RaceMismatch(f"race '{label}' compares different computations: " + "; ".join(problems))
     what = f"value and gradients (worst {worst:.0e})" if gradients else "value (gradients not compared)"
     return f"same {what}: {label}"
+
+
+def check_same_gradients(label: str, ours: Sequence[torch.Tensor | None], peer: Sequence[torch.Tensor | None],
+                         *, rtol: float = RTOL, atol: float = ATOL) -> str:
+    """The same check on gradients already computed (e.g. a model's
+    parameters after each side's step): ``ours[i]`` against ``peer[i]``, all
+    of them as one vector (a tensor whose gradient is tiny is judged against
+    the largest gradient, not its own)."""
+    if len(ours) != len(peer):
+        raise ValueError(f"{label}: {len(ours)} gradients of ours against {len(peer)} of the peer")
+    problems = [f"tensor {i}: a gradient on {'ours' if b is None else 'the peer'}'s side only"
+                for i, (a, b) in enumerate(zip(ours, peer)) if (a is None) != (b is None)]
+    both = [(a, b) for a, b in zip(ours, peer) if a is not None and b is not None]
+    worst = 0.0
+    if both:
+        same, worst = _close(torch.cat([a.reshape(-1).double() for a, _ in both]),
+                             torch.cat([b.reshape(-1).double() for _, b in both]), rtol, atol)
+        if not same:
+            problems.append(f"gradients differ (max difference {worst:.1e} of the largest)")
+    if problems:
+        raise RaceMismatch(f"race '{label}' compares different computations: " + "; ".join(problems))
+    return f"same gradients (worst {worst:.0e}): {label}"

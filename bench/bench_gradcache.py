@@ -46,6 +46,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the tests load this file as a module
+from _agree import check_same_gradients  # noqa: E402
 from _order import rounds  # noqa: E402
 
 import torch
@@ -170,7 +171,25 @@ def time_model(model: str, b: int, chunk: int, repeats: int, device) -> dict:
         "accumulation": lambda: accumulation_step(enc, loss_fn, v1, v2, chunk),
         "cached": lambda: cache.step(v1, v2),
     }
+    check_cached_is_plain(f"{model} B={b} cached / plain", enc, variants["cached"], variants["plain"])
     return interleaved_medians(variants, enc, repeats, device)
+
+
+def check_cached_is_plain(label: str, enc: nn.Module, cached, plain) -> None:
+    """Before timing: the cached step gives the plain step's gradients (dropout
+    off: the two steps draw different masks). Accumulation is another loss
+    (fewer negatives per chunk) and is not compared."""
+    grads = []
+    enc.eval()
+    try:
+        for step in (cached, plain):
+            enc.zero_grad(set_to_none=True)
+            step()
+            grads.append([None if p.grad is None else p.grad.clone() for p in enc.parameters()])
+    finally:
+        enc.zero_grad(set_to_none=True)
+        enc.train()
+    print(f"# {check_same_gradients(label, *grads)}", flush=True)
 
 
 def decompose(model: str, b: int, chunks: list[int], repeats: int, device) -> dict:

@@ -22,6 +22,7 @@ import argparse
 import statistics
 import time
 
+from _agree import check_same
 from _order import rounds
 
 import torch
@@ -67,6 +68,10 @@ def main() -> None:
         gen = torch.Generator(device).manual_seed(1)
         for name, fn in losses.items():
             variants[name] = (lambda fn=fn: fn(z1, z2, generator=gen))
+        # The one race of equal computations (sampled K is another estimator):
+        # checked once before timing.
+        print(f"{'':>6} " + check_same(f"2B={two_b} negbatch all / plain NT-Xent", variants["negbatch all"],
+                                       variants["plain NT-Xent"], [z1, z2]))
         times: dict[str, list[float]] = {name: [] for name in variants}
         for rep, order in rounds(list(variants), args.repeats):  # first round warms up
             for name in order:  # a fresh order every round (see _order.py)

@@ -38,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _agree import check_same_gradients
 from _order import rounds
 
 import torch
@@ -114,16 +115,23 @@ def sync(device: str) -> None:
 
 
 def gradient_check(model, feats, chunk: int) -> float:
-    """max |g_negbatch - g_CachedMNRL| / max |g_CachedMNRL| over all parameters, dropout off."""
+    """max |g_negbatch - g_CachedMNRL| / max |g_CachedMNRL| over all parameters, dropout off.
+
+    Also checks, before timing, that each race's two sides give the same
+    parameter gradients (cached negbatch / CachedMNRL, plain negbatch / plain
+    MNRL; bench/_agree.py), and stops the bench if not."""
     model.eval()
-    grads = []
-    for variant in ("cached negbatch", "CachedMNRL"):
+    grads = {}
+    for variant in VARIANTS:
         model.zero_grad(set_to_none=True)
         step(build(variant, model, chunk), feats)
-        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]))
+        grads[variant] = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
     model.train()
     model.zero_grad(set_to_none=True)
-    ours, theirs = grads
+    for ours, peer in (("cached negbatch", "CachedMNRL"), ("plain negbatch", "plain MNRL")):
+        print(check_same_gradients(f"{ours} / {peer}", grads[ours], grads[peer]))
+    ours, theirs = (torch.cat([g.reshape(-1) for g in grads[v] if g is not None])
+                    for v in ("cached negbatch", "CachedMNRL"))
     return float((ours - theirs).abs().max() / theirs.abs().max())
 
 

