@@ -16,6 +16,7 @@ Env:   GCBS_BENCH_D (128), GCBS_BENCH_Q (0.999), GCBS_BENCH_DENSE_MAX (20000: la
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -71,7 +72,9 @@ def _one(method: str, n: int) -> dict:
         order = reverse_cuthill_mckee((a + a.T).tocsr(), symmetric_mode=True)
     elapsed = time.perf_counter() - t0
     assert len(order) == n
-    return {"method": method, "n": n, "seconds": elapsed, "peak_gib": _rss_gib(), "base_gib": base}
+    # The order itself, as a digest: the exact methods must give the same one (checked in main).
+    digest = hashlib.sha256(np.asarray(order, dtype=np.int64).tobytes()).hexdigest()
+    return {"method": method, "n": n, "seconds": elapsed, "peak_gib": _rss_gib(), "base_gib": base, "order": digest}
 
 
 def _measure(method: str, n: int) -> dict | None:
@@ -100,6 +103,9 @@ def main(argv: list[str]) -> int:
         results = {m: _measure(m, n) for m in methods}
         results["dense"] = _measure("dense", n) if n <= DENSE_MAX else None
         dense = results["dense"]
+        if dense and results["blockwise"] and results["blockwise"]["order"] != dense["order"]:
+            # a time ratio of two different orders would compare two computations
+            raise SystemExit(f"N={n}: the blockwise order differs from the dense pseudocode's")
         for m in methods + ["dense"]:
             r = results[m]
             if r is None:

@@ -170,3 +170,9 @@ def test_bench_st_cached_checks_both_races(monkeypatch, tmp_path, capsys):
         MultipleNegativesRankingLoss(model, scale=10.0) if variant == "plain MNRL" else build(variant, model, chunk)))
     with pytest.raises(AssertionError, match="plain negbatch / plain MNRL"):
         bench.gradient_check(model, feats, 4)
+
+
+def test_bench_gcbs_blockwise_and_dense_give_the_same_order():
+    bench = bench_module("bench_gcbs")
+    blockwise, dense = bench._one("blockwise", 1500), bench._one("dense", 1500)
+    assert blockwise["order"] == dense["order"]
