@@ -45,6 +45,9 @@ def main(argv: list[str]) -> None:
     reference = results["one block (nq x nd)"][2]
     for name, (seconds, block_mb, ranks) in results.items():
         print(f"{name:34s} {seconds:8.2f} {block_mb:17.1f} {str(torch.equal(ranks, reference)):>12s}")
+    differ = [name for name, (_, _, ranks) in results.items() if not torch.equal(ranks, reference)]
+    if differ:  # a time ratio of two different results would compare two computations
+        raise SystemExit(f"ranks differ from one block's: {differ}")
     base_s, base_mb, _ = results["one block (nq x nd)"]
     for name, (seconds, block_mb, _) in results.items():
         print(f"ratio vs one block, {name}: time x{seconds / base_s:.2f}, memory x{block_mb / base_mb:.3f}")

@@ -176,3 +176,14 @@ def test_bench_gcbs_blockwise_and_dense_give_the_same_order():
     bench = bench_module("bench_gcbs")
     blockwise, dense = bench._one("blockwise", 1500), bench._one("dense", 1500)
     assert blockwise["order"] == dense["order"]
+
+
+def test_bench_retrieval_stops_when_a_chunked_search_gives_other_ranks(monkeypatch, capsys):
+    bench = bench_module("bench_retrieval")
+    bench.main(["3000", "50", "8"])
+    assert "True" in capsys.readouterr().out
+    search = bench.relevant_ranks
+    monkeypatch.setattr(bench, "relevant_ranks", lambda q, d, r, query_chunk, doc_chunk: (
+        search(q, d, r, query_chunk=query_chunk, doc_chunk=doc_chunk) + (query_chunk == 256)))
+    with pytest.raises(SystemExit, match="chunked 256"):
+        bench.main(["3000", "50", "8"])
