@@ -147,6 +147,60 @@ def test_workers_end_when_the_study_process_is_killed(tmp_path):
     assert not left, f"workers {left} outlived the study"
 
 
+WAITER = (
+    "import os, time\n"
+    "from negbatch.lab.folder import study_stopping\n"
+    "def train_one(cfg, run_dir, threads):\n"
+    "    open(os.path.join(cfg['dir'], f'{os.getpid()}-{cfg[\"i\"]}.pid'), 'w').close()\n"
+    "    while cfg['i'] and not study_stopping():  # run 0 ends at once: its worker then idles\n"
+    "        time.sleep(0.05)\n"
+    "    return {'run': run_dir, 'config': {}}\n"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="spawned workers, a process group's signal")
+@pytest.mark.parametrize("moment", ["while the workers start", "while a worker idles"])
+def test_ctrl_c_stops_a_parallel_study_without_a_worker_traceback(tmp_path, moment):
+    """Ctrl-C reaches every process of the terminal's group. A worker that took it while it imported
+    torch (the first seconds of a study) or while it waited for a run died with a traceback (each),
+    and the pool broke with one more ("Exception in thread ..."); the study's process alone decides."""
+    import signal
+
+    (tmp_path / "waiter.py").write_text(WAITER)
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import waiter\n"
+        "from negbatch.lab.sweep import run_jobs\n"
+        "jobs = [({'dir': sys.argv[1], 'i': i}, sys.argv[1] + f'/runs/{i}') for i in range(2)]\n"
+        "try:\n"
+        "    run_jobs(jobs, sys.argv[1], waiter.train_one, workers=2)\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit('stopped')\n"
+    )
+    study = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # its own group, as a terminal's: the signal reaches all
+    try:
+        def workers():
+            found = subprocess.run(["pgrep", "-P", str(study.pid), "-f", "spawn_main"], capture_output=True, text=True)
+            return found.stdout.split()
+
+        deadline = time.time() + 60
+        ready = (lambda: len(workers()) == 2) if moment == "while the workers start" else (
+            lambda: len(list(tmp_path.glob("*.pid"))) == 2)  # run 0 ended, run 1 runs: a worker idles
+        while not ready() and time.time() < deadline:
+            time.sleep(0.01)
+        assert ready(), "the workers did not start"
+        if moment == "while a worker idles":
+            time.sleep(0.3)  # the worker of run 0 is back waiting for work
+        os.killpg(study.pid, signal.SIGINT)
+        _, err = study.communicate(timeout=60)
+    finally:
+        study.kill()
+    assert study.returncode == 1 and err.strip().endswith("stopped"), err
+    assert "Traceback" not in err and "Exception" not in err, err
+
+
 def test_a_second_study_on_a_folder_in_use_is_refused_before_it_writes(tmp_path, capsys):
     """Another process holds the study folder (a study running there): a second study is refused and
     leaves the running one's study.json as it was (it rewrote it, and the first one's report then

@@ -238,8 +238,10 @@ def _run_jobs(jobs, study_dir: Path, train_one, workers: int, on_done, writes: b
         with cf.ProcessPoolExecutor(
             max_workers=workers, mp_context=ctx, initializer=_start_worker, initargs=(os.getpid(), stopping)
         ) as pool:
-            futures = [pool.submit(_unless_stopping, train_one, c, d, 1) for c, d in jobs]
+            futures: list[cf.Future] = []
             try:
+                with _sigint_blocked():  # the workers start (in the first submits) with Ctrl-C blocked
+                    futures = [pool.submit(_unless_stopping, train_one, c, d, 1) for c, d in jobs]
                 with terminate_as_interrupt():
                     for fut in cf.as_completed(futures):
                         done(fut.result())
@@ -283,9 +285,34 @@ def terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Block SIGINT in this thread for the block: the processes it spawns
+    inherit the mask through exec, so a Ctrl-C while they import torch waits
+    for them (see :func:`_start_worker`) instead of killing them mid-import
+    with a traceback each. Here a Ctrl-C is delivered when the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _start_worker(parent_pid: int, stopping: Any) -> None:
     """Worker initializer: its runs stop after their step once the study sets
-    ``stopping``; the worker ends with the study's process."""
+    ``stopping``; the worker ends with the study's process.
+
+    Outside a run the worker ignores SIGINT (a Ctrl-C reaches every process of
+    the terminal's group): the study's process takes it and sets ``stopping``.
+    A worker that took it while idle, or while starting, died with a
+    traceback and broke the pool. A run still takes it (its stop request
+    installs its own handler), to stop after its step."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # first: a Ctrl-C pending since the spawn is then dropped
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     stop_runs_when(stopping)
     _die_with_parent(parent_pid)
 
