@@ -96,3 +96,22 @@ def test_train_with_a_recipe_says_its_study_table_is_not_read(tmp_path, capsys):
     (tmp_path / "plain.toml").write_text("[train]\nlr = 0.1\n")
     assert main(["train", "--config", str(tmp_path / "plain.toml"), "--lr", "fast", "--out", str(tmp_path / "r")]) == 2
     assert "[study]" not in capsys.readouterr().err
+
+
+def test_the_batch_size_recipe_passes_the_studys_checks_at_its_own_sizes(tmp_path):
+    """The tiny run above overrides the recipe's batch sizes and methods; the GPU user's command keeps them.
+    With k = 64 above the 62 negatives of its smallest batch (B = 32), that command stopped at once
+    ("--k 64: expected 1 <= K <= 62") before any run."""
+    from negbatch.cli import build_parser
+    from negbatch.lab.studies import get_study
+
+    path = next(p for p in RECIPES if load_study_options(p)["name"] == "batch-size")
+    write_cifar100(tmp_path / "data", n_train=1024, n_test=4, fine_classes=4)  # the largest batch's images
+    argv = with_recipe(["study", "batch-size", "--config", str(path), "--data-dir", str(tmp_path / "data"),
+                        "--out", str(tmp_path / "out"), "--workers", "1", "--device", "cpu"])  # planned here, on a CPU
+    study = get_study("batch-size", "image")
+    try:
+        _, configs = study.plan(build_parser(("batch-size", "image")).parse_args(argv))
+    finally:
+        study.release_folder()
+    assert len(configs) == 144  # every method at every size, three seeds: what the recipe's header counts
