@@ -94,6 +94,21 @@ def test_report_judges_each_method_by_holms_adjusted_p(tmp_path):
     assert "Holm's adjusted p over the 3 comparisons" in text
 
 
+def test_report_of_a_change_the_same_in_every_seed_does_not_call_it_noise(tmp_path):
+    """InfoNCE's change equal in every seed (a coarse test set) has no spread to test against: the
+    report set p = 1 and said "within seed noise" of a change of 0.05 (found by a newcomer's trial)."""
+    rows = [_row(m, b, s, v) for m, g in (("infonce", 0.05), ("global", 0.0)) for b in (16, 64) for s in range(3)
+            for v in [0.5 + (g if b == 16 else 0.0)]]
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    (tmp_path / "study.json").write_text(json.dumps({
+        "study": "batch-size", "modality": "image", "methods": ["infonce", "global"], "batch_sizes": [16, 64],
+        "seeds": [0, 1, 2], "k": 4, "queue_size": 128, "lr_scaling": "sqrt", "base": TrainConfig().to_dict(),
+        "n_train": 100, "workers": 1, "metric": ["linear_acc", "linear-probe accuracy"]}))
+    text = report(tmp_path).read_text()
+    assert "InfoNCE's change from B = 64 to B = 16 is +0.050 in every seed" in text
+    assert "InfoNCE's change from the largest to the smallest batch is within seed noise" not in text
+
+
 def test_report_of_one_seed_shows_no_spread_and_names_no_empty_family(tmp_path):
     """A study stopped after its first seed: each change is one value, not "± 0.000", and with no
     test made the report did not speak of "Holm's adjusted p over the 0 comparisons"."""

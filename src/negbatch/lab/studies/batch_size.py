@@ -354,8 +354,13 @@ def _reading(cells, key: str, reference: list[float], base: dict, large: int, sm
         from scipy import stats
 
         c = mean_std(reference)[0]
-        p = float(stats.ttest_1samp(reference, 0.0).pvalue) if len(set(reference)) > 1 else 1.0
-        if p < 0.05:
+        p = float(stats.ttest_1samp(reference, 0.0).pvalue) if len(set(reference)) > 1 else None
+        if p is None:  # the same change in every seed (a coarse test set): no spread to test it against
+            parts.append(f"Here InfoNCE's change from B = {large} to B = {small} is {c:+.3f} in every seed: "
+                         "with no spread across seeds there is no test of it (a larger test set or more seeds "
+                         "would give one)." if c != 0 else
+                         f"Here InfoNCE scored the same at B = {large} and B = {small} in every seed.")
+        elif p < 0.05:
             parts.append(f"Here InfoNCE itself {'gained' if c > 0 else 'lost'} {abs(c):.3f} from B = {large} to "
                          f"B = {small} (one-sample t-test over seeds, p = {p:.2g}): "
                          + ("the extra steps outweighed the lost negatives, the opposite of the large-batch "
@@ -366,7 +371,7 @@ def _reading(cells, key: str, reference: list[float], base: dict, large: int, sm
     if base.get("epochs") == 1 and _identical(cells, "global", "dcl", key):
         parts.append("With one epoch every sample is visited once, so GlobalInfoNCE never reuses its per-sample "
                      "state: its gradient is then DCL's (both leave the positive out of the denominator), and the "
-                     "two trained identical models here. Its bias correction needs several epochs (--epochs 2 or "
+                     "two scored the same in every run here. Its bias correction needs several epochs (--epochs 2 or "
                      "more).")
     parts.append("To see the effect the papers report (SimCLR loses several points of ImageNet accuracy from "
                  "B = 4096 to 256 at 100 epochs), train longer with a ResNet on CIFAR-100 or ImageNet-100: "
