@@ -87,6 +87,9 @@ def test_parse_list_names_the_option():
         parse_list("0,x", int, "seeds")
     with pytest.raises(ValueError, match="--ks must list at least one value"):
         parse_list(",", str, "ks")
+    for typo in ("0,,1", "0,1,", ",0"):  # a value lost in typing was dropped silently
+        with pytest.raises(ValueError, match=r"--seeds: an empty value in '.*' \(two commas in a row, or one at an end\)"):
+            parse_list(typo, int, "seeds")
     with pytest.raises(ValueError, match="--samplers lists a value twice"):
         parse_list("gcbs,gcbs", str, "samplers", unique=True)
 

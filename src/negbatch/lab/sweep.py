@@ -344,12 +344,16 @@ def parse_list(text: str, convert: Callable[[str], Any], name: str, *, unique: b
     Errors name the option (``--name``): a value ``convert`` rejects, an empty
     list, or (with ``unique``) a value given twice.
     """
+    items = str(text).replace(" ", "").split(",")
+    if not any(items):
+        raise ValueError(f"--{name} must list at least one value")
+    if "" in items:  # '0,,1' or '0,': a value lost in typing, not one to drop silently
+        raise ValueError(f"--{name}: an empty value in {text!r} (two commas in a row, or one at an end); "
+                         "separate the values by single commas")
     try:
-        out = [convert(t) for t in str(text).replace(" ", "").split(",") if t]
+        out = [convert(t) for t in items]
     except ValueError as err:
         raise ValueError(f"--{name}: {err}") from None
-    if not out:
-        raise ValueError(f"--{name} must list at least one value")
     if unique and len(set(out)) != len(out):
         raise ValueError(f"--{name} lists a value twice: {text}")
     return out
