@@ -209,6 +209,8 @@ def test_text_study_end_to_end(tmp_path, capsys):
             "--batch-sizes", "4,8", "--seeds", "0", "--epochs", "1", "--workers", "1", "--text-dim", "16",
             "--vocab-size", "200", "--k", "2"]
     assert main(argv) == 0
+    # --k without infonce-k trains nothing: said (it was accepted without a word)
+    assert "--k 2: not used, it applies to --methods infonce-k, which this study does not run" in capsys.readouterr().err
     rows = json.loads((tmp_path / "results.json").read_text())
     assert len(rows) == 8 and all(0 <= r["ndcg@10"] <= 1 for r in rows)
     assert {method_of(r)[0] for r in rows} == {"infonce", "siglip", "dcl", "moco"}

@@ -59,7 +59,7 @@ from ..report import markdown_table, plt, save_figure, training_length
 from ..folder import SUMMARY, atomic_write_text
 from ..stats import Welch, fmt_mean_std, holm, mean_std, welch
 from ..sweep import parse_list, read_results, run_key
-from .base import ImageStudy, Study, TextStudy
+from .base import ImageStudy, Study, TextStudy, say
 
 __all__ = ["ImageBatchSize", "TextBatchSize", "METHODS", "method_of", "method_config"]
 
@@ -80,6 +80,8 @@ LR_REFERENCE_BATCH = 256
 #: last ~10 steps, 2,560 samples) lets the keys follow a model trained from
 #: scratch over two short epochs.
 DEFAULT_MOCO_MOMENTUM = 0.9
+#: infonce-k's negatives per anchor, the same at every batch size (below the 62 of a batch of 32 images).
+DEFAULT_K = 16
 
 
 def softmax_loss(modality: str) -> str:
@@ -161,10 +163,11 @@ class BatchSizeStudy(Study):
         g.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)} (default: all)")
         g.add_argument("--batch-sizes", default=DEFAULT_BATCH_SIZES,
                        help=f"comma list of batch sizes, the memory budget of gradcache (default: {DEFAULT_BATCH_SIZES})")
-        g.add_argument("--k", type=int, default=16, help="infonce-k: negatives per anchor at every batch size (default: 16)")
+        g.add_argument("--k", type=int, default=None,
+                       help=f"infonce-k: negatives per anchor at every batch size (default: {DEFAULT_K})")
         g.add_argument("--queue-size", type=int, default=None,
                        help="queue: entries (default: what the largest batch adds per step)")
-        g.add_argument("--moco-momentum", type=float, default=DEFAULT_MOCO_MOMENTUM,
+        g.add_argument("--moco-momentum", type=float, default=None,
                        help=f"moco: the momentum encoder's momentum at B={LR_REFERENCE_BATCH}, scaled as "
                             f"m ** (B / {LR_REFERENCE_BATCH}) (default: {DEFAULT_MOCO_MOMENTUM})")
         g.add_argument("--lr-scaling", default="sqrt", choices=("sqrt", "linear", "none"),
@@ -193,10 +196,19 @@ class BatchSizeStudy(Study):
             raise ValueError(f"--batch-sizes must be ints >= 2, got {args.batch_sizes}")
         if len(sizes) < 2:
             raise ValueError(f"--batch-sizes: the study compares batch sizes; give two or more, got {args.batch_sizes}")
+        # A method's option without the method trains nothing: said, not refused (a recipe sets them for
+        # every method, and a command line may run a few of its methods).
+        for option, value, users in (("k", args.k, ("infonce-k",)), ("queue-size", args.queue_size, ("queue", "moco")),
+                                     ("moco-momentum", args.moco_momentum, ("moco",))):
+            if value is not None and not set(users) & set(methods):
+                say(f"--{option} {value}: not used, it applies to --methods {' or '.join(users)}, which this study "
+                    f"does not run")
         if args.queue_size is not None and (isinstance(args.queue_size, bool) or args.queue_size < 1):
             raise ValueError(f"--queue-size must be a positive int, got {args.queue_size}")
-        if not (isinstance(args.moco_momentum, float) and 0 < args.moco_momentum < 1):
-            raise ValueError(f"--moco-momentum must be a float in (0, 1), got {args.moco_momentum}")
+        k = DEFAULT_K if args.k is None else args.k
+        momentum = DEFAULT_MOCO_MOMENTUM if args.moco_momentum is None else args.moco_momentum
+        if not (isinstance(momentum, float) and 0 < momentum < 1):
+            raise ValueError(f"--moco-momentum must be a float in (0, 1), got {momentum}")
         seeds = self.seeds(args)
         base = self.base_config(args)
         if base.steps is not None:
@@ -205,18 +217,17 @@ class BatchSizeStudy(Study):
         n_train = self.check_data(base)
         if sizes[-1] > n_train:
             raise ValueError(f"--batch-sizes: {sizes[-1]} exceeds the {n_train} training samples; lower it")
-        if "infonce-k" in methods and not 1 <= args.k <= self.candidates(sizes[0]):
-            raise ValueError(f"--k {args.k}: expected 1 <= K <= {self.candidates(sizes[0])}, the negatives of the "
+        if "infonce-k" in methods and not 1 <= k <= self.candidates(sizes[0]):
+            raise ValueError(f"--k {k}: expected 1 <= K <= {self.candidates(sizes[0])}, the negatives of the "
                              f"smallest batch ({sizes[0]})")
         queue_size = args.queue_size if args.queue_size is not None else self.entries_per_step(sizes[-1])
-        options = dict(largest=sizes[-1], k=args.k, queue_size=queue_size, lr_scaling=args.lr_scaling,
-                       momentum=args.moco_momentum)
+        options = dict(largest=sizes[-1], k=k, queue_size=queue_size, lr_scaling=args.lr_scaling, momentum=momentum)
         # Seed-major: an interrupted study has every (method, B) cell at the same number of seeds.
         configs = [method_config(base.replace(seed=seed), m, b, **options) for seed in seeds for b in sizes
                    for m in methods]
         out = self.out_folder(args, base.dataset)
-        self.write_spec(out, {"methods": methods, "batch_sizes": sizes, "seeds": seeds, "k": args.k,
-                              "queue_size": queue_size, "moco_momentum": args.moco_momentum,
+        self.write_spec(out, {"methods": methods, "batch_sizes": sizes, "seeds": seeds, "k": k,
+                              "queue_size": queue_size, "moco_momentum": momentum,
                               "lr_scaling": args.lr_scaling, "base": base.to_dict(),
                               "n_train": n_train, "workers": self._workers_of(out, configs, args.workers),
                               "metric": list(self.metric)}, configs)
