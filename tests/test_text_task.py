@@ -165,11 +165,17 @@ def test_resume_control_other_random_state_changes_the_run(tmp_path):
     assert train(cfg, tmp_path / "cut")["final_loss"] != whole["final_loss"]
 
 
-def test_hard_negative_column_reaches_the_loss(tmp_path):
+def _hard_pairs(tmp_path):
+    """30 pairs with two hard negatives each, as a JSONL file (columns q, d, h)."""
     rows = [{"q": f"question {i} about topic {i % 7}", "d": f"answer {i} on subject {i % 7}",
              "h": [f"other answer {i + 1}", f"unrelated text {i + 2}"]} for i in range(30)]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_hard_negative_column_reaches_the_loss(tmp_path):
+    path = _hard_pairs(tmp_path)
     cfg = TrainConfig(dataset=f"pairs:{path}", query_column="q", document_column="d", hard_negatives_column="h",
                       test_fraction=0.25, batch_size=4, steps=3, text_dim=16, text_heads=2, vocab_size=300)
     s = train(cfg, tmp_path / "run")
@@ -183,10 +189,7 @@ def test_sampled_negatives_may_reach_into_the_hard_negatives(tmp_path):
     """A query's candidates are the batch's other documents and every hard negative of the batch: K up to
     B - 1 + B * H trains without the symmetric term (it was refused as above "the 3 in-batch candidates per
     query"); with it, a document has only the B - 1 other queries, and the refusal says so."""
-    rows = [{"q": f"question {i} about topic {i % 7}", "d": f"answer {i} on subject {i % 7}",
-             "h": [f"other answer {i + 1}", f"unrelated text {i + 2}"]} for i in range(30)]
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = _hard_pairs(tmp_path)
     cfg = TrainConfig(dataset=f"pairs:{path}", query_column="q", document_column="d", hard_negatives_column="h",
                       test_fraction=0.25, batch_size=4, steps=2, text_dim=16, text_heads=2, vocab_size=300,
                       symmetric=False, negatives=11)  # 3 other documents + 4 * 2 hard negatives
@@ -207,10 +210,7 @@ def test_text_negatives_study_counts_the_hard_negatives_among_a_querys_candidate
     cannot take is refused before the study writes anything."""
     from negbatch.cli import main
 
-    rows = [{"q": f"question {i} about topic {i % 7}", "d": f"answer {i} on subject {i % 7}",
-             "h": [f"other answer {i + 1}", f"unrelated text {i + 2}"]} for i in range(30)]
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = _hard_pairs(tmp_path)
     common = ["--data", f"pairs:{path}", "--query-column", "q", "--document-column", "d",
               "--hard-negatives-column", "h", "--test-fraction", "0.25", "--batch-size", "4", "--steps", "1",
               "--text-dim", "16", "--text-heads", "2", "--vocab-size", "300", "--seeds", "0"]
@@ -407,10 +407,7 @@ def test_saved_activation_bytes_encode_the_hard_negatives_with_the_runs_loss(tmp
     gradcache study reports left them out (and measured InfoNCE whatever --loss was)."""
     from negbatch.lab.studies.text_gradcache import saved_activation_bytes
 
-    rows = [{"q": f"question {i} about topic {i % 7}", "d": f"answer {i} on subject {i % 7}",
-             "h": [f"other answer {i + 1}", f"unrelated text {i + 2}"]} for i in range(30)]
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = _hard_pairs(tmp_path)
     cfg = TrainConfig(dataset=f"pairs:{path}", query_column="q", document_column="d", hard_negatives_column="h",
                       test_fraction=0.25, batch_size=8, steps=1, text_dim=16, text_heads=2, vocab_size=300)
     plain = saved_activation_bytes(cfg.replace(hard_negatives_column=None), 0)
