@@ -356,6 +356,18 @@ def test_a_folder_in_use_is_refused_with_its_holder(tmp_path, digits):
     assert train(tiny(epochs=1), tmp_path / "run", data=digits) is not None  # released on exit
 
 
+def test_a_run_refused_while_setting_up_leaves_no_folder(tmp_path, digits):
+    """The lock's folder was left behind, empty but for .lock, by a run refused before its first
+    write (e.g. K above the candidates); a folder that existed before is kept as it was."""
+    with pytest.raises(ValueError, match="negatives"):
+        train(tiny(epochs=1, negatives=10_000), tmp_path / "new" / "run", data=digits)
+    assert not (tmp_path / "new" / "run").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ValueError, match="negatives"):
+        train(tiny(epochs=1, negatives=10_000), tmp_path / "mine", data=digits)
+    assert (tmp_path / "mine").is_dir()
+
+
 def test_checkpoints_by_time_by_default_and_a_killed_run_resumes(tmp_path, digits):
     """kill -9 in the middle of a run: the periodic checkpoint survives, the lock does not stay,
     and the rerun resumes from the checkpoint and ends as an uninterrupted run."""

@@ -207,6 +207,7 @@ def hold_lock(folder: Path, *, reentrant: bool = False) -> Iterator[None]:
     """
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} is a file, not a folder: give another --out (a new or existing folder)")
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     key = str(folder.resolve())
     if reentrant and key in _HELD:
@@ -237,6 +238,17 @@ def hold_lock(folder: Path, *, reentrant: bool = False) -> Iterator[None]:
             _HELD.discard(key)
     finally:
         handle.close()  # releases the lock
+        if created:
+            _remove_if_only_the_lock(folder)
+
+
+def _remove_if_only_the_lock(folder: Path) -> None:
+    """A folder made for a lock that holds nothing else when the lock ends (a run or study refused
+    while setting up) is removed, so that a refused command leaves no empty folder behind."""
+    if [p.name for p in folder.iterdir()] == [LOCK]:
+        with contextlib.suppress(OSError):
+            (folder / LOCK).unlink()
+            folder.rmdir()
 
 
 #: Folders this process holds the lock of (see :func:`hold_lock`).
