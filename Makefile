@@ -11,7 +11,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 DEMO_EXTRAS ?= lab
-TEST_EXTRAS ?= lab,test,text,st
+# bench: the peers the benchmarks race (info-nce-pytorch), which tests/test_bench_fairness.py checks them against.
+TEST_EXTRAS ?= lab,test,text,st,bench
 
 .PHONY: venv demo test test-all bench gpu-check clean
 
@@ -42,7 +43,7 @@ test: $(VENV)/.installed-$(TEST_EXTRAS)
 test-all: $(VENV)/.installed-$(TEST_EXTRAS)
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
-bench: $(VENV)/.installed-$(TEST_EXTRAS),bench
+bench: $(VENV)/.installed-$(TEST_EXTRAS)
 	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]  # 5: no test is marked slow
 	$(PY) bench/run.py
 
