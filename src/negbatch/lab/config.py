@@ -504,9 +504,7 @@ class TrainConfig:
         for key, value in values.items():
             name = str(key).replace("-", "_")
             if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                errors.append(f"unknown key {key!r} in {source}{hint}")
+                errors.append(f"unknown key {key!r} in {source}{_did_you_mean(name)}")
                 continue
             try:
                 kwargs[name] = _coerce(known[name], value)
@@ -621,6 +619,12 @@ def _optional(f: dataclasses.Field) -> bool:
     return "None" in str(f.type)
 
 
+def _did_you_mean(key: str) -> str:
+    """`` (did you mean 'batch_size'?)`` for a key close to a training option's name, else ``""``."""
+    close = difflib.get_close_matches(key.replace("-", "_"), list(TrainConfig.__dataclass_fields__), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """The training options of a TOML (``.toml``), YAML (``.yaml``/``.yml``) or
     JSON (``.json``, e.g. a run's ``config.json``) file, as a dict.
@@ -646,10 +650,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         data = data["train"]
     unknown = [str(k) for k in data if str(k).replace("-", "_") not in TrainConfig.__dataclass_fields__]
     if unknown:  # named here, with the file: once merged with the command line the source is gone
-        known = list(TrainConfig.__dataclass_fields__)
-        hints = [f"{k!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(
-            k.replace("-", "_"), known, n=1)) else "") for k in unknown]
-        raise ValueError(f"config file {path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+        hints = ", ".join(f"{k!r}{_did_you_mean(k)}" for k in unknown)
+        raise ValueError(f"config file {path}: unknown key{'s' if len(unknown) > 1 else ''} {hints}; "
                          f"the training options are the long options of negbatch train --help")
     return data
 
