@@ -19,6 +19,7 @@ from negbatch import (
     NoDuplicateBatchSampler,
     RandomBatchSampler,
     ReLIC,
+    SigLIP,
 )
 from negbatch.sampling.epoch_sampler import EpochBatchSampler
 
@@ -40,6 +41,19 @@ def test_positional_arguments_are_refused_with_what_to_write(make, shown):
     message = str(info.value)
     assert f"got {shown} by position" in message
     assert "temperature=" in message and "negatives=" in message  # what to write instead
+
+
+@pytest.mark.parametrize("make, unknown, close", [
+    (lambda: SigLIP(queue_size=16), "queue_size", None),   # another loss's option: SigLIP has no queue
+    (lambda: InfoNCE(temprature=0.1), "temprature", "temperature"),
+    (lambda: GlobalInfoNCE(10, gama=0.9), "gama", "gamma"),
+], ids=["SigLIP(queue_size)", "InfoNCE(temprature)", "GlobalInfoNCE(gama)"])
+def test_an_unknown_keyword_is_answered_with_what_the_loss_takes(make, unknown, close):
+    """Python's refusal named the key only ("unexpected keyword argument"); it now lists what the loss takes."""
+    with pytest.raises(TypeError, match=rf"has no argument '{unknown}'") as info:
+        make()
+    assert "it takes " in str(info.value) and "temperature, " in str(info.value)
+    assert (f"did you mean '{close}'" in str(info.value)) == (close is not None)
 
 
 def test_keywords_and_the_one_positional_num_samples_are_accepted():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
+import inspect
 import math
 from typing import Callable, Literal, TypeVar, Union
 
@@ -144,8 +146,20 @@ def keyword_only(example: str, positional: int = 0) -> Callable[[_Init], _Init]:
     """
 
     def decorate(init: _Init) -> _Init:
+        parameters = inspect.signature(init).parameters.values()
+        accepted = [p.name for p in parameters if p.name != "self" and p.kind is not p.VAR_KEYWORD]
+        open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters)  # **kwargs: nothing is unknown
+
         @functools.wraps(init)
         def checked(self, *args, **kwargs):
+            unknown = [k for k in kwargs if k not in accepted]
+            if unknown and not open_ended:
+                # Python's own refusal names the key only; an option of another loss (SigLIP has no
+                # queue_size) or a typo is answered with what this loss takes.
+                close = difflib.get_close_matches(unknown[0], accepted, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise TypeError(f"{type(self).__name__}() has no argument {unknown[0]!r}{hint}; it takes "
+                                f"{', '.join(accepted)}")
             if len(args) > positional:
                 given = ", ".join(repr(a) for a in args[positional:])
                 which = "its arguments" if positional == 0 else f"the arguments after the first {positional}"
