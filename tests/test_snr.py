@@ -386,3 +386,20 @@ def test_a_state_of_another_beta_is_refused_and_beta_must_be_a_number():
     GradientSNR(model).load_state_dict({k: v for k, v in state.items() if k != "beta"})  # saved before beta was
     with pytest.raises(ValueError, match=r"beta must be a float in \(0, 1\).*got '0.9'"):
         GradientSNR(model, beta="0.9")
+
+
+def test_a_sparse_gradient_is_read_as_its_dense_values():
+    """nn.Embedding(sparse=True) leaves a sparse .grad: update() failed with "reshape is not
+    implemented for sparse tensors"; it now reads the same values as the dense embedding's."""
+    torch.manual_seed(0)
+    sparse, dense = torch.nn.Embedding(6, 3, sparse=True), torch.nn.Embedding(6, 3)
+    dense.load_state_dict(sparse.state_dict())
+    trackers = GradientSNR(sparse, beta=0.9), GradientSNR(dense, beta=0.9)
+    for _ in range(4):
+        ids = torch.randint(0, 6, (5,))
+        for emb, tracker in zip((sparse, dense), trackers):
+            emb.zero_grad(set_to_none=True)
+            emb(ids).pow(2).sum().backward()
+            tracker.update()
+    assert sparse.weight.grad.is_sparse
+    assert torch.equal(trackers[0].snr(), trackers[1].snr())

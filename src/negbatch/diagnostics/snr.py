@@ -34,6 +34,14 @@ from torch import Tensor, nn
 __all__ = ["GradientSNR"]
 
 
+def _dense_grad(p: Tensor) -> Tensor:
+    """``p.grad`` as a strided tensor: zeros when None, densified when sparse
+    (``nn.Embedding(sparse=True)``; the rows a step did not touch have gradient 0)."""
+    if p.grad is None:
+        return torch.zeros_like(p)
+    return p.grad if p.grad.layout == torch.strided else p.grad.to_dense()
+
+
 class GradientSNR:
     """Track the gradient SNR of a set of parameters over training steps.
 
@@ -41,7 +49,8 @@ class GradientSNR:
     ----------
     parameters : nn.Module or iterable of Tensor
         The parameters to watch (those with ``requires_grad``). A parameter
-        whose ``.grad`` is None at an update counts as a zero gradient.
+        whose ``.grad`` is None at an update counts as a zero gradient; a
+        sparse ``.grad`` (``nn.Embedding(sparse=True)``) is read densified.
     beta : float in (0, 1), default 0.99
         EMA decay; the window is about 1 / (1 - beta) steps.
     eps : float, default 1e-12
@@ -148,9 +157,7 @@ class GradientSNR:
             was folded in. Reading it (``bool(...)``) synchronises; ignoring
             it does not.
         """
-        g = torch.cat([
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(self.m.dtype) for p in self.params
-        ])
+        g = torch.cat([_dense_grad(p).reshape(-1).to(self.m.dtype) for p in self.params])
         ok = torch.isfinite(g).all()
         if self._masked:
             # The arithmetic of the plain update, out of place, then chosen lane by lane: a
