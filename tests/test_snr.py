@@ -403,3 +403,22 @@ def test_a_sparse_gradient_is_read_as_its_dense_values():
             tracker.update()
     assert sparse.weight.grad.is_sparse
     assert torch.equal(trackers[0].snr(), trackers[1].snr())
+
+
+def test_a_parameter_listed_twice_is_watched_once():
+    """Two encoders sharing a layer, their parameters chained: the shared ones were tracked twice,
+    so snr() had extra entries and the summary weighted them double (a module's parameters() lists
+    a shared parameter once, and so does the tracker now)."""
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(3, 4)
+    query, doc = torch.nn.Sequential(shared, torch.nn.Linear(4, 2)), torch.nn.Sequential(shared, torch.nn.Linear(4, 2))
+    both = torch.nn.ModuleList([query, doc])
+    chained, module = GradientSNR([*query.parameters(), *doc.parameters()], beta=0.9), GradientSNR(both, beta=0.9)
+    for _ in range(5):
+        both.zero_grad()
+        x = torch.randn(8, 3)
+        (query(x) * doc(x + 0.1 * torch.randn(8, 3))).sum().backward()
+        chained.update()
+        module.update()
+    assert chained.snr().numel() == sum(p.numel() for p in both.parameters()) == 16 + 10 + 10
+    assert torch.equal(chained.snr(), module.snr()) and chained.summary() == module.summary()

@@ -50,7 +50,8 @@ class GradientSNR:
     parameters : nn.Module or iterable of Tensor
         The parameters to watch (those with ``requires_grad``). A parameter
         whose ``.grad`` is None at an update counts as a zero gradient; a
-        sparse ``.grad`` (``nn.Embedding(sparse=True)``) is read densified.
+        sparse ``.grad`` (``nn.Embedding(sparse=True)``) is read densified. A
+        parameter listed more than once is watched once (its first place).
     beta : float in (0, 1), default 0.99
         EMA decay; the window is about 1 / (1 - beta) steps.
     eps : float, default 1e-12
@@ -99,7 +100,9 @@ class GradientSNR:
     def __init__(self, parameters: nn.Module | Iterable[Tensor], beta: float = 0.99, eps: float = 1e-12) -> None:
         if isinstance(parameters, nn.Module):
             parameters = parameters.parameters()
-        self.params = [p for p in parameters if p.requires_grad]
+        # A parameter listed twice (encoders sharing a layer, their parameters chained) is watched
+        # once, as a module's parameters() lists it: twice, the summary would weight it double.
+        self.params = list({id(p): p for p in parameters if p.requires_grad}.values())
         if not self.params:
             raise ValueError("parameters must contain at least one tensor with requires_grad=True")
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta < 1.0:
