@@ -422,3 +422,12 @@ def test_a_parameter_listed_twice_is_watched_once():
         module.update()
     assert chained.snr().numel() == sum(p.numel() for p in both.parameters()) == 16 + 10 + 10
     assert torch.equal(chained.snr(), module.snr()) and chained.summary() == module.summary()
+
+
+@pytest.mark.parametrize("eps", ["1e-12", None, float("inf"), float("nan"), -1.0, True])
+def test_eps_must_be_a_finite_number_at_least_zero(eps):
+    """eps="1e-12" (from a config file) failed with "'>=' not supported between instances of 'str'
+    and 'int'", and eps=inf was accepted and made every SNR 0."""
+    with pytest.raises(ValueError, match=r"eps must be a finite number >= 0 \(relative to the second moment"):
+        GradientSNR(torch.nn.Linear(2, 2), eps=eps)
+    GradientSNR(torch.nn.Linear(2, 2), eps=0)

@@ -25,8 +25,10 @@ reported by a warning when the results are next read (:meth:`~GradientSNR.snr`,
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
+from numbers import Real
 
 import torch
 from torch import Tensor, nn
@@ -107,8 +109,9 @@ class GradientSNR:
             raise ValueError("parameters must contain at least one tensor with requires_grad=True")
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta < 1.0:
             raise ValueError(f"beta must be a float in (0, 1) (the EMA decay), got {beta!r}")
-        if not eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {eps!r}")
+        if isinstance(eps, bool) or not isinstance(eps, Real) or not 0 <= eps < math.inf:
+            raise ValueError(f"eps must be a finite number >= 0 (relative to the second moment; default 1e-12), "
+                             f"got {eps!r}")
         self.beta = float(beta)
         self.eps = float(eps)
         # Flat buffers: one cat per update and a handful of in-place ops keep the
