@@ -431,3 +431,19 @@ def test_eps_must_be_a_finite_number_at_least_zero(eps):
     with pytest.raises(ValueError, match=r"eps must be a finite number >= 0 \(relative to the second moment"):
         GradientSNR(torch.nn.Linear(2, 2), eps=eps)
     GradientSNR(torch.nn.Linear(2, 2), eps=0)
+
+
+def test_load_state_dict_checks_the_second_moment_too():
+    """Only m's shape was checked: a v of one element was broadcast over every parameter, silently."""
+    model = torch.nn.Linear(3, 2)
+    saved = GradientSNR(model)
+    model(torch.randn(4, 3)).sum().backward()
+    saved.update()
+    state = saved.state_dict()
+    tracker = GradientSNR(model)
+    for bad in (torch.ones(1, dtype=torch.float64), torch.ones(()), [0.0] * 8):
+        with pytest.raises(ValueError, match=r"state\['v'\] must be a tensor of 8 moments"):
+            tracker.load_state_dict({**state, "v": bad})
+    assert tracker.v.eq(0).all()  # nothing was loaded
+    tracker.load_state_dict(state)
+    assert torch.equal(tracker.snr(), saved.snr())

@@ -238,8 +238,11 @@ class GradientSNR:
         missing = {"steps", "m", "v"} - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}; pass a dict made by GradientSNR.state_dict()")
-        if state["m"].shape != self.m.shape:
-            raise ValueError(f"state holds {state['m'].numel()} moments, the tracker watches {self.m.numel()} parameters")
+        for key in ("m", "v"):  # both: copy_ would broadcast a single value over every parameter, silently
+            if not isinstance(state[key], Tensor) or state[key].shape != self.m.shape:
+                got = tuple(state[key].shape) if isinstance(state[key], Tensor) else type(state[key]).__name__
+                raise ValueError(f"state[{key!r}] must be a tensor of {self.m.numel()} moments (one per scalar "
+                                 f"parameter the tracker watches), got {got}: was it saved for other parameters?")
         if "beta" in state and float(state["beta"]) != self.beta:
             # The moments are averages over another window: continued at this beta, the SNR would mix the two.
             raise ValueError(f"state was saved with beta={state['beta']}, this tracker has beta={self.beta}; "
