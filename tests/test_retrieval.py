@@ -278,3 +278,11 @@ def test_metrics_refuse_a_document_listed_twice_and_ranks_below_one():
     assert metrics_from_ranks(torch.tensor([1, 3]), cutoff=np.int64(1))["mrr@1"] == 0.5
     with pytest.raises(ValueError, match="same relevant document twice"):
         retrieval_metrics(torch.eye(3), torch.eye(3), torch.tensor([2, 2, 1]), query_ids=torch.tensor([0, 0, 1]))
+
+
+def test_metrics_from_ranks_names_a_list_given_for_a_tensor():
+    """A list of ranks (or of query ids) failed with "'list' object has no attribute 'numel'"."""
+    with pytest.raises(ValueError, match=r"ranks must be a 1-d integer tensor of 1-based ranks .*got list"):
+        metrics_from_ranks([1, 3, 20])
+    with pytest.raises(ValueError, match=r"query_ids must be a tensor of the shape of ranks \(2,\), got list"):
+        metrics_from_ranks(torch.tensor([1, 2]), query_ids=[7, 7])

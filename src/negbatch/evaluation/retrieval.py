@@ -229,6 +229,9 @@ def metrics_from_ranks(
     >>> metrics_from_ranks(torch.tensor([1, 2]), ks=(1,), query_ids=torch.tensor([7, 7]))  # both relevant on top
     {'recall@1': 0.5, 'mrr@10': 1.0, 'ndcg@10': 1.0}
     """
+    if not isinstance(ranks, Tensor):
+        raise ValueError(f"ranks must be a 1-d integer tensor of 1-based ranks (>= 1), as relevant_ranks returns, "
+                         f"got {type(ranks).__name__}; pass torch.tensor(ranks)")
     if ranks.numel() == 0:
         raise ValueError("ranks is empty: no queries to evaluate")
     check_ks(ks)
@@ -245,8 +248,9 @@ def metrics_from_ranks(
         out[f"mrr@{cutoff}"] = float(torch.where(hit, 1.0 / r, torch.zeros_like(r)).mean())
         out[f"ndcg@{cutoff}"] = float(gain.mean())
         return out
-    if query_ids.shape != ranks.shape:
-        raise ValueError(f"query_ids must have the shape of ranks {tuple(ranks.shape)}, got {tuple(query_ids.shape)}")
+    if not isinstance(query_ids, Tensor) or query_ids.shape != ranks.shape:
+        got = tuple(query_ids.shape) if isinstance(query_ids, Tensor) else type(query_ids).__name__
+        raise ValueError(f"query_ids must be a tensor of the shape of ranks {tuple(ranks.shape)}, got {got}")
     _, group = torch.unique(query_ids.to(r.device), return_inverse=True)
     n = int(group.max()) + 1
     # Distinct documents of one query have distinct ranks (ties go to the lower index),
