@@ -153,3 +153,20 @@ def test_bad_seed_and_sizes_are_refused_before_any_embedding():
     with pytest.raises(ValueError, match="chunk_size"):
         HardNegativeBatchSampler(embed, 20, 4, chunk_size=0)
     assert calls == []
+
+
+def test_a_64_bit_seed_such_as_torch_initial_seed_is_accepted_and_a_larger_one_refused():
+    # torch.initial_seed() is a 64-bit value; seed * 1_000_003 overflowed torch's
+    # manual_seed ("Overflow when unpacking long long") at the first batch.
+    from negbatch.sampling import GCBSampler
+
+    seed = 2**64 - 5
+    s = RandomBatchSampler(10, 5, seed=seed, shuffle_batches=False)
+    order = torch.randperm(10, generator=torch.Generator().manual_seed((seed * 1_000_003) % 2**64))
+    assert list(s) == [order[:5].tolist(), order[5:].tolist()]
+    data = torch.randn(10, 3)
+    for sampler in (GCBSampler(lambda i: (data[i], data[i]), 10, 5, q=0.9, seed=seed),
+                    HardNegativeBatchSampler(lambda i: data[i], 10, 5, seed=seed)):
+        assert sorted(i for b in sampler for i in b) == list(range(10))
+    with pytest.raises(ValueError, match=r"seed must be below 2\*\*64"):
+        RandomBatchSampler(10, 5, seed=2**64)

@@ -22,7 +22,7 @@ class RandomBatchSampler(EpochBatchSampler):
     """Uniformly random batches, a new permutation every epoch.
 
     Epoch ``e``'s permutation is ``torch.randperm`` with a generator seeded by
-    ``seed * 1_000_003 + e``: a function of the seed and the epoch alone, as
+    ``(seed * 1_000_003 + e) % 2**64``: a function of the seed and the epoch alone, as
     with torch's ``DistributedSampler``, so resuming needs only the epoch. With
     ``generator=`` instead, each epoch draws its permutation from that running
     generator (as torch's ``RandomSampler`` does); its state is part of
@@ -59,7 +59,7 @@ class RandomBatchSampler(EpochBatchSampler):
         self.generator = generator
 
     def plan_batches(self, indices: np.ndarray, prepared: Any, rng: np.random.Generator) -> list[np.ndarray]:
-        g = self.generator or torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = self.generator or torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**64)
         order = indices[torch.randperm(len(indices), generator=g).numpy()]
         return cut_into_batches(order, self.batch_size, self.drop_last)
 

@@ -72,7 +72,7 @@ class EpochBatchSampler(Sampler[list[int]]):
     shuffle_batches : bool
         Shuffle the order of the batches (seeded by ``seed`` and the epoch).
     seed : int
-        Seed of every random choice; the same on every rank.
+        Seed of every random choice, in ``[0, 2**64)`` (e.g. ``torch.initial_seed()``); the same on every rank.
     refresh_every : int, optional
         Re-plan the batches not yet yielded after every ``refresh_every``
         batches (each sample is still seen exactly once per epoch).
@@ -117,6 +117,8 @@ class EpochBatchSampler(Sampler[list[int]]):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0 (numpy's seed sequences take no negative numbers), got {seed}")
+        if seed >= 2**64:
+            raise ValueError(f"seed must be below 2**64 (torch.Generator's range, as torch.initial_seed()), got {seed}")
         self.seed = int(seed)
         self.refresh_every = _positive_int(refresh_every, "refresh_every") if refresh_every is not None else None
         self.epoch = 0
