@@ -266,6 +266,19 @@ def test_a_state_of_another_seed_is_refused():
     RandomBatchSampler(40, 4, seed=0).load_state_dict(state)
 
 
+def test_a_state_of_another_drop_last_is_refused():
+    # Loaded, the resumed epoch yielded the saved short tail (41 = 4 x 10 + 1) from a
+    # drop_last=True sampler whose len() said 4 batches, or lost the tail the other way round.
+    for saved, loading in ((False, True), (True, False)):
+        sampler = RandomBatchSampler(41, 10, drop_last=saved)
+        next(iter(sampler))
+        state = sampler.state_dict()
+        with pytest.raises(ValueError, match=f"saved with drop_last={saved} but this sampler has drop_last={loading}"):
+            RandomBatchSampler(41, 10, drop_last=loading).load_state_dict(state)
+        resumed = RandomBatchSampler(41, 10, drop_last=saved)
+        resumed.load_state_dict(state)
+        assert len(list(resumed)) == len(resumed) - 1
+
 def counting_embed():
     """The planted data's embed_fn, and the list of how many samples each call embedded."""
     x, y, _ = planted()

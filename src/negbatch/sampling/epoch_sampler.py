@@ -293,6 +293,7 @@ class EpochBatchSampler(Sampler[list[int]]):
             "seed": self.seed,
             "num_samples": self.num_samples,
             "batch_size": self.batch_size,
+            "drop_last": self.drop_last,
         }
 
     def _check_plan(self, plan: Any, plan_sizes: Any) -> tuple[np.ndarray, list[int]]:
@@ -323,8 +324,10 @@ class EpochBatchSampler(Sampler[list[int]]):
         missing = {"epoch", "position", "plan", "plan_sizes"} - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}; pass a dict made by state_dict()")
-        # A different seed would resume this epoch as saved and plan every later one differently.
-        for key in ("num_samples", "batch_size", "seed"):
+        # A different seed would resume this epoch as saved and plan every later one differently;
+        # a different drop_last would resume a plan with a short tail it never yields (or without
+        # the samples it keeps), not the len() it reports.
+        for key in ("num_samples", "batch_size", "seed", "drop_last"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(
                     f"state was saved with {key}={state[key]} but this sampler has {key}={getattr(self, key)}"
