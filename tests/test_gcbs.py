@@ -542,6 +542,17 @@ def test_load_state_dict_rejects_foreign_state():
         RandomBatchSampler(50, 10).load_state_dict(state | {"position": 9})
     with pytest.raises(ValueError, match="missing"):
         RandomBatchSampler(50, 10).load_state_dict({"epoch": 0})
+    # A checkpoint's missing entry (None), or an edited epoch or position: refused by name,
+    # not a bare TypeError, a position cut to an int, or a negative epoch that failed a plan later.
+    with pytest.raises(TypeError, match="state must be the dict made by state_dict"):
+        RandomBatchSampler(50, 10).load_state_dict(None)
+    for edit in ({"epoch": -3}, {"position": 0.5}, {"epoch": "1"}, {"position": True}):
+        key = next(iter(edit))
+        with pytest.raises(ValueError, match=f"state's {key} must be an int >= 0"):
+            RandomBatchSampler(50, 10).load_state_dict(state | edit)
+    resumed = RandomBatchSampler(50, 10)
+    resumed.load_state_dict(state | {"epoch": np.int64(0), "position": torch.tensor(1)})
+    assert len(list(resumed)) == 4
 
 
 @pytest.mark.parametrize("edit, match", [

@@ -321,9 +321,18 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the next iteration resumes the epoch."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be the dict made by state_dict(), got {type(state).__name__}")
         missing = {"epoch", "position", "plan", "plan_sizes"} - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}; pass a dict made by state_dict()")
+        for key in ("epoch", "position"):  # 2.7 was cut to 2; -3 failed at the next epoch's plan
+            value = state[key]
+            if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"state's {key} must be an int >= 0, got {state[key]!r}; "
+                                 f"pass a dict made by state_dict()")
         # A different seed would resume this epoch as saved and plan every later one differently;
         # a different drop_last would resume a plan with a short tail it never yields (or without
         # the samples it keeps), not the len() it reports.
