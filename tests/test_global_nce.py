@@ -169,6 +169,16 @@ def test_e_step_arithmetic_by_hand():
     assert int(loss_fn.num_updates) == 2
 
 
+def test_e_step_refuses_a_log_zhat_that_is_not_a_float_tensor():
+    loss_fn = GlobalInfoNCE(5, form="query_document")
+    with pytest.raises(TypeError, match=r"log_zhat must be a floating-point tensor of shape \(2, 1\).*got list"):
+        loss_fn.e_step(torch.tensor([0, 2]), [[1.0], [2.0]])
+    # An integer tensor would be cast and taken as log values: log Zhat = 1 is not what an int suggests.
+    with pytest.raises(TypeError, match="log_zhat.*got dtype torch.int64"):
+        loss_fn.e_step(torch.tensor([0, 2]), torch.tensor([[1], [2]]))
+    assert not loss_fn.visited.any() and int(loss_fn.num_updates) == 0
+
+
 def test_gamma_schedule_and_first_visit_per_sample():
     seen_steps = []
 

@@ -398,6 +398,12 @@ class GlobalInfoNCE(BankLoss):
             ``log Zhat`` as is. Duplicated indices follow ``on_duplicate``.
         """
         indices = self.check_indices(indices)
+        if not isinstance(log_zhat, Tensor) or not log_zhat.is_floating_point():
+            what = f"dtype {log_zhat.dtype}" if isinstance(log_zhat, Tensor) else type(log_zhat).__name__
+            raise TypeError(
+                f"log_zhat must be a floating-point tensor of shape ({indices.shape[0]}, {self.num_roles}) "
+                f"(log Zhat per sample and anchor role), got {what}"
+            )
         if log_zhat.shape != (indices.shape[0], self.num_roles):
             raise ValueError(
                 f"log_zhat must have shape ({indices.shape[0]}, {self.num_roles}), got {tuple(log_zhat.shape)}"
