@@ -465,6 +465,36 @@ def test_step_by_step_api():
         GradCache(enc, state, 4).representation_gradients(cached, indices=torch.arange(10))
     assert int(state.num_updates) == 1
 
+@pytest.mark.parametrize("keep_last", [False, True])
+def test_weights_or_inputs_changed_between_the_passes_are_refused(keep_last):
+    """An optimizer step (or a refilled input buffer) between forward_no_grad and
+    backward_chunks made the second pass re-encode with other weights or data: the
+    gradient was silently another one (the first-pass cache no longer matches)."""
+    torch.manual_seed(0)
+    enc = MLP(p=0.0).double()
+    views = make_views(10, torch.float64)
+    cache = GradCache(enc, InfoNCE(temperature=0.3), 4, keep_last_graph=keep_last)
+    optimizer = torch.optim.SGD(enc.parameters(), lr=0.5)
+    cached = cache.forward_no_grad(*views)
+    for p in enc.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    cache.representation_gradients(cached)
+    with pytest.raises(RuntimeError, match="parameter 'net.0.weight' was modified in place after forward_no_grad"):
+        cache.backward_chunks(cached)
+    assert all(p.grad is None for p in enc.parameters())
+    cached = cache.forward_no_grad(*views)
+    views[1].mul_(2.0)  # a loader that reuses its buffer
+    cache.representation_gradients(cached)
+    with pytest.raises(RuntimeError, match=r"input 1 \(an input\) was modified in place"):
+        cache.backward_chunks(cached)
+    # Unchanged weights and inputs: the steps one by one still run.
+    cached = cache.forward_no_grad(*views)
+    cache.representation_gradients(cached)
+    cache.backward_chunks(cached)
+
+
 def test_frozen_tower_gets_no_second_forward():
     torch.manual_seed(0)
     q_enc, d_enc = MLP().double(), MLP().double()

@@ -285,6 +285,9 @@ class CachedBatch:
     pass re-enters wherever it runs (a trainer's backward is outside them).
     ``backward_done``: step 3 ran (its gradients are then released), so that
     neither step 2 nor step 3 adds the batch's gradient a second time.
+    ``versions``: the in-place version of every trainable parameter and every
+    input tensor after step 1; step 3 refuses to re-encode if one changed (an
+    optimizer step, or a reused input buffer, between the passes).
     """
 
     chunks: list[list[EncoderInput]]
@@ -296,6 +299,7 @@ class CachedBatch:
     carries_graph: bool = False
     autocast: list[tuple[str, bool, torch.dtype]] = field(default_factory=list)
     backward_done: bool = False
+    versions: list[tuple[str, Tensor, int]] = field(default_factory=list)
 
 
 class GradCache:
@@ -510,7 +514,8 @@ class GradCache:
             raise
         snapshot = self._batchnorm_snapshot(encoders)
         return CachedBatch(chunks=chunks, representations=reps, rng=rng, kept=kept, bn_snapshot=snapshot,
-                           carries_graph=any(_carries_graph(x) for x in inputs), autocast=_ambient_autocast())
+                           carries_graph=any(_carries_graph(x) for x in inputs), autocast=_ambient_autocast(),
+                           versions=self._versions(encoders, inputs))
 
     def _first_pass(self, encoders, chunks, sizes, sync_items, last):
         """Every chunk encoded without a graph (the kept last one with it), each
@@ -589,6 +594,7 @@ class GradCache:
                     "call would add it again; encode the next batch with forward_no_grad(...)"
                 )
             raise RuntimeError("call representation_gradients(cached) before backward_chunks(cached)")
+        self._check_versions(cached)
         encoders = self._encoders_for(len(cached.chunks))
         sync_items = self._sync_items(encoders, cached.chunks, sync)
         if cached.kept is not None:
@@ -627,6 +633,35 @@ class GradCache:
         cached.gradients, cached.backward_done = [], True
 
     # ----------------------------------------------------------------- helpers
+
+    def _versions(self, encoders: list[nn.Module], inputs: Sequence[EncoderInput]) -> list[tuple[str, Tensor, int]]:
+        """Every trainable parameter (of the encoders and a module output_fn) and
+        every input tensor, with its in-place version counter now."""
+        modules = [*encoders, *([self.output_fn] if isinstance(self.output_fn, nn.Module) else [])]
+        seen: set[int] = set()
+        found = []
+        for module in modules:
+            for name, p in module.named_parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    found.append((f"parameter {name!r}", p, p._version))
+        for i, x in enumerate(inputs):
+            # Inference tensors keep no version (and cannot reach a backward anyway).
+            found += [(f"{key} (an input)", t, t._version) for key, t in _leaves(x, f"input {i}") if not t.is_inference()]
+        return found
+
+    @staticmethod
+    def _check_versions(cached: CachedBatch) -> None:
+        # The second pass must encode what the first did: re-encoding with other weights
+        # or other data back-propagates the cached gradients through the wrong Jacobian.
+        changed = [name for name, t, version in cached.versions if t._version != version]
+        if changed:
+            raise RuntimeError(
+                f"{changed[0]} was modified in place after forward_no_grad(...)"
+                f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}: backward_chunks(cached) would "
+                f"re-encode the batch with other weights or data, and the gradient would not be the batch's. Take "
+                f"the optimizer step after backward_chunks, and do not refill the input tensors before it"
+            )
 
     def _encoders_for(self, n_inputs: int) -> list[nn.Module]:
         if n_inputs == 0:
