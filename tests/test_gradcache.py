@@ -495,6 +495,22 @@ def test_weights_or_inputs_changed_between_the_passes_are_refused(keep_last):
     cache.backward_chunks(cached)
 
 
+def test_a_batch_finished_by_another_cache_keeps_its_own_chunks():
+    """backward_chunks sliced the cached gradients by its own cache's chunk size, not
+    the batch's: a batch encoded with chunk 3 and finished by a cache with chunk 4
+    failed with "the encoder must be deterministic given its RNG", which it was."""
+    torch.manual_seed(0)
+    enc = MLP().double()
+    views = make_views(10, torch.float64)
+    _, _, want = reference([enc, enc], InfoNCE(temperature=0.3), views, [3, 3], 1)
+    torch.manual_seed(1)
+    cached = GradCache(enc, InfoNCE(temperature=0.3), 3).forward_no_grad(*views)
+    other = GradCache(enc, InfoNCE(temperature=0.3), 4)
+    other.representation_gradients(cached)
+    other.backward_chunks(cached)
+    assert_grads_close(grads_of([enc]), want, 1e-10)
+
+
 def test_frozen_tower_gets_no_second_forward():
     torch.manual_seed(0)
     q_enc, d_enc = MLP().double(), MLP().double()

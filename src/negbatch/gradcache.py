@@ -736,9 +736,12 @@ class GradCache:
     def _autocast(self):
         return torch.autocast(**self.autocast) if self.autocast is not None else contextlib.nullcontext()
 
-    def _chunk_grad(self, cached: CachedBatch, i: int, j: int) -> Tensor:
-        start = j * self._chunk_size(i)
-        return cached.gradients[i][start : start + self._chunk_size(i)]
+    @staticmethod
+    def _chunk_grad(cached: CachedBatch, i: int, j: int) -> Tensor:
+        # The batch's own chunk size (the full first chunk's rows), not this cache's: a batch
+        # encoded by another GradCache is cut where its first pass cut it.
+        size = _batch_length(cached.chunks[i][0], f"input {i}")
+        return cached.gradients[i][j * size : (j + 1) * size]
 
     # DDP: accumulate under no_sync, synchronise on the last backward of each module.
 
