@@ -407,3 +407,20 @@ def test_a_shortage_while_the_queue_fills_says_so_and_what_to_pass(loss_cls):
     with pytest.raises(ValueError, match="negatives=30") as caught:  # full, and still short: no word of filling
         full(*_views(1), indices=torch.arange(5, 10))
     assert "queue holds" not in str(caught.value)
+
+
+def test_momentum_encoder_refuses_an_encoder_that_changed_after_it_was_built():
+    """A layer appended to the encoder after the copy was made: update() went on
+    averaging the old parameters only, and the keys came from the old
+    architecture without a word. A changed encoder is refused, with the fix."""
+    online = nn.Sequential(nn.Linear(4, 3))
+    keys = MomentumEncoder(online, momentum=0.9)
+    online.append(nn.Linear(3, 3))
+    with pytest.raises(RuntimeError, match=r"lacks: \['1.weight', '1.bias'\].*build a new MomentumEncoder"):
+        keys.update()
+    online = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    keys = MomentumEncoder(online, momentum=0.9)
+    online[1] = nn.Linear(3, 5)
+    with pytest.raises(RuntimeError, match=r"no longer has a parameter '1.weight'.*build a new MomentumEncoder"):
+        keys.update()
+    assert int(keys.num_updates) == 0

@@ -53,7 +53,9 @@ class MomentumEncoder(nn.Module):
         EMA updates so far (saved with the state).
 
     Call :meth:`update` after each optimizer step; calling the module runs
-    the copy without a graph. ``state_dict`` holds the copy and the count
+    the copy without a graph. An encoder whose parameters changed after the
+    copy was made (a layer added, removed or reshaped) is refused by
+    :meth:`update`: build a new MomentumEncoder from it. ``state_dict`` holds the copy and the count
     (tensors only: ``torch.load(..., weights_only=True)`` reads it).
 
     Examples
@@ -106,9 +108,17 @@ class MomentumEncoder(nn.Module):
     def update(self) -> None:
         """One EMA step: ``θ_k ← m θ_k + (1 - m) θ_q`` for every parameter."""
         online = dict(self._online[0].named_parameters())
-        for name, p in self.encoder.named_parameters():
+        copied = dict(self.encoder.named_parameters())
+        rebuild = ("(the encoder changed after the MomentumEncoder was built); build a new MomentumEncoder from "
+                   "the changed encoder")
+        for name, p in copied.items():
             if name not in online or online[name].shape != p.shape:
-                raise RuntimeError(f"the encoder no longer has a parameter {name!r} of shape {tuple(p.shape)}")
+                raise RuntimeError(f"the encoder no longer has a parameter {name!r} of shape {tuple(p.shape)} {rebuild}")
+        added = [name for name in online if name not in copied]
+        if added:
+            # The copy would go on without them: keys from the old architecture, silently.
+            raise RuntimeError(f"the encoder has parameters its momentum copy lacks: {added} {rebuild}")
+        for name, p in copied.items():
             p.mul_(self.momentum).add_(online[name].detach().to(p.dtype), alpha=1.0 - self.momentum)
         self.num_updates += 1
 
