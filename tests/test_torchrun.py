@@ -113,3 +113,21 @@ def test_a_run_under_torchrun_leaves_no_ddp_model_to_outlive_its_process_group(t
                           str(script)], capture_output=True, text=True, env=env, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("DDP left 0") == 2, out.stdout
+
+
+def test_an_option_refused_while_parsing_under_torchrun_names_the_rank_that_prints_it(tmp_path):
+    """Every process refuses a bad option alike, and the processes other than rank 0 name their rank; not
+    the errors of the command line's parsing (an unknown option, a [study] key of a recipe): both processes
+    said 'negbatch train: error: ...', one error read as two."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[study]\nkz = "2"\n')
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    for command, said in ((["train", *TINY, "--lossx", "simclr"], "negbatch train"),
+                          (["study", "negatives", "--config", str(bad)], "negbatch study")):
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                              "-m", "negbatch.cli", *command, "--out", str(tmp_path / "x")],
+                             capture_output=True, text=True, env=env, timeout=400)
+        assert out.returncode != 0, out.stderr[-2000:]
+        assert out.stderr.count(f"{said}: error: ") == 1, out.stderr[-2000:]
+        assert out.stderr.count(f"{said} (rank 1): error: ") == 1, out.stderr[-2000:]
+        assert not (tmp_path / "x").exists()

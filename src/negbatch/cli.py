@@ -65,6 +65,11 @@ class _Parser(argparse.ArgumentParser):
                     hints.append(f"{name}: did you mean --{close[0]}?")
         self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
 
+    def error(self, message: str):
+        """argparse's refusal, its line naming the rank as the command's other errors do (:func:`_who`)."""
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{_who(self.prog)}: error: {message}\n")
+
 
 def folder_argument(text: str) -> str:
     """An ``--out`` value: a folder's path (an empty one would put the run's
@@ -311,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = with_recipe(argv)
         selected = _selected_study(argv)
     except ValueError as err:
-        print(f"negbatch study: error: {err}", file=sys.stderr)
+        print(f"{_who('negbatch study')}: error: {err}", file=sys.stderr)
         return 2
     parser = build_parser(selected)
     args, extras = parser.parse_known_args(argv)
@@ -355,8 +360,13 @@ def _speaker(args: argparse.Namespace) -> str:
     """Who says an error: under torchrun every process checks the same options and prints the same error,
     so the processes other than rank 0 name their rank (a rank's own error, a missing file on one node,
     stays visible)."""
+    return _who(f"negbatch {args.command}")
+
+
+def _who(command: str) -> str:
+    """``command`` as it signs an error: with its rank in a process other than rank 0 (see :func:`_speaker`)."""
     rank = os.environ.get("RANK", "0")
-    return f"negbatch {args.command}" + (f" (rank {rank})" if rank != "0" else "")
+    return command + (f" (rank {rank})" if rank != "0" else "")
 
 
 def _stopped_status() -> int:
