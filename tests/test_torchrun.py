@@ -131,3 +131,15 @@ def test_an_option_refused_while_parsing_under_torchrun_names_the_rank_that_prin
         assert out.stderr.count(f"{said}: error: ") == 1, out.stderr[-2000:]
         assert out.stderr.count(f"{said} (rank 1): error: ") == 1, out.stderr[-2000:]
         assert not (tmp_path / "x").exists()
+
+
+def test_a_study_refuses_workers_under_torchrun_before_it_writes_anything(tmp_path):
+    """--workers 2 under torchrun is refused (the processes train each run together); the refusal came
+    after study.json was written, and left a folder of a study that never ran."""
+    args = ["study", "negatives", *TINY, "--ks", "2", "--seeds", "0", "--losses", "simclr", "--workers", "2"]
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                          "-m", "negbatch.cli", *args, "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, env=env, timeout=400)
+    assert out.returncode != 0 and "workers=2 under 2 torchrun processes" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "x").exists(), sorted(p.name for p in (tmp_path / "x").iterdir())

@@ -216,6 +216,10 @@ class Study:
         w = args.workers
         if isinstance(w, bool) or not isinstance(w, int) or w < 1:
             raise ValueError(f"--workers must be a positive int, got {w!r}")
+        procs = Processes.current()
+        if procs.several and w > 1:  # run_jobs refuses it too, after study.json was written
+            raise ValueError(f"workers={w} under {procs.world_size} torchrun processes: the processes train each run "
+                             "together, one run at a time; use workers=1")
 
     # ------------------------------------------------------------ folder, runs
 
