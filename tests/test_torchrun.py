@@ -143,3 +143,14 @@ def test_a_study_refuses_workers_under_torchrun_before_it_writes_anything(tmp_pa
                          capture_output=True, text=True, env=env, timeout=400)
     assert out.returncode != 0 and "workers=2 under 2 torchrun processes" in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "x").exists(), sorted(p.name for p in (tmp_path / "x").iterdir())
+
+
+def test_the_batch_size_study_under_torchrun_trains_one_run_at_a_time_by_default(tmp_path):
+    """The batch-size study's --workers defaults to the machine's cores; under torchrun, where the processes
+    train each run together, that default was refused ('workers=2 under 2 torchrun processes ... use
+    workers=1') on any machine of two cores or more: the study ran under torchrun only with --workers 1."""
+    args = ["study", "batch-size", "--dataset", "digits", "--n-train", "64", "--n-test", "48", "--epochs", "1",
+            "--encoder-widths", "16", "--head-widths", "16,8", "--knn-k", "5", "--norm", "none", "--methods",
+            "infonce", "--batch-sizes", "8,16", "--seeds", "0"]
+    run(*args, "--out", str(tmp_path / "two"), torchrun=True)
+    assert (tmp_path / "two" / "report.md").exists()

@@ -131,7 +131,8 @@ class Study:
         self.add_study_arguments(g)
         g.add_argument("--seeds", default=self.default_seeds, help=f"comma list of seeds (default: {self.default_seeds})")
         if self.parallel_by_default:
-            g.add_argument("--workers", type=int, default=None, help="worker processes (default: the machine's cores)")
+            g.add_argument("--workers", type=int, default=None,
+                           help="worker processes (default: the machine's cores; 1 under torchrun)")
         else:
             g.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
         g.add_argument("--config", default=None,
@@ -211,12 +212,13 @@ class Study:
         return seeds
 
     def check_workers(self, args: argparse.Namespace) -> None:
+        procs = Processes.current()
         if args.workers is None:  # a parallel study's default: every core this process may use
-            args.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            args.workers = 1 if procs.several else cores  # under torchrun the processes train each run together
         w = args.workers
         if isinstance(w, bool) or not isinstance(w, int) or w < 1:
             raise ValueError(f"--workers must be a positive int, got {w!r}")
-        procs = Processes.current()
         if procs.several and w > 1:  # run_jobs refuses it too, after study.json was written
             raise ValueError(f"workers={w} under {procs.world_size} torchrun processes: the processes train each run "
                              "together, one run at a time; use workers=1")
