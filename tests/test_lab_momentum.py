@@ -39,7 +39,7 @@ def test_text_defaults_to_moco_s_one_direction():
     (dict(key_momentum=-0.1), r"key_momentum: expected a float in \[0, 1\)"),
     (dict(key_momentum=0.9, loss="relic"), "key_momentum: a momentum encoder feeds the softmax losses"),
     (dict(key_momentum=0.9, loss="siglip"), "not loss='siglip'"),
-    (dict(key_momentum=0.9, chunk_size=4), "key_momentum: GradCache"),
+    (dict(key_momentum=0.9, chunk_size=4), "key_momentum: the lab.s chunked step"),
     (dict(TEXT, key_momentum=0.9, symmetric=True), "symmetric: with a momentum encoder"),
     (dict(TEXT, key_momentum=0.9, encoder="minilm"), "key_momentum: sentence-transformers' trainer"),
 ])

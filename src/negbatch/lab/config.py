@@ -434,8 +434,10 @@ class TrainConfig:
             errors.append(f"key_momentum: a momentum encoder feeds the softmax losses ({', '.join(QUEUE_LOSSES)}), "
                           f"not loss={self.loss!r}; set key_momentum=0 {got})")
         if self.chunk_size:
-            errors.append(f"key_momentum: GradCache (chunk_size) caches one encoder's gradient and the keys take "
-                          f"none; drop chunk_size or key_momentum {got}, chunk_size={self.chunk_size!r})")
+            errors.append(f"key_momentum: the lab's chunked step (chunk_size) encodes every input with the trained "
+                          f"encoder, not the keys with the momentum copy (the library's GradCache takes both as two "
+                          f"towers, GradCache([encoder, keys], loss)); drop chunk_size or key_momentum {got}, "
+                          f"chunk_size={self.chunk_size!r})")
         if task == "text" and self.encoder == "minilm":
             errors.append(f"key_momentum: sentence-transformers' trainer (encoder='minilm') has no momentum "
                           f"encoder; use encoder='transformer' or key_momentum=0 {got})")
