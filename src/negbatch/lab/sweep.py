@@ -200,17 +200,24 @@ def run_jobs(
     ``train_one`` must be a module-level function (it is pickled for the
     workers) that skips a finished run folder and returns the run's summary.
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    check_workers(workers)
     study_dir = Path(study_dir)
     if len({d for _, d in jobs}) != len(jobs):
         raise ValueError("two configurations of the study are identical; remove the duplicates")
     procs = Processes.current()
+    with hold_lock(study_dir, reentrant=True) if procs.is_main else contextlib.nullcontext():
+        return _run_jobs(jobs, study_dir, train_one, workers, on_done, procs.is_main)
+
+
+def check_workers(workers: object, name: str = "workers") -> None:
+    """``workers`` (the option ``name``) is a positive int, and 1 under torchrun, whose processes
+    train each run together."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"{name} must be a positive int, got {workers!r}")
+    procs = Processes.current()
     if procs.several and workers > 1:
         raise ValueError(f"workers={workers} under {procs.world_size} torchrun processes: the processes train each run "
                          "together, one run at a time; use workers=1")
-    with hold_lock(study_dir, reentrant=True) if procs.is_main else contextlib.nullcontext():
-        return _run_jobs(jobs, study_dir, train_one, workers, on_done, procs.is_main)
 
 
 def _run_jobs(jobs, study_dir: Path, train_one, workers: int, on_done, writes: bool) -> list[dict[str, Any]]:

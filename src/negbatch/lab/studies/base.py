@@ -40,7 +40,7 @@ from ..config import (
 )
 from ..processes import Processes
 from ..folder import CONFIG, STUDY, SUMMARY, atomic_write_text, hold_lock
-from ..sweep import KEY_FIELDS, keep_results, parse_list, run_configs, run_key, torch_threads
+from ..sweep import KEY_FIELDS, check_workers, keep_results, parse_list, run_configs, run_key, torch_threads
 
 __all__ = ["Study", "ImageStudy", "TextStudy", "say", "keep_plan_results", "dataset_stem"]
 
@@ -216,12 +216,7 @@ class Study:
         if args.workers is None:  # a parallel study's default: every core this process may use
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             args.workers = 1 if procs.several else cores  # under torchrun the processes train each run together
-        w = args.workers
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            raise ValueError(f"--workers must be a positive int, got {w!r}")
-        if procs.several and w > 1:  # run_jobs refuses it too, after study.json was written
-            raise ValueError(f"workers={w} under {procs.world_size} torchrun processes: the processes train each run "
-                             "together, one run at a time; use workers=1")
+        check_workers(args.workers, "--workers")  # before the plan writes study.json (run_configs checks again)
 
     # ------------------------------------------------------------ folder, runs
 
