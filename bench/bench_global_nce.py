@@ -7,8 +7,9 @@ two-view form, all negatives:
 * encoder step: a small MLP encoder (784 -> 512 -> 128) forward, loss,
   backward and an SGD step, i.e. what one training step costs.
 
-Goal: corrected / plain <= 1.1 for both. Variants are interleaved in one
-process and the median of the repeats is reported.
+Goal: corrected / plain <= 1.1 for both. Variants race in one process, in a
+fresh random order every round (bench/_order.py), and the median of the
+repeats is reported.
 
 Usage: python bench/bench_global_nce.py [B] [REPEATS]
        (env NEGBATCH_BENCH_B / NEGBATCH_BENCH_REPEATS work too; e.g. B=128 for a smoke run)
@@ -20,10 +21,15 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from negbatch import GlobalInfoNCE, InfoNCE
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _order import rounds  # noqa: E402
+
+from negbatch import GlobalInfoNCE, InfoNCE  # noqa: E402
 
 GOAL = 1.1
 
@@ -60,6 +66,9 @@ def main() -> None:
         return pool[next(calls) % len(pool)]
 
     def loss_only(name: str) -> None:
+        # Fresh gradients, as a training step's zero_grad gives: accumulating
+        # into .grad would time an extra add per call on both sides.
+        z1.grad = z2.grad = None
         out = plain(z1, z2) if name == "plain" else corrected(z1, z2, indices())
         out.backward()
 
@@ -70,20 +79,19 @@ def main() -> None:
         out.backward()
         opt.step()
 
-    print(f"device={device}, B={batch}, d={dim}, N={num_samples}, repeats={repeats}, threads={torch.get_num_threads()}")
+    print(f"device={device}, B={batch}, d={dim}, N={num_samples}, repeats={repeats}, threads={torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'measurement':<16}{'plain InfoNCE ms':>18}{'GlobalInfoNCE ms':>18}{'ratio':>8}{'goal':>8}")
     for label, fn in (("loss fwd+bwd", loss_only), ("encoder step", encoder_step)):
         times: dict[str, list[float]] = {"plain": [], "corrected": []}
-        for name in times:  # warm-up
-            fn(name)
-        for rep in range(repeats):
-            # A fixed order favours one side (caches, clocks): alternate which goes first.
-            for name in (("plain", "corrected") if rep % 2 == 0 else ("corrected", "plain")):
+        for rep, order in rounds(list(times), repeats):  # round 0 warms up
+            for name in order:
                 _sync(device)
                 start = time.perf_counter()
                 fn(name)
                 _sync(device)
-                times[name].append(time.perf_counter() - start)
+                if rep:
+                    times[name].append(time.perf_counter() - start)
         p, c = statistics.median(times["plain"]), statistics.median(times["corrected"])
         ratio = c / p
         verdict = "ok" if ratio <= GOAL else "MISSED"

@@ -6,17 +6,27 @@ query_chunk x doc_chunk.
 
     python bench/bench_retrieval.py [N_DOCS [N_QUERIES [DIM]]]   (default 100000 2000 384)
     NEGBATCH_BENCH_QUICK=1 python bench/bench_retrieval.py        (20000 500 64)
+    NEGBATCH_BENCH_REPEATS=3                                       (timed rounds, after a warm-up)
+
+The variants race in a fresh random order every round (bench/_order.py); the
+first round warms up and is not counted; the median of the others is given.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from negbatch.evaluation.retrieval import relevant_ranks
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _order import rounds  # noqa: E402
+
+from negbatch.evaluation.retrieval import relevant_ranks  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
@@ -33,15 +43,22 @@ def main(argv: list[str]) -> None:
         "chunked 256 x 4096": dict(query_chunk=256, doc_chunk=4096),
         "one block (nq x nd)": dict(query_chunk=n_queries, doc_chunk=n_docs),
     }
-    print(f"documents={n_docs} queries={n_queries} dim={dim} threads={torch.get_num_threads()}")
+    repeats = int(os.environ.get("NEGBATCH_BENCH_REPEATS", 3))
+    print(f"documents={n_docs} queries={n_queries} dim={dim} threads={torch.get_num_threads()} "
+          f"repeats={repeats} (median) load average {os.getloadavg()[0]:.1f}")
     print(f"{'variant':34s} {'seconds':>8s} {'largest block MB':>17s} {'ranks equal':>12s}")
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    ranks_of = {}
+    for rep, order in rounds(list(variants), repeats):  # round 0 warms up
+        for name in order:
+            start = time.perf_counter()
+            ranks_of[name] = relevant_ranks(queries, docs, relevant, **variants[name])
+            if rep:
+                times[name].append(time.perf_counter() - start)
     results = {}
     for name, kw in variants.items():
-        start = time.perf_counter()
-        ranks = relevant_ranks(queries, docs, relevant, **kw)
-        seconds = time.perf_counter() - start
         block_mb = min(kw["query_chunk"], n_queries) * min(kw["doc_chunk"], n_docs) * 4 / 2**20
-        results[name] = (seconds, block_mb, ranks)
+        results[name] = (statistics.median(times[name]), block_mb, ranks_of[name])
     reference = results["one block (nq x nd)"][2]
     for name, (seconds, block_mb, ranks) in results.items():
         print(f"{name:34s} {seconds:8.2f} {block_mb:17.1f} {str(torch.equal(ranks, reference)):>12s}")

@@ -2,8 +2,9 @@
 and the overhead of the gradient SNR tracker.
 
 Both loops train the same model with the same loss (InfoNCE, all negatives),
-optimizer (Adam) and augmentation, side by side in one process, alternating
-repeats and keeping the median:
+optimizer (Adam) and augmentation, side by side in one process, in a fresh
+random order every round (bench/_order.py; the first round warms up), keeping
+the median:
 
 * digits: the MLP encoder + head on 8x8 greyscale images, the greyscale
   augmentation (and the SNR tracker's overhead);
@@ -31,8 +32,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from _order import rounds  # noqa: E402
 
 from negbatch.data import Augment, ImageDataset, SimCLRAugment, load_digits, to_float_images  # noqa: E402
 from negbatch.diagnostics import GradientSNR  # noqa: E402
@@ -123,14 +126,19 @@ def cifar_bench(epochs: int, repeats: int, device: torch.device) -> None:
     cfg = TrainConfig(dataset="cifar10", batch_size=batch, epochs=epochs, encoder="resnet18", encoder_widths=widths,
                       head_widths=(512, 128), hflip=True, snr=False, device=str(device), evaluation="scale")
     times: dict[str, list[float]] = {"minimal": [], "ours": [], "augment": []}
-    minimal_rgb_loop(cfg.replace(epochs=1), data, device)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(repeats):
-        step, aug = minimal_rgb_loop(cfg, data, device)
-        times["minimal"].append(step)
-        times["augment"].append(aug)
-        times["ours"].append(our_loop(cfg, data))
+    for rep, order in rounds(["minimal", "ours"], repeats):  # round 0 warms up
+        if rep == 1 and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for name in order:
+            if name == "minimal":
+                step, aug = minimal_rgb_loop(cfg, data, device)
+                if rep:
+                    times["minimal"].append(step)
+                    times["augment"].append(aug)
+            else:
+                step = our_loop(cfg, data)
+                if rep:
+                    times["ours"].append(step)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\nCIFAR-sized: {n} images 3x32x32 uint8, ResNet-18 (CIFAR stem, widths {widths or 'standard'}), SimCLR "
           f"augmentation on {device}, batch "
@@ -168,14 +176,16 @@ def digits_bench(epochs: int, repeats: int) -> None:
     data = load_digits()
     cfg = TrainConfig(batch_size=batch, epochs=epochs, encoder_widths=(width, width // 2), head_widths=(width, 64), snr=False)
     times: dict[str, list[float]] = {"minimal": [], "ours": [], "minimal+snr": []}
-    minimal_loop(cfg, data, False)  # warm-up
-    for _ in range(repeats):
-        times["minimal"].append(minimal_loop(cfg, data, False))
-        times["ours"].append(our_loop(cfg, data))
-        times["minimal+snr"].append(minimal_loop(cfg, data, True))
+    loops = {"minimal": lambda: minimal_loop(cfg, data, False), "ours": lambda: our_loop(cfg, data),
+             "minimal+snr": lambda: minimal_loop(cfg, data, True)}
+    for rep, order in rounds(list(loops), repeats):  # round 0 warms up
+        for name in order:
+            step = loops[name]()
+            if rep:
+                times[name].append(step)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"digits, batch {batch}, MLP width {width}, {epochs} epochs x {len(data.x_train) // batch} steps, "
-          f"median of {repeats}, torch threads {torch.get_num_threads()}; SNR off except in minimal+snr (summary every step)")
+          f"median of {repeats}, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}; SNR off except in minimal+snr (summary every step)")
     print(f"{'variant':<14}{'ms/step':>10}")
     for k, v in med.items():
         print(f"{k:<14}{1000 * v:>10.2f}")
