@@ -99,6 +99,17 @@ def reference_snr(grads, beta):
     return float(snr.mean()), float(snr.std(unbiased=False))
 
 
+def reference_gap(x, y, plan):
+    """The global loss and the loss within the plan's batches, a float64 loop over normalised embeddings."""
+    global_terms, train_terms = [], []
+    for batch in plan:
+        for i in batch:
+            s = [float(x[i] @ y[j]) / TAU for j in range(len(y))]
+            global_terms.append(math.log(sum(math.exp(v) for v in s)) - s[i])
+            train_terms.append(math.log(sum(math.exp(s[j]) for j in batch)) - s[i])
+    return sum(global_terms) / len(global_terms), sum(train_terms) / len(train_terms)
+
+
 def test_logged_values_match_references(model_dir, tmp_path):
     model, trainer, batches, grads, logs = train(model_dir, tmp_path, "gcbs")
     data = duplicated_data()
@@ -120,16 +131,35 @@ def test_logged_values_match_references(model_dir, tmp_path):
     with torch.no_grad():
         x = model.encode(data["anchor"], convert_to_tensor=True, normalize_embeddings=True, batch_size=3).double()
         y = model.encode(data["positive"], convert_to_tensor=True, normalize_embeddings=True, batch_size=3).double()
-    global_terms, train_terms = [], []
-    for batch in plan:
-        for i in batch:
-            s = [float(x[i] @ y[j]) / TAU for j in range(N)]
-            global_terms.append(math.log(sum(math.exp(v) for v in s)) - s[i])
-            train_terms.append(math.log(sum(math.exp(s[j]) for j in batch)) - s[i])
-    g, t = sum(global_terms) / len(global_terms), sum(train_terms) / len(train_terms)
+    g, t = reference_gap(x, y, plan)
     assert logs[2]["global_loss"] == pytest.approx(g, rel=1e-4)
     assert logs[2]["train_loss_in_batches"] == pytest.approx(t, rel=1e-4)
     assert logs[2]["loss_gap"] == pytest.approx(g - t, rel=1e-3, abs=1e-5)
+
+
+def test_the_gap_embeds_the_texts_with_the_trainers_prompts(model_dir, tmp_path):
+    # The gap's embedding pass encoded the bare texts while the model trained on the prompted ones.
+    prompts = {"anchor": "query: ", "positive": "passage: "}
+    model = tiny_model(model_dir)
+    loss = NegbatchLoss(model, InfoNCE(temperature=TAU, form="query_document"))
+    sampler = RandomBatches()
+    args = training_args(tmp_path, max_steps=1, per_device_train_batch_size=B, batch_sampler=sampler, prompts=prompts)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=duplicated_data(), loss=loss,
+                                         callbacks=[sampler])
+    NegbatchDiagnostics(loss, snr=False, false_negatives=False, gap_every=1).attach(trainer)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h][0]["global_loss"]
+    plan = _training_samplers(trainer.callback_handler.train_dataloader)[0].current_batches()
+    data = duplicated_data()
+    model.eval()
+    with torch.no_grad():
+        gaps = {}
+        for prompted in (True, False):
+            x, y = (model.encode(data[c], prompt=prompts[c] if prompted else None, convert_to_tensor=True,
+                                 normalize_embeddings=True).double() for c in ("anchor", "positive"))
+            gaps[prompted] = reference_gap(x, y, plan)[0]
+    assert gaps[True] != pytest.approx(gaps[False], rel=1e-3)  # the prompts matter on these data
+    assert logged == pytest.approx(gaps[True], rel=1e-4)
 
 
 def test_false_negatives_by_keys(model_dir, tmp_path):

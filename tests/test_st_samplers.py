@@ -34,6 +34,7 @@ from negbatch.integrations.sentence_transformers import (  # noqa: E402
     RandomBatches,
     with_index_column,
 )
+from negbatch.integrations.sentence_transformers.samplers import _training_samplers  # noqa: E402
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
@@ -139,6 +140,90 @@ def test_the_factory_pickles_without_its_model(model_dir):
         plan(copy, pairs_data(16))
     keyed = pickle.loads(pickle.dumps(NoDuplicateBatches(keys=[0, 0, 1, 1])))  # keys are configuration
     assert keyed.keys == [0, 0, 1, 1]
+
+
+# ------------------------------------------------------------------ prompts
+
+PROMPTS = {"anchor": "query: ", "positive": "passage: "}
+
+
+def embed_by_hand(model, texts, prompt=None):
+    """The texts as the trainer's collator presents them (model.preprocess with the prompt), in eval mode."""
+    model.eval()
+    with torch.no_grad():
+        return model(dict(model.preprocess(list(texts), prompt=prompt)))["sentence_embedding"]
+
+
+@pytest.mark.parametrize("prompts", ["query: ", PROMPTS, {"a": "passage: ", "b": PROMPTS},
+                                     {"a": {"anchor": "query: "}, "b": "passage: "}, None],
+                         ids=["one", "by-column", "by-dataset", "by-dataset-and-column", "none"])
+def test_column_prompt_is_the_collators(prompts):
+    from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+
+    from negbatch.integrations.sentence_transformers.samplers import column_prompt
+
+    for name in ("a", "b") if isinstance(prompts, dict) and "a" in prompts else (None,):
+        seen = {}
+
+        def record(inputs, prompt=None, task=None):
+            seen[inputs[0]] = prompt
+            return {}
+
+        row = {"anchor": "anchor", "positive": "positive", **({"dataset_name": name} if name else {})}
+        SentenceTransformerDataCollator(preprocess_fn=record, prompts=prompts)([row])
+        assert seen == {c: column_prompt(prompts, name, c) for c in ("anchor", "positive")}, name
+
+
+def test_gcbs_plans_from_the_prompted_texts_the_model_trains_on(model_dir, tmp_path):
+    # The embedding pass encoded the bare texts while the trainer's collator prepended the prompts:
+    # the similarity graph was built from other inputs than the model trained on.
+    from sentence_transformers import SentenceTransformerTrainer
+
+    from negbatch import gcbs_order
+
+    model = tiny_model(model_dir)
+    data = pairs_data(24, index=False)
+    by_hand = {}
+    for prompted in (True, False):
+        x = embed_by_hand(model, data["anchor"], PROMPTS["anchor"] if prompted else None)
+        y = embed_by_hand(model, data["positive"], PROMPTS["positive"] if prompted else None)
+        by_hand[prompted] = x, y, gcbs_order(x, y, 0.9).tolist()
+    assert by_hand[True][2] != by_hand[False][2]  # the prompts change the order on these data
+    sampler = GCBSBatches(model, q=0.9, shuffle_batches=False)  # the plan is the order, cut in batches
+    loss = NegbatchLoss(model, InfoNCE(temperature=0.1, form="query_document"))
+    args = training_args(tmp_path, max_steps=1, batch_sampler=sampler, prompts=PROMPTS)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=loss, callbacks=[sampler])
+    trainer.train()
+    inner = _training_samplers(trainer.callback_handler.train_dataloader)[0].inner
+    x, y = inner.last_prepared  # the embeddings the epoch was planned from (before the step)
+    torch.testing.assert_close(x, by_hand[True][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, by_hand[True][1], rtol=1e-5, atol=1e-6)
+    assert [i for b in inner.plan() for i in b.tolist()] == by_hand[True][2]
+
+
+def test_each_split_of_a_multi_dataset_run_is_embedded_with_its_own_prompts(model_dir, tmp_path):
+    from datasets import DatasetDict
+    from sentence_transformers import SentenceTransformerTrainer
+
+    model = tiny_model(model_dir)
+    pairs = builtin_pairs()
+    splits = {name: Dataset.from_dict({"anchor": pairs.queries[i:i + 8], "positive": pairs.documents[i:i + 8]})
+              for name, i in (("a", 0), ("b", 8))}
+    prompts = {"a": {"anchor": "query: "}, "b": "passage: "}  # split a: its anchors only; b: both columns
+    prompt = {("a", "anchor"): "query: ", ("a", "positive"): None, ("b", "anchor"): "passage: ",
+              ("b", "positive"): "passage: "}
+    sampler = GCBSBatches(model, q=0.9)
+    args = training_args(tmp_path, batch_sampler=sampler, prompts=prompts, per_device_train_batch_size=4)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=DatasetDict(splits),
+                                         loss=NegbatchLoss(model, InfoNCE(form="query_document")), callbacks=[sampler])
+    # The loader the trainer trains with, one sampler per split; the prompts come from the trainer's arguments.
+    split_samplers = _training_samplers(trainer.get_train_dataloader())
+    assert len(split_samplers) == 2
+    for name, split in zip(("a", "b"), split_samplers):
+        x, y = split.inner.embed(torch.arange(8).numpy())
+        for column, got in (("anchor", x), ("positive", y)):
+            want = embed_by_hand(model, splits[name][column], prompt[name, column])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{name} {column}")
 
 
 # ------------------------------------------------------------------ processes

@@ -15,7 +15,8 @@
 * ``loss_gap``, ``global_loss``, ``train_loss_in_batches`` (every ``gap_every``
   optimizer steps, the latest value): the global loss minus the loss restricted
   to the current epoch's batches, :func:`negbatch.diagnostics.global_train_gap`,
-  on the whole training set embedded by the current model. It needs one of this
+  on the whole training set embedded by the current model (with the trainer's
+  prompts, as the sampler embeds it). It needs one of this
   package's batch samplers (it reads their plan); embedding the training set is
   the cost, so choose ``gap_every`` accordingly.
 
@@ -46,7 +47,7 @@ from ...diagnostics.gap import global_train_gap
 from ...diagnostics.snr import GradientSNR
 from ...sampling.embedding import embed_dataset
 from .losses import NegbatchLoss
-from .samplers import TrainerBatchSampler, _embedder, _training_samplers
+from .samplers import TrainerBatchSampler, _training_samplers
 
 __all__ = ["NegbatchDiagnostics"]
 
@@ -260,8 +261,9 @@ class NegbatchDiagnostics(TrainerCallback):
         if len(columns) < 2:
             raise ValueError(f"the loss gap needs an anchor and a positive text column, the data set has {columns}")
         st_model = getattr(model, "module", model)
-        x = _embedder(st_model, dataset, columns[0], self.encode_batch_size)
-        y = _embedder(st_model, dataset, columns[1], self.encode_batch_size)
+        # Through the sampler: it embeds the texts with the trainer's prompts, as the model trains on them.
+        x = sampler.owner.embedder(st_model, dataset, columns[0], self.encode_batch_size)
+        y = sampler.owner.embedder(st_model, dataset, columns[1], self.encode_batch_size)
         used = sorted(i for b in batches for i in b)
         if len(used) != len(set(used)):
             raise RuntimeError("internal error: the epoch's plan repeats a row")

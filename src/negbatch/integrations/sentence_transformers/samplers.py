@@ -19,6 +19,11 @@ once, with its options) and a ``TrainerCallback`` (pass the same object in
 * :class:`RandomBatches`: a random permutation per epoch (the baseline,
   seeded like the others).
 
+**Prompts.** The model-based samplers embed the texts as the trainer's data
+collator presents them to the model: with the prompt the trainer's ``prompts``
+give each column of each data set (:func:`column_prompt`). The callback reads
+them from the trainer; without it the texts are embedded bare.
+
 **Epochs.** The trainer calls ``set_epoch`` before each epoch; the plan of an
 epoch depends on the seed and the epoch (and, for the first two, the model
 at the epoch's start).
@@ -67,7 +72,8 @@ try:  # sentence-transformers >= 6
 except ImportError:  # pragma: no cover - older versions keep it here
     from sentence_transformers.sampler import DefaultBatchSampler
 
-__all__ = ["GCBSBatches", "HardNegativeBatches", "NoDuplicateBatches", "RandomBatches", "TrainerBatchSampler"]
+__all__ = ["GCBSBatches", "HardNegativeBatches", "NoDuplicateBatches", "RandomBatches", "TrainerBatchSampler",
+           "column_prompt"]
 
 #: Where the plans go in ``TrainerState.stateful_callbacks`` (a name no callback class has,
 #: so that the trainer's own callback restoring leaves it alone).
@@ -226,6 +232,7 @@ class _NegbatchBatches(TrainerCallback):
         self.refresh_every = refresh_every
         self.shuffle_batches = bool(shuffle_batches)
         self.seed = seed
+        self.prompts: Any = None  # the trainer's, read from it as a callback (see _read_prompts)
         self.attached = False
         self._warned = False
 
@@ -277,13 +284,19 @@ class _NegbatchBatches(TrainerCallback):
         skip = set(valid_label_columns or LABEL_COLUMNS) | {"dataset_name"}
         return [c for c in dataset.column_names if c not in skip]
 
+    def embedder(self, model: nn.Module, dataset: Any, column: str, batch_size: int):
+        """``embed(indices) -> (n, d)`` of ``column``'s texts as the trainer's collator presents them
+        to the model: with the prompt the trainer's ``prompts`` give this column of this data set."""
+        name = _dataset_name(dataset)
+        return _embedder(model, dataset, column, batch_size, prompt=lambda: column_prompt(self.prompts, name, column))
+
     def warn_unattached(self) -> None:
         if not self._warned:
             self._warned = True
             warnings.warn(
                 f"{type(self).__name__} plans batches from the model; pass it in the trainer's callbacks=[...] too, "
-                f"or a run resumed from a checkpoint re-plans its epoch with the resumed model instead of replaying "
-                f"the interrupted run's batches",
+                f"or it embeds the texts without the trainer's prompts, and a run resumed from a checkpoint re-plans "
+                f"its epoch with the resumed model instead of replaying the interrupted run's batches",
                 UserWarning,
                 stacklevel=3,
             )
@@ -296,8 +309,19 @@ class _NegbatchBatches(TrainerCallback):
         return state
 
     # -- the callback -----------------------------------------------------------
+    def _read_prompts(self, args: Any, train_dataloader: Any = None) -> None:
+        # The prompts the texts are trained with are the collator's (built from args.prompts, unless
+        # the trainer was given its own data_collator); the model-based samplers embed with them, so
+        # that the plan is made from the inputs the model trains on.
+        collator = getattr(train_dataloader, "collate_fn", None)
+        self.prompts = getattr(collator, "prompts", getattr(args, "prompts", None))
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self._read_prompts(args)  # the trainer's arguments, before any loader (or evaluation) is built
+
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         self.attached = True
+        self._read_prompts(args, train_dataloader)
         saved = (state.stateful_callbacks or {}).get(STATE_KEY)
         samplers = _training_samplers(train_dataloader)
         if train_dataloader is not None and not any(s.owner is self for s in samplers):
@@ -330,18 +354,60 @@ class _NegbatchBatches(TrainerCallback):
         self._save(state, train_dataloader)
 
 
-def _embedder(model: nn.Module, dataset: Any, column: str, batch_size: int):
+def column_prompt(prompts: Any, dataset_name: str | None, column: str) -> str | None:
+    """The prompt sentence-transformers' data collator puts before ``column``'s texts.
+
+    Parameters
+    ----------
+    prompts : str or dict or None
+        The trainer's ``prompts`` (``SentenceTransformerTrainingArguments(prompts=...)``) in any of
+        its four forms: one string; ``{column: prompt}``; ``{dataset name: prompt}``;
+        ``{dataset name: {column: prompt}}``.
+    dataset_name : str or None
+        The name of a ``DatasetDict``'s split (None for a plain data set).
+    column : str
+        The text column.
+
+    Returns
+    -------
+    str or None
+        None where the collator gives the column no prompt.
+    """
+    if not prompts:
+        return None
+    if isinstance(prompts, dict):
+        if dataset_name is not None and dataset_name in prompts:
+            prompts = prompts[dataset_name]
+        elif isinstance(next(iter(prompts.values())), dict):
+            return None  # per-data-set prompts, none for this one
+    if isinstance(prompts, str):
+        return prompts
+    return prompts.get(column) if isinstance(prompts, dict) else None
+
+
+def _dataset_name(dataset: Any) -> str | None:
+    """The name sentence-transformers gives a split of a multi-dataset run: its transform adds it to
+    every row as ``dataset_name`` (what the collator keys the prompts by); None for a plain data set."""
+    return dataset[0].get("dataset_name") if len(dataset) else None
+
+
+def _embedder(model: nn.Module, dataset: Any, column: str, batch_size: int, prompt=lambda: None):
     """``embed(indices) -> (n, d)``: the column's texts through the model (eval mode, no graph:
-    the caller, embed_dataset, sets both)."""
+    the caller, embed_dataset, sets both). ``prompt()`` is the prompt to preprocess them with, asked
+    at each call: the trainer's prompts reach a sampler (as a callback) after it was built."""
     texts = list(dataset[column])
 
     def embed(indices: Tensor) -> Tensor:
         rows = [texts[i] for i in indices.tolist()]
         device = next(model.parameters()).device
+        text_prompt = prompt()
         out = []
         for start in range(0, len(rows), batch_size):
             prepare = getattr(model, "preprocess", None) or model.tokenize
-            features = prepare(rows[start : start + batch_size])
+            chunk = rows[start : start + batch_size]
+            # As the trainer's collator does: the model prepends the prompt (and marks its length for
+            # a pooling that leaves prompt tokens out).
+            features = prepare(chunk) if text_prompt is None else prepare(chunk, prompt=text_prompt)
             features = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in dict(features).items()}
             out.append(model(features)["sentence_embedding"].float().cpu())
         return torch.cat(out)
@@ -369,7 +435,8 @@ class GCBSBatches(_NegbatchBatches):
     ----------
     model : SentenceTransformer
         The model being trained; it embeds the training set's first text
-        column (anchors, X) and second (positives, Y) before each epoch.
+        column (anchors, X) and second (positives, Y) before each epoch, with
+        the trainer's prompts for those columns.
     q : float, default 0.999
         Quantile of ``X Yᵀ`` above which pairs become edges (the paper's value).
     refresh_every : int, optional
@@ -424,8 +491,8 @@ class GCBSBatches(_NegbatchBatches):
             raise RuntimeError("this GCBSBatches was restored from a pickle without its model; build a new one")
         if len(columns) < 2:
             raise ValueError(f"GCBS needs an anchor and a positive text column, the data set has {columns}")
-        x = _embedder(self.model, dataset, columns[0], self.encode_batch_size)
-        y = _embedder(self.model, dataset, columns[1], self.encode_batch_size)
+        x = self.embedder(self.model, dataset, columns[0], self.encode_batch_size)
+        y = self.embedder(self.model, dataset, columns[1], self.encode_batch_size)
         return GCBSampler(lambda i: (x(i), y(i)), len(dataset), batch_size, model=self.model, q=self.q,
                           chunk_size=self.encode_batch_size * 16, method=self.method, **common)
 
@@ -468,7 +535,7 @@ class HardNegativeBatches(_NegbatchBatches):
             raise RuntimeError("this HardNegativeBatches was restored from a pickle without its model; build a new one")
         if not columns:
             raise ValueError("the data set has no text column to cluster")
-        x = _embedder(self.model, dataset, columns[0], self.encode_batch_size)
+        x = self.embedder(self.model, dataset, columns[0], self.encode_batch_size)
         return HardNegativeBatchSampler(x, len(dataset), batch_size, model=self.model, num_clusters=self.num_clusters,
                                         chunk_size=self.encode_batch_size * 16, **common)
 
