@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 
 import pytest
@@ -128,6 +129,29 @@ def test_bad_arguments_are_named(model_dir):
         RandomBatches()(list(range(10)), batch_size=2, drop_last=False)
     with pytest.raises(ValueError, match="anchor and a positive text column"):
         plan(GCBSBatches(model), Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 2]}), batch_size=2)
+
+
+@pytest.mark.parametrize("name, instead", [("GCBSBatches", "GCBSBatches(model, ...)"),
+                                           ("HardNegativeBatches", "HardNegativeBatches(model, ...)"),
+                                           ("NoDuplicateBatches", "NoDuplicateBatches()"),
+                                           ("RandomBatches", "RandomBatches()"),
+                                           ("TrainerBatchSampler", "GCBSBatches(model, ...)")])
+def test_a_sampler_class_as_batch_sampler_is_refused_naming_what_to_pass(model_dir, tmp_path, name, instead):
+    # sentence-transformers calls a class given as batch_sampler= with (data set, batch_size=..., ...);
+    # negbatch's classes take options and failed with "unexpected keyword argument 'batch_size'" (the
+    # factories) or "missing 3 required keyword-only arguments" (TrainerBatchSampler) from inside the trainer.
+    from sentence_transformers import SentenceTransformerTrainer
+
+    from negbatch.integrations.sentence_transformers import samplers
+
+    model = tiny_model(model_dir)
+    args = training_args(tmp_path, max_steps=1, batch_sampler=getattr(samplers, name))
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=pairs_data(16),
+                                         loss=NegbatchLoss(model, InfoNCE(form="query_document")))
+    with pytest.raises(TypeError, match=rf"batch_sampler={name} passes a class.*pass batch_sampler="
+                                        rf"{re.escape(instead)}.*callbacks="):
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 def test_the_factory_pickles_without_its_model(model_dir):

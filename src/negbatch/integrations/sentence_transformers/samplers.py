@@ -4,7 +4,9 @@
 function ``(dataset, batch_size, drop_last, valid_label_columns, generator,
 seed) -> DefaultBatchSampler``. Each class here is such a function (build it
 once, with its options) and a ``TrainerCallback`` (pass the same object in
-``callbacks=[...]``):
+``callbacks=[...]``). The class itself is not: sentence-transformers would build
+a class given there from the data set and the batch size, and it is refused
+with the object to pass instead.
 
 * :class:`GCBSBatches`: global contrastive batch sampling (Sachidananda et
   al. 2023). Before each epoch the training set's anchor and positive columns
@@ -88,6 +90,16 @@ def _decode_ints(text: str) -> Tensor:
     return torch.from_numpy(np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype="<i8").copy())
 
 
+def _class_refused(given: str, instead: str) -> TypeError:
+    """The error for a class passed as ``batch_sampler=``, which sentence-transformers would call
+    with the data set and the batch size."""
+    return TypeError(
+        f"batch_sampler={given} passes a class, which sentence-transformers calls with the data set and batch "
+        f"size; negbatch's samplers are objects built once with their options: pass batch_sampler={instead} in "
+        f"the training arguments and the same object in the trainer's callbacks=[...]"
+    )
+
+
 class TrainerBatchSampler(DefaultBatchSampler):
     """A negbatch :class:`~negbatch.sampling.epoch_sampler.EpochBatchSampler`
     behind sentence-transformers' batch-sampler interface (built by the
@@ -102,10 +114,15 @@ class TrainerBatchSampler(DefaultBatchSampler):
         generator: torch.Generator | None = None,
         seed: int = 0,
         *,
-        inner: EpochBatchSampler,
-        world: int,
-        owner: "_NegbatchBatches",
+        inner: EpochBatchSampler | None = None,
+        world: int = 1,
+        owner: "_NegbatchBatches | None" = None,
     ) -> None:
+        if inner is None or owner is None:
+            # A DefaultBatchSampler subclass as batch_sampler= is built by the trainer with its arguments
+            # only; this one is built by the classes below, which hold the sampling options.
+            raise _class_refused("TrainerBatchSampler", "GCBSBatches(model, ...) (or HardNegativeBatches(model, ...), "
+                                 "NoDuplicateBatches(), RandomBatches())")
         super().__init__(dataset, batch_size=batch_size, drop_last=drop_last,
                          valid_label_columns=valid_label_columns, generator=generator, seed=seed)
         self.inner = inner
@@ -222,6 +239,14 @@ class _NegbatchBatches(TrainerCallback):
     saves and restores the plans."""
 
     needs_model = False
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_NegbatchBatches":
+        # sentence-transformers calls a class given as batch_sampler= with the data set and the batch
+        # size; the constructors take options, not those, and failed with a TypeError about an
+        # unexpected 'batch_size' from inside the trainer.
+        if "batch_size" in kwargs:
+            raise _class_refused(cls.__name__, f"{cls.__name__}({'model, ...' if cls.needs_model else ''})")
+        return super().__new__(cls)
 
     def __init__(self, *, refresh_every: int | None, shuffle_batches: bool, seed: int | None) -> None:
         if refresh_every is not None and (isinstance(refresh_every, bool) or not isinstance(refresh_every, int)
