@@ -6,6 +6,7 @@ CrossBatchMemory, and checkpoints read back with weights_only=True."""
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -424,3 +425,34 @@ def test_momentum_encoder_refuses_an_encoder_that_changed_after_it_was_built():
     with pytest.raises(RuntimeError, match=r"no longer has a parameter '1.weight'.*build a new MomentumEncoder"):
         keys.update()
     assert int(keys.num_updates) == 0
+
+
+def test_rows_holding_nan_are_never_queued_even_without_the_finite_check():
+    """With check_finite=False (an fp16 loop whose GradScaler skips the steps
+    that overflow) a NaN embedding went into the queue and every later call's
+    loss was NaN until queue_size entries had pushed it out. The queue leaves
+    such rows out and warns; the next call's loss is the reference's over the
+    finite entries."""
+    loss_fn = InfoNCE(temperature=TAU, form="query_document", queue_size=8, check_finite=False)
+    q0, d0 = _views(0)
+    d0 = d0.detach().clone()
+    d0[2, 1] = float("nan")
+    with pytest.warns(RuntimeWarning, match="left out 1 of 5 rows holding NaN or inf"):
+        assert torch.isnan(loss_fn(q0, d0, indices=torch.arange(5)))  # this call's own loss shows it
+    assert loss_fn.queue.entries(0)[1].tolist() == [0, 1, 3, 4] and loss_fn.queue.dropped == 1
+    q1, d1 = _views(1)
+    got = loss_fn(q1, d1, indices=torch.arange(5, 10))
+    nq1, nd1 = ref._norm(q1), ref._norm(d1)
+    queued = [ref._norm(d0[i : i + 1])[0] for i in (0, 1, 3, 4)]
+    want = torch.stack([ref.softmax_anchor(nq1[i], [nd1[i]], [nd1[j] for j in range(5) if j != i] + queued, TAU)
+                        for i in range(5)]).mean()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    q = NegativeQueue(4)
+    with pytest.warns(RuntimeWarning, match="left out 2 of 3 rows"):
+        q.enqueue(0, torch.tensor([[1.0, float("inf")], [0.0, 1.0], [float("nan"), 0.0]]), torch.arange(3),
+                  torch.tensor([5, 6, 7]))
+    assert q.entries(0)[1].tolist() == [1] and q.entry_labels(0)[0].tolist() == [6] and int(q.pointer[0]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q.enqueue(0, torch.full((2, 2), 3e38), torch.arange(2))  # finite rows whose sum overflows: kept, no warning
+    assert len(q) == 3 and q.dropped == 2

@@ -124,7 +124,9 @@ class InfoNCE(SoftmaxLoss):
     check_finite : bool, default True
         Refuse inputs holding NaN or inf (one pass over them), and a learned
         log-scale (or SigLIP's bias) that an optimizer step or a loaded
-        ``state_dict`` made NaN; the error names the culprit.
+        ``state_dict`` made NaN; the error names the culprit. Off, a NaN
+        input gives a NaN loss; a queue still leaves its rows out (with a
+        warning), so that later calls are not poisoned by it.
     learnable_temperature : bool, default False
         Learn the temperature as CLIP does (:class:`negbatch.losses.LearnableTemperature`:
         ``log(1/tau)`` a parameter of this module, the scale clamped to

@@ -17,7 +17,9 @@ CrossBatchMemory and lightly's ``memory_bank_size`` are such queues.
 3. enqueues the batch's embeddings, detached, *after* the loss: the
    entries of this step are negatives from the next step on. Under
    ``torch.distributed`` it enqueues the batch of every rank, so that every
-   rank's queue is the same.
+   rank's queue is the same. Rows holding NaN or inf are left out (with a
+   warning), also when the loss's own ``check_finite`` is off: one such row
+   would make the loss of every later call NaN until it leaves the queue.
 
 The queue's entries are the candidates of the direction they were taken
 from: for ``two_view`` both views of every sample (2B entries per step);
@@ -28,8 +30,12 @@ direction.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
+
+from .._checks import all_finite
 
 __all__ = ["NegativeQueue"]
 
@@ -58,6 +64,10 @@ class NegativeQueue(nn.Module):
     first (a float32 sanity check before ``torch.autocast`` training, a
     bfloat16 checkpoint evaluated in float32, the loss moved with
     ``.double()``) is stored, not refused.
+
+    Rows holding NaN or inf are never stored: :meth:`enqueue` leaves them
+    out and warns, and ``dropped`` counts them (since the queue was built;
+    not saved with the state).
 
     Examples
     --------
@@ -90,6 +100,8 @@ class NegativeQueue(nn.Module):
         self.register_buffer("labelled", torch.zeros(roles, size, dtype=torch.bool))
         self.register_buffer("pointer", torch.zeros(roles, dtype=torch.long))
         self.register_buffer("filled", torch.zeros(roles, dtype=torch.long))
+        #: Rows that :meth:`enqueue` left out because they held NaN or inf.
+        self.dropped = 0
 
     @property
     def roles(self) -> int:
@@ -128,7 +140,8 @@ class NegativeQueue(nn.Module):
         """Append detached ``embeddings`` (E, d) with their data-set
         ``indices`` (E,) and optional ``labels`` (E,), overwriting the oldest
         entries once the queue is full (of more than ``size`` rows, only the
-        last ``size`` are kept)."""
+        last ``size`` are kept). Rows holding NaN or inf are left out, with a
+        warning (counted in ``dropped``)."""
         self._role(role)
         if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or not embeddings.is_floating_point():
             got = f"shape {tuple(embeddings.shape)}, dtype {embeddings.dtype}" if isinstance(embeddings, Tensor) \
@@ -147,6 +160,9 @@ class NegativeQueue(nn.Module):
         if self.embeddings.shape[2] != d:
             # The first entries decide the width and the dtype.
             self._allocate((self.roles, self.size, d), embeddings.dtype)
+        if not all_finite(embeddings):
+            embeddings, indices, labels = self._finite_rows(embeddings, indices, labels)
+            e = embeddings.shape[0]
         if e > self.size:
             embeddings, indices = embeddings[-self.size :], indices[-self.size :]
             labels = labels[-self.size :] if labels is not None else None
@@ -162,6 +178,30 @@ class NegativeQueue(nn.Module):
         self.labelled[role, slots] = labels is not None
         self.pointer[role] = (start + e) % self.size
         self.filled[role] = min(self.size, int(self.filled[role]) + e)
+
+    def _finite_rows(self, embeddings: Tensor, indices: Tensor,
+                     labels: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The rows of ``embeddings`` without NaN or inf, with their indices and labels.
+
+        Left out rather than refused: a loss built with ``check_finite=False``
+        (an fp16 loop whose GradScaler skips the steps that overflow) returns
+        this call's NaN loss and goes on; a queued NaN row would turn the loss
+        of every later step NaN, each skipped in turn, until ``size`` entries
+        had pushed it out. Raising here would stop the very loop that chose to
+        let the scaler handle overflows.
+        """
+        keep = torch.isfinite(embeddings).all(dim=1)
+        left_out = int((~keep).sum())
+        if not left_out:  # finite rows whose sum overflowed (all_finite's slow path)
+            return embeddings, indices, labels
+        self.dropped += left_out
+        warnings.warn(
+            f"NegativeQueue: left out {left_out} of {embeddings.shape[0]} rows holding NaN or inf (the queue keeps "
+            "finite entries only); check the encoder's output (learning rate too high, fp16 overflow)",
+            RuntimeWarning, stacklevel=3,
+        )
+        kept_labels = None if labels is None else labels[keep.to(labels.device)]
+        return embeddings[keep], indices[keep.to(indices.device)], kept_labels
 
     def check_width(self, d: int) -> None:
         """Raise if the queue holds entries of another width than ``d``."""
