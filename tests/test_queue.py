@@ -456,3 +456,30 @@ def test_rows_holding_nan_are_never_queued_even_without_the_finite_check():
         warnings.simplefilter("error")
         q.enqueue(0, torch.full((2, 2), 3e38), torch.arange(2))  # finite rows whose sum overflows: kept, no warning
     assert len(q) == 3 and q.dropped == 2
+
+
+def test_a_first_call_under_autocast_does_not_make_the_queue_bfloat16():
+    """The first entries decided the queue's dtype: a first step under
+    torch.autocast left a bfloat16 queue, and every later float32 entry was
+    rounded to bfloat16 (0.002 off on unit vectors). The queue keeps at least
+    float32: the bfloat16 entries exactly, the float32 ones as they came."""
+    encoder = nn.Linear(4, 3)
+    x1, x2 = torch.randn(5, 4), torch.randn(5, 4)
+    loss_fn = InfoNCE(temperature=TAU, queue_size=20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h1, h2 = encoder(x1), encoder(x2)
+        loss_fn(h1, h2, indices=torch.arange(5))
+    assert h1.dtype == torch.bfloat16 and loss_fn.queue.embeddings.dtype == torch.float32
+    stored = loss_fn.queue.entries(0)[0]
+    normalized = torch.nn.functional.normalize(h1.detach(), dim=1)  # what the loss normalised, in bfloat16
+    assert torch.equal(stored[:5], normalized.float())
+    z1, z2 = encoder(x1).detach(), encoder(x2).detach()
+    loss_fn(z1, z2, indices=torch.arange(5, 10))
+    want = torch.nn.functional.normalize(torch.cat([z1, z2]).double(), dim=1)
+    torch.testing.assert_close(loss_fn.queue.entries(0)[0][10:].double(), want, rtol=0, atol=1e-6)
+    # A bfloat16 queue saved before: loaded as float32, its entries unchanged.
+    state = {k: (v.bfloat16() if k == "queue.embeddings" else v) for k, v in _round_trip(loss_fn).items()}
+    restored = InfoNCE(temperature=TAU, queue_size=20)
+    restored.load_state_dict(state)
+    assert restored.queue.embeddings.dtype == torch.float32
+    assert torch.equal(restored.queue.embeddings, state["queue.embeddings"].float())

@@ -57,13 +57,18 @@ class NegativeQueue(nn.Module):
     ``labels`` (roles, size) long, ``labelled`` (roles, size) bool (whether
     the entry came with a label), ``pointer`` (roles,) long (the next slot to
     write) and ``filled`` (roles,) long (entries held). The width d and the
-    dtype are taken from the first enqueue; ``load_state_dict`` adopts the
-    saved width, so a fresh queue loads any checkpoint (``torch.load`` with
-    ``weights_only=True`` reads it: every entry is a tensor). Later entries
-    are cast to the queue's dtype: a call in another precision than the
-    first (a float32 sanity check before ``torch.autocast`` training, a
-    bfloat16 checkpoint evaluated in float32, the loss moved with
-    ``.double()``) is stored, not refused.
+    dtype are taken from the first enqueue, the dtype at least float32:
+    half-precision entries (under ``torch.autocast``, from a bfloat16 model)
+    are stored in float32, exactly, so that a first call under autocast does
+    not round every later full-precision entry to bfloat16 (float64 entries
+    keep float64). ``load_state_dict`` adopts the saved width and dtype (at
+    least float32 again), so a fresh queue loads any checkpoint
+    (``torch.load`` with ``weights_only=True`` reads it: every entry is a
+    tensor). Later entries are cast to the queue's dtype: a call in another
+    precision than the first (a float32 sanity check before autocast
+    training, a bfloat16 checkpoint evaluated in float32) is stored, not
+    refused; ``.double()`` (or ``.half()``) on the loss converts a filled
+    queue.
 
     Rows holding NaN or inf are never stored: :meth:`enqueue` leaves them
     out and warns, and ``dropped`` counts them (since the queue was built;
@@ -158,7 +163,7 @@ class NegativeQueue(nn.Module):
             raise ValueError(f"indices (and labels) must have shape ({e},), one per embedding")
         self.check_width(d)
         if self.embeddings.shape[2] != d:
-            # The first entries decide the width and the dtype.
+            # The first entries decide the width and the dtype (at least float32).
             self._allocate((self.roles, self.size, d), embeddings.dtype)
         if not all_finite(embeddings):
             embeddings, indices, labels = self._finite_rows(embeddings, indices, labels)
@@ -212,6 +217,11 @@ class NegativeQueue(nn.Module):
             )
 
     def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        # At least float32: a first call under autocast fixed bfloat16 for
+        # good, and every later float32 entry was rounded to it (and the
+        # dtype depended on which call came first). Half-precision entries
+        # are exact in float32.
+        dtype = torch.promote_types(dtype, torch.float32)
         # Never an inference tensor, even when the first call runs under
         # torch.inference_mode() (an evaluation pass, a sanity check): later
         # enqueues outside that mode could not write into it.
