@@ -483,3 +483,40 @@ def test_a_first_call_under_autocast_does_not_make_the_queue_bfloat16():
     restored.load_state_dict(state)
     assert restored.queue.embeddings.dtype == torch.float32
     assert torch.equal(restored.queue.embeddings, state["queue.embeddings"].float())
+
+
+def _batch_norm64(h, mean, var, bn):
+    return (h - mean) / torch.sqrt(var + bn.eps) * bn.weight.double() + bn.bias.double()
+
+
+def test_the_momentum_copy_runs_in_the_encoder_s_mode():
+    """Built from an encoder in eval mode, the copy stayed in eval mode once
+    the encoder trained: its BatchNorm normalised the keys by running
+    statistics it never updated, unlike MoCo's key encoder (trained beside
+    the query encoder). The copy follows the encoder's mode, module by module;
+    eval() on the MomentumEncoder runs it in eval mode. Outputs against a
+    float64 BatchNorm written out."""
+    torch.manual_seed(0)
+    online = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
+    keys = MomentumEncoder(online, momentum=0.9)
+    bn = keys.encoder[1]
+    x = torch.randn(8, 4)
+    h = keys.encoder[0](x).double()
+    online.train()
+    out = keys(x)
+    mean, var = h.mean(0), h.var(0, unbiased=False)
+    torch.testing.assert_close(out.double(), _batch_norm64(h, mean, var, bn), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn.running_mean.double(), 0.1 * mean, rtol=1e-5, atol=1e-6)  # updated once
+    running = bn.running_mean.double(), bn.running_var.double()
+    online.eval()
+    torch.testing.assert_close(keys(x).double(), _batch_norm64(h, *running, bn), rtol=1e-5, atol=1e-5)
+    online.train()
+    online[1].eval()  # a frozen BatchNorm in a training encoder
+    torch.testing.assert_close(keys(x).double(), _batch_norm64(h, *running, bn), rtol=1e-5, atol=1e-5)
+    assert keys.encoder.training and not bn.training
+    online.train()
+    keys.eval()
+    torch.testing.assert_close(keys(x).double(), _batch_norm64(h, *running, bn), rtol=1e-5, atol=1e-5)
+    keys.train()
+    keys(x)
+    assert bn.training

@@ -39,8 +39,13 @@ class MomentumEncoder(nn.Module):
     Attributes
     ----------
     encoder : nn.Module
-        The copy. Its buffers (BatchNorm statistics) evolve through its own
-        forward passes, as MoCo's key encoder's do. The copy is not wrapped
+        The copy. It runs in the trained encoder's mode, module by module,
+        read at every call: while the encoder trains, a BatchNorm of the copy
+        normalises the keys by their batch and its running statistics evolve
+        through the copy's own forward passes, as MoCo's key encoder's do
+        (trained beside the query encoder); after ``encoder.eval()`` it uses
+        them. ``eval()`` on the MomentumEncoder itself runs the copy in eval
+        mode whatever the encoder's mode. The copy is not wrapped
         in DDP: under ``torch.distributed`` a BatchNorm in training mode
         normalises each rank's keys by that rank's batch alone (the ranks'
         running statistics drift apart, and a checkpoint saved on rank 0
@@ -122,6 +127,22 @@ class MomentumEncoder(nn.Module):
             p.mul_(self.momentum).add_(online[name].detach().to(p.dtype), alpha=1.0 - self.momentum)
         self.num_updates += 1
 
+    def _follow_mode(self) -> None:
+        """The copy in the trained encoder's mode, module by module (eval
+        throughout when this module is in eval mode).
+
+        The copy kept the mode the encoder had when it was copied: built
+        from an encoder in eval mode (a pretrained model just evaluated), it
+        stayed there once training began, and its BatchNorm never saw a key
+        batch's statistics (nor updated its own), unlike MoCo's key encoder.
+        """
+        online = dict(self._online[0].named_modules())
+        default = self._online[0].training
+        for name, module in self.encoder.named_modules():
+            source = online.get(name)
+            module.training = self.training and (source.training if source is not None else default)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._follow_mode()
         with torch.no_grad():
             return self.encoder(*args, **kwargs)
