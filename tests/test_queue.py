@@ -520,3 +520,59 @@ def test_the_momentum_copy_runs_in_the_encoder_s_mode():
     keys.train()
     keys(x)
     assert bn.training
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_momentum_copy_moves_as_the_float64_average_says(dtype):
+    """With a bfloat16 encoder and m = 0.999, (1 - m)(θ_q - θ_k) was below
+    the resolution of θ_k: the copy stood still, or moved by rounding alone
+    (twice as far as it should in the first report). The average runs on
+    float32 masters: the copy is the float64 average rounded to its dtype,
+    through a checkpoint too."""
+    torch.manual_seed(0)
+    online = nn.Linear(6, 4).to(dtype)
+    keys = MomentumEncoder(online, momentum=0.999)
+    want = [p.detach().double() for p in keys.encoder.parameters()]
+    start = [w.clone() for w in want]
+    gen = torch.Generator().manual_seed(1)
+    for step in range(300):
+        with torch.no_grad():  # an optimizer's steps: the encoder drifts away from the copy
+            for p in online.parameters():
+                p.add_((0.01 + 0.02 * torch.randn(p.shape, generator=gen)).to(dtype))
+        want = [0.999 * w + 0.001 * p.detach().double() for w, p in zip(want, online.parameters())]
+        keys.update()
+        if step == 149:  # resume from a checkpoint halfway: the masters travel with it
+            state = _round_trip(keys)
+            assert {"master.weight", "master.bias"} <= set(state)
+            keys = MomentumEncoder(online, momentum=0.999)
+            keys.load_state_dict(state)
+    for p, w, s in zip(keys.encoder.parameters(), want, start):
+        assert p.dtype == dtype
+        assert (w - s).abs().max() > 0.2  # it has moved, by many units in the last place
+        torch.testing.assert_close(p, w.to(dtype), rtol=0, atol=0)  # the float64 average, rounded
+
+
+def test_a_half_precision_momentum_copy_loads_a_state_without_masters_and_follows_a_loaded_copy():
+    """A state saved before the masters existed loads (they start from the
+    loaded parameters), and a copy overwritten through its own
+    load_state_dict is averaged from what was loaded, not from the old
+    master."""
+    torch.manual_seed(0)
+    online = nn.Linear(6, 4).to(torch.bfloat16)
+    keys = MomentumEncoder(online, momentum=0.9)
+    keys.update()
+    state = {k: v for k, v in _round_trip(keys).items() if not k.startswith("master.")}
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(0.5)
+    for load in (keys.load_state_dict, lambda st: keys.encoder.load_state_dict(
+            {k.removeprefix("encoder."): v for k, v in st.items() if k.startswith("encoder.")})):
+        with torch.no_grad():
+            for p in keys.encoder.parameters():
+                p.mul_(3.0)  # moved away from what the state holds
+        keys.update()
+        load(state)
+        keys.update()
+        for name, p in keys.encoder.named_parameters():
+            want = 0.9 * state["encoder." + name].double() + 0.1 * dict(online.named_parameters())[name].double()
+            torch.testing.assert_close(p, want.to(torch.bfloat16), rtol=0, atol=0)

@@ -23,6 +23,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["MomentumEncoder"]
 
+#: Parameter dtypes whose moving average runs on a float32 master copy.
+_HALF = (torch.float16, torch.bfloat16)
+#: State-dict prefix of the float32 masters.
+_MASTER = "master."
+
 
 class MomentumEncoder(nn.Module):
     """An exponential moving average of an encoder's parameters (MoCo).
@@ -57,11 +62,24 @@ class MomentumEncoder(nn.Module):
     num_updates : Tensor
         EMA updates so far (saved with the state).
 
+    Parameters of the copy in bfloat16 or float16 are averaged in float32:
+    at m = 0.999 a step ``(1 - m)(θ_q - θ_k)`` lies below half a unit in
+    the last place of a bfloat16 ``θ_k`` unless the two differ by some two
+    to four times ``|θ_k|`` (float16: a quarter to a half), so the copy
+    stood still or moved by rounding alone. The average runs on a float32
+    master of each such parameter, and the copy holds its rounding; a
+    parameter written since the last update (``load_state_dict``, an
+    assignment) keeps its master if the master still rounds to it, and
+    gives it a new one otherwise.
+
     Call :meth:`update` after each optimizer step; calling the module runs
     the copy without a graph. An encoder whose parameters changed after the
     copy was made (a layer added, removed or reshaped) is refused by
-    :meth:`update`: build a new MomentumEncoder from it. ``state_dict`` holds the copy and the count
-    (tensors only: ``torch.load(..., weights_only=True)`` reads it).
+    :meth:`update`: build a new MomentumEncoder from it. ``state_dict`` holds the copy, the count
+    and the float32 masters of half-precision parameters (``master.<name>``;
+    a state without them, saved before, loads too: the masters start from
+    the loaded parameters) as tensors only: ``torch.load(..., weights_only=True)``
+    reads it.
 
     Examples
     --------
@@ -105,6 +123,10 @@ class MomentumEncoder(nn.Module):
         # A plain attribute, not a submodule: the trained encoder stays out of this state_dict.
         self._online = [online]
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        # The float32 averages of the copy's half-precision parameters, by
+        # name, with the parameter's version counter when it was last written
+        # from its master (None: not yet checked against the parameter).
+        self._masters: dict[str, tuple[Tensor, int | None]] = {}
 
     def extra_repr(self) -> str:
         return f"momentum={self.momentum}"
@@ -123,9 +145,59 @@ class MomentumEncoder(nn.Module):
         if added:
             # The copy would go on without them: keys from the old architecture, silently.
             raise RuntimeError(f"the encoder has parameters its momentum copy lacks: {added} {rebuild}")
+        m = self.momentum
         for name, p in copied.items():
-            p.mul_(self.momentum).add_(online[name].detach().to(p.dtype), alpha=1.0 - self.momentum)
+            target = online[name].detach()
+            if p.dtype not in _HALF:
+                self._masters.pop(name, None)  # a copy converted to full precision
+                p.mul_(m).add_(target.to(p.dtype), alpha=1.0 - m)
+                continue
+            master = self._master(name, p)
+            master.mul_(m).add_(target.to(device=master.device, dtype=master.dtype), alpha=1.0 - m)
+            p.copy_(master)
+            self._masters[name] = (master, p._version)
         self.num_updates += 1
+
+    def _master(self, name: str, p: Tensor) -> Tensor:
+        """The float32 average behind the copy's half-precision parameter ``name``.
+
+        Trusted while the parameter is as the last update left it (its
+        version counter unchanged); otherwise (loaded, assigned, moved to
+        another device) kept only if it still rounds to the parameter, and
+        taken from the parameter if not: a copy loaded from another state
+        must not be overwritten by an average of the old one.
+        """
+        entry = self._masters.get(name)
+        if entry is not None:
+            master, version = entry
+            if version == p._version and master.device == p.device:
+                return master
+            master = master.to(p.device)
+            if master.shape == p.shape and torch.equal(master.to(p.dtype), p):
+                return master
+        return p.detach().to(torch.float32, copy=True)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, (master, _) in self._masters.items():
+            destination[prefix + _MASTER + name] = master
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # type: ignore[override]
+        # The masters are taken as saved and checked against the loaded
+        # parameters at the next update (_master); a state without them (saved
+        # before they existed, or by a full-precision copy) leaves each to
+        # start from its parameter.
+        start = prefix + _MASTER
+        saved = {key[len(start):]: state_dict.pop(key) for key in [k for k in state_dict if k.startswith(start)]}
+        names = dict(self.encoder.named_parameters())
+        for name in saved:
+            if name not in names and strict:
+                unexpected_keys.append(start + name)
+        self._masters = {name: (value.detach().to(torch.float32, copy=True), None) for name, value in saved.items()
+                         if name in names and isinstance(value, Tensor)}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _follow_mode(self) -> None:
         """The copy in the trained encoder's mode, module by module (eval
