@@ -93,6 +93,29 @@ def test_the_scale_is_clamped_to_clip_bounds_and_keeps_its_gradient():
         LearnableTemperature("0.1")
 
 
+@pytest.mark.parametrize("bad, error, match", [
+    (math.inf, ValueError, r"max_scale must be a finite float > 1 .*got inf: an unbounded scale .*e\.g\. 1e4"),
+    (math.nan, ValueError, r"max_scale must be a finite float > 1 .*got nan"),
+    (1.0, ValueError, r"max_scale must be a finite float > 1 .*got 1\.0: .*cannot move; for a fixed temperature"),
+    (0.5, ValueError, r"max_scale must be a finite float > 1 .*got 0\.5"),
+    ("100", TypeError, r"max_scale must be a finite float > 1 .*got str"),
+    (True, TypeError, r"max_scale must be a finite float > 1 .*got bool"),
+])
+def test_max_scale_must_be_a_finite_bound_above_one(bad, error, match):
+    """max_scale=inf was accepted: the clamp bounded nothing and a diverging
+    step could take the scale to inf and the loss to NaN; at 1 the scale is
+    clamped to [1, 1] and the learnable temperature never moves."""
+    with pytest.raises(error, match=match):
+        LearnableTemperature(1.0, max_scale=bad)
+
+
+def test_a_loose_finite_max_scale_bounds_the_scale():
+    t = LearnableTemperature(0.5, max_scale=1e4)
+    with torch.no_grad():
+        t.log_scale.fill_(1e3)  # exp of it is inf in float32
+    assert t().item() == pytest.approx(1e4, rel=1e-6) and math.isfinite(t().item())
+
+
 def test_checkpoint_round_trip_and_log_values():
     loss_fn = InfoNCE(temperature=0.1, learnable_temperature=True)
     optimizer = torch.optim.SGD(loss_fn.parameters(), lr=0.5)

@@ -57,6 +57,31 @@ def average_gradient(x: Tensor) -> Tensor:
     return _AverageGradient.apply(x)
 
 
+def _check_max_scale(max_scale: object) -> float:
+    """The bound of the logit scale: a finite float above 1.
+
+    ``inf`` was accepted: the clamp then bounds nothing, and a diverging
+    step takes ``exp(log_scale)`` to inf and the loss to NaN. At 1 the scale
+    is clamped to [1, 1] and the "learnable" temperature never moves.
+    """
+    if isinstance(max_scale, bool) or not isinstance(max_scale, (int, float)):
+        raise TypeError(f"max_scale must be a finite float > 1 (the largest logit scale 1/temperature; CLIP: 100), "
+                        f"got {type(max_scale).__name__}")
+    if not math.isfinite(max_scale):
+        raise ValueError(
+            f"max_scale must be a finite float > 1 (the largest logit scale 1/temperature; CLIP: 100), got "
+            f"{max_scale!r}: an unbounded scale can overflow to inf and the loss to NaN; for a loose bound pass a "
+            "large finite one (e.g. 1e4: temperature >= 1e-4)"
+        )
+    if max_scale <= 1:
+        raise ValueError(
+            f"max_scale must be a finite float > 1 (the largest logit scale 1/temperature; CLIP: 100), got "
+            f"{max_scale!r}: the scale is kept in [1, max_scale], so at or below 1 it cannot move; for a fixed "
+            "temperature pass it as a float (a loss's temperature= with learnable_temperature=False)"
+        )
+    return float(max_scale)
+
+
 class LearnableTemperature(nn.Module):
     """The temperature as a trainable parameter in log space, clamped as CLIP.
 
@@ -65,9 +90,9 @@ class LearnableTemperature(nn.Module):
     temperature : float
         Initial temperature tau; ``1/tau`` must lie in ``[1, max_scale]``.
     max_scale : float, default 100
-        Largest logit scale ``1/tau`` (CLIP's 100: tau >= 0.01). The scale is
-        also kept >= 1 (tau <= 1), as open_clip clamps ``log_scale`` to
-        ``[0, log max_scale]``.
+        Largest logit scale ``1/tau`` (CLIP's 100: tau >= 0.01): finite and
+        above 1. The scale is also kept >= 1 (tau <= 1), as open_clip clamps
+        ``log_scale`` to ``[0, log max_scale]``.
 
     Attributes
     ----------
@@ -96,15 +121,14 @@ class LearnableTemperature(nn.Module):
 
     def __init__(self, temperature: float, *, max_scale: float = MAX_SCALE) -> None:
         super().__init__()
-        if isinstance(max_scale, bool) or not isinstance(max_scale, (int, float)) or not max_scale >= 1:
-            raise ValueError(f"max_scale must be a float >= 1 (CLIP: 100), got {max_scale!r}")
+        max_scale = _check_max_scale(max_scale)
         scale = 1.0 / check_temperature(temperature)
         if not 1.0 <= scale <= max_scale * (1 + 1e-12):
             raise ValueError(
                 f"a learnable temperature starts at 1/temperature = {scale:.4g}, which must lie in [1, {max_scale:g}] "
                 f"(CLIP clamps the logit scale to [1, 100]); pick temperature in [{1 / max_scale:g}, 1]"
             )
-        self.max_scale = float(max_scale)
+        self.max_scale = max_scale
         self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
 
     def forward(self) -> Tensor:
