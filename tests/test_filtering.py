@@ -157,3 +157,37 @@ def test_errors_from_a_filter_that_masked_too_much_name_the_filter():
     with pytest.raises(ValueError, match="negatives=12") as caught:  # short without a filter: no word of one
         InfoNCE(temperature=TAU, negatives=12)(z1[:4], z2[:4], mask=torch.eye(4, dtype=torch.bool))
     assert "filter" not in str(caught.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("margin,top", [(0.0, None), (None, 0.1)])
+def test_half_precision_embeddings_are_judged_in_float32(dtype, margin, top):
+    """Similarities of bfloat16 embeddings were products rounded to bfloat16:
+    a candidate tied with the positive (margin 0) or swapped places in the
+    top fraction by rounding. The mask is the float64 brute force's on the
+    same (rounded) embeddings, for the function and for a loss."""
+    g = torch.Generator().manual_seed(0)
+    anchors = torch.nn.functional.normalize(torch.randn(64, 32, generator=g), dim=1).to(dtype)
+    bank = torch.nn.functional.normalize(torch.randn(128, 32, generator=g), dim=1).to(dtype)
+    positive = torch.arange(64)
+    got = false_negative_mask(anchors, bank, positive, margin=margin, top=top)
+    a64, b64 = anchors.double(), bank.double()
+    want = torch.zeros(64, 128, dtype=torch.bool)
+    for i in range(64):
+        candidates = [c for c in range(128) if c != i]
+        for c in ref.similarity_filter(a64[i], b64, i, candidates, margin=margin, top=top):
+            want[i, c] = True
+    assert torch.equal(got, want)
+    # In a loss: the layout's own (normalised, half-precision) embeddings judge.
+    z1, z2 = bank[:64], bank[64:]
+    loss_fn = InfoNCE(temperature=TAU, filter_margin=margin, filter_top=top)
+    layout = loss_fn._layout(z1, z2, None, None)
+    loss_fn._filter(layout, None)
+    (direction,) = layout.directions
+    zn = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1).double()  # as the layout normalises, in dtype
+    want = torch.zeros(128, 128, dtype=torch.bool)
+    for a in range(128):
+        candidates = [c for c in range(128) if c not in (a, (a + 64) % 128)]
+        for c in ref.similarity_filter(zn[a], zn, (a + 64) % 128, candidates, margin=margin, top=top):
+            want[a, c] = True
+    assert torch.equal(direction.mask & ~torch.eye(128, dtype=torch.bool), want)

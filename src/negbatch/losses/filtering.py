@@ -73,7 +73,10 @@ def false_negative_mask(
       the anchor's ``c_i`` candidates.
 
     Candidates are the columns other than the positive(s), the anchor itself
-    and already ``excluded`` ones; only candidates are ever masked.
+    and already ``excluded`` ones; only candidates are ever masked. The
+    similarities are computed in float32 at least: half-precision
+    (bfloat16, float16) embeddings are judged by their exact float32 values,
+    not by products rounded to their precision, whose ties would decide.
 
     Parameters
     ----------
@@ -122,7 +125,11 @@ def _false_negatives(
 ) -> tuple[Tensor, Tensor]:
     """:func:`false_negative_mask` (arguments checked) and the number of candidates."""
     n, m = anchors.shape[0], bank.shape[0]
-    sim = anchors @ bank.t()
+    # Judged in float32 at least: bfloat16 products, rounded to 8 bits, tied
+    # a candidate with the positive (margin 0) or reordered the top ones, so
+    # rounding decided what was masked. Half-precision inputs are exact in float32.
+    wide = torch.promote_types(torch.promote_types(anchors.dtype, bank.dtype), torch.float32)
+    sim = anchors.to(wide) @ bank.to(wide).t()
     rows = torch.arange(n, device=anchors.device)
     candidate = torch.ones(n, m, dtype=torch.bool, device=anchors.device)
     if excluded is not None:
