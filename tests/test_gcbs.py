@@ -266,6 +266,29 @@ def test_a_state_of_another_seed_is_refused():
     RandomBatchSampler(40, 4, seed=0).load_state_dict(state)
 
 
+def test_a_state_of_another_kind_of_sampler_is_refused_by_name():
+    """A GCBSampler's state loaded into a RandomBatchSampler (and back) without
+    a word: the GCBS plan resumed as random batches, and every later epoch
+    was planned by the other kind. The refused load changes nothing; a state
+    saved before the kind was recorded still loads."""
+    x, y, _ = planted(n_clusters=4, per=10)
+    kinds = {"GCBSampler": lambda: GCBSampler(lambda i: (x[i], y[i]), 40, 4, q=0.9, seed=0),
+             "RandomBatchSampler": lambda: RandomBatchSampler(40, 4, seed=0)}
+    for saved, loading in (("GCBSampler", "RandomBatchSampler"), ("RandomBatchSampler", "GCBSampler")):
+        sampler = kinds[saved]()
+        next(iter(sampler))
+        state = sampler.state_dict(position=1)
+        assert state["kind"] == saved
+        other = kinds[loading]()
+        with pytest.raises(ValueError, match=f"state was saved by a {saved}, but this sampler is a {loading}: "
+                                             f"resume with a {saved}"):
+            other.load_state_dict(state)
+        assert other.state_dict()["plan"] is None and other.epoch == 0
+        resumed = kinds[saved]()
+        resumed.load_state_dict({k: v for k, v in state.items() if k != "kind"})  # saved before kinds were recorded
+        assert len(list(resumed)) == 9  # the rest of the saved epoch
+
+
 def test_a_state_of_another_drop_last_is_refused():
     # Loaded, the resumed epoch yielded the saved short tail (41 = 4 x 10 + 1) from a
     # drop_last=True sampler whose len() said 4 batches, or lost the tail the other way round.

@@ -261,7 +261,8 @@ class EpochBatchSampler(Sampler[list[int]]):
         already have finished the epoch), so a trainer passes where *it* is:
         ``position``, the steps it completed in the epoch, and ``epoch``, the
         epoch those steps belong to (the one just finished, the current one,
-        or, with ``position`` 0, the next).
+        or, with ``position`` 0, the next). ``kind``, the sampler's class
+        name, lets :meth:`load_state_dict` refuse a state of another kind.
         """
         for name, value, what in (("position", position, "steps done in its epoch"), ("epoch", epoch, "epoch")):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
@@ -285,6 +286,7 @@ class EpochBatchSampler(Sampler[list[int]]):
             raise ValueError(f"position={pos} is past the end of epoch {current}, which has {len(plan)} batches; "
                              f"pass the number of batches the trainer completed in that epoch")
         return {
+            "kind": type(self).__name__,
             "epoch": current,
             "position": pos if plan is not None else 0,
             "plan": None if plan is None else torch.from_numpy(np.concatenate(plan)),
@@ -319,13 +321,27 @@ class EpochBatchSampler(Sampler[list[int]]):
                              "pass a dict made by state_dict()")
         return flat, sizes.tolist()
 
+    def _check_kind(self, state: dict[str, Any]) -> None:
+        """Refuse a state saved by another kind of sampler: its plan (GCBS's
+        order, hard-negative clusters) would resume as this one's, and every
+        later epoch would be planned differently, without a word. A state
+        without ``kind`` (saved before it was recorded) is taken as it is."""
+        kind = state.get("kind")
+        if kind is not None and kind != type(self).__name__:
+            raise ValueError(
+                f"state was saved by a {kind}, but this sampler is a {type(self).__name__}: resume with a "
+                f"{kind} (the batch sampler the run was started with), or start this one afresh"
+            )
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the next iteration resumes the epoch."""
+        """Restore :meth:`state_dict`; the next iteration resumes the epoch.
+        A state saved by another kind of sampler is refused."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be the dict made by state_dict(), got {type(state).__name__}")
         missing = {"epoch", "position", "plan", "plan_sizes"} - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}; pass a dict made by state_dict()")
+        self._check_kind(state)
         for key in ("epoch", "position"):  # 2.7 was cut to 2; -3 failed at the next epoch's plan
             value = state[key]
             if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
