@@ -565,8 +565,12 @@ def test_a_half_precision_momentum_copy_loads_a_state_without_masters_and_follow
     with torch.no_grad():
         for p in online.parameters():
             p.add_(0.5)
-    for load in (keys.load_state_dict, lambda st: keys.encoder.load_state_dict(
-            {k.removeprefix("encoder."): v for k, v in st.items() if k.startswith("encoder.")})):
+
+    def copy_only(st, **kw):
+        keys.encoder.load_state_dict({k.removeprefix("encoder."): v.clone() for k, v in st.items()
+                                      if k.startswith("encoder.")}, **kw)
+
+    for load in (keys.load_state_dict, copy_only, lambda st: copy_only(st, assign=True)):
         with torch.no_grad():
             for p in keys.encoder.parameters():
                 p.mul_(3.0)  # moved away from what the state holds
@@ -576,3 +580,21 @@ def test_a_half_precision_momentum_copy_loads_a_state_without_masters_and_follow
         for name, p in keys.encoder.named_parameters():
             want = 0.9 * state["encoder." + name].double() + 0.1 * dict(online.named_parameters())[name].double()
             torch.testing.assert_close(p, want.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_a_half_precision_momentum_copy_follows_an_assigned_parameter():
+    """A parameter replaced by assignment is a new tensor, whose version
+    counter may equal the old one's: the master is trusted only while the
+    parameter keeps its storage too."""
+    online = nn.Linear(3, 2).to(torch.bfloat16)
+    keys = MomentumEncoder(online, momentum=0.5)
+    keys.update()
+    old = keys.encoder.weight
+    new = torch.full_like(old, 2.0)
+    while new._version < old._version:
+        new.add_(0)
+    keys.encoder.weight = nn.Parameter(new, requires_grad=False)
+    assert keys.encoder.weight._version == old._version
+    keys.update()
+    want = 0.5 * 2.0 + 0.5 * online.weight.detach().double()
+    torch.testing.assert_close(keys.encoder.weight, want.to(torch.bfloat16), rtol=0, atol=0)

@@ -29,6 +29,12 @@ _HALF = (torch.float16, torch.bfloat16)
 _MASTER = "master."
 
 
+def _stamp(p: Tensor) -> tuple[int, int]:
+    """What changes when a tensor is written: its storage (an assignment, a
+    device move) or its version counter (every in-place write)."""
+    return p.data_ptr(), p._version
+
+
 class MomentumEncoder(nn.Module):
     """An exponential moving average of an encoder's parameters (MoCo).
 
@@ -124,9 +130,9 @@ class MomentumEncoder(nn.Module):
         self._online = [online]
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         # The float32 averages of the copy's half-precision parameters, by
-        # name, with the parameter's version counter when it was last written
-        # from its master (None: not yet checked against the parameter).
-        self._masters: dict[str, tuple[Tensor, int | None]] = {}
+        # name, with the stamp of the parameter when it was last written from
+        # its master (None: not yet checked against the parameter).
+        self._masters: dict[str, tuple[Tensor, tuple[int, int] | None]] = {}
 
     def extra_repr(self) -> str:
         return f"momentum={self.momentum}"
@@ -155,22 +161,22 @@ class MomentumEncoder(nn.Module):
             master = self._master(name, p)
             master.mul_(m).add_(target.to(device=master.device, dtype=master.dtype), alpha=1.0 - m)
             p.copy_(master)
-            self._masters[name] = (master, p._version)
+            self._masters[name] = (master, _stamp(p))
         self.num_updates += 1
 
     def _master(self, name: str, p: Tensor) -> Tensor:
         """The float32 average behind the copy's half-precision parameter ``name``.
 
-        Trusted while the parameter is as the last update left it (its
-        version counter unchanged); otherwise (loaded, assigned, moved to
-        another device) kept only if it still rounds to the parameter, and
-        taken from the parameter if not: a copy loaded from another state
-        must not be overwritten by an average of the old one.
+        Trusted while the parameter is as the last update left it (the same
+        storage, its version counter unchanged); otherwise (loaded, assigned,
+        moved to another device) kept only if it still rounds to the
+        parameter, and taken from the parameter if not: a copy loaded from
+        another state must not be overwritten by an average of the old one.
         """
         entry = self._masters.get(name)
         if entry is not None:
-            master, version = entry
-            if version == p._version and master.device == p.device:
+            master, stamp = entry
+            if stamp == _stamp(p) and master.device == p.device:
                 return master
             master = master.to(p.device)
             if master.shape == p.shape and torch.equal(master.to(p.dtype), p):
