@@ -250,6 +250,113 @@ def test_each_split_of_a_multi_dataset_run_is_embedded_with_its_own_prompts(mode
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{name} {column}")
 
 
+# ------------------------------------------------------------------ routes and max_length
+
+ROUTES = {"anchor": "query", "positive": "document"}
+
+
+def router_model(model_dir):
+    """An asymmetric model: queries through the tiny model, documents through it and a Dense layer
+    (the Router's default route, which a text without a task takes)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Router
+
+    transformer, pooling = tiny_model(model_dir)
+    torch.manual_seed(0)
+    router = Router.for_query_document(query_modules=[transformer, pooling],
+                                       document_modules=[transformer, pooling, Dense(16, 16)])
+    return SentenceTransformer(modules=[router], device="cpu")
+
+
+def embed_through_collator(trainer, model, data):
+    """Each text column's embeddings from the features the trainer's collator makes of the rows."""
+    features, _ = trainer.collect_features(trainer.data_collator([data[i] for i in range(len(data))]))
+    model.eval()
+    with torch.no_grad():
+        return [model(f)["sentence_embedding"] for f in features]
+
+
+@pytest.mark.parametrize("router_mapping", [None, ROUTES, {"a": ROUTES, "b": {"positive": "query"}}, {"b": ROUTES}],
+                         ids=["none", "by-column", "by-dataset-and-column", "other-dataset"])
+@pytest.mark.parametrize("max_length", [None, 5, {"query": 4}], ids=["no-max", "max", "max-by-task"])
+def test_column_task_and_max_length_are_the_collators(router_mapping, max_length):
+    from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+
+    from negbatch.integrations.sentence_transformers.samplers import column_preprocess_kwargs
+
+    inputs = {"prompts": "query: ", "router_mapping": router_mapping, "max_length": max_length}
+    for name in ("a", None) if router_mapping and "a" in router_mapping else (None, "a"):
+        seen = {}
+
+        def record(texts, **kwargs):
+            seen[texts[0]] = {k: v for k, v in kwargs.items() if v is not None}
+            return {}
+
+        row = {"anchor": "anchor", "positive": "positive", **({"dataset_name": name} if name else {})}
+        SentenceTransformerDataCollator(preprocess_fn=record, **inputs)([row])
+        assert seen == {c: column_preprocess_kwargs(inputs, name, c) for c in ("anchor", "positive")}, name
+
+
+@pytest.mark.parametrize("case", ["router", "max-length", "router-and-max-length-by-task"])
+def test_gcbs_plans_from_the_inputs_the_collator_gives_the_model(model_dir, tmp_path, case):
+    # The embedding pass preprocessed every column without the task the collator gives it
+    # (router_mapping: queries and documents take other routes of a Router) and without the
+    # collator's max_length (truncation other than the model's max_seq_length).
+    from sentence_transformers import SentenceTransformerTrainer
+    from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+
+    from negbatch import gcbs_order
+
+    model = tiny_model(model_dir) if case == "max-length" else router_model(model_dir)
+    data = pairs_data(24, index=False)
+    options = {"router-and-max-length-by-task": dict(router_mapping=ROUTES, max_length={"query": 4}),
+               "router": dict(router_mapping=ROUTES), "max-length": dict(max_length=5)}[case]
+    routes = options.pop("router_mapping", None)
+    # max_length only a collator takes (sentence-transformers' arguments for this model have none).
+    collator = (SentenceTransformerDataCollator(preprocess_fn=model.preprocess, router_mapping=routes or {},
+                                                **options) if options else None)
+    sampler = GCBSBatches(model, q=0.9, shuffle_batches=False)  # the plan is the order, cut in batches
+    loss = NegbatchLoss(model, InfoNCE(temperature=0.1, form="query_document"))
+    # Without a collator of its own, the trainer builds one from the arguments' router_mapping.
+    args = training_args(tmp_path, max_steps=1, batch_sampler=sampler, router_mapping=None if collator else routes)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=loss, callbacks=[sampler],
+                                         data_collator=collator)
+    x, y = embed_through_collator(trainer, model, data)  # the model's inputs in training, before the step
+    bare = embed_by_hand(model, data["anchor"])  # without a task or a max_length
+    assert not torch.allclose(x, bare, atol=1e-3)  # the collator's inputs matter on these data
+    order = gcbs_order(x, y, 0.9).tolist()
+    assert order != gcbs_order(bare, embed_by_hand(model, data["positive"]), 0.9).tolist()
+    trainer.train()
+    inner = _training_samplers(trainer.callback_handler.train_dataloader)[0].inner
+    planned = inner.last_prepared  # the embeddings the epoch was planned from (before the step)
+    torch.testing.assert_close(planned[0], x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(planned[1], y, rtol=1e-5, atol=1e-6)
+    assert [i for b in inner.plan() for i in b.tolist()] == order
+
+
+def test_each_split_of_a_multi_dataset_run_is_embedded_with_its_own_routes(model_dir, tmp_path):
+    from datasets import DatasetDict
+    from sentence_transformers import SentenceTransformerTrainer
+
+    model = router_model(model_dir)
+    pairs = builtin_pairs()
+    splits = {name: Dataset.from_dict({"anchor": pairs.queries[i:i + 8], "positive": pairs.documents[i:i + 8]})
+              for name, i in (("a", 0), ("b", 8))}
+    routes = {"a": ROUTES, "b": {"anchor": "document", "positive": "query"}}  # split b: the other way round
+    sampler = GCBSBatches(model, q=0.9)
+    args = training_args(tmp_path, batch_sampler=sampler, per_device_train_batch_size=4, router_mapping=routes)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=DatasetDict(splits),
+                                         loss=NegbatchLoss(model, InfoNCE(form="query_document")), callbacks=[sampler])
+    # The loader the trainer trains with, one sampler per split; the routes come from the trainer's arguments.
+    split_samplers = _training_samplers(trainer.get_train_dataloader())
+    for name, split in zip(("a", "b"), split_samplers):
+        want = embed_through_collator(trainer, model, trainer.train_dataset[name])  # rows named by their split
+        for got, column in zip(split.inner.embed(torch.arange(8).numpy()), ("anchor", "positive")):
+            torch.testing.assert_close(got, want[column == "positive"], rtol=1e-5, atol=1e-6, msg=f"{name} {column}")
+            if routes[name][column] == "query":  # not the default route's
+                assert not torch.allclose(got, embed_by_hand(model, splits[name][column]), atol=1e-3), (name, column)
+
+
 # ------------------------------------------------------------------ processes
 
 

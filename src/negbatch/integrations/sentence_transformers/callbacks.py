@@ -16,9 +16,9 @@
   optimizer steps, the latest value): the global loss minus the loss restricted
   to the current epoch's batches, :func:`negbatch.diagnostics.global_train_gap`,
   on the whole training set embedded by the current model (with the trainer's
-  prompts, as the sampler embeds it). It needs one of this
-  package's batch samplers (it reads their plan); embedding the training set is
-  the cost, so choose ``gap_every`` accordingly.
+  prompts, router_mapping and max_length, as the sampler embeds it). It needs
+  one of this package's batch samplers (it reads their plan); embedding the
+  training set is the cost, so choose ``gap_every`` accordingly.
 
 The values go into the ``logs`` of the trainer's ``on_log`` event and into
 ``trainer.state.log_history``. Callbacks placed before this one (the reporting
@@ -261,7 +261,8 @@ class NegbatchDiagnostics(TrainerCallback):
         if len(columns) < 2:
             raise ValueError(f"the loss gap needs an anchor and a positive text column, the data set has {columns}")
         st_model = getattr(model, "module", model)
-        # Through the sampler: it embeds the texts with the trainer's prompts, as the model trains on them.
+        # Through the sampler: it embeds the texts with the trainer's prompts, routes and max length, as
+        # the model trains on them.
         x = sampler.owner.embedder(st_model, dataset, columns[0], self.encode_batch_size)
         y = sampler.owner.embedder(st_model, dataset, columns[1], self.encode_batch_size)
         used = sorted(i for b in batches for i in b)

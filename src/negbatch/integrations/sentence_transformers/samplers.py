@@ -21,10 +21,13 @@ with the object to pass instead.
 * :class:`RandomBatches`: a random permutation per epoch (the baseline,
   seeded like the others).
 
-**Prompts.** The model-based samplers embed the texts as the trainer's data
-collator presents them to the model: with the prompt the trainer's ``prompts``
-give each column of each data set (:func:`column_prompt`). The callback reads
-them from the trainer; without it the texts are embedded bare.
+**Prompts, routes, max_length.** The model-based samplers embed the texts as
+the trainer's data collator presents them to the model: each column of each
+data set with the prompt the trainer's ``prompts`` give it (:func:`column_prompt`),
+the task its ``router_mapping`` gives it (:func:`column_task`: a ``Router``
+sends queries and documents through other modules) and the collator's
+``max_length`` for that task (:func:`column_preprocess_kwargs`). The callback
+reads them from the trainer; without it the texts are embedded bare.
 
 **Epochs.** The trainer calls ``set_epoch`` before each epoch; the plan of an
 epoch depends on the seed and the epoch (and, for the first two, the model
@@ -55,7 +58,7 @@ from __future__ import annotations
 import base64
 import warnings
 import zlib
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -75,7 +78,11 @@ except ImportError:  # pragma: no cover - older versions keep it here
     from sentence_transformers.sampler import DefaultBatchSampler
 
 __all__ = ["GCBSBatches", "HardNegativeBatches", "NoDuplicateBatches", "RandomBatches", "TrainerBatchSampler",
-           "column_prompt"]
+           "column_prompt", "column_task", "column_preprocess_kwargs"]
+
+#: What sentence-transformers' data collator preprocesses a text column with besides its texts, by
+#: the name of the collator's attribute (and of the training argument it is built from).
+COLLATOR_INPUTS = ("prompts", "router_mapping", "max_length")
 
 #: Where the plans go in ``TrainerState.stateful_callbacks`` (a name no callback class has,
 #: so that the trainer's own callback restoring leaves it alone).
@@ -257,7 +264,9 @@ class _NegbatchBatches(TrainerCallback):
         self.refresh_every = refresh_every
         self.shuffle_batches = bool(shuffle_batches)
         self.seed = seed
-        self.prompts: Any = None  # the trainer's, read from it as a callback (see _read_prompts)
+        # The trainer's prompts, router_mapping and max_length, read from it as a callback
+        # (see _read_collator_inputs).
+        self.collator_inputs: dict[str, Any] = {}
         self.attached = False
         self._warned = False
 
@@ -311,17 +320,20 @@ class _NegbatchBatches(TrainerCallback):
 
     def embedder(self, model: nn.Module, dataset: Any, column: str, batch_size: int):
         """``embed(indices) -> (n, d)`` of ``column``'s texts as the trainer's collator presents them
-        to the model: with the prompt the trainer's ``prompts`` give this column of this data set."""
+        to the model: with the prompt, the task and the max length the trainer's ``prompts``,
+        ``router_mapping`` and collator's ``max_length`` give this column of this data set."""
         name = _dataset_name(dataset)
-        return _embedder(model, dataset, column, batch_size, prompt=lambda: column_prompt(self.prompts, name, column))
+        return _embedder(model, dataset, column, batch_size,
+                         options=lambda: column_preprocess_kwargs(self.collator_inputs, name, column))
 
     def warn_unattached(self) -> None:
         if not self._warned:
             self._warned = True
             warnings.warn(
                 f"{type(self).__name__} plans batches from the model; pass it in the trainer's callbacks=[...] too, "
-                f"or it embeds the texts without the trainer's prompts, and a run resumed from a checkpoint re-plans "
-                f"its epoch with the resumed model instead of replaying the interrupted run's batches",
+                f"or it embeds the texts without the trainer's prompts, router_mapping and max_length, and a run "
+                f"resumed from a checkpoint re-plans its epoch with the resumed model instead of replaying the "
+                f"interrupted run's batches",
                 UserWarning,
                 stacklevel=3,
             )
@@ -334,19 +346,20 @@ class _NegbatchBatches(TrainerCallback):
         return state
 
     # -- the callback -----------------------------------------------------------
-    def _read_prompts(self, args: Any, train_dataloader: Any = None) -> None:
-        # The prompts the texts are trained with are the collator's (built from args.prompts, unless
-        # the trainer was given its own data_collator); the model-based samplers embed with them, so
-        # that the plan is made from the inputs the model trains on.
+    def _read_collator_inputs(self, args: Any, train_dataloader: Any = None) -> None:
+        # The prompts, routes and max length the texts are trained with are the collator's (built
+        # from the arguments of those names, unless the trainer was given its own data_collator);
+        # the model-based samplers embed with them, so that the plan is made from the inputs the
+        # model trains on.
         collator = getattr(train_dataloader, "collate_fn", None)
-        self.prompts = getattr(collator, "prompts", getattr(args, "prompts", None))
+        self.collator_inputs = {name: getattr(collator, name, getattr(args, name, None)) for name in COLLATOR_INPUTS}
 
     def on_init_end(self, args, state, control, **kwargs):
-        self._read_prompts(args)  # the trainer's arguments, before any loader (or evaluation) is built
+        self._read_collator_inputs(args)  # the trainer's arguments, before any loader (or evaluation) is built
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         self.attached = True
-        self._read_prompts(args, train_dataloader)
+        self._read_collator_inputs(args, train_dataloader)
         saved = (state.stateful_callbacks or {}).get(STATE_KEY)
         samplers = _training_samplers(train_dataloader)
         if train_dataloader is not None and not any(s.owner is self for s in samplers):
@@ -410,29 +423,108 @@ def column_prompt(prompts: Any, dataset_name: str | None, column: str) -> str | 
     return prompts.get(column) if isinstance(prompts, dict) else None
 
 
+def column_task(router_mapping: Any, dataset_name: str | None, column: str) -> str | None:
+    """The task sentence-transformers' data collator preprocesses ``column``'s texts with: the route
+    a ``Router`` module sends them through (and a ``Transformer``'s ``query_length`` or
+    ``document_length``).
+
+    Parameters
+    ----------
+    router_mapping : dict or None
+        The trainer's ``router_mapping`` (``SentenceTransformerTrainingArguments(router_mapping=...)``)
+        in either of its two forms: ``{column: task}``; ``{dataset name: {column: task}}``.
+    dataset_name, column : str or None, str
+        As for :func:`column_prompt`.
+
+    Returns
+    -------
+    str or None
+        None where the collator gives the column no task.
+
+    Examples
+    --------
+    >>> from negbatch.integrations.sentence_transformers.samplers import column_task
+    >>> column_task({"anchor": "query", "positive": "document"}, None, "anchor")
+    'query'
+    >>> column_task({"nli": {"anchor": "query"}}, "sts", "anchor") is None
+    True
+    """
+    if not router_mapping or not isinstance(router_mapping, dict):
+        return None
+    if isinstance(next(iter(router_mapping.values())), dict):  # by data set: its own, or none at all
+        router_mapping = router_mapping.get(dataset_name, {}) if dataset_name is not None else {}
+    return router_mapping.get(column)
+
+
+def column_preprocess_kwargs(collator_inputs: Mapping[str, Any], dataset_name: str | None,
+                             column: str) -> dict[str, Any]:
+    """The keyword arguments sentence-transformers' data collator gives ``model.preprocess`` for
+    ``column``'s texts (those it leaves None left out, as ``preprocess`` takes them).
+
+    Parameters
+    ----------
+    collator_inputs : mapping
+        The collator's (or the training arguments') ``prompts`` (:func:`column_prompt`),
+        ``router_mapping`` (:func:`column_task`) and ``max_length``: an int for every column, or
+        ``{task: length}`` for the columns of those tasks. A missing key is None.
+    dataset_name, column : str or None, str
+        As for :func:`column_prompt`.
+
+    Returns
+    -------
+    dict
+        ``prompt``, ``task`` and ``max_length``, each where the collator gives one.
+
+    Examples
+    --------
+    >>> from negbatch.integrations.sentence_transformers.samplers import column_preprocess_kwargs
+    >>> inputs = {"prompts": {"anchor": "query: "}, "router_mapping": {"anchor": "query"},
+    ...           "max_length": {"query": 32}}
+    >>> column_preprocess_kwargs(inputs, None, "anchor")
+    {'prompt': 'query: ', 'task': 'query', 'max_length': 32}
+    >>> column_preprocess_kwargs(inputs, None, "positive")
+    {}
+    """
+    task = column_task(collator_inputs.get("router_mapping"), dataset_name, column)
+    kwargs = {"prompt": column_prompt(collator_inputs.get("prompts"), dataset_name, column), "task": task,
+              "max_length": _task_max_length(collator_inputs.get("max_length"), task)}
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _task_max_length(max_length: Any, task: str | None) -> int | None:
+    """The collator's truncation length for a column of ``task``: an int is every column's, a dict
+    is by task (a column without a task gets none); None leaves the model's own max_seq_length."""
+    if isinstance(max_length, dict):
+        return max_length.get(task) if task is not None else None
+    return max_length if isinstance(max_length, int) else None
+
+
 def _dataset_name(dataset: Any) -> str | None:
     """The name sentence-transformers gives a split of a multi-dataset run: its transform adds it to
-    every row as ``dataset_name`` (what the collator keys the prompts by); None for a plain data set."""
+    every row as ``dataset_name`` (what the collator keys the prompts and routes by); None for a plain
+    data set."""
     return dataset[0].get("dataset_name") if len(dataset) else None
 
 
-def _embedder(model: nn.Module, dataset: Any, column: str, batch_size: int, prompt=lambda: None):
+def _embedder(model: nn.Module, dataset: Any, column: str, batch_size: int, options=dict):
     """``embed(indices) -> (n, d)``: the column's texts through the model (eval mode, no graph:
-    the caller, embed_dataset, sets both). ``prompt()`` is the prompt to preprocess them with, asked
-    at each call: the trainer's prompts reach a sampler (as a callback) after it was built."""
+    the caller, embed_dataset, sets both). ``options()`` are the keyword arguments to preprocess them
+    with (:func:`column_preprocess_kwargs`), asked at each call: the trainer's reach a sampler (as a
+    callback) after it was built."""
     texts = list(dataset[column])
 
     def embed(indices: Tensor) -> Tensor:
         rows = [texts[i] for i in indices.tolist()]
         device = next(model.parameters()).device
-        text_prompt = prompt()
+        kwargs = options()
         out = []
         for start in range(0, len(rows), batch_size):
             prepare = getattr(model, "preprocess", None) or model.tokenize
             chunk = rows[start : start + batch_size]
             # As the trainer's collator does: the model prepends the prompt (and marks its length for
-            # a pooling that leaves prompt tokens out).
-            features = prepare(chunk) if text_prompt is None else prepare(chunk, prompt=text_prompt)
+            # a pooling that leaves prompt tokens out), a Router picks the task's route (kept in the
+            # features, for the forward) and the text is truncated at the collator's max_length.
+            features = prepare(chunk, **kwargs)
             features = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in dict(features).items()}
             out.append(model(features)["sentence_embedding"].float().cpu())
         return torch.cat(out)
