@@ -5,6 +5,9 @@ initialises a gloo process group in each, calls ``fn(rank, world_size, *args)``
 and re-raises the first failure in the test process. ``fn`` must be a
 module-level function (it is pickled where processes are spawned). Results can
 be returned through files in a temporary directory passed in ``args``.
+``timeout`` (seconds) bounds every collective: a rank left waiting for a peer
+that never joins raises instead of blocking the test (torch's default is 30
+minutes), for tests of what should not hang.
 
 The processes are forked where the platform allows it (Linux): they inherit the
 test process's imports (torch, negbatch, the test module), which a spawned
@@ -20,6 +23,7 @@ import socket
 import sys
 import tempfile
 import traceback
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -36,12 +40,13 @@ def _free_port() -> int:
 START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 
 
-def _worker(rank: int, world_size: int, port: int, error_dir: str, fn, args) -> None:
+def _worker(rank: int, world_size: int, port: int, error_dir: str, fn, args, timeout: float | None = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     torch.seed()  # forked: not the parent's generator state, the same on every rank
+    bound = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, **bound
     )
     try:
         fn(rank, world_size, *args)
@@ -60,11 +65,11 @@ def _worker(rank: int, world_size: int, port: int, error_dir: str, fn, args) -> 
     os._exit(0)
 
 
-def run_distributed(fn, world_size: int = 2, *args) -> None:
+def run_distributed(fn, world_size: int = 2, *args, timeout: float | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            mp.start_processes(_worker, args=(world_size, _free_port(), tmp, fn, args), nprocs=world_size, join=True,
-                               start_method=START_METHOD)
+            mp.start_processes(_worker, args=(world_size, _free_port(), tmp, fn, args, timeout), nprocs=world_size,
+                               join=True, start_method=START_METHOD)
         except Exception as exc:
             details = "".join(
                 open(os.path.join(tmp, name)).read() for name in sorted(os.listdir(tmp)) if name.startswith("rank")

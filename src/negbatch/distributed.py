@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
-    "is_distributed", "world_size", "rank", "gather_with_grad", "gather_nograd", "global_batch_mean", "global_batch_sum",
-    "broadcast_object",
+    "is_distributed", "world_size", "rank", "gather_with_grad", "gather_with_sizes", "gather_nograd",
+    "global_batch_mean", "global_batch_sum", "broadcast_object",
 ]
 
 
@@ -103,11 +103,18 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     index of this rank's first row in them. Ranks may hold different numbers of
     rows. Without an initialised process group it returns ``(x, 0)``.
     """
+    gathered, sizes = gather_with_sizes(x)
+    return gathered, sum(sizes[: rank()])
+
+
+def gather_with_sizes(x: Tensor) -> tuple[Tensor, list[int]]:
+    """:func:`gather_with_grad` returning every rank's number of rows (rank
+    order) instead of the offset: what tells, on every rank, which rank a
+    gathered row came from. Without a process group: ``(x, [len(x)])``."""
     if not is_distributed() or world_size() == 1:
-        return x, 0
+        return x, [x.shape[0]]
     sizes = _gather_sizes(x)
-    offset = sum(sizes[: rank()])
-    return _GatherWithGrad.apply(x, sizes, offset), offset
+    return _GatherWithGrad.apply(x, sizes, sum(sizes[: rank()])), sizes
 
 
 def global_batch_mean(per_anchor: Tensor, local_rows: int, global_rows: int) -> Tensor:
@@ -153,6 +160,17 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([int(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def every_rank(values: Tensor) -> Tensor:
+    """``values`` (a few integers, 1-d) of every rank, one row per rank in rank
+    order (every rank must call it): one small all-gather, for a decision that
+    every rank must take alike and an error that names each rank's part."""
+    if not is_distributed() or world_size() == 1:
+        return values[None]
+    every = [torch.empty_like(values) for _ in range(world_size())]
+    dist.all_gather(every, values.contiguous())
+    return torch.stack(every)
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

@@ -202,6 +202,61 @@ def _excluded_columns(
     return excluded
 
 
+def _with_positives(
+    positive_index: Tensor, self_index: Tensor | None, mask: Tensor | None, positives: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """The anchors' positives (the paired one and ``positives``, never the
+    anchor itself) and the mask with them added: a positive is never a
+    negative. ``(None, mask)`` without ``positives``."""
+    if positives is None:
+        return None, mask
+    rows = torch.arange(positive_index.shape[0], device=positive_index.device)
+    positive_mask = positives.clone()
+    positive_mask[rows, positive_index] = True
+    if self_index is not None:
+        has_self = self_index >= 0
+        positive_mask[rows[has_self], self_index[has_self]] = False
+    return positive_mask, (positive_mask if mask is None else (mask | positive_mask))
+
+
+def _population(m: int, positive_index: Tensor, self_index: Tensor | None, excluded: Tensor | None) -> Tensor:
+    """Valid candidates of every anchor: the ``m`` columns less the
+    ``excluded`` ones (:func:`_excluded_columns`), or, without them, less its
+    positive and its own column."""
+    if excluded is not None:
+        return m - excluded.sum(dim=1)
+    if self_index is None:
+        return torch.full_like(positive_index, m - 1)
+    return (self_index < 0).long().add_(m - 2)  # the anchor's own column is not a candidate
+
+
+def candidate_counts(
+    positive_index: Tensor,
+    num_candidates: int,
+    *,
+    self_index: Tensor | None = None,
+    mask: Tensor | None = None,
+    positives: Tensor | None = None,
+) -> Tensor:
+    """Valid candidates of every anchor (n,) long: what ``negatives=K`` is
+    compared with, and the negatives of ``negatives="all"``. The arguments are
+    those of :func:`select_negatives`, unchecked."""
+    _, mask = _with_positives(positive_index, self_index, mask, positives)
+    excluded = _excluded_columns(positive_index.shape[0], num_candidates, positive_index, self_index, mask)
+    return _population(num_candidates, positive_index, self_index, excluded)
+
+
+def shortage_message(k: int, short: str, fewest: int, m: int) -> str:
+    """What a :class:`ShortageError` says: ``short`` names the anchors short
+    of ``k`` candidates (how many, on which rank), ``fewest`` is the smallest
+    count among them, of ``m`` columns."""
+    return (
+        f"negatives={k} but {short} have fewer valid candidates (the fewest is {fewest} of {m} columns after "
+        f"excluding the anchor, its positive and masked candidates). Lower negatives, enlarge the batch, or pass "
+        f"on_shortage='use_all' to contrast such anchors with all their candidates."
+    )
+
+
 def sample_uniform_ranks(
     population: Tensor,
     k: int,
@@ -489,14 +544,7 @@ def _select(
             raise ValueError(f"{name} must have shape (anchors, candidates) = ({n}, {m}), got {tuple(given.shape)}")
     device = positive_index.device
     rows = torch.arange(n, device=device)
-    positive_mask = None
-    if positives is not None:
-        positive_mask = positives.clone()
-        positive_mask[rows, positive_index] = True
-        if self_index is not None:
-            has_self = self_index >= 0
-            positive_mask[rows[has_self], self_index[has_self]] = False
-        mask = positive_mask if mask is None else (mask | positive_mask)
+    positive_mask, mask = _with_positives(positive_index, self_index, mask, positives)
     excluded = _excluded_columns(n, m, positive_index, self_index, mask)
     if negatives == "all":
         plain = excluded is None
@@ -515,27 +563,17 @@ def _select(
                                  self_index=self_index, only_self_excluded=plain)
 
     k = negatives
+    population = _population(m, positive_index, self_index, excluded)
     if excluded is None and self_index is None:
         # Every anchor has the m - 1 columns besides its positive: the counts
-        # below need no pass over the rows.
-        population = torch.full_like(positive_index, m - 1)
+        # need no pass over the rows.
         any_short = k > m - 1
         short = population < k if any_short else None
     else:
-        if excluded is None:
-            population = (self_index < 0).long().add_(m - 2)  # the anchor's own column is not a candidate
-        else:
-            population = m - excluded.sum(dim=1)
         short = population < k
         any_short = bool(short.any())
     if any_short and on_shortage == "raise":
-        worst = int(population.min())
-        raise ShortageError(
-            f"negatives={k} but {int(short.sum())} anchor(s) have fewer valid candidates "
-            f"(the fewest is {worst} of {m} columns after excluding the anchor, its positive "
-            f"and masked candidates). Lower negatives, enlarge the batch, or pass "
-            f"on_shortage='use_all' to contrast such anchors with all their candidates."
-        )
+        raise ShortageError(shortage_message(k, f"{int(short.sum())} anchor(s)", int(population.min()), m))
     dense = dict(self_index=self_index, mask=mask if positives is None else (mask & ~positive_mask), positives=positives)
     if k >= m:
         # Every anchor is short (it has at most m - 1 candidates), on every rank: the

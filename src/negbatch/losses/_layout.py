@@ -31,7 +31,7 @@ order (view 1 then view 2, or queries then documents): B values per role
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from .._autocast import autocast_active
 from .._checks import (
+    BATCH_OF_ONE_HINT,
     Form,
     Negatives,
     OnShortage,
@@ -54,8 +55,12 @@ from .._checks import (
     check_same,
     check_temperature,
 )
-from ..distributed import gather_nograd, gather_with_grad, global_batch_mean, global_batch_sum
-from ..negatives import NegativeSelection, ShortageError, _select, validate_negatives
+from ..distributed import (
+    every_rank, gather_nograd, gather_with_sizes, global_batch_mean, global_batch_sum, rank, world_size,
+)
+from ..negatives import (
+    NegativeSelection, ShortageError, _select, candidate_counts, shortage_message, validate_negatives,
+)
 from .filtering import _false_negatives, check_cosine_margin, check_filter
 from .temperature import LearnableTemperature
 
@@ -96,6 +101,13 @@ class Direction:
     positives : Tensor (n, m) bool or None
         Further positives of each anchor (``positives="mask"``: the masked
         and same-label candidates), besides ``positive_index``.
+    counts_everywhere : callable or None
+        With gather and a mask: the valid candidates of the anchor(s) of
+        every sample of every rank, ``() -> Tensor (n_global,)``, when every
+        rank holds what decides them (the gathered labels, a mask gathered
+        whole); None where only this rank knows its anchors' counts (a mask
+        of its own rows, the filter, a queue). A change of ``mask`` or
+        ``positives`` must drop it.
     """
 
     anchors: Tensor
@@ -106,6 +118,7 @@ class Direction:
     row_index: Tensor
     n_rows_global: int
     positives: Tensor | None = None
+    counts_everywhere: Callable[[], Tensor] | None = None
 
     @property
     def num_excluded(self) -> int | None:
@@ -142,7 +155,7 @@ class Direction:
             return torch.cat([old, new], dim=1)
 
         return replace(self, bank=torch.cat([self.bank, columns.to(self.bank.dtype)]), mask=pad(self.mask, mask),
-                       positives=pad(self.positives, positives))
+                       positives=pad(self.positives, positives), counts_everywhere=None)
 
 
 @dataclass
@@ -150,7 +163,9 @@ class Layout:
     """The directions of one batch and its sample counts.
 
     ``n_local`` rows on this rank, ``n_global`` rows on all ranks (equal
-    without gather), this rank's rows starting at global row ``offset``.
+    without gather), this rank's rows starting at global row ``offset``;
+    ``sizes``: the rows of every rank, in rank order (``[n_local]`` without
+    gather).
     """
 
     directions: list[Direction]
@@ -164,6 +179,7 @@ class Layout:
     first: Tensor | None = None
     second: Tensor | None = None
     labels: Tensor | None = field(default=None)
+    sizes: list[int] = field(default_factory=list)
 
     def scale_anchors(self, scale: Tensor) -> None:
         """Multiply every direction's anchors by ``scale`` (a learnable
@@ -206,32 +222,54 @@ def anchor_roles(form: Form, symmetric: bool) -> int:
     return 2 if (form == "two_view" or symmetric) else 1
 
 
+def input_names(form: Form, prefix: str = "") -> tuple[str, str]:
+    """The names of a loss's two embedding inputs in errors."""
+    first, second = ("view1", "view2") if form == "two_view" else ("queries", "documents")
+    return prefix + first, prefix + second
+
+
+def across_ranks(gather: bool) -> bool:
+    """Whether a call with ``gather`` contrasts the rows of several processes."""
+    return gather and world_size() > 1
+
+
 def check_views(
     a: Tensor, b: Tensor, form: Form, check_finite: bool, parameters: Sequence[tuple[str, Tensor]] = (),
-    prefix: str = "",
+    prefix: str = "", gather: bool = False,
 ) -> None:
     """The two embedding inputs of a loss: 2-d, finite, paired row by row;
     with ``check_finite`` the loss's own scalars too (``parameters``: name
     and value as the loss will use it), which an optimizer step that diverged
     or a loaded ``state_dict`` can make NaN after construction. Errors name
-    the inputs with ``prefix`` (``"guide "``: the guide model's embeddings)."""
-    names = tuple(prefix + n for n in (("view1", "view2") if form == "two_view" else ("queries", "documents")))
+    the inputs with ``prefix`` (``"guide "``: the guide model's embeddings).
+
+    With ``gather`` on several ranks, an empty batch and non-finite inputs
+    are left to :func:`build_layout`, which finds them in the gathered rows
+    of every rank: a rank that raised here, alone, would leave the others
+    waiting in the gather. (The scalars are the same on every rank.)"""
+    names = input_names(form, prefix)
     check_embeddings(a, names[0], check_finite=False)
     check_embeddings(b, names[1], check_finite=False)
     check_same(a, b, names[0], names[1], dims=(0, 1))
-    check_nonempty(a, names[0])
+    later = across_ranks(gather)
+    if not later:
+        check_nonempty(a, names[0])
     if not check_finite:
         return
     # One sum of everything (NaN and inf make it non-finite, as may an
     # overflow): one number read back; only then each on its own, to name
     # the culprit.
-    total = _wide_sum(a) + _wide_sum(b)
-    for _, value in parameters:
-        total = total + value.detach().to(total.dtype)
+    values = ([] if later else [_wide_sum(a), _wide_sum(b)]) + [value.detach() for _, value in parameters]
+    if not values:
+        return
+    total = values[0]
+    for value in values[1:]:
+        total = total + value.to(total.dtype)
     if bool(torch.isfinite(total)):
         return
-    check_embeddings(a, names[0])
-    check_embeddings(b, names[1])
+    if not later:
+        check_embeddings(a, names[0])
+        check_embeddings(b, names[1])
     for name, value in parameters:
         if not bool(torch.isfinite(value.detach())):
             raise ValueError(
@@ -246,6 +284,7 @@ def _wide_sum(x: Tensor) -> Tensor:
 
 
 def _check_hard_negatives(hard: Tensor, queries: Tensor, check_finite: bool) -> None:
+    """``check_finite`` False: their values are checked once gathered (see :func:`check_views`)."""
     n, d = queries.shape
     check_embeddings(hard, "hard_negatives", dim=3, check_finite=check_finite)
     if hard.shape[0] != n or hard.shape[2] != d:
@@ -283,32 +322,38 @@ def build_layout(
     normalize: bool = True,
     check_finite: bool = True,
     bank: Bank = "both_views",
+    prefix: str = "",
 ) -> Layout:
     """The directions of a batch (see the module docstring).
 
-    ``a`` and ``b`` must have passed :func:`check_views`; ``hard_negatives``,
-    ``mask`` and ``labels`` are checked here (the mask once the global row
-    count is known). ``labels`` (B,) add the same-label samples of every rank
-    to the mask (hard negatives carry no label). With ``mask_as_positives``
-    the mask marks further positives (``Direction.positives``) instead of
-    false negatives. With ``gather``, every rank must call this in the same
-    step.
+    ``a`` and ``b`` must have passed :func:`check_views` (with the same
+    ``gather``); ``hard_negatives``, ``mask`` and ``labels`` are checked here
+    (the mask once the global row count is known). ``labels`` (B,) add the
+    same-label samples of every rank to the mask (hard negatives carry no
+    label). With ``mask_as_positives`` the mask marks further positives
+    (``Direction.positives``) instead of false negatives. With ``gather``,
+    every rank must call this in the same step; on several ranks, an empty
+    batch or a non-finite input of any rank makes every rank raise, naming
+    it (``prefix`` as in :func:`check_views`).
     """
     n, d = a.shape
     device = a.device
     if form == "two_view" and hard_negatives is not None:
         raise ValueError("hard_negatives applies to form='query_document' only")
     if hard_negatives is not None:
-        _check_hard_negatives(hard_negatives, a, check_finite)
+        _check_hard_negatives(hard_negatives, a, check_finite and not across_ranks(gather))
     labels = check_labels(labels, n, device)
     with_hard = hard_negatives is not None and hard_negatives.shape[1] > 0  # H = 0: none
     z = [F.normalize(x, dim=-1) for x in (a, b)] if normalize else [a, b]
     if with_hard:
         hard = F.normalize(hard_negatives, dim=-1) if normalize else hard_negatives
-        z.append(hard.reshape(n, -1))
+        z.append(hard.flatten(1))
     # One gather for every input: a single collective, one offset.
     local = torch.cat(z, dim=1) if gather else None
-    gathered, offset = gather_with_grad(local) if gather else (local, 0)
+    gathered, sizes = gather_with_sizes(local) if gather else (local, [n])
+    if across_ranks(gather):
+        _check_gathered(gathered, sizes, (*input_names(form, prefix), prefix + "hard_negatives"), d, check_finite)
+    offset = sum(sizes[: rank()]) if gather else 0
     total = gathered.shape[0] if gather else n
     rows = torch.arange(n, device=device) + offset
     if gather:
@@ -318,7 +363,7 @@ def build_layout(
     all_labels = None
     if labels is not None:
         all_labels = gather_nograd(labels) if gather else labels
-    known = dict(first=first, second=second, labels=all_labels)
+    known = dict(first=first, second=second, labels=all_labels, sizes=sizes)
 
     def merged(given: Tensor | None, columns: int) -> Tensor | None:
         """The user's mask with the same-label samples added (checked first)."""
@@ -333,12 +378,18 @@ def build_layout(
     def split(m: Tensor | None) -> dict:
         return {"mask": None, "positives": m} if mask_as_positives else {"mask": m, "positives": None}
 
+    # With gather, labels and no mask of the user's, every rank knows every
+    # anchor's candidates: the bank less the columns of the anchor's label.
+    by_label = gather and mask is None and all_labels is not None
     if form == "two_view":
         mask = merged(mask, total)
         if bank == "other_view":
+            counts = _counts_by_label(all_labels, all_labels, total) if by_label else None
             directions = [
-                Direction(z[0], second, rows, None, row_index=rows, n_rows_global=2 * total, **split(mask)),
-                Direction(z[1], first, rows, None, row_index=rows + total, n_rows_global=2 * total, **split(mask)),
+                Direction(z[0], second, rows, None, row_index=rows, n_rows_global=2 * total, **split(mask),
+                          counts_everywhere=counts),
+                Direction(z[1], first, rows, None, row_index=rows + total, n_rows_global=2 * total, **split(mask),
+                          counts_everywhere=counts),
             ]
         else:
             row_index = torch.cat([rows, rows + total])
@@ -352,6 +403,8 @@ def build_layout(
                     row_index=row_index,
                     n_rows_global=2 * total,
                     **split(mask.repeat(2, 2) if mask is not None else None),
+                    counts_everywhere=(_counts_by_label(all_labels, torch.cat([all_labels, all_labels]), 2 * total)
+                                       if by_label else None),
                 )
             ]
         return Layout(directions, n, total, offset, gather, **known)
@@ -361,15 +414,101 @@ def build_layout(
         hard_all = gathered[:, 2 * d :] if gather else z[2]
         documents = torch.cat([second, hard_all.reshape(-1, d)])
     mask = merged(mask, documents.shape[0])
-    directions = [Direction(z[0], documents, rows, None, row_index=rows, n_rows_global=total, **split(mask))]
+    all_rows = None
+    if symmetric and mask is not None:
+        # Row j of the document-to-query mask is column j of the query-to-document mask.
+        all_rows = gather_nograd(mask.to(torch.uint8)).bool() if gather else mask
+    counts = doc_counts = None
+    if gather and all_rows is not None:  # every rank holds every mask row: every anchor's count
+        counts, doc_counts = _counts_beside_positive(all_rows), _counts_beside_positive(all_rows[:, :total].t())
+    elif by_label:
+        counts = _counts_by_label(all_labels, all_labels, documents.shape[0])
+    directions = [Direction(z[0], documents, rows, None, row_index=rows, n_rows_global=total, **split(mask),
+                            counts_everywhere=counts)]
     if symmetric:
-        doc_mask = None
-        if mask is not None:
-            # Row j of the document-to-query mask is column j of the query-to-document mask.
-            all_rows = gather_nograd(mask.to(torch.uint8)).bool() if gather else mask
-            doc_mask = all_rows[:, :total].t()[offset : offset + n]
-        directions.append(Direction(z[1], first, rows, None, row_index=rows, n_rows_global=total, **split(doc_mask)))
+        doc_mask = None if all_rows is None else all_rows[:, :total].t()[offset : offset + n]
+        directions.append(Direction(z[1], first, rows, None, row_index=rows, n_rows_global=total, **split(doc_mask),
+                                    counts_everywhere=doc_counts))
     return Layout(directions, n, total, offset, gather, **known)
+
+
+def _counts_by_label(all_labels: Tensor, bank_labels: Tensor, columns: int) -> Callable[[], Tensor]:
+    """``Direction.counts_everywhere`` of a direction whose mask is the
+    same-label columns: each sample's anchors have the bank's ``columns``
+    less those of their label (their own column and their positive among
+    them). ``bank_labels`` label the bank's first columns; the rest (hard
+    negatives) have none."""
+    def counts() -> Tensor:
+        values, per_label = torch.unique(bank_labels, return_counts=True)
+        # Every sample's label is among the bank's (its positive's column).
+        return columns - per_label[torch.searchsorted(values, all_labels)]
+
+    return counts
+
+
+def _counts_beside_positive(rows: Tensor) -> Callable[[], Tensor]:
+    """``Direction.counts_everywhere`` of a query-document direction from its
+    mask ``rows`` (n_global, m) of every sample, sample j's positive at column
+    j: the columns less the masked ones and the positive."""
+    return lambda: rows.shape[1] - rows.sum(dim=1) - (~rows.diagonal()).long()
+
+
+def _check_gathered(gathered: Tensor, sizes: list[int], names: tuple[str, ...], d: int, check_finite: bool) -> None:
+    """What :func:`check_views` leaves to the gather, on every rank alike:
+    a rank without rows, and (``check_finite``) the non-finite rows of any
+    rank, named by input and rank. Normalised rows are NaN where an input was
+    NaN or inf. One number is read back when all is well."""
+    empty = [r for r, size in enumerate(sizes) if size == 0]
+    if empty:
+        raise ValueError(
+            f"{names[0]} is an empty batch (0 rows) on {_ranks(empty)}; with gather=True every rank needs at least "
+            "one row (a contrastive loss needs an anchor): split the global batch so that every rank gets rows, or "
+            "drop a last batch smaller than the number of ranks"
+        )
+    if not check_finite or bool(torch.isfinite(_wide_sum(gathered))):
+        return
+    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    columns = zip(names, (slice(0, d), slice(d, 2 * d), slice(2 * d, None)))
+    for name, cols in columns:
+        bad = ~torch.isfinite(gathered[:, cols].detach()).all(dim=1).cpu()
+        if bool(bad.any()):
+            raise ValueError(
+                f"{name} contains NaN or inf on {_ranks(owner[bad].unique().tolist())} (every rank raises this "
+                f"error); check the encoder's output (learning rate too high, fp16 overflow) before the loss"
+            )
+
+
+def _counts_by_rank(direction: Direction, layout: Layout, k: int | None) -> Tensor:
+    """Per rank (one row each): its anchors with fewer than ``k`` candidates
+    (0 without ``k``), its anchors without any, and its fewest candidates of
+    an anchor. From ``direction.counts_everywhere`` when it is known, else
+    from an all-gather (every rank must call it)."""
+    if direction.counts_everywhere is None:
+        counts = candidate_counts(direction.positive_index, direction.bank.shape[0], self_index=direction.self_index,
+                                  mask=direction.mask, positives=direction.positives)
+        mine = torch.stack([(counts < (k or 0)).sum(), (counts == 0).sum(), counts.min()])
+        return every_rank(mine)
+    counts = direction.counts_everywhere()
+    sizes = torch.tensor(layout.sizes, device=counts.device)
+    owner = torch.repeat_interleave(torch.arange(len(layout.sizes), device=counts.device), sizes)
+    per_sample = direction.anchors.shape[0] // layout.n_local  # both views of a sample are anchors of one direction
+    by_rank = torch.zeros(len(layout.sizes), dtype=torch.long, device=counts.device)
+    short = by_rank.index_add(0, owner, (counts < (k or 0)).long()) * per_sample
+    empty = by_rank.index_add(0, owner, (counts == 0).long()) * per_sample
+    fewest = torch.full_like(by_rank, torch.iinfo(torch.long).max).scatter_reduce(0, owner, counts.long(), "amin")
+    return torch.stack([short, empty, fewest], dim=1)
+
+
+def _per_rank(anchors: Sequence[int]) -> str:
+    """``2 anchor(s) on rank 1``, ``2 anchor(s) on rank 0 and 1 on rank 1``."""
+    parts = [f"{count} on rank {r}" for r, count in enumerate(anchors) if count]
+    parts[0] = parts[0].replace(" on", " anchor(s) on", 1)
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _ranks(ranks: Sequence[int]) -> str:
+    """``rank 1``, ``ranks 0, 2``."""
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
 
 
 Positives = Literal["pair", "mask"]
@@ -495,7 +634,8 @@ class BankLoss(nn.Module):
 
     def _check_views(self, a: Tensor, b: Tensor, form: Form | None = None) -> None:
         """:func:`check_views` of the loss's inputs and its own scalars."""
-        check_views(a, b, self.form if form is None else form, self.check_finite, self._own_scalars())
+        check_views(a, b, self.form if form is None else form, self.check_finite, self._own_scalars(),
+                    gather=self.gather)
 
     def _own_scalars(self) -> list[tuple[str, Tensor]]:
         """The loss's learnable scalars as the kernels use them: the
@@ -566,7 +706,9 @@ class BankLoss(nn.Module):
                 judge.anchors.detach(), judge.bank.detach(), direction.positive_index, self_index=direction.self_index,
                 excluded=direction.mask, positives=direction.positives, margin=self.filter_margin, top=self.filter_top,
             )
-            directions.append(replace(direction, mask=hit if direction.mask is None else (direction.mask | hit)))
+            # The filter judges this rank's anchors only: their counts are this rank's to tell.
+            directions.append(replace(direction, mask=hit if direction.mask is None else (direction.mask | hit),
+                                      counts_everywhere=None))
             found, count = hit.sum(), candidates
             hits, total = (found, count) if hits is None else (hits + found, total + count)
         layout.directions = directions
@@ -583,7 +725,7 @@ class BankLoss(nn.Module):
             )
         first = layout.directions[0].anchors
         a, b = guide[0], guide[1]
-        check_views(a, b, self.form, self.check_finite, prefix="guide ")
+        check_views(a, b, self.form, self.check_finite, prefix="guide ", gather=self.gather)
         if a.shape[0] != layout.n_local or a.device != first.device:
             raise ValueError(
                 f"guide embeddings must hold the batch's {layout.n_local} rows on {first.device}, "
@@ -592,20 +734,57 @@ class BankLoss(nn.Module):
         hard = guide[2] if len(guide) == 3 else None
         with torch.no_grad():
             return build_layout(a, b, hard, form=self.form, symmetric=self.symmetric, gather=self.gather,
-                                normalize=True, check_finite=self.check_finite, bank=bank)
+                                normalize=True, check_finite=self.check_finite, bank=bank, prefix="guide ")
 
-    def _negatives_of(self, direction: Direction, generator: torch.Generator | None) -> NegativeSelection:
-        """``direction.select`` under this loss's options. An anchor short of
-        K candidates is blamed on the batch; when this loss masked candidates
-        of its own (the filter) or holds a queue still filling, the error
-        says so, since lowering K or enlarging the batch is then not the fix."""
+    #: Why an anchor without negatives is refused, for the losses whose
+    #: denominator holds negatives only (DCL, GlobalInfoNCE); None: allowed.
+    needs_a_negative: str | None = None
+
+    def _no_negatives_error(self, anchors: str = "an anchor has") -> ValueError:
+        return ValueError(
+            f"{anchors} no negatives (a batch of one sample, or every candidate masked or a positive); "
+            f"{self.needs_a_negative}. {self._filter_note() or BATCH_OF_ONE_HINT}"
+        )
+
+    def _negatives_of(
+        self, direction: Direction, generator: torch.Generator | None, layout: Layout
+    ) -> NegativeSelection:
+        """``direction.select`` under this loss's options, once the ranks
+        agree (:meth:`_agree_on_candidates`). An anchor short of K candidates
+        is blamed on the batch; when this loss masked candidates of its own
+        (the filter) or holds a queue still filling, the error says so, since
+        lowering K or enlarging the batch is then not the fix."""
         try:
+            self._agree_on_candidates(direction, layout)
             return direction.select(self.negatives, generator, self.on_shortage)
         except ShortageError as error:
             notes = " ".join(note for note in (self._filter_note(), self._queue_note()) if note)
             if not notes:
                 raise
             raise ShortageError(f"{error} {notes}") from None
+
+    def _agree_on_candidates(self, direction: Direction, layout: Layout) -> None:
+        """With gather on several ranks: every rank raises, alike, when an
+        anchor of any rank has fewer than K candidates (``on_shortage=
+        "raise"``) or, for a loss that needs one, no negative. A rank that
+        raised alone would leave the others waiting in the next collective
+        (the backward's all-reduce, the next gather).
+
+        Without a mask every anchor of every rank has as many candidates:
+        the ranks agree already. With one, every rank computes every anchor's
+        count where it holds what decides it (``Direction.counts_everywhere``:
+        gathered labels, a mask gathered whole); otherwise (a mask of each
+        rank's own rows, the filter, a queue) the ranks exchange their counts
+        in one all-gather of three integers each."""
+        k = self.negatives if self.negatives != "all" and self.on_shortage == "raise" else None
+        if (len(layout.sizes) < 2 or (k is None and self.needs_a_negative is None)
+                or (direction.mask is None and direction.positives is None)):
+            return
+        short, empty, fewest = _counts_by_rank(direction, layout, k).t().tolist()
+        if k is not None and any(short):
+            raise ShortageError(shortage_message(k, _per_rank(short), min(fewest), direction.bank.shape[0]))
+        if self.needs_a_negative is not None and any(empty):
+            raise self._no_negatives_error(f"{_per_rank(empty)} have")
 
     def _filter_note(self) -> str:
         """What the false-negative filter masked in this call, for errors

@@ -261,7 +261,7 @@ class SoftmaxLoss(BankLoss):
         temperature = self._temperature(layout)
         values = []
         for i, direction in enumerate(layout.directions):
-            selection = self._negatives_of(direction, generator)
+            selection = self._negatives_of(direction, generator, layout)
             values.append(self._direction_values(direction, selection, temperature, layout, i))
         if self.queue is not None and update:
             self._enqueue(layout, all_indices, labels)
@@ -324,7 +324,7 @@ class SoftmaxLoss(BankLoss):
             same = torch.cat([same, same.new_zeros(same.shape[0], direction.bank.shape[0] - same.shape[1])], dim=1)
             mask = same if direction.mask is None else direction.mask | same
             positives = None if direction.positives is None else direction.positives & ~same
-            directions.append(replace(direction, mask=mask, positives=positives))
+            directions.append(replace(direction, mask=mask, positives=positives, counts_everywhere=None))
         layout.directions = directions
 
     def _enqueue(self, layout: Layout, all_indices: Tensor, labels: Tensor | None) -> None:

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._checks import BATCH_OF_ONE_HINT, Form, Negatives, OnShortage, Reduction, keyword_only
+from .._checks import Form, Negatives, OnShortage, Reduction, keyword_only
 from ..negatives import NegativeSelection
 from ._layout import Direction, Layout, Positives
 from ._softmax import SoftmaxLoss, count_negatives, softmax_terms
@@ -65,6 +65,8 @@ class DCL(SoftmaxLoss):
     True
     >>> weighted = DCL(temperature=0.5, sigma=0.5, negatives=8)(z1, z2, generator=torch.Generator().manual_seed(0))
     """
+
+    needs_a_negative = "DCL's denominator holds the negatives only and needs at least one"
 
     @keyword_only("DCL(temperature=0.1, negatives=16)")
     def __init__(
@@ -114,11 +116,7 @@ class DCL(SoftmaxLoss):
     def _direction_values(self, direction: Direction, selection: NegativeSelection, temperature: float,
                           layout: Layout, index: int) -> Tensor:
         if bool((count_negatives(selection, direction.bank.shape[0]) == 0).any()):
-            raise ValueError(
-                "an anchor has no negatives (a batch of one sample, or every candidate masked or a positive); "
-                f"DCL's denominator holds the negatives only and needs at least one. "
-                f"{self._filter_note() or BATCH_OF_ONE_HINT}"
-            )
+            raise self._no_negatives_error()
         lse, positive = softmax_terms(direction.anchors, direction.bank, selection, temperature, decoupled=True)
         if self.sigma is None:
             return lse - positive

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .._checks import (
-    BATCH_OF_ONE_HINT, Form, Negatives, OnShortage, Reduction, check_choice, check_flag, keyword_only,
+    Form, Negatives, OnShortage, Reduction, check_choice, check_flag, keyword_only,
     refuse_second_order,
 )
 from ..distributed import gather_nograd, is_distributed
@@ -270,6 +270,7 @@ class GlobalInfoNCE(BankLoss):
     log_nu: Tensor
     visited: Tensor
     num_updates: Tensor
+    needs_a_negative = "the normaliser Z is a mean over negatives and needs at least one"
 
     @keyword_only("GlobalInfoNCE(50000, temperature=0.1, negatives=16)", positional=1)
     def __init__(
@@ -474,13 +475,13 @@ class GlobalInfoNCE(BankLoss):
     # --------------------------------------------------------------- forward
 
     def _terms(
-        self, direction: Direction, generator, temperature: float
+        self, direction: Direction, generator, temperature: float, layout: Layout
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Positive logit (the mean over several positives), sum of shifted
         negative exponentials (with grad), the shift, the log of the number
         of negatives, and the log-sum-exp of the positives (detached; for the
         logged InfoNCE, SupCon's L_out with several), per anchor."""
-        selection = self._negatives_of(direction, generator)
+        selection = self._negatives_of(direction, generator, layout)
         anchors, bank = direction.anchors, direction.bank
         n = anchors.shape[0]
         if not selection.is_dense:
@@ -492,10 +493,7 @@ class GlobalInfoNCE(BankLoss):
         else:
             count = selection.negative_mask().sum(dim=1, dtype=torch.int32)
         if bool((count == 0).any()):
-            raise ValueError(
-                "an anchor has no negatives (a batch of one sample, or everything masked); the normaliser "
-                f"Z is a mean over negatives and needs at least one. {self._filter_note() or BATCH_OF_ONE_HINT}"
-            )
+            raise self._no_negatives_error()
         if not selection.single_positive:
             logits = selection_logits(anchors, bank, selection, temperature)
             slots = selection.positive_slots()
@@ -566,7 +564,7 @@ class GlobalInfoNCE(BankLoss):
         layout, temperature = self._prepared(a, b, hard_negatives, mask, labels, guide)
         n = a.shape[0]
         try:
-            terms = [self._terms(direction, generator, temperature) for direction in layout.directions]
+            terms = [self._terms(direction, generator, temperature, layout) for direction in layout.directions]
         except ValueError:
             if update and self.sync_state and is_distributed():
                 # The other ranks are about to gather this rank's estimates: send NaN, so
@@ -640,6 +638,6 @@ class GlobalInfoNCE(BankLoss):
         layout, temperature = self._prepared(a, b, hard_negatives, mask, labels, guide)
         parts = []
         for direction in layout.directions:
-            positive, summed, shift, log_count, _ = self._terms(direction, generator, temperature)
+            positive, summed, shift, log_count, _ = self._terms(direction, generator, temperature, layout)
             parts.append((-positive + summed.log() + shift - log_count).to(positive.dtype))
         return layout.reduce(torch.cat(parts), self.reduction)

@@ -113,7 +113,12 @@ class InfoNCE(SoftmaxLoss):
         world_size * B / B_global), whose average over the ranks is the mean;
         with ``"sum"`` its sum times world_size, whose average is the global
         sum; ``"none"`` returns this rank's per-anchor values as they are
-        (reduce them as above before DDP averages).
+        (reduce them as above before DDP averages). An error caused by one
+        rank's batch (an anchor short of K candidates, NaN, no rows) is
+        raised on every rank, naming that rank; with a mask of each rank's
+        own rows, the filter or a queue, and ``negatives=K`` under
+        ``on_shortage="raise"``, that costs one all-gather of three integers
+        per direction (see docs/losses.md).
     normalize : bool, default True
         L2-normalise the embeddings (cosine similarity).
     on_shortage : {"raise", "use_all"}, default "raise"

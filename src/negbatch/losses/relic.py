@@ -126,7 +126,7 @@ class ReLIC(BankLoss):
         # Direction (v, w) contrasts view v with view w's bank; view w's own
         # anchors (the anchors of the other direction) give p^{ww}.
         for v_side, w_side in zip(layout.directions, layout.directions[::-1]):
-            selection = self._negatives_of(v_side, generator)
+            selection = self._negatives_of(v_side, generator, layout)
             logits_vw = selection_logits(v_side.anchors, v_side.bank, selection, temperature)
             logits_ww = selection_logits(w_side.anchors, v_side.bank, selection, temperature)
             if self.detach_target:

@@ -248,7 +248,7 @@ class SigLIP(BankLoss):
         temperature = self._temperature(layout)
         bias = average_gradient(self.bias) if self.bias.requires_grad else self.bias
         values = [
-            sigmoid_values(d.anchors, d.bank, self._negatives_of(d, generator), temperature, bias)
+            sigmoid_values(d.anchors, d.bank, self._negatives_of(d, generator, layout), temperature, bias)
             for d in layout.directions
         ]
         return layout.reduce(torch.cat(values) if len(values) > 1 else values[0], self.reduction)
