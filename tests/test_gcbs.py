@@ -513,6 +513,43 @@ def test_ddp_ranks_agree_and_cover_each_sample_once(ddp_plans, n, batch, drop_la
         assert flat == expected and len(set(flat)) == len(flat)
 
 
+def _nan_on_one_rank(rank, world):
+    import torch.distributed as dist
+
+    from negbatch.sampling.epoch_sampler import EpochBatchSampler
+
+    x, y, _ = planted(per=6)  # 48 samples: rank 0 embeds 0-23, rank 1 24-47
+
+    def embed(i):
+        xs = x[i].float()
+        if rank == 1:
+            xs[0] = float("nan")  # sample 24, embedded by rank 1 only
+        return xs, y[i].float()
+
+    with pytest.raises(ValueError, match=r"embed_fn returned NaN or inf in X for 1 sample\(s\) \(e.g. indices "
+                                         r"\[24\]\), embedded by rank 1 \(every rank raises"):
+        GCBSampler(embed, 48, 8, q=0.9).plan()
+    dist.barrier()  # both ranks are in step: neither waits in the embeddings' gather
+
+    class Unplannable(EpochBatchSampler):
+        def plan_batches(self, indices, prepared, rng):
+            raise ValueError("no plan for these samples")
+
+    # Rank 0 plans alone; its error reaches the ranks waiting for the plan.
+    with pytest.raises(ValueError if rank == 0 else RuntimeError, match="no plan for these samples"):
+        Unplannable(48, 8).plan()
+    dist.barrier()
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(240)
+def test_ddp_nan_embeddings_or_a_failed_plan_raise_on_every_rank():
+    """NaN in the embeddings of one rank's share: every rank raises, naming the sample and the
+    rank (only that rank did, and the other waited in the gather); an error while rank 0 plans
+    is sent to the ranks waiting for the plan. Collectives time out after 60 s: a hang fails."""
+    run_distributed(_nan_on_one_rank, 2, timeout=60)
+
+
 def _baselines_ddp_body(rank, world, out_dir):
     from negbatch.sampling import HardNegativeBatchSampler, NoDuplicateBatchSampler
 

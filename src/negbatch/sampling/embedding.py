@@ -51,7 +51,7 @@ def _progress(iterable, total: int, enabled: bool, desc: str):
     return tqdm(iterable, total=total, desc=desc, leave=False)
 
 
-def _check_chunk(out, n: int, two_sided: bool) -> tuple[Tensor, Tensor]:
+def _check_chunk(out, n: int, two_sided: bool, check_finite: bool = True) -> tuple[Tensor, Tensor]:
     if isinstance(out, Tensor):
         if two_sided:
             raise TypeError("embed_fn must return a pair (X, Y) of tensors (anchors, positives), got one tensor")
@@ -68,7 +68,7 @@ def _check_chunk(out, n: int, two_sided: bool) -> tuple[Tensor, Tensor]:
             )
         if not t.is_floating_point():
             raise TypeError(f"embed_fn returned {name} with dtype {t.dtype}; expected a floating-point tensor")
-        if not bool(torch.isfinite(t).all()):
+        if check_finite and not bool(torch.isfinite(t).all()):
             raise ValueError(
                 f"embed_fn returned NaN or inf in {name}; check the model (diverged training, fp16 overflow)"
             )
@@ -91,7 +91,10 @@ def embed_dataset(
 
     Under ``torch.distributed`` (and ``shard=True``) every rank embeds a
     contiguous share of ``indices`` and the shares are gathered, so every rank
-    returns the embeddings of all ``indices`` in their order.
+    returns the embeddings of all ``indices`` in their order. NaN or inf in
+    any rank's share is found in the gathered embeddings: every rank raises,
+    naming the samples and the rank that embedded them (a rank that raised
+    alone would leave the others waiting in the gather).
 
     Parameters
     ----------
@@ -128,22 +131,42 @@ def embed_dataset(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
     world, rank = nbdist.world_size(), nbdist.rank()
-    mine = torch.tensor_split(idx, world)[rank] if (shard and world > 1) else idx
+    sharded = shard and world > 1
+    mine = torch.tensor_split(idx, world)[rank] if sharded else idx
     xs: list[Tensor] = []
     ys: list[Tensor] = []
     chunks = list(torch.split(mine, chunk_size))
     with eval_mode(model), torch.no_grad():
         for chunk in _progress(chunks, len(chunks), progress, "embedding"):
-            x, y = _check_chunk(embed_fn(chunk), len(chunk), two_sided)
+            x, y = _check_chunk(embed_fn(chunk), len(chunk), two_sided, check_finite=not sharded)
             xs.append(x)
             ys.append(y)
     if not xs:  # this rank's share is empty: still take part in the gather
-        probe_x, probe_y = _check_chunk(_probe(embed_fn, idx, model), 1, two_sided)
+        probe_x, probe_y = _check_chunk(_probe(embed_fn, idx, model), 1, two_sided, check_finite=False)
         xs, ys = [probe_x[:0]], [probe_y[:0]]
     x, y = torch.cat(xs), torch.cat(ys)
-    if shard and world > 1:
+    if sharded:
         x, y = nbdist.gather_nograd(x), nbdist.gather_nograd(y)
+        _check_shares_finite(x, y, idx, world)
     return x, y
+
+
+def _check_shares_finite(x: Tensor, y: Tensor, idx: Tensor, world: int) -> None:
+    """NaN or inf in the gathered embeddings of every rank's share, on every
+    rank alike: the samples and the rank that embedded them."""
+    for name, t in (("X", x), ("Y", y)):
+        bad = ~torch.isfinite(t).all(dim=1).cpu()
+        if not bool(bad.any()):
+            continue
+        shares = torch.tensor([len(share) for share in torch.tensor_split(idx, world)])
+        ranks = torch.repeat_interleave(torch.arange(world), shares)[bad].unique().tolist()
+        by = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+        samples = idx[bad]
+        raise ValueError(
+            f"embed_fn returned NaN or inf in {name} for {len(samples)} sample(s) (e.g. indices "
+            f"{samples[:5].tolist()}), embedded by {by} (every rank raises this error); check the model (diverged "
+            "training, fp16 overflow)"
+        )
 
 
 def _probe(embed_fn: EmbedFn, idx: Tensor, model):

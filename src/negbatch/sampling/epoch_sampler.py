@@ -168,12 +168,20 @@ class EpochBatchSampler(Sampler[list[int]]):
         plan = None
         if self.rank == 0 or not nbdist.is_distributed():
             start = time.perf_counter()
-            rng = self._rng(salt)
-            plan = [np.asarray(b, dtype=np.int64) for b in self.plan_batches(indices, prepared, rng)]
+            try:
+                rng = self._rng(salt)
+                plan = [np.asarray(b, dtype=np.int64) for b in self.plan_batches(indices, prepared, rng)]
+            except Exception as error:
+                # The other ranks wait for the plan: send them the error instead.
+                if self.num_replicas > 1:
+                    nbdist.broadcast_object(f"{type(error).__name__}: {error}")
+                raise
             if self.shuffle_batches:
                 plan = [plan[i] for i in rng.permutation(len(plan))]
             self.timing["order_seconds"] += time.perf_counter() - start
         plan = nbdist.broadcast_object(plan) if self.num_replicas > 1 else plan
+        if isinstance(plan, str):
+            raise RuntimeError(f"rank 0 failed to plan the epoch's batches ({plan}); see rank 0's error")
         return plan
 
     def _ensure_plan(self) -> list[np.ndarray]:
