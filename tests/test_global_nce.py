@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -200,6 +201,28 @@ def test_gamma_schedule_and_first_visit_per_sample():
         loss_fn.e_step(torch.tensor([0]), log(5.0))
     with pytest.raises(ValueError, match="gamma"):
         GlobalInfoNCE(4, gamma=1.5)
+
+
+def test_numpy_scalars_are_taken_for_the_float_arguments():
+    """gamma=np.float32(0.9) was refused ("must be a float") while 0.9 was taken: numpy's float32
+    is no Python float. Every float argument takes numbers.Real (the temperature, the filter's
+    margin and fraction, gamma and what a gamma schedule returns); bools stay refused."""
+    z1, z2 = _data(seed=4)
+    plain = GlobalInfoNCE(20, temperature=0.5, gamma=0.9, filter_margin=-0.5, filter_top=0.125).double()
+    numpy = GlobalInfoNCE(20, temperature=np.float32(0.5), gamma=np.float32(0.9), filter_margin=np.float32(-0.5),
+                          filter_top=np.float32(0.125)).double()
+    scheduled = GlobalInfoNCE(20, temperature=0.5, gamma=lambda step: np.float32(0.9), filter_margin=-0.5,
+                              filter_top=0.125).double()
+    assert numpy.temperature == 0.5 and numpy.filter_top == 0.125 and type(numpy.gamma) is float
+    for step in range(2):
+        idx = torch.arange(len(z1)) + step
+        want = plain(z1, z2, idx)
+        torch.testing.assert_close(numpy(z1, z2, idx), want, rtol=1e-6, atol=0)
+        torch.testing.assert_close(scheduled(z1, z2, idx), want, rtol=1e-6, atol=0)
+    with pytest.raises(TypeError, match="gamma must be a float"):
+        GlobalInfoNCE(4, gamma=np.True_)
+    with pytest.raises(TypeError, match="temperature must be a positive float"):
+        GlobalInfoNCE(4, temperature=True)
 
 
 def test_update_false_leaves_state_and_several_calls_update_several_times():

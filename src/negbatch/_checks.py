@@ -6,6 +6,7 @@ import difflib
 import functools
 import inspect
 import math
+from numbers import Real
 from typing import Callable, Literal, TypeVar, Union
 
 import torch
@@ -41,7 +42,8 @@ def refuse_second_order(ctx: object) -> None:
 
 
 def check_temperature(temperature: float, name: str = "temperature") -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    # Real: numpy's scalars too (np.float32 is no float), as a config or a sweep hands them over.
+    if isinstance(temperature, bool) or not isinstance(temperature, Real):
         raise TypeError(f"{name} must be a positive float, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"{name} must be a finite float > 0, got {temperature}")

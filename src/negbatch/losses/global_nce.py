@@ -25,6 +25,7 @@ one column per anchor role of that sample (see :class:`GlobalInfoNCE`).
 from __future__ import annotations
 
 import math
+from numbers import Real
 from typing import Callable, Literal, Union
 
 import torch
@@ -55,7 +56,8 @@ __all__ = ["GlobalInfoNCE"]
 
 
 def _check_gamma_value(gamma: object, name: str = "gamma") -> float:
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+    # Real: numpy's scalars too (np.float32 is no float), as a config or a sweep hands them over.
+    if isinstance(gamma, bool) or not isinstance(gamma, Real):
         raise TypeError(f"{name} must be a float in (0, 1] (or a callable step -> float), got {type(gamma).__name__}")
     if not (0.0 < float(gamma) <= 1.0):
         raise ValueError(f"{name} must lie in (0, 1], got {gamma}")
@@ -303,7 +305,7 @@ class GlobalInfoNCE(BankLoss):
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1 (the data set's size), got {num_samples}")
         if not callable(gamma):
-            _check_gamma_value(gamma)
+            gamma = _check_gamma_value(gamma)
         self._set_options(
             temperature=temperature, negatives=negatives, form=form, symmetric=symmetric, gather=gather,
             normalize=normalize, on_shortage=on_shortage, reduction=reduction, check_finite=check_finite,
