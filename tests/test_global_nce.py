@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -223,6 +224,44 @@ def test_numpy_scalars_are_taken_for_the_float_arguments():
         GlobalInfoNCE(4, gamma=np.True_)
     with pytest.raises(TypeError, match="temperature must be a positive float"):
         GlobalInfoNCE(4, temperature=True)
+
+
+def _describe(form="two_view", symmetric=False):
+    return "form='two_view'" if form == "two_view" else f"form='query_document', symmetric={symmetric}"
+
+
+@pytest.mark.parametrize("saved, loading", [
+    (dict(), dict(form="query_document", symmetric=True)),  # both R = 2: this one loaded silently
+    (dict(form="query_document", symmetric=True), dict()),
+    (dict(form="query_document"), dict()),
+    (dict(), dict(form="query_document")),
+    (dict(form="query_document", symmetric=True), dict(form="query_document")),
+])
+def test_a_state_of_another_form_is_refused_naming_both_forms(saved, loading):
+    a = GlobalInfoNCE(6, **saved)
+    a(torch.randn(4, 3), torch.randn(4, 3), torch.arange(4))
+    b = GlobalInfoNCE(6, **loading)
+    with pytest.raises(RuntimeError, match=re.escape(f"belongs to a GlobalInfoNCE with {_describe(**saved)}, this "
+                                                     f"one has {_describe(**loading)}") + ".*build the loss with "
+                                           + re.escape(_describe(**saved))):
+        b.load_state_dict(a.state_dict())
+    assert not b.visited.any() and int(b.num_updates) == 0 and not b.log_nu.any()
+    GlobalInfoNCE(6, **saved).load_state_dict(a.state_dict())  # its own form loads
+
+
+def test_a_state_saved_without_its_form_loads_and_is_judged_by_its_columns():
+    """Checkpoints of earlier versions have no state_form: they load strictly into their form, and
+    one whose column count fits no form of this loss is refused naming the forms it fits (two-view
+    and symmetric query-document, both of two columns, cannot be told apart there)."""
+    a = GlobalInfoNCE(6)
+    a(torch.randn(4, 3), torch.randn(4, 3), torch.arange(4))
+    old = {k: v for k, v in a.state_dict().items() if k != "state_form"}
+    b = GlobalInfoNCE(6)
+    b.load_state_dict(old)
+    assert torch.equal(b.log_nu, a.log_nu) and int(b.num_updates) == 1
+    with pytest.raises(RuntimeError, match=re.escape("with form='two_view' or form='query_document', symmetric=True, "
+                                                     "this one has form='query_document', symmetric=False")):
+        GlobalInfoNCE(6, form="query_document").load_state_dict(old)
 
 
 def test_update_false_leaves_state_and_several_calls_update_several_times():

@@ -134,7 +134,7 @@ def test_resumed_global_run_equals_an_uninterrupted_one(tmp_path, digits, kw, st
     assert without_times(read_metrics(tmp_path / "full")) == without_times(read_metrics(tmp_path / "cut"))
     a = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=True)["loss"]
     b = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)["loss"]
-    assert set(a) == {"loss.log_nu", "loss.visited", "loss.num_updates"} == set(b)
+    assert set(a) == {"loss.log_nu", "loss.visited", "loss.num_updates", "loss.state_form"} == set(b)
     for key in a:
         assert torch.equal(a[key], b[key]), key
     for key in ("linear_acc", "knn_acc", "final_loss"):

@@ -55,6 +55,15 @@ Gamma = Union[float, Callable[[int], float]]
 __all__ = ["GlobalInfoNCE"]
 
 
+#: The forms a state may belong to, by the code ``state_form`` saves: the
+#: columns of ``log_nu`` are that form's anchor roles.
+STATE_FORMS = (("two_view", False), ("query_document", False), ("query_document", True))
+
+
+def _describe_form(form: tuple[str, bool]) -> str:
+    return "form='two_view'" if form[0] == "two_view" else f"form='query_document', symmetric={form[1]}"
+
+
 def _check_gamma_value(gamma: object, name: str = "gamma") -> float:
     # Real: numpy's scalars too (np.float32 is no float), as a config or a sweep hands them over.
     if isinstance(gamma, bool) or not isinstance(gamma, Real):
@@ -209,9 +218,13 @@ class GlobalInfoNCE(BankLoss):
     differ, so each keeps its own; both are updated on every visit) and for
     symmetric ``query_document`` (query and document directions); R = 1
     otherwise. ``visited`` (N,) bool: whether the sample has had an E-step.
-    ``num_updates``: number of E-steps. All three are saved by
-    ``state_dict`` and follow ``.to(device)``; ``.double()`` makes ``log_nu``
-    float64.
+    ``num_updates``: number of E-steps. ``state_form``: the form the state
+    belongs to (0 ``two_view``, 1 ``query_document``, 2 symmetric
+    ``query_document``), so that ``load_state_dict`` refuses a state of
+    another form, whose columns would otherwise load silently into as many
+    columns of other roles (two-view and symmetric query-document both have
+    R = 2). All are saved by ``state_dict`` and follow ``.to(device)``;
+    ``.double()`` makes ``log_nu`` float64.
 
     Forward
     -------
@@ -320,6 +333,7 @@ class GlobalInfoNCE(BankLoss):
         self.register_buffer("log_nu", torch.zeros(num_samples, anchor_roles(form, symmetric)))
         self.register_buffer("visited", torch.zeros(num_samples, dtype=torch.bool))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("state_form", torch.tensor(STATE_FORMS.index((form, symmetric))))
         self.last_infonce: Tensor | None = None
         self.last_minibatch_loss: Tensor | None = None
 
@@ -453,6 +467,10 @@ class GlobalInfoNCE(BankLoss):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # type: ignore[override]
+        foreign = self._foreign_form(state_dict, prefix)
+        if foreign:
+            error_msgs.append(foreign)
+            return
         # A checkpoint of a run whose state diverged would otherwise pass its
         # NaN on to every later loss of those samples, as set_log_normalizers
         # refuses it for.
@@ -466,6 +484,29 @@ class GlobalInfoNCE(BankLoss):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if prefix + "state_form" not in state_dict and prefix + "state_form" in missing_keys:
+            missing_keys.remove(prefix + "state_form")  # saved before the form was: judged by log_nu's columns
+
+    def _foreign_form(self, state_dict, prefix: str) -> str:
+        """Why a saved state of another form is refused (empty: it is not):
+        by its ``state_form``, or, saved without one, by the columns of its
+        ``log_nu`` (which cannot tell two-view from symmetric query-document)."""
+        mine = STATE_FORMS[int(self.state_form)]
+        saved, log_nu = state_dict.get(prefix + "state_form"), state_dict.get(prefix + "log_nu")
+        if isinstance(saved, Tensor) and saved.numel() == 1 and 0 <= int(saved) < len(STATE_FORMS):
+            theirs = [STATE_FORMS[int(saved)]]
+        elif isinstance(log_nu, Tensor) and log_nu.dim() == 2:
+            theirs = [form for form in STATE_FORMS if anchor_roles(*form) == log_nu.shape[1]]
+        else:
+            return ""
+        if not theirs or mine in theirs:
+            return ""
+        return (
+            f"{prefix}log_nu: the checkpoint's state belongs to a GlobalInfoNCE with "
+            f"{' or '.join(_describe_form(form) for form in theirs)}, this one has {_describe_form(mine)}: its "
+            "columns are the normalisers of another form's anchor roles; build the loss with "
+            f"{_describe_form(theirs[0])} to load it"
+        )
 
     def reset_state(self) -> None:
         """Forget every sample's estimate (all samples unvisited)."""
