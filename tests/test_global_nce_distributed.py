@@ -91,6 +91,20 @@ def _bad_input_worker(rank, world, tmp):
     _duplicate(rank)
     _out_of_range(rank)
     _no_negatives_on_one_rank(rank)
+    _nan_on_one_rank(rank)
+
+
+def _nan_on_one_rank(rank):
+    # Rank 1's embeddings hold NaN (gather=False, sync_state=True): it refuses them once it has
+    # sent its indices, and sends NaN for its estimates, so that rank 0's E-step refuses too,
+    # naming rank 1. Rank 0 used to wait in the gather of the indices.
+    loss_fn = GlobalInfoNCE(10)
+    z1, z2 = torch.randn(3, 4), torch.randn(3, 4)
+    if rank == 1:
+        z2[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="view2 contains NaN" if rank == 1 else r"\(log Zhat\) of rank 1 hold NaN"):
+        loss_fn(z1, z2, torch.arange(3) + 3 * rank)
+    assert not loss_fn.visited.any()
 
 
 def _no_negatives_on_one_rank(rank):
@@ -124,9 +138,10 @@ def _every_case(rank, world, tmp):
 @pytest.mark.distributed
 def test_two_ranks_match_one_process_and_bad_indices_raise_on_every_rank(tmp_path):
     """Both forms (query_document symmetric), all and K=5 sampled negatives, a mask; then
-    duplicates across ranks, and an out-of-range index on rank 1 only: both ranks raise (no rank
-    is left waiting in a collective). One start for all (starting them is the slow part)."""
-    run_distributed(_every_case, 2, str(tmp_path))
+    duplicates across ranks, an out-of-range index, an anchor without negatives and NaN
+    embeddings on rank 1 only: both ranks raise (no rank is left waiting in a collective; each
+    collective times out after 60 s). One start for all (starting them is the slow part)."""
+    run_distributed(_every_case, 2, str(tmp_path), timeout=60)
 
 
 def _out_of_range(rank):

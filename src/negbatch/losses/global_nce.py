@@ -35,7 +35,7 @@ from .._checks import (
     Form, Negatives, OnShortage, Reduction, check_choice, check_flag, keyword_only,
     refuse_second_order,
 )
-from ..distributed import gather_nograd, is_distributed
+from ..distributed import gather_nograd, gather_with_sizes, is_distributed
 from ..negatives import selection_logits
 from ._exp import exp_floored_
 from ._layout import (
@@ -45,6 +45,7 @@ from ._layout import (
     Positives,
     anchor_roles,
     check_labels,
+    check_views,
     fused_dense,
     row_blocks,
 )
@@ -71,6 +72,20 @@ def _check_gamma_value(gamma: object, name: str = "gamma") -> float:
     if not (0.0 < float(gamma) <= 1.0):
         raise ValueError(f"{name} must lie in (0, 1], got {gamma}")
     return float(gamma)
+
+
+def _refuse_failed_ranks(all_log_zhat: Tensor, sizes: list[int]) -> None:
+    """Refuse, on every rank alike, the estimates of the ranks that sent NaN
+    or inf (a rank whose batch was refused sends NaN), naming them."""
+    if len(sizes) < 2 or bool(torch.isfinite(all_log_zhat).all()):
+        return
+    bad = ~torch.isfinite(all_log_zhat).all(dim=1).cpu()
+    ranks = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))[bad].unique().tolist()
+    raise ValueError(
+        f"the batch estimates (log Zhat) of rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))} hold NaN or "
+        "inf; the state is left unchanged on every rank (a rank whose batch failed sends NaN: see that rank's "
+        "error; with check_finite=False, NaN embeddings give NaN estimates)"
+    )
 
 
 class _PositiveAndNegativeSum(torch.autograd.Function):
@@ -567,8 +582,8 @@ class GlobalInfoNCE(BankLoss):
         self._filter(layout, guide)
         return layout, self._temperature(layout)
 
-    def _check_inputs(self, a: Tensor, b: Tensor, indices: Tensor) -> Tensor:
-        self._check_views(a, b)
+    def _check_inputs(self, a: Tensor, b: Tensor, indices: Tensor, check_finite: bool = True) -> Tensor:
+        check_views(a, b, self.form, self.check_finite and check_finite, self._own_scalars(), gather=self.gather)
         if a.device != self.log_nu.device:
             raise ValueError(
                 f"the embeddings are on {a.device} but the loss's state is on {self.log_nu.device}; "
@@ -578,12 +593,13 @@ class GlobalInfoNCE(BankLoss):
         # every rank raises together instead of leaving the others in a collective.
         return self.check_indices(indices, a.shape[0], check_range=False)
 
-    def _global_indices(self, indices: Tensor) -> Tensor:
+    def _global_indices(self, indices: Tensor) -> tuple[Tensor, list[int]]:
         """All ranks' indices (when the state is synchronised), checked once for
-        every rank so that all ranks raise together."""
+        every rank so that all ranks raise together, and every rank's number of
+        rows."""
         if self.sync_state and is_distributed():
-            return gather_nograd(indices)
-        return indices
+            return gather_with_sizes(indices)  # no gradient: an integer tensor
+        return indices, [indices.shape[0]]
 
     def forward(
         self,
@@ -599,17 +615,29 @@ class GlobalInfoNCE(BankLoss):
         update: bool = True,
     ) -> Tensor:
         check_flag(update, "update")  # update="no" would count as True and run the E-step
-        indices = self._check_inputs(a, b, indices)
-        all_indices = self._global_indices(indices) if update else indices
+        sends = update and self.sync_state and is_distributed()
+        # Without gather, the gathers of the indices and of the estimates are the only
+        # collectives: a rank that refuses its batch (NaN, a mask that leaves an anchor no
+        # negative) does so after sending its indices, and sends NaN for its estimates
+        # (below). With gather, every rank checks every rank's rows in the layout.
+        alone = not self.gather
+        finite_later = sends and alone
+        indices = self._check_inputs(a, b, indices, check_finite=not finite_later)
+        all_indices, sizes = self._global_indices(indices) if update else (indices, [indices.shape[0]])
         self.check_indices(all_indices)
         if update and self.on_duplicate == "raise":
             self._check_duplicates(all_indices)
-        layout, temperature = self._prepared(a, b, hard_negatives, mask, labels, guide)
+        if not alone:
+            layout, temperature = self._prepared(a, b, hard_negatives, mask, labels, guide)
         n = a.shape[0]
         try:
+            if finite_later:
+                self._check_views(a, b)
+            if alone:
+                layout, temperature = self._prepared(a, b, hard_negatives, mask, labels, guide)
             terms = [self._terms(direction, generator, temperature, layout) for direction in layout.directions]
         except ValueError:
-            if update and self.sync_state and is_distributed():
+            if sends:
                 # The other ranks are about to gather this rank's estimates: send NaN, so
                 # that their E-step raises too instead of waiting for this rank forever.
                 dtype = torch.promote_types(a.dtype, self.log_nu.dtype)
@@ -628,6 +656,7 @@ class GlobalInfoNCE(BankLoss):
         if update:
             local = log_zhat.view(self.num_roles, n).t()
             all_log_zhat = gather_nograd(local) if (self.sync_state and is_distributed()) else local
+            _refuse_failed_ranks(all_log_zhat, sizes)
             self.e_step(all_indices, all_log_zhat)
             log_nu = self.log_nu[indices].t().reshape(-1).to(acc)
         else:
