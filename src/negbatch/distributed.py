@@ -14,6 +14,7 @@ yields exactly the gradient of the mean over all anchors of the global batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -171,6 +172,17 @@ def every_rank(values: Tensor) -> Tensor:
     every = [torch.empty_like(values) for _ in range(world_size())]
     dist.all_gather(every, values.contiguous())
     return torch.stack(every)
+
+
+def rows_rank(sizes: Sequence[int], device: torch.device | None = None) -> Tensor:
+    """The rank holding each row of a gather of ``sizes`` rows per rank (rank
+    order): what an error that every rank raises alike names."""
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(list(sizes), device=device))
+
+
+def name_ranks(ranks: Sequence[int]) -> str:
+    """``rank 1``, ``ranks 0, 2``."""
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

@@ -56,7 +56,8 @@ from .._checks import (
     check_temperature,
 )
 from ..distributed import (
-    every_rank, gather_nograd, gather_with_sizes, global_batch_mean, global_batch_sum, rank, world_size,
+    every_rank, gather_nograd, gather_with_sizes, global_batch_mean, global_batch_sum, name_ranks, rank, rows_rank,
+    world_size,
 )
 from ..negatives import (
     NegativeSelection, ShortageError, _select, candidate_counts, shortage_message, validate_negatives,
@@ -461,19 +462,19 @@ def _check_gathered(gathered: Tensor, sizes: list[int], names: tuple[str, ...], 
     empty = [r for r, size in enumerate(sizes) if size == 0]
     if empty:
         raise ValueError(
-            f"{names[0]} is an empty batch (0 rows) on {_ranks(empty)}; with gather=True every rank needs at least "
+            f"{names[0]} is an empty batch (0 rows) on {name_ranks(empty)}; with gather=True every rank needs at least "
             "one row (a contrastive loss needs an anchor): split the global batch so that every rank gets rows, or "
             "drop a last batch smaller than the number of ranks"
         )
     if not check_finite or bool(torch.isfinite(_wide_sum(gathered))):
         return
-    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    owner = rows_rank(sizes)
     columns = zip(names, (slice(0, d), slice(d, 2 * d), slice(2 * d, None)))
     for name, cols in columns:
         bad = ~torch.isfinite(gathered[:, cols].detach()).all(dim=1).cpu()
         if bool(bad.any()):
             raise ValueError(
-                f"{name} contains NaN or inf on {_ranks(owner[bad].unique().tolist())} (every rank raises this "
+                f"{name} contains NaN or inf on {name_ranks(owner[bad].unique().tolist())} (every rank raises this "
                 f"error); check the encoder's output (learning rate too high, fp16 overflow) before the loss"
             )
 
@@ -489,8 +490,7 @@ def _counts_by_rank(direction: Direction, layout: Layout, k: int | None) -> Tens
         mine = torch.stack([(counts < (k or 0)).sum(), (counts == 0).sum(), counts.min()])
         return every_rank(mine)
     counts = direction.counts_everywhere()
-    sizes = torch.tensor(layout.sizes, device=counts.device)
-    owner = torch.repeat_interleave(torch.arange(len(layout.sizes), device=counts.device), sizes)
+    owner = rows_rank(layout.sizes, counts.device)
     per_sample = direction.anchors.shape[0] // layout.n_local  # both views of a sample are anchors of one direction
     by_rank = torch.zeros(len(layout.sizes), dtype=torch.long, device=counts.device)
     short = by_rank.index_add(0, owner, (counts < (k or 0)).long()) * per_sample
@@ -504,11 +504,6 @@ def _per_rank(anchors: Sequence[int]) -> str:
     parts = [f"{count} on rank {r}" for r, count in enumerate(anchors) if count]
     parts[0] = parts[0].replace(" on", " anchor(s) on", 1)
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
-def _ranks(ranks: Sequence[int]) -> str:
-    """``rank 1``, ``ranks 0, 2``."""
-    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
 
 
 Positives = Literal["pair", "mask"]

@@ -35,7 +35,7 @@ from .._checks import (
     Form, Negatives, OnShortage, Reduction, check_choice, check_flag, keyword_only,
     refuse_second_order,
 )
-from ..distributed import gather_nograd, gather_with_sizes, is_distributed
+from ..distributed import gather_nograd, gather_with_sizes, is_distributed, name_ranks, rows_rank
 from ..negatives import selection_logits
 from ._exp import exp_floored_
 from ._layout import (
@@ -80,11 +80,11 @@ def _refuse_failed_ranks(all_log_zhat: Tensor, sizes: list[int]) -> None:
     if len(sizes) < 2 or bool(torch.isfinite(all_log_zhat).all()):
         return
     bad = ~torch.isfinite(all_log_zhat).all(dim=1).cpu()
-    ranks = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))[bad].unique().tolist()
+    ranks = rows_rank(sizes)[bad].unique().tolist()
     raise ValueError(
-        f"the batch estimates (log Zhat) of rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))} hold NaN or "
-        "inf; the state is left unchanged on every rank (a rank whose batch failed sends NaN: see that rank's "
-        "error; with check_finite=False, NaN embeddings give NaN estimates)"
+        f"the batch estimates (log Zhat) of {name_ranks(ranks)} hold NaN or inf; the state is left unchanged on "
+        "every rank (a rank whose batch failed sends NaN: see that rank's error; with check_finite=False, NaN "
+        "embeddings give NaN estimates)"
     )
 
 

@@ -158,14 +158,12 @@ def _check_shares_finite(x: Tensor, y: Tensor, idx: Tensor, world: int) -> None:
         bad = ~torch.isfinite(t).all(dim=1).cpu()
         if not bool(bad.any()):
             continue
-        shares = torch.tensor([len(share) for share in torch.tensor_split(idx, world)])
-        ranks = torch.repeat_interleave(torch.arange(world), shares)[bad].unique().tolist()
-        by = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+        ranks = nbdist.rows_rank([len(share) for share in torch.tensor_split(idx, world)])[bad].unique().tolist()
         samples = idx[bad]
         raise ValueError(
             f"embed_fn returned NaN or inf in {name} for {len(samples)} sample(s) (e.g. indices "
-            f"{samples[:5].tolist()}), embedded by {by} (every rank raises this error); check the model (diverged "
-            "training, fp16 overflow)"
+            f"{samples[:5].tolist()}), embedded by {nbdist.name_ranks(ranks)} (every rank raises this error); check "
+            "the model (diverged training, fp16 overflow)"
         )
 
 
