@@ -736,6 +736,7 @@ class BankLoss(nn.Module):
     needs_a_negative: str | None = None
 
     def _no_negatives_error(self, anchors: str = "an anchor has") -> ValueError:
+        """The refusal of anchors without negatives; ``anchors`` says which."""
         return ValueError(
             f"{anchors} no negatives (a batch of one sample, or every candidate masked or a positive); "
             f"{self.needs_a_negative}. {self._filter_note() or BATCH_OF_ONE_HINT}"
