@@ -77,3 +77,45 @@ def test_geometry_errors():
         with pytest.raises(ValueError, match="t must be a finite number > 0"):
             uniformity(z, t=t)
     assert alignment(z, z + 1, alpha=1) == pytest.approx(math.sqrt(z.shape[1]))  # an int alpha is fine
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 40, 2048])
+def test_uniformity_and_intra_class_distance_in_row_blocks_equal_the_brute_force(chunk_size):
+    z, y = data(5, n=23)
+    terms = [math.exp(-1.5 * dist(z[i], z[j]) ** 2) for i in range(23) for j in range(23) if i != j]
+    assert uniformity(z, t=1.5, chunk_size=chunk_size) == pytest.approx(math.log(sum(terms) / len(terms)), rel=1e-12)
+    per_class = []
+    for c in set(y.tolist()):
+        idx = [i for i in range(len(y)) if y[i] == c]
+        pairs = [dist(z[i], z[j]) for i in idx for j in idx if i != j]
+        per_class.append(sum(pairs) / len(pairs))
+    assert intra_class_distance(z, y, chunk_size=chunk_size) == pytest.approx(sum(per_class) / len(per_class),
+                                                                              rel=1e-12)
+
+
+def test_geometry_holds_at_most_chunk_size_rows_of_distances(monkeypatch):
+    """Bounded memory: a 10,000-image test set once made uniformity hold 10,000 x 10,000 doubles
+    (and two copies), 60,000 rows some 80 GB."""
+    from negbatch.diagnostics import geometry
+
+    shapes, original = [], torch.cdist
+
+    def cdist(a, b):
+        shapes.append((a.shape[0], b.shape[0]))
+        return original(a, b)
+
+    monkeypatch.setattr(geometry.torch, "cdist", cdist)
+    z, y = data(6, n=50)
+    uniformity(z, chunk_size=8)
+    intra_class_distance(z, y, chunk_size=8)
+    silhouette_score(z, y, chunk_size=8)
+    assert shapes and max(rows for rows, _ in shapes) <= 8
+
+
+@pytest.mark.parametrize("fn", [uniformity, intra_class_distance, silhouette_score])
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True])
+def test_a_bad_chunk_size_is_refused_by_name(fn, bad):
+    z, y = data(7, n=10)
+    args = (z,) if fn is uniformity else (z, y)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        fn(*args, chunk_size=bad)

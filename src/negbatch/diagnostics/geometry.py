@@ -35,9 +35,10 @@ def _positive(value: object, name: str, what: str) -> float:
     return float(value)
 
 
-def intra_class_distance(z: Tensor, labels: Tensor) -> float:
+def intra_class_distance(z: Tensor, labels: Tensor, *, chunk_size: int = 2048) -> float:
     """Mean over classes of the mean pairwise distance between distinct
-    members of the class (classes with one member are skipped).
+    members of the class (classes with one member are skipped). Memory is
+    O(chunk_size * n).
 
     Examples
     --------
@@ -48,6 +49,7 @@ def intra_class_distance(z: Tensor, labels: Tensor) -> float:
     3.0
     """
     _check(z, labels)
+    chunk_size = _chunk_size(chunk_size)
     z = z.double()
     per_class = []
     for c in labels.unique():
@@ -55,11 +57,29 @@ def intra_class_distance(z: Tensor, labels: Tensor) -> float:
         n = zc.shape[0]
         if n < 2:
             continue
-        d = torch.cdist(zc, zc)
-        per_class.append(d.sum() / (n * (n - 1)))
+        # The diagonal's distances are 0 (or a rounding of 0: masked, not trusted).
+        total = sum(_off_diagonal_rows(torch.cdist(zc[rows], zc), rows, 0.0).sum() for rows in _row_chunks(n, chunk_size))
+        per_class.append(total / (n * (n - 1)))
     if not per_class:
         raise ValueError("every class has a single member; intra-class distance is undefined")
     return float(torch.stack(per_class).mean())
+
+
+def _chunk_size(chunk_size: object) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int (rows of distances computed at once), got {chunk_size!r}")
+    return chunk_size
+
+
+def _row_chunks(n: int, chunk_size: int) -> list[slice]:
+    return [slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
+
+
+def _off_diagonal_rows(block: Tensor, rows: slice, fill: float) -> Tensor:
+    """Rows ``rows`` of an (n, n) pairwise matrix with each row's own column set to ``fill``."""
+    local = torch.arange(block.shape[0], device=block.device)
+    block[local, local + rows.start] = fill
+    return block
 
 
 def silhouette_score(z: Tensor, labels: Tensor, *, chunk_size: int = 2048) -> float:
@@ -79,8 +99,7 @@ def silhouette_score(z: Tensor, labels: Tensor, *, chunk_size: int = 2048) -> fl
     0.8997
     """
     _check(z, labels)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int (rows of distances computed at once), got {chunk_size!r}")
+    chunk_size = _chunk_size(chunk_size)
     classes, inverse = labels.unique(return_inverse=True)
     if len(classes) < 2:
         raise ValueError("silhouette needs at least 2 distinct labels")
@@ -119,8 +138,10 @@ def alignment(z1: Tensor, z2: Tensor, alpha: float = 2.0) -> float:
     return float((z1.double() - z2.double()).norm(dim=1).pow(alpha).mean())
 
 
-def uniformity(z: Tensor, t: float = 2.0) -> float:
+def uniformity(z: Tensor, t: float = 2.0, *, chunk_size: int = 2048) -> float:
     """Wang & Isola uniformity: ``log mean_{i != j} exp(-t ||z_i - z_j||^2)`` (lower is more uniform).
+
+    Memory is O(chunk_size * n): the log-sum-exp runs over blocks of rows.
 
     Examples
     --------
@@ -132,8 +153,11 @@ def uniformity(z: Tensor, t: float = 2.0) -> float:
     """
     _check(z)
     t = _positive(t, "t", "the Gaussian kernel's scale; Wang and Isola use 2")
+    chunk_size = _chunk_size(chunk_size)
     z = z.double()
     n = z.shape[0]
-    sq = torch.cdist(z, z).pow(2)
-    off = ~torch.eye(n, dtype=torch.bool)
-    return float(torch.logsumexp(-t * sq[off], 0) - torch.log(torch.tensor(float(n * (n - 1)), dtype=torch.float64)))
+    blocks = [
+        torch.logsumexp(_off_diagonal_rows(torch.cdist(z[rows], z).pow_(2).mul_(-t), rows, -math.inf).reshape(-1), 0)
+        for rows in _row_chunks(n, chunk_size)
+    ]
+    return float(torch.logsumexp(torch.stack(blocks), 0) - math.log(n * (n - 1)))
