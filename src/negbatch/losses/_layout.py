@@ -461,11 +461,7 @@ def _check_gathered(gathered: Tensor, sizes: list[int], names: tuple[str, ...], 
     NaN or inf. One number is read back when all is well."""
     empty = [r for r, size in enumerate(sizes) if size == 0]
     if empty:
-        raise ValueError(
-            f"{names[0]} is an empty batch (0 rows) on {name_ranks(empty)}; with gather=True every rank needs at least "
-            "one row (a contrastive loss needs an anchor): split the global batch so that every rank gets rows, or "
-            "drop a last batch smaller than the number of ranks"
-        )
+        raise empty_ranks_error(names[0], empty, "with gather=True every rank needs at least one row")
     if not check_finite or bool(torch.isfinite(_wide_sum(gathered))):
         return
     owner = rows_rank(sizes)
@@ -473,10 +469,23 @@ def _check_gathered(gathered: Tensor, sizes: list[int], names: tuple[str, ...], 
     for name, cols in columns:
         bad = ~torch.isfinite(gathered[:, cols].detach()).all(dim=1).cpu()
         if bool(bad.any()):
-            raise ValueError(
-                f"{name} contains NaN or inf on {name_ranks(owner[bad].unique().tolist())} (every rank raises this "
-                f"error); check the encoder's output (learning rate too high, fp16 overflow) before the loss"
-            )
+            raise non_finite_error(name, owner[bad].unique().tolist())
+
+
+def empty_ranks_error(name: str, ranks: Sequence[int], why: str) -> ValueError:
+    """An empty batch on ``ranks``, refused by every rank alike (``why``: why every rank needs rows)."""
+    return ValueError(
+        f"{name} is an empty batch (0 rows) on {name_ranks(ranks)}; {why} (a contrastive loss needs an anchor): "
+        "split the global batch so that every rank gets rows, or drop a last batch smaller than the number of ranks"
+    )
+
+
+def non_finite_error(name: str, ranks: Sequence[int]) -> ValueError:
+    """NaN or inf in input ``name`` of ``ranks``, refused by every rank alike."""
+    return ValueError(
+        f"{name} contains NaN or inf on {name_ranks(ranks)} (every rank raises this error); check the encoder's "
+        "output (learning rate too high, fp16 overflow) before the loss"
+    )
 
 
 def _counts_by_rank(direction: Direction, layout: Layout, k: int | None) -> Tensor:
@@ -485,10 +494,7 @@ def _counts_by_rank(direction: Direction, layout: Layout, k: int | None) -> Tens
     an anchor. From ``direction.counts_everywhere`` when it is known, else
     from an all-gather (every rank must call it)."""
     if direction.counts_everywhere is None:
-        counts = candidate_counts(direction.positive_index, direction.bank.shape[0], self_index=direction.self_index,
-                                  mask=direction.mask, positives=direction.positives)
-        mine = torch.stack([(counts < (k or 0)).sum(), (counts == 0).sum(), counts.min()])
-        return every_rank(mine)
+        return every_rank(rank_counts(direction, k))
     counts = direction.counts_everywhere()
     owner = rows_rank(layout.sizes, counts.device)
     per_sample = direction.anchors.shape[0] // layout.n_local  # both views of a sample are anchors of one direction
@@ -497,6 +503,15 @@ def _counts_by_rank(direction: Direction, layout: Layout, k: int | None) -> Tens
     empty = by_rank.index_add(0, owner, (counts == 0).long()) * per_sample
     fewest = torch.full_like(by_rank, torch.iinfo(torch.long).max).scatter_reduce(0, owner, counts.long(), "amin")
     return torch.stack([short, empty, fewest], dim=1)
+
+
+def rank_counts(direction: Direction, k: int | None) -> Tensor:
+    """This rank's anchors of ``direction`` with fewer than ``k`` candidates
+    (0 without ``k``), its anchors without any, and its fewest candidates of
+    an anchor: (3,) long, what the ranks exchange. The rank needs anchors."""
+    counts = candidate_counts(direction.positive_index, direction.bank.shape[0], self_index=direction.self_index,
+                              mask=direction.mask, positives=direction.positives)
+    return torch.stack([(counts < (k or 0)).sum(), (counts == 0).sum(), counts.min()])
 
 
 def _per_rank(anchors: Sequence[int]) -> str:
@@ -772,7 +787,7 @@ class BankLoss(nn.Module):
         gathered labels, a mask gathered whole); otherwise (a mask of each
         rank's own rows, the filter, a queue) the ranks exchange their counts
         in one all-gather of three integers each."""
-        k = self.negatives if self.negatives != "all" and self.on_shortage == "raise" else None
+        k = self.refused_k
         if (len(layout.sizes) < 2 or (k is None and self.needs_a_negative is None)
                 or (direction.mask is None and direction.positives is None)):
             return
@@ -781,6 +796,12 @@ class BankLoss(nn.Module):
             raise ShortageError(shortage_message(k, _per_rank(short), min(fewest), direction.bank.shape[0]))
         if self.needs_a_negative is not None and any(empty):
             raise self._no_negatives_error(f"{_per_rank(empty)} have")
+
+    @property
+    def refused_k(self) -> int | None:
+        """K when an anchor short of K candidates is refused (``negatives=K``,
+        ``on_shortage="raise"``); None when no anchor is refused for it."""
+        return self.negatives if self.negatives != "all" and self.on_shortage == "raise" else None
 
     def _filter_note(self) -> str:
         """What the false-negative filter masked in this call, for errors
