@@ -4,7 +4,8 @@ An anchor short of K candidates, an anchor without negatives (DCL, GlobalInfoNCE
 the embeddings or a rank without rows: until 2026-12 only the rank whose batch was at fault
 raised, and the others went on into the next collective (the backward's all-reduce, the
 next step's gather), where they failed when that rank's process died or waited forever when
-it did not. Now every rank raises, naming the rank at fault.
+it did not. Now every rank raises, naming the rank at fault. The same holds without gather for
+a loss with a queue, since every rank's queue holds every rank's batch (the tests at the end).
 
 Two real gloo processes. Every collective times out after TIMEOUT seconds (see
 ``run_distributed``), so a rank left waiting fails the test instead of blocking it; after
@@ -216,3 +217,140 @@ def test_nan_or_no_rows_on_one_rank_raise_on_every_rank_after_the_gather():
     empty batch: found in the gathered rows, so both ranks raise, naming the input and the rank
     (the checks used to run before the gather, on the rank at fault only)."""
     run_distributed(_gathered_checks, 2, timeout=TIMEOUT)
+
+
+# A queue without gather: every rank's queue holds every rank's batch, which the enqueue gathers
+# (after the loss); the indices are gathered before the selection. A batch that one rank refused
+# alone left the others waiting in one of those gathers.
+
+def _queue_state(loss_fn):
+    """The queue's buffers as one row of numbers."""
+    return torch.cat([value.double().flatten() for value in loss_fn.queue.state_dict().values()])
+
+
+def _queue_kept(rank, loss_fn, before):
+    """After a refused call: both ranks meet in a gather, nothing was enqueued, and the two
+    ranks' queues are still equal."""
+    _in_step(rank)
+    state = _queue_state(loss_fn)
+    assert torch.equal(state, before)
+    both = gather_nograd(state[None])
+    assert torch.equal(both[0], both[1])
+
+
+def _queue_inputs(rank, world):
+    z1, z2 = _views(rank)
+    idx = torch.arange(B) + B * rank
+    loss_fn = InfoNCE(temperature=0.5, queue_size=24)
+    loss_fn(z1, z2, indices=idx)  # the queue holds both views of both ranks' samples
+    before = _queue_state(loss_fn)
+    bad = z2.detach().clone()
+    if rank == 1:
+        bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"view2 contains NaN or inf on rank 1 \(every rank raises"):
+        loss_fn(z1, bad, indices=idx + 10)
+    _queue_kept(rank, loss_fn, before)
+    with pytest.raises(ValueError, match=r"view2 contains NaN or inf on rank 1 \(every rank raises"):
+        loss_fn(z1, bad, indices=idx + 10, update=False)
+    _queue_kept(rank, loss_fn, before)
+    # A rank without rows (a last batch smaller than the number of ranks).
+    rows = B if rank == 0 else 0
+    with pytest.raises(ValueError, match=r"view1 is an empty batch \(0 rows\) on rank 1; every rank raises"):
+        loss_fn(z1[:rows], z2[:rows], indices=idx[:rows] + 10)
+    _queue_kept(rank, loss_fn, before)
+    # Embeddings of another width than the queue's, on rank 1 only.
+    w1, w2 = (torch.randn(B, D + 1), torch.randn(B, D + 1)) if rank == 1 else (z1, z2)
+    with pytest.raises(ValueError, match=r"the queue holds embeddings of width 4, got width 5 on rank 1 \(every"):
+        loss_fn(w1, w2, indices=idx + 10)
+    _queue_kept(rank, loss_fn, before)
+    # Hard negatives of rank 0, symmetric query_document (two queues).
+    dcl = DCL(temperature=0.5, form="query_document", symmetric=True, queue_size=12)
+    dcl(z1, z2, indices=idx)
+    before = _queue_state(dcl)
+    hard = torch.randn(B, 2, D)
+    if rank == 0:
+        hard[0, 1, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"hard_negatives contains NaN or inf on rank 0 \(every rank raises"):
+        dcl(z1, z2, hard, indices=idx + 10)
+    _queue_kept(rank, dcl, before)
+    # Still in step: a valid call fills both ranks' queues alike.
+    dcl(z1, z2, hard.nan_to_num(posinf=0.0), indices=idx + 10)
+    _queue_kept(rank, dcl, _queue_state(dcl))
+
+
+def test_a_queue_without_gather_refuses_the_inputs_of_one_rank_on_every_rank():
+    """InfoNCE and DCL with a queue and gather=False: NaN in one rank's views (with and without
+    update) or hard negatives, a rank without rows, and embeddings of another width than the
+    queue's on one rank make both ranks raise the same error naming that rank; both still meet
+    in a gather, and their queues are unchanged and equal."""
+    run_distributed(_queue_inputs, 2, timeout=TIMEOUT)
+
+
+def _counting_collectives():
+    """Count every collective of this process (by name) from now on."""
+    import torch.distributed as dist
+
+    counts = {}
+    for name in ("all_gather", "all_reduce", "broadcast"):
+        original = getattr(dist, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+    return counts
+
+
+def _queue_counts(rank, world):
+    z1, z2 = _views(rank)
+    # Uneven ranks and a queue still filling: rank 0's 3 samples give each view 4 candidates,
+    # rank 1's 2 samples give 2.
+    rows = B if rank == 0 else B - 1
+    loss_fn = InfoNCE(temperature=0.5, negatives=4, queue_size=24)
+    before = _queue_state(loss_fn)
+    with pytest.raises(ShortageError, match=r"negatives=4 but 4 anchor\(s\) on rank 1 have fewer valid candidates "
+                                            r"\(the fewest is 2 of 4 columns.*The queue holds 0 of its 24 entries"):
+        loss_fn(z1[:rows], z2[:rows], indices=torch.arange(rows) + B * rank, generator=_gen())
+    _queue_kept(rank, loss_fn, before)
+
+    # A full queue of 12 entries, data-set indices 0-11, the same on both ranks. Rank 1's samples
+    # 0-2 meet their own entry, left out of their candidates: 4 + 11 on rank 1, 4 + 12 on rank 0.
+    loss_fn = InfoNCE(temperature=0.5, negatives=16, queue_size=12)
+    loss_fn.queue.enqueue(0, torch.randn(12, D, generator=torch.Generator().manual_seed(1)), torch.arange(12))
+    before = _queue_state(loss_fn)
+    idx = torch.arange(B) + (20 if rank == 0 else 0)
+    with pytest.raises(ShortageError, match=r"negatives=16 but 6 anchor\(s\) on rank 1 have fewer valid candidates "
+                                            r"\(the fewest is 15 of 18 columns"):
+        loss_fn(z1, z2, indices=idx, generator=_gen())
+    _queue_kept(rank, loss_fn, before)
+
+    # DCL: rank 1's sample 0 masks every sample and the queue is empty: no negatives.
+    dcl = DCL(temperature=0.5, form="query_document", symmetric=True, queue_size=12)
+    mask = torch.zeros(B, B, dtype=torch.bool)
+    if rank == 1:
+        mask[0] = True
+    before = _queue_state(dcl)
+    with pytest.raises(ValueError, match=r"1 anchor\(s\) on rank 1 have no negatives.*DCL's denominator"):
+        dcl(z1, z2, indices=torch.arange(B) + B * rank, mask=mask)
+    _queue_kept(rank, dcl, before)
+
+    # A valid call: the counts ride on the gather of the indices, no collective is added (the
+    # indices and the enqueue's two tensors, two all_gathers each: sizes, then rows).
+    counts = _counting_collectives()
+    mask = torch.zeros(B, B, dtype=torch.bool)
+    mask[0, 1] = True
+    loss = dcl(z1, z2, indices=torch.arange(B) + B * rank, mask=mask)
+    assert torch.isfinite(loss)
+    assert counts == {"all_gather": 6}, counts
+    _queue_kept(rank, dcl, _queue_state(dcl))
+
+
+def test_a_queue_without_gather_refuses_a_shortage_of_one_rank_on_every_rank():
+    """InfoNCE with a queue still filling on uneven ranks, and with a full queue whose own-index
+    entries leave one rank's anchors short of K; DCL with an anchor of one rank without
+    negatives: both ranks raise the same error naming rank 1 (its anchors, its fewest
+    candidates of its own columns, how full the queue is), meet in a gather and keep equal,
+    unchanged queues. A valid call costs no collective beyond the gathers of the indices and
+    of the enqueue."""
+    run_distributed(_queue_counts, 2, timeout=TIMEOUT)

@@ -109,6 +109,12 @@ class Direction:
         whole); None where only this rank knows its anchors' counts (a mask
         of its own rows, the filter, a queue). A change of ``mask`` or
         ``positives`` must drop it.
+    counts_by_rank : Tensor (world_size, 4) long or None
+        Without gather, a loss whose queue holds every rank's batch: each
+        rank's anchors short of K, its anchors without a candidate, its
+        fewest candidates of an anchor and its bank's columns, as the ranks
+        exchanged them (each rank's bank is its own batch and the queue).
+        Set once the direction is final.
     """
 
     anchors: Tensor
@@ -120,6 +126,7 @@ class Direction:
     n_rows_global: int
     positives: Tensor | None = None
     counts_everywhere: Callable[[], Tensor] | None = None
+    counts_by_rank: Tensor | None = None
 
     @property
     def num_excluded(self) -> int | None:
@@ -247,7 +254,10 @@ def check_views(
     With ``gather`` on several ranks, an empty batch and non-finite inputs
     are left to :func:`build_layout`, which finds them in the gathered rows
     of every rank: a rank that raised here, alone, would leave the others
-    waiting in the gather. (The scalars are the same on every rank.)"""
+    waiting in the gather. (The scalars are the same on every rank.) A loss
+    whose queue holds every rank's batch passes ``gather=True`` without
+    gathering: it sends what it finds with its indices (see
+    :meth:`negbatch.losses._softmax.SoftmaxLoss.forward`)."""
     names = input_names(form, prefix)
     check_embeddings(a, names[0], check_finite=False)
     check_embeddings(b, names[1], check_finite=False)
@@ -642,10 +652,12 @@ class BankLoss(nn.Module):
             self._check_views(a, b)
         return values
 
-    def _check_views(self, a: Tensor, b: Tensor, form: Form | None = None) -> None:
-        """:func:`check_views` of the loss's inputs and its own scalars."""
+    def _check_views(self, a: Tensor, b: Tensor, form: Form | None = None, *, later: bool = False) -> None:
+        """:func:`check_views` of the loss's inputs and its own scalars;
+        ``later``: an empty batch and non-finite inputs are checked on every
+        rank alike after a collective, as with gather (a queue's exchange)."""
         check_views(a, b, self.form if form is None else form, self.check_finite, self._own_scalars(),
-                    gather=self.gather)
+                    gather=self.gather or later)
 
     def _own_scalars(self) -> list[tuple[str, Tensor]]:
         """The loss's learnable scalars as the kernels use them: the
@@ -786,14 +798,24 @@ class BankLoss(nn.Module):
         count where it holds what decides it (``Direction.counts_everywhere``:
         gathered labels, a mask gathered whole); otherwise (a mask of each
         rank's own rows, the filter, a queue) the ranks exchange their counts
-        in one all-gather of three integers each."""
+        in one all-gather of three integers each.
+
+        Without gather, a loss whose queue holds every rank's batch sent its
+        counts with its indices (``Direction.counts_by_rank``): each rank's
+        bank is its own batch and the queue, of its own number of columns."""
         k = self.refused_k
-        if (len(layout.sizes) < 2 or (k is None and self.needs_a_negative is None)
-                or (direction.mask is None and direction.positives is None)):
+        if k is None and self.needs_a_negative is None:
             return
-        short, empty, fewest = _counts_by_rank(direction, layout, k).t().tolist()
+        if direction.counts_by_rank is not None:
+            short, empty, fewest, columns = direction.counts_by_rank.t().tolist()
+        elif len(layout.sizes) < 2 or (direction.mask is None and direction.positives is None):
+            return
+        else:
+            short, empty, fewest = _counts_by_rank(direction, layout, k).t().tolist()
+            columns = [direction.bank.shape[0]] * len(short)
         if k is not None and any(short):
-            raise ShortageError(shortage_message(k, _per_rank(short), min(fewest), direction.bank.shape[0]))
+            worst = fewest.index(min(fewest))
+            raise ShortageError(shortage_message(k, _per_rank(short), fewest[worst], columns[worst]))
         if self.needs_a_negative is not None and any(empty):
             raise self._no_negatives_error(f"{_per_rank(empty)} have")
 

@@ -24,12 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_flag, refuse_second_order
+from .._checks import all_finite, check_flag, refuse_second_order
 from ._exp import exp_floored_
-from ..distributed import any_rank, gather_nograd, is_distributed
+from ..distributed import any_rank, gather_nograd, gather_with_sizes, is_distributed, name_ranks, world_size
 from ..negatives import NegativeSelection, selection_logits
 from . import _layout
-from ._layout import BankLoss, Direction, Layout, check_labels, fused_dense, row_blocks
+from ._layout import (
+    BankLoss, Direction, Layout, check_labels, empty_ranks_error, fused_dense, input_names, non_finite_error,
+    rank_counts, row_blocks,
+)
 from .queue import NegativeQueue
 
 __all__ = ["softmax_terms", "SoftmaxLoss", "check_sample_indices"]
@@ -238,7 +241,8 @@ class SoftmaxLoss(BankLoss):
         check_flag(update, "update")  # update="no" would count as True and fill the queue
         if self._plain_call(a, b, hard_negatives, indices, labels, mask, guide):
             return self._plain_forward(a, b, generator)
-        self._check_views(a, b)
+        spread = self._spread()
+        self._check_views(a, b, later=spread)
         n = a.shape[0]
         if self.queue is not None:
             if indices is None:
@@ -250,14 +254,21 @@ class SoftmaxLoss(BankLoss):
         elif indices is not None:
             raise ValueError("indices= is used by the queue only; set queue_size > 0 or leave indices out")
         labels = check_labels(labels, n, a.device)
+        if spread:
+            found = self._inputs_found(a, b, hard_negatives)
+            if any(found[:4]) or not self.queue.fits(a.shape[1]):
+                # Refused: this rank sends now, the others after their layout (the same gather), and all raise.
+                self._exchange(indices, found)
         layout = self._layout(a, b, hard_negatives, mask, labels=labels)
         all_indices = None
         if self.queue is not None:
-            # Every rank's indices, once: the duplicates' check and the enqueue read them.
-            all_indices = gather_nograd(indices) if is_distributed() else indices
+            # Gathered, every rank's indices, once: the duplicates' check and the enqueue read them.
+            all_indices = gather_nograd(indices) if layout.gathered else indices
             self._exclude_same_index(layout, indices, all_indices)
             self._extend_with_queue(layout, indices, labels)
         self._filter(layout, guide)
+        if spread:
+            all_indices = self._exchange(indices, found, layout)
         temperature = self._temperature(layout)
         values = []
         for i, direction in enumerate(layout.directions):
@@ -273,6 +284,77 @@ class SoftmaxLoss(BankLoss):
         return self.queue is None and super()._plain_call(a, b, hard_negatives, *extras)
 
     # ------------------------------------------------------------------ queue
+
+    def _spread(self) -> bool:
+        """Whether every rank's queue holds every rank's batch without gather:
+        the enqueue gathers the batches of every rank, so a batch refused by
+        one rank must be refused by all before it (:meth:`_exchange`)."""
+        return self.queue is not None and not self.gather and world_size() > 1
+
+    def _inputs_found(self, a: Tensor, b: Tensor, hard_negatives: Tensor | None) -> list[int]:
+        """What this rank tells the others of its inputs (:meth:`_exchange`):
+        whether its batch is empty, whether each input holds NaN or inf (with
+        ``check_finite``; a hard_negatives that is not a tensor is refused by
+        the layout) and its width."""
+        inputs = (a, b, hard_negatives)
+        bad = [0, 0, 0]
+        # One sum of everything, one number read back, as check_views does; each input
+        # on its own only when it is not finite.
+        if self.check_finite and not bool(torch.isfinite(sum(_layout._wide_sum(x).float() for x in inputs
+                                                              if isinstance(x, Tensor)))):
+            bad = [int(isinstance(x, Tensor) and not all_finite(x)) for x in inputs]
+        return [int(a.shape[0] == 0), *bad, a.shape[1]]
+
+    def _exchange(self, indices: Tensor, found: list[int], layout: Layout | None = None) -> Tensor:
+        """Every rank's indices (for the enqueue), gathered with what every
+        rank found in its batch; without gather, under a queue that holds
+        every rank's batch. Every rank then raises alike, naming the ranks
+        at fault, for an empty batch, NaN or inf, or a width the queue does
+        not hold; when the loss may refuse an anchor (K under
+        ``on_shortage="raise"``, DCL) each direction's counts come along and
+        :meth:`_agree_on_candidates` reads them. No collective of its own:
+        these integers ride on the gather of the indices, which ran anyway.
+
+        ``layout`` None: this rank's inputs are refused and it sends before
+        building one (the others send after theirs: the same gather)."""
+        k = self.refused_k
+        roles = self.queue.roles if (k is not None or self.needs_a_negative is not None) else 0
+        counts = indices.new_zeros(roles, 4)  # a refused rank's are never read: the inputs' error comes first
+        if layout is not None:
+            for role, direction in enumerate(layout.directions[:roles]):
+                counts[role, :3] = rank_counts(direction, k)
+                counts[role, 3] = direction.bank.shape[0]
+        head = len(found) + counts.numel()
+        sent = torch.cat([indices.new_tensor(found), counts.flatten(), indices])
+        gathered, sizes = gather_with_sizes(sent)  # an integer tensor: no gradient
+        parts = gathered.split(sizes)
+        told = torch.stack([part[:head] for part in parts]).cpu()
+        self._refuse_inputs(told[:, : len(found)])
+        if layout is None:
+            raise AssertionError("a rank whose inputs are refused raised above")
+        by_rank = told[:, len(found) :].view(len(sizes), roles, 4)
+        layout.directions = [replace(d, counts_by_rank=by_rank[:, i]) if i < roles else d
+                             for i, d in enumerate(layout.directions)]
+        return torch.cat([part[head:] for part in parts])
+
+    def _refuse_inputs(self, found: Tensor) -> None:
+        """Raise, on every rank alike, what the ranks found in their inputs
+        (one row of :meth:`_inputs_found` per rank), naming the ranks: the
+        checks a single process makes before its layout, in its order."""
+        names = (*input_names(self.form), "hard_negatives")
+        empty = found[:, 0].nonzero().flatten().tolist()
+        if empty:
+            raise empty_ranks_error(names[0], empty, "every rank raises this error, as every rank's queue holds "
+                                    "every rank's batch, and each rank needs at least one row")
+        for column, name in enumerate(names, start=1):
+            ranks = found[:, column].nonzero().flatten().tolist()
+            if ranks:
+                raise non_finite_error(name, ranks)
+        widths = found[:, 4].tolist()
+        for width in widths:
+            if not self.queue.fits(width):
+                ranks = [r for r, w in enumerate(widths) if w == width]
+                self.queue.check_width(width, f" on {name_ranks(ranks)} (every rank raises this error)")
 
     def _anchor_rows(self, x: Tensor, index: int) -> Tensor:
         """Per-sample values (B,) laid out as direction ``index``'s anchors."""

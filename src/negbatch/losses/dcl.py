@@ -52,8 +52,10 @@ class DCL(SoftmaxLoss):
     learnable_temperature, positives, queue_size, filter_margin, filter_top
         As in :class:`negbatch.InfoNCE`.
 
-    Every anchor needs at least one negative (a ValueError otherwise). The
-    value can be negative (no positive in the denominator bounds it below).
+    Every anchor needs at least one negative (a ValueError otherwise; under
+    DDP, with ``gather`` or a queue, raised on every rank, naming the rank
+    whose anchor has none). The value can be negative (no positive in the
+    denominator bounds it below).
 
     Examples
     --------

@@ -145,7 +145,12 @@ class InfoNCE(SoftmaxLoss):
     queue_size : int, default 0
         Keep the last ``queue_size`` embeddings of each anchor direction in a
         FIFO queue (:class:`negbatch.losses.NegativeQueue`, MoCo) and use them
-        as extra candidates; ``forward`` then needs ``indices``.
+        as extra candidates; ``forward`` then needs ``indices``. Under DDP
+        every rank's queue holds every rank's batch, with or without
+        ``gather``; without it, an error caused by one rank's batch (NaN, no
+        rows, an anchor short of K) is raised on every rank, naming that
+        rank, before anything is enqueued, and costs no collective: what each
+        rank found travels with its indices (see docs/losses.md).
     filter_margin, filter_top : float, optional
         False-negative filtering (GISTEmbed): mask candidates whose similarity
         to the anchor exceeds the positive's minus ``filter_margin``, and/or

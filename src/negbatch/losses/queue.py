@@ -17,7 +17,9 @@ CrossBatchMemory and lightly's ``memory_bank_size`` are such queues.
 3. enqueues the batch's embeddings, detached, *after* the loss: the
    entries of this step are negatives from the next step on. Under
    ``torch.distributed`` it enqueues the batch of every rank, so that every
-   rank's queue is the same. Rows holding NaN or inf are left out (with a
+   rank's queue is the same; a call that one rank refuses (NaN, an
+   anchor short of K) is refused by every rank before this step, so that
+   the queues stay the same. Rows holding NaN or inf are left out (with a
    warning), also when the loss's own ``check_finite`` is off: one such row
    would make the loss of every later call NaN until it leaves the queue.
 
@@ -208,12 +210,17 @@ class NegativeQueue(nn.Module):
         kept_labels = None if labels is None else labels[keep.to(labels.device)]
         return embeddings[keep], indices[keep.to(indices.device)], kept_labels
 
-    def check_width(self, d: int) -> None:
-        """Raise if the queue holds entries of another width than ``d``."""
-        if self.embeddings.shape[2] != d and int(self.filled.sum()):  # the shape first: no tensor op per call
+    def fits(self, d: int) -> bool:
+        """Whether entries of width ``d`` can join the queue's (an empty queue takes any width)."""
+        return self.embeddings.shape[2] == d or not int(self.filled.sum())  # the shape first: no tensor op per call
+
+    def check_width(self, d: int, where: str = "") -> None:
+        """Raise if the queue holds entries of another width than ``d``
+        (``where``: whose they are, e.g. ``" on rank 1"``)."""
+        if not self.fits(d):
             raise ValueError(
-                f"the queue holds embeddings of width {self.embeddings.shape[2]}, got width {d}: the encoder's output "
-                "width changed; call reset() on the queue (loss.queue.reset()) to start it afresh"
+                f"the queue holds embeddings of width {self.embeddings.shape[2]}, got width {d}{where}: the encoder's "
+                "output width changed; call reset() on the queue (loss.queue.reset()) to start it afresh"
             )
 
     def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
