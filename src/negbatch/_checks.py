@@ -6,7 +6,7 @@ import difflib
 import functools
 import inspect
 import math
-from numbers import Real
+from numbers import Integral, Real
 from typing import Callable, Literal, TypeVar, Union
 
 import torch
@@ -41,9 +41,37 @@ def refuse_second_order(ctx: object) -> None:
         )
 
 
+def is_int(value: object) -> bool:
+    """Whether ``value`` is an integer: a Python int or one of numpy's
+    (``np.int64``, read off an array or a schedule, is no int), never a bool.
+
+    A float of whole value (``3.0``, ``np.float64(3)``) is not one. A caller
+    keeps ``int(value)``, so that repr, state dicts and JSON hold plain
+    Python numbers.
+    """
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """Whether ``value`` is a real number: a Python int or float or one of
+    numpy's (``np.float32`` is no float), never a bool.
+
+    NaN and inf are real numbers here: a caller checks finiteness where it
+    matters, and keeps ``float(value)``.
+    """
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """``value`` as a Python int if it is an integer >= 1 (see :func:`is_int`),
+    else a ValueError that names it."""
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
 def check_temperature(temperature: float, name: str = "temperature") -> float:
-    # Real: numpy's scalars too (np.float32 is no float), as a config or a sweep hands them over.
-    if isinstance(temperature, bool) or not isinstance(temperature, Real):
+    if not is_real(temperature):
         raise TypeError(f"{name} must be a positive float, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"{name} must be a finite float > 0, got {temperature}")

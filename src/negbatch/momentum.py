@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ._checks import is_real
+
 __all__ = ["MomentumEncoder"]
 
 #: Parameter dtypes whose moving average runs on a float32 master copy.
@@ -109,9 +111,7 @@ class MomentumEncoder(nn.Module):
         super().__init__()
         if not isinstance(encoder, nn.Module):
             raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (
-            math.isfinite(momentum) and 0.0 <= momentum < 1.0
-        ):
+        if not is_real(momentum) or not (math.isfinite(momentum) and 0.0 <= momentum < 1.0):
             raise ValueError(f"momentum must be a float in [0, 1) (MoCo: 0.999), got {momentum!r}")
         online = encoder.module if isinstance(encoder, DistributedDataParallel) else encoder
         self.encoder = copy.deepcopy(online).requires_grad_(False)

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ._autocast import autocast_active
-from ._checks import Negatives, OnShortage, refuse_second_order
+from ._checks import Negatives, OnShortage, is_int, refuse_second_order
 
 __all__ = [
     "Negatives",
@@ -58,16 +58,17 @@ class ShortageError(ValueError):
 
 
 def validate_negatives(negatives: object, name: str = "negatives") -> Negatives:
-    """Return ``negatives`` if it is ``"all"`` or a positive int, else raise."""
+    """Return ``negatives`` if it is ``"all"`` or a positive int (numpy's
+    too, returned as a Python int), else raise."""
     if isinstance(negatives, str):
         if negatives != "all":
             raise ValueError(f"{name} must be 'all' or a positive int, got {negatives!r}")
         return "all"
-    if isinstance(negatives, bool) or not isinstance(negatives, int):
+    if not is_int(negatives):
         raise TypeError(f"{name} must be 'all' or a positive int, got {type(negatives).__name__}")
     if negatives < 1:
         raise ValueError(f"{name} must be >= 1 (or 'all'), got {negatives}")
-    return negatives
+    return int(negatives)
 
 
 def same_id_mask(row_ids: Tensor, column_ids: Tensor) -> Tensor:
@@ -482,21 +483,24 @@ def select_negatives(
     >>> bool(((sampled.index[:, 1] != positive) & (sampled.index[:, 1] != itself)).all())
     True
     """
-    _check_selection_inputs(positive_index, num_candidates, self_index, mask, positives, row_index, n_rows_global)
+    num_candidates, n_rows_global = _check_selection_inputs(positive_index, num_candidates, self_index, mask,
+                                                            positives, row_index, n_rows_global)
     return _select(positive_index, num_candidates, negatives, self_index=self_index, mask=mask, positives=positives,
                    generator=generator, on_shortage=on_shortage, row_index=row_index, n_rows_global=n_rows_global)
 
 
-def _check_selection_inputs(positive_index, m, self_index, mask, positives, row_index, n_rows_global) -> None:
+def _check_selection_inputs(positive_index, m, self_index, mask, positives, row_index,
+                            n_rows_global) -> tuple[int, int | None]:
     """The index arguments of :func:`select_negatives`, each named when wrong (the losses build
-    theirs valid and call :func:`_select` directly: these checks cost a pass each)."""
+    theirs valid and call :func:`_select` directly: these checks cost a pass each); returns
+    ``num_candidates`` and ``n_rows_global`` as Python ints (numpy's are taken)."""
     if not isinstance(positive_index, Tensor) or positive_index.dim() != 1 or positive_index.is_floating_point() \
             or positive_index.dtype == torch.bool:
         raise TypeError(f"positive_index must be a 1-d integer tensor, one bank column per anchor, got "
                         f"{getattr(positive_index, 'dtype', type(positive_index).__name__)} "
                         f"{tuple(getattr(positive_index, 'shape', ()))}")
     n = positive_index.shape[0]
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+    if not is_int(m) or m < 1:
         raise ValueError(f"num_candidates must be a positive int (the bank's columns), got {m!r}")
 
     def in_range(t: Tensor, name: str, low: int, high: int, what: str) -> None:
@@ -515,9 +519,11 @@ def _check_selection_inputs(positive_index, m, self_index, mask, positives, row_
             raise TypeError(f"{name} must be a bool tensor (True: {name == 'mask' and 'never a negative' or 'a positive'})"
                             f", got {getattr(given, 'dtype', type(given).__name__)}")
     if row_index is not None:
-        if isinstance(n_rows_global, bool) or not isinstance(n_rows_global, int):
+        if not is_int(n_rows_global):
             raise ValueError("n_rows_global (an int, the rows of every process) is required when row_index is given")
+        n_rows_global = int(n_rows_global)
         in_range(row_index, "row_index", 0, n_rows_global, "global rows")
+    return int(m), n_rows_global
 
 
 def _select(

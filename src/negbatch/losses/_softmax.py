@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import all_finite, check_flag, refuse_second_order
+from .._checks import all_finite, check_flag, is_int, refuse_second_order
 from ._exp import exp_floored_
 from ..distributed import any_rank, gather_nograd, gather_with_sizes, is_distributed, name_ranks, world_size
 from ..negatives import NegativeSelection, selection_logits
@@ -216,10 +216,10 @@ class SoftmaxLoss(BankLoss):
     queue: NegativeQueue | None
 
     def _set_queue(self, queue_size: int) -> None:
-        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
+        if not is_int(queue_size) or queue_size < 0:
             raise ValueError(f"queue_size must be an int >= 0 (0: no queue), got {queue_size!r}")
         roles = 1 if self.form == "two_view" else 1 + self.symmetric
-        self.queue = NegativeQueue(queue_size, roles) if queue_size else None
+        self.queue = NegativeQueue(int(queue_size), roles) if queue_size else None
 
     def _direction_values(self, direction: Direction, selection: NegativeSelection, temperature: float,
                           layout: Layout, index: int) -> Tensor:

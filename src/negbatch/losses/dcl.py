@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._checks import Form, Negatives, OnShortage, Reduction, keyword_only
+from .._checks import Form, Negatives, OnShortage, Reduction, is_real, keyword_only
 from ..negatives import NegativeSelection
 from ._layout import Direction, Layout, Positives
 from ._softmax import SoftmaxLoss, count_negatives, softmax_terms
@@ -100,7 +100,7 @@ class DCL(SoftmaxLoss):
             filter_top=filter_top,
         )
         if sigma is not None:
-            if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (math.isfinite(sigma) and sigma > 0):
+            if not is_real(sigma) or not (math.isfinite(sigma) and sigma > 0):
                 raise ValueError(f"sigma must be a float > 0 (DCL-W's concentration, the paper's 0.5) or None, got {sigma!r}")
             if positives == "mask":
                 raise ValueError("sigma (DCL-W) weights one positive pair per anchor; it does not apply to positives='mask'")

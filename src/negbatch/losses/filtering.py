@@ -16,10 +16,11 @@ model's own, detached); the losses apply it with ``filter_margin`` /
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 from torch import Tensor
+
+from .._checks import is_real
 
 __all__ = ["false_negative_mask", "check_filter", "check_cosine_margin"]
 
@@ -27,11 +28,11 @@ __all__ = ["false_negative_mask", "check_filter", "check_cosine_margin"]
 def check_filter(margin: float | None, top: float | None) -> tuple[float | None, float | None]:
     """Validate the two filtering options (None: off)."""
     if margin is not None:
-        if isinstance(margin, bool) or not isinstance(margin, Real) or not math.isfinite(margin):
+        if not is_real(margin) or not math.isfinite(margin):
             raise ValueError(f"filter_margin must be a finite float (or None: no margin filter), got {margin!r}")
         margin = float(margin)
     if top is not None:
-        if isinstance(top, bool) or not isinstance(top, Real) or not 0.0 < top < 1.0:
+        if not is_real(top) or not 0.0 < top < 1.0:
             raise ValueError(
                 f"filter_top must be a fraction strictly between 0 and 1 (or None: no top filter), got {top!r}"
             )

@@ -25,14 +25,13 @@ one column per anchor role of that sample (see :class:`GlobalInfoNCE`).
 from __future__ import annotations
 
 import math
-from numbers import Real
 from typing import Callable, Literal, Union
 
 import torch
 from torch import Tensor
 
 from .._checks import (
-    Form, Negatives, OnShortage, Reduction, check_choice, check_flag, keyword_only,
+    Form, Negatives, OnShortage, Reduction, check_choice, check_flag, is_int, is_real, keyword_only,
     refuse_second_order,
 )
 from ..distributed import gather_nograd, gather_with_sizes, is_distributed, name_ranks, rows_rank
@@ -66,8 +65,7 @@ def _describe_form(form: tuple[str, bool]) -> str:
 
 
 def _check_gamma_value(gamma: object, name: str = "gamma") -> float:
-    # Real: numpy's scalars too (np.float32 is no float), as a config or a sweep hands them over.
-    if isinstance(gamma, bool) or not isinstance(gamma, Real):
+    if not is_real(gamma):
         raise TypeError(f"{name} must be a float in (0, 1] (or a callable step -> float), got {type(gamma).__name__}")
     if not (0.0 < float(gamma) <= 1.0):
         raise ValueError(f"{name} must lie in (0, 1], got {gamma}")
@@ -328,10 +326,11 @@ class GlobalInfoNCE(BankLoss):
         position, every other argument is keyword-only; see Parameters in
         ``help(GlobalInfoNCE)``."""
         super().__init__()
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+        if not is_int(num_samples):
             raise TypeError(f"num_samples must be an int (the data set's size), got {type(num_samples).__name__}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1 (the data set's size), got {num_samples}")
+        num_samples = int(num_samples)
         if not callable(gamma):
             gamma = _check_gamma_value(gamma)
         self._set_options(

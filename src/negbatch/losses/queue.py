@@ -37,7 +37,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .._checks import all_finite
+from .._checks import all_finite, is_int
 
 __all__ = ["NegativeQueue"]
 
@@ -96,10 +96,11 @@ class NegativeQueue(nn.Module):
 
     def __init__(self, size: int, roles: int = 1) -> None:
         super().__init__()
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if not is_int(size) or size < 1:
             raise ValueError(f"size must be a positive int (entries kept per queue; the losses' queue_size), got {size!r}")
-        if isinstance(roles, bool) or not isinstance(roles, int) or roles < 1:
+        if not is_int(roles) or roles < 1:
             raise ValueError(f"roles must be a positive int, got {roles!r}")
+        size, roles = int(size), int(roles)
         self.size = size
         self.register_buffer("embeddings", torch.zeros(roles, size, 0))
         self.register_buffer("indices", torch.full((roles, size), -1, dtype=torch.long))
@@ -123,9 +124,9 @@ class NegativeQueue(nn.Module):
 
     def _role(self, role: object) -> int:
         """``role`` checked: a negative int would index another queue from the end."""
-        if isinstance(role, bool) or not isinstance(role, int) or not 0 <= role < self.roles:
+        if not is_int(role) or not 0 <= role < self.roles:
             raise ValueError(f"role must be an int in [0, {self.roles}) (this queue holds {self.roles}), got {role!r}")
-        return role
+        return int(role)
 
     def entries(self, role: int) -> tuple[Tensor, Tensor]:
         """The filled slots of queue ``role``: embeddings (Q, d) and data-set

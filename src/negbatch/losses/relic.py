@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import Negatives, OnShortage, Reduction, check_flag, keyword_only
+from .._checks import Negatives, OnShortage, Reduction, check_flag, is_real, keyword_only
 from ..negatives import selection_logits
 from ._layout import BankLoss, Positives, check_labels
 
@@ -99,7 +99,7 @@ class ReLIC(BankLoss):
             learnable_temperature=learnable_temperature, positives=positives, filter_margin=filter_margin,
             filter_top=filter_top,
         )
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < math.inf:
+        if not is_real(alpha) or not 0 <= alpha < math.inf:
             raise ValueError(f"alpha must be a finite float >= 0, got {alpha!r}")
         self.alpha = float(alpha)
         self.detach_target = check_flag(detach_target, "detach_target")

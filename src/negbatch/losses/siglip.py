@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import Form, Negatives, OnShortage, Reduction, keyword_only, refuse_second_order
+from .._checks import Form, Negatives, OnShortage, Reduction, is_real, keyword_only, refuse_second_order
 from ..negatives import NegativeSelection, selection_logits
 from ._layout import BankLoss, Positives, check_labels, fused_dense, row_blocks
 from ._plain import plain_sigmoid
@@ -207,7 +207,7 @@ class SigLIP(BankLoss):
             learnable_temperature=learnable_temperature, positives=positives, filter_margin=filter_margin,
             filter_top=filter_top,
         )
-        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+        if not is_real(bias):
             raise TypeError(f"bias must be a finite float (SigLIP starts at -10), got {type(bias).__name__}")
         if not math.isfinite(bias):
             raise ValueError(f"bias must be a finite float (SigLIP starts at -10), got {bias!r}")

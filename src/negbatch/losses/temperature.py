@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._checks import check_temperature
+from .._checks import check_temperature, is_real
 from ..distributed import is_distributed, world_size
 
 __all__ = ["LearnableTemperature", "average_gradient"]
@@ -64,7 +64,7 @@ def _check_max_scale(max_scale: object) -> float:
     step takes ``exp(log_scale)`` to inf and the loss to NaN. At 1 the scale
     is clamped to [1, 1] and the "learnable" temperature never moves.
     """
-    if isinstance(max_scale, bool) or not isinstance(max_scale, (int, float)):
+    if not is_real(max_scale):
         raise TypeError(f"max_scale must be a finite float > 1 (the largest logit scale 1/temperature; CLIP: 100), "
                         f"got {type(max_scale).__name__}")
     if not math.isfinite(max_scale):
