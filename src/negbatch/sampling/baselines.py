@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._checks import check_positive_int, is_int
 from .embedding import EmbedFn, embed_dataset
-from .epoch_sampler import EpochBatchSampler, _positive_int, cut_into_batches
+from .epoch_sampler import EpochBatchSampler, cut_into_batches
 
 __all__ = ["RandomBatchSampler", "HardNegativeBatchSampler", "NoDuplicateBatchSampler", "kmeans"]
 
@@ -105,10 +106,11 @@ def kmeans(x: Tensor, k: int, *, iters: int = 20, generator: torch.Generator | N
     (1, 1, True)
     """
     n = x.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+    if not is_int(k) or not 1 <= k <= n:
         raise ValueError(f"k must be an int in [1, {n}], got {k!r}")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+    if not is_int(iters) or iters < 1:
         raise ValueError(f"iters must be an int >= 1 (Lloyd iterations; every point needs a label), got {iters!r}")
+    k, iters = int(k), int(iters)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x holds NaN or inf: k-means needs finite points (check the embeddings)")
     x = x.double()
@@ -192,14 +194,14 @@ class HardNegativeBatchSampler(EpochBatchSampler):
         if not callable(embed_fn):
             raise TypeError(f"embed_fn must be callable, got {type(embed_fn).__name__}")
         self.num_clusters = num_clusters if num_clusters is not None else max(1, num_samples // batch_size)
-        if isinstance(self.num_clusters, bool) or not isinstance(self.num_clusters, int) \
-                or not 1 <= self.num_clusters <= num_samples:
+        if not is_int(self.num_clusters) or not 1 <= self.num_clusters <= num_samples:
             raise ValueError(f"num_clusters must be an int in [1, {num_samples}], got {num_clusters!r}")
-        if isinstance(kmeans_iters, bool) or not isinstance(kmeans_iters, int) or kmeans_iters < 1:
+        if not is_int(kmeans_iters) or kmeans_iters < 1:
             raise ValueError(f"kmeans_iters must be an int >= 1 (Lloyd iterations), got {kmeans_iters!r}")
+        self.num_clusters = int(self.num_clusters)
         self.embed_fn, self.model = embed_fn, model
-        self.kmeans_iters, self.normalize = kmeans_iters, normalize
-        self.chunk_size, self.progress = _positive_int(chunk_size, "chunk_size"), progress
+        self.kmeans_iters, self.normalize = int(kmeans_iters), normalize
+        self.chunk_size, self.progress = check_positive_int(chunk_size, "chunk_size"), progress
 
     def prepare(self, indices: np.ndarray) -> Tensor:
         x, _ = embed_dataset(

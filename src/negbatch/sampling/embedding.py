@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed as nbdist
+from .._checks import check_positive_int
 
 EmbedFn = Callable[[Tensor], "tuple[Tensor, Tensor] | Tensor"]
 
@@ -127,8 +128,7 @@ def embed_dataset(
     >>> X.shape
     torch.Size([10, 4])
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
     idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
     world, rank = nbdist.world_size(), nbdist.rank()
     sharded = shard and world > 1

@@ -24,14 +24,9 @@ import torch
 from torch.utils.data import Sampler
 
 from .. import distributed as nbdist
+from .._checks import check_positive_int, is_int
 
 __all__ = ["EpochBatchSampler", "cut_into_batches"]
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def cut_into_batches(
@@ -44,7 +39,7 @@ def cut_into_batches(
     ``order`` instead of its end: an order that changes little from epoch to
     epoch (GCBS) would otherwise leave out the same samples every epoch.
     """
-    batch_size = _positive_int(batch_size, "batch_size")
+    batch_size = check_positive_int(batch_size, "batch_size")
     spare = len(order) % batch_size
     if drop_last and rng is not None and spare:
         start = int(rng.integers(0, len(order) - spare + 1))
@@ -95,14 +90,15 @@ class EpochBatchSampler(Sampler[list[int]]):
         """Set up the sampler; see Parameters in the class docstring (``help()``
         of the class: :class:`EpochBatchSampler` or the subclass, e.g.
         :class:`~negbatch.sampling.baselines.RandomBatchSampler`)."""
-        self.num_samples = _positive_int(num_samples, "num_samples")
-        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.num_samples = check_positive_int(num_samples, "num_samples")
+        self.batch_size = check_positive_int(batch_size, "batch_size")
         if self.batch_size > self.num_samples:
             raise ValueError(
                 f"batch_size ({self.batch_size}) is larger than the data set ({self.num_samples} samples); "
                 f"use a smaller batch_size"
             )
-        self.num_replicas = _positive_int(num_replicas, "num_replicas") if num_replicas is not None else nbdist.world_size()
+        self.num_replicas = (check_positive_int(num_replicas, "num_replicas") if num_replicas is not None
+                             else nbdist.world_size())
         self.rank = int(rank) if rank is not None else nbdist.rank()
         if not 0 <= self.rank < self.num_replicas:
             raise ValueError(f"rank must be in [0, {self.num_replicas}), got {self.rank}")
@@ -113,14 +109,14 @@ class EpochBatchSampler(Sampler[list[int]]):
             )
         self.drop_last = bool(drop_last)
         self.shuffle_batches = bool(shuffle_batches)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        if not is_int(seed):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0 (numpy's seed sequences take no negative numbers), got {seed}")
         if seed >= 2**64:
             raise ValueError(f"seed must be below 2**64 (torch.Generator's range, as torch.initial_seed()), got {seed}")
         self.seed = int(seed)
-        self.refresh_every = _positive_int(refresh_every, "refresh_every") if refresh_every is not None else None
+        self.refresh_every = check_positive_int(refresh_every, "refresh_every") if refresh_every is not None else None
         self.epoch = 0
         self._plan: list[np.ndarray] | None = None
         self._position = 0
@@ -147,7 +143,7 @@ class EpochBatchSampler(Sampler[list[int]]):
     # -- the epoch ------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (as with DistributedSampler); a new plan follows."""
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+        if not is_int(epoch) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
         if int(epoch) != self.epoch:
             self.epoch = int(epoch)
@@ -273,7 +269,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         name, lets :meth:`load_state_dict` refuse a state of another kind.
         """
         for name, value, what in (("position", position, "steps done in its epoch"), ("epoch", epoch, "epoch")):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
+            if value is not None and (not is_int(value) or value < 0):
                 raise ValueError(f"{name} must be an int >= 0 (the trainer's {what}), got {value!r}")
         pos = self._position if position is None else int(position)
         current = self.epoch if epoch is None else int(epoch)
@@ -354,7 +350,7 @@ class EpochBatchSampler(Sampler[list[int]]):
             value = state[key]
             if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
                 value = value.item()
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"state's {key} must be an int >= 0, got {state[key]!r}; "
                                  f"pass a dict made by state_dict()")
         # A different seed would resume this epoch as saved and plan every later one differently;

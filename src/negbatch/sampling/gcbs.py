@@ -21,7 +21,6 @@ block²).
 from __future__ import annotations
 
 import math
-from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -30,14 +29,15 @@ import torch
 from scipy.sparse.csgraph import reverse_cuthill_mckee
 from torch import Tensor
 
+from .._checks import check_positive_int, is_real
 from .embedding import EmbedFn, embed_dataset
-from .epoch_sampler import EpochBatchSampler, _positive_int, cut_into_batches
+from .epoch_sampler import EpochBatchSampler, cut_into_batches
 
 __all__ = ["num_kept_entries", "similarity_graph", "gcbs_order", "GCBSampler"]
 
 
 def _check_q(q: float) -> float:
-    if isinstance(q, bool) or not isinstance(q, Real) or not (0.0 < float(q) < 1.0):
+    if not is_real(q) or not (0.0 < float(q) < 1.0):
         raise ValueError(f"q must be a float strictly between 0 and 1 (the paper uses 0.999), got {q!r}")
     return float(q)
 
@@ -270,8 +270,7 @@ def similarity_graph(
     """
     q = _check_q(q)
     _check_sides(x, y)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    block_size = check_positive_int(block_size, "block_size")
     if method not in ("exact", "faiss"):
         raise ValueError(f"method must be 'exact' or 'faiss', got {method!r}")
     # Half-precision embeddings (a model under autocast) are compared in float32:
@@ -417,8 +416,8 @@ class GCBSampler(EpochBatchSampler):
         self.model = model
         self.q = _check_q(q)
         # Checked here, not after the first pass over the data set has embedded it.
-        self.chunk_size = _positive_int(chunk_size, "chunk_size")
-        self.block_size = _positive_int(block_size, "block_size")
+        self.chunk_size = check_positive_int(chunk_size, "chunk_size")
+        self.block_size = check_positive_int(block_size, "block_size")
         if method == "faiss":
             try:
                 import faiss  # noqa: F401

@@ -43,6 +43,7 @@ import torch
 from transformers import TrainerCallback
 
 from ... import distributed as nbdist
+from ..._checks import check_positive_int, is_int
 from ...diagnostics.gap import global_train_gap
 from ...diagnostics.snr import GradientSNR
 from ...sampling.embedding import embed_dataset
@@ -116,20 +117,19 @@ class NegbatchDiagnostics(TrainerCallback):
         if false_negatives and loss is None:
             raise ValueError("false_negatives=True counts them in the loss: pass loss=the NegbatchLoss, or "
                              "false_negatives=False")
-        if gap_every is not None and (isinstance(gap_every, bool) or not isinstance(gap_every, int) or gap_every < 1):
+        if gap_every is not None and (not is_int(gap_every) or gap_every < 1):
             raise ValueError(f"gap_every must be a positive int (optimizer steps) or None, got {gap_every!r}")
         if gap_every is not None and gap_temperature is None:
             if getattr(getattr(loss, "loss", None), "temperature", None) is None:
                 raise ValueError("gap_every needs a temperature: pass gap_temperature= (or a loss that has one)")
         if not 0.0 < snr_beta < 1.0:
             raise ValueError(f"snr_beta must lie in (0, 1), got {snr_beta!r}")
-        if isinstance(encode_batch_size, bool) or not isinstance(encode_batch_size, int) or encode_batch_size < 1:
-            raise ValueError(f"encode_batch_size must be a positive int, got {encode_batch_size!r}")
+        encode_batch_size = check_positive_int(encode_batch_size, "encode_batch_size")
         self.loss = loss
         self.snr = snr
         self.snr_beta = float(snr_beta)
         self.false_negatives = bool(false_negatives)
-        self.gap_every = gap_every
+        self.gap_every = int(gap_every) if gap_every is not None else None
         self.gap_temperature = gap_temperature
         self.encode_batch_size = encode_batch_size
         self._keys = _codes(false_negative_keys) if false_negative_keys is not None else None

@@ -34,13 +34,13 @@ This module needs only torch; sentence-transformers calls it.
 from __future__ import annotations
 
 import contextlib
-import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..._checks import is_int
 from ...gradcache import GradCache
 from ...losses._softmax import SoftmaxLoss
 from ...losses.global_nce import GlobalInfoNCE
@@ -279,7 +279,7 @@ class NegbatchLoss(nn.Module):
         if not isinstance(trim_padding, bool):
             raise TypeError(f"trim_padding must be True or False, got {trim_padding!r}")
         if chunk_size is not None:
-            if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+            if not is_int(chunk_size) or chunk_size < 1:
                 raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
             cached = True
         self.model = model

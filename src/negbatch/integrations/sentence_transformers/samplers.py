@@ -67,6 +67,7 @@ from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from ... import distributed as nbdist
+from ..._checks import check_positive_int, is_int, is_real
 from ...sampling.baselines import HardNegativeBatchSampler, NoDuplicateBatchSampler, RandomBatchSampler
 from ...sampling.epoch_sampler import EpochBatchSampler
 from ...sampling.gcbs import GCBSampler
@@ -256,14 +257,13 @@ class _NegbatchBatches(TrainerCallback):
         return super().__new__(cls)
 
     def __init__(self, *, refresh_every: int | None, shuffle_batches: bool, seed: int | None) -> None:
-        if refresh_every is not None and (isinstance(refresh_every, bool) or not isinstance(refresh_every, int)
-                                          or refresh_every < 1):
+        if refresh_every is not None and (not is_int(refresh_every) or refresh_every < 1):
             raise ValueError(f"refresh_every must be a positive int (batches) or None, got {refresh_every!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        if seed is not None and not is_int(seed):
             raise TypeError(f"seed must be an int or None (None: the trainer's seed), got {seed!r}")
-        self.refresh_every = refresh_every
+        self.refresh_every = int(refresh_every) if refresh_every is not None else None
         self.shuffle_batches = bool(shuffle_batches)
-        self.seed = seed
+        self.seed = int(seed) if seed is not None else None
         # The trainer's prompts, router_mapping and max_length, read from it as a callback
         # (see _read_collator_inputs).
         self.collator_inputs: dict[str, Any] = {}
@@ -539,12 +539,6 @@ def _check_model(model: Any, name: str) -> nn.Module:
     return model
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 class GCBSBatches(_NegbatchBatches):
     """Global contrastive batch sampling for ``SentenceTransformerTrainer``.
 
@@ -595,12 +589,12 @@ class GCBSBatches(_NegbatchBatches):
     ) -> None:
         super().__init__(refresh_every=refresh_every, shuffle_batches=shuffle_batches, seed=seed)
         self.model = _check_model(model, "GCBSBatches")
-        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < float(q) < 1.0:
+        if not is_real(q) or not 0.0 < float(q) < 1.0:
             raise ValueError(f"q must be a float strictly between 0 and 1 (the paper uses 0.999), got {q!r}")
         if method not in ("exact", "faiss"):
             raise ValueError(f"method must be 'exact' or 'faiss', got {method!r}")
         self.q = float(q)
-        self.encode_batch_size = _positive_int(encode_batch_size, "encode_batch_size")
+        self.encode_batch_size = check_positive_int(encode_batch_size, "encode_batch_size")
         self.method = method
 
     def _build(self, dataset, columns, batch_size, common):
@@ -642,10 +636,8 @@ class HardNegativeBatches(_NegbatchBatches):
     ) -> None:
         super().__init__(refresh_every=refresh_every, shuffle_batches=shuffle_batches, seed=seed)
         self.model = _check_model(model, "HardNegativeBatches")
-        if num_clusters is not None:
-            _positive_int(num_clusters, "num_clusters")
-        self.num_clusters = num_clusters
-        self.encode_batch_size = _positive_int(encode_batch_size, "encode_batch_size")
+        self.num_clusters = check_positive_int(num_clusters, "num_clusters") if num_clusters is not None else None
+        self.encode_batch_size = check_positive_int(encode_batch_size, "encode_batch_size")
 
     def _build(self, dataset, columns, batch_size, common):
         if self.model is None:
