@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import numbers
 import sys
 import warnings
 import weakref
@@ -42,6 +41,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ._autocast import autocast_state
+from ._checks import is_int
 
 __all__ = ["GradCache", "CachedBatch"]
 
@@ -413,7 +413,7 @@ class GradCache:
         if not sizes:
             raise ValueError("chunk_size must be an int or a non-empty sequence of ints")
         for size in sizes:
-            if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+            if not is_int(size):
                 raise TypeError(f"chunk_size must be an int >= 1 (or one per input), got {size!r}")
             if size < 1:
                 raise ValueError(f"chunk_size must be >= 1, got {size}")

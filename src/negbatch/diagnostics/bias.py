@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_positive_int, is_int
 from ..losses.global_nce import GlobalInfoNCE
 
 Encoders = Union[nn.Module, Sequence[nn.Module]]
@@ -209,8 +210,7 @@ def exact_global_gradient(
     (torch.Size([28]), torch.Size([50, 2]))
     """
     enc_a, enc_b, xa, xb = _check(model, loss, inputs)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
     params = _parameters((enc_a, enc_b))
     n = xa.shape[0]
     with torch.no_grad():
@@ -365,10 +365,11 @@ def gradient_bias(
     """
     enc_a, _, xa, _ = _check(model, loss, inputs)
     n = xa.shape[0]
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 2 <= batch_size <= n:
+    if not is_int(batch_size) or not 2 <= batch_size <= n:
         raise ValueError(f"batch_size must be an int in [2, N={n}], got {batch_size!r}")
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 2:
+    if not is_int(num_batches) or num_batches < 2:
         raise ValueError(f"num_batches must be an int >= 2, got {num_batches!r}")
+    batch_size, num_batches = int(batch_size), int(num_batches)
     if estimator not in _ESTIMATORS:
         raise ValueError(f"estimator must be one of {_ESTIMATORS}, got {estimator!r}")
     if exact is None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import check_embeddings, check_same, check_temperature
+from .._checks import check_embeddings, check_positive_int, check_same, check_temperature
 
 __all__ = ["GapResult", "global_train_gap"]
 
@@ -121,8 +121,7 @@ def global_train_gap(
     check_embeddings(y, "Y")
     check_same(x, y, "X", "Y", dims=(0, 1))
     tau = check_temperature(temperature)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    block_size = check_positive_int(block_size, "block_size")
     n = x.shape[0]
     groups = _check_batches(batches, n)
     # At least float32: in bf16 the products and log-sum-exps lose the gap (16% off at tau = 0.05).

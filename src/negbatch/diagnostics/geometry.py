@@ -8,10 +8,11 @@ unit sphere (the functions do not normalise for you, except where noted).
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 from torch import Tensor
+
+from .._checks import is_int, is_real
 
 __all__ = ["intra_class_distance", "silhouette_score", "alignment", "uniformity"]
 
@@ -30,7 +31,7 @@ def _check(z: Tensor, labels: Tensor | None = None) -> None:
 
 def _positive(value: object, name: str, what: str) -> float:
     """A finite number > 0 (a float or an int)."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+    if not is_real(value) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0 ({what}), got {value!r}")
     return float(value)
 
@@ -66,9 +67,9 @@ def intra_class_distance(z: Tensor, labels: Tensor, *, chunk_size: int = 2048) -
 
 
 def _chunk_size(chunk_size: object) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if not is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int (rows of distances computed at once), got {chunk_size!r}")
-    return chunk_size
+    return int(chunk_size)
 
 
 def _row_chunks(n: int, chunk_size: int) -> list[slice]:

@@ -28,10 +28,11 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
-from numbers import Real
 
 import torch
 from torch import Tensor, nn
+
+from .._checks import is_real
 
 __all__ = ["GradientSNR"]
 
@@ -107,9 +108,9 @@ class GradientSNR:
         self.params = list({id(p): p for p in parameters if p.requires_grad}.values())
         if not self.params:
             raise ValueError("parameters must contain at least one tensor with requires_grad=True")
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta < 1.0:
+        if not is_real(beta) or not 0.0 < beta < 1.0:
             raise ValueError(f"beta must be a float in (0, 1) (the EMA decay), got {beta!r}")
-        if isinstance(eps, bool) or not isinstance(eps, Real) or not 0 <= eps < math.inf:
+        if not is_real(eps) or not 0 <= eps < math.inf:
             raise ValueError(f"eps must be a finite number >= 0 (relative to the second moment; default 1e-12), "
                              f"got {eps!r}")
         self.beta = float(beta)

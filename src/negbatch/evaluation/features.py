@@ -7,6 +7,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .._checks import check_positive_int
+
 __all__ = ["extract_features"]
 
 
@@ -58,8 +60,7 @@ def extract_features(
     from ..data.images import _check_images
 
     _check_images(images, "images")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = check_positive_int(batch_size, "batch_size")
     if device is None:
         device = images.device if isinstance(images, Tensor) else "cpu"
     n = len(images)

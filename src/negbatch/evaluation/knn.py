@@ -8,13 +8,12 @@
 
 from __future__ import annotations
 
-import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_temperature
+from .._checks import check_positive_int, check_temperature, is_int
 from .linear import _check_xy, check_two_classes
 
 __all__ = ["knn_accuracy", "weighted_knn_accuracy", "weighted_knn_predict"]
@@ -55,11 +54,9 @@ def knn_accuracy(
         raise ValueError(f"train_features and test_features have different widths: "
                          f"{train_features.shape[1]} vs {test_features.shape[1]}")
     check_two_classes(train_labels)
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= train_features.shape[0]:
+    if not is_int(k) or not 1 <= k <= train_features.shape[0]:
         raise ValueError(f"k must be an int in [1, {train_features.shape[0]}] (the training set size), got {k!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    k, chunk_size = int(k), int(chunk_size)
+    k, chunk_size = int(k), check_positive_int(chunk_size, "chunk_size")
     train = F.normalize(train_features.float(), dim=1)
     test = F.normalize(test_features.float(), dim=1)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
@@ -115,13 +112,12 @@ def weighted_knn_predict(
     if not torch.isfinite(test_features).all():
         raise ValueError("test_features contains NaN or inf")
     n_train = train_features.shape[0]
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n_train:
+    if not is_int(k) or not 1 <= k <= n_train:
         raise ValueError(f"k must be an int in [1, {n_train}] (the training set size), got {k!r}")
     temperature = check_temperature(temperature)
-    for name, v in (("test_chunk", test_chunk), ("train_chunk", train_chunk)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    k, test_chunk, train_chunk = int(k), int(test_chunk), int(train_chunk)
+    k = int(k)
+    test_chunk = check_positive_int(test_chunk, "test_chunk")
+    train_chunk = check_positive_int(train_chunk, "train_chunk")
     if num_classes is None:
         num_classes = int(train_labels.max()) + 1
     if int(train_labels.min()) < 0 or int(train_labels.max()) >= num_classes:

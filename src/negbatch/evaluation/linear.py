@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import check_positive_int, is_int, is_real
+
 __all__ = ["linear_probe", "linear_eval", "fit_logistic_regression"]
 
 
@@ -52,7 +54,7 @@ def _check_splits(train_features: Tensor, train_labels: Tensor, test_features: T
 def _check_l2(l2: object) -> float:
     """An L2 penalty: a finite number >= 0 (an infinite one pins W at 0, and
     L-BFGS fails on it with an overflow far from here)."""
-    if isinstance(l2, bool) or not isinstance(l2, numbers.Real) or not math.isfinite(l2) or l2 < 0:
+    if not is_real(l2) or not math.isfinite(l2) or l2 < 0:
         raise ValueError(f"l2 must be a finite number >= 0 (the L2 penalty), got {l2!r}")
     return float(l2)
 
@@ -122,9 +124,10 @@ def linear_probe(
     True
     """
     _check_splits(train_features, train_labels, test_features, test_labels)
-    _check_l2(l2)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+    l2 = _check_l2(l2)
+    if not is_int(max_iter) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int (L-BFGS iterations), got {max_iter!r}")
+    max_iter = int(max_iter)
     xtr, xte = train_features.double(), test_features.double()
     mean, std = xtr.mean(0), xtr.std(0, unbiased=False).clamp_min(1e-8)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
@@ -243,10 +246,8 @@ def linear_eval(
     if not grid:
         raise ValueError(f"l2 must be a number >= 0 or a non-empty sequence of them, got {l2!r}")
     grid = [_check_l2(v) for v in grid]
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    max_iter = check_positive_int(max_iter, "max_iter")
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
     if len(grid) > 1 and not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction!r}")
     device = torch.device(device) if device is not None else train_features.device

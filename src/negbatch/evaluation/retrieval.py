@@ -32,12 +32,11 @@ are re-scored with the fixed function above. The search is exact.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from numbers import Integral
 
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_embeddings
+from .._checks import check_embeddings, check_positive_int, is_int
 
 __all__ = [
     "relevant_ranks",
@@ -160,9 +159,7 @@ def relevant_ranks(
         raise TypeError(f"relevant must hold integer indices, got dtype {relevant.dtype}")
     if relevant.numel() and (int(relevant.min()) < 0 or int(relevant.max()) >= documents.shape[0]):
         raise ValueError(f"relevant holds indices outside [0, {documents.shape[0]}): unknown documents")
-    for name, value in (("query_chunk", query_chunk), ("doc_chunk", doc_chunk)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    query_chunk, doc_chunk = check_positive_int(query_chunk, "query_chunk"), check_positive_int(doc_chunk, "doc_chunk")
     device = queries.device
     # The wider of the two dtypes: casting float32 documents to a float16 model's queries
     # would merge near-duplicates and move ranks.
@@ -208,7 +205,7 @@ def check_ks(ks: object) -> None:
     documents at a fractional rank; k <= 0 reported a recall of 0)."""
     if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence) or not ks:
         raise ValueError(f"ks must be a non-empty sequence of positive ints (the k of Recall@k), got {ks!r}")
-    bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, Integral) or k < 1]
+    bad = [k for k in ks if not is_int(k) or k < 1]
     if bad:
         raise ValueError(f"ks must hold positive ints (the k of Recall@k), got {bad[0]!r} in {list(ks)!r}")
 
@@ -235,7 +232,7 @@ def metrics_from_ranks(
     if ranks.numel() == 0:
         raise ValueError("ranks is empty: no queries to evaluate")
     check_ks(ks)
-    if isinstance(cutoff, bool) or not isinstance(cutoff, Integral) or cutoff < 1:
+    if not is_int(cutoff) or cutoff < 1:
         # 0 reported MRR and nDCG of 0 (and, with query_ids, indexed the ideal gains at -1).
         raise ValueError(f"cutoff must be a positive int (the rank depth of MRR@cutoff and nDCG@cutoff), got {cutoff!r}")
     if ranks.dim() != 1 or ranks.dtype.is_floating_point or int(ranks.min()) < 1:
@@ -321,8 +318,7 @@ def encode_texts(
     device: str | torch.device = "cpu",
 ) -> Tensor:
     """Embed texts in batches with the encoder in eval mode (restored afterwards); returns (n, d) on CPU."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = check_positive_int(batch_size, "batch_size")
     was_training = encoder.training
     encoder.eval()
     try:
