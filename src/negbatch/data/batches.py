@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .._checks import is_int
 from .images import Images, _is_files
 
 __all__ = ["ImageBatches", "keep_batch", "image_batch_loader", "to_float_images"]
@@ -101,8 +102,9 @@ def image_batch_loader(
     >>> [idx.tolist() for _, _, idx in image_batch_loader(x, None, batches)]
     [[0, 1, 2], [9, 8, 7]]
     """
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+    if not is_int(num_workers) or num_workers < 0:
         raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    num_workers = int(num_workers)
     extra: dict[str, Any] = {}
     if num_workers > 0:
         extra["persistent_workers"] = persistent_workers

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._checks import is_int
 from ._files import DatasetDamagedError
 
 __all__ = ["ImageFiles", "IMAGE_EXTENSIONS"]
@@ -33,12 +34,12 @@ def _pillow():
 def _side_pair(size: int | Sequence[int] | None, arg: str) -> tuple[int, int] | None:
     if size is None:
         return None
-    if isinstance(size, int) and not isinstance(size, bool):
+    if is_int(size):
         size = (size, size)
     size = tuple(size)
-    if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):
+    if len(size) != 2 or any(not is_int(s) or s < 1 for s in size):
         raise ValueError(f"{arg} must be a positive int or a (height, width) pair, got {size!r}")
-    return size  # type: ignore[return-value]
+    return int(size[0]), int(size[1])
 
 
 class ImageFiles:
@@ -134,7 +135,7 @@ class ImageFiles:
         if isinstance(key, slice):
             sizes = None if self.file_sizes is None else self.file_sizes[key]
             return self._like(self.paths[key], sizes)
-        if isinstance(key, int) and not isinstance(key, bool):
+        if is_int(key):
             return self.read(torch.tensor([key]))[0]
         return self.read(key)
 

@@ -34,6 +34,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .._checks import is_int
 from ._files import DatasetDamagedError, DatasetNotFoundError, atomic_write
 from .image_files import IMAGE_EXTENSIONS, ImageFiles, _CACHE_VERSION, _side_pair
 from .images import ImageDataset
@@ -166,11 +167,12 @@ def load_image_folder(
     root = Path(root).expanduser()
     if size is not None and decode_size is not None:
         raise ValueError("give size (resize once and cache) or decode_size (decode lazily), not both")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+    if size is not None and (not is_int(size) or size < 1):
         raise ValueError(f"size must be a positive int (the side of the resized square images), got {size!r}")
     lazy_hw = _side_pair(decode_size, "decode_size")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+    if not is_int(num_workers) or num_workers < 0:
         raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    size, num_workers = (int(size) if size is not None else None), int(num_workers)
     if not (root / "train").is_dir() or not (root / "val").is_dir():
         missing = "does not exist" if not root.exists() else "lacks " + " and ".join(
             f"{d}/" for d in ("train", "val") if not (root / d).is_dir())

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._checks import is_int
 from ._files import DatasetDamagedError, DatasetNotFoundError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -193,7 +194,7 @@ class ImageDataset:
         own), so a prefix is a deterministic random subset.
         """
         for name, n in (("n_train", n_train), ("n_test", n_test), ("n_unlabeled", n_unlabeled)):
-            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            if n is not None and (not is_int(n) or n < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {n!r}")
         n_unl = 0 if self.x_unlabeled is None else len(self.x_unlabeled)
         for name, n, have, split in (

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import is_int
 from .batches import to_float_images
 from .images import Images, _is_files
 
@@ -200,8 +201,10 @@ class SimCLRAugment:
     normalize: str | tuple[Sequence[float], Sequence[float]] | None = None
 
     def __post_init__(self) -> None:
-        if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1):
-            raise ValueError(f"size must be a positive int or None, got {self.size!r}")
+        if self.size is not None:
+            if not is_int(self.size) or self.size < 1:
+                raise ValueError(f"size must be a positive int or None, got {self.size!r}")
+            object.__setattr__(self, "size", int(self.size))  # frozen: numpy's int kept as a Python int
         lo, hi = self.scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"scale must be (low, high) with 0 < low <= high <= 1, got {self.scale!r}")

@@ -27,6 +27,8 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._checks import is_int, is_real
+
 __all__ = [
     "TextPairs",
     "BibleSplit",
@@ -225,8 +227,9 @@ def split_by_group(
     >>> {i // 10 for i in train.ids} & {i // 10 for i in test.ids}
     set()
     """
-    if not isinstance(test_fraction, (int, float)) or not 0.0 < float(test_fraction) < 1.0:
+    if not is_real(test_fraction) or not 0.0 < float(test_fraction) < 1.0:
         raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
+    test_fraction = float(test_fraction)
     train_idx, test_idx = [], []
     for i, pair_id in enumerate(pairs.ids):
         digest = hashlib.sha256(f"{seed}:{group(pair_id)}".encode()).digest()
@@ -304,11 +307,11 @@ def bible_pairs(
         ids.append(verse_id)
     pairs = TextPairs(q_list, d_list, ids)
     if max_pairs is not None:
-        if not isinstance(max_pairs, int) or max_pairs < 2:
+        if not is_int(max_pairs) or max_pairs < 2:
             raise ValueError(f"max_pairs must be an int >= 2, got {max_pairs!r}")
         order = list(range(len(pairs)))
         random.Random(seed).shuffle(order)
-        pairs = pairs.subset(sorted(order[:max_pairs]))
+        pairs = pairs.subset(sorted(order[:int(max_pairs)]))
     train, test = split_by_group(pairs, chapter_of, test_fraction=test_fraction, seed=seed)
     dropped = {
         f"{query_version}_dropped": dropped_q,

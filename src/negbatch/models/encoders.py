@@ -6,14 +6,16 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .._checks import is_int
+
 __all__ = ["MLPEncoder", "ConvEncoder", "build_encoder", "ENCODERS"]
 
 
 def _check_widths(widths, name: str) -> tuple[int, ...]:
     widths = tuple(widths)
-    if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+    if not widths or any(not is_int(w) or w < 1 for w in widths):
         raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {widths!r}")
-    return widths
+    return tuple(int(w) for w in widths)
 
 
 class MLPEncoder(nn.Module):

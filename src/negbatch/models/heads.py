@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .._checks import is_int
 from .encoders import _check_widths
 
 __all__ = ["ProjectionHead", "ContrastiveModel", "HEAD_PRESETS"]
@@ -46,10 +47,10 @@ class ProjectionHead(nn.Module):
                 raise ValueError(f"head widths must be a sequence of ints or one of {sorted(HEAD_PRESETS)}, got {widths!r}")
             widths = HEAD_PRESETS[widths]
         widths = _check_widths(widths, "head widths")
-        if isinstance(in_dim, bool) or not isinstance(in_dim, int) or in_dim < 1:
+        if not is_int(in_dim) or in_dim < 1:
             raise ValueError(f"in_dim must be a positive int (the encoder's out_dim), got {in_dim!r}")
         layers: list[nn.Module] = []
-        d = in_dim
+        d = int(in_dim)
         for width in widths[:-1]:
             layers.append(nn.Linear(d, width))
             if batch_norm:

@@ -24,6 +24,8 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
+from .._checks import check_positive_int, is_int
+
 __all__ = ["ResNet", "resnet18", "resnet50", "BasicBlock", "Bottleneck"]
 
 
@@ -121,10 +123,10 @@ class ResNet(nn.Module):
             raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
         depths, widths = tuple(depths), tuple(widths)
         for name, v in (("depths", depths), ("widths", widths)):
-            if len(v) != 4 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in v):
+            if len(v) != 4 or any(not is_int(d) or d < 1 for d in v):
                 raise ValueError(f"{name} must be 4 positive ints (one per stage), got {v!r}")
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        depths, widths = tuple(int(d) for d in depths), tuple(int(w) for w in widths)
+        in_channels = check_positive_int(in_channels, "in_channels")
         if stem not in ("standard", "cifar"):
             raise ValueError(f"stem must be 'standard' (7x7 stride 2 + max-pool) or 'cifar' (3x3 stride 1), got {stem!r}")
         cls = _BLOCKS[block]

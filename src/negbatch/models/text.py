@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_positive_int, is_int
+
 __all__ = [
     "TextTokenizer",
     "TransformerTextEncoder",
@@ -85,8 +87,9 @@ class TextTokenizer:
     SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
     def __init__(self, tokenizer, *, max_length: int = 128) -> None:
-        if not isinstance(max_length, int) or max_length < 3:
+        if not is_int(max_length) or max_length < 3:
             raise ValueError(f"max_length must be an int >= 3 (room for [CLS], a token and [SEP]), got {max_length!r}")
+        max_length = int(max_length)
         self.tokenizer = tokenizer
         self.max_length = max_length
         if tokenizer.token_to_id("[PAD]") != 0:
@@ -119,13 +122,13 @@ class TextTokenizer:
             counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
         chars = sorted({c for word in counts for c in word})
         base = list(cls.SPECIAL) + chars + ["##" + c for c in chars]
-        if not isinstance(vocab_size, int) or vocab_size < len(base):
+        if not is_int(vocab_size) or vocab_size < len(base):
             raise ValueError(
                 f"vocab_size must be an int >= {len(base)} (special tokens and the {len(chars)} characters "
                 f"of these texts, twice), got {vocab_size!r}"
             )
         words = [w for w, c in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0])) if c >= min_frequency and len(w) > 1]
-        tokens = base + words[: vocab_size - len(base)]
+        tokens = base + words[: int(vocab_size) - len(base)]
         tokenizer = tk.Tokenizer(tk.models.WordPiece({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
         tokenizer.normalizer = normalizer
         tokenizer.pre_tokenizer = pre_tokenizer
@@ -213,10 +216,11 @@ class TransformerTextEncoder(nn.Module):
         max_length: int = 128,
     ) -> None:
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth), ("heads", heads),
-                            ("max_length", max_length)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        vocab_size, dim, depth, heads, max_length = (
+            check_positive_int(value, name) for name, value in (
+                ("vocab_size", vocab_size), ("dim", dim), ("depth", depth), ("heads", heads), ("max_length", max_length)
+            )
+        )
         if dim % heads:
             raise ValueError(f"heads must divide dim, got dim={dim}, heads={heads}")
         if not 0.0 <= dropout < 1.0:
