@@ -255,6 +255,7 @@ ARGS = [
     Arg("GCBSampler-block_size", lambda v: _gcbs_sampler(block_size=v), 5, "int", "block_size"),
     Arg("similarity_graph-q", lambda v: similarity_graph(A, B, v, block_size=4), 0.75, "real", "q"),
     Arg("similarity_graph-block_size", lambda v: similarity_graph(A, B, 0.75, block_size=v), 4, "int", "block_size"),
+    Arg("similarity_graph-seed", lambda v: similarity_graph(A, B, 0.75, block_size=4, seed=v), 3, "int", "seed"),
     Arg("kmeans-k", lambda v: kmeans(A, v, generator=_g()), 2, "int", "k"),
     Arg("kmeans-iters", lambda v: kmeans(A, 2, iters=v, generator=_g()), 3, "int", "iters"),
     Arg("cut_into_batches-batch_size", lambda v: cut_into_batches(np.arange(7), v, False), 3, "int", "batch_size"),
@@ -274,6 +275,8 @@ ARGS = [
         "int", "max_iter"),
     Arg("linear_eval-chunk_size", lambda v: linear_eval(A, LABELS, B, LABELS, max_iter=5, chunk_size=v,
                                                         return_details=True), 4, "int", "chunk_size"),
+    Arg("linear_eval-seed", lambda v: linear_eval(A, LABELS, B, LABELS, l2=[0.5, 0.01], max_iter=5, seed=v,
+                                                  return_details=True), 3, "int", "seed"),
     Arg("extract_features-batch_size", lambda v: _features(batch_size=v), 4, "int", "batch_size"),
     Arg("extract_features-num_workers", lambda v: _features(num_workers=v), 0, "int", "num_workers"),
     Arg("image_batch_loader-num_workers", lambda v: [b[2] for b in image_batch_loader(
@@ -453,5 +456,9 @@ def test_bible_pairs_take_a_numpy_max_pairs():
 
     plain, numpy = (bible_pairs("asv", "web", seed=0, max_pairs=m) for m in (60, np.int64(60)))
     assert numpy.train.ids == plain.train.ids and numpy.test.ids == plain.test.ids
+    plain, numpy = (bible_pairs("asv", "web", seed=s, max_pairs=60) for s in (3, np.int64(3)))
+    assert numpy.train.ids == plain.train.ids and numpy.test.ids == plain.test.ids
+    with pytest.raises(TypeError, match="seed"):
+        bible_pairs("asv", "web", seed=3.0, max_pairs=60)
     with pytest.raises(ValueError, match="max_pairs"):
         bible_pairs("asv", "web", max_pairs=np.float64(60.0))

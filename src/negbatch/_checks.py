@@ -70,6 +70,18 @@ def check_positive_int(value: object, name: str) -> int:
     return int(value)
 
 
+def check_seed(value: object, name: str = "seed") -> int:
+    """``value`` as a Python int if it is a seed every generator takes: an
+    integer (see :func:`is_int`) in ``[0, 2**64)``; else an error that names it."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0 (numpy's seed sequences take no negative numbers), got {value}")
+    if value >= 2**64:
+        raise ValueError(f"{name} must be below 2**64 (torch.Generator's range, as torch.initial_seed()), got {value}")
+    return int(value)
+
+
 def check_temperature(temperature: float, name: str = "temperature") -> float:
     if not is_real(temperature):
         raise TypeError(f"{name} must be a positive float, got {type(temperature).__name__}")

@@ -27,7 +27,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .._checks import is_int, is_real
+from .._checks import check_seed, is_int, is_real
 
 __all__ = [
     "TextPairs",
@@ -310,7 +310,7 @@ def bible_pairs(
         if not is_int(max_pairs) or max_pairs < 2:
             raise ValueError(f"max_pairs must be an int >= 2, got {max_pairs!r}")
         order = list(range(len(pairs)))
-        random.Random(seed).shuffle(order)
+        random.Random(check_seed(seed)).shuffle(order)
         pairs = pairs.subset(sorted(order[:int(max_pairs)]))
     train, test = split_by_group(pairs, chapter_of, test_fraction=test_fraction, seed=seed)
     dropped = {

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_positive_int, is_int, is_real
+from .._checks import check_positive_int, check_seed, is_int, is_real
 
 __all__ = ["linear_probe", "linear_eval", "fit_logistic_regression"]
 
@@ -248,6 +248,7 @@ def linear_eval(
     grid = [_check_l2(v) for v in grid]
     max_iter = check_positive_int(max_iter, "max_iter")
     chunk_size = check_positive_int(chunk_size, "chunk_size")
+    seed = check_seed(seed)
     if len(grid) > 1 and not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction!r}")
     device = torch.device(device) if device is not None else train_features.device

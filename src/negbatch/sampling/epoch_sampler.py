@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Sampler
 
 from .. import distributed as nbdist
-from .._checks import check_positive_int, is_int
+from .._checks import check_positive_int, check_seed, is_int
 
 __all__ = ["EpochBatchSampler", "cut_into_batches"]
 
@@ -109,13 +109,7 @@ class EpochBatchSampler(Sampler[list[int]]):
             )
         self.drop_last = bool(drop_last)
         self.shuffle_batches = bool(shuffle_batches)
-        if not is_int(seed):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0 (numpy's seed sequences take no negative numbers), got {seed}")
-        if seed >= 2**64:
-            raise ValueError(f"seed must be below 2**64 (torch.Generator's range, as torch.initial_seed()), got {seed}")
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.refresh_every = check_positive_int(refresh_every, "refresh_every") if refresh_every is not None else None
         self.epoch = 0
         self._plan: list[np.ndarray] | None = None

@@ -29,7 +29,7 @@ import torch
 from scipy.sparse.csgraph import reverse_cuthill_mckee
 from torch import Tensor
 
-from .._checks import check_positive_int, is_real
+from .._checks import check_positive_int, check_seed, is_real
 from .embedding import EmbedFn, embed_dataset
 from .epoch_sampler import EpochBatchSampler, cut_into_batches
 
@@ -271,6 +271,7 @@ def similarity_graph(
     q = _check_q(q)
     _check_sides(x, y)
     block_size = check_positive_int(block_size, "block_size")
+    seed = check_seed(seed)
     if method not in ("exact", "faiss"):
         raise ValueError(f"method must be 'exact' or 'faiss', got {method!r}")
     # Half-precision embeddings (a model under autocast) are compared in float32:
