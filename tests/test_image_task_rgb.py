@@ -86,6 +86,52 @@ def test_stl10_pretrains_on_the_unlabeled_split(tmp_path):
         train(TrainConfig(use_unlabeled=True), tmp_path / "digits")
 
 
+def test_stl10_reads_its_unlabeled_split_only_for_a_run_that_trains_on_it(tmp_path, monkeypatch):
+    """unlabeled_X.bin holds 100,000 images (2.8 GB in memory): every STL-10 run and study read it,
+    also those without use_unlabeled, and a folder without the file was refused."""
+    import negbatch.data.stl10 as stl10
+    from negbatch.lab.studies import get_study
+
+    write_stl10(tmp_path / "stl", n_train=8, n_test=6, n_unlabeled=16)
+    read = []
+    real = stl10._read_images
+    monkeypatch.setattr(stl10, "_read_images", lambda path, folder: read.append(path.name) or real(path, folder))
+    cfg = TrainConfig(dataset="stl10", data_dir=str(tmp_path / "stl"), batch_size=8, epochs=1, **RESNET)
+    assert train(cfg, tmp_path / "labelled")["steps"] == 1
+    get_study("negatives", "image").load(cfg)  # a study's data check before its runs
+    assert read and "unlabeled_X.bin" not in read
+    assert train(cfg.replace(use_unlabeled=True), tmp_path / "all")["steps"] == 3 and "unlabeled_X.bin" in read
+    (tmp_path / "stl" / "unlabeled_X.bin").unlink()  # the labelled files alone train a labelled run
+    assert train(cfg.replace(seed=1), tmp_path / "without")["steps"] == 1
+    with pytest.raises(FileNotFoundError, match="lacks unlabeled_X.bin"):
+        train(cfg.replace(use_unlabeled=True, seed=1), tmp_path / "without-all")
+
+
+def test_an_stl10_folder_fingerprinted_with_its_unlabeled_split_resumes(tmp_path):
+    """Until 2026-12-03 a run without use_unlabeled recorded the unlabeled split in data.json: that folder
+    resumes (its record is checked against the split once, then rewritten); other unlabeled images are
+    other data, refused as before."""
+    import json
+
+    from negbatch.data import load_stl10
+
+    write_stl10(tmp_path / "stl", n_train=8, n_test=6, n_unlabeled=4)
+    cfg = TrainConfig(dataset="stl10", data_dir=str(tmp_path / "stl"), batch_size=4, epochs=1, **RESNET)
+    assert train(cfg, tmp_path / "run", stop_after=1) is None
+    data = tmp_path / "run" / "data.json"
+    now = json.loads(data.read_text())
+    assert "unlabeled" not in now["splits"]
+    earlier = load_stl10(tmp_path / "stl").identity()  # what the earlier version wrote
+    data.write_text(json.dumps(earlier))
+    assert train(cfg, tmp_path / "run")["steps"] == 2
+    assert json.loads(data.read_text()) == now
+    data.write_text(json.dumps(earlier))
+    (tmp_path / "stl" / "unlabeled_X.bin").write_bytes(bytes(reversed((tmp_path / "stl" / "unlabeled_X.bin")
+                                                                        .read_bytes())))
+    with pytest.raises(ValueError, match="holds a run on other data"):
+        train(cfg, tmp_path / "run")
+
+
 def test_image_folder_resized_once(tmp_path):
     write_image_folder(tmp_path / "tree", per_class=6, n_val=3)
     cfg = TrainConfig(dataset="imagefolder", data_dir=str(tmp_path / "tree"), image_size=16, batch_size=6, epochs=1,

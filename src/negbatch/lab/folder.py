@@ -16,7 +16,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -111,9 +111,14 @@ class RunFolder:
         with hold_lock(self.path):
             yield self
 
-    def check(self, config: TrainConfig, data: dict[str, Any]) -> dict[str, Any] | None:
+    def check(self, config: TrainConfig, data: dict[str, Any],
+              earlier: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None) -> dict[str, Any] | None:
         """Refuse a folder that holds another configuration or other data; return
-        the summary of this run if it already finished, else None. Writes nothing."""
+        the summary of this run if it already finished, else None.
+
+        ``earlier(saved)`` gives the identity an earlier version recorded for the same data
+        (or None): a ``data.json`` equal to it is this run's, and is rewritten as ``data``
+        (the only file this check writes)."""
         config_path, data_path = self.path / CONFIG, self.path / DATA
         # A run that failed before its first checkpoint left its config and data but nothing trained.
         fresh = "" if self.checkpoint.exists() or (self.path / SUMMARY).exists() else (
@@ -136,7 +141,9 @@ class RunFolder:
                 )
         if data_path.exists():
             saved = _read_json(data_path)
-            if saved != data:
+            if saved != data and earlier is not None and earlier(saved) == saved:
+                atomic_write_text(data_path, json.dumps(data, indent=2))  # once: later checks compare it as is
+            elif saved != data:
                 raise ValueError(
                     f"{self.path} holds a run on other data (differs in {_differences(saved, data)}: "
                     f"{saved.get('name')!r} {saved.get('fingerprint', '')[:12]} there, {data.get('name')!r} "

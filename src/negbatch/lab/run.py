@@ -146,7 +146,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, procs: Processes, data: Any, sto
     device = procs.device(cfg.device)
     task = procs.check_all(lambda: make_task(cfg, device, data))  # loads the data: errors about it come first
     _check_one_run(cfg, task, procs)
-    finished = procs.on_main(lambda: folder.check(cfg, task.data_identity))
+    finished = procs.on_main(lambda: folder.check(cfg, task.data_identity, task.earlier_data_identity))
     if finished is not None:
         return finished
 

@@ -65,6 +65,12 @@ class Task:
         """Build the model, the objective and the sampler (torch is seeded)."""
         raise NotImplementedError
 
+    def earlier_data_identity(self, saved: dict[str, Any]) -> dict[str, Any] | None:
+        """The identity an earlier version of negbatch recorded for this run's data when it
+        differs from :attr:`data_identity` (``saved``: the folder's record), else None: the
+        folder check then accepts that record too (see :meth:`negbatch.lab.folder.RunFolder.check`)."""
+        return None
+
     def build_key_encoder(self) -> None:
         """MoCo's momentum encoder, a copy of the freshly built :attr:`model`
         (``cfg.key_momentum``; none when it is 0)."""

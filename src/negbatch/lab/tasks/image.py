@@ -372,12 +372,15 @@ def load_image_data(cfg: TrainConfig) -> ImageDataset:
     ``image_size`` / ``decode_size``), or the user's arrays (``arrays:PATH``)."""
     if cfg.dataset.startswith("arrays:"):
         return load_dataset("npz", cfg.dataset.split(":", 1)[1].strip())
-    options = {}
+    options: dict[str, Any] = {}
     if cfg.dataset == "imagefolder":
         options = {"size": cfg.image_size, "decode_size": cfg.decode_size, "num_workers": cfg.num_workers,
                    "cache_dir": cfg.image_cache_dir}
     elif cfg.image_size is not None or cfg.decode_size is not None:
         raise ValueError(f"image_size and decode_size apply to dataset='imagefolder', not {cfg.dataset!r}")
+    if cfg.dataset == "stl10":
+        # unlabeled_X.bin holds 100,000 images (2.8 GB in memory): read only by a run that trains on them.
+        options = {"unlabeled": cfg.use_unlabeled}
     return load_dataset(cfg.dataset, cfg.data_dir, **options)
 
 
@@ -393,6 +396,7 @@ class ImageTask(Task):
         # BatchNorm normalises each process's rows by their statistics, and accumulated chunks take
         # chunk_size / N rows of each process: either way the computation follows N.
         self.world_size_invariant = cfg.norm != "batch" and not (cfg.chunk_size and cfg.chunk_method == "accumulate")
+        self.loaded_here = data is None  # from cfg's data set (not handed in)
         data = data if data is not None else load_image_data(cfg)
         self.data = data.subset(cfg.n_train, cfg.n_test)
         self.data_identity = self.data.identity()
@@ -414,6 +418,16 @@ class ImageTask(Task):
         self.evaluation = mode
         # Seconds of earlier sessions (a resumed run): embedding + ordering, the gap diagnostic.
         self.timing = {"sampler_seconds": 0.0, "gap_seconds": 0.0}
+
+    def earlier_data_identity(self, saved: dict[str, Any]) -> dict[str, Any] | None:
+        """STL-10 without ``use_unlabeled``: until 2026-12-03 its unlabeled split was read for
+        every run, and ``data.json`` fingerprinted it; the identity of that record, so that
+        such a folder resumes (reading the split this once)."""
+        cfg = self.cfg
+        if cfg.dataset != "stl10" or cfg.use_unlabeled or not self.loaded_here or \
+                "unlabeled" not in saved.get("splits", {}):
+            return None
+        return load_dataset("stl10", cfg.data_dir, unlabeled=True).subset(cfg.n_train, cfg.n_test).identity()
 
     def build(self) -> None:
         cfg = self.cfg
