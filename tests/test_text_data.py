@@ -91,6 +91,8 @@ def test_bible_max_pairs_is_a_smaller_leakage_free_set():
     split = bible_pairs("asv", "bbe", max_pairs=2000, seed=1)
     assert len(split.train) + len(split.test) == 2000
     assert not {chapter_of(v) for v in split.train.ids} & {chapter_of(v) for v in split.test.ids}
+    with pytest.raises(ValueError, match=r"max_pairs=100000 exceeds the \d+ pairs of asv -> bbe; use at most"):
+        bible_pairs("asv", "bbe", max_pairs=100_000)  # taken as all of them, silently
 
 
 @needs_bible

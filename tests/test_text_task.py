@@ -248,6 +248,21 @@ def test_bad_configurations_name_the_field():
     assert TrainConfig(dataset="bible", epochs=2).steps is None
 
 
+def test_max_pairs_above_the_pairs_of_the_data_is_refused(tmp_path, capsys):
+    """max_pairs over the data trained on every pair without a word, as if the data were that large
+    (n_train over the images is refused alike)."""
+    from negbatch.cli import main
+
+    assert sum(map(len, load_text_split(TrainConfig(**{**TINY, "max_pairs": 40})))) == 40  # all of them: fine
+    with pytest.raises(ValueError, match="max_pairs=41 exceeds the 40 pairs of 'builtin'; use at most 40"):
+        load_text_split(TrainConfig(**{**TINY, "max_pairs": 41}))
+    out = tmp_path / "study"
+    assert main(["study", "negatives", *TINY_CLI, "--test-fraction", "0.25", "--max-pairs", "100", "--ks", "all",
+                 "--seeds", "0", "--out", str(out)]) == 2
+    assert "max_pairs=100 exceeds the 40 pairs of 'builtin'; use at most 40" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_sweep_rows_and_rerun(tmp_path):
     base = TrainConfig(**{**TINY, "steps": 1})
     rows = run_configs([base, base.replace(seed=1)], tmp_path)

@@ -272,6 +272,7 @@ def bible_pairs(
     max_pairs : int, optional
         Keep only pairs whose index, in a seeded random order, is below
         ``max_pairs`` before splitting (a smaller, still leakage-free data set).
+        More than the translations' pairs is an error.
 
     Examples
     --------
@@ -309,6 +310,9 @@ def bible_pairs(
     if max_pairs is not None:
         if not is_int(max_pairs) or max_pairs < 2:
             raise ValueError(f"max_pairs must be an int >= 2, got {max_pairs!r}")
+        if max_pairs > len(pairs):  # taken as all of them, it ran on fewer pairs than asked without a word
+            raise ValueError(f"max_pairs={max_pairs} exceeds the {len(pairs)} pairs of {query_version} -> "
+                             f"{document_version}; use at most {len(pairs)}")
         order = list(range(len(pairs)))
         random.Random(check_seed(seed)).shuffle(order)
         pairs = pairs.subset(sorted(order[:int(max_pairs)]))

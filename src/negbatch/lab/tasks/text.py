@@ -68,6 +68,10 @@ def _load_text_split(dataset, max_pairs, test_fraction, data_seed, query_column,
         path = _pairs_path(dataset)
         pairs = builtin_pairs() if path is None else load_pairs(
             path, query_column=query_column, document_column=document_column, hard_negatives_column=hard_column)
+        if max_pairs is not None and max_pairs > len(pairs):
+            # As n_train over the images: taken as all of them, it trained on fewer pairs than asked without a word.
+            raise ValueError(f"max_pairs={max_pairs} exceeds the {len(pairs)} pairs of {dataset!r}; use at most "
+                             f"{len(pairs)}")
         if max_pairs is not None and max_pairs < len(pairs):
             order = list(range(len(pairs)))
             random.Random(data_seed).shuffle(order)
