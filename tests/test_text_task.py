@@ -360,6 +360,34 @@ def test_no_text_is_on_both_sides_of_the_users_split(tmp_path):
     assert not set(train.queries + train.documents) & set(test.queries + test.documents)
 
 
+def test_no_test_text_reaches_training_as_a_hard_negative(tmp_path):
+    """Mined hard negatives are often other pairs' texts: a training query's hard negative that is a test
+    document (or query) trained on a test text (34 of 160 training pairs here did). Pairs linked by a hard
+    negative now stay on one side, as pairs that share a query or document do."""
+    path = tmp_path / "mined.jsonl"
+    # Pairs 2k and 2k + 1 are each other's hard negatives (a document and a query); "noise" is no pair's text.
+    rows = [{"query": f"question {i}", "document": f"answer {i}",
+             "hard": [f"answer {i ^ 1}", f"question {i ^ 1}" if i % 4 < 2 else f"noise {i}"]} for i in range(200)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, test = load_text_split(TrainConfig(dataset=f"pairs:{path}", hard_negatives_column="hard", test_fraction=0.2))
+    assert len(train) + len(test) == 200 and len(test) >= 20
+    test_texts = set(test.queries + test.documents)
+    assert not {h for negatives in train.hard_negatives for h in negatives} & test_texts
+    assert not set(train.queries + train.documents) & test_texts
+    assert {i // 2 for i in train.ids}.isdisjoint(i // 2 for i in test.ids)  # each linked pair of rows on one side
+
+
+def test_a_split_that_hard_negatives_link_into_one_group_says_so(tmp_path):
+    """Each pair's hard negative the next pair's document: one group, which cannot be split; the error says why."""
+    path = tmp_path / "chain.jsonl"
+    rows = [{"query": f"question {i}", "document": f"answer {i}", "hard": [f"answer {(i + 1) % 50}"]} for i in range(50)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"left (0 training and 50|50 training and 0) test pairs.*a hard negative "
+                                         r"that is another pair's query or document.*largest such group holds 50 of "
+                                         r"the 50 pairs"):
+        load_text_split(TrainConfig(dataset=f"pairs:{path}", hard_negatives_column="hard", test_fraction=0.2))
+
+
 def test_study_on_the_users_pairs_file_and_errors(tmp_path, capsys):
     from negbatch.cli import main
     from negbatch.data.text import builtin_pairs

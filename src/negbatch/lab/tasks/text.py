@@ -18,7 +18,8 @@ Data (``dataset``):
 * ``"pairs:PATH"`` -- the user's JSONL/CSV file
   (:func:`negbatch.data.text.load_pairs`, with ``query_column``,
   ``document_column`` and ``hard_negatives_column``), split by pair, pairs that
-  share a text (query or document) on one side.
+  share a text (query or document, or a hard negative that is another pair's
+  query or document) on one side.
 
 The split uses ``data_seed`` (not the run's ``seed``), so every seed of a study
 sees the same test corpus. The WordPiece tokenizer is trained on the training
@@ -27,6 +28,7 @@ side only.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import random
@@ -61,6 +63,7 @@ def load_text_split(cfg: TrainConfig):
 def _load_text_split(dataset, max_pairs, test_fraction, data_seed, query_column, document_column, hard_column):
     from ...data.text import bible_pairs, builtin_pairs, load_pairs, split_by_group
 
+    group = None  # the Bible's: whole chapters
     if dataset == "bible":
         split = bible_pairs(test_fraction=test_fraction, seed=data_seed, max_pairs=max_pairs)
         train, test = split.train, split.test
@@ -81,15 +84,30 @@ def _load_text_split(dataset, max_pairs, test_fraction, data_seed, query_column,
     if len(test) < 2 or len(train) < 2:
         hint = " (the built-in 40 pairs: --test-fraction 0.25 holds out 6 at --data-seed 0)" if dataset == "builtin" else ""
         raise ValueError(f"dataset {dataset!r}: the split left {len(train)} training and {len(test)} test pairs; "
-                         f"use more pairs (max_pairs) or another test_fraction{hint}")
+                         f"use more pairs (max_pairs) or another test_fraction{hint}{_largest_group(group)}")
     return train, test
+
+
+def _largest_group(group: dict | None) -> str:
+    """Why a split of pairs can be lopsided: pairs linked by their texts stay together (``group``: pair id ->
+    its group, see :func:`_shared_text_groups`)."""
+    if not group:
+        return ""
+    size = max(collections.Counter(group.values()).values())
+    if size < 2:
+        return ""
+    return (f"; the pairs linked by a shared text (a query, a document, or a hard negative that is another pair's "
+            f"query or document) stay on one side of the split, and the largest such group holds {size} of the "
+            f"{len(group)} pairs")
 
 
 def _shared_text_groups(pairs) -> dict:
     """Pair id -> its split group: pairs linked by a shared text (a query with several positives,
-    a document of several queries, a text that is one pair's query and another's document) form
-    one group, named by its first pair's id, so no text is on both sides of the split (data
-    without repeated texts splits pair by pair)."""
+    a document of several queries, a text that is one pair's query and another's document, a
+    hard negative that is another pair's query or document) form one group, named by its first
+    pair's id, so no text is on both sides of the split and no test text is trained on as a hard
+    negative (data without repeated texts splits pair by pair). A hard negative that is no pair's
+    query or document links nothing: the evaluation never reads the test side's hard negatives."""
     parent = list(range(len(pairs)))
 
     def root(i: int) -> int:
@@ -98,11 +116,18 @@ def _shared_text_groups(pairs) -> dict:
             i = parent[i]
         return i
 
+    def link(i: int, j: int) -> None:
+        a, b = root(i), root(j)
+        parent[max(a, b)] = min(a, b)  # the root is the group's first pair
+
     first: dict[str, int] = {}
     for i, (q, d) in enumerate(zip(pairs.queries, pairs.documents)):
         for text in (q, d):
-            a, b = root(i), root(first.setdefault(text, i))
-            parent[max(a, b)] = min(a, b)  # the root is the group's first pair
+            link(i, first.setdefault(text, i))
+    for i, negatives in enumerate(pairs.hard_negatives or ()):  # after every pair's texts: a later pair's count
+        for text in negatives:
+            if text in first:
+                link(i, first[text])
     return {pair_id: pairs.ids[root(i)] for i, pair_id in enumerate(pairs.ids)}
 
 
