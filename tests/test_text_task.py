@@ -5,6 +5,7 @@ and the text studies end to end through the command's entry point, in-process
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -424,6 +425,17 @@ def test_study_gradcache_on_text(tmp_path, capsys):
     mem = spec["saved_activation_bytes"]
     assert mem["16"]["with_cache"] < mem["16"]["without_cache"] / 2
     assert "Activation memory" in (out / "report.md").read_text() and (out / "retrieval_vs_batch_size.png").exists()
+    # B = 4 <= the chunk: its runs took plain steps, so its "with cache" cell is not applicable (it held a
+    # measurement of a cache no run used), in a folder of this version and in one written before.
+    assert mem["4"]["with_cache"] is None
+    report = (out / "report.md").read_text()
+    assert re.search(r"^\| 4 \|.*\| n/a \|$", report, flags=re.M) and "n/a with cache where B ≤ 4" in report
+    assert not re.search(r"^\| 16 \|.*\| n/a \|$", report, flags=re.M)
+    (out / "study.json").write_text(json.dumps({**spec, "saved_activation_bytes": {**mem, "4": {
+        "with_cache": mem["4"]["without_cache"], "without_cache": mem["4"]["without_cache"]}}}))
+    from negbatch.lab.studies import report_folder
+
+    assert re.search(r"^\| 4 \|.*\| n/a \|$", report_folder(out).read_text(), flags=re.M)
     for extra, message in ((["--steps", "3"], "--steps applies with --budget steps"),
                            (["--pairs", "6"], "--pairs: with --budget pairs, at least the largest batch size (16")):
         # 6 pairs at B = 16 took one step of 16 pairs, and the report said every B saw 6.

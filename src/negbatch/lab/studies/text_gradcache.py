@@ -34,7 +34,7 @@ from ..sweep import parse_list, read_results
 from ..tasks.text import TEXT_METRICS, load_text_split, text_tokenizer
 from .base import TextStudy
 
-__all__ = ["TextGradCache", "saved_activation_bytes", "DEFAULT_BATCH_SIZES"]
+__all__ = ["TextGradCache", "saved_activation_bytes", "cached", "DEFAULT_BATCH_SIZES"]
 
 DEFAULT_BATCH_SIZES = "16,64,256"
 
@@ -79,14 +79,15 @@ class TextGradCache(TextStudy):
         configs = []
         for b in sizes:
             steps = pairs // b if args.budget == "pairs" else base.steps  # pairs >= every B
-            chunk = args.chunk_size if args.chunk_size < b else None
+            chunk = args.chunk_size if cached(b, args.chunk_size) else None
             configs += [base.replace(batch_size=b, steps=steps, epochs=None, chunk_size=chunk, seed=s) for s in seeds]
         out = self.out_folder(args, base.dataset)
         memory = {}
         for b in sizes:
             cfg = base.replace(batch_size=b)
-            memory[str(b)] = {"with_cache": saved_activation_bytes(cfg, min(args.chunk_size, b)),
-                              "without_cache": saved_activation_bytes(cfg, 0)}
+            # B <= chunk: the runs take plain steps (one chunk would be the whole batch), so no cached step to measure.
+            memory[str(b)] = {"with_cache": saved_activation_bytes(cfg, args.chunk_size) if cached(b, args.chunk_size)
+                              else None, "without_cache": saved_activation_bytes(cfg, 0)}
         self.write_spec(out, {"base": base.to_dict(), "batch_sizes": sizes, "seeds": seeds,
                               "chunk_size": args.chunk_size, "budget": args.budget,
                               "pairs": pairs if args.budget == "pairs" else None,
@@ -100,6 +101,11 @@ class TextGradCache(TextStudy):
 
     def report(self, folder: Path) -> Path:
         return report(folder)
+
+
+def cached(batch_size: int, chunk_size: int) -> bool:
+    """Whether the study's runs of ``batch_size`` use GradCache: only a batch larger than one chunk does."""
+    return batch_size > chunk_size
 
 
 def saved_activation_bytes(cfg: TrainConfig, chunk_size: int) -> int:
@@ -175,9 +181,11 @@ def report(folder: Path) -> Path:
     axes[0].set(xlabel="batch size (in-batch negatives + 1)", ylabel="test retrieval metric",
                 title=f"{spec['base']['dataset']}: retrieval vs batch size (mean ± std)")
     axes[0].legend(fontsize=8)
-    mem = spec["saved_activation_bytes"]
+    mem, chunk = spec["saved_activation_bytes"], spec["chunk_size"]
     axes[1].plot(sizes, [mem[str(b)]["without_cache"] / 2**20 for b in sizes], marker="o", label="without cache")
-    axes[1].plot(sizes, [mem[str(b)]["with_cache"] / 2**20 for b in sizes], marker="s", label=f"GradCache, chunk {spec['chunk_size']}")
+    with_cache = [b for b in sizes if cached(b, chunk)]
+    axes[1].plot(with_cache, [mem[str(b)]["with_cache"] / 2**20 for b in with_cache], marker="s",
+                 label=f"GradCache, chunk {chunk}")
     axes[1].set_xscale("log", base=2)
     axes[1].set(xlabel="batch size", ylabel="MiB held for backward", title="activation memory of one step")
     axes[1].legend(fontsize=8)
@@ -188,7 +196,7 @@ def report(folder: Path) -> Path:
     table = [[b, by_b[b][0]["steps"], by_b[b][0]["chunk_size"] or "-", len(by_b[b])]
              + [fmt_mean_std(r[m] for r in by_b[b]) for m in TEXT_METRICS]
              + [f"{mean_std(r['seconds_per_step'] for r in by_b[b])[0]:.2f}",
-                f"{mem[str(b)]['without_cache'] / 2**20:.1f}", f"{mem[str(b)]['with_cache'] / 2**20:.1f}"] for b in sizes]
+                f"{mem[str(b)]['without_cache'] / 2**20:.1f}", _with_cache_cell(mem, b, chunk)] for b in sizes]
     budget = (f"every batch size sees about {spec['pairs']} training pairs (steps = ⌊pairs / B⌋, up to B − 1 fewer)"
               if spec["budget"] == "pairs" else f"every batch size takes {b0['steps']} steps")
     text = [
@@ -197,7 +205,9 @@ def report(folder: Path) -> Path:
         "every batch size; "
         f"{budget}; GradCache chunk {spec['chunk_size']} for every batch larger than it. Seeds {spec['seeds']}; mean ± sample "
         "std over seeds. Memory: peak bytes of the tensors autograd holds for backward in one step (one measurement per B, "
-        "deterministic).\n\n",
+        "deterministic)" + (f"; n/a with cache where B ≤ {chunk}: those runs took plain steps (their batch is one "
+                            "chunk), so there is no cached step to measure" if not all(cached(b, chunk) for b in sizes)
+                            else "") + ".\n\n",
         markdown_table(["B", "steps", "chunk", "seeds", *TEXT_METRICS, "s/step", "MiB w/o cache", "MiB with cache"], table),
         "\n## What the data show\n\n- " + _finding(sizes, by_b, spec) + "\n",
         f"\n![retrieval vs batch size]({fig_name})\n\nResults per run: `results.csv` / `results.json`.\n",
@@ -234,8 +244,18 @@ def _finding(sizes: list[int], by_b: dict, spec: dict) -> str:
         parts.append("With one seed per batch size there is no test: run several --seeds to judge the claim.")
     else:
         parts.append("The difference is within seed noise: this run neither confirms nor refutes the claim at this scale.")
-    mem = spec["saved_activation_bytes"]
+    mem, chunk = spec["saved_activation_bytes"], spec["chunk_size"]
+    if not cached(large, chunk):
+        parts.append(f"Activation memory: {mem[str(large)]['without_cache'] / 2**20:.1f} MiB for a plain step at B = "
+                     f"{large}; no batch size exceeds the chunk ({chunk}), so no run used the cache.")
+        return " ".join(parts)
     parts.append(f"Activation memory: {mem[str(large)]['without_cache'] / 2**20:.1f} MiB without the cache at B = {large}, "
-                 f"{mem[str(large)]['with_cache'] / 2**20:.1f} MiB with it (chunk {spec['chunk_size']}), against "
+                 f"{mem[str(large)]['with_cache'] / 2**20:.1f} MiB with it (chunk {chunk}), against "
                  f"{mem[str(small)]['without_cache'] / 2**20:.1f} MiB for a plain step at B = {small}.")
     return " ".join(parts)
+
+
+def _with_cache_cell(mem: dict, b: int, chunk: int) -> str:
+    """The table's "with cache" cell: n/a where the runs of B took plain steps (B <= chunk; a study folder
+    written before 2026-12-03 holds a measurement there, of a cache no run used)."""
+    return f"{mem[str(b)]['with_cache'] / 2**20:.1f}" if cached(b, chunk) else "n/a"
