@@ -164,6 +164,16 @@ def test_other_config_in_same_folder_rejected(tmp_path, digits):
         train(tiny(epochs=1, negatives=5), tmp_path, data=digits)
 
 
+def test_the_log_frequency_and_the_device_are_not_part_of_a_run(tmp_path, digits):
+    """log_every and device change which steps are logged and the rounding, not the experiment: a run
+    resumes, and a finished one is found, under another (they were refused as another configuration)."""
+    assert tiny(log_every=5, device="auto").identity() == tiny().identity()
+    train(tiny(epochs=1), tmp_path, data=digits, stop_after=2)
+    finished = train(tiny(epochs=1, log_every=4), tmp_path, data=digits)  # resumed, logging every 4th step
+    assert finished["steps"] == 6 and [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 4, 6]
+    assert train(tiny(epochs=1, log_every=3, device="auto"), tmp_path, data=digits) == finished  # not trained again
+
+
 def test_a_run_refused_for_bad_input_does_not_claim_the_folder(tmp_path, digits):
     with pytest.raises(ValueError, match="negatives=100 exceeds"):
         train(tiny(epochs=1, negatives=100), tmp_path, data=digits)

@@ -134,6 +134,11 @@ def _mismatched_processes(rank, world_size, out):
     own = dict(IMAGE, lr=0.01, temperature=0.3) if rank == 1 else IMAGE
     with pytest.raises(ValueError, match=r"rank 1 differs from rank 0 in lr, temperature; give every process the "):
         train(TrainConfig(**own), os.path.join(out, "options"))
+    # log_every and device are not part of a run's identity, but the processes must agree on them: log_every
+    # decides which steps take the metrics' collective (ranks logging at other steps would mismatch them).
+    own = dict(IMAGE, log_every=2) if rank == 1 else IMAGE
+    with pytest.raises(ValueError, match=r"rank 1 differs from rank 0 in log_every; give every process the "):
+        train(TrainConfig(**own), os.path.join(out, "log-every"))
     # Other data on rank 1 (a stale copy on one node), the same options.
     rng = np.random.default_rng(rank)
     data = from_arrays(rng.random((32, 1, 4, 4)), np.arange(32) % 2, rng.random((16, 1, 4, 4)), np.arange(16) % 2)
@@ -144,3 +149,4 @@ def _mismatched_processes(rank, world_size, out):
 def test_processes_given_different_runs_are_refused_by_every_process(tmp_path):
     run_distributed(_mismatched_processes, 2, str(tmp_path))
     assert not (tmp_path / "options" / "config.json").exists() and not (tmp_path / "data" / "config.json").exists()
+    assert not (tmp_path / "log-every" / "config.json").exists()

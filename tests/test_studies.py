@@ -16,6 +16,47 @@ from negbatch.lab.sweep import read_results, run_configs, run_key
 TINY = TrainConfig(n_train=48, n_test=32, batch_size=16, epochs=1, encoder_widths=(8,), head_widths=(8, 4), knn_k=3)
 
 
+def test_a_rerun_at_another_log_frequency_or_device_finds_the_finished_runs(tmp_path, monkeypatch):
+    """log_every and device were hashed into a run's folder name: a study rerun with another log frequency
+    (or on another device) trained every run again."""
+    import negbatch.lab.tasks.image as image
+
+    first = run_configs([TINY], tmp_path)
+    assert run_key(TINY) == run_key(TINY.replace(log_every=7, device="auto"))
+    monkeypatch.setattr(image, "build_model", lambda *a: (_ for _ in ()).throw(AssertionError("retrained")))
+    again = run_configs([TINY.replace(log_every=7, device="auto")], tmp_path)
+    assert again[0]["linear_acc"] == first[0]["linear_acc"] and len(list((tmp_path / "runs").iterdir())) == 1
+
+
+def test_a_study_folder_named_before_the_change_is_resumed_not_retrained(tmp_path, capsys, monkeypatch):
+    """A study's run folders named by the former key (its hash took log_every and device) are renamed
+    to their key on the next run: the finished ones are skipped, the table keeps their rows."""
+    from negbatch.cli import main
+    from negbatch.lab.sweep import former_run_key
+
+    argv = ["study", "negatives", "--n-train", "48", "--n-test", "32", "--batch-size", "16", "--epochs", "1",
+            "--encoder-widths", "8", "--head-widths", "8,4", "--knn-k", "3", "--ks", "2,all", "--seeds", "0",
+            "--losses", "simclr", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    for row in rows:  # as the earlier version named them
+        cfg = TrainConfig.from_dict(json.loads((tmp_path / "runs" / row["run"] / "config.json").read_text()))
+        (tmp_path / "runs" / row["run"]).rename(tmp_path / "runs" / former_run_key(cfg))
+        row["run"] = former_run_key(cfg)
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    capsys.readouterr()
+    import negbatch.lab.tasks.image as image
+
+    monkeypatch.setattr(image, "build_model", lambda *a: (_ for _ in ()).throw(AssertionError("retrained")))
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "2 finished earlier (skipped)" in err and "note:" not in err, err
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(r["run"] for r in again) == sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert all(r["run"] == run_key(TrainConfig.from_dict(json.loads((tmp_path / "runs" / r["run"] / "config.json")
+                                                                      .read_text()))) for r in again)
+
+
 def test_registry_contract():
     import argparse
 

@@ -144,3 +144,13 @@ def test_torch_threads_restores_the_count_after_an_error():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_bias_cache_written_before_log_every_and_device_left_the_identity_is_read(tmp_path):
+    """The cache records the configuration's identity, which held log_every and device until 2026-12-03:
+    such a cache is still this configuration's (it was measured again, minutes per seed)."""
+    cfg = TrainConfig(loss="global", n_train=64, n_test=48, batch_size=16, epochs=1)
+    settings = {"version": 4, "config": cfg.former_identity(), "batch_sizes": [4], "num_batches": 2, "bias_samples": 8}
+    (tmp_path / "seed=0.json").write_text(json.dumps({"settings": settings, "rows": [{"measured": "earlier"}]}))
+    # The run folder does not exist: only the cache can answer.
+    assert study.measure_bias(cfg, tmp_path / "no-run", tmp_path, [4], 2, 8) == [{"measured": "earlier"}]

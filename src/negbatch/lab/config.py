@@ -39,9 +39,15 @@ __all__ = [
 ]
 
 #: Options that change how a run is executed, not what it computes: a run
-#: folder accepts them changed on resume.
+#: folder accepts them changed on resume, and a study's rerun finds its finished
+#: runs whatever they are. ``log_every`` changes which steps are logged (the text
+#: summary's ``first_loss`` and ``final_loss`` are of the logged rows) and
+#: ``device`` the rounding of the sums, not the experiment.
 RUNTIME_ONLY = ("progress", "checkpoint_every", "checkpoint_minutes", "num_workers", "compile", "channels_last",
-                "image_cache_dir")
+                "image_cache_dir", "log_every", "device")
+#: Of :data:`RUNTIME_ONLY`, those that were part of the identity until 2026-12-03:
+#: the run keys of the studies hashed them (see :meth:`TrainConfig.former_identity`).
+FORMERLY_IDENTITY = ("log_every", "device")
 
 #: Fields added after run folders were first saved, with their default: the
 #: default means what the earlier version did, so it is left out of
@@ -563,6 +569,11 @@ class TrainConfig:
         run, saved before them keeps its identity."""
         return {k: v for k, v in self.to_dict().items()
                 if k not in RUNTIME_ONLY and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+
+    def former_identity(self) -> dict[str, Any]:
+        """:meth:`identity` as it was until 2026-12-03, with :data:`FORMERLY_IDENTITY`:
+        what a study's run folders of that time were named by."""
+        return {**self.identity(), **{k: getattr(self, k) for k in FORMERLY_IDENTITY}}
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return self.from_dict({**self.to_dict(), **changes})

@@ -327,7 +327,10 @@ def _check_one_run(cfg: TrainConfig, task, procs: Processes) -> None:
     gloo/NCCL error. ``data_dir`` may differ between nodes; the data's fingerprint may not."""
     if not procs.several:
         return
-    mine = {"config": {k: v for k, v in cfg.identity().items() if k != "data_dir"},
+    # log_every too (it decides which steps take the metrics' collectives) and device (the backend): not
+    # part of the run's identity, but the processes must agree on them.
+    shared = {**cfg.identity(), "log_every": cfg.log_every, "device": cfg.device}
+    mine = {"config": {k: v for k, v in shared.items() if k != "data_dir"},
             "data": task.data_identity.get("fingerprint")}
     everyone = procs.gather(mine)
     for rank, other in enumerate(everyone):

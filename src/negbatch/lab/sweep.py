@@ -34,17 +34,51 @@ from .processes import Processes
 from .folder import _main_thread, atomic_write_text, hold_lock, note_stop_signal, stop_runs_when, study_stopping
 from .run import train
 
-__all__ = ["RunStopped", "torch_threads", "run_key", "run_configs", "run_jobs", "write_results", "read_results",
-           "parse_list"]
+__all__ = ["RunStopped", "torch_threads", "run_key", "former_run_key", "adopt_earlier_runs", "run_configs", "run_jobs",
+           "write_results", "read_results", "parse_list"]
 
 KEY_FIELDS = ("loss", "negatives", "temperature", "lr", "seed")
 
 
 def run_key(cfg: TrainConfig, fields: tuple[str, ...] = KEY_FIELDS) -> str:
     """Folder name of a run: the named fields, then 10 hex digits of the config's identity's hash."""
-    digest = hashlib.sha1(json.dumps(cfg.identity(), sort_keys=True).encode()).hexdigest()[:10]
+    return _key(cfg, fields, cfg.identity())
+
+
+def former_run_key(cfg: TrainConfig, fields: tuple[str, ...] = KEY_FIELDS) -> str:
+    """The folder name :func:`run_key` gave until 2026-12-03, when the hash took ``log_every`` and
+    ``device`` too (:meth:`~negbatch.lab.config.TrainConfig.former_identity`)."""
+    return _key(cfg, fields, cfg.former_identity())
+
+
+def _key(cfg: TrainConfig, fields: tuple[str, ...], identity: dict[str, Any]) -> str:
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     prefix = "-".join(f"{f}={getattr(cfg, f)}" for f in fields)
     return f"{prefix}-{digest}".replace("/", "_")
+
+
+def adopt_earlier_runs(study_dir: str | os.PathLike, configs: list[TrainConfig],
+                       fields: tuple[str, ...] = KEY_FIELDS) -> int:
+    """Rename the run folders of ``configs`` still named by their former key (:func:`former_run_key`) to
+    their key, and their rows of the results table with them, so that a rerun skips what they finished
+    and resumes what they did not; returns how many. The caller holds the study folder's lock."""
+    runs = Path(study_dir) / "runs"
+    renamed: dict[str, str] = {}
+    for cfg in configs if runs.is_dir() else ():
+        old, new = runs / former_run_key(cfg, fields), runs / run_key(cfg, fields)
+        if old.is_dir() and not new.exists():
+            with hold_lock(old):  # a run another process still trains there is refused, not moved
+                os.replace(old, new)
+            renamed[old.name] = new.name
+    path = Path(study_dir) / "results.json"
+    if renamed and path.exists():
+        try:
+            rows = json.loads(path.read_text())
+        except ValueError:
+            return len(renamed)  # a damaged table: the runs rewrite it
+        _write_rows(Path(study_dir), [{**r, "run": renamed.get(r.get("run"), r.get("run"))} if isinstance(r, dict)
+                                      else r for r in rows])
+    return len(renamed)
 
 
 @contextlib.contextmanager
@@ -180,6 +214,9 @@ def run_configs(
     2
     """
     study_dir = Path(study_dir)
+    if Processes.current().is_main and (study_dir / "runs").is_dir():
+        with hold_lock(study_dir, reentrant=True):
+            adopt_earlier_runs(study_dir, configs, key_fields)
     jobs = [(c.to_dict(), str(study_dir / "runs" / run_key(c, key_fields))) for c in configs]
     return run_jobs(jobs, study_dir, _train_one, workers=workers, on_done=on_done)
 

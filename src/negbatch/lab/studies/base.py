@@ -40,7 +40,8 @@ from ..config import (
 )
 from ..processes import Processes
 from ..folder import CONFIG, STUDY, SUMMARY, atomic_write_text, hold_lock
-from ..sweep import KEY_FIELDS, check_workers, keep_results, parse_list, run_configs, run_key, torch_threads
+from ..sweep import (KEY_FIELDS, adopt_earlier_runs, check_workers, keep_results, parse_list, run_configs, run_key,
+                     torch_threads)
 
 __all__ = ["Study", "ImageStudy", "TextStudy", "say", "keep_plan_results", "dataset_stem"]
 
@@ -254,6 +255,7 @@ class Study:
         atomic_write_text(out / "study.json",
                           json.dumps({"study": self.name, "modality": self.modality, **spec, **planned}, indent=1))
         if keys is not None:
+            adopt_earlier_runs(out, configs, self.key_fields)  # run folders named before 2026-12-03
             keep_plan_results(out, set(keys))
 
     _given: list[str] = []

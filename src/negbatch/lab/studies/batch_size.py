@@ -58,7 +58,7 @@ from ..config import TrainConfig
 from ..report import markdown_table, plt, save_figure, training_length
 from ..folder import SUMMARY, atomic_write_text
 from ..stats import Welch, fmt_mean_std, holm, mean_std, welch
-from ..sweep import parse_list, read_results, run_key
+from ..sweep import former_run_key, parse_list, read_results, run_key
 from .base import ImageStudy, Study, TextStudy, say
 
 __all__ = ["ImageBatchSize", "TextBatchSize", "METHODS", "method_of", "method_config"]
@@ -240,7 +240,9 @@ class BatchSizeStudy(Study):
         if (out / "study.json").exists():
             saved = json.loads((out / "study.json").read_text()).get("workers", [])
             earlier = saved if isinstance(saved, list) else [saved]
-        finished = all((out / "runs" / run_key(c, self.key_fields) / SUMMARY).exists() for c in configs)
+        # Read before write_spec renames run folders named before 2026-12-03 (former_run_key): either name.
+        finished = all(any((out / "runs" / key(c, self.key_fields) / SUMMARY).exists()
+                           for key in (run_key, former_run_key)) for c in configs)
         return sorted(set(earlier) | ({workers} if not finished or not earlier else set()))
 
     def line(self, summary: dict[str, Any]) -> str:

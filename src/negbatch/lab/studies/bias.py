@@ -158,7 +158,8 @@ def measure_bias(
     cache = cache_dir / f"seed={cfg.seed}.json"
     if cache.exists():
         saved = json.loads(cache.read_text())
-        if saved.get("settings") == settings:
+        # A cache of before 2026-12-03 holds the configuration's former identity (log_every and device in it).
+        if saved.get("settings") in (settings, {**settings, "config": cfg.former_identity()}):
             say(f"bias seed={cfg.seed}: measured earlier (read from {cache})")
             return saved["rows"]
     with torch_threads(1):

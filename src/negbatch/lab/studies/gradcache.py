@@ -36,7 +36,7 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..folder import atomic_write_text, resolve_device
-from ..sweep import parse_list, run_key
+from ..sweep import adopt_earlier_runs, parse_list, run_key
 from .base import ImageStudy, keep_plan_results, say
 from .gradcache_measure import DATA_KINDS, measure_in_subprocess
 from .gradcache_report import METHODS, MIB, report, write_table
@@ -124,8 +124,9 @@ class ImageGradCache(ImageStudy):
                                            "seeds": seeds, "epochs": args.epochs, "lr": args.lr}})
         # The trainings' table keeps only this plan's (as write_spec does for a study's runs): an earlier
         # invocation's trainings (other seeds, epochs, batch sizes, or none now) stay under accuracy/runs.
-        plan = {run_key(c, self.key_fields) for c in self._accuracy_configs(args, acc_batches, seeds)}
-        keep_plan_results(out / "accuracy", plan, "training(s)")
+        trainings = self._accuracy_configs(args, acc_batches, seeds)
+        adopt_earlier_runs(out / "accuracy", trainings, self.key_fields)  # run folders named before 2026-12-03
+        keep_plan_results(out / "accuracy", {run_key(c, self.key_fields) for c in trainings}, "training(s)")
 
         import torch
 
