@@ -154,3 +154,33 @@ def test_the_batch_size_study_under_torchrun_trains_one_run_at_a_time_by_default
             "infonce", "--batch-sizes", "8,16", "--seeds", "0"]
     run(*args, "--out", str(tmp_path / "two"), torchrun=True)
     assert (tmp_path / "two" / "report.md").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a process group's signal")
+def test_ctrl_c_under_torchrun_says_each_line_once(tmp_path):
+    """Every process runs the same study: its note, the chunked BatchNorm warning, the "stopping after this
+    step" line and the stop line came once per rank (the stop line of rank 1 as "(rank 1): stopped")."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "study"
+    args = ["study", "negatives", "--n-train", "512", "--n-test", "48", "--batch-size", "16", "--epochs", "20",
+            "--encoder-widths", "16", "--head-widths", "16,8", "--knn-k", "5", "--chunk-size", "4", "--ks", "2,40",
+            "--seeds", "0", "--losses", "simclr", "--checkpoint-every", "1", "--out", str(out)]
+    study = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                              "-m", "negbatch.cli", *args], stderr=subprocess.PIPE, text=True, env=env,
+                             start_new_session=True)  # its own group, as a terminal's: Ctrl-C reaches every process
+    try:
+        deadline = time.time() + 300
+        while not any(p.stat().st_size for p in out.glob("runs/*/metrics.jsonl")) and time.time() < deadline:
+            time.sleep(0.1)
+        os.killpg(study.pid, signal.SIGINT)
+        _, err = study.communicate(timeout=300)
+    finally:
+        study.kill()
+    assert err.count("--ks 40: at or above the 30 candidates") == 1, err[-3000:]
+    assert err.count("each chunk is normalised by its own BatchNorm statistics") == 1, err[-3000:]
+    assert err.count("stopping after this step (with a checkpoint)") == 1, err[-3000:]
+    assert err.count("negbatch study: stopped") == 1 and "(rank 1)" not in err, err[-3000:]
+    assert err.count("run the same command again to resume") == 2, err[-3000:]  # the run's line and the study's

@@ -347,9 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({err})" if str(err) else ""
         status = _stopped_status()
         if os.environ.get("RANK", "0") != "0":
-            # Under torchrun the launcher also stops the other processes when one fails: the advice
-            # (rank 0's) would then stand beside another process's error that it does not answer.
-            print(f"{_speaker(args)}: stopped{where}", file=sys.stderr)
+            # Under torchrun every process stops (Ctrl-C reaches them all, or the launcher stops them when
+            # one fails): rank 0 says so, once; the other processes' lines repeated it (or stood beside
+            # another process's error that they did not answer).
             return status
         print(f"negbatch {args.command}: stopped{where}; everything finished is kept: run the same command again "
               f"to resume", file=sys.stderr)
@@ -407,7 +407,8 @@ def _process_group(args: argparse.Namespace):
         return
     procs = Processes.start(getattr(args, "device", "cpu"))
     try:
-        yield
+        with procs.warnings_on_main():
+            yield
     finally:
         procs.close()
 

@@ -357,8 +357,11 @@ class _StopRequest:
         if self._signalled:
             raise KeyboardInterrupt
         self._signalled = True
-        print("\nstopping after this step (with a checkpoint); interrupt again to stop at once", file=sys.stderr,
-              flush=True)
+        from .processes import main_process  # (processes imports this module)
+
+        if main_process():  # Ctrl-C reaches every process of a torchrun: the line once, not once per rank
+            print("\nstopping after this step (with a checkpoint); interrupt again to stop at once", file=sys.stderr,
+                  flush=True)
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():

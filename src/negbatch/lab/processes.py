@@ -14,10 +14,12 @@ function on rank 0 and hands its result, or its exception, to every rank.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -25,7 +27,7 @@ import torch.distributed as dist
 from .. import distributed as nbdist
 from .folder import resolve_device
 
-__all__ = ["Processes", "launched_by_torchrun"]
+__all__ = ["Processes", "launched_by_torchrun", "main_process"]
 
 T = TypeVar("T")
 
@@ -33,6 +35,15 @@ T = TypeVar("T")
 def launched_by_torchrun() -> bool:
     """True in a process that torchrun started as one of several."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def main_process() -> bool:
+    """Whether this process speaks for the command: rank 0 of a process group (or of torchrun's
+    variables, before the group exists), or a process alone. Every process runs the same code, so
+    what one prints (a note, a warning, the stop line) the others would print N - 1 times more."""
+    if nbdist.is_distributed():
+        return nbdist.rank() == 0
+    return not launched_by_torchrun() or os.environ["RANK"] == "0"
 
 
 @dataclass
@@ -91,6 +102,17 @@ class Processes:
         if device.type == "cuda" and device.index is None and self.several:
             return torch.device("cuda", self.local_rank)
         return device
+
+    @contextlib.contextmanager
+    def warnings_on_main(self) -> Iterator[None]:
+        """Python's warnings (a chunked BatchNorm, torch's own) shown by rank 0 alone: every process
+        runs the same code and warned alike, once per process."""
+        if self.is_main:
+            yield
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
 
     def on_main(self, fn: Callable[[], T]) -> T:
         """``fn()`` on rank 0; every rank returns its result or raises its error."""

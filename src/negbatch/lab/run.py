@@ -134,7 +134,7 @@ def train(
     procs = Processes.start(cfg.device)
     try:
         folder = RunFolder(run_dir)
-        with folder.locked() if procs.is_main else contextlib.nullcontext():
+        with folder.locked() if procs.is_main else contextlib.nullcontext(), procs.warnings_on_main():
             return _train(cfg, folder, procs, data, stop_after)
     finally:
         procs.close()

@@ -38,7 +38,7 @@ from ..config import (
     FOLDER_DATASETS, IMAGE_ONLY, IMAGE_ONLY_SET, TEXT_ONLY, TrainConfig, add_config_arguments, load_config_file,
     set_in_file, without_replaced_length,
 )
-from ..processes import Processes
+from ..processes import Processes, main_process
 from ..folder import CONFIG, STUDY, SUMMARY, atomic_write_text, hold_lock
 from ..sweep import (KEY_FIELDS, adopt_earlier_runs, check_workers, keep_results, parse_list, run_configs, run_key,
                      torch_threads)
@@ -50,8 +50,9 @@ _UNREAD_HINTS = {"data_dir": f"give --dataset (one of {', '.join(FOLDER_DATASETS
 
 
 def say(message: str) -> None:
-    """One line of progress on stderr."""
-    print(message, file=sys.stderr, flush=True)
+    """One line of progress on stderr, by rank 0 alone under torchrun (whose processes all run the study)."""
+    if main_process():
+        print(message, file=sys.stderr, flush=True)
 
 
 def keep_plan_results(folder: Path, keys: set[str], what: str = "run(s)") -> None:
