@@ -150,3 +150,27 @@ def test_processes_given_different_runs_are_refused_by_every_process(tmp_path):
     run_distributed(_mismatched_processes, 2, str(tmp_path))
     assert not (tmp_path / "options" / "config.json").exists() and not (tmp_path / "data" / "config.json").exists()
     assert not (tmp_path / "log-every" / "config.json").exists()
+
+
+def _unshareable_batches(rank, world_size, out):
+    from negbatch.cli import main
+
+    # B = 5 on 2 processes (and B = 2 on more processes than rows): refused before the data are loaded and
+    # before the folder is claimed, naming the option and what to do.
+    with pytest.raises(ValueError, match=r"batch_size=5 does not split over the 2 processes: each trains an equal "
+                                         r"share .* a multiple of 2 \(e.g. 4 or 6\); change it, or the number of "
+                                         r"processes \(torchrun --nproc-per-node\)"):
+        train(TrainConfig(**{**IMAGE, "batch_size": 5}), os.path.join(out, "b5"))
+    # A study sweeping such a batch size is refused before it writes anything: it trained the runs before that
+    # one, then stopped with the sampler's error, leaving a study that could never finish on 2 processes.
+    code = main(["study", "batch-size", "--data", "digits", "--n-train", "64", "--n-test", "48", "--epochs", "1",
+                 "--encoder-widths", "16", "--head-widths", "16,8", "--knn-k", "5", "--norm", "none", "--methods",
+                 "infonce", "--batch-sizes", "4,5", "--seeds", "0", "--workers", "1", "--out", os.path.join(out, "s")])
+    assert code == 2
+
+
+def test_a_batch_the_processes_cannot_share_is_refused_up_front(tmp_path, capfd):
+    run_distributed(_unshareable_batches, 2, str(tmp_path))
+    assert not (tmp_path / "b5").exists() and not (tmp_path / "s").exists()
+    err = capfd.readouterr().err
+    assert "negbatch study: error: a run of this study: batch_size=5 does not split over the 2 processes" in err, err

@@ -103,6 +103,27 @@ class Processes:
             return torch.device("cuda", self.local_rank)
         return device
 
+    def check_shares(self, cfg: Any) -> None:
+        """Refuse a configuration (a :class:`~negbatch.lab.TrainConfig`) whose batches the processes
+        cannot share evenly, before its data are loaded: each process trains ``batch_size / N`` rows of
+        every global batch (``N`` more processes than rows would leave some with none), and accumulated
+        chunks ``chunk_size / N`` rows. (The batch sampler refused it once the data were loaded; a study
+        only when that run started, after training the runs before it.)"""
+        if not self.several:
+            return
+        b, n = cfg.batch_size, self.world_size
+        if b % n:
+            none = f", {n - b} of them with no row of a batch" if b < n else ""
+            lower = b // n * n
+            choices = f"{lower} or {lower + n}" if lower else f"{n} or {2 * n}"
+            raise ValueError(f"batch_size={b} does not split over the {n} processes{none}: each trains an equal share "
+                             f"of every batch (batch_size is the global batch), so it must be a multiple of {n} "
+                             f"(e.g. {choices}); change it, or the number of processes (torchrun --nproc-per-node)")
+        if cfg.chunk_size and cfg.chunk_method == "accumulate":
+            from .chunked import check_accumulated_chunks
+
+            check_accumulated_chunks(cfg.chunk_size, n)
+
     @contextlib.contextmanager
     def warnings_on_main(self) -> Iterator[None]:
         """Python's warnings (a chunked BatchNorm, torch's own) shown by rank 0 alone: every process

@@ -143,6 +143,7 @@ def train(
 def _train(cfg: TrainConfig, folder: RunFolder, procs: Processes, data: Any, stop_after: int | None):
     from .tasks import make_task
 
+    procs.check_all(lambda: procs.check_shares(cfg))  # before the data: loading ImageNet to refuse B = 6 on 4 GPUs
     device = procs.device(cfg.device)
     task = procs.check_all(lambda: make_task(cfg, device, data))  # loads the data: errors about it come first
     _check_one_run(cfg, task, procs)

@@ -241,6 +241,11 @@ class Study:
                              "config.json would record it as used)")
         for device in sorted({c.device for c in configs or []}):
             Processes.current().device(device)  # a device that is not there: refused before study.json and runs/
+        for cfg in configs or []:  # under torchrun, a batch the processes cannot share: refused before any run trains
+            try:
+                Processes.current().check_shares(cfg)
+            except ValueError as err:
+                raise ValueError(f"a run of this study: {err}") from None
         if not Processes.current().is_main:
             return
         if self._folder_locks is None:
