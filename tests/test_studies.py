@@ -245,6 +245,69 @@ def test_ctrl_c_stops_a_parallel_study_without_a_worker_traceback(tmp_path, mome
     assert "Traceback" not in err and "Exception" not in err, err
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:  # a zombie awaiting its reaper is gone too
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="spawned workers, a process group's signal")
+def test_ctrl_c_while_the_workers_start_ends_the_study_at_once_and_cleanly(tmp_path, capsys):
+    """Ctrl-C before any run started (the workers still importing torch): the study waited, silent, for every
+    worker to start only to tell it to stop (seconds; a minute on a busy machine), and a second Ctrl-C then
+    left it with a traceback per worker ('SemLock._rebuild ... FileNotFoundError', 'InvalidStateError:
+    CANCELLED') and workers outliving it. Now the starting workers are ended at once: the study says it
+    stopped, leaves no process and a free lock, and the same command runs it."""
+    import fcntl
+    import signal
+
+    from negbatch.cli import main
+
+    slow = tmp_path / "slow_start"  # the workers' start-up made long, so that the signal lands inside it
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text("import sys, time\nif '--multiprocessing-fork' in sys.argv:\n"
+                                           "    time.sleep(90)\n")
+    out = tmp_path / "study"
+    argv = ["study", "negatives", "--n-train", "48", "--n-test", "32", "--batch-size", "16", "--epochs", "1",
+            "--encoder-widths", "8", "--head-widths", "8,4", "--knn-k", "3", "--ks", "2,all", "--seeds", "0",
+            "--losses", "simclr", "--workers", "2", "--out", str(out)]
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(slow), src, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    study = subprocess.Popen([sys.executable, "-m", "negbatch.cli", *argv], stderr=subprocess.PIPE, text=True, env=env,
+                             start_new_session=True)  # its own group, as a terminal's: Ctrl-C reaches every process
+    started: list[int] = []
+    try:
+        def workers():
+            found = subprocess.run(["pgrep", "-P", str(study.pid), "-f", "spawn_main"], capture_output=True, text=True)
+            return [int(p) for p in found.stdout.split()]
+
+        deadline = time.time() + 120
+        while len(started) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+            started = workers()
+        assert len(started) == 2, "the workers did not start"
+        os.killpg(study.pid, signal.SIGINT)
+        _, err = study.communicate(timeout=45)  # not the workers' 90 s start-up
+    finally:
+        study.kill()
+        left = [p for p in started if _alive(p)]
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+    assert study.returncode == 130, err
+    assert "negbatch study: stopped" in err and "run the same command again to resume" in err, err
+    assert "Traceback" not in err and "Exception" not in err, err
+    assert not left, f"workers {left} outlived the study"
+    with open(out / ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody holds it
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    capsys.readouterr()
+    assert main(argv) == 0  # the same command, in this process: the study runs from where it stopped
+    assert len(json.loads((out / "results.json").read_text())) == 2
+
+
 def test_a_second_study_on_a_folder_in_use_is_refused_before_it_writes(tmp_path, capsys):
     """Another process holds the study folder (a study running there): a second study is refused and
     leaves the running one's study.json as it was (it rewrote it, and the first one's report then

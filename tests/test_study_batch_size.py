@@ -228,11 +228,12 @@ def test_every_method_on_images_and_text(tmp_path):
     assert len(json.loads((tmp_path / "text" / "results.json").read_text())) == 32
 
 
-@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM", "Ctrl-C"])
 def test_a_signal_to_the_study_alone_stops_its_workers_runs_with_checkpoints(tmp_path, capsys, signum):
     """``kill -INT`` (or a scheduler's SIGTERM) reaches the study's process, not its workers: the study
     still stops -- no queued run starts, the running ones stop after their step with a checkpoint --
-    and the same command finishes it."""
+    and the same command finishes it. Ctrl-C reaches every process of the group: the study's process
+    says once that the runs stop (each worker said it too, one line per running run)."""
     import os
     import signal
     import subprocess
@@ -250,9 +251,15 @@ def test_a_signal_to_the_study_alone_stops_its_workers_runs_with_checkpoints(tmp
     deadline = time.time() + 120
     while sum(1 for p in tmp_path.glob("runs/*/metrics.jsonl") if p.stat().st_size) < 2 and time.time() < deadline:
         time.sleep(0.05)
-    study.send_signal(getattr(signal, signum))
+    if signum == "Ctrl-C":
+        os.killpg(study.pid, signal.SIGINT)
+    else:
+        study.send_signal(getattr(signal, signum))
     _, err = study.communicate(timeout=120)
+    signum = "SIGINT" if signum == "Ctrl-C" else signum
     assert study.returncode == 128 + getattr(signal, signum), err  # 130 or 143: a scheduler tells which stopped it
+    assert err.count("stopping: 2 running run(s) stop after their step, with a checkpoint") == 1, err
+    assert "stopping after this step" not in err, err
     assert err.count("run the same command again to resume") >= 2, err  # both running runs stopped, saved
     runs = list(tmp_path.glob("runs/*"))
     assert len(runs) == 2 and all((r / "checkpoint.pt").exists() for r in runs)  # no queued run started

@@ -359,7 +359,9 @@ class _StopRequest:
         self._signalled = True
         from .processes import main_process  # (processes imports this module)
 
-        if main_process():  # Ctrl-C reaches every process of a torchrun: the line once, not once per rank
+        # Ctrl-C reaches every process of a torchrun, and a study's workers: the line once, by rank 0 or
+        # by the study's process (which says how many runs stop), not once per process.
+        if main_process() and _study_stop is None:
             print("\nstopping after this step (with a checkpoint); interrupt again to stop at once", file=sys.stderr,
                   flush=True)
 

@@ -31,7 +31,8 @@ import torch
 
 from .config import TrainConfig
 from .processes import Processes
-from .folder import _main_thread, atomic_write_text, hold_lock, note_stop_signal, stop_runs_when, study_stopping
+from .folder import (_main_thread, _say, atomic_write_text, hold_lock, note_stop_signal, stop_runs_when,
+                     study_stopping)
 from .run import train
 
 __all__ = ["RunStopped", "torch_threads", "run_key", "former_run_key", "adopt_earlier_runs", "run_configs", "run_jobs",
@@ -278,11 +279,11 @@ def _run_jobs(jobs, study_dir: Path, train_one, workers: int, on_done, writes: b
                 done(train_one(cfg_dict, run_dir, 1))
     else:
         ctx = multiprocessing.get_context("spawn")
-        stopping = ctx.Event()
+        stopping, running = ctx.Event(), ctx.Value("i", 0)
         with cf.ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, initializer=_start_worker, initargs=(os.getpid(), stopping)
+            max_workers=workers, mp_context=ctx, initializer=_start_worker,
+            initargs=(os.getpid(), stopping, running)
         ) as pool:
-            futures: list[cf.Future] = []
             try:
                 with _sigint_blocked():  # the workers start (in the first submits) with Ctrl-C blocked
                     futures = [pool.submit(_unless_stopping, train_one, c, d, 1) for c, d in jobs]
@@ -292,20 +293,67 @@ def _run_jobs(jobs, study_dir: Path, train_one, workers: int, on_done, writes: b
             except BaseException:
                 # Ctrl-C reaches every process of the terminal's group, but a signal to this process alone
                 # (kill, a scheduler) or a worker's stopped run must stop the study too: the running runs
-                # stop after their step, with a checkpoint, and no other starts (leaving the pool waits).
+                # stop after their step, with a checkpoint, and no other starts.
                 stopping.set()
-                for fut in futures:
-                    fut.cancel()
+                workers = list((getattr(pool, "_processes", None) or {}).values())  # shutdown drops them
+                # The pool cancels what no worker took (a future cancelled by hand stayed in its table, and a
+                # worker ended below made it fail on it: "InvalidStateError: CANCELLED", a traceback).
+                pool.shutdown(wait=False, cancel_futures=True)
+                _end_workers(workers, running)
                 raise
     return summaries
 
 
+def _end_workers(workers: list, running: Any) -> None:
+    """Wait for the workers of a stopping study, or end them.
+
+    With no run in progress (``running``: the workers' count), nothing needs a checkpoint: the
+    workers end now. Those still starting would import torch for seconds (silent; a minute on a
+    busy machine) only to learn that the study stopped, and a second Ctrl-C meanwhile left the
+    study's process gone and them failing to start, a traceback each. With runs in progress, their
+    runs stop after their step with a checkpoint; a second interrupt ends every worker at once (a
+    run keeps its last checkpoint, written atomically). Either way the workers are gone when the
+    study's process ends: none outlives it, none holds a run folder's lock."""
+    if running.value == 0:
+        _signal_workers(workers, signal.SIGTERM)  # a worker in set-up, or idle, ends silently on it
+    else:
+        _say(f"stopping: {running.value} running run(s) stop after their step, with a checkpoint; interrupt again "
+             "to stop at once")
+    try:
+        for process in workers:
+            process.join()
+    except KeyboardInterrupt:
+        _signal_workers(workers, signal.SIGKILL)
+        for process in workers:
+            process.join()
+
+
+def _signal_workers(workers: list, signum: int) -> None:
+    for process in workers:
+        with contextlib.suppress(ProcessLookupError, TypeError):  # ended already (no pid: never started)
+            os.kill(process.pid, signum)
+
+
+#: In a worker: the study's count of runs in progress (see :func:`_end_workers`).
+_running: Any = None
+
+
 def _unless_stopping(train_one, cfg_dict: dict[str, Any], run_dir: str, threads: int | None) -> dict[str, Any]:
     """``train_one``, in a worker, unless the study is stopping (a run the
-    pool had already handed to the worker)."""
+    pool had already handed to the worker); counted as running meanwhile."""
     if study_stopping():
         raise RunStopped(f"{run_dir} not started: the study is stopping")
-    return train_one(cfg_dict, run_dir, threads)
+    _count_running(+1)
+    try:
+        return train_one(cfg_dict, run_dir, threads)
+    finally:
+        _count_running(-1)
+
+
+def _count_running(change: int) -> None:
+    if _running is not None:
+        with _running.get_lock():
+            _running.value += change
 
 
 @contextlib.contextmanager
@@ -345,9 +393,10 @@ def _sigint_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _start_worker(parent_pid: int, stopping: Any) -> None:
+def _start_worker(parent_pid: int, stopping: Any, running: Any = None) -> None:
     """Worker initializer: its runs stop after their step once the study sets
-    ``stopping``; the worker ends with the study's process.
+    ``stopping``, and count themselves in ``running`` while they train; the
+    worker ends with the study's process.
 
     Outside a run the worker ignores SIGINT (a Ctrl-C reaches every process of
     the terminal's group): the study's process takes it and sets ``stopping``.
@@ -358,6 +407,8 @@ def _start_worker(parent_pid: int, stopping: Any) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # first: a Ctrl-C pending since the spawn is then dropped
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     stop_runs_when(stopping)
+    global _running
+    _running = running
     _die_with_parent(parent_pid)
 
 
