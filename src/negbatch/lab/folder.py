@@ -20,10 +20,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .. import distributed as nbdist
 from .config import TrainConfig
 
 __all__ = ["RunFolder", "read_metrics", "hold_lock", "atomic_write_text", "atomic_torch_save", "resolve_device",
-           "CONFIG", "DATA", "METRICS", "SUMMARY", "CHECKPOINT", "LOCK"]
+           "main_process", "CONFIG", "DATA", "METRICS", "SUMMARY", "CHECKPOINT", "LOCK"]
 
 CONFIG = "config.json"
 DATA = "data.json"
@@ -357,8 +358,6 @@ class _StopRequest:
         if self._signalled:
             raise KeyboardInterrupt
         self._signalled = True
-        from .processes import main_process  # (processes imports this module)
-
         # Ctrl-C reaches every process of a torchrun, and a study's workers: the line once, by rank 0 or
         # by the study's process (which says how many runs stop), not once per process.
         if main_process() and _study_stop is None:
@@ -368,6 +367,16 @@ class _StopRequest:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def main_process() -> bool:
+    """Whether this process speaks for the command: rank 0 of a process group (or of torchrun's
+    variables, before the group exists), or a process alone. Every process runs the same code, so
+    what one prints (a note, a warning, the stop line) the others would print N - 1 times more.
+    (Here, not in :mod:`negbatch.lab.processes`, which imports this module: the stop request asks it.)"""
+    if nbdist.is_distributed():
+        return nbdist.rank() == 0
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("RANK", "0") == "0"
 
 
 def _main_thread() -> bool:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed as nbdist
-from .folder import resolve_device
+from .folder import main_process, resolve_device  # main_process: there for the stop request
 
 __all__ = ["Processes", "launched_by_torchrun", "main_process"]
 
@@ -35,15 +35,6 @@ T = TypeVar("T")
 def launched_by_torchrun() -> bool:
     """True in a process that torchrun started as one of several."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
-
-
-def main_process() -> bool:
-    """Whether this process speaks for the command: rank 0 of a process group (or of torchrun's
-    variables, before the group exists), or a process alone. Every process runs the same code, so
-    what one prints (a note, a warning, the stop line) the others would print N - 1 times more."""
-    if nbdist.is_distributed():
-        return nbdist.rank() == 0
-    return not launched_by_torchrun() or os.environ["RANK"] == "0"
 
 
 @dataclass
