@@ -103,6 +103,11 @@ def test_readme_gives_measured_times_for_the_setup_commands():
     assert re.search(r"pytest \d+(\.\d+)? min", test), test
 
 
+#: How far a documented demo mean may lie from a fresh demo's on another machine: three times the
+#: largest difference seen between two machines (0.002, 2026-12-03), about the seeds' own spread.
+DEMO_TOLERANCE = 0.006
+
+
 @pytest.mark.slow
 def test_lab_demo_table_is_what_the_demo_reports(tmp_path):
     """docs/lab.md's demo table against a fresh `negbatch demo` (minutes: slow)."""
@@ -115,6 +120,13 @@ def test_lab_demo_table_is_what_the_demo_reports(tmp_path):
         part = report[report.index(f"\n## {loss}\n"):]
         for k, linear in re.findall(r"^\| ([^|]+?) \| \d+ \| [^|]+ \| [^|]+ \| (\d\.\d{3} ± \d\.\d{3}) \|", part, flags=re.M):
             got.setdefault(loss, {}).setdefault("all" if k.startswith("all") else k, linear)
+    # Not to the last digit: the CPU's instruction set and the libraries' versions decide the last bits,
+    # which 15 epochs carry into the third decimal (docs/lab.md): the same code gave 0.976 +- 0.002 on
+    # one machine and 0.977 +- 0.003 on another.
+    def mean(cell: str) -> float:
+        return float(cell.split("±")[0])
+
     for k, (simclr, relic) in _demo_table(_demo_section()).items():
         key = "all" if k.startswith("all") else k
-        assert (got["simclr"][key], got["relic"][key]) == (simclr, relic), k
+        for loss, documented in (("simclr", simclr), ("relic", relic)):
+            assert abs(mean(got[loss][key]) - mean(documented)) <= DEMO_TOLERANCE, (k, loss, got[loss][key], documented)
