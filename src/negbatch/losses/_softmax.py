@@ -46,6 +46,15 @@ def _scaled_logits(anchors: Tensor, bank: Tensor, temperature: float) -> Tensor:
     return torch.addmm(out, anchors, bank.t(), beta=0.0, alpha=1.0 / temperature, out=out)
 
 
+def exclude_self(logits: Tensor, self_index: Tensor | None) -> None:
+    """Each row's own column (``self_index``; -1: none) set to -inf, in place."""
+    if self_index is None:
+        return
+    has_self = self_index >= 0
+    rows = torch.arange(logits.shape[0], device=logits.device)[has_self]
+    logits[rows, self_index[has_self]] = float("-inf")
+
+
 class _DenseSoftmax(torch.autograd.Function):
     """``(lse, positive)`` of every anchor over all its candidates, holding
     one (n, m) buffer.
@@ -78,10 +87,7 @@ class _DenseSoftmax(torch.autograd.Function):
             # Only the anchor's own column leaves the denominator (and the
             # positive, decoupled): fill those entries instead of scanning an
             # (n, m) mask.
-            if selection.self_index is not None:
-                has_self = selection.self_index >= 0
-                rows_with = torch.arange(n, device=buf.device)[has_self]
-                buf[rows_with, selection.self_index[has_self]] = float("-inf")
+            exclude_self(buf, selection.self_index)
             if decoupled:
                 buf.scatter_(1, col, float("-inf"))
         # A bound under exp's arguments l - max: whether they can reach the floor (_exp.py).
