@@ -228,7 +228,9 @@ def test_every_method_on_images_and_text(tmp_path):
     assert len(json.loads((tmp_path / "text" / "results.json").read_text())) == 32
 
 
-@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM", "Ctrl-C"])
+# SIGINT in the quick suite; SIGTERM and Ctrl-C (the group) take the same path and 40-50 s each: slow.
+@pytest.mark.parametrize("signum", ["SIGINT", pytest.param("SIGTERM", marks=pytest.mark.slow),
+                                    pytest.param("Ctrl-C", marks=pytest.mark.slow)])
 def test_a_signal_to_the_study_alone_stops_its_workers_runs_with_checkpoints(tmp_path, capsys, signum):
     """``kill -INT`` (or a scheduler's SIGTERM) reaches the study's process, not its workers: the study
     still stops -- no queued run starts, the running ones stop after their step with a checkpoint --
