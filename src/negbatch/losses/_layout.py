@@ -243,7 +243,7 @@ def across_ranks(gather: bool) -> bool:
 
 def check_views(
     a: Tensor, b: Tensor, form: Form, check_finite: bool, parameters: Sequence[tuple[str, Tensor]] = (),
-    prefix: str = "", gather: bool = False,
+    prefix: str = "", deferred: bool = False,
 ) -> None:
     """The two embedding inputs of a loss: 2-d, finite, paired row by row;
     with ``check_finite`` the loss's own scalars too (``parameters``: name
@@ -251,18 +251,19 @@ def check_views(
     or a loaded ``state_dict`` can make NaN after construction. Errors name
     the inputs with ``prefix`` (``"guide "``: the guide model's embeddings).
 
-    With ``gather`` on several ranks, an empty batch and non-finite inputs
-    are left to :func:`build_layout`, which finds them in the gathered rows
-    of every rank: a rank that raised here, alone, would leave the others
-    waiting in the gather. (The scalars are the same on every rank.) A loss
-    whose queue holds every rank's batch passes ``gather=True`` without
-    gathering: it sends what it finds with its indices (see
-    :meth:`negbatch.losses._softmax.SoftmaxLoss.forward`)."""
+    ``deferred`` on several ranks: an empty batch and non-finite inputs are
+    checked later, on every rank alike, since a rank that raised here, alone,
+    would leave the others waiting in a collective. With gather,
+    :func:`build_layout` finds them in the gathered rows of every rank; a
+    loss whose queue holds every rank's batch, without gather, sends what it
+    finds with its indices (see
+    :meth:`negbatch.losses._softmax.SoftmaxLoss.forward`). (The scalars are
+    the same on every rank.)"""
     names = input_names(form, prefix)
     check_embeddings(a, names[0], check_finite=False)
     check_embeddings(b, names[1], check_finite=False)
     check_same(a, b, names[0], names[1], dims=(0, 1))
-    later = across_ranks(gather)
+    later = across_ranks(deferred)
     if not later:
         check_nonempty(a, names[0])
     if not check_finite:
@@ -657,7 +658,7 @@ class BankLoss(nn.Module):
         ``later``: an empty batch and non-finite inputs are checked on every
         rank alike after a collective, as with gather (a queue's exchange)."""
         check_views(a, b, self.form if form is None else form, self.check_finite, self._own_scalars(),
-                    gather=self.gather or later)
+                    deferred=self.gather or later)
 
     def _own_scalars(self) -> list[tuple[str, Tensor]]:
         """The loss's learnable scalars as the kernels use them: the
@@ -747,7 +748,7 @@ class BankLoss(nn.Module):
             )
         first = layout.directions[0].anchors
         a, b = guide[0], guide[1]
-        check_views(a, b, self.form, self.check_finite, prefix="guide ", gather=self.gather)
+        check_views(a, b, self.form, self.check_finite, prefix="guide ", deferred=self.gather)
         if a.shape[0] != layout.n_local or a.device != first.device:
             raise ValueError(
                 f"guide embeddings must hold the batch's {layout.n_local} rows on {first.device}, "

@@ -587,7 +587,7 @@ class GlobalInfoNCE(BankLoss):
         return layout, self._temperature(layout)
 
     def _check_inputs(self, a: Tensor, b: Tensor, indices: Tensor, check_finite: bool = True) -> Tensor:
-        check_views(a, b, self.form, self.check_finite and check_finite, self._own_scalars(), gather=self.gather)
+        check_views(a, b, self.form, self.check_finite and check_finite, self._own_scalars(), deferred=self.gather)
         if a.device != self.log_nu.device:
             raise ValueError(
                 f"the embeddings are on {a.device} but the loss's state is on {self.log_nu.device}; "
