@@ -476,7 +476,7 @@ def test_a_train_run_and_a_study_never_share_a_folder(tmp_path, capsys, monkeypa
     capsys.readouterr()
     study = ["study", "batch-size", "--data", "digits", "--n-train", "64", "--n-test", "48", "--methods", "infonce",
              "--batch-sizes", "8,16", "--seeds", "0", "--epochs", "1", "--encoder-widths", "8", "--head-widths", "8,4",
-             "--knn-k", "3"]
+             "--knn-k", "3", "--workers", "1"]  # in this process: the folders are the subject, not the workers
     assert main([*study, "--out", str(run)]) == 2
     assert "holds a run of `negbatch train` (its config.json), not a study" in capsys.readouterr().err
     assert (run / "report.md").read_text() == report and not (run / "study.json").exists()

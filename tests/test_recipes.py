@@ -52,7 +52,7 @@ def test_recipe_runs_at_tiny_size(path, tmp_path, monkeypatch):
         size = "--image-size" if "image_size" in cfg else "--decode-size"
         sizes = ["--batch-size", "6", size, "16"]
     per_study = {"negatives": ["--ks", "2,all", "--losses", "simclr"], "bias": [], "batches": [],
-                 "batch-size": ["--methods", "gradcache"]}[study]
+                 "batch-size": ["--methods", "gradcache", "--workers", "1"]}[study]  # its default: one per core
     if study == "bias":
         sizes = ["--batch-size", "8"] + sizes[2:]  # the full batch; the half-batch runs use 4
     if study == "batch-size":

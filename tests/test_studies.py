@@ -254,6 +254,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="spawned workers, a process group's signal")
+@pytest.mark.slow  # 19-26 s (the workers' start-up is made long on purpose); the study's other Ctrl-C tests are quick
 def test_ctrl_c_while_the_workers_start_ends_the_study_at_once_and_cleanly(tmp_path, capsys):
     """Ctrl-C before any run started (the workers still importing torch): the study waited, silent, for every
     worker to start only to tell it to stop (seconds; a minute on a busy machine), and a second Ctrl-C then

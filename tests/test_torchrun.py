@@ -51,6 +51,7 @@ def test_study_under_torchrun_trains_each_run_once(tmp_path):
     assert two.keys() == one.keys() and all(two[k] == pytest.approx(one[k], rel=1e-5) for k in one)
 
 
+@pytest.mark.slow  # 15-20 s: two torchrun launches; the bias measurement's code runs in-process in test_study_bias.py
 def test_the_bias_study_under_torchrun_measures_its_bias_on_rank_0_alone(tmp_path):
     """Rank 0 measures the gradient bias after the runs, alone: its GlobalInfoNCE synchronised its state
     with the other process, which had finished, and the study failed after all its training ("Connection
@@ -115,15 +116,18 @@ def test_a_run_under_torchrun_leaves_no_ddp_model_to_outlive_its_process_group(t
     assert out.stdout.count("DDP left 0") == 2, out.stdout
 
 
-def test_an_option_refused_while_parsing_under_torchrun_names_the_rank_that_prints_it(tmp_path):
+# The recipe's key takes the same path as the unknown option, a second launch (6-8 s): slow.
+@pytest.mark.parametrize("case", ["unknown option", pytest.param("recipe key", marks=pytest.mark.slow)])
+def test_an_option_refused_while_parsing_under_torchrun_names_the_rank_that_prints_it(tmp_path, case):
     """Every process refuses a bad option alike, and the processes other than rank 0 name their rank; not
     the errors of the command line's parsing (an unknown option, a [study] key of a recipe): both processes
     said 'negbatch train: error: ...', one error read as two."""
     bad = tmp_path / "bad.toml"
     bad.write_text('[study]\nkz = "2"\n')
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    for command, said in ((["train", *TINY, "--lossx", "simclr"], "negbatch train"),
-                          (["study", "negatives", "--config", str(bad)], "negbatch study")):
+    cases = {"unknown option": (["train", *TINY, "--lossx", "simclr"], "negbatch train"),
+             "recipe key": (["study", "negatives", "--config", str(bad)], "negbatch study")}
+    for command, said in [cases[case]]:
         out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
                               "-m", "negbatch.cli", *command, "--out", str(tmp_path / "x")],
                              capture_output=True, text=True, env=env, timeout=400)
@@ -145,6 +149,7 @@ def test_a_study_refuses_workers_under_torchrun_before_it_writes_anything(tmp_pa
     assert not (tmp_path / "x").exists(), sorted(p.name for p in (tmp_path / "x").iterdir())
 
 
+@pytest.mark.slow  # 15-20 s; the refusal of workers under torchrun stays in the quick suite (the test above)
 def test_the_batch_size_study_under_torchrun_trains_one_run_at_a_time_by_default(tmp_path):
     """The batch-size study's --workers defaults to the machine's cores; under torchrun, where the processes
     train each run together, that default was refused ('workers=2 under 2 torchrun processes ... use
@@ -156,6 +161,7 @@ def test_the_batch_size_study_under_torchrun_trains_one_run_at_a_time_by_default
     assert (tmp_path / "two" / "report.md").exists()
 
 
+@pytest.mark.slow  # 13-20 s; Ctrl-C of a study with workers stays in the quick suite (test_study_batch_size.py)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a process group's signal")
 def test_ctrl_c_under_torchrun_says_each_line_once(tmp_path):
     """Every process runs the same study: its note, the chunked BatchNorm warning, the "stopping after this
