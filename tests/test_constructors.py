@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import pydoc
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,11 +92,24 @@ def test_help_on_init_shows_our_text(cls):
     (lambda: InfoNCE(temperature=0.1, form="query_document", symmetric="no"), "symmetric"),
     (lambda: ReLIC(temperature=0.1, detach_target="no"), "detach_target"),
     (lambda: GlobalInfoNCE(10, temperature=0.1, sync_state="no"), "sync_state"),
+    (lambda: RandomBatchSampler(10, 5, drop_last="no"), "drop_last"),
+    (lambda: GCBSampler(print, 10, 5, shuffle_batches="no"), "shuffle_batches"),
+    (lambda: GCBSampler(print, 10, 5, normalize="no"), "normalize"),
+    (lambda: GradCache(torch.nn.Linear(2, 2), loss_fn=InfoNCE(), chunk_size=2, keep_last_graph="no"), "keep_last_graph"),
+    (lambda: GradCache(torch.nn.Linear(2, 2), loss_fn=InfoNCE(), chunk_size=2, paired="no"), "paired"),
 ])
 def test_a_flag_that_is_not_a_bool_is_refused(make, name):
     """A string such as 'no' is truthy: taken as it was, it switched the option on."""
     with pytest.raises(TypeError, match=f"{name} must be True or False, got 'no'"):
         make()
+
+
+@pytest.mark.parametrize("rank", [1.7, 1.0, "1", True])
+def test_a_samplers_rank_that_is_not_an_int_is_refused(rank):
+    """int() read rank=1.7 as rank 1: the process then trained another rank's share, silently."""
+    with pytest.raises(TypeError, match=f"rank must be an int .* got {rank!r}"):
+        RandomBatchSampler(12, 6, num_replicas=3, rank=rank)
+    assert RandomBatchSampler(12, 6, num_replicas=3, rank=np.int64(1)).rank == 1
 
 
 def test_relic_alpha_must_be_finite():

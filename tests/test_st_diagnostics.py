@@ -183,6 +183,9 @@ def test_bad_diagnostics_arguments(model_dir):
     with pytest.raises(TypeError, match="hashable"):
         NegbatchDiagnostics(loss, false_negative_keys=[[1], [2]])
     NegbatchDiagnostics(snr=True, false_negatives=False)  # SNR alone needs no loss
+    for name in ("snr", "false_negatives"):  # 'no' was True
+        with pytest.raises(TypeError, match=f"{name} must be True or False, got 'no'"):
+            NegbatchDiagnostics(loss, **{name: "no"})
 
 
 def test_the_gap_is_measured_at_the_temperature_the_loss_trains_at(model_dir):

@@ -115,6 +115,8 @@ def test_bad_arguments_are_named(model_dir):
     model = tiny_model(model_dir)
     with pytest.raises(ValueError, match="refresh_every"):
         RandomBatches(refresh_every=0)
+    with pytest.raises(TypeError, match="shuffle_batches must be True or False, got 'no'"):  # 'no' was True
+        RandomBatches(shuffle_batches="no")
     with pytest.raises(ValueError, match="q must be"):
         GCBSBatches(model, q=1.0)
     with pytest.raises(TypeError, match="SentenceTransformer being trained"):

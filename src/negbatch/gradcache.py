@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ._autocast import autocast_state
-from ._checks import is_int
+from ._checks import check_flag, is_int
 
 __all__ = ["GradCache", "CachedBatch"]
 
@@ -440,8 +440,8 @@ class GradCache:
         self.hard_negatives = takes_hard if hard_negatives is None else hard_negatives
         self.chunk_sizes = sizes
         self.output_fn = output_fn
-        self.keep_last_graph = bool(keep_last_graph)
-        self.paired = bool(paired)
+        self.keep_last_graph = check_flag(keep_last_graph, "keep_last_graph")
+        self.paired = check_flag(paired, "paired")
         self.scaler = scaler
         self.autocast = dict(autocast) if autocast is not None else None
         self.batchnorm = batchnorm

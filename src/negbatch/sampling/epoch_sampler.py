@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Sampler
 
 from .. import distributed as nbdist
-from .._checks import check_positive_int, check_seed, is_int
+from .._checks import check_flag, check_positive_int, check_seed, is_int
 
 __all__ = ["EpochBatchSampler", "cut_into_batches"]
 
@@ -99,6 +99,8 @@ class EpochBatchSampler(Sampler[list[int]]):
             )
         self.num_replicas = (check_positive_int(num_replicas, "num_replicas") if num_replicas is not None
                              else nbdist.world_size())
+        if rank is not None and not is_int(rank):  # int() read rank=1.7 as rank 1: another rank's share
+            raise TypeError(f"rank must be an int (this process's rank) or None (torch.distributed's), got {rank!r}")
         self.rank = int(rank) if rank is not None else nbdist.rank()
         if not 0 <= self.rank < self.num_replicas:
             raise ValueError(f"rank must be in [0, {self.num_replicas}), got {self.rank}")
@@ -107,8 +109,8 @@ class EpochBatchSampler(Sampler[list[int]]):
                 f"batch_size ({self.batch_size}) is the global batch and must be divisible by the number of "
                 f"ranks ({self.num_replicas}); choose a multiple"
             )
-        self.drop_last = bool(drop_last)
-        self.shuffle_batches = bool(shuffle_batches)
+        self.drop_last = check_flag(drop_last, "drop_last")
+        self.shuffle_batches = check_flag(shuffle_batches, "shuffle_batches")
         self.seed = check_seed(seed)
         self.refresh_every = check_positive_int(refresh_every, "refresh_every") if refresh_every is not None else None
         self.epoch = 0

@@ -29,7 +29,7 @@ import torch
 from scipy.sparse.csgraph import reverse_cuthill_mckee
 from torch import Tensor
 
-from .._checks import check_positive_int, check_seed, is_real
+from .._checks import check_flag, check_positive_int, check_seed, is_real
 from .embedding import EmbedFn, embed_dataset
 from .epoch_sampler import EpochBatchSampler, cut_into_batches
 
@@ -425,8 +425,8 @@ class GCBSampler(EpochBatchSampler):
             except ImportError as exc:
                 raise ImportError("method='faiss' needs faiss: pip install faiss-cpu (or use method='exact')") from exc
         self.method = method
-        self.normalize = normalize
-        self.progress = progress
+        self.normalize = check_flag(normalize, "normalize")
+        self.progress = check_flag(progress, "progress")
 
     def embed(self, indices: np.ndarray) -> tuple[Tensor, Tensor]:
         """Both sides of ``indices`` with the current model (every rank)."""

@@ -43,7 +43,7 @@ import torch
 from transformers import TrainerCallback
 
 from ... import distributed as nbdist
-from ..._checks import check_positive_int, is_int
+from ..._checks import check_flag, check_positive_int, is_int
 from ...diagnostics.gap import global_train_gap
 from ...diagnostics.snr import GradientSNR
 from ...sampling.embedding import embed_dataset
@@ -114,6 +114,7 @@ class NegbatchDiagnostics(TrainerCallback):
     ) -> None:
         if loss is not None and not isinstance(loss, NegbatchLoss):
             raise TypeError(f"loss must be the trainer's NegbatchLoss, got {type(loss).__name__}")
+        snr, false_negatives = check_flag(snr, "snr"), check_flag(false_negatives, "false_negatives")
         if false_negatives and loss is None:
             raise ValueError("false_negatives=True counts them in the loss: pass loss=the NegbatchLoss, or "
                              "false_negatives=False")
@@ -128,7 +129,7 @@ class NegbatchDiagnostics(TrainerCallback):
         self.loss = loss
         self.snr = snr
         self.snr_beta = float(snr_beta)
-        self.false_negatives = bool(false_negatives)
+        self.false_negatives = false_negatives
         self.gap_every = int(gap_every) if gap_every is not None else None
         self.gap_temperature = gap_temperature
         self.encode_batch_size = encode_batch_size

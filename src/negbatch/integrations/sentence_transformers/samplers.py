@@ -67,7 +67,7 @@ from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from ... import distributed as nbdist
-from ..._checks import check_positive_int, is_int, is_real
+from ..._checks import check_flag, check_positive_int, is_int, is_real
 from ...sampling.baselines import HardNegativeBatchSampler, NoDuplicateBatchSampler, RandomBatchSampler
 from ...sampling.epoch_sampler import EpochBatchSampler
 from ...sampling.gcbs import GCBSampler
@@ -262,7 +262,7 @@ class _NegbatchBatches(TrainerCallback):
         if seed is not None and not is_int(seed):
             raise TypeError(f"seed must be an int or None (None: the trainer's seed), got {seed!r}")
         self.refresh_every = int(refresh_every) if refresh_every is not None else None
-        self.shuffle_batches = bool(shuffle_batches)
+        self.shuffle_batches = check_flag(shuffle_batches, "shuffle_batches")
         self.seed = int(seed) if seed is not None else None
         # The trainer's prompts, router_mapping and max_length, read from it as a callback
         # (see _read_collator_inputs).
