@@ -172,6 +172,23 @@ def test_a_non_finite_gradient_is_skipped_not_folded_in():
     assert restored.skipped == 0 and torch.equal(restored.snr(), tracker.snr())
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_finite_gradients_whose_sum_overflows_are_folded_in_and_opposite_infs_are_not(masked):
+    """On the CPU the finiteness test is a sum (one reduction) and, where that sum is not finite, the
+    elementwise test: float64 gradients near 1e308 are all finite although their sum overflows, and
+    inf and -inf in one gradient must not cancel."""
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    tracker = GradientSNR([p], beta=0.5)
+    tracker._masked = masked
+    p.grad = torch.tensor([1e308, 1e308, -1.0, 2.0], dtype=torch.float64)
+    assert bool(tracker.update())
+    assert torch.equal(tracker.m, p.grad * 0.5)  # folded in, bit for bit
+    for bad in ([float("inf"), -float("inf"), 0.0, 0.0], [float("nan"), 1.0, 1.0, 1.0]):
+        p.grad = torch.tensor(bad, dtype=torch.float64)
+        assert not bool(tracker.update())
+    assert (tracker.steps, tracker.skipped) == (1, 2)
+
+
 # ---------------------------------------------------------------------------
 # update() never reads a value back to the host (no device synchronisation)
 
