@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from negbatch.lab import allocator
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -62,7 +64,8 @@ def test_bench_gradcache_sweeps_up_to_the_largest_batch_and_judges_only_it():
 
 @pytest.mark.slow
 def test_bench_trainer_cifar_sized_prints_its_ratio_and_the_augmentation_share():
-    env = {"BENCH_DATA": "cifar", "BENCH_CIFAR_N": "256", "BENCH_CIFAR_BATCH": "64", "BENCH_WIDTHS": "4,8,8,16"}
+    env = {"BENCH_DATA": "cifar", "BENCH_CIFAR_N": "256", "BENCH_CIFAR_BATCH": "64", "BENCH_WIDTHS": "4,8,8,16",
+           "BENCH_CIFAR_REPEATS": "1"}
     os.environ.update(env)
     try:
         out = run_bench("bench_trainer.py", "1", "1")
@@ -70,6 +73,9 @@ def test_bench_trainer_cifar_sized_prints_its_ratio_and_the_augmentation_share()
         for k in env:
             os.environ.pop(k)
     assert "our loop / minimal loop" in out and "augmentation's share of a step" in out and "images/s" in out
+    if allocator._glibc() is not None:  # the minimal loop under glibc's own settings, in a fresh process
+        assert "minimal, glibc's defaults" in out and "glibc's defaults / freed memory kept" in out
+        assert "page faults/step" in out
 
 
 @pytest.mark.slow

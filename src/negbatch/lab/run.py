@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ..diagnostics import GradientSNR
+from .allocator import freed_memory_kept
 from .config import TrainConfig
 from .folder import (CHECKPOINT, CONFIG, DATA, METRICS, SUMMARY, RunFolder, _differences, _say, _StopRequest,
                      atomic_torch_save, atomic_write_text, hold_lock, read_metrics, resolve_device)
@@ -134,7 +135,9 @@ def train(
     procs = Processes.start(cfg.device)
     try:
         folder = RunFolder(run_dir)
-        with folder.locked() if procs.is_main else contextlib.nullcontext(), procs.warnings_on_main():
+        # On a CPU each step's activations come back from the heap, not from fresh pages (allocator.py).
+        kept = freed_memory_kept() if procs.device(cfg.device).type == "cpu" else contextlib.nullcontext()
+        with folder.locked() if procs.is_main else contextlib.nullcontext(), procs.warnings_on_main(), kept:
             return _train(cfg, folder, procs, data, stop_after)
     finally:
         procs.close()

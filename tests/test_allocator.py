@@ -1,0 +1,83 @@
+"""Freed memory kept in the process during CPU training (negbatch.lab.allocator), read from the
+resident set size: a freed block that stays in the heap stays resident; one given back does not."""
+
+import contextlib
+
+import pytest
+import torch
+
+from _runs import without_times
+from negbatch.data import load_digits
+from negbatch.lab import TrainConfig, read_metrics, train
+from negbatch.lab import allocator, run
+from negbatch.lab.allocator import freed_memory_kept, keeping_freed_memory
+from negbatch.lab.memory import status_kib
+from negbatch.lab.tasks import image
+
+glibc = pytest.mark.skipif(allocator._glibc() is None or status_kib("VmRSS") is None,
+                           reason="the setting is glibc's, read from /proc/self/status")
+MIB = 2**20
+
+
+def rss() -> int:
+    return status_kib("VmRSS") * 1024
+
+
+def resident_after_a_freed_block() -> int:
+    """Bytes still resident after 64 MiB were written and freed (above any mmap threshold glibc picks)."""
+    before = rss()
+    x = torch.ones(16 * MIB)
+    del x
+    return rss() - before
+
+
+@glibc
+def test_a_freed_block_stays_resident_in_the_block_and_is_given_back_after():
+    assert resident_after_a_freed_block() < 16 * MIB  # glibc's own settings: unmapped when freed
+    with freed_memory_kept() as applied:
+        assert applied and keeping_freed_memory()
+        kept = resident_after_a_freed_block()
+        inside = rss()
+    assert kept > 48 * MIB
+    assert not keeping_freed_memory()
+    assert rss() < inside - 48 * MIB  # trimmed at the end of the block
+    assert resident_after_a_freed_block() < 16 * MIB
+
+
+@glibc
+def test_an_inner_block_leaves_the_setting_to_the_outermost():
+    with freed_memory_kept():
+        with freed_memory_kept() as inner:
+            assert inner
+        assert keeping_freed_memory()
+        assert resident_after_a_freed_block() > 48 * MIB
+    assert not keeping_freed_memory()
+
+
+def test_elsewhere_the_block_runs_unchanged(monkeypatch):
+    monkeypatch.setattr(allocator, "_glibc", lambda: None)
+    with freed_memory_kept() as applied:
+        assert not applied and not keeping_freed_memory()
+
+
+@glibc
+def test_a_cpu_training_step_runs_in_the_block_and_computes_the_same_numbers(tmp_path, monkeypatch):
+    digits = load_digits()
+    cfg = TrainConfig(n_train=96, n_test=64, batch_size=16, epochs=1, encoder_widths=(16,), head_widths=(16, 8))
+    seen = []
+    step = image.ImageTask.step
+
+    def recording_step(self, batch, streams):
+        seen.append(keeping_freed_memory())
+        return step(self, batch, streams)
+
+    monkeypatch.setattr(image.ImageTask, "step", recording_step)
+    kept = train(cfg, tmp_path / "kept", data=digits)
+    assert seen == [True] * kept["steps"] and not keeping_freed_memory()
+
+    seen.clear()
+    monkeypatch.setattr(run, "freed_memory_kept", contextlib.nullcontext)
+    plain = train(cfg, tmp_path / "plain", data=digits)
+    assert seen == [False] * plain["steps"]
+    assert without_times(read_metrics(tmp_path / "kept")) == without_times(read_metrics(tmp_path / "plain"))
+    assert kept["linear_acc"] == plain["linear_acc"]
