@@ -124,6 +124,7 @@ class GradientSNR:
         dtype = torch.float32 if device.type == "mps" else torch.float64
         self.m = torch.zeros(total, dtype=dtype, device=device)
         self.v = torch.zeros(total, dtype=dtype, device=device)
+        self._g = torch.empty(total, dtype=dtype, device=device)  # each update's gradients, converted in the cat
         # (updates folded in, updates left out), on the device: update() never reads them.
         self._counts = torch.zeros(2, dtype=torch.int64, device=device)
         # On the CPU a read-back costs nothing and the masked update took 1.1-1.4x the in-place
@@ -164,7 +165,8 @@ class GradientSNR:
             was folded in. Reading it (``bool(...)``) synchronises; ignoring
             it does not.
         """
-        g = torch.cat([_dense_grad(p).reshape(-1).to(self.m.dtype) for p in self.params])
+        # cat converts to the moments' dtype as it copies: one pass, into a buffer kept for the next update.
+        g = torch.cat([_dense_grad(p).reshape(-1) for p in self.params], out=self._g)
         if self._masked:
             ok = torch.isfinite(g).all()
         else:
@@ -201,35 +203,35 @@ class GradientSNR:
         """SNR of every scalar parameter, flattened (float32), in ``parameters`` order.
 
         Reads the step counts from the device; warns (once) if updates were left out."""
-        return self._snr(*self._read_counts(stacklevel=2)).float()
+        s, factor = self._snr(*self._read_counts(stacklevel=2))
+        return s.mul_(factor).float()
 
     @torch.no_grad()
-    def _snr(self, steps: int, skipped: int) -> Tensor:
+    def _snr(self, steps: int, skipped: int) -> tuple[Tensor, float]:
+        """The SNR of every scalar parameter up to a common factor, and that factor."""
         if steps == 0:
             why = f" ({skipped} update{'s' if skipped != 1 else ''} skipped: NaN or inf gradients)" if skipped else ""
             raise RuntimeError("GradientSNR.snr() before any gradient was folded in by update()" + why
                                + ": call update() after backward() first")
         inv = 1.0 / (1.0 - self.beta**steps)  # Adam-style bias correction
-        m = self.m * inv
-        v = self.v * inv
-        floor = v * self.eps
-        # In-place chain on one buffer: var = v/c - m^2, clamped, + eps v, then 1/sqrt (the same
-        # operations as out of place, each buffer an (n,) float64 that a CPU's caches barely hold).
-        scale = v.mul_(1.0 + self.eps).addcmul_(m, m, value=-1.0)
-        torch.maximum(scale, floor, out=scale)
+        # With m' = inv m, v' = inv v (bias-corrected): |m'| / sqrt(max(v' - m'^2, 0) + eps v')
+        # = sqrt(inv) |m| / sqrt(max(v - inv m^2, 0) + eps v): the correction is two scalars, and the
+        # chain runs in place on one new buffer (each an (n,) float64 that a CPU's caches barely hold).
+        scale = torch.addcmul(self.v, self.m, self.m, value=-inv).clamp_(min=0).add_(self.v, alpha=self.eps)
         # A parameter whose gradient was always zero (v = 0) gets SNR 0, not 0/0.
         scale.clamp_(min=torch.finfo(scale.dtype).tiny).rsqrt_()
-        return m.abs_().mul_(scale)
+        return scale.mul_(self.m).abs_(), math.sqrt(inv)
 
     def summary(self) -> dict[str, float]:
         """``{"snr_mean": mean over parameters, "snr_std": std across parameters}``.
 
         Warns (once) if updates were left out."""
-        s = self._snr(*self._read_counts(stacklevel=2))
-        # Two reductions (the sum, the sum of squares as a dot): faster than std_mean on CPU.
+        s, factor = self._snr(*self._read_counts(stacklevel=2))
+        # Two reductions (the sum, the sum of squares as a dot): faster than std_mean on CPU. The
+        # common factor scales both statistics, so it multiplies two numbers instead of n.
         mean = float(s.sum(dtype=torch.float64)) / s.numel()
         second = float(torch.dot(s, s)) / s.numel()
-        return {"snr_mean": mean, "snr_std": max(second - mean * mean, 0.0) ** 0.5}
+        return {"snr_mean": factor * mean, "snr_std": factor * max(second - mean * mean, 0.0) ** 0.5}
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Call :meth:`update` before every ``optimizer.step()``; returns the hook handle."""
