@@ -81,3 +81,13 @@ def test_a_cpu_training_step_runs_in_the_block_and_computes_the_same_numbers(tmp
     assert seen == [False] * plain["steps"]
     assert without_times(read_metrics(tmp_path / "kept")) == without_times(read_metrics(tmp_path / "plain"))
     assert kept["linear_acc"] == plain["linear_acc"]
+
+
+@glibc
+def test_sentence_transformers_training_on_the_cpu_runs_in_the_block_too(tmp_path, monkeypatch):
+    from negbatch.lab import minilm
+
+    seen = []
+    monkeypatch.setattr(minilm, "train_minilm", lambda *args, **kwargs: seen.append(keeping_freed_memory()))
+    train(TrainConfig(dataset="bible", encoder="minilm"), tmp_path)
+    assert seen == [True] and not keeping_freed_memory()

@@ -128,19 +128,19 @@ def train(
     """
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
-    if cfg.encoder == "minilm":  # sentence-transformers' trainer runs the loop, in the same kind of folder
-        from .minilm import train_minilm
+    # On a CPU each step's activations come back from the heap, not from fresh pages (allocator.py).
+    with freed_memory_kept() if resolve_device(cfg.device).type == "cpu" else contextlib.nullcontext():
+        if cfg.encoder == "minilm":  # sentence-transformers' trainer runs the loop, in the same kind of folder
+            from .minilm import train_minilm
 
-        return train_minilm(cfg, run_dir, data=data, stop_after=stop_after)
-    procs = Processes.start(cfg.device)
-    try:
-        folder = RunFolder(run_dir)
-        # On a CPU each step's activations come back from the heap, not from fresh pages (allocator.py).
-        kept = freed_memory_kept() if procs.device(cfg.device).type == "cpu" else contextlib.nullcontext()
-        with folder.locked() if procs.is_main else contextlib.nullcontext(), procs.warnings_on_main(), kept:
-            return _train(cfg, folder, procs, data, stop_after)
-    finally:
-        procs.close()
+            return train_minilm(cfg, run_dir, data=data, stop_after=stop_after)
+        procs = Processes.start(cfg.device)
+        try:
+            folder = RunFolder(run_dir)
+            with folder.locked() if procs.is_main else contextlib.nullcontext(), procs.warnings_on_main():
+                return _train(cfg, folder, procs, data, stop_after)
+        finally:
+            procs.close()
 
 
 def _train(cfg: TrainConfig, folder: RunFolder, procs: Processes, data: Any, stop_after: int | None):
