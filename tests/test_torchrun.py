@@ -3,6 +3,7 @@ not two into the same folder, equal to a one-process run; a study likewise."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -132,8 +133,12 @@ def test_an_option_refused_while_parsing_under_torchrun_names_the_rank_that_prin
                               "-m", "negbatch.cli", *command, "--out", str(tmp_path / "x")],
                              capture_output=True, text=True, env=env, timeout=400)
         assert out.returncode != 0, out.stderr[-2000:]
-        assert out.stderr.count(f"{said}: error: ") == 1, out.stderr[-2000:]
-        assert out.stderr.count(f"{said} (rank 1): error: ") == 1, out.stderr[-2000:]
+        # torchrun stops the other process once one has failed: the slower one (as the machine's load
+        # has it) may be stopped (SIGTERM, in torchrun's summary) before it prints. Each that ran to its
+        # error says it once, rank 1 by name.
+        for rank, line in ((0, f"{said}: error: "), (1, f"{said} (rank 1): error: ")):
+            stopped = re.search(rf"rank\s*: {rank} \(local_rank: {rank}\)\s*exitcode\s*: -15", out.stderr)
+            assert out.stderr.count(line) in ((0, 1) if stopped else (1,)), out.stderr[-2000:]
         assert not (tmp_path / "x").exists()
 
 
