@@ -15,7 +15,7 @@ the median:
   On a CPU with glibc, a third variant: the minimal loop in a fresh process
   under glibc's own allocator settings, against the two loops, which keep
   freed memory in the process as ``train()`` does on a CPU
-  (``negbatch.lab.allocator``); page faults per step for each.
+  (``negbatch.allocator``); page faults per step for each.
 
 Both loops run under the same allocator settings: before they did not (the
 lab's loop kept glibc's, the minimal loop's allocations left glibc a higher
@@ -52,7 +52,8 @@ from _order import rounds  # noqa: E402
 
 from negbatch.data import Augment, ImageDataset, SimCLRAugment, load_digits, to_float_images  # noqa: E402
 from negbatch.diagnostics import GradientSNR  # noqa: E402
-from negbatch.lab import TrainConfig, allocator, train  # noqa: E402
+from negbatch import allocator  # noqa: E402
+from negbatch.lab import TrainConfig, train  # noqa: E402
 from negbatch.lab.optim import build_optimizer, build_schedule  # noqa: E402
 from negbatch.lab.tasks.image import build_loss, build_model  # noqa: E402
 
@@ -162,7 +163,7 @@ def cifar_bench(epochs: int, repeats: int, device: torch.device) -> None:
     data, cfg, widths = cifar_setup(epochs, device)
     n, batch = len(data.x_train), cfg.batch_size
     steps = epochs * (n // batch)
-    # Both loops keep freed memory in the process (negbatch.lab.allocator): train() does on a CPU,
+    # Both loops keep freed memory in the process (negbatch.allocator): train() does on a CPU,
     # the minimal loop here, so that the ratio compares the loops, not two states of glibc's heap.
     # A third variant, the minimal loop under glibc's own settings, measures what that is worth.
     variants = ["minimal", "ours"] + (["minimal, glibc's defaults"] if device.type == "cpu" and allocator._glibc()

@@ -1,4 +1,4 @@
-"""Freed memory kept in the process during CPU training (negbatch.lab.allocator), read from the
+"""Freed memory kept in the process during CPU training (negbatch.allocator), read from the
 resident set size: a freed block that stays in the heap stays resident; one given back does not."""
 
 import contextlib
@@ -9,8 +9,9 @@ import torch
 from _runs import without_times
 from negbatch.data import load_digits
 from negbatch.lab import TrainConfig, read_metrics, train
-from negbatch.lab import allocator, run
-from negbatch.lab.allocator import freed_memory_kept, keeping_freed_memory
+from negbatch import allocator
+from negbatch.lab import run
+from negbatch.allocator import freed_memory_kept, keeping_freed_memory
 from negbatch.lab.memory import status_kib
 from negbatch.lab.tasks import image
 
@@ -91,3 +92,22 @@ def test_sentence_transformers_training_on_the_cpu_runs_in_the_block_too(tmp_pat
     monkeypatch.setattr(minilm, "train_minilm", lambda *args, **kwargs: seen.append(keeping_freed_memory()))
     train(TrainConfig(dataset="bible", encoder="minilm"), tmp_path)
     assert seen == [True] and not keeping_freed_memory()
+
+
+@glibc
+def test_the_retrieval_search_on_the_cpu_runs_in_the_block(monkeypatch):
+    from negbatch.evaluation import retrieval
+
+    seen = []
+    search = retrieval._rank_blocks
+
+    def recording(*args):
+        seen.append(keeping_freed_memory())
+        return search(*args)
+
+    monkeypatch.setattr(retrieval, "_rank_blocks", recording)
+    g = torch.Generator().manual_seed(0)
+    docs = torch.randn(50, 8, generator=g)
+    ranks = retrieval.relevant_ranks(docs[:5] + 0.1 * torch.randn(5, 8, generator=g), docs, torch.arange(5),
+                                     query_chunk=2, doc_chunk=16)
+    assert seen == [True] and not keeping_freed_memory() and ranks.shape == (5,)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from negbatch.lab import allocator
+from negbatch import allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 

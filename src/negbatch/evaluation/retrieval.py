@@ -31,12 +31,14 @@ are re-scored with the fixed function above. The search is exact.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .._checks import check_embeddings, check_positive_int, is_int
+from ..allocator import freed_memory_kept
 
 __all__ = [
     "relevant_ranks",
@@ -177,6 +179,16 @@ def relevant_ranks(
     doc_norm_max = max(float(documents[s : s + _PAIRS_PER_PASS].to(torch.float64).norm(dim=1).max())
                        for s in range(0, documents.shape[0], _PAIRS_PER_PASS))
     ranks = torch.empty(queries.shape[0], dtype=torch.long, device=device)
+    # On a CPU every block's scores come back from the heap, not from fresh pages (negbatch/allocator.py).
+    with freed_memory_kept() if device.type == "cpu" else contextlib.nullcontext():
+        _rank_blocks(queries, documents, relevant, ranks, query_chunk, doc_chunk, work, gamma, doc_norm_max)
+    return ranks
+
+
+def _rank_blocks(queries: Tensor, documents: Tensor, relevant: Tensor, ranks: Tensor, query_chunk: int,
+                 doc_chunk: int, work: torch.dtype, gamma: float, doc_norm_max: float) -> None:
+    """:func:`relevant_ranks`' search, block by block, into ``ranks``."""
+    device = queries.device
     for qs in range(0, queries.shape[0], query_chunk):
         q = queries[qs : qs + query_chunk]
         rel = relevant[qs : qs + query_chunk]
@@ -197,7 +209,6 @@ def relevant_ranks(
                 ahead = (score > target[r]) | ((score == target[r]) & (c + ds < rel[r]))
                 before.index_add_(0, r, ahead.long())
         ranks[qs : qs + query_chunk] = before + 1
-    return ranks
 
 
 def check_ks(ks: object) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..diagnostics import GradientSNR
-from .allocator import freed_memory_kept
+from ..allocator import freed_memory_kept
 from .config import TrainConfig
 from .folder import (CHECKPOINT, CONFIG, DATA, METRICS, SUMMARY, RunFolder, _differences, _say, _StopRequest,
                      atomic_torch_save, atomic_write_text, hold_lock, read_metrics, resolve_device)
