@@ -53,7 +53,13 @@ counts as met when it is at most ``1 + --tolerance`` (default 0.03: "level",
 within the run-to-run spread of a median on a shared machine); the ratio is
 printed either way.
 
-Usage: python bench/bench_peers.py [--sizes 512 2048 8192] [--dim 128] [--repeats 7] [--only new dense sampled scale] [--quick]
+``--keep-freed-memory`` races under ``negbatch.allocator.freed_memory_kept``. Without it, glibc
+unmaps a freed block above its mmap threshold, so a peer's large B x B temporaries are faulted in
+afresh on every call: a real cost in a default process, but not the algorithm's. At 2B = 8192 it
+is most of our lead (docs/losses.md, "How much of the lead is the allocator's").
+
+Usage: python bench/bench_peers.py [--sizes 512 2048 8192] [--dim 128] [--repeats 7] [--only new dense sampled scale]
+       [--keep-freed-memory] [--quick]
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ from _order import rounds
 
 import negbatch.negatives as negatives_module
 from negbatch import DCL, InfoNCE, SigLIP
+from negbatch.allocator import freed_memory_kept
 
 Variant = Callable[[], torch.Tensor]
 
@@ -470,6 +477,9 @@ def main() -> None:
     parser.add_argument("--pml-ntxent", action="store_true",
                         help="the queue's peer: CrossBatchMemory(NTXentLoss) (GBs and seconds per call), smallest size only")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="race under negbatch.allocator.freed_memory_kept (glibc: freed blocks stay in the "
+                             "process, as in negbatch's training): the peers' large temporaries cost no page faults")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.repeats, args.ks, args.queue, args.classes = [32, 64], 1, [4, 8], 48, 4
@@ -479,8 +489,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     print(f"load average before: {load_average()}")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, d={args.dim}, median of {args.repeats}, "
-          f"level = ratio <= {1 + args.tolerance:.2f}; ratios are ours / peer")
+    with freed_memory_kept() if args.keep_freed_memory else contextlib.nullcontext() as kept:
+        print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, d={args.dim}, median of {args.repeats}, "
+              f"level = ratio <= {1 + args.tolerance:.2f}; ratios are ours / peer; freed memory kept: {bool(kept)}")
+        run_groups(args)
+    print(f"load average after: {load_average()}")
+
+
+def run_groups(args: argparse.Namespace) -> None:
     report = Report(args.tolerance)
     for two_b in args.sizes:
         if "new" in args.only:
@@ -496,7 +512,6 @@ def main() -> None:
             print(f"2B={two_b}: at tau = 0.01 on trained-like embeddings")
             high_scale(two_b, args, report)
     report.summary()
-    print(f"load average after: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,7 @@ def test_bench_peers_quick_prints_every_ratio_and_a_verdict_per_goal():
     pytest.importorskip("sentence_transformers")
     out = run_bench("bench_peers.py", "--quick")
     assert "load average before" in out and "threads 1" in out and "ratios are ours / peer" in out
+    assert "freed memory kept: False" in out
     # before timing, each race's two sides gave the same value and gradients (the queue: the value)
     assert out.count("same value and gradients") == 2 * (4 + 5 + 6)
     assert out.count("same value (gradients not compared)") == 2
@@ -135,3 +136,12 @@ def test_bench_losses_prints_every_variant_and_refuses_a_missing_device():
         proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_losses.py"), "--device", "cuda"],
                               capture_output=True, text=True, env=env, timeout=120)
         assert proc.returncode == 2 and "--device cuda: torch sees no CUDA device here" in proc.stderr
+
+
+@pytest.mark.slow
+def test_bench_peers_races_under_freed_memory_kept_when_asked():
+    pytest.importorskip("info_nce")
+    pytest.importorskip("sentence_transformers")
+    out = run_bench("bench_peers.py", "--quick", "--only", "dense", "--keep-freed-memory")
+    kept = allocator._glibc() is not None
+    assert f"freed memory kept: {kept}" in out and "plain NT-Xent" in out and "load average after" in out
