@@ -83,6 +83,29 @@ def _assert_reduced_value_and_gradients(got, terms, reduction, leaves):
         torch.testing.assert_close(g, w.to(g.dtype), rtol=1e-10 if g.dtype == torch.float64 else 1e-6, atol=1e-13)
 
 
+def test_a_symmetric_call_takes_the_short_path_up_to_b_2048_and_the_others_the_layout(monkeypatch):
+    """The layout computes a symmetric call's logits once per direction, the short path once: symmetric
+    calls take the short path up to B = 2048 (n x n <= 2^22 logits), the other forms above 256 x 256
+    the layout. At B = 300 the short path equals both directions' cross-entropy in float64."""
+    taken = []
+    build = layout_module.build_layout
+    monkeypatch.setattr(layout_module, "build_layout", lambda *a, **k: taken.append("layout") or build(*a, **k))
+    q, d = _views(n=300, d=4, seed=3)
+    got = InfoNCE(temperature=0.2, form="query_document", symmetric=True)(q, d)
+    assert taken == []
+    logits = F.normalize(q, dim=1) @ F.normalize(d, dim=1).T / 0.2
+    target = torch.arange(300)
+    want = (F.cross_entropy(logits, target, reduction="sum") + F.cross_entropy(logits.T, target, reduction="sum")) / 600
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    for g, w in zip(torch.autograd.grad(got, [q, d]), torch.autograd.grad(want, [q, d])):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
+    InfoNCE(form="query_document")(q, d)
+    assert taken == ["layout"]
+    big = torch.randn(2049, 2)
+    InfoNCE(form="query_document", symmetric=True)(big, big + 0.1)
+    assert taken == ["layout", "layout"]
+
+
 @pytest.mark.parametrize("form,symmetric", FORMS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("negatives", ["all", 3])

@@ -613,6 +613,10 @@ class BankLoss(nn.Module):
     #: rules apply: the call takes the layout).
     plain_sampled = False
 
+    #: The most logits (n x m) of a plain call with ``symmetric=True`` that the
+    #: short path takes (see :data:`SMALL_DENSE_LOGITS` for the others).
+    plain_symmetric_logits = SMALL_DENSE_LOGITS
+
     def _plain_forward(self, a: Tensor, b: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The loss of a plain call (see :meth:`_plain_call`), for the losses
         that have such a short path (InfoNCE, SigLIP)."""
@@ -635,7 +639,8 @@ class BankLoss(nn.Module):
             and self.positives == "pair"  # "mask" needs labels or a mask: the layout refuses the call
             and (self.negatives == "all"
                  or (self.plain_sampled and self.negatives <= in_batch_candidates(self.form, a.shape[0])))
-            and (2 * a.shape[0] if self.form == "two_view" else a.shape[0]) ** 2 <= SMALL_DENSE_LOGITS
+            and (2 * a.shape[0] if self.form == "two_view" else a.shape[0]) ** 2 <= (
+                self.plain_symmetric_logits if getattr(self, "symmetric", False) else SMALL_DENSE_LOGITS)
             and not autocast_active(a.device)
         )
 
