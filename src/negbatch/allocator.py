@@ -3,10 +3,11 @@ for the same large blocks runs (glibc): ``negbatch.lab.train``'s loop and the
 block search of :func:`negbatch.evaluation.retrieval.relevant_ranks`.
 
 Why: every training step frees its activations and asks for the same sizes
-again at the next (every block of the search its scores). glibc's malloc serves a block above its mmap threshold (raised
-dynamically, at most 32 MiB) with a fresh ``mmap`` and unmaps it when it is
-freed, and hands the heap's free top back to the OS above its trim threshold:
-the next step then touches fresh pages, a page fault and a page of zeros each.
+again at the next (every block of the search its scores). glibc's malloc
+serves a block above its mmap threshold (raised dynamically, at most 32 MiB)
+with a fresh ``mmap`` and unmaps it when it is freed, and hands the heap's
+free top back to the OS above its trim threshold: the next step then touches
+fresh pages, a page fault and a page of zeros each.
 On ``bench/bench_trainer.py``'s CIFAR-sized run (ResNet-18 at a quarter of its
 widths, batch 256, a 2-core CPU, 2026-12-04) that was 220,000 faults a step in
 the minimal loop and 400,000 in the lab's (whose other allocations left glibc
