@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from _runs import without_times
-from negbatch.data import load_digits
-from negbatch.lab import TrainConfig, read_metrics, train
 from negbatch import allocator
-from negbatch.lab import run
 from negbatch.allocator import freed_memory_kept, keeping_freed_memory
+from negbatch.data import load_digits
+from negbatch.lab import TrainConfig, read_metrics, run, train
 from negbatch.lab.memory import status_kib
 from negbatch.lab.tasks import image
 
@@ -53,6 +52,11 @@ def test_an_inner_block_leaves_the_setting_to_the_outermost():
         assert keeping_freed_memory()
         assert resident_after_a_freed_block() > 48 * MIB
     assert not keeping_freed_memory()
+
+
+def test_work_off_the_cpu_runs_unchanged():
+    with freed_memory_kept("cuda") as applied:  # the host's heap is not where a GPU's blocks live
+        assert not applied and not keeping_freed_memory()
 
 
 def test_elsewhere_the_block_runs_unchanged(monkeypatch):

@@ -33,6 +33,8 @@ import ctypes
 import platform
 from typing import Iterator
 
+import torch
+
 __all__ = ["freed_memory_kept", "keeping_freed_memory"]
 
 # mallopt's parameters (malloc.h) and glibc's defaults for them on 64-bit Linux.
@@ -60,10 +62,12 @@ def keeping_freed_memory() -> bool:
 
 
 @contextlib.contextmanager
-def freed_memory_kept() -> Iterator[bool]:
+def freed_memory_kept(device: torch.device | str | None = None) -> Iterator[bool]:
     """Keep freed memory in the process for the block (see the module's docstring).
 
-    Yields whether the setting applies (glibc took it), False elsewhere.
+    ``device``: the work's device; off a CPU (the host's heap is not where its
+    blocks live) the block runs unchanged. Yields whether the setting applies
+    (glibc took it), False elsewhere.
 
     Examples
     --------
@@ -74,6 +78,9 @@ def freed_memory_kept() -> Iterator[bool]:
     ...         x = torch.ones(16 * 2**20); del x
     """
     global _depth
+    if device is not None and torch.device(device).type != "cpu":
+        yield False
+        return
     if _depth:  # an outer block set it and will undo it
         yield True
         return

@@ -31,7 +31,6 @@ are re-scored with the fixed function above. The search is exact.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -180,7 +179,7 @@ def relevant_ranks(
                        for s in range(0, documents.shape[0], _PAIRS_PER_PASS))
     ranks = torch.empty(queries.shape[0], dtype=torch.long, device=device)
     # On a CPU every block's scores come back from the heap, not from fresh pages (negbatch/allocator.py).
-    with freed_memory_kept() if device.type == "cpu" else contextlib.nullcontext():
+    with freed_memory_kept(device):
         _rank_blocks(queries, documents, relevant, ranks, query_chunk, doc_chunk, work, gamma, doc_norm_max)
     return ranks
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from ..diagnostics import GradientSNR
 from ..allocator import freed_memory_kept
+from ..diagnostics import GradientSNR
 from .config import TrainConfig
 from .folder import (CHECKPOINT, CONFIG, DATA, METRICS, SUMMARY, RunFolder, _differences, _say, _StopRequest,
                      atomic_torch_save, atomic_write_text, hold_lock, read_metrics, resolve_device)
@@ -129,7 +129,7 @@ def train(
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
     # On a CPU each step's activations come back from the heap, not from fresh pages (allocator.py).
-    with freed_memory_kept() if resolve_device(cfg.device).type == "cpu" else contextlib.nullcontext():
+    with freed_memory_kept(resolve_device(cfg.device)):
         if cfg.encoder == "minilm":  # sentence-transformers' trainer runs the loop, in the same kind of folder
             from .minilm import train_minilm
 

@@ -640,7 +640,7 @@ class BankLoss(nn.Module):
             and (self.negatives == "all"
                  or (self.plain_sampled and self.negatives <= in_batch_candidates(self.form, a.shape[0])))
             and (2 * a.shape[0] if self.form == "two_view" else a.shape[0]) ** 2 <= (
-                self.plain_symmetric_logits if getattr(self, "symmetric", False) else SMALL_DENSE_LOGITS)
+                self.plain_symmetric_logits if self.symmetric else SMALL_DENSE_LOGITS)
             and not autocast_active(a.device)
         )
 
