@@ -83,10 +83,10 @@ def _assert_reduced_value_and_gradients(got, terms, reduction, leaves):
         torch.testing.assert_close(g, w.to(g.dtype), rtol=1e-10 if g.dtype == torch.float64 else 1e-6, atol=1e-13)
 
 
-def test_a_symmetric_call_takes_the_short_path_up_to_b_2048_and_the_others_the_layout(monkeypatch):
-    """The layout computes a symmetric call's logits once per direction, the short path once: symmetric
-    calls take the short path up to B = 2048 (n x n <= 2^22 logits), the other forms above 256 x 256
-    the layout. At B = 300 the short path equals both directions' cross-entropy in float64."""
+def test_a_symmetric_call_takes_the_short_path_up_to_b_724_and_the_others_the_layout(monkeypatch):
+    """Symmetric calls take the short path up to B = 724 (n x n <= 2^19 logits; above, the layout's
+    pair of directions is faster and holds half the memory), the other forms above 256 x 256 the
+    layout. At B = 300 the short path equals both directions' cross-entropy in float64."""
     taken = []
     build = layout_module.build_layout
     monkeypatch.setattr(layout_module, "build_layout", lambda *a, **k: taken.append("layout") or build(*a, **k))
@@ -101,8 +101,9 @@ def test_a_symmetric_call_takes_the_short_path_up_to_b_2048_and_the_others_the_l
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
     InfoNCE(form="query_document")(q, d)
     assert taken == ["layout"]
-    big = torch.randn(2049, 2)
-    InfoNCE(form="query_document", symmetric=True)(big, big + 0.1)
+    InfoNCE(form="query_document", symmetric=True)(*(torch.randn(724, 2) for _ in range(2)))
+    assert taken == ["layout"]
+    InfoNCE(form="query_document", symmetric=True)(*(torch.randn(725, 2) for _ in range(2)))
     assert taken == ["layout", "layout"]
 
 

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .._checks import all_finite, check_flag, is_int, refuse_second_order
 from ._exp import exp_floored_
+from ._pair import PairOfDirections, exp_lower_bound, scaled_logits, shares_one_product
 from ..distributed import any_rank, gather_nograd, gather_with_sizes, is_distributed, name_ranks, world_size
 from ..negatives import NegativeSelection, selection_logits
 from . import _layout
@@ -38,14 +39,6 @@ from .queue import NegativeQueue
 __all__ = ["softmax_terms", "SoftmaxLoss", "check_sample_indices"]
 
 
-def _scaled_logits(anchors: Tensor, bank: Tensor, temperature: float) -> Tensor:
-    """``anchors @ bank.T / temperature`` with the scale applied by the GEMM."""
-    if temperature == 1.0:
-        return anchors @ bank.t()
-    out = anchors.new_empty(anchors.shape[0], bank.shape[0])
-    return torch.addmm(out, anchors, bank.t(), beta=0.0, alpha=1.0 / temperature, out=out)
-
-
 def exclude_self(logits: Tensor, self_index: Tensor | None) -> None:
     """Each row's own column (``self_index``; -1: none) set to -inf, in place."""
     if self_index is None:
@@ -53,6 +46,70 @@ def exclude_self(logits: Tensor, self_index: Tensor | None) -> None:
     has_self = self_index >= 0
     rows = torch.arange(logits.shape[0], device=logits.device)[has_self]
     logits[rows, self_index[has_self]] = float("-inf")
+
+
+def _softmax_buffer_(buf: Tensor, selection: NegativeSelection, decoupled: bool, lowest: float | None):
+    """Turn the logits ``buf`` (n, m) of one direction, in place, into
+    ``exp(l - shift)`` (zero on the columns outside the denominator).
+    ``buf`` may be a transposed view (the column direction of
+    :class:`~._pair.PairOfDirections`). Returns ``(lse, positive)`` and what
+    :func:`_logit_gradient_` needs: ``(total, col, pos_mask, count)``."""
+    n = buf.shape[0]
+    col = selection.positive_index[:, None]
+    pos_mask = selection.positive_mask
+    if pos_mask is None:
+        positive = buf.gather(1, col).squeeze(1)
+        count = None
+    else:
+        count = pos_mask.sum(dim=1).to(buf.dtype)
+        positive = buf.new_empty(n)
+        for rows in row_blocks(*buf.shape):
+            positive[rows] = torch.where(pos_mask[rows], buf[rows], 0.0).sum(dim=1)
+        positive /= count
+    if selection.only_self_excluded:
+        # Only the anchor's own column leaves the denominator (and the
+        # positive, decoupled): fill those entries instead of scanning an
+        # (n, m) mask.
+        exclude_self(buf, selection.self_index)
+        if decoupled:
+            buf.scatter_(1, col, float("-inf"))
+    shifts, totals = [], []
+    for rows in row_blocks(*buf.shape):
+        block = buf[rows]
+        if not selection.only_self_excluded:
+            outside = ~selection.allowed[rows]
+            if decoupled:
+                outside |= pos_mask[rows] if pos_mask is not None else outside.scatter(1, col[rows], True)
+            block.masked_fill_(outside, float("-inf"))
+        shift = block.amax(dim=1)
+        exp_floored_(block.sub_(shift[:, None]), lowest)  # the excluded entries (-inf) become 0
+        shifts.append(shift)
+        totals.append(block.sum(dim=1))
+    if len(shifts) == 1:
+        shift, total = shifts[0], totals[0]
+    else:  # several row blocks, or none (no anchors)
+        shift, total = (torch.cat(shifts), torch.cat(totals)) if shifts else (buf.new_empty(0), buf.new_empty(0))
+    lse = total.log().add_(shift)
+    return lse, positive, (total, col, pos_mask, count)
+
+
+def _logit_gradient_(buf: Tensor, kept: tuple, grad_lse: Tensor | None, grad_positive: Tensor | None,
+                     inv_tau: float) -> None:
+    """Turn a buffer of :func:`_softmax_buffer_`, in place, into d loss / d scores."""
+    total, col, pos_mask, count = kept
+    # d lse / d logit = softmax over the denominator = buf / total;
+    # d positive / d logit = 1/count on the positives; times 1/tau for the scores.
+    if grad_lse is None:
+        buf.zero_()
+    else:
+        buf.mul_((grad_lse * inv_tau / total)[:, None])
+    if grad_positive is not None:
+        if pos_mask is None:
+            buf.scatter_add_(1, col, (grad_positive * inv_tau)[:, None])
+        else:
+            weight = (grad_positive * inv_tau / count)[:, None]
+            for rows in row_blocks(*buf.shape):
+                buf[rows] += torch.where(pos_mask[rows], weight[rows], 0.0)
 
 
 class _DenseSoftmax(torch.autograd.Function):
@@ -70,48 +127,10 @@ class _DenseSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchors, bank, selection, temperature, decoupled):  # type: ignore[override]
-        buf = _scaled_logits(anchors, bank, temperature)
-        n = buf.shape[0]
-        col = selection.positive_index[:, None]
-        pos_mask = selection.positive_mask
-        if pos_mask is None:
-            positive = buf.gather(1, col).squeeze(1)
-            count = None
-        else:
-            count = pos_mask.sum(dim=1).to(buf.dtype)
-            positive = buf.new_empty(n)
-            for rows in row_blocks(*buf.shape):
-                positive[rows] = torch.where(pos_mask[rows], buf[rows], 0.0).sum(dim=1)
-            positive /= count
-        if selection.only_self_excluded:
-            # Only the anchor's own column leaves the denominator (and the
-            # positive, decoupled): fill those entries instead of scanning an
-            # (n, m) mask.
-            exclude_self(buf, selection.self_index)
-            if decoupled:
-                buf.scatter_(1, col, float("-inf"))
-        # A bound under exp's arguments l - max: whether they can reach the floor (_exp.py).
-        lowest = None
-        if buf.device.type == "cpu" and buf.numel():
-            lowest = -2.0 * float(anchors.norm(dim=1).max() * bank.norm(dim=1).max()) / temperature
-        shifts, totals = [], []
-        for rows in row_blocks(*buf.shape):
-            block = buf[rows]
-            if not selection.only_self_excluded:
-                outside = ~selection.allowed[rows]
-                if decoupled:
-                    outside |= pos_mask[rows] if pos_mask is not None else outside.scatter(1, col[rows], True)
-                block.masked_fill_(outside, float("-inf"))
-            shift = block.amax(dim=1)
-            exp_floored_(block.sub_(shift[:, None]), lowest)  # the excluded entries (-inf) become 0
-            shifts.append(shift)
-            totals.append(block.sum(dim=1))
-        if len(shifts) == 1:
-            shift, total = shifts[0], totals[0]
-        else:  # several row blocks, or none (no anchors)
-            shift, total = (torch.cat(shifts), torch.cat(totals)) if shifts else (buf.new_empty(0), buf.new_empty(0))
-        lse = total.log().add_(shift)
-        ctx.save_for_backward(anchors, bank, buf, total, col, pos_mask, count)
+        buf = scaled_logits(anchors, bank, temperature)
+        lse, positive, kept = _softmax_buffer_(buf, selection, decoupled,
+                                               exp_lower_bound(anchors, bank, temperature))
+        ctx.save_for_backward(anchors, bank, buf, *kept)
         ctx.temperature = temperature
         ctx.consumed = False
         return lse, positive
@@ -122,24 +141,28 @@ class _DenseSoftmax(torch.autograd.Function):
         if ctx.consumed:
             raise RuntimeError("the dense softmax backward runs once; do not backward twice through the loss")
         ctx.consumed = True
-        anchors, bank, buf, total, col, pos_mask, count = ctx.saved_tensors
-        inv_tau = 1.0 / ctx.temperature
-        # d lse / d logit = softmax over the denominator = buf / total;
-        # d positive / d logit = 1/count on the positives; times 1/tau for the scores.
-        if grad_lse is None:
-            buf.zero_()
-        else:
-            buf.mul_((grad_lse * inv_tau / total)[:, None])
-        if grad_positive is not None:
-            if pos_mask is None:
-                buf.scatter_add_(1, col, (grad_positive * inv_tau)[:, None])
-            else:
-                weight = (grad_positive * inv_tau / count)[:, None]
-                for rows in row_blocks(*buf.shape):
-                    buf[rows] += torch.where(pos_mask[rows], weight[rows], 0.0)
+        anchors, bank, buf, *kept = ctx.saved_tensors
+        _logit_gradient_(buf, kept, grad_lse, grad_positive, 1.0 / ctx.temperature)
         grad_anchors = buf @ bank if ctx.needs_input_grad[0] else None
         grad_bank = buf.t() @ anchors if ctx.needs_input_grad[1] else None
         return grad_anchors, grad_bank, None, None, None
+
+
+class SoftmaxKernel:
+    """:func:`_softmax_buffer_` and :func:`_logit_gradient_` as a kernel of
+    :class:`~._pair.PairOfDirections`: per direction ``(lse, positive)``."""
+
+    non_differentiable = ()
+
+    def __init__(self, decoupled: bool) -> None:
+        self.decoupled = decoupled
+
+    def forward_(self, buf: Tensor, selection: NegativeSelection, lowest: float | None):
+        lse, positive, kept = _softmax_buffer_(buf, selection, self.decoupled, lowest)
+        return (lse, positive), kept
+
+    def backward_(self, buf: Tensor, kept, grads, inv_tau: float) -> None:
+        _logit_gradient_(buf, kept, grads[0], grads[1], inv_tau)
 
 
 def softmax_terms(
@@ -178,15 +201,20 @@ def softmax_terms(
 
 def info_nce_values(anchors: Tensor, bank: Tensor, selection: NegativeSelection, temperature: float) -> Tensor:
     """Per-anchor InfoNCE ``lse - positive`` (SupCon's L_out with several positives)."""
-    if selection.single_positive and (not fused_dense(selection, anchors) or _small(selection)):
+    if selection.single_positive and not (fused_dense(selection, anchors) and takes_fused_terms(selection)):
         logits = selection_logits(anchors, bank, selection, temperature)
         return F.cross_entropy(logits, selection.positive_column, reduction="none")
     lse, positive = softmax_terms(anchors, bank, selection, temperature)
     return lse - positive
 
 
-def _small(selection: NegativeSelection) -> bool:
-    return selection.is_dense and selection.allowed.numel() <= _layout.SMALL_DENSE_LOGITS
+def takes_fused_terms(selection: NegativeSelection, small: int | None = None) -> bool:
+    """Whether InfoNCE computes a fused dense selection by :func:`softmax_terms`:
+    one positive per anchor over at most ``small`` logits (default
+    :data:`~._layout.SMALL_DENSE_LOGITS`) takes autograd's cross-entropy
+    instead (one kernel pass)."""
+    small = _layout.SMALL_DENSE_LOGITS if small is None else small
+    return not (selection.single_positive and selection.allowed.numel() <= small)
 
 
 def count_negatives(selection: NegativeSelection, bank_size: int) -> Tensor:
@@ -227,9 +255,37 @@ class SoftmaxLoss(BankLoss):
         roles = 1 if self.form == "two_view" else 1 + self.symmetric
         self.queue = NegativeQueue(int(queue_size), roles) if queue_size else None
 
+    #: Whether the denominator leaves the positives out (DCL).
+    decoupled = False
+
     def _direction_values(self, direction: Direction, selection: NegativeSelection, temperature: float,
-                          layout: Layout, index: int) -> Tensor:
+                          layout: Layout, index: int, terms: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """This direction's per-anchor values; ``terms``: its ``(lse, positive)``
+        when :meth:`_shared_terms` computed them."""
         raise NotImplementedError
+
+    def _check_selection(self, direction: Direction, selection: NegativeSelection) -> None:
+        """Refuse a selection the loss cannot use (DCL: an anchor without a negative)."""
+
+    def _takes_fused_terms(self, selection: NegativeSelection) -> bool:
+        """Whether this loss computes a direction of ``selection`` by :func:`softmax_terms`'s fused path."""
+        return True
+
+    def _shared_terms(self, layout: Layout, selections: list[NegativeSelection],
+                      temperature: float) -> list[tuple[Tensor, Tensor]] | None:
+        """Both directions' ``(lse, positive)`` from one product
+        (:class:`~._pair.PairOfDirections`) when the second's logits are the first's
+        transposed: a symmetric query-document call of one process, its
+        document-to-query bank the queries (no queued entries), both
+        directions on the fused all-candidates path. None otherwise."""
+        if not shares_one_product(layout, self.form, self.symmetric):
+            return None
+        queries = layout.directions[0]
+        if not all(fused_dense(s, queries.anchors) and self._takes_fused_terms(s) for s in selections):
+            return None
+        lse, positive, lse_t, positive_t = PairOfDirections.apply(
+            queries.anchors, queries.bank, selections[0], selections[1], temperature, SoftmaxKernel(self.decoupled))
+        return [(lse, positive), (lse_t, positive_t)]
 
     def forward(
         self,
@@ -276,10 +332,14 @@ class SoftmaxLoss(BankLoss):
         if spread:
             all_indices = self._exchange(indices, found, layout)
         temperature = self._temperature(layout)
-        values = []
-        for i, direction in enumerate(layout.directions):
-            selection = self._negatives_of(direction, generator, layout)
-            values.append(self._direction_values(direction, selection, temperature, layout, i))
+        selections = []
+        for direction in layout.directions:
+            selections.append(self._negatives_of(direction, generator, layout))
+            self._check_selection(direction, selections[-1])
+        terms = self._shared_terms(layout, selections, temperature)
+        values = [self._direction_values(direction, selection, temperature, layout, i,
+                                         None if terms is None else terms[i])
+                  for i, (direction, selection) in enumerate(zip(layout.directions, selections))]
         if self.queue is not None and update:
             self._enqueue(layout, all_indices, labels)
         # Directions hold equal numbers of anchors: the mean of the concatenation

@@ -115,11 +115,17 @@ class DCL(SoftmaxLoss):
             f"symmetric={self.symmetric}, gather={self.gather}{self._option_repr()}{self._queue_repr()}"
         )
 
-    def _direction_values(self, direction: Direction, selection: NegativeSelection, temperature: float,
-                          layout: Layout, index: int) -> Tensor:
+    decoupled = True
+
+    def _check_selection(self, direction: Direction, selection: NegativeSelection) -> None:
         if bool((count_negatives(selection, direction.bank.shape[0]) == 0).any()):
             raise self._no_negatives_error()
-        lse, positive = softmax_terms(direction.anchors, direction.bank, selection, temperature, decoupled=True)
+
+    def _direction_values(self, direction: Direction, selection: NegativeSelection, temperature: float,
+                          layout: Layout, index: int, terms: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        if terms is None:
+            terms = softmax_terms(direction.anchors, direction.bank, selection, temperature, decoupled=True)
+        lse, positive = terms
         if self.sigma is None:
             return lse - positive
         return lse - self._weights(layout, index).to(positive.dtype) * positive

@@ -35,9 +35,10 @@ from .._checks import (
     refuse_second_order,
 )
 from ..distributed import gather_nograd, gather_with_sizes, is_distributed, name_ranks, rows_rank
-from ..negatives import selection_logits
+from ..negatives import NegativeSelection, selection_logits
 from ._exp import exp_floored_
-from ._softmax import _scaled_logits, exclude_self
+from ._pair import PairOfDirections, exp_lower_bound, scaled_logits, shares_one_product
+from ._softmax import exclude_self
 from ._layout import (
     BankLoss,
     Direction,
@@ -120,6 +121,53 @@ class _PositiveAndNegativeSum(torch.autograd.Function):
         return grad, None
 
 
+def _negative_sums_(work: Tensor, selection: NegativeSelection, lowest: float | None):
+    """Turn the logits ``work`` (n, m) of one direction, in place, into
+    ``exp(l - shift)`` on the negatives (zero elsewhere); ``work`` may be a
+    transposed view (:class:`~._pair.PairOfDirections`). Returns
+    ``(positive, summed, shift)`` and the positives' columns."""
+    col = selection.positive_index[:, None]
+    positive = work.gather(1, col).squeeze(1)
+    shift = work.new_empty(work.shape[0])
+    summed = work.new_empty(work.shape[0])
+    if selection.only_self_excluded:
+        # Only the anchor's own column (two views) leaves the candidates: fill those entries
+        # and the positive's instead of scanning an (n, m) mask (about a sixth of the call
+        # at B = 1024, bench/bench_global_nce.py).
+        exclude_self(work, selection.self_index)
+        work.scatter_(1, col, float("-inf"))  # the positive is not a negative
+    for rows in row_blocks(*work.shape):
+        block = work[rows]
+        if not selection.only_self_excluded:
+            block.masked_fill_(~selection.allowed[rows], float("-inf"))
+            block.scatter_(1, col[rows], float("-inf"))  # the positive is not a negative
+        shift[rows] = block.amax(dim=1)
+        exp_floored_(block.sub_(shift[rows, None]), lowest)  # the -inf entries become 0
+        summed[rows] = block.sum(dim=1)
+    return (positive, summed, shift), col
+
+
+def _scores_gradient_(work: Tensor, col: Tensor, grad_positive: Tensor, grad_summed: Tensor, inv_tau: float) -> None:
+    """Turn a buffer of :func:`_negative_sums_`, in place, into ``dL/dscores``."""
+    work.mul_((grad_summed * inv_tau)[:, None])  # d score / d logit, folded into the per-row factors
+    work.scatter_(1, col, (grad_positive * inv_tau)[:, None])  # the positive's entry was zero
+
+
+class _TermsKernel:
+    """:func:`_negative_sums_` as a kernel of :class:`~._pair.PairOfDirections`."""
+
+    non_differentiable = (2,)  # the shift
+
+    @staticmethod
+    def forward_(work: Tensor, selection: NegativeSelection, lowest: float | None):
+        outputs, col = _negative_sums_(work, selection, lowest)
+        return outputs, (col,)
+
+    @staticmethod
+    def backward_(work: Tensor, kept, grads, inv_tau: float) -> None:
+        _scores_gradient_(work, kept[0], grads[0], grads[1], inv_tau)
+
+
 class _DenseTerms(torch.autograd.Function):
     """:class:`_PositiveAndNegativeSum` over *all* candidates, straight from the
     embeddings, holding one (n, m) buffer.
@@ -132,29 +180,9 @@ class _DenseTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchors, bank, selection, temperature):  # type: ignore[override]
-        work = _scaled_logits(anchors, bank, temperature)
-        col = selection.positive_index[:, None]
-        positive = work.gather(1, col).squeeze(1)
-        shift = work.new_empty(work.shape[0])
-        summed = work.new_empty(work.shape[0])
-        if selection.only_self_excluded:
-            # Only the anchor's own column (two views) leaves the candidates: fill those entries
-            # and the positive's instead of scanning an (n, m) mask (about a sixth of the call
-            # at B = 1024, bench/bench_global_nce.py).
-            exclude_self(work, selection.self_index)
-            work.scatter_(1, col, float("-inf"))  # the positive is not a negative
-        # A bound under exp's arguments l - max: whether they can reach the floor (_exp.py).
-        lowest = None
-        if work.device.type == "cpu" and work.numel():
-            lowest = -2.0 * float(anchors.norm(dim=1).max() * bank.norm(dim=1).max()) / temperature
-        for rows in row_blocks(*work.shape):
-            block = work[rows]
-            if not selection.only_self_excluded:
-                block.masked_fill_(~selection.allowed[rows], float("-inf"))
-                block.scatter_(1, col[rows], float("-inf"))  # the positive is not a negative
-            shift[rows] = block.amax(dim=1)
-            exp_floored_(block.sub_(shift[rows, None]), lowest)  # the -inf entries become 0
-            summed[rows] = block.sum(dim=1)
+        work = scaled_logits(anchors, bank, temperature)
+        (positive, summed, shift), col = _negative_sums_(work, selection,
+                                                         exp_lower_bound(anchors, bank, temperature))
         ctx.save_for_backward(anchors, bank, col, work)
         ctx.temperature = temperature
         ctx.consumed = False
@@ -168,9 +196,7 @@ class _DenseTerms(torch.autograd.Function):
             raise RuntimeError("GlobalInfoNCE's dense backward runs once; do not backward twice through it")
         ctx.consumed = True
         anchors, bank, col, work = ctx.saved_tensors
-        inv_tau = 1.0 / ctx.temperature  # d score / d logit, folded into the per-row factors
-        work.mul_((grad_summed * inv_tau)[:, None])
-        work.scatter_(1, col, (grad_positive * inv_tau)[:, None])  # the positive's entry was zero
+        _scores_gradient_(work, col, grad_positive, grad_summed, 1.0 / ctx.temperature)
         grad_anchors = work @ bank if ctx.needs_input_grad[0] else None
         grad_bank = work.t() @ anchors if ctx.needs_input_grad[1] else None
         return grad_anchors, grad_bank, None, None
@@ -538,13 +564,24 @@ class GlobalInfoNCE(BankLoss):
 
     # --------------------------------------------------------------- forward
 
-    def _terms(
-        self, direction: Direction, generator, temperature: float, layout: Layout
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Positive logit (the mean over several positives), sum of shifted
-        negative exponentials (with grad), the shift, the log of the number
-        of negatives, and the log-sum-exp of the positives (detached; for the
-        logged InfoNCE, SupCon's L_out with several), per anchor."""
+    def _layout_terms(self, layout: Layout, generator, temperature: float) -> list[tuple[Tensor, ...]]:
+        """:meth:`_terms` of every direction; a symmetric query-document call
+        of one process computes both directions' dense terms from one
+        product (:class:`~._pair.PairOfDirections`)."""
+        chosen = [self._selected(direction, generator, layout) for direction in layout.directions]
+        selections = [selection for selection, _ in chosen]
+        dense = [None] * len(chosen)
+        if shares_one_product(layout, self.form, self.symmetric) and all(
+                s.single_positive and fused_dense(s, layout.directions[0].anchors) for s in selections):
+            queries = layout.directions[0]
+            out = PairOfDirections.apply(queries.anchors, queries.bank, *selections, temperature, _TermsKernel)
+            dense = [out[:3], out[3:]]
+        return [self._terms(direction, selection, count, temperature, terms)
+                for direction, (selection, count), terms in zip(layout.directions, chosen, dense)]
+
+    def _selected(self, direction: Direction, generator, layout: Layout) -> tuple[NegativeSelection, Tensor]:
+        """The direction's selection and each anchor's number of negatives;
+        an anchor without a negative is refused."""
         selection = self._negatives_of(direction, generator, layout)
         anchors, bank = direction.anchors, direction.bank
         n = anchors.shape[0]
@@ -558,6 +595,18 @@ class GlobalInfoNCE(BankLoss):
             count = selection.negative_mask().sum(dim=1, dtype=torch.int32)
         if bool((count == 0).any()):
             raise self._no_negatives_error()
+        return selection, count
+
+    def _terms(
+        self, direction: Direction, selection: NegativeSelection, count: Tensor, temperature: float,
+        dense: tuple[Tensor, ...] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Positive logit (the mean over several positives), sum of shifted
+        negative exponentials (with grad), the shift, the log of the number
+        of negatives, and the log-sum-exp of the positives (detached; for the
+        logged InfoNCE, SupCon's L_out with several), per anchor. ``dense``:
+        the first three, computed with the other direction's."""
+        anchors, bank = direction.anchors, direction.bank
         if not selection.single_positive:
             logits = selection_logits(anchors, bank, selection, temperature)
             slots = selection.positive_slots()
@@ -567,6 +616,8 @@ class GlobalInfoNCE(BankLoss):
             shift = negative.detach().amax(dim=1)
             acc = torch.promote_types(negative.dtype, torch.float32)
             summed = torch.exp(negative - shift[:, None]).sum(dim=1, dtype=acc)
+        elif dense is not None:
+            positive, summed, shift = dense
         elif fused_dense(selection, anchors):
             positive, summed, shift = _DenseTerms.apply(anchors, bank, selection, temperature)
         else:
@@ -639,7 +690,7 @@ class GlobalInfoNCE(BankLoss):
                 self._check_views(a, b)
             if alone:
                 layout, temperature = self._prepared(a, b, hard_negatives, mask, labels, guide)
-            terms = [self._terms(direction, generator, temperature, layout) for direction in layout.directions]
+            terms = self._layout_terms(layout, generator, temperature)
         except ValueError:
             if sends:
                 # The other ranks are about to gather this rank's estimates: send NaN, so
@@ -713,7 +764,6 @@ class GlobalInfoNCE(BankLoss):
             self.check_indices(indices, a.shape[0])
         layout, temperature = self._prepared(a, b, hard_negatives, mask, labels, guide)
         parts = []
-        for direction in layout.directions:
-            positive, summed, shift, log_count, _ = self._terms(direction, generator, temperature, layout)
+        for positive, summed, shift, log_count, _ in self._layout_terms(layout, generator, temperature):
             parts.append((-positive + summed.log() + shift - log_count).to(positive.dtype))
         return layout.reduce(torch.cat(parts), self.reduction)

@@ -22,9 +22,10 @@ from torch import Tensor
 
 from .._checks import Form, Negatives, OnShortage, Reduction, keyword_only
 from ..negatives import NegativeSelection, _select, select_negatives
+from . import _layout
 from ._layout import Direction, Layout, Positives, in_batch_candidates
 from ._plain import plain_info_nce
-from ._softmax import SoftmaxLoss, info_nce_values
+from ._softmax import SoftmaxLoss, info_nce_values, takes_fused_terms
 
 __all__ = ["InfoNCE", "info_nce_per_anchor"]
 
@@ -243,16 +244,26 @@ class InfoNCE(SoftmaxLoss):
         )
 
     def _direction_values(self, direction: Direction, selection: NegativeSelection, temperature: float,
-                          layout: Layout, index: int) -> Tensor:
+                          layout: Layout, index: int, terms: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        if terms is not None:
+            return terms[0] - terms[1]
         return info_nce_values(direction.anchors, direction.bank, selection, temperature)
+
+    def _takes_fused_terms(self, selection: NegativeSelection) -> bool:
+        # The pair of a symmetric call saves three of six products: it beat two cross-entropies from
+        # about 2^14 logits a direction (one thread, B = 128-256: 0.84-0.97x; at B = 64, 1.07-1.11x).
+        return takes_fused_terms(selection, small=_layout.SMALL_DENSE_LOGITS >> 2)
 
     plain_sampled = True
 
-    # The layout computes a symmetric call's logits once per direction, the short path once: at
-    # B = 512 to 2048 (one thread, freed memory kept) the short path took 0.62-0.73x the layout's
-    # time, for about twice its memory (82 against 42 MiB at B = 2048), so it takes symmetric calls
-    # up to B = 2048. Without symmetric the two paths take the same time at these sizes.
-    plain_symmetric_logits = 1 << 22
+    # Both paths compute a symmetric call's product once (the layout by _pair.PairOfDirections since
+    # 2026-12-04; before, once per direction, when the short path took symmetric calls up to B = 2048
+    # at 0.62-0.73x the layout's time). One thread, freed memory kept, interleaved: the layout / the
+    # short path 1.20, 1.07, 1.03, 0.94 and 0.90 at B = 384, 512, 724, 1024 and 2048, and the short
+    # path holds about twice the layout's memory (82 against 42 MiB at B = 2048). So the short path
+    # takes symmetric calls up to B = 724 (2^19 logits); the other forms keep the 2^16 bound (the
+    # same time on either path at these sizes).
+    plain_symmetric_logits = 1 << 19
 
     def _plain_forward(self, a: Tensor, b: Tensor, generator: torch.Generator | None = None) -> Tensor:
         # The layout's result for a small plain batch in one autograd node

@@ -27,7 +27,7 @@ from .._checks import Form, Negatives, OnShortage, Reduction, is_real, keyword_o
 from ..negatives import NegativeSelection, selection_logits
 from ._layout import BankLoss, Positives, check_labels, fused_dense, row_blocks
 from ._plain import plain_sigmoid
-from ._softmax import _scaled_logits
+from ._pair import scaled_logits
 from .temperature import average_gradient
 
 __all__ = ["SigLIP"]
@@ -49,7 +49,7 @@ class _DenseSigmoid(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchors, bank, bias, selection, temperature):  # type: ignore[override]
-        buf = _scaled_logits(anchors, bank, temperature)
+        buf = scaled_logits(anchors, bank, temperature)
         buf.add_(bias.to(buf.dtype))
         n = buf.shape[0]
         col = selection.positive_index[:, None]
