@@ -249,6 +249,30 @@ def test_a_state_of_another_form_is_refused_naming_both_forms(saved, loading):
     GlobalInfoNCE(6, **saved).load_state_dict(a.state_dict())  # its own form loads
 
 
+@pytest.mark.parametrize("refused", ["another form", "a diverged state"])
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_refused_state_loads_nothing_not_even_the_learnable_temperature(refused, nested):
+    """torch loads a module's children even where the module refused its own part: the learnable
+    temperature took the refused checkpoint's value. Called on the loss itself, nothing loads; inside a
+    larger module torch's semantics stand (the loss's own state still refused)."""
+    form = dict(form="query_document") if refused == "another form" else {}
+    saved = GlobalInfoNCE(6, learnable_temperature=True, temperature=0.5, **form)
+    saved(torch.randn(4, 3), torch.randn(4, 3), torch.arange(4))
+    state = saved.state_dict()
+    if refused == "a diverged state":
+        state["log_nu"][0, 0] = float("nan")
+    loss = GlobalInfoNCE(6, learnable_temperature=True, temperature=0.1)
+    before = loss.logit_scale.log_scale.detach().clone()
+    target = torch.nn.ModuleDict({"loss": loss}) if nested else loss
+    if nested:
+        state = {"loss." + k: v for k, v in state.items()}
+    with pytest.raises(RuntimeError, match="belongs to a GlobalInfoNCE with" if form else "holds NaN or inf"):
+        target.load_state_dict(state)
+    assert not loss.visited.any() and int(loss.num_updates) == 0 and not loss.log_nu.any()
+    if not nested:  # inside a larger module, torch's semantics: its children load
+        assert torch.equal(loss.logit_scale.log_scale, before)
+
+
 def test_a_state_saved_without_its_form_loads_and_is_judged_by_its_columns():
     """Checkpoints of earlier versions have no state_form: they load strictly into their form, and
     one whose column count fits no form of this loss is refused naming the forms it fits (two-view

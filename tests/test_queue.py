@@ -598,3 +598,15 @@ def test_a_half_precision_momentum_copy_follows_an_assigned_parameter():
     keys.update()
     want = 0.5 * 2.0 + 0.5 * online.weight.detach().double()
     torch.testing.assert_close(keys.encoder.weight, want.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_a_refused_queue_state_leaves_the_learnable_temperature_as_it_was():
+    """torch loads every part of a module that does not refuse its own: a checkpoint of another queue
+    size left the queue empty but set the learnable temperature to the checkpoint's."""
+    saved = InfoNCE(temperature=0.5, queue_size=4, learnable_temperature=True)
+    saved(*_views(0), indices=torch.arange(5))
+    loss_fn = InfoNCE(temperature=0.1, queue_size=8, learnable_temperature=True)
+    before = loss_fn.logit_scale.log_scale.detach().clone()
+    with pytest.raises(RuntimeError, match="build the loss with queue_size=4"):
+        loss_fn.load_state_dict(_round_trip(saved))
+    assert torch.equal(loss_fn.logit_scale.log_scale, before) and len(loss_fn.queue) == 0

@@ -577,6 +577,19 @@ class BankLoss(nn.Module):
         self.last_filtered: Tensor | None = None
         self.last_filtered_fraction: Tensor | None = None
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        """:meth:`torch.nn.Module.load_state_dict`, refusing before anything
+        loads a state that a part of the loss refuses (GlobalInfoNCE's state
+        of another form or holding NaN, a queue of another size): torch loads
+        every part that does not refuse, so the learnable temperature took
+        the refused checkpoint's value. (Loaded as a part of a larger module,
+        torch's semantics stand; each part still refuses its own.)"""
+        refused = [why for name, module in self.named_modules()
+                   if hasattr(module, "_refusal") and (why := module._refusal(state_dict, name + "." if name else ""))]
+        if refused:
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t" + "\n\t".join(refused))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     @property
     def filtering(self) -> bool:
         return self.filter_margin is not None or self.filter_top is not None

@@ -512,22 +512,29 @@ class GlobalInfoNCE(BankLoss):
         self.log_nu.copy_(log_nu)
         self.visited.fill_(True)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):  # type: ignore[override]
+    def _refusal(self, state_dict, prefix: str) -> str:
+        """Why a saved state is refused (empty: it is not; see :meth:`BankLoss.load_state_dict`)."""
         foreign = self._foreign_form(state_dict, prefix)
         if foreign:
-            error_msgs.append(foreign)
-            return
+            return foreign
         # A checkpoint of a run whose state diverged would otherwise pass its
         # NaN on to every later loss of those samples, as set_log_normalizers
         # refuses it for.
         saved = state_dict.get(prefix + "log_nu")
         if isinstance(saved, Tensor) and not bool(torch.isfinite(saved).all()):
-            error_msgs.append(
+            return (
                 f"{prefix}log_nu: the checkpoint's per-sample state holds NaN or inf (the run it comes from "
                 "diverged); load an earlier checkpoint, or drop its 'log_nu' and 'visited' entries and load the rest with "
                 "strict=False (every sample then starts unvisited)"
             )
+        return ""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # type: ignore[override]
+        # Reached directly when the loss is a part of a larger module being loaded.
+        refused = self._refusal(state_dict, prefix)
+        if refused:
+            error_msgs.append(refused)
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

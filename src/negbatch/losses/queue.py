@@ -244,25 +244,30 @@ class NegativeQueue(nn.Module):
             self.pointer.zero_()
             self.filled.zero_()
 
+    def _refusal(self, state_dict, prefix: str) -> str:
+        """Why a saved state is refused (empty: it is not): a queue of
+        another size or number of roles, refused before anything is copied
+        (torch would copy the matching pointer and fill count and leave this
+        queue inconsistent; see :meth:`negbatch.losses._layout.BankLoss.load_state_dict`)."""
+        saved = state_dict.get(prefix + "indices")
+        if not isinstance(saved, Tensor) or tuple(saved.shape) == tuple(self.indices.shape):
+            return ""
+        hints = []
+        if saved.shape[-1] != self.size:
+            hints.append(f"queue_size={saved.shape[-1]}")
+        if saved.shape[0] != self.roles:
+            # One queue per anchor role: two_view and one-directional
+            # query_document keep 1, symmetric query_document 2.
+            hints.append("form='query_document', symmetric=True" if saved.shape[0] == 2
+                         else "form='two_view' or symmetric=False")
+        return (f"{prefix}indices: the checkpoint's queue holds {tuple(saved.shape)} (roles, size) entries, this one "
+                f"{tuple(self.indices.shape)}; build the loss with {', '.join(hints)} to load it")
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # type: ignore[override]
-        # A checkpoint of another size or number of roles is refused before
-        # anything is copied: torch would copy the matching pointer and fill
-        # count and leave this queue inconsistent.
-        saved = state_dict.get(prefix + "indices")
-        if isinstance(saved, Tensor) and tuple(saved.shape) != tuple(self.indices.shape):
-            hints = []
-            if saved.shape[-1] != self.size:
-                hints.append(f"queue_size={saved.shape[-1]}")
-            if saved.shape[0] != self.roles:
-                # One queue per anchor role: two_view and one-directional
-                # query_document keep 1, symmetric query_document 2.
-                hints.append("form='query_document', symmetric=True" if saved.shape[0] == 2
-                             else "form='two_view' or symmetric=False")
-            error_msgs.append(
-                f"{prefix}indices: the checkpoint's queue holds {tuple(saved.shape)} (roles, size) entries, this one "
-                f"{tuple(self.indices.shape)}; build the loss with {', '.join(hints)} to load it"
-            )
+        refused = self._refusal(state_dict, prefix)
+        if refused:
+            error_msgs.append(refused)
             return
         # The width of the entries is known once the first batch arrives: take
         # the saved one, so that a fresh queue loads a checkpoint.
