@@ -87,17 +87,19 @@ def test_the_pair_equals_the_float64_reference(monkeypatch, loss_class, case):
 
 
 @pytest.mark.parametrize("loss_class", [InfoNCE, DCL])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_pair_equals_the_per_direction_kernels(monkeypatch, loss_class, dtype):
+@pytest.mark.parametrize("dtype,filtered", [(torch.float32, False), (torch.float64, False), (torch.float64, True)])
+def test_the_pair_equals_the_per_direction_kernels(monkeypatch, loss_class, dtype, filtered):
     """Values per anchor and every gradient (the learnable temperature's among
-    them, which reaches the pair through the queries only), float32 and 64."""
+    them, which reaches the pair through the queries only), float32 and 64;
+    with the false-negative filter, whose masks differ per direction."""
     def run(shared: bool):
         if not shared:
             monkeypatch.setattr(_softmax.SoftmaxLoss, "_shared_terms", lambda *args: None)
         torch.manual_seed(0)
         q, d = (torch.randn(40, 16, dtype=dtype, requires_grad=True) for _ in range(2))
         hard = torch.randn(40, 1, 16, dtype=dtype, requires_grad=True)
-        loss_fn = loss_class(form="query_document", symmetric=True, learnable_temperature=True, reduction="none").to(dtype)
+        loss_fn = loss_class(form="query_document", symmetric=True, learnable_temperature=True, reduction="none",
+                             filter_top=0.2 if filtered else None).to(dtype)
         values = loss_fn(q, d, hard, labels=torch.arange(40) % 7)
         (values * torch.linspace(0.5, 2, values.shape[0], dtype=dtype)).sum().backward()
         return values.detach(), q.grad, d.grad, hard.grad, loss_fn.logit_scale.log_scale.grad
@@ -155,6 +157,10 @@ def test_sampled_negatives_and_one_direction_take_the_per_direction_kernels(monk
     InfoNCE(form="query_document")(q, d, hard)
     assert not calls
     InfoNCE(form="query_document", symmetric=True, gather=True)(q, d, hard)  # one process: gather is the identity
+    assert len(calls) == 1
+    # Several positives: GlobalInfoNCE computes those directions with autograd.
+    GlobalInfoNCE(num_samples=9, form="query_document", symmetric=True, positives="mask")(
+        q, d, torch.arange(9), hard, labels=_labels())
     assert len(calls) == 1
 
 
