@@ -151,13 +151,14 @@ def test_bench_peers_races_under_freed_memory_kept_when_asked():
 def test_bench_symmetric_races_every_loss_and_restores_the_pair(monkeypatch):
     out = run_bench("bench_symmetric.py", "--sizes", "64", "--repeats", "1", "--keep-freed-memory")
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("64 ")]
-    assert [r[1] for r in rows] == ["InfoNCE", "DCL", "GlobalInfoNCE"]
+    assert [r[1] for r in rows] == ["InfoNCE", "DCL", "GlobalInfoNCE", "SigLIP"]
     assert "worst pair / per direction" in out and "freed memory kept" in out
     monkeypatch.syspath_prepend(str(ROOT / "bench"))  # the bench's own helpers (_agree, _order)
     bench = _bench_module("bench_symmetric")
-    from negbatch.losses import _softmax, global_nce
+    from negbatch.losses import _softmax, global_nce, siglip
 
-    before = (_softmax.SoftmaxLoss._shared_terms, global_nce.shares_one_product)
+    before = (_softmax.SoftmaxLoss._shared_terms, global_nce.shares_one_product, siglip.shares_one_product)
     with bench.per_direction():
         assert not global_nce.shares_one_product(None, "query_document", True)
-    assert (_softmax.SoftmaxLoss._shared_terms, global_nce.shares_one_product) == before
+        assert not siglip.shares_one_product(None, "query_document", True)
+    assert (_softmax.SoftmaxLoss._shared_terms, global_nce.shares_one_product, siglip.shares_one_product) == before

@@ -12,8 +12,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import _reference as ref
 import negbatch.losses._layout as layout_module
-from negbatch import DCL, GlobalInfoNCE, InfoNCE, same_id_mask
-from negbatch.losses import _pair, _softmax, global_nce
+from negbatch import DCL, GlobalInfoNCE, InfoNCE, SigLIP, same_id_mask
+from negbatch.losses import _pair, _softmax, global_nce, siglip
 
 TAU = 0.3
 
@@ -211,3 +211,48 @@ def test_global_infonce_runs_one_product_and_its_two_backward_products(monkeypat
     assert _products(lambda: loss_fn(q, d, torch.arange(32), hard).backward()) == 3
     monkeypatch.setattr(global_nce, "shares_one_product", lambda *args: False)
     assert _products(lambda: loss_fn(q, d, torch.arange(32), hard).backward()) == 6
+
+
+@pytest.mark.parametrize("positives", ["pair", "mask"])
+def test_siglip_takes_the_pair_and_equals_the_float64_reference(monkeypatch, positives):
+    """SigLIP's directions: the queries against the documents and hard negatives, the documents against
+    the queries (the transposed label mask, no hard negatives); a fixed scale and bias."""
+    calls = _spy(monkeypatch)
+    q, d, hard = _data(hard=2)
+    labels = _labels()
+    loss = SigLIP(temperature=0.5, bias=-1.0, learnable_temperature=False, learnable_bias=False,
+                  form="query_document", symmetric=True, positives=positives).double()(q, d, hard, labels=labels)
+    assert len(calls) == 1
+    same = same_id_mask(labels, labels)
+    with_hard = torch.cat([same, same.new_zeros(9, 18)], dim=1)
+    key = "positive_mask" if positives == "mask" else "excluded_mask"
+    want = (ref.siglip_query_document(q, d, 2.0, -1.0, hard=hard, **{key: with_hard})
+            + ref.siglip_query_document(d, q, 2.0, -1.0, **{key: same.t()})) / 2
+    _match(loss, want, [q, d, hard])
+
+
+def test_siglip_pair_equals_its_per_direction_kernels_with_the_learned_scale_and_bias(monkeypatch):
+    def run(shared: bool):
+        if not shared:
+            monkeypatch.setattr(siglip, "shares_one_product", lambda *args: False)
+        torch.manual_seed(0)
+        q, d = (torch.randn(40, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        hard = torch.randn(40, 1, 16, dtype=torch.float64, requires_grad=True)
+        loss_fn = SigLIP(form="query_document", symmetric=True, reduction="none").double()
+        values = loss_fn(q, d, hard, labels=torch.arange(40) % 7)
+        (values * torch.linspace(0.5, 2, values.shape[0], dtype=torch.float64)).sum().backward()
+        return values.detach(), q.grad, d.grad, hard.grad, loss_fn.logit_scale.log_scale.grad, loss_fn.bias.grad
+
+    calls = _spy(monkeypatch)
+    shared = run(True)
+    assert len(calls) == 1
+    for a, b in zip(shared, run(False)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_siglip_runs_one_product_and_its_two_backward_products(monkeypatch):
+    q, d, hard = _data(n=32, d=8, hard=1)
+    loss_fn = SigLIP(form="query_document", symmetric=True).double()
+    assert _products(lambda: loss_fn(q, d, hard).backward()) == 3
+    monkeypatch.setattr(siglip, "shares_one_product", lambda *args: False)
+    assert _products(lambda: loss_fn(q, d, hard).backward()) == 6

@@ -14,12 +14,14 @@ column direction's gradient into the block and runs the two products once.
 
 A kernel is an object with two methods:
 
-* ``forward_(buf, selection, lowest) -> (outputs, kept)``: turn the logits
-  ``buf`` (rows: anchors) in place into what its backward reads; ``outputs``
-  a tuple of per-anchor tensors, ``kept`` a tuple of tensors (or None) for
-  the backward; ``lowest`` the bound of :func:`exp_lower_bound`;
-* ``backward_(buf, kept, grads, inv_tau)``: turn ``buf`` in place into
-  ``d loss / d scores`` from the outputs' gradients ``grads``;
+* ``forward_(buf, selection, lowest, extra) -> (outputs, kept)``: turn the
+  logits ``buf`` (rows: anchors) in place into what its backward reads;
+  ``outputs`` a tuple of per-anchor tensors, ``kept`` a tuple of tensors (or
+  None) for the backward; ``lowest`` the bound of :func:`exp_lower_bound`;
+  ``extra`` a further input of the loss or None (SigLIP's bias);
+* ``backward_(buf, kept, grads, inv_tau) -> Tensor | None``: turn ``buf`` in
+  place into ``d loss / d scores`` from the outputs' gradients ``grads``;
+  returns this direction's gradient of ``extra`` (None without one);
 
 and an attribute ``non_differentiable``, the positions of the outputs that
 carry no gradient (a shift).
@@ -63,18 +65,19 @@ def shares_one_product(layout, form: str, symmetric: bool) -> bool:
 
 class PairOfDirections(torch.autograd.Function):
     """Both directions' outputs of ``kernel`` (see the module docstring):
-    ``apply(queries, bank, query_selection, document_selection, temperature, kernel)``
+    ``apply(queries, bank, extra, query_selection, document_selection, temperature, kernel)``
     returns the queries' outputs, then the documents'. The backward runs once."""
 
     @staticmethod
-    def forward(ctx, queries, bank, query_selection, document_selection, temperature, kernel):  # type: ignore[override]
+    def forward(ctx, queries, bank, extra, query_selection, document_selection, temperature, kernel):  # type: ignore[override]
         buf = scaled_logits(queries, bank, temperature)
         columns = buf[:, : queries.shape[0]].clone()
         lowest = exp_lower_bound(queries, bank, temperature)
-        rows_out, rows_kept = kernel.forward_(buf, query_selection, lowest)
-        columns_out, columns_kept = kernel.forward_(columns.t(), document_selection, lowest)
+        rows_out, rows_kept = kernel.forward_(buf, query_selection, lowest, extra)
+        columns_out, columns_kept = kernel.forward_(columns.t(), document_selection, lowest, extra)
         ctx.save_for_backward(queries, bank, buf, columns, *rows_kept, *columns_kept)
         ctx.temperature, ctx.kernel, ctx.kept = temperature, kernel, len(rows_kept)
+        ctx.extra = None if extra is None else (extra.dtype, extra.shape)
         ctx.consumed = False
         outputs = (*rows_out, *columns_out)
         ctx.mark_non_differentiable(*(outputs[i] for part in (0, len(rows_out))
@@ -89,9 +92,13 @@ class PairOfDirections(torch.autograd.Function):
         ctx.consumed = True
         queries, bank, buf, columns, *kept = ctx.saved_tensors
         inv_tau, half = 1.0 / ctx.temperature, len(grads) // 2
-        ctx.kernel.backward_(buf, kept[: ctx.kept], grads[:half], inv_tau)
-        ctx.kernel.backward_(columns.t(), kept[ctx.kept :], grads[half:], inv_tau)
+        rows_extra = ctx.kernel.backward_(buf, kept[: ctx.kept], grads[:half], inv_tau)
+        columns_extra = ctx.kernel.backward_(columns.t(), kept[ctx.kept :], grads[half:], inv_tau)
+        grad_extra = None
+        if ctx.extra is not None and ctx.needs_input_grad[2]:
+            dtype, shape = ctx.extra
+            grad_extra = (rows_extra + columns_extra).to(dtype).reshape(shape)
         buf[:, : columns.shape[1]] += columns
         grad_queries = buf @ bank if ctx.needs_input_grad[0] else None
         grad_bank = buf.t() @ queries if ctx.needs_input_grad[1] else None
-        return grad_queries, grad_bank, None, None, None, None
+        return grad_queries, grad_bank, grad_extra, None, None, None, None

@@ -157,7 +157,7 @@ class SoftmaxKernel:
     def __init__(self, decoupled: bool) -> None:
         self.decoupled = decoupled
 
-    def forward_(self, buf: Tensor, selection: NegativeSelection, lowest: float | None):
+    def forward_(self, buf: Tensor, selection: NegativeSelection, lowest: float | None, extra: None):
         lse, positive, kept = _softmax_buffer_(buf, selection, self.decoupled, lowest)
         return (lse, positive), kept
 
@@ -284,7 +284,8 @@ class SoftmaxLoss(BankLoss):
         if not all(fused_dense(s, queries.anchors) and self._takes_fused_terms(s) for s in selections):
             return None
         lse, positive, lse_t, positive_t = PairOfDirections.apply(
-            queries.anchors, queries.bank, selections[0], selections[1], temperature, SoftmaxKernel(self.decoupled))
+            queries.anchors, queries.bank, None, selections[0], selections[1], temperature,
+            SoftmaxKernel(self.decoupled))
         return [(lse, positive), (lse_t, positive_t)]
 
     def forward(

@@ -159,7 +159,7 @@ class _TermsKernel:
     non_differentiable = (2,)  # the shift
 
     @staticmethod
-    def forward_(work: Tensor, selection: NegativeSelection, lowest: float | None):
+    def forward_(work: Tensor, selection: NegativeSelection, lowest: float | None, extra: None):
         outputs, col = _negative_sums_(work, selection, lowest)
         return outputs, (col,)
 
@@ -581,7 +581,7 @@ class GlobalInfoNCE(BankLoss):
         if shares_one_product(layout, self.form, self.symmetric) and all(
                 s.single_positive and fused_dense(s, layout.directions[0].anchors) for s in selections):
             queries = layout.directions[0]
-            out = PairOfDirections.apply(queries.anchors, queries.bank, *selections, temperature, _TermsKernel)
+            out = PairOfDirections.apply(queries.anchors, queries.bank, None, *selections, temperature, _TermsKernel)
             dense = [out[:3], out[3:]]
         return [self._terms(direction, selection, count, temperature, terms)
                 for direction, (selection, count), terms in zip(layout.directions, chosen, dense)]

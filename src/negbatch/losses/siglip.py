@@ -27,7 +27,7 @@ from .._checks import Form, Negatives, OnShortage, Reduction, is_real, keyword_o
 from ..negatives import NegativeSelection, selection_logits
 from ._layout import BankLoss, Positives, check_labels, fused_dense, row_blocks
 from ._plain import plain_sigmoid
-from ._pair import scaled_logits
+from ._pair import PairOfDirections, scaled_logits, shares_one_product
 from .temperature import average_gradient
 
 __all__ = ["SigLIP"]
@@ -38,41 +38,79 @@ def _negate(block: Tensor, where: Tensor) -> None:
     block[where] = block[where].neg()
 
 
-class _DenseSigmoid(torch.autograd.Function):
-    """Per-anchor SigLIP over all candidates, holding one (n, m) buffer.
+def _sigmoid_buffer_(buf: Tensor, selection: NegativeSelection, bias: Tensor):
+    """Turn the logits ``buf`` (n, m) of one direction, in place, into
+    ``u = -z * (l + b)`` (``-inf`` outside the candidates, where both
+    ``softplus(u)`` and its derivative ``sigmoid(u)`` vanish); ``buf`` may be
+    a transposed view (:class:`~._pair.PairOfDirections`). Returns the
+    per-anchor loss and what :func:`_sigmoid_gradient_` needs."""
+    buf.add_(bias.to(buf.dtype))
+    n = buf.shape[0]
+    col = selection.positive_index[:, None]
+    pos_mask = selection.positive_mask
+    # u = -z l: the negatives keep their logit, the positives change sign.
+    if pos_mask is None:
+        buf.scatter_(1, col, buf.gather(1, col).neg_())
+    loss = buf.new_empty(n)
+    if selection.only_self_excluded and pos_mask is None:
+        if selection.self_index is not None:
+            has_self = selection.self_index >= 0
+            rows_with = torch.arange(n, device=buf.device)[has_self]
+            buf[rows_with, selection.self_index[has_self]] = float("-inf")
+        for rows in row_blocks(*buf.shape):
+            loss[rows] = F.softplus(buf[rows]).sum(dim=1)
+    else:
+        for rows in row_blocks(*buf.shape):
+            block = buf[rows]
+            if pos_mask is not None:
+                _negate(block, pos_mask[rows])
+            block.masked_fill_(~selection.allowed[rows], float("-inf"))
+            loss[rows] = F.softplus(block).sum(dim=1)
+    return loss, (col, pos_mask)
 
-    The buffer holds ``u = -z * l`` (``-inf`` outside the candidates, where
-    both ``softplus(u)`` and its derivative ``sigmoid(u)`` vanish); the
-    backward turns it, in place, into ``d loss / d logits = -z sigmoid(u)``.
-    Runs once (a second backward raises).
+
+def _sigmoid_gradient_(buf: Tensor, kept: tuple, grad: Tensor, inv_tau: float) -> Tensor:
+    """Turn a buffer of :func:`_sigmoid_buffer_`, in place, into d loss / d
+    scores; returns d loss / d bias (a 0-dim sum in the buffer's dtype)."""
+    col, pos_mask = kept
+    # d softplus(u) / d l = sigmoid(u) * du/dl, du/dl = -z: +1 on negatives, -1 on positives.
+    buf.sigmoid_().mul_(grad[:, None])
+    if pos_mask is None:
+        buf.scatter_(1, col, buf.gather(1, col).neg_())
+    else:
+        for rows in row_blocks(*buf.shape):
+            _negate(buf[rows], pos_mask[rows])
+    grad_bias = buf.sum()
+    buf.mul_(inv_tau)
+    return grad_bias
+
+
+class _SigmoidKernel:
+    """:func:`_sigmoid_buffer_` as a kernel of :class:`~._pair.PairOfDirections` (``extra``: the bias)."""
+
+    non_differentiable = ()
+
+    @staticmethod
+    def forward_(buf: Tensor, selection: NegativeSelection, lowest: float | None, bias: Tensor):
+        loss, kept = _sigmoid_buffer_(buf, selection, bias)
+        return (loss,), kept
+
+    @staticmethod
+    def backward_(buf: Tensor, kept, grads, inv_tau: float) -> Tensor:
+        return _sigmoid_gradient_(buf, kept, grads[0], inv_tau)
+
+
+class _DenseSigmoid(torch.autograd.Function):
+    """Per-anchor SigLIP over all candidates, holding one (n, m) buffer
+    (:func:`_sigmoid_buffer_`); the backward turns it, in place, into
+    ``d loss / d logits = -z sigmoid(u)``. Runs once (a second backward raises).
     """
 
     @staticmethod
     def forward(ctx, anchors, bank, bias, selection, temperature):  # type: ignore[override]
         buf = scaled_logits(anchors, bank, temperature)
-        buf.add_(bias.to(buf.dtype))
-        n = buf.shape[0]
-        col = selection.positive_index[:, None]
-        pos_mask = selection.positive_mask
-        # u = -z l: the negatives keep their logit, the positives change sign.
-        if pos_mask is None:
-            buf.scatter_(1, col, buf.gather(1, col).neg_())
-        loss = buf.new_empty(n)
-        if selection.only_self_excluded and pos_mask is None:
-            if selection.self_index is not None:
-                has_self = selection.self_index >= 0
-                rows_with = torch.arange(n, device=buf.device)[has_self]
-                buf[rows_with, selection.self_index[has_self]] = float("-inf")
-            for rows in row_blocks(*buf.shape):
-                loss[rows] = F.softplus(buf[rows]).sum(dim=1)
-        else:
-            for rows in row_blocks(*buf.shape):
-                block = buf[rows]
-                if pos_mask is not None:
-                    _negate(block, pos_mask[rows])
-                block.masked_fill_(~selection.allowed[rows], float("-inf"))
-                loss[rows] = F.softplus(block).sum(dim=1)
-        ctx.save_for_backward(anchors, bank, buf, col, pos_mask)
+        loss, kept = _sigmoid_buffer_(buf, selection, bias)
+        ctx.save_for_backward(anchors, bank, buf, *kept)
         ctx.temperature = temperature
         ctx.bias_dtype = bias.dtype
         ctx.consumed = False
@@ -84,16 +122,9 @@ class _DenseSigmoid(torch.autograd.Function):
         if ctx.consumed:
             raise RuntimeError("SigLIP's dense backward runs once; do not backward twice through it")
         ctx.consumed = True
-        anchors, bank, buf, col, pos_mask = ctx.saved_tensors
-        # d softplus(u) / d l = sigmoid(u) * du/dl, du/dl = -z: +1 on negatives, -1 on positives.
-        buf.sigmoid_().mul_(grad[:, None])
-        if pos_mask is None:
-            buf.scatter_(1, col, buf.gather(1, col).neg_())
-        else:
-            for rows in row_blocks(*buf.shape):
-                _negate(buf[rows], pos_mask[rows])
-        grad_bias = buf.sum().to(ctx.bias_dtype).reshape(()) if ctx.needs_input_grad[2] else None
-        buf.mul_(1.0 / ctx.temperature)
+        anchors, bank, buf, *kept = ctx.saved_tensors
+        grad_bias = _sigmoid_gradient_(buf, kept, grad, 1.0 / ctx.temperature)
+        grad_bias = grad_bias.to(ctx.bias_dtype).reshape(()) if ctx.needs_input_grad[2] else None
         grad_anchors = buf @ bank if ctx.needs_input_grad[0] else None
         grad_bank = buf.t() @ anchors if ctx.needs_input_grad[1] else None
         return grad_anchors, grad_bank, grad_bias, None, None
@@ -247,10 +278,15 @@ class SigLIP(BankLoss):
         self._filter(layout, guide)
         temperature = self._temperature(layout)
         bias = average_gradient(self.bias) if self.bias.requires_grad else self.bias
-        values = [
-            sigmoid_values(d.anchors, d.bank, self._negatives_of(d, generator, layout), temperature, bias)
-            for d in layout.directions
-        ]
+        selections = [self._negatives_of(d, generator, layout) for d in layout.directions]
+        queries = layout.directions[0]
+        if shares_one_product(layout, self.form, self.symmetric) and all(
+                fused_dense(s, queries.anchors) for s in selections):
+            values = list(PairOfDirections.apply(queries.anchors, queries.bank, bias, *selections, temperature,
+                                                 _SigmoidKernel))
+        else:
+            values = [sigmoid_values(d.anchors, d.bank, s, temperature, bias)
+                      for d, s in zip(layout.directions, selections)]
         return layout.reduce(torch.cat(values) if len(values) > 1 else values[0], self.reduction)
 
     def _plain_forward(self, a: Tensor, b: Tensor, generator: torch.Generator | None = None) -> Tensor:
