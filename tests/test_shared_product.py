@@ -256,3 +256,33 @@ def test_siglip_runs_one_product_and_its_two_backward_products(monkeypatch):
     assert _products(lambda: loss_fn(q, d, hard).backward()) == 3
     monkeypatch.setattr(siglip, "shares_one_product", lambda *args: False)
     assert _products(lambda: loss_fn(q, d, hard).backward()) == 6
+
+
+@pytest.mark.parametrize("make", [lambda: InfoNCE(temperature=0.01, form="query_document", symmetric=True),
+                                  lambda: DCL(temperature=0.01, form="query_document", symmetric=True),
+                                  lambda: GlobalInfoNCE(num_samples=300, temperature=0.01, form="query_document",
+                                                        symmetric=True)],
+                         ids=["InfoNCE", "DCL", "GlobalInfoNCE"])
+def test_the_pair_at_clips_largest_scale_takes_the_floored_exp_as_the_directions_do(monkeypatch, make):
+    """tau = 0.01 on trained-like float32 embeddings (each pair at cosine ~0.99): the terms below
+    e^-69 are floored (losses/_exp.py), on the column direction's transposed view too."""
+    def run(shared: bool):
+        if not shared:
+            monkeypatch.setattr(_softmax.SoftmaxLoss, "_shared_terms", lambda *args: None)
+            monkeypatch.setattr(global_nce, "shares_one_product", lambda *args: False)
+        torch.manual_seed(0)
+        base = torch.randn(300, 32)
+        q = (base + 0.05 * torch.randn(300, 32)).requires_grad_()
+        d = (base + 0.05 * torch.randn(300, 32)).requires_grad_()
+        extra = (torch.arange(300),) if "Global" in type(loss_fn).__name__ else ()
+        loss = loss_fn(q, d, *extra, labels=torch.arange(300) % 11)
+        loss.backward()
+        return loss.detach(), q.grad, d.grad
+
+    loss_fn = make()
+    calls = _spy(monkeypatch)
+    shared = run(True)
+    assert len(calls) == 1
+    loss_fn = make()
+    for a, b in zip(shared, run(False)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
