@@ -15,7 +15,10 @@ B = 2048, which computes the product once already).
 
 Goal: the pair is never slower (ratio <= 1.03, the spread of these calls).
 
+On CUDA (``--device cuda``, bench/gpu_check.sh) each call is timed to the device's completion.
+
 Usage: python bench/bench_symmetric.py [--sizes 256 1024 4096] [--repeats 9] [--keep-freed-memory]
+       [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -62,11 +65,13 @@ def takes_the_pair(call) -> bool:
     return bool(taken)
 
 
-def race(name: str, loss_fn, b: int, dim: int, repeats: int) -> float | None:
+def race(name: str, loss_fn, b: int, dim: int, repeats: int, device: torch.device) -> float | None:
     gen = torch.Generator().manual_seed(b)
-    q, d = (torch.randn(b, dim, generator=gen, requires_grad=True) for _ in range(2))
-    labels = torch.arange(b) % 50
-    extra = (torch.arange(b),) if isinstance(loss_fn, GlobalInfoNCE) else ()
+    q, d = (torch.randn(b, dim, generator=gen).to(device).requires_grad_() for _ in range(2))
+    labels = torch.arange(b, device=device) % 50
+    extra = (torch.arange(b, device=device),) if isinstance(loss_fn, GlobalInfoNCE) else ()
+    loss_fn.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def call():
         return loss_fn(q, d, *extra, labels=labels)
@@ -96,8 +101,10 @@ def race(name: str, loss_fn, b: int, dim: int, repeats: int) -> float | None:
     for round_, order in rounds(list(sides), repeats):
         for side in order:
             q.grad = d.grad = None
+            sync()
             start = time.perf_counter()
             sides[side]().backward()
+            sync()
             if round_:
                 times[side].append(time.perf_counter() - start)
     pair, apart = (statistics.median(times[k]) * 1e3 for k in ("pair", "per direction"))
@@ -115,9 +122,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="race under negbatch.allocator.freed_memory_kept, as negbatch's training runs")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (then every call is timed to the device's completion)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, d={args.dim}, median of {args.repeats} "
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, d={args.dim}, median of {args.repeats} "
           f"(fewer above B = 2048), load average {os.getloadavg()[0]:.1f}, "
           f"freed memory {'kept' if args.keep_freed_memory else 'under glibc settings'}")
     print(f"{'B':>6} {'loss':>14} {'pair ms':>10} {'per dir. ms':>14} {'ratio':>7}  goal <= {GOAL}")
@@ -128,11 +139,11 @@ def main() -> None:
         "SigLIP": lambda b: SigLIP(form="query_document", symmetric=True),
     }
     worst = 0.0
-    with freed_memory_kept() if args.keep_freed_memory else contextlib.nullcontext():
+    with freed_memory_kept(device) if args.keep_freed_memory else contextlib.nullcontext():
         for b in args.sizes:
             repeats = args.repeats if b <= 2048 else max(3, args.repeats // 2)
             for name, make in losses.items():
-                ratio = race(name, make(b), b, args.dim, repeats)
+                ratio = race(name, make(b), b, args.dim, repeats, device)
                 worst = worst if ratio is None else max(worst, ratio)
     print(f"worst pair / per direction = {worst:.2f} (goal <= {GOAL}: {'met' if worst <= GOAL else 'NOT met'})")
 

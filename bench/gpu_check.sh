@@ -3,7 +3,8 @@
 # repository root, with the virtual environment of `make venv`): the CUDA tests (random-number
 # replay under GradCache, fp16 with a GradScaler, the lab on CUDA with every precision), then the
 # GPU memory of the cache and the trainer's images/s on a CIFAR-sized ResNet-18 with a 2-epoch run;
-# last, sampled K against all on CUDA (Floyd's draw there is K steps of small kernels).
+# then sampled K against all on CUDA (Floyd's draw there is K steps of small kernels); last, the
+# symmetric losses' pair of directions against the directions one by one on CUDA.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -13,3 +14,4 @@ BENCH_DATA=cifar BENCH_DEVICE=cuda BENCH_CIFAR_N=${BENCH_CIFAR_N:-50000} BENCH_C
     "$PY" bench/bench_trainer.py 1 3
 "$PY" bench/bench_gradcache.py --device cuda --models mlp transformer 2>&1 | tail -25
 "$PY" bench/bench_losses.py --device cuda --sizes 512 2048 8192 --ks 16 64 128 --repeats 7 2>&1 | tail -30
+"$PY" bench/bench_symmetric.py --device cuda --sizes 1024 4096 16384 --repeats 7 2>&1 | tail -16

@@ -286,3 +286,25 @@ def test_the_pair_at_clips_largest_scale_takes_the_floored_exp_as_the_directions
     loss_fn = make()
     for a, b in zip(shared, run(False)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("loss_class", [InfoNCE, DCL, SigLIP, GlobalInfoNCE])
+def test_the_pair_on_cuda_equals_the_cpu_pair(monkeypatch, loss_class):
+    """On a GPU the column direction's kernels run on a transposed CUDA view (no floor bound there)."""
+    calls = _spy(monkeypatch)
+    torch.manual_seed(0)
+    inputs = [torch.randn(300, 32, dtype=torch.float64), torch.randn(300, 32, dtype=torch.float64),
+              torch.randn(300, 1, 32, dtype=torch.float64)]
+    out = []
+    for device in ("cpu", "cuda"):
+        xs = [x.to(device).requires_grad_() for x in inputs]
+        extra = {"num_samples": 300} if loss_class is GlobalInfoNCE else {}
+        loss_fn = loss_class(form="query_document", symmetric=True, **extra).double().to(device)
+        args = (xs[0], xs[1], torch.arange(300, device=device), xs[2]) if extra else tuple(xs)
+        loss = loss_fn(*args, labels=torch.arange(300, device=device) % 7)
+        loss.backward()
+        out.append([loss.detach().cpu()] + [x.grad.cpu() for x in xs])
+    assert len(calls) == 2
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
