@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import _reference as ref
+from _inputs import float64_views
 from negbatch import DCL, same_id_mask
 from negbatch.losses._layout import build_layout
 
@@ -14,11 +15,7 @@ TAU = 0.3
 
 
 def _data(n=7, d=5, seed=0, hard=0):
-    g = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
-    if hard:
-        xs.append(torch.randn(n, hard, d, generator=g, dtype=torch.float64, requires_grad=True))
-    return xs
+    return float64_views(n, d, seed, hard)
 
 
 def _match(loss, reference, inputs):

@@ -11,6 +11,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import _reference as ref
+from _inputs import float64_views
 import negbatch.losses._layout as layout_module
 from negbatch import DCL, GlobalInfoNCE, InfoNCE, SigLIP, same_id_mask
 from negbatch.losses import _pair, _softmax, global_nce, siglip
@@ -26,11 +27,7 @@ def fused(monkeypatch):
 
 
 def _data(n=9, d=5, seed=0, hard=0):
-    g = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
-    if hard:
-        xs.append(torch.randn(n, hard, d, generator=g, dtype=torch.float64, requires_grad=True))
-    return xs
+    return float64_views(n, d, seed, hard)
 
 
 def _labels(n=9):

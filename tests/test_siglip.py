@@ -10,16 +10,13 @@ import pytest
 import torch
 
 import _reference as ref
+from _inputs import float64_views
 from negbatch import SigLIP, same_id_mask
 from negbatch.losses._layout import build_layout
 
 
 def _data(n=6, d=5, seed=0, hard=0):
-    g = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
-    if hard:
-        xs.append(torch.randn(n, hard, d, generator=g, dtype=torch.float64, requires_grad=True))
-    return xs
+    return float64_views(n, d, seed, hard)
 
 
 def _loss(**options):
