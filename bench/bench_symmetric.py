@@ -36,7 +36,7 @@ import torch
 
 from negbatch import DCL, GlobalInfoNCE, InfoNCE, SigLIP
 from negbatch.allocator import freed_memory_kept
-from negbatch.losses import _pair, _softmax, global_nce, siglip
+from negbatch.losses import _pair
 
 GOAL = 1.03
 
@@ -44,13 +44,12 @@ GOAL = 1.03
 @contextlib.contextmanager
 def per_direction():
     """The symmetric call's directions computed one by one (before 2026-12-04)."""
-    saved = _softmax.SoftmaxLoss._shared_terms, global_nce.shares_one_product, siglip.shares_one_product
-    _softmax.SoftmaxLoss._shared_terms = lambda *args: None
-    global_nce.shares_one_product = siglip.shares_one_product = lambda *args: False
+    saved = _pair.shares_one_product
+    _pair.shares_one_product = lambda *args: False
     try:
         yield
     finally:
-        _softmax.SoftmaxLoss._shared_terms, global_nce.shares_one_product, siglip.shares_one_product = saved
+        _pair.shares_one_product = saved
 
 
 def takes_the_pair(call) -> bool:

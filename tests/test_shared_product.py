@@ -14,7 +14,7 @@ import _reference as ref
 from _inputs import float64_views
 import negbatch.losses._layout as layout_module
 from negbatch import DCL, GlobalInfoNCE, InfoNCE, SigLIP, same_id_mask
-from negbatch.losses import _pair, _softmax, global_nce, siglip
+from negbatch.losses import _pair
 
 TAU = 0.3
 
@@ -39,6 +39,11 @@ def _match(loss, reference, inputs):
     got = torch.autograd.grad(loss, inputs, retain_graph=True)
     for g, w in zip(got, torch.autograd.grad(reference, inputs)):
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-12)
+
+
+def _per_direction(monkeypatch) -> None:
+    """The directions computed one by one, as before the pair (its one switch)."""
+    monkeypatch.setattr(_pair, "shares_one_product", lambda *args: False)
 
 
 def _spy(monkeypatch) -> list[int]:
@@ -91,7 +96,7 @@ def test_the_pair_equals_the_per_direction_kernels(monkeypatch, loss_class, dtyp
     with the false-negative filter, whose masks differ per direction."""
     def run(shared: bool):
         if not shared:
-            monkeypatch.setattr(_softmax.SoftmaxLoss, "_shared_terms", lambda *args: None)
+            _per_direction(monkeypatch)
         torch.manual_seed(0)
         q, d = (torch.randn(40, 16, dtype=dtype, requires_grad=True) for _ in range(2))
         hard = torch.randn(40, 1, 16, dtype=dtype, requires_grad=True)
@@ -121,7 +126,7 @@ def test_one_product_and_its_two_backward_products(monkeypatch, loss_class):
     q, d, hard = _data(n=32, d=8, hard=1)
     loss_fn = loss_class(temperature=TAU, form="query_document", symmetric=True)
     assert _products(lambda: loss_fn(q, d, hard).backward()) == 3
-    monkeypatch.setattr(_softmax.SoftmaxLoss, "_shared_terms", lambda *args: None)
+    _per_direction(monkeypatch)
     assert _products(lambda: loss_fn(q, d, hard).backward()) == 6
 
 
@@ -131,7 +136,7 @@ def test_a_queue_holding_queries_takes_the_per_direction_kernels(monkeypatch):
     takes the pair; the values match the per-direction kernels on both."""
     def run(shared: bool) -> list[torch.Tensor]:
         if not shared:
-            monkeypatch.setattr(_softmax.SoftmaxLoss, "_shared_terms", lambda *args: None)
+            _per_direction(monkeypatch)
         loss_fn = InfoNCE(temperature=TAU, form="query_document", symmetric=True, queue_size=16,
                           on_shortage="use_all")
         out = []
@@ -174,7 +179,7 @@ def _global_steps(monkeypatch, shared: bool, dtype=torch.float64):
     labels, hard negatives): per-anchor values, gradients, the state and the
     logged losses."""
     if not shared:
-        monkeypatch.setattr(global_nce, "shares_one_product", lambda *args: False)
+        _per_direction(monkeypatch)
     loss_fn = GlobalInfoNCE(num_samples=60, form="query_document", symmetric=True, learnable_temperature=True,
                             reduction="none").to(dtype)
     out = []
@@ -206,7 +211,7 @@ def test_global_infonce_runs_one_product_and_its_two_backward_products(monkeypat
     q, d, hard = _data(n=32, d=8, hard=1)
     loss_fn = GlobalInfoNCE(num_samples=32, form="query_document", symmetric=True).double()
     assert _products(lambda: loss_fn(q, d, torch.arange(32), hard).backward()) == 3
-    monkeypatch.setattr(global_nce, "shares_one_product", lambda *args: False)
+    _per_direction(monkeypatch)
     assert _products(lambda: loss_fn(q, d, torch.arange(32), hard).backward()) == 6
 
 
@@ -231,7 +236,7 @@ def test_siglip_takes_the_pair_and_equals_the_float64_reference(monkeypatch, pos
 def test_siglip_pair_equals_its_per_direction_kernels_with_the_learned_scale_and_bias(monkeypatch):
     def run(shared: bool):
         if not shared:
-            monkeypatch.setattr(siglip, "shares_one_product", lambda *args: False)
+            _per_direction(monkeypatch)
         torch.manual_seed(0)
         q, d = (torch.randn(40, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
         hard = torch.randn(40, 1, 16, dtype=torch.float64, requires_grad=True)
@@ -251,7 +256,7 @@ def test_siglip_runs_one_product_and_its_two_backward_products(monkeypatch):
     q, d, hard = _data(n=32, d=8, hard=1)
     loss_fn = SigLIP(form="query_document", symmetric=True).double()
     assert _products(lambda: loss_fn(q, d, hard).backward()) == 3
-    monkeypatch.setattr(siglip, "shares_one_product", lambda *args: False)
+    _per_direction(monkeypatch)
     assert _products(lambda: loss_fn(q, d, hard).backward()) == 6
 
 
@@ -265,8 +270,7 @@ def test_the_pair_at_clips_largest_scale_takes_the_floored_exp_as_the_directions
     e^-69 are floored (losses/_exp.py), on the column direction's transposed view too."""
     def run(shared: bool):
         if not shared:
-            monkeypatch.setattr(_softmax.SoftmaxLoss, "_shared_terms", lambda *args: None)
-            monkeypatch.setattr(global_nce, "shares_one_product", lambda *args: False)
+            _per_direction(monkeypatch)
         torch.manual_seed(0)
         base = torch.randn(300, 32)
         q = (base + 0.05 * torch.randn(300, 32)).requires_grad_()

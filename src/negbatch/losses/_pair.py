@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .._checks import refuse_second_order
 from ..distributed import world_size
+from ._layout import fused_dense
 
 
 def scaled_logits(anchors: Tensor, bank: Tensor, temperature: float) -> Tensor:
@@ -63,6 +64,20 @@ def shares_one_product(layout, form: str, symmetric: bool) -> bool:
     return documents.bank.shape[0] == layout.n_local <= queries.bank.shape[0]
 
 
+def shared_directions(layout, form: str, symmetric: bool, selections: list, temperature: float, kernel,
+                      extra: Tensor | None = None, takes=None) -> tuple[Tensor, ...] | None:
+    """Both directions' outputs of ``kernel`` from one product (:class:`PairOfDirections`: the
+    queries' outputs, then the documents'), or None where the directions must run one by one:
+    the layout does not share its product (:func:`shares_one_product`), or a selection is not
+    on the fused all-candidates path or is not one the loss ``takes`` (a predicate)."""
+    if not shares_one_product(layout, form, symmetric):
+        return None
+    queries = layout.directions[0]
+    if not all(fused_dense(s, queries.anchors) and (takes is None or takes(s)) for s in selections):
+        return None
+    return PairOfDirections.apply(queries.anchors, queries.bank, extra, *selections, temperature, kernel)
+
+
 class PairOfDirections(torch.autograd.Function):
     """Both directions' outputs of ``kernel`` (see the module docstring):
     ``apply(queries, bank, extra, query_selection, document_selection, temperature, kernel)``
@@ -80,8 +95,7 @@ class PairOfDirections(torch.autograd.Function):
         ctx.extra = None if extra is None else (extra.dtype, extra.shape)
         ctx.consumed = False
         outputs = (*rows_out, *columns_out)
-        ctx.mark_non_differentiable(*(outputs[i] for part in (0, len(rows_out))
-                                      for i in (part + j for j in kernel.non_differentiable)))
+        ctx.mark_non_differentiable(*(outputs[start + j] for start in (0, len(rows_out)) for j in kernel.non_differentiable))
         return outputs
 
     @staticmethod

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .._checks import all_finite, check_flag, is_int, refuse_second_order
 from ._exp import exp_floored_
-from ._pair import PairOfDirections, exp_lower_bound, scaled_logits, shares_one_product
+from ._pair import exp_lower_bound, scaled_logits, shared_directions
 from ..distributed import any_rank, gather_nograd, gather_with_sizes, is_distributed, name_ranks, world_size
 from ..negatives import NegativeSelection, selection_logits
 from . import _layout
@@ -278,15 +278,9 @@ class SoftmaxLoss(BankLoss):
         transposed: a symmetric query-document call of one process, its
         document-to-query bank the queries (no queued entries), both
         directions on the fused all-candidates path. None otherwise."""
-        if not shares_one_product(layout, self.form, self.symmetric):
-            return None
-        queries = layout.directions[0]
-        if not all(fused_dense(s, queries.anchors) and self._takes_fused_terms(s) for s in selections):
-            return None
-        lse, positive, lse_t, positive_t = PairOfDirections.apply(
-            queries.anchors, queries.bank, None, selections[0], selections[1], temperature,
-            SoftmaxKernel(self.decoupled))
-        return [(lse, positive), (lse_t, positive_t)]
+        out = shared_directions(layout, self.form, self.symmetric, selections, temperature,
+                                SoftmaxKernel(self.decoupled), takes=self._takes_fused_terms)
+        return None if out is None else [out[:2], out[2:]]
 
     def forward(
         self,

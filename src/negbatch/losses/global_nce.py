@@ -37,7 +37,7 @@ from .._checks import (
 from ..distributed import gather_nograd, gather_with_sizes, is_distributed, name_ranks, rows_rank
 from ..negatives import NegativeSelection, selection_logits
 from ._exp import exp_floored_
-from ._pair import PairOfDirections, exp_lower_bound, scaled_logits, shares_one_product
+from ._pair import exp_lower_bound, scaled_logits, shared_directions
 from ._softmax import exclude_self
 from ._layout import (
     BankLoss,
@@ -577,12 +577,9 @@ class GlobalInfoNCE(BankLoss):
         product (:class:`~._pair.PairOfDirections`)."""
         chosen = [self._selected(direction, generator, layout) for direction in layout.directions]
         selections = [selection for selection, _ in chosen]
-        dense = [None] * len(chosen)
-        if shares_one_product(layout, self.form, self.symmetric) and all(
-                s.single_positive and fused_dense(s, layout.directions[0].anchors) for s in selections):
-            queries = layout.directions[0]
-            out = PairOfDirections.apply(queries.anchors, queries.bank, None, *selections, temperature, _TermsKernel)
-            dense = [out[:3], out[3:]]
+        out = shared_directions(layout, self.form, self.symmetric, selections, temperature, _TermsKernel,
+                                takes=lambda s: s.single_positive)
+        dense = [None] * len(chosen) if out is None else [out[:3], out[3:]]
         return [self._terms(direction, selection, count, temperature, terms)
                 for direction, (selection, count), terms in zip(layout.directions, chosen, dense)]
 

@@ -27,7 +27,7 @@ from .._checks import Form, Negatives, OnShortage, Reduction, is_real, keyword_o
 from ..negatives import NegativeSelection, selection_logits
 from ._layout import BankLoss, Positives, check_labels, fused_dense, row_blocks
 from ._plain import plain_sigmoid
-from ._pair import PairOfDirections, scaled_logits, shares_one_product
+from ._pair import scaled_logits, shared_directions
 from .temperature import average_gradient
 
 __all__ = ["SigLIP"]
@@ -279,14 +279,10 @@ class SigLIP(BankLoss):
         temperature = self._temperature(layout)
         bias = average_gradient(self.bias) if self.bias.requires_grad else self.bias
         selections = [self._negatives_of(d, generator, layout) for d in layout.directions]
-        queries = layout.directions[0]
-        if shares_one_product(layout, self.form, self.symmetric) and all(
-                fused_dense(s, queries.anchors) for s in selections):
-            values = list(PairOfDirections.apply(queries.anchors, queries.bank, bias, *selections, temperature,
-                                                 _SigmoidKernel))
-        else:
-            values = [sigmoid_values(d.anchors, d.bank, s, temperature, bias)
-                      for d, s in zip(layout.directions, selections)]
+        shared = shared_directions(layout, self.form, self.symmetric, selections, temperature, _SigmoidKernel,
+                                   extra=bias)
+        values = list(shared) if shared is not None else [
+            sigmoid_values(d.anchors, d.bank, s, temperature, bias) for d, s in zip(layout.directions, selections)]
         return layout.reduce(torch.cat(values) if len(values) > 1 else values[0], self.reduction)
 
     def _plain_forward(self, a: Tensor, b: Tensor, generator: torch.Generator | None = None) -> Tensor:
