@@ -7,6 +7,7 @@ import torch
 
 import _reference as ref
 from _inputs import float64_views
+from _profile import matrix_products
 import negbatch.losses._layout as layout_module
 from negbatch import InfoNCE, ReLIC, info_nce_per_anchor, same_id_mask, select_negatives
 
@@ -52,13 +53,25 @@ def test_two_view_all(use_mask, dense_path):
 
 
 @pytest.mark.parametrize("k,use_mask", [(1, False), (3, False), (9, False), (2, True)])
-def test_two_view_sampled(k, use_mask):
+def test_two_view_sampled(k, use_mask, dense_path):
     z1, z2 = _data()
     mask = _label_mask(7) if use_mask else None
     loss = InfoNCE(temperature=TAU, negatives=k)(z1, z2, mask=mask, generator=torch.Generator().manual_seed(5))
     sets = _two_view_sets(7, k, 5, mask)
     assert all(len(s) == k for s in sets)
     _assert_match(loss, ref.infonce_two_view(z1, z2, TAU, neg_sets=sets, mask=mask), [z1, z2])
+
+
+@pytest.mark.parametrize("path", ["short", "layout"])
+def test_sampled_two_views_run_one_backward_product(monkeypatch, path):
+    """The anchors are the bank: the sampled gradient and its transpose are
+    scattered into one matrix, so the backward runs one product where the
+    two uses of each row took two (3 products a call before, 2 now)."""
+    if path == "layout":
+        monkeypatch.setattr(layout_module, "SMALL_DENSE_LOGITS", 0)
+    z1, z2 = _data(n=16)
+    loss = InfoNCE(temperature=TAU, negatives=3)
+    assert matrix_products(lambda: loss(z1, z2, generator=torch.Generator().manual_seed(1)).backward()) == 2
 
 
 @pytest.mark.parametrize("form, n", [("two_view", 6), ("two_view", 100), ("query_document", 16),

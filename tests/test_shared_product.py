@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import _reference as ref
 from _inputs import float64_views
+from _profile import matrix_products as _products
 import negbatch.losses._layout as layout_module
 from negbatch import DCL, GlobalInfoNCE, InfoNCE, SigLIP, same_id_mask
 from negbatch.losses import _pair
@@ -110,13 +110,6 @@ def test_the_pair_equals_the_per_direction_kernels(monkeypatch, loss_class, dtyp
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
     for a, b in zip(shared, separate):
         torch.testing.assert_close(a, b, **tol)
-
-
-def _products(fn) -> int:
-    """Matrix products (aten::mm and aten::addmm) run by ``fn``."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
 
 
 @pytest.mark.parametrize("loss_class", [InfoNCE, DCL])

@@ -725,6 +725,9 @@ class _SampledDot(torch.autograd.Function):
         n, k = index.shape
         ctx.save_for_backward(anchors, bank, index)
         ctx.sparse = sparse_pays(bank.shape[0], k)
+        # Two views in one bank: the anchors are the bank, and the backward's
+        # two dense products are one (see backward).
+        ctx.anchors_are_bank = anchors is bank
         if anchors.dtype in (torch.float32, torch.float64):
             if not ctx.sparse:
                 # The product's buffer is kept for the backward's (n, m)
@@ -762,6 +765,12 @@ class _SampledDot(torch.autograd.Function):
             full = ctx.buffer if ctx.buffer is not None else anchors.new_empty(index.shape[0], bank.shape[0])
             ctx.buffer = None  # a second backward (retain_graph) allocates its own
             full.zero_().scatter_add_(1, index, grad)
+            if ctx.anchors_are_bank:
+                # full @ bank + full^T @ anchors is (full + full^T) @ bank: the
+                # transpose's n*K entries scattered in (full[index[i, k], i],
+                # through the transposed view) cost a fraction of a product.
+                full.t().scatter_add_(1, index, grad)
+                return full @ bank, None, None
             if ctx.needs_input_grad[0]:
                 grad_anchors = full @ bank
             if ctx.needs_input_grad[1]:

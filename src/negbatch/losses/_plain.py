@@ -103,8 +103,11 @@ class _PlainInfoNCE(torch.autograd.Function):
             weights, factor = None, alpha * (grad / total if reduction == "mean" else grad)
         # The rows are unit vectors: every logit lies within +-alpha * scale (see _exp.py).
         bound = alpha * (1.0 if scale is None else float(scale)) if log_p.device.type == "cpu" else None
+        # Sampled two views: the anchors are the bank, so the gradient's transpose is scattered in too
+        # and one product serves both uses of each row (see _through_the_product).
+        symmetrized = two_view and rows is not None
         g_logits = _softmax_minus_one_hot(log_p, None if weights is None else weights[:n_rows], positive, rows, m,
-                                          logit_bound=bound)
+                                          logit_bound=bound, symmetrize=symmetrized)
         if symmetric:
             column_weights = None if weights is None else weights[n_rows:]
             if columns is None:  # log_q is in the logits' layout, normalised by column
@@ -118,23 +121,29 @@ class _PlainInfoNCE(torch.autograd.Function):
                 g_logits += _softmax_minus_one_hot(log_q, column_weights, positive, columns, n_rows,
                                                    logit_bound=bound).t()
         norms = (norm,) if two_view else (norm_a, norm_b)
-        return (*_through_the_product(ctx, g_logits, factor, scale, anchors, bank, norms, a.shape[0]), None)
+        return (*_through_the_product(ctx, g_logits, factor, scale, anchors, bank, norms, a.shape[0],
+                                      symmetrized=symmetrized), None)
 
 
 def _through_the_product(ctx, g_logits: Tensor, factor, scale: Tensor | None, anchors: Tensor, bank: Tensor,
-                         norms: tuple[Tensor, ...], half: int) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+                         norms: tuple[Tensor, ...], half: int, symmetrized: bool = False,
+                         ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The gradients of ``a``, ``b`` and the scale from the gradient of the
     logits ``factor * scale * anchors @ bank.T`` (``norms``: one, the anchors'
-    own, in the two-view form; else the anchors' and the bank's)."""
+    own, in the two-view form; else the anchors' and the bank's).
+    ``symmetrized`` (two views): ``g_logits`` already holds the gradient plus
+    its transpose."""
     g_anchors = g_logits @ bank
     grad_scale = None
     if scale is not None:
         if ctx.needs_input_grad[2]:
-            grad_scale = (factor * (g_anchors * anchors).sum()).to(scale.dtype)
+            # With the transpose added in, <g + g^T, y y^T> counts <g, y y^T> twice.
+            halved = 0.5 if symmetrized else 1.0
+            grad_scale = (halved * factor * (g_anchors * anchors).sum()).to(scale.dtype)
         factor = factor * scale
     if len(norms) == 1:
         # The anchors are the bank: both uses of each normalised row add up.
-        g_y = g_anchors.add_(g_logits.t() @ anchors).mul_(factor)
+        g_y = (g_anchors if symmetrized else g_anchors.add_(g_logits.t() @ anchors)).mul_(factor)
         g_x = _normalize_backward(g_y, anchors, norms[0])
         return g_x[:half], g_x[half:], grad_scale
     norm_a, norm_b = norms
@@ -176,10 +185,12 @@ def _log_softmax(logits: Tensor, positive: Tensor, index: Tensor | None) -> tupl
 
 
 def _softmax_minus_one_hot(log_p: Tensor, weights: Tensor | None, positive: Tensor, index: Tensor | None,
-                           m: int, logit_bound: float | None = None) -> Tensor:
+                           m: int, logit_bound: float | None = None, symmetrize: bool = False) -> Tensor:
     """``softmax - one-hot of the positive`` as an (n, m) matrix, each row
     times its weight (None: 1); ``logit_bound``: a bound on the logits' size,
-    if known (see _exp.py)."""
+    if known (see _exp.py); ``symmetrize`` (sampled, n = m): plus its
+    transpose, whose n*K entries cost a scatter where the dense transpose
+    would cost a product."""
     g = exp_floored(log_p, None if logit_bound is None else lowest_log_softmax(logit_bound, log_p.shape[1]))
     one = 1.0
     if weights is not None:
@@ -189,7 +200,10 @@ def _softmax_minus_one_hot(log_p: Tensor, weights: Tensor | None, positive: Tens
         g[torch.arange(g.shape[0], device=g.device), positive] -= one
         return g
     g[:, 0] -= one
-    return g.new_zeros(g.shape[0], m).scatter_(1, index, g)
+    full = g.new_zeros(g.shape[0], m).scatter_(1, index, g)
+    if symmetrize:
+        full.t().scatter_add_(1, index, g)  # full[index[i, k], i] += g[i, k]
+    return full
 
 
 def _second_order(ctx, a: Tensor, b: Tensor, scale: Tensor | None, grad: Tensor) -> tuple:
