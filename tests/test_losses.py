@@ -9,6 +9,7 @@ import _reference as ref
 from _inputs import float64_views
 from _profile import matrix_products
 import negbatch.losses._layout as layout_module
+import negbatch.negatives as negatives_module
 from negbatch import InfoNCE, ReLIC, info_nce_per_anchor, same_id_mask, select_negatives
 
 TAU = 0.3
@@ -72,6 +73,24 @@ def test_sampled_two_views_run_one_backward_product(monkeypatch, path):
     z1, z2 = _data(n=16)
     loss = InfoNCE(temperature=TAU, negatives=3)
     assert matrix_products(lambda: loss(z1, z2, generator=torch.Generator().manual_seed(1)).backward()) == 2
+
+
+def test_sampled_two_views_past_the_caches_run_both_backward_products(monkeypatch):
+    """Past ``TRANSPOSED_SCATTER_CELLS`` the scattered transpose would miss
+    the caches: the two products again, with the same gradients."""
+    monkeypatch.setattr(layout_module, "SMALL_DENSE_LOGITS", 0)
+    z1, z2 = _data(n=16)
+    loss = InfoNCE(temperature=TAU, negatives=3)
+
+    def grads():
+        value = loss(z1, z2, generator=torch.Generator().manual_seed(1))
+        return torch.autograd.grad(value, [z1, z2])
+
+    one_product = grads()
+    monkeypatch.setattr(negatives_module, "TRANSPOSED_SCATTER_CELLS", 0)
+    assert matrix_products(lambda: grads()) == 3
+    for got, want in zip(grads(), one_product):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("form, n", [("two_view", 6), ("two_view", 100), ("query_document", 16),

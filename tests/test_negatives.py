@@ -126,13 +126,17 @@ def floyd_way(request, monkeypatch):
 
 @pytest.mark.parametrize("k", [7, 90])
 def test_floyd_ways_draw_the_same_ranks(monkeypatch, k):
+    """A table of every row, tables of blocks of rows (61 rows of the
+    widest rank here), and comparison with the row's earlier draws."""
     population = torch.randint(k + 1, 4 * k, (500,), generator=torch.Generator().manual_seed(2))
     raw = torch.randint(0, 2**62, (500, k), generator=torch.Generator().manual_seed(4))
+    width = int(population.max())
     ways = []
-    for compare in (False, True):
+    for compare, cells in ((False, 500 * width), (False, 61 * width), (True, 500 * width)):
+        monkeypatch.setattr(negatives_module, "FLOYD_TABLE_CELLS", cells)
         monkeypatch.setattr(negatives_module, "_floyd_by_comparison", lambda n, k, width, compare=compare: compare)
         ways.append(sample_uniform_ranks(population, k, raw))
-    assert torch.equal(ways[0], ways[1])
+    assert torch.equal(ways[0], ways[1]) and torch.equal(ways[0], ways[2])
 
 
 def test_floyd_compares_only_past_the_cache_sized_table_and_for_small_k():
@@ -140,6 +144,7 @@ def test_floyd_compares_only_past_the_cache_sized_table_and_for_small_k():
     cells = negatives_module.FLOYD_TABLE_CELLS
     assert not rule(1, 1, cells) and rule(1, 1, cells + 1)  # the table while it fits a cache
     assert rule(8192, 16, 8190) and not rule(2048, 256, 2046)  # then by the cost of each way
+    assert rule(8192, 64, 16382) and not rule(8192, 256, 16382)  # more blocks: comparison up to a larger K
 
 
 def test_floyd_in_torch_ops_draws_what_numpy_draws():

@@ -316,24 +316,27 @@ def _floyd_torch(population: Tensor, k: int, raw: Tensor, width: int) -> Tensor:
     return (draws - base).t().contiguous()
 
 
-#: Up to this many (row, rank) cells, :func:`_floyd_numpy` marks drawn
-#: ranks in a table of booleans, which then fits a cache; above, see
-#: :func:`_floyd_by_comparison`.
-FLOYD_TABLE_CELLS = 1 << 20
+#: :func:`_floyd_numpy` marks drawn ranks in a table of booleans of at most
+#: this many (row, rank) cells (2 MiB), which then stays in the caches: a
+#: larger bank's rows are drawn in blocks of rows, each with the table to
+#: itself (the same draws); or see :func:`_floyd_by_comparison`.
+FLOYD_TABLE_CELLS = 1 << 21
 
 
 def _floyd_by_comparison(n: int, k: int, width: int) -> bool:
     """Whether :func:`_floyd_numpy` compares each draw with the row's earlier
-    ones (about 0.3 K^2 ns a row) instead of marking drawn ranks in an
-    (n, width) table of booleans, which past the caches costs about 25 ns a
-    scattered look-up (K a row) and 0.08 ns a cell to zero. Measured on the
-    2-core development machine (2026-12-02, n = 256-8192, width up to 65536,
-    K = 16-512): the rule picks the faster way or one within about 1.5x of it; the
-    rule before (compare whenever the table outgrew the caches) took 44 ms
-    instead of 14 at n = 2048, K = 256, and 137 instead of 87 at n = 8192."""
+    ones (about 0.4 K^2 ns a row) instead of marking drawn ranks in a table
+    of booleans, block of rows by block of rows (about K (11 + 4700 B / n) ns
+    a row for B blocks: a table's look-ups in the caches, and the K steps'
+    numpy calls once per block). Fitted on the 2-core development machine
+    (2026-12-04, one thread, n = 1024-8192, width 2046-16382, K = 8-256): the
+    rule picks the faster way or one within 1.15x of it. A table that fits
+    in one block is always taken. Before the blocks (one table past the
+    caches), n = 2048, K = 256 took 20 ms, 10 ms now; n = 4096, 48 ms, 25 now."""
     if n * width <= FLOYD_TABLE_CELLS:
         return False
-    return 0.3 * k * k < 25 * k + 0.08 * width
+    blocks = -(-n * width // FLOYD_TABLE_CELLS)
+    return 0.4 * k < 11 + 4700 * blocks / n
 
 
 def _floyd_numpy(population: np.ndarray, k: int, raw: np.ndarray, width: int) -> np.ndarray:
@@ -346,16 +349,32 @@ def _floyd_numpy(population: np.ndarray, k: int, raw: np.ndarray, width: int) ->
             step = draws[t]  # a view: written in place
             np.copyto(step, top[t], where=(draws[:t] == step).any(axis=0))
         return np.ascontiguousarray(draws.T)
-    taken = np.zeros(n * width, dtype=bool)
-    base = np.arange(n, dtype=np.int64) * width
+    rows = max(1, FLOYD_TABLE_CELLS // max(width, 1))
+    taken = np.empty(min(n, rows) * width, dtype=bool)
+    for first in range(0, n, rows):
+        block = slice(first, first + rows)
+        _floyd_table_block(draws[:, block], top[:, block], taken, width)
+    return np.ascontiguousarray(draws.T)
+
+
+def _floyd_table_block(draws: np.ndarray, top: np.ndarray, taken: np.ndarray, width: int) -> None:
+    """Floyd's K steps for a block of rows, the columns of the (K, rows)
+    views ``draws`` (the ranks written in place) and ``top``, drawn ranks
+    marked in ``taken``. In place throughout: a fresh array of this size is
+    a fresh mapping under glibc's defaults, whose page faults cost more than
+    the steps."""
+    block = draws.shape[1]
+    table = taken[: block * width]
+    table[:] = False
+    # Each row's ranks offset into its own stretch of the table.
+    base = np.arange(block, dtype=np.int64) * width
     draws += base
     top += base
-    for t in range(k):
-        step = draws[t]
-        np.copyto(step, top[t], where=taken[step])
-        taken[step] = True
+    for t in range(draws.shape[0]):
+        step = draws[t]  # a view: written in place
+        np.copyto(step, top[t], where=table[step])
+        table[step] = True
     draws -= base
-    return np.ascontiguousarray(draws.T)
 
 
 def _cpu_random_bits(generator: torch.Generator | None, shape: tuple[int, int]) -> np.ndarray:
@@ -705,6 +724,16 @@ def sparse_pays(num_columns: int, slots: int) -> bool:
     return num_columns >= SPARSE_MIN_RATIO * slots
 
 
+#: Up to this many (anchor, column) cells, the dense backward of a sampled
+#: two-view call scatters the gradient's transpose in and runs one product
+#: where it ran two. Past them the transpose's scattered writes miss the
+#: caches: measured on the 2-core development machine (2026-12-04, one
+#: thread, d = 128, the two ways' backward alone), 1.21 against 1.87 ms at
+#: 2B = 512, K = 128; 29 against 37 ms and 46 against 49 ms at 2B = 2048,
+#: K = 256 and 1024; 167 against 153 ms at 2B = 4096, K = 512.
+TRANSPOSED_SCATTER_CELLS = 1 << 22
+
+
 class _SampledDot(torch.autograd.Function):
     """``out[i, k] = <anchors[i], bank[index[i, k]]>`` for the selected entries.
 
@@ -726,8 +755,9 @@ class _SampledDot(torch.autograd.Function):
         ctx.save_for_backward(anchors, bank, index)
         ctx.sparse = sparse_pays(bank.shape[0], k)
         # Two views in one bank: the anchors are the bank, and the backward's
-        # two dense products are one (see backward).
-        ctx.anchors_are_bank = anchors is bank
+        # two dense products are one (see backward) while the scattered
+        # transpose's writes stay within the caches.
+        ctx.anchors_are_bank = anchors is bank and n * bank.shape[0] <= TRANSPOSED_SCATTER_CELLS
         if anchors.dtype in (torch.float32, torch.float64):
             if not ctx.sparse:
                 # The product's buffer is kept for the backward's (n, m)
