@@ -220,9 +220,13 @@ def test_inference_tensors_beside_trained_ones(form):
 @pytest.mark.cuda
 @pytest.mark.parametrize("form,symmetric", FORMS)
 @pytest.mark.parametrize("negatives", ["all", 3])
-def test_on_cuda_the_node_equals_the_loop(form, symmetric, negatives):
+@pytest.mark.parametrize("path", ["short", "layout"])
+def test_on_cuda_the_node_equals_the_loop(monkeypatch, form, symmetric, negatives, path):
     # The draws differ on CUDA (its generator): they are read back from the
-    # same generator state, as on the CPU.
+    # same generator state, as on the CPU. "layout": the same call through the
+    # layout's kernels (sampled two views: the transposed scatter on CUDA).
+    if path == "layout":
+        monkeypatch.setattr(layout_module, "SMALL_DENSE_LOGITS", 0)
     z1, z2 = (z.detach().cuda().requires_grad_() for z in _views())
     loss = InfoNCE(temperature=0.3, form=form, symmetric=symmetric, negatives=negatives,
                    learnable_temperature=True).cuda()
