@@ -331,8 +331,10 @@ def _floyd_by_comparison(n: int, k: int, width: int) -> bool:
     numpy calls once per block). Fitted on the 2-core development machine
     (2026-12-04, one thread, n = 1024-8192, width 2046-16382, K = 8-256): the
     rule picks the faster way or one within 1.15x of it. A table that fits
-    in one block is always taken. Before the blocks (one table past the
-    caches), n = 2048, K = 256 took 20 ms, 10 ms now; n = 4096, 48 ms, 25 now."""
+    in one block is always taken. Against one table past the caches (before
+    2026-12-04; same process, interleaved): n = 4096, K = 128 and 256 take
+    0.62-0.78 and 0.59-0.73 of the time, n = 8192, K = 256 0.63-0.81; at
+    n = 2048 the two moved by 0.55-2.1x between runs either way."""
     if n * width <= FLOYD_TABLE_CELLS:
         return False
     blocks = -(-n * width // FLOYD_TABLE_CELLS)
