@@ -328,17 +328,24 @@ def _floyd_by_comparison(n: int, k: int, width: int) -> bool:
     ones (about 0.4 K^2 ns a row) instead of marking drawn ranks in a table
     of booleans, block of rows by block of rows (about K (11 + 4700 B / n) ns
     a row for B blocks: a table's look-ups in the caches, and the K steps'
-    numpy calls once per block). Fitted on the 2-core development machine
-    (2026-12-04, one thread, n = 1024-8192, width 2046-16382, K = 8-256): the
-    rule picks the faster way or one within 1.15x of it. A table that fits
+    numpy calls once per block; plus the table's page faults). Fitted on the 2-core development machine
+    (2026-12-04, one thread, n = 1024-8192, width 2046-16382, K = 8-256): in
+    a process whose allocator reuses freed memory the rule picks the faster
+    way or one within 1.15x of it, but for n = 2048-4096, K = 64, where the
+    fault term picks comparison and the table is up to 1.35x faster. A table that fits
     in one block is always taken. Against one table past the caches (before
-    2026-12-04; same process, interleaved): n = 4096, K = 128 and 256 take
-    0.62-0.78 and 0.59-0.73 of the time, n = 8192, K = 256 0.63-0.81; at
-    n = 2048 the two moved by 0.55-2.1x between runs either way."""
+    2026-12-04; same process, interleaved, with glibc's defaults and with
+    freed memory kept): n = 4096, K = 128 and 256 take 0.69-0.77 and
+    0.58-0.74 of the time, n = 8192, K = 256 0.77-0.81; n = 512-2048 and
+    8192 with K = 64, 0.99-1.11 (the same way there, or one table against
+    two blocks)."""
     if n * width <= FLOYD_TABLE_CELLS:
         return False
     blocks = -(-n * width // FLOYD_TABLE_CELLS)
-    return 0.4 * k < 11 + 4700 * blocks / n
+    # The table's first touch: under glibc's defaults a fresh mapping, about 1.2 ns a cell in page
+    # faults (n = 2048, K = 64: blocks 10 ms against 5 compared, where the faults are gone 3.7 against 5).
+    faults = 1.2 * min(n * width, FLOYD_TABLE_CELLS) / n
+    return 0.4 * k * k < k * (11 + 4700 * blocks / n) + faults
 
 
 def _floyd_numpy(population: np.ndarray, k: int, raw: np.ndarray, width: int) -> np.ndarray:
@@ -352,9 +359,13 @@ def _floyd_numpy(population: np.ndarray, k: int, raw: np.ndarray, width: int) ->
             np.copyto(step, top[t], where=(draws[:t] == step).any(axis=0))
         return np.ascontiguousarray(draws.T)
     rows = max(1, FLOYD_TABLE_CELLS // max(width, 1))
-    taken = np.empty(min(n, rows) * width, dtype=bool)
+    # Zeros from the allocator (calloc: under glibc a large one is mapped zero pages, touched only
+    # where Floyd writes); cleared again for each further block.
+    taken = np.zeros(min(n, rows) * width, dtype=bool)
     for first in range(0, n, rows):
         block = slice(first, first + rows)
+        if first:
+            taken[:] = False
         _floyd_table_block(draws[:, block], top[:, block], taken, width)
     return np.ascontiguousarray(draws.T)
 
@@ -362,12 +373,11 @@ def _floyd_numpy(population: np.ndarray, k: int, raw: np.ndarray, width: int) ->
 def _floyd_table_block(draws: np.ndarray, top: np.ndarray, taken: np.ndarray, width: int) -> None:
     """Floyd's K steps for a block of rows, the columns of the (K, rows)
     views ``draws`` (the ranks written in place) and ``top``, drawn ranks
-    marked in ``taken``. In place throughout: a fresh array of this size is
+    marked in ``taken`` (all False on entry). In place throughout: a fresh array of this size is
     a fresh mapping under glibc's defaults, whose page faults cost more than
     the steps."""
     block = draws.shape[1]
     table = taken[: block * width]
-    table[:] = False
     # Each row's ranks offset into its own stretch of the table.
     base = np.arange(block, dtype=np.int64) * width
     draws += base
