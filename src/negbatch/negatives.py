@@ -344,7 +344,7 @@ def _floyd_by_comparison(n: int, k: int, width: int) -> bool:
     blocks = -(-n * width // FLOYD_TABLE_CELLS)
     # The table's first touch: under glibc's defaults a fresh mapping, about 1.2 ns a cell in page
     # faults (n = 2048, K = 64: blocks 10 ms against 5 compared, where the faults are gone 3.7 against 5).
-    faults = 1.2 * min(n * width, FLOYD_TABLE_CELLS) / n
+    faults = 1.2 * FLOYD_TABLE_CELLS / n  # past one block, the table is a full block
     return 0.4 * k * k < k * (11 + 4700 * blocks / n) + faults
 
 
